@@ -1,0 +1,527 @@
+//! `tandem`, the command-line client of a site's managers.
+
+mod client;
+mod output;
+mod spec;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+use output::{Format, bytes, print};
+use tandem_proto::v1;
+use tandem_proto::v1::{
+    cluster_service_client::ClusterServiceClient, datastore_service_client::DatastoreServiceClient,
+    host_service_client::HostServiceClient, resource_pool_service_client::ResourcePoolServiceClient,
+    site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
+    vpg_service_client::VpgServiceClient,
+};
+use tonic::transport::Channel;
+
+#[derive(Parser, Debug)]
+#[command(name = "tandem", version, about = "Command-line client of Tandem site managers")]
+struct Cli {
+    /// Manager API addresses (host:port), tried in order.
+    #[arg(long = "endpoint", short = 'e', env = "TANDEM_ENDPOINT", value_delimiter = ',', global = true)]
+    endpoints: Vec<String>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
+    output: Format,
+    #[command(subcommand)]
+    noun: Noun,
+}
+
+#[derive(Subcommand, Debug)]
+enum Noun {
+    /// This site's identity and pairing tokens.
+    #[command(subcommand)]
+    Site(SiteCmd),
+    /// Pairs with other sites.
+    #[command(subcommand)]
+    Pair(PairCmd),
+    /// Hypervisor hosts and their VRAs.
+    #[command(subcommand)]
+    Host(Crud),
+    /// Datastores (directories with a quota on a host).
+    #[command(subcommand)]
+    Datastore(Crud),
+    /// Resource pools.
+    #[command(subcommand)]
+    Pool(Crud),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(Crud),
+    /// Virtual protection groups.
+    #[command(subcommand)]
+    Vpg(VpgCmd),
+    /// The site's manager cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum SiteCmd {
+    /// Shows the site's id, name and peers.
+    Get,
+    /// Issues a one-time pairing token for another site to present.
+    Token {
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PairCmd {
+    /// Pairs with the site whose managers listen at --peer, using its token.
+    Create {
+        #[arg(long = "peer", required = true, value_delimiter = ',')]
+        peers: Vec<String>,
+        #[arg(long)]
+        token: String,
+    },
+    List,
+    /// Removes the pairing with a site.
+    Delete { site_id: String },
+}
+
+#[derive(Args, Debug)]
+struct FileArg {
+    /// Spec file (YAML, or TOML by extension).
+    #[arg(long = "file", short = 'f')]
+    file: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Crud {
+    /// Creates from a spec file.
+    Create(FileArg),
+    Get { id: String },
+    List,
+    /// Replaces the object with the spec file's content.
+    Edit {
+        id: String,
+        #[command(flatten)]
+        file: FileArg,
+    },
+    Delete { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum VpgCmd {
+    Create(FileArg),
+    Get {
+        id: String,
+    },
+    List {
+        /// Exports the list as CSV, with the columns of the VPGs view.
+        #[arg(long)]
+        csv: bool,
+    },
+    /// Replaces the definition; fails if someone else changed it since it was read.
+    Edit {
+        id: String,
+        #[command(flatten)]
+        file: FileArg,
+    },
+    Delete {
+        id: String,
+        /// Keep the recovery disks at the peer site for preseeding.
+        #[arg(long)]
+        keep_recovery_disks: bool,
+        /// Force the removal of a VPG waiting to be removed.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Nodes, leader, term and applied index.
+    Status,
+    /// Adds a node (as learner, then voter with --voter).
+    AddNode {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        api: String,
+        #[arg(long)]
+        raft: String,
+        #[arg(long)]
+        voter: bool,
+    },
+    /// Promotes a learner to voter.
+    Promote { id: u64 },
+    /// Removes a node from the cluster.
+    Remove { id: u64 },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", render(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line per error: a gRPC status as "code: message", anything else with its causes.
+fn render(e: &anyhow::Error) -> String {
+    if let Some(s) = e.downcast_ref::<tonic::Status>() {
+        let code = format!("{:?}", s.code());
+        return format!("{}: {}", snake(&code), s.message().replace('\n', " "));
+    }
+    format!("{e:#}").replace('\n', " ")
+}
+
+fn snake(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push(' ');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let ch = client::connect(&cli.endpoints).await?;
+    let fmt = cli.output;
+    match cli.noun {
+        Noun::Site(c) => site(ch, fmt, c).await,
+        Noun::Pair(c) => pair(ch, fmt, c).await,
+        Noun::Host(c) => host(ch, fmt, c).await,
+        Noun::Datastore(c) => datastore(ch, fmt, c).await,
+        Noun::Pool(c) => pool(ch, fmt, c).await,
+        Noun::Vm(c) => vm(ch, fmt, c).await,
+        Noun::Vpg(c) => vpg(ch, fmt, c).await,
+        Noun::Cluster(c) => cluster(ch, fmt, c).await,
+    }
+}
+
+fn peers_table(fmt: Format, value: &impl serde::Serialize, peers: &[v1::PeerSite]) {
+    let rows = peers
+        .iter()
+        .map(|p| vec![p.id.clone(), p.name.clone(), p.endpoints.join(",")])
+        .collect();
+    print(fmt, value, &["ID", "NAME", "ENDPOINTS"], rows);
+}
+
+async fn site(ch: Channel, fmt: Format, c: SiteCmd) -> Result<()> {
+    let mut cl = SiteServiceClient::new(ch);
+    match c {
+        SiteCmd::Get => {
+            let s = cl.get_site(v1::GetSiteRequest {}).await?.into_inner();
+            let rows = vec![vec![s.id.clone(), s.name.clone(), s.peers.len().to_string()]];
+            print(fmt, &s, &["ID", "NAME", "PEERS"], rows);
+        }
+        SiteCmd::Token { ttl_secs } => {
+            let t = cl
+                .create_pairing_token(v1::CreatePairingTokenRequest { ttl_secs })
+                .await?
+                .into_inner();
+            let rows = vec![vec![t.token.clone(), t.site_name.clone(), t.expires_at_ms.to_string()]];
+            print(fmt, &t, &["TOKEN", "SITE", "EXPIRES_AT_MS"], rows);
+        }
+    }
+    Ok(())
+}
+
+async fn pair(ch: Channel, fmt: Format, c: PairCmd) -> Result<()> {
+    let mut cl = SiteServiceClient::new(ch);
+    match c {
+        PairCmd::Create { peers, token } => {
+            let p = cl
+                .pair_site(v1::PairSiteRequest {
+                    peer_endpoints: peers,
+                    token,
+                })
+                .await?
+                .into_inner();
+            peers_table(fmt, &p, std::slice::from_ref(&p));
+        }
+        PairCmd::List => {
+            let r = cl.list_peers(v1::ListPeersRequest {}).await?.into_inner();
+            peers_table(fmt, &r, &r.peers);
+        }
+        PairCmd::Delete { site_id } => {
+            cl.unpair_site(v1::UnpairSiteRequest { site_id }).await?;
+        }
+    }
+    Ok(())
+}
+
+fn host_rows(hs: &[v1::Host]) -> Vec<Vec<String>> {
+    hs.iter()
+        .map(|h| vec![h.id.clone(), h.name.clone(), h.vra_address.clone()])
+        .collect()
+}
+
+async fn host(ch: Channel, fmt: Format, c: Crud) -> Result<()> {
+    let mut cl = HostServiceClient::new(ch);
+    let head = ["ID", "NAME", "VRA"];
+    let one = |h: v1::Host| print(fmt, &h, &head, host_rows(std::slice::from_ref(&h)));
+    match c {
+        Crud::Create(f) => one(cl.create_host(spec::read::<spec::HostSpec>(&f.file)?.into_proto()).await?.into_inner()),
+        Crud::Get { id } => one(cl.get_host(v1::GetRequest { id }).await?.into_inner()),
+        Crud::List => {
+            let r = cl.list_hosts(v1::ListRequest {}).await?.into_inner();
+            print(fmt, &r, &head, host_rows(&r.hosts));
+        }
+        Crud::Edit { id, file } => {
+            let mut h = spec::read::<spec::HostSpec>(&file.file)?.into_proto();
+            h.id = id;
+            one(cl.update_host(h).await?.into_inner());
+        }
+        Crud::Delete { id } => {
+            cl.delete_host(v1::DeleteRequest { id }).await?;
+        }
+    }
+    Ok(())
+}
+
+fn datastore_rows(ds: &[v1::Datastore]) -> Vec<Vec<String>> {
+    ds.iter()
+        .map(|d| {
+            vec![
+                d.id.clone(),
+                d.name.clone(),
+                d.host_id.clone(),
+                d.path.clone(),
+                bytes(d.capacity_bytes),
+            ]
+        })
+        .collect()
+}
+
+async fn datastore(ch: Channel, fmt: Format, c: Crud) -> Result<()> {
+    let mut cl = DatastoreServiceClient::new(ch);
+    let head = ["ID", "NAME", "HOST", "PATH", "CAPACITY"];
+    let one = |d: v1::Datastore| print(fmt, &d, &head, datastore_rows(std::slice::from_ref(&d)));
+    match c {
+        Crud::Create(f) => {
+            let d = spec::read::<spec::DatastoreSpec>(&f.file)?.into_proto()?;
+            one(cl.create_datastore(d).await?.into_inner());
+        }
+        Crud::Get { id } => one(cl.get_datastore(v1::GetRequest { id }).await?.into_inner()),
+        Crud::List => {
+            let r = cl.list_datastores(v1::ListRequest {}).await?.into_inner();
+            print(fmt, &r, &head, datastore_rows(&r.datastores));
+        }
+        Crud::Edit { id, file } => {
+            let mut d = spec::read::<spec::DatastoreSpec>(&file.file)?.into_proto()?;
+            d.id = id;
+            one(cl.update_datastore(d).await?.into_inner());
+        }
+        Crud::Delete { id } => {
+            cl.delete_datastore(v1::DeleteRequest { id }).await?;
+        }
+    }
+    Ok(())
+}
+
+fn pool_rows(ps: &[v1::ResourcePool]) -> Vec<Vec<String>> {
+    ps.iter()
+        .map(|p| {
+            vec![
+                p.id.clone(),
+                p.name.clone(),
+                p.cpu_mhz.to_string(),
+                p.memory_mib.to_string(),
+                bytes(p.storage_bytes),
+            ]
+        })
+        .collect()
+}
+
+async fn pool(ch: Channel, fmt: Format, c: Crud) -> Result<()> {
+    let mut cl = ResourcePoolServiceClient::new(ch);
+    let head = ["ID", "NAME", "CPU_MHZ", "MEMORY_MIB", "STORAGE"];
+    let one = |p: v1::ResourcePool| print(fmt, &p, &head, pool_rows(std::slice::from_ref(&p)));
+    match c {
+        Crud::Create(f) => {
+            let p = spec::read::<spec::PoolSpec>(&f.file)?.into_proto()?;
+            one(cl.create_resource_pool(p).await?.into_inner());
+        }
+        Crud::Get { id } => one(cl.get_resource_pool(v1::GetRequest { id }).await?.into_inner()),
+        Crud::List => {
+            let r = cl.list_resource_pools(v1::ListRequest {}).await?.into_inner();
+            print(fmt, &r, &head, pool_rows(&r.pools));
+        }
+        Crud::Edit { id, file } => {
+            let mut p = spec::read::<spec::PoolSpec>(&file.file)?.into_proto()?;
+            p.id = id;
+            one(cl.update_resource_pool(p).await?.into_inner());
+        }
+        Crud::Delete { id } => {
+            cl.delete_resource_pool(v1::DeleteRequest { id }).await?;
+        }
+    }
+    Ok(())
+}
+
+fn vm_rows(vms: &[v1::Vm]) -> Vec<Vec<String>> {
+    vms.iter()
+        .map(|m| {
+            let power = if m.power == v1::PowerState::On as i32 { "on" } else { "off" };
+            vec![
+                m.id.clone(),
+                m.name.clone(),
+                m.host_id.clone(),
+                power.to_string(),
+                m.volumes.len().to_string(),
+                bytes(m.volumes.iter().map(|v| v.size_bytes).sum()),
+                m.vpg_id.clone(),
+            ]
+        })
+        .collect()
+}
+
+async fn vm(ch: Channel, fmt: Format, c: Crud) -> Result<()> {
+    let mut cl = VmServiceClient::new(ch);
+    let head = ["ID", "NAME", "HOST", "POWER", "VOLUMES", "PROVISIONED", "VPG"];
+    let one = |m: v1::Vm| print(fmt, &m, &head, vm_rows(std::slice::from_ref(&m)));
+    match c {
+        Crud::Create(f) => {
+            let m = spec::read::<spec::VmSpec>(&f.file)?.into_proto()?;
+            one(cl.create_vm(m).await?.into_inner());
+        }
+        Crud::Get { id } => one(cl.get_vm(v1::GetRequest { id }).await?.into_inner()),
+        Crud::List => {
+            let r = cl.list_vms(v1::ListRequest {}).await?.into_inner();
+            print(fmt, &r, &head, vm_rows(&r.vms));
+        }
+        Crud::Edit { id, file } => {
+            let mut m = spec::read::<spec::VmSpec>(&file.file)?.into_proto()?;
+            m.id = id;
+            one(cl.update_vm(m).await?.into_inner());
+        }
+        Crud::Delete { id } => {
+            cl.delete_vm(v1::DeleteRequest { id }).await?;
+        }
+    }
+    Ok(())
+}
+
+fn vpg_rows(vpgs: &[v1::Vpg]) -> Vec<Vec<String>> {
+    vpgs.iter()
+        .map(|g| {
+            let st = g.status.clone().unwrap_or_default();
+            vec![
+                g.id.clone(),
+                format!("{} ({})", g.name, g.vms.len()),
+                g.direction.clone(),
+                g.peer_site_name.clone(),
+                st.alert,
+                st.status,
+                st.substatus,
+                st.actual_rpo_secs.map_or("-".into(), |r| format!("{r}s")),
+                g.generation.to_string(),
+            ]
+        })
+        .collect()
+}
+
+async fn vpg(ch: Channel, fmt: Format, c: VpgCmd) -> Result<()> {
+    let mut cl = VpgServiceClient::new(ch);
+    let head = ["ID", "NAME (#VMS)", "DIRECTION", "PEER SITE", "ALERT", "STATUS", "STATE", "RPO", "GEN"];
+    let one = |g: v1::Vpg| print(fmt, &g, &head, vpg_rows(std::slice::from_ref(&g)));
+    match c {
+        VpgCmd::Create(f) => {
+            let (id, spec) = spec::read::<spec::VpgSpecFile>(&f.file)?.into_proto()?;
+            let req = v1::CreateVpgRequest { id, spec: Some(spec) };
+            one(cl.create_vpg(req).await?.into_inner());
+        }
+        VpgCmd::Get { id } => one(cl.get_vpg(v1::GetRequest { id }).await?.into_inner()),
+        VpgCmd::List { csv: true } => {
+            let r = cl.export_vpgs_csv(v1::ListRequest {}).await?.into_inner();
+            print!("{}", r.csv);
+        }
+        VpgCmd::List { csv: false } => {
+            let r = cl.list_vpgs(v1::ListRequest {}).await?.into_inner();
+            print(fmt, &r, &head, vpg_rows(&r.vpgs));
+        }
+        VpgCmd::Edit { id, file } => {
+            let current = cl.get_vpg(v1::GetRequest { id: id.clone() }).await?.into_inner();
+            let (file_id, spec) = spec::read::<spec::VpgSpecFile>(&file.file)?.into_proto()?;
+            if !file_id.is_empty() && file_id != id {
+                bail!("the spec file is for VPG {file_id}, not {id}");
+            }
+            let req = v1::UpdateVpgRequest {
+                id,
+                generation: current.generation,
+                spec: Some(spec),
+            };
+            one(cl.update_vpg(req).await?.into_inner());
+        }
+        VpgCmd::Delete {
+            id,
+            keep_recovery_disks,
+            force,
+        } => {
+            cl.delete_vpg(v1::DeleteVpgRequest {
+                id,
+                keep_recovery_disks,
+                force,
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn cluster(ch: Channel, fmt: Format, c: ClusterCmd) -> Result<()> {
+    let mut cl = ClusterServiceClient::new(ch);
+    let status = match c {
+        ClusterCmd::Status => cl.get_cluster_status(v1::GetClusterStatusRequest {}).await?,
+        ClusterCmd::AddNode { id, api, raft, voter } => {
+            cl.add_node(v1::AddNodeRequest {
+                id,
+                api_addr: api,
+                raft_addr: raft,
+                voter,
+            })
+            .await?
+        }
+        ClusterCmd::Promote { id } => cl.promote_node(v1::NodeRequest { id }).await?,
+        ClusterCmd::Remove { id } => cl.remove_node(v1::NodeRequest { id }).await?,
+    }
+    .into_inner();
+    let json = serde_json::json!({
+        "leader": if status.leader_id == 0 { serde_json::Value::Null } else { status.leader_id.into() },
+        "leader_api": status.leader_api_addr,
+        "term": status.term,
+        "last_log_index": status.last_log_index,
+        "last_applied": status.last_applied,
+        "answered_by": status.node_id,
+        "state": status.state,
+        "nodes": status.nodes.iter().map(|n| serde_json::json!({
+            "id": n.id, "api": n.api_addr, "raft": n.raft_addr, "voter": n.voter,
+        })).collect::<Vec<_>>(),
+    });
+    let rows = status
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.to_string(),
+                n.api_addr.clone(),
+                n.raft_addr.clone(),
+                if n.voter { "voter" } else { "learner" }.to_string(),
+                if n.id == status.leader_id { "leader" } else { "" }.to_string(),
+            ]
+        })
+        .collect();
+    if fmt == Format::Table {
+        println!(
+            "leader {} | term {} | last log {} | applied {} (answered by node {})",
+            status.leader_id, status.term, status.last_log_index, status.last_applied, status.node_id
+        );
+    }
+    print(fmt, &json, &["ID", "API", "RAFT", "ROLE", ""], rows);
+    Ok(())
+}

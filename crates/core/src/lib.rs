@@ -1,0 +1,12 @@
+//! Tandem's domain: ids, inventory, VPG definitions, validation, the seed's statuses and the
+//! replicated site state machine. Pure logic, no IO.
+
+pub mod error;
+pub mod ids;
+pub mod inventory;
+pub mod pairing;
+pub mod state;
+pub mod status;
+pub mod vpg;
+
+pub use error::{DomainError, FieldViolation, Violations};

@@ -1,0 +1,450 @@
+//! The site's replicated state: what the Raft state machine holds and how commands change
+//! it. `apply` is deterministic: ids and clocks come inside the commands, minted by the
+//! manager that proposed them, so every node computes the same outcome.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DomainError, Violations};
+use crate::ids::{DatastoreId, HostId, PoolId, SiteId, VmId, VpgId};
+use crate::inventory::{Datastore, Host, ResourcePool, Vm};
+use crate::pairing::{PairingToken, PeerSite};
+use crate::vpg::{RecoveryCommitments, Vpg, VpgVm};
+
+/// The site's own identity, fixed at bootstrap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteIdentity {
+    pub id: SiteId,
+    pub name: String,
+    pub created_at_ms: u64,
+}
+
+/// The whole configuration of one site, as replicated by Raft.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SiteState {
+    pub identity: Option<SiteIdentity>,
+    pub peers: BTreeMap<SiteId, PeerSite>,
+    pub pairing_tokens: Vec<PairingToken>,
+    pub hosts: BTreeMap<HostId, Host>,
+    pub datastores: BTreeMap<DatastoreId, Datastore>,
+    pub pools: BTreeMap<PoolId, ResourcePool>,
+    pub vms: BTreeMap<VmId, Vm>,
+    pub vpgs: BTreeMap<VpgId, Vpg>,
+}
+
+/// A change to the site state, proposed through Raft.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Names the site at bootstrap (idempotent for the same id and name).
+    InitSite { identity: SiteIdentity },
+    IssuePairingToken { token: PairingToken, now_ms: u64 },
+    /// A peer presented `token`: consume it and record the peer.
+    AcceptPairing { token: String, peer: PeerSite, now_ms: u64 },
+    /// Records a peer that accepted our pairing request.
+    AddPeer { peer: PeerSite },
+    RemovePeer { id: SiteId },
+    PutHost { host: Host, create: bool },
+    DeleteHost { id: HostId },
+    PutDatastore { datastore: Datastore, create: bool },
+    DeleteDatastore { id: DatastoreId },
+    PutPool { pool: ResourcePool, create: bool },
+    DeletePool { id: PoolId },
+    PutVm { vm: Vm, create: bool },
+    DeleteVm { id: VmId },
+    /// Creates (`expected_generation` = None) or replaces a VPG. The protected site checks
+    /// its VMs; the recovery site checks placement and room.
+    PutVpg { vpg: Vpg, expected_generation: Option<u64> },
+    DeleteVpg { id: VpgId },
+}
+
+/// What a successful command returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Applied {
+    Done,
+    /// The new generation of a VPG after a put.
+    Generation(u64),
+}
+
+/// The outcome of applying a command: a value or a domain error, both replicated.
+pub type CommandOutcome = Result<Applied, DomainError>;
+
+impl SiteState {
+    /// This site's id, once bootstrapped.
+    pub fn site_id(&self) -> Option<&SiteId> {
+        self.identity.as_ref().map(|i| &i.id)
+    }
+
+    /// Applies one committed command.
+    pub fn apply(&mut self, cmd: Command) -> CommandOutcome {
+        match cmd {
+            Command::InitSite { identity } => match &self.identity {
+                Some(existing) if existing.id != identity.id || existing.name != identity.name => {
+                    Err(DomainError::precondition(format!(
+                        "site is already initialized as {:?} ({})",
+                        existing.name, existing.id
+                    )))
+                }
+                Some(_) => Ok(Applied::Done),
+                None => {
+                    self.identity = Some(identity);
+                    Ok(Applied::Done)
+                }
+            },
+            Command::IssuePairingToken { token, now_ms } => {
+                self.pairing_tokens.retain(|t| t.expires_at_ms > now_ms);
+                self.pairing_tokens.push(token);
+                Ok(Applied::Done)
+            }
+            Command::AcceptPairing { token, peer, now_ms } => {
+                self.pairing_tokens.retain(|t| t.expires_at_ms > now_ms);
+                let Some(pos) = self.pairing_tokens.iter().position(|t| t.token == token) else {
+                    return Err(DomainError::precondition(
+                        "pairing token is unknown, used or expired",
+                    ));
+                };
+                self.check_new_peer(&peer)?;
+                self.pairing_tokens.remove(pos);
+                self.peers.insert(peer.id.clone(), peer);
+                Ok(Applied::Done)
+            }
+            Command::AddPeer { peer } => {
+                self.check_new_peer(&peer)?;
+                self.peers.insert(peer.id.clone(), peer);
+                Ok(Applied::Done)
+            }
+            Command::RemovePeer { id } => {
+                if !self.peers.contains_key(&id) {
+                    return Err(DomainError::not_found(SiteId::KIND, &id));
+                }
+                if let Some(vpg) = self.vpgs.values().find(|g| {
+                    g.protected_site == id || g.recovery_site == id
+                }) {
+                    return Err(DomainError::precondition(format!(
+                        "VPG {:?} still replicates with site {id}; delete it first",
+                        vpg.name
+                    )));
+                }
+                self.peers.remove(&id);
+                Ok(Applied::Done)
+            }
+            Command::PutHost { host, create } => {
+                host.validate()?;
+                self.unique_name(self.hosts.values().map(|h| (&h.id, &h.name)), &host.id, &host.name, "host")?;
+                put(&mut self.hosts, host.id.clone(), host, create, HostId::KIND)
+            }
+            Command::DeleteHost { id } => {
+                exists(&self.hosts, &id, HostId::KIND)?;
+                if let Some(vm) = self.vms.values().find(|v| v.host_id == id) {
+                    return in_use("host", &id, "VM", &vm.name);
+                }
+                if let Some(ds) = self.datastores.values().find(|d| d.host_id == id) {
+                    return in_use("host", &id, "datastore", &ds.name);
+                }
+                if let Some(g) = self.vpgs.values().find(|g| g.vms.iter().any(|v| v.placement.recovery_host == id)) {
+                    return in_use("host", &id, "VPG", &g.name);
+                }
+                self.hosts.remove(&id);
+                Ok(Applied::Done)
+            }
+            Command::PutDatastore { datastore, create } => {
+                datastore.validate()?;
+                if !self.hosts.contains_key(&datastore.host_id) {
+                    return Err(DomainError::invalid(
+                        "host_id",
+                        format!("host {} does not exist", datastore.host_id),
+                    ));
+                }
+                self.unique_name(self.datastores.values().map(|d| (&d.id, &d.name)), &datastore.id, &datastore.name, "datastore")?;
+                if !create {
+                    let committed = RecoveryCommitments::of(self.vpgs.values(), &self.own_id(), &VpgId::minted(String::new()));
+                    let used = committed.datastore_bytes.get(&datastore.id).copied().unwrap_or(0)
+                        + self.local_volume_bytes(&datastore.id);
+                    if datastore.capacity_bytes < used {
+                        return Err(DomainError::invalid(
+                            "capacity_bytes",
+                            format!("{} bytes are already committed on this datastore", used),
+                        ));
+                    }
+                }
+                put(&mut self.datastores, datastore.id.clone(), datastore, create, DatastoreId::KIND)
+            }
+            Command::DeleteDatastore { id } => {
+                exists(&self.datastores, &id, DatastoreId::KIND)?;
+                if let Some(vm) = self.vms.values().find(|v| v.volumes.iter().any(|vol| vol.datastore_id == id)) {
+                    return in_use("datastore", &id, "VM", &vm.name);
+                }
+                if let Some(g) = self.vpgs.values().find(|g| g.vms.iter().any(|v| v.placement.recovery_datastore == id)) {
+                    return in_use("datastore", &id, "VPG", &g.name);
+                }
+                self.datastores.remove(&id);
+                Ok(Applied::Done)
+            }
+            Command::PutPool { pool, create } => {
+                pool.validate()?;
+                self.unique_name(self.pools.values().map(|p| (&p.id, &p.name)), &pool.id, &pool.name, "resource pool")?;
+                put(&mut self.pools, pool.id.clone(), pool, create, PoolId::KIND)
+            }
+            Command::DeletePool { id } => {
+                exists(&self.pools, &id, PoolId::KIND)?;
+                if let Some(g) = self.vpgs.values().find(|g| g.vms.iter().any(|v| v.placement.recovery_pool == id)) {
+                    return in_use("resource pool", &id, "VPG", &g.name);
+                }
+                self.pools.remove(&id);
+                Ok(Applied::Done)
+            }
+            Command::PutVm { vm, create } => {
+                vm.validate()?;
+                let mut v = Violations::new();
+                v.check(
+                    self.hosts.contains_key(&vm.host_id),
+                    "host_id",
+                    format!("host {} does not exist", vm.host_id),
+                );
+                for (i, vol) in vm.volumes.iter().enumerate() {
+                    v.check(
+                        self.datastores.contains_key(&vol.datastore_id),
+                        format!("volumes[{i}].datastore_id"),
+                        format!("datastore {} does not exist", vol.datastore_id),
+                    );
+                }
+                v.into_result()?;
+                self.unique_name(self.vms.values().map(|m| (&m.id, &m.name)), &vm.id, &vm.name, "VM")?;
+                put(&mut self.vms, vm.id.clone(), vm, create, VmId::KIND)
+            }
+            Command::DeleteVm { id } => {
+                exists(&self.vms, &id, VmId::KIND)?;
+                if let Some(g) = self.vpg_of_vm(&id) {
+                    return in_use("VM", &id, "VPG", &g.name);
+                }
+                self.vms.remove(&id);
+                Ok(Applied::Done)
+            }
+            Command::PutVpg { vpg, expected_generation } => self.put_vpg(vpg, expected_generation),
+            Command::DeleteVpg { id } => {
+                exists(&self.vpgs, &id, VpgId::KIND)?;
+                self.vpgs.remove(&id);
+                Ok(Applied::Done)
+            }
+        }
+    }
+
+    /// The VPG that protects `vm`, if any.
+    pub fn vpg_of_vm(&self, vm: &VmId) -> Option<&Vpg> {
+        self.vpgs.values().find(|g| g.vm_ids().any(|v| v == vm))
+    }
+
+    fn own_id(&self) -> SiteId {
+        self.site_id().cloned().unwrap_or_else(|| SiteId::minted(String::new()))
+    }
+
+    fn local_volume_bytes(&self, ds: &DatastoreId) -> u64 {
+        self.vms
+            .values()
+            .flat_map(|vm| vm.volumes.iter())
+            .filter(|v| &v.datastore_id == ds)
+            .map(|v| v.size_bytes)
+            .sum()
+    }
+
+    fn check_new_peer(&self, peer: &PeerSite) -> Result<(), DomainError> {
+        if Some(&peer.id) == self.site_id() {
+            return Err(DomainError::precondition("a site cannot pair with itself"));
+        }
+        if self.peers.values().any(|p| p.name == peer.name && p.id != peer.id) {
+            return Err(DomainError::AlreadyExists {
+                kind: "peer site".into(),
+                name: peer.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn unique_name<'a, I: Ord + 'a>(
+        &self,
+        mut existing: impl Iterator<Item = (&'a I, &'a String)>,
+        id: &I,
+        name: &str,
+        kind: &str,
+    ) -> Result<(), DomainError> {
+        if existing.any(|(other, n)| other != id && n == name) {
+            return Err(DomainError::AlreadyExists {
+                kind: kind.into(),
+                name: name.into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn put_vpg(&mut self, mut vpg: Vpg, expected: Option<u64>) -> CommandOutcome {
+        let own = self.site_id().cloned().ok_or_else(|| DomainError::precondition("site is not initialized"))?;
+        match (self.vpgs.get(&vpg.id), expected) {
+            (Some(_), None) => {
+                return Err(DomainError::AlreadyExists { kind: "vpg".into(), name: vpg.name.clone() });
+            }
+            (None, Some(_)) => return Err(DomainError::not_found(VpgId::KIND, &vpg.id)),
+            (Some(current), Some(read_at)) if current.generation != read_at => {
+                return Err(DomainError::Conflict {
+                    kind: "vpg".into(),
+                    id: vpg.id.to_string(),
+                    expected: read_at,
+                    actual: current.generation,
+                });
+            }
+            (Some(current), Some(_)) => {
+                if current.protected_site != vpg.protected_site || current.recovery_site != vpg.recovery_site {
+                    return Err(DomainError::invalid("recovery_site", "the sites of a VPG cannot change"));
+                }
+                vpg.created_at_ms = current.created_at_ms;
+                vpg.operation = current.operation;
+            }
+            (None, None) => {}
+        }
+        vpg.generation = expected.map_or(1, |g| g + 1);
+
+        let mut v = Violations::new();
+        let peer = if vpg.protected_site == own { &vpg.recovery_site } else { &vpg.protected_site };
+        v.check(peer != &own, "recovery_site", "protected and recovery site must differ");
+        v.check(
+            vpg.protected_site == own || vpg.recovery_site == own,
+            "recovery_site",
+            "the VPG does not involve this site",
+        );
+        v.check(
+            self.peers.contains_key(peer),
+            "recovery_site",
+            format!("site {peer} is not paired with this site"),
+        );
+        if let Some(other) = self.vpgs.values().find(|g| {
+            g.id != vpg.id && g.name == vpg.name && g.joins(&vpg.protected_site, &vpg.recovery_site)
+        }) {
+            v.add("name", format!("VPG name {:?} is already used between these sites ({})", other.name, other.id));
+        }
+        if vpg.protected_site == own {
+            self.check_protected_side(&vpg, &mut v);
+        }
+        if vpg.recovery_site == own {
+            self.check_recovery_side(&vpg, &mut v);
+        }
+        v.into_result()?;
+        let generation = vpg.generation;
+        self.vpgs.insert(vpg.id.clone(), vpg);
+        Ok(Applied::Generation(generation))
+    }
+
+    fn check_protected_side(&self, vpg: &Vpg, v: &mut Violations) {
+        for (i, vm) in vpg.vms.iter().enumerate() {
+            let id = &vm.placement.vm_id;
+            match self.vms.get(id) {
+                None => v.add(format!("vms[{i}].vm_id"), format!("VM {id} does not exist")),
+                Some(_) => {
+                    if let Some(other) = self.vpgs.values().find(|g| g.id != vpg.id && g.vm_ids().any(|x| x == id)) {
+                        v.add(
+                            format!("vms[{i}].vm_id"),
+                            format!("VM {id} is already protected by VPG {:?}", other.name),
+                        );
+                    }
+                }
+            }
+            let fp = &vm.footprint;
+            let disks = fp.provisioned_bytes();
+            if let (Some(w), Some(h)) = (fp.journal_warning.resolve(disks), fp.journal_hard_limit.resolve(disks)) {
+                v.check(
+                    w < h,
+                    format!("vms[{i}].journal_warning"),
+                    "warning threshold must be below the hard limit",
+                );
+            }
+        }
+    }
+
+    fn check_recovery_side(&self, vpg: &Vpg, v: &mut Violations) {
+        let mut committed = RecoveryCommitments::of(self.vpgs.values(), &vpg.recovery_site, &vpg.id);
+        let mut placed: Vec<&VpgVm> = Vec::new();
+        for (i, vm) in vpg.vms.iter().enumerate() {
+            let p = &vm.placement;
+            let f = |n: &str| format!("vms[{i}].{n}");
+            let host = self.hosts.get(&p.recovery_host);
+            v.check(host.is_some(), f("recovery_host"), format!("host {} does not exist at the recovery site", p.recovery_host));
+            match self.datastores.get(&p.recovery_datastore) {
+                None => v.add(f("recovery_datastore"), format!("datastore {} does not exist at the recovery site", p.recovery_datastore)),
+                Some(ds) => v.check(
+                    ds.host_id == p.recovery_host,
+                    f("recovery_datastore"),
+                    format!("datastore {:?} is not on host {}", ds.name, p.recovery_host),
+                ),
+            }
+            v.check(
+                self.pools.contains_key(&p.recovery_pool),
+                f("recovery_pool"),
+                format!("resource pool {} does not exist at the recovery site", p.recovery_pool),
+            );
+            committed.add(vm);
+            placed.push(vm);
+        }
+        for (ds_id, need) in &committed.datastore_bytes {
+            let Some(ds) = self.datastores.get(ds_id) else { continue };
+            let total = need + self.local_volume_bytes(ds_id);
+            if total > ds.capacity_bytes && placed.iter().any(|p| &p.placement.recovery_datastore == ds_id) {
+                v.add(
+                    "vms.recovery_datastore",
+                    format!(
+                        "datastore {:?} has no room: {} bytes needed (replicas and journals), capacity {}",
+                        ds.name, total, ds.capacity_bytes
+                    ),
+                );
+            }
+        }
+        for (pool_id, (cpu, mem, storage)) in &committed.pool {
+            let Some(pool) = self.pools.get(pool_id) else { continue };
+            if !placed.iter().any(|p| &p.placement.recovery_pool == pool_id) {
+                continue;
+            }
+            let mut over = Vec::new();
+            if *cpu > pool.cpu_mhz {
+                over.push(format!("CPU {cpu} MHz > {}", pool.cpu_mhz));
+            }
+            if *mem > pool.memory_mib {
+                over.push(format!("memory {mem} MiB > {}", pool.memory_mib));
+            }
+            if *storage > pool.storage_bytes {
+                over.push(format!("storage {storage} bytes > {}", pool.storage_bytes));
+            }
+            if !over.is_empty() {
+                v.add(
+                    "vms.recovery_pool",
+                    format!(
+                        "resource pool {:?} cannot hold the reservations of the VPG's VMs: {}",
+                        pool.name,
+                        over.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn put<K: Ord + std::fmt::Display, V>(
+    map: &mut BTreeMap<K, V>,
+    id: K,
+    value: V,
+    create: bool,
+    kind: &str,
+) -> CommandOutcome {
+    match (map.contains_key(&id), create) {
+        (true, true) => Err(DomainError::AlreadyExists { kind: kind.into(), name: id.to_string() }),
+        (false, false) => Err(DomainError::not_found(kind, &id)),
+        _ => {
+            map.insert(id, value);
+            Ok(Applied::Done)
+        }
+    }
+}
+
+fn exists<K: Ord + std::fmt::Display, V>(map: &BTreeMap<K, V>, id: &K, kind: &str) -> Result<(), DomainError> {
+    if map.contains_key(id) { Ok(()) } else { Err(DomainError::not_found(kind, id)) }
+}
+
+fn in_use(kind: &str, id: &impl std::fmt::Display, user_kind: &str, user: &str) -> CommandOutcome {
+    Err(DomainError::precondition(format!("{kind} {id} is used by {user_kind} {user:?}")))
+}

@@ -1,0 +1,297 @@
+//! VPG definitions: settings, per-VM recovery placement, and the rules a definition must
+//! satisfy at the protected site and at the recovery site.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Violations;
+use crate::ids::{DatastoreId, HostId, PoolId, SiteId, VmId, VpgId, check_name};
+use crate::inventory::{Vm, collect};
+use crate::status::Operation;
+
+/// Journal history bounds: 1 hour to 30 days.
+pub const MIN_JOURNAL_HISTORY_SECS: u64 = 3600;
+pub const MAX_JOURNAL_HISTORY_SECS: u64 = 30 * 24 * 3600;
+/// Target RPO alert bounds: 10 seconds to 1 day.
+pub const MIN_TARGET_RPO_SECS: u64 = 10;
+pub const MAX_TARGET_RPO_SECS: u64 = 24 * 3600;
+/// At most this many VMs in one VPG.
+pub const MAX_VMS_PER_VPG: usize = 256;
+
+/// Replication priority; under WAN pressure lower priorities fall back to bitmap sync first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Priority {
+    Low,
+    Medium,
+    High,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "Low",
+            Priority::Medium => "Medium",
+            Priority::High => "High",
+        }
+    }
+}
+
+/// A journal size limit, absolute or as a percentage of the VM's provisioned storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JournalLimit {
+    Unlimited,
+    Bytes(u64),
+    Percent(u8),
+}
+
+impl JournalLimit {
+    /// The limit in bytes for a VM of the given provisioned size; `None` when unlimited.
+    pub fn resolve(self, provisioned_bytes: u64) -> Option<u64> {
+        match self {
+            JournalLimit::Unlimited => None,
+            JournalLimit::Bytes(b) => Some(b),
+            JournalLimit::Percent(p) => Some(provisioned_bytes / 100 * u64::from(p)),
+        }
+    }
+
+    fn check(self, field: &str, v: &mut Violations) {
+        match self {
+            JournalLimit::Bytes(b) => v.check(b >= 1 << 30, field, "must be at least 1 GiB"),
+            JournalLimit::Percent(p) => v.check((1..=100).contains(&p), field, "percent must be 1..100"),
+            JournalLimit::Unlimited => {}
+        }
+    }
+}
+
+/// Defaults used when reverse protection is set up after a failover or move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ReverseProtection {
+    /// Whether committing a failover or move starts reverse protection by default.
+    pub enabled: bool,
+    /// Use the original protected disks as preseeded targets (delta sync only).
+    pub use_original_disks: bool,
+}
+
+/// The SLA and replication settings of a VPG.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpgSettings {
+    pub priority: Priority,
+    pub target_rpo_secs: u64,
+    pub journal_history_secs: u64,
+    pub journal_hard_limit: JournalLimit,
+    pub journal_warning: JournalLimit,
+    /// How long replication may pause when the journal cannot hold ten minutes of checkpoints.
+    pub replication_pause_secs: u64,
+    /// Months between failover-test reminders; 0 turns the reminder off.
+    pub test_reminder_months: u32,
+    pub wan_compression: bool,
+    pub reverse: ReverseProtection,
+}
+
+impl Default for VpgSettings {
+    fn default() -> Self {
+        Self {
+            priority: Priority::Medium,
+            target_rpo_secs: 300,
+            journal_history_secs: 4 * 3600,
+            journal_hard_limit: JournalLimit::Unlimited,
+            journal_warning: JournalLimit::Unlimited,
+            replication_pause_secs: 0,
+            test_reminder_months: 6,
+            wan_compression: true,
+            reverse: ReverseProtection::default(),
+        }
+    }
+}
+
+impl VpgSettings {
+    pub fn validate(&self, v: &mut Violations) {
+        v.check(
+            (MIN_TARGET_RPO_SECS..=MAX_TARGET_RPO_SECS).contains(&self.target_rpo_secs),
+            "settings.target_rpo_secs",
+            format!("must be {MIN_TARGET_RPO_SECS}..{MAX_TARGET_RPO_SECS} seconds"),
+        );
+        v.check(
+            (MIN_JOURNAL_HISTORY_SECS..=MAX_JOURNAL_HISTORY_SECS).contains(&self.journal_history_secs),
+            "settings.journal_history_secs",
+            "must be from 1 hour (3600) to 30 days (2592000)",
+        );
+        self.journal_hard_limit.check("settings.journal_hard_limit", v);
+        self.journal_warning.check("settings.journal_warning", v);
+        let below = match (self.journal_warning, self.journal_hard_limit) {
+            (_, JournalLimit::Unlimited) => true,
+            (JournalLimit::Unlimited, _) => false,
+            (JournalLimit::Bytes(w), JournalLimit::Bytes(h)) => w < h,
+            (JournalLimit::Percent(w), JournalLimit::Percent(h)) => w < h,
+            // Mixed units are compared per VM, once sizes are known.
+            _ => true,
+        };
+        v.check(
+            below,
+            "settings.journal_warning",
+            "warning threshold must be below the hard limit",
+        );
+        v.check(
+            self.replication_pause_secs <= 24 * 3600,
+            "settings.replication_pause_secs",
+            "must be at most one day",
+        );
+        v.check(
+            self.test_reminder_months <= 12,
+            "settings.test_reminder_months",
+            "must be 0..12",
+        );
+    }
+}
+
+/// Where and how one VM of the VPG is recovered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPlacement {
+    pub vm_id: VmId,
+    pub recovery_host: HostId,
+    pub recovery_datastore: DatastoreId,
+    pub recovery_pool: PoolId,
+}
+
+/// What the recovery site must hold for one VM: copied from the protected inventory into
+/// the definition, so the recovery site can check room and later recover on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmFootprint {
+    pub vm_name: String,
+    pub cpu_reservation_mhz: u64,
+    pub memory_reservation_mib: u64,
+    /// (controller, unit, size) of each volume.
+    pub volumes: Vec<(u8, u8, u64)>,
+    /// Journal limits captured when the VM joined (edits apply to new VMs only).
+    pub journal_hard_limit: JournalLimit,
+    pub journal_warning: JournalLimit,
+}
+
+impl VmFootprint {
+    pub fn of(vm: &Vm, settings: &VpgSettings) -> Self {
+        Self {
+            vm_name: vm.name.clone(),
+            cpu_reservation_mhz: vm.cpu_reservation_mhz,
+            memory_reservation_mib: vm.memory_reservation_mib,
+            volumes: vm
+                .volumes
+                .iter()
+                .map(|v| (v.controller, v.unit, v.size_bytes))
+                .collect(),
+            journal_hard_limit: settings.journal_hard_limit,
+            journal_warning: settings.journal_warning,
+        }
+    }
+
+    pub fn provisioned_bytes(&self) -> u64 {
+        self.volumes.iter().map(|v| v.2).sum()
+    }
+
+    /// Room the VM takes on its recovery datastore: replica disks plus the journal's hard
+    /// limit (history with no hard limit is budgeted at 100% of the disks).
+    pub fn recovery_bytes(&self) -> u64 {
+        let disks = self.provisioned_bytes();
+        disks.saturating_add(self.journal_hard_limit.resolve(disks).unwrap_or(disks))
+    }
+}
+
+/// One VM of a VPG.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpgVm {
+    pub placement: VmPlacement,
+    pub footprint: VmFootprint,
+}
+
+/// What an operator asks for when creating or editing a VPG.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpgSpec {
+    pub name: String,
+    pub recovery_site: SiteId,
+    pub settings: VpgSettings,
+    pub vms: Vec<VmPlacement>,
+}
+
+impl VpgSpec {
+    /// Checks everything that needs no inventory.
+    pub fn validate_shape(&self, v: &mut Violations) {
+        collect(v, check_name("name", &self.name));
+        self.settings.validate(v);
+        v.check(
+            self.vms.len() <= MAX_VMS_PER_VPG,
+            "vms",
+            format!("at most {MAX_VMS_PER_VPG} VMs per VPG"),
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, p) in self.vms.iter().enumerate() {
+            v.check(
+                seen.insert(&p.vm_id),
+                format!("vms[{i}].vm_id"),
+                format!("VM {} is listed twice", p.vm_id),
+            );
+        }
+    }
+}
+
+/// A VPG definition as both sites hold it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vpg {
+    pub id: VpgId,
+    pub name: String,
+    /// Bumped on every change; edits carry the generation they were read at.
+    pub generation: u64,
+    pub protected_site: SiteId,
+    pub recovery_site: SiteId,
+    pub settings: VpgSettings,
+    pub vms: Vec<VpgVm>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// The operation in progress, if any (creation until the first sync completes).
+    pub operation: Option<Operation>,
+}
+
+impl Vpg {
+    pub fn vm_ids(&self) -> impl Iterator<Item = &VmId> {
+        self.vms.iter().map(|v| &v.placement.vm_id)
+    }
+
+    /// Whether this VPG is between the same two sites as `a` and `b`, in either direction.
+    pub fn joins(&self, a: &SiteId, b: &SiteId) -> bool {
+        (&self.protected_site == a && &self.recovery_site == b)
+            || (&self.protected_site == b && &self.recovery_site == a)
+    }
+}
+
+/// What a recovery site has already committed to other VPGs, per datastore and pool.
+#[derive(Debug, Default)]
+pub struct RecoveryCommitments {
+    pub datastore_bytes: BTreeMap<DatastoreId, u64>,
+    pub pool: BTreeMap<PoolId, (u64, u64, u64)>,
+}
+
+impl RecoveryCommitments {
+    /// Adds up what `vpgs` (other than `except`) place on this site.
+    pub fn of<'a>(vpgs: impl Iterator<Item = &'a Vpg>, site: &SiteId, except: &VpgId) -> Self {
+        let mut c = Self::default();
+        for vpg in vpgs.filter(|g| &g.recovery_site == site && &g.id != except) {
+            for vm in &vpg.vms {
+                c.add(vm);
+            }
+        }
+        c
+    }
+
+    pub fn add(&mut self, vm: &VpgVm) {
+        *self
+            .datastore_bytes
+            .entry(vm.placement.recovery_datastore.clone())
+            .or_default() += vm.footprint.recovery_bytes();
+        let p = self
+            .pool
+            .entry(vm.placement.recovery_pool.clone())
+            .or_default();
+        p.0 += vm.footprint.cpu_reservation_mhz;
+        p.1 += vm.footprint.memory_reservation_mib;
+        p.2 += vm.footprint.provisioned_bytes();
+    }
+}

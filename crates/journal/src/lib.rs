@@ -1,0 +1,33 @@
+//! Journal storage engine of a recovery site: per protected VM, append-only segment files
+//! of CRC-framed records (writes, zeroes, trims, checkpoint markers) with contiguous
+//! sequence numbers and writer generations, group-commit fsync with separate written and
+//! durable positions, crash recovery, an index from checkpoints and regions to journal
+//! positions, promotion into replica disks, size limits, and point-in-time images served
+//! as NBD block devices with an optional scratch overlay.
+//!
+//! The VRA opens one [`Journal`] per VM with a [`JournalConfig`], appends with
+//! [`Journal::append`] / [`Journal::append_batch`], lists [`Journal::checkpoints`], calls
+//! [`Journal::maintain`] periodically, promotes with [`Journal::promote_to_checkpoint`]
+//! and exports [`Journal::open_image`] results (they implement
+//! [`tandem_nbd::BlockDevice`]).
+
+pub mod error;
+pub mod extents;
+pub mod format;
+pub mod journal;
+pub mod pit;
+pub mod replica;
+pub mod segment;
+pub mod types;
+
+pub use error::{JournalError, Result};
+pub use journal::{
+    CheckpointInfo, CheckpointState, DEFAULT_MAX_PAYLOAD, DEFAULT_SEGMENT_SIZE, Durability,
+    Journal, JournalConfig, JournalStats, JournalStatus, OpenReport, PromoteReport, SizeLevel,
+};
+pub use pit::{ImageOptions, PointInTimeImage};
+pub use replica::{ReplicaMarker, VolumeSpec};
+pub use types::{
+    Checkpoint, CheckpointId, CheckpointKind, Generation, JournalPosition, Record, RecordBody,
+    SegmentId, Seq, UnixMillis, VolumeId,
+};

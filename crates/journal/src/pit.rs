@@ -1,0 +1,419 @@
+//! Point-in-time images: the image of one volume at a checkpoint is the replica disk
+//! plus the journal's records up to the checkpoint, newest wins. A per-image region map
+//! (built on open from the in-memory record index, no disk scan) says for every byte
+//! range where its newest content lives, so reads go straight to the replica or to a
+//! segment file. An optional scratch overlay (an unnamed sparse file in a scratch
+//! directory) takes writes for failover tests; it is thrown away with the image and
+//! never touches the replica or the journal.
+//!
+//! An open image pins its checkpoint: promotion never moves the replica past it, and
+//! the image keeps the segment files it reads open even if promotion frees them.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io,
+    os::unix::fs::FileExt,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
+
+use bytes::Bytes;
+use tandem_nbd::{BlockDevice, IoFuture};
+use tracing::{debug, info};
+
+use crate::{
+    error::{JournalError, Result},
+    extents::{ExtentMap, Piece, Source},
+    format::{RECORD_HEADER_LEN, RecordHeader, crc_seed},
+    journal::{CheckpointState, Journal, Shared},
+    types::{CheckpointId, SegmentId, Seq, VolumeId},
+};
+
+/// How to open an image.
+#[derive(Debug, Clone, Default)]
+pub struct ImageOptions {
+    /// Directory for a scratch overlay that takes writes; `None` makes the image read-only.
+    pub scratch_dir: Option<PathBuf>,
+    /// Re-verify the checksum of every journal record the image uses before serving it
+    /// (guards against damage since the journal was opened).
+    pub verify: bool,
+}
+
+/// Removes an image's pin when the image goes away.
+#[derive(Debug)]
+struct PinGuard {
+    shared: Arc<Shared>,
+    seq: Seq,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        if let Some(n) = st.pins.get_mut(&self.seq) {
+            *n -= 1;
+            if *n == 0 {
+                st.pins.remove(&self.seq);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Overlay {
+    file: File,
+    map: RwLock<ExtentMap>,
+}
+
+#[derive(Debug)]
+struct ImageInner {
+    volume: VolumeId,
+    checkpoint: CheckpointId,
+    seq: Seq,
+    size: u64,
+    base: ExtentMap,
+    segments: HashMap<SegmentId, Arc<File>>,
+    replica: Arc<File>,
+    overlay: Option<Overlay>,
+    _pin: PinGuard,
+}
+
+/// The image of one volume at one checkpoint. Cloning shares it.
+#[derive(Debug, Clone)]
+pub struct PointInTimeImage {
+    inner: Arc<ImageInner>,
+}
+
+impl Journal {
+    /// Opens the image of `volume` at checkpoint `id`.
+    pub fn open_image(
+        &self,
+        id: CheckpointId,
+        volume: VolumeId,
+        opts: &ImageOptions,
+    ) -> Result<PointInTimeImage> {
+        let shared = self.shared().clone();
+        let replica = shared
+            .volumes
+            .get(&volume)
+            .ok_or(JournalError::UnknownVolume(volume))?
+            .clone();
+        let (seq, metas, segments, salts, pin) = {
+            let mut st = shared.lock();
+            let seq = *st
+                .checkpoint_ids
+                .get(&id)
+                .ok_or(JournalError::CheckpointNotFound(id))?;
+            match st.checkpoint_state(seq) {
+                CheckpointState::Usable => {}
+                CheckpointState::NotDurable => {
+                    return Err(JournalError::CheckpointUnusable {
+                        id,
+                        reason: "not durable yet",
+                    });
+                }
+                CheckpointState::Promoted => {
+                    return Err(JournalError::CheckpointUnusable {
+                        id,
+                        reason: "older than the replica",
+                    });
+                }
+            }
+            *st.pins.entry(seq).or_insert(0) += 1;
+            let pin = PinGuard {
+                shared: shared.clone(),
+                seq,
+            };
+            let floor = st.replica_seq;
+            let metas: Vec<_> = st
+                .writes
+                .iter()
+                .take_while(|w| w.seq <= seq)
+                .filter(|w| w.volume == volume && w.seq > floor)
+                .copied()
+                .collect();
+            let mut segments = HashMap::new();
+            let mut salts = HashMap::new();
+            for (sid, s) in &st.segments {
+                if let Some(f) = &s.file {
+                    segments.insert(*sid, f.clone());
+                    salts.insert(*sid, s.header.salt);
+                }
+            }
+            (seq, metas, segments, salts, pin)
+        };
+        let mut base = ExtentMap::new();
+        for m in &metas {
+            if let Source::Journal { segment, .. } = m.src
+                && !segments.contains_key(&segment)
+            {
+                return Err(JournalError::Corrupt {
+                    segment,
+                    offset: m.frame.offset,
+                    reason: "segment of an indexed record is missing".into(),
+                });
+            }
+            base.insert(m.offset, m.len, m.src);
+        }
+        if opts.verify {
+            let max = shared.cfg.max_payload;
+            let mut buf = Vec::new();
+            for m in metas.iter().filter(|m| matches!(m.src, Source::Journal { .. })) {
+                let segment = m.frame.segment;
+                let file = &segments[&segment];
+                let seed = crc_seed(salts[&segment]);
+                buf.resize(usize::try_from(m.frame_len).unwrap_or(0), 0);
+                let corrupt = |reason: &str| JournalError::Corrupt {
+                    segment,
+                    offset: m.frame.offset,
+                    reason: reason.to_string(),
+                };
+                file.read_exact_at(&mut buf, m.frame.offset)
+                    .map_err(|e| JournalError::io("read segment", PathBuf::new(), e))?;
+                let h = RecordHeader::decode(&buf[..RECORD_HEADER_LEN], seed, max)
+                    .map_err(|_| corrupt("record header checksum mismatch on read"))?;
+                if h.seq != m.seq
+                    || crc32c::crc32c_append(seed, &buf[RECORD_HEADER_LEN..]) != h.payload_crc
+                {
+                    return Err(corrupt("record payload checksum mismatch on read"));
+                }
+            }
+        }
+        let overlay = match &opts.scratch_dir {
+            Some(dir) => {
+                let file = tempfile::tempfile_in(dir)
+                    .map_err(|e| JournalError::io("create scratch overlay", dir, e))?;
+                file.set_len(replica.spec.size)
+                    .map_err(|e| JournalError::io("size scratch overlay", dir, e))?;
+                Some(Overlay {
+                    file,
+                    map: RwLock::new(ExtentMap::new()),
+                })
+            }
+            None => None,
+        };
+        info!(
+            checkpoint = id.0,
+            volume = volume.0,
+            seq = seq.0,
+            records = metas.len(),
+            extents = base.len(),
+            overlay = overlay.is_some(),
+            "opened point-in-time image"
+        );
+        Ok(PointInTimeImage {
+            inner: Arc::new(ImageInner {
+                volume,
+                checkpoint: id,
+                seq,
+                size: replica.spec.size,
+                base,
+                segments,
+                replica: replica.file.clone(),
+                overlay,
+                _pin: pin,
+            }),
+        })
+    }
+}
+
+fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
+    if offset.checked_add(len).is_none_or(|e| e > size) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset}+{len} outside image of size {size}"),
+        ));
+    }
+    Ok(())
+}
+
+impl ImageInner {
+    fn read_base(&self, offset: u64, buf: &mut [u8], pieces: &mut Vec<Piece>) -> io::Result<()> {
+        self.base.lookup(offset, buf.len() as u64, pieces);
+        for p in pieces.iter() {
+            let at = (p.start - offset) as usize;
+            let dst = &mut buf[at..at + p.len as usize];
+            match p.src {
+                None => self.replica.read_exact_at(dst, p.start)?,
+                Some(Source::Zero) => dst.fill(0),
+                Some(Source::Journal { segment, pos }) => {
+                    let f = self.segments.get(&segment).ok_or_else(|| {
+                        io::Error::other(format!("segment {segment} not held by image"))
+                    })?;
+                    f.read_exact_at(dst, pos)?;
+                }
+                Some(Source::Scratch) => {
+                    return Err(io::Error::other("scratch extent in base map"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        let mut pieces = Vec::new();
+        let Some(ov) = &self.overlay else {
+            return self.read_base(offset, buf, &mut pieces);
+        };
+        let mut top = Vec::new();
+        ov.map
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .lookup(offset, buf.len() as u64, &mut top);
+        for p in &top {
+            let at = (p.start - offset) as usize;
+            let dst = &mut buf[at..at + p.len as usize];
+            match p.src {
+                None => self.read_base(p.start, dst, &mut pieces)?,
+                Some(Source::Zero) => dst.fill(0),
+                Some(Source::Scratch) => ov.file.read_exact_at(dst, p.start)?,
+                Some(Source::Journal { .. }) => {
+                    return Err(io::Error::other("journal extent in overlay map"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn overlay(&self) -> io::Result<&Overlay> {
+        self.overlay.as_ref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "point-in-time image without scratch overlay is read-only",
+            )
+        })
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        check_range(self.size, offset, data.len() as u64)?;
+        let ov = self.overlay()?;
+        ov.file.write_all_at(data, offset)?;
+        ov.map
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(offset, data.len() as u64, Source::Scratch);
+        Ok(())
+    }
+
+    fn zero_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.size, offset, len)?;
+        let ov = self.overlay()?;
+        ov.map
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(offset, len, Source::Zero);
+        Ok(())
+    }
+}
+
+impl Drop for ImageInner {
+    fn drop(&mut self) {
+        debug!(
+            checkpoint = self.checkpoint.0,
+            volume = self.volume.0,
+            "closing point-in-time image"
+        );
+    }
+}
+
+impl PointInTimeImage {
+    /// The volume this image is of.
+    #[must_use]
+    pub fn volume(&self) -> VolumeId {
+        self.inner.volume
+    }
+
+    /// The checkpoint this image is at.
+    #[must_use]
+    pub fn checkpoint(&self) -> CheckpointId {
+        self.inner.checkpoint
+    }
+
+    /// The checkpoint's sequence number.
+    #[must_use]
+    pub fn seq(&self) -> Seq {
+        self.inner.seq
+    }
+
+    /// Size in bytes.
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// Whether the image takes writes (has a scratch overlay).
+    #[must_use]
+    pub fn is_writable(&self) -> bool {
+        self.inner.overlay.is_some()
+    }
+
+    /// Number of journal extents in the image's region map.
+    #[must_use]
+    pub fn journal_extents(&self) -> usize {
+        self.inner.base.len()
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (blocking).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+
+    /// Writes into the scratch overlay (blocking); fails on a read-only image.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.inner.write_at(offset, data)
+    }
+
+    /// Zeroes a range in the scratch overlay; fails on a read-only image.
+    pub fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.zero_at(offset, len)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("image io task failed: {e}")))?
+}
+
+/// The NBD export of an image. Flush is a no-op: the scratch overlay is thrown away
+/// with the image, so there is nothing to make durable.
+impl BlockDevice for PointInTimeImage {
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.inner.overlay.is_none()
+    }
+
+    fn read(&self, offset: u64, len: u32) -> IoFuture<'_, Bytes> {
+        let inner = self.inner.clone();
+        Box::pin(blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            inner.read_at(offset, &mut buf)?;
+            Ok(Bytes::from(buf))
+        }))
+    }
+
+    fn write(&self, offset: u64, data: Bytes, _fua: bool) -> IoFuture<'_, ()> {
+        let inner = self.inner.clone();
+        Box::pin(blocking(move || inner.write_at(offset, &data)))
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        let inner = self.inner.clone();
+        Box::pin(blocking(move || inner.zero_at(offset, len)))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> IoFuture<'_, ()> {
+        let inner = self.inner.clone();
+        Box::pin(blocking(move || inner.zero_at(offset, len)))
+    }
+}

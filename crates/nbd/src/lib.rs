@@ -1,0 +1,24 @@
+//! NBD server over a block-device trait, plus a small async client for tests and the lab.
+//!
+//! - [`device`] holds the [`BlockDevice`] trait every export implements.
+//! - [`file`] holds [`FileDevice`], a raw image file served with `pread`/`pwrite`.
+//! - [`proto`] is the wire protocol as pure, IO-free decoders and encoders.
+//! - [`exports`] holds [`Exports`], the run-time registry of named exports, with counters.
+//! - [`server`] holds [`NbdServer`] and [`serve_files`].
+//! - [`client`] holds [`NbdClient`].
+
+pub mod client;
+pub mod device;
+pub mod error;
+pub mod exports;
+pub mod file;
+pub mod proto;
+pub mod server;
+
+pub use client::{ExportInfo, NbdClient};
+pub use device::{BlockDevice, IoFuture};
+pub use error::NbdError;
+pub use exports::{ExportStats, Exports};
+pub use file::{FileDevice, create_sparse_file};
+pub use proto::{Cookie, ErrorCode};
+pub use server::{NbdServer, ServerConfig, serve_files};

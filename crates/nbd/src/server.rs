@@ -1,0 +1,613 @@
+//! The NBD server: accepts connections on a bound listener, negotiates with the pure
+//! [`Negotiation`] state machine, and serves requests with many in flight per connection.
+//!
+//! Per connection, one reader loop decodes requests ([`RequestDecoder`]) and spawns each
+//! valid one as its own task in a `JoinSet`, bounded by a per-connection budget of
+//! in-flight payload bytes; one writer loop serializes replies as they complete (out of
+//! order), batching those that are ready into one socket write. Device calls may take
+//! any time (a protected volume holds writes during a checkpoint freeze).
+//!
+//! Shutdown is structured: when the token is cancelled the server stops accepting, every
+//! connection stops reading, finishes its in-flight requests, writes their replies and
+//! closes; a connection that has not finished within [`ServerConfig::shutdown_grace`] is
+//! dropped (its tasks aborted). Removing an export does the same to its connections.
+//! No task outlives [`NbdServer::serve`].
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::{
+    error::NbdError,
+    exports::{ExportEntry, Exports, OpKind},
+    proto::{
+        Command, Cookie, Decoded, DEFAULT_MAX_PAYLOAD, ErrorCode, ExportDescription,
+        Negotiation, NegotiationEvent, RequestDecoder, cmd, put_simple_reply,
+    },
+};
+
+/// How much the reader asks the socket for at a time when frames are small.
+const READ_CHUNK: usize = 256 * 1024;
+/// Replies are gathered up to this many bytes before a socket write.
+const WRITE_BATCH: usize = 256 * 1024;
+/// Read data up to this size is copied into the batch; larger data is written in place.
+const INLINE_DATA_MAX: usize = 64 * 1024;
+/// Unit of the in-flight budget.
+const BUDGET_UNIT: usize = 4096;
+
+/// Tunables of a server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest read or write payload, advertised as the maximum block size. A larger write
+    /// is refused with `EINVAL` and its connection closed; a larger read gets `EINVAL`.
+    pub max_payload: u32,
+    /// Payload bytes (reads and writes) a connection may have in flight; requests beyond
+    /// it wait before being dispatched. At least one maximal request always fits.
+    pub max_inflight_bytes: usize,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// Time a connection has, after shutdown or removal of its export, to finish its
+    /// in-flight requests before it is dropped.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            max_inflight_bytes: 128 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServerConfig {
+    fn budget_units(&self) -> usize {
+        let max_request = 1 + self.max_payload as usize / BUDGET_UNIT;
+        (self.max_inflight_bytes / BUDGET_UNIT).max(max_request)
+    }
+}
+
+/// An NBD server over a registry of exports.
+#[derive(Debug, Clone)]
+pub struct NbdServer {
+    exports: Exports,
+    config: Arc<ServerConfig>,
+}
+
+impl NbdServer {
+    /// A server with the default configuration.
+    pub fn new(exports: Exports) -> Self {
+        Self::with_config(exports, ServerConfig::default())
+    }
+
+    /// A server with the given configuration.
+    pub fn with_config(exports: Exports, config: ServerConfig) -> Self {
+        Self {
+            exports,
+            config: Arc::new(config),
+        }
+    }
+
+    /// The registry this server serves (add and remove exports through it at any time).
+    pub fn exports(&self) -> &Exports {
+        &self.exports
+    }
+
+    /// Serves connections from `listener` until `shutdown` is cancelled, then closes every
+    /// connection (see the module docs) and returns.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), NbdError> {
+        let local = listener.local_addr()?;
+        info!(%local, "nbd server listening");
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(joined) = connections.join_next(), if !connections.is_empty() => {
+                    log_join(joined);
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let span = tracing::info_span!("nbd_conn", %peer);
+                        connections.spawn(
+                            run_connection(
+                                stream,
+                                self.exports.clone(),
+                                Arc::clone(&self.config),
+                                shutdown.clone(),
+                            )
+                            .instrument(span),
+                        );
+                    }
+                    Err(err) => {
+                        // Out of descriptors and the like: back off rather than spin.
+                        warn!(error = %err, "accept failed");
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
+                    }
+                },
+            }
+        }
+        drop(listener);
+        info!(%local, connections = connections.len(), "nbd server stopping");
+        while let Some(joined) = connections.join_next().await {
+            log_join(joined);
+        }
+        info!(%local, "nbd server stopped");
+        Ok(())
+    }
+}
+
+fn log_join(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = joined
+        && err.is_panic()
+    {
+        tracing::error!(error = %err, "connection task panicked");
+    }
+}
+
+/// Serves raw image files, each as an export named after its file stem, until `shutdown`
+/// is cancelled. Files that cannot be opened for writing are served read-only.
+pub async fn serve_files(
+    listener: TcpListener,
+    paths: Vec<std::path::PathBuf>,
+    shutdown: CancellationToken,
+) -> Result<(), NbdError> {
+    let exports = Exports::new();
+    for path in paths {
+        let name = path
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .ok_or_else(|| NbdError::InvalidExportName {
+                name: path.display().to_string(),
+                reason: "file stem is empty or not utf-8",
+            })?
+            .to_owned();
+        let device = match crate::file::FileDevice::open(&path) {
+            Ok(device) => device,
+            Err(NbdError::File { source, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                warn!(path = %path.display(), "file is not writable; serving it read-only");
+                crate::file::FileDevice::open_read_only(&path)?
+            }
+            Err(err) => return Err(err),
+        };
+        exports.insert(name, Arc::new(device))?;
+    }
+    NbdServer::new(exports).serve(listener, shutdown).await
+}
+
+async fn run_connection(
+    stream: TcpStream,
+    exports: Exports,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+) {
+    match serve_connection(stream, exports, config, shutdown).await {
+        Ok(()) => debug!("connection closed"),
+        Err(NbdError::Protocol(err)) => {
+            warn!(error = %err, "protocol violation; connection closed");
+        }
+        Err(NbdError::Io(err)) => debug!(error = %err, "connection closed by io error"),
+        Err(err) => warn!(error = %err, "connection closed"),
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    exports: Exports,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+) -> Result<(), NbdError> {
+    stream.set_nodelay(true)?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut input = BytesMut::with_capacity(READ_CHUNK);
+    let handshake = tokio::time::timeout(
+        config.handshake_timeout,
+        negotiate(&mut rd, &mut wr, &mut input, &exports, &config),
+    );
+    let selected = tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        result = handshake => result.map_err(|_| NbdError::HandshakeTimeout)??,
+    };
+    let Some((name, export, entry)) = selected else {
+        debug!("client aborted the handshake");
+        return Ok(());
+    };
+    let span = tracing::info_span!("export", export = %name);
+    transmission(rd, wr, input, export, entry, config, shutdown)
+        .instrument(span)
+        .await
+}
+
+async fn negotiate(
+    rd: &mut OwnedReadHalf,
+    wr: &mut OwnedWriteHalf,
+    input: &mut BytesMut,
+    exports: &Exports,
+    config: &ServerConfig,
+) -> Result<Option<(String, ExportDescription, Arc<ExportEntry>)>, NbdError> {
+    let mut negotiation = Negotiation::new(config.max_payload);
+    let mut out = BytesMut::with_capacity(256);
+    Negotiation::greeting(&mut out);
+    wr.write_all(&out).await?;
+    out.clear();
+    loop {
+        let event = negotiation.advance(input, exports, &mut out);
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+            out.clear();
+        }
+        match event? {
+            NegotiationEvent::NeedMore(more) => {
+                input.reserve(more);
+                if rd.read_buf(input).await? == 0 {
+                    return Err(NbdError::Disconnected);
+                }
+            }
+            NegotiationEvent::Transmission {
+                name,
+                export,
+                handle,
+            } => return Ok(Some((name, export, handle))),
+            NegotiationEvent::Aborted => return Ok(None),
+        }
+    }
+}
+
+/// A reply on its way to the writer. The permit returns the request's budget once the
+/// reply is written.
+struct Reply {
+    cookie: Cookie,
+    error: ErrorCode,
+    data: Option<Bytes>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+async fn transmission(
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    input: BytesMut,
+    export: ExportDescription,
+    entry: Arc<ExportEntry>,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+) -> Result<(), NbdError> {
+    let _connection = entry.counters.connection_opened();
+    info!(
+        size = export.size,
+        read_only = export.read_only,
+        "client entered transmission"
+    );
+    let writer_failed = CancellationToken::new();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stop = StopSignals {
+        shutdown: shutdown.clone(),
+        removed: entry.removed.clone(),
+        writer_failed: writer_failed.clone(),
+    };
+    let reader = read_requests(rd, input, export, Arc::clone(&entry), &config, tx, stop);
+    let writer = write_replies(wr, rx, writer_failed);
+    let both = async { tokio::join!(reader, writer) };
+    let hard_stop = async {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = entry.removed.cancelled() => {}
+        }
+        tokio::time::sleep(config.shutdown_grace).await;
+    };
+    tokio::select! {
+        (read, write) = both => {
+            read?;
+            write?;
+            Ok(())
+        }
+        () = hard_stop => {
+            warn!(grace = ?config.shutdown_grace, "connection did not finish in time; dropping it");
+            Ok(())
+        }
+    }
+}
+
+struct StopSignals {
+    shutdown: CancellationToken,
+    removed: CancellationToken,
+    writer_failed: CancellationToken,
+}
+
+impl StopSignals {
+    async fn stopped(&self) -> &'static str {
+        tokio::select! {
+            () = self.shutdown.cancelled() => "server shutting down",
+            () = self.removed.cancelled() => "export removed",
+            () = self.writer_failed.cancelled() => "reply stream failed",
+        }
+    }
+}
+
+async fn read_requests(
+    mut rd: OwnedReadHalf,
+    mut input: BytesMut,
+    export: ExportDescription,
+    entry: Arc<ExportEntry>,
+    config: &ServerConfig,
+    tx: mpsc::UnboundedSender<Reply>,
+    stop: StopSignals,
+) -> Result<(), NbdError> {
+    let mut decoder = RequestDecoder::new(export, config.max_payload);
+    let budget = Arc::new(Semaphore::new(config.budget_units()));
+    let mut inflight = JoinSet::new();
+    let result = loop {
+        let decoded = match decoder.decode(&mut input) {
+            Ok(Some(decoded)) => decoded,
+            Ok(None) => {
+                let missing = decoder.frame_len().saturating_sub(input.len());
+                input.reserve(missing.max(READ_CHUNK));
+                tokio::select! {
+                    biased;
+                    reason = stop.stopped() => {
+                        debug!(reason, "stopped reading requests");
+                        break Ok(());
+                    }
+                    Some(_) = inflight.join_next(), if !inflight.is_empty() => continue,
+                    read = rd.read_buf(&mut input) => match read {
+                        Ok(0) => {
+                            if input.is_empty() {
+                                debug!("client closed the connection");
+                            } else {
+                                info!(pending = input.len(), "client closed the connection mid-request");
+                            }
+                            break Ok(());
+                        }
+                        Ok(_) => continue,
+                        Err(err) => break Err(err.into()),
+                    },
+                }
+            }
+            Err(err) => break Err(err.into()),
+        };
+        match decoded {
+            Decoded::Request { cookie, command } => {
+                let units = budget_units(&command);
+                let permit = tokio::select! {
+                    biased;
+                    reason = stop.stopped() => {
+                        debug!(reason, "stopped reading requests");
+                        break Ok(());
+                    }
+                    permit = Arc::clone(&budget).acquire_many_owned(units) => permit,
+                };
+                let Ok(permit) = permit else {
+                    // The semaphore is never closed.
+                    break Ok(());
+                };
+                let pending = PendingReply {
+                    tx: Some(tx.clone()),
+                    cookie,
+                    permit: Some(permit),
+                };
+                inflight.spawn(execute(Arc::clone(&entry), command, pending));
+                while inflight.try_join_next().is_some() {}
+            }
+            Decoded::Reject {
+                cookie,
+                kind,
+                error,
+            } => {
+                debug!(%cookie, kind = command_name(kind), %error, "request refused");
+                entry.counters.record(op_kind(kind), false, 0, false);
+                send_error(&tx, cookie, error);
+            }
+            Decoded::RejectAndClose { cookie, reason } => {
+                entry.counters.record(OpKind::Write, false, 0, false);
+                send_error(&tx, cookie, ErrorCode::EINVAL);
+                break Err(NbdError::Protocol(reason));
+            }
+            Decoded::Disconnect => {
+                debug!("client sent disconnect");
+                break Ok(());
+            }
+        }
+    };
+    // Finish what is in flight so that every accepted request gets its reply.
+    while inflight.join_next().await.is_some() {}
+    drop(tx);
+    result
+}
+
+fn send_error(tx: &mpsc::UnboundedSender<Reply>, cookie: Cookie, error: ErrorCode) {
+    // A send fails only when the writer is gone, and then the connection is closing.
+    let _ = tx.send(Reply {
+        cookie,
+        error,
+        data: None,
+        _permit: None,
+    });
+}
+
+fn budget_units(command: &Command) -> u32 {
+    let bytes = match command {
+        Command::Read { len, .. } => *len as usize,
+        Command::Write { data, .. } => data.len(),
+        _ => 0,
+    };
+    (1 + bytes / BUDGET_UNIT) as u32
+}
+
+fn op_kind(kind: u16) -> OpKind {
+    match kind {
+        cmd::READ => OpKind::Read,
+        cmd::WRITE => OpKind::Write,
+        cmd::FLUSH => OpKind::Flush,
+        cmd::TRIM => OpKind::Trim,
+        cmd::WRITE_ZEROES => OpKind::WriteZeroes,
+        _ => OpKind::Other,
+    }
+}
+
+fn command_name(kind: u16) -> &'static str {
+    match kind {
+        cmd::READ => "read",
+        cmd::WRITE => "write",
+        cmd::DISC => "disc",
+        cmd::FLUSH => "flush",
+        cmd::TRIM => "trim",
+        cmd::CACHE => "cache",
+        cmd::WRITE_ZEROES => "write_zeroes",
+        cmd::BLOCK_STATUS => "block_status",
+        _ => "unknown",
+    }
+}
+
+/// Sends a request's reply exactly once: explicitly, or with `EIO` if the request's task
+/// is dropped before it finished (a panicking or aborted device call).
+struct PendingReply {
+    tx: Option<mpsc::UnboundedSender<Reply>>,
+    cookie: Cookie,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl PendingReply {
+    fn send(mut self, error: ErrorCode, data: Option<Bytes>) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Reply {
+                cookie: self.cookie,
+                error,
+                data,
+                _permit: self.permit.take(),
+            });
+        }
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Reply {
+                cookie: self.cookie,
+                error: ErrorCode::EIO,
+                data: None,
+                _permit: self.permit.take(),
+            });
+        }
+    }
+}
+
+async fn execute(entry: Arc<ExportEntry>, command: Command, pending: PendingReply) {
+    let device = &*entry.device;
+    let (kind, fua, bytes) = match &command {
+        Command::Read { len, .. } => (OpKind::Read, false, u64::from(*len)),
+        Command::Write { data, fua, .. } => (OpKind::Write, *fua, data.len() as u64),
+        Command::Flush => (OpKind::Flush, false, 0),
+        Command::Trim { len, fua, .. } => (OpKind::Trim, *fua, u64::from(*len)),
+        Command::WriteZeroes { len, fua, .. } => (OpKind::WriteZeroes, *fua, u64::from(*len)),
+    };
+    let name = command.name();
+    let result = match command {
+        Command::Read { len: 0, .. } => Ok(Some(Bytes::new())),
+        Command::Read { offset, len } => match device.read(offset, len).await {
+            Ok(data) if data.len() == len as usize => Ok(Some(data)),
+            Ok(data) => Err(std::io::Error::other(format!(
+                "device returned {} bytes for a read of {len}",
+                data.len()
+            ))),
+            Err(err) => Err(err),
+        },
+        Command::Write { offset, data, fua } => {
+            if data.is_empty() {
+                Ok(None)
+            } else {
+                device.write(offset, data, fua).await.map(|()| None)
+            }
+        }
+        Command::Flush => device.flush().await.map(|()| None),
+        Command::Trim { len: 0, .. } | Command::WriteZeroes { len: 0, .. } => Ok(None),
+        Command::Trim { offset, len, fua } => {
+            let trimmed = device.trim(offset, u64::from(len)).await;
+            match trimmed {
+                Ok(()) if fua => device.flush().await.map(|()| None),
+                other => other.map(|()| None),
+            }
+        }
+        Command::WriteZeroes { offset, len, fua } => device
+            .write_zeroes(offset, u64::from(len), fua)
+            .await
+            .map(|()| None),
+    };
+    match result {
+        Ok(data) => {
+            entry.counters.record(kind, fua, bytes, true);
+            pending.send(ErrorCode::OK, data);
+        }
+        Err(err) => {
+            let error = ErrorCode::from_io(&err);
+            warn!(cookie = %pending.cookie, op = name, error = %err, reply = %error, "device request failed");
+            entry.counters.record(kind, fua, bytes, false);
+            pending.send(error, None);
+        }
+    }
+}
+
+async fn write_replies(
+    wr: OwnedWriteHalf,
+    rx: mpsc::UnboundedReceiver<Reply>,
+    failed: CancellationToken,
+) -> Result<(), NbdError> {
+    let result = write_replies_inner(wr, rx).await;
+    if result.is_err() {
+        failed.cancel();
+    }
+    result.map_err(NbdError::from)
+}
+
+async fn write_replies_inner(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::with_capacity(WRITE_BATCH);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(reply) = next.take() {
+            put_simple_reply(&mut out, reply.cookie, reply.error);
+            match reply.data {
+                Some(data) if data.len() > INLINE_DATA_MAX => {
+                    let mut chain = Buf::chain(&out[..], &data[..]);
+                    wr.write_all_buf(&mut chain).await?;
+                    out.clear();
+                }
+                Some(data) => out.extend_from_slice(&data),
+                None => {}
+            }
+            if out.len() >= WRITE_BATCH {
+                wr.write_all(&out).await?;
+                out.clear();
+            }
+            next = rx.try_recv().ok();
+        }
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    wr.shutdown().await
+}

@@ -1,0 +1,1 @@
+//! End-to-end tests live under tests/tests; this library holds their shared harness.
