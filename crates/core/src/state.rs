@@ -277,10 +277,26 @@ impl SiteState {
     }
 
     fn put_vpg(&mut self, mut vpg: Vpg, expected: Option<u64>) -> CommandOutcome {
-        let own = self.site_id().cloned().ok_or_else(|| DomainError::precondition("site is not initialized"))?;
+        self.prepare_vpg(&mut vpg, expected)?;
+        let generation = vpg.generation;
+        self.vpgs.insert(vpg.id.clone(), vpg);
+        Ok(Applied::Generation(generation))
+    }
+
+    /// Checks a VPG put without changing the state, and fills in what the current
+    /// definition carries over (generation, creation time, operation). `apply` runs the same
+    /// check, so a manager can reject a request before involving the peer site.
+    pub fn prepare_vpg(&self, vpg: &mut Vpg, expected: Option<u64>) -> Result<(), DomainError> {
+        let own = self
+            .site_id()
+            .cloned()
+            .ok_or_else(|| DomainError::precondition("site is not initialized"))?;
         match (self.vpgs.get(&vpg.id), expected) {
             (Some(_), None) => {
-                return Err(DomainError::AlreadyExists { kind: "vpg".into(), name: vpg.name.clone() });
+                return Err(DomainError::AlreadyExists {
+                    kind: "vpg".into(),
+                    name: vpg.id.to_string(),
+                });
             }
             (None, Some(_)) => return Err(DomainError::not_found(VpgId::KIND, &vpg.id)),
             (Some(current), Some(read_at)) if current.generation != read_at => {
@@ -292,8 +308,13 @@ impl SiteState {
                 });
             }
             (Some(current), Some(_)) => {
-                if current.protected_site != vpg.protected_site || current.recovery_site != vpg.recovery_site {
-                    return Err(DomainError::invalid("recovery_site", "the sites of a VPG cannot change"));
+                if current.protected_site != vpg.protected_site
+                    || current.recovery_site != vpg.recovery_site
+                {
+                    return Err(DomainError::invalid(
+                        "recovery_site",
+                        "the sites of a VPG cannot change",
+                    ));
                 }
                 vpg.created_at_ms = current.created_at_ms;
                 vpg.operation = current.operation;
@@ -303,7 +324,11 @@ impl SiteState {
         vpg.generation = expected.map_or(1, |g| g + 1);
 
         let mut v = Violations::new();
-        let peer = if vpg.protected_site == own { &vpg.recovery_site } else { &vpg.protected_site };
+        let peer = if vpg.protected_site == own {
+            &vpg.recovery_site
+        } else {
+            &vpg.protected_site
+        };
         v.check(peer != &own, "recovery_site", "protected and recovery site must differ");
         v.check(
             vpg.protected_site == own || vpg.recovery_site == own,
@@ -318,18 +343,21 @@ impl SiteState {
         if let Some(other) = self.vpgs.values().find(|g| {
             g.id != vpg.id && g.name == vpg.name && g.joins(&vpg.protected_site, &vpg.recovery_site)
         }) {
-            v.add("name", format!("VPG name {:?} is already used between these sites ({})", other.name, other.id));
+            v.add(
+                "name",
+                format!(
+                    "VPG name {:?} is already used between these sites ({})",
+                    other.name, other.id
+                ),
+            );
         }
         if vpg.protected_site == own {
-            self.check_protected_side(&vpg, &mut v);
+            self.check_protected_side(vpg, &mut v);
         }
         if vpg.recovery_site == own {
-            self.check_recovery_side(&vpg, &mut v);
+            self.check_recovery_side(vpg, &mut v);
         }
-        v.into_result()?;
-        let generation = vpg.generation;
-        self.vpgs.insert(vpg.id.clone(), vpg);
-        Ok(Applied::Generation(generation))
+        v.into_result()
     }
 
     fn check_protected_side(&self, vpg: &Vpg, v: &mut Violations) {

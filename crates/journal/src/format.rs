@@ -240,8 +240,13 @@ pub(crate) fn encode_frame(
 
 /// Checks that a checkpoint's strings fit the encoding.
 pub(crate) fn checkpoint_fits(cp: &Checkpoint) -> bool {
-    cp.name.as_deref().is_none_or(|n| n.len() <= usize::from(u16::MAX))
-        && cp.vm.as_deref().is_none_or(|n| n.len() <= usize::from(u16::MAX))
+    cp.name
+        .as_deref()
+        .is_none_or(|n| n.len() <= usize::from(u16::MAX))
+        && cp
+            .vm
+            .as_deref()
+            .is_none_or(|n| n.len() <= usize::from(u16::MAX))
 }
 
 /// Decodes a payload whose checksum has been verified.
@@ -295,7 +300,8 @@ pub fn decode_payload(kind: u8, payload: &[u8]) -> Result<RecordBody, String> {
             let name_bytes = &payload[24..24 + name_len];
             let vm_bytes = &payload[24 + name_len..];
             let text = |b: &[u8]| {
-                String::from_utf8(b.to_vec()).map_err(|_| "checkpoint text is not utf-8".to_string())
+                String::from_utf8(b.to_vec())
+                    .map_err(|_| "checkpoint text is not utf-8".to_string())
             };
             Ok(RecordBody::Checkpoint(Checkpoint {
                 id,

@@ -105,7 +105,10 @@ impl JournalConfig {
         let mut seen = std::collections::HashSet::new();
         for v in &self.volumes {
             if !seen.insert(v.id) {
-                return Err(JournalError::Config(format!("volume {} listed twice", v.id)));
+                return Err(JournalError::Config(format!(
+                    "volume {} listed twice",
+                    v.id
+                )));
             }
         }
         Ok(())
@@ -340,6 +343,14 @@ impl State {
         self.segments.values().map(|s| s.len).sum()
     }
 
+    /// Whether a segment holds nothing an image could still need once the replicas are
+    /// current to `point`. The checkpoint at exactly `point` stays (images at it are
+    /// the replica itself), so the segment holding it is kept.
+    fn freeable(&self, s: &SegState, point: Seq) -> bool {
+        s.last_seq
+            .is_some_and(|l| l < point || (l == point && !self.checkpoints.contains_key(&l)))
+    }
+
     fn min_pin(&self) -> Option<Seq> {
         self.pins.keys().next().copied()
     }
@@ -380,7 +391,9 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn status_of(&self, st: &State) -> JournalStatus {
@@ -412,7 +425,10 @@ impl Shared {
                     match status.level {
                         SizeLevel::Normal => info!(size = status.size_bytes, "journal size normal"),
                         SizeLevel::Warning => {
-                            warn!(size = status.size_bytes, "journal size above warning threshold");
+                            warn!(
+                                size = status.size_bytes,
+                                "journal size above warning threshold"
+                            );
                         }
                         SizeLevel::HardLimit => {
                             warn!(size = status.size_bytes, "journal size at hard limit");
@@ -443,7 +459,8 @@ impl Journal {
     pub fn open(dir: impl AsRef<Path>, cfg: JournalConfig) -> Result<Journal> {
         cfg.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| JournalError::io("create journal dir", &dir, e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| JournalError::io("create journal dir", &dir, e))?;
         let marker = read_marker(&dir)?;
         let mut volumes = BTreeMap::new();
         for spec in &cfg.volumes {
@@ -529,7 +546,11 @@ impl Journal {
     /// The configured volumes.
     #[must_use]
     pub fn volumes(&self) -> Vec<VolumeSpec> {
-        self.shared.volumes.values().map(|r| r.spec.clone()).collect()
+        self.shared
+            .volumes
+            .values()
+            .map(|r| r.spec.clone())
+            .collect()
     }
 
     /// Accepts a record at `seq` (which must be the next sequence; on a journal that
@@ -826,7 +847,9 @@ impl Journal {
         let target = {
             let st = self.shared.lock();
             let floor = st.usable_floor();
-            let cap = st.min_pin().map_or(st.durable_seq, |p| p.min(st.durable_seq));
+            let cap = st
+                .min_pin()
+                .map_or(st.durable_seq, |p| p.min(st.durable_seq));
             if floor > cap {
                 return Ok(PromoteReport {
                     from: st.replica_seq,
@@ -980,7 +1003,12 @@ impl Journal {
                     last: st.last_seq,
                 });
             }
-            (Some(s), Some(n)) => return Err(JournalError::SequenceGap { expected: n, got: s }),
+            (Some(s), Some(n)) => {
+                return Err(JournalError::SequenceGap {
+                    expected: n,
+                    got: s,
+                });
+            }
             (Some(s), None) => s,
             (None, Some(n)) => n,
             (None, None) => Seq(1),
@@ -1166,7 +1194,10 @@ fn recover(
                 // The header is made durable before any record is written, so a last
                 // segment with a bad header and nothing after it never held a record.
                 if is_last && file_len <= SEGMENT_HEADER_LEN {
-                    warn!(segment = id.0, "removing last segment with incomplete header");
+                    warn!(
+                        segment = id.0,
+                        "removing last segment with incomplete header"
+                    );
                     remove_file(&path)?;
                     sync_dir(dir)?;
                     report.removed_segments.push(id);
@@ -1204,30 +1235,40 @@ fn recover(
         let mut expect = header.base_seq;
         let mut seg_last = None;
         let mut records = 0u64;
-        let end = parse_records(&bytes, id, seed, cfg.max_payload, mode, |h, off, payload| {
-            let corrupt = |reason: String| JournalError::Corrupt {
-                segment: id,
-                offset: off,
-                reason,
-            };
-            if h.seq != expect {
-                return Err(corrupt(format!("record seq {} where {expect} expected", h.seq)));
-            }
-            if h.generation < scan_generation {
-                return Err(corrupt(format!(
-                    "record generation {} below earlier {scan_generation}",
-                    h.generation
-                )));
-            }
-            scan_generation = h.generation;
-            let body = decode_payload(h.kind, payload).map_err(corrupt)?;
-            index_record(&mut st, h.seq, id, off, &body, replica_seq, cfg)
-                .map_err(|e| corrupt(e.to_string()))?;
-            expect = h.seq.next();
-            seg_last = Some(h.seq);
-            records += 1;
-            Ok(())
-        })?;
+        let end = parse_records(
+            &bytes,
+            id,
+            seed,
+            cfg.max_payload,
+            mode,
+            |h, off, payload| {
+                let corrupt = |reason: String| JournalError::Corrupt {
+                    segment: id,
+                    offset: off,
+                    reason,
+                };
+                if h.seq != expect {
+                    return Err(corrupt(format!(
+                        "record seq {} where {expect} expected",
+                        h.seq
+                    )));
+                }
+                if h.generation < scan_generation {
+                    return Err(corrupt(format!(
+                        "record generation {} below earlier {scan_generation}",
+                        h.generation
+                    )));
+                }
+                scan_generation = h.generation;
+                let body = decode_payload(h.kind, payload).map_err(corrupt)?;
+                index_record(&mut st, h.seq, id, off, &body, replica_seq, cfg)
+                    .map_err(|e| corrupt(e.to_string()))?;
+                expect = h.seq.next();
+                seg_last = Some(h.seq);
+                records += 1;
+                Ok(())
+            },
+        )?;
         let valid_end = match end {
             ParseEnd::Clean => file_len,
             ParseEnd::Torn { at, reason } => {
@@ -1288,7 +1329,7 @@ fn recover(
     let promoted: Vec<SegmentId> = st
         .segments
         .iter()
-        .filter(|(_, s)| s.last_seq.is_some_and(|l| l <= replica_seq))
+        .filter(|(_, s)| st.freeable(s, replica_seq))
         .map(|(id, _)| *id)
         .collect();
     for id in promoted {
@@ -1345,7 +1386,11 @@ fn index_record(
             }
             // Records of volumes no longer configured are kept on disk but not indexed.
             let Some(spec) = cfg.volumes.iter().find(|v| v.id == volume) else {
-                warn!(volume = volume.0, seq = seq.0, "record for an unconfigured volume");
+                warn!(
+                    volume = volume.0,
+                    seq = seq.0,
+                    "record for an unconfigured volume"
+                );
                 return Ok(());
             };
             if voff.checked_add(len).is_none_or(|e| e > spec.size) {
@@ -1535,11 +1580,20 @@ fn enforce_hard_limit(shared: &Shared) -> Result<Option<PromoteReport>> {
                 break;
             }
             let Some(last) = s.last_seq else { break };
-            target = last.min(st.durable_seq);
-            freed += s.len;
             if last > st.durable_seq {
                 break;
             }
+            // A segment ending in the checkpoint at the replica point is kept, so to
+            // free it the replica must move one record further.
+            let mut t = last;
+            if st.checkpoints.contains_key(&t) {
+                if t >= st.durable_seq {
+                    break;
+                }
+                t = t.next();
+            }
+            target = target.max(t);
+            freed += s.len;
         }
         let capped = st.min_pin().map_or(target, |p| target.min(p));
         if capped < target {
@@ -1596,6 +1650,13 @@ fn promote_through(shared: &Shared, target: Seq, reason: PromoteReason) -> Resul
                 pinned: pin,
             });
         }
+        if let Some(p) = st.promoting_to
+            && target < p
+        {
+            return Err(JournalError::Config(format!(
+                "an unfinished promotion to {p} must complete before promoting to {target}"
+            )));
+        }
         let from = st.replica_seq;
         if target > from {
             st.promoting_to = Some(target);
@@ -1618,14 +1679,16 @@ fn promote_through(shared: &Shared, target: Seq, reason: PromoteReason) -> Resul
         ..PromoteReport::default()
     };
     if target > from {
-        let applied = apply_to_replicas(shared, from, target, generation, &segs);
-        let applied = match applied {
-            Ok(n) => n,
-            Err(e) => {
+        let mut applied = 0;
+        if let Err(e) = apply_to_replicas(shared, from, target, generation, &segs, &mut applied) {
+            // If any write reached a replica, images below the target stay refused
+            // (as they would be after a restart, which resumes the promotion).
+            if applied == 0 {
                 shared.lock().promoting_to = None;
-                return Err(e);
             }
-        };
+            warn!(error = %e, target = target.0, applied, "promotion failed");
+            return Err(e);
+        }
         report.records_applied = applied;
     }
     // Forget promoted records; free segments that hold nothing newer.
@@ -1643,9 +1706,7 @@ fn promote_through(shared: &Shared, target: Seq, reason: PromoteReason) -> Resul
         let ids: Vec<SegmentId> = st
             .segments
             .iter()
-            .filter(|(id, s)| {
-                s.last_seq.is_some_and(|l| l <= point) && !pending_segs.contains(id)
-            })
+            .filter(|(id, s)| st.freeable(s, point) && !pending_segs.contains(id))
             .map(|(id, _)| *id)
             .collect();
         let mut out = Vec::new();
@@ -1693,7 +1754,8 @@ fn apply_to_replicas(
     target: Seq,
     generation: Generation,
     segs: &[(SegmentId, PathBuf, Arc<std::fs::File>, u64, u64)],
-) -> Result<u64> {
+    applied: &mut u64,
+) -> Result<()> {
     write_marker(
         &shared.dir,
         &ReplicaMarker {
@@ -1703,7 +1765,6 @@ fn apply_to_replicas(
             written: UnixMillis::now(),
         },
     )?;
-    let mut applied = 0u64;
     let mut touched = std::collections::BTreeSet::new();
     for (id, path, file, len, salt) in segs {
         let bytes = read_prefix(file, path, *len)?;
@@ -1718,13 +1779,12 @@ fn apply_to_replicas(
                 if h.seq <= from || h.seq > target {
                     return Ok(());
                 }
-                let body = decode_payload(h.kind, payload).map_err(|reason| {
-                    JournalError::Corrupt {
+                let body =
+                    decode_payload(h.kind, payload).map_err(|reason| JournalError::Corrupt {
                         segment: *id,
                         offset: off,
                         reason,
-                    }
-                })?;
+                    })?;
                 let Some((volume, voff, vlen)) = body.volume_range() else {
                     return Ok(());
                 };
@@ -1740,7 +1800,7 @@ fn apply_to_replicas(
                     _ => crate::replica::write_zeroes(&replica.file, rpath, voff, vlen)?,
                 }
                 touched.insert(volume);
-                applied += 1;
+                *applied += 1;
                 Ok(())
             },
         )?;
@@ -1761,5 +1821,5 @@ fn apply_to_replicas(
             written: UnixMillis::now(),
         },
     )?;
-    Ok(applied)
+    Ok(())
 }

@@ -13,12 +13,17 @@ use std::{
     collections::HashMap,
     fs::File,
     io,
+    num::NonZeroU64,
     os::unix::fs::FileExt,
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use bytes::Bytes;
+use rustix::fs::{Advice, fadvise};
 use tandem_nbd::{BlockDevice, IoFuture};
 use tracing::{debug, info};
 
@@ -75,6 +80,7 @@ struct ImageInner {
     segments: HashMap<SegmentId, Arc<File>>,
     replica: Arc<File>,
     overlay: Option<Overlay>,
+    prefetched_to: AtomicU64,
     _pin: PinGuard,
 }
 
@@ -158,7 +164,10 @@ impl Journal {
         if opts.verify {
             let max = shared.cfg.max_payload;
             let mut buf = Vec::new();
-            for m in metas.iter().filter(|m| matches!(m.src, Source::Journal { .. })) {
+            for m in metas
+                .iter()
+                .filter(|m| matches!(m.src, Source::Journal { .. }))
+            {
                 let segment = m.frame.segment;
                 let file = &segments[&segment];
                 let seed = crc_seed(salts[&segment]);
@@ -211,11 +220,17 @@ impl Journal {
                 segments,
                 replica: replica.file.clone(),
                 overlay,
+                prefetched_to: AtomicU64::new(0),
                 _pin: pin,
             }),
         })
     }
 }
+
+/// Reads at least this large trigger journal prefetch.
+const PREFETCH_MIN: usize = 128 << 10;
+/// How far ahead of a large read the journal pieces are prefetched.
+const PREFETCH_WINDOW: u64 = 16 << 20;
 
 fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
     if offset.checked_add(len).is_none_or(|e| e > size) {
@@ -250,9 +265,39 @@ impl ImageInner {
         Ok(())
     }
 
+    /// Sequential readers: asks the kernel to start reading the journal pieces of the
+    /// next [`PREFETCH_WINDOW`] now, so that those scattered reads proceed in parallel
+    /// (the replica is mostly sequential and gets the kernel's own readahead). Advice
+    /// only: a failure costs speed, never correctness.
+    fn prefetch(&self, offset: u64, len: u64, pieces: &mut Vec<Piece>) {
+        let done = self.prefetched_to.load(Ordering::Relaxed);
+        let from = if (offset..=offset + PREFETCH_WINDOW).contains(&done) {
+            done
+        } else {
+            offset
+        };
+        let to = (offset + len + PREFETCH_WINDOW).min(self.size);
+        if to <= from || (from != offset && to - from < PREFETCH_WINDOW / 4) {
+            return;
+        }
+        self.prefetched_to.store(to, Ordering::Relaxed);
+        self.base.lookup(from, to - from, pieces);
+        for p in pieces.iter() {
+            if let (Some(Source::Journal { segment, pos }), Some(n)) =
+                (p.src, NonZeroU64::new(p.len))
+                && let Some(f) = self.segments.get(&segment)
+            {
+                let _ = fadvise(&**f, pos, Some(n), Advice::WillNeed);
+            }
+        }
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
         let mut pieces = Vec::new();
+        if buf.len() >= PREFETCH_MIN && !self.base.is_empty() {
+            self.prefetch(offset, buf.len() as u64, &mut pieces);
+        }
         let Some(ov) = &self.overlay else {
             return self.read_base(offset, buf, &mut pieces);
         };

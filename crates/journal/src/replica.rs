@@ -110,7 +110,8 @@ pub fn write_marker(dir: &Path, marker: &ReplicaMarker) -> Result<()> {
     f.write_all_at(&marker.encode(), 0)
         .and_then(|()| f.sync_all())
         .map_err(|e| JournalError::io("write replica marker", &tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| JournalError::io("rename replica marker", &path, e))?;
+    std::fs::rename(&tmp, &path)
+        .map_err(|e| JournalError::io("rename replica marker", &path, e))?;
     sync_dir(dir)
 }
 

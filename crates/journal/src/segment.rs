@@ -186,10 +186,12 @@ fn frame_at(
         return Err("incomplete record header");
     }
     let p = pos as usize;
-    let h = RecordHeader::decode(&bytes[p..p + RECORD_HEADER_LEN], seed, max_payload)
-        .map_err(|f| match f {
-            crate::format::HeaderFault::Checksum => "record header checksum mismatch",
-            crate::format::HeaderFault::Invalid => "record header invalid",
+    let h =
+        RecordHeader::decode(&bytes[p..p + RECORD_HEADER_LEN], seed, max_payload).map_err(|f| {
+            match f {
+                crate::format::HeaderFault::Checksum => "record header checksum mismatch",
+                crate::format::HeaderFault::Invalid => "record header invalid",
+            }
         })?;
     let end = pos + RECORD_HEADER_LEN as u64 + u64::from(h.payload_len);
     if end > len {
@@ -244,8 +246,8 @@ pub fn remove_file(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::format::{crc_seed, encode_frame, seal_frame};
-    use crate::types::{Generation, RecordBody, Seq, VolumeId};
     use crate::types::UnixMillis;
+    use crate::types::{Generation, RecordBody, Seq, VolumeId};
     use bytes::Bytes;
 
     fn build(batches: &[usize]) -> Vec<u8> {
@@ -282,10 +284,17 @@ mod tests {
 
     fn count(bytes: &[u8], mode: ParseMode) -> Result<(usize, ParseEnd)> {
         let mut n = 0;
-        let end = parse_records(bytes, SegmentId(1), crc_seed(1), 1 << 20, mode, |_, _, _| {
-            n += 1;
-            Ok(())
-        })?;
+        let end = parse_records(
+            bytes,
+            SegmentId(1),
+            crc_seed(1),
+            1 << 20,
+            mode,
+            |_, _, _| {
+                n += 1;
+                Ok(())
+            },
+        )?;
         Ok((n, end))
     }
 
@@ -308,6 +317,9 @@ mod tests {
         let mut bad = seg.clone();
         bad[64 + 10] ^= 1;
         let err = count(&bad, ParseMode::Recover).expect_err("corrupt");
-        assert!(matches!(err, JournalError::Corrupt { offset: 64, .. }), "{err}");
+        assert!(
+            matches!(err, JournalError::Corrupt { offset: 64, .. }),
+            "{err}"
+        );
     }
 }

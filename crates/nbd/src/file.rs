@@ -1,10 +1,12 @@
 //! A block device backed by a raw image file.
 //!
-//! Reads and writes are positioned (`pread`/`pwrite` through [`FileExt`]) and run on
-//! tokio's blocking pool, so many requests proceed in parallel on one file. Small ones are
-//! first tried in place with `RWF_NOWAIT`, which succeeds only when the kernel can serve
-//! them from the page cache without blocking; that saves the hand-off to a pool thread
-//! for the common cached case, and whatever remains goes to the pool. Flush and FUA
+//! Reads and writes are positioned (`pread`/`pwrite` through [`FileExt`]) and run on a
+//! small pool of threads per device, so several requests proceed in parallel on one file.
+//! Small ones are first tried in place with `RWF_NOWAIT`, which succeeds only when the
+//! kernel can serve them from the page cache without blocking; that saves the hand-off to
+//! a pool thread for the common cached case, and whatever remains goes to the pool. Where
+//! the file system refuses `RWF_NOWAIT` for writes, small writes are done in place with a
+//! guard against dirty-page throttling (see `Inner::write_in_place`). Flush and FUA
 //! call `fdatasync`. Trim punches a hole and write-zeroes zeroes the range in place
 //! (`fallocate`), both falling back to writing zeroes where the file system cannot.
 
@@ -15,8 +17,9 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -24,10 +27,17 @@ use bytes::{Bytes, BytesMut};
 use crate::{
     device::{BlockDevice, IoFuture},
     error::NbdError,
+    pool::IoPool,
 };
 
 /// Zeroes are written from a buffer of this size when `fallocate` is not available.
 const ZERO_CHUNK: usize = 1024 * 1024;
+/// An in-place write slower than this suspends in-place writes (see `write_in_place`).
+const SLOW_IN_PLACE: Duration = Duration::from_millis(10);
+/// How long in-place writes stay suspended after a slow one.
+const IN_PLACE_BACKOFF: Duration = Duration::from_secs(1);
+/// Threads per device for blocking calls.
+const IO_THREADS: usize = 4;
 /// Reads and writes up to this size are first tried in place with `RWF_NOWAIT`.
 const NOWAIT_MAX: usize = 128 * 1024;
 
@@ -43,8 +53,16 @@ struct Inner {
     path: PathBuf,
     size: u64,
     read_only: bool,
-    /// Cleared when the kernel or file system does not support `RWF_NOWAIT`.
-    nowait: AtomicBool,
+    /// Threads for the blocking calls.
+    pool: IoPool,
+    /// Cleared when the kernel or file system does not support `RWF_NOWAIT` reads.
+    nowait_read: AtomicBool,
+    /// Cleared when it does not support `RWF_NOWAIT` writes (buffered writes often not).
+    nowait_write: AtomicBool,
+    /// Base of the clock below.
+    epoch: Instant,
+    /// Nanoseconds after `epoch` until which in-place writes are suspended.
+    in_place_suspended_until: AtomicU64,
 }
 
 impl FileDevice {
@@ -83,7 +101,11 @@ impl FileDevice {
                 path: path.to_owned(),
                 size: metadata.len(),
                 read_only,
-                nowait: AtomicBool::new(cfg!(target_os = "linux")),
+                pool: IoPool::new("nbd-file-io", IO_THREADS).map_err(NbdError::file(path))?,
+                nowait_read: AtomicBool::new(cfg!(target_os = "linux")),
+                nowait_write: AtomicBool::new(cfg!(target_os = "linux")),
+                epoch: Instant::now(),
+                in_place_suspended_until: AtomicU64::new(0),
             }),
         })
     }
@@ -99,9 +121,7 @@ impl FileDevice {
         F: FnOnce(&Inner) -> io::Result<T> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || op(&inner))
-            .await
-            .map_err(io::Error::other)?
+        self.inner.pool.run(move || op(&inner)).await
     }
 }
 
@@ -123,7 +143,7 @@ impl Inner {
     fn read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let mut done = 0;
         #[cfg(target_os = "linux")]
-        while done < buf.len() && self.nowait.load(Ordering::Relaxed) {
+        while done < buf.len() && self.nowait_read.load(Ordering::Relaxed) {
             use rustix::io::{Errno, ReadWriteFlags, preadv2};
             let mut slices = [io::IoSliceMut::new(&mut buf[done..])];
             match preadv2(&self.file, &mut slices, offset + done as u64, ReadWriteFlags::NOWAIT) {
@@ -132,7 +152,7 @@ impl Inner {
                 Err(Errno::AGAIN) => break,
                 Err(Errno::INTR) => {}
                 Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
-                    self.nowait.store(false, Ordering::Relaxed);
+                    self.nowait_read.store(false, Ordering::Relaxed);
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -147,7 +167,7 @@ impl Inner {
     fn write_nowait(&self, data: &[u8], offset: u64) -> io::Result<usize> {
         let mut done = 0;
         #[cfg(target_os = "linux")]
-        while done < data.len() && self.nowait.load(Ordering::Relaxed) {
+        while done < data.len() && self.nowait_write.load(Ordering::Relaxed) {
             use rustix::io::{Errno, ReadWriteFlags, pwritev2};
             let slices = [io::IoSlice::new(&data[done..])];
             match pwritev2(&self.file, &slices, offset + done as u64, ReadWriteFlags::NOWAIT) {
@@ -156,7 +176,7 @@ impl Inner {
                 Err(Errno::AGAIN) => break,
                 Err(Errno::INTR) => {}
                 Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
-                    self.nowait.store(false, Ordering::Relaxed);
+                    self.nowait_write.store(false, Ordering::Relaxed);
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -164,6 +184,28 @@ impl Inner {
         #[cfg(not(target_os = "linux"))]
         let _ = (data, offset);
         Ok(done)
+    }
+
+    /// Where `RWF_NOWAIT` writes are not supported (ext4 buffered writes, for one), writes
+    /// a small buffer in place with a plain `pwrite`: into the page cache that takes a few
+    /// microseconds, far less than a hand-off to a pool thread and back. It can block when
+    /// the kernel throttles dirty pages, so a write slower than [`SLOW_IN_PLACE`] suspends
+    /// in-place writes for [`IN_PLACE_BACKOFF`]; meanwhile writes go to the pool. Returns
+    /// how many bytes were written (none while suspended).
+    fn write_in_place(&self, data: &[u8], offset: u64) -> io::Result<usize> {
+        let now = self.epoch.elapsed();
+        if now.as_nanos() < u128::from(self.in_place_suspended_until.load(Ordering::Relaxed)) {
+            return Ok(0);
+        }
+        self.file.write_all_at(data, offset)?;
+        let took = self.epoch.elapsed().saturating_sub(now);
+        if took > SLOW_IN_PLACE {
+            let until = (now + took + IN_PLACE_BACKOFF).as_nanos();
+            self.in_place_suspended_until
+                .store(u64::try_from(until).unwrap_or(u64::MAX), Ordering::Relaxed);
+            tracing::debug!(path = %self.path.display(), took = ?took, "slow in-place write; using the io pool for a while");
+        }
+        Ok(data.len())
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -246,7 +288,13 @@ impl BlockDevice for FileDevice {
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
         let mut done = 0;
         if !self.inner.read_only && !fua && data.len() <= NOWAIT_MAX {
-            match self.inner.write_nowait(&data, offset) {
+            let written = match self.inner.write_nowait(&data, offset) {
+                Ok(n) if n < data.len() && !self.inner.nowait_write.load(Ordering::Relaxed) => {
+                    self.inner.write_in_place(&data[n..], offset + n as u64).map(|m| n + m)
+                }
+                other => other,
+            };
+            match written {
                 Ok(n) if n == data.len() => return Box::pin(std::future::ready(Ok(()))),
                 Ok(n) => done = n,
                 Err(err) => return Box::pin(std::future::ready(Err(err))),

@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod exports;
 pub mod file;
+mod pool;
 pub mod proto;
 pub mod server;
 

@@ -144,11 +144,16 @@ impl<'de> Deserialize<'de> for ApplyResult {
 
 #[cfg(test)]
 mod tests {
+    use tandem_core::error::DomainError;
+    use tandem_core::ids::HostId;
+
     use super::*;
 
     #[test]
     fn proposal_round_trips_through_bincode_and_json() {
-        let p = Proposal(Command::SetSiteName { name: "a".into() });
+        let p = Proposal(Command::DeleteHost {
+            id: HostId::minted("h1".into()),
+        });
         let b = bincode::serialize(&p).unwrap();
         assert_eq!(bincode::deserialize::<Proposal>(&b).unwrap(), p);
         let j = serde_json::to_vec(&p).unwrap();
@@ -157,7 +162,10 @@ mod tests {
 
     #[test]
     fn apply_result_round_trips() {
-        let r = ApplyResult(Some(Err("nope".into())));
+        let r = ApplyResult(Some(Err(DomainError::NotFound {
+            kind: "host".into(),
+            id: "h1".into(),
+        })));
         let b = bincode::serialize(&r).unwrap();
         assert_eq!(bincode::deserialize::<ApplyResult>(&b).unwrap(), r);
         let none = ApplyResult(None);

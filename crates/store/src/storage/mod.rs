@@ -16,7 +16,7 @@
 mod log_store;
 mod memory;
 mod sled_backend;
-mod state_machine;
+pub(crate) mod state_machine;
 
 use std::future::Future;
 use std::ops::Bound;

@@ -1,0 +1,91 @@
+//! `ManagerInternal` (leader forwarding inside a site) and `SitePeer` (between paired
+//! sites). Both are reachable on the API listener; mTLS will restrict them to nodes.
+
+use tandem_core::ids::{SiteId, VpgId};
+use tandem_core::state::Command;
+use tandem_core::vpg::Vpg;
+use tandem_proto::convert::{peer_from_proto, peer_to_proto};
+use tandem_proto::v1::{
+    self, manager_internal_server::ManagerInternal, site_peer_server::SitePeer,
+};
+use tonic::{Request, Response, Status};
+
+use super::bad;
+use crate::site::SiteManager;
+
+/// The largest forwarded command or peer VPG definition accepted.
+const MAX_JSON_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct InternalApi(pub SiteManager);
+
+#[tonic::async_trait]
+impl ManagerInternal for InternalApi {
+    async fn propose(&self, r: Request<v1::ProposeRequest>) -> Result<Response<v1::ProposeResponse>, Status> {
+        let json = r.into_inner().command_json;
+        if json.len() > MAX_JSON_BYTES {
+            return Err(Status::invalid_argument("forwarded command too large"));
+        }
+        let cmd: Command = serde_json::from_slice(&json)
+            .map_err(|e| Status::invalid_argument(format!("forwarded command: {e}")))?;
+        let outcome = self.0.node().propose_local(cmd).await?;
+        let outcome_json = serde_json::to_vec(&outcome).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::ProposeResponse { outcome_json }))
+    }
+
+    async fn read_index(&self, _: Request<v1::ReadIndexRequest>) -> Result<Response<v1::ReadIndexResponse>, Status> {
+        let index = self.0.node().leader_read_index().await?;
+        Ok(Response::new(v1::ReadIndexResponse { index }))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerApi(pub SiteManager);
+
+#[tonic::async_trait]
+impl SitePeer for PeerApi {
+    async fn accept_pairing(
+        &self,
+        r: Request<v1::AcceptPairingRequest>,
+    ) -> Result<Response<v1::PeerSite>, Status> {
+        let r = r.into_inner();
+        let requester = r
+            .requester
+            .ok_or_else(|| Status::invalid_argument("requester: is required"))?;
+        let requester = peer_from_proto(requester).map_err(bad)?;
+        if r.token.is_empty() || r.token.len() > 256 {
+            return Err(Status::invalid_argument("token: must be 1..256 characters"));
+        }
+        let me = self.0.accept_pairing(r.token, requester).await?;
+        Ok(Response::new(peer_to_proto(&me)))
+    }
+
+    async fn get_identity(&self, _: Request<v1::Empty>) -> Result<Response<v1::PeerSite>, Status> {
+        let (id, _) = self.0.site().await?;
+        Ok(Response::new(v1::PeerSite {
+            id: id.id.to_string(),
+            name: id.name,
+            endpoints: self.0.node().api_endpoints(),
+            paired_at_ms: 0,
+        }))
+    }
+
+    async fn put_vpg(&self, r: Request<v1::PeerVpgRequest>) -> Result<Response<v1::Empty>, Status> {
+        let r = r.into_inner();
+        if r.vpg_json.len() > MAX_JSON_BYTES {
+            return Err(Status::invalid_argument("vpg definition too large"));
+        }
+        let vpg: Vpg = serde_json::from_slice(&r.vpg_json)
+            .map_err(|e| Status::invalid_argument(format!("vpg definition: {e}")))?;
+        self.0.put_peer_vpg(vpg, r.expected_generation).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn delete_vpg(&self, r: Request<v1::PeerDeleteVpgRequest>) -> Result<Response<v1::Empty>, Status> {
+        let r = r.into_inner();
+        let id = VpgId::parse("vpg_id", &r.vpg_id).map_err(bad)?;
+        let from = SiteId::parse("from_site_id", &r.from_site_id).map_err(bad)?;
+        self.0.delete_peer_vpg(id, from).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+}

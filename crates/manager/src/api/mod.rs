@@ -1,0 +1,15 @@
+//! Thin tonic services: decode and check the request, call the site manager, map the error.
+
+pub mod cluster;
+pub mod internal;
+pub mod inventory;
+pub mod site;
+pub mod vpg;
+
+use tandem_core::DomainError;
+use tonic::Status;
+
+/// Maps a domain error met while decoding a request.
+pub(crate) fn bad(e: DomainError) -> Status {
+    tandem_proto::status::to_status(&e)
+}

@@ -1,0 +1,56 @@
+//! `SiteService`: the site's identity, pairing tokens and pairs.
+
+use tandem_core::ids::SiteId;
+use tandem_proto::convert::peer_to_proto;
+use tandem_proto::v1::{self, site_service_server::SiteService};
+use tonic::{Request, Response, Status};
+
+use super::bad;
+use crate::site::SiteManager;
+
+#[derive(Debug, Clone)]
+pub struct SiteApi(pub SiteManager);
+
+#[tonic::async_trait]
+impl SiteService for SiteApi {
+    async fn get_site(&self, _: Request<v1::GetSiteRequest>) -> Result<Response<v1::Site>, Status> {
+        let (id, peers) = self.0.site().await?;
+        Ok(Response::new(v1::Site {
+            id: id.id.to_string(),
+            name: id.name,
+            peers: peers.iter().map(peer_to_proto).collect(),
+        }))
+    }
+
+    async fn create_pairing_token(
+        &self,
+        r: Request<v1::CreatePairingTokenRequest>,
+    ) -> Result<Response<v1::PairingToken>, Status> {
+        let (t, site) = self.0.create_pairing_token(r.into_inner().ttl_secs).await?;
+        Ok(Response::new(v1::PairingToken {
+            token: t.token,
+            expires_at_ms: t.expires_at_ms,
+            site_id: site.id.to_string(),
+            site_name: site.name,
+        }))
+    }
+
+    async fn pair_site(&self, r: Request<v1::PairSiteRequest>) -> Result<Response<v1::PeerSite>, Status> {
+        let r = r.into_inner();
+        let peer = self.0.pair(r.peer_endpoints, r.token).await?;
+        Ok(Response::new(peer_to_proto(&peer)))
+    }
+
+    async fn list_peers(&self, _: Request<v1::ListPeersRequest>) -> Result<Response<v1::ListPeersResponse>, Status> {
+        let peers = self.0.peers().await?;
+        Ok(Response::new(v1::ListPeersResponse {
+            peers: peers.iter().map(peer_to_proto).collect(),
+        }))
+    }
+
+    async fn unpair_site(&self, r: Request<v1::UnpairSiteRequest>) -> Result<Response<v1::Empty>, Status> {
+        let id = SiteId::parse("site_id", &r.into_inner().site_id).map_err(bad)?;
+        self.0.unpair(id).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+}

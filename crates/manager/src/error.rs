@@ -1,0 +1,56 @@
+//! Errors of the manager's operations, and their one mapping to gRPC statuses.
+
+use tandem_core::DomainError;
+use tonic::Status;
+
+/// Why an API operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request or the state forbids it; the operator must change something.
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// No leader can be reached, or the cluster cannot commit now; retrying may help.
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
+    /// The peer site refused or failed; its status is passed on with context.
+    #[error("peer site: {0}")]
+    Peer(String, tonic::Code),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn unavailable(msg: impl std::fmt::Display) -> Self {
+        Self::Unavailable(msg.to_string())
+    }
+
+    pub fn internal(msg: impl std::fmt::Display) -> Self {
+        Self::Internal(msg.to_string())
+    }
+
+    /// Wraps a status returned by a peer site.
+    pub fn from_peer(s: Status) -> Self {
+        let code = match s.code() {
+            // A peer that cannot be reached leaves this site unable to act, not the request bad.
+            tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+                tonic::Code::Unavailable
+            }
+            c => c,
+        };
+        Self::Peer(s.message().to_string(), code)
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::Domain(d) => tandem_proto::status::to_status(&d),
+            ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::Peer(m, code) => Status::new(code, format!("peer site: {m}")),
+            ApiError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+/// Shorthand for API results.
+pub type ApiResult<T> = Result<T, ApiError>;

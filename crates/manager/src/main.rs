@@ -1,0 +1,118 @@
+//! `tandem-manager`: one node of a site's manager cluster.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use tandem_manager::config::{Bootstrap, Config, Member};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "tandem-manager", version, about = "A Tandem site manager node")]
+struct Args {
+    /// TOML configuration file; flags override it.
+    #[arg(long, short = 'c', env = "TANDEM_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    node_id: Option<u64>,
+    #[arg(long)]
+    site_name: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    api_listen: Option<String>,
+    #[arg(long)]
+    raft_listen: Option<String>,
+    #[arg(long)]
+    api_advertise: Option<String>,
+    #[arg(long)]
+    raft_advertise: Option<String>,
+    #[arg(long, value_enum)]
+    bootstrap: Option<Bootstrap>,
+    /// Initial members as id@api@raft, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    members: Vec<String>,
+    /// Writes the bound addresses here as JSON once listening.
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+fn member(s: &str) -> Result<Member> {
+    let parts: Vec<&str> = s.split('@').collect();
+    let [id, api, raft] = parts.as_slice() else {
+        bail!("member {s:?} is not id@api@raft");
+    };
+    Ok(Member {
+        id: id.parse().with_context(|| format!("member id in {s:?}"))?,
+        api: api.to_string(),
+        raft: raft.to_string(),
+    })
+}
+
+fn config(a: Args) -> Result<Config> {
+    let mut c = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => {
+            let mut c: Config = toml::from_str(&format!(
+                "node_id = {}\nsite_name = \"site\"\ndata_dir = \"tandem-data\"\nbootstrap = \"single\"\n",
+                a.node_id.unwrap_or(1)
+            ))?;
+            c.apply_env(|k| std::env::var(k).ok())?;
+            c
+        }
+    };
+    if let Some(v) = a.node_id { c.node_id = v; }
+    if let Some(v) = a.site_name { c.site_name = v; }
+    if let Some(v) = a.data_dir { c.data_dir = v; }
+    if let Some(v) = a.api_listen { c.api_listen = v; }
+    if let Some(v) = a.raft_listen { c.raft_listen = v; }
+    if let Some(v) = a.api_advertise { c.api_advertise = Some(v); }
+    if let Some(v) = a.raft_advertise { c.raft_advertise = Some(v); }
+    if !a.members.is_empty() {
+        c.members = a.members.iter().map(|m| member(m)).collect::<Result<_>>()?;
+        c.bootstrap = Bootstrap::Members;
+    }
+    if let Some(v) = a.bootstrap { c.bootstrap = v; }
+    if let Some(v) = a.addr_file { c.addr_file = Some(v); }
+    if let Some(v) = a.log_format { c.log_format = v; }
+    c.check()?;
+    Ok(c)
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,openraft=warn,sled=warn,h2=warn,tower=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let config = config(Args::parse())?;
+    init_logging(&config.log_format);
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        signal.cancel();
+    });
+    let api = tandem_manager::net::bind(&config.api_listen)
+        .await
+        .with_context(|| format!("binding api {}", config.api_listen))?;
+    let raft = tandem_manager::net::bind(&config.raft_listen)
+        .await
+        .with_context(|| format!("binding raft {}", config.raft_listen))?;
+    tandem_manager::run(config, api, raft, shutdown).await
+}

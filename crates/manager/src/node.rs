@@ -1,0 +1,204 @@
+//! One manager node's view of its Raft cluster: proposes commands (forwarding to the leader
+//! when this node is not it), serves linearizable reads on any node (read index from the
+//! leader, then wait until applied locally), and changes membership.
+
+use std::collections::BTreeSet;
+
+use tandem_core::state::{Applied, Command, CommandOutcome, SiteState};
+use tandem_proto::v1;
+use tandem_proto::v1::manager_internal_client::ManagerInternalClient;
+use tandem_store::{MembershipError, NodeId, NodeInfo, ProposeError, ReadError, SiteStore};
+
+use crate::error::{ApiError, ApiResult};
+use crate::net::Connector;
+
+/// A node of the cluster as shown by `ClusterService`.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub id: u64,
+    pub api: String,
+    pub raft: String,
+    pub voter: bool,
+}
+
+/// The cluster as seen from this node.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    pub node_id: u64,
+    pub leader_id: Option<u64>,
+    pub leader_api: Option<String>,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub last_applied: u64,
+    pub state: String,
+    pub nodes: Vec<NodeView>,
+}
+
+/// This manager's handle on the replicated store.
+pub struct ManagerNode {
+    store: SiteStore,
+    connector: Connector,
+    api_addr: String,
+}
+
+impl ManagerNode {
+    pub fn new(store: SiteStore, connector: Connector, api_addr: String) -> Self {
+        Self {
+            store,
+            connector,
+            api_addr,
+        }
+    }
+
+    pub fn store(&self) -> &SiteStore {
+        &self.store
+    }
+
+    /// API addresses of every member, this node's first.
+    pub fn api_endpoints(&self) -> Vec<String> {
+        let m = self.store.metrics();
+        let mut out = vec![self.api_addr.clone()];
+        out.extend(
+            m.nodes
+                .values()
+                .map(|n| n.api_addr.clone())
+                .filter(|a| *a != self.api_addr),
+        );
+        out
+    }
+
+    fn leader_api(&self, leader: &NodeInfo) -> ApiResult<ManagerInternalClient<tonic::transport::Channel>> {
+        Ok(ManagerInternalClient::new(self.connector.lazy(&leader.api_addr)?))
+    }
+
+    /// Proposes on this node, which must be the leader.
+    pub async fn propose_local(&self, cmd: Command) -> ApiResult<CommandOutcome> {
+        match self.store.propose(cmd).await {
+            Ok(outcome) => Ok(outcome),
+            Err(ProposeError::ForwardToLeader { leader_id, .. }) => Err(ApiError::unavailable(format!(
+                "this node is not the leader (node {leader_id} is)"
+            ))),
+            Err(e) => Err(ApiError::unavailable(e)),
+        }
+    }
+
+    /// Proposes a command wherever the leader is; domain errors come back as such.
+    pub async fn propose(&self, cmd: Command) -> ApiResult<Applied> {
+        let outcome = match self.store.propose(cmd.clone()).await {
+            Ok(outcome) => outcome,
+            Err(ProposeError::ForwardToLeader { leader, .. }) => {
+                let json = serde_json::to_vec(&cmd).map_err(ApiError::internal)?;
+                let reply = self
+                    .leader_api(&leader)?
+                    .propose(v1::ProposeRequest { command_json: json })
+                    .await
+                    .map_err(|s| ApiError::unavailable(format!("forwarding to leader: {}", s.message())))?
+                    .into_inner();
+                serde_json::from_slice::<CommandOutcome>(&reply.outcome_json).map_err(ApiError::internal)?
+            }
+            Err(e) => return Err(ApiError::unavailable(e)),
+        };
+        outcome.map_err(ApiError::Domain)
+    }
+
+    /// The leader's side of a follower read: confirms leadership, returns the index a
+    /// reader must have applied.
+    pub async fn leader_read_index(&self) -> ApiResult<u64> {
+        self.store.read_index().await.map(|i| i.unwrap_or(0)).map_err(|e| match e {
+            ReadError::ForwardToLeader { leader_id, .. } => {
+                ApiError::unavailable(format!("this node is not the leader (node {leader_id} is)"))
+            }
+            other => ApiError::unavailable(other),
+        })
+    }
+
+    /// A linearizable read of the state on any node.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SiteState) -> T + Send + 'static,
+    ) -> ApiResult<T> {
+        let index = match self.store.read_index().await {
+            Ok(index) => index.unwrap_or(0),
+            Err(ReadError::ForwardToLeader { leader, .. }) => {
+                self.leader_api(&leader)?
+                    .read_index(v1::ReadIndexRequest {})
+                    .await
+                    .map_err(|s| ApiError::unavailable(format!("read index from leader: {}", s.message())))?
+                    .into_inner()
+                    .index
+            }
+            Err(e) => return Err(ApiError::unavailable(e)),
+        };
+        self.store
+            .read_at(Some(index), f)
+            .await
+            .map_err(ApiError::unavailable)
+    }
+
+    pub fn cluster_view(&self) -> ClusterView {
+        let m = self.store.metrics();
+        ClusterView {
+            node_id: m.node_id,
+            leader_id: m.leader_id,
+            leader_api: m.leader.as_ref().map(|l| l.api_addr.clone()),
+            term: m.term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied: m.last_applied_index.unwrap_or(0),
+            state: format!("{:?}", m.role),
+            nodes: m
+                .nodes
+                .iter()
+                .map(|(id, n)| NodeView {
+                    id: *id,
+                    api: n.api_addr.clone(),
+                    raft: n.raft_addr.clone(),
+                    voter: m.voters.contains(id),
+                })
+                .collect(),
+        }
+    }
+
+    fn membership_error(e: MembershipError) -> ApiError {
+        match e {
+            MembershipError::ForwardToLeader { leader, .. } => ApiError::unavailable(format!(
+                "membership changes go to the leader at {}",
+                leader.api_addr
+            )),
+            MembershipError::Rejected(m) => ApiError::Domain(tandem_core::DomainError::precondition(m)),
+            other => ApiError::unavailable(other),
+        }
+    }
+
+    /// Adds a node as a learner (waiting until it caught up), then makes it a voter.
+    pub async fn add_node(&self, id: NodeId, api: String, raft: String, voter: bool) -> ApiResult<()> {
+        self.store
+            .add_learner(id, NodeInfo::new(raft, api), true)
+            .await
+            .map_err(Self::membership_error)?;
+        if voter {
+            self.promote(id).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn promote(&self, id: NodeId) -> ApiResult<()> {
+        let m = self.store.metrics();
+        if !m.nodes.contains_key(&id) {
+            return Err(tandem_core::DomainError::not_found("node", id).into());
+        }
+        let mut voters: BTreeSet<NodeId> = m.voters.clone();
+        voters.insert(id);
+        self.store.change_membership(voters, false).await.map_err(Self::membership_error)
+    }
+
+    pub async fn remove(&self, id: NodeId) -> ApiResult<()> {
+        let m = self.store.metrics();
+        if !m.nodes.contains_key(&id) {
+            return Err(tandem_core::DomainError::not_found("node", id).into());
+        }
+        if m.voters.len() == 1 && m.voters.contains(&id) {
+            return Err(tandem_core::DomainError::precondition("cannot remove the last voter").into());
+        }
+        self.store.remove_node(id).await.map_err(Self::membership_error)
+    }
+}

@@ -1,0 +1,58 @@
+//! Assembles the node's two gRPC servers on their injected listeners: the API (public
+//! services, leader forwarding, site peering, health, reflection) and Raft.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use tandem_proto::MAX_MESSAGE_BYTES;
+use tandem_proto::v1::{
+    cluster_service_server::ClusterServiceServer, datastore_service_server::DatastoreServiceServer,
+    host_service_server::HostServiceServer, manager_internal_server::ManagerInternalServer,
+    resource_pool_service_server::ResourcePoolServiceServer, site_peer_server::SitePeerServer,
+    site_service_server::SiteServiceServer, vm_service_server::VmServiceServer,
+    vpg_service_server::VpgServiceServer,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::api::{cluster::ClusterApi, internal::{InternalApi, PeerApi}, inventory::InventoryApi, site::SiteApi, vpg::VpgApi};
+use crate::site::SiteManager;
+
+macro_rules! limited {
+    ($server:ident, $svc:expr) => {
+        $server::new($svc)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    };
+}
+
+/// Serves the API on `listener` until `shutdown` fires.
+pub async fn serve_api(listener: TcpListener, site: SiteManager, shutdown: CancellationToken) -> Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<VpgServiceServer<VpgApi>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let inventory = InventoryApi(site.clone());
+    Server::builder()
+        .timeout(Duration::from_secs(30))
+        .concurrency_limit_per_connection(256)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(limited!(SiteServiceServer, SiteApi(site.clone())))
+        .add_service(limited!(HostServiceServer, inventory.clone()))
+        .add_service(limited!(DatastoreServiceServer, inventory.clone()))
+        .add_service(limited!(ResourcePoolServiceServer, inventory.clone()))
+        .add_service(limited!(VmServiceServer, inventory))
+        .add_service(limited!(VpgServiceServer, VpgApi(site.clone())))
+        .add_service(limited!(ClusterServiceServer, ClusterApi(site.clone())))
+        .add_service(limited!(ManagerInternalServer, InternalApi(site.clone())))
+        .add_service(limited!(SitePeerServer, PeerApi(site)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,574 @@
+//! The site manager's operations: inventory, pairing and VPG definitions. It mints ids and
+//! clocks, checks requests against the replicated state, talks to the peer site where a
+//! VPG spans both, and proposes commands through Raft. The gRPC services are thin wrappers.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tandem_core::DomainError;
+use tandem_core::error::Violations;
+use tandem_core::ids::{SiteId, VpgId};
+use tandem_core::inventory::{Datastore, Host, ResourcePool, Vm};
+use tandem_core::pairing::{PAIRING_TOKEN_TTL_MS, PairingToken, PeerSite};
+use tandem_core::state::{Command, SiteIdentity, SiteState};
+use tandem_core::status::{Operation, VpgObservation, VpgState};
+use tandem_core::vpg::{VmFootprint, Vpg, VpgSpec, VpgVm};
+use tandem_proto::v1;
+use tandem_proto::v1::site_peer_client::SitePeerClient;
+
+use crate::error::{ApiError, ApiResult};
+use crate::net::Connector;
+use crate::node::ManagerNode;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A fresh id with a readable prefix.
+pub fn mint(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// The operations of one site's manager.
+#[derive(Clone)]
+pub struct SiteManager {
+    node: Arc<ManagerNode>,
+    connector: Connector,
+}
+
+impl std::fmt::Debug for SiteManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteManager").finish_non_exhaustive()
+    }
+}
+
+/// A VPG as shown to an operator.
+#[derive(Debug, Clone)]
+pub struct VpgView {
+    pub vpg: Vpg,
+    pub own_site: SiteId,
+    pub peer_name: String,
+    pub state: VpgState,
+}
+
+impl SiteManager {
+    pub fn new(node: Arc<ManagerNode>, connector: Connector) -> Self {
+        Self { node, connector }
+    }
+
+    pub fn node(&self) -> &Arc<ManagerNode> {
+        &self.node
+    }
+
+    /// Names the site once, at bootstrap. Does nothing when it already has an identity.
+    pub async fn ensure_identity(&self, name: &str) -> ApiResult<()> {
+        let has = self.node.read(|s| s.identity.is_some()).await?;
+        if !has {
+            let identity = SiteIdentity {
+                id: SiteId::minted(mint("site")),
+                name: name.to_string(),
+                created_at_ms: now_ms(),
+            };
+            match self.node.propose(Command::InitSite { identity }).await {
+                Ok(_) => {}
+                // Another bootstrap attempt won the race; the site is named either way.
+                Err(ApiError::Domain(DomainError::FailedPrecondition(_))) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn identity(&self) -> ApiResult<SiteIdentity> {
+        self.node
+            .read(|s| s.identity.clone())
+            .await?
+            .ok_or_else(|| ApiError::Domain(DomainError::precondition("site is not initialized yet")))
+    }
+
+    async fn self_as_peer(&self) -> ApiResult<PeerSite> {
+        let identity = self.identity().await?;
+        Ok(PeerSite {
+            id: identity.id,
+            name: identity.name,
+            endpoints: self.node.api_endpoints(),
+            paired_at_ms: now_ms(),
+        })
+    }
+
+    // ------------------------------------------------------------ site and pairing
+
+    pub async fn site(&self) -> ApiResult<(SiteIdentity, Vec<PeerSite>)> {
+        let identity = self.identity().await?;
+        let peers = self.node.read(|s| s.peers.values().cloned().collect()).await?;
+        Ok((identity, peers))
+    }
+
+    pub async fn create_pairing_token(&self, ttl_secs: u64) -> ApiResult<(PairingToken, SiteIdentity)> {
+        let identity = self.identity().await?;
+        let ttl_ms = if ttl_secs == 0 {
+            PAIRING_TOKEN_TTL_MS
+        } else {
+            ttl_secs.min(7 * 24 * 3600) * 1000
+        };
+        let now = now_ms();
+        let token = PairingToken {
+            token: format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            ),
+            issued_at_ms: now,
+            expires_at_ms: now + ttl_ms,
+        };
+        self.node
+            .propose(Command::IssuePairingToken {
+                token: token.clone(),
+                now_ms: now,
+            })
+            .await?;
+        Ok((token, identity))
+    }
+
+    /// Presents `token` to the site at `endpoints`; both sites record the pair.
+    pub async fn pair(&self, endpoints: Vec<String>, token: String) -> ApiResult<PeerSite> {
+        let mut v = Violations::new();
+        v.check(!endpoints.is_empty(), "peer_endpoints", "at least one address is needed");
+        v.check(endpoints.len() <= 16, "peer_endpoints", "at most 16 addresses");
+        for (i, e) in endpoints.iter().enumerate() {
+            if let Err(DomainError::Invalid(f)) =
+                tandem_core::ids::check_address(&format!("peer_endpoints[{i}]"), e)
+            {
+                f.into_iter().for_each(|f| v.add(f.field, f.message));
+            }
+        }
+        v.check(
+            !token.is_empty() && token.len() <= 256,
+            "token",
+            "must be 1..256 characters",
+        );
+        v.into_result()?;
+        let me = self.self_as_peer().await?;
+        let ch = self.connector.first_reachable(&endpoints).await?;
+        let reply = SitePeerClient::new(ch)
+            .accept_pairing(v1::AcceptPairingRequest {
+                token,
+                requester: Some(tandem_proto::convert::peer_to_proto(&me)),
+            })
+            .await
+            .map_err(ApiError::from_peer)?
+            .into_inner();
+        let mut peer = tandem_proto::convert::peer_from_proto(reply)
+            .map_err(|e| ApiError::Peer(format!("bad identity from peer: {e}"), tonic::Code::Internal))?;
+        peer.paired_at_ms = now_ms();
+        self.node.propose(Command::AddPeer { peer: peer.clone() }).await?;
+        Ok(peer)
+    }
+
+    /// The peer side of pairing: checks and consumes the token, records the requester.
+    pub async fn accept_pairing(&self, token: String, requester: PeerSite) -> ApiResult<PeerSite> {
+        let me = self.self_as_peer().await?;
+        let mut peer = requester;
+        peer.paired_at_ms = now_ms();
+        self.node
+            .propose(Command::AcceptPairing {
+                token,
+                peer,
+                now_ms: now_ms(),
+            })
+            .await?;
+        Ok(me)
+    }
+
+    pub async fn unpair(&self, id: SiteId) -> ApiResult<()> {
+        self.node.propose(Command::RemovePeer { id }).await?;
+        Ok(())
+    }
+
+    pub async fn peers(&self) -> ApiResult<Vec<PeerSite>> {
+        self.node.read(|s| s.peers.values().cloned().collect()).await
+    }
+
+    // ------------------------------------------------------------ inventory
+
+    /// Proposes an inventory command and maps its outcome.
+    pub async fn put(&self, cmd: Command) -> ApiResult<()> {
+        self.node.propose(cmd).await.map(|_| ())
+    }
+
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SiteState) -> T + Send + 'static,
+    ) -> ApiResult<T> {
+        self.node.read(f).await
+    }
+
+    pub async fn host(&self, id: tandem_core::ids::HostId) -> ApiResult<Host> {
+        let found = self.node.read({
+            let id = id.clone();
+            move |s| s.hosts.get(&id).cloned()
+        });
+        found.await?.ok_or_else(|| DomainError::not_found("host", &id).into())
+    }
+
+    pub async fn datastore(&self, id: tandem_core::ids::DatastoreId) -> ApiResult<Datastore> {
+        let found = self.node.read({
+            let id = id.clone();
+            move |s| s.datastores.get(&id).cloned()
+        });
+        found.await?.ok_or_else(|| DomainError::not_found("datastore", &id).into())
+    }
+
+    pub async fn pool(&self, id: tandem_core::ids::PoolId) -> ApiResult<ResourcePool> {
+        let found = self.node.read({
+            let id = id.clone();
+            move |s| s.pools.get(&id).cloned()
+        });
+        found.await?.ok_or_else(|| DomainError::not_found("resource pool", &id).into())
+    }
+
+    pub async fn vm(&self, id: tandem_core::ids::VmId) -> ApiResult<(Vm, Option<VpgId>)> {
+        let found = self.node.read({
+            let id = id.clone();
+            move |s| s.vms.get(&id).cloned().map(|vm| (vm, s.vpg_of_vm(&id).map(|g| g.id.clone())))
+        });
+        found.await?.ok_or_else(|| DomainError::not_found("vm", &id).into())
+    }
+
+    // ------------------------------------------------------------ VPGs
+
+    async fn peer_call<T, F, Fut>(&self, peer: &PeerSite, call: F) -> ApiResult<T>
+    where
+        F: Fn(SitePeerClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut last = None;
+        for addr in &peer.endpoints {
+            let client = SitePeerClient::new(self.connector.lazy(addr)?);
+            match call(client).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == tonic::Code::Unavailable => last = Some(s),
+                Err(s) => return Err(ApiError::from_peer(s)),
+            }
+        }
+        Err(ApiError::from_peer(last.unwrap_or_else(|| {
+            tonic::Status::unavailable("peer site has no endpoints")
+        })))
+    }
+
+    /// Builds the full definition from a spec, using this (protected) site's inventory.
+    async fn build_vpg(
+        &self,
+        id: VpgId,
+        spec: VpgSpec,
+        previous: Option<Vpg>,
+    ) -> ApiResult<(Vpg, PeerSite)> {
+        self.node
+            .read(move |s| -> ApiResult<(Vpg, PeerSite)> {
+                let own = s
+                    .site_id()
+                    .cloned()
+                    .ok_or_else(|| DomainError::precondition("site is not initialized yet"))?;
+                let peer = s.peers.get(&spec.recovery_site).cloned().ok_or_else(|| {
+                    DomainError::invalid(
+                        "spec.recovery_site_id",
+                        format!("site {} is not paired with this site", spec.recovery_site),
+                    )
+                })?;
+                let mut v = Violations::new();
+                let mut vms = Vec::with_capacity(spec.vms.len());
+                for (i, p) in spec.vms.iter().enumerate() {
+                    let kept = previous
+                        .as_ref()
+                        .and_then(|g| g.vms.iter().find(|m| m.placement.vm_id == p.vm_id));
+                    match s.vms.get(&p.vm_id) {
+                        None => v.add(format!("vms[{i}].vm_id"), format!("VM {} does not exist", p.vm_id)),
+                        Some(vm) => {
+                            let mut footprint = VmFootprint::of(vm, &spec.settings);
+                            // Journal limits apply to new VMs only.
+                            if let Some(k) = kept {
+                                footprint.journal_hard_limit = k.footprint.journal_hard_limit;
+                                footprint.journal_warning = k.footprint.journal_warning;
+                            }
+                            vms.push(VpgVm {
+                                placement: p.clone(),
+                                footprint,
+                            });
+                        }
+                    }
+                }
+                v.into_result()?;
+                let now = now_ms();
+                let mut vpg = Vpg {
+                    id,
+                    name: spec.name,
+                    generation: 0,
+                    protected_site: own,
+                    recovery_site: spec.recovery_site,
+                    settings: spec.settings,
+                    vms,
+                    created_at_ms: now,
+                    updated_at_ms: now,
+                    operation: Some(Operation::Creating),
+                };
+                let expected = previous.as_ref().map(|g| g.generation);
+                s.prepare_vpg(&mut vpg, expected)?;
+                Ok((vpg, peer))
+            })
+            .await?
+    }
+
+    /// Creates a VPG protected by this site: the recovery site checks placement and room
+    /// and stores its copy first, then this site commits.
+    pub async fn create_vpg(&self, id: Option<VpgId>, spec: VpgSpec) -> ApiResult<VpgView> {
+        let id = id.unwrap_or_else(|| VpgId::minted(mint("vpg")));
+        if spec.vms.is_empty() {
+            return Err(DomainError::invalid("spec.vms", "a new VPG needs at least one VM").into());
+        }
+        let (vpg, peer) = self.build_vpg(id.clone(), spec, None).await?;
+        self.store_on_both(vpg, None, &peer).await?;
+        self.vpg(id).await
+    }
+
+    /// Replaces the definition of a VPG this site protects, if `generation` is current.
+    pub async fn update_vpg(&self, id: VpgId, generation: u64, spec: VpgSpec) -> ApiResult<VpgView> {
+        let current = self
+            .node
+            .read({
+                let id = id.clone();
+                move |s| s.vpgs.get(&id).cloned().map(|g| (g, s.site_id().cloned()))
+            })
+            .await?
+            .ok_or_else(|| DomainError::not_found("vpg", &id))?;
+        let (current, own) = current;
+        if Some(&current.protected_site) != own.as_ref() {
+            return Err(DomainError::precondition(
+                "a VPG is edited at its protected site",
+            )
+            .into());
+        }
+        if current.generation != generation {
+            return Err(DomainError::Conflict {
+                kind: "vpg".into(),
+                id: id.to_string(),
+                expected: generation,
+                actual: current.generation,
+            }
+            .into());
+        }
+        if spec.recovery_site != current.recovery_site {
+            return Err(DomainError::invalid("spec.recovery_site_id", "the recovery site of a VPG cannot change").into());
+        }
+        let (mut vpg, peer) = self.build_vpg(id.clone(), spec, Some(current)).await?;
+        vpg.updated_at_ms = now_ms();
+        self.store_on_both(vpg, Some(generation), &peer).await?;
+        self.vpg(id).await
+    }
+
+    async fn store_on_both(&self, vpg: Vpg, expected: Option<u64>, peer: &PeerSite) -> ApiResult<()> {
+        let json = serde_json::to_vec(&vpg).map_err(ApiError::internal)?;
+        self.peer_call(peer, |mut c| {
+            let json = json.clone();
+            async move {
+                c.put_vpg(v1::PeerVpgRequest {
+                    vpg_json: json,
+                    expected_generation: expected,
+                })
+                .await
+            }
+        })
+        .await?;
+        let id = vpg.id.clone();
+        if let Err(e) = self
+            .node
+            .propose(Command::PutVpg {
+                vpg,
+                expected_generation: expected,
+            })
+            .await
+        {
+            if expected.is_none() {
+                // Undo the peer's copy so that a failed create leaves nothing behind.
+                let own = self.identity().await.map(|i| i.id.to_string()).unwrap_or_default();
+                let undo = self
+                    .peer_call(peer, |mut c| {
+                        let (id, own) = (id.to_string(), own.clone());
+                        async move {
+                            c.delete_vpg(v1::PeerDeleteVpgRequest {
+                                vpg_id: id,
+                                from_site_id: own,
+                            })
+                            .await
+                        }
+                    })
+                    .await;
+                if let Err(u) = undo {
+                    tracing::warn!(vpg = %id, error = %u, "could not undo peer copy of a failed vpg create");
+                }
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Stores a definition sent by the peer site (the recovery side of create/edit).
+    pub async fn put_peer_vpg(&self, vpg: Vpg, expected: Option<u64>) -> ApiResult<()> {
+        self.node
+            .propose(Command::PutVpg {
+                vpg,
+                expected_generation: expected,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn delete_peer_vpg(&self, id: VpgId, from: SiteId) -> ApiResult<()> {
+        let owner = self
+            .node
+            .read({
+                let id = id.clone();
+                move |s| s.vpgs.get(&id).map(|g| g.protected_site.clone())
+            })
+            .await?;
+        match owner {
+            None => Ok(()),
+            Some(site) if site == from => {
+                self.node.propose(Command::DeleteVpg { id }).await.map(|_| ())
+            }
+            Some(_) => Err(DomainError::precondition("only the protected site may delete its VPG").into()),
+        }
+    }
+
+    /// Deletes a VPG on both sites. Without `force`, the peer must confirm.
+    pub async fn delete_vpg(&self, id: VpgId, force: bool) -> ApiResult<()> {
+        let (vpg, peer, own) = self
+            .node
+            .read({
+                let id = id.clone();
+                move |s| {
+                    let g = s.vpgs.get(&id).cloned();
+                    let peer = g.as_ref().and_then(|g| {
+                        let other = if Some(&g.protected_site) == s.site_id() {
+                            &g.recovery_site
+                        } else {
+                            &g.protected_site
+                        };
+                        s.peers.get(other).cloned()
+                    });
+                    (g, peer, s.site_id().cloned())
+                }
+            })
+            .await?;
+        let vpg = vpg.ok_or_else(|| DomainError::not_found("vpg", &id))?;
+        let protected_here = Some(&vpg.protected_site) == own.as_ref();
+        if !protected_here && !force {
+            return Err(DomainError::precondition(
+                "this site recovers the VPG; delete it at its protected site, or use force",
+            )
+            .into());
+        }
+        if protected_here {
+            if let Some(peer) = &peer {
+                let own = own.map(|s| s.to_string()).unwrap_or_default();
+                let r = self
+                    .peer_call(peer, |mut c| {
+                        let (id, own) = (id.to_string(), own.clone());
+                        async move {
+                            c.delete_vpg(v1::PeerDeleteVpgRequest {
+                                vpg_id: id,
+                                from_site_id: own,
+                            })
+                            .await
+                        }
+                    })
+                    .await;
+                match r {
+                    Ok(_) => {}
+                    Err(e) if force => {
+                        tracing::warn!(vpg = %id, error = %e, "force delete: peer copy left behind");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.node.propose(Command::DeleteVpg { id }).await.map(|_| ())
+    }
+
+    fn view(s: &SiteState, g: &Vpg) -> VpgView {
+        let own = s.site_id().cloned().unwrap_or_else(|| SiteId::minted(String::new()));
+        let peer_id = if g.protected_site == own { &g.recovery_site } else { &g.protected_site };
+        let peer_name = s.peers.get(peer_id).map(|p| p.name.clone()).unwrap_or_default();
+        // Until VRAs report in, what is known is the definition alone.
+        let obs = VpgObservation {
+            vm_count: g.vms.len(),
+            operation: g.operation,
+            sync: None,
+            forced: false,
+            pause: None,
+            faults: vec![],
+            backup_running: false,
+            actual_rpo_secs: None,
+            target_rpo_secs: g.settings.target_rpo_secs,
+            history_met: false,
+            has_checkpoints: false,
+            after_rollback: false,
+        };
+        VpgView {
+            vpg: g.clone(),
+            own_site: own,
+            peer_name,
+            state: obs.evaluate(),
+        }
+    }
+
+    pub async fn vpg(&self, id: VpgId) -> ApiResult<VpgView> {
+        let found = self.node.read({
+            let id = id.clone();
+            move |s| s.vpgs.get(&id).map(|g| Self::view(s, g))
+        });
+        found.await?.ok_or_else(|| DomainError::not_found("vpg", &id).into())
+    }
+
+    pub async fn vpgs(&self) -> ApiResult<Vec<VpgView>> {
+        self.node
+            .read(|s| s.vpgs.values().map(|g| Self::view(s, g)).collect())
+            .await
+    }
+}
+
+/// The VPG list as CSV, with the columns of the seed's VPGs view.
+pub fn vpgs_csv(views: &[VpgView]) -> String {
+    fn cell(s: &str) -> String {
+        if s.contains([',', '"', '\n']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    }
+    let mut out = String::from(
+        "Alert Status,VPG Name,#VMs,Direction,Peer Site,Priority,Protection Status,State,Actual RPO,Operation\n",
+    );
+    for v in views {
+        let direction = if v.vpg.protected_site == v.own_site { "Outgoing" } else { "Incoming" };
+        let operation = v.vpg.operation.map(|o| format!("{o:?}")).unwrap_or_default();
+        let row = [
+            v.state.alert.as_str().to_string(),
+            v.vpg.name.clone(),
+            v.vpg.vms.len().to_string(),
+            direction.to_string(),
+            v.peer_name.clone(),
+            v.vpg.settings.priority.as_str().to_string(),
+            v.state.status.as_str().to_string(),
+            v.state.substatus.as_str().to_string(),
+            String::new(),
+            operation,
+        ];
+        out.push_str(&row.iter().map(|c| cell(c)).collect::<Vec<_>>().join(","));
+        out.push('\n');
+    }
+    out
+}
