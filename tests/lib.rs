@@ -7,11 +7,13 @@ use tonic::transport::Channel;
 
 /// A channel to one manager's API.
 pub async fn channel(api: &str) -> Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{api}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await?)
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{api}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await?,
+    )
 }
 
 /// A channel to the first reachable of `apis`.

@@ -11,8 +11,9 @@ use tandem_lab::lab::{Lab, ManagerProcess, cluster_client, wait_leader};
 use tandem_proto::v1;
 use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient, host_service_client::HostServiceClient,
-    resource_pool_service_client::ResourcePoolServiceClient, site_service_client::SiteServiceClient,
-    vm_service_client::VmServiceClient, vpg_service_client::VpgServiceClient,
+    resource_pool_service_client::ResourcePoolServiceClient,
+    site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
+    vpg_service_client::VpgServiceClient,
 };
 use tandem_tests::{any_channel, channel};
 use tonic::Code;
@@ -97,7 +98,10 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
         .into_inner();
     assert_eq!(peer.name, "site-b");
     let again = SiteServiceClient::new(a.clone())
-        .pair_site(v1::PairSiteRequest { peer_endpoints: lab.endpoints(1), token: token.token })
+        .pair_site(v1::PairSiteRequest {
+            peer_endpoints: lab.endpoints(1),
+            token: token.token,
+        })
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
@@ -130,36 +134,69 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
     }
     // 4 controllers x 15 volumes fit; 61 do not.
     vms.create_vm(vm("vm60", "a-h", "a-ds", 60)).await?;
-    let e = vms.create_vm(vm("vm61", "a-h", "a-ds", 61)).await.unwrap_err();
+    let e = vms
+        .create_vm(vm("vm61", "a-h", "a-ds", 61))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("4 SCSI controllers x 15 volumes"), "{}", e.message());
+    assert!(
+        e.message().contains("4 SCSI controllers x 15 volumes"),
+        "{}",
+        e.message()
+    );
     // Unknown references and ids.
-    let e = vms.create_vm(vm("vmx", "nohost", "a-ds", 1)).await.unwrap_err();
+    let e = vms
+        .create_vm(vm("vmx", "nohost", "a-ds", 1))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("host_id"), "{}", e.message());
-    let e = vms.get_vm(v1::GetRequest { id: "nope".into() }).await.unwrap_err();
+    let e = vms
+        .get_vm(v1::GetRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = vms.get_vm(v1::GetRequest { id: "bad id!".into() }).await.unwrap_err();
+    let e = vms
+        .get_vm(v1::GetRequest {
+            id: "bad id!".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    let e = vms.create_vm(vm("vm1", "a-h", "a-ds", 1)).await.unwrap_err();
+    let e = vms
+        .create_vm(vm("vm1", "a-h", "a-ds", 1))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
 
     let mut vpgs = VpgServiceClient::new(a.clone());
     let created = vpgs
-        .create_vpg(v1::CreateVpgRequest { id: "g1".into(), spec: Some(spec("web", &site_b, &["vm1", "vm2"], "big")) })
+        .create_vpg(v1::CreateVpgRequest {
+            id: "g1".into(),
+            spec: Some(spec("web", &site_b, &["vm1", "vm2"], "big")),
+        })
         .await?
         .into_inner();
     assert_eq!(created.generation, 1);
     assert_eq!(created.status.as_ref().unwrap().status, "Initializing");
     // Both sites hold the definition.
-    let at_b = VpgServiceClient::new(b.clone()).get_vpg(v1::GetRequest { id: "g1".into() }).await?.into_inner();
+    let at_b = VpgServiceClient::new(b.clone())
+        .get_vpg(v1::GetRequest { id: "g1".into() })
+        .await?
+        .into_inner();
     assert_eq!(at_b.direction, "incoming");
 
     let refused = |name: &str, s: v1::VpgSpec| {
         let mut c = vpgs.clone();
         let name = name.to_string();
         async move {
-            let e = c.create_vpg(v1::CreateVpgRequest { id: String::new(), spec: Some(s) }).await.unwrap_err();
+            let e = c
+                .create_vpg(v1::CreateVpgRequest {
+                    id: String::new(),
+                    spec: Some(s),
+                })
+                .await
+                .unwrap_err();
             assert_eq!(e.code(), Code::InvalidArgument, "{name}: {e:?}");
             e.message().to_string()
         }
@@ -179,41 +216,105 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
     assert!(m.contains("has no room"), "{m}");
     // History bounds and warning below hard limit.
     let mut s = spec("h", &site_b, &["vm3"], "big");
-    s.settings = Some(v1::VpgSettings { journal_history_secs: 60, ..Default::default() });
+    s.settings = Some(v1::VpgSettings {
+        journal_history_secs: 60,
+        ..Default::default()
+    });
     assert!(refused("history", s).await.contains("journal_history_secs"));
     let mut s = spec("w", &site_b, &["vm3"], "big");
-    let pct = |p| Some(v1::JournalLimit { limit: Some(v1::journal_limit::Limit::Percent(p)) });
-    s.settings = Some(v1::VpgSettings { journal_hard_limit: pct(10), journal_warning: pct(20), ..Default::default() });
+    let pct = |p| {
+        Some(v1::JournalLimit {
+            limit: Some(v1::journal_limit::Limit::Percent(p)),
+        })
+    };
+    s.settings = Some(v1::VpgSettings {
+        journal_hard_limit: pct(10),
+        journal_warning: pct(20),
+        ..Default::default()
+    });
     assert!(refused("warning", s).await.contains("below the hard limit"));
     // Unpaired recovery site.
-    assert!(refused("unpaired", spec("u", "site-zzz", &["vm3"], "big")).await.contains("not paired"));
+    assert!(
+        refused("unpaired", spec("u", "site-zzz", &["vm3"], "big"))
+            .await
+            .contains("not paired")
+    );
     // Unknown VM.
-    assert!(refused("unknown vm", spec("u", &site_b, &["ghost"], "big")).await.contains("does not exist"));
+    assert!(
+        refused("unknown vm", spec("u", &site_b, &["ghost"], "big"))
+            .await
+            .contains("does not exist")
+    );
     // Oversized request: over the message limit.
     let huge = spec(&"x".repeat(5 << 20), &site_b, &["vm3"], "big");
-    let e = vpgs.create_vpg(v1::CreateVpgRequest { id: String::new(), spec: Some(huge) }).await.unwrap_err();
-    assert!(matches!(e.code(), Code::ResourceExhausted | Code::InvalidArgument | Code::OutOfRange), "{e:?}");
+    let e = vpgs
+        .create_vpg(v1::CreateVpgRequest {
+            id: String::new(),
+            spec: Some(huge),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Code::ResourceExhausted | Code::InvalidArgument | Code::OutOfRange
+        ),
+        "{e:?}"
+    );
 
     // Edits carry their generation; a stale one is ABORTED.
     let updated = vpgs
-        .update_vpg(v1::UpdateVpgRequest { id: "g1".into(), generation: 1, spec: Some(spec("web", &site_b, &["vm1", "vm2", "vm3"], "big")) })
+        .update_vpg(v1::UpdateVpgRequest {
+            id: "g1".into(),
+            generation: 1,
+            spec: Some(spec("web", &site_b, &["vm1", "vm2", "vm3"], "big")),
+        })
         .await?
         .into_inner();
     assert_eq!(updated.generation, 2);
     let e = vpgs
-        .update_vpg(v1::UpdateVpgRequest { id: "g1".into(), generation: 1, spec: Some(spec("web", &site_b, &["vm1"], "big")) })
+        .update_vpg(v1::UpdateVpgRequest {
+            id: "g1".into(),
+            generation: 1,
+            spec: Some(spec("web", &site_b, &["vm1"], "big")),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Aborted);
     // A protected VM cannot be deleted; CSV export lists the VPG.
-    assert_eq!(vms.delete_vm(v1::DeleteRequest { id: "vm1".into() }).await.unwrap_err().code(), Code::FailedPrecondition);
-    let csv = vpgs.export_vpgs_csv(v1::ListRequest {}).await?.into_inner().csv;
+    assert_eq!(
+        vms.delete_vm(v1::DeleteRequest { id: "vm1".into() })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
+    let csv = vpgs
+        .export_vpgs_csv(v1::ListRequest {})
+        .await?
+        .into_inner()
+        .csv;
     assert!(csv.lines().nth(1).unwrap().contains("web"), "{csv}");
     // Delete removes it on both sites; the cluster still serves.
-    vpgs.delete_vpg(v1::DeleteVpgRequest { id: "g1".into(), keep_recovery_disks: false, force: false }).await?;
-    let e = VpgServiceClient::new(b.clone()).get_vpg(v1::GetRequest { id: "g1".into() }).await.unwrap_err();
+    vpgs.delete_vpg(v1::DeleteVpgRequest {
+        id: "g1".into(),
+        keep_recovery_disks: false,
+        force: false,
+    })
+    .await?;
+    let e = VpgServiceClient::new(b.clone())
+        .get_vpg(v1::GetRequest { id: "g1".into() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    assert_eq!(vms.list_vms(v1::ListRequest {}).await?.into_inner().vms.len(), 4);
+    assert_eq!(
+        vms.list_vms(v1::ListRequest {})
+            .await?
+            .into_inner()
+            .vms
+            .len(),
+        4
+    );
     lab.down().await;
     Ok(())
 }
@@ -221,12 +322,16 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
 /// Every VM id on the node at `api`, read through that node.
 async fn vm_ids(api: &str) -> Result<BTreeSet<String>> {
     let ch = channel(api).await?;
-    let r = VmServiceClient::new(ch).list_vms(v1::ListRequest {}).await?.into_inner();
+    let r = VmServiceClient::new(ch)
+        .list_vms(v1::ListRequest {})
+        .await?
+        .into_inner();
     Ok(r.vms.into_iter().map(|v| v.id).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_keeps_state() -> Result<()> {
+async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_keeps_state()
+-> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut lab = Lab::up(dir.path(), 1, 3).await?;
     let apis = lab.endpoints(0);
@@ -235,7 +340,11 @@ async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_ke
 
     let status = wait_leader(&apis[0], 3, Duration::from_secs(10)).await?;
     let leader = status.leader_id;
-    let followers: Vec<String> = lab.sites[0].iter().filter(|p| p.id != leader).map(|p| p.api.clone()).collect();
+    let followers: Vec<String> = lab.sites[0]
+        .iter()
+        .filter(|p| p.id != leader)
+        .map(|p| p.api.clone())
+        .collect();
 
     // 16 writers, each against a follower (writes are forwarded to the leader).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -252,7 +361,9 @@ async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_ke
                 i += 1;
                 let r = async {
                     let ch = channel(&api).await?;
-                    VmServiceClient::new(ch).create_vm(vm(&id, "a-h", "a-ds", 1)).await?;
+                    VmServiceClient::new(ch)
+                        .create_vm(vm(&id, "a-h", "a-ds", 1))
+                        .await?;
                     anyhow::Ok(())
                 }
                 .await;
@@ -269,16 +380,20 @@ async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_ke
     let killed = Instant::now();
     lab.sites[0][idx].kill9().await?;
     let new_leader = loop {
-        if let Ok(s) = wait_leader(&followers[0], 1, Duration::from_millis(200)).await {
-            if s.leader_id != leader && s.leader_id != 0 {
-                break s.leader_id;
-            }
+        if let Ok(s) = wait_leader(&followers[0], 1, Duration::from_millis(200)).await
+            && s.leader_id != leader
+            && s.leader_id != 0
+        {
+            break s.leader_id;
         }
         assert!(killed.elapsed() < Duration::from_secs(10), "no new leader");
     };
     let elected = killed.elapsed();
     println!("new leader {new_leader} after {elected:?}");
-    assert!(elected < Duration::from_secs(3), "new leader took {elected:?}");
+    assert!(
+        elected < Duration::from_secs(3),
+        "new leader took {elected:?}"
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut acked = BTreeSet::new();
@@ -288,7 +403,11 @@ async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_ke
         acked.extend(a);
         failed.extend(f);
     }
-    assert!(acked.len() > 50, "too few writes acknowledged: {}", acked.len());
+    assert!(
+        acked.len() > 50,
+        "too few writes acknowledged: {}",
+        acked.len()
+    );
 
     // The killed node comes back and catches up.
     lab.sites[0][idx].start("join").await?;
@@ -303,7 +422,11 @@ async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_ke
             assert!(v.contains(id), "acknowledged write {id} lost");
         }
     }
-    println!("{} acknowledged, {} failed (each present or absent as a whole)", acked.len(), failed.len());
+    println!(
+        "{} acknowledged, {} failed (each present or absent as a whole)",
+        acked.len(),
+        failed.len()
+    );
 
     // Stop all three, start them again: the same state everywhere.
     for p in lab.sites[0].iter_mut() {
@@ -314,14 +437,19 @@ async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_ke
     }
     wait_leader(&lab.sites[0][0].api, 3, Duration::from_secs(15)).await?;
     for p in &lab.sites[0] {
-        assert_eq!(vm_ids(&p.api).await?, views[0], "state differs after restart");
+        assert_eq!(
+            vm_ids(&p.api).await?,
+            views[0],
+            "state differs after restart"
+        );
     }
     lab.down().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stopped_node_is_left_behind_then_catches_up_and_membership_grows_and_shrinks() -> Result<()> {
+async fn stopped_node_is_left_behind_then_catches_up_and_membership_grows_and_shrinks() -> Result<()>
+{
     let dir = tempfile::tempdir()?;
     let mut lab = Lab::up(dir.path(), 1, 1).await?;
     let first = lab.sites[0][0].api.clone();
@@ -341,10 +469,16 @@ async fn stopped_node_is_left_behind_then_catches_up_and_membership_grows_and_sh
             child: None,
         };
         p.start("join").await?;
-        vms.create_vm(vm(&format!("grow-{id}"), "a-h", "a-ds", 1)).await?;
+        vms.create_vm(vm(&format!("grow-{id}"), "a-h", "a-ds", 1))
+            .await?;
         cluster_client(&first)
             .await?
-            .add_node(v1::AddNodeRequest { id, api_addr: p.api.clone(), raft_addr: p.raft.clone(), voter: true })
+            .add_node(v1::AddNodeRequest {
+                id,
+                api_addr: p.api.clone(),
+                raft_addr: p.raft.clone(),
+                voter: true,
+            })
             .await?;
         added.push(p);
     }
@@ -355,15 +489,16 @@ async fn stopped_node_is_left_behind_then_catches_up_and_membership_grows_and_sh
     let stopped = &added[1];
     stopped.signal(Signal::SIGSTOP)?;
     for i in 0..20 {
-        vms.create_vm(vm(&format!("while-stopped-{i}"), "a-h", "a-ds", 1)).await?;
+        vms.create_vm(vm(&format!("while-stopped-{i}"), "a-h", "a-ds", 1))
+            .await?;
     }
     stopped.signal(Signal::SIGCONT)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(ids) = vm_ids(&stopped.api).await {
-            if ids.contains("while-stopped-19") {
-                break;
-            }
+        if let Ok(ids) = vm_ids(&stopped.api).await
+            && ids.contains("while-stopped-19")
+        {
+            break;
         }
         assert!(Instant::now() < deadline, "stopped node did not catch up");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -371,8 +506,12 @@ async fn stopped_node_is_left_behind_then_catches_up_and_membership_grows_and_sh
 
     // Shrink 3 -> 1 while writing.
     for p in &added {
-        vms.create_vm(vm(&format!("shrink-{}", p.id), "a-h", "a-ds", 1)).await?;
-        cluster_client(&first).await?.remove_node(v1::NodeRequest { id: p.id }).await?;
+        vms.create_vm(vm(&format!("shrink-{}", p.id), "a-h", "a-ds", 1))
+            .await?;
+        cluster_client(&first)
+            .await?
+            .remove_node(v1::NodeRequest { id: p.id })
+            .await?;
     }
     let s = wait_leader(&first, 1, Duration::from_secs(10)).await?;
     assert_eq!(s.nodes.len(), 1, "{s:?}");

@@ -13,17 +13,28 @@ use output::{Format, bytes, print};
 use tandem_proto::v1;
 use tandem_proto::v1::{
     cluster_service_client::ClusterServiceClient, datastore_service_client::DatastoreServiceClient,
-    host_service_client::HostServiceClient, resource_pool_service_client::ResourcePoolServiceClient,
+    host_service_client::HostServiceClient,
+    resource_pool_service_client::ResourcePoolServiceClient,
     site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
     vpg_service_client::VpgServiceClient,
 };
 use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
-#[command(name = "tandem", version, about = "Command-line client of Tandem site managers")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Command-line client of Tandem site managers"
+)]
 struct Cli {
     /// Manager API addresses (host:port), tried in order.
-    #[arg(long = "endpoint", short = 'e', env = "TANDEM_ENDPOINT", value_delimiter = ',', global = true)]
+    #[arg(
+        long = "endpoint",
+        short = 'e',
+        env = "TANDEM_ENDPOINT",
+        value_delimiter = ',',
+        global = true
+    )]
     endpoints: Vec<String>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
@@ -82,7 +93,9 @@ enum PairCmd {
     },
     List,
     /// Removes the pairing with a site.
-    Delete { site_id: String },
+    Delete {
+        site_id: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -96,7 +109,9 @@ struct FileArg {
 enum Crud {
     /// Creates from a spec file.
     Create(FileArg),
-    Get { id: String },
+    Get {
+        id: String,
+    },
     List,
     /// Replaces the object with the spec file's content.
     Edit {
@@ -104,7 +119,9 @@ enum Crud {
         #[command(flatten)]
         file: FileArg,
     },
-    Delete { id: String },
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -216,7 +233,11 @@ async fn site(ch: Channel, fmt: Format, c: SiteCmd) -> Result<()> {
     match c {
         SiteCmd::Get => {
             let s = cl.get_site(v1::GetSiteRequest {}).await?.into_inner();
-            let rows = vec![vec![s.id.clone(), s.name.clone(), s.peers.len().to_string()]];
+            let rows = vec![vec![
+                s.id.clone(),
+                s.name.clone(),
+                s.peers.len().to_string(),
+            ]];
             print(fmt, &s, &["ID", "NAME", "PEERS"], rows);
         }
         SiteCmd::Token { ttl_secs } => {
@@ -224,7 +245,11 @@ async fn site(ch: Channel, fmt: Format, c: SiteCmd) -> Result<()> {
                 .create_pairing_token(v1::CreatePairingTokenRequest { ttl_secs })
                 .await?
                 .into_inner();
-            let rows = vec![vec![t.token.clone(), t.site_name.clone(), t.expires_at_ms.to_string()]];
+            let rows = vec![vec![
+                t.token.clone(),
+                t.site_name.clone(),
+                t.expires_at_ms.to_string(),
+            ]];
             print(fmt, &t, &["TOKEN", "SITE", "EXPIRES_AT_MS"], rows);
         }
     }
@@ -266,7 +291,10 @@ async fn host(ch: Channel, fmt: Format, c: Crud) -> Result<()> {
     let head = ["ID", "NAME", "VRA"];
     let one = |h: v1::Host| print(fmt, &h, &head, host_rows(std::slice::from_ref(&h)));
     match c {
-        Crud::Create(f) => one(cl.create_host(spec::read::<spec::HostSpec>(&f.file)?.into_proto()).await?.into_inner()),
+        Crud::Create(f) => one(cl
+            .create_host(spec::read::<spec::HostSpec>(&f.file)?.into_proto())
+            .await?
+            .into_inner()),
         Crud::Get { id } => one(cl.get_host(v1::GetRequest { id }).await?.into_inner()),
         Crud::List => {
             let r = cl.list_hosts(v1::ListRequest {}).await?.into_inner();
@@ -347,9 +375,15 @@ async fn pool(ch: Channel, fmt: Format, c: Crud) -> Result<()> {
             let p = spec::read::<spec::PoolSpec>(&f.file)?.into_proto()?;
             one(cl.create_resource_pool(p).await?.into_inner());
         }
-        Crud::Get { id } => one(cl.get_resource_pool(v1::GetRequest { id }).await?.into_inner()),
+        Crud::Get { id } => one(cl
+            .get_resource_pool(v1::GetRequest { id })
+            .await?
+            .into_inner()),
         Crud::List => {
-            let r = cl.list_resource_pools(v1::ListRequest {}).await?.into_inner();
+            let r = cl
+                .list_resource_pools(v1::ListRequest {})
+                .await?
+                .into_inner();
             print(fmt, &r, &head, pool_rows(&r.pools));
         }
         Crud::Edit { id, file } => {
@@ -367,7 +401,11 @@ async fn pool(ch: Channel, fmt: Format, c: Crud) -> Result<()> {
 fn vm_rows(vms: &[v1::Vm]) -> Vec<Vec<String>> {
     vms.iter()
         .map(|m| {
-            let power = if m.power == v1::PowerState::On as i32 { "on" } else { "off" };
+            let power = if m.power == v1::PowerState::On as i32 {
+                "on"
+            } else {
+                "off"
+            };
             vec![
                 m.id.clone(),
                 m.name.clone(),
@@ -383,7 +421,15 @@ fn vm_rows(vms: &[v1::Vm]) -> Vec<Vec<String>> {
 
 async fn vm(ch: Channel, fmt: Format, c: Crud) -> Result<()> {
     let mut cl = VmServiceClient::new(ch);
-    let head = ["ID", "NAME", "HOST", "POWER", "VOLUMES", "PROVISIONED", "VPG"];
+    let head = [
+        "ID",
+        "NAME",
+        "HOST",
+        "POWER",
+        "VOLUMES",
+        "PROVISIONED",
+        "VPG",
+    ];
     let one = |m: v1::Vm| print(fmt, &m, &head, vm_rows(std::slice::from_ref(&m)));
     match c {
         Crud::Create(f) => {
@@ -428,12 +474,25 @@ fn vpg_rows(vpgs: &[v1::Vpg]) -> Vec<Vec<String>> {
 
 async fn vpg(ch: Channel, fmt: Format, c: VpgCmd) -> Result<()> {
     let mut cl = VpgServiceClient::new(ch);
-    let head = ["ID", "NAME (#VMS)", "DIRECTION", "PEER SITE", "ALERT", "STATUS", "STATE", "RPO", "GEN"];
+    let head = [
+        "ID",
+        "NAME (#VMS)",
+        "DIRECTION",
+        "PEER SITE",
+        "ALERT",
+        "STATUS",
+        "STATE",
+        "RPO",
+        "GEN",
+    ];
     let one = |g: v1::Vpg| print(fmt, &g, &head, vpg_rows(std::slice::from_ref(&g)));
     match c {
         VpgCmd::Create(f) => {
             let (id, spec) = spec::read::<spec::VpgSpecFile>(&f.file)?.into_proto()?;
-            let req = v1::CreateVpgRequest { id, spec: Some(spec) };
+            let req = v1::CreateVpgRequest {
+                id,
+                spec: Some(spec),
+            };
             one(cl.create_vpg(req).await?.into_inner());
         }
         VpgCmd::Get { id } => one(cl.get_vpg(v1::GetRequest { id }).await?.into_inner()),
@@ -446,7 +505,10 @@ async fn vpg(ch: Channel, fmt: Format, c: VpgCmd) -> Result<()> {
             print(fmt, &r, &head, vpg_rows(&r.vpgs));
         }
         VpgCmd::Edit { id, file } => {
-            let current = cl.get_vpg(v1::GetRequest { id: id.clone() }).await?.into_inner();
+            let current = cl
+                .get_vpg(v1::GetRequest { id: id.clone() })
+                .await?
+                .into_inner();
             let (file_id, spec) = spec::read::<spec::VpgSpecFile>(&file.file)?.into_proto()?;
             if !file_id.is_empty() && file_id != id {
                 bail!("the spec file is for VPG {file_id}, not {id}");
@@ -477,8 +539,16 @@ async fn vpg(ch: Channel, fmt: Format, c: VpgCmd) -> Result<()> {
 async fn cluster(ch: Channel, fmt: Format, c: ClusterCmd) -> Result<()> {
     let mut cl = ClusterServiceClient::new(ch);
     let status = match c {
-        ClusterCmd::Status => cl.get_cluster_status(v1::GetClusterStatusRequest {}).await?,
-        ClusterCmd::AddNode { id, api, raft, voter } => {
+        ClusterCmd::Status => {
+            cl.get_cluster_status(v1::GetClusterStatusRequest {})
+                .await?
+        }
+        ClusterCmd::AddNode {
+            id,
+            api,
+            raft,
+            voter,
+        } => {
             cl.add_node(v1::AddNodeRequest {
                 id,
                 api_addr: api,
@@ -512,14 +582,23 @@ async fn cluster(ch: Channel, fmt: Format, c: ClusterCmd) -> Result<()> {
                 n.api_addr.clone(),
                 n.raft_addr.clone(),
                 if n.voter { "voter" } else { "learner" }.to_string(),
-                if n.id == status.leader_id { "leader" } else { "" }.to_string(),
+                if n.id == status.leader_id {
+                    "leader"
+                } else {
+                    ""
+                }
+                .to_string(),
             ]
         })
         .collect();
     if fmt == Format::Table {
         println!(
             "leader {} | term {} | last log {} | applied {} (answered by node {})",
-            status.leader_id, status.term, status.last_log_index, status.last_applied, status.node_id
+            status.leader_id,
+            status.term,
+            status.last_log_index,
+            status.last_applied,
+            status.node_id
         );
     }
     print(fmt, &json, &["ID", "API", "RAFT", "ROLE", ""], rows);

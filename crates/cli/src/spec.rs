@@ -52,7 +52,8 @@ impl Size {
 
 /// Reads a spec file, choosing the format by extension (`.toml`, else YAML).
 pub fn read<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     if text.len() > 1 << 20 {
         bail!("{} is larger than 1 MiB", path.display());
     }
@@ -158,7 +159,12 @@ pub struct VmSpec {
 
 impl VmSpec {
     pub fn into_proto(self) -> Result<v1::Vm> {
-        let power = match self.power.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        let power = match self
+            .power
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("on") => v1::PowerState::On,
             Some("off") => v1::PowerState::Off,
             Some(other) => bail!("power must be on or off, not {other:?}"),
@@ -240,7 +246,11 @@ fn journal_limit(s: Option<&str>) -> Result<Option<v1::JournalLimit>> {
     let limit = if s.eq_ignore_ascii_case("unlimited") {
         Limit::Unlimited(true)
     } else if let Some(p) = s.strip_suffix('%') {
-        Limit::Percent(p.trim().parse().with_context(|| format!("bad percent {s:?}"))?)
+        Limit::Percent(
+            p.trim()
+                .parse()
+                .with_context(|| format!("bad percent {s:?}"))?,
+        )
     } else {
         Limit::Bytes(parse_size(s)?)
     };
@@ -249,7 +259,12 @@ fn journal_limit(s: Option<&str>) -> Result<Option<v1::JournalLimit>> {
 
 impl VpgSpecFile {
     pub fn into_proto(self) -> Result<(String, v1::VpgSpec)> {
-        let priority = match self.priority.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        let priority = match self
+            .priority
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None => v1::Priority::Unspecified,
             Some("low") => v1::Priority::Low,
             Some("medium") => v1::Priority::Medium,
@@ -321,6 +336,9 @@ mod tests {
             s.journal_warning.unwrap().limit,
             Some(v1::journal_limit::Limit::Bytes(10 << 30))
         );
-        assert!(serde_yaml::from_str::<VpgSpecFile>("name: x\nrecovery_site: s\nvms: []\nbogus: 1\n").is_err());
+        assert!(
+            serde_yaml::from_str::<VpgSpecFile>("name: x\nrecovery_site: s\nvms: []\nbogus: 1\n")
+                .is_err()
+        );
     }
 }

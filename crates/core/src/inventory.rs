@@ -51,13 +51,21 @@ impl Datastore {
             "path",
             "must be an absolute path",
         );
-        v.check(self.path.len() <= 4096, "path", "must be at most 4096 bytes");
+        v.check(
+            self.path.len() <= 4096,
+            "path",
+            "must be at most 4096 bytes",
+        );
         v.check(
             !self.path.split('/').any(|c| c == ".."),
             "path",
             "must not contain '..'",
         );
-        v.check(self.capacity_bytes > 0, "capacity_bytes", "must be positive");
+        v.check(
+            self.capacity_bytes > 0,
+            "capacity_bytes",
+            "must be positive",
+        );
         v.into_result()
     }
 }
@@ -178,7 +186,9 @@ impl Vm {
 pub(crate) fn collect(v: &mut Violations, r: Result<(), DomainError>) {
     if let Err(e) = r {
         match e {
-            DomainError::Invalid(fields) => fields.into_iter().for_each(|f| v.add(f.field, f.message)),
+            DomainError::Invalid(fields) => {
+                fields.into_iter().for_each(|f| v.add(f.field, f.message))
+            }
             other => v.add("", other.to_string()),
         }
     }
@@ -219,7 +229,10 @@ mod tests {
         assert!(vm(vols.clone()).validate().is_ok());
         vols.push(vol(0, 0));
         let err = vm(vols).validate().unwrap_err().to_string();
-        assert!(err.contains("at most 4 SCSI controllers x 15 volumes"), "{err}");
+        assert!(
+            err.contains("at most 4 SCSI controllers x 15 volumes"),
+            "{err}"
+        );
     }
 
     #[test]

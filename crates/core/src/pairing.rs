@@ -32,8 +32,16 @@ impl PeerSite {
     pub fn validate(&self) -> Result<(), DomainError> {
         let mut v = Violations::new();
         collect(&mut v, check_name("name", &self.name));
-        v.check(!self.endpoints.is_empty(), "endpoints", "at least one manager address is needed");
-        v.check(self.endpoints.len() <= 16, "endpoints", "at most 16 addresses");
+        v.check(
+            !self.endpoints.is_empty(),
+            "endpoints",
+            "at least one manager address is needed",
+        );
+        v.check(
+            self.endpoints.len() <= 16,
+            "endpoints",
+            "at most 16 addresses",
+        );
         for (i, e) in self.endpoints.iter().enumerate() {
             collect(&mut v, check_address(&format!("endpoints[{i}]"), e));
         }

@@ -37,25 +37,63 @@ pub struct SiteState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Names the site at bootstrap (idempotent for the same id and name).
-    InitSite { identity: SiteIdentity },
-    IssuePairingToken { token: PairingToken, now_ms: u64 },
+    InitSite {
+        identity: SiteIdentity,
+    },
+    IssuePairingToken {
+        token: PairingToken,
+        now_ms: u64,
+    },
     /// A peer presented `token`: consume it and record the peer.
-    AcceptPairing { token: String, peer: PeerSite, now_ms: u64 },
+    AcceptPairing {
+        token: String,
+        peer: PeerSite,
+        now_ms: u64,
+    },
     /// Records a peer that accepted our pairing request.
-    AddPeer { peer: PeerSite },
-    RemovePeer { id: SiteId },
-    PutHost { host: Host, create: bool },
-    DeleteHost { id: HostId },
-    PutDatastore { datastore: Datastore, create: bool },
-    DeleteDatastore { id: DatastoreId },
-    PutPool { pool: ResourcePool, create: bool },
-    DeletePool { id: PoolId },
-    PutVm { vm: Vm, create: bool },
-    DeleteVm { id: VmId },
+    AddPeer {
+        peer: PeerSite,
+    },
+    RemovePeer {
+        id: SiteId,
+    },
+    PutHost {
+        host: Host,
+        create: bool,
+    },
+    DeleteHost {
+        id: HostId,
+    },
+    PutDatastore {
+        datastore: Datastore,
+        create: bool,
+    },
+    DeleteDatastore {
+        id: DatastoreId,
+    },
+    PutPool {
+        pool: ResourcePool,
+        create: bool,
+    },
+    DeletePool {
+        id: PoolId,
+    },
+    PutVm {
+        vm: Vm,
+        create: bool,
+    },
+    DeleteVm {
+        id: VmId,
+    },
     /// Creates (`expected_generation` = None) or replaces a VPG. The protected site checks
     /// its VMs; the recovery site checks placement and room.
-    PutVpg { vpg: Vpg, expected_generation: Option<u64> },
-    DeleteVpg { id: VpgId },
+    PutVpg {
+        vpg: Vpg,
+        expected_generation: Option<u64>,
+    },
+    DeleteVpg {
+        id: VpgId,
+    },
 }
 
 /// What a successful command returns.
@@ -96,7 +134,11 @@ impl SiteState {
                 self.pairing_tokens.push(token);
                 Ok(Applied::Done)
             }
-            Command::AcceptPairing { token, peer, now_ms } => {
+            Command::AcceptPairing {
+                token,
+                peer,
+                now_ms,
+            } => {
                 self.pairing_tokens.retain(|t| t.expires_at_ms > now_ms);
                 let Some(pos) = self.pairing_tokens.iter().position(|t| t.token == token) else {
                     return Err(DomainError::precondition(
@@ -117,9 +159,11 @@ impl SiteState {
                 if !self.peers.contains_key(&id) {
                     return Err(DomainError::not_found(SiteId::KIND, &id));
                 }
-                if let Some(vpg) = self.vpgs.values().find(|g| {
-                    g.protected_site == id || g.recovery_site == id
-                }) {
+                if let Some(vpg) = self
+                    .vpgs
+                    .values()
+                    .find(|g| g.protected_site == id || g.recovery_site == id)
+                {
                     return Err(DomainError::precondition(format!(
                         "VPG {:?} still replicates with site {id}; delete it first",
                         vpg.name
@@ -130,7 +174,12 @@ impl SiteState {
             }
             Command::PutHost { host, create } => {
                 host.validate()?;
-                self.unique_name(self.hosts.values().map(|h| (&h.id, &h.name)), &host.id, &host.name, "host")?;
+                self.unique_name(
+                    self.hosts.values().map(|h| (&h.id, &h.name)),
+                    &host.id,
+                    &host.name,
+                    "host",
+                )?;
                 put(&mut self.hosts, host.id.clone(), host, create, HostId::KIND)
             }
             Command::DeleteHost { id } => {
@@ -141,7 +190,11 @@ impl SiteState {
                 if let Some(ds) = self.datastores.values().find(|d| d.host_id == id) {
                     return in_use("host", &id, "datastore", &ds.name);
                 }
-                if let Some(g) = self.vpgs.values().find(|g| g.vms.iter().any(|v| v.placement.recovery_host == id)) {
+                if let Some(g) = self
+                    .vpgs
+                    .values()
+                    .find(|g| g.vms.iter().any(|v| v.placement.recovery_host == id))
+                {
                     return in_use("host", &id, "VPG", &g.name);
                 }
                 self.hosts.remove(&id);
@@ -155,10 +208,23 @@ impl SiteState {
                         format!("host {} does not exist", datastore.host_id),
                     ));
                 }
-                self.unique_name(self.datastores.values().map(|d| (&d.id, &d.name)), &datastore.id, &datastore.name, "datastore")?;
+                self.unique_name(
+                    self.datastores.values().map(|d| (&d.id, &d.name)),
+                    &datastore.id,
+                    &datastore.name,
+                    "datastore",
+                )?;
                 if !create {
-                    let committed = RecoveryCommitments::of(self.vpgs.values(), &self.own_id(), &VpgId::minted(String::new()));
-                    let used = committed.datastore_bytes.get(&datastore.id).copied().unwrap_or(0)
+                    let committed = RecoveryCommitments::of(
+                        self.vpgs.values(),
+                        &self.own_id(),
+                        &VpgId::minted(String::new()),
+                    );
+                    let used = committed
+                        .datastore_bytes
+                        .get(&datastore.id)
+                        .copied()
+                        .unwrap_or(0)
                         + self.local_volume_bytes(&datastore.id);
                     if datastore.capacity_bytes < used {
                         return Err(DomainError::invalid(
@@ -167,14 +233,28 @@ impl SiteState {
                         ));
                     }
                 }
-                put(&mut self.datastores, datastore.id.clone(), datastore, create, DatastoreId::KIND)
+                put(
+                    &mut self.datastores,
+                    datastore.id.clone(),
+                    datastore,
+                    create,
+                    DatastoreId::KIND,
+                )
             }
             Command::DeleteDatastore { id } => {
                 exists(&self.datastores, &id, DatastoreId::KIND)?;
-                if let Some(vm) = self.vms.values().find(|v| v.volumes.iter().any(|vol| vol.datastore_id == id)) {
+                if let Some(vm) = self
+                    .vms
+                    .values()
+                    .find(|v| v.volumes.iter().any(|vol| vol.datastore_id == id))
+                {
                     return in_use("datastore", &id, "VM", &vm.name);
                 }
-                if let Some(g) = self.vpgs.values().find(|g| g.vms.iter().any(|v| v.placement.recovery_datastore == id)) {
+                if let Some(g) = self
+                    .vpgs
+                    .values()
+                    .find(|g| g.vms.iter().any(|v| v.placement.recovery_datastore == id))
+                {
                     return in_use("datastore", &id, "VPG", &g.name);
                 }
                 self.datastores.remove(&id);
@@ -182,12 +262,21 @@ impl SiteState {
             }
             Command::PutPool { pool, create } => {
                 pool.validate()?;
-                self.unique_name(self.pools.values().map(|p| (&p.id, &p.name)), &pool.id, &pool.name, "resource pool")?;
+                self.unique_name(
+                    self.pools.values().map(|p| (&p.id, &p.name)),
+                    &pool.id,
+                    &pool.name,
+                    "resource pool",
+                )?;
                 put(&mut self.pools, pool.id.clone(), pool, create, PoolId::KIND)
             }
             Command::DeletePool { id } => {
                 exists(&self.pools, &id, PoolId::KIND)?;
-                if let Some(g) = self.vpgs.values().find(|g| g.vms.iter().any(|v| v.placement.recovery_pool == id)) {
+                if let Some(g) = self
+                    .vpgs
+                    .values()
+                    .find(|g| g.vms.iter().any(|v| v.placement.recovery_pool == id))
+                {
                     return in_use("resource pool", &id, "VPG", &g.name);
                 }
                 self.pools.remove(&id);
@@ -209,7 +298,12 @@ impl SiteState {
                     );
                 }
                 v.into_result()?;
-                self.unique_name(self.vms.values().map(|m| (&m.id, &m.name)), &vm.id, &vm.name, "VM")?;
+                self.unique_name(
+                    self.vms.values().map(|m| (&m.id, &m.name)),
+                    &vm.id,
+                    &vm.name,
+                    "VM",
+                )?;
                 put(&mut self.vms, vm.id.clone(), vm, create, VmId::KIND)
             }
             Command::DeleteVm { id } => {
@@ -220,7 +314,10 @@ impl SiteState {
                 self.vms.remove(&id);
                 Ok(Applied::Done)
             }
-            Command::PutVpg { vpg, expected_generation } => self.put_vpg(vpg, expected_generation),
+            Command::PutVpg {
+                vpg,
+                expected_generation,
+            } => self.put_vpg(vpg, expected_generation),
             Command::DeleteVpg { id } => {
                 exists(&self.vpgs, &id, VpgId::KIND)?;
                 self.vpgs.remove(&id);
@@ -235,7 +332,9 @@ impl SiteState {
     }
 
     fn own_id(&self) -> SiteId {
-        self.site_id().cloned().unwrap_or_else(|| SiteId::minted(String::new()))
+        self.site_id()
+            .cloned()
+            .unwrap_or_else(|| SiteId::minted(String::new()))
     }
 
     fn local_volume_bytes(&self, ds: &DatastoreId) -> u64 {
@@ -251,7 +350,11 @@ impl SiteState {
         if Some(&peer.id) == self.site_id() {
             return Err(DomainError::precondition("a site cannot pair with itself"));
         }
-        if self.peers.values().any(|p| p.name == peer.name && p.id != peer.id) {
+        if self
+            .peers
+            .values()
+            .any(|p| p.name == peer.name && p.id != peer.id)
+        {
             return Err(DomainError::AlreadyExists {
                 kind: "peer site".into(),
                 name: peer.name.clone(),
@@ -329,7 +432,11 @@ impl SiteState {
         } else {
             &vpg.protected_site
         };
-        v.check(peer != &own, "recovery_site", "protected and recovery site must differ");
+        v.check(
+            peer != &own,
+            "recovery_site",
+            "protected and recovery site must differ",
+        );
         v.check(
             vpg.protected_site == own || vpg.recovery_site == own,
             "recovery_site",
@@ -366,7 +473,11 @@ impl SiteState {
             match self.vms.get(id) {
                 None => v.add(format!("vms[{i}].vm_id"), format!("VM {id} does not exist")),
                 Some(_) => {
-                    if let Some(other) = self.vpgs.values().find(|g| g.id != vpg.id && g.vm_ids().any(|x| x == id)) {
+                    if let Some(other) = self
+                        .vpgs
+                        .values()
+                        .find(|g| g.id != vpg.id && g.vm_ids().any(|x| x == id))
+                    {
                         v.add(
                             format!("vms[{i}].vm_id"),
                             format!("VM {id} is already protected by VPG {:?}", other.name),
@@ -376,7 +487,10 @@ impl SiteState {
             }
             let fp = &vm.footprint;
             let disks = fp.provisioned_bytes();
-            if let (Some(w), Some(h)) = (fp.journal_warning.resolve(disks), fp.journal_hard_limit.resolve(disks)) {
+            if let (Some(w), Some(h)) = (
+                fp.journal_warning.resolve(disks),
+                fp.journal_hard_limit.resolve(disks),
+            ) {
                 v.check(
                     w < h,
                     format!("vms[{i}].journal_warning"),
@@ -387,15 +501,29 @@ impl SiteState {
     }
 
     fn check_recovery_side(&self, vpg: &Vpg, v: &mut Violations) {
-        let mut committed = RecoveryCommitments::of(self.vpgs.values(), &vpg.recovery_site, &vpg.id);
+        let mut committed =
+            RecoveryCommitments::of(self.vpgs.values(), &vpg.recovery_site, &vpg.id);
         let mut placed: Vec<&VpgVm> = Vec::new();
         for (i, vm) in vpg.vms.iter().enumerate() {
             let p = &vm.placement;
             let f = |n: &str| format!("vms[{i}].{n}");
             let host = self.hosts.get(&p.recovery_host);
-            v.check(host.is_some(), f("recovery_host"), format!("host {} does not exist at the recovery site", p.recovery_host));
+            v.check(
+                host.is_some(),
+                f("recovery_host"),
+                format!(
+                    "host {} does not exist at the recovery site",
+                    p.recovery_host
+                ),
+            );
             match self.datastores.get(&p.recovery_datastore) {
-                None => v.add(f("recovery_datastore"), format!("datastore {} does not exist at the recovery site", p.recovery_datastore)),
+                None => v.add(
+                    f("recovery_datastore"),
+                    format!(
+                        "datastore {} does not exist at the recovery site",
+                        p.recovery_datastore
+                    ),
+                ),
                 Some(ds) => v.check(
                     ds.host_id == p.recovery_host,
                     f("recovery_datastore"),
@@ -405,15 +533,24 @@ impl SiteState {
             v.check(
                 self.pools.contains_key(&p.recovery_pool),
                 f("recovery_pool"),
-                format!("resource pool {} does not exist at the recovery site", p.recovery_pool),
+                format!(
+                    "resource pool {} does not exist at the recovery site",
+                    p.recovery_pool
+                ),
             );
             committed.add(vm);
             placed.push(vm);
         }
         for (ds_id, need) in &committed.datastore_bytes {
-            let Some(ds) = self.datastores.get(ds_id) else { continue };
+            let Some(ds) = self.datastores.get(ds_id) else {
+                continue;
+            };
             let total = need + self.local_volume_bytes(ds_id);
-            if total > ds.capacity_bytes && placed.iter().any(|p| &p.placement.recovery_datastore == ds_id) {
+            if total > ds.capacity_bytes
+                && placed
+                    .iter()
+                    .any(|p| &p.placement.recovery_datastore == ds_id)
+            {
                 v.add(
                     "vms.recovery_datastore",
                     format!(
@@ -424,7 +561,9 @@ impl SiteState {
             }
         }
         for (pool_id, (cpu, mem, storage)) in &committed.pool {
-            let Some(pool) = self.pools.get(pool_id) else { continue };
+            let Some(pool) = self.pools.get(pool_id) else {
+                continue;
+            };
             if !placed.iter().any(|p| &p.placement.recovery_pool == pool_id) {
                 continue;
             }
@@ -460,7 +599,10 @@ fn put<K: Ord + std::fmt::Display, V>(
     kind: &str,
 ) -> CommandOutcome {
     match (map.contains_key(&id), create) {
-        (true, true) => Err(DomainError::AlreadyExists { kind: kind.into(), name: id.to_string() }),
+        (true, true) => Err(DomainError::AlreadyExists {
+            kind: kind.into(),
+            name: id.to_string(),
+        }),
         (false, false) => Err(DomainError::not_found(kind, &id)),
         _ => {
             map.insert(id, value);
@@ -469,10 +611,20 @@ fn put<K: Ord + std::fmt::Display, V>(
     }
 }
 
-fn exists<K: Ord + std::fmt::Display, V>(map: &BTreeMap<K, V>, id: &K, kind: &str) -> Result<(), DomainError> {
-    if map.contains_key(id) { Ok(()) } else { Err(DomainError::not_found(kind, id)) }
+fn exists<K: Ord + std::fmt::Display, V>(
+    map: &BTreeMap<K, V>,
+    id: &K,
+    kind: &str,
+) -> Result<(), DomainError> {
+    if map.contains_key(id) {
+        Ok(())
+    } else {
+        Err(DomainError::not_found(kind, id))
+    }
 }
 
 fn in_use(kind: &str, id: &impl std::fmt::Display, user_kind: &str, user: &str) -> CommandOutcome {
-    Err(DomainError::precondition(format!("{kind} {id} is used by {user_kind} {user:?}")))
+    Err(DomainError::precondition(format!(
+        "{kind} {id} is used by {user_kind} {user:?}"
+    )))
 }

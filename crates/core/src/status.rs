@@ -307,7 +307,11 @@ impl VpgObservation {
                 return state(S::NotMeetingSla, Sub::DeltaSyncing, AlertColor::Orange);
             }
             Some(SyncKind::VolumeDelta) => {
-                return state(S::NotMeetingSla, Sub::DeltaSyncingAVolume, AlertColor::Orange);
+                return state(
+                    S::NotMeetingSla,
+                    Sub::DeltaSyncingAVolume,
+                    AlertColor::Orange,
+                );
             }
             Some(kind) => kind.substatus(),
             None if self.backup_running => Sub::BackingUp,
@@ -364,12 +368,18 @@ mod tests {
 
     #[test]
     fn display_strings_match_the_seed() {
-        assert_eq!(VpgStatus::RpoNotMeetingSla.to_string(), "RPO Not Meeting SLA");
+        assert_eq!(
+            VpgStatus::RpoNotMeetingSla.to_string(),
+            "RPO Not Meeting SLA"
+        );
         assert_eq!(
             VpgSubstatus::SiteDisconnectionNoCheckpoints.to_string(),
             "Site disconnection. No checkpoints"
         );
-        assert_eq!(VpgSubstatus::VpgWaitingToBeRemoved.as_str(), "VPG waiting to be removed");
+        assert_eq!(
+            VpgSubstatus::VpgWaitingToBeRemoved.as_str(),
+            "VPG waiting to be removed"
+        );
         assert_eq!(
             SyncTrigger::RecoveryOrJournalStorageError.as_str(),
             "Recovery or Journal Storage Error"
@@ -448,7 +458,10 @@ mod tests {
         assert_eq!(o.evaluate().substatus, VpgSubstatus::SiteDisconnection);
         assert_eq!(o.evaluate().alert, AlertColor::Red);
         o.has_checkpoints = false;
-        assert_eq!(o.evaluate().substatus, VpgSubstatus::SiteDisconnectionNoCheckpoints);
+        assert_eq!(
+            o.evaluate().substatus,
+            VpgSubstatus::SiteDisconnectionNoCheckpoints
+        );
         o.faults.push(Fault::JournalStorage);
         assert_eq!(o.evaluate().substatus, VpgSubstatus::JournalStorageError);
         let mut o = healthy();

@@ -58,7 +58,9 @@ impl JournalLimit {
     fn check(self, field: &str, v: &mut Violations) {
         match self {
             JournalLimit::Bytes(b) => v.check(b >= 1 << 30, field, "must be at least 1 GiB"),
-            JournalLimit::Percent(p) => v.check((1..=100).contains(&p), field, "percent must be 1..100"),
+            JournalLimit::Percent(p) => {
+                v.check((1..=100).contains(&p), field, "percent must be 1..100")
+            }
             JournalLimit::Unlimited => {}
         }
     }
@@ -113,11 +115,13 @@ impl VpgSettings {
             format!("must be {MIN_TARGET_RPO_SECS}..{MAX_TARGET_RPO_SECS} seconds"),
         );
         v.check(
-            (MIN_JOURNAL_HISTORY_SECS..=MAX_JOURNAL_HISTORY_SECS).contains(&self.journal_history_secs),
+            (MIN_JOURNAL_HISTORY_SECS..=MAX_JOURNAL_HISTORY_SECS)
+                .contains(&self.journal_history_secs),
             "settings.journal_history_secs",
             "must be from 1 hour (3600) to 30 days (2592000)",
         );
-        self.journal_hard_limit.check("settings.journal_hard_limit", v);
+        self.journal_hard_limit
+            .check("settings.journal_hard_limit", v);
         self.journal_warning.check("settings.journal_warning", v);
         let below = match (self.journal_warning, self.journal_hard_limit) {
             (_, JournalLimit::Unlimited) => true,

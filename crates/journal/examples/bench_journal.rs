@@ -100,7 +100,8 @@ fn append(dir: &Path, m: &HashMap<String, String>) {
             tasks.push(tokio::spawn(async move {
                 let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
                 for i in 0..per_writer {
-                    let offset = ((w * per_writer + i) * record_size as u64) % (vol_size - 1 << 20);
+                    let offset =
+                        ((w * per_writer + i) * record_size as u64) % (vol_size - (1 << 20));
                     let t = Instant::now();
                     j.append_next(
                         Generation(1),

@@ -1566,6 +1566,12 @@ fn enforce_hard_limit(shared: &Shared) -> Result<Option<PromoteReport>> {
     let Some(hard) = shared.cfg.hard_limit_bytes else {
         return Ok(None);
     };
+    // Hold the promotion lock throughout, so that the target is chosen with no other
+    // promotion in flight.
+    let _one = shared
+        .promote_lock
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let target = {
         let st = shared.lock();
         let size = st.size();
@@ -1606,7 +1612,11 @@ fn enforce_hard_limit(shared: &Shared) -> Result<Option<PromoteReport>> {
         capped
     };
     let report = if target > shared.lock().usable_floor() {
-        Some(promote_through(shared, target, PromoteReason::HardLimit)?)
+        Some(promote_through_locked(
+            shared,
+            target,
+            PromoteReason::HardLimit,
+        )?)
     } else {
         None
     };
@@ -1633,6 +1643,15 @@ fn promote_through(shared: &Shared, target: Seq, reason: PromoteReason) -> Resul
         .promote_lock
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    promote_through_locked(shared, target, reason)
+}
+
+/// [`promote_through`] for a caller that holds the promotion lock.
+fn promote_through_locked(
+    shared: &Shared,
+    target: Seq,
+    reason: PromoteReason,
+) -> Result<PromoteReport> {
     type SegRef = (SegmentId, PathBuf, Arc<std::fs::File>, u64, u64);
     let (from, generation, segs): (Seq, Generation, Vec<SegRef>) = {
         let mut st = shared.lock();

@@ -10,8 +10,9 @@ use anyhow::{Context, Result, bail};
 use tandem_proto::v1;
 use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient, host_service_client::HostServiceClient,
-    resource_pool_service_client::ResourcePoolServiceClient, site_service_client::SiteServiceClient,
-    vm_service_client::VmServiceClient, vpg_service_client::VpgServiceClient,
+    resource_pool_service_client::ResourcePoolServiceClient,
+    site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
+    vpg_service_client::VpgServiceClient,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -50,7 +51,11 @@ async fn channel(endpoints: &[String]) -> Result<Channel> {
 }
 
 /// Creates hosts, datastores, a pool and VMs on one site; returns (hosts, datastores, pool, vms).
-async fn inventory(ch: &Channel, site: &str, vms: usize) -> Result<(Vec<String>, Vec<String>, String, Vec<String>)> {
+async fn inventory(
+    ch: &Channel,
+    site: &str,
+    vms: usize,
+) -> Result<(Vec<String>, Vec<String>, String, Vec<String>)> {
     let mut hosts = Vec::new();
     let mut stores = Vec::new();
     for h in 1..=2 {
@@ -114,7 +119,14 @@ async fn inventory(ch: &Channel, site: &str, vms: usize) -> Result<(Vec<String>,
     Ok((hosts, stores, pool.id, ids))
 }
 
-fn vpg_spec(name: &str, recovery_site: &str, vms: &[String], hosts: &[String], stores: &[String], pool: &str) -> v1::VpgSpec {
+fn vpg_spec(
+    name: &str,
+    recovery_site: &str,
+    vms: &[String],
+    hosts: &[String],
+    stores: &[String],
+    pool: &str,
+) -> v1::VpgSpec {
     v1::VpgSpec {
         name: name.into(),
         recovery_site_id: recovery_site.into(),
@@ -139,7 +151,11 @@ fn vpg_spec(name: &str, recovery_site: &str, vms: &[String], hosts: &[String], s
     }
 }
 
-pub async fn run(dir: Option<PathBuf>, keep: bool, shutdown: CancellationToken) -> Result<ExitCode> {
+pub async fn run(
+    dir: Option<PathBuf>,
+    keep: bool,
+    shutdown: CancellationToken,
+) -> Result<ExitCode> {
     let tmp;
     let dir = match dir {
         Some(d) => d,
@@ -148,13 +164,20 @@ pub async fn run(dir: Option<PathBuf>, keep: bool, shutdown: CancellationToken) 
             tmp.clone()
         }
     };
-    println!("Tandem demo: two sites x 3 managers on loopback (lab in {})", dir.display());
+    println!(
+        "Tandem demo: two sites x 3 managers on loopback (lab in {})",
+        dir.display()
+    );
     let mut report = Report { failures: 0 };
 
     let t = Instant::now();
     let mut lab = match Lab::up(&dir, 2, 3).await {
         Ok(lab) => {
-            report.step("start 2 sites x 3 managers", t, Ok(format!("lab.json in {}", dir.display())));
+            report.step(
+                "start 2 sites x 3 managers",
+                t,
+                Ok(format!("lab.json in {}", dir.display())),
+            );
             lab
         }
         Err(e) => {
@@ -168,16 +191,27 @@ pub async fn run(dir: Option<PathBuf>, keep: bool, shutdown: CancellationToken) 
         println!("FAIL  demo stopped: {e:#}");
     }
     if keep && report.failures == 0 {
-        println!("lab kept running (Ctrl-C stops it): tandem -e {}", lab.endpoints(0).join(","));
+        println!(
+            "lab kept running (Ctrl-C stops it): tandem -e {}",
+            lab.endpoints(0).join(",")
+        );
         shutdown.cancelled().await;
     }
     lab.down().await;
     println!(
         "{} passed, {} failed",
-        if report.failures == 0 { "all steps" } else { "some steps" },
+        if report.failures == 0 {
+            "all steps"
+        } else {
+            "some steps"
+        },
         report.failures
     );
-    Ok(if report.failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn steps(lab: &mut Lab, report: &mut Report) -> Result<()> {
@@ -205,10 +239,17 @@ async fn steps(lab: &mut Lab, report: &mut Report) -> Result<()> {
         if b_peers.peers.len() != 1 {
             bail!("site-b records {} peers, expected 1", b_peers.peers.len());
         }
-        Ok(format!("site-a paired with {} ({}); both sites record the pair", peer.name, peer.id))
+        Ok(format!(
+            "site-a paired with {} ({}); both sites record the pair",
+            peer.name, peer.id
+        ))
     }
     .await;
-    let site_b_id = SiteServiceClient::new(b.clone()).get_site(v1::GetSiteRequest {}).await?.into_inner().id;
+    let site_b_id = SiteServiceClient::new(b.clone())
+        .get_site(v1::GetSiteRequest {})
+        .await?
+        .into_inner()
+        .id;
     report.step("pair site-a with site-b (one-time token)", t, r);
 
     let t = Instant::now();
@@ -220,7 +261,11 @@ async fn steps(lab: &mut Lab, report: &mut Report) -> Result<()> {
     .await;
     let ((_, _, _, vms), (b_hosts, b_stores, b_pool, _)) = match inv {
         Ok(v) => {
-            report.step("create hosts, datastores, pools, 4 VMs", t, Ok("2 hosts per site, 8 volumes".into()));
+            report.step(
+                "create hosts, datastores, pools, 4 VMs",
+                t,
+                Ok("2 hosts per site, 8 volumes".into()),
+            );
             v
         }
         Err(e) => {
@@ -234,7 +279,9 @@ async fn steps(lab: &mut Lab, report: &mut Report) -> Result<()> {
         let vpg = VpgServiceClient::new(a.clone())
             .create_vpg(v1::CreateVpgRequest {
                 id: "vpg-web".into(),
-                spec: Some(vpg_spec("web-tier", &site_b_id, &vms, &b_hosts, &b_stores, &b_pool)),
+                spec: Some(vpg_spec(
+                    "web-tier", &site_b_id, &vms, &b_hosts, &b_stores, &b_pool,
+                )),
             })
             .await?
             .into_inner();
@@ -259,7 +306,14 @@ async fn steps(lab: &mut Lab, report: &mut Report) -> Result<()> {
 
     let t = Instant::now();
     let r = async {
-        let mut spec = vpg_spec("too-big", &site_b_id, &vms[..0], &b_hosts, &b_stores, &b_pool);
+        let mut spec = vpg_spec(
+            "too-big",
+            &site_b_id,
+            &vms[..0],
+            &b_hosts,
+            &b_stores,
+            &b_pool,
+        );
         spec.vms = vec![v1::VmPlacement {
             vm_id: vms[0].clone(),
             recovery_host_id: b_hosts[0].clone(),
@@ -267,11 +321,16 @@ async fn steps(lab: &mut Lab, report: &mut Report) -> Result<()> {
             recovery_pool_id: b_pool.clone(),
         }];
         match VpgServiceClient::new(a.clone())
-            .create_vpg(v1::CreateVpgRequest { id: String::new(), spec: Some(spec) })
+            .create_vpg(v1::CreateVpgRequest {
+                id: String::new(),
+                spec: Some(spec),
+            })
             .await
         {
             Ok(_) => bail!("a VM already protected was accepted into a second VPG"),
-            Err(s) if s.code() == tonic::Code::InvalidArgument => Ok(format!("refused: {}", s.message())),
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                Ok(format!("refused: {}", s.message()))
+            }
             Err(s) => bail!("unexpected error {s}"),
         }
     }
@@ -289,10 +348,10 @@ async fn steps(lab: &mut Lab, report: &mut Report) -> Result<()> {
         let survivor = lab.sites[0].iter().find(|p| p.id != leader).context("no survivor")?.api.clone();
         let deadline = Instant::now() + Duration::from_secs(10);
         let new_leader = loop {
-            if let Ok(s) = wait_leader(&survivor, 3, Duration::from_millis(500)).await {
-                if s.leader_id != leader {
-                    break s.leader_id;
-                }
+            if let Ok(s) = wait_leader(&survivor, 3, Duration::from_millis(500)).await
+                && s.leader_id != leader
+            {
+                break s.leader_id;
             }
             if Instant::now() > deadline {
                 bail!("no new leader within 10 s");
@@ -312,7 +371,11 @@ async fn steps(lab: &mut Lab, report: &mut Report) -> Result<()> {
     report.step("kill -9 site-a leader, new leader, state kept", t, r);
 
     let ch = channel(&lab.endpoints(0)).await?;
-    let csv = VpgServiceClient::new(ch).export_vpgs_csv(v1::ListRequest {}).await?.into_inner().csv;
+    let csv = VpgServiceClient::new(ch)
+        .export_vpgs_csv(v1::ListRequest {})
+        .await?
+        .into_inner()
+        .csv;
     println!("\nVPGs at site-a (CSV export):\n{csv}");
     Ok(())
 }

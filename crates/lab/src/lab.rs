@@ -36,7 +36,8 @@ pub struct ManagerEntry {
 impl LabFile {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("lab.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
@@ -100,7 +101,10 @@ impl ManagerProcess {
             .args(["--bootstrap", bootstrap])
             .arg("--addr-file")
             .arg(&addr_file)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -110,25 +114,29 @@ impl ManagerProcess {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file) {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                    self.api = v["api"].as_str().unwrap_or_default().to_string();
-                    self.raft = v["raft"].as_str().unwrap_or_default().to_string();
-                    return Ok(());
-                }
+            if let Ok(text) = std::fs::read_to_string(&addr_file)
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            {
+                self.api = v["api"].as_str().unwrap_or_default().to_string();
+                self.raft = v["raft"].as_str().unwrap_or_default().to_string();
+                return Ok(());
             }
-            if let Some(c) = self.child.as_mut() {
-                if let Some(status) = c.try_wait()? {
-                    bail!(
-                        "manager {} of {} exited at start ({status}); see {}",
-                        self.id,
-                        self.site,
-                        self.dir.join("manager.log").display()
-                    );
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!(
+                    "manager {} of {} exited at start ({status}); see {}",
+                    self.id,
+                    self.site,
+                    self.dir.join("manager.log").display()
+                );
             }
             if Instant::now() > deadline {
-                bail!("manager {} of {} did not start listening", self.id, self.site);
+                bail!(
+                    "manager {} of {} did not start listening",
+                    self.id,
+                    self.site
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -144,7 +152,9 @@ impl ManagerProcess {
 
     /// SIGTERM, then SIGKILL after `grace`.
     pub async fn stop(&mut self, grace: Duration) -> Result<()> {
-        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
         if let Some(pid) = child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
         }

@@ -69,8 +69,7 @@ fn shutdown_token() -> CancellationToken {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -137,7 +136,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Serve { listen, files } => {
             let shutdown = shutdown_token();
             let listener = tokio::net::TcpListener::bind(&listen).await?;
-            println!("serving {} file(s) over NBD on {}", files.len(), listener.local_addr()?);
+            println!(
+                "serving {} file(s) over NBD on {}",
+                files.len(),
+                listener.local_addr()?
+            );
             tandem_nbd::serve_files(listener, files, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -87,8 +87,10 @@ fn default_log_format() -> String {
 impl Config {
     /// Reads a TOML file, then applies environment overrides.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut c: Config = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut c: Config =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         c.apply_env(|k| std::env::var(k).ok())?;
         c.check()?;
         Ok(c)
@@ -172,10 +174,16 @@ raft = "127.0.0.1:4"
         )
         .unwrap();
         c.check().unwrap();
-        c.apply_env(|k| (k == "TANDEM_SITE_NAME").then(|| "b".to_string())).unwrap();
+        c.apply_env(|k| (k == "TANDEM_SITE_NAME").then(|| "b".to_string()))
+            .unwrap();
         assert_eq!(c.site_name, "b");
         c.node_id = 9;
         assert!(c.check().is_err());
-        assert!(toml::from_str::<Config>("node_id = 1\nsite_name = \"a\"\ndata_dir = \"/x\"\nbogus = 1\n").is_err());
+        assert!(
+            toml::from_str::<Config>(
+                "node_id = 1\nsite_name = \"a\"\ndata_dir = \"/x\"\nbogus = 1\n"
+            )
+            .is_err()
+        );
     }
 }

@@ -48,8 +48,10 @@ pub async fn run(
         },
     );
     store_config.heartbeat_interval = std::time::Duration::from_millis(config.heartbeat_ms);
-    store_config.election_timeout_min = std::time::Duration::from_millis(config.election_timeout_min_ms);
-    store_config.election_timeout_max = std::time::Duration::from_millis(config.election_timeout_max_ms);
+    store_config.election_timeout_min =
+        std::time::Duration::from_millis(config.election_timeout_min_ms);
+    store_config.election_timeout_max =
+        std::time::Duration::from_millis(config.election_timeout_max_ms);
     let store = SiteStore::open(store_config, Transport::default())
         .await
         .context("opening the store")?;
@@ -70,7 +72,11 @@ pub async fn run(
         }
     });
 
-    let node = Arc::new(ManagerNode::new(store, net::Connector::default(), api_addr.clone()));
+    let node = Arc::new(ManagerNode::new(
+        store,
+        net::Connector::default(),
+        api_addr.clone(),
+    ));
     let site = SiteManager::new(node.clone(), net::Connector::default());
     let api_shutdown = shutdown.clone();
     let api_site = site.clone();
@@ -81,7 +87,8 @@ pub async fn run(
     });
 
     if let Some(path) = &config.addr_file {
-        let json = serde_json::json!({ "api": api_addr, "raft": raft_addr, "node_id": config.node_id });
+        let json =
+            serde_json::json!({ "api": api_addr, "raft": raft_addr, "node_id": config.node_id });
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, json.to_string())?;
         std::fs::rename(&tmp, path)?;
@@ -89,8 +96,14 @@ pub async fn run(
 
     let bootstraps = match config.bootstrap {
         Bootstrap::Single => {
-            let members = BTreeMap::from([(config.node_id, NodeInfo::new(raft_addr.clone(), api_addr.clone()))]);
-            node.store().initialize(members).await.context("initializing the cluster")?;
+            let members = BTreeMap::from([(
+                config.node_id,
+                NodeInfo::new(raft_addr.clone(), api_addr.clone()),
+            )]);
+            node.store()
+                .initialize(members)
+                .await
+                .context("initializing the cluster")?;
             true
         }
         Bootstrap::Members => {
@@ -101,7 +114,10 @@ pub async fn run(
                     .iter()
                     .map(|m| (m.id, NodeInfo::new(m.raft.clone(), m.api.clone())))
                     .collect();
-                node.store().initialize(members).await.context("initializing the cluster")?;
+                node.store()
+                    .initialize(members)
+                    .await
+                    .context("initializing the cluster")?;
                 true
             } else {
                 false

@@ -64,20 +64,40 @@ fn config(a: Args) -> Result<Config> {
             c
         }
     };
-    if let Some(v) = a.node_id { c.node_id = v; }
-    if let Some(v) = a.site_name { c.site_name = v; }
-    if let Some(v) = a.data_dir { c.data_dir = v; }
-    if let Some(v) = a.api_listen { c.api_listen = v; }
-    if let Some(v) = a.raft_listen { c.raft_listen = v; }
-    if let Some(v) = a.api_advertise { c.api_advertise = Some(v); }
-    if let Some(v) = a.raft_advertise { c.raft_advertise = Some(v); }
+    if let Some(v) = a.node_id {
+        c.node_id = v;
+    }
+    if let Some(v) = a.site_name {
+        c.site_name = v;
+    }
+    if let Some(v) = a.data_dir {
+        c.data_dir = v;
+    }
+    if let Some(v) = a.api_listen {
+        c.api_listen = v;
+    }
+    if let Some(v) = a.raft_listen {
+        c.raft_listen = v;
+    }
+    if let Some(v) = a.api_advertise {
+        c.api_advertise = Some(v);
+    }
+    if let Some(v) = a.raft_advertise {
+        c.raft_advertise = Some(v);
+    }
     if !a.members.is_empty() {
         c.members = a.members.iter().map(|m| member(m)).collect::<Result<_>>()?;
         c.bootstrap = Bootstrap::Members;
     }
-    if let Some(v) = a.bootstrap { c.bootstrap = v; }
-    if let Some(v) = a.addr_file { c.addr_file = Some(v); }
-    if let Some(v) = a.log_format { c.log_format = v; }
+    if let Some(v) = a.bootstrap {
+        c.bootstrap = v;
+    }
+    if let Some(v) = a.addr_file {
+        c.addr_file = Some(v);
+    }
+    if let Some(v) = a.log_format {
+        c.log_format = v;
+    }
     c.check()?;
     Ok(c)
 }
@@ -85,7 +105,9 @@ fn config(a: Args) -> Result<Config> {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,openraft=warn,sled=warn,h2=warn,tower=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {

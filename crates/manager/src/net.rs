@@ -31,7 +31,9 @@ impl Connector {
             format!("http://{addr}")
         };
         Ok(Endpoint::from_shared(uri)
-            .map_err(|e| ApiError::Domain(tandem_core::DomainError::invalid("endpoint", e.to_string())))?
+            .map_err(|e| {
+                ApiError::Domain(tandem_core::DomainError::invalid("endpoint", e.to_string()))
+            })?
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout)
             .tcp_nodelay(true))

@@ -67,17 +67,22 @@ impl ManagerNode {
         out
     }
 
-    fn leader_api(&self, leader: &NodeInfo) -> ApiResult<ManagerInternalClient<tonic::transport::Channel>> {
-        Ok(ManagerInternalClient::new(self.connector.lazy(&leader.api_addr)?))
+    fn leader_api(
+        &self,
+        leader: &NodeInfo,
+    ) -> ApiResult<ManagerInternalClient<tonic::transport::Channel>> {
+        Ok(ManagerInternalClient::new(
+            self.connector.lazy(&leader.api_addr)?,
+        ))
     }
 
     /// Proposes on this node, which must be the leader.
     pub async fn propose_local(&self, cmd: Command) -> ApiResult<CommandOutcome> {
         match self.store.propose(cmd).await {
             Ok(outcome) => Ok(outcome),
-            Err(ProposeError::ForwardToLeader { leader_id, .. }) => Err(ApiError::unavailable(format!(
-                "this node is not the leader (node {leader_id} is)"
-            ))),
+            Err(ProposeError::ForwardToLeader { leader_id, .. }) => Err(ApiError::unavailable(
+                format!("this node is not the leader (node {leader_id} is)"),
+            )),
             Err(e) => Err(ApiError::unavailable(e)),
         }
     }
@@ -92,9 +97,12 @@ impl ManagerNode {
                     .leader_api(&leader)?
                     .propose(v1::ProposeRequest { command_json: json })
                     .await
-                    .map_err(|s| ApiError::unavailable(format!("forwarding to leader: {}", s.message())))?
+                    .map_err(|s| {
+                        ApiError::unavailable(format!("forwarding to leader: {}", s.message()))
+                    })?
                     .into_inner();
-                serde_json::from_slice::<CommandOutcome>(&reply.outcome_json).map_err(ApiError::internal)?
+                serde_json::from_slice::<CommandOutcome>(&reply.outcome_json)
+                    .map_err(ApiError::internal)?
             }
             Err(e) => return Err(ApiError::unavailable(e)),
         };
@@ -104,12 +112,16 @@ impl ManagerNode {
     /// The leader's side of a follower read: confirms leadership, returns the index a
     /// reader must have applied.
     pub async fn leader_read_index(&self) -> ApiResult<u64> {
-        self.store.read_index().await.map(|i| i.unwrap_or(0)).map_err(|e| match e {
-            ReadError::ForwardToLeader { leader_id, .. } => {
-                ApiError::unavailable(format!("this node is not the leader (node {leader_id} is)"))
-            }
-            other => ApiError::unavailable(other),
-        })
+        self.store
+            .read_index()
+            .await
+            .map(|i| i.unwrap_or(0))
+            .map_err(|e| match e {
+                ReadError::ForwardToLeader { leader_id, .. } => ApiError::unavailable(format!(
+                    "this node is not the leader (node {leader_id} is)"
+                )),
+                other => ApiError::unavailable(other),
+            })
     }
 
     /// A linearizable read of the state on any node.
@@ -123,7 +135,9 @@ impl ManagerNode {
                 self.leader_api(&leader)?
                     .read_index(v1::ReadIndexRequest {})
                     .await
-                    .map_err(|s| ApiError::unavailable(format!("read index from leader: {}", s.message())))?
+                    .map_err(|s| {
+                        ApiError::unavailable(format!("read index from leader: {}", s.message()))
+                    })?
                     .into_inner()
                     .index
             }
@@ -164,13 +178,21 @@ impl ManagerNode {
                 "membership changes go to the leader at {}",
                 leader.api_addr
             )),
-            MembershipError::Rejected(m) => ApiError::Domain(tandem_core::DomainError::precondition(m)),
+            MembershipError::Rejected(m) => {
+                ApiError::Domain(tandem_core::DomainError::precondition(m))
+            }
             other => ApiError::unavailable(other),
         }
     }
 
     /// Adds a node as a learner (waiting until it caught up), then makes it a voter.
-    pub async fn add_node(&self, id: NodeId, api: String, raft: String, voter: bool) -> ApiResult<()> {
+    pub async fn add_node(
+        &self,
+        id: NodeId,
+        api: String,
+        raft: String,
+        voter: bool,
+    ) -> ApiResult<()> {
         self.store
             .add_learner(id, NodeInfo::new(raft, api), true)
             .await
@@ -188,7 +210,10 @@ impl ManagerNode {
         }
         let mut voters: BTreeSet<NodeId> = m.voters.clone();
         voters.insert(id);
-        self.store.change_membership(voters, false).await.map_err(Self::membership_error)
+        self.store
+            .change_membership(voters, false)
+            .await
+            .map_err(Self::membership_error)
     }
 
     pub async fn remove(&self, id: NodeId) -> ApiResult<()> {
@@ -197,8 +222,13 @@ impl ManagerNode {
             return Err(tandem_core::DomainError::not_found("node", id).into());
         }
         if m.voters.len() == 1 && m.voters.contains(&id) {
-            return Err(tandem_core::DomainError::precondition("cannot remove the last voter").into());
+            return Err(
+                tandem_core::DomainError::precondition("cannot remove the last voter").into(),
+            );
         }
-        self.store.remove_node(id).await.map_err(Self::membership_error)
+        self.store
+            .remove_node(id)
+            .await
+            .map_err(Self::membership_error)
     }
 }

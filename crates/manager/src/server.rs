@@ -17,7 +17,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::api::{cluster::ClusterApi, internal::{InternalApi, PeerApi}, inventory::InventoryApi, site::SiteApi, vpg::VpgApi};
+use crate::api::{
+    cluster::ClusterApi,
+    internal::{InternalApi, PeerApi},
+    inventory::InventoryApi,
+    site::SiteApi,
+    vpg::VpgApi,
+};
 use crate::site::SiteManager;
 
 macro_rules! limited {
@@ -29,10 +35,16 @@ macro_rules! limited {
 }
 
 /// Serves the API on `listener` until `shutdown` fires.
-pub async fn serve_api(listener: TcpListener, site: SiteManager, shutdown: CancellationToken) -> Result<()> {
+pub async fn serve_api(
+    listener: TcpListener,
+    site: SiteManager,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<VpgServiceServer<VpgApi>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

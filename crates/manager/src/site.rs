@@ -30,7 +30,10 @@ pub fn now_ms() -> u64 {
 
 /// A fresh id with a readable prefix.
 pub fn mint(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// The operations of one site's manager.
@@ -87,7 +90,9 @@ impl SiteManager {
         self.node
             .read(|s| s.identity.clone())
             .await?
-            .ok_or_else(|| ApiError::Domain(DomainError::precondition("site is not initialized yet")))
+            .ok_or_else(|| {
+                ApiError::Domain(DomainError::precondition("site is not initialized yet"))
+            })
     }
 
     async fn self_as_peer(&self) -> ApiResult<PeerSite> {
@@ -104,11 +109,17 @@ impl SiteManager {
 
     pub async fn site(&self) -> ApiResult<(SiteIdentity, Vec<PeerSite>)> {
         let identity = self.identity().await?;
-        let peers = self.node.read(|s| s.peers.values().cloned().collect()).await?;
+        let peers = self
+            .node
+            .read(|s| s.peers.values().cloned().collect())
+            .await?;
         Ok((identity, peers))
     }
 
-    pub async fn create_pairing_token(&self, ttl_secs: u64) -> ApiResult<(PairingToken, SiteIdentity)> {
+    pub async fn create_pairing_token(
+        &self,
+        ttl_secs: u64,
+    ) -> ApiResult<(PairingToken, SiteIdentity)> {
         let identity = self.identity().await?;
         let ttl_ms = if ttl_secs == 0 {
             PAIRING_TOKEN_TTL_MS
@@ -137,8 +148,16 @@ impl SiteManager {
     /// Presents `token` to the site at `endpoints`; both sites record the pair.
     pub async fn pair(&self, endpoints: Vec<String>, token: String) -> ApiResult<PeerSite> {
         let mut v = Violations::new();
-        v.check(!endpoints.is_empty(), "peer_endpoints", "at least one address is needed");
-        v.check(endpoints.len() <= 16, "peer_endpoints", "at most 16 addresses");
+        v.check(
+            !endpoints.is_empty(),
+            "peer_endpoints",
+            "at least one address is needed",
+        );
+        v.check(
+            endpoints.len() <= 16,
+            "peer_endpoints",
+            "at most 16 addresses",
+        );
         for (i, e) in endpoints.iter().enumerate() {
             if let Err(DomainError::Invalid(f)) =
                 tandem_core::ids::check_address(&format!("peer_endpoints[{i}]"), e)
@@ -162,10 +181,16 @@ impl SiteManager {
             .await
             .map_err(ApiError::from_peer)?
             .into_inner();
-        let mut peer = tandem_proto::convert::peer_from_proto(reply)
-            .map_err(|e| ApiError::Peer(format!("bad identity from peer: {e}"), tonic::Code::Internal))?;
+        let mut peer = tandem_proto::convert::peer_from_proto(reply).map_err(|e| {
+            ApiError::Peer(
+                format!("bad identity from peer: {e}"),
+                tonic::Code::Internal,
+            )
+        })?;
         peer.paired_at_ms = now_ms();
-        self.node.propose(Command::AddPeer { peer: peer.clone() }).await?;
+        self.node
+            .propose(Command::AddPeer { peer: peer.clone() })
+            .await?;
         Ok(peer)
     }
 
@@ -190,7 +215,9 @@ impl SiteManager {
     }
 
     pub async fn peers(&self) -> ApiResult<Vec<PeerSite>> {
-        self.node.read(|s| s.peers.values().cloned().collect()).await
+        self.node
+            .read(|s| s.peers.values().cloned().collect())
+            .await
     }
 
     // ------------------------------------------------------------ inventory
@@ -212,7 +239,9 @@ impl SiteManager {
             let id = id.clone();
             move |s| s.hosts.get(&id).cloned()
         });
-        found.await?.ok_or_else(|| DomainError::not_found("host", &id).into())
+        found
+            .await?
+            .ok_or_else(|| DomainError::not_found("host", &id).into())
     }
 
     pub async fn datastore(&self, id: tandem_core::ids::DatastoreId) -> ApiResult<Datastore> {
@@ -220,7 +249,9 @@ impl SiteManager {
             let id = id.clone();
             move |s| s.datastores.get(&id).cloned()
         });
-        found.await?.ok_or_else(|| DomainError::not_found("datastore", &id).into())
+        found
+            .await?
+            .ok_or_else(|| DomainError::not_found("datastore", &id).into())
     }
 
     pub async fn pool(&self, id: tandem_core::ids::PoolId) -> ApiResult<ResourcePool> {
@@ -228,15 +259,24 @@ impl SiteManager {
             let id = id.clone();
             move |s| s.pools.get(&id).cloned()
         });
-        found.await?.ok_or_else(|| DomainError::not_found("resource pool", &id).into())
+        found
+            .await?
+            .ok_or_else(|| DomainError::not_found("resource pool", &id).into())
     }
 
     pub async fn vm(&self, id: tandem_core::ids::VmId) -> ApiResult<(Vm, Option<VpgId>)> {
         let found = self.node.read({
             let id = id.clone();
-            move |s| s.vms.get(&id).cloned().map(|vm| (vm, s.vpg_of_vm(&id).map(|g| g.id.clone())))
+            move |s| {
+                s.vms
+                    .get(&id)
+                    .cloned()
+                    .map(|vm| (vm, s.vpg_of_vm(&id).map(|g| g.id.clone())))
+            }
         });
-        found.await?.ok_or_else(|| DomainError::not_found("vm", &id).into())
+        found
+            .await?
+            .ok_or_else(|| DomainError::not_found("vm", &id).into())
     }
 
     // ------------------------------------------------------------ VPGs
@@ -286,7 +326,10 @@ impl SiteManager {
                         .as_ref()
                         .and_then(|g| g.vms.iter().find(|m| m.placement.vm_id == p.vm_id));
                     match s.vms.get(&p.vm_id) {
-                        None => v.add(format!("vms[{i}].vm_id"), format!("VM {} does not exist", p.vm_id)),
+                        None => v.add(
+                            format!("vms[{i}].vm_id"),
+                            format!("VM {} does not exist", p.vm_id),
+                        ),
                         Some(vm) => {
                             let mut footprint = VmFootprint::of(vm, &spec.settings);
                             // Journal limits apply to new VMs only.
@@ -335,7 +378,12 @@ impl SiteManager {
     }
 
     /// Replaces the definition of a VPG this site protects, if `generation` is current.
-    pub async fn update_vpg(&self, id: VpgId, generation: u64, spec: VpgSpec) -> ApiResult<VpgView> {
+    pub async fn update_vpg(
+        &self,
+        id: VpgId,
+        generation: u64,
+        spec: VpgSpec,
+    ) -> ApiResult<VpgView> {
         let current = self
             .node
             .read({
@@ -346,10 +394,7 @@ impl SiteManager {
             .ok_or_else(|| DomainError::not_found("vpg", &id))?;
         let (current, own) = current;
         if Some(&current.protected_site) != own.as_ref() {
-            return Err(DomainError::precondition(
-                "a VPG is edited at its protected site",
-            )
-            .into());
+            return Err(DomainError::precondition("a VPG is edited at its protected site").into());
         }
         if current.generation != generation {
             return Err(DomainError::Conflict {
@@ -361,7 +406,11 @@ impl SiteManager {
             .into());
         }
         if spec.recovery_site != current.recovery_site {
-            return Err(DomainError::invalid("spec.recovery_site_id", "the recovery site of a VPG cannot change").into());
+            return Err(DomainError::invalid(
+                "spec.recovery_site_id",
+                "the recovery site of a VPG cannot change",
+            )
+            .into());
         }
         let (mut vpg, peer) = self.build_vpg(id.clone(), spec, Some(current)).await?;
         vpg.updated_at_ms = now_ms();
@@ -369,7 +418,12 @@ impl SiteManager {
         self.vpg(id).await
     }
 
-    async fn store_on_both(&self, vpg: Vpg, expected: Option<u64>, peer: &PeerSite) -> ApiResult<()> {
+    async fn store_on_both(
+        &self,
+        vpg: Vpg,
+        expected: Option<u64>,
+        peer: &PeerSite,
+    ) -> ApiResult<()> {
         let json = serde_json::to_vec(&vpg).map_err(ApiError::internal)?;
         self.peer_call(peer, |mut c| {
             let json = json.clone();
@@ -393,7 +447,11 @@ impl SiteManager {
         {
             if expected.is_none() {
                 // Undo the peer's copy so that a failed create leaves nothing behind.
-                let own = self.identity().await.map(|i| i.id.to_string()).unwrap_or_default();
+                let own = self
+                    .identity()
+                    .await
+                    .map(|i| i.id.to_string())
+                    .unwrap_or_default();
                 let undo = self
                     .peer_call(peer, |mut c| {
                         let (id, own) = (id.to_string(), own.clone());
@@ -436,10 +494,14 @@ impl SiteManager {
             .await?;
         match owner {
             None => Ok(()),
-            Some(site) if site == from => {
-                self.node.propose(Command::DeleteVpg { id }).await.map(|_| ())
+            Some(site) if site == from => self
+                .node
+                .propose(Command::DeleteVpg { id })
+                .await
+                .map(|_| ()),
+            Some(_) => {
+                Err(DomainError::precondition("only the protected site may delete its VPG").into())
             }
-            Some(_) => Err(DomainError::precondition("only the protected site may delete its VPG").into()),
         }
     }
 
@@ -471,37 +533,49 @@ impl SiteManager {
             )
             .into());
         }
-        if protected_here {
-            if let Some(peer) = &peer {
-                let own = own.map(|s| s.to_string()).unwrap_or_default();
-                let r = self
-                    .peer_call(peer, |mut c| {
-                        let (id, own) = (id.to_string(), own.clone());
-                        async move {
-                            c.delete_vpg(v1::PeerDeleteVpgRequest {
-                                vpg_id: id,
-                                from_site_id: own,
-                            })
-                            .await
-                        }
-                    })
-                    .await;
-                match r {
-                    Ok(_) => {}
-                    Err(e) if force => {
-                        tracing::warn!(vpg = %id, error = %e, "force delete: peer copy left behind");
+        if protected_here && let Some(peer) = &peer {
+            let own = own.map(|s| s.to_string()).unwrap_or_default();
+            let r = self
+                .peer_call(peer, |mut c| {
+                    let (id, own) = (id.to_string(), own.clone());
+                    async move {
+                        c.delete_vpg(v1::PeerDeleteVpgRequest {
+                            vpg_id: id,
+                            from_site_id: own,
+                        })
+                        .await
                     }
-                    Err(e) => return Err(e),
+                })
+                .await;
+            match r {
+                Ok(_) => {}
+                Err(e) if force => {
+                    tracing::warn!(vpg = %id, error = %e, "force delete: peer copy left behind");
                 }
+                Err(e) => return Err(e),
             }
         }
-        self.node.propose(Command::DeleteVpg { id }).await.map(|_| ())
+        self.node
+            .propose(Command::DeleteVpg { id })
+            .await
+            .map(|_| ())
     }
 
     fn view(s: &SiteState, g: &Vpg) -> VpgView {
-        let own = s.site_id().cloned().unwrap_or_else(|| SiteId::minted(String::new()));
-        let peer_id = if g.protected_site == own { &g.recovery_site } else { &g.protected_site };
-        let peer_name = s.peers.get(peer_id).map(|p| p.name.clone()).unwrap_or_default();
+        let own = s
+            .site_id()
+            .cloned()
+            .unwrap_or_else(|| SiteId::minted(String::new()));
+        let peer_id = if g.protected_site == own {
+            &g.recovery_site
+        } else {
+            &g.protected_site
+        };
+        let peer_name = s
+            .peers
+            .get(peer_id)
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
         // Until VRAs report in, what is known is the definition alone.
         let obs = VpgObservation {
             vm_count: g.vms.len(),
@@ -530,7 +604,9 @@ impl SiteManager {
             let id = id.clone();
             move |s| s.vpgs.get(&id).map(|g| Self::view(s, g))
         });
-        found.await?.ok_or_else(|| DomainError::not_found("vpg", &id).into())
+        found
+            .await?
+            .ok_or_else(|| DomainError::not_found("vpg", &id).into())
     }
 
     pub async fn vpgs(&self) -> ApiResult<Vec<VpgView>> {
@@ -553,8 +629,16 @@ pub fn vpgs_csv(views: &[VpgView]) -> String {
         "Alert Status,VPG Name,#VMs,Direction,Peer Site,Priority,Protection Status,State,Actual RPO,Operation\n",
     );
     for v in views {
-        let direction = if v.vpg.protected_site == v.own_site { "Outgoing" } else { "Incoming" };
-        let operation = v.vpg.operation.map(|o| format!("{o:?}")).unwrap_or_default();
+        let direction = if v.vpg.protected_site == v.own_site {
+            "Outgoing"
+        } else {
+            "Incoming"
+        };
+        let operation = v
+            .vpg
+            .operation
+            .map(|o| format!("{o:?}"))
+            .unwrap_or_default();
         let row = [
             v.state.alert.as_str().to_string(),
             v.vpg.name.clone(),

@@ -2,6 +2,7 @@
 //!
 //! - [`device`] holds the [`BlockDevice`] trait every export implements.
 //! - [`file`] holds [`FileDevice`], a raw image file served with `pread`/`pwrite`.
+//! - [`mem`] holds [`MemDevice`], an in-memory device for tests.
 //! - [`proto`] is the wire protocol as pure, IO-free decoders and encoders.
 //! - [`exports`] holds [`Exports`], the run-time registry of named exports, with counters.
 //! - [`server`] holds [`NbdServer`] and [`serve_files`].
@@ -12,6 +13,7 @@ pub mod device;
 pub mod error;
 pub mod exports;
 pub mod file;
+pub mod mem;
 mod pool;
 pub mod proto;
 pub mod server;
@@ -21,5 +23,6 @@ pub use device::{BlockDevice, IoFuture};
 pub use error::NbdError;
 pub use exports::{ExportStats, Exports};
 pub use file::{FileDevice, create_sparse_file};
+pub use mem::MemDevice;
 pub use proto::{Cookie, ErrorCode};
 pub use server::{NbdServer, ServerConfig, serve_files};

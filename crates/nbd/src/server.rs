@@ -29,7 +29,10 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     task::JoinSet,
 };
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::{
+    FutureExt,
+    stream::{FuturesUnordered, StreamExt},
+};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tracing::{Instrument, debug, info, warn};
 
@@ -38,7 +41,7 @@ use crate::{
     exports::{ExportEntry, Exports, OpKind},
     proto::{
         Command, Cookie, Decoded, DEFAULT_MAX_PAYLOAD, ErrorCode, ExportDescription,
-        Negotiation, NegotiationEvent, RequestDecoder, cmd, put_simple_reply,
+        Negotiation, NegotiationEvent, ProtocolError, RequestDecoder, cmd, put_simple_reply,
     },
 };
 
@@ -48,6 +51,8 @@ const READ_CHUNK: usize = 256 * 1024;
 const WRITE_BATCH: usize = 256 * 1024;
 /// Read data up to this size is copied into the batch; larger data is written in place.
 const INLINE_DATA_MAX: usize = 64 * 1024;
+/// How long a connection refused for an oversized write drains input before closing.
+const LINGER: Duration = Duration::from_secs(2);
 /// Unit of the in-flight budget.
 const BUDGET_UNIT: usize = 4096;
 
@@ -311,15 +316,25 @@ async fn transmission(
         removed: entry.removed.clone(),
         writer_failed: writer_failed.clone(),
     };
-    let reader = read_requests(rd, input, export, Arc::clone(&entry), &config, tx, stop);
+    let mut rd = rd;
     // The writer runs as its own task so that, under load, replies go out on another
     // core while this one reads and dispatches; it is aborted if this future is dropped.
     let writer = AbortOnDropHandle::new(tokio::spawn(
         write_replies(wr, rx, writer_failed).in_current_span(),
     ));
     let both = async {
+        let reader = read_requests(&mut rd, input, export, Arc::clone(&entry), &config, tx, stop);
         let (read, write) = tokio::join!(reader, writer);
-        (read, write.unwrap_or_else(|err| Err(NbdError::Io(std::io::Error::other(err)))))
+        if matches!(
+            read,
+            Err(NbdError::Protocol(ProtocolError::PayloadTooLarge { .. }))
+        ) {
+            linger(&mut rd, config.max_payload).await;
+        }
+        (
+            read,
+            write.unwrap_or_else(|err| Err(NbdError::Io(std::io::Error::other(err)))),
+        )
     };
     let hard_stop = async {
         tokio::select! {
@@ -357,8 +372,26 @@ impl StopSignals {
     }
 }
 
+/// After refusing a request whose payload cannot be trusted, the reply and the FIN have
+/// been sent; closing now, with the client's payload unread, would make the kernel reset
+/// the connection, which can destroy the reply before the client reads it. So read and
+/// discard for a little while (or up to `limit` bytes, or until the client closes) first.
+async fn linger(rd: &mut OwnedReadHalf, limit: u32) {
+    let mut sink = vec![0u8; 64 * 1024];
+    let mut left = u64::from(limit) + 64 * 1024;
+    let drain = async {
+        while left > 0 {
+            match rd.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n as u64),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
 async fn read_requests(
-    mut rd: OwnedReadHalf,
+    rd: &mut OwnedReadHalf,
     mut input: BytesMut,
     export: ExportDescription,
     entry: Arc<ExportEntry>,
@@ -535,7 +568,21 @@ impl Drop for PendingReply {
     }
 }
 
+/// Runs one request and sends its reply; a panicking device call is answered with `EIO`
+/// (by `PendingReply`'s drop) instead of taking the connection down.
 async fn execute(entry: Arc<ExportEntry>, command: Command, pending: PendingReply) {
+    let name = command.name();
+    let cookie = pending.cookie;
+    if std::panic::AssertUnwindSafe(execute_inner(entry, command, pending))
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        tracing::error!(%cookie, op = name, "device call panicked");
+    }
+}
+
+async fn execute_inner(entry: Arc<ExportEntry>, command: Command, pending: PendingReply) {
     let device = &*entry.device;
     let (kind, fua, bytes) = match &command {
         Command::Read { len, .. } => (OpKind::Read, false, u64::from(*len)),

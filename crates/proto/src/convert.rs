@@ -240,7 +240,12 @@ pub fn settings_from_proto(p: Option<v1::VpgSettings>) -> Result<VpgSettings, Do
         Ok(v1::Priority::Low) => Priority::Low,
         Ok(v1::Priority::Medium) => Priority::Medium,
         Ok(v1::Priority::High) => Priority::High,
-        Err(_) => return Err(DomainError::invalid("settings.priority", "unknown priority")),
+        Err(_) => {
+            return Err(DomainError::invalid(
+                "settings.priority",
+                "unknown priority",
+            ));
+        }
     };
     let or = |x: u64, dflt: u64| if x == 0 { dflt } else { x };
     Ok(VpgSettings {
@@ -291,18 +296,27 @@ pub fn vpg_spec_from_proto(p: Option<v1::VpgSpec>) -> Result<VpgSpec, DomainErro
         );
         return Err(v.into_result().unwrap_err());
     }
-    let recovery_site = field(&mut v, SiteId::parse("recovery_site_id", &p.recovery_site_id));
+    let recovery_site = field(
+        &mut v,
+        SiteId::parse("recovery_site_id", &p.recovery_site_id),
+    );
     let settings = field(&mut v, settings_from_proto(p.settings));
     let mut vms = Vec::with_capacity(p.vms.len());
     for (i, m) in p.vms.into_iter().enumerate() {
         let f = |n: &str| format!("vms[{i}].{n}");
         let vm_id = field(&mut v, VmId::parse(&f("vm_id"), &m.vm_id));
-        let host = field(&mut v, HostId::parse(&f("recovery_host_id"), &m.recovery_host_id));
+        let host = field(
+            &mut v,
+            HostId::parse(&f("recovery_host_id"), &m.recovery_host_id),
+        );
         let ds = field(
             &mut v,
             DatastoreId::parse(&f("recovery_datastore_id"), &m.recovery_datastore_id),
         );
-        let pool = field(&mut v, PoolId::parse(&f("recovery_pool_id"), &m.recovery_pool_id));
+        let pool = field(
+            &mut v,
+            PoolId::parse(&f("recovery_pool_id"), &m.recovery_pool_id),
+        );
         if let (Some(vm_id), Some(recovery_host), Some(recovery_datastore), Some(recovery_pool)) =
             (vm_id, host, ds, pool)
         {
@@ -338,12 +352,7 @@ fn placement_to_proto(p: &VmPlacement) -> v1::VmPlacement {
 }
 
 /// The wire form of a VPG, with the status and direction as seen from `own_site`.
-pub fn vpg_to_proto(
-    g: &Vpg,
-    own_site: &SiteId,
-    peer_name: &str,
-    status: v1::VpgStatus,
-) -> v1::Vpg {
+pub fn vpg_to_proto(g: &Vpg, own_site: &SiteId, peer_name: &str, status: v1::VpgStatus) -> v1::Vpg {
     v1::Vpg {
         id: g.id.to_string(),
         name: g.name.clone(),

@@ -106,9 +106,7 @@ impl StoreConfig {
             election_timeout_min: ms(self.election_timeout_min),
             election_timeout_max: ms(self.election_timeout_max),
             install_snapshot_timeout: ms(self.install_snapshot_timeout),
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
-                self.snapshot_logs_since_last,
-            ),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
             max_in_snapshot_log_to_keep: self.max_in_snapshot_log_to_keep,
             ..Default::default()
         }

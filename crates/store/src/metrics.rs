@@ -69,10 +69,8 @@ pub struct StoreMetrics {
 impl From<&RaftMetrics<NodeId, NodeInfo>> for StoreMetrics {
     fn from(m: &RaftMetrics<NodeId, NodeInfo>) -> Self {
         let membership = m.membership_config.membership();
-        let nodes: BTreeMap<NodeId, NodeInfo> = membership
-            .nodes()
-            .map(|(id, n)| (*id, n.clone()))
-            .collect();
+        let nodes: BTreeMap<NodeId, NodeInfo> =
+            membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
         let leader = m.current_leader.and_then(|id| nodes.get(&id).cloned());
         Self {
             node_id: m.id,

@@ -18,15 +18,12 @@ use tandem_core::state::{Command, CommandOutcome, SiteState};
 use tokio::sync::watch;
 
 use crate::config::{StorageKind, StoreConfig, Transport};
-use crate::error::{
-    InitError, MembershipError, OpenError, ProposeError, ReadError, ShutdownError,
-};
+use crate::error::{InitError, MembershipError, OpenError, ProposeError, ReadError, ShutdownError};
 use crate::metrics::StoreMetrics;
 use crate::network::{FaultInjector, GrpcNetwork, RaftGrpc};
 use crate::storage::state_machine::{SharedSm, read_sm};
 use crate::storage::{
-    BackendError, LogStore, MemoryBackend, RaftBackend, SledBackend, SmSnapshot,
-    StateMachineStore,
+    BackendError, LogStore, MemoryBackend, RaftBackend, SledBackend, SmSnapshot, StateMachineStore,
 };
 use crate::types::{NodeId, NodeInfo, Proposal, Raft, TypeConfig};
 
@@ -318,7 +315,9 @@ impl SiteStore {
             Ok(read_log_id) => Ok(read_log_id.map(|l| l.index)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(match self.forward(f) {
-                    Forward::To(leader_id, leader) => ReadError::ForwardToLeader { leader_id, leader },
+                    Forward::To(leader_id, leader) => {
+                        ReadError::ForwardToLeader { leader_id, leader }
+                    }
                     Forward::Nowhere(reason) => ReadError::Unavailable { reason },
                 })
             }
@@ -451,9 +450,11 @@ impl SiteStore {
             .await
             .map_err(|e| ReadError::Stopped(e.to_string()))?;
         let m = self
-            .wait_for(self.inner.config.membership_timeout, "snapshot built", |m| {
-                m.snapshot_index >= want
-            })
+            .wait_for(
+                self.inner.config.membership_timeout,
+                "snapshot built",
+                |m| m.snapshot_index >= want,
+            )
             .await?;
         Ok(m.snapshot_index.unwrap_or_default())
     }
@@ -497,12 +498,10 @@ impl SiteStore {
     fn forward(&self, f: ForwardToLeader<NodeId, NodeInfo>) -> Forward {
         match (f.leader_id, f.leader_node) {
             (Some(id), Some(node)) if id != self.inner.id => Forward::To(id, node),
-            (Some(id), None) if id != self.inner.id => {
-                match self.metrics().nodes.get(&id) {
-                    Some(node) => Forward::To(id, node.clone()),
-                    None => Forward::Nowhere(format!("leader {id} has no known address")),
-                }
-            }
+            (Some(id), None) if id != self.inner.id => match self.metrics().nodes.get(&id) {
+                Some(node) => Forward::To(id, node.clone()),
+                None => Forward::Nowhere(format!("leader {id} has no known address")),
+            },
             _ => Forward::Nowhere("leadership is changing".to_string()),
         }
     }

@@ -75,7 +75,10 @@ pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, NodeInfo>;
 /// A storage error as openraft reports it.
 pub type StorageError = openraft::StorageError<NodeId>;
 
-fn serialize_json<T: Serialize, S: Serializer>(value: &T, serializer: S) -> Result<S::Ok, S::Error> {
+fn serialize_json<T: Serialize, S: Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     let bytes = serde_json::to_vec(value).map_err(serde::ser::Error::custom)?;
     serializer.serialize_bytes(&bytes)
 }
@@ -150,12 +153,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proposal_round_trips_through_bincode_and_json() {
+    fn proposal_round_trips_through_the_codec_and_json() {
         let p = Proposal(Command::DeleteHost {
             id: HostId::minted("h1".into()),
         });
-        let b = bincode::serialize(&p).unwrap();
-        assert_eq!(bincode::deserialize::<Proposal>(&b).unwrap(), p);
+        let b = crate::codec::encode(&p).unwrap();
+        assert_eq!(crate::codec::decode::<Proposal>(&b).unwrap(), p);
         let j = serde_json::to_vec(&p).unwrap();
         assert_eq!(serde_json::from_slice::<Proposal>(&j).unwrap(), p);
     }
@@ -166,10 +169,39 @@ mod tests {
             kind: "host".into(),
             id: "h1".into(),
         })));
-        let b = bincode::serialize(&r).unwrap();
-        assert_eq!(bincode::deserialize::<ApplyResult>(&b).unwrap(), r);
+        let b = crate::codec::encode(&r).unwrap();
+        assert_eq!(crate::codec::decode::<ApplyResult>(&b).unwrap(), r);
         let none = ApplyResult(None);
-        let b = bincode::serialize(&none).unwrap();
-        assert_eq!(bincode::deserialize::<ApplyResult>(&b).unwrap(), none);
+        let b = crate::codec::encode(&none).unwrap();
+        assert_eq!(crate::codec::decode::<ApplyResult>(&b).unwrap(), none);
+    }
+
+    #[test]
+    fn log_entries_round_trip_through_the_codec() {
+        use std::collections::{BTreeMap, BTreeSet};
+
+        use openraft::{CommittedLeaderId, EntryPayload, Membership};
+
+        let log_id = LogId::new(CommittedLeaderId::new(3, 1), 42);
+        let normal = Entry {
+            log_id,
+            payload: EntryPayload::Normal(Proposal(Command::DeleteHost {
+                id: HostId::minted("h9".into()),
+            })),
+        };
+        let nodes = BTreeMap::from([(1, NodeInfo::new("127.0.0.1:1", "127.0.0.1:2"))]);
+        let membership = Entry {
+            log_id,
+            payload: EntryPayload::Membership(Membership::new(vec![BTreeSet::from([1])], nodes)),
+        };
+        for entry in [normal, membership] {
+            let bytes = crate::codec::encode(&entry).unwrap();
+            let back: Entry = crate::codec::decode(&bytes).unwrap();
+            assert_eq!(back.log_id, entry.log_id);
+            assert_eq!(
+                format!("{:?}", back.payload),
+                format!("{:?}", entry.payload)
+            );
+        }
     }
 }

@@ -9,14 +9,21 @@ use tandem_store::{ProposeError, ReadError, Role};
 async fn three_nodes_elect_replicate_and_converge() {
     let c = Cluster::start(3, false).await;
     let leader = c.wait_leader(&c.ids()).await;
-    let follower = c.ids().into_iter().find(|id| *id != leader).expect("follower");
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("follower");
 
     // Proposals through the leader and, after a redirect, through a follower.
     for i in 0..20 {
         c.put(i).await;
     }
     match c.node(follower).propose(cmd(100)).await {
-        Err(ProposeError::ForwardToLeader { leader_id, leader: info }) => {
+        Err(ProposeError::ForwardToLeader {
+            leader_id,
+            leader: info,
+        }) => {
             assert_eq!(leader_id, leader);
             assert_eq!(info, c.node(leader).node_info());
         }
@@ -104,7 +111,11 @@ async fn isolated_follower_cannot_commit_majority_continues_and_it_catches_up() 
         c.put(i).await;
     }
     let leader = c.wait_leader(&c.ids()).await;
-    let cut = c.ids().into_iter().find(|id| *id != leader).expect("follower");
+    let cut = c
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("follower");
     let majority: Vec<_> = c.ids().into_iter().filter(|id| *id != cut).collect();
     c.faults.isolate(cut, c.ids());
 
@@ -130,8 +141,14 @@ async fn isolated_follower_cannot_commit_majority_continues_and_it_catches_up() 
             .expect("applied");
     }
     let majority_dump = c.wait_converged(&majority).await;
-    assert!(!has(&c.node(cut).dump(), 24), "the cut node saw nothing new");
-    assert!(!has(&majority_dump, 50), "the failed proposal was never applied");
+    assert!(
+        !has(&c.node(cut).dump(), 24),
+        "the cut node saw nothing new"
+    );
+    assert!(
+        !has(&majority_dump, 50),
+        "the failed proposal was never applied"
+    );
 
     // Healed, it catches up and holds exactly the majority's state.
     c.faults.heal(cut);
@@ -178,7 +195,10 @@ async fn isolated_leader_cannot_commit_and_a_new_leader_keeps_acknowledged_write
     c.faults.heal(old);
     let dump = c.wait_converged(&c.ids()).await;
     assert!((0..20).all(|i| has(&dump, i)));
-    assert!(!has(&dump, 77), "the isolated leader's proposal never committed");
+    assert!(
+        !has(&dump, 77),
+        "the isolated leader's proposal never committed"
+    );
     c.shutdown().await;
 }
 
@@ -199,5 +219,46 @@ async fn leader_shutdown_elects_a_new_leader_and_keeps_acknowledged_writes() {
     c.restart_node(old_config).await;
     let dump = c.wait_converged(&c.ids()).await;
     assert!((0..20).all(|i| has(&dump, i)));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_misaddressed_raft_rpcs_are_refused_and_the_node_keeps_serving() {
+    use tandem_proto::v1::RaftRpcRequest;
+    use tandem_proto::v1::raft_client::RaftClient;
+
+    let c = Cluster::start(1, false).await;
+    let addr = c.node(1).node_info().raft_addr;
+    let mut client = RaftClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let garbage = RaftRpcRequest {
+        from: 9,
+        to: 1,
+        payload: vec![0xff; 16],
+    };
+    let status = client.vote(garbage).await.expect_err("garbage refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let misaddressed = RaftRpcRequest {
+        from: 9,
+        to: 2,
+        payload: Vec::new(),
+    };
+    let status = client
+        .append_entries(misaddressed)
+        .await
+        .expect_err("wrong node refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    c.faults.cut_link(9, 1);
+    let cut = RaftRpcRequest {
+        from: 9,
+        to: 1,
+        payload: Vec::new(),
+    };
+    let status = client.vote(cut).await.expect_err("cut peer refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+
+    c.put(1).await;
+    assert!(has(&c.wait_converged(&[1]).await, 1));
     c.shutdown().await;
 }

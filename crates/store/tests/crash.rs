@@ -107,8 +107,14 @@ async fn killed_writer_restarts_with_every_acknowledged_write() {
         .last_applied_index;
     let dump = store.dump();
     for i in 0..=last_acked {
-        assert!(has(&dump, i), "acknowledged write {i} lost (applied {last_applied:?})");
+        assert!(
+            has(&dump, i),
+            "acknowledged write {i} lost (applied {last_applied:?})"
+        );
     }
-    assert!(store.metrics().snapshot_index.is_some(), "restored with a snapshot");
+    assert!(
+        store.metrics().snapshot_index.is_some(),
+        "restored with a snapshot"
+    );
     store.shutdown().await.expect("shutdown");
 }

@@ -89,7 +89,10 @@ async fn grow_from_one_to_three_and_shrink_back_to_one_while_writing() {
     // Grow: two learners catch up, then all three become voters.
     for id in [2, 3] {
         let info = c.add_node(id).await;
-        stores.lock().expect("stores").insert(id, c.node(id).clone());
+        stores
+            .lock()
+            .expect("stores")
+            .insert(id, c.node(id).clone());
         on_leader(&c, |s| {
             let info = info.clone();
             async move { s.add_learner(id, info, true).await }
@@ -97,15 +100,20 @@ async fn grow_from_one_to_three_and_shrink_back_to_one_while_writing() {
         .await;
         wait_for_progress(&acked, 5).await;
     }
-    on_leader(&c, |s| async move { s.change_membership(BTreeSet::from([1, 2, 3]), false).await })
-        .await;
+    on_leader(&c, |s| async move {
+        s.change_membership(BTreeSet::from([1, 2, 3]), false).await
+    })
+    .await;
     wait_for_progress(&acked, 5).await;
     let m = c.node(1).metrics();
     assert_eq!(m.voters, BTreeSet::from([1, 2, 3]));
     assert!(m.learners.is_empty());
 
     // Shrink to node 3 alone: node 1 (the leader so far) hands over.
-    on_leader(&c, |s| async move { s.change_membership(BTreeSet::from([3]), false).await }).await;
+    on_leader(&c, |s| async move {
+        s.change_membership(BTreeSet::from([3]), false).await
+    })
+    .await;
     let leader = c.wait_leader(&[3]).await;
     assert_eq!(leader, 3);
     stores.lock().expect("stores").retain(|id, _| *id == 3);

@@ -1,6 +1,11 @@
 //! openraft's storage conformance suite, run on both backends through the shared
 //! `LogStore`/`StateMachineStore` implementation.
 
+#![allow(
+    clippy::result_large_err,
+    reason = "StoreBuilder::build returns openraft's StorageError"
+)]
+
 use std::sync::Arc;
 
 use openraft::testing::{StoreBuilder, Suite};
@@ -15,8 +20,14 @@ impl StoreBuilder<TypeConfig, LogStore<SledBackend>, StateMachineStore<SledBacke
 {
     async fn build(
         &self,
-    ) -> Result<(TempDir, LogStore<SledBackend>, StateMachineStore<SledBackend>), StorageError>
-    {
+    ) -> Result<
+        (
+            TempDir,
+            LogStore<SledBackend>,
+            StateMachineStore<SledBackend>,
+        ),
+        StorageError,
+    > {
         let dir = TempDir::new().expect("temp dir");
         let backend = Arc::new(SledBackend::open(dir.path()).expect("open sled"));
         let log = LogStore::open(backend.clone())?;
@@ -32,7 +43,14 @@ impl StoreBuilder<TypeConfig, LogStore<MemoryBackend>, StateMachineStore<MemoryB
 {
     async fn build(
         &self,
-    ) -> Result<((), LogStore<MemoryBackend>, StateMachineStore<MemoryBackend>), StorageError> {
+    ) -> Result<
+        (
+            (),
+            LogStore<MemoryBackend>,
+            StateMachineStore<MemoryBackend>,
+        ),
+        StorageError,
+    > {
         let backend = Arc::new(MemoryBackend::new());
         let log = LogStore::open(backend.clone())?;
         let sm = StateMachineStore::open(backend)?;
@@ -40,12 +58,13 @@ impl StoreBuilder<TypeConfig, LogStore<MemoryBackend>, StateMachineStore<MemoryB
     }
 }
 
+// The suite builds its own tokio runtimes, so these are plain tests.
 #[test]
-fn sled_store_passes_openraft_suite() -> Result<(), StorageError> {
-    Suite::test_all(SledBuilder)
+fn sled_store_passes_openraft_suite() {
+    Suite::test_all(SledBuilder).expect("sled store conforms");
 }
 
 #[test]
-fn memory_store_passes_openraft_suite() -> Result<(), StorageError> {
-    Suite::test_all(MemoryBuilder)
+fn memory_store_passes_openraft_suite() {
+    Suite::test_all(MemoryBuilder).expect("memory store conforms");
 }

@@ -44,20 +44,32 @@ impl ClusterService for ClusterApi {
         Ok(Response::new(to_proto(self.0.node().cluster_view())))
     }
 
-    async fn add_node(&self, r: Request<v1::AddNodeRequest>) -> Result<Response<v1::ClusterStatus>, Status> {
+    async fn add_node(
+        &self,
+        r: Request<v1::AddNodeRequest>,
+    ) -> Result<Response<v1::ClusterStatus>, Status> {
         let r = r.into_inner();
         check_addr("api_addr", &r.api_addr)?;
         check_addr("raft_addr", &r.raft_addr)?;
-        self.0.node().add_node(r.id, r.api_addr, r.raft_addr, r.voter).await?;
+        self.0
+            .node()
+            .add_node(r.id, r.api_addr, r.raft_addr, r.voter)
+            .await?;
         Ok(Response::new(to_proto(self.0.node().cluster_view())))
     }
 
-    async fn promote_node(&self, r: Request<v1::NodeRequest>) -> Result<Response<v1::ClusterStatus>, Status> {
+    async fn promote_node(
+        &self,
+        r: Request<v1::NodeRequest>,
+    ) -> Result<Response<v1::ClusterStatus>, Status> {
         self.0.node().promote(r.into_inner().id).await?;
         Ok(Response::new(to_proto(self.0.node().cluster_view())))
     }
 
-    async fn remove_node(&self, r: Request<v1::NodeRequest>) -> Result<Response<v1::ClusterStatus>, Status> {
+    async fn remove_node(
+        &self,
+        r: Request<v1::NodeRequest>,
+    ) -> Result<Response<v1::ClusterStatus>, Status> {
         self.0.node().remove(r.into_inner().id).await?;
         Ok(Response::new(to_proto(self.0.node().cluster_view())))
     }

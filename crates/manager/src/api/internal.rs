@@ -21,7 +21,10 @@ pub struct InternalApi(pub SiteManager);
 
 #[tonic::async_trait]
 impl ManagerInternal for InternalApi {
-    async fn propose(&self, r: Request<v1::ProposeRequest>) -> Result<Response<v1::ProposeResponse>, Status> {
+    async fn propose(
+        &self,
+        r: Request<v1::ProposeRequest>,
+    ) -> Result<Response<v1::ProposeResponse>, Status> {
         let json = r.into_inner().command_json;
         if json.len() > MAX_JSON_BYTES {
             return Err(Status::invalid_argument("forwarded command too large"));
@@ -29,11 +32,15 @@ impl ManagerInternal for InternalApi {
         let cmd: Command = serde_json::from_slice(&json)
             .map_err(|e| Status::invalid_argument(format!("forwarded command: {e}")))?;
         let outcome = self.0.node().propose_local(cmd).await?;
-        let outcome_json = serde_json::to_vec(&outcome).map_err(|e| Status::internal(e.to_string()))?;
+        let outcome_json =
+            serde_json::to_vec(&outcome).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(v1::ProposeResponse { outcome_json }))
     }
 
-    async fn read_index(&self, _: Request<v1::ReadIndexRequest>) -> Result<Response<v1::ReadIndexResponse>, Status> {
+    async fn read_index(
+        &self,
+        _: Request<v1::ReadIndexRequest>,
+    ) -> Result<Response<v1::ReadIndexResponse>, Status> {
         let index = self.0.node().leader_read_index().await?;
         Ok(Response::new(v1::ReadIndexResponse { index }))
     }
@@ -81,7 +88,10 @@ impl SitePeer for PeerApi {
         Ok(Response::new(v1::Empty {}))
     }
 
-    async fn delete_vpg(&self, r: Request<v1::PeerDeleteVpgRequest>) -> Result<Response<v1::Empty>, Status> {
+    async fn delete_vpg(
+        &self,
+        r: Request<v1::PeerDeleteVpgRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
         let r = r.into_inner();
         let id = VpgId::parse("vpg_id", &r.vpg_id).map_err(bad)?;
         let from = SiteId::parse("from_site_id", &r.from_site_id).map_err(bad)?;

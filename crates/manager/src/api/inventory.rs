@@ -24,8 +24,14 @@ fn with_id(id: &mut String, prefix: &str) {
 
 #[tonic::async_trait]
 impl HostService for InventoryApi {
-    async fn list_hosts(&self, _: Request<v1::ListRequest>) -> Result<Response<v1::ListHostsResponse>, Status> {
-        let hosts = self.0.read(|s| s.hosts.values().map(cv::host_to_proto).collect()).await?;
+    async fn list_hosts(
+        &self,
+        _: Request<v1::ListRequest>,
+    ) -> Result<Response<v1::ListHostsResponse>, Status> {
+        let hosts = self
+            .0
+            .read(|s| s.hosts.values().map(cv::host_to_proto).collect())
+            .await?;
         Ok(Response::new(v1::ListHostsResponse { hosts }))
     }
 
@@ -38,17 +44,30 @@ impl HostService for InventoryApi {
         let mut p = r.into_inner();
         with_id(&mut p.id, "host");
         let host = cv::host_from_proto(p).map_err(bad)?;
-        self.0.put(Command::PutHost { host: host.clone(), create: true }).await?;
+        self.0
+            .put(Command::PutHost {
+                host: host.clone(),
+                create: true,
+            })
+            .await?;
         Ok(Response::new(cv::host_to_proto(&host)))
     }
 
     async fn update_host(&self, r: Request<v1::Host>) -> Result<Response<v1::Host>, Status> {
         let host = cv::host_from_proto(r.into_inner()).map_err(bad)?;
-        self.0.put(Command::PutHost { host: host.clone(), create: false }).await?;
+        self.0
+            .put(Command::PutHost {
+                host: host.clone(),
+                create: false,
+            })
+            .await?;
         Ok(Response::new(cv::host_to_proto(&host)))
     }
 
-    async fn delete_host(&self, r: Request<v1::DeleteRequest>) -> Result<Response<v1::Empty>, Status> {
+    async fn delete_host(
+        &self,
+        r: Request<v1::DeleteRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
         let id = HostId::parse("id", &r.into_inner().id).map_err(bad)?;
         self.0.put(Command::DeleteHost { id }).await?;
         Ok(Response::new(v1::Empty {}))
@@ -68,30 +87,50 @@ impl DatastoreService for InventoryApi {
         Ok(Response::new(v1::ListDatastoresResponse { datastores }))
     }
 
-    async fn get_datastore(&self, r: Request<v1::GetRequest>) -> Result<Response<v1::Datastore>, Status> {
+    async fn get_datastore(
+        &self,
+        r: Request<v1::GetRequest>,
+    ) -> Result<Response<v1::Datastore>, Status> {
         let id = DatastoreId::parse("id", &r.into_inner().id).map_err(bad)?;
-        Ok(Response::new(cv::datastore_to_proto(&self.0.datastore(id).await?)))
+        Ok(Response::new(cv::datastore_to_proto(
+            &self.0.datastore(id).await?,
+        )))
     }
 
-    async fn create_datastore(&self, r: Request<v1::Datastore>) -> Result<Response<v1::Datastore>, Status> {
+    async fn create_datastore(
+        &self,
+        r: Request<v1::Datastore>,
+    ) -> Result<Response<v1::Datastore>, Status> {
         let mut p = r.into_inner();
         with_id(&mut p.id, "ds");
         let datastore = cv::datastore_from_proto(p).map_err(bad)?;
         self.0
-            .put(Command::PutDatastore { datastore: datastore.clone(), create: true })
+            .put(Command::PutDatastore {
+                datastore: datastore.clone(),
+                create: true,
+            })
             .await?;
         Ok(Response::new(cv::datastore_to_proto(&datastore)))
     }
 
-    async fn update_datastore(&self, r: Request<v1::Datastore>) -> Result<Response<v1::Datastore>, Status> {
+    async fn update_datastore(
+        &self,
+        r: Request<v1::Datastore>,
+    ) -> Result<Response<v1::Datastore>, Status> {
         let datastore = cv::datastore_from_proto(r.into_inner()).map_err(bad)?;
         self.0
-            .put(Command::PutDatastore { datastore: datastore.clone(), create: false })
+            .put(Command::PutDatastore {
+                datastore: datastore.clone(),
+                create: false,
+            })
             .await?;
         Ok(Response::new(cv::datastore_to_proto(&datastore)))
     }
 
-    async fn delete_datastore(&self, r: Request<v1::DeleteRequest>) -> Result<Response<v1::Empty>, Status> {
+    async fn delete_datastore(
+        &self,
+        r: Request<v1::DeleteRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
         let id = DatastoreId::parse("id", &r.into_inner().id).map_err(bad)?;
         self.0.put(Command::DeleteDatastore { id }).await?;
         Ok(Response::new(v1::Empty {}))
@@ -104,11 +143,17 @@ impl ResourcePoolService for InventoryApi {
         &self,
         _: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListResourcePoolsResponse>, Status> {
-        let pools = self.0.read(|s| s.pools.values().map(cv::pool_to_proto).collect()).await?;
+        let pools = self
+            .0
+            .read(|s| s.pools.values().map(cv::pool_to_proto).collect())
+            .await?;
         Ok(Response::new(v1::ListResourcePoolsResponse { pools }))
     }
 
-    async fn get_resource_pool(&self, r: Request<v1::GetRequest>) -> Result<Response<v1::ResourcePool>, Status> {
+    async fn get_resource_pool(
+        &self,
+        r: Request<v1::GetRequest>,
+    ) -> Result<Response<v1::ResourcePool>, Status> {
         let id = PoolId::parse("id", &r.into_inner().id).map_err(bad)?;
         Ok(Response::new(cv::pool_to_proto(&self.0.pool(id).await?)))
     }
@@ -120,7 +165,12 @@ impl ResourcePoolService for InventoryApi {
         let mut p = r.into_inner();
         with_id(&mut p.id, "pool");
         let pool = cv::pool_from_proto(p).map_err(bad)?;
-        self.0.put(Command::PutPool { pool: pool.clone(), create: true }).await?;
+        self.0
+            .put(Command::PutPool {
+                pool: pool.clone(),
+                create: true,
+            })
+            .await?;
         Ok(Response::new(cv::pool_to_proto(&pool)))
     }
 
@@ -129,11 +179,19 @@ impl ResourcePoolService for InventoryApi {
         r: Request<v1::ResourcePool>,
     ) -> Result<Response<v1::ResourcePool>, Status> {
         let pool = cv::pool_from_proto(r.into_inner()).map_err(bad)?;
-        self.0.put(Command::PutPool { pool: pool.clone(), create: false }).await?;
+        self.0
+            .put(Command::PutPool {
+                pool: pool.clone(),
+                create: false,
+            })
+            .await?;
         Ok(Response::new(cv::pool_to_proto(&pool)))
     }
 
-    async fn delete_resource_pool(&self, r: Request<v1::DeleteRequest>) -> Result<Response<v1::Empty>, Status> {
+    async fn delete_resource_pool(
+        &self,
+        r: Request<v1::DeleteRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
         let id = PoolId::parse("id", &r.into_inner().id).map_err(bad)?;
         self.0.put(Command::DeletePool { id }).await?;
         Ok(Response::new(v1::Empty {}))
@@ -142,7 +200,10 @@ impl ResourcePoolService for InventoryApi {
 
 #[tonic::async_trait]
 impl VmService for InventoryApi {
-    async fn list_vms(&self, _: Request<v1::ListRequest>) -> Result<Response<v1::ListVmsResponse>, Status> {
+    async fn list_vms(
+        &self,
+        _: Request<v1::ListRequest>,
+    ) -> Result<Response<v1::ListVmsResponse>, Status> {
         let vms = self
             .0
             .read(|s| {
@@ -158,25 +219,44 @@ impl VmService for InventoryApi {
     async fn get_vm(&self, r: Request<v1::GetRequest>) -> Result<Response<v1::Vm>, Status> {
         let id = VmId::parse("id", &r.into_inner().id).map_err(bad)?;
         let (vm, vpg) = self.0.vm(id).await?;
-        Ok(Response::new(cv::vm_to_proto(&vm, vpg.as_ref().map(|g| g.as_str()))))
+        Ok(Response::new(cv::vm_to_proto(
+            &vm,
+            vpg.as_ref().map(|g| g.as_str()),
+        )))
     }
 
     async fn create_vm(&self, r: Request<v1::Vm>) -> Result<Response<v1::Vm>, Status> {
         let mut p = r.into_inner();
         with_id(&mut p.id, "vm");
         let vm = cv::vm_from_proto(p).map_err(bad)?;
-        self.0.put(Command::PutVm { vm: vm.clone(), create: true }).await?;
+        self.0
+            .put(Command::PutVm {
+                vm: vm.clone(),
+                create: true,
+            })
+            .await?;
         Ok(Response::new(cv::vm_to_proto(&vm, None)))
     }
 
     async fn update_vm(&self, r: Request<v1::Vm>) -> Result<Response<v1::Vm>, Status> {
         let vm = cv::vm_from_proto(r.into_inner()).map_err(bad)?;
-        self.0.put(Command::PutVm { vm: vm.clone(), create: false }).await?;
+        self.0
+            .put(Command::PutVm {
+                vm: vm.clone(),
+                create: false,
+            })
+            .await?;
         let (vm, vpg) = self.0.vm(vm.id).await?;
-        Ok(Response::new(cv::vm_to_proto(&vm, vpg.as_ref().map(|g| g.as_str()))))
+        Ok(Response::new(cv::vm_to_proto(
+            &vm,
+            vpg.as_ref().map(|g| g.as_str()),
+        )))
     }
 
-    async fn delete_vm(&self, r: Request<v1::DeleteRequest>) -> Result<Response<v1::Empty>, Status> {
+    async fn delete_vm(
+        &self,
+        r: Request<v1::DeleteRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
         let id = VmId::parse("id", &r.into_inner().id).map_err(bad)?;
         self.0.put(Command::DeleteVm { id }).await?;
         Ok(Response::new(v1::Empty {}))

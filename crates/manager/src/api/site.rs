@@ -35,20 +35,29 @@ impl SiteService for SiteApi {
         }))
     }
 
-    async fn pair_site(&self, r: Request<v1::PairSiteRequest>) -> Result<Response<v1::PeerSite>, Status> {
+    async fn pair_site(
+        &self,
+        r: Request<v1::PairSiteRequest>,
+    ) -> Result<Response<v1::PeerSite>, Status> {
         let r = r.into_inner();
         let peer = self.0.pair(r.peer_endpoints, r.token).await?;
         Ok(Response::new(peer_to_proto(&peer)))
     }
 
-    async fn list_peers(&self, _: Request<v1::ListPeersRequest>) -> Result<Response<v1::ListPeersResponse>, Status> {
+    async fn list_peers(
+        &self,
+        _: Request<v1::ListPeersRequest>,
+    ) -> Result<Response<v1::ListPeersResponse>, Status> {
         let peers = self.0.peers().await?;
         Ok(Response::new(v1::ListPeersResponse {
             peers: peers.iter().map(peer_to_proto).collect(),
         }))
     }
 
-    async fn unpair_site(&self, r: Request<v1::UnpairSiteRequest>) -> Result<Response<v1::Empty>, Status> {
+    async fn unpair_site(
+        &self,
+        r: Request<v1::UnpairSiteRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
         let id = SiteId::parse("site_id", &r.into_inner().site_id).map_err(bad)?;
         self.0.unpair(id).await?;
         Ok(Response::new(v1::Empty {}))

@@ -16,7 +16,11 @@ fn to_proto(v: &VpgView) -> v1::Vpg {
         status: v.state.status.as_str().into(),
         substatus: v.state.substatus.as_str().into(),
         alert: v.state.alert.as_str().into(),
-        operation: v.vpg.operation.map(|o| format!("{o:?}")).unwrap_or_default(),
+        operation: v
+            .vpg
+            .operation
+            .map(|o| format!("{o:?}"))
+            .unwrap_or_default(),
         actual_rpo_secs: None,
     };
     cv::vpg_to_proto(&v.vpg, &v.own_site, &v.peer_name, status)
@@ -24,7 +28,10 @@ fn to_proto(v: &VpgView) -> v1::Vpg {
 
 #[tonic::async_trait]
 impl VpgService for VpgApi {
-    async fn list_vpgs(&self, _: Request<v1::ListRequest>) -> Result<Response<v1::ListVpgsResponse>, Status> {
+    async fn list_vpgs(
+        &self,
+        _: Request<v1::ListRequest>,
+    ) -> Result<Response<v1::ListVpgsResponse>, Status> {
         let vpgs = self.0.vpgs().await?.iter().map(to_proto).collect();
         Ok(Response::new(v1::ListVpgsResponse { vpgs }))
     }
@@ -34,7 +41,10 @@ impl VpgService for VpgApi {
         Ok(Response::new(to_proto(&self.0.vpg(id).await?)))
     }
 
-    async fn create_vpg(&self, r: Request<v1::CreateVpgRequest>) -> Result<Response<v1::Vpg>, Status> {
+    async fn create_vpg(
+        &self,
+        r: Request<v1::CreateVpgRequest>,
+    ) -> Result<Response<v1::Vpg>, Status> {
         let r = r.into_inner();
         let id = if r.id.is_empty() {
             None
@@ -45,14 +55,22 @@ impl VpgService for VpgApi {
         Ok(Response::new(to_proto(&self.0.create_vpg(id, spec).await?)))
     }
 
-    async fn update_vpg(&self, r: Request<v1::UpdateVpgRequest>) -> Result<Response<v1::Vpg>, Status> {
+    async fn update_vpg(
+        &self,
+        r: Request<v1::UpdateVpgRequest>,
+    ) -> Result<Response<v1::Vpg>, Status> {
         let r = r.into_inner();
         let id = VpgId::parse("id", &r.id).map_err(bad)?;
         let spec = cv::vpg_spec_from_proto(r.spec).map_err(bad)?;
-        Ok(Response::new(to_proto(&self.0.update_vpg(id, r.generation, spec).await?)))
+        Ok(Response::new(to_proto(
+            &self.0.update_vpg(id, r.generation, spec).await?,
+        )))
     }
 
-    async fn delete_vpg(&self, r: Request<v1::DeleteVpgRequest>) -> Result<Response<v1::Empty>, Status> {
+    async fn delete_vpg(
+        &self,
+        r: Request<v1::DeleteVpgRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
         let r = r.into_inner();
         let id = VpgId::parse("id", &r.id).map_err(bad)?;
         // Recovery disks are the VRAs' business; until managers drive VRAs there are none
@@ -61,8 +79,13 @@ impl VpgService for VpgApi {
         Ok(Response::new(v1::Empty {}))
     }
 
-    async fn export_vpgs_csv(&self, _: Request<v1::ListRequest>) -> Result<Response<v1::CsvExport>, Status> {
+    async fn export_vpgs_csv(
+        &self,
+        _: Request<v1::ListRequest>,
+    ) -> Result<Response<v1::CsvExport>, Status> {
         let views = self.0.vpgs().await?;
-        Ok(Response::new(v1::CsvExport { csv: vpgs_csv(&views) }))
+        Ok(Response::new(v1::CsvExport {
+            csv: vpgs_csv(&views),
+        }))
     }
 }

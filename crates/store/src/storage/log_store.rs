@@ -143,7 +143,9 @@ impl<B: RaftBackend> RaftLogStorage<TypeConfig> for LogStore<B> {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.read_meta::<Option<LogId>>(MetaKey::Committed)?.flatten())
+        Ok(self
+            .read_meta::<Option<LogId>>(MetaKey::Committed)?
+            .flatten())
     }
 
     async fn append<I>(

@@ -101,8 +101,7 @@ impl<B: RaftBackend> StateMachineStore<B> {
         else {
             return Ok(None);
         };
-        let stored =
-            codec::decode(&bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let stored = codec::decode(&bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         Ok(Some(stored))
     }
 
@@ -152,8 +151,8 @@ impl<B: RaftBackend> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<B> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         // Copy under the lock, encode outside it.
         let current = self.current();
-        let data =
-            serde_json::to_vec(&current.state).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let data = serde_json::to_vec(&current.state)
+            .map_err(|e| StorageIOError::read_state_machine(&e))?;
         let seq = self.next_snapshot_seq()?;
         let snapshot_id = match current.last_applied {
             Some(last) => format!("{}-{}-{seq}", last.leader_id, last.index),

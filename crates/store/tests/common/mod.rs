@@ -47,7 +47,9 @@ pub fn cmd(i: u64) -> Command {
 
 /// Whether the state holds the host of `cmd(i)`.
 pub fn has(dump: &SmSnapshot, i: u64) -> bool {
-    dump.state.hosts.contains_key(&HostId::minted(format!("h{i}")))
+    dump.state
+        .hosts
+        .contains_key(&HostId::minted(format!("h{i}")))
 }
 
 pub struct TestNode {
@@ -138,8 +140,8 @@ impl Cluster {
         } else {
             StorageKind::Memory
         };
-        let mut config =
-            StoreConfig::new(id, raft_addr, format!("api-of-node-{id}:1"), storage).with_test_timings();
+        let mut config = StoreConfig::new(id, raft_addr, format!("api-of-node-{id}:1"), storage)
+            .with_test_timings();
         config.snapshot_logs_since_last = 1000;
         config.max_in_snapshot_log_to_keep = 100;
         (self.tune)(&mut config);
@@ -210,10 +212,11 @@ impl Cluster {
                 .iter()
                 .map(|id| self.node(*id).metrics().leader_id)
                 .collect();
-            if let [Some(l)] = leaders.iter().copied().collect::<Vec<_>>()[..] {
-                if among.contains(&l) && self.node(l).metrics().role == Role::Leader {
-                    return l;
-                }
+            if let [Some(l)] = leaders.iter().copied().collect::<Vec<_>>()[..]
+                && among.contains(&l)
+                && self.node(l).metrics().role == Role::Leader
+            {
+                return l;
             }
             assert!(
                 Instant::now() < deadline,
@@ -225,7 +228,11 @@ impl Cluster {
 
     /// Proposes through `via`, following leader redirects and retrying while no leader is
     /// available, until `WAIT` runs out. A `Timeout` is returned as is (unknown outcome).
-    pub async fn propose_via(&self, via: NodeId, cmd: Command) -> Result<CommandOutcome, ProposeError> {
+    pub async fn propose_via(
+        &self,
+        via: NodeId,
+        cmd: Command,
+    ) -> Result<CommandOutcome, ProposeError> {
         let deadline = Instant::now() + WAIT;
         let mut target = via;
         loop {
@@ -247,7 +254,10 @@ impl Cluster {
     /// Proposes `cmd(i)` through any node, requiring success.
     pub async fn put(&self, i: u64) {
         let via = *self.nodes.keys().next().expect("a node");
-        let outcome = self.propose_via(via, cmd(i)).await.expect("proposal committed");
+        let outcome = self
+            .propose_via(via, cmd(i))
+            .await
+            .expect("proposal committed");
         outcome.expect("command applied without a domain error");
     }
 
@@ -257,8 +267,10 @@ impl Cluster {
         let deadline = Instant::now() + WAIT;
         loop {
             let dumps: Vec<SmSnapshot> = among.iter().map(|id| self.node(*id).dump()).collect();
-            let logs: BTreeSet<Option<u64>> =
-                among.iter().map(|id| self.node(*id).metrics().last_log_index).collect();
+            let logs: BTreeSet<Option<u64>> = among
+                .iter()
+                .map(|id| self.node(*id).metrics().last_log_index)
+                .collect();
             let applied_all = logs.len() == 1
                 && dumps
                     .iter()
