@@ -29,10 +29,10 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::{
     error::NbdError,
     proto::{
-        Cookie, ErrorCode, GREETING_LEN, IHAVEOPT, InfoRequest, NBD_MAGIC,
-        OPTION_REPLY_HEADER_LEN, OptionReplyHeader, ProtocolError, RequestHeader,
-        SIMPLE_REPLY_LEN, SimpleReply, client_flags, cmd, cmd_flags, handshake_flags, info,
-        opt, put_option, rep, transmission_flags,
+        Cookie, ErrorCode, GREETING_LEN, IHAVEOPT, InfoRequest, NBD_MAGIC, OPTION_REPLY_HEADER_LEN,
+        OptionReplyHeader, ProtocolError, RequestHeader, SIMPLE_REPLY_LEN, SimpleReply,
+        client_flags, cmd, cmd_flags, handshake_flags, info, opt, put_option, rep,
+        transmission_flags,
     },
 };
 
@@ -105,7 +105,9 @@ pub struct NbdClient {
 
 impl std::fmt::Debug for NbdClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NbdClient").field("info", &self.info).finish()
+        f.debug_struct("NbdClient")
+            .field("info", &self.info)
+            .finish()
     }
 }
 
@@ -161,7 +163,10 @@ impl NbdClient {
                 }
                 rep::ACK if got_export => break,
                 rep::ACK => {
-                    return Err(ProtocolError::MalformedReply("go acknowledged without export info").into());
+                    return Err(ProtocolError::MalformedReply(
+                        "go acknowledged without export info",
+                    )
+                    .into());
                 }
                 reply => return Err(refused(opt::GO, reply, &payload)),
             }
@@ -195,7 +200,9 @@ impl NbdClient {
                     }
                     let len = payload.get_u32() as usize;
                     if len > payload.len() {
-                        return Err(ProtocolError::MalformedReply("export name overruns reply").into());
+                        return Err(
+                            ProtocolError::MalformedReply("export name overruns reply").into()
+                        );
                     }
                     names.push(String::from_utf8_lossy(&payload[..len]).into_owned());
                 }
@@ -245,7 +252,9 @@ impl NbdClient {
 
     /// Discards a range (it reads back as zeroes from this crate's devices).
     pub async fn trim(&self, offset: u64, len: u32) -> Result<(), NbdError> {
-        self.request(cmd::TRIM, 0, offset, len, None).await.map(drop)
+        self.request(cmd::TRIM, 0, offset, len, None)
+            .await
+            .map(drop)
     }
 
     /// Writes `len` zero bytes at `offset`.
@@ -378,7 +387,9 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut greeting = [0u8; GREETING_LEN];
-    rd.read_exact(&mut greeting).await.map_err(eof_is_disconnect)?;
+    rd.read_exact(&mut greeting)
+        .await
+        .map_err(eof_is_disconnect)?;
     let mut buf = &greeting[..];
     let magic = buf.get_u64();
     let opt_magic = buf.get_u64();

@@ -146,7 +146,12 @@ impl Inner {
         while done < buf.len() && self.nowait_read.load(Ordering::Relaxed) {
             use rustix::io::{Errno, ReadWriteFlags, preadv2};
             let mut slices = [io::IoSliceMut::new(&mut buf[done..])];
-            match preadv2(&self.file, &mut slices, offset + done as u64, ReadWriteFlags::NOWAIT) {
+            match preadv2(
+                &self.file,
+                &mut slices,
+                offset + done as u64,
+                ReadWriteFlags::NOWAIT,
+            ) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(Errno::AGAIN) => break,
@@ -170,7 +175,12 @@ impl Inner {
         while done < data.len() && self.nowait_write.load(Ordering::Relaxed) {
             use rustix::io::{Errno, ReadWriteFlags, pwritev2};
             let slices = [io::IoSlice::new(&data[done..])];
-            match pwritev2(&self.file, &slices, offset + done as u64, ReadWriteFlags::NOWAIT) {
+            match pwritev2(
+                &self.file,
+                &slices,
+                offset + done as u64,
+                ReadWriteFlags::NOWAIT,
+            ) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(Errno::AGAIN) => break,
@@ -289,9 +299,10 @@ impl BlockDevice for FileDevice {
         let mut done = 0;
         if !self.inner.read_only && !fua && data.len() <= NOWAIT_MAX {
             let written = match self.inner.write_nowait(&data, offset) {
-                Ok(n) if n < data.len() && !self.inner.nowait_write.load(Ordering::Relaxed) => {
-                    self.inner.write_in_place(&data[n..], offset + n as u64).map(|m| n + m)
-                }
+                Ok(n) if n < data.len() && !self.inner.nowait_write.load(Ordering::Relaxed) => self
+                    .inner
+                    .write_in_place(&data[n..], offset + n as u64)
+                    .map(|m| n + m),
                 other => other,
             };
             match written {
@@ -354,7 +365,10 @@ mod tests {
             .write(4096, Bytes::from(vec![0xab; 8192]), true)
             .await
             .unwrap();
-        assert_eq!(&device.read(4096, 8192).await.unwrap()[..], &[0xab; 8192][..]);
+        assert_eq!(
+            &device.read(4096, 8192).await.unwrap()[..],
+            &[0xab; 8192][..]
+        );
         device.trim(4096, 4096).await.unwrap();
         device.write_zeroes(8192 + 100, 200, false).await.unwrap();
         device.flush().await.unwrap();

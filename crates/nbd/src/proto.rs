@@ -286,6 +286,9 @@ pub enum ProtocolError {
     /// A server reply was malformed (client side).
     #[error("malformed reply: {0}")]
     MalformedReply(&'static str),
+    /// A payload was supplied that the decoder was not waiting for, or of the wrong size.
+    #[error("payload supplied out of turn")]
+    UnexpectedPayload,
     /// The decoder was used after it reported the end of the conversation.
     #[error("decoder used after the conversation ended")]
     Finished,
@@ -304,12 +307,8 @@ impl ExportDescription {
     /// The transmission flags advertised for this export.
     pub fn transmission_flags(&self) -> u16 {
         use transmission_flags::*;
-        let mut flags = HAS_FLAGS
-            | SEND_FLUSH
-            | SEND_FUA
-            | SEND_TRIM
-            | SEND_WRITE_ZEROES
-            | CAN_MULTI_CONN;
+        let mut flags =
+            HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | CAN_MULTI_CONN;
         if self.read_only {
             flags |= READ_ONLY;
         }
@@ -881,6 +880,30 @@ impl RequestDecoder {
         }
     }
 
+    /// The length of the write payload the decoder is waiting for, if it is waiting for one.
+    pub fn pending_payload(&self) -> Option<usize> {
+        match self.state {
+            DecState::Payload { header, .. } => Some(header.length as usize),
+            DecState::Header | DecState::Finished => None,
+        }
+    }
+
+    /// Completes the pending write with a payload the caller read itself rather than
+    /// through [`RequestDecoder::decode`]'s buffer (straight into a reusable buffer, say).
+    /// `data` must be the whole payload, including any part that was in the buffer.
+    pub fn finish_payload(&mut self, data: Bytes) -> Result<Decoded, ProtocolError> {
+        match self.state {
+            DecState::Payload { header, error } if data.len() == header.length as usize => {
+                self.state = DecState::Header;
+                Ok(complete_write(header, error, data))
+            }
+            _ => {
+                self.state = DecState::Finished;
+                Err(ProtocolError::UnexpectedPayload)
+            }
+        }
+    }
+
     /// Decodes the next message from `buf`, or `Ok(None)` when more bytes are needed.
     /// After `Disconnect`, `RejectAndClose` or an error, the decoder is finished.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, ProtocolError> {
@@ -938,25 +961,28 @@ impl RequestDecoder {
                     }
                     let data = buf.split_to(len).freeze();
                     self.state = DecState::Header;
-                    let decoded = match error {
-                        None => Decoded::Request {
-                            cookie: header.cookie,
-                            command: Command::Write {
-                                offset: header.offset,
-                                data,
-                                fua: header.flags & cmd_flags::FUA != 0,
-                            },
-                        },
-                        Some(error) => Decoded::Reject {
-                            cookie: header.cookie,
-                            kind: header.kind,
-                            error,
-                        },
-                    };
-                    return Ok(Some(decoded));
+                    return Ok(Some(complete_write(header, error, data)));
                 }
             }
         }
+    }
+}
+
+fn complete_write(header: RequestHeader, error: Option<ErrorCode>, data: Bytes) -> Decoded {
+    match error {
+        None => Decoded::Request {
+            cookie: header.cookie,
+            command: Command::Write {
+                offset: header.offset,
+                data,
+                fua: header.flags & cmd_flags::FUA != 0,
+            },
+        },
+        Some(error) => Decoded::Reject {
+            cookie: header.cookie,
+            kind: header.kind,
+            error,
+        },
     }
 }
 
@@ -1078,7 +1104,10 @@ mod tests {
         assert_eq!(replies.len(), 3);
         assert_eq!(replies[0].1, rep::INFO);
         assert_eq!(&replies[0].2[..2], &[0, 0]);
-        assert_eq!(u64::from_be_bytes(replies[0].2[2..10].try_into().unwrap()), 1 << 20);
+        assert_eq!(
+            u64::from_be_bytes(replies[0].2[2..10].try_into().unwrap()),
+            1 << 20
+        );
         assert_eq!(replies[1].2.len(), 14);
         assert_eq!(replies[2].1, rep::ACK);
         assert!(input.is_empty());
@@ -1092,7 +1121,10 @@ mod tests {
         input.extend_from_slice(&go("nope"));
         let mut out = BytesMut::new();
         let event = neg.advance(&mut input, &OneExport, &mut out).unwrap();
-        assert!(matches!(event, NegotiationEvent::NeedMore(OPTION_HEADER_LEN)));
+        assert!(matches!(
+            event,
+            NegotiationEvent::NeedMore(OPTION_HEADER_LEN)
+        ));
         assert_eq!(replies(&out)[0].1, rep::ERR_UNKNOWN);
     }
 
@@ -1183,7 +1215,11 @@ mod tests {
             Err(ErrorCode::EPERM)
         );
         assert_eq!(
-            validate(&header(cmd::WRITE_ZEROES, cmd_flags::NO_HOLE, 0, 4096), &rw, max),
+            validate(
+                &header(cmd::WRITE_ZEROES, cmd_flags::NO_HOLE, 0, 4096),
+                &rw,
+                max
+            ),
             Ok(())
         );
         assert_eq!(

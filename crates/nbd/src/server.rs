@@ -17,9 +17,16 @@
 //! dropped (its requests cancelled). Removing an export does the same to its
 //! connections. No task outlives [`NbdServer::serve`].
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, PoisonError},
+    time::Duration,
+};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures::{
+    FutureExt,
+    stream::{FuturesUnordered, StreamExt},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -29,10 +36,6 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     task::JoinSet,
 };
-use futures::{
-    FutureExt,
-    stream::{FuturesUnordered, StreamExt},
-};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tracing::{Instrument, debug, info, warn};
 
@@ -40,8 +43,8 @@ use crate::{
     error::NbdError,
     exports::{ExportEntry, Exports, OpKind},
     proto::{
-        Command, Cookie, Decoded, DEFAULT_MAX_PAYLOAD, ErrorCode, ExportDescription,
-        Negotiation, NegotiationEvent, ProtocolError, RequestDecoder, cmd, put_simple_reply,
+        Command, Cookie, DEFAULT_MAX_PAYLOAD, Decoded, ErrorCode, ExportDescription, Negotiation,
+        NegotiationEvent, ProtocolError, RequestDecoder, cmd, put_simple_reply,
     },
 };
 
@@ -51,6 +54,10 @@ const READ_CHUNK: usize = 256 * 1024;
 const WRITE_BATCH: usize = 256 * 1024;
 /// Read data up to this size is copied into the batch; larger data is written in place.
 const INLINE_DATA_MAX: usize = 64 * 1024;
+/// Write payloads at least this large are read straight into pooled buffers.
+const DIRECT_PAYLOAD_MIN: usize = 64 * 1024;
+/// Bytes of payload buffers a connection keeps for reuse.
+const POOL_KEEP_BYTES: usize = 64 * 1024 * 1024;
 /// How long a connection refused for an oversized write drains input before closing.
 const LINGER: Duration = Duration::from_secs(2);
 /// Unit of the in-flight budget.
@@ -323,7 +330,15 @@ async fn transmission(
         write_replies(wr, rx, writer_failed).in_current_span(),
     ));
     let both = async {
-        let reader = read_requests(&mut rd, input, export, Arc::clone(&entry), &config, tx, stop);
+        let reader = read_requests(
+            &mut rd,
+            input,
+            export,
+            Arc::clone(&entry),
+            &config,
+            tx,
+            stop,
+        );
         let (read, write) = tokio::join!(reader, writer);
         if matches!(
             read,
@@ -401,17 +416,34 @@ async fn read_requests(
 ) -> Result<(), NbdError> {
     let mut decoder = RequestDecoder::new(export, config.max_payload);
     let budget = Arc::new(Semaphore::new(config.budget_units()));
+    let buffers = Arc::new(BufferPool::default());
     let mut inflight = FuturesUnordered::new();
     // A decoded request waiting for budget.
     let mut waiting: Option<(Cookie, Command)> = None;
+    // A large write payload being read straight into a reusable buffer.
+    let mut direct: Option<DirectPayload> = None;
     let result = loop {
         if waiting.is_none() {
-            match decoder.decode(&mut input) {
+            let next = match direct.take() {
+                Some(payload) if payload.is_full() => {
+                    decoder.finish_payload(payload.freeze()).map(Some)
+                }
+                Some(payload) => {
+                    direct = Some(payload);
+                    Ok(None)
+                }
+                None => decoder.decode(&mut input),
+            };
+            match next {
                 Ok(Some(Decoded::Request { cookie, command })) => {
                     let units = budget_units(&command);
                     match Arc::clone(&budget).try_acquire_many_owned(units) {
                         Ok(permit) => {
-                            inflight.push(execute(Arc::clone(&entry), command, pending_reply(&tx, cookie, permit)));
+                            inflight.push(execute(
+                                Arc::clone(&entry),
+                                command,
+                                pending_reply(&tx, cookie, permit),
+                            ));
                         }
                         Err(_) => waiting = Some((cookie, command)),
                     }
@@ -436,14 +468,31 @@ async fn read_requests(
                     debug!("client sent disconnect");
                     break Ok(());
                 }
-                Ok(None) => {
-                    let missing = decoder.frame_len().saturating_sub(input.len());
-                    input.reserve(missing.max(READ_CHUNK));
-                }
+                Ok(None) if direct.is_some() => {}
+                Ok(None) => match decoder.pending_payload() {
+                    Some(len) if len >= DIRECT_PAYLOAD_MIN => {
+                        // The decoder returned without consuming, so `input` holds less
+                        // than the payload, and all of it is payload.
+                        let mut buffer = buffers.take(len);
+                        let have = input.len().min(len);
+                        buffer.data[..have].copy_from_slice(&input[..have]);
+                        input.advance(have);
+                        direct = Some(DirectPayload {
+                            buffer,
+                            filled: have,
+                        });
+                    }
+                    _ => {
+                        let missing = decoder.frame_len().saturating_sub(input.len());
+                        input.reserve(missing.max(READ_CHUNK));
+                    }
+                },
                 Err(err) => break Err(err.into()),
             }
         }
-        let units = waiting.as_ref().map_or(0, |(_, command)| budget_units(command));
+        let units = waiting
+            .as_ref()
+            .map_or(0, |(_, command)| budget_units(command));
         tokio::select! {
             biased;
             reason = stop.stopped() => {
@@ -458,12 +507,13 @@ async fn read_requests(
                 };
                 inflight.push(execute(Arc::clone(&entry), command, pending_reply(&tx, cookie, permit)));
             }
-            read = rd.read_buf(&mut input), if waiting.is_none() => match read {
+            read = read_some(rd, &mut input, direct.as_mut()), if waiting.is_none() => match read {
                 Ok(0) => {
-                    if input.is_empty() {
+                    let pending = input.len() + direct.as_ref().map_or(0, |d| d.filled);
+                    if pending == 0 {
                         debug!("client closed the connection");
                     } else {
-                        info!(pending = input.len(), "client closed the connection mid-request");
+                        info!(pending, "client closed the connection mid-request");
                     }
                     break Ok(());
                 }
@@ -476,6 +526,89 @@ async fn read_requests(
     while inflight.next().await.is_some() {}
     drop(tx);
     result
+}
+
+/// Reads from the socket into the direct payload if one is being read, else into `input`.
+async fn read_some(
+    rd: &mut OwnedReadHalf,
+    input: &mut BytesMut,
+    direct: Option<&mut DirectPayload>,
+) -> std::io::Result<usize> {
+    match direct {
+        Some(payload) => {
+            let n = rd.read(&mut payload.buffer.data[payload.filled..]).await?;
+            payload.filled += n;
+            Ok(n)
+        }
+        None => rd.read_buf(input).await,
+    }
+}
+
+/// A write payload read straight from the socket into a pooled buffer.
+struct DirectPayload {
+    buffer: PooledBuffer,
+    filled: usize,
+}
+
+impl DirectPayload {
+    fn is_full(&self) -> bool {
+        self.filled == self.buffer.data.len()
+    }
+
+    fn freeze(self) -> Bytes {
+        Bytes::from_owner(self.buffer)
+    }
+}
+
+/// Large write payloads of one connection reuse a few buffers, which saves allocating,
+/// page-faulting in and freeing a fresh buffer for every request.
+#[derive(Default)]
+struct BufferPool {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    fn take(self: &Arc<Self>, len: usize) -> PooledBuffer {
+        let reused = {
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            free.iter()
+                .position(|buffer| buffer.capacity() >= len)
+                .map(|index| free.swap_remove(index))
+        };
+        let data = match reused {
+            Some(mut data) => {
+                data.resize(len, 0);
+                data
+            }
+            None => vec![0; len],
+        };
+        PooledBuffer {
+            data,
+            pool: Arc::clone(self),
+        }
+    }
+}
+
+struct PooledBuffer {
+    data: Vec<u8>,
+    pool: Arc<BufferPool>,
+}
+
+impl AsRef<[u8]> for PooledBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        let mut free = self.pool.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let kept: usize = free.iter().map(Vec::capacity).sum();
+        if kept + data.capacity() <= POOL_KEEP_BYTES {
+            free.push(data);
+        }
+    }
 }
 
 fn pending_reply(

@@ -5,12 +5,7 @@
 
 mod common;
 
-use std::{
-    future::Future,
-    io,
-    sync::Arc,
-    time::Duration,
-};
+use std::{future::Future, io, sync::Arc, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use common::{TestServer, hash_file, random_image};
@@ -77,7 +72,9 @@ async fn send_option(stream: &mut TcpStream, option: u32, data: &[u8]) {
 
 async fn read_option_reply(stream: &mut TcpStream) -> (OptionReplyHeader, Vec<u8>) {
     let mut raw = [0u8; OPTION_REPLY_HEADER_LEN];
-    within("option reply", stream.read_exact(&mut raw)).await.unwrap();
+    within("option reply", stream.read_exact(&mut raw))
+        .await
+        .unwrap();
     let header = OptionReplyHeader::decode(&raw).unwrap();
     let mut data = vec![0u8; header.len as usize];
     stream.read_exact(&mut data).await.unwrap();
@@ -110,11 +107,16 @@ async fn raw_go(addr: std::net::SocketAddr, name: &str) -> TcpStream {
 
 async fn read_simple_reply(stream: &mut TcpStream) -> proto::SimpleReply {
     let mut raw = [0u8; proto::SIMPLE_REPLY_LEN];
-    within("simple reply", stream.read_exact(&mut raw)).await.unwrap();
+    within("simple reply", stream.read_exact(&mut raw))
+        .await
+        .unwrap();
     proto::SimpleReply::decode(&raw).unwrap()
 }
 
-async fn served_image(size: usize, seed: u64) -> (tempfile::TempDir, std::path::PathBuf, TestServer) {
+async fn served_image(
+    size: usize,
+    seed: u64,
+) -> (tempfile::TempDir, std::path::PathBuf, TestServer) {
     let dir = tempfile::tempdir().unwrap();
     let path = random_image(dir.path(), "disk.raw", size, seed);
     let server = TestServer::serve_files(&[&path]).await;
@@ -143,7 +145,9 @@ async fn garbage_closes_only_that_connection() {
 
     // Garbage instead of an option.
     let mut bad = raw_greet(server.addr).await;
-    bad.write_all(b"this is not an nbd option header at all").await.unwrap();
+    bad.write_all(b"this is not an nbd option header at all")
+        .await
+        .unwrap();
     read_until_closed(&mut bad).await;
 
     // Unknown client flags.
@@ -155,7 +159,9 @@ async fn garbage_closes_only_that_connection() {
 
     // Garbage in transmission, after one valid request.
     let mut bad = raw_go(server.addr, "disk").await;
-    bad.write_all(&encode_request(cmd::READ, 0, 1, 0, 512)).await.unwrap();
+    bad.write_all(&encode_request(cmd::READ, 0, 1, 0, 512))
+        .await
+        .unwrap();
     let reply = read_simple_reply(&mut bad).await;
     assert_eq!(reply.error, ErrorCode::OK);
     let mut sector = [0u8; 512];
@@ -221,12 +227,27 @@ async fn out_of_range_requests_get_einval_and_leave_data_untouched() {
 
     let block = || Bytes::from(vec![0x99; 8 * KIB]);
     let cases: Vec<(&str, Result<(), NbdError>)> = vec![
-        ("write across the end", client.write(size - 4096, block(), false).await),
-        ("write past the end", client.write(size, block(), true).await),
-        ("write at u64::MAX", client.write(u64::MAX - 10, block(), false).await),
-        ("read across the end", client.read(size - 1, 2).await.map(drop)),
+        (
+            "write across the end",
+            client.write(size - 4096, block(), false).await,
+        ),
+        (
+            "write past the end",
+            client.write(size, block(), true).await,
+        ),
+        (
+            "write at u64::MAX",
+            client.write(u64::MAX - 10, block(), false).await,
+        ),
+        (
+            "read across the end",
+            client.read(size - 1, 2).await.map(drop),
+        ),
         ("trim across the end", client.trim(size - 512, 1024).await),
-        ("zeroes past the end", client.write_zeroes(size + 4096, 4096, false).await),
+        (
+            "zeroes past the end",
+            client.write_zeroes(size + 4096, 4096, false).await,
+        ),
     ];
     for (what, result) in cases {
         let err = result.expect_err(what);
@@ -325,16 +346,28 @@ async fn unknown_export_is_refused_at_the_handshake() {
 
     let err = NbdClient::connect(server.addr, "nope").await.unwrap_err();
     assert!(
-        matches!(err, NbdError::OptionRefused { reply: rep::ERR_UNKNOWN, .. }),
+        matches!(
+            err,
+            NbdError::OptionRefused {
+                reply: rep::ERR_UNKNOWN,
+                ..
+            }
+        ),
         "{err}"
     );
 
     // After an unknown GO or INFO, negotiation goes on.
     let mut stream = raw_greet(server.addr).await;
     send_option(&mut stream, opt::INFO, &go_data("nope")).await;
-    assert_eq!(read_option_reply(&mut stream).await.0.reply, rep::ERR_UNKNOWN);
+    assert_eq!(
+        read_option_reply(&mut stream).await.0.reply,
+        rep::ERR_UNKNOWN
+    );
     send_option(&mut stream, opt::GO, &go_data("nope")).await;
-    assert_eq!(read_option_reply(&mut stream).await.0.reply, rep::ERR_UNKNOWN);
+    assert_eq!(
+        read_option_reply(&mut stream).await.0.reply,
+        rep::ERR_UNKNOWN
+    );
     send_option(&mut stream, opt::INFO, &go_data("disk")).await;
     let mut saw_export = false;
     loop {
@@ -379,9 +412,15 @@ async fn unsupported_and_malformed_options_get_error_replies() {
         assert_eq!((header.option, header.reply), (option, rep::ERR_UNSUP));
     }
     send_option(&mut stream, opt::LIST, b"junk").await;
-    assert_eq!(read_option_reply(&mut stream).await.0.reply, rep::ERR_INVALID);
+    assert_eq!(
+        read_option_reply(&mut stream).await.0.reply,
+        rep::ERR_INVALID
+    );
     send_option(&mut stream, opt::GO, &[0, 0, 0, 200, b'x']).await;
-    assert_eq!(read_option_reply(&mut stream).await.0.reply, rep::ERR_INVALID);
+    assert_eq!(
+        read_option_reply(&mut stream).await.0.reply,
+        rep::ERR_INVALID
+    );
     // A huge unknown option is skipped without being buffered.
     let mut header = BytesMut::new();
     header.put_u64(proto::IHAVEOPT);
@@ -463,7 +502,10 @@ async fn requests_run_concurrently_and_complete_out_of_order() {
         assert!(data.iter().all(|&b| b == 7));
         gate.add_permits(1);
     };
-    let (held, ()) = within("out-of-order requests", async { tokio::join!(blocked, later) }).await;
+    let (held, ()) = within("out-of-order requests", async {
+        tokio::join!(blocked, later)
+    })
+    .await;
     assert_eq!(held.unwrap().len(), 4096);
     client.disconnect().await.unwrap();
     server.stop().await;
@@ -492,8 +534,16 @@ async fn removing_an_export_closes_its_connections_only() {
     .await;
     assert!(matches!(after, NbdError::Disconnected), "{after}");
     let err = NbdClient::connect(server.addr, "a").await.unwrap_err();
-    assert!(matches!(err, NbdError::OptionRefused { reply: rep::ERR_UNKNOWN, .. }));
-    on_b.write(0, Bytes::from_static(b"still here"), true).await.unwrap();
+    assert!(matches!(
+        err,
+        NbdError::OptionRefused {
+            reply: rep::ERR_UNKNOWN,
+            ..
+        }
+    ));
+    on_b.write(0, Bytes::from_static(b"still here"), true)
+        .await
+        .unwrap();
 
     // Exports can be added while serving.
     exports.insert("c", Arc::new(MemDevice::new(4096))).unwrap();
@@ -514,15 +564,23 @@ async fn removing_an_export_closes_its_connections_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_every_connection_and_returns() {
     let exports = Exports::new();
-    exports.insert("disk", Arc::new(MemDevice::new(MIB))).unwrap();
+    exports
+        .insert("disk", Arc::new(MemDevice::new(MIB)))
+        .unwrap();
     let server = TestServer::start(exports).await;
     let client = NbdClient::connect(server.addr, "disk").await.unwrap();
-    client.write(0, Bytes::from_static(&[1; 512]), false).await.unwrap();
+    client
+        .write(0, Bytes::from_static(&[1; 512]), false)
+        .await
+        .unwrap();
     // One client idles in transmission, another in the handshake.
     let mut in_handshake = raw_greet(server.addr).await;
     let addr = server.addr;
     within("server shutdown", server.stop()).await;
-    assert!(matches!(client.read(0, 512).await, Err(NbdError::Disconnected)));
+    assert!(matches!(
+        client.read(0, 512).await,
+        Err(NbdError::Disconnected)
+    ));
     read_until_closed(&mut in_handshake).await;
     assert!(TcpStream::connect(addr).await.is_err());
 }

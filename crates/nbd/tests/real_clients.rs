@@ -19,25 +19,44 @@ async fn qemu_io_writes_and_verifies_patterns() {
     let output = run_ok(
         "qemu-io",
         &[
-            "-f", "raw",
-            "-c", "write -P 0xa5 0 1M",
-            "-c", "write -f -P 0x5a 1M 64k",
-            "-c", "write -P 0x77 2M 512k",
-            "-c", "write -z 2M 256k",
-            "-c", "write -P 0x33 4M 1M",
-            "-c", "discard 4M 512k",
-            "-c", "aio_write -P 0x11 6M 64k",
-            "-c", "aio_write -P 0x22 6356992 64k",
-            "-c", "aio_flush",
-            "-c", "flush",
-            "-c", "read -P 0xa5 0 1M",
-            "-c", "read -P 0x5a 1M 64k",
-            "-c", "read -P 0 2M 256k",
-            "-c", "read -P 0x77 2359296 256k",
-            "-c", "read -P 0 4M 512k",
-            "-c", "read -P 0x33 4718592 512k",
-            "-c", "read -P 0x11 6M 64k",
-            "-c", "read -P 0x22 6356992 64k",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xa5 0 1M",
+            "-c",
+            "write -f -P 0x5a 1M 64k",
+            "-c",
+            "write -P 0x77 2M 512k",
+            "-c",
+            "write -z 2M 256k",
+            "-c",
+            "write -P 0x33 4M 1M",
+            "-c",
+            "discard 4M 512k",
+            "-c",
+            "aio_write -P 0x11 6M 64k",
+            "-c",
+            "aio_write -P 0x22 6356992 64k",
+            "-c",
+            "aio_flush",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0xa5 0 1M",
+            "-c",
+            "read -P 0x5a 1M 64k",
+            "-c",
+            "read -P 0 2M 256k",
+            "-c",
+            "read -P 0x77 2359296 256k",
+            "-c",
+            "read -P 0 4M 512k",
+            "-c",
+            "read -P 0x33 4718592 512k",
+            "-c",
+            "read -P 0x11 6M 64k",
+            "-c",
+            "read -P 0x22 6356992 64k",
             &uri,
         ],
     )
@@ -50,9 +69,17 @@ async fn qemu_io_writes_and_verifies_patterns() {
     assert!(data[..MIB].iter().all(|&b| b == 0xa5));
     assert!(data[MIB..MIB + 64 * 1024].iter().all(|&b| b == 0x5a));
     assert!(data[2 * MIB..2 * MIB + 256 * 1024].iter().all(|&b| b == 0));
-    assert!(data[2 * MIB + 256 * 1024..2 * MIB + 512 * 1024].iter().all(|&b| b == 0x77));
+    assert!(
+        data[2 * MIB + 256 * 1024..2 * MIB + 512 * 1024]
+            .iter()
+            .all(|&b| b == 0x77)
+    );
     assert!(data[4 * MIB..4 * MIB + 512 * 1024].iter().all(|&b| b == 0));
-    assert!(data[4 * MIB + 512 * 1024..5 * MIB].iter().all(|&b| b == 0x33));
+    assert!(
+        data[4 * MIB + 512 * 1024..5 * MIB]
+            .iter()
+            .all(|&b| b == 0x33)
+    );
     assert!(data[7 * MIB..].iter().all(|&b| b == 0));
 
     let stats = server.exports.stats("disk").unwrap();
@@ -85,19 +112,31 @@ async fn qemu_img_converts_into_and_out_of_the_export_and_compares() {
         &["convert", "-n", "-f", "raw", "-O", "raw", source_str, &uri],
     )
     .await;
-    run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", source_str, &uri]).await;
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", source_str, &uri],
+    )
+    .await;
     assert_eq!(hash_file(&source), hash_file(&target));
 
     let copy = dir.path().join("copy.raw");
     let copy_str = copy.to_str().unwrap();
-    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, copy_str]).await;
+    run_ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, copy_str],
+    )
+    .await;
     assert_eq!(hash_file(&source), hash_file(&copy));
 
     // A difference is found.
     let mut data = std::fs::read(&target).unwrap();
     data[9 * MIB + 17] ^= 0xff;
     std::fs::write(&target, data).unwrap();
-    let differs = run_any("qemu-img", &["compare", "-f", "raw", "-F", "raw", source_str, &uri]).await;
+    let differs = run_any(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", source_str, &uri],
+    )
+    .await;
     assert_eq!(differs.status.code(), Some(1), "{differs:?}");
     server.stop().await;
 }
@@ -190,8 +229,14 @@ async fn fio_nbd_engine_writes_and_verifies_crc32c() {
         let json: serde_json::Value = serde_json::from_str(&text[json_start..]).unwrap();
         let job = &json["jobs"][0];
         assert_eq!(job["error"], 0, "{text}");
-        assert!(job["write"]["io_bytes"].as_u64().unwrap() >= 16 * MIB as u64, "{text}");
-        assert!(job["read"]["io_bytes"].as_u64().unwrap() >= 16 * MIB as u64, "{text}");
+        assert!(
+            job["write"]["io_bytes"].as_u64().unwrap() >= 16 * MIB as u64,
+            "{text}"
+        );
+        assert!(
+            job["read"]["io_bytes"].as_u64().unwrap() >= 16 * MIB as u64,
+            "{text}"
+        );
     }
     assert_eq!(server.exports.stats("disk").unwrap().errors, 0);
     server.stop().await;

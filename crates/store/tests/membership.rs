@@ -158,6 +158,16 @@ async fn snapshot_and_purge_then_a_new_learner_catches_up_from_the_snapshot() {
     // A manual snapshot covers everything applied so far.
     let index = c.node(leader).snapshot().await.expect("snapshot");
     assert!(index >= 100);
+    // Compaction: the log below the snapshot is gone, so the log stays short.
+    let m = c
+        .node(leader)
+        .wait_for(WAIT, "log purged up to the snapshot", |m| {
+            m.purged_index >= Some(index)
+        })
+        .await
+        .expect("purged");
+    let kept = m.last_log_index.unwrap_or(0) - m.purged_index.unwrap_or(0);
+    assert!(kept <= 5, "log not compacted: {m:?}");
 
     // Node 4 joins after the log it would need is gone: it must install the snapshot.
     let info = c.add_node(4).await;
