@@ -298,12 +298,7 @@ impl SiteState {
                     );
                 }
                 v.into_result()?;
-                self.unique_name(
-                    self.vms.values().map(|m| (&m.id, &m.name)),
-                    &vm.id,
-                    &vm.name,
-                    "VM",
-                )?;
+                // VM names need not be unique (hypervisors allow it); ids are.
                 put(&mut self.vms, vm.id.clone(), vm, create, VmId::KIND)
             }
             Command::DeleteVm { id } => {

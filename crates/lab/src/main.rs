@@ -39,6 +39,15 @@ enum Cmd {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Config-store benchmark: a 3-node site vs a 3-node etcd, side by side.
+    Bench {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 20)]
+        secs: u64,
+    },
     /// Runs the demo: a two-site lab, pairing, inventory and a VPG, leader failover.
     Demo {
         /// Lab directory; a fresh temporary one by default.
@@ -142,6 +151,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 listener.local_addr()?
             );
             tandem_nbd::serve_files(listener, files, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench { dir, clients, secs } => {
+            tandem_lab::bench::run(dir, clients, secs).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { dir, keep } => demo::run(dir, keep, shutdown_token()).await,

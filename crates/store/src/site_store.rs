@@ -13,7 +13,7 @@ use openraft::error::{
     ChangeMembershipError, CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError,
     RaftError,
 };
-use openraft::{ChangeMembers, RaftMetrics};
+use openraft::{ChangeMembers, RaftMetrics, ServerState};
 use tandem_core::state::{Command, CommandOutcome, SiteState};
 use tokio::sync::watch;
 
@@ -477,13 +477,20 @@ impl SiteStore {
             .raft
             .wait(Some(limit))
             .metrics(
-                |m| m.current_leader.is_some() || m.running_state.is_err(),
+                |m| {
+                    m.current_leader.is_some()
+                        || m.running_state.is_err()
+                        || m.state == ServerState::Shutdown
+                },
                 "leader known",
             )
             .await
             .map_err(|e| format!("no leader known within {limit:?}: {e}"))?;
         if let Err(e) = &metrics.running_state {
             return Err(format!("raft node stopped: {e}"));
+        }
+        if metrics.state == ServerState::Shutdown {
+            return Err("raft node shut down".to_string());
         }
         match metrics.current_leader {
             Some(id) if id == self.inner.id => Ok(Leader::Me),

@@ -209,7 +209,15 @@ async fn leader_shutdown_elects_a_new_leader_and_keeps_acknowledged_writes() {
         c.put(i).await;
     }
     let old = c.wait_leader(&c.ids()).await;
+    let old_store = c.node(old).clone();
     let old_config = c.stop_node(old).await;
+    // A stopped node answers at once, and never with success.
+    match old_store.propose(cmd(99)).await {
+        Err(ProposeError::Unavailable { .. } | ProposeError::Stopped(_)) => {}
+        other => panic!("a stopped node must refuse, got {other:?}"),
+    }
+    // Its storage is released once the last handle is gone.
+    drop(old_store);
     let new = c.wait_leader(&c.ids()).await;
     assert_ne!(new, old);
     for i in 10..20 {
@@ -219,6 +227,7 @@ async fn leader_shutdown_elects_a_new_leader_and_keeps_acknowledged_writes() {
     c.restart_node(old_config).await;
     let dump = c.wait_converged(&c.ids()).await;
     assert!((0..20).all(|i| has(&dump, i)));
+    assert!(!has(&dump, 99));
     c.shutdown().await;
 }
 
