@@ -60,6 +60,12 @@ pub struct JournalConfig {
     pub history_window: Option<Duration>,
     /// The VM's volumes and their replica disks.
     pub volumes: Vec<VolumeSpec>,
+    /// Whether sequence numbers may skip values (strictly increasing instead of
+    /// contiguous). The VRA sets it so that every VM journal of a VPG carries the
+    /// replication stream's own sequence numbers: each journal holds its VM's entries
+    /// and every checkpoint marker, so the stream position of any record is known after
+    /// a restart. Default: off (contiguous).
+    pub sparse_seqs: bool,
 }
 
 impl JournalConfig {
@@ -73,6 +79,7 @@ impl JournalConfig {
             hard_limit_bytes: None,
             history_window: None,
             volumes,
+            sparse_seqs: false,
         }
     }
 
@@ -1003,6 +1010,7 @@ impl Journal {
                     last: st.last_seq,
                 });
             }
+            (Some(s), Some(_)) if shared.cfg.sparse_seqs => s,
             (Some(s), Some(n)) => {
                 return Err(JournalError::SequenceGap {
                     expected: n,
@@ -1207,7 +1215,7 @@ fn recover(
             }
         };
         if let Some(exp) = last_seq.map(Seq::next)
-            && header.base_seq != exp
+            && (header.base_seq < exp || (header.base_seq != exp && !cfg.sparse_seqs))
         {
             return Err(JournalError::Corrupt {
                 segment: id,
@@ -1215,7 +1223,11 @@ fn recover(
                 reason: format!("segment starts at seq {}, expected {exp}", header.base_seq),
             });
         }
-        if last_seq.is_none() && replica_seq > Seq(0) && header.base_seq > replica_seq.next() {
+        if last_seq.is_none()
+            && !cfg.sparse_seqs
+            && replica_seq > Seq(0)
+            && header.base_seq > replica_seq.next()
+        {
             return Err(JournalError::Corrupt {
                 segment: id,
                 offset: 0,
@@ -1247,7 +1259,7 @@ fn recover(
                     offset: off,
                     reason,
                 };
-                if h.seq != expect {
+                if h.seq < expect || (h.seq != expect && !cfg.sparse_seqs) {
                     return Err(corrupt(format!(
                         "record seq {} where {expect} expected",
                         h.seq

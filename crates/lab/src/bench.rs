@@ -12,8 +12,9 @@ use hdrhistogram::Histogram;
 use tandem_proto::v1;
 use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient, host_service_client::HostServiceClient,
-    resource_pool_service_client::ResourcePoolServiceClient, site_service_client::SiteServiceClient,
-    vm_service_client::VmServiceClient, vpg_service_client::VpgServiceClient,
+    resource_pool_service_client::ResourcePoolServiceClient,
+    site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
+    vpg_service_client::VpgServiceClient,
 };
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -25,6 +26,9 @@ use crate::lab::Lab;
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
 }
+
+/// Each client rewrites this many definitions in turn, so state size stays constant.
+const KEYS_PER_CLIENT: u64 = 16;
 
 /// What one workload achieved.
 #[derive(Debug)]
@@ -105,16 +109,20 @@ where
 }
 
 async fn connect(addr: &str) -> Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .connect()
-        .await?)
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .connect()
+            .await?,
+    )
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// A 3-member etcd cluster on loopback.
@@ -144,12 +152,34 @@ impl Etcd {
                 .args(["--name", &format!("e{i}")])
                 .arg("--data-dir")
                 .arg(&data)
-                .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", clients[i])])
-                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", clients[i])])
-                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", peers[i])])
-                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", peers[i])])
-                .args(["--initial-cluster", &cluster, "--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "tandem-bench", "--log-level", "error"])
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{}", clients[i]),
+                ])
+                .args([
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{}", clients[i]),
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &format!("http://127.0.0.1:{}", peers[i]),
+                ])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{}", peers[i]),
+                ])
+                .args([
+                    "--initial-cluster",
+                    &cluster,
+                    "--initial-cluster-state",
+                    "new",
+                ])
+                .args([
+                    "--initial-cluster-token",
+                    "tandem-bench",
+                    "--log-level",
+                    "error",
+                ])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -163,8 +193,12 @@ impl Etcd {
         loop {
             let ok = async {
                 let mut kv = etcdserverpb::kv_client::KvClient::new(connect(&clients[0]).await?);
-                kv.put(etcdserverpb::PutRequest { key: b"ready".to_vec(), value: b"1".to_vec(), ..Default::default() })
-                    .await?;
+                kv.put(etcdserverpb::PutRequest {
+                    key: b"ready".to_vec(),
+                    value: b"1".to_vec(),
+                    ..Default::default()
+                })
+                .await?;
                 anyhow::Ok(())
             }
             .await;
@@ -172,7 +206,10 @@ impl Etcd {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("etcd cluster did not come up (see {}/etcd-*.log)", dir.display());
+                bail!(
+                    "etcd cluster did not come up (see {}/etcd-*.log)",
+                    dir.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -187,7 +224,9 @@ impl Etcd {
 }
 
 fn payload(len: usize, seed: u64) -> Vec<u8> {
-    (0..len).map(|i| b'a' + ((i as u64 + seed) % 26) as u8).collect()
+    (0..len)
+        .map(|i| b'a' + ((i as u64 + seed) % 26) as u8)
+        .collect()
 }
 
 /// A VM definition of about 1 KiB on the wire and in the log.
@@ -202,7 +241,12 @@ fn vm_def(id: String) -> v1::Vm {
         cpu_reservation_mhz: 100,
         memory_reservation_mib: 128,
         volumes: (0..10)
-            .map(|u| v1::Volume { controller: u / 15, unit: u % 15, size_bytes: 1 << 30, datastore_id: "bench-ds".into() })
+            .map(|u| v1::Volume {
+                controller: u / 15,
+                unit: u % 15,
+                size_bytes: 1 << 30,
+                datastore_id: "bench-ds".into(),
+            })
             .collect(),
         vpg_id: String::new(),
     }
@@ -210,10 +254,14 @@ fn vm_def(id: String) -> v1::Vm {
 
 /// Runs the whole benchmark and prints the comparison.
 pub async fn run(dir: Option<PathBuf>, clients: usize, secs: u64) -> Result<()> {
-    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id())));
+    let dir = dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id()))
+    });
     std::fs::create_dir_all(&dir)?;
     let duration = Duration::from_secs(secs);
-    println!("config store benchmark: {clients} clients, {secs} s per workload, 3 nodes each, loopback");
+    println!(
+        "config store benchmark: {clients} clients, {secs} s per workload, 3 nodes each, loopback"
+    );
 
     let etcd = Etcd::start(&dir.join("etcd")).await?;
     let mut etcd_kvs = Vec::new();
@@ -222,19 +270,24 @@ pub async fn run(dir: Option<PathBuf>, clients: usize, secs: u64) -> Result<()> 
     }
     let value = Arc::new(payload(1024, 7));
     let kvs = Arc::new(etcd_kvs);
-    let etcd_put = drive("etcd put 1 KiB", clients, duration, move |c, i| {
-        let mut kv = kvs[c % kvs.len()].clone();
-        let value = value.clone();
-        async move {
-            kv.put(etcdserverpb::PutRequest {
-                key: format!("vpg/{c}/{i}").into_bytes(),
-                value: value.to_vec(),
-                ..Default::default()
-            })
-            .await?;
-            Ok(())
-        }
-    })
+    let etcd_put = drive(
+        "etcd put 1 KiB (rewrite)",
+        clients,
+        duration,
+        move |c, i| {
+            let mut kv = kvs[c % kvs.len()].clone();
+            let value = value.clone();
+            async move {
+                kv.put(etcdserverpb::PutRequest {
+                    key: format!("vm/{c}/{}", i % KEYS_PER_CLIENT).into_bytes(),
+                    value: value.to_vec(),
+                    ..Default::default()
+                })
+                .await?;
+                Ok(())
+            }
+        },
+    )
     .await;
     etcd_put.print();
     etcd.stop().await;
@@ -258,7 +311,11 @@ pub async fn run(dir: Option<PathBuf>, clients: usize, secs: u64) -> Result<()> 
     Ok(())
 }
 
-async fn tandem_workloads(lab: &Lab, clients: usize, duration: Duration) -> Result<(Outcome, Outcome)> {
+async fn tandem_workloads(
+    lab: &Lab,
+    clients: usize,
+    duration: Duration,
+) -> Result<(Outcome, Outcome)> {
     let a_eps = lab.endpoints(0);
     let b_eps = lab.endpoints(1);
     let a = connect(&a_eps[0]).await?;
@@ -269,12 +326,19 @@ async fn tandem_workloads(lab: &Lab, clients: usize, duration: Duration) -> Resu
         .into_inner()
         .token;
     let peer = SiteServiceClient::new(a.clone())
-        .pair_site(v1::PairSiteRequest { peer_endpoints: b_eps.clone(), token })
+        .pair_site(v1::PairSiteRequest {
+            peer_endpoints: b_eps.clone(),
+            token,
+        })
         .await?
         .into_inner();
     for (ch, site) in [(&a, "a"), (&b, "b")] {
         HostServiceClient::new(ch.clone())
-            .create_host(v1::Host { id: "bench-h".into(), name: format!("{site}-bench"), vra_address: "127.0.0.1:9".into() })
+            .create_host(v1::Host {
+                id: "bench-h".into(),
+                name: format!("{site}-bench"),
+                vra_address: "127.0.0.1:9".into(),
+            })
             .await?;
         DatastoreServiceClient::new(ch.clone())
             .create_datastore(v1::Datastore {
@@ -302,13 +366,27 @@ async fn tandem_workloads(lab: &Lab, clients: usize, duration: Duration) -> Resu
     }
     let chans = Arc::new(chans);
     let vm_chans = chans.clone();
-    let vm_put = drive("tandem VM definition ~1 KiB", clients, duration, move |c, i| {
-        let mut cl = VmServiceClient::new(vm_chans[c % vm_chans.len()].clone());
-        async move {
-            cl.create_vm(vm_def(format!("vm-{c}-{i}"))).await?;
-            Ok(())
+    for c in 0..clients {
+        for k in 0..KEYS_PER_CLIENT {
+            VmServiceClient::new(a.clone())
+                .create_vm(vm_def(format!("vm-{c}-{k}")))
+                .await?;
         }
-    })
+    }
+    let vm_put = drive(
+        "tandem VM definition ~1 KiB",
+        clients,
+        duration,
+        move |c, i| {
+            let mut cl = VmServiceClient::new(vm_chans[c % vm_chans.len()].clone());
+            let mut vm = vm_def(format!("vm-{c}-{}", i % KEYS_PER_CLIENT));
+            vm.memory_mib = 4096 + i % 1024;
+            async move {
+                cl.update_vm(vm).await?;
+                Ok(())
+            }
+        },
+    )
     .await;
     vm_put.print();
 
@@ -318,7 +396,11 @@ async fn tandem_workloads(lab: &Lab, clients: usize, duration: Duration) -> Resu
     let spec = move |c: usize, rpo: u64| v1::VpgSpec {
         name: format!("bench-vpg-{c}"),
         recovery_site_id: peer_id.clone(),
-        settings: Some(v1::VpgSettings { target_rpo_secs: rpo, wan_compression: true, ..Default::default() }),
+        settings: Some(v1::VpgSettings {
+            target_rpo_secs: rpo,
+            wan_compression: true,
+            ..Default::default()
+        }),
         vms: (0..2)
             .map(|k| v1::VmPlacement {
                 vm_id: format!("vm-{c}-{k}"),
@@ -329,31 +411,40 @@ async fn tandem_workloads(lab: &Lab, clients: usize, duration: Duration) -> Resu
             .collect(),
     };
     for c in 0..clients {
-        for k in 0..2 {
-            let _ = VmServiceClient::new(a.clone()).create_vm(vm_def(format!("vm-{c}-{k}"))).await;
-        }
         let g = VpgServiceClient::new(a.clone())
-            .create_vpg(v1::CreateVpgRequest { id: format!("bench-vpg-{c}"), spec: Some(spec(c, 60)) })
+            .create_vpg(v1::CreateVpgRequest {
+                id: format!("bench-vpg-{c}"),
+                spec: Some(spec(c, 60)),
+            })
             .await?
             .into_inner();
         generations.push(std::sync::atomic::AtomicU64::new(g.generation));
     }
     let generations = Arc::new(generations);
     let spec = Arc::new(spec);
-    let vpg_put = drive("tandem VPG edit (both sites)", clients, duration, move |c, i| {
-        let mut cl = VpgServiceClient::new(chans[c % chans.len()].clone());
-        let generations = generations.clone();
-        let spec = spec(c, 60 + i % 600);
-        async move {
-            let generation = generations[c].load(std::sync::atomic::Ordering::Relaxed);
-            let g = cl
-                .update_vpg(v1::UpdateVpgRequest { id: format!("bench-vpg-{c}"), generation, spec: Some(spec) })
-                .await?
-                .into_inner();
-            generations[c].store(g.generation, std::sync::atomic::Ordering::Relaxed);
-            Ok(())
-        }
-    })
+    let vpg_put = drive(
+        "tandem VPG edit (both sites)",
+        clients,
+        duration,
+        move |c, i| {
+            let mut cl = VpgServiceClient::new(chans[c % chans.len()].clone());
+            let generations = generations.clone();
+            let spec = spec(c, 60 + i % 600);
+            async move {
+                let generation = generations[c].load(std::sync::atomic::Ordering::Relaxed);
+                let g = cl
+                    .update_vpg(v1::UpdateVpgRequest {
+                        id: format!("bench-vpg-{c}"),
+                        generation,
+                        spec: Some(spec),
+                    })
+                    .await?
+                    .into_inner();
+                generations[c].store(g.generation, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+        },
+    )
     .await;
     vpg_put.print();
     Ok((vm_put, vpg_put))

@@ -63,7 +63,7 @@ pub async fn run(
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(raft_server)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(raft_listener),
+                net::incoming(raft_listener),
                 raft_shutdown.cancelled_owned(),
             )
             .await

@@ -1,17 +1,25 @@
 //! The one seam for outbound connections (to peer sites and to sibling managers), and the
 //! one for inbound listeners, so TLS and link emulation can be inserted in one place.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::net::TcpStream;
+use tokio_stream::wrappers::TcpListenerStream;
 
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{ApiError, ApiResult};
 
-/// Opens gRPC channels to other nodes.
+/// Opens gRPC channels to other nodes, and keeps one per address: a channel multiplexes
+/// any number of calls over one HTTP/2 connection and reconnects by itself.
 #[derive(Debug, Clone)]
 pub struct Connector {
     connect_timeout: Duration,
     request_timeout: Duration,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Default for Connector {
@@ -19,6 +27,7 @@ impl Default for Connector {
         Self {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
+            channels: Arc::default(),
         }
     }
 }
@@ -39,9 +48,19 @@ impl Connector {
             .tcp_nodelay(true))
     }
 
-    /// A lazily connecting channel to one address.
+    /// The channel to one address, connecting lazily on first use.
     pub fn lazy(&self, addr: &str) -> ApiResult<Channel> {
-        Ok(self.endpoint(addr)?.connect_lazy())
+        let mut channels = self.channels.lock().expect("channel cache poisoned");
+        if let Some(ch) = channels.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = self.endpoint(addr)?.connect_lazy();
+        // Bounded: peers and sibling managers are few, but addresses can change over time.
+        if channels.len() >= 256 {
+            channels.clear();
+        }
+        channels.insert(addr.to_string(), ch.clone());
+        Ok(ch)
     }
 
     /// A channel to the first of `addrs` that accepts a connection.
@@ -63,4 +82,16 @@ impl Connector {
 /// Binds a listener: the one place inbound sockets are made (TLS will wrap it here).
 pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+/// Accepted connections of a listener, with Nagle off: a gRPC reply is written in several
+/// small pieces, and Nagle plus delayed ACKs would hold the later ones back ~40 ms.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl Stream<Item = std::io::Result<TcpStream>> + Send + 'static {
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }

@@ -149,6 +149,12 @@ impl ManagerNode {
             .map_err(ApiError::unavailable)
     }
 
+    /// Reads this node's applied state without a round trip: possibly stale, for figures
+    /// that decorate an answer whose write this node has already seen applied.
+    pub fn read_local<T>(&self, f: impl FnOnce(&SiteState) -> T) -> T {
+        self.store.read_local(f)
+    }
+
     pub fn cluster_view(&self) -> ClusterView {
         let m = self.store.metrics();
         ClusterView {

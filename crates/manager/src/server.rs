@@ -13,7 +13,6 @@ use tandem_proto::v1::{
     vpg_service_server::VpgServiceServer,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -64,7 +63,7 @@ pub async fn serve_api(
         .add_service(limited!(ClusterServiceServer, ClusterApi(site.clone())))
         .add_service(limited!(ManagerInternalServer, InternalApi(site.clone())))
         .add_service(limited!(SitePeerServer, PeerApi(site)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(crate::net::incoming(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())
 }

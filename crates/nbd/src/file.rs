@@ -33,7 +33,7 @@ use crate::{
 /// Zeroes are written from a buffer of this size when `fallocate` is not available.
 const ZERO_CHUNK: usize = 1024 * 1024;
 /// An in-place write slower than this suspends in-place writes (see `write_in_place`).
-const SLOW_IN_PLACE: Duration = Duration::from_millis(10);
+const SLOW_IN_PLACE: Duration = Duration::from_millis(20);
 /// How long in-place writes stay suspended after a slow one.
 const IN_PLACE_BACKOFF: Duration = Duration::from_secs(1);
 /// Threads per device for blocking calls.

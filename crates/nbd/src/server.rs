@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{
     FutureExt,
     stream::{FuturesUnordered, StreamExt},
@@ -44,12 +44,13 @@ use crate::{
     exports::{ExportEntry, Exports, OpKind},
     proto::{
         Command, Cookie, DEFAULT_MAX_PAYLOAD, Decoded, ErrorCode, ExportDescription, Negotiation,
-        NegotiationEvent, ProtocolError, RequestDecoder, cmd, put_simple_reply,
+        NegotiationEvent, PREFERRED_BLOCK_SIZE, ProtocolError, RequestDecoder, cmd,
+        put_simple_reply,
     },
 };
 
 /// How much the reader asks the socket for at a time when frames are small.
-const READ_CHUNK: usize = 256 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
 /// Replies are gathered up to this many bytes before a socket write.
 const WRITE_BATCH: usize = 256 * 1024;
 /// Read data up to this size is copied into the batch; larger data is written in place.
@@ -66,8 +67,9 @@ const BUDGET_UNIT: usize = 4096;
 /// Tunables of a server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Largest read or write payload, advertised as the maximum block size. A larger write
-    /// is refused with `EINVAL` and its connection closed; a larger read gets `EINVAL`.
+    /// Largest read or write payload, advertised as the maximum block size (at least
+    /// 4096). A larger write is refused with `EINVAL` and its connection closed; a larger
+    /// read gets `EINVAL`.
     pub max_payload: u32,
     /// Payload bytes (reads and writes) a connection may have in flight; requests beyond
     /// it wait before being dispatched. At least one maximal request always fits.
@@ -110,8 +112,9 @@ impl NbdServer {
         Self::with_config(exports, ServerConfig::default())
     }
 
-    /// A server with the given configuration.
-    pub fn with_config(exports: Exports, config: ServerConfig) -> Self {
+    /// A server with the given configuration (a `max_payload` under 4096 is raised to it).
+    pub fn with_config(exports: Exports, mut config: ServerConfig) -> Self {
+        config.max_payload = config.max_payload.max(PREFERRED_BLOCK_SIZE);
         Self {
             exports,
             config: Arc::new(config),
@@ -226,6 +229,7 @@ async fn run_connection(
             warn!(error = %err, "protocol violation; connection closed");
         }
         Err(NbdError::Io(err)) => debug!(error = %err, "connection closed by io error"),
+        Err(NbdError::Disconnected) => debug!("client left during the handshake"),
         Err(err) => warn!(error = %err, "connection closed"),
     }
 }
@@ -302,7 +306,7 @@ struct Reply {
 }
 
 async fn transmission(
-    rd: OwnedReadHalf,
+    mut rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
     input: BytesMut,
     export: ExportDescription,
@@ -323,7 +327,6 @@ async fn transmission(
         removed: entry.removed.clone(),
         writer_failed: writer_failed.clone(),
     };
-    let mut rd = rd;
     // The writer runs as its own task so that, under load, replies go out on another
     // core while this one reads and dispatches; it is aborted if this future is dropped.
     let writer = AbortOnDropHandle::new(tokio::spawn(
@@ -540,7 +543,7 @@ async fn read_some(
             payload.filled += n;
             Ok(n)
         }
-        None => rd.read_buf(input).await,
+        None => rd.read_buf(&mut (&mut *input).limit(READ_CHUNK)).await,
     }
 }
 
@@ -603,7 +606,11 @@ impl AsRef<[u8]> for PooledBuffer {
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
         let data = std::mem::take(&mut self.data);
-        let mut free = self.pool.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut free = self
+            .pool
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let kept: usize = free.iter().map(Vec::capacity).sum();
         if kept + data.capacity() <= POOL_KEEP_BYTES {
             free.push(data);

@@ -236,6 +236,12 @@ async fn out_of_range_requests_get_einval_and_leave_data_untouched() {
             client.write(size, block(), true).await,
         ),
         (
+            "large write across the end",
+            client
+                .write(size - 64 * 1024, Bytes::from(vec![0x98; 256 * KIB]), false)
+                .await,
+        ),
+        (
             "write at u64::MAX",
             client.write(u64::MAX - 10, block(), false).await,
         ),
@@ -273,7 +279,7 @@ async fn out_of_range_requests_get_einval_and_leave_data_untouched() {
     // The connection still works, and only the valid write changed the file.
     let expected = good_client_round_trip(&client, image, 512 * KIB).await;
     let stats = server.exports.stats("disk").unwrap();
-    assert_eq!(stats.errors, 9, "{stats:?}");
+    assert_eq!(stats.errors, 10, "{stats:?}");
     client.disconnect().await.unwrap();
     server.stop().await;
     assert_eq!(std::fs::read(&path).unwrap(), expected);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestServer, hash_file, random_image, run_any, run_ok};
+use common::{TestServer, hash_file, random_image, run_any, run_ok, run_ok_in};
 use tandem_nbd::create_sparse_file;
 
 const MIB: usize = 1024 * 1024;
@@ -207,7 +207,8 @@ async fn fio_nbd_engine_writes_and_verifies_crc32c() {
     let uri = format!("--uri={}", server.uri("disk"));
 
     for (rw, bs, depth) in [("randwrite", "4k", "32"), ("write", "256k", "8")] {
-        let output = run_ok(
+        let output = run_ok_in(
+            dir.path(),
             "fio",
             &[
                 "--name=verify",

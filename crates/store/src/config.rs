@@ -57,7 +57,7 @@ pub struct StoreConfig {
 
 impl StoreConfig {
     /// A configuration with production timings: heartbeat 100 ms, elections after
-    /// 500–1000 ms of silence, snapshots every 2000 entries keeping 500 entries behind.
+    /// 500–1000 ms of silence, snapshots every 10000 entries keeping 1000 entries behind.
     pub fn new(
         node_id: NodeId,
         raft_addr: impl Into<String>,
@@ -74,8 +74,8 @@ impl StoreConfig {
             election_timeout_min: Duration::from_millis(500),
             election_timeout_max: Duration::from_millis(1000),
             install_snapshot_timeout: Duration::from_secs(5),
-            snapshot_logs_since_last: 2000,
-            max_in_snapshot_log_to_keep: 500,
+            snapshot_logs_since_last: 10_000,
+            max_in_snapshot_log_to_keep: 1000,
             propose_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(2),
             membership_timeout: Duration::from_secs(30),

@@ -246,11 +246,13 @@ impl VmService for InventoryApi {
                 create: false,
             })
             .await?;
-        let (vm, vpg) = self.0.vm(vm.id).await?;
-        Ok(Response::new(cv::vm_to_proto(
-            &vm,
-            vpg.as_ref().map(|g| g.as_str()),
-        )))
+        // The VPG a VM belongs to changes only through VPG edits, so this node's applied
+        // state (possibly a little behind) is good enough to decorate the answer.
+        let vpg = self
+            .0
+            .node()
+            .read_local(|s| s.vpg_of_vm(&vm.id).map(|g| g.id.to_string()));
+        Ok(Response::new(cv::vm_to_proto(&vm, vpg.as_deref())))
     }
 
     async fn delete_vm(

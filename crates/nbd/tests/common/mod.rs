@@ -110,9 +110,15 @@ pub fn hash_range(path: &Path, start: usize, end: usize) -> blake3::Hash {
 
 /// Runs a command, failing the test with its output if it does not succeed.
 pub async fn run_ok(program: &str, args: &[&str]) -> Output {
+    run_ok_in(Path::new("."), program, args).await
+}
+
+/// Like [`run_ok`], in the directory `dir` (fio leaves state files in its directory).
+pub async fn run_ok_in(dir: &Path, program: &str, args: &[&str]) -> Output {
     require_tool(program);
     let output = tokio::process::Command::new(program)
         .args(args)
+        .current_dir(dir)
         .kill_on_drop(true)
         .output()
         .await

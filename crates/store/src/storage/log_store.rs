@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError, Vote};
+use tokio::sync::mpsc;
 
 use super::{BackendError, MetaKey, RaftBackend};
 use crate::codec;
@@ -16,12 +17,38 @@ use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 #[derive(Debug)]
 pub struct LogStore<B> {
     backend: Arc<B>,
+    /// Appended batches waiting for their fsync; see [`group_flusher`].
+    flushes: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
 }
 
 impl<B> Clone for LogStore<B> {
     fn clone(&self) -> Self {
         Self {
             backend: self.backend.clone(),
+            flushes: self.flushes.clone(),
+        }
+    }
+}
+
+/// Makes appended entries durable off openraft's core loop: one flush covers every batch
+/// appended before it started, and callbacks complete in append order. Awaiting the fsync
+/// inside `append` would stall the Raft core (heartbeats, replication replies, new client
+/// writes) for every fsync. The task ends when the last `LogStore` clone is dropped.
+async fn group_flusher<B: RaftBackend>(
+    backend: Arc<B>,
+    mut pending: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
+) {
+    while let Some(first) = pending.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = pending.try_recv() {
+            batch.push(more);
+        }
+        let result = backend.flush().await;
+        for callback in batch {
+            match &result {
+                Ok(()) => callback.log_io_completed(Ok(())),
+                Err(e) => callback.log_io_completed(Err(io_err(e))),
+            }
         }
     }
 }
@@ -34,7 +61,9 @@ impl<B: RaftBackend> LogStore<B> {
     /// Opens the log on a backend and finishes an interrupted purge (entries at or below the
     /// last purged log id that are still present are removed).
     pub fn open(backend: Arc<B>) -> Result<Self, StorageError> {
-        let store = Self { backend };
+        let (flushes, pending) = mpsc::unbounded_channel();
+        tokio::spawn(group_flusher(backend.clone(), pending));
+        let store = Self { backend, flushes };
         if let Some(purged) = store.read_meta::<LogId>(MetaKey::LastPurged)? {
             store
                 .backend
@@ -166,17 +195,14 @@ impl<B: RaftBackend> RaftLogStorage<TypeConfig> for LogStore<B> {
             callback.log_io_completed(Err(io_err(&e)));
             return Err(StorageIOError::write_logs(&e).into());
         }
-        // openraft may only count entries once they are durable.
-        match self.backend.flush().await {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(io_err(&e)));
-                Err(StorageIOError::write_logs(&e).into())
-            }
+        // openraft may only count entries once they are durable: the flusher calls back
+        // after the fsync that covers them.
+        if let Err(mpsc::error::SendError(callback)) = self.flushes.send(callback) {
+            let e = io::Error::other("log flusher stopped");
+            callback.log_io_completed(Err(io::Error::other("log flusher stopped")));
+            return Err(StorageIOError::write_logs(&e).into());
         }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -1,0 +1,107 @@
+//! Configuration of the `tandem-vra` process: a TOML file, environment overrides
+//! (`TANDEM_VRA_<FIELD>`), then command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// The process configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The host this VRA serves.
+    pub host_id: String,
+    /// Data directory (assignments, per-VPG stream state, scratch overlays).
+    pub data_dir: PathBuf,
+    /// gRPC listener (`VraControl` and `Replication`).
+    pub control_listen: String,
+    /// NBD listener (protected volumes and point-in-time images).
+    pub nbd_listen: String,
+    /// Replication buffer budget over all protected VPGs, in MiB.
+    pub ram_mb: u64,
+    /// Where to write the bound addresses as JSON once listening.
+    pub addr_file: Option<PathBuf>,
+    /// Log format: `text` or `json`.
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host_id: "host-1".into(),
+            data_dir: PathBuf::from("tandem-vra-data"),
+            control_listen: "127.0.0.1:7410".into(),
+            nbd_listen: "127.0.0.1:10809".into(),
+            ram_mb: 256,
+            addr_file: None,
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads a TOML file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Applies `TANDEM_VRA_*` overrides from `env`.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<()> {
+        if let Some(v) = env("TANDEM_VRA_HOST_ID") {
+            self.host_id = v;
+        }
+        if let Some(v) = env("TANDEM_VRA_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = env("TANDEM_VRA_CONTROL_LISTEN") {
+            self.control_listen = v;
+        }
+        if let Some(v) = env("TANDEM_VRA_NBD_LISTEN") {
+            self.nbd_listen = v;
+        }
+        if let Some(v) = env("TANDEM_VRA_RAM_MB") {
+            self.ram_mb = v.parse().context("TANDEM_VRA_RAM_MB")?;
+        }
+        if let Some(v) = env("TANDEM_VRA_ADDR_FILE") {
+            self.addr_file = Some(v.into());
+        }
+        if let Some(v) = env("TANDEM_VRA_LOG_FORMAT") {
+            self.log_format = v;
+        }
+        Ok(())
+    }
+
+    /// Checks the values.
+    pub fn check(&self) -> Result<()> {
+        tandem_core::ids::HostId::parse("host_id", &self.host_id)?;
+        if self.ram_mb == 0 {
+            bail!("ram_mb must be at least 1");
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            bail!("log_format must be text or json");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_then_env_overrides() {
+        let mut c: Config = toml::from_str("host_id = \"h1\"\nram_mb = 64\n").expect("toml");
+        assert_eq!(c.ram_mb, 64);
+        c.apply_env(|k| (k == "TANDEM_VRA_RAM_MB").then(|| "128".to_string()))
+            .expect("env");
+        assert_eq!(c.ram_mb, 128);
+        assert_eq!(c.host_id, "h1");
+        c.check().expect("valid");
+        assert!(toml::from_str::<Config>("bogus = 1").is_err());
+        c.ram_mb = 0;
+        assert!(c.check().is_err());
+    }
+}

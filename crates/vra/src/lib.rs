@@ -1,0 +1,146 @@
+//! The VRA (replication appliance of one host), as a library behind the `tandem-vra`
+//! binary.
+//!
+//! - [`model`]: validated domain types (assignments, stream entries) and wire conversions.
+//! - [`window`] and [`fence`]: the sender's and the receiver's stream logic as pure state
+//!   machines.
+//! - [`protected`] and [`sender`]: the protected role (NBD volumes, replication buffer,
+//!   checkpoint barrier, stream sender).
+//! - [`recovery`]: the recovery role (journals, receiver actor, acknowledgements,
+//!   point-in-time images).
+//! - [`vra`]: the registry of VPGs and the domain operations; [`service`]: thin tonic
+//!   services over it; [`state`]: what survives a restart; [`connector`]: the outgoing
+//!   connection seam; [`config`]: process configuration.
+//!
+//! [`run`] serves a VRA on two bound listeners until its shutdown token is cancelled.
+
+pub mod config;
+pub mod connector;
+pub mod error;
+pub mod fence;
+pub mod model;
+pub mod protected;
+mod ranges;
+pub mod recovery;
+pub mod sender;
+pub mod service;
+pub mod state;
+pub mod vra;
+pub mod window;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use tandem_nbd::{Exports, NbdServer, ServerConfig};
+use tandem_proto::v1::{
+    replication_server::ReplicationServer, vra_control_server::VraControlServer,
+};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use error::{VraError, VraResult};
+pub use vra::{Vra, VraSettings};
+
+/// Largest NBD request payload the VRA accepts (a write becomes one journal record).
+pub const NBD_MAX_PAYLOAD: u32 = 4 << 20;
+
+/// What [`run`] needs besides its listeners.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The host id.
+    pub host_id: String,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Replication buffer budget in bytes.
+    pub buffer_bytes: u64,
+    /// Where to write the bound addresses.
+    pub addr_file: Option<PathBuf>,
+}
+
+/// Serves a VRA: `VraControl` and `Replication` on `control`, NBD on `nbd`, until
+/// `shutdown` is cancelled; then stops every VPG and returns.
+pub async fn run(
+    config: RunConfig,
+    control: TcpListener,
+    nbd: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let control_addr = control.local_addr()?.to_string();
+    let nbd_addr = nbd.local_addr()?.to_string();
+    let exports = Exports::new();
+    let vra_cancel = shutdown.child_token();
+    let vra = Vra::new(
+        VraSettings {
+            host_id: config.host_id.clone(),
+            data_dir: config.data_dir.clone(),
+            buffer_bytes: config.buffer_bytes,
+        },
+        exports.clone(),
+        connector::Connector::default(),
+        vra_cancel,
+    );
+    vra.set_addresses(control_addr.clone(), nbd_addr.clone());
+    vra.restore().await.context("restoring assignments")?;
+
+    let tasks = TaskTracker::new();
+    let nbd_server = NbdServer::with_config(
+        exports,
+        ServerConfig {
+            max_payload: NBD_MAX_PAYLOAD,
+            ..ServerConfig::default()
+        },
+    );
+    let nbd_shutdown = shutdown.clone();
+    let nbd_task = tasks.spawn(async move { nbd_server.serve(nbd, nbd_shutdown).await });
+
+    let sessions = TaskTracker::new();
+    let control_svc = VraControlServer::new(service::ControlService::new(vra.clone()))
+        .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES);
+    let repl_svc = ReplicationServer::new(service::ReplicationService::new(
+        vra.clone(),
+        sessions.clone(),
+    ))
+    .max_decoding_message_size(sender::MAX_STREAM_MESSAGE)
+    .max_encoding_message_size(sender::MAX_STREAM_MESSAGE);
+    let grpc_shutdown = shutdown.clone();
+    let grpc_task = tasks.spawn(async move {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .add_service(control_svc)
+            .add_service(repl_svc)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(control),
+                grpc_shutdown.cancelled_owned(),
+            )
+            .await
+    });
+    tasks.close();
+
+    if let Some(path) = &config.addr_file {
+        let json = serde_json::json!({
+            "control": control_addr,
+            "nbd": nbd_addr,
+            "host_id": config.host_id,
+            "pid": std::process::id(),
+        });
+        state::write_atomic(path, json.to_string().as_bytes())?;
+    }
+    tracing::info!(host = %config.host_id, control = %control_addr, nbd = %nbd_addr, "vra started");
+
+    shutdown.cancelled().await;
+    tracing::info!("vra stopping");
+    vra.shutdown().await;
+    sessions.close();
+    sessions.wait().await;
+    let grpc = grpc_task.await.context("grpc server task")?;
+    let nbd = nbd_task.await.context("nbd server task")?;
+    tasks.wait().await;
+    grpc.context("grpc server")?;
+    nbd.context("nbd server")?;
+    tracing::info!("vra stopped");
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! `tandem-vra`: the replication appliance of one host.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tandem_vra::{RunConfig, config::Config};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tandem-vra",
+    version,
+    about = "The Tandem replication appliance of one host"
+)]
+struct Args {
+    /// TOML configuration file; environment (TANDEM_VRA_*) and flags override it.
+    #[arg(long, short = 'c', env = "TANDEM_VRA_CONFIG")]
+    config: Option<PathBuf>,
+    /// The host this VRA serves.
+    #[arg(long)]
+    host_id: Option<String>,
+    /// Data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// gRPC listener (VraControl, Replication), host:port (port 0: any).
+    #[arg(long)]
+    control_listen: Option<String>,
+    /// NBD listener, host:port (port 0: any).
+    #[arg(long)]
+    nbd_listen: Option<String>,
+    /// Replication buffer budget in MiB.
+    #[arg(long)]
+    ram_mb: Option<u64>,
+    /// Writes {"control","nbd","host_id","pid"} here as JSON once listening.
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+fn config(a: Args) -> Result<Config> {
+    let mut c = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    c.apply_env(|k| std::env::var(k).ok())?;
+    if let Some(v) = a.host_id {
+        c.host_id = v;
+    }
+    if let Some(v) = a.data_dir {
+        c.data_dir = v;
+    }
+    if let Some(v) = a.control_listen {
+        c.control_listen = v;
+    }
+    if let Some(v) = a.nbd_listen {
+        c.nbd_listen = v;
+    }
+    if let Some(v) = a.ram_mb {
+        c.ram_mb = v;
+    }
+    if let Some(v) = a.addr_file {
+        c.addr_file = Some(v);
+    }
+    if let Some(v) = a.log_format {
+        c.log_format = v;
+    }
+    c.check()?;
+    Ok(c)
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,h2=warn,tower=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let c = config(Args::parse())?;
+    init_logging(&c.log_format);
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let control = tokio::net::TcpListener::bind(&c.control_listen)
+        .await
+        .with_context(|| format!("binding control {}", c.control_listen))?;
+    let nbd = tokio::net::TcpListener::bind(&c.nbd_listen)
+        .await
+        .with_context(|| format!("binding nbd {}", c.nbd_listen))?;
+    let run = tandem_vra::run(
+        RunConfig {
+            host_id: c.host_id.clone(),
+            data_dir: c.data_dir.clone(),
+            buffer_bytes: c.ram_mb << 20,
+            addr_file: c.addr_file.clone(),
+        },
+        control,
+        nbd,
+        shutdown,
+    );
+    tokio::pin!(run);
+    tokio::select! {
+        r = &mut run => return r,
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    signal.cancel();
+    run.await
+}

@@ -1,0 +1,699 @@
+//! The recovery role of one VPG: one journal per VM (opened with sparse sequences, so
+//! every journal carries stream sequence numbers), the receiver actor that fences senders
+//! and appends their entries, the acknowledgement path (computed by [`AckTracker`],
+//! persisted as a floor in `stream.json`, then sent), periodic journal maintenance
+//! (promotion of history older than the window), and point-in-time images.
+//!
+//! Tasks of a VPG: the actor; one durability forwarder per journal (wakes the actor when
+//! a journal's durable position moves); the ack persister; the maintenance ticker. All
+//! stop on the VPG's cancellation token and are joined by [`RecoveryVpg::stop`].
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tandem_core::ids::{VmId, VpgId};
+use tandem_journal::{
+    CheckpointId, CheckpointState, Generation, ImageOptions, Journal, JournalConfig,
+    PointInTimeImage, RecordBody, Seq, UnixMillis, VolumeId, VolumeSpec,
+};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn};
+
+use crate::{
+    error::{VraError, VraResult},
+    fence::{AckTracker, FenceError, SessionId, StreamFence},
+    model::{Entry, EntryBody, RecoveryAssignment},
+};
+
+/// How often journals are maintained (history window promotion, limits).
+const MAINTAIN_EVERY: Duration = Duration::from_secs(5);
+
+/// A checkpoint of the VPG as seen across its journals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VpgCheckpoint {
+    /// The marker (from the first journal).
+    pub checkpoint: tandem_journal::Checkpoint,
+    /// Its stream sequence.
+    pub seq: Seq,
+    /// Durable in every journal.
+    pub durable: bool,
+    /// Images can be opened at it in every journal.
+    pub usable: bool,
+}
+
+/// Counters and positions of a recovery VPG, for status.
+#[derive(Debug, Default)]
+pub struct RecoveryCounters {
+    /// Write records received.
+    pub writes: AtomicU64,
+    /// Bytes received in write records.
+    pub write_bytes: AtomicU64,
+    /// Highest sequence acknowledged to the sender (persisted first).
+    pub acked: AtomicU64,
+    /// Highest sequence durable in every journal.
+    pub durable: AtomicU64,
+    /// Sessions accepted.
+    pub sessions: AtomicU64,
+    /// Whether a session is open.
+    pub connected: AtomicU64,
+}
+
+/// Persisted acknowledgement floor of a VPG (`<state dir>/stream.json`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct StreamFloor {
+    generation: u64,
+    acked: u64,
+}
+
+enum Msg {
+    Hello {
+        generation: Generation,
+        reply: oneshot::Sender<VraResult<(SessionId, Seq)>>,
+    },
+    Batch {
+        session: SessionId,
+        entries: Vec<Entry>,
+        reply: oneshot::Sender<VraResult<()>>,
+    },
+    End {
+        session: SessionId,
+    },
+    Checkpoints {
+        reply: oneshot::Sender<Vec<VpgCheckpoint>>,
+    },
+}
+
+struct Lane {
+    vm: VmId,
+    journal: Arc<Journal>,
+}
+
+struct Actor {
+    vpg: VpgId,
+    generation: Generation,
+    lanes: Vec<Lane>,
+    by_vm: HashMap<VmId, usize>,
+    fence: StreamFence,
+    tracker: AckTracker,
+    durable_moved: Arc<Notify>,
+    to_persist: watch::Sender<Seq>,
+    persisted: watch::Receiver<Seq>,
+    counters: Arc<RecoveryCounters>,
+    last_error: Arc<Mutex<String>>,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = self.durable_moved.notified() => self.refresh_durable(),
+                msg = rx.recv() => match msg {
+                    Some(m) => self.handle(m),
+                    None => break,
+                },
+            }
+        }
+    }
+
+    fn refresh_durable(&mut self) {
+        for (i, lane) in self.lanes.iter().enumerate() {
+            let d = lane.journal.subscribe_durable().borrow().clone();
+            if let Some(f) = &d.failed {
+                self.set_error(format!("journal of vm {} failed: {f}", lane.vm));
+            }
+            self.tracker.durable(i, d.seq);
+        }
+        let acked = self.tracker.acked();
+        self.counters.durable.store(acked.0, Ordering::Relaxed);
+        self.to_persist.send_if_modified(|cur| {
+            if acked > *cur {
+                *cur = acked;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn set_error(&self, e: String) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = e;
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Hello { generation, reply } => {
+                // Resume after everything received once it is durable: the sender
+                // resends the rest; journals skip what they already hold.
+                // Resume after the persisted acknowledgement: everything up to it is
+                // durable everywhere; journals skip resent entries they already hold.
+                self.refresh_durable();
+                let resume = *self.persisted.borrow();
+                let r = self
+                    .fence
+                    .hello(generation, resume)
+                    .map(|s| (s, resume))
+                    .map_err(|e| self.fence_error(e));
+                if r.is_ok() {
+                    self.counters.sessions.fetch_add(1, Ordering::Relaxed);
+                    self.counters.connected.store(1, Ordering::Relaxed);
+                }
+                let _ = reply.send(r);
+            }
+            Msg::Batch {
+                session,
+                entries,
+                reply,
+            } => {
+                let r = self.batch(session, entries);
+                if let Err(e) = &r {
+                    self.set_error(e.to_string());
+                }
+                self.refresh_durable();
+                let _ = reply.send(r);
+            }
+            Msg::End { session } => {
+                self.fence.end(session);
+                if self.fence.current().is_none() {
+                    self.counters.connected.store(0, Ordering::Relaxed);
+                }
+            }
+            Msg::Checkpoints { reply } => {
+                let _ = reply.send(self.checkpoints());
+            }
+        }
+    }
+
+    fn fence_error(&self, e: FenceError) -> VraError {
+        match e {
+            FenceError::Stale { got, current } => VraError::StaleGeneration {
+                vpg: self.vpg.clone(),
+                got,
+                current,
+            },
+            FenceError::Newer { got, current } => VraError::UnknownGeneration {
+                vpg: self.vpg.clone(),
+                got,
+                current,
+            },
+            other => VraError::Stream(other.to_string()),
+        }
+    }
+
+    fn batch(&mut self, session: SessionId, entries: Vec<Entry>) -> VraResult<()> {
+        for e in entries {
+            self.fence
+                .accept(session, e.seq)
+                .map_err(|err| self.fence_error(err))?;
+            let seq = e.seq;
+            let (vm, record) = match e.body {
+                EntryBody::Checkpoint(cp) => {
+                    for i in 0..self.lanes.len() {
+                        self.submit(i, seq, RecordBody::Checkpoint(cp.clone()))?;
+                    }
+                    self.tracker.received(seq);
+                    continue;
+                }
+                EntryBody::Write {
+                    vm,
+                    volume,
+                    offset,
+                    data,
+                } => {
+                    self.counters.writes.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .write_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    (
+                        vm,
+                        RecordBody::Write {
+                            volume,
+                            offset,
+                            data,
+                        },
+                    )
+                }
+                EntryBody::Zero {
+                    vm,
+                    volume,
+                    offset,
+                    len,
+                } => (
+                    vm,
+                    RecordBody::Zero {
+                        volume,
+                        offset,
+                        len,
+                    },
+                ),
+                EntryBody::Trim {
+                    vm,
+                    volume,
+                    offset,
+                    len,
+                } => (
+                    vm,
+                    RecordBody::Trim {
+                        volume,
+                        offset,
+                        len,
+                    },
+                ),
+            };
+            let lane = *self.by_vm.get(vm.as_ref()).ok_or_else(|| {
+                VraError::Stream(format!("entry {seq} for vm {vm} not in vpg {}", self.vpg))
+            })?;
+            self.submit(lane, seq, record)?;
+            self.tracker.received(e.seq);
+        }
+        Ok(())
+    }
+
+    /// Hands a record to a journal unless it already holds that sequence (a resend).
+    fn submit(&mut self, lane: usize, seq: Seq, record: RecordBody) -> VraResult<()> {
+        let journal = &self.lanes[lane].journal;
+        if seq <= journal.last_seq() {
+            return Ok(());
+        }
+        journal.submit(seq, self.generation, record)?;
+        self.tracker.submitted(lane, seq);
+        Ok(())
+    }
+
+    fn checkpoints(&self) -> Vec<VpgCheckpoint> {
+        let per_lane: Vec<HashMap<CheckpointId, tandem_journal::CheckpointInfo>> = self
+            .lanes
+            .iter()
+            .map(|l| {
+                l.journal
+                    .checkpoints()
+                    .into_iter()
+                    .map(|c| (c.checkpoint.id, c))
+                    .collect()
+            })
+            .collect();
+        let Some(first) = self.lanes.first() else {
+            return Vec::new();
+        };
+        first
+            .journal
+            .checkpoints()
+            .into_iter()
+            .map(|c| {
+                let states: Vec<Option<CheckpointState>> = per_lane
+                    .iter()
+                    .map(|m| m.get(&c.checkpoint.id).map(|i| i.state))
+                    .collect();
+                VpgCheckpoint {
+                    durable: states.iter().all(|s| {
+                        matches!(s, Some(CheckpointState::Usable | CheckpointState::Promoted))
+                    }),
+                    usable: states.iter().all(|s| *s == Some(CheckpointState::Usable)),
+                    seq: c.seq,
+                    checkpoint: c.checkpoint,
+                }
+            })
+            .collect()
+    }
+}
+
+/// A running recovery VPG.
+#[derive(Debug)]
+pub struct RecoveryVpg {
+    assignment: RecoveryAssignment,
+    tx: mpsc::Sender<Msg>,
+    journals: Vec<(VmId, Arc<Journal>)>,
+    acked: watch::Receiver<Seq>,
+    counters: Arc<RecoveryCounters>,
+    last_error: Arc<Mutex<String>>,
+    scratch_dir: PathBuf,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecoveryMsg")
+    }
+}
+
+impl RecoveryVpg {
+    /// Opens the journals (blocking IO: call from a blocking context) and starts the
+    /// actor. `state_dir` holds the VPG's `stream.json` and scratch overlays.
+    pub fn start(
+        assignment: RecoveryAssignment,
+        state_dir: &Path,
+        parent: &CancellationToken,
+    ) -> VraResult<Self> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(VraError::io("create vpg state dir", state_dir))?;
+        let mut journals = Vec::new();
+        for vm in &assignment.vms {
+            let volumes = vm
+                .volumes
+                .iter()
+                .map(|v| {
+                    if let Some(parent) = v.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(parent)
+                            .map_err(VraError::io("create replica dir", parent))?;
+                    }
+                    Ok(VolumeSpec {
+                        id: v.id,
+                        size: v.size,
+                        replica_path: v.path.clone(),
+                    })
+                })
+                .collect::<VraResult<Vec<_>>>()?;
+            let mut cfg = JournalConfig::new(volumes);
+            cfg.sparse_seqs = true;
+            cfg.history_window = assignment.history_secs.map(Duration::from_secs);
+            cfg.warning_bytes = assignment.warning_bytes;
+            cfg.hard_limit_bytes = assignment.hard_limit_bytes;
+            let journal = Journal::open(&vm.journal_dir, cfg)?;
+            let report = journal.open_report();
+            info!(
+                vpg = %assignment.vpg,
+                vm = %vm.vm,
+                durable_seq = journal.durable_seq().0,
+                records = report.records,
+                torn_tail = report.torn_tail.is_some(),
+                "journal opened"
+            );
+            journals.push((vm.vm.clone(), Arc::new(journal)));
+        }
+        let floor = read_floor(state_dir)
+            .filter(|f| f.generation <= assignment.generation.0)
+            .map_or(Seq(0), |f| Seq(f.acked));
+        let durable: Vec<Seq> = journals.iter().map(|(_, j)| j.durable_seq()).collect();
+        let tracker = AckTracker::new(&durable, floor);
+        let mut tracker_probe = tracker.clone();
+        let start = tracker_probe.acked();
+        let cancel = parent.child_token();
+        let tasks = TaskTracker::new();
+        let counters = Arc::new(RecoveryCounters::default());
+        counters.acked.store(start.0, Ordering::Relaxed);
+        counters.durable.store(start.0, Ordering::Relaxed);
+        let last_error = Arc::new(Mutex::new(String::new()));
+        let durable_moved = Arc::new(Notify::new());
+        for (_, j) in &journals {
+            let mut rx = j.subscribe_durable();
+            let notify = durable_moved.clone();
+            let cancel = cancel.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        r = rx.changed() => {
+                            if r.is_err() {
+                                break;
+                            }
+                            notify.notify_one();
+                        }
+                    }
+                }
+            });
+        }
+        let (to_persist, persist_rx) = watch::channel(start);
+        let (acked_tx, acked_rx) = watch::channel(start);
+        tasks.spawn(persist_acks(
+            state_dir.to_path_buf(),
+            assignment.generation,
+            persist_rx,
+            acked_tx,
+            counters.clone(),
+            last_error.clone(),
+            cancel.clone(),
+        ));
+        tasks.spawn(maintain(
+            journals.iter().map(|(_, j)| j.clone()).collect(),
+            assignment.vpg.clone(),
+            cancel.clone(),
+        ));
+        let lanes: Vec<Lane> = journals
+            .iter()
+            .map(|(vm, j)| Lane {
+                vm: vm.clone(),
+                journal: j.clone(),
+            })
+            .collect();
+        let by_vm = lanes
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.vm.clone(), i))
+            .collect();
+        let (tx, rx) = mpsc::channel(64);
+        let actor = Actor {
+            vpg: assignment.vpg.clone(),
+            generation: assignment.generation,
+            lanes,
+            by_vm,
+            fence: StreamFence::new(assignment.generation),
+            tracker,
+            durable_moved,
+            to_persist,
+            persisted: acked_rx.clone(),
+            counters: counters.clone(),
+            last_error: last_error.clone(),
+        };
+        tasks.spawn(actor.run(rx, cancel.clone()));
+        tasks.close();
+        info!(vpg = %assignment.vpg, generation = assignment.generation.0, resume = start.0, "recovery vpg started");
+        Ok(Self {
+            scratch_dir: state_dir.join("scratch"),
+            assignment,
+            tx,
+            journals,
+            acked: acked_rx,
+            counters,
+            last_error,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// The VPG.
+    pub fn id(&self) -> &VpgId {
+        &self.assignment.vpg
+    }
+
+    /// The assignment.
+    pub fn assignment(&self) -> &RecoveryAssignment {
+        &self.assignment
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &RecoveryCounters {
+        &self.counters
+    }
+
+    /// The last error.
+    pub fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Total journal bytes.
+    pub fn journal_bytes(&self) -> u64 {
+        self.journals
+            .iter()
+            .map(|(_, j)| j.status().size_bytes)
+            .sum()
+    }
+
+    /// Whether any journal failed.
+    pub fn failed(&self) -> bool {
+        self.journals
+            .iter()
+            .any(|(_, j)| j.subscribe_durable().borrow().failed.is_some())
+    }
+
+    /// The VPG's cancellation token (sessions end with it).
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    async fn ask<T>(&self, msg: impl FnOnce(oneshot::Sender<T>) -> Msg) -> VraResult<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(msg(tx))
+            .await
+            .map_err(|_| VraError::ShuttingDown)?;
+        rx.await.map_err(|_| VraError::ShuttingDown)
+    }
+
+    /// Accepts a sender; returns the session and where it resumes, and a receiver of the
+    /// acknowledged position.
+    pub async fn hello(
+        &self,
+        generation: Generation,
+    ) -> VraResult<(SessionId, Seq, watch::Receiver<Seq>)> {
+        let (s, resume) = self.ask(|reply| Msg::Hello { generation, reply }).await??;
+        Ok((s, resume, self.acked.clone()))
+    }
+
+    /// Appends a batch of a session's entries (returns once they are handed to the
+    /// journals; durability is reported through the acknowledged position).
+    pub async fn batch(&self, session: SessionId, entries: Vec<Entry>) -> VraResult<()> {
+        self.ask(|reply| Msg::Batch {
+            session,
+            entries,
+            reply,
+        })
+        .await?
+    }
+
+    /// A session ended.
+    pub async fn end(&self, session: SessionId) {
+        let _ = self.tx.send(Msg::End { session }).await;
+    }
+
+    /// The VPG's checkpoints, oldest first.
+    pub async fn checkpoints(&self) -> VraResult<Vec<VpgCheckpoint>> {
+        self.ask(|reply| Msg::Checkpoints { reply }).await
+    }
+
+    /// Opens a point-in-time image of one volume at a checkpoint usable in every journal.
+    pub async fn open_image(
+        &self,
+        vm: &VmId,
+        volume: VolumeId,
+        checkpoint: CheckpointId,
+        scratch: Option<String>,
+    ) -> VraResult<PointInTimeImage> {
+        let cps = self.checkpoints().await?;
+        let unusable = |reason: &str| VraError::CheckpointUnusable {
+            vpg: self.assignment.vpg.clone(),
+            id: checkpoint.0,
+            reason: reason.into(),
+        };
+        let cp = cps
+            .iter()
+            .find(|c| c.checkpoint.id == checkpoint)
+            .ok_or_else(|| unusable("not in the journals"))?;
+        if !cp.durable {
+            return Err(unusable("not durable in every journal of the vpg"));
+        }
+        if !cp.usable {
+            return Err(unusable("promoted into the replicas"));
+        }
+        let journal = self
+            .journals
+            .iter()
+            .find(|(v, _)| v == vm)
+            .map(|(_, j)| j.clone())
+            .ok_or_else(|| tandem_core::DomainError::not_found("vm", vm))?;
+        let opts = ImageOptions {
+            scratch_dir: scratch.map(|name| self.scratch_dir.join(name)),
+            verify: false,
+        };
+        if let Some(dir) = &opts.scratch_dir {
+            std::fs::create_dir_all(dir).map_err(VraError::io("create scratch dir", dir))?;
+        }
+        let image =
+            tokio::task::spawn_blocking(move || journal.open_image(checkpoint, volume, &opts))
+                .await
+                .map_err(|_| VraError::ShuttingDown)??;
+        Ok(image)
+    }
+
+    /// Stops the VPG's tasks; the journals close when the last image of them is gone.
+    pub async fn stop(&self) {
+        self.cancel.cancel();
+        self.tasks.wait().await;
+        info!(vpg = %self.assignment.vpg, "recovery vpg stopped");
+    }
+}
+
+fn floor_path(dir: &Path) -> PathBuf {
+    dir.join("stream.json")
+}
+
+fn read_floor(dir: &Path) -> Option<StreamFloor> {
+    let bytes = std::fs::read(floor_path(dir)).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "ignoring unreadable stream floor");
+            None
+        }
+    }
+}
+
+/// Persists the acknowledged position, then publishes it to the sessions.
+async fn persist_acks(
+    dir: PathBuf,
+    generation: Generation,
+    mut rx: watch::Receiver<Seq>,
+    acked: watch::Sender<Seq>,
+    counters: Arc<RecoveryCounters>,
+    last_error: Arc<Mutex<String>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            r = rx.changed() => if r.is_err() { break },
+        }
+        let seq = *rx.borrow_and_update();
+        let floor = StreamFloor {
+            generation: generation.0,
+            acked: seq.0,
+        };
+        let d = dir.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            crate::state::write_atomic(
+                &floor_path(&d),
+                &serde_json::to_vec(&floor).unwrap_or_default(),
+            )
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {
+                counters.acked.store(seq.0, Ordering::Relaxed);
+                acked.send_replace(seq);
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "persisting the stream floor failed");
+                *last_error.lock().unwrap_or_else(PoisonError::into_inner) = e.to_string();
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+/// Promotes history older than the window and enforces limits, every few seconds.
+async fn maintain(journals: Vec<Arc<Journal>>, vpg: VpgId, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(MAINTAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        for j in &journals {
+            let j = j.clone();
+            match tokio::task::spawn_blocking(move || j.maintain(UnixMillis::now())).await {
+                Ok(Ok(r)) if r.records_applied > 0 => {
+                    debug!(vpg = %vpg, records = r.records_applied, "journal history promoted");
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!(vpg = %vpg, error = %e, "journal maintenance failed"),
+                Err(_) => return,
+            }
+        }
+    }
+}

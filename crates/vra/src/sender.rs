@@ -1,0 +1,199 @@
+//! The sender task of a protected VPG: keeps one `Replicate` stream to the recovery VRA,
+//! sends the buffer's entries in batches (lz4-compressing write data when the VPG asks for
+//! WAN compression), frees buffer space only on acknowledgement, and reconnects with
+//! backoff, resuming after the receiver's durable position (see [`crate::window`]).
+
+use std::{
+    sync::{Arc, PoisonError, atomic::Ordering},
+    time::Duration,
+};
+
+use tandem_journal::Seq;
+use tandem_proto::v1::{self as pb, replicate_request::Msg, replication_client::ReplicationClient};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    connector::Connector,
+    model::{EntryBody, entry_to_pb},
+    protected::ProtectedShared,
+};
+
+/// Largest batch, in buffer bytes.
+const MAX_BATCH_BYTES: u64 = 1 << 20;
+/// Most entries in a batch.
+const MAX_BATCH_ENTRIES: usize = 1024;
+/// Largest gRPC message on the replication stream.
+pub const MAX_STREAM_MESSAGE: usize = 64 << 20;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("refused: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// Runs until `cancel`: connect, stream, and on any failure back off and reconnect.
+pub async fn run(
+    shared: Arc<ProtectedShared>,
+    connector: Connector,
+    host_id: String,
+    cancel: CancellationToken,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let mut established = false;
+        let result = session(&shared, &connector, &host_id, &cancel, &mut established).await;
+        shared.connected.store(false, Ordering::Relaxed);
+        shared
+            .window
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .on_disconnected();
+        if established {
+            backoff = BACKOFF_MIN;
+        }
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                if established {
+                    warn!(vpg = %shared.assignment.vpg, error = %e, "replication stream lost");
+                } else {
+                    debug!(vpg = %shared.assignment.vpg, error = %e, "replication stream not established");
+                }
+                shared.set_error(&e);
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn session(
+    shared: &ProtectedShared,
+    connector: &Connector,
+    host_id: &str,
+    cancel: &CancellationToken,
+    established: &mut bool,
+) -> Result<(), SessionError> {
+    let a = &shared.assignment;
+    let channel = tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        c = connector.connect(&a.recovery_vra) => c?,
+    };
+    let mut client = ReplicationClient::new(channel)
+        .max_decoding_message_size(MAX_STREAM_MESSAGE)
+        .max_encoding_message_size(MAX_STREAM_MESSAGE);
+    let (tx, rx) = mpsc::channel::<pb::ReplicateRequest>(4);
+    let resume_from = shared
+        .window
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .resume_from();
+    let hello = pb::ReplicateRequest {
+        msg: Some(Msg::Hello(pb::ReplicateHello {
+            vpg_id: a.vpg.to_string(),
+            generation: a.generation.0,
+            sender_id: host_id.to_string(),
+            resume_from: resume_from.0,
+        })),
+    };
+    tx.send(hello)
+        .await
+        .map_err(|_| SessionError::Protocol("request stream closed".into()))?;
+    let mut acks = tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        r = client.replicate(ReceiverStream::new(rx)) => r?.into_inner(),
+    };
+    let first = tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        m = acks.message() => m?.ok_or_else(|| SessionError::Protocol("closed before the first ack".into()))?,
+    };
+    let resume = shared
+        .window
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .on_connected(Seq(first.durable_seq));
+    shared.release(resume.freed);
+    if resume.lost {
+        shared.needs_sync.store(true, Ordering::Relaxed);
+        warn!(vpg = %a.vpg, receiver_durable = first.durable_seq, "stream cannot resume without loss; the vpg needs a sync");
+    }
+    *established = true;
+    if shared.counters.sessions.fetch_add(1, Ordering::Relaxed) > 0 {
+        shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    shared.connected.store(true, Ordering::Relaxed);
+    shared.set_error("");
+    info!(vpg = %a.vpg, from = resume.from.0, rebased = resume.rebased, "replication stream established");
+
+    loop {
+        let has_unsent = shared
+            .window
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .has_unsent();
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Ok(()),
+            msg = acks.message() => {
+                let Some(ack) = msg? else {
+                    return Err(SessionError::Protocol("receiver closed the stream".into()));
+                };
+                let freed = shared
+                    .window
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .on_ack(Seq(ack.durable_seq))
+                    .map_err(|e| SessionError::Protocol(e.to_string()))?;
+                shared.release(freed);
+            }
+            permit = tx.reserve(), if has_unsent => {
+                let permit = permit.map_err(|_| SessionError::Protocol("request stream closed".into()))?;
+                let batch = shared
+                    .window
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .next_batch(MAX_BATCH_BYTES, MAX_BATCH_ENTRIES);
+                permit.send(encode(shared, &batch));
+            }
+            () = shared.wake.notified(), if !has_unsent => {}
+        }
+    }
+}
+
+fn encode(shared: &ProtectedShared, batch: &[(Seq, EntryBody)]) -> pb::ReplicateRequest {
+    let compress = shared.assignment.wan_compression;
+    let mut raw = 0;
+    let mut sent = 0;
+    let entries = batch
+        .iter()
+        .map(|(seq, body)| {
+            let (e, r, s) = entry_to_pb(
+                &crate::model::Entry {
+                    seq: *seq,
+                    body: body.clone(),
+                },
+                compress,
+            );
+            raw += r;
+            sent += s;
+            e
+        })
+        .collect();
+    shared.counters.wan_raw.fetch_add(raw, Ordering::Relaxed);
+    shared.counters.wan_sent.fetch_add(sent, Ordering::Relaxed);
+    pb::ReplicateRequest {
+        msg: Some(Msg::Batch(pb::ReplicateBatch { entries })),
+    }
+}

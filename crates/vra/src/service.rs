@@ -1,0 +1,302 @@
+//! Thin tonic services over [`Vra`]: `VraControl` (decode and validate, call the domain,
+//! map the error) and `Replication` (the receiver side of the stream: one session task
+//! per connected sender, which hands batches to the VPG's actor and sends its
+//! acknowledgements back).
+
+use std::{pin::Pin, time::Duration};
+
+use futures::Stream;
+use tandem_journal::{CheckpointId, Generation, Seq, VolumeId};
+use tandem_proto::v1::{
+    self as pb, replicate_request::Msg, replication_server::Replication,
+    vra_control_server::VraControl,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::{
+    fence::SessionId,
+    model::{
+        self, ProtectedAssignment, RecoveryAssignment, checkpoint_from_thaw, entry_from_pb,
+        parse_checkpoint_id, parse_vm, parse_vpg,
+    },
+    recovery::RecoveryVpg,
+    vra::Vra,
+};
+
+fn status(e: crate::error::VraError) -> Status {
+    e.to_status()
+}
+
+/// The `VraControl` service.
+#[derive(Debug, Clone)]
+pub struct ControlService {
+    vra: Vra,
+}
+
+impl ControlService {
+    /// A service over `vra`.
+    pub fn new(vra: Vra) -> Self {
+        Self { vra }
+    }
+}
+
+#[tonic::async_trait]
+impl VraControl for ControlService {
+    async fn assign_protected(
+        &self,
+        req: Request<pb::AssignProtectedRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let a = ProtectedAssignment::try_from(req.into_inner()).map_err(status)?;
+        self.vra.assign_protected(a).await.map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
+    async fn assign_recovery(
+        &self,
+        req: Request<pb::AssignRecoveryRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let a = RecoveryAssignment::try_from(req.into_inner()).map_err(status)?;
+        self.vra.assign_recovery(a).await.map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
+    async fn unassign(
+        &self,
+        req: Request<pb::UnassignRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let vpg = parse_vpg(&req.into_inner().vpg_id).map_err(status)?;
+        self.vra.unassign(&vpg).await.map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
+    async fn freeze(
+        &self,
+        req: Request<pb::FreezeRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        let id = parse_checkpoint_id(r.checkpoint_id).map_err(status)?;
+        self.vra.freeze(&vpg, id).await.map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
+    async fn thaw(
+        &self,
+        req: Request<pb::ThawRequest>,
+    ) -> Result<Response<pb::ThawResponse>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        let cp = checkpoint_from_thaw(&r).map_err(status)?;
+        let seq = self.vra.thaw(&vpg, cp).await.map_err(status)?;
+        Ok(Response::new(pb::ThawResponse { marker_seq: seq.0 }))
+    }
+
+    async fn abort(
+        &self,
+        req: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        let id = parse_checkpoint_id(r.checkpoint_id).map_err(status)?;
+        self.vra.abort(&vpg, id).await.map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        req: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let vpg = parse_vpg(&req.into_inner().vpg_id).map_err(status)?;
+        let cps = self.vra.checkpoints(&vpg).await.map_err(status)?;
+        Ok(Response::new(pb::ListCheckpointsResponse {
+            checkpoints: cps
+                .into_iter()
+                .map(|c| pb::VraCheckpoint {
+                    checkpoint_id: c.checkpoint.id.0,
+                    timestamp_ms: c.checkpoint.timestamp.0,
+                    kind: model::kind_to_pb(c.checkpoint.kind) as i32,
+                    name: c.checkpoint.name.unwrap_or_default(),
+                    seq: c.seq.0,
+                    durable: c.durable,
+                    usable: c.usable,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn open_export(
+        &self,
+        req: Request<pb::OpenExportRequest>,
+    ) -> Result<Response<pb::OpenExportResponse>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        let vm = parse_vm(&r.vm_id).map_err(status)?;
+        let cp: CheckpointId = parse_checkpoint_id(r.checkpoint_id).map_err(status)?;
+        let e = self
+            .vra
+            .open_export(&vpg, &vm, VolumeId(r.volume_id), cp, r.writable)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::OpenExportResponse {
+            export_name: e.name,
+            size_bytes: e.size,
+            writable: e.writable,
+        }))
+    }
+
+    async fn close_export(
+        &self,
+        req: Request<pb::CloseExportRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        self.vra
+            .close_export(&req.into_inner().export_name)
+            .map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
+    async fn get_status(
+        &self,
+        _req: Request<pb::GetVraStatusRequest>,
+    ) -> Result<Response<pb::VraStatus>, Status> {
+        Ok(Response::new(self.vra.status().await))
+    }
+}
+
+/// The `Replication` service (receiver side).
+#[derive(Debug, Clone)]
+pub struct ReplicationService {
+    vra: Vra,
+    sessions: TaskTracker,
+}
+
+impl ReplicationService {
+    /// A service over `vra`; session tasks run on `sessions`.
+    pub fn new(vra: Vra, sessions: TaskTracker) -> Self {
+        Self { vra, sessions }
+    }
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<pb::ReplicateAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Replication for ReplicationService {
+    type ReplicateStream = AckStream;
+
+    async fn replicate(
+        &self,
+        req: Request<Streaming<pb::ReplicateRequest>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty replication stream"))?;
+        let Some(Msg::Hello(hello)) = first.msg else {
+            return Err(Status::invalid_argument(
+                "the first message must be a hello",
+            ));
+        };
+        let vpg = parse_vpg(&hello.vpg_id).map_err(status)?;
+        let (rvpg, session, resume, acked) = self
+            .vra
+            .replicate_hello(&vpg, Generation(hello.generation))
+            .await
+            .map_err(|e| {
+                warn!(vpg = %vpg, sender = %hello.sender_id, generation = hello.generation, error = %e, "replication sender refused");
+                status(e)
+            })?;
+        info!(vpg = %vpg, sender = %hello.sender_id, sender_from = hello.resume_from, resume = resume.0, "replication sender accepted");
+        let (tx, rx) = mpsc::channel(16);
+        tx.try_send(Ok(pb::ReplicateAck {
+            durable_seq: resume.0,
+        }))
+        .map_err(|_| Status::internal("ack channel"))?;
+        let cancel = rvpg.cancel_token();
+        self.sessions.spawn(run_session(
+            rvpg, session, resume, inbound, acked, tx, cancel,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves one sender's session until it closes, fails, is superseded, or the VPG stops.
+async fn run_session(
+    vpg: std::sync::Arc<RecoveryVpg>,
+    session: SessionId,
+    resume: Seq,
+    mut inbound: Streaming<pb::ReplicateRequest>,
+    mut acked: watch::Receiver<Seq>,
+    tx: mpsc::Sender<Result<pb::ReplicateAck, Status>>,
+    cancel: CancellationToken,
+) {
+    // Acks never pass what this session sent (a resend may be skipped by journals that
+    // already hold it, making the VPG's position run ahead of this sender's cursor).
+    let mut received = resume;
+    let mut last_acked = resume;
+    let mut pending = false;
+    let mut retry = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            r = acked.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                pending = true;
+            }
+            _ = retry.tick(), if pending => {}
+            msg = inbound.message() => match msg {
+                Ok(Some(pb::ReplicateRequest { msg: Some(Msg::Batch(b)) })) => {
+                    let entries = match b.entries.into_iter().map(entry_from_pb).collect::<Result<Vec<_>, _>>() {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = tx.send(Err(status(e))).await;
+                            break;
+                        }
+                    };
+                    let last = entries.last().map(|e| e.seq);
+                    if let Err(e) = vpg.batch(session, entries).await {
+                        warn!(vpg = %vpg.id(), error = %e, "replication batch refused");
+                        let _ = tx.send(Err(status(e))).await;
+                        break;
+                    }
+                    if let Some(last) = last {
+                        received = received.max(last);
+                    }
+                    pending = true;
+                }
+                Ok(Some(_)) => {
+                    let _ = tx.send(Err(Status::invalid_argument("expected a batch"))).await;
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(vpg = %vpg.id(), error = %e, "replication stream ended");
+                    break;
+                }
+            },
+        }
+        if pending {
+            let ack = (*acked.borrow()).min(received);
+            if ack > last_acked {
+                match tx.try_send(Ok(pb::ReplicateAck { durable_seq: ack.0 })) {
+                    Ok(()) => {
+                        last_acked = ack;
+                        pending = ack < *acked.borrow();
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
+                }
+            } else {
+                pending = false;
+            }
+        }
+    }
+    vpg.end(session).await;
+    debug!(vpg = %vpg.id(), "replication session ended");
+}

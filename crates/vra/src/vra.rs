@@ -1,0 +1,541 @@
+//! The VRA: the registry of its VPGs (protected or recovery role), the NBD exports it
+//! serves, the VRA-wide replication buffer budget, and the domain operations behind
+//! `VraControl` and `Replication`. Assignments are persisted in the data directory and
+//! restored on start.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, PoisonError, atomic::Ordering},
+};
+
+use tandem_core::{
+    DomainError,
+    ids::{VmId, VpgId},
+};
+use tandem_journal::{Checkpoint, CheckpointId, Generation, Seq, VolumeId};
+use tandem_nbd::{BlockDevice, Exports};
+use tandem_proto::v1 as pb;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    connector::Connector,
+    error::{VraError, VraResult},
+    fence::SessionId,
+    model::{ProtectedAssignment, RecoveryAssignment},
+    protected::ProtectedVpg,
+    recovery::{RecoveryVpg, VpgCheckpoint},
+    state::{self, Assignments},
+};
+
+/// Settings of a VRA process.
+#[derive(Debug, Clone)]
+pub struct VraSettings {
+    /// The host this VRA serves.
+    pub host_id: String,
+    /// Its data directory (assignments, per-VPG stream state, scratch overlays).
+    pub data_dir: PathBuf,
+    /// The replication buffer budget over all protected VPGs, in bytes.
+    pub buffer_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Role {
+    Protected(Arc<ProtectedVpg>),
+    Recovery(Arc<RecoveryVpg>),
+}
+
+impl Role {
+    fn name(&self) -> &'static str {
+        match self {
+            Role::Protected(_) => "protected",
+            Role::Recovery(_) => "recovery",
+        }
+    }
+}
+
+/// An opened point-in-time export.
+#[derive(Debug, Clone)]
+pub struct OpenedExport {
+    /// Its NBD export name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether it takes writes (scratch overlay).
+    pub writable: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: VraSettings,
+    exports: Exports,
+    budget: Arc<Semaphore>,
+    connector: Connector,
+    vpgs: tokio::sync::Mutex<BTreeMap<VpgId, Role>>,
+    pits: Mutex<BTreeMap<String, VpgId>>,
+    cancel: CancellationToken,
+    addrs: Mutex<(String, String)>,
+}
+
+/// A cheaply cloneable handle to the VRA.
+#[derive(Debug, Clone)]
+pub struct Vra {
+    inner: Arc<Inner>,
+}
+
+impl Vra {
+    /// A VRA with no VPGs; `cancel` is the root of every task it starts.
+    pub fn new(
+        settings: VraSettings,
+        exports: Exports,
+        connector: Connector,
+        cancel: CancellationToken,
+    ) -> Self {
+        let permits = usize::try_from(settings.buffer_bytes)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        Self {
+            inner: Arc::new(Inner {
+                budget: Arc::new(Semaphore::new(permits)),
+                settings,
+                exports,
+                connector,
+                vpgs: tokio::sync::Mutex::new(BTreeMap::new()),
+                pits: Mutex::new(BTreeMap::new()),
+                cancel,
+                addrs: Mutex::new((String::new(), String::new())),
+            }),
+        }
+    }
+
+    /// Records the bound addresses (reported in status).
+    pub fn set_addresses(&self, control: String, nbd: String) {
+        *self
+            .inner
+            .addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = (control, nbd);
+    }
+
+    /// Re-applies the assignments persisted in the data directory.
+    pub async fn restore(&self) -> VraResult<()> {
+        let dir = self.inner.settings.data_dir.clone();
+        let saved = tokio::task::spawn_blocking(move || state::load(&dir))
+            .await
+            .map_err(|_| VraError::ShuttingDown)??;
+        for a in saved.recovery {
+            let vpg = a.vpg.clone();
+            if let Err(e) = self.assign_recovery(a).await {
+                warn!(vpg = %vpg, error = %e, "restoring recovery assignment failed");
+            }
+        }
+        for a in saved.protected {
+            let vpg = a.vpg.clone();
+            if let Err(e) = self.assign_protected(a).await {
+                warn!(vpg = %vpg, error = %e, "restoring protected assignment failed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn persist(&self, vpgs: &BTreeMap<VpgId, Role>) -> VraResult<()> {
+        let mut a = Assignments::default();
+        for role in vpgs.values() {
+            match role {
+                Role::Protected(p) => a.protected.push(p.assignment().clone()),
+                Role::Recovery(r) => a.recovery.push(r.assignment().clone()),
+            }
+        }
+        let dir = self.inner.settings.data_dir.clone();
+        tokio::task::spawn_blocking(move || state::save(&dir, &a))
+            .await
+            .map_err(|_| VraError::ShuttingDown)?
+    }
+
+    fn check_generation(vpg: &VpgId, current: Generation, new: Generation) -> VraResult<()> {
+        if new < current {
+            return Err(VraError::StaleGeneration {
+                vpg: vpg.clone(),
+                got: new,
+                current,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes the protected role for a VPG (or replaces it at a newer generation).
+    pub async fn assign_protected(&self, a: ProtectedAssignment) -> VraResult<()> {
+        let mut vpgs = self.inner.vpgs.lock().await;
+        if let Some(role) = vpgs.get(&a.vpg) {
+            let Role::Protected(p) = role else {
+                return Err(VraError::WrongRole {
+                    vpg: a.vpg.clone(),
+                    role: role.name(),
+                });
+            };
+            Self::check_generation(&a.vpg, p.assignment().generation, a.generation)?;
+            if p.assignment() == &a {
+                return Ok(());
+            }
+            if p.assignment().generation == a.generation {
+                return Err(DomainError::precondition(format!(
+                    "vpg {} is assigned differently at generation {}; bump the generation",
+                    a.vpg, a.generation
+                ))
+                .into());
+            }
+            let old = p.clone();
+            self.remove_protected_exports(&old);
+            old.stop().await;
+            vpgs.remove(&a.vpg);
+        }
+        let p = ProtectedVpg::start(
+            a.clone(),
+            self.inner.budget.clone(),
+            self.inner.settings.buffer_bytes,
+            self.inner.connector.clone(),
+            self.inner.settings.host_id.clone(),
+            &self.inner.cancel,
+        )?;
+        let mut added: Vec<String> = Vec::new();
+        for (name, vol) in p.volumes() {
+            let device: Arc<dyn BlockDevice> = vol.clone();
+            if let Err(e) = self.inner.exports.insert(name.clone(), device) {
+                for n in &added {
+                    self.inner.exports.remove(n);
+                }
+                p.stop().await;
+                return Err(e.into());
+            }
+            added.push(name.clone());
+        }
+        vpgs.insert(a.vpg.clone(), Role::Protected(Arc::new(p)));
+        self.persist(&vpgs).await?;
+        info!(vpg = %a.vpg, generation = a.generation.0, "assigned protected role");
+        Ok(())
+    }
+
+    fn remove_protected_exports(&self, p: &ProtectedVpg) {
+        for (name, _) in p.volumes() {
+            self.inner.exports.remove(name);
+        }
+    }
+
+    fn remove_pit_exports(&self, vpg: &VpgId) {
+        let mut pits = self
+            .inner
+            .pits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        pits.retain(|name, v| {
+            if v == vpg {
+                self.inner.exports.remove(name);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Takes the recovery role for a VPG (or replaces it at a newer generation).
+    pub async fn assign_recovery(&self, a: RecoveryAssignment) -> VraResult<()> {
+        let mut vpgs = self.inner.vpgs.lock().await;
+        if let Some(role) = vpgs.get(&a.vpg) {
+            let Role::Recovery(r) = role else {
+                return Err(VraError::WrongRole {
+                    vpg: a.vpg.clone(),
+                    role: role.name(),
+                });
+            };
+            Self::check_generation(&a.vpg, r.assignment().generation, a.generation)?;
+            if r.assignment() == &a {
+                return Ok(());
+            }
+            if r.assignment().generation == a.generation {
+                return Err(DomainError::precondition(format!(
+                    "vpg {} is assigned differently at generation {}; bump the generation",
+                    a.vpg, a.generation
+                ))
+                .into());
+            }
+            let old = r.clone();
+            self.remove_pit_exports(&a.vpg);
+            old.stop().await;
+            vpgs.remove(&a.vpg);
+        }
+        let state_dir = self.vpg_dir(&a.vpg);
+        let cancel = self.inner.cancel.clone();
+        let assignment = a.clone();
+        // Opening journals is blocking IO (recovery scans, fsyncs).
+        let r = tokio::task::spawn_blocking(move || {
+            RecoveryVpg::start(assignment, &state_dir, &cancel)
+        })
+        .await
+        .map_err(|_| VraError::ShuttingDown)??;
+        vpgs.insert(a.vpg.clone(), Role::Recovery(Arc::new(r)));
+        self.persist(&vpgs).await?;
+        info!(vpg = %a.vpg, generation = a.generation.0, "assigned recovery role");
+        Ok(())
+    }
+
+    fn vpg_dir(&self, vpg: &VpgId) -> PathBuf {
+        self.inner.settings.data_dir.join("vpgs").join(vpg.as_str())
+    }
+
+    /// Drops the VPG's role (files stay on disk).
+    pub async fn unassign(&self, vpg: &VpgId) -> VraResult<()> {
+        let mut vpgs = self.inner.vpgs.lock().await;
+        let role = vpgs
+            .remove(vpg)
+            .ok_or_else(|| VraError::VpgNotFound(vpg.clone()))?;
+        match &role {
+            Role::Protected(p) => {
+                self.remove_protected_exports(p);
+                p.stop().await;
+            }
+            Role::Recovery(r) => {
+                self.remove_pit_exports(vpg);
+                r.stop().await;
+            }
+        }
+        self.persist(&vpgs).await?;
+        info!(vpg = %vpg, "unassigned");
+        Ok(())
+    }
+
+    async fn role(&self, vpg: &VpgId) -> VraResult<Role> {
+        self.inner
+            .vpgs
+            .lock()
+            .await
+            .get(vpg)
+            .cloned()
+            .ok_or_else(|| VraError::VpgNotFound(vpg.clone()))
+    }
+
+    async fn protected(&self, vpg: &VpgId) -> VraResult<Arc<ProtectedVpg>> {
+        match self.role(vpg).await? {
+            Role::Protected(p) => Ok(p),
+            Role::Recovery(_) => Err(VraError::WrongRole {
+                vpg: vpg.clone(),
+                role: "recovery",
+            }),
+        }
+    }
+
+    async fn recovery(&self, vpg: &VpgId) -> VraResult<Arc<RecoveryVpg>> {
+        match self.role(vpg).await? {
+            Role::Recovery(r) => Ok(r),
+            Role::Protected(_) => Err(VraError::WrongRole {
+                vpg: vpg.clone(),
+                role: "protected",
+            }),
+        }
+    }
+
+    /// Checkpoint barrier: freeze.
+    pub async fn freeze(&self, vpg: &VpgId, id: CheckpointId) -> VraResult<()> {
+        self.protected(vpg).await?.freeze(id).await
+    }
+
+    /// Checkpoint barrier: thaw with the marker; returns its stream sequence.
+    pub async fn thaw(&self, vpg: &VpgId, checkpoint: Checkpoint) -> VraResult<Seq> {
+        self.protected(vpg).await?.thaw(checkpoint).await
+    }
+
+    /// Checkpoint barrier: abort.
+    pub async fn abort(&self, vpg: &VpgId, id: CheckpointId) -> VraResult<()> {
+        self.protected(vpg).await?.abort(id).await
+    }
+
+    /// The checkpoints of a recovery VPG.
+    pub async fn checkpoints(&self, vpg: &VpgId) -> VraResult<Vec<VpgCheckpoint>> {
+        self.recovery(vpg).await?.checkpoints().await
+    }
+
+    /// Serves a point-in-time image over NBD; returns its export.
+    pub async fn open_export(
+        &self,
+        vpg: &VpgId,
+        vm: &VmId,
+        volume: VolumeId,
+        checkpoint: CheckpointId,
+        writable: bool,
+    ) -> VraResult<OpenedExport> {
+        let r = self.recovery(vpg).await?;
+        let mut name = format!("pit/{vpg}/{vm}/{volume}/{checkpoint}");
+        if writable {
+            name.push_str("/rw");
+        }
+        if let Some(device) = self.inner.exports.device(&name) {
+            return Ok(OpenedExport {
+                name,
+                size: device.size(),
+                writable,
+            });
+        }
+        let scratch = writable.then(|| format!("{vm}-{volume}-{checkpoint}-{}", scratch_suffix()));
+        let image = r.open_image(vm, volume, checkpoint, scratch).await?;
+        let size = image.size();
+        self.inner.exports.insert(name.clone(), Arc::new(image))?;
+        self.inner
+            .pits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.clone(), vpg.clone());
+        info!(export = %name, "point-in-time export opened");
+        Ok(OpenedExport {
+            name,
+            size,
+            writable,
+        })
+    }
+
+    /// Closes a point-in-time export.
+    pub fn close_export(&self, name: &str) -> VraResult<()> {
+        let removed = self
+            .inner
+            .pits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        if removed.is_none() {
+            return Err(DomainError::not_found("point-in-time export", name).into());
+        }
+        self.inner.exports.remove(name);
+        Ok(())
+    }
+
+    /// Accepts a replication sender for a recovery VPG.
+    pub async fn replicate_hello(
+        &self,
+        vpg: &VpgId,
+        generation: Generation,
+    ) -> VraResult<(Arc<RecoveryVpg>, SessionId, Seq, watch::Receiver<Seq>)> {
+        let r = self.recovery(vpg).await?;
+        let (session, resume, acked) = r.hello(generation).await?;
+        Ok((r, session, resume, acked))
+    }
+
+    /// The status of the VRA and its VPGs.
+    pub async fn status(&self) -> pb::VraStatus {
+        let vpgs: Vec<Role> = self.inner.vpgs.lock().await.values().cloned().collect();
+        let mut out = Vec::new();
+        let mut used = 0;
+        for role in vpgs {
+            match role {
+                Role::Protected(p) => {
+                    let s = p.shared();
+                    let (written, sent, acked, bytes, entries, _) = s.positions();
+                    used += bytes;
+                    let c = &s.counters;
+                    let connected = s.connected.load(Ordering::Relaxed);
+                    let state = if s.needs_sync.load(Ordering::Relaxed) {
+                        pb::VpgStreamState::NeedsSync
+                    } else if connected {
+                        pb::VpgStreamState::Replicating
+                    } else {
+                        pb::VpgStreamState::Disconnected
+                    };
+                    out.push(pb::VpgReplicationStatus {
+                        vpg_id: p.id().to_string(),
+                        role: pb::VraRole::Protected as i32,
+                        generation: p.assignment().generation.0,
+                        state: state as i32,
+                        written_seq: written.0,
+                        sent_seq: sent.0,
+                        acked_seq: acked.0,
+                        buffer_bytes: bytes,
+                        buffer_entries: entries as u64,
+                        writes: c.writes.load(Ordering::Relaxed),
+                        write_bytes: c.write_bytes.load(Ordering::Relaxed),
+                        wan_bytes_raw: c.wan_raw.load(Ordering::Relaxed),
+                        wan_bytes_sent: c.wan_sent.load(Ordering::Relaxed),
+                        frozen_checkpoint_id: s.frozen_cp.load(Ordering::Relaxed),
+                        connected,
+                        last_error: s
+                            .last_error
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .clone(),
+                        reconnects: c.reconnects.load(Ordering::Relaxed),
+                        ..Default::default()
+                    });
+                }
+                Role::Recovery(r) => {
+                    let c = r.counters();
+                    let last = r
+                        .checkpoints()
+                        .await
+                        .unwrap_or_default()
+                        .into_iter()
+                        .rev()
+                        .find(|cp| cp.durable);
+                    let connected = c.connected.load(Ordering::Relaxed) == 1;
+                    let state = if r.failed() {
+                        pb::VpgStreamState::Failed
+                    } else if connected {
+                        pb::VpgStreamState::Replicating
+                    } else {
+                        pb::VpgStreamState::Disconnected
+                    };
+                    out.push(pb::VpgReplicationStatus {
+                        vpg_id: r.id().to_string(),
+                        role: pb::VraRole::Recovery as i32,
+                        generation: r.assignment().generation.0,
+                        state: state as i32,
+                        acked_seq: c.acked.load(Ordering::Relaxed),
+                        durable_seq: c.durable.load(Ordering::Relaxed),
+                        writes: c.writes.load(Ordering::Relaxed),
+                        write_bytes: c.write_bytes.load(Ordering::Relaxed),
+                        last_durable_checkpoint_id: last
+                            .as_ref()
+                            .map_or(0, |cp| cp.checkpoint.id.0),
+                        last_durable_checkpoint_ms: last
+                            .as_ref()
+                            .map_or(0, |cp| cp.checkpoint.timestamp.0),
+                        connected,
+                        last_error: r.last_error(),
+                        journal_bytes: r.journal_bytes(),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        let (control, nbd) = self
+            .inner
+            .addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        pb::VraStatus {
+            host_id: self.inner.settings.host_id.clone(),
+            control_address: control,
+            nbd_address: nbd,
+            buffer_budget_bytes: self.inner.settings.buffer_bytes,
+            buffer_used_bytes: used,
+            vpgs: out,
+            exports: self.inner.exports.names(),
+        }
+    }
+
+    /// Stops every VPG (assignments stay persisted for the next start).
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        let vpgs: Vec<Role> = std::mem::take(&mut *self.inner.vpgs.lock().await)
+            .into_values()
+            .collect();
+        for role in vpgs {
+            match role {
+                Role::Protected(p) => p.stop().await,
+                Role::Recovery(r) => r.stop().await,
+            }
+        }
+    }
+}
+
+fn scratch_suffix() -> String {
+    format!("{}", tandem_journal::UnixMillis::now().0)
+}
