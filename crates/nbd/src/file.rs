@@ -1,14 +1,17 @@
 //! A block device backed by a raw image file.
 //!
-//! Reads and writes are positioned (`pread`/`pwrite` through [`FileExt`]) and run on a
-//! small pool of threads per device, so several requests proceed in parallel on one file.
-//! Small ones are first tried in place with `RWF_NOWAIT`, which succeeds only when the
-//! kernel can serve them from the page cache without blocking; that saves the hand-off to
-//! a pool thread for the common cached case, and whatever remains goes to the pool. Where
-//! the file system refuses `RWF_NOWAIT` for writes, small writes are done in place with a
-//! guard against dirty-page throttling (see `Inner::write_in_place`). Flush and FUA
-//! call `fdatasync`. Trim punches a hole and write-zeroes zeroes the range in place
-//! (`fallocate`), both falling back to writing zeroes where the file system cannot.
+//! Reads and writes are positioned (`pread`/`pwrite` through [`FileExt`]). Requests of up
+//! to 1 MiB are first tried in place, on the calling thread: reads with `RWF_NOWAIT`,
+//! which succeeds only when the page cache can serve them without blocking; writes with
+//! `RWF_NOWAIT` too, or, where the file system refuses it for buffered writes (ext4), with
+//! a plain `pwrite` guarded against dirty-page throttling (see `Inner::write_in_place`).
+//! In the common cached case that saves a hand-off to another thread, which costs more
+//! CPU than the copy itself. Whatever cannot be done in place runs on the device's own
+//! threads: four for reads and syncs, one for writes, trims and write-zeroes (buffered
+//! writes to one file are serialized by its inode lock anyway, and threads contending
+//! for it spin). Flush and FUA call `fdatasync`. Trim punches a hole and write-zeroes
+//! zeroes the range in place (`fallocate`), both falling back to writing zeroes where the
+//! file system cannot. The threads are joined when the last handle is dropped.
 
 use std::{
     fs::{File, OpenOptions},
@@ -38,8 +41,11 @@ const SLOW_IN_PLACE: Duration = Duration::from_millis(20);
 const IN_PLACE_BACKOFF: Duration = Duration::from_secs(1);
 /// Threads per device for blocking calls.
 const IO_THREADS: usize = 4;
-/// Reads and writes up to this size are first tried in place with `RWF_NOWAIT`.
-const NOWAIT_MAX: usize = 128 * 1024;
+/// Reads and writes up to this size are first tried in place: reads with `RWF_NOWAIT`,
+/// writes with `RWF_NOWAIT` or, where that is refused, a guarded plain write. Copying 1 MiB
+/// into the page cache takes a few hundred microseconds; handing it to another thread
+/// costs more CPU than that (wake-ups, and the payload read on a cold cache).
+const NOWAIT_MAX: usize = 1024 * 1024;
 
 /// A raw image file served as a block device. Its size is the file's length when opened.
 #[derive(Debug, Clone)]
@@ -53,8 +59,10 @@ struct Inner {
     path: PathBuf,
     size: u64,
     read_only: bool,
-    /// Threads for the blocking calls.
+    /// Threads for blocking reads and syncs.
     pool: IoPool,
+    /// The thread for blocking writes, trims and write-zeroes.
+    write_pool: IoPool,
     /// Cleared when the kernel or file system does not support `RWF_NOWAIT` reads.
     nowait_read: AtomicBool,
     /// Cleared when it does not support `RWF_NOWAIT` writes (buffered writes often not).
@@ -102,6 +110,7 @@ impl FileDevice {
                 size: metadata.len(),
                 read_only,
                 pool: IoPool::new("nbd-file-io", IO_THREADS).map_err(NbdError::file(path))?,
+                write_pool: IoPool::new("nbd-file-write", 1).map_err(NbdError::file(path))?,
                 nowait_read: AtomicBool::new(cfg!(target_os = "linux")),
                 nowait_write: AtomicBool::new(cfg!(target_os = "linux")),
                 epoch: Instant::now(),
@@ -122,6 +131,18 @@ impl FileDevice {
     {
         let inner = Arc::clone(&self.inner);
         self.inner.pool.run(move || op(&inner)).await
+    }
+
+    /// Like `blocking`, on the device's single writer thread: buffered writes to one file
+    /// are serialized by the kernel anyway (the inode lock), and several threads
+    /// contending for it spin and burn far more CPU than one thread writing in turn.
+    async fn blocking_write<T, F>(&self, op: F) -> io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> io::Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        self.inner.write_pool.run(move || op(&inner)).await
     }
 }
 
@@ -311,16 +332,17 @@ impl BlockDevice for FileDevice {
                 Err(err) => return Box::pin(std::future::ready(Err(err))),
             }
         }
-        Box::pin(self.blocking(move |inner| {
-            inner.check_writable()?;
-            inner
-                .file
-                .write_all_at(&data[done..], offset + done as u64)?;
+        Box::pin(async move {
+            self.blocking_write(move |inner| {
+                inner.check_writable()?;
+                inner.file.write_all_at(&data[done..], offset + done as u64)
+            })
+            .await?;
             if fua {
-                inner.file.sync_data()?;
+                self.blocking(|inner| inner.file.sync_data()).await?;
             }
             Ok(())
-        }))
+        })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
@@ -333,21 +355,24 @@ impl BlockDevice for FileDevice {
     }
 
     fn trim(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(self.blocking(move |inner| {
+        Box::pin(self.blocking_write(move |inner| {
             inner.check_writable()?;
             inner.zero_range(offset, len, true)
         }))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> IoFuture<'_, ()> {
-        Box::pin(self.blocking(move |inner| {
-            inner.check_writable()?;
-            inner.zero_range(offset, len, false)?;
+        Box::pin(async move {
+            self.blocking_write(move |inner| {
+                inner.check_writable()?;
+                inner.zero_range(offset, len, false)
+            })
+            .await?;
             if fua {
-                inner.file.sync_data()?;
+                self.blocking(|inner| inner.file.sync_data()).await?;
             }
             Ok(())
-        }))
+        })
     }
 }
 

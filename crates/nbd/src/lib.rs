@@ -1,7 +1,7 @@
 //! NBD server over a block-device trait, plus a small async client for tests and the lab.
 //!
 //! - [`device`] holds the [`BlockDevice`] trait every export implements.
-//! - [`file`] holds [`FileDevice`], a raw image file served with `pread`/`pwrite`.
+//! - [`file`](mod@file) holds [`FileDevice`], a raw image file served with `pread`/`pwrite`.
 //! - [`mem`] holds [`MemDevice`], an in-memory device for tests.
 //! - [`proto`] is the wire protocol as pure, IO-free decoders and encoders.
 //! - [`exports`] holds [`Exports`], the run-time registry of named exports, with counters.

@@ -26,7 +26,7 @@ impl SledBackend {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_CAPACITY)
-            .mode(sled::Mode::LowSpace)
+            .mode(sled::Mode::HighThroughput)
             .open()?;
         let meta = db.open_tree(META_TREE)?;
         let log = db.open_tree(LOG_TREE)?;
