@@ -79,3 +79,61 @@ fn compose_file_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn tandem_lab_serve_exports_each_file_to_real_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, fill) in [("alpha", 0xa5u8), ("beta", 0x5a)] {
+        std::fs::write(dir.path().join(format!("{name}.img")), vec![fill; 1 << 20]).unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(binary("tandem-lab"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg(dir.path().join("alpha.img"))
+        .arg(dir.path().join("beta.img"))
+        .spawn()
+        .expect("start tandem-lab serve");
+    let uri = format!("nbd://127.0.0.1:{port}");
+    let mut listed = None;
+    for _ in 0..100 {
+        let out = Command::new("nbdinfo")
+            .args(["--list", &uri])
+            .output()
+            .expect("nbdinfo (libnbd-bin)");
+        if out.status.success() {
+            listed = Some(String::from_utf8_lossy(&out.stdout).to_string());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let listed = listed.expect("tandem-lab serve did not answer nbdinfo --list");
+    assert!(
+        listed.contains("alpha") && listed.contains("beta"),
+        "{listed}"
+    );
+    let copy = dir.path().join("copy.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &format!("{uri}/beta")])
+        .arg(&copy)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&copy).unwrap(), vec![0x5a; 1 << 20]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(
+        server.wait().unwrap().success(),
+        "serve did not stop cleanly on SIGTERM"
+    );
+}
