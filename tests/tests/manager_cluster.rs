@@ -319,24 +319,58 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
     Ok(())
 }
 
-/// Every VM id on the node at `api`, read through that node.
+/// Every VM and VPG id on the node at `api`, read through that node.
 async fn vm_ids(api: &str) -> Result<BTreeSet<String>> {
     let ch = channel(api).await?;
-    let r = VmServiceClient::new(ch)
+    let vms = VmServiceClient::new(ch.clone())
         .list_vms(v1::ListRequest {})
         .await?
         .into_inner();
-    Ok(r.vms.into_iter().map(|v| v.id).collect())
+    let vpgs = VpgServiceClient::new(ch)
+        .list_vpgs(v1::ListRequest {})
+        .await?
+        .into_inner();
+    Ok(vms
+        .vms
+        .into_iter()
+        .map(|v| v.id)
+        .chain(vpgs.vpgs.into_iter().map(|g| g.id))
+        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_keeps_state()
 -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut lab = Lab::up(dir.path(), 1, 3).await?;
+    // Site b recovers the VPGs that the writers define at site a.
+    let mut lab = Lab::up(dir.path(), 2, 3).await?;
     let apis = lab.endpoints(0);
     let ch = any_channel(&apis).await?;
+    let b = any_channel(&lab.endpoints(1)).await?;
     host_and_ds(&ch, "a", 1 << 50).await?;
+    host_and_ds(&b, "b", 1 << 50).await?;
+    ResourcePoolServiceClient::new(b.clone())
+        .create_resource_pool(v1::ResourcePool {
+            id: "big".into(),
+            name: "big".into(),
+            cpu_mhz: 1 << 40,
+            memory_mib: 1 << 40,
+            storage_bytes: 1 << 60,
+        })
+        .await?;
+    let token = SiteServiceClient::new(b.clone())
+        .create_pairing_token(v1::CreatePairingTokenRequest { ttl_secs: 60 })
+        .await?
+        .into_inner()
+        .token;
+    let site_b = SiteServiceClient::new(ch.clone())
+        .pair_site(v1::PairSiteRequest {
+            peer_endpoints: lab.endpoints(1),
+            token,
+        })
+        .await?
+        .into_inner()
+        .id;
 
     let status = wait_leader(&apis[0], 3, Duration::from_secs(10)).await?;
     let leader = status.leader_id;
@@ -352,24 +386,45 @@ async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_ke
     for w in 0..16 {
         let api = followers[w % followers.len()].clone();
         let stop = stop.clone();
+        let site_b = site_b.clone();
         writers.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             let mut failed = Vec::new();
             let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 400 {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 5000 {
                 let id = format!("w{w}-{i}");
                 i += 1;
                 let r = async {
                     let ch = channel(&api).await?;
-                    VmServiceClient::new(ch)
+                    VmServiceClient::new(ch.clone())
                         .create_vm(vm(&id, "a-h", "a-ds", 1))
                         .await?;
-                    anyhow::Ok(())
+                    anyhow::Ok(ch)
                 }
                 .await;
                 match r {
-                    Ok(()) => acked.push(id),
-                    Err(_) => failed.push(id),
+                    Ok(ch) => {
+                        acked.push(id.clone());
+                        // Every fourth VM also gets a VPG of its own.
+                        if i % 4 == 0 {
+                            let vpg = format!("g-{id}");
+                            let created = VpgServiceClient::new(ch)
+                                .create_vpg(v1::CreateVpgRequest {
+                                    id: vpg.clone(),
+                                    spec: Some(spec(&vpg, &site_b, &[id.as_str()], "big")),
+                                })
+                                .await;
+                            match created {
+                                Ok(_) => acked.push(vpg),
+                                Err(_) => failed.push(vpg),
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        failed.push(id);
+                        // Back off a little, as a client would, while there is no leader.
+                        tokio::time::sleep(Duration::from_millis(25)).await;
+                    }
                 }
             }
             (acked, failed)
@@ -421,6 +476,11 @@ async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_ke
         for id in &acked {
             assert!(v.contains(id), "acknowledged write {id} lost");
         }
+    }
+    // A VPG committed at its protected site is held by its recovery site too.
+    let at_b = vm_ids(&lab.sites[1][0].api).await?;
+    for id in views[0].iter().filter(|id| id.starts_with("g-")) {
+        assert!(at_b.contains(id), "VPG {id} missing at the recovery site");
     }
     println!(
         "{} acknowledged, {} failed (each present or absent as a whole)",
