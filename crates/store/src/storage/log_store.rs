@@ -1,54 +1,58 @@
 //! [`LogStore`]: openraft's `RaftLogStorage` over any [`RaftBackend`].
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
-use std::ops::RangeBounds;
-use std::sync::Arc;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError, Vote};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{BackendError, MetaKey, RaftBackend};
 use crate::codec;
 use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
+/// How many of the newest entries are kept decoded in memory, so that replication to
+/// followers (which rereads what was just appended) does not go back to the backend.
+const RECENT_ENTRIES: usize = 8192;
+
 /// The Raft log, vote and committed log id of one node.
 #[derive(Debug)]
 pub struct LogStore<B> {
     backend: Arc<B>,
-    /// Appended batches waiting for their fsync; see [`group_flusher`].
-    flushes: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
+    /// Appended batches on their way to the backend; see [`log_writer`].
+    writes: mpsc::UnboundedSender<LogOp>,
+    /// The newest appended entries, a contiguous run ending at the last log entry. Entries
+    /// not yet written to the backend are always here; older ones may be evicted.
+    recent: Arc<Mutex<Recent>>,
+}
+
+/// The in-memory tail of the log.
+#[derive(Debug, Default)]
+struct Recent {
+    entries: BTreeMap<u64, Entry>,
+    /// The highest index written to the backend (entries above it live only here).
+    written: u64,
+}
+
+/// Work for the log writer, in append order.
+enum LogOp {
+    Append {
+        entries: Vec<(u64, Vec<u8>)>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    /// Answered once every append queued before it is written and flushed.
+    Barrier(oneshot::Sender<Result<(), String>>),
 }
 
 impl<B> Clone for LogStore<B> {
     fn clone(&self) -> Self {
         Self {
             backend: self.backend.clone(),
-            flushes: self.flushes.clone(),
-        }
-    }
-}
-
-/// Makes appended entries durable off openraft's core loop: one flush covers every batch
-/// appended before it started, and callbacks complete in append order. Awaiting the fsync
-/// inside `append` would stall the Raft core (heartbeats, replication replies, new client
-/// writes) for every fsync. The task ends when the last `LogStore` clone is dropped.
-async fn group_flusher<B: RaftBackend>(
-    backend: Arc<B>,
-    mut pending: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
-) {
-    while let Some(first) = pending.recv().await {
-        let mut batch = vec![first];
-        while let Ok(more) = pending.try_recv() {
-            batch.push(more);
-        }
-        let result = backend.flush().await;
-        for callback in batch {
-            match &result {
-                Ok(()) => callback.log_io_completed(Ok(())),
-                Err(e) => callback.log_io_completed(Err(io_err(e))),
-            }
+            writes: self.writes.clone(),
+            recent: self.recent.clone(),
         }
     }
 }
@@ -57,13 +61,82 @@ fn io_err(e: &(impl std::error::Error + 'static)) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+/// Writes appended entries to the backend and makes them durable, off openraft's core
+/// loop: everything queued while a write and fsync run goes into the next one, and callbacks
+/// complete in append order. Doing backend writes and fsyncs inside `append` stalled the
+/// Raft core (heartbeats, replication replies, new client writes) on every entry. The task
+/// ends when the last `LogStore` clone is dropped.
+async fn log_writer<B: RaftBackend>(
+    backend: Arc<B>,
+    recent: Arc<Mutex<Recent>>,
+    mut ops: mpsc::UnboundedReceiver<LogOp>,
+) {
+    while let Some(first) = ops.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = ops.try_recv() {
+            batch.push(more);
+        }
+        let mut entries = Vec::new();
+        let mut callbacks = Vec::new();
+        let mut barriers = Vec::new();
+        for op in batch {
+            match op {
+                LogOp::Append {
+                    entries: e,
+                    callback,
+                } => {
+                    entries.extend(e);
+                    callbacks.push(callback);
+                }
+                LogOp::Barrier(done) => barriers.push(done),
+            }
+        }
+        let last = entries.last().map(|(i, _)| *i);
+        let mut result = if entries.is_empty() {
+            Ok(())
+        } else {
+            backend.append_entries(entries)
+        };
+        if result.is_ok() {
+            result = backend.flush().await;
+        }
+        if let (Ok(()), Some(last)) = (&result, last) {
+            let mut recent = recent.lock().expect("log cache poisoned");
+            recent.written = recent.written.max(last);
+            let written = recent.written;
+            while recent.entries.len() > RECENT_ENTRIES {
+                match recent.entries.first_key_value() {
+                    Some((&oldest, _)) if oldest <= written => {
+                        recent.entries.pop_first();
+                    }
+                    _ => break,
+                }
+            }
+        }
+        for callback in callbacks {
+            match &result {
+                Ok(()) => callback.log_io_completed(Ok(())),
+                Err(e) => callback.log_io_completed(Err(io_err(e))),
+            }
+        }
+        for done in barriers {
+            let _ = done.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        }
+    }
+}
+
 impl<B: RaftBackend> LogStore<B> {
     /// Opens the log on a backend and finishes an interrupted purge (entries at or below the
     /// last purged log id that are still present are removed).
     pub fn open(backend: Arc<B>) -> Result<Self, StorageError> {
-        let (flushes, pending) = mpsc::unbounded_channel();
-        tokio::spawn(group_flusher(backend.clone(), pending));
-        let store = Self { backend, flushes };
+        let (writes, pending) = mpsc::unbounded_channel();
+        let recent: Arc<Mutex<Recent>> = Arc::default();
+        tokio::spawn(log_writer(backend.clone(), recent.clone(), pending));
+        let store = Self {
+            backend,
+            writes,
+            recent,
+        };
         if let Some(purged) = store.read_meta::<LogId>(MetaKey::LastPurged)? {
             store
                 .backend
@@ -107,6 +180,23 @@ impl<B: RaftBackend> LogStore<B> {
         }
         Ok(entry)
     }
+
+    /// Waits until every entry appended so far is in the backend and durable.
+    async fn barrier(&self) -> Result<(), StorageError> {
+        let (done, wait) = oneshot::channel();
+        let stopped = || {
+            let e = io::Error::other("log writer stopped");
+            StorageError::from(StorageIOError::write_logs(&e))
+        };
+        self.writes
+            .send(LogOp::Barrier(done))
+            .map_err(|_| stopped())?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(msg)) => Err(StorageIOError::write_logs(&io::Error::other(msg)).into()),
+            Err(_) => Err(stopped()),
+        }
+    }
 }
 
 impl<B: RaftBackend> RaftLogReader<TypeConfig> for LogStore<B> {
@@ -116,13 +206,39 @@ impl<B: RaftBackend> RaftLogReader<TypeConfig> for LogStore<B> {
     ) -> Result<Vec<Entry>, StorageError> {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
+        {
+            let recent = self.recent.lock().expect("log cache poisoned");
+            let first = match start {
+                Bound::Included(i) => Some(i),
+                Bound::Excluded(i) => i.checked_add(1),
+                Bound::Unbounded => None,
+            };
+            // Served from memory when the cache holds the start of the range (the run is
+            // contiguous up to the last entry, so it then holds all of it).
+            if let (Some(first), Some(oldest)) = (first, recent.entries.keys().next())
+                && first >= *oldest
+            {
+                return Ok(recent
+                    .entries
+                    .range((start, end))
+                    .map(|(_, e)| e.clone())
+                    .collect());
+            }
+        }
         let raw = self
             .backend
             .read_entries(start, end)
             .map_err(|e| StorageIOError::read_logs(&e))?;
-        raw.iter()
-            .map(|(index, bytes)| Self::decode_entry(*index, bytes))
-            .collect()
+        let mut out = std::collections::BTreeMap::new();
+        for (index, bytes) in &raw {
+            out.insert(*index, Self::decode_entry(*index, bytes)?);
+        }
+        // Entries not yet written to the backend come from memory.
+        let recent = self.recent.lock().expect("log cache poisoned");
+        for (index, entry) in recent.entries.range((start, end)) {
+            out.entry(*index).or_insert_with(|| entry.clone());
+        }
+        Ok(out.into_values().collect())
     }
 }
 
@@ -131,6 +247,19 @@ impl<B: RaftBackend> RaftLogStorage<TypeConfig> for LogStore<B> {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId> = self.read_meta(MetaKey::LastPurged)?;
+        let newest = self
+            .recent
+            .lock()
+            .expect("log cache poisoned")
+            .entries
+            .last_key_value()
+            .map(|(_, e)| e.log_id);
+        if let Some(newest) = newest {
+            return Ok(LogState {
+                last_purged_log_id,
+                last_log_id: Some(newest).max(last_purged_log_id),
+            });
+        }
         let last = self
             .backend
             .last_entry()
@@ -187,19 +316,34 @@ impl<B: RaftBackend> RaftLogStorage<TypeConfig> for LogStore<B> {
         I::IntoIter: OptionalSend,
     {
         let mut encoded = Vec::new();
+        let mut decoded = Vec::new();
         for entry in entries {
             let bytes = codec::encode(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
             encoded.push((entry.log_id.index, bytes));
+            decoded.push(entry);
         }
-        if let Err(e) = self.backend.append_entries(encoded) {
-            callback.log_io_completed(Err(io_err(&e)));
-            return Err(StorageIOError::write_logs(&e).into());
+        {
+            let mut recent = self.recent.lock().expect("log cache poisoned");
+            for entry in decoded {
+                // A gap (after a purge or snapshot install) restarts the contiguous run.
+                if let Some((&last, _)) = recent.entries.last_key_value()
+                    && entry.log_id.index != last + 1
+                {
+                    recent.entries.clear();
+                }
+                recent.entries.insert(entry.log_id.index, entry);
+            }
         }
-        // openraft may only count entries once they are durable: the flusher calls back
-        // after the fsync that covers them.
-        if let Err(mpsc::error::SendError(callback)) = self.flushes.send(callback) {
-            let e = io::Error::other("log flusher stopped");
-            callback.log_io_completed(Err(io::Error::other("log flusher stopped")));
+        // openraft may only count entries once they are durable: the writer calls back after
+        // the fsync that covers them.
+        if let Err(mpsc::error::SendError(op)) = self.writes.send(LogOp::Append {
+            entries: encoded,
+            callback,
+        }) {
+            let e = io::Error::other("log writer stopped");
+            if let LogOp::Append { callback, .. } = op {
+                callback.log_io_completed(Err(io::Error::other("log writer stopped")));
+            }
             return Err(StorageIOError::write_logs(&e).into());
         }
         Ok(())
@@ -207,6 +351,12 @@ impl<B: RaftBackend> RaftLogStorage<TypeConfig> for LogStore<B> {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(since = %log_id, "truncate raft log");
+        self.barrier().await?;
+        self.recent
+            .lock()
+            .expect("log cache poisoned")
+            .entries
+            .retain(|&i, _| i < log_id.index);
         self.backend
             .remove_entries_from(log_id.index)
             .map_err(|e| StorageIOError::write_logs(&e))?;
@@ -219,6 +369,12 @@ impl<B: RaftBackend> RaftLogStorage<TypeConfig> for LogStore<B> {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(upto = %log_id, "purge raft log");
+        self.barrier().await?;
+        self.recent
+            .lock()
+            .expect("log cache poisoned")
+            .entries
+            .retain(|&i, _| i > log_id.index);
         // Record the purge point first: a crash in between leaves entries that `open` removes.
         self.write_meta(MetaKey::LastPurged, &log_id)
             .map_err(|e| StorageIOError::write_logs(&e))?;
