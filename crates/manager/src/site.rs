@@ -234,49 +234,45 @@ impl SiteManager {
         self.node.read(f).await
     }
 
-    pub async fn host(&self, id: tandem_core::ids::HostId) -> ApiResult<Host> {
-        let found = self.node.read({
-            let id = id.clone();
-            move |s| s.hosts.get(&id).cloned()
-        });
-        found
+    /// Reads one object by id, or NOT_FOUND naming its kind.
+    async fn get_one<K, V>(
+        &self,
+        kind: &'static str,
+        id: K,
+        pick: fn(&SiteState, &K) -> Option<V>,
+    ) -> ApiResult<V>
+    where
+        K: std::fmt::Display + Clone + Send + 'static,
+        V: Send + 'static,
+    {
+        let key = id.clone();
+        self.node
+            .read(move |s| pick(s, &key))
             .await?
-            .ok_or_else(|| DomainError::not_found("host", &id).into())
+            .ok_or_else(|| DomainError::not_found(kind, &id).into())
+    }
+
+    pub async fn host(&self, id: tandem_core::ids::HostId) -> ApiResult<Host> {
+        self.get_one("host", id, |s, id| s.hosts.get(id).cloned())
+            .await
     }
 
     pub async fn datastore(&self, id: tandem_core::ids::DatastoreId) -> ApiResult<Datastore> {
-        let found = self.node.read({
-            let id = id.clone();
-            move |s| s.datastores.get(&id).cloned()
-        });
-        found
-            .await?
-            .ok_or_else(|| DomainError::not_found("datastore", &id).into())
+        self.get_one("datastore", id, |s, id| s.datastores.get(id).cloned())
+            .await
     }
 
     pub async fn pool(&self, id: tandem_core::ids::PoolId) -> ApiResult<ResourcePool> {
-        let found = self.node.read({
-            let id = id.clone();
-            move |s| s.pools.get(&id).cloned()
-        });
-        found
-            .await?
-            .ok_or_else(|| DomainError::not_found("resource pool", &id).into())
+        self.get_one("resource pool", id, |s, id| s.pools.get(id).cloned())
+            .await
     }
 
     pub async fn vm(&self, id: tandem_core::ids::VmId) -> ApiResult<(Vm, Option<VpgId>)> {
-        let found = self.node.read({
-            let id = id.clone();
-            move |s| {
-                s.vms
-                    .get(&id)
-                    .cloned()
-                    .map(|vm| (vm, s.vpg_of_vm(&id).map(|g| g.id.clone())))
-            }
-        });
-        found
-            .await?
-            .ok_or_else(|| DomainError::not_found("vm", &id).into())
+        self.get_one("vm", id, |s, id| {
+            let vpg = s.vpg_of_vm(id).map(|g| g.id.clone());
+            s.vms.get(id).cloned().map(|vm| (vm, vpg))
+        })
+        .await
     }
 
     // ------------------------------------------------------------ VPGs
