@@ -137,3 +137,34 @@ fn tandem_lab_serve_exports_each_file_to_real_clients() {
         "serve did not stop cleanly on SIGTERM"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_with_hosts_starts_vras_lists_them_and_registers_them_as_hosts() -> Result<()> {
+    use tandem_proto::v1;
+    use tandem_proto::v1::vra_control_client::VraControlClient;
+
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(&dir.path().join("lab"), 2, 1).await?;
+    lab.start_vras(2).await?;
+    let file = tandem_lab::lab::LabFile::read(&lab.dir)?;
+    for (i, site) in file.sites.iter().enumerate() {
+        assert_eq!(site.vras.len(), 2, "{site:?}");
+        let out = tandem(&lab.sites[i][0].api, &["host", "list", "-o", "json"]);
+        let hosts: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        for v in &site.vras {
+            assert!(v.pid > 0);
+            let listed = hosts["hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h["id"] == v.host.as_str() && h["vra_address"] == v.control.as_str());
+            assert!(listed, "{} not registered: {hosts}", v.host);
+            let ch = tandem_tests::channel(&v.control).await?;
+            VraControlClient::new(ch)
+                .get_status(v1::GetVraStatusRequest {})
+                .await?;
+        }
+    }
+    lab.down().await;
+    Ok(())
+}

@@ -11,6 +11,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tandem_proto::v1;
 use tandem_proto::v1::cluster_service_client::ClusterServiceClient;
+use tandem_proto::v1::host_service_client::HostServiceClient;
 use tokio::process::{Child, Command};
 
 /// `lab.json`: what runs where.
@@ -23,6 +24,16 @@ pub struct LabFile {
 pub struct SiteEntry {
     pub name: String,
     pub managers: Vec<ManagerEntry>,
+    #[serde(default)]
+    pub vras: Vec<VraEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VraEntry {
+    pub host: String,
+    pub control: String,
+    pub nbd: String,
+    pub pid: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,88 +91,34 @@ impl ManagerProcess {
 
     /// Starts (or restarts) the node's process from its data directory.
     pub async fn start(&mut self, bootstrap: &str) -> Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        let addr_file = self.dir.join("addr.json");
-        let _ = std::fs::remove_file(&addr_file);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("manager.log"))?;
         let (api, raft) = if self.api.is_empty() {
             ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string())
         } else {
             (self.api.clone(), self.raft.clone())
         };
-        let child = Command::new(binary("tandem-manager"))
-            .args(["--node-id", &self.id.to_string()])
+        let mut cmd = Command::new(binary("tandem-manager"));
+        cmd.args(["--node-id", &self.id.to_string()])
             .args(["--site-name", &self.site])
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(["--api-listen", &api, "--raft-listen", &raft])
-            .args(["--bootstrap", bootstrap])
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting tandem-manager (build it with `cargo build --bins`)")?;
+            .args(["--bootstrap", bootstrap]);
+        let what = format!("manager {} of {}", self.id, self.site);
+        let (child, addrs) = spawn_listening(&what, cmd, &self.dir, "manager.log").await?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file)
-                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-            {
-                self.api = v["api"].as_str().unwrap_or_default().to_string();
-                self.raft = v["raft"].as_str().unwrap_or_default().to_string();
-                return Ok(());
-            }
-            if let Some(c) = self.child.as_mut()
-                && let Some(status) = c.try_wait()?
-            {
-                bail!(
-                    "manager {} of {} exited at start ({status}); see {}",
-                    self.id,
-                    self.site,
-                    self.dir.join("manager.log").display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "manager {} of {} did not start listening",
-                    self.id,
-                    self.site
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.api = addrs["api"].as_str().unwrap_or_default().to_string();
+        self.raft = addrs["raft"].as_str().unwrap_or_default().to_string();
+        Ok(())
     }
 
     /// Sends a signal to the process.
     pub fn signal(&self, sig: Signal) -> Result<()> {
-        if let Some(pid) = self.pid() {
-            kill(Pid::from_raw(pid as i32), sig)?;
-        }
-        Ok(())
+        signal_child(self.child.as_ref(), sig)
     }
 
     /// SIGTERM, then SIGKILL after `grace`.
     pub async fn stop(&mut self, grace: Duration) -> Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        if let Some(pid) = child.id() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-        }
-        if tokio::time::timeout(grace, child.wait()).await.is_err() {
-            child.kill().await?;
-        }
-        Ok(())
+        stop_child(self.child.take(), grace).await
     }
 
     /// kill -9.
@@ -171,6 +128,126 @@ impl ManagerProcess {
         }
         Ok(())
     }
+}
+
+/// One VRA process of the lab, serving one host.
+#[derive(Debug)]
+pub struct VraProcess {
+    pub host: String,
+    pub control: String,
+    pub nbd: String,
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl VraProcess {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// Starts (or restarts, on the same addresses) the VRA from its data directory.
+    pub async fn start(&mut self) -> Result<()> {
+        let (control, nbd) = if self.control.is_empty() {
+            ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string())
+        } else {
+            (self.control.clone(), self.nbd.clone())
+        };
+        let mut cmd = Command::new(binary("tandem-vra"));
+        cmd.args(["--host-id", &self.host])
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .args(["--control-listen", &control, "--nbd-listen", &nbd]);
+        let what = format!("vra of {}", self.host);
+        let (child, addrs) = spawn_listening(&what, cmd, &self.dir, "vra.log").await?;
+        self.child = Some(child);
+        self.control = addrs["control"].as_str().unwrap_or_default().to_string();
+        self.nbd = addrs["nbd"].as_str().unwrap_or_default().to_string();
+        Ok(())
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub async fn stop(&mut self, grace: Duration) -> Result<()> {
+        stop_child(self.child.take(), grace).await
+    }
+
+    /// kill -9.
+    pub async fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Spawns `cmd` with `--addr-file` in `dir`, its output appended to `dir/log_name`, and
+/// waits until it has written the addresses it listens on.
+async fn spawn_listening(
+    what: &str,
+    mut cmd: Command,
+    dir: &Path,
+    log_name: &str,
+) -> Result<(Child, serde_json::Value)> {
+    std::fs::create_dir_all(dir)?;
+    let addr_file = dir.join("addr.json");
+    let _ = std::fs::remove_file(&addr_file);
+    let log_path = dir.join(log_name);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let mut child = cmd
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            format!("starting {what} (build the binaries with `cargo build --bins`)")
+        })?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&addr_file)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            return Ok((child, v));
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "{what} exited at start ({status}); see {}",
+                log_path.display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not start listening; see {}", log_path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn signal_child(child: Option<&Child>, sig: Signal) -> Result<()> {
+    if let Some(pid) = child.and_then(|c| c.id()) {
+        kill(Pid::from_raw(pid as i32), sig)?;
+    }
+    Ok(())
+}
+
+async fn stop_child(child: Option<Child>, grace: Duration) -> Result<()> {
+    let Some(mut child) = child else {
+        return Ok(());
+    };
+    if let Some(pid) = child.id() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        child.kill().await?;
+    }
+    Ok(())
 }
 
 /// A connection to one manager's cluster service.
@@ -188,6 +265,8 @@ pub async fn cluster_client(api: &str) -> Result<ClusterServiceClient<tonic::tra
 pub struct Lab {
     pub dir: PathBuf,
     pub sites: Vec<Vec<ManagerProcess>>,
+    /// Per site, one VRA per host.
+    pub vras: Vec<Vec<VraProcess>>,
     pub site_names: Vec<String>,
 }
 
@@ -206,6 +285,7 @@ impl Lab {
         let mut lab = Lab {
             dir: dir.clone(),
             sites: Vec::new(),
+            vras: (0..sites).map(|_| Vec::new()).collect(),
             site_names: site_names.clone(),
         };
         for name in &site_names {
@@ -261,10 +341,61 @@ impl Lab {
                             pid: p.pid().unwrap_or(0),
                         })
                         .collect(),
+                    vras: Vec::new(),
                 })
                 .collect(),
         };
+        let mut file = file;
+        for (entry, vras) in file.sites.iter_mut().zip(&self.vras) {
+            entry.vras = vras
+                .iter()
+                .map(|v| VraEntry {
+                    host: v.host.clone(),
+                    control: v.control.clone(),
+                    nbd: v.nbd.clone(),
+                    pid: v.pid().unwrap_or(0),
+                })
+                .collect();
+        }
         file.write(&self.dir)
+    }
+
+    /// Starts `hosts` VRAs per site and registers each as a host (with its VRA's control
+    /// address) in its site's managers.
+    pub async fn start_vras(&mut self, hosts: usize) -> Result<()> {
+        if hosts > 16 {
+            bail!("--hosts must be 0..16");
+        }
+        for (i, name) in self.site_names.clone().iter().enumerate() {
+            let endpoints = self.endpoints(i);
+            for h in 1..=hosts {
+                let host = format!("{name}-host-{h}");
+                let mut vra = VraProcess {
+                    host: host.clone(),
+                    control: String::new(),
+                    nbd: String::new(),
+                    dir: self.dir.join(name).join(format!("vra-{h}")),
+                    child: None,
+                };
+                vra.start().await?;
+                let ch =
+                    tonic::transport::Endpoint::from_shared(format!("http://{}", endpoints[0]))?
+                        .connect_timeout(Duration::from_secs(2))
+                        .timeout(Duration::from_secs(10))
+                        .connect()
+                        .await?;
+                HostServiceClient::new(ch)
+                    .create_host(v1::Host {
+                        id: host.clone(),
+                        name: host.clone(),
+                        vra_address: vra.control.clone(),
+                    })
+                    .await
+                    .with_context(|| format!("registering {host}"))?;
+                self.vras[i].push(vra);
+            }
+        }
+        self.write_file()
     }
 
     /// API addresses of a site's managers.
@@ -273,6 +404,13 @@ impl Lab {
     }
 
     pub async fn down(&mut self) {
+        for vras in &mut self.vras {
+            for v in vras.iter_mut() {
+                if let Err(e) = v.stop(Duration::from_secs(10)).await {
+                    tracing::warn!(host = %v.host, error = %e, "stopping vra");
+                }
+            }
+        }
         for site in &mut self.sites {
             for p in site.iter_mut() {
                 if let Err(e) = p.stop(Duration::from_secs(10)).await {

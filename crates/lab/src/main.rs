@@ -26,6 +26,9 @@ enum Cmd {
         sites: usize,
         #[arg(long, default_value_t = 3)]
         managers: usize,
+        /// Hosts per site, each with its VRA.
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
     },
     /// Shows the lab described in DIR/lab.json and each cluster's state.
     Status {
@@ -98,15 +101,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             sites,
             managers,
+            hosts,
         } => {
             let shutdown = shutdown_token();
             let mut lab = tokio::select! {
-                lab = lab::Lab::up(&dir, sites, managers) => lab?,
+                lab = async {
+                    let mut lab = lab::Lab::up(&dir, sites, managers).await?;
+                    if let Err(e) = lab.start_vras(hosts).await {
+                        lab.down().await;
+                        return Err(e);
+                    }
+                    anyhow::Ok(lab)
+                } => lab?,
                 _ = shutdown.cancelled() => return Ok(ExitCode::FAILURE),
             };
             println!("lab is up: {}", lab.dir.join("lab.json").display());
             for (i, name) in lab.site_names.iter().enumerate() {
                 println!("  {name}: tandem -e {}", lab.endpoints(i).join(","));
+                for v in &lab.vras[i] {
+                    println!("    {}: vra control {} nbd {}", v.host, v.control, v.nbd);
+                }
             }
             println!("Ctrl-C stops it.");
             shutdown.cancelled().await;
@@ -137,6 +151,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     println!(
                         "  manager {} pid {} api {} raft {}: {state}",
                         m.id, m.pid, m.api, m.raft
+                    );
+                }
+                for v in &site.vras {
+                    println!(
+                        "  vra {} pid {} control {} nbd {}",
+                        v.host, v.pid, v.control, v.nbd
                     );
                 }
             }
