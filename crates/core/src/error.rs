@@ -84,6 +84,22 @@ impl Violations {
         }
     }
 
+    /// Folds a check's outcome into the list: its field violations, or any other error as
+    /// one line. Yields the value when the check passed.
+    pub fn absorb<T>(&mut self, r: Result<T, DomainError>) -> Option<T> {
+        match r {
+            Ok(t) => Some(t),
+            Err(DomainError::Invalid(fields)) => {
+                self.0.extend(fields);
+                None
+            }
+            Err(other) => {
+                self.add("request", other.to_string());
+                None
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -26,8 +26,8 @@ pub struct Host {
 impl Host {
     pub fn validate(&self) -> Result<(), DomainError> {
         let mut v = Violations::new();
-        collect(&mut v, check_name("name", &self.name));
-        collect(&mut v, check_address("vra_address", &self.vra_address));
+        v.absorb(check_name("name", &self.name));
+        v.absorb(check_address("vra_address", &self.vra_address));
         v.into_result()
     }
 }
@@ -45,7 +45,7 @@ pub struct Datastore {
 impl Datastore {
     pub fn validate(&self) -> Result<(), DomainError> {
         let mut v = Violations::new();
-        collect(&mut v, check_name("name", &self.name));
+        v.absorb(check_name("name", &self.name));
         v.check(
             self.path.starts_with('/'),
             "path",
@@ -83,7 +83,7 @@ pub struct ResourcePool {
 impl ResourcePool {
     pub fn validate(&self) -> Result<(), DomainError> {
         let mut v = Violations::new();
-        collect(&mut v, check_name("name", &self.name));
+        v.absorb(check_name("name", &self.name));
         v.check(self.cpu_mhz > 0, "cpu_mhz", "must be positive");
         v.check(self.memory_mib > 0, "memory_mib", "must be positive");
         v.check(self.storage_bytes > 0, "storage_bytes", "must be positive");
@@ -125,7 +125,7 @@ impl Vm {
     /// Checks the VM on its own (references are checked against the inventory elsewhere).
     pub fn validate(&self) -> Result<(), DomainError> {
         let mut v = Violations::new();
-        collect(&mut v, check_name("name", &self.name));
+        v.absorb(check_name("name", &self.name));
         v.check(self.memory_mib > 0, "memory_mib", "must be positive");
         v.check(self.cpus > 0 && self.cpus <= 768, "cpus", "must be 1..768");
         v.check(
@@ -179,18 +179,6 @@ impl Vm {
     /// The VM's provisioned storage: the sum of its volume sizes.
     pub fn provisioned_bytes(&self) -> u64 {
         self.volumes.iter().map(|v| v.size_bytes).sum()
-    }
-}
-
-/// Folds an `Invalid` error into a violation list (other errors cannot come from checks).
-pub(crate) fn collect(v: &mut Violations, r: Result<(), DomainError>) {
-    if let Err(e) = r {
-        match e {
-            DomainError::Invalid(fields) => {
-                fields.into_iter().for_each(|f| v.add(f.field, f.message))
-            }
-            other => v.add("", other.to_string()),
-        }
     }
 }
 

@@ -5,7 +5,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DomainError, Violations};
 use crate::ids::{SiteId, check_address, check_name};
-use crate::inventory::collect;
 
 /// How long a pairing token stays valid by default.
 pub const PAIRING_TOKEN_TTL_MS: u64 = 60 * 60 * 1000;
@@ -31,7 +30,7 @@ pub struct PeerSite {
 impl PeerSite {
     pub fn validate(&self) -> Result<(), DomainError> {
         let mut v = Violations::new();
-        collect(&mut v, check_name("name", &self.name));
+        v.absorb(check_name("name", &self.name));
         v.check(
             !self.endpoints.is_empty(),
             "endpoints",
@@ -43,7 +42,7 @@ impl PeerSite {
             "at most 16 addresses",
         );
         for (i, e) in self.endpoints.iter().enumerate() {
-            collect(&mut v, check_address(&format!("endpoints[{i}]"), e));
+            v.absorb(check_address(&format!("endpoints[{i}]"), e));
         }
         v.into_result()
     }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Violations;
 use crate::ids::{DatastoreId, HostId, PoolId, SiteId, VmId, VpgId, check_name};
-use crate::inventory::{Vm, collect};
+use crate::inventory::Vm;
 use crate::status::Operation;
 
 /// Journal history bounds: 1 hour to 30 days.
@@ -219,7 +219,7 @@ pub struct VpgSpec {
 impl VpgSpec {
     /// Checks everything that needs no inventory.
     pub fn validate_shape(&self, v: &mut Violations) {
-        collect(v, check_name("name", &self.name));
+        v.absorb(check_name("name", &self.name));
         self.settings.validate(v);
         v.check(
             self.vms.len() <= MAX_VMS_PER_VPG,

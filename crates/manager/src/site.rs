@@ -159,11 +159,10 @@ impl SiteManager {
             "at most 16 addresses",
         );
         for (i, e) in endpoints.iter().enumerate() {
-            if let Err(DomainError::Invalid(f)) =
-                tandem_core::ids::check_address(&format!("peer_endpoints[{i}]"), e)
-            {
-                f.into_iter().for_each(|f| v.add(f.field, f.message));
-            }
+            v.absorb(tandem_core::ids::check_address(
+                &format!("peer_endpoints[{i}]"),
+                e,
+            ));
         }
         v.check(
             !token.is_empty() && token.len() <= 256,

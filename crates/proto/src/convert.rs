@@ -11,21 +11,6 @@ use tandem_core::vpg::{
 
 use crate::v1;
 
-/// Collects the violation of a fallible parse under its field and yields the value if any.
-fn field<T>(v: &mut Violations, r: Result<T, DomainError>) -> Option<T> {
-    match r {
-        Ok(t) => Some(t),
-        Err(DomainError::Invalid(fs)) => {
-            fs.into_iter().for_each(|f| v.add(f.field, f.message));
-            None
-        }
-        Err(other) => {
-            v.add("", other.to_string());
-            None
-        }
-    }
-}
-
 /// Ends a conversion: the value when every field parsed, else all violations at once.
 fn finish<T>(v: Violations, build: impl FnOnce() -> Option<T>) -> Result<T, DomainError> {
     v.into_result()?;
@@ -34,7 +19,7 @@ fn finish<T>(v: Violations, build: impl FnOnce() -> Option<T>) -> Result<T, Doma
 
 pub fn host_from_proto(p: v1::Host) -> Result<inv::Host, DomainError> {
     let mut v = Violations::new();
-    let id = field(&mut v, HostId::parse("id", &p.id));
+    let id = v.absorb(HostId::parse("id", &p.id));
     finish(v, || {
         Some(inv::Host {
             id: id?,
@@ -54,8 +39,8 @@ pub fn host_to_proto(h: &inv::Host) -> v1::Host {
 
 pub fn datastore_from_proto(p: v1::Datastore) -> Result<inv::Datastore, DomainError> {
     let mut v = Violations::new();
-    let id = field(&mut v, DatastoreId::parse("id", &p.id));
-    let host_id = field(&mut v, HostId::parse("host_id", &p.host_id));
+    let id = v.absorb(DatastoreId::parse("id", &p.id));
+    let host_id = v.absorb(HostId::parse("host_id", &p.host_id));
     finish(v, || {
         Some(inv::Datastore {
             id: id?,
@@ -79,7 +64,7 @@ pub fn datastore_to_proto(d: &inv::Datastore) -> v1::Datastore {
 
 pub fn pool_from_proto(p: v1::ResourcePool) -> Result<inv::ResourcePool, DomainError> {
     let mut v = Violations::new();
-    let id = field(&mut v, PoolId::parse("id", &p.id));
+    let id = v.absorb(PoolId::parse("id", &p.id));
     finish(v, || {
         Some(inv::ResourcePool {
             id: id?,
@@ -113,8 +98,8 @@ fn small(v: &mut Violations, field: String, x: u32) -> u8 {
 
 pub fn vm_from_proto(p: v1::Vm) -> Result<inv::Vm, DomainError> {
     let mut v = Violations::new();
-    let id = field(&mut v, VmId::parse("id", &p.id));
-    let host_id = field(&mut v, HostId::parse("host_id", &p.host_id));
+    let id = v.absorb(VmId::parse("id", &p.id));
+    let host_id = v.absorb(HostId::parse("host_id", &p.host_id));
     let power = match v1::PowerState::try_from(p.power) {
         Ok(v1::PowerState::On) => Some(PowerState::On),
         Ok(v1::PowerState::Off) | Ok(v1::PowerState::Unspecified) => Some(PowerState::Off),
@@ -136,10 +121,10 @@ pub fn vm_from_proto(p: v1::Vm) -> Result<inv::Vm, DomainError> {
     for (i, vol) in p.volumes.into_iter().enumerate() {
         let controller = small(&mut v, format!("volumes[{i}].controller"), vol.controller);
         let unit = small(&mut v, format!("volumes[{i}].unit"), vol.unit);
-        let ds = field(
-            &mut v,
-            DatastoreId::parse(&format!("volumes[{i}].datastore_id"), &vol.datastore_id),
-        );
+        let ds = v.absorb(DatastoreId::parse(
+            &format!("volumes[{i}].datastore_id"),
+            &vol.datastore_id,
+        ));
         if let Some(datastore_id) = ds {
             volumes.push(inv::Volume {
                 controller,
@@ -296,27 +281,18 @@ pub fn vpg_spec_from_proto(p: Option<v1::VpgSpec>) -> Result<VpgSpec, DomainErro
         );
         return Err(v.into_result().unwrap_err());
     }
-    let recovery_site = field(
-        &mut v,
-        SiteId::parse("recovery_site_id", &p.recovery_site_id),
-    );
-    let settings = field(&mut v, settings_from_proto(p.settings));
+    let recovery_site = v.absorb(SiteId::parse("recovery_site_id", &p.recovery_site_id));
+    let settings = v.absorb(settings_from_proto(p.settings));
     let mut vms = Vec::with_capacity(p.vms.len());
     for (i, m) in p.vms.into_iter().enumerate() {
         let f = |n: &str| format!("vms[{i}].{n}");
-        let vm_id = field(&mut v, VmId::parse(&f("vm_id"), &m.vm_id));
-        let host = field(
-            &mut v,
-            HostId::parse(&f("recovery_host_id"), &m.recovery_host_id),
-        );
-        let ds = field(
-            &mut v,
-            DatastoreId::parse(&f("recovery_datastore_id"), &m.recovery_datastore_id),
-        );
-        let pool = field(
-            &mut v,
-            PoolId::parse(&f("recovery_pool_id"), &m.recovery_pool_id),
-        );
+        let vm_id = v.absorb(VmId::parse(&f("vm_id"), &m.vm_id));
+        let host = v.absorb(HostId::parse(&f("recovery_host_id"), &m.recovery_host_id));
+        let ds = v.absorb(DatastoreId::parse(
+            &f("recovery_datastore_id"),
+            &m.recovery_datastore_id,
+        ));
+        let pool = v.absorb(PoolId::parse(&f("recovery_pool_id"), &m.recovery_pool_id));
         if let (Some(vm_id), Some(recovery_host), Some(recovery_datastore), Some(recovery_pool)) =
             (vm_id, host, ds, pool)
         {

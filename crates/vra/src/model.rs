@@ -98,19 +98,9 @@ fn nonzero(v: u64) -> Option<u64> {
 
 fn check_vpg(v: &mut Violations, s: &str) -> VpgId {
     VpgId::parse("vpg_id", s).unwrap_or_else(|e| {
-        absorb(v, e);
+        v.absorb::<()>(Err(e));
         VpgId::minted(String::new())
     })
-}
-
-fn absorb(v: &mut Violations, e: tandem_core::DomainError) {
-    if let tandem_core::DomainError::Invalid(list) = e {
-        for f in list {
-            v.add(f.field, f.message);
-        }
-    } else {
-        v.add("request", e.to_string());
-    }
 }
 
 fn check_generation(v: &mut Violations, g: u64) -> Generation {
@@ -157,7 +147,7 @@ fn check_vm_id(v: &mut Violations, field: String, s: &str, seen: &mut HashSet<St
         v.add(field.clone(), "listed twice");
     }
     VmId::parse(&field, s).unwrap_or_else(|e| {
-        absorb(v, e);
+        v.absorb::<()>(Err(e));
         VmId::minted(String::new())
     })
 }
@@ -189,11 +179,10 @@ impl TryFrom<pb::AssignProtectedRequest> for ProtectedAssignment {
                 ProtectedVmSpec { vm: vm_id, volumes }
             })
             .collect();
-        if let Err(e) =
-            tandem_core::ids::check_address("recovery_vra_address", &r.recovery_vra_address)
-        {
-            absorb(&mut v, e);
-        }
+        v.absorb(tandem_core::ids::check_address(
+            "recovery_vra_address",
+            &r.recovery_vra_address,
+        ));
         let priority = match pb::VraPriority::try_from(r.priority) {
             Ok(pb::VraPriority::Low) => Priority::Low,
             Ok(pb::VraPriority::High) => Priority::High,
