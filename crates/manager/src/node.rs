@@ -77,8 +77,8 @@ impl ManagerNode {
     }
 
     /// Proposes on this node, which must be the leader.
-    pub async fn propose_local(&self, cmd: Command) -> ApiResult<CommandOutcome> {
-        match self.store.propose(cmd).await {
+    pub async fn propose_local(&self, cmd: Command) -> ApiResult<(u64, CommandOutcome)> {
+        match self.store.propose_indexed(cmd).await {
             Ok(outcome) => Ok(outcome),
             Err(ProposeError::ForwardToLeader { leader_id, .. }) => Err(ApiError::unavailable(
                 format!("this node is not the leader (node {leader_id} is)"),
@@ -89,8 +89,14 @@ impl ManagerNode {
 
     /// Proposes a command wherever the leader is; domain errors come back as such.
     pub async fn propose(&self, cmd: Command) -> ApiResult<Applied> {
-        let outcome = match self.store.propose(cmd.clone()).await {
-            Ok(outcome) => outcome,
+        self.propose_indexed(cmd).await.map(|(_, applied)| applied)
+    }
+
+    /// Proposes through the leader; also answers the log index the command was applied at,
+    /// for [`ManagerNode::read_after`].
+    pub async fn propose_indexed(&self, cmd: Command) -> ApiResult<(u64, Applied)> {
+        let (index, outcome) = match self.store.propose_indexed(cmd.clone()).await {
+            Ok(applied) => applied,
             Err(ProposeError::ForwardToLeader { leader, .. }) => {
                 let json = serde_json::to_vec(&cmd).map_err(ApiError::internal)?;
                 let reply = self
@@ -101,12 +107,23 @@ impl ManagerNode {
                         ApiError::unavailable(format!("forwarding to leader: {}", s.message()))
                     })?
                     .into_inner();
-                serde_json::from_slice::<CommandOutcome>(&reply.outcome_json)
-                    .map_err(ApiError::internal)?
+                let outcome = serde_json::from_slice::<CommandOutcome>(&reply.outcome_json)
+                    .map_err(ApiError::internal)?;
+                (reply.applied_index, outcome)
             }
             Err(e) => return Err(ApiError::unavailable(e)),
         };
-        outcome.map_err(ApiError::Domain)
+        Ok((index, outcome.map_err(ApiError::Domain)?))
+    }
+
+    /// Runs `f` on this node's state once it has applied `index` (from
+    /// [`ManagerNode::propose_indexed`]): the caller sees its own write without another
+    /// round trip to the leader.
+    pub async fn read_after<T>(&self, index: u64, f: impl FnOnce(&SiteState) -> T) -> ApiResult<T> {
+        self.store
+            .read_at(Some(index), f)
+            .await
+            .map_err(ApiError::unavailable)
     }
 
     /// The leader's side of a follower read: confirms leadership, returns the index a

@@ -295,12 +295,30 @@ impl SiteManager {
         })))
     }
 
+    /// Asks the peer site to delete its copy of a VPG this site (`own`) protects.
+    async fn peer_delete_vpg(&self, peer: &PeerSite, id: &VpgId, own: String) -> ApiResult<()> {
+        self.peer_call(peer, |mut c| {
+            let (id, own) = (id.to_string(), own.clone());
+            async move {
+                c.delete_vpg(v1::PeerDeleteVpgRequest {
+                    vpg_id: id,
+                    from_site_id: own,
+                })
+                .await
+            }
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Builds the full definition from a spec, using this (protected) site's inventory.
+    /// With `edit_of`, the spec replaces the VPG's definition read at that generation; all is
+    /// checked in one linearizable read.
     async fn build_vpg(
         &self,
         id: VpgId,
         spec: VpgSpec,
-        previous: Option<Vpg>,
+        edit_of: Option<u64>,
     ) -> ApiResult<(Vpg, PeerSite)> {
         self.node
             .read(move |s| -> ApiResult<(Vpg, PeerSite)> {
@@ -308,6 +326,10 @@ impl SiteManager {
                     .site_id()
                     .cloned()
                     .ok_or_else(|| DomainError::precondition("site is not initialized yet"))?;
+                let previous = match edit_of {
+                    None => None,
+                    Some(generation) => Some(Self::editable(s, &id, &own, generation, &spec)?),
+                };
                 let peer = s.peers.get(&spec.recovery_site).cloned().ok_or_else(|| {
                     DomainError::invalid(
                         "spec.recovery_site_id",
@@ -360,35 +382,20 @@ impl SiteManager {
             .await?
     }
 
-    /// Creates a VPG protected by this site: the recovery site checks placement and room
-    /// and stores its copy first, then this site commits.
-    pub async fn create_vpg(&self, id: Option<VpgId>, spec: VpgSpec) -> ApiResult<VpgView> {
-        let id = id.unwrap_or_else(|| VpgId::minted(mint("vpg")));
-        if spec.vms.is_empty() {
-            return Err(DomainError::invalid("spec.vms", "a new VPG needs at least one VM").into());
-        }
-        let (vpg, peer) = self.build_vpg(id.clone(), spec, None).await?;
-        self.store_on_both(vpg, None, &peer).await?;
-        self.vpg(id).await
-    }
-
-    /// Replaces the definition of a VPG this site protects, if `generation` is current.
-    pub async fn update_vpg(
-        &self,
-        id: VpgId,
+    /// The current definition of a VPG about to be edited, if the edit may go ahead.
+    fn editable(
+        s: &SiteState,
+        id: &VpgId,
+        own: &SiteId,
         generation: u64,
-        spec: VpgSpec,
-    ) -> ApiResult<VpgView> {
-        let current = self
-            .node
-            .read({
-                let id = id.clone();
-                move |s| s.vpgs.get(&id).cloned().map(|g| (g, s.site_id().cloned()))
-            })
-            .await?
-            .ok_or_else(|| DomainError::not_found("vpg", &id))?;
-        let (current, own) = current;
-        if Some(&current.protected_site) != own.as_ref() {
+        spec: &VpgSpec,
+    ) -> ApiResult<Vpg> {
+        let current = s
+            .vpgs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| DomainError::not_found("vpg", id))?;
+        if &current.protected_site != own {
             return Err(DomainError::precondition("a VPG is edited at its protected site").into());
         }
         if current.generation != generation {
@@ -407,10 +414,40 @@ impl SiteManager {
             )
             .into());
         }
-        let (mut vpg, peer) = self.build_vpg(id.clone(), spec, Some(current)).await?;
+        Ok(current)
+    }
+
+    /// Creates a VPG protected by this site: the recovery site checks placement and room
+    /// and stores its copy first, then this site commits.
+    pub async fn create_vpg(&self, id: Option<VpgId>, spec: VpgSpec) -> ApiResult<VpgView> {
+        let id = id.unwrap_or_else(|| VpgId::minted(mint("vpg")));
+        if spec.vms.is_empty() {
+            return Err(DomainError::invalid("spec.vms", "a new VPG needs at least one VM").into());
+        }
+        let (vpg, peer) = self.build_vpg(id.clone(), spec, None).await?;
+        let index = self.store_on_both(vpg, None, &peer).await?;
+        self.vpg_after(index, id).await
+    }
+
+    /// Replaces the definition of a VPG this site protects, if `generation` is current.
+    pub async fn update_vpg(
+        &self,
+        id: VpgId,
+        generation: u64,
+        spec: VpgSpec,
+    ) -> ApiResult<VpgView> {
+        let (mut vpg, peer) = self.build_vpg(id.clone(), spec, Some(generation)).await?;
         vpg.updated_at_ms = now_ms();
-        self.store_on_both(vpg, Some(generation), &peer).await?;
-        self.vpg(id).await
+        let index = self.store_on_both(vpg, Some(generation), &peer).await?;
+        self.vpg_after(index, id).await
+    }
+
+    /// The view of a VPG on this node once it has applied `index` (its own write).
+    async fn vpg_after(&self, index: u64, id: VpgId) -> ApiResult<VpgView> {
+        self.node
+            .read_after(index, |s| s.vpgs.get(&id).map(|g| Self::view(s, g)))
+            .await?
+            .ok_or_else(|| DomainError::not_found("vpg", &id).into())
     }
 
     async fn store_on_both(
@@ -418,7 +455,7 @@ impl SiteManager {
         vpg: Vpg,
         expected: Option<u64>,
         peer: &PeerSite,
-    ) -> ApiResult<()> {
+    ) -> ApiResult<u64> {
         let json = serde_json::to_vec(&vpg).map_err(ApiError::internal)?;
         self.peer_call(peer, |mut c| {
             let json = json.clone();
@@ -432,40 +469,31 @@ impl SiteManager {
         })
         .await?;
         let id = vpg.id.clone();
-        if let Err(e) = self
+        let committed = self
             .node
-            .propose(Command::PutVpg {
+            .propose_indexed(Command::PutVpg {
                 vpg,
                 expected_generation: expected,
             })
-            .await
-        {
-            if expected.is_none() {
-                // Undo the peer's copy so that a failed create leaves nothing behind.
-                let own = self
-                    .identity()
-                    .await
-                    .map(|i| i.id.to_string())
-                    .unwrap_or_default();
-                let undo = self
-                    .peer_call(peer, |mut c| {
-                        let (id, own) = (id.to_string(), own.clone());
-                        async move {
-                            c.delete_vpg(v1::PeerDeleteVpgRequest {
-                                vpg_id: id,
-                                from_site_id: own,
-                            })
-                            .await
-                        }
-                    })
-                    .await;
-                if let Err(u) = undo {
-                    tracing::warn!(vpg = %id, error = %u, "could not undo peer copy of a failed vpg create");
+            .await;
+        match committed {
+            Ok((index, _)) => Ok(index),
+            Err(e) => {
+                if expected.is_none() {
+                    // Undo the peer's copy so that a failed create leaves nothing behind.
+                    let own = self
+                        .identity()
+                        .await
+                        .map(|i| i.id.to_string())
+                        .unwrap_or_default();
+                    let undo = self.peer_delete_vpg(peer, &id, own).await;
+                    if let Err(u) = undo {
+                        tracing::warn!(vpg = %id, error = %u, "could not undo peer copy of a failed vpg create");
+                    }
                 }
+                Err(e)
             }
-            return Err(e);
         }
-        Ok(())
     }
 
     /// Stores a definition sent by the peer site (the recovery side of create/edit).
@@ -530,18 +558,7 @@ impl SiteManager {
         }
         if protected_here && let Some(peer) = &peer {
             let own = own.map(|s| s.to_string()).unwrap_or_default();
-            let r = self
-                .peer_call(peer, |mut c| {
-                    let (id, own) = (id.to_string(), own.clone());
-                    async move {
-                        c.delete_vpg(v1::PeerDeleteVpgRequest {
-                            vpg_id: id,
-                            from_site_id: own,
-                        })
-                        .await
-                    }
-                })
-                .await;
+            let r = self.peer_delete_vpg(peer, &id, own).await;
             match r {
                 Ok(_) => {}
                 Err(e) if force => {

@@ -108,6 +108,9 @@ impl StoreConfig {
             install_snapshot_timeout: ms(self.install_snapshot_timeout),
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
             max_in_snapshot_log_to_keep: self.max_in_snapshot_log_to_keep,
+            // With batched proposals (`crate::batching`) an entry holds up to 512 KiB of
+            // commands: this keeps one AppendEntries RPC well under the transport's limit.
+            max_payload_entries: 64,
             ..Default::default()
         }
         .validate()

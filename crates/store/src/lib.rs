@@ -8,6 +8,7 @@
 //! - [`SiteStore`]: the facade a manager node calls (open, initialize, propose, read,
 //!   membership, metrics, shutdown).
 
+mod batching;
 pub mod codec;
 pub mod config;
 pub mod error;

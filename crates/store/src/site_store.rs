@@ -17,6 +17,7 @@ use openraft::{ChangeMembers, RaftMetrics, ServerState};
 use tandem_core::state::{Command, CommandOutcome, SiteState};
 use tokio::sync::watch;
 
+use crate::batching::{Coalescer, GroupCommit, GroupCommitError, SubmitFn};
 use crate::config::{StorageKind, StoreConfig, Transport};
 use crate::error::{InitError, MembershipError, OpenError, ProposeError, ReadError, ShutdownError};
 use crate::metrics::StoreMetrics;
@@ -29,6 +30,14 @@ use crate::types::{NodeId, NodeInfo, Proposal, Raft, TypeConfig};
 
 type FlushFn = Box<dyn Fn() -> BoxFuture<'static, Result<(), BackendError>> + Send + Sync>;
 
+/// Why a batch of proposals was not applied (shared by every command of the batch).
+#[derive(Debug, Clone)]
+enum WriteFailure {
+    Forward(ForwardToLeader<NodeId, NodeInfo>),
+    Timeout(Duration),
+    Stopped(String),
+}
+
 struct Inner {
     id: NodeId,
     config: StoreConfig,
@@ -36,6 +45,10 @@ struct Inner {
     sm: SharedSm,
     faults: FaultInjector,
     flush: FlushFn,
+    /// Commands proposed concurrently share log entries.
+    proposals: GroupCommit<Command, (u64, CommandOutcome), WriteFailure>,
+    /// Concurrent linearizable reads share leadership confirmations.
+    read_index: Coalescer<Result<Option<u64>, ReadError>>,
 }
 
 /// One node of the site configuration store. Cloning shares the node.
@@ -109,6 +122,11 @@ impl SiteStore {
         let raft = Raft::new(config.node_id, raft_config, network, log, sm)
             .await
             .map_err(|e| OpenError::Storage(e.to_string()))?;
+        let proposals = GroupCommit::start(submit_batches(
+            raft.clone(),
+            config.node_id,
+            config.propose_timeout,
+        ));
         let flush: FlushFn = Box::new(move || {
             let backend = backend.clone();
             Box::pin(async move { backend.flush().await })
@@ -127,6 +145,8 @@ impl SiteStore {
                 sm: shared,
                 faults: transport.faults,
                 flush,
+                proposals,
+                read_index: Coalescer::new(),
             }),
         })
     }
@@ -200,6 +220,15 @@ impl SiteStore {
     /// `ForwardToLeader` and `Unavailable` mean the command was not applied; `Timeout` and
     /// `Stopped` mean its fate is unknown.
     pub async fn propose(&self, cmd: Command) -> Result<CommandOutcome, ProposeError> {
+        self.propose_indexed(cmd).await.map(|(_, outcome)| outcome)
+    }
+
+    /// [`SiteStore::propose`], also answering the log index the command was applied at: a
+    /// node that waits to have applied it ([`SiteStore::read_at`]) reads its own write.
+    pub async fn propose_indexed(
+        &self,
+        cmd: Command,
+    ) -> Result<(u64, CommandOutcome), ProposeError> {
         match self.leader().await {
             Ok(Leader::Me) => {}
             Ok(Leader::Other(leader_id, leader)) => {
@@ -207,35 +236,23 @@ impl SiteStore {
             }
             Err(reason) => return Err(ProposeError::Unavailable { reason }),
         }
-        let limit = self.inner.config.propose_timeout;
-        let written =
-            match tokio::time::timeout(limit, self.inner.raft.client_write(Proposal(cmd))).await {
-                Err(_elapsed) => {
-                    tracing::warn!(node = self.inner.id, timeout = ?limit, "proposal timed out");
-                    return Err(ProposeError::Timeout(limit));
+        // Measured once here, so that the batcher can bound the bytes of a log entry.
+        let bytes = serde_json::to_vec(&cmd).map_or(0, |b| b.len());
+        match self.inner.proposals.submit(cmd, bytes).await {
+            Ok(applied) => Ok(applied),
+            Err(GroupCommitError::Batch(WriteFailure::Forward(f))) => Err(match self.forward(f) {
+                Forward::To(leader_id, leader) => {
+                    ProposeError::ForwardToLeader { leader_id, leader }
                 }
-                Ok(r) => r,
-            };
-        match written {
-            Ok(resp) => match resp.data.0 {
-                Some(outcome) => Ok(outcome),
-                None => Err(ProposeError::Stopped(format!(
-                    "entry {} applied without an outcome",
-                    resp.log_id
-                ))),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(match self.forward(f) {
-                    Forward::To(leader_id, leader) => {
-                        ProposeError::ForwardToLeader { leader_id, leader }
-                    }
-                    Forward::Nowhere(reason) => ProposeError::Unavailable { reason },
-                })
+                Forward::Nowhere(reason) => ProposeError::Unavailable { reason },
+            }),
+            Err(GroupCommitError::Batch(WriteFailure::Timeout(limit))) => {
+                Err(ProposeError::Timeout(limit))
             }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(ProposeError::Stopped(format!("unexpected: {e}")))
-            }
-            Err(RaftError::Fatal(e)) => Err(ProposeError::Stopped(e.to_string())),
+            Err(
+                GroupCommitError::Batch(WriteFailure::Stopped(reason))
+                | GroupCommitError::Stopped(reason),
+            ) => Err(ProposeError::Stopped(reason)),
         }
     }
 
@@ -300,7 +317,21 @@ impl SiteStore {
         read_sm(&self.inner.sm).clone()
     }
 
+    /// Confirms leadership with a quorum and waits until the read index is applied, sharing
+    /// the confirmation with reads that arrived while none was in flight.
     async fn confirm_read_index(&self) -> Result<Option<u64>, ReadError> {
+        let store = self.clone();
+        self.inner
+            .read_index
+            .call(move || {
+                let store = store.clone();
+                async move { store.confirm_read_index_now().await }
+            })
+            .await
+            .unwrap_or_else(|| Err(ReadError::Stopped("read confirmation dropped".into())))
+    }
+
+    async fn confirm_read_index_now(&self) -> Result<Option<u64>, ReadError> {
         let limit = self.inner.config.read_timeout;
         let confirmed =
             match tokio::time::timeout(limit, self.inner.raft.ensure_linearizable()).await {
@@ -512,4 +543,38 @@ impl SiteStore {
             _ => Forward::Nowhere("leadership is changing".to_string()),
         }
     }
+}
+
+/// Proposes each batch as one log entry, bounded by `limit`.
+fn submit_batches(
+    raft: Raft,
+    node: NodeId,
+    limit: Duration,
+) -> SubmitFn<Command, (u64, CommandOutcome), WriteFailure> {
+    Arc::new(move |cmds: Vec<Command>| {
+        let raft = raft.clone();
+        Box::pin(async move {
+            let written = match tokio::time::timeout(limit, raft.client_write(Proposal(cmds))).await
+            {
+                Err(_elapsed) => {
+                    tracing::warn!(node, timeout = ?limit, "proposal timed out");
+                    return Err(WriteFailure::Timeout(limit));
+                }
+                Ok(r) => r,
+            };
+            match written {
+                Ok(resp) => {
+                    let index = resp.log_id.index;
+                    Ok(resp.data.0.into_iter().map(|o| (index, o)).collect())
+                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    Err(WriteFailure::Forward(f))
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    Err(WriteFailure::Stopped(format!("unexpected: {e}")))
+                }
+                Err(RaftError::Fatal(e)) => Err(WriteFailure::Stopped(e.to_string())),
+            }
+        })
+    })
 }

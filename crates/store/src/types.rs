@@ -43,14 +43,15 @@ impl fmt::Display for NodeInfo {
     }
 }
 
-/// A domain command as stored in a Raft log entry.
+/// The domain commands of one Raft log entry, applied in order. Commands proposed
+/// concurrently share an entry (group commit): one fsync and one replication round for all.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Proposal(pub Command);
+pub struct Proposal(pub Vec<Command>);
 
-/// What applying one log entry produced: the command's outcome for normal entries, `None`
-/// for blank and membership entries.
+/// What applying one log entry produced: each command's outcome for normal entries, in order;
+/// nothing for blank and membership entries.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ApplyResult(pub Option<CommandOutcome>);
+pub struct ApplyResult(pub Vec<CommandOutcome>);
 
 openraft::declare_raft_types!(
     /// The openraft type configuration of the site configuration store.
@@ -154,9 +155,14 @@ mod tests {
 
     #[test]
     fn proposal_round_trips_through_the_codec_and_json() {
-        let p = Proposal(Command::DeleteHost {
-            id: HostId::minted("h1".into()),
-        });
+        let p = Proposal(vec![
+            Command::DeleteHost {
+                id: HostId::minted("h1".into()),
+            },
+            Command::DeleteHost {
+                id: HostId::minted("h2".into()),
+            },
+        ]);
         let b = crate::codec::encode(&p).unwrap();
         assert_eq!(crate::codec::decode::<Proposal>(&b).unwrap(), p);
         let j = serde_json::to_vec(&p).unwrap();
@@ -165,13 +171,13 @@ mod tests {
 
     #[test]
     fn apply_result_round_trips() {
-        let r = ApplyResult(Some(Err(DomainError::NotFound {
+        let r = ApplyResult(vec![Err(DomainError::NotFound {
             kind: "host".into(),
             id: "h1".into(),
-        })));
+        })]);
         let b = crate::codec::encode(&r).unwrap();
         assert_eq!(crate::codec::decode::<ApplyResult>(&b).unwrap(), r);
-        let none = ApplyResult(None);
+        let none = ApplyResult(Vec::new());
         let b = crate::codec::encode(&none).unwrap();
         assert_eq!(crate::codec::decode::<ApplyResult>(&b).unwrap(), none);
     }
@@ -185,9 +191,9 @@ mod tests {
         let log_id = LogId::new(CommittedLeaderId::new(3, 1), 42);
         let normal = Entry {
             log_id,
-            payload: EntryPayload::Normal(Proposal(Command::DeleteHost {
+            payload: EntryPayload::Normal(Proposal(vec![Command::DeleteHost {
                 id: HostId::minted("h9".into()),
-            })),
+            }])),
         };
         let nodes = BTreeMap::from([(1, NodeInfo::new("127.0.0.1:1", "127.0.0.1:2"))]);
         let membership = Entry {

@@ -31,10 +31,13 @@ impl ManagerInternal for InternalApi {
         }
         let cmd: Command = serde_json::from_slice(&json)
             .map_err(|e| Status::invalid_argument(format!("forwarded command: {e}")))?;
-        let outcome = self.0.node().propose_local(cmd).await?;
+        let (applied_index, outcome) = self.0.node().propose_local(cmd).await?;
         let outcome_json =
             serde_json::to_vec(&outcome).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(v1::ProposeResponse { outcome_json }))
+        Ok(Response::new(v1::ProposeResponse {
+            outcome_json,
+            applied_index,
+        }))
     }
 
     async fn read_index(

@@ -199,11 +199,13 @@ impl<B: RaftBackend> RaftStateMachine<TypeConfig> for StateMachineStore<B> {
         for entry in entries {
             sm.last_applied = Some(entry.log_id);
             let reply = match entry.payload {
-                EntryPayload::Blank => ApplyResult(None),
-                EntryPayload::Normal(Proposal(cmd)) => ApplyResult(Some(sm.state.apply(cmd))),
+                EntryPayload::Blank => ApplyResult(Vec::new()),
+                EntryPayload::Normal(Proposal(cmds)) => {
+                    ApplyResult(cmds.into_iter().map(|c| sm.state.apply(c)).collect())
+                }
                 EntryPayload::Membership(membership) => {
                     sm.last_membership = StoredMembership::new(Some(entry.log_id), membership);
-                    ApplyResult(None)
+                    ApplyResult(Vec::new())
                 }
             };
             replies.push(reply);
