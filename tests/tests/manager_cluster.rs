@@ -93,6 +93,7 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
         .pair_site(v1::PairSiteRequest {
             peer_endpoints: lab.endpoints(1),
             token: token.token.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -101,6 +102,7 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
         .pair_site(v1::PairSiteRequest {
             peer_endpoints: lab.endpoints(1),
             token: token.token,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -367,6 +369,7 @@ async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_ke
         .pair_site(v1::PairSiteRequest {
             peer_endpoints: lab.endpoints(1),
             token,
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -90,6 +90,9 @@ enum PairCmd {
         peers: Vec<String>,
         #[arg(long)]
         token: String,
+        /// Addresses at which the peer reaches this site (default: this site's managers).
+        #[arg(long = "advertise", value_delimiter = ',')]
+        advertise: Vec<String>,
     },
     List,
     /// Removes the pairing with a site.
@@ -259,11 +262,16 @@ async fn site(ch: Channel, fmt: Format, c: SiteCmd) -> Result<()> {
 async fn pair(ch: Channel, fmt: Format, c: PairCmd) -> Result<()> {
     let mut cl = SiteServiceClient::new(ch);
     match c {
-        PairCmd::Create { peers, token } => {
+        PairCmd::Create {
+            peers,
+            token,
+            advertise,
+        } => {
             let p = cl
                 .pair_site(v1::PairSiteRequest {
                     peer_endpoints: peers,
                     token,
+                    advertise_endpoints: advertise,
                 })
                 .await?
                 .into_inner();

@@ -368,6 +368,21 @@ impl State {
             .map_or(self.replica_seq, |p| p.max(self.replica_seq))
     }
 
+    /// The sequence of checkpoint `id`, if images can be opened at it.
+    pub fn usable_checkpoint(&self, id: CheckpointId) -> Result<Seq> {
+        let seq = *self
+            .checkpoint_ids
+            .get(&id)
+            .ok_or(JournalError::CheckpointNotFound(id))?;
+        let reason = match self.checkpoint_state(seq) {
+            CheckpointState::Usable => return Ok(seq),
+            CheckpointState::NotDurable => "not durable yet",
+            CheckpointState::Promoted => "older than the replica",
+        };
+        Err(JournalError::CheckpointUnusable { id, reason })
+    }
+
+    /// Whether images can be opened at the checkpoint whose marker is at `seq`.
     pub fn checkpoint_state(&self, seq: Seq) -> CheckpointState {
         if seq < self.usable_floor() {
             CheckpointState::Promoted
@@ -824,26 +839,7 @@ impl Journal {
     pub fn promote_to_checkpoint(&self, id: CheckpointId) -> Result<PromoteReport> {
         let seq = {
             let st = self.shared.lock();
-            let seq = *st
-                .checkpoint_ids
-                .get(&id)
-                .ok_or(JournalError::CheckpointNotFound(id))?;
-            match st.checkpoint_state(seq) {
-                CheckpointState::Usable => {}
-                CheckpointState::NotDurable => {
-                    return Err(JournalError::CheckpointUnusable {
-                        id,
-                        reason: "not durable yet",
-                    });
-                }
-                CheckpointState::Promoted => {
-                    return Err(JournalError::CheckpointUnusable {
-                        id,
-                        reason: "older than the replica",
-                    });
-                }
-            }
-            seq
+            st.usable_checkpoint(id)?
         };
         promote_through(&self.shared, seq, PromoteReason::Checkpoint)
     }

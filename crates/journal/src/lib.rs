@@ -9,7 +9,8 @@
 //! [`Journal::append`] / [`Journal::append_batch`], lists [`Journal::checkpoints`], calls
 //! [`Journal::maintain`] periodically, promotes with [`Journal::promote_to_checkpoint`]
 //! and exports [`Journal::open_image`] results (they implement
-//! [`tandem_nbd::BlockDevice`]).
+//! [`tandem_nbd::BlockDevice`]); [`Journal::open_latest_image`] opens the newest durable
+//! image of a volume (checkpoint or not) for delta sync.
 
 pub mod error;
 pub mod extents;

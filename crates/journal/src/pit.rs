@@ -1,12 +1,13 @@
 //! Point-in-time images: the image of one volume at a checkpoint is the replica disk
-//! plus the journal's records up to the checkpoint, newest wins. A per-image region map
-//! (built on open from the in-memory record index, no disk scan) says for every byte
-//! range where its newest content lives, so reads go straight to the replica or to a
-//! segment file. An optional scratch overlay (an unnamed sparse file in a scratch
+//! plus the journal's records up to the checkpoint, newest wins; the latest durable image
+//! ([`Journal::open_latest_image`], for delta sync) is the same up to the durable position
+//! instead. A per-image region map (built on open from the in-memory record index, no disk
+//! scan) says for every byte range where its newest content lives, so reads go straight
+//! to the replica or to a segment file. An optional scratch overlay (an unnamed sparse file in a scratch
 //! directory) takes writes for failover tests; it is thrown away with the image and
 //! never touches the replica or the journal.
 //!
-//! An open image pins its checkpoint: promotion never moves the replica past it, and
+//! An open image pins its sequence: promotion never moves the replica past it, and
 //! the image keeps the segment files it reads open even if promotion frees them.
 
 use std::{
@@ -31,7 +32,7 @@ use crate::{
     error::{JournalError, Result},
     extents::{ExtentMap, Piece, Source},
     format::{RECORD_HEADER_LEN, RecordHeader, crc_seed},
-    journal::{CheckpointState, Journal, Shared},
+    journal::{Journal, Shared},
     types::{CheckpointId, SegmentId, Seq, VolumeId},
 };
 
@@ -73,7 +74,8 @@ struct Overlay {
 #[derive(Debug)]
 struct ImageInner {
     volume: VolumeId,
-    checkpoint: CheckpointId,
+    /// `None` for a latest durable image.
+    checkpoint: Option<CheckpointId>,
     seq: Seq,
     size: u64,
     base: ExtentMap,
@@ -90,6 +92,15 @@ pub struct PointInTimeImage {
     inner: Arc<ImageInner>,
 }
 
+/// Which point an image is opened at.
+#[derive(Debug, Clone, Copy)]
+enum At {
+    /// A checkpoint that is durable and not promoted.
+    Checkpoint(CheckpointId),
+    /// The newest durable record, whatever it is.
+    LatestDurable,
+}
+
 impl Journal {
     /// Opens the image of `volume` at checkpoint `id`.
     pub fn open_image(
@@ -98,6 +109,25 @@ impl Journal {
         volume: VolumeId,
         opts: &ImageOptions,
     ) -> Result<PointInTimeImage> {
+        self.open_at(At::Checkpoint(id), volume, opts)
+    }
+
+    /// Opens the newest durable image of `volume`: the replica plus every durable
+    /// record, checkpoint or not (delta sync compares against it). Like a checkpoint
+    /// image it pins its sequence ([`PointInTimeImage::seq`], the durable position when
+    /// it was opened): records that become durable later are not in it, and promotion
+    /// never moves the replica past it while it is open.
+    pub fn open_latest_image(
+        &self,
+        volume: VolumeId,
+        opts: &ImageOptions,
+    ) -> Result<PointInTimeImage> {
+        self.open_at(At::LatestDurable, volume, opts)
+    }
+
+    /// Resolves `at` to a sequence, pins it and builds the image's region map, all under
+    /// one lock of the journal state.
+    fn open_at(&self, at: At, volume: VolumeId, opts: &ImageOptions) -> Result<PointInTimeImage> {
         let shared = self.shared().clone();
         let replica = shared
             .volumes
@@ -106,25 +136,12 @@ impl Journal {
             .clone();
         let (seq, metas, segments, salts, pin) = {
             let mut st = shared.lock();
-            let seq = *st
-                .checkpoint_ids
-                .get(&id)
-                .ok_or(JournalError::CheckpointNotFound(id))?;
-            match st.checkpoint_state(seq) {
-                CheckpointState::Usable => {}
-                CheckpointState::NotDurable => {
-                    return Err(JournalError::CheckpointUnusable {
-                        id,
-                        reason: "not durable yet",
-                    });
-                }
-                CheckpointState::Promoted => {
-                    return Err(JournalError::CheckpointUnusable {
-                        id,
-                        reason: "older than the replica",
-                    });
-                }
-            }
+            let seq = match at {
+                At::Checkpoint(id) => st.usable_checkpoint(id)?,
+                // Promotion never goes past the durable position, so it is never below
+                // the usable floor.
+                At::LatestDurable => st.durable_seq,
+            };
             *st.pins.entry(seq).or_insert(0) += 1;
             let pin = PinGuard {
                 shared: shared.clone(),
@@ -201,19 +218,34 @@ impl Journal {
             }
             None => None,
         };
-        info!(
-            checkpoint = id.0,
-            volume = volume.0,
-            seq = seq.0,
-            records = metas.len(),
-            extents = base.len(),
-            overlay = overlay.is_some(),
-            "opened point-in-time image"
-        );
+        let checkpoint = match at {
+            At::Checkpoint(id) => Some(id),
+            At::LatestDurable => None,
+        };
+        match checkpoint {
+            Some(id) => info!(
+                checkpoint = id.0,
+                volume = volume.0,
+                seq = seq.0,
+                records = metas.len(),
+                extents = base.len(),
+                overlay = overlay.is_some(),
+                "opened point-in-time image"
+            ),
+            // Delta sync opens many of these: keep them out of the info log.
+            None => debug!(
+                volume = volume.0,
+                seq = seq.0,
+                records = metas.len(),
+                extents = base.len(),
+                overlay = overlay.is_some(),
+                "opened latest durable image"
+            ),
+        }
         Ok(PointInTimeImage {
             inner: Arc::new(ImageInner {
                 volume,
-                checkpoint: id,
+                checkpoint,
                 seq,
                 size: replica.spec.size,
                 base,
@@ -355,8 +387,9 @@ impl ImageInner {
 impl Drop for ImageInner {
     fn drop(&mut self) {
         debug!(
-            checkpoint = self.checkpoint.0,
+            checkpoint = self.checkpoint.map(|c| c.0),
             volume = self.volume.0,
+            seq = self.seq.0,
             "closing point-in-time image"
         );
     }
@@ -369,13 +402,16 @@ impl PointInTimeImage {
         self.inner.volume
     }
 
-    /// The checkpoint this image is at.
+    /// The checkpoint this image is at; `None` for an image opened with
+    /// [`Journal::open_latest_image`], which is at a durable position, not a checkpoint.
     #[must_use]
-    pub fn checkpoint(&self) -> CheckpointId {
+    pub fn checkpoint(&self) -> Option<CheckpointId> {
         self.inner.checkpoint
     }
 
-    /// The checkpoint's sequence number.
+    /// The sequence the image is at (and pins): its checkpoint's, or for a latest image
+    /// the durable position when it was opened. Every record up to it is in the image,
+    /// none after it.
     #[must_use]
     pub fn seq(&self) -> Seq {
         self.inner.seq
@@ -460,5 +496,64 @@ impl BlockDevice for PointInTimeImage {
     fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> IoFuture<'_, ()> {
         let inner = self.inner.clone();
         Box::pin(blocking(move || inner.zero_at(offset, len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Generation, JournalConfig, RecordBody, VolumeSpec};
+
+    /// A record that is written but whose group fsync has not completed is not in a latest
+    /// image. The committer moves the durable position only after the fsync; the test
+    /// holds it back by hand (nothing is pending, so the committer does not touch it).
+    #[test]
+    fn latest_image_leaves_out_records_not_yet_durable() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let size = 64 << 10;
+        let cfg = JournalConfig::new(vec![VolumeSpec {
+            id: VolumeId(0),
+            size,
+            replica_path: tmp.path().join("vol0.img"),
+        }]);
+        let j = Journal::open(tmp.path().join("journal"), cfg).expect("open");
+        let write = |seq: u64, byte: u8| {
+            j.submit(
+                Seq(seq),
+                Generation(1),
+                RecordBody::Write {
+                    volume: VolumeId(0),
+                    offset: (seq - 1) * 4096,
+                    data: Bytes::from(vec![byte; 4096]),
+                },
+            )
+            .expect("submit");
+        };
+        write(1, 0x11);
+        write(2, 0x22);
+        write(3, 0x33);
+        j.wait_durable_blocking(Seq(3)).expect("durable");
+        j.shared().lock().durable_seq = Seq(2);
+        let img = j
+            .open_latest_image(VolumeId(0), &ImageOptions::default())
+            .expect("latest image");
+        j.shared().lock().durable_seq = Seq(3);
+        assert_eq!(img.seq(), Seq(2));
+        assert_eq!(img.checkpoint(), None);
+        let mut buf = vec![0u8; 3 * 4096];
+        img.read_at(0, &mut buf).expect("read");
+        assert!(buf[..4096].iter().all(|&b| b == 0x11));
+        assert!(buf[4096..8192].iter().all(|&b| b == 0x22));
+        assert!(
+            buf[8192..].iter().all(|&b| b == 0),
+            "a record not yet durable is in the latest image"
+        );
+        let now = j
+            .open_latest_image(VolumeId(0), &ImageOptions::default())
+            .expect("latest image");
+        now.read_at(0, &mut buf).expect("read");
+        assert!(buf[8192..].iter().all(|&b| b == 0x33));
+        drop((img, now));
+        j.close().expect("close");
     }
 }

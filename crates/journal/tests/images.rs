@@ -276,3 +276,112 @@ fn window_promotion_and_stats() {
     assert!(stats.size_bytes > 0);
     j.close().expect("close");
 }
+
+/// The newest durable image holds every durable record, checkpoint or not; a checkpoint
+/// image stops at its checkpoint; an open latest image pins its position against
+/// promotion and keeps its contents while promotion frees the segments under it.
+#[test]
+fn latest_image_has_every_durable_record_and_is_pinned() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let rt = common::runtime();
+    let j = Journal::open(common::jdir(dir), config(dir)).expect("open");
+    let at = fill(&j);
+    let mut vols = at[3].clone();
+    let mut seq = j.last_seq().0;
+    // Writes after the last checkpoint (and a zeroed range), all durable.
+    let mut more = |j: &Journal, vols: &mut Vec<Vec<u8>>, n: u64| {
+        rt.block_on(async {
+            for i in 0..n {
+                seq += 1;
+                let v = (i % 2) as u32;
+                let off = (seq * 6151) % (VOL - 5000);
+                let body = if i == 3 {
+                    vols[v as usize][off as usize..off as usize + 5000].fill(0);
+                    RecordBody::Zero {
+                        volume: VolumeId(v),
+                        offset: off,
+                        len: 5000,
+                    }
+                } else {
+                    let body = common::write(v, off, 5000, seq);
+                    if let RecordBody::Write { data, .. } = &body {
+                        vols[v as usize][off as usize..off as usize + 5000].copy_from_slice(data);
+                    }
+                    body
+                };
+                j.append(Seq(seq), Generation(1), body)
+                    .await
+                    .expect("append");
+            }
+        });
+        Seq(seq)
+    };
+    let last = more(&j, &mut vols, 8);
+    for v in 0..2u32 {
+        let latest = j
+            .open_latest_image(VolumeId(v), &ImageOptions::default())
+            .expect("latest image");
+        assert_eq!(latest.checkpoint(), None);
+        assert_eq!(latest.seq(), last);
+        assert!(
+            common::read_image(&latest) == vols[v as usize],
+            "latest image {v} misses durable records"
+        );
+        let cp = j
+            .open_image(CheckpointId(4), VolumeId(v), &ImageOptions::default())
+            .expect("checkpoint image");
+        assert_eq!(cp.checkpoint(), Some(CheckpointId(4)));
+        assert!(
+            common::read_image(&cp) == at[3][v as usize],
+            "checkpoint image {v} shows records after its checkpoint"
+        );
+    }
+
+    // Open a latest image, then keep appending: the image stays at its position.
+    let pinned = j
+        .open_latest_image(
+            VolumeId(0),
+            &ImageOptions {
+                scratch_dir: None,
+                verify: true,
+            },
+        )
+        .expect("latest image");
+    let pinned_vol = vols[0].clone();
+    more(&j, &mut vols, 8);
+    seq += 1;
+    rt.block_on(j.append(Seq(seq), Generation(1), common::checkpoint(5, 5000)))
+        .expect("checkpoint 5");
+    assert!(
+        common::read_image(&pinned) == pinned_vol,
+        "latest image shows records that became durable after it was opened"
+    );
+    // Promotion up to it works and frees segments it reads; past it is refused.
+    let r = j.promote_to_checkpoint(CheckpointId(4)).expect("promote");
+    assert!(r.segments_freed > 0, "nothing freed: {r:?}");
+    assert!(matches!(
+        j.promote_to_checkpoint(CheckpointId(5)),
+        Err(JournalError::Pinned { pinned, .. }) if pinned == last
+    ));
+    j.promote_older_than(UnixMillis(u64::MAX / 2))
+        .expect("promote by age");
+    assert!(
+        j.replica_seq() <= last,
+        "promoted past an open latest image"
+    );
+    assert!(
+        common::read_image(&pinned) == pinned_vol,
+        "latest image changed by promotion"
+    );
+    drop(pinned);
+    j.promote_to_checkpoint(CheckpointId(5))
+        .expect("promote once the image is gone");
+    let latest = j
+        .open_latest_image(VolumeId(0), &ImageOptions::default())
+        .expect("latest image");
+    assert!(common::read_image(&latest) == vols[0]);
+    assert_eq!(latest.seq(), Seq(seq));
+    drop(latest);
+    j.close().expect("close");
+}

@@ -329,6 +329,7 @@ async fn tandem_workloads(
         .pair_site(v1::PairSiteRequest {
             peer_endpoints: b_eps.clone(),
             token,
+            ..Default::default()
         })
         .await?
         .into_inner();

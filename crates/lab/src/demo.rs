@@ -1,6 +1,7 @@
-//! The demo the README's main command runs: a two-site lab on loopback, pairing, inventory,
-//! a VPG stored by both sites, validation, and a kill -9 of a site's leader. Each step
-//! prints PASS or FAIL with its figures; any FAIL makes the exit status non-zero.
+//! The demo the README's main command runs: a two-site lab on loopback, pairing across the
+//! lab's link emulator, inventory, a VPG stored by both sites, validation, and a kill -9 of a
+//! site's leader. Each step prints PASS or FAIL with its figures; any FAIL makes the exit
+//! status non-zero.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -195,6 +196,10 @@ pub async fn run(
             "lab kept running (Ctrl-C stops it): tandem -e {}",
             lab.endpoints(0).join(",")
         );
+        println!(
+            "  its links: tandem-lab link --dir {} list",
+            lab.dir.display()
+        );
         shutdown.cancelled().await;
     }
     lab.down().await;
@@ -218,7 +223,8 @@ async fn steps(lab: &mut Lab, report: &mut Report) -> Result<()> {
     let a = channel(&lab.endpoints(0)).await?;
     let b = channel(&lab.endpoints(1)).await?;
 
-    // Pairing: site-b issues a token, site-a presents it.
+    // Pairing: site-b issues a token, site-a presents it with site-b's addresses as site-a
+    // reaches them: through the link emulator.
     let t = Instant::now();
     let r = async {
         let token = SiteServiceClient::new(b.clone())
@@ -227,8 +233,9 @@ async fn steps(lab: &mut Lab, report: &mut Report) -> Result<()> {
             .into_inner();
         let peer = SiteServiceClient::new(a.clone())
             .pair_site(v1::PairSiteRequest {
-                peer_endpoints: lab.endpoints(1),
+                peer_endpoints: lab.peer_endpoints(0, 1),
                 token: token.token,
+                advertise_endpoints: lab.peer_endpoints(1, 0),
             })
             .await?
             .into_inner();
@@ -251,6 +258,26 @@ async fn steps(lab: &mut Lab, report: &mut Report) -> Result<()> {
         .into_inner()
         .id;
     report.step("pair site-a with site-b (one-time token)", t, r);
+
+    let t = Instant::now();
+    let r = async {
+        let name = lab.link_name(0, 1);
+        let s = lab.links.get(&name).await?.state().await?;
+        if s.a_to_b.connections_total == 0 || s.a_to_b.bytes == 0 || s.b_to_a.bytes == 0 {
+            bail!(
+                "no pairing traffic on {name}: {} connections, {} B a->b, {} B b->a",
+                s.a_to_b.connections_total,
+                s.a_to_b.bytes,
+                s.b_to_a.bytes
+            );
+        }
+        Ok(format!(
+            "{name}: {} connection(s) from site-a, {} B a->b, {} B b->a",
+            s.a_to_b.connections_total, s.a_to_b.bytes, s.b_to_a.bytes
+        ))
+    }
+    .await;
+    report.step("pairing crossed the link emulator", t, r);
 
     let t = Instant::now();
     let inv = async {

@@ -1,6 +1,10 @@
 //! A lab of real processes on loopback: each site's manager cluster, started on port 0,
 //! joined into one Raft cluster per site, described in `DIR/lab.json`, and stopped together.
+//! The inter-site addresses the lab hands out ([`Lab::peer_endpoints`], [`Lab::link_address`])
+//! point at its link emulator ([`crate::link`]), controlled over gRPC at `link_control` in
+//! `lab.json`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -13,11 +17,30 @@ use tandem_proto::v1;
 use tandem_proto::v1::cluster_service_client::ClusterServiceClient;
 use tandem_proto::v1::host_service_client::HostServiceClient;
 use tokio::process::{Child, Command};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+
+use crate::link::{LinkEmulator, ProxyInfo, link_name};
 
 /// `lab.json`: what runs where.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LabFile {
     pub sites: Vec<SiteEntry>,
+    /// Address of the `tandem.lab.v1.LinkControl` service of the lab process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_control: Option<String>,
+    /// One link per site pair, with its proxies.
+    #[serde(default)]
+    pub links: Vec<LinkEntry>,
+}
+
+/// One link of `lab.json`: the proxies between sites `a` and `b`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkEntry {
+    pub name: String,
+    pub a: String,
+    pub b: String,
+    pub proxies: Vec<ProxyInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,7 +75,7 @@ impl LabFile {
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
-    fn write(&self, dir: &Path) -> Result<()> {
+    pub fn write(&self, dir: &Path) -> Result<()> {
         let tmp = dir.join("lab.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
         std::fs::rename(&tmp, dir.join("lab.json"))?;
@@ -268,6 +291,17 @@ pub struct Lab {
     /// Per site, one VRA per host.
     pub vras: Vec<Vec<VraProcess>>,
     pub site_names: Vec<String>,
+    /// The link emulator every inter-site address goes through.
+    pub links: LinkEmulator,
+    /// Address of the link control gRPC service.
+    pub link_control: String,
+    /// (from site, to site, upstream) -> proxy address.
+    proxies: BTreeMap<(usize, usize, String), String>,
+    /// The control server's task.
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    /// Stops the link emulator and the control server if the lab is dropped without `down`.
+    _stop_on_drop: DropGuard,
 }
 
 impl Lab {
@@ -282,11 +316,30 @@ impl Lab {
         let site_names: Vec<String> = (0..sites)
             .map(|i| format!("site-{}", (b'a' + i as u8) as char))
             .collect();
+        let cancel = CancellationToken::new();
+        let links = LinkEmulator::start(cancel.child_token());
+        let control = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let link_control = control.local_addr()?.to_string();
+        let tasks = TaskTracker::new();
+        {
+            let (links, shutdown) = (links.clone(), cancel.child_token());
+            tasks.spawn(async move {
+                if let Err(e) = crate::link_control::serve(control, links, shutdown).await {
+                    tracing::warn!(error = %e, "link control server stopped");
+                }
+            });
+        }
         let mut lab = Lab {
             dir: dir.clone(),
             sites: Vec::new(),
             vras: (0..sites).map(|_| Vec::new()).collect(),
             site_names: site_names.clone(),
+            links,
+            link_control,
+            proxies: BTreeMap::new(),
+            tasks,
+            _stop_on_drop: cancel.clone().drop_guard(),
+            cancel,
         };
         for name in &site_names {
             let mut procs = Vec::new();
@@ -320,8 +373,73 @@ impl Lab {
             }
             wait_leader(&site[0].api, site.len(), Duration::from_secs(30)).await?;
         }
+        // A link per site pair, with a proxy for each manager a peer site may dial.
+        for to in 0..sites {
+            for from in (0..sites).filter(|&f| f != to) {
+                for api in lab.endpoints(to) {
+                    lab.add_proxy(from, to, &api).await?;
+                }
+            }
+        }
         lab.write_file()?;
         Ok(lab)
+    }
+
+    /// The name of the link between two sites, e.g. `site-a<->site-b`.
+    pub fn link_name(&self, x: usize, y: usize) -> String {
+        link_name(&self.site_names[x], &self.site_names[y])
+    }
+
+    async fn add_proxy(&mut self, from: usize, to: usize, upstream: &str) -> Result<String> {
+        let key = (from, to, upstream.to_string());
+        if let Some(listen) = self.proxies.get(&key) {
+            return Ok(listen.clone());
+        }
+        let listen = self
+            .links
+            .proxy(&self.site_names[from], &self.site_names[to], upstream)
+            .await
+            .with_context(|| {
+                format!(
+                    "proxying {upstream} of {} for {}",
+                    self.site_names[to], self.site_names[from]
+                )
+            })?
+            .to_string();
+        self.proxies.insert(key, listen.clone());
+        Ok(listen)
+    }
+
+    /// The address site `from` must dial to reach `upstream` (an address in site `to`)
+    /// across their link: a proxy of the link emulator, started on first use (and then
+    /// listed in `lab.json`). Within one site it is `upstream` itself.
+    pub async fn link_address(&mut self, from: usize, to: usize, upstream: &str) -> Result<String> {
+        if from >= self.site_names.len() || to >= self.site_names.len() {
+            bail!("no site {from} or {to} in this lab");
+        }
+        if from == to {
+            return Ok(upstream.to_string());
+        }
+        let known = self.proxies.len();
+        let listen = self.add_proxy(from, to, upstream).await?;
+        if self.proxies.len() != known {
+            self.write_file()?;
+        }
+        Ok(listen)
+    }
+
+    /// The API addresses of site `to`'s managers as site `from` must dial them: through the
+    /// link (these are what a pairing request from `from` should carry).
+    pub fn peer_endpoints(&self, from: usize, to: usize) -> Vec<String> {
+        self.endpoints(to)
+            .into_iter()
+            .map(|api| {
+                self.proxies
+                    .get(&(from, to, api.clone()))
+                    .cloned()
+                    .unwrap_or(api)
+            })
+            .collect()
     }
 
     pub fn write_file(&self) -> Result<()> {
@@ -344,6 +462,8 @@ impl Lab {
                     vras: Vec::new(),
                 })
                 .collect(),
+            link_control: Some(self.link_control.clone()),
+            links: self.link_entries(),
         };
         let mut file = file;
         for (entry, vras) in file.sites.iter_mut().zip(&self.vras) {
@@ -358,6 +478,32 @@ impl Lab {
                 .collect();
         }
         file.write(&self.dir)
+    }
+
+    /// The links of `lab.json`, from the proxies the lab started.
+    fn link_entries(&self) -> Vec<LinkEntry> {
+        let mut links: BTreeMap<String, LinkEntry> = BTreeMap::new();
+        for ((from, to, upstream), listen) in &self.proxies {
+            let (from, to) = (&self.site_names[*from], &self.site_names[*to]);
+            let name = link_name(from, to);
+            let (a, b) = if from <= to { (from, to) } else { (to, from) };
+            links
+                .entry(name.clone())
+                .or_insert_with(|| LinkEntry {
+                    name,
+                    a: a.clone(),
+                    b: b.clone(),
+                    proxies: Vec::new(),
+                })
+                .proxies
+                .push(ProxyInfo {
+                    listen: listen.clone(),
+                    upstream: upstream.clone(),
+                    from: from.clone(),
+                    to: to.clone(),
+                });
+        }
+        links.into_values().collect()
     }
 
     /// Starts `hosts` VRAs per site and registers each as a host (with its VRA's control
@@ -392,6 +538,10 @@ impl Lab {
                     })
                     .await
                     .with_context(|| format!("registering {host}"))?;
+                // Every other site reaches this VRA (replication streams) across its link.
+                for from in (0..self.site_names.len()).filter(|&f| f != i) {
+                    self.add_proxy(from, i, &vra.control).await?;
+                }
                 self.vras[i].push(vra);
             }
         }
@@ -418,6 +568,10 @@ impl Lab {
                 }
             }
         }
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.links.shutdown().await;
     }
 }
 

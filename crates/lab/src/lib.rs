@@ -1,5 +1,9 @@
-//! Labs of real Tandem processes on loopback, and the demo that drives one.
+//! Labs of real Tandem processes on loopback, their link emulator, and the demo that drives
+//! one.
 
 pub mod bench;
 pub mod demo;
 pub mod lab;
+pub mod link;
+pub mod link_control;
+pub mod workload;

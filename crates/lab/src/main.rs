@@ -1,11 +1,13 @@
-//! `tandem-lab`: multi-site labs of real processes on loopback, the demo, and an NBD
-//! server for raw files.
+//! `tandem-lab`: multi-site labs of real processes on loopback, the control of their link
+//! emulator, the demo, and an NBD server for raw files.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result, anyhow};
+use clap::{Parser, Subcommand, ValueEnum};
+use tandem_lab::link::{CutMode, Direction, LinkState};
+use tandem_lab::link_control::{self, pb};
 use tandem_lab::{demo, lab};
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +37,17 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Drives the link emulator of the lab in DIR (its `tandem-lab up` must be running).
+    Link {
+        /// The lab directory (holding lab.json).
+        #[arg(long, global = true)]
+        dir: Option<PathBuf>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+        output: Output,
+        #[command(subcommand)]
+        cmd: LinkCmd,
+    },
     /// Serves raw image files over NBD, each as an export named after its file stem.
     Serve {
         #[arg(long, default_value = "127.0.0.1:10809")]
@@ -60,6 +73,266 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum LinkCmd {
+    /// Lists every link with its conditions and counters.
+    List,
+    /// Cuts a link: `drop` resets connections, `blackhole` stalls them until heal.
+    Cut {
+        name: String,
+        #[arg(long, value_enum, default_value_t = CutArg::Drop)]
+        mode: CutArg,
+    },
+    /// Ends a cut; held data is delivered.
+    Heal { name: String },
+    /// Sets the added one-way latency in ms (0 removes it).
+    Delay {
+        name: String,
+        ms: u64,
+        #[arg(long, value_enum, default_value_t = DirectionArg::Both)]
+        direction: DirectionArg,
+    },
+    /// Sets the bandwidth in bytes per second, with an optional k, m or g (KiB, MiB, GiB)
+    /// suffix; 0 removes the limit.
+    Throttle {
+        name: String,
+        #[arg(value_parser = parse_rate)]
+        bytes_per_sec: u64,
+        #[arg(long, value_enum, default_value_t = DirectionArg::Both)]
+        direction: DirectionArg,
+    },
+    /// Shows one link's conditions, counters and proxies.
+    Stats { name: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CutArg {
+    Drop,
+    Blackhole,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DirectionArg {
+    Both,
+    AToB,
+    BToA,
+}
+
+impl DirectionArg {
+    fn to_proto(self) -> pb::Direction {
+        match self {
+            DirectionArg::Both => pb::Direction::Both,
+            DirectionArg::AToB => pb::Direction::AToB,
+            DirectionArg::BToA => pb::Direction::BToA,
+        }
+    }
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        _ => return Err(format!("{s:?} is not a byte rate (e.g. 65536, 512k, 10m)")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a byte rate (e.g. 65536, 512k, 10m)"))
+}
+
+fn fmt_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn fmt_rate(bps: u64) -> String {
+    if bps == 0 {
+        "-".into()
+    } else {
+        format!("{}/s", fmt_bytes(bps))
+    }
+}
+
+fn fmt_cut(s: &LinkState) -> &'static str {
+    match s.cut {
+        None => "up",
+        Some(CutMode::Drop) => "cut (drop)",
+        Some(CutMode::Blackhole) => "cut (blackhole)",
+    }
+}
+
+fn print_links(states: &[LinkState]) {
+    println!(
+        "{:<24} {:<16} {:>11} {:>11} {:>10} {:>15} {:>23}",
+        "NAME", "STATE", "A->B", "B->A", "OPEN/ALL", "DELAY A>B/B>A", "THROTTLE A>B/B>A"
+    );
+    for s in states {
+        let open = s.a_to_b.connections_open + s.b_to_a.connections_open;
+        let all = s.a_to_b.connections_total + s.b_to_a.connections_total;
+        println!(
+            "{:<24} {:<16} {:>11} {:>11} {:>10} {:>15} {:>23}",
+            s.name,
+            fmt_cut(s),
+            fmt_bytes(s.a_to_b.bytes),
+            fmt_bytes(s.b_to_a.bytes),
+            format!("{open}/{all}"),
+            format!("{}/{} ms", s.a_to_b.delay_ms, s.b_to_a.delay_ms),
+            format!(
+                "{}/{}",
+                fmt_rate(s.a_to_b.throttle_bps),
+                fmt_rate(s.b_to_a.throttle_bps)
+            ),
+        );
+    }
+}
+
+fn print_stats(s: &LinkState) {
+    println!("link {} ({} <-> {}): {}", s.name, s.a, s.b, fmt_cut(s));
+    println!(
+        "  {:<6} {:>8} {:>12} {:>12} {:>10} {:>6} {:>6} {:>8}",
+        "DIR", "DELAY", "THROTTLE", "BYTES", "HELD", "OPEN", "ALL", "REFUSED"
+    );
+    for (label, d) in [("a->b", Direction::AToB), ("b->a", Direction::BToA)] {
+        let st = s.direction(d);
+        println!(
+            "  {:<6} {:>8} {:>12} {:>12} {:>10} {:>6} {:>6} {:>8}",
+            label,
+            format!("{} ms", st.delay_ms),
+            fmt_rate(st.throttle_bps),
+            st.bytes,
+            st.held_bytes,
+            st.connections_open,
+            st.connections_total,
+            st.connections_refused
+        );
+    }
+    println!("  proxies (what the dialing site sends counts in its direction):");
+    for p in &s.proxies {
+        println!("    {} -> {}: {} -> {}", p.from, p.to, p.listen, p.upstream);
+    }
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::NotFound | tonic::Code::InvalidArgument => anyhow!("{}", s.message()),
+        code => anyhow!("link control: {code:?}: {}", s.message()),
+    }
+}
+
+async fn run_link(dir: Option<PathBuf>, output: Output, cmd: LinkCmd) -> Result<ExitCode> {
+    let dir = dir.context("--dir DIR (the lab directory) is required")?;
+    let file = lab::LabFile::read(&dir)?;
+    let addr = file.link_control.with_context(|| {
+        format!(
+            "{} names no link_control (the lab predates the link emulator?)",
+            dir.join("lab.json").display()
+        )
+    })?;
+    let mut client = link_control::connect(&addr).await?;
+    let decode = |s: pb::LinkState| link_control::state_from_proto(s).map_err(|e| anyhow!(e));
+    let set = |name: String, change: pb::set_link_request::Change| pb::SetLinkRequest {
+        name,
+        change: Some(change),
+    };
+    use pb::set_link_request::Change;
+    let one = match cmd {
+        LinkCmd::List => {
+            let links = client
+                .list_links(pb::ListLinksRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .links
+                .into_iter()
+                .map(decode)
+                .collect::<Result<Vec<_>>>()?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&links)?),
+                Output::Table => print_links(&links),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        LinkCmd::Stats { name } => {
+            let s = client
+                .get_link(pb::GetLinkRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let s = decode(s)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Output::Table => print_stats(&s),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        LinkCmd::Cut { name, mode } => set(
+            name,
+            Change::Cut(match mode {
+                CutArg::Drop => pb::CutMode::Drop,
+                CutArg::Blackhole => pb::CutMode::Blackhole,
+            } as i32),
+        ),
+        LinkCmd::Heal { name } => set(name, Change::Heal(pb::Heal {})),
+        LinkCmd::Delay {
+            name,
+            ms,
+            direction,
+        } => set(
+            name,
+            Change::Delay(pb::Delay {
+                direction: direction.to_proto() as i32,
+                ms,
+            }),
+        ),
+        LinkCmd::Throttle {
+            name,
+            bytes_per_sec,
+            direction,
+        } => set(
+            name,
+            Change::Throttle(pb::Throttle {
+                direction: direction.to_proto() as i32,
+                bytes_per_sec,
+            }),
+        ),
+    };
+    let s = client
+        .set_link(one)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let s = decode(s)?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+        Output::Table => print_links(std::slice::from_ref(&s)),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn shutdown_token() -> CancellationToken {
@@ -116,6 +389,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 _ = shutdown.cancelled() => return Ok(ExitCode::FAILURE),
             };
             println!("lab is up: {}", lab.dir.join("lab.json").display());
+            println!(
+                "  link control {}: tandem-lab link --dir {} list",
+                lab.link_control,
+                dir.display()
+            );
             for (i, name) in lab.site_names.iter().enumerate() {
                 println!("  {name}: tandem -e {}", lab.endpoints(i).join(","));
                 for v in &lab.vras[i] {
@@ -160,8 +438,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     );
                 }
             }
+            if let Some(addr) = &file.link_control {
+                println!("link control {addr}:");
+                for l in &file.links {
+                    println!("  {}:", l.name);
+                    for p in &l.proxies {
+                        println!("    {} -> {}: {} -> {}", p.from, p.to, p.listen, p.upstream);
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Link { dir, output, cmd } => run_link(dir, output, cmd).await,
         Cmd::Serve { listen, files } => {
             let shutdown = shutdown_token();
             let listener = tokio::net::TcpListener::bind(&listen).await?;

@@ -146,23 +146,28 @@ impl SiteManager {
     }
 
     /// Presents `token` to the site at `endpoints`; both sites record the pair.
-    pub async fn pair(&self, endpoints: Vec<String>, token: String) -> ApiResult<PeerSite> {
+    /// Pairs with the site at `endpoints` (recorded as its endpoints) and tells it to reach
+    /// this site at `advertise` (empty: this site's manager API addresses).
+    pub async fn pair(
+        &self,
+        endpoints: Vec<String>,
+        advertise: Vec<String>,
+        token: String,
+    ) -> ApiResult<PeerSite> {
         let mut v = Violations::new();
         v.check(
             !endpoints.is_empty(),
             "peer_endpoints",
             "at least one address is needed",
         );
-        v.check(
-            endpoints.len() <= 16,
-            "peer_endpoints",
-            "at most 16 addresses",
-        );
-        for (i, e) in endpoints.iter().enumerate() {
-            v.absorb(tandem_core::ids::check_address(
-                &format!("peer_endpoints[{i}]"),
-                e,
-            ));
+        for (field, list) in [
+            ("peer_endpoints", &endpoints),
+            ("advertise_endpoints", &advertise),
+        ] {
+            v.check(list.len() <= 16, field, "at most 16 addresses");
+            for (i, e) in list.iter().enumerate() {
+                v.absorb(tandem_core::ids::check_address(&format!("{field}[{i}]"), e));
+            }
         }
         v.check(
             !token.is_empty() && token.len() <= 256,
@@ -170,7 +175,10 @@ impl SiteManager {
             "must be 1..256 characters",
         );
         v.into_result()?;
-        let me = self.self_as_peer().await?;
+        let mut me = self.self_as_peer().await?;
+        if !advertise.is_empty() {
+            me.endpoints = advertise;
+        }
         let ch = self.connector.first_reachable(&endpoints).await?;
         let reply = SitePeerClient::new(ch)
             .accept_pairing(v1::AcceptPairingRequest {
@@ -187,6 +195,7 @@ impl SiteManager {
             )
         })?;
         peer.paired_at_ms = now_ms();
+        peer.endpoints = endpoints;
         self.node
             .propose(Command::AddPeer { peer: peer.clone() })
             .await?;

@@ -43,6 +43,19 @@ pub enum FenceError {
     },
 }
 
+/// The generation fence alone: a peer presenting `got` may talk about a VPG assigned
+/// here at `current` only if they are equal (used by the stream's hello and by requests
+/// outside the stream, such as block hashes).
+pub fn check_generation(got: Generation, current: Generation) -> Result<(), FenceError> {
+    if got < current {
+        return Err(FenceError::Stale { got, current });
+    }
+    if got > current {
+        return Err(FenceError::Newer { got, current });
+    }
+    Ok(())
+}
+
 /// Identifies one accepted connection of a sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SessionId(pub u64);
@@ -54,6 +67,8 @@ pub struct StreamFence {
     session: Option<SessionId>,
     sessions: u64,
     expected: Seq,
+    /// Before the first entry of a session: the highest sequence it may start at.
+    first_max: Option<Seq>,
 }
 
 impl StreamFence {
@@ -64,6 +79,7 @@ impl StreamFence {
             session: None,
             sessions: 0,
             expected: Seq(1),
+            first_max: None,
         }
     }
 
@@ -82,23 +98,20 @@ impl StreamFence {
 
     /// A sender says hello; `resume` is the receiver's durable-everywhere position. On
     /// success the new session replaces any earlier one and must send `resume + 1` next.
-    pub fn hello(&mut self, generation: Generation, resume: Seq) -> Result<SessionId, FenceError> {
-        if generation < self.generation {
-            return Err(FenceError::Stale {
-                got: generation,
-                current: self.generation,
-            });
-        }
-        if generation > self.generation {
-            return Err(FenceError::Newer {
-                got: generation,
-                current: self.generation,
-            });
-        }
+    /// A sender says hello: it resumes after `resume`, or (when it cannot resume) starts
+    /// right after `held`, the highest sequence any journal holds.
+    pub fn hello(
+        &mut self,
+        generation: Generation,
+        resume: Seq,
+        held: Seq,
+    ) -> Result<SessionId, FenceError> {
+        check_generation(generation, self.generation)?;
         self.sessions += 1;
         let id = SessionId(self.sessions);
         self.session = Some(id);
         self.expected = resume.next();
+        self.first_max = Some(held.max(resume).next());
         Ok(id)
     }
 
@@ -107,7 +120,13 @@ impl StreamFence {
         if self.session != Some(session) {
             return Err(FenceError::Superseded);
         }
-        if seq != self.expected {
+        let first_max = self.first_max.take();
+        let fits = match first_max {
+            Some(max) => seq >= self.expected && seq <= max,
+            None => seq == self.expected,
+        };
+        if !fits {
+            self.first_max = first_max;
             return Err(FenceError::OutOfSequence {
                 expected: self.expected,
                 got: seq,
@@ -216,21 +235,21 @@ mod tests {
     fn stale_and_newer_generations_are_refused() {
         let mut f = StreamFence::new(Generation(3));
         assert_eq!(
-            f.hello(Generation(2), Seq(0)),
+            f.hello(Generation(2), Seq(0), Seq(0)),
             Err(FenceError::Stale {
                 got: Generation(2),
                 current: Generation(3)
             })
         );
         assert_eq!(
-            f.hello(Generation(4), Seq(0)),
+            f.hello(Generation(4), Seq(0), Seq(0)),
             Err(FenceError::Newer {
                 got: Generation(4),
                 current: Generation(3)
             })
         );
         assert_eq!(f.current(), None);
-        let s = f.hello(Generation(3), Seq(0)).expect("hello");
+        let s = f.hello(Generation(3), Seq(0), Seq(0)).expect("hello");
         f.set_generation(Generation(4));
         assert_eq!(f.accept(s, Seq(1)), Err(FenceError::Superseded));
     }
@@ -238,7 +257,7 @@ mod tests {
     #[test]
     fn entries_must_be_contiguous_from_the_resume_point() {
         let mut f = StreamFence::new(Generation(1));
-        let s = f.hello(Generation(1), Seq(10)).expect("hello");
+        let s = f.hello(Generation(1), Seq(10), Seq(10)).expect("hello");
         assert_eq!(
             f.accept(s, Seq(10)),
             Err(FenceError::OutOfSequence {
@@ -258,11 +277,25 @@ mod tests {
     }
 
     #[test]
+    fn a_rebasing_sender_may_start_right_after_what_the_journals_hold() {
+        let mut f = StreamFence::new(Generation(1));
+        let s = f.hello(Generation(1), Seq(10), Seq(15)).expect("hello");
+        assert!(f.accept(s, Seq(17)).is_err(), "past held + 1");
+        f.accept(s, Seq(16)).expect("held + 1");
+        assert!(f.accept(s, Seq(18)).is_err(), "contiguous after the first");
+        f.accept(s, Seq(17)).expect("next");
+        let s = f.hello(Generation(1), Seq(10), Seq(15)).expect("hello");
+        f.accept(s, Seq(11))
+            .expect("a resuming sender starts at resume + 1");
+        assert!(f.accept(s, Seq(16)).is_err());
+    }
+
+    #[test]
     fn a_new_session_supersedes_the_old_one() {
         let mut f = StreamFence::new(Generation(1));
-        let old = f.hello(Generation(1), Seq(0)).expect("hello");
+        let old = f.hello(Generation(1), Seq(0), Seq(0)).expect("hello");
         f.accept(old, Seq(1)).expect("1");
-        let new = f.hello(Generation(1), Seq(1)).expect("hello");
+        let new = f.hello(Generation(1), Seq(1), Seq(1)).expect("hello");
         assert_eq!(f.accept(old, Seq(2)), Err(FenceError::Superseded));
         f.accept(new, Seq(2)).expect("2");
         f.end(old);

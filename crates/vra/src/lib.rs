@@ -6,8 +6,11 @@
 //!   machines.
 //! - [`protected`] and [`sender`]: the protected role (NBD volumes, replication buffer,
 //!   checkpoint barrier, stream sender).
+//! - [`dirty`] and [`sync`]: what still has to reach the recovery site (dirty map) and the
+//!   syncer that sends it (bitmap, initial and delta sync), with pause and force sync.
 //! - [`recovery`]: the recovery role (journals, receiver actor, acknowledgements,
 //!   point-in-time images).
+//! - [`hashes`]: block hashes and request checks of delta sync, shared by both roles.
 //! - [`vra`]: the registry of VPGs and the domain operations; [`service`]: thin tonic
 //!   services over it; [`state`]: what survives a restart; [`connector`]: the outgoing
 //!   connection seam; [`config`]: process configuration.
@@ -16,8 +19,10 @@
 
 pub mod config;
 pub mod connector;
+pub mod dirty;
 pub mod error;
 pub mod fence;
+pub mod hashes;
 pub mod model;
 pub mod protected;
 mod ranges;
@@ -25,6 +30,7 @@ pub mod recovery;
 pub mod sender;
 pub mod service;
 pub mod state;
+pub mod sync;
 pub mod vra;
 pub mod window;
 

@@ -62,6 +62,9 @@ pub struct ProtectedAssignment {
     pub priority: Priority,
     /// A freeze not thawed within this time aborts itself (milliseconds).
     pub freeze_timeout_ms: u64,
+    /// The replicas already hold a copy: a new assignment starts with a delta sync.
+    #[serde(default)]
+    pub preseeded: bool,
 }
 
 /// A VM of a recovery assignment.
@@ -206,6 +209,7 @@ impl TryFrom<pb::AssignProtectedRequest> for ProtectedAssignment {
             wan_compression: r.wan_compression,
             priority,
             freeze_timeout_ms,
+            preseeded: r.preseeded,
         })
     }
 }
@@ -363,12 +367,14 @@ pub enum EntryBody {
 }
 
 impl EntryBody {
+    /// Buffer cost of an entry besides its data.
+    pub const OVERHEAD: u64 = 64;
+
     /// Bytes this entry holds in the replication buffer.
     pub fn cost(&self) -> u64 {
-        const OVERHEAD: u64 = 64;
         match self {
-            EntryBody::Write { data, .. } => OVERHEAD + data.len() as u64,
-            _ => OVERHEAD,
+            EntryBody::Write { data, .. } => Self::OVERHEAD + data.len() as u64,
+            _ => Self::OVERHEAD,
         }
     }
 
@@ -553,6 +559,7 @@ mod tests {
             wan_compression: true,
             priority: pb::VraPriority::High as i32,
             freeze_timeout_ms: 0,
+            preseeded: false,
         }
     }
 

@@ -2,15 +2,19 @@
 //! bounded replication buffer, the checkpoint barrier actor (freeze / thaw / abort with a
 //! timeout) and the sender task that streams the buffer to the recovery VRA.
 //!
-//! Write path: reserve buffer space (the VRA-wide RAM budget; when it is exhausted the
-//! write waits, which back-pressures the NBD client: no bitmap fallback yet), lock the
+//! Write path: wait while the VPG is frozen (a write that enters after a freeze must land
+//! after that checkpoint's marker, or a checkpoint could hold a write without one it
+//! depends on from another VRA that thawed earlier), reserve buffer space (the VRA-wide
+//! RAM budget; when it stays exhausted, or the stream is down and it is exhausted, the VPG
+//! switches to tracking writes in its dirty map instead, see [`crate::sync`]), lock the
 //! written range of the volume, apply the write to the local image, enter it into the
-//! buffer (which assigns its stream sequence), unlock, then wait while the VPG is frozen,
-//! and acknowledge. Markers enter the buffer without a reservation so that a full buffer
-//! cannot block a thaw.
+//! buffer (which assigns its stream sequence) or mark it dirty, unlock, and acknowledge.
+//! Markers enter the buffer without a reservation so that a full buffer cannot block a
+//! thaw.
 
 use std::{
     io,
+    path::PathBuf,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -20,6 +24,7 @@ use std::{
 
 use bytes::Bytes;
 use tandem_core::ids::{VmId, VpgId};
+use tandem_core::status::SyncTrigger;
 use tandem_journal::{Checkpoint, CheckpointId, Seq, VolumeId};
 use tandem_nbd::{BlockDevice, FileDevice, IoFuture};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
@@ -28,12 +33,46 @@ use tracing::{info, warn};
 
 use crate::{
     connector::Connector,
+    dirty::DirtyMap,
     error::{VraError, VraResult},
     model::{EntryBody, ProtectedAssignment},
-    ranges::RangeLocks,
+    ranges::{RangeGuard, RangeLocks},
     sender,
+    state::write_atomic,
+    sync::{self as syncer, SyncShared},
     window::SendWindow,
 };
+
+/// How long a write waits for buffer space while the stream is up before the VPG switches
+/// to tracking writes in its dirty map (a short burst is absorbed, a slow link is not).
+const BUFFER_WAIT: Duration = Duration::from_millis(200);
+
+/// Whether a write got buffer space or is tracked in the dirty map.
+enum Admission {
+    Buffered(u64),
+    Tracked,
+}
+
+/// How a protected VPG starts.
+#[derive(Debug)]
+pub enum StartKind {
+    /// A new assignment: initial sync (or delta sync for preseeded replicas).
+    New,
+    /// Restored after this VRA restarted: the dirty map it persisted when it stopped
+    /// cleanly (bitmap sync), or none (delta sync: unacknowledged writes may be lost).
+    Restored(Option<DirtyMap>),
+    /// Replacing the assignment of an older generation, whose sync state carries over.
+    Replaced(Carry),
+}
+
+/// The sync state a stopped protected VPG hands to its successor.
+#[derive(Debug, Clone)]
+pub struct Carry {
+    /// Regions still to send (unacknowledged writes folded in).
+    pub map: DirtyMap,
+    /// A delta sync was owed.
+    pub delta_owed: bool,
+}
 
 /// Counters of a protected VPG.
 #[derive(Debug, Default)]
@@ -75,6 +114,11 @@ pub struct ProtectedShared {
     pub last_error: Mutex<String>,
     /// The checkpoint currently frozen (0: none).
     pub frozen_cp: AtomicU64,
+    /// Dirty map, tracking, pause and sync progress.
+    pub sync: SyncShared,
+    /// Set when the window gave up entries: the sender reconnects, so that the stream
+    /// continues wherever the receiver is.
+    pub restart_stream: AtomicBool,
     frozen: watch::Receiver<bool>,
     cancel: CancellationToken,
 }
@@ -92,7 +136,8 @@ impl ProtectedShared {
         }
     }
 
-    async fn reserve(&self, cost: u64) -> io::Result<u64> {
+    /// Reserves buffer space, waiting for it; returns the cost reserved.
+    pub(crate) async fn reserve(&self, cost: u64) -> io::Result<u64> {
         let cost = cost.min(self.budget_total).min(u64::from(u32::MAX));
         let permit = tokio::select! {
             p = self.budget.acquire_many(cost as u32) => p.map_err(|_| shutting_down())?,
@@ -102,10 +147,63 @@ impl ProtectedShared {
         Ok(cost)
     }
 
-    fn push(&self, body: EntryBody, cost: u64) -> Seq {
+    /// Enters an entry holding `cost` reserved bytes into the buffer.
+    pub(crate) fn push_entry(&self, body: EntryBody, cost: u64) -> Seq {
         let seq = self.window().push(body, cost);
         self.wake.notify_one();
         seq
+    }
+
+    async fn admit(&self, want: u64) -> io::Result<Admission> {
+        if self.sync.tracking() {
+            return Ok(Admission::Tracked);
+        }
+        let cost = want.min(self.budget_total).min(u64::from(u32::MAX));
+        match self.budget.try_acquire_many(cost as u32) {
+            Ok(p) => {
+                p.forget();
+                return Ok(Admission::Buffered(cost));
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(shutting_down()),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {}
+        }
+        let connected = self.connected.load(Ordering::Relaxed);
+        if connected && let Ok(r) = tokio::time::timeout(BUFFER_WAIT, self.reserve(cost)).await {
+            return r.map(Admission::Buffered);
+        }
+        self.start_tracking(if connected {
+            SyncTrigger::NetworkCongestion
+        } else {
+            SyncTrigger::RecoveryVraCommunicationProblem
+        });
+        Ok(Admission::Tracked)
+    }
+
+    /// Switches to tracking writes in the dirty map: what the buffer holds is given up and
+    /// marked dirty, and its space is freed. A bitmap sync follows once the stream is up.
+    pub(crate) fn start_tracking(&self, trigger: SyncTrigger) {
+        let mut st = self.sync.lock();
+        if st.tracking {
+            return;
+        }
+        st.tracking = true;
+        if st.trigger.is_none() {
+            st.trigger = Some(trigger);
+        }
+        let (items, freed) = self.window().abandon();
+        fold_into(&mut st.map, &items);
+        drop(st);
+        self.release(freed);
+        self.restart_stream.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+        warn!(vpg = %self.assignment.vpg, trigger = trigger.as_str(), dropped = items.len(), "buffering stopped; writes are tracked for a bitmap sync");
+        self.sync.wake.notify_one();
+    }
+
+    fn mark_dirty(&self, index: usize, offset: u64, len: u64) {
+        if let Some(v) = self.sync.lock().map.volume_mut(index) {
+            v.mark_dirty(offset, len);
+        }
     }
 
     async fn thawed(&self) -> io::Result<()> {
@@ -152,6 +250,8 @@ pub struct ProtectedVolume {
     image: FileDevice,
     vm: Arc<VmId>,
     volume: VolumeId,
+    /// Position in the VPG's dirty map.
+    index: usize,
     ranges: RangeLocks,
     vpg: Arc<ProtectedShared>,
 }
@@ -164,19 +264,97 @@ impl ProtectedVolume {
         apply: IoFuture<'_, ()>,
         body: EntryBody,
     ) -> io::Result<()> {
-        let cost = self.vpg.reserve(body.cost()).await?;
+        self.vpg.thawed().await?;
+        let admission = self.vpg.admit(body.cost()).await?;
         let guard = self.ranges.lock(offset, len).await;
         if let Err(e) = apply.await {
             drop(guard);
-            self.vpg.release(cost);
+            if let Admission::Buffered(cost) = admission {
+                self.vpg.release(cost);
+            }
             return Err(e);
         }
-        self.vpg.push(body, cost);
+        match admission {
+            Admission::Buffered(cost) => {
+                self.vpg.push_entry(body, cost);
+            }
+            Admission::Tracked => self.vpg.mark_dirty(self.index, offset, len),
+        }
         drop(guard);
         let c = &self.vpg.counters;
         c.writes.fetch_add(1, Ordering::Relaxed);
         c.write_bytes.fetch_add(len, Ordering::Relaxed);
-        self.vpg.thawed().await
+        Ok(())
+    }
+
+    /// Volume size in bytes.
+    pub fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &VmId {
+        &self.vm
+    }
+
+    /// The volume id.
+    pub fn volume(&self) -> VolumeId {
+        self.volume
+    }
+
+    /// Locks a range against writes (syncs read under it so that the stream orders their
+    /// data with concurrent writes).
+    pub(crate) async fn lock_range(&self, offset: u64, len: u64) -> RangeGuard<'_> {
+        self.ranges.lock(offset, len).await
+    }
+
+    /// Reads the local image.
+    pub(crate) async fn read_image(&self, offset: u64, len: u64) -> io::Result<Bytes> {
+        let len = u32::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "read too large"))?;
+        self.image.read(offset, len).await
+    }
+
+    /// A stream entry writing `data` at `offset` of this volume.
+    pub(crate) fn write_entry(&self, offset: u64, data: Bytes) -> EntryBody {
+        EntryBody::Write {
+            vm: self.vm.clone(),
+            volume: self.volume,
+            offset,
+            data,
+        }
+    }
+}
+
+/// Marks the ranges of given-up entries dirty.
+fn fold_into(map: &mut DirtyMap, items: &[EntryBody]) {
+    for item in items {
+        let (vm, volume, offset, len) = match item {
+            EntryBody::Write {
+                vm,
+                volume,
+                offset,
+                data,
+            } => (vm, *volume, *offset, data.len() as u64),
+            EntryBody::Zero {
+                vm,
+                volume,
+                offset,
+                len,
+            }
+            | EntryBody::Trim {
+                vm,
+                volume,
+                offset,
+                len,
+            } => (vm, *volume, *offset, *len),
+            EntryBody::Checkpoint(_) => continue,
+        };
+        if let Some(i) = map.index_of(vm, volume)
+            && let Some(v) = map.volume_mut(i)
+        {
+            v.mark_dirty(offset, len);
+        }
     }
 }
 
@@ -293,8 +471,10 @@ impl BarrierActor {
                 let r = match self.frozen {
                     Some((cur, _)) if cur == id => Ok(()),
                     Some((cur, _)) => Err(self.err(format!("checkpoint {cur} is frozen"))),
-                    None if self.shared.needs_sync.load(Ordering::Relaxed) => {
-                        Err(self.err("the vpg needs a sync; no checkpoints until it is done"))
+                    None if self.shared.needs_sync.load(Ordering::Relaxed)
+                        || self.shared.sync.busy() =>
+                    {
+                        Err(self.err("the vpg is syncing; no checkpoints until it is done"))
                     }
                     None if !self.shared.positions().5 => {
                         Err(self.err("the stream to the recovery vra is not established yet"))
@@ -313,7 +493,7 @@ impl BarrierActor {
             BarrierMsg::Thaw { checkpoint, reply } => {
                 let r = match self.frozen {
                     Some((cur, _)) if cur == checkpoint.id => {
-                        let seq = self.shared.push(EntryBody::Checkpoint(checkpoint), 0);
+                        let seq = self.shared.push_entry(EntryBody::Checkpoint(checkpoint), 0);
                         self.release();
                         Ok(seq)
                     }
@@ -356,6 +536,8 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 #[derive(Debug)]
 pub struct ProtectedVpg {
     shared: Arc<ProtectedShared>,
+    /// Where the dirty map is kept across a clean restart.
+    map_path: PathBuf,
     barrier: mpsc::Sender<BarrierMsg>,
     volumes: Vec<(String, Arc<ProtectedVolume>)>,
     cancel: CancellationToken,
@@ -369,9 +551,12 @@ impl std::fmt::Debug for BarrierMsg {
 }
 
 impl ProtectedVpg {
-    /// Opens (creating missing) images and starts the barrier and the sender.
+    /// Opens (creating missing) images and starts the barrier, the sender and the syncer.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         assignment: ProtectedAssignment,
+        start: StartKind,
+        map_path: PathBuf,
         budget: Arc<Semaphore>,
         budget_total: u64,
         connector: Connector,
@@ -380,9 +565,44 @@ impl ProtectedVpg {
     ) -> VraResult<Self> {
         let cancel = parent.child_token();
         let (frozen_tx, frozen_rx) = watch::channel(false);
+        let layout: Vec<(VmId, VolumeId, u64)> = assignment
+            .vms
+            .iter()
+            .flat_map(|vm| vm.volumes.iter().map(|v| (vm.vm.clone(), v.id, v.size)))
+            .collect();
+        let mut window = SendWindow::new();
+        let mut delta = false;
+        let map = match start {
+            StartKind::New => {
+                let mut map = DirtyMap::new(layout);
+                if assignment.preseeded {
+                    delta = true;
+                } else {
+                    for i in 0..map.volumes().len() {
+                        if let Some(v) = map.volume_mut(i) {
+                            v.mark_initial();
+                        }
+                    }
+                }
+                map
+            }
+            StartKind::Restored(Some(saved)) => {
+                window.trust_resync();
+                saved.carry_to(layout)
+            }
+            StartKind::Restored(None) => {
+                delta = true;
+                DirtyMap::new(layout)
+            }
+            StartKind::Replaced(old) => {
+                window.trust_resync();
+                delta = old.delta_owed;
+                old.map.carry_to(layout)
+            }
+        };
         let shared = Arc::new(ProtectedShared {
             assignment: assignment.clone(),
-            window: Mutex::new(SendWindow::new()),
+            window: Mutex::new(window),
             wake: Notify::new(),
             budget,
             budget_total,
@@ -391,20 +611,27 @@ impl ProtectedVpg {
             connected: AtomicBool::new(false),
             last_error: Mutex::new(String::new()),
             frozen_cp: AtomicU64::new(0),
+            sync: SyncShared::new(map),
+            restart_stream: AtomicBool::new(false),
             frozen: frozen_rx,
             cancel: cancel.clone(),
         });
+        if delta {
+            shared.sync.request_delta(None, None);
+        }
         let mut volumes = Vec::new();
         for vm in &assignment.vms {
             let vm_id = Arc::new(vm.vm.clone());
             for vol in &vm.volumes {
                 let image = open_or_create(&vol.path, vol.size)?;
+                let index = volumes.len();
                 volumes.push((
                     export_name(&vm.vm, vol.id),
                     Arc::new(ProtectedVolume {
                         image,
                         vm: vm_id.clone(),
                         volume: vol.id,
+                        index,
                         ranges: RangeLocks::default(),
                         vpg: shared.clone(),
                     }),
@@ -422,14 +649,21 @@ impl ProtectedVpg {
         tasks.spawn(actor.run(cancel.clone()));
         tasks.spawn(sender::run(
             shared.clone(),
-            connector,
+            connector.clone(),
             host_id,
+            cancel.clone(),
+        ));
+        tasks.spawn(syncer::run(
+            shared.clone(),
+            volumes.iter().map(|(_, v)| v.clone()).collect(),
+            connector,
             cancel.clone(),
         ));
         tasks.close();
         info!(vpg = %assignment.vpg, generation = assignment.generation.0, volumes = volumes.len(), "protected vpg started");
         Ok(Self {
             shared,
+            map_path,
             barrier: tx,
             volumes,
             cancel,
@@ -485,13 +719,93 @@ impl ProtectedVpg {
         self.ask(|reply| BarrierMsg::Abort { id, reply }).await
     }
 
-    /// Stops the barrier and the sender, releases the buffer.
-    pub async fn stop(&self) {
+    /// Pauses protection: writes are tracked in the dirty map until [`ProtectedVpg::resume`].
+    pub fn pause(&self) {
+        self.shared.sync.lock().paused = true;
+        self.shared
+            .start_tracking(SyncTrigger::RecoveryVraCommunicationProblem);
+        // A pause is the operator's, not a trigger of the seed's.
+        self.shared.sync.lock().trigger = None;
+    }
+
+    /// Resumes protection; a bitmap sync follows.
+    pub fn resume(&self) {
+        self.shared.sync.lock().paused = false;
+        self.shared.sync.wake.notify_one();
+    }
+
+    /// Asks for a delta sync of every volume, or of one (`vm`, `volume`).
+    pub fn force_sync(&self, volume: Option<(&VmId, VolumeId)>) -> VraResult<()> {
+        let index = match volume {
+            None => None,
+            Some((vm, vol)) => Some(
+                self.volumes
+                    .iter()
+                    .position(|(_, v)| v.vm() == vm && v.volume() == vol)
+                    .ok_or_else(|| {
+                        tandem_core::DomainError::not_found("volume", format!("{vm}/{vol}"))
+                    })?,
+            ),
+        };
+        self.shared
+            .sync
+            .request_delta(index, Some(SyncTrigger::ForceSync));
+        Ok(())
+    }
+
+    /// Stops the barrier, the sender and the syncer and releases the buffer. Returns what
+    /// a successor needs: the dirty map with everything unacknowledged folded in, and
+    /// whether a delta sync was owed. With `persist`, the map is also saved so that a
+    /// restart resumes with a bitmap sync (not when a delta sync was owed: only hashes can
+    /// tell what differs then, and without a saved map a restart does a delta sync).
+    pub async fn stop(&self, persist: bool) -> Carry {
         self.cancel.cancel();
         self.tasks.wait().await;
-        let freed = self.shared.window().clear();
-        self.shared.release(freed);
+        let carry = {
+            let mut st = self.shared.sync.lock();
+            let (items, freed) = self.shared.window().abandon();
+            fold_into(&mut st.map, &items);
+            self.shared.release(freed);
+            Carry {
+                map: st.map.clone(),
+                delta_owed: st.delta.is_some() || self.shared.needs_sync.load(Ordering::Relaxed),
+            }
+        };
+        if persist && !carry.delta_owed {
+            if let Some(dir) = self.map_path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            match write_atomic(&self.map_path, &carry.map.encode()) {
+                Ok(()) => {
+                    info!(vpg = %self.shared.assignment.vpg, dirty_bytes = carry.map.pending_bytes(), "dirty map saved")
+                }
+                Err(e) => {
+                    warn!(vpg = %self.shared.assignment.vpg, error = %e, "could not save the dirty map; a delta sync follows the restart")
+                }
+            }
+        } else {
+            let _ = std::fs::remove_file(&self.map_path);
+        }
         info!(vpg = %self.shared.assignment.vpg, "protected vpg stopped");
+        carry
+    }
+
+    /// Where the dirty map of `vpg` is kept under a VRA's data directory.
+    pub fn map_path(data_dir: &std::path::Path, vpg: &VpgId) -> PathBuf {
+        data_dir.join("protected").join(format!("{vpg}.dirty"))
+    }
+
+    /// Loads (and removes: it only stands for the clean stop that wrote it) a saved map.
+    pub fn take_saved_map(path: &std::path::Path) -> Option<DirtyMap> {
+        let bytes = std::fs::read(path).ok()?;
+        let _ = std::fs::remove_file(path);
+        match DirtyMap::decode(&bytes) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "ignoring a damaged dirty map; a delta sync follows");
+                None
+            }
+        }
     }
 }
 

@@ -2,7 +2,8 @@
 //! every journal carries stream sequence numbers), the receiver actor that fences senders
 //! and appends their entries, the acknowledgement path (computed by [`AckTracker`],
 //! persisted as a floor in `stream.json`, then sent), periodic journal maintenance
-//! (promotion of history older than the window), and point-in-time images.
+//! (promotion of history older than the window), point-in-time images, and block hashes
+//! of the newest durable image for delta sync ([`RecoveryVpg::block_hashes`]).
 //!
 //! Tasks of a VPG: the actor; one durability forwarder per journal (wakes the actor when
 //! a journal's durable position moves); the ack persister; the maintenance ticker. All
@@ -24,18 +25,27 @@ use tandem_journal::{
     CheckpointId, CheckpointState, Generation, ImageOptions, Journal, JournalConfig,
     PointInTimeImage, RecordBody, Seq, UnixMillis, VolumeId, VolumeSpec,
 };
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{
     error::{VraError, VraResult},
-    fence::{AckTracker, FenceError, SessionId, StreamFence},
+    fence::{AckTracker, FenceError, SessionId, StreamFence, check_generation},
+    hashes,
     model::{Entry, EntryBody, RecoveryAssignment},
 };
 
 /// How often journals are maintained (history window promotion, limits).
 const MAINTAIN_EVERY: Duration = Duration::from_secs(5);
+
+/// Bytes of an image read and hashed at a time (a whole number of blocks of any
+/// allowed block size).
+const HASH_CHUNK: usize = hashes::MAX_BLOCK_SIZE as usize;
+
+/// Block hashing jobs run one at a time in the process: a job keeps one core busy (up to
+/// 1 GiB of BLAKE3), and the replication receivers keep the other.
+static HASHING: Semaphore = Semaphore::const_new(1);
 
 /// A checkpoint of the VPG as seen across its journals.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +87,7 @@ struct StreamFloor {
 enum Msg {
     Hello {
         generation: Generation,
-        reply: oneshot::Sender<VraResult<(SessionId, Seq)>>,
+        reply: oneshot::Sender<VraResult<(SessionId, Seq, Seq)>>,
     },
     Batch {
         session: SessionId,
@@ -155,16 +165,23 @@ impl Actor {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Hello { generation, reply } => {
-                // Resume after everything received once it is durable: the sender
-                // resends the rest; journals skip what they already hold.
-                // Resume after the persisted acknowledgement: everything up to it is
-                // durable everywhere; journals skip resent entries they already hold.
+                // A resuming sender continues after the persisted acknowledgement (everything
+                // up to it is durable everywhere; journals skip resent entries they hold); a
+                // sender that cannot resume starts after everything any journal holds.
                 self.refresh_durable();
                 let resume = *self.persisted.borrow();
+                let held = self
+                    .lanes
+                    .iter()
+                    .map(|l| l.journal.last_seq())
+                    .max()
+                    .unwrap_or(Seq(0))
+                    .max(self.tracker.received_seq())
+                    .max(resume);
                 let r = self
                     .fence
-                    .hello(generation, resume)
-                    .map(|s| (s, resume))
+                    .hello(generation, resume, held)
+                    .map(|s| (s, resume, held))
                     .map_err(|e| self.fence_error(e));
                 if r.is_ok() {
                     self.counters.sessions.fetch_add(1, Ordering::Relaxed);
@@ -197,19 +214,7 @@ impl Actor {
     }
 
     fn fence_error(&self, e: FenceError) -> VraError {
-        match e {
-            FenceError::Stale { got, current } => VraError::StaleGeneration {
-                vpg: self.vpg.clone(),
-                got,
-                current,
-            },
-            FenceError::Newer { got, current } => VraError::UnknownGeneration {
-                vpg: self.vpg.clone(),
-                got,
-                current,
-            },
-            other => VraError::Stream(other.to_string()),
-        }
+        fence_error(&self.vpg, e)
     }
 
     fn batch(&mut self, session: SessionId, entries: Vec<Entry>) -> VraResult<()> {
@@ -535,14 +540,15 @@ impl RecoveryVpg {
         rx.await.map_err(|_| VraError::ShuttingDown)
     }
 
-    /// Accepts a sender; returns the session and where it resumes, and a receiver of the
-    /// acknowledged position.
+    /// Accepts a sender; returns the session, where it resumes, the highest sequence any
+    /// journal holds (where a sender that cannot resume starts after), and a receiver of
+    /// the acknowledged position.
     pub async fn hello(
         &self,
         generation: Generation,
-    ) -> VraResult<(SessionId, Seq, watch::Receiver<Seq>)> {
-        let (s, resume) = self.ask(|reply| Msg::Hello { generation, reply }).await??;
-        Ok((s, resume, self.acked.clone()))
+    ) -> VraResult<(SessionId, Seq, Seq, watch::Receiver<Seq>)> {
+        let (s, resume, held) = self.ask(|reply| Msg::Hello { generation, reply }).await??;
+        Ok((s, resume, held, self.acked.clone()))
     }
 
     /// Appends a batch of a session's entries (returns once they are handed to the
@@ -610,12 +616,136 @@ impl RecoveryVpg {
         Ok(image)
     }
 
+    /// Checks a peer's generation against the assignment's, as the stream's hello does
+    /// (older: fenced as stale; newer: not assigned here yet).
+    pub fn check_generation(&self, generation: Generation) -> VraResult<()> {
+        check_generation(generation, self.assignment.generation)
+            .map_err(|e| fence_error(&self.assignment.vpg, e))
+    }
+
+    /// Hashes of the newest durable image of one volume (replica plus every durable
+    /// journal record, checkpoint or not) over `length` bytes from `offset` in blocks of
+    /// `block_size` ([`hashes::check_request`] says which ranges are valid), and the stream
+    /// sequence the image reflects: every entry of the stream up to it that touches the
+    /// volume is in the image. The peer's `generation` is fenced first, as for the stream.
+    ///
+    /// The image is read and hashed on a blocking thread, one job at a time in the process,
+    /// never through the VPG's actor, so the replication stream keeps flowing. While it
+    /// runs, the image pins its position against promotion. Dropping the future stops the
+    /// job at its next chunk.
+    pub async fn block_hashes(
+        &self,
+        generation: Generation,
+        vm: &VmId,
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+        block_size: u32,
+    ) -> VraResult<(Vec<u8>, Seq)> {
+        self.check_generation(generation)?;
+        let spec = self
+            .assignment
+            .vms
+            .iter()
+            .find(|v| &v.vm == vm)
+            .ok_or_else(|| tandem_core::DomainError::not_found("vm", vm))?;
+        let size = spec
+            .volumes
+            .iter()
+            .find(|v| v.id == volume)
+            .ok_or_else(|| tandem_core::DomainError::not_found("volume", format!("{vm}/{volume}")))?
+            .size;
+        let blocks = hashes::check_request(offset, length, block_size, size)?;
+        let journal = self
+            .journals
+            .iter()
+            .find(|(v, _)| v == vm)
+            .map(|(_, j)| j.clone())
+            .ok_or_else(|| tandem_core::DomainError::not_found("vm", vm))?;
+        let _permit = HASHING
+            .acquire()
+            .await
+            .map_err(|_| VraError::ShuttingDown)?;
+        // Durable in every journal before the image is opened, so in it too.
+        let acked = *self.acked.borrow();
+        let cancel = self.cancel.child_token();
+        let _stop_on_drop = cancel.clone().drop_guard();
+        let started = std::time::Instant::now();
+        let dir = journal.dir().to_path_buf();
+        let hashed = tokio::task::spawn_blocking(move || {
+            let image = journal.open_latest_image(volume, &ImageOptions::default())?;
+            let hashes = hash_image(&image, offset, length, block_size, &cancel)
+                .map_err(VraError::io("hash latest image", dir))?;
+            Ok::<_, VraError>((hashes, image.seq()))
+        })
+        .await
+        .map_err(|_| VraError::ShuttingDown)?;
+        if self.cancel.is_cancelled() {
+            return Err(VraError::ShuttingDown);
+        }
+        let (hashes, seq) = hashed?;
+        debug!(
+            vpg = %self.assignment.vpg,
+            vm = %vm,
+            volume = volume.0,
+            offset,
+            length,
+            blocks,
+            image_seq = seq.0,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "block hashes computed"
+        );
+        Ok((hashes, seq.max(acked)))
+    }
+
     /// Stops the VPG's tasks; the journals close when the last image of them is gone.
     pub async fn stop(&self) {
         self.cancel.cancel();
         self.tasks.wait().await;
         info!(vpg = %self.assignment.vpg, "recovery vpg stopped");
     }
+}
+
+fn fence_error(vpg: &VpgId, e: FenceError) -> VraError {
+    match e {
+        FenceError::Stale { got, current } => VraError::StaleGeneration {
+            vpg: vpg.clone(),
+            got,
+            current,
+        },
+        FenceError::Newer { got, current } => VraError::UnknownGeneration {
+            vpg: vpg.clone(),
+            got,
+            current,
+        },
+        other => VraError::Stream(other.to_string()),
+    }
+}
+
+/// Reads `length` bytes of `image` from `offset` in [`HASH_CHUNK`] pieces and hashes them
+/// in blocks of `block_size` (the last one possibly short); stops once `cancel` fires.
+fn hash_image(
+    image: &PointInTimeImage,
+    offset: u64,
+    length: u64,
+    block_size: u32,
+    cancel: &CancellationToken,
+) -> std::io::Result<Vec<u8>> {
+    let block = block_size as usize;
+    let mut out =
+        Vec::with_capacity(length.div_ceil(u64::from(block_size)) as usize * hashes::HASH_LEN);
+    let mut buf = vec![0u8; HASH_CHUNK.min(usize::try_from(length).unwrap_or(HASH_CHUNK))];
+    let mut done = 0;
+    while done < length {
+        if cancel.is_cancelled() {
+            return Err(std::io::Error::other("block hashing cancelled"));
+        }
+        let n = (length - done).min(buf.len() as u64) as usize;
+        image.read_at(offset + done, &mut buf[..n])?;
+        hashes::hash_blocks(&buf[..n], block, &mut out);
+        done += n as u64;
+    }
+    Ok(out)
 }
 
 fn floor_path(dir: &Path) -> PathBuf {

@@ -95,6 +95,7 @@ async fn session(
         .max_decoding_message_size(MAX_STREAM_MESSAGE)
         .max_encoding_message_size(MAX_STREAM_MESSAGE);
     let (tx, rx) = mpsc::channel::<pb::ReplicateRequest>(4);
+    shared.restart_stream.store(false, Ordering::Relaxed);
     let resume_from = shared
         .window
         .lock()
@@ -123,7 +124,7 @@ async fn session(
         .window
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .on_connected(Seq(first.durable_seq));
+        .on_connected(Seq(first.durable_seq), Seq(first.held_seq));
     shared.release(resume.freed);
     if resume.lost {
         shared.needs_sync.store(true, Ordering::Relaxed);
@@ -138,6 +139,11 @@ async fn session(
     info!(vpg = %a.vpg, from = resume.from.0, rebased = resume.rebased, "replication stream established");
 
     loop {
+        if shared.restart_stream.load(Ordering::Relaxed) {
+            return Err(SessionError::Protocol(
+                "restarting the stream after giving up buffered entries".into(),
+            ));
+        }
         let has_unsent = shared
             .window
             .lock()

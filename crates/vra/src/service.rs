@@ -164,6 +164,39 @@ impl VraControl for ControlService {
     ) -> Result<Response<pb::VraStatus>, Status> {
         Ok(Response::new(self.vra.status().await))
     }
+
+    async fn pause(
+        &self,
+        req: Request<pb::PauseRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let vpg = parse_vpg(&req.into_inner().vpg_id).map_err(status)?;
+        self.vra.pause(&vpg).await.map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
+    async fn resume(
+        &self,
+        req: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let vpg = parse_vpg(&req.into_inner().vpg_id).map_err(status)?;
+        self.vra.resume(&vpg).await.map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
+    async fn force_sync(
+        &self,
+        req: Request<pb::ForceSyncRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        let volume = if r.vm_id.is_empty() {
+            None
+        } else {
+            Some((parse_vm(&r.vm_id).map_err(status)?, VolumeId(r.volume_id)))
+        };
+        self.vra.force_sync(&vpg, volume).await.map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
 }
 
 /// The `Replication` service (receiver side).
@@ -201,7 +234,7 @@ impl Replication for ReplicationService {
             ));
         };
         let vpg = parse_vpg(&hello.vpg_id).map_err(status)?;
-        let (rvpg, session, resume, acked) = self
+        let (rvpg, session, resume, held, acked) = self
             .vra
             .replicate_hello(&vpg, Generation(hello.generation))
             .await
@@ -209,10 +242,11 @@ impl Replication for ReplicationService {
                 warn!(vpg = %vpg, sender = %hello.sender_id, generation = hello.generation, error = %e, "replication sender refused");
                 status(e)
             })?;
-        info!(vpg = %vpg, sender = %hello.sender_id, sender_from = hello.resume_from, resume = resume.0, "replication sender accepted");
+        info!(vpg = %vpg, sender = %hello.sender_id, sender_from = hello.resume_from, resume = resume.0, held = held.0, "replication sender accepted");
         let (tx, rx) = mpsc::channel(16);
         tx.try_send(Ok(pb::ReplicateAck {
             durable_seq: resume.0,
+            held_seq: held.0,
         }))
         .map_err(|_| Status::internal("ack channel"))?;
         let cancel = rvpg.cancel_token();
@@ -220,6 +254,37 @@ impl Replication for ReplicationService {
             rvpg, session, resume, inbound, acked, tx, cancel,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn block_hashes(
+        &self,
+        req: Request<pb::BlockHashesRequest>,
+    ) -> Result<Response<pb::BlockHashesResponse>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        let vm = parse_vm(&r.vm_id).map_err(status)?;
+        let (hashes, seq) = self
+            .vra
+            .recovery(&vpg)
+            .await
+            .map_err(status)?
+            .block_hashes(
+                Generation(r.generation),
+                &vm,
+                VolumeId(r.volume_id),
+                r.offset,
+                r.length,
+                r.block_size,
+            )
+            .await
+            .map_err(|e| {
+                debug!(vpg = %vpg, vm = %vm, volume = r.volume_id, error = %e, "block hashes refused");
+                status(e)
+            })?;
+        Ok(Response::new(pb::BlockHashesResponse {
+            hashes,
+            durable_seq: seq.0,
+        }))
     }
 }
 
@@ -284,7 +349,10 @@ async fn run_session(
         if pending {
             let ack = (*acked.borrow()).min(received);
             if ack > last_acked {
-                match tx.try_send(Ok(pb::ReplicateAck { durable_seq: ack.0 })) {
+                match tx.try_send(Ok(pb::ReplicateAck {
+                    durable_seq: ack.0,
+                    held_seq: 0,
+                })) {
                     Ok(()) => {
                         last_acked = ack;
                         pending = ack < *acked.borrow();

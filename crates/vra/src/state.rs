@@ -86,6 +86,7 @@ mod tests {
                 wan_compression: true,
                 priority: tandem_core::vpg::Priority::Low,
                 freeze_timeout_ms: 100,
+                preseeded: false,
             }],
             recovery: vec![],
         };

@@ -25,7 +25,7 @@ use crate::{
     error::{VraError, VraResult},
     fence::SessionId,
     model::{ProtectedAssignment, RecoveryAssignment},
-    protected::ProtectedVpg,
+    protected::{ProtectedVpg, StartKind},
     recovery::{RecoveryVpg, VpgCheckpoint},
     state::{self, Assignments},
 };
@@ -133,7 +133,11 @@ impl Vra {
         }
         for a in saved.protected {
             let vpg = a.vpg.clone();
-            if let Err(e) = self.assign_protected(a).await {
+            let path = ProtectedVpg::map_path(&self.inner.settings.data_dir, &vpg);
+            let map = tokio::task::spawn_blocking(move || ProtectedVpg::take_saved_map(&path))
+                .await
+                .map_err(|_| VraError::ShuttingDown)?;
+            if let Err(e) = self.start_protected(a, StartKind::Restored(map)).await {
                 warn!(vpg = %vpg, error = %e, "restoring protected assignment failed");
             }
         }
@@ -167,6 +171,10 @@ impl Vra {
 
     /// Takes the protected role for a VPG (or replaces it at a newer generation).
     pub async fn assign_protected(&self, a: ProtectedAssignment) -> VraResult<()> {
+        self.start_protected(a, StartKind::New).await
+    }
+
+    async fn start_protected(&self, a: ProtectedAssignment, mut start: StartKind) -> VraResult<()> {
         let mut vpgs = self.inner.vpgs.lock().await;
         if let Some(role) = vpgs.get(&a.vpg) {
             let Role::Protected(p) = role else {
@@ -188,11 +196,13 @@ impl Vra {
             }
             let old = p.clone();
             self.remove_protected_exports(&old);
-            old.stop().await;
+            start = StartKind::Replaced(old.stop(false).await);
             vpgs.remove(&a.vpg);
         }
         let p = ProtectedVpg::start(
             a.clone(),
+            start,
+            ProtectedVpg::map_path(&self.inner.settings.data_dir, &a.vpg),
             self.inner.budget.clone(),
             self.inner.settings.buffer_bytes,
             self.inner.connector.clone(),
@@ -206,7 +216,7 @@ impl Vra {
                 for n in &added {
                     self.inner.exports.remove(n);
                 }
-                p.stop().await;
+                p.stop(false).await;
                 return Err(e.into());
             }
             added.push(name.clone());
@@ -293,7 +303,7 @@ impl Vra {
         match &role {
             Role::Protected(p) => {
                 self.remove_protected_exports(p);
-                p.stop().await;
+                p.stop(false).await;
             }
             Role::Recovery(r) => {
                 self.remove_pit_exports(vpg);
@@ -325,7 +335,8 @@ impl Vra {
         }
     }
 
-    async fn recovery(&self, vpg: &VpgId) -> VraResult<Arc<RecoveryVpg>> {
+    /// The recovery role of a VPG (not found, or the wrong role, as an error).
+    pub async fn recovery(&self, vpg: &VpgId) -> VraResult<Arc<RecoveryVpg>> {
         match self.role(vpg).await? {
             Role::Recovery(r) => Ok(r),
             Role::Protected(_) => Err(VraError::WrongRole {
@@ -333,6 +344,25 @@ impl Vra {
                 role: "protected",
             }),
         }
+    }
+
+    /// Pauses protection of a VPG (its writes are tracked for a bitmap sync).
+    pub async fn pause(&self, vpg: &VpgId) -> VraResult<()> {
+        self.protected(vpg).await?.pause();
+        Ok(())
+    }
+
+    /// Resumes protection of a VPG; a bitmap sync follows.
+    pub async fn resume(&self, vpg: &VpgId) -> VraResult<()> {
+        self.protected(vpg).await?.resume();
+        Ok(())
+    }
+
+    /// Delta sync of a VPG, or of one of its volumes.
+    pub async fn force_sync(&self, vpg: &VpgId, volume: Option<(VmId, VolumeId)>) -> VraResult<()> {
+        self.protected(vpg)
+            .await?
+            .force_sync(volume.as_ref().map(|(vm, v)| (vm, *v)))
     }
 
     /// Checkpoint barrier: freeze.
@@ -413,10 +443,10 @@ impl Vra {
         &self,
         vpg: &VpgId,
         generation: Generation,
-    ) -> VraResult<(Arc<RecoveryVpg>, SessionId, Seq, watch::Receiver<Seq>)> {
+    ) -> VraResult<(Arc<RecoveryVpg>, SessionId, Seq, Seq, watch::Receiver<Seq>)> {
         let r = self.recovery(vpg).await?;
-        let (session, resume, acked) = r.hello(generation).await?;
-        Ok((r, session, resume, acked))
+        let (session, resume, held, acked) = r.hello(generation).await?;
+        Ok((r, session, resume, held, acked))
     }
 
     /// The status of the VRA and its VPGs.
@@ -429,6 +459,7 @@ impl Vra {
                 Role::Protected(p) => {
                     let s = p.shared();
                     let (written, sent, acked, bytes, entries, _) = s.positions();
+                    let sync = s.sync.lock();
                     used += bytes;
                     let c = &s.counters;
                     let connected = s.connected.load(Ordering::Relaxed);
@@ -461,6 +492,11 @@ impl Vra {
                             .unwrap_or_else(PoisonError::into_inner)
                             .clone(),
                         reconnects: c.reconnects.load(Ordering::Relaxed),
+                        sync: sync.current_pb(),
+                        last_sync: sync.last.as_ref().map(|p| p.to_pb()),
+                        dirty_bytes: sync.map.pending_bytes(),
+                        tracking: sync.tracking,
+                        paused: sync.paused,
                         ..Default::default()
                     });
                 }
@@ -529,7 +565,8 @@ impl Vra {
             .collect();
         for role in vpgs {
             match role {
-                Role::Protected(p) => p.stop().await,
+                // A clean stop keeps the dirty map: the restart does a bitmap sync.
+                Role::Protected(p) => drop(p.stop(true).await),
                 Role::Recovery(r) => r.stop().await,
             }
         }

@@ -68,6 +68,9 @@ pub struct SendWindow<T> {
     cursor: Seq,
     anchored: bool,
     bytes: u64,
+    /// Set when what the window dropped is tracked elsewhere (the dirty map): the next
+    /// connection rebases without loss if the receiver holds at least this much.
+    resync_floor: Option<Seq>,
 }
 
 impl<T: Clone> Default for SendWindow<T> {
@@ -86,6 +89,7 @@ impl<T: Clone> SendWindow<T> {
             cursor: Seq(1),
             anchored: false,
             bytes: 0,
+            resync_floor: None,
         }
     }
 
@@ -103,10 +107,12 @@ impl<T: Clone> SendWindow<T> {
         self.entries.front().map_or(self.next_seq, |h| h.seq)
     }
 
-    /// A connection is established and the receiver holds everything up to `durable`.
-    /// Frees what it already has and moves the cursor right after it; renumbers the
-    /// window when it cannot continue from there (see the module docs).
-    pub fn on_connected(&mut self, durable: Seq) -> Resume {
+    /// A connection is established and the receiver holds everything up to `durable`
+    /// durably, and entries up to `held` in some journal. Frees what it already has and
+    /// moves the cursor right after it; when it cannot continue from there (see the module
+    /// docs) it renumbers the window to start after `held`, so that no entry collides with
+    /// one an earlier incarnation of this sender left at the receiver.
+    pub fn on_connected(&mut self, durable: Seq, held: Seq) -> Resume {
         let continues = self.anchored && durable >= self.acked && durable < self.next_seq;
         if continues {
             let freed = self.free_through(durable);
@@ -119,16 +125,21 @@ impl<T: Clone> SendWindow<T> {
                 lost: false,
             };
         }
-        // Fresh on both sides is the only rebase that loses nothing.
-        let lost = self.anchored || durable > Seq(0);
-        let mut seq = durable;
+        // Fresh on both sides is the only rebase that loses nothing, unless what was dropped
+        // is tracked for a sync and the receiver kept everything it acknowledged.
+        let lost = match self.resync_floor.take() {
+            Some(floor) => durable < floor,
+            None => self.anchored || durable > Seq(0),
+        };
+        let base = durable.max(held);
+        let mut seq = base;
         for h in &mut self.entries {
             seq = seq.next();
             h.seq = seq;
         }
         self.next_seq = seq.next();
         self.acked = durable;
-        self.cursor = durable.next();
+        self.cursor = base.next();
         self.anchored = true;
         Resume {
             from: self.cursor,
@@ -236,6 +247,32 @@ impl<T: Clone> SendWindow<T> {
         self.entries.is_empty()
     }
 
+    /// Gives up the entries held (the caller tracks their regions for a sync instead) and
+    /// unanchors the window: the next connection continues wherever the receiver is,
+    /// without counting the dropped entries as lost. Returns them and the cost freed.
+    pub fn abandon(&mut self) -> (Vec<T>, u64) {
+        let items = self.entries.drain(..).map(|h| h.item).collect();
+        let freed = std::mem::take(&mut self.bytes);
+        let floor = if self.anchored {
+            self.acked
+        } else {
+            self.resync_floor.unwrap_or(Seq(0))
+        };
+        self.resync_floor = Some(floor);
+        self.anchored = false;
+        self.cursor = self.next_seq;
+        (items, freed)
+    }
+
+    /// Trusts a sync to cover whatever an earlier incarnation of this sender did not get
+    /// acknowledged (a clean restart with a persisted dirty map): the first connection
+    /// rebases without counting anything as lost.
+    pub fn trust_resync(&mut self) {
+        if !self.anchored {
+            self.resync_floor = Some(Seq(0));
+        }
+    }
+
     /// Drops everything held; returns the buffer cost freed (the VPG goes away).
     pub fn clear(&mut self) -> u64 {
         self.entries.clear();
@@ -262,7 +299,7 @@ mod tests {
             !w.has_unsent(),
             "nothing is sent before the first connection"
         );
-        let r = w.on_connected(Seq(0));
+        let r = w.on_connected(Seq(0), Seq(0));
         assert_eq!(
             r,
             Resume {
@@ -281,9 +318,55 @@ mod tests {
     }
 
     #[test]
+    fn abandoned_entries_are_returned_and_the_next_connection_rebases_without_loss() {
+        let mut w = SendWindow::new();
+        w.on_connected(Seq(0), Seq(0));
+        for i in 0..4u32 {
+            w.push(i, 10);
+        }
+        w.next_batch(1000, 10);
+        assert_eq!(w.on_ack(Seq(2)), Ok(20));
+        let (items, freed) = w.abandon();
+        assert_eq!((items, freed), (vec![2, 3], 20));
+        assert!(!w.has_unsent());
+        w.push(9, 10);
+        // The receiver got one more than was acknowledged: nothing is lost.
+        let r = w.on_connected(Seq(3), Seq(3));
+        assert!(r.rebased && !r.lost, "{r:?}");
+        assert_eq!(seqs(&w.next_batch(1000, 10)), vec![4]);
+        // A receiver behind what it acknowledged lost data.
+        let (_, _) = w.abandon();
+        assert!(w.on_connected(Seq(1), Seq(1)).lost);
+    }
+
+    #[test]
+    fn a_rebase_numbers_after_everything_the_receiver_holds() {
+        let mut w = SendWindow::new();
+        w.push(1u32, 10);
+        w.push(2, 10);
+        w.trust_resync();
+        let r = w.on_connected(Seq(5), Seq(9));
+        assert!(r.rebased && !r.lost, "{r:?}");
+        assert_eq!(r.from, Seq(10));
+        assert_eq!(seqs(&w.next_batch(1000, 10)), vec![10, 11]);
+        // Acks between durable and held free nothing and are not errors.
+        assert_eq!(w.on_ack(Seq(8)), Ok(0));
+        assert_eq!(w.on_ack(Seq(10)), Ok(10));
+    }
+
+    #[test]
+    fn a_trusted_resync_rebases_a_restarted_sender_without_loss() {
+        let mut w = SendWindow::<u32>::new();
+        w.trust_resync();
+        assert!(!w.on_connected(Seq(77), Seq(77)).lost);
+        let mut plain = SendWindow::<u32>::new();
+        assert!(plain.on_connected(Seq(77), Seq(77)).lost);
+    }
+
+    #[test]
     fn reconnect_resends_after_the_receivers_durable_position() {
         let mut w = SendWindow::new();
-        w.on_connected(Seq(0));
+        w.on_connected(Seq(0), Seq(0));
         for i in 0..5 {
             w.push(i, 10);
         }
@@ -291,7 +374,7 @@ mod tests {
         w.on_ack(Seq(2)).expect("ack");
         w.on_disconnected();
         // The receiver made 3 durable before the link dropped.
-        let r = w.on_connected(Seq(3));
+        let r = w.on_connected(Seq(3), Seq(3));
         assert_eq!(
             r,
             Resume {
@@ -308,7 +391,7 @@ mod tests {
     #[test]
     fn batches_respect_cost_and_count_but_take_at_least_one() {
         let mut w = SendWindow::new();
-        w.on_connected(Seq(0));
+        w.on_connected(Seq(0), Seq(0));
         w.push(1, 500);
         w.push(2, 500);
         w.push(3, 500);
@@ -323,7 +406,7 @@ mod tests {
     #[test]
     fn bad_acks_are_refused() {
         let mut w = SendWindow::new();
-        w.on_connected(Seq(0));
+        w.on_connected(Seq(0), Seq(0));
         w.push(1u32, 1);
         w.push(2, 1);
         w.next_batch(1, 1);
@@ -349,7 +432,7 @@ mod tests {
         let mut w = SendWindow::new();
         w.push(1u32, 1);
         w.push(2, 1);
-        let r = w.on_connected(Seq(41));
+        let r = w.on_connected(Seq(41), Seq(41));
         assert_eq!(
             r,
             Resume {
@@ -366,14 +449,14 @@ mod tests {
     #[test]
     fn receiver_that_lost_acknowledged_entries_forces_a_rebase() {
         let mut w = SendWindow::new();
-        w.on_connected(Seq(0));
+        w.on_connected(Seq(0), Seq(0));
         for i in 0..4 {
             w.push(i, 1);
         }
         w.next_batch(100, 10);
         w.on_ack(Seq(3)).expect("ack");
         w.on_disconnected();
-        let r = w.on_connected(Seq(1));
+        let r = w.on_connected(Seq(1), Seq(1));
         assert!(r.rebased && r.lost);
         assert_eq!(seqs(&w.next_batch(100, 10)), vec![2]);
     }
@@ -386,7 +469,7 @@ mod tests {
         #[test]
         fn window_invariants(ops in proptest::collection::vec((0u8..4, 0u64..8), 1..200)) {
             let mut w = SendWindow::new();
-            w.on_connected(Seq(0));
+            w.on_connected(Seq(0), Seq(0));
             let mut durable_at_receiver = Seq(0);
             let mut pushed = 0u64;
             for (op, arg) in ops {
@@ -408,7 +491,7 @@ mod tests {
                         let sent = w.sent_seq();
                         w.on_disconnected();
                         let d = Seq(durable_at_receiver.0 + arg.min(sent.0.saturating_sub(durable_at_receiver.0)));
-                        let r = w.on_connected(d);
+                        let r = w.on_connected(d, d);
                         prop_assert!(!r.rebased && !r.lost);
                         prop_assert_eq!(r.from, d.next());
                         durable_at_receiver = d;

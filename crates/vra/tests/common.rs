@@ -136,6 +136,11 @@ pub struct TestVm {
     pub sizes: Vec<u64>,
 }
 
+/// Replica path of a volume on the recovery VRA.
+pub fn replica_path(root: &Path, vm: &str, vol: u32) -> PathBuf {
+    root.join("ds-b").join(format!("{vm}-{vol}.replica"))
+}
+
 /// Source image path of a volume on the protected VRA.
 pub fn image_path(root: &Path, vm: &str, vol: u32) -> PathBuf {
     root.join("ds-a").join(format!("{vm}-{vol}.img"))
@@ -150,6 +155,34 @@ pub async fn assign(
     generation: u64,
     vms: &[TestVm],
     compression: bool,
+) {
+    assign_with(
+        root,
+        a,
+        b,
+        vpg,
+        generation,
+        vms,
+        compression,
+        &b.control,
+        false,
+    )
+    .await;
+}
+
+/// [`assign`], with the address the protected VRA reaches `b` at (a link proxy) and
+/// whether the replicas are preseeded.
+#[allow(clippy::too_many_arguments)]
+pub async fn assign_with(
+    root: &Path,
+    a: &VraProcess,
+    b: &VraProcess,
+    vpg: &str,
+    generation: u64,
+    vms: &[TestVm],
+    compression: bool,
+    recovery_address: &str,
+    preseeded: bool,
 ) {
     let rec = pb::AssignRecoveryRequest {
         vpg_id: vpg.into(),
@@ -208,10 +241,11 @@ pub async fn assign(
                     .collect(),
             })
             .collect(),
-        recovery_vra_address: b.control.clone(),
+        recovery_vra_address: recovery_address.to_string(),
         wan_compression: compression,
         priority: pb::VraPriority::Medium as i32,
         freeze_timeout_ms: 10_000,
+        preseeded,
     };
     a.client()
         .await
@@ -251,12 +285,22 @@ where
     }
 }
 
-/// Waits until the protected side is connected.
+/// Waits until the protected side is connected and level: no sync running or owed.
 pub async fn wait_connected(a: &VraProcess, vpg: &str) {
-    wait_for("the stream to connect", || async {
-        vpg_status(a, vpg).await.connected.then_some(())
+    wait_for("the stream to connect and the syncs to finish", || async {
+        let s = vpg_status(a, vpg).await;
+        is_level(&s).then_some(())
     })
     .await;
+}
+
+/// Connected, nothing tracked or dirty, no sync running or owed.
+pub fn is_level(s: &pb::VpgReplicationStatus) -> bool {
+    s.connected
+        && s.sync.is_none()
+        && s.dirty_bytes == 0
+        && !s.tracking
+        && s.state != pb::VpgStreamState::NeedsSync as i32
 }
 
 /// Freezes, copies the source images (the state at the checkpoint), thaws.
@@ -267,12 +311,19 @@ pub async fn checkpoint_with_copies(
     copies: &[(PathBuf, PathBuf)],
 ) {
     let mut c = a.client().await;
-    c.freeze(pb::FreezeRequest {
-        vpg_id: vpg.into(),
-        checkpoint_id: id,
+    // A VPG that is syncing refuses checkpoints until it is level again.
+    wait_for("a freeze to be accepted", || {
+        let mut c = c.clone();
+        async move {
+            c.freeze(pb::FreezeRequest {
+                vpg_id: vpg.into(),
+                checkpoint_id: id,
+            })
+            .await
+            .ok()
+        }
     })
-    .await
-    .expect("freeze");
+    .await;
     for (src, dst) in copies {
         std::fs::copy(src, dst).expect("copy source image");
     }
@@ -368,4 +419,80 @@ pub fn qemu_img_compare(file: &Path, uri: &str) -> (i32, String) {
             uri,
         ],
     )
+}
+
+/// Random writes of 4 KiB to 64 KiB over NBD to volume 0 of each VM, until `stop`;
+/// each writer answers how many writes were acknowledged. A failed write ends a writer.
+pub fn spawn_writers(
+    nbd: &str,
+    vms: &[(&str, u64)],
+    seed: u64,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinSet<u64> {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    let mut writers = tokio::task::JoinSet::new();
+    for (i, &(vm, size)) in vms.iter().enumerate() {
+        let addr = nbd.to_string();
+        let export = format!("{vm}/0");
+        let stop = stop.clone();
+        writers.spawn(async move {
+            let Ok(client) = tandem_nbd::NbdClient::connect(addr.as_str(), &export).await else {
+                return 0;
+            };
+            let mut rng = StdRng::seed_from_u64(seed + i as u64);
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                let blocks = rng.gen_range(1..=16u64);
+                let off = rng.gen_range(0..(size / 4096 - blocks)) * 4096;
+                let mut data = vec![0u8; (blocks * 4096) as usize];
+                rng.fill(&mut data[..]);
+                if client
+                    .write(off, bytes::Bytes::from(data), false)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                n += 1;
+            }
+            n
+        });
+    }
+    writers
+}
+
+/// Stops writers and returns the writes acknowledged.
+pub async fn stop_writers(
+    stop: &tokio_util::sync::CancellationToken,
+    mut writers: tokio::task::JoinSet<u64>,
+) -> u64 {
+    stop.cancel();
+    let mut total = 0;
+    while let Some(n) = writers.join_next().await {
+        total += n.expect("writer");
+    }
+    total
+}
+
+/// Copies of the source images of volume 0 of each VM, named after `tag`.
+pub fn copies(root: &Path, vms: &[&str], tag: &str) -> Vec<(PathBuf, PathBuf)> {
+    vms.iter()
+        .map(|vm| (image_path(root, vm, 0), root.join(format!("{vm}.{tag}"))))
+        .collect()
+}
+
+/// Checks that the point-in-time image of checkpoint `id` equals each copy.
+pub async fn assert_checkpoint_equals(
+    b: &VraProcess,
+    vpg: &str,
+    id: u64,
+    copies: &[(PathBuf, PathBuf)],
+    vms: &[&str],
+) {
+    wait_durable_checkpoint(b, vpg, id).await;
+    for (vm, (_, copy)) in vms.iter().zip(copies) {
+        let name = open_pit(b, vpg, vm, 0, id).await;
+        let (code, out) = qemu_img_compare(copy, &b.uri(&name));
+        assert_eq!(code, 0, "{vm} at checkpoint {id}: {out}\n{}", b.log_tail());
+    }
 }

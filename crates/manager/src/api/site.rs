@@ -40,7 +40,10 @@ impl SiteService for SiteApi {
         r: Request<v1::PairSiteRequest>,
     ) -> Result<Response<v1::PeerSite>, Status> {
         let r = r.into_inner();
-        let peer = self.0.pair(r.peer_endpoints, r.token).await?;
+        let peer = self
+            .0
+            .pair(r.peer_endpoints, r.advertise_endpoints, r.token)
+            .await?;
         Ok(Response::new(peer_to_proto(&peer)))
     }
 

@@ -1,0 +1,184 @@
+//! Block hashes for delta sync, shared by both roles: the recovery VRA hashes its newest
+//! durable image (`Replication.BlockHashes`), the protected VRA hashes its own volume the
+//! same way and sends only the blocks whose hashes differ. A block's hash is the first
+//! [`HASH_LEN`] bytes of the BLAKE3 hash of its bytes; a short last block (at the end of
+//! a volume) is hashed as it is. [`check_request`] is the request validation, without IO.
+
+use tandem_core::{DomainError, Violations};
+
+/// Bytes of one block hash.
+pub const HASH_LEN: usize = 16;
+/// Smallest block size of a request (4 KiB).
+pub const MIN_BLOCK_SIZE: u32 = 4 << 10;
+/// Largest block size of a request (16 MiB).
+pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
+/// Most blocks one request may cover.
+pub const MAX_BLOCKS: u64 = 4096;
+/// Most bytes one request may cover (1 GiB).
+pub const MAX_LENGTH: u64 = 1 << 30;
+
+/// The hash of one block: BLAKE3 of its bytes, truncated to [`HASH_LEN`].
+#[must_use]
+pub fn block_hash(bytes: &[u8]) -> [u8; HASH_LEN] {
+    let mut out = [0; HASH_LEN];
+    out.copy_from_slice(&blake3::hash(bytes).as_bytes()[..HASH_LEN]);
+    out
+}
+
+/// Appends the hash of every `block_size` block of `data` to `out`, in order (the last
+/// block may be short).
+///
+/// # Panics
+///
+/// If `block_size` is 0.
+pub fn hash_blocks(data: &[u8], block_size: usize, out: &mut Vec<u8>) {
+    assert!(block_size > 0, "block size 0");
+    out.reserve(data.len().div_ceil(block_size) * HASH_LEN);
+    for block in data.chunks(block_size) {
+        out.extend_from_slice(&block_hash(block));
+    }
+}
+
+/// Checks a hashes request against a volume of `volume_size` bytes; returns the number
+/// of blocks it covers, or every field that is wrong. Rules: `block_size` is a power of
+/// two from [`MIN_BLOCK_SIZE`] to [`MAX_BLOCK_SIZE`]; `offset` is a multiple of it;
+/// `length` is not 0, covers at most [`MAX_BLOCKS`] blocks and [`MAX_LENGTH`] bytes, and
+/// is a multiple of `block_size` unless the range ends at the end of the volume; the
+/// range lies within the volume.
+pub fn check_request(
+    offset: u64,
+    length: u64,
+    block_size: u32,
+    volume_size: u64,
+) -> Result<usize, DomainError> {
+    let mut v = Violations::new();
+    let size_ok =
+        block_size.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size);
+    v.check(
+        size_ok,
+        "block_size",
+        format!(
+            "must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}, not {block_size}"
+        ),
+    );
+    v.check(length > 0, "length", "must not be 0");
+    v.check(
+        length <= MAX_LENGTH,
+        "length",
+        format!("at most {MAX_LENGTH} bytes in one request, not {length}"),
+    );
+    let bs = u64::from(block_size);
+    let blocks = length.div_ceil(bs.max(1));
+    let end = offset.checked_add(length);
+    if size_ok {
+        v.check(
+            offset.is_multiple_of(bs),
+            "offset",
+            format!("must be a multiple of block_size {bs}, not {offset}"),
+        );
+        v.check(
+            blocks <= MAX_BLOCKS,
+            "length",
+            format!("at most {MAX_BLOCKS} blocks of {bs} bytes in one request, not {blocks}"),
+        );
+        v.check(
+            length.is_multiple_of(bs) || end == Some(volume_size),
+            "length",
+            format!(
+                "must be a multiple of block_size {bs} unless the range ends at the end of the \
+                 volume ({volume_size} bytes)"
+            ),
+        );
+    }
+    if offset >= volume_size {
+        v.add(
+            "offset",
+            format!("{offset} is not inside the volume ({volume_size} bytes)"),
+        );
+    } else if end.is_none_or(|e| e > volume_size) {
+        v.add(
+            "length",
+            format!("{offset}+{length} runs past the end of the volume ({volume_size} bytes)"),
+        );
+    }
+    v.into_result()?;
+    // At most MAX_BLOCKS here.
+    Ok(usize::try_from(blocks).unwrap_or(usize::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn fields(r: Result<usize, DomainError>) -> Vec<String> {
+        match r {
+            Err(DomainError::Invalid(f)) => f.into_iter().map(|f| f.field).collect(),
+            other => panic!("expected field errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hashes_are_truncated_blake3_per_block() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        assert_eq!(block_hash(&data)[..], blake3::hash(&data).as_bytes()[..16]);
+        let mut out = Vec::new();
+        hash_blocks(&data, 4096, &mut out);
+        assert_eq!(out.len(), 3 * HASH_LEN);
+        assert_eq!(out[..16], block_hash(&data[..4096]));
+        assert_eq!(out[16..32], block_hash(&data[4096..8192]));
+        assert_eq!(out[32..], block_hash(&data[8192..]), "short last block");
+        hash_blocks(&[], 4096, &mut out);
+        assert_eq!(out.len(), 3 * HASH_LEN, "no blocks, no hashes");
+    }
+
+    #[test]
+    fn good_requests_give_their_block_count() {
+        assert_eq!(check_request(0, GIB, 1 << 20, 4 * GIB), Ok(1024));
+        assert_eq!(check_request(GIB, 4096 * 4096, 4096, 4 * GIB), Ok(4096));
+        assert_eq!(check_request(0, 16 << 20, 16 << 20, 4 * GIB), Ok(1));
+        // A short last block at the end of the volume.
+        let size = 10 * 4096 + 512;
+        assert_eq!(check_request(8 * 4096, 2 * 4096 + 512, 4096, size), Ok(3));
+        assert_eq!(check_request(0, size, 1 << 20, size), Ok(1));
+    }
+
+    #[test]
+    fn bad_requests_name_their_fields() {
+        assert_eq!(fields(check_request(0, 3000, 3000, GIB)), ["block_size"]);
+        assert_eq!(fields(check_request(0, 2048, 2048, GIB)), ["block_size"]);
+        assert_eq!(
+            fields(check_request(0, 32 << 20, 32 << 20, GIB)),
+            ["block_size"]
+        );
+        assert_eq!(fields(check_request(0, 4096, 0, GIB)), ["block_size"]);
+        assert_eq!(fields(check_request(512, 4096, 4096, GIB)), ["offset"]);
+        assert_eq!(fields(check_request(0, 0, 4096, GIB)), ["length"]);
+        assert_eq!(fields(check_request(0, 4097 * 4096, 4096, GIB)), ["length"]);
+        assert_eq!(
+            fields(check_request(0, 2 * GIB, 16 << 20, 4 * GIB)),
+            ["length"],
+            "over 1 GiB"
+        );
+        assert_eq!(
+            fields(check_request(0, 4096 + 1, 4096, GIB)),
+            ["length"],
+            "short block not at the end"
+        );
+        assert_eq!(fields(check_request(GIB, 4096, 4096, GIB)), ["offset"]);
+        assert_eq!(
+            fields(check_request(GIB - 4096, 8192, 4096, GIB)),
+            ["length"]
+        );
+        assert_eq!(
+            fields(check_request(u64::MAX - 4095, 8192, 4096, GIB)),
+            ["offset"]
+        );
+        assert_eq!(
+            fields(check_request(513, 0, 3000, GIB)),
+            ["block_size", "length"],
+            "every problem at once"
+        );
+    }
+}

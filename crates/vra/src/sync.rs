@@ -1,0 +1,659 @@
+//! Syncs of a protected VPG: the shared sync state ([`SyncShared`]: dirty map, tracking,
+//! pause, requested delta sync, progress) and the syncer task that brings the recovery
+//! site level with the protected volumes when the stream alone cannot:
+//!
+//! - bitmap sync: regions written while writes were tracked instead of buffered (link
+//!   down, buffer full, paused) are read and sent again;
+//! - initial sync: regions never sent, skipping those that read as zeroes (a fresh replica
+//!   is zero there);
+//! - delta sync: block hashes of the recovery VRA's newest image are compared with the
+//!   local ones, coarse (1 MiB) then fine (4 KiB), and only differing blocks are sent.
+//!
+//! Sync data travels in the ordinary stream, as writes read under the volume's range lock,
+//! so it is ordered with the VPG's own writes and lands in the journal like them: the
+//! last checkpoint before a bitmap sync stays recoverable during it. While a sync runs,
+//! new writes stream as usual and no checkpoints are taken; the VPG is consistent again
+//! once every region has been sent.
+
+use std::{
+    sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use tandem_core::status::SyncTrigger;
+use tandem_journal::UnixMillis;
+use tandem_proto::v1::{self as pb, replication_client::ReplicationClient};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    connector::Connector,
+    dirty::{DirtyMap, REGION, Run},
+    hashes::{HASH_LEN, block_hash, hash_blocks},
+    model::EntryBody,
+    protected::{ProtectedShared, ProtectedVolume},
+};
+
+/// Regions a bitmap or initial sync reads at once (1 MiB).
+const RUN_REGIONS: u64 = 16;
+/// Coarse block of a delta sync.
+const COARSE: u64 = 1 << 20;
+/// Fine block of a delta sync.
+const FINE: u64 = 4 << 10;
+/// Coarse blocks asked for in one hashes request.
+const COARSE_PER_REQUEST: u64 = 1024;
+/// How often an idle syncer looks again without being woken.
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+/// The kind of sync running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncKind {
+    /// Regions never sent, every volume.
+    Initial,
+    /// Block hashes compared, every volume.
+    Delta,
+    /// Regions written while tracked.
+    Bitmap,
+    /// Regions never sent, some volumes (added or grown).
+    VolumeInitial,
+    /// Block hashes compared, one volume.
+    VolumeDelta,
+}
+
+impl SyncKind {
+    fn to_pb(self) -> pb::VraSyncKind {
+        match self {
+            SyncKind::Initial => pb::VraSyncKind::Initial,
+            SyncKind::Delta => pb::VraSyncKind::Delta,
+            SyncKind::Bitmap => pb::VraSyncKind::Bitmap,
+            SyncKind::VolumeInitial => pb::VraSyncKind::VolumeInitial,
+            SyncKind::VolumeDelta => pb::VraSyncKind::VolumeDelta,
+        }
+    }
+}
+
+/// Progress of one sync.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// What runs.
+    pub kind: SyncKind,
+    /// Why, when the seed names a trigger.
+    pub trigger: Option<SyncTrigger>,
+    /// Bytes to examine (grows when more regions get dirty meanwhile).
+    pub total: u64,
+    /// Bytes examined.
+    pub done: u64,
+    /// Write data the sync pushed into the stream.
+    pub sent: u64,
+    /// Hash bytes received (delta sync).
+    pub hash_bytes: u64,
+    started: Instant,
+    started_ms: u64,
+}
+
+impl Progress {
+    fn new(kind: SyncKind, trigger: Option<SyncTrigger>, total: u64) -> Self {
+        Self {
+            kind,
+            trigger,
+            total,
+            done: 0,
+            sent: 0,
+            hash_bytes: 0,
+            started: Instant::now(),
+            started_ms: UnixMillis::now().0,
+        }
+    }
+
+    /// The status message.
+    pub fn to_pb(&self) -> pb::VraSyncStatus {
+        let percent = (self.done.min(self.total) * 100)
+            .checked_div(self.total)
+            .map_or(100, |p| p as u32);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let eta_secs = if self.done == 0 || self.done >= self.total {
+            0
+        } else {
+            let rate = self.done as f64 / elapsed.max(1e-3);
+            ((self.total - self.done) as f64 / rate).ceil() as u64
+        };
+        pb::VraSyncStatus {
+            kind: self.kind.to_pb() as i32,
+            total_bytes: self.total,
+            done_bytes: self.done,
+            percent,
+            eta_secs,
+            sent_bytes: self.sent,
+            hash_bytes: self.hash_bytes,
+            trigger: self
+                .trigger
+                .map(|t| t.as_str().to_string())
+                .unwrap_or_default(),
+            started_ms: self.started_ms,
+        }
+    }
+}
+
+/// A requested delta sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaRequest {
+    /// One volume (by position), or every volume.
+    pub volume: Option<usize>,
+    /// Why.
+    pub trigger: Option<SyncTrigger>,
+}
+
+/// The sync state of a protected VPG.
+#[derive(Debug)]
+pub struct SyncState {
+    /// Regions still to send.
+    pub map: DirtyMap,
+    /// Writes are tracked in the map instead of buffered.
+    pub tracking: bool,
+    /// Protection is paused (tracking until resumed).
+    pub paused: bool,
+    /// A delta sync is wanted.
+    pub delta: Option<DeltaRequest>,
+    /// Why tracking started (reported with the sync that follows).
+    pub trigger: Option<SyncTrigger>,
+    /// The sync running.
+    pub running: Option<Progress>,
+    /// The last sync that finished.
+    pub last: Option<Progress>,
+}
+
+impl SyncState {
+    /// The sync running, or the one due next (with no progress yet), for status.
+    pub fn current_pb(&self) -> Option<pb::VraSyncStatus> {
+        if let Some(p) = &self.running {
+            return Some(p.to_pb());
+        }
+        if let Some(d) = &self.delta {
+            let kind = if d.volume.is_some() {
+                SyncKind::VolumeDelta
+            } else {
+                SyncKind::Delta
+            };
+            return Some(Progress::new(kind, d.trigger, 0).to_pb());
+        }
+        if !self.map.is_clean() && !self.tracking {
+            let kind = map_kind(&self.map);
+            let trigger = if kind == SyncKind::Bitmap {
+                self.trigger
+            } else {
+                None
+            };
+            return Some(Progress::new(kind, trigger, self.map.pending_bytes()).to_pb());
+        }
+        None
+    }
+}
+
+fn map_kind(map: &DirtyMap) -> SyncKind {
+    let with_initial = map.volumes().iter().filter(|v| v.has_initial()).count();
+    if with_initial == 0 {
+        SyncKind::Bitmap
+    } else if with_initial == map.volumes().len() {
+        SyncKind::Initial
+    } else {
+        SyncKind::VolumeInitial
+    }
+}
+
+/// Sync state shared by the write path, the sender, the syncer and the control service.
+#[derive(Debug)]
+pub struct SyncShared {
+    state: Mutex<SyncState>,
+    /// Wakes the syncer.
+    pub wake: Notify,
+}
+
+impl SyncShared {
+    /// Sync state over `map`.
+    pub fn new(map: DirtyMap) -> Self {
+        Self {
+            state: Mutex::new(SyncState {
+                map,
+                tracking: false,
+                paused: false,
+                delta: None,
+                trigger: None,
+                running: None,
+                last: None,
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Locks the state (lock order: this before the replication window).
+    pub fn lock(&self) -> MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether writes go to the dirty map.
+    pub fn tracking(&self) -> bool {
+        self.lock().tracking
+    }
+
+    /// Whether anything keeps the recovery site from being level (no checkpoints then).
+    pub fn busy(&self) -> bool {
+        let s = self.lock();
+        s.tracking || s.running.is_some() || s.delta.is_some() || !s.map.is_clean()
+    }
+
+    /// Asks for a delta sync.
+    pub fn request_delta(&self, volume: Option<usize>, trigger: Option<SyncTrigger>) {
+        {
+            let mut s = self.lock();
+            s.delta = match (&s.delta, volume) {
+                // A whole-VPG request covers a single-volume one.
+                (Some(d), _) if d.volume.is_none() => Some(d.clone()),
+                (Some(d), Some(v)) if d.volume != Some(v) => Some(DeltaRequest {
+                    volume: None,
+                    trigger,
+                }),
+                _ => Some(DeltaRequest { volume, trigger }),
+            };
+        }
+        self.wake.notify_one();
+    }
+}
+
+/// Why a sync pass stopped early.
+#[derive(Debug, thiserror::Error)]
+enum PassError {
+    #[error("stopped")]
+    Stopped,
+    #[error("writes are tracked again (link down, buffer full or paused)")]
+    Tracking,
+    #[error("hashes from the recovery vra: {0}")]
+    Hashes(String),
+    #[error("reading the protected volume: {0}")]
+    Read(std::io::Error),
+}
+
+/// Runs until `cancel`: whenever the stream is up and something is left to sync, syncs it.
+pub async fn run(
+    shared: Arc<ProtectedShared>,
+    volumes: Vec<Arc<ProtectedVolume>>,
+    connector: Connector,
+    cancel: CancellationToken,
+) {
+    loop {
+        if !wait_for_work(&shared, &cancel).await {
+            return;
+        }
+        {
+            // From here on new writes stream again; what was tracked is in the map.
+            let mut s = shared.sync.lock();
+            s.tracking = false;
+        }
+        match sync_once(&shared, &volumes, &connector, &cancel).await {
+            Ok(()) => {}
+            Err(PassError::Stopped) => return,
+            Err(e) => {
+                warn!(vpg = %shared.assignment.vpg, error = %e, "sync interrupted");
+                shared.set_error(&e);
+                {
+                    let mut s = shared.sync.lock();
+                    if let Some(p) = s.running.take() {
+                        s.last = Some(p);
+                    }
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Waits until the stream is established and there is something to sync; false on cancel.
+async fn wait_for_work(shared: &ProtectedShared, cancel: &CancellationToken) -> bool {
+    loop {
+        let ready = shared.connected.load(Ordering::Relaxed) && shared.positions().5;
+        let work = {
+            let s = shared.sync.lock();
+            !s.paused
+                && (s.tracking
+                    || s.delta.is_some()
+                    || !s.map.is_clean()
+                    || shared.needs_sync.load(Ordering::Relaxed))
+        };
+        if ready && work {
+            return true;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return false,
+            () = shared.sync.wake.notified() => {}
+            () = tokio::time::sleep(IDLE_POLL) => {}
+        }
+    }
+}
+
+async fn sync_once(
+    shared: &Arc<ProtectedShared>,
+    volumes: &[Arc<ProtectedVolume>],
+    connector: &Connector,
+    cancel: &CancellationToken,
+) -> Result<(), PassError> {
+    if shared.needs_sync.load(Ordering::Relaxed) {
+        // The stream could not resume without loss: only hashes can tell what differs.
+        shared.sync.request_delta(None, None);
+    }
+    let delta = shared.sync.lock().delta.clone();
+    if let Some(req) = delta {
+        delta_sync(shared, volumes, connector, cancel, &req).await?;
+        let mut s = shared.sync.lock();
+        if s.delta.as_ref() == Some(&req) {
+            s.delta = None;
+        }
+        drop(s);
+        shared.needs_sync.store(false, Ordering::Relaxed);
+    }
+    map_sync(shared, volumes, cancel).await?;
+    let mut s = shared.sync.lock();
+    if let Some(p) = s.running.take() {
+        info!(
+            vpg = %shared.assignment.vpg,
+            kind = ?p.kind,
+            bytes = p.done,
+            sent = p.sent,
+            secs = p.started.elapsed().as_secs_f64(),
+            "sync finished"
+        );
+        s.last = Some(p);
+    }
+    s.trigger = None;
+    Ok(())
+}
+
+fn check_going(shared: &ProtectedShared, cancel: &CancellationToken) -> Result<(), PassError> {
+    if cancel.is_cancelled() {
+        return Err(PassError::Stopped);
+    }
+    let s = shared.sync.lock();
+    if s.tracking || s.paused {
+        return Err(PassError::Tracking);
+    }
+    Ok(())
+}
+
+/// Sends the map's regions (bitmap and initial sync) until the map is clean.
+async fn map_sync(
+    shared: &Arc<ProtectedShared>,
+    volumes: &[Arc<ProtectedVolume>],
+    cancel: &CancellationToken,
+) -> Result<(), PassError> {
+    {
+        let mut s = shared.sync.lock();
+        if s.map.is_clean() {
+            return Ok(());
+        }
+        let kind = map_kind(&s.map);
+        let total = s.map.pending_bytes();
+        let trigger = if kind == SyncKind::Bitmap {
+            s.trigger
+        } else {
+            None
+        };
+        s.running = Some(Progress::new(kind, trigger, total));
+        info!(vpg = %shared.assignment.vpg, ?kind, bytes = total, "sync started");
+    }
+    loop {
+        check_going(shared, cancel)?;
+        // The next run, in volume order; the bits are cleared as it is taken, so a write
+        // that lands after this sets them again and is sent again.
+        let taken = {
+            let mut s = shared.sync.lock();
+            let pending = s.map.pending_bytes();
+            if let Some(p) = s.running.as_mut() {
+                p.total = p.done + pending;
+            }
+            let mut taken = None;
+            for i in 0..s.map.volumes().len() {
+                if let Some(run) = s.map.volume_mut(i).and_then(|v| v.take_run(RUN_REGIONS)) {
+                    taken = Some((i, run));
+                    break;
+                }
+            }
+            taken
+        };
+        let Some((index, run)) = taken else {
+            return Ok(());
+        };
+        let len = run.len;
+        match send_run(shared, &volumes[index], &run).await {
+            Ok(sent) => {
+                let mut s = shared.sync.lock();
+                if let Some(p) = s.running.as_mut() {
+                    p.done += len;
+                    p.sent += sent;
+                }
+            }
+            Err(e) => {
+                // Not sent: mark it again so that nothing is lost.
+                if let Some(v) = shared.sync.lock().map.volume_mut(index) {
+                    v.mark_dirty(run.offset, run.len);
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Waits while the buffer is more than half full, so that a sync leaves room for the
+/// VPG's own writes (which would otherwise be pushed into tracking by the sync's data).
+async fn leave_room(shared: &ProtectedShared) {
+    while shared.positions().3 > shared.budget_total / 2 {
+        if shared.sync.tracking() || shared.restart_stream.load(Ordering::Relaxed) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Reads one run under its range lock and pushes what must be sent; returns the bytes.
+async fn send_run(
+    shared: &ProtectedShared,
+    volume: &ProtectedVolume,
+    run: &Run,
+) -> Result<u64, PassError> {
+    leave_room(shared).await;
+    // Reserve first (waiting for room), so that the range lock is not held meanwhile:
+    // enough for the run split in one entry per region.
+    let reserved = shared
+        .reserve(run.len + EntryBody::OVERHEAD * run.must_send.len() as u64)
+        .await
+        .map_err(|_| PassError::Stopped)?;
+    let guard = volume.lock_range(run.offset, run.len).await;
+    let data = match volume.read_image(run.offset, run.len).await {
+        Ok(d) => d,
+        Err(e) => {
+            drop(guard);
+            shared.release(reserved);
+            return Err(PassError::Read(e));
+        }
+    };
+    // Coalesce regions to send; regions never sent that read as zeroes are already right.
+    let mut pieces: Vec<(u64, u64)> = Vec::new();
+    for (k, must) in run.must_send.iter().enumerate() {
+        let start = k as u64 * REGION;
+        let end = (start + REGION).min(run.len);
+        let bytes = &data[start as usize..end as usize];
+        if !must && bytes.iter().all(|b| *b == 0) {
+            continue;
+        }
+        match pieces.last_mut() {
+            Some((s, l)) if *s + *l == start => *l += end - start,
+            _ => pieces.push((start, end - start)),
+        }
+    }
+    let mut sent = 0;
+    let mut used = 0;
+    for (start, len) in pieces {
+        let body = volume.write_entry(
+            run.offset + start,
+            data.slice(start as usize..(start + len) as usize),
+        );
+        // At most one entry per region: the costs stay within the reservation.
+        let cost = body.cost().min(reserved - used);
+        used += cost;
+        sent += len;
+        shared.push_entry(body, cost);
+    }
+    drop(guard);
+    // What was reserved but not needed (skipped zero regions) goes back.
+    shared.release(reserved - used);
+    Ok(sent)
+}
+
+/// Delta sync of one volume or all: coarse hashes, then fine hashes where they differ.
+async fn delta_sync(
+    shared: &Arc<ProtectedShared>,
+    volumes: &[Arc<ProtectedVolume>],
+    connector: &Connector,
+    cancel: &CancellationToken,
+    req: &DeltaRequest,
+) -> Result<(), PassError> {
+    let indexes: Vec<usize> = match req.volume {
+        Some(i) => vec![i],
+        None => (0..volumes.len()).collect(),
+    };
+    let total: u64 = indexes
+        .iter()
+        .filter_map(|i| volumes.get(*i))
+        .map(|v| v.size())
+        .sum();
+    let kind = if req.volume.is_some() {
+        SyncKind::VolumeDelta
+    } else {
+        SyncKind::Delta
+    };
+    shared.sync.lock().running = Some(Progress::new(kind, req.trigger, total));
+    info!(vpg = %shared.assignment.vpg, ?kind, bytes = total, "sync started");
+    let channel = tokio::select! {
+        () = cancel.cancelled() => return Err(PassError::Stopped),
+        c = connector.connect(&shared.assignment.recovery_vra) => c.map_err(|e| PassError::Hashes(e.to_string()))?,
+    };
+    let mut client = ReplicationClient::new(channel)
+        .max_decoding_message_size(crate::sender::MAX_STREAM_MESSAGE);
+    for volume in indexes.iter().filter_map(|i| volumes.get(*i)) {
+        let size = volume.size();
+        let mut offset = 0;
+        while offset < size {
+            check_going(shared, cancel)?;
+            let len = (COARSE * COARSE_PER_REQUEST).min(size - offset);
+            let remote = hashes(shared, &mut client, volume, offset, len, COARSE).await?;
+            let mut block = offset;
+            for theirs in remote.chunks(HASH_LEN) {
+                check_going(shared, cancel)?;
+                let blen = COARSE.min(size - block);
+                let local = volume
+                    .read_image(block, blen)
+                    .await
+                    .map_err(PassError::Read)?;
+                if block_hash(&local) != theirs {
+                    delta_block(shared, &mut client, volume, block, &local).await?;
+                }
+                if let Some(p) = shared.sync.lock().running.as_mut() {
+                    p.done += blen;
+                }
+                block += blen;
+            }
+            offset += len;
+        }
+    }
+    Ok(())
+}
+
+/// One coarse block that differs: compares fine hashes and sends the differing blocks.
+async fn delta_block(
+    shared: &ProtectedShared,
+    client: &mut ReplicationClient<tonic::transport::Channel>,
+    volume: &ProtectedVolume,
+    offset: u64,
+    local: &Bytes,
+) -> Result<(), PassError> {
+    let remote = hashes(shared, client, volume, offset, local.len() as u64, FINE).await?;
+    let mut mine = Vec::new();
+    hash_blocks(local, FINE as usize, &mut mine);
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (k, (a, b)) in mine
+        .chunks(HASH_LEN)
+        .zip(remote.chunks(HASH_LEN))
+        .enumerate()
+    {
+        if a == b {
+            continue;
+        }
+        let start = k as u64 * FINE;
+        let len = FINE.min(local.len() as u64 - start);
+        match runs.last_mut() {
+            Some((s, l)) if *s + *l == start => *l += len,
+            _ => runs.push((start, len)),
+        }
+    }
+    for (start, len) in runs {
+        leave_room(shared).await;
+        let cost = shared
+            .reserve(EntryBody::OVERHEAD + len)
+            .await
+            .map_err(|_| PassError::Stopped)?;
+        let guard = volume.lock_range(offset + start, len).await;
+        // Read again under the lock: the stream orders it with concurrent writes.
+        let data = match volume.read_image(offset + start, len).await {
+            Ok(d) => d,
+            Err(e) => {
+                drop(guard);
+                shared.release(cost);
+                return Err(PassError::Read(e));
+            }
+        };
+        shared.push_entry(volume.write_entry(offset + start, data), cost);
+        drop(guard);
+        if let Some(p) = shared.sync.lock().running.as_mut() {
+            p.sent += len;
+        }
+    }
+    Ok(())
+}
+
+async fn hashes(
+    shared: &ProtectedShared,
+    client: &mut ReplicationClient<tonic::transport::Channel>,
+    volume: &ProtectedVolume,
+    offset: u64,
+    len: u64,
+    block: u64,
+) -> Result<Vec<u8>, PassError> {
+    let r = client
+        .block_hashes(pb::BlockHashesRequest {
+            vpg_id: shared.assignment.vpg.to_string(),
+            generation: shared.assignment.generation.0,
+            vm_id: volume.vm().to_string(),
+            volume_id: volume.volume().0,
+            offset,
+            length: len,
+            block_size: block as u32,
+        })
+        .await
+        .map_err(|s| PassError::Hashes(s.message().to_string()))?
+        .into_inner();
+    let want = len.div_ceil(block) as usize * HASH_LEN;
+    if r.hashes.len() != want {
+        return Err(PassError::Hashes(format!(
+            "{} hash bytes for {} blocks",
+            r.hashes.len(),
+            want / HASH_LEN
+        )));
+    }
+    let n = r.hashes.len() as u64;
+    if let Some(p) = shared.sync.lock().running.as_mut() {
+        p.hash_bytes += n;
+    }
+    Ok(r.hashes)
+}

@@ -1,0 +1,366 @@
+//! Process tests of syncs between two `tandem-vra` processes: a link cut through the lab's
+//! link emulator (writes tracked, no checkpoints, the last checkpoint before the cut still
+//! recoverable, bitmap sync after the heal, then checkpoint images equal the source), a
+//! protected VRA killed with SIGKILL (delta sync after restart), a clean restart (bitmap
+//! sync from the saved map), pause and resume, initial sync of images that already hold
+//! data, and delta sync of preseeded replicas that sends only what differs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tandem_lab::link::{CutMode, LinkEmulator};
+use tandem_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+const MIB: u64 = 1 << 20;
+
+fn two_vms(size: u64) -> Vec<TestVm> {
+    vec![
+        TestVm {
+            id: "vm-1",
+            sizes: vec![size],
+        },
+        TestVm {
+            id: "vm-2",
+            sizes: vec![size],
+        },
+    ]
+}
+
+async fn last_sync_kind(a: &VraProcess, vpg: &str) -> Option<i32> {
+    vpg_status(a, vpg).await.last_sync.map(|s| s.kind)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_cut_tracks_writes_then_bitmap_sync_converges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let a = VraProcess::start(root, "host-a");
+    let b = VraProcess::start(root, "host-b");
+    let cancel = CancellationToken::new();
+    let links = LinkEmulator::start(cancel.clone());
+    let link = links.link("site-a", "site-b").await.expect("link");
+    let proxy = link.add_proxy("site-a", &b.control).await.expect("proxy");
+    let size = 32 * MIB;
+    let vms = ["vm-1", "vm-2"];
+    assign_with(
+        root,
+        &a,
+        &b,
+        "vpg-c",
+        1,
+        &two_vms(size),
+        true,
+        &proxy.to_string(),
+        false,
+    )
+    .await;
+    wait_connected(&a, "vpg-c").await;
+
+    // Checkpoint 1 with quiet writers: the last checkpoint before the cut.
+    let stop = CancellationToken::new();
+    let writers = spawn_writers(&a.nbd, &[("vm-1", size), ("vm-2", size)], 11, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(stop_writers(&stop, writers).await > 0);
+    let cp1 = copies(root, &vms, "cp1");
+    checkpoint_with_copies(&a, "vpg-c", 1, &cp1).await;
+    wait_durable_checkpoint(&b, "vpg-c", 1).await;
+
+    // Cut the link for 10 s under writes: the buffer (64 MiB) fills, writes are tracked.
+    let stop = CancellationToken::new();
+    let writers = spawn_writers(&a.nbd, &[("vm-1", size), ("vm-2", size)], 12, stop.clone());
+    link.cut(CutMode::Drop).await.expect("cut");
+    let cut_at = std::time::Instant::now();
+    wait_for("writes to be tracked during the cut", || async {
+        vpg_status(&a, "vpg-c").await.tracking.then_some(())
+    })
+    .await;
+    // No checkpoint while the VPG cannot be level.
+    let refused = a
+        .client()
+        .await
+        .freeze(pb::FreezeRequest {
+            vpg_id: "vpg-c".into(),
+            checkpoint_id: 2,
+        })
+        .await;
+    assert!(refused.is_err(), "a freeze during the cut was accepted");
+    // The last checkpoint before the cut stays recoverable at the recovery site.
+    assert_checkpoint_equals(&b, "vpg-c", 1, &cp1, &vms).await;
+    let left = Duration::from_secs(10).saturating_sub(cut_at.elapsed());
+    tokio::time::sleep(left).await;
+    let state = link.heal().await.expect("heal");
+    assert!(state.a_to_b.connections_refused > 0, "{state:?}");
+
+    // After the heal: a bitmap sync, reported with the seed's trigger.
+    let sync = wait_for("a bitmap sync to run or finish", || async {
+        let s = vpg_status(&a, "vpg-c").await;
+        s.sync
+            .or(s.last_sync)
+            .filter(|s| s.kind == pb::VraSyncKind::Bitmap as i32)
+    })
+    .await;
+    assert_eq!(sync.kind, pb::VraSyncKind::Bitmap as i32, "{sync:?}");
+    assert!(!sync.trigger.is_empty(), "{sync:?}");
+    assert!(stop_writers(&stop, writers).await > 0);
+    wait_connected(&a, "vpg-c").await;
+    assert_eq!(
+        last_sync_kind(&a, "vpg-c").await,
+        Some(pb::VraSyncKind::Bitmap as i32)
+    );
+
+    // Replica + journal equal the source again.
+    let cp2 = copies(root, &vms, "cp2");
+    checkpoint_with_copies(&a, "vpg-c", 2, &cp2).await;
+    assert_checkpoint_equals(&b, "vpg-c", 2, &cp2, &vms).await;
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_vra_killed_resyncs_with_a_delta_sync_and_converges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let mut a = VraProcess::start(root, "host-a");
+    let b = VraProcess::start(root, "host-b");
+    let size = 16 * MIB;
+    let vms = ["vm-1", "vm-2"];
+    assign(root, &a, &b, "vpg-p", 1, &two_vms(size), false).await;
+    wait_connected(&a, "vpg-p").await;
+
+    // Stall the receiver so that acknowledged writes sit unreplicated in the buffer, then
+    // kill the protected VRA: those writes exist only in its images.
+    let stop = CancellationToken::new();
+    let writers = spawn_writers(&a.nbd, &[("vm-1", size), ("vm-2", size)], 21, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b_pid =
+        nix::unistd::Pid::from_raw(i32::try_from(b.child.as_ref().expect("b").id()).expect("pid"));
+    nix::sys::signal::kill(b_pid, nix::sys::signal::Signal::SIGSTOP).expect("sigstop");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = vpg_status(&a, "vpg-p").await;
+    a.kill9();
+    let _ = stop_writers(&stop, writers).await;
+    nix::sys::signal::kill(b_pid, nix::sys::signal::Signal::SIGCONT).expect("sigcont");
+    // Unreplicated writes were in the buffer, or (once it filled) in the dirty map.
+    assert!(
+        before.buffer_bytes > 0 || before.tracking,
+        "nothing was waiting at the kill: {before:?}"
+    );
+
+    let a = VraProcess::start(root, "host-a");
+    wait_connected(&a, "vpg-p").await;
+    assert_eq!(
+        last_sync_kind(&a, "vpg-p").await,
+        Some(pb::VraSyncKind::Delta as i32),
+        "{}",
+        a.log_tail()
+    );
+    let cp = copies(root, &vms, "cp1");
+    checkpoint_with_copies(&a, "vpg-p", 1, &cp).await;
+    assert_checkpoint_equals(&b, "vpg-p", 1, &cp, &vms).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_tracks_writes_resume_bitmap_syncs_and_a_clean_restart_keeps_the_map() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let mut a = VraProcess::start(root, "host-a");
+    let b = VraProcess::start(root, "host-b");
+    let size = 8 * MIB;
+    let vms = ["vm-1", "vm-2"];
+    assign(root, &a, &b, "vpg-z", 1, &two_vms(size), true).await;
+    wait_connected(&a, "vpg-z").await;
+
+    a.client()
+        .await
+        .pause(pb::PauseRequest {
+            vpg_id: "vpg-z".into(),
+        })
+        .await
+        .expect("pause");
+    qemu_io(&a.uri("vm-1/0"), &["write -P 0x5a 1M 256k"]);
+    let s = vpg_status(&a, "vpg-z").await;
+    assert!(s.paused && s.tracking, "{s:?}");
+    assert!(s.dirty_bytes >= 256 << 10, "{s:?}");
+
+    // A clean restart while paused keeps the map: the restart does a bitmap sync, not a
+    // delta sync.
+    assert!(a.terminate().success(), "{}", a.log_tail());
+    let a = VraProcess::start(root, "host-a");
+    qemu_io(&a.uri("vm-2/0"), &["write -P 0x6b 2M 64k"]);
+    wait_connected(&a, "vpg-z").await;
+    assert_eq!(
+        last_sync_kind(&a, "vpg-z").await,
+        Some(pb::VraSyncKind::Bitmap as i32),
+        "{}",
+        a.log_tail()
+    );
+    let cp = copies(root, &vms, "cp1");
+    checkpoint_with_copies(&a, "vpg-z", 1, &cp).await;
+    assert_checkpoint_equals(&b, "vpg-z", 1, &cp, &vms).await;
+
+    // Pause and resume on a running VRA.
+    let mut c = a.client().await;
+    c.pause(pb::PauseRequest {
+        vpg_id: "vpg-z".into(),
+    })
+    .await
+    .expect("pause");
+    qemu_io(&a.uri("vm-1/0"), &["write -P 0x7c 0 128k"]);
+    c.resume(pb::ResumeRequest {
+        vpg_id: "vpg-z".into(),
+    })
+    .await
+    .expect("resume");
+    wait_connected(&a, "vpg-z").await;
+    let cp = copies(root, &vms, "cp2");
+    checkpoint_with_copies(&a, "vpg-z", 2, &cp).await;
+    assert_checkpoint_equals(&b, "vpg-z", 2, &cp, &vms).await;
+    // Unknown VPGs are refused.
+    let err = c
+        .pause(pb::PauseRequest {
+            vpg_id: "nope".into(),
+        })
+        .await
+        .expect_err("unknown vpg");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+}
+
+/// Writes `fraction` of the 4 KiB blocks of `path` with random bytes; returns how many.
+fn scribble(path: &std::path::Path, fraction: f64, seed: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    let blocks = f.metadata().expect("meta").len() / 4096;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = ((blocks as f64) * fraction).ceil() as u64;
+    let mut chosen = std::collections::BTreeSet::new();
+    while (chosen.len() as u64) < n {
+        chosen.insert(rng.gen_range(0..blocks));
+    }
+    let mut buf = vec![0u8; 4096];
+    for b in &chosen {
+        rng.fill(&mut buf[..]);
+        f.write_all_at(&buf, b * 4096).expect("write");
+    }
+    f.sync_all().expect("sync");
+    n
+}
+
+fn random_file(path: &std::path::Path, size: u64, seed: u64) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; size as usize];
+    rng.fill(&mut data[..]);
+    std::fs::write(path, data).expect("write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_sync_of_preseeded_replicas_sends_only_what_differs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let size = 64 * MIB;
+    let vms = ["vm-1", "vm-2"];
+    for (i, vm) in vms.iter().enumerate() {
+        random_file(&image_path(root, vm, 0), size, 40 + i as u64);
+        std::fs::create_dir_all(root.join("ds-b")).expect("ds-b");
+        std::fs::copy(image_path(root, vm, 0), replica_path(root, vm, 0)).expect("preseed");
+        scribble(&image_path(root, vm, 0), 0.01, 50 + i as u64);
+    }
+    let a = VraProcess::start(root, "host-a");
+    let b = VraProcess::start(root, "host-b");
+    assign_with(
+        root,
+        &a,
+        &b,
+        "vpg-d",
+        1,
+        &two_vms(size),
+        false,
+        &b.control,
+        true,
+    )
+    .await;
+    wait_connected(&a, "vpg-d").await;
+    let s = vpg_status(&a, "vpg-d").await;
+    let sync = s.last_sync.expect("a sync ran");
+    assert_eq!(sync.kind, pb::VraSyncKind::Delta as i32, "{sync:?}");
+    let total = 2 * size;
+    let wire = sync.sent_bytes + sync.hash_bytes;
+    println!(
+        "delta sync: {} of {} bytes sent, {} hash bytes ({:.2}% of the volumes)",
+        sync.sent_bytes,
+        total,
+        sync.hash_bytes,
+        wire as f64 * 100.0 / total as f64
+    );
+    assert!(
+        wire * 50 <= total,
+        "delta sync moved {wire} bytes for {total} bytes of volumes: {sync:?}"
+    );
+    assert!(sync.sent_bytes >= (total / 4096 / 100) * 4096, "{sync:?}");
+    let cp = copies(root, &vms, "cp1");
+    checkpoint_with_copies(&a, "vpg-d", 1, &cp).await;
+    assert_checkpoint_equals(&b, "vpg-d", 1, &cp, &vms).await;
+
+    // Force sync of one volume finds nothing left to send.
+    a.client()
+        .await
+        .force_sync(pb::ForceSyncRequest {
+            vpg_id: "vpg-d".into(),
+            vm_id: "vm-2".into(),
+            volume_id: 0,
+        })
+        .await
+        .expect("force sync");
+    let last = wait_for("the volume delta sync", || async {
+        let s = vpg_status(&a, "vpg-d").await;
+        s.last_sync
+            .filter(|l| l.kind == pb::VraSyncKind::VolumeDelta as i32 && s.sync.is_none())
+    })
+    .await;
+    assert_eq!(last.sent_bytes, 0, "{last:?}");
+    assert_eq!(last.trigger, "Force Sync");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_sync_sends_existing_data_and_skips_zero_regions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let size = 32 * MIB;
+    let vms = ["vm-1", "vm-2"];
+    for (i, vm) in vms.iter().enumerate() {
+        let path = image_path(root, vm, 0);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+        let f = std::fs::File::create(&path).expect("create");
+        f.set_len(size).expect("size");
+        drop(f);
+        // 1 MiB of data every 8 MiB: the rest is zero and need not cross the wire.
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        let mut rng = StdRng::seed_from_u64(60 + i as u64);
+        let mut data = vec![0u8; MIB as usize];
+        for k in 0..size / (8 * MIB) {
+            rng.fill(&mut data[..]);
+            f.write_all_at(&data, k * 8 * MIB).expect("write");
+        }
+    }
+    let a = VraProcess::start(root, "host-a");
+    let b = VraProcess::start(root, "host-b");
+    assign(root, &a, &b, "vpg-i", 1, &two_vms(size), true).await;
+    wait_connected(&a, "vpg-i").await;
+    let sync = vpg_status(&a, "vpg-i").await.last_sync.expect("sync");
+    assert_eq!(sync.kind, pb::VraSyncKind::Initial as i32, "{sync:?}");
+    assert_eq!(sync.done_bytes, 2 * size, "{sync:?}");
+    assert_eq!(sync.sent_bytes, 2 * (size / 8), "{sync:?}");
+    let cp = copies(root, &vms, "cp1");
+    checkpoint_with_copies(&a, "vpg-i", 1, &cp).await;
+    assert_checkpoint_equals(&b, "vpg-i", 1, &cp, &vms).await;
+}
