@@ -139,6 +139,18 @@ impl JournalError {
         }
     }
 
+    /// Whether this error means the device is out of space (or quota): writing the same
+    /// data again can succeed once space is freed.
+    #[must_use]
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(
+            self,
+            JournalError::Io { source, .. }
+                if source.kind() == io::ErrorKind::StorageFull
+                    || source.kind() == io::ErrorKind::QuotaExceeded
+        )
+    }
+
     /// Whether this error reports damaged stored data.
     #[must_use]
     pub fn is_corruption(&self) -> bool {

@@ -154,6 +154,9 @@ pub struct Durability {
     pub seq: Seq,
     /// Set when a write or fsync failed; no further record becomes durable.
     pub failed: Option<Arc<str>>,
+    /// Set while the device is out of space: records wait and are written again once
+    /// there is room (nothing is lost; durability resumes by itself).
+    pub stalled: Option<Arc<str>>,
 }
 
 /// Whether an image can be built at a checkpoint.
@@ -494,6 +497,7 @@ impl Journal {
         let durability = Durability {
             seq: st.durable_seq,
             failed: None,
+            stalled: None,
         };
         let resume = marker
             .filter(|m| m.promoting_to > m.seq)
@@ -1445,10 +1449,13 @@ fn drop_unreachable_checkpoints(st: &mut State) {
     }
 }
 
+/// How long the committer waits before writing again after running out of space.
+const OUT_OF_SPACE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn committer_loop(shared: &Shared) {
     let mut buf = Vec::new();
     loop {
-        let batch = {
+        let mut batch = {
             let mut st = shared.lock();
             loop {
                 if !st.pending.is_empty() && st.failed.is_none() {
@@ -1464,25 +1471,57 @@ fn committer_loop(shared: &Shared) {
             }
             std::mem::take(&mut st.pending)
         };
-        if let Err(e) = commit_batch(shared, batch, &mut buf) {
-            let msg: Arc<str> = Arc::from(e.to_string());
-            warn!(error = %e, "journal write failed; refusing further appends");
-            let mut st = shared.lock();
-            st.failed = Some(msg.clone());
-            st.pending.clear();
-            drop(st);
-            shared.durable_tx.send_modify(|d| d.failed = Some(msg));
-            shared.durable_cv.notify_all();
-            return;
+        let mut stalled = false;
+        loop {
+            match commit_batch(shared, &mut batch, &mut buf) {
+                Ok(()) => break,
+                // Out of space: nothing is lost yet (the records are still here and the
+                // durable position has not moved); report it and write the same records
+                // again until there is room. Later appends queue behind them.
+                Err(e) if e.is_out_of_space() => {
+                    if !stalled {
+                        stalled = true;
+                        warn!(error = %e, records = batch.len(), "journal out of space; retrying until space is freed");
+                        let msg: Arc<str> = Arc::from(format!("out of space: {e}"));
+                        shared.durable_tx.send_modify(|d| d.stalled = Some(msg));
+                    }
+                    let st = shared.lock();
+                    if st.shutdown {
+                        return;
+                    }
+                    drop(
+                        shared
+                            .commit_cv
+                            .wait_timeout(st, OUT_OF_SPACE_RETRY)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner),
+                    );
+                }
+                Err(e) => {
+                    let msg: Arc<str> = Arc::from(e.to_string());
+                    warn!(error = %e, "journal write failed; refusing further appends");
+                    let mut st = shared.lock();
+                    st.failed = Some(msg.clone());
+                    st.pending.clear();
+                    drop(st);
+                    shared.durable_tx.send_modify(|d| d.failed = Some(msg));
+                    shared.durable_cv.notify_all();
+                    return;
+                }
+            }
+        }
+        if stalled {
+            info!("journal has space again; appends continue");
+            shared.durable_tx.send_modify(|d| d.stalled = None);
         }
     }
 }
 
 /// Writes a batch (grouped by segment, in order) and fsyncs it, then publishes the new
-/// durable position.
-fn commit_batch(shared: &Shared, mut batch: Vec<Pending>, buf: &mut Vec<u8>) -> Result<()> {
-    let mut start = 0;
-    while start < batch.len() {
+/// durable position. Groups are removed from `batch` as they become durable, so that after
+/// an error `batch` holds exactly what still has to be written.
+fn commit_batch(shared: &Shared, batch: &mut Vec<Pending>, buf: &mut Vec<u8>) -> Result<()> {
+    while !batch.is_empty() {
+        let start = 0;
         let segment = batch[start].segment;
         let end = batch[start..]
             .iter()
@@ -1542,7 +1581,7 @@ fn commit_batch(shared: &Shared, mut batch: Vec<Pending>, buf: &mut Vec<u8>) -> 
         if hard {
             shared.promote_cv.notify_one();
         }
-        start = end;
+        batch.drain(..end);
     }
     Ok(())
 }

@@ -49,10 +49,13 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(SegmentId, PathBuf)>> {
 /// entry durable before any record is written to it.
 pub fn create_segment(dir: &Path, header: &SegmentHeader) -> Result<File> {
     let path = segment_path(dir, header.id);
+    // Not `create_new`: an attempt that ran out of space may have left the file behind,
+    // and the segment id is new, so whatever is there is that attempt's.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .open(&path)
         .map_err(|e| JournalError::io("create segment", &path, e))?;
     file.write_all_at(&header.encode(), 0)

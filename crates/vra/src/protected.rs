@@ -112,6 +112,8 @@ pub struct ProtectedShared {
     pub connected: AtomicBool,
     /// The last stream error.
     pub last_error: Mutex<String>,
+    /// What the recovery VRA last said keeps it from making entries durable (empty: none).
+    pub remote_storage_error: Mutex<String>,
     /// The checkpoint currently frozen (0: none).
     pub frozen_cp: AtomicU64,
     /// Dirty map, tracking, pause and sync progress.
@@ -171,7 +173,14 @@ impl ProtectedShared {
         if connected && let Ok(r) = tokio::time::timeout(BUFFER_WAIT, self.reserve(cost)).await {
             return r.map(Admission::Buffered);
         }
-        self.start_tracking(if connected {
+        let storage = !self
+            .remote_storage_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty();
+        self.start_tracking(if storage {
+            SyncTrigger::RecoveryOrJournalStorageError
+        } else if connected {
             SyncTrigger::NetworkCongestion
         } else {
             SyncTrigger::RecoveryVraCommunicationProblem
@@ -610,6 +619,7 @@ impl ProtectedVpg {
             needs_sync: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             last_error: Mutex::new(String::new()),
+            remote_storage_error: Mutex::new(String::new()),
             frozen_cp: AtomicU64::new(0),
             sync: SyncShared::new(map),
             restart_stream: AtomicBool::new(false),

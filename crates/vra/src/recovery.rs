@@ -521,9 +521,21 @@ impl RecoveryVpg {
 
     /// Whether any journal failed.
     pub fn failed(&self) -> bool {
-        self.journals
-            .iter()
-            .any(|(_, j)| j.subscribe_durable().borrow().failed.is_some())
+        self.storage_error().is_some()
+    }
+
+    /// Why entries cannot become durable, if they cannot: a journal failed, or is waiting
+    /// for space on a full datastore (it resumes by itself once space is freed).
+    pub fn storage_error(&self) -> Option<String> {
+        self.journals.iter().find_map(|(vm, j)| {
+            let d = j.subscribe_durable().borrow().clone();
+            d.failed
+                .map(|f| format!("recovery storage error: journal of vm {vm} failed: {f}"))
+                .or_else(|| {
+                    d.stalled
+                        .map(|f| format!("recovery storage error: journal of vm {vm}: {f}"))
+                })
+        })
     }
 
     /// The VPG's cancellation token (sessions end with it).

@@ -156,6 +156,20 @@ async fn session(
                 let Some(ack) = msg? else {
                     return Err(SessionError::Protocol("receiver closed the stream".into()));
                 };
+                {
+                    let mut remote = shared
+                        .remote_storage_error
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    if *remote != ack.storage_error {
+                        if ack.storage_error.is_empty() {
+                            info!(vpg = %a.vpg, "recovery vra can make entries durable again");
+                        } else {
+                            warn!(vpg = %a.vpg, error = %ack.storage_error, "recovery vra cannot make entries durable");
+                        }
+                        remote.clone_from(&ack.storage_error);
+                    }
+                }
                 let freed = shared
                     .window
                     .lock()

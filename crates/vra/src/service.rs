@@ -247,6 +247,7 @@ impl Replication for ReplicationService {
         tx.try_send(Ok(pb::ReplicateAck {
             durable_seq: resume.0,
             held_seq: held.0,
+            storage_error: String::new(),
         }))
         .map_err(|_| Status::internal("ack channel"))?;
         let cancel = rvpg.cancel_token();
@@ -304,10 +305,27 @@ async fn run_session(
     let mut last_acked = resume;
     let mut pending = false;
     let mut retry = tokio::time::interval(Duration::from_millis(20));
+    let mut storage_check = tokio::time::interval(Duration::from_millis(250));
+    let mut storage_error = String::new();
     loop {
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
+            _ = storage_check.tick() => {
+                // Tell the sender why acks stopped (and when they can resume).
+                let now = vpg.storage_error().unwrap_or_default();
+                if now != storage_error {
+                    let ack = pb::ReplicateAck {
+                        durable_seq: last_acked.0,
+                        held_seq: 0,
+                        storage_error: now.clone(),
+                    };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        break;
+                    }
+                    storage_error = now;
+                }
+            }
             r = acked.changed() => {
                 if r.is_err() {
                     break;
@@ -352,6 +370,7 @@ async fn run_session(
                 match tx.try_send(Ok(pb::ReplicateAck {
                     durable_seq: ack.0,
                     held_seq: 0,
+                    storage_error: storage_error.clone(),
                 })) {
                     Ok(()) => {
                         last_acked = ack;

@@ -178,7 +178,8 @@ impl SyncState {
             };
             return Some(Progress::new(kind, d.trigger, 0).to_pb());
         }
-        if !self.map.is_clean() && !self.tracking {
+        // Tracking, or regions left: the sync that will send them is due.
+        if !self.map.is_clean() || self.tracking {
             let kind = map_kind(&self.map);
             let trigger = if kind == SyncKind::Bitmap {
                 self.trigger
@@ -314,7 +315,14 @@ pub async fn run(
 /// Waits until the stream is established and there is something to sync; false on cancel.
 async fn wait_for_work(shared: &ProtectedShared, cancel: &CancellationToken) -> bool {
     loop {
-        let ready = shared.connected.load(Ordering::Relaxed) && shared.positions().5;
+        // A recovery VRA that cannot make entries durable (full datastore) would only pile
+        // the sync's data up in its memory: wait until it can again.
+        let remote_ok = shared
+            .remote_storage_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty();
+        let ready = shared.connected.load(Ordering::Relaxed) && shared.positions().5 && remote_ok;
         let work = {
             let s = shared.sync.lock();
             !s.paused

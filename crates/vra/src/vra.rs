@@ -486,11 +486,21 @@ impl Vra {
                         wan_bytes_sent: c.wan_sent.load(Ordering::Relaxed),
                         frozen_checkpoint_id: s.frozen_cp.load(Ordering::Relaxed),
                         connected,
-                        last_error: s
-                            .last_error
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .clone(),
+                        last_error: {
+                            let remote = s
+                                .remote_storage_error
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .clone();
+                            if remote.is_empty() {
+                                s.last_error
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .clone()
+                            } else {
+                                remote
+                            }
+                        },
                         reconnects: c.reconnects.load(Ordering::Relaxed),
                         sync: sync.current_pb(),
                         last_sync: sync.last.as_ref().map(|p| p.to_pb()),
@@ -533,7 +543,7 @@ impl Vra {
                             .as_ref()
                             .map_or(0, |cp| cp.checkpoint.timestamp.0),
                         connected,
-                        last_error: r.last_error(),
+                        last_error: r.storage_error().unwrap_or_else(|| r.last_error()),
                         journal_bytes: r.journal_bytes(),
                         ..Default::default()
                     });

@@ -364,3 +364,88 @@ async fn initial_sync_sends_existing_data_and_skips_zero_regions() {
     checkpoint_with_copies(&a, "vpg-i", 1, &cp).await;
     assert_checkpoint_equals(&b, "vpg-i", 1, &cp, &vms).await;
 }
+
+/// A small tmpfs mounted for the life of the guard (the test runs as root, as CI does).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size_mib: u64) -> Self {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let (code, out) = run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mib}m"),
+                "tmpfs",
+                dir.to_str().expect("utf8"),
+            ],
+        );
+        assert_eq!(code, 0, "mounting a tmpfs needs root: {out}");
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = run("umount", &["-l", self.0.to_str().unwrap_or_default()]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_recovery_datastore_reports_a_storage_error_and_recovers_once_space_is_freed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    // The recovery datastore (replicas and journals) is a tmpfs larger than what can be in
+    // flight (the 64 MiB buffer), so that freeing the filler makes room for all of it.
+    let _fs = Tmpfs::mount(&root.join("ds-b"), 256);
+    let mut a = VraProcess::start(root, "host-a");
+    let mut b = VraProcess::start(root, "host-b");
+    let size = 8 * MIB;
+    let vms = ["vm-1", "vm-2"];
+    assign(root, &a, &b, "vpg-f", 1, &two_vms(size), false).await;
+    wait_connected(&a, "vpg-f").await;
+
+    // Leave about 4 MiB free, then write much more than that.
+    let filler = root.join("ds-b").join("filler");
+    let (code, out) = run("fallocate", &["-l", "252m", filler.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}");
+    let stop = CancellationToken::new();
+    let writers = spawn_writers(&a.nbd, &[("vm-1", size), ("vm-2", size)], 71, stop.clone());
+    let err = wait_for("the recovery storage error", || async {
+        let s = vpg_status(&b, "vpg-f").await;
+        (s.state == pb::VpgStreamState::Failed as i32).then_some(s.last_error)
+    })
+    .await;
+    assert!(err.contains("recovery storage error"), "{err}");
+    // The protected side hears why and tracks writes for a sync.
+    let s = wait_for("the protected side to track writes", || async {
+        let s = vpg_status(&a, "vpg-f").await;
+        (s.tracking && s.last_error.contains("recovery storage error")).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        s.sync.expect("a sync is due").trigger,
+        "Recovery or Journal Storage Error"
+    );
+    assert!(stop_writers(&stop, writers).await > 0);
+    // Nothing crashed.
+    for v in [&mut a, &mut b] {
+        let child = v.child.as_mut().expect("running");
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "{} exited",
+            v.host
+        );
+    }
+
+    // Space is freed: the journals write what waited, the sync runs, the VPG is level.
+    std::fs::remove_file(&filler).expect("free space");
+    wait_connected(&a, "vpg-f").await;
+    let s = vpg_status(&b, "vpg-f").await;
+    assert_ne!(s.state, pb::VpgStreamState::Failed as i32, "{s:?}");
+    let cp = copies(root, &vms, "cp1");
+    checkpoint_with_copies(&a, "vpg-f", 1, &cp).await;
+    assert_checkpoint_equals(&b, "vpg-f", 1, &cp, &vms).await;
+}
