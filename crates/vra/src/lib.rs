@@ -11,6 +11,7 @@
 //! - [`recovery`]: the recovery role (journals, receiver actor, acknowledgements,
 //!   point-in-time images).
 //! - [`hashes`]: block hashes and request checks of delta sync, shared by both roles.
+//! - [`rates`]: per-second rates from cumulative counters, for status.
 //! - [`vra`]: the registry of VPGs and the domain operations; [`service`]: thin tonic
 //!   services over it; [`state`]: what survives a restart; [`connector`]: the outgoing
 //!   connection seam; [`config`]: process configuration.
@@ -26,6 +27,7 @@ pub mod hashes;
 pub mod model;
 pub mod protected;
 mod ranges;
+pub mod rates;
 pub mod recovery;
 pub mod sender;
 pub mod service;

@@ -110,6 +110,8 @@ pub struct ProtectedShared {
     pub needs_sync: AtomicBool,
     /// Whether the sender is connected.
     pub connected: AtomicBool,
+    /// Rates of writes, write bytes and WAN bytes sent.
+    pub rates: crate::rates::RateMeter<3>,
     /// The last stream error.
     pub last_error: Mutex<String>,
     /// What the recovery VRA last said keeps it from making entries durable (empty: none).
@@ -618,6 +620,7 @@ impl ProtectedVpg {
             counters: ProtectedCounters::default(),
             needs_sync: AtomicBool::new(false),
             connected: AtomicBool::new(false),
+            rates: crate::rates::RateMeter::new([0; 3]),
             last_error: Mutex::new(String::new()),
             remote_storage_error: Mutex::new(String::new()),
             frozen_cp: AtomicU64::new(0),

@@ -75,6 +75,8 @@ pub struct RecoveryCounters {
     pub sessions: AtomicU64,
     /// Whether a session is open.
     pub connected: AtomicU64,
+    /// Rates of write records and bytes received.
+    pub rates: crate::rates::RateMeter<2>,
 }
 
 /// Persisted acknowledgement floor of a VPG (`<state dir>/stream.json`).

@@ -459,9 +459,14 @@ impl Vra {
                 Role::Protected(p) => {
                     let s = p.shared();
                     let (written, sent, acked, bytes, entries, _) = s.positions();
-                    let sync = s.sync.lock();
-                    used += bytes;
                     let c = &s.counters;
+                    let sync = s.sync.lock();
+                    let rates = s.rates.rates([
+                        c.writes.load(Ordering::Relaxed),
+                        c.write_bytes.load(Ordering::Relaxed),
+                        c.wan_sent.load(Ordering::Relaxed),
+                    ]);
+                    used += bytes;
                     let connected = s.connected.load(Ordering::Relaxed);
                     let state = if s.needs_sync.load(Ordering::Relaxed) {
                         pb::VpgStreamState::NeedsSync
@@ -503,6 +508,9 @@ impl Vra {
                         },
                         reconnects: c.reconnects.load(Ordering::Relaxed),
                         sync: sync.current_pb(),
+                        write_iops: rates[0],
+                        write_bytes_per_sec: rates[1],
+                        wan_bytes_per_sec: rates[2],
                         last_sync: sync.last.as_ref().map(|p| p.to_pb()),
                         dirty_bytes: sync.map.pending_bytes(),
                         tracking: sync.tracking,
@@ -520,6 +528,10 @@ impl Vra {
                         .rev()
                         .find(|cp| cp.durable);
                     let connected = c.connected.load(Ordering::Relaxed) == 1;
+                    let rates = c.rates.rates([
+                        c.writes.load(Ordering::Relaxed),
+                        c.write_bytes.load(Ordering::Relaxed),
+                    ]);
                     let state = if r.failed() {
                         pb::VpgStreamState::Failed
                     } else if connected {
@@ -545,6 +557,8 @@ impl Vra {
                         connected,
                         last_error: r.storage_error().unwrap_or_else(|| r.last_error()),
                         journal_bytes: r.journal_bytes(),
+                        write_iops: rates[0],
+                        write_bytes_per_sec: rates[1],
                         ..Default::default()
                     });
                 }

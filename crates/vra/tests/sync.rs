@@ -63,7 +63,13 @@ async fn link_cut_tracks_writes_then_bitmap_sync_converges() {
     // Checkpoint 1 with quiet writers: the last checkpoint before the cut.
     let stop = CancellationToken::new();
     let writers = spawn_writers(&a.nbd, &[("vm-1", size), ("vm-2", size)], 11, stop.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Rates come from two status reads at least a second apart.
+    vpg_status(&a, "vpg-c").await;
+    vpg_status(&b, "vpg-c").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for s in [vpg_status(&a, "vpg-c").await, vpg_status(&b, "vpg-c").await] {
+        assert!(s.write_iops > 0 && s.write_bytes_per_sec > 0, "{s:?}");
+    }
     assert!(stop_writers(&stop, writers).await > 0);
     let cp1 = copies(root, &vms, "cp1");
     checkpoint_with_copies(&a, "vpg-c", 1, &cp1).await;
