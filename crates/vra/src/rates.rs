@@ -53,9 +53,9 @@ impl<const N: usize> RateMeter<N> {
         let elapsed = now.saturating_duration_since(st.at);
         if elapsed >= MIN_INTERVAL {
             let secs = elapsed.as_secs_f64();
-            for i in 0..N {
-                let delta = counters[i].saturating_sub(st.counters[i]);
-                st.rates[i] = (delta as f64 / secs).round() as u64;
+            let previous = st.counters;
+            for ((rate, now), then) in st.rates.iter_mut().zip(counters).zip(previous) {
+                *rate = (now.saturating_sub(then) as f64 / secs).round() as u64;
             }
             st.at = now;
             st.counters = counters;
