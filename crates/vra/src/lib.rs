@@ -6,6 +6,7 @@
 //!   machines.
 //! - [`protected`] and [`sender`]: the protected role (NBD volumes, replication buffer,
 //!   checkpoint barrier, stream sender).
+//! - [`pool`]: the VRA-wide replication buffer and which VPG gives it up first.
 //! - [`dirty`] and [`sync`]: what still has to reach the recovery site (dirty map) and the
 //!   syncer that sends it (bitmap, initial and delta sync), with pause and force sync.
 //! - [`recovery`]: the recovery role (journals, receiver actor, acknowledgements,
@@ -25,6 +26,7 @@ pub mod error;
 pub mod fence;
 pub mod hashes;
 pub mod model;
+pub mod pool;
 pub mod protected;
 mod ranges;
 pub mod rates;

@@ -36,6 +36,7 @@ use crate::{
     dirty::DirtyMap,
     error::{VraError, VraResult},
     model::{EntryBody, ProtectedAssignment},
+    pool::BufferPool,
     ranges::{RangeGuard, RangeLocks},
     sender,
     state::write_atomic,
@@ -102,6 +103,8 @@ pub struct ProtectedShared {
     pub wake: Notify,
     /// The VRA-wide buffer budget, in bytes.
     pub budget: Arc<Semaphore>,
+    /// The pool the budget belongs to (for eviction by priority).
+    pool: Arc<BufferPool>,
     /// Largest single reservation (the whole budget).
     pub budget_total: u64,
     /// Counters.
@@ -151,6 +154,17 @@ impl ProtectedShared {
         Ok(cost)
     }
 
+    fn try_reserve(&self, cost: u64) -> io::Result<bool> {
+        match self.budget.try_acquire_many(cost as u32) {
+            Ok(p) => {
+                p.forget();
+                Ok(true)
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => Err(shutting_down()),
+            Err(tokio::sync::TryAcquireError::NoPermits) => Ok(false),
+        }
+    }
+
     /// Enters an entry holding `cost` reserved bytes into the buffer.
     pub(crate) fn push_entry(&self, body: EntryBody, cost: u64) -> Seq {
         let seq = self.window().push(body, cost);
@@ -163,13 +177,15 @@ impl ProtectedShared {
             return Ok(Admission::Tracked);
         }
         let cost = want.min(self.budget_total).min(u64::from(u32::MAX));
-        match self.budget.try_acquire_many(cost as u32) {
-            Ok(p) => {
-                p.forget();
+        if self.try_reserve(cost)? {
+            return Ok(Admission::Buffered(cost));
+        }
+        // Full: a lower-priority VPG gives up its buffer first.
+        while let Some(victim) = self.pool.victim_for(self.assignment.priority) {
+            victim.start_tracking(SyncTrigger::ProtectedVraCongestion);
+            if self.try_reserve(cost)? {
                 return Ok(Admission::Buffered(cost));
             }
-            Err(tokio::sync::TryAcquireError::Closed) => return Err(shutting_down()),
-            Err(tokio::sync::TryAcquireError::NoPermits) => {}
         }
         let connected = self.connected.load(Ordering::Relaxed);
         if connected && let Ok(r) = tokio::time::timeout(BUFFER_WAIT, self.reserve(cost)).await {
@@ -568,8 +584,7 @@ impl ProtectedVpg {
         assignment: ProtectedAssignment,
         start: StartKind,
         map_path: PathBuf,
-        budget: Arc<Semaphore>,
-        budget_total: u64,
+        pool: Arc<BufferPool>,
         connector: Connector,
         host_id: String,
         parent: &CancellationToken,
@@ -615,8 +630,9 @@ impl ProtectedVpg {
             assignment: assignment.clone(),
             window: Mutex::new(window),
             wake: Notify::new(),
-            budget,
-            budget_total,
+            budget: pool.budget.clone(),
+            budget_total: pool.total,
+            pool: pool.clone(),
             counters: ProtectedCounters::default(),
             needs_sync: AtomicBool::new(false),
             connected: AtomicBool::new(false),
@@ -632,6 +648,7 @@ impl ProtectedVpg {
         if delta {
             shared.sync.request_delta(None, None);
         }
+        pool.register(&shared);
         let mut volumes = Vec::new();
         for vm in &assignment.vms {
             let vm_id = Arc::new(vm.vm.clone());

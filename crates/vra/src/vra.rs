@@ -16,7 +16,7 @@ use tandem_core::{
 use tandem_journal::{Checkpoint, CheckpointId, Generation, Seq, VolumeId};
 use tandem_nbd::{BlockDevice, Exports};
 use tandem_proto::v1 as pb;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -25,6 +25,7 @@ use crate::{
     error::{VraError, VraResult},
     fence::SessionId,
     model::{ProtectedAssignment, RecoveryAssignment},
+    pool::BufferPool,
     protected::{ProtectedVpg, StartKind},
     recovery::{RecoveryVpg, VpgCheckpoint},
     state::{self, Assignments},
@@ -71,7 +72,7 @@ pub struct OpenedExport {
 struct Inner {
     settings: VraSettings,
     exports: Exports,
-    budget: Arc<Semaphore>,
+    pool: Arc<BufferPool>,
     connector: Connector,
     vpgs: tokio::sync::Mutex<BTreeMap<VpgId, Role>>,
     pits: Mutex<BTreeMap<String, VpgId>>,
@@ -93,12 +94,9 @@ impl Vra {
         connector: Connector,
         cancel: CancellationToken,
     ) -> Self {
-        let permits = usize::try_from(settings.buffer_bytes)
-            .unwrap_or(usize::MAX)
-            .min(Semaphore::MAX_PERMITS);
         Self {
             inner: Arc::new(Inner {
-                budget: Arc::new(Semaphore::new(permits)),
+                pool: BufferPool::new(settings.buffer_bytes),
                 settings,
                 exports,
                 connector,
@@ -203,8 +201,7 @@ impl Vra {
             a.clone(),
             start,
             ProtectedVpg::map_path(&self.inner.settings.data_dir, &a.vpg),
-            self.inner.budget.clone(),
-            self.inner.settings.buffer_bytes,
+            self.inner.pool.clone(),
             self.inner.connector.clone(),
             self.inner.settings.host_id.clone(),
             &self.inner.cancel,

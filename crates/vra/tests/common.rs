@@ -156,22 +156,24 @@ pub async fn assign(
     vms: &[TestVm],
     compression: bool,
 ) {
-    assign_with(
-        root,
-        a,
-        b,
-        vpg,
-        generation,
-        vms,
-        compression,
-        &b.control,
-        false,
-    )
-    .await;
+    let extra = AssignExtra {
+        recovery_address: &b.control,
+        preseeded: false,
+        priority: pb::VraPriority::Medium,
+    };
+    assign_with(root, a, b, vpg, generation, vms, compression, extra).await;
 }
 
-/// [`assign`], with the address the protected VRA reaches `b` at (a link proxy) and
-/// whether the replicas are preseeded.
+/// How [`assign_with`] differs from [`assign`].
+pub struct AssignExtra<'a> {
+    /// The address the protected VRA reaches `b` at (a link proxy).
+    pub recovery_address: &'a str,
+    /// The replicas are preseeded (delta sync instead of initial sync).
+    pub preseeded: bool,
+    pub priority: pb::VraPriority,
+}
+
+/// [`assign`], with a proxied recovery address, preseeding and priority.
 #[allow(clippy::too_many_arguments)]
 pub async fn assign_with(
     root: &Path,
@@ -181,8 +183,7 @@ pub async fn assign_with(
     generation: u64,
     vms: &[TestVm],
     compression: bool,
-    recovery_address: &str,
-    preseeded: bool,
+    extra: AssignExtra<'_>,
 ) {
     let rec = pb::AssignRecoveryRequest {
         vpg_id: vpg.into(),
@@ -241,11 +242,11 @@ pub async fn assign_with(
                     .collect(),
             })
             .collect(),
-        recovery_vra_address: recovery_address.to_string(),
+        recovery_vra_address: extra.recovery_address.to_string(),
         wan_compression: compression,
-        priority: pb::VraPriority::Medium as i32,
+        priority: extra.priority as i32,
         freeze_timeout_ms: 10_000,
-        preseeded,
+        preseeded: extra.preseeded,
     };
     a.client()
         .await

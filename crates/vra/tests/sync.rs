@@ -54,8 +54,11 @@ async fn link_cut_tracks_writes_then_bitmap_sync_converges() {
         1,
         &two_vms(size),
         true,
-        &proxy.to_string(),
-        false,
+        AssignExtra {
+            recovery_address: &proxy.to_string(),
+            preseeded: false,
+            priority: pb::VraPriority::Medium,
+        },
     )
     .await;
     wait_connected(&a, "vpg-c").await;
@@ -287,8 +290,11 @@ async fn delta_sync_of_preseeded_replicas_sends_only_what_differs() {
         1,
         &two_vms(size),
         false,
-        &b.control,
-        true,
+        AssignExtra {
+            recovery_address: &b.control,
+            preseeded: true,
+            priority: pb::VraPriority::Medium,
+        },
     )
     .await;
     wait_connected(&a, "vpg-d").await;
@@ -454,4 +460,69 @@ async fn a_full_recovery_datastore_reports_a_storage_error_and_recovers_once_spa
     let cp = copies(root, &vms, "cp1");
     checkpoint_with_copies(&a, "vpg-f", 1, &cp).await;
     assert_checkpoint_equals(&b, "vpg-f", 1, &cp, &vms).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_stops_the_lowest_priority_vpg_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let a = VraProcess::start(root, "host-a");
+    let b = VraProcess::start(root, "host-b");
+    let cancel = CancellationToken::new();
+    let links = LinkEmulator::start(cancel.clone());
+    // The low-priority VPG's path stalls; the high-priority one's is slow.
+    let stalled = links.link("site-a", "site-b").await.expect("link");
+    let slow = links.link("site-a", "site-c").await.expect("link");
+    let to_low = stalled
+        .add_proxy("site-a", &b.control)
+        .await
+        .expect("proxy");
+    let to_high = slow.add_proxy("site-a", &b.control).await.expect("proxy");
+    let vm = |id: &'static str| TestVm {
+        id,
+        sizes: vec![48 * MIB],
+    };
+    for (vpg, vms, addr, priority) in [
+        ("vpg-low", vec![vm("vm-l")], to_low, pb::VraPriority::Low),
+        ("vpg-high", vec![vm("vm-h")], to_high, pb::VraPriority::High),
+    ] {
+        let extra = AssignExtra {
+            recovery_address: &addr.to_string(),
+            preseeded: false,
+            priority,
+        };
+        assign_with(root, &a, &b, vpg, 1, &vms, false, extra).await;
+        wait_connected(&a, vpg).await;
+    }
+    stalled
+        .cut(tandem_lab::link::CutMode::Blackhole)
+        .await
+        .expect("cut");
+    // 40 of the 64 MiB of buffer go to the low-priority VPG and stay there.
+    qemu_io(&a.uri("vm-l/0"), &["write -P 0x11 0 40M"]);
+    let low = vpg_status(&a, "vpg-low").await;
+    assert!(low.buffer_bytes >= 40 * MIB && !low.tracking, "{low:?}");
+    // The high-priority VPG needs more than is left: the low one gives its buffer up.
+    slow.throttle(None, 4 * MIB).await.expect("throttle");
+    qemu_io(&a.uri("vm-h/0"), &["write -P 0x22 0 40M"]);
+    let low = vpg_status(&a, "vpg-low").await;
+    assert!(low.tracking, "{low:?}");
+    assert_eq!(
+        low.sync.expect("a sync is due").trigger,
+        "Protected VRA Congestion"
+    );
+    let high = vpg_status(&a, "vpg-high").await;
+    assert!(!high.tracking, "{high:?}");
+
+    // Once the paths are back both converge.
+    slow.throttle(None, 0).await.expect("unthrottle");
+    stalled.heal().await.expect("heal");
+    wait_connected(&a, "vpg-low").await;
+    wait_connected(&a, "vpg-high").await;
+    for (vpg, vm) in [("vpg-low", "vm-l"), ("vpg-high", "vm-h")] {
+        let cp = copies(root, &[vm], vpg);
+        checkpoint_with_copies(&a, vpg, 1, &cp).await;
+        assert_checkpoint_equals(&b, vpg, 1, &cp, &[vm]).await;
+    }
+    cancel.cancel();
 }
