@@ -6,6 +6,7 @@
 //!   machines.
 //! - [`protected`] and [`sender`]: the protected role (NBD volumes, replication buffer,
 //!   checkpoint barrier, stream sender).
+//! - [`bandwidth`]: the bandwidth limit of a site pair, shared by priority.
 //! - [`pool`]: the VRA-wide replication buffer and which VPG gives it up first.
 //! - [`dirty`] and [`sync`]: what still has to reach the recovery site (dirty map) and the
 //!   syncer that sends it (bitmap, initial and delta sync), with pause and force sync.
@@ -19,6 +20,7 @@
 //!
 //! [`run`] serves a VRA on two bound listeners until its shutdown token is cancelled.
 
+pub mod bandwidth;
 pub mod config;
 pub mod connector;
 pub mod dirty;

@@ -65,6 +65,9 @@ pub struct ProtectedAssignment {
     /// The replicas already hold a copy: a new assignment starts with a delta sync.
     #[serde(default)]
     pub preseeded: bool,
+    /// The site it replicates to (whose bandwidth limit its stream shares); empty: default.
+    #[serde(default)]
+    pub recovery_site: String,
 }
 
 /// A VM of a recovery assignment.
@@ -195,6 +198,7 @@ impl TryFrom<pb::AssignProtectedRequest> for ProtectedAssignment {
                 Priority::Medium
             }
         };
+        let recovery_site = check_site(&mut v, "recovery_site_id", &r.recovery_site_id);
         let freeze_timeout_ms = if r.freeze_timeout_ms == 0 {
             DEFAULT_FREEZE_TIMEOUT.as_millis() as u64
         } else {
@@ -210,6 +214,7 @@ impl TryFrom<pb::AssignProtectedRequest> for ProtectedAssignment {
             priority,
             freeze_timeout_ms,
             preseeded: r.preseeded,
+            recovery_site,
         })
     }
 }
@@ -271,6 +276,22 @@ impl TryFrom<pb::AssignRecoveryRequest> for RecoveryAssignment {
 }
 
 /// Parses a VPG id field of a request.
+/// A peer site id, or empty for the default site pair.
+fn check_site(v: &mut Violations, field: &str, s: &str) -> String {
+    if !s.is_empty() {
+        v.absorb(tandem_core::ids::SiteId::parse(field, s).map(|_| ()));
+    }
+    s.to_string()
+}
+
+/// Parses a peer site id of a bandwidth limit (empty: the default pair).
+pub fn parse_peer_site(s: &str) -> VraResult<String> {
+    let mut v = Violations::new();
+    let site = check_site(&mut v, "peer_site_id", s);
+    v.into_result()?;
+    Ok(site)
+}
+
 pub fn parse_vpg(s: &str) -> VraResult<VpgId> {
     Ok(VpgId::parse("vpg_id", s)?)
 }
@@ -560,6 +581,7 @@ mod tests {
             priority: pb::VraPriority::High as i32,
             freeze_timeout_ms: 0,
             preseeded: false,
+            recovery_site_id: String::new(),
         }
     }
 

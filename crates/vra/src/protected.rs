@@ -32,6 +32,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
+    bandwidth::Limiter,
     connector::Connector,
     dirty::DirtyMap,
     error::{VraError, VraResult},
@@ -105,6 +106,8 @@ pub struct ProtectedShared {
     pub budget: Arc<Semaphore>,
     /// The pool the budget belongs to (for eviction by priority).
     pool: Arc<BufferPool>,
+    /// The bandwidth limit of the site pair the stream goes over.
+    pub limiter: Limiter,
     /// Largest single reservation (the whole budget).
     pub budget_total: u64,
     /// Counters.
@@ -585,6 +588,7 @@ impl ProtectedVpg {
         start: StartKind,
         map_path: PathBuf,
         pool: Arc<BufferPool>,
+        limiter: Limiter,
         connector: Connector,
         host_id: String,
         parent: &CancellationToken,
@@ -633,6 +637,7 @@ impl ProtectedVpg {
             budget: pool.budget.clone(),
             budget_total: pool.total,
             pool: pool.clone(),
+            limiter,
             counters: ProtectedCounters::default(),
             needs_sync: AtomicBool::new(false),
             connected: AtomicBool::new(false),

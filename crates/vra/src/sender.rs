@@ -185,7 +185,14 @@ async fn session(
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .next_batch(MAX_BATCH_BYTES, MAX_BATCH_ENTRIES);
-                permit.send(encode(shared, &batch));
+                let msg = encode(shared, &batch);
+                // The site pair's bandwidth limit, shared with other VPGs by priority.
+                let bytes = prost::Message::encoded_len(&msg) as u64;
+                tokio::select! {
+                    () = cancel.cancelled() => return Ok(()),
+                    () = shared.limiter.acquire(a.priority, bytes) => {}
+                }
+                permit.send(msg);
             }
             () = shared.wake.notified(), if !has_unsent => {}
         }

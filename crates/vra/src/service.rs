@@ -21,7 +21,7 @@ use crate::{
     fence::SessionId,
     model::{
         self, ProtectedAssignment, RecoveryAssignment, checkpoint_from_thaw, entry_from_pb,
-        parse_checkpoint_id, parse_vm, parse_vpg,
+        parse_checkpoint_id, parse_peer_site, parse_vm, parse_vpg,
     },
     recovery::RecoveryVpg,
     vra::Vra,
@@ -195,6 +195,16 @@ impl VraControl for ControlService {
             Some((parse_vm(&r.vm_id).map_err(status)?, VolumeId(r.volume_id)))
         };
         self.vra.force_sync(&vpg, volume).await.map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
+    async fn set_bandwidth_limit(
+        &self,
+        req: Request<pb::SetBandwidthLimitRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let r = req.into_inner();
+        let site = parse_peer_site(&r.peer_site_id).map_err(status)?;
+        self.vra.set_bandwidth_limit(&site, r.bytes_per_sec).await;
         Ok(Response::new(pb::VraEmpty {}))
     }
 }

@@ -87,6 +87,7 @@ mod tests {
                 priority: tandem_core::vpg::Priority::Low,
                 freeze_timeout_ms: 100,
                 preseeded: false,
+                recovery_site: String::new(),
             }],
             recovery: vec![],
         };

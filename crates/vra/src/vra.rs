@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    bandwidth::Limiter,
     connector::Connector,
     error::{VraError, VraResult},
     fence::SessionId,
@@ -73,6 +74,8 @@ struct Inner {
     settings: VraSettings,
     exports: Exports,
     pool: Arc<BufferPool>,
+    /// Bandwidth limiters by peer site ("" for the default pair).
+    limiters: Mutex<BTreeMap<String, Limiter>>,
     connector: Connector,
     vpgs: tokio::sync::Mutex<BTreeMap<VpgId, Role>>,
     pits: Mutex<BTreeMap<String, VpgId>>,
@@ -97,6 +100,7 @@ impl Vra {
         Self {
             inner: Arc::new(Inner {
                 pool: BufferPool::new(settings.buffer_bytes),
+                limiters: Mutex::new(BTreeMap::new()),
                 settings,
                 exports,
                 connector,
@@ -202,6 +206,7 @@ impl Vra {
             start,
             ProtectedVpg::map_path(&self.inner.settings.data_dir, &a.vpg),
             self.inner.pool.clone(),
+            self.limiter(&a.recovery_site),
             self.inner.connector.clone(),
             self.inner.settings.host_id.clone(),
             &self.inner.cancel,
@@ -341,6 +346,23 @@ impl Vra {
                 role: "protected",
             }),
         }
+    }
+
+    /// The bandwidth limiter of the pair with `site` (created unlimited).
+    fn limiter(&self, site: &str) -> Limiter {
+        self.inner
+            .limiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(site.to_string())
+            .or_insert_with(|| Limiter::start(0, self.inner.cancel.clone()))
+            .clone()
+    }
+
+    /// Limits the replication bandwidth towards `site` (0: no limit).
+    pub async fn set_bandwidth_limit(&self, site: &str, bytes_per_sec: u64) {
+        self.limiter(site).set_rate(bytes_per_sec).await;
+        info!(peer_site = site, bytes_per_sec, "bandwidth limit set");
     }
 
     /// Pauses protection of a VPG (its writes are tracked for a bitmap sync).
@@ -567,7 +589,26 @@ impl Vra {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let limiters: Vec<(String, Limiter)> = self
+            .inner
+            .limiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut bandwidth_limits = Vec::new();
+        for (site, l) in limiters {
+            let rate = l.rate().await;
+            if rate > 0 {
+                bandwidth_limits.push(pb::VraBandwidthLimit {
+                    peer_site_id: site,
+                    bytes_per_sec: rate,
+                });
+            }
+        }
         pb::VraStatus {
+            bandwidth_limits,
             host_id: self.inner.settings.host_id.clone(),
             control_address: control,
             nbd_address: nbd,

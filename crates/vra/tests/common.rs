@@ -247,6 +247,7 @@ pub async fn assign_with(
         priority: extra.priority as i32,
         freeze_timeout_ms: 10_000,
         preseeded: extra.preseeded,
+        recovery_site_id: String::new(),
     };
     a.client()
         .await

@@ -526,3 +526,87 @@ async fn a_full_buffer_stops_the_lowest_priority_vpg_first() {
     }
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bandwidth_limit_throttles_the_stream_to_its_site() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let a = VraProcess::start(root, "host-a");
+    let b = VraProcess::start(root, "host-b");
+    let vms = ["vm-1"];
+    assign(
+        root,
+        &a,
+        &b,
+        "vpg-bw",
+        1,
+        &[TestVm {
+            id: "vm-1",
+            sizes: vec![32 * MIB],
+        }],
+        false,
+    )
+    .await;
+    wait_connected(&a, "vpg-bw").await;
+    let mut c = a.client().await;
+    let err = c
+        .set_bandwidth_limit(pb::SetBandwidthLimitRequest {
+            peer_site_id: "no spaces allowed".into(),
+            bytes_per_sec: 1,
+        })
+        .await
+        .expect_err("bad site id");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    c.set_bandwidth_limit(pb::SetBandwidthLimitRequest {
+        peer_site_id: String::new(),
+        bytes_per_sec: 4 * MIB,
+    })
+    .await
+    .expect("limit");
+    let limits = c
+        .get_status(pb::GetVraStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .bandwidth_limits;
+    assert_eq!(limits.len(), 1, "{limits:?}");
+    assert_eq!(limits[0].bytes_per_sec, 4 * MIB);
+
+    // 24 MiB of incompressible writes at 4 MiB/s (after a 4 MiB burst) take at least ~5 s.
+    let path = root.join("random");
+    random_file(&path, 24 * MIB, 99);
+    let started = std::time::Instant::now();
+    let (code, out) = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            path.to_str().expect("utf8"),
+            &a.uri("vm-1/0"),
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let written = vpg_status(&a, "vpg-bw").await.written_seq;
+    wait_for("the throttled stream to catch up", || async {
+        (vpg_status(&a, "vpg-bw").await.acked_seq >= written).then_some(())
+    })
+    .await;
+    let took = started.elapsed();
+    println!("24 MiB at a 4 MiB/s limit took {took:?}");
+    assert!(took >= Duration::from_secs(4), "not throttled: {took:?}");
+    assert!(!vpg_status(&a, "vpg-bw").await.tracking);
+
+    c.set_bandwidth_limit(pb::SetBandwidthLimitRequest {
+        peer_site_id: String::new(),
+        bytes_per_sec: 0,
+    })
+    .await
+    .expect("unlimit");
+    let cp = copies(root, &vms, "cp1");
+    checkpoint_with_copies(&a, "vpg-bw", 1, &cp).await;
+    assert_checkpoint_equals(&b, "vpg-bw", 1, &cp, &vms).await;
+}
