@@ -173,6 +173,11 @@ impl VolumeMap {
         self.initial.count > 0
     }
 
+    /// Whether no region was ever sent (a volume new to the VPG).
+    pub fn all_initial(&self) -> bool {
+        self.initial.count == self.regions()
+    }
+
     fn next_pending(&self, from: u64) -> Option<u64> {
         match (self.dirty.next_set(from), self.initial.next_set(from)) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -193,13 +193,15 @@ impl SyncState {
 }
 
 fn map_kind(map: &DirtyMap) -> SyncKind {
-    let with_initial = map.volumes().iter().filter(|v| v.has_initial()).count();
-    if with_initial == 0 {
-        SyncKind::Bitmap
-    } else if with_initial == map.volumes().len() {
+    let volumes = map.volumes();
+    if !volumes.is_empty() && volumes.iter().all(|v| v.all_initial()) {
+        // Nothing of the VPG was ever sent.
         SyncKind::Initial
-    } else {
+    } else if volumes.iter().any(|v| v.has_initial()) {
+        // Volumes added (or grown) since.
         SyncKind::VolumeInitial
+    } else {
+        SyncKind::Bitmap
     }
 }
 

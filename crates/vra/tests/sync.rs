@@ -610,3 +610,62 @@ async fn a_bandwidth_limit_throttles_the_stream_to_its_site() {
     checkpoint_with_copies(&a, "vpg-bw", 1, &cp).await;
     assert_checkpoint_equals(&b, "vpg-bw", 1, &cp, &vms).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_added_grown_and_removed_by_reassignment_sync_and_converge() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let a = VraProcess::start(root, "host-a");
+    let b = VraProcess::start(root, "host-b");
+    let one = |sizes: Vec<u64>| vec![TestVm { id: "vm-1", sizes }];
+    assign(root, &a, &b, "vpg-v", 1, &one(vec![8 * MIB]), true).await;
+    wait_connected(&a, "vpg-v").await;
+    qemu_io(&a.uri("vm-1/0"), &["write -P 0x31 0 1M"]);
+
+    // Generation 2: volume 0 grows to 12 MiB, volume 1 (4 MiB, with data) is added.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(image_path(root, "vm-1", 0))
+        .expect("open")
+        .set_len(12 * MIB)
+        .expect("grow");
+    random_file(&image_path(root, "vm-1", 1), 4 * MIB, 5);
+    assign(
+        root,
+        &a,
+        &b,
+        "vpg-v",
+        2,
+        &one(vec![12 * MIB, 4 * MIB]),
+        true,
+    )
+    .await;
+    qemu_io(&a.uri("vm-1/0"), &["write -P 0x32 11M 512k"]);
+    wait_connected(&a, "vpg-v").await;
+    let sync = vpg_status(&a, "vpg-v").await.last_sync.expect("a sync ran");
+    assert_eq!(sync.kind, pb::VraSyncKind::VolumeInitial as i32, "{sync:?}");
+    let copies2: Vec<_> = [0u32, 1]
+        .iter()
+        .map(|v| {
+            (
+                image_path(root, "vm-1", *v),
+                root.join(format!("vm-1-{v}.cp1")),
+            )
+        })
+        .collect();
+    checkpoint_with_copies(&a, "vpg-v", 1, &copies2).await;
+    wait_durable_checkpoint(&b, "vpg-v", 1).await;
+    for (v, (_, copy)) in copies2.iter().enumerate() {
+        let name = open_pit(&b, "vpg-v", "vm-1", v as u32, 1).await;
+        let (code, out) = qemu_img_compare(copy, &b.uri(&name));
+        assert_eq!(code, 0, "volume {v}: {out}\n{}", b.log_tail());
+    }
+
+    // Generation 3: volume 1 is removed; the VPG keeps replicating volume 0.
+    assign(root, &a, &b, "vpg-v", 3, &one(vec![12 * MIB]), true).await;
+    qemu_io(&a.uri("vm-1/0"), &["write -P 0x33 2M 64k"]);
+    wait_connected(&a, "vpg-v").await;
+    let cp = copies(root, &["vm-1"], "cp2");
+    checkpoint_with_copies(&a, "vpg-v", 2, &cp).await;
+    assert_checkpoint_equals(&b, "vpg-v", 2, &cp, &["vm-1"]).await;
+}
