@@ -513,6 +513,32 @@ impl RecoveryVpg {
             .clone()
     }
 
+    /// Per VM journal: size, durable position, newest durable and oldest usable checkpoint,
+    /// size level.
+    pub fn journal_status(&self) -> Vec<tandem_proto::v1::VraJournalStatus> {
+        use tandem_journal::CheckpointState;
+        self.journals
+            .iter()
+            .map(|(vm, j)| {
+                let st = j.status();
+                let cps = j.checkpoints();
+                let usable = cps.iter().filter(|c| c.state == CheckpointState::Usable);
+                let oldest = usable.clone().next();
+                let newest = usable.last();
+                tandem_proto::v1::VraJournalStatus {
+                    vm_id: vm.to_string(),
+                    size_bytes: st.size_bytes,
+                    durable_seq: j.durable_seq().0,
+                    last_durable_checkpoint_id: newest.map_or(0, |c| c.checkpoint.id.0),
+                    oldest_checkpoint_id: oldest.map_or(0, |c| c.checkpoint.id.0),
+                    oldest_checkpoint_ms: oldest.map_or(0, |c| c.checkpoint.timestamp.0),
+                    above_warning: st.level != tandem_journal::SizeLevel::Normal,
+                    history_not_meeting_sla: st.history_not_meeting_sla,
+                }
+            })
+            .collect()
+    }
+
     /// Total journal bytes.
     pub fn journal_bytes(&self) -> u64 {
         self.journals

@@ -576,6 +576,7 @@ impl Vra {
                         connected,
                         last_error: r.storage_error().unwrap_or_else(|| r.last_error()),
                         journal_bytes: r.journal_bytes(),
+                        journals: r.journal_status(),
                         write_iops: rates[0],
                         write_bytes_per_sec: rates[1],
                         ..Default::default()

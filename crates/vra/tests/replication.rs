@@ -111,6 +111,16 @@ async fn checkpoint_image_equals_the_source_at_the_checkpoint() {
     );
     let sb = vpg_status(&b, "vpg-1").await;
     assert_eq!(sb.last_durable_checkpoint_id, 2, "{sb:?}");
+    // Per journal: both VMs hold checkpoints 1 (oldest) to 2 (newest).
+    assert_eq!(sb.journals.len(), 2, "{sb:?}");
+    for j in &sb.journals {
+        assert_eq!(
+            (j.oldest_checkpoint_id, j.last_durable_checkpoint_id),
+            (1, 2),
+            "{j:?}"
+        );
+        assert!(j.size_bytes > 0 && j.durable_seq > 0, "{j:?}");
+    }
 
     // Closing an export removes it.
     let mut cb = b.client().await;
