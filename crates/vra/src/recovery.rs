@@ -522,9 +522,9 @@ impl RecoveryVpg {
             .map(|(vm, j)| {
                 let st = j.status();
                 let cps = j.checkpoints();
-                let usable = cps.iter().filter(|c| c.state == CheckpointState::Usable);
+                let mut usable = cps.iter().filter(|c| c.state == CheckpointState::Usable);
                 let oldest = usable.clone().next();
-                let newest = usable.last();
+                let newest = usable.next_back();
                 tandem_proto::v1::VraJournalStatus {
                     vm_id: vm.to_string(),
                     size_bytes: st.size_bytes,
