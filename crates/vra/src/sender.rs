@@ -28,6 +28,10 @@ const MAX_BATCH_ENTRIES: usize = 1024;
 /// Largest gRPC message on the replication stream.
 pub const MAX_STREAM_MESSAGE: usize = 64 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// A stream down this long counts as a link down: the VPG stops buffering and tracks
+/// writes for a bitmap sync (a recovery VRA that restarts within it resumes the stream
+/// without a sync).
+pub const LINK_DOWN_AFTER: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
@@ -48,10 +52,18 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
+    let mut down_since: Option<std::time::Instant> = None;
     loop {
         let mut established = false;
         let result = session(&shared, &connector, &host_id, &cancel, &mut established).await;
         shared.connected.store(false, Ordering::Relaxed);
+        if established || down_since.is_none() {
+            down_since = Some(std::time::Instant::now());
+        }
+        if down_since.is_some_and(|t| t.elapsed() >= LINK_DOWN_AFTER) && !shared.sync.tracking() {
+            shared
+                .start_tracking(tandem_core::status::SyncTrigger::RecoveryVraCommunicationProblem);
+        }
         shared
             .window
             .lock()

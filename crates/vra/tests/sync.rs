@@ -669,3 +669,51 @@ async fn volumes_added_grown_and_removed_by_reassignment_sync_and_converge() {
     checkpoint_with_copies(&a, "vpg-v", 2, &cp).await;
     assert_checkpoint_equals(&b, "vpg-v", 2, &cp, &["vm-1"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_down_for_long_tracks_writes_even_with_room_in_the_buffer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let a = VraProcess::start(root, "host-a");
+    let b = VraProcess::start(root, "host-b");
+    let cancel = CancellationToken::new();
+    let links = LinkEmulator::start(cancel.clone());
+    let link = links.link("site-a", "site-b").await.expect("link");
+    let proxy = link.add_proxy("site-a", &b.control).await.expect("proxy");
+    let vms = ["vm-1"];
+    let extra = AssignExtra {
+        recovery_address: &proxy.to_string(),
+        preseeded: false,
+        priority: pb::VraPriority::Medium,
+    };
+    let one = [TestVm {
+        id: "vm-1",
+        sizes: vec![8 * MIB],
+    }];
+    assign_with(root, &a, &b, "vpg-l", 1, &one, true, extra).await;
+    wait_connected(&a, "vpg-l").await;
+    link.cut(CutMode::Drop).await.expect("cut");
+    qemu_io(&a.uri("vm-1/0"), &["write -P 0x41 0 1M"]);
+    let cut = std::time::Instant::now();
+    let s = wait_for("the link-down tracking", || async {
+        let s = vpg_status(&a, "vpg-l").await;
+        s.tracking.then_some(s)
+    })
+    .await;
+    assert!(
+        cut.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        cut.elapsed()
+    );
+    assert_eq!(s.buffer_bytes, 0, "the buffer was given up: {s:?}");
+    assert_eq!(
+        s.sync.expect("a sync is due").trigger,
+        "Recovery VRA Communication Problem"
+    );
+    link.heal().await.expect("heal");
+    wait_connected(&a, "vpg-l").await;
+    let cp = copies(root, &vms, "cp1");
+    checkpoint_with_copies(&a, "vpg-l", 1, &cp).await;
+    assert_checkpoint_equals(&b, "vpg-l", 1, &cp, &vms).await;
+    cancel.cancel();
+}
