@@ -170,6 +170,11 @@ impl VraProcess {
 
     /// Starts (or restarts, on the same addresses) the VRA from its data directory.
     pub async fn start(&mut self) -> Result<()> {
+        self.start_with(&[]).await
+    }
+
+    /// [`VraProcess::start`] with extra `tandem-vra` flags (e.g. `--ram-mb 32`).
+    pub async fn start_with(&mut self, extra_args: &[String]) -> Result<()> {
         let (control, nbd) = if self.control.is_empty() {
             ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string())
         } else {
@@ -179,7 +184,8 @@ impl VraProcess {
         cmd.args(["--host-id", &self.host])
             .arg("--data-dir")
             .arg(self.dir.join("data"))
-            .args(["--control-listen", &control, "--nbd-listen", &nbd]);
+            .args(["--control-listen", &control, "--nbd-listen", &nbd])
+            .args(extra_args);
         let what = format!("vra of {}", self.host);
         let (child, addrs) = spawn_listening(&what, cmd, &self.dir, "vra.log").await?;
         self.child = Some(child);
@@ -509,6 +515,11 @@ impl Lab {
     /// Starts `hosts` VRAs per site and registers each as a host (with its VRA's control
     /// address) in its site's managers.
     pub async fn start_vras(&mut self, hosts: usize) -> Result<()> {
+        self.start_vras_with(hosts, &[]).await
+    }
+
+    /// [`Lab::start_vras`] with extra `tandem-vra` flags for every VRA (e.g. `--ram-mb 32`).
+    pub async fn start_vras_with(&mut self, hosts: usize, extra_args: &[String]) -> Result<()> {
         if hosts > 16 {
             bail!("--hosts must be 0..16");
         }
@@ -523,7 +534,7 @@ impl Lab {
                     dir: self.dir.join(name).join(format!("vra-{h}")),
                     child: None,
                 };
-                vra.start().await?;
+                vra.start_with(extra_args).await?;
                 let ch =
                     tonic::transport::Endpoint::from_shared(format!("http://{}", endpoints[0]))?
                         .connect_timeout(Duration::from_secs(2))

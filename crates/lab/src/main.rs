@@ -64,14 +64,42 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         secs: u64,
     },
-    /// Runs the demo: a two-site lab, pairing, inventory and a VPG, leader failover.
+    /// VRA benchmarks: write path vs nbdkit, checkpoint barrier, initial sync vs nbdcopy,
+    /// delta sync vs rsync (scripts/bench-vra.sh).
+    BenchVra(tandem_lab::bench_vra::Args),
+    /// Runs the demo: a two-site lab with managers and VRAs; pairing, inventory, a VPG and a
+    /// leader failover; then replication of 4 VMs under a verifying workload with
+    /// checkpoints, point-in-time images checked against the source, a link cut with its
+    /// bitmap sync, and a kill -9 of a recovery VRA. Exits non-zero on any FAIL.
     Demo {
-        /// Lab directory; a fresh temporary one by default.
+        /// Lab directory; a fresh temporary one (removed after a passing run) by default.
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Keep the lab running after the demo until Ctrl-C.
         #[arg(long)]
         keep: bool,
+        /// Size of each VM's volume, in MiB.
+        #[arg(long, default_value_t = 64)]
+        volume_mib: u64,
+        /// Replication buffer (RAM setting) of each VRA, in MiB; a small one fills during
+        /// the link cut, so that writes are tracked and a bitmap sync follows.
+        #[arg(long, default_value_t = 16)]
+        vra_ram_mib: u64,
+        /// Interval of the checkpoint barrier, in ms.
+        #[arg(long, default_value_t = 2500)]
+        checkpoint_ms: u64,
+        /// Seconds of steady replication before the first image check.
+        #[arg(long, default_value_t = 12)]
+        steady_secs: u64,
+        /// Seconds the link is cut.
+        #[arg(long, default_value_t = 10)]
+        cut_secs: u64,
+        /// Writers of the verifying workload (each writes every volume).
+        #[arg(long, default_value_t = 8)]
+        writers: u32,
+        /// Pause of each writer between two writes, in ms (0: back to back).
+        #[arg(long, default_value_t = 2)]
+        pace_ms: u64,
     },
 }
 
@@ -465,6 +493,38 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             tandem_lab::bench::run(dir, clients, secs).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Demo { dir, keep } => demo::run(dir, keep, shutdown_token()).await,
+        Cmd::BenchVra(args) => {
+            tandem_lab::bench_vra::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo {
+            dir,
+            keep,
+            volume_mib,
+            vra_ram_mib,
+            checkpoint_ms,
+            steady_secs,
+            cut_secs,
+            writers,
+            pace_ms,
+        } => {
+            if volume_mib == 0 || vra_ram_mib == 0 || checkpoint_ms == 0 || writers == 0 {
+                anyhow::bail!(
+                    "--volume-mib, --vra-ram-mib, --checkpoint-ms and --writers must be positive"
+                );
+            }
+            let opts = demo::DemoOptions {
+                dir,
+                keep,
+                volume_mib,
+                vra_ram_mib,
+                checkpoint_interval: std::time::Duration::from_millis(checkpoint_ms),
+                steady: std::time::Duration::from_secs(steady_secs),
+                cut: std::time::Duration::from_secs(cut_secs),
+                writers,
+                pace: std::time::Duration::from_millis(pace_ms),
+            };
+            demo::run(opts, shutdown_token()).await
+        }
     }
 }

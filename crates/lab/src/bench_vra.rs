@@ -1,0 +1,1530 @@
+//! `tandem-lab bench-vra`: the VRA's benchmarks, each side by side with its yardstick in
+//! one run, with the ratios printed:
+//!
+//! 1. write path: fio (nbd engine) 4 KiB randwrite QD32 and 1 MiB sequential write QD8
+//!    against a protected volume that replicates to a recovery VRA on the same machine
+//!    (journal fsynced), vs the same fio against nbdkit's file plugin on a raw file; the
+//!    replication lag (acknowledged at the protected side -> durable at the recovery side)
+//!    comes from `GetStatus` samples of `written_seq` and `acked_seq`;
+//! 2. checkpoint barrier: fio completion latency of one QD32 job on each of two protected
+//!    VRAs of one VPG, without and with a checkpoint (freeze both, thaw both) every second;
+//! 3. initial sync of a volume of random data vs `nbdcopy` between two nbdkit exports;
+//! 4. delta sync of a preseeded volume with 1% of its 4 KiB blocks changed vs
+//!    `rsync --inplace --no-whole-file`, with the bytes on the wire of each.
+//!
+//! It reports and never asserts: a missed floor is printed, the run still succeeds.
+//! Before each measured run it waits for the machine to be quiet (no `rustc` running).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tandem_proto::v1::{self as pb, vra_control_client::VraControlClient};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::link::LinkEmulator;
+
+const MIB: u64 = 1 << 20;
+const VPG: &str = "vpg-bench";
+
+/// The benchmarks `--only` can pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Which {
+    Write,
+    Checkpoint,
+    Initial,
+    Delta,
+}
+
+/// Flags of `tandem-lab bench-vra` (`scripts/bench-vra.sh` maps environment variables to
+/// them). Durations and sizes left unset take the issue's defaults, or the quick ones.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Work directory, on the disk under test (removed afterwards unless --keep).
+    #[arg(long, default_value = "target/bench-vra")]
+    pub dir: PathBuf,
+    /// The `tandem-vra` binary (default: next to this executable).
+    #[arg(long)]
+    pub vra_bin: Option<PathBuf>,
+    /// Smoke run: 5 s fio runs, a 256 MiB initial sync, a 128 MiB delta sync.
+    #[arg(long)]
+    pub quick: bool,
+    /// Seconds of each write-path fio run [default: 60; quick 5].
+    #[arg(long)]
+    pub write_secs: Option<u64>,
+    /// Seconds of each checkpoint-barrier fio run, without and with checkpoints
+    /// [default: 60; quick 5].
+    #[arg(long)]
+    pub cp_secs: Option<u64>,
+    /// Checkpoint interval in the barrier run.
+    #[arg(long, default_value_t = 1000)]
+    pub cp_interval_ms: u64,
+    /// Size of the initial-sync volume in MiB [default: 4096; quick 256].
+    #[arg(long)]
+    pub sync_mib: Option<u64>,
+    /// Size of the delta-sync volume in MiB [default: 1024; quick 128].
+    #[arg(long)]
+    pub delta_mib: Option<u64>,
+    /// Percentage of the 4 KiB blocks changed before the delta sync.
+    #[arg(long, default_value_t = 1.0)]
+    pub delta_percent: f64,
+    /// Size of the write-path and checkpoint volumes in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub volume_mib: u64,
+    /// Replication buffer of each VRA (`tandem-vra --ram-mb`).
+    #[arg(long, default_value_t = 256)]
+    pub ram_mb: u64,
+    /// Hard limit of each journal in the write-path and checkpoint runs, in MiB (early
+    /// promotion keeps the disk use bounded; 0: none).
+    #[arg(long, default_value_t = 4096)]
+    pub journal_limit_mib: u64,
+    /// `GetStatus` sampling period for the replication lag.
+    #[arg(long, default_value_t = 50)]
+    pub lag_sample_ms: u64,
+    /// Benchmarks to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "write,checkpoint,initial,delta"
+    )]
+    pub only: Vec<Which>,
+    /// Longest wait for a quiet machine (no rustc, CPUs at least --min-idle % idle over a
+    /// second) before each measured run; after it the run goes ahead, marked not quiet.
+    #[arg(long, default_value_t = 900)]
+    pub quiet_wait_secs: u64,
+    /// Idle CPU share (percent, over one second) that counts as quiet.
+    #[arg(long, default_value_t = 85.0)]
+    pub min_idle: f64,
+    /// Keep the work directory.
+    #[arg(long)]
+    pub keep: bool,
+    /// Delta sync without the byte-counting link proxy between the VRAs (the bytes on the
+    /// wire are then the sync's data and hash bytes only).
+    #[arg(long)]
+    pub no_link_proxy: bool,
+}
+
+/// [`Args`] with the defaults resolved.
+#[derive(Debug, Clone)]
+struct Settings {
+    dir: PathBuf,
+    vra_bin: PathBuf,
+    write_secs: u64,
+    cp_secs: u64,
+    cp_interval: Duration,
+    sync_bytes: u64,
+    delta_bytes: u64,
+    delta_percent: f64,
+    volume_bytes: u64,
+    ram_mb: u64,
+    journal_limit: u64,
+    lag_sample: Duration,
+    quiet_wait: Duration,
+    min_idle: f64,
+    keep: bool,
+    link_proxy: bool,
+}
+
+impl Settings {
+    fn from_args(a: &Args) -> Result<Self> {
+        let pick =
+            |v: Option<u64>, full: u64, quick: u64| v.unwrap_or(if a.quick { quick } else { full });
+        let vra_bin = match &a.vra_bin {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("executable without a directory")?
+                .join("tandem-vra"),
+        };
+        if !vra_bin.exists() {
+            bail!(
+                "{} not found: build it (cargo build --release --bins) or pass --vra-bin",
+                vra_bin.display()
+            );
+        }
+        Ok(Self {
+            dir: a.dir.clone(),
+            vra_bin,
+            write_secs: pick(a.write_secs, 60, 5),
+            cp_secs: pick(a.cp_secs, 60, 5),
+            cp_interval: Duration::from_millis(a.cp_interval_ms.max(1)),
+            sync_bytes: pick(a.sync_mib, 4096, 256) * MIB,
+            delta_bytes: pick(a.delta_mib, 1024, 128) * MIB,
+            delta_percent: a.delta_percent,
+            volume_bytes: a.volume_mib * MIB,
+            ram_mb: a.ram_mb,
+            journal_limit: a.journal_limit_mib * MIB,
+            lag_sample: Duration::from_millis(a.lag_sample_ms.max(1)),
+            quiet_wait: Duration::from_secs(a.quiet_wait_secs),
+            min_idle: a.min_idle,
+            keep: a.keep,
+            link_proxy: !a.no_link_proxy,
+        })
+    }
+
+    /// Removes a benchmark's directory unless --keep.
+    fn clean(&self, dir: &Path) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// One line of the summary table.
+#[derive(Debug)]
+struct Row {
+    bench: String,
+    tandem: String,
+    yardstick: String,
+    ratio: String,
+    floor: String,
+    met: bool,
+    machine: String,
+}
+
+/// Runs the selected benchmarks and prints every result, the ratios and a summary table.
+pub async fn run(args: Args) -> Result<()> {
+    let s = Settings::from_args(&args)?;
+    for tool in ["fio", "nbdkit", "nbdcopy", "rsync", "pgrep"] {
+        if which(tool).is_none() {
+            bail!("missing {tool}: run scripts/install-test-deps.sh");
+        }
+    }
+    if s.dir.exists() {
+        std::fs::remove_dir_all(&s.dir).with_context(|| format!("clearing {}", s.dir.display()))?;
+    }
+    std::fs::create_dir_all(&s.dir)?;
+    println!(
+        "vra benchmarks: {} cpus, load {}, dir {}, vra {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg(),
+        s.dir.display(),
+        s.vra_bin.display()
+    );
+    println!(
+        "settings: write {} s, checkpoint {} s every {} ms, initial sync {} MiB, delta sync {} MiB \
+         ({}% of 4 KiB blocks), volumes {} MiB, ram {} MiB, journal limit {} MiB",
+        s.write_secs,
+        s.cp_secs,
+        s.cp_interval.as_millis(),
+        s.sync_bytes / MIB,
+        s.delta_bytes / MIB,
+        s.delta_percent,
+        s.volume_bytes / MIB,
+        s.ram_mb,
+        s.journal_limit / MIB
+    );
+    let mut rows = Vec::new();
+    for which in [
+        Which::Write,
+        Which::Checkpoint,
+        Which::Initial,
+        Which::Delta,
+    ] {
+        if !args.only.contains(&which) {
+            continue;
+        }
+        let r = match which {
+            Which::Write => bench_write(&s, &mut rows).await,
+            Which::Checkpoint => bench_checkpoint(&s, &mut rows).await,
+            Which::Initial => bench_initial_sync(&s, &mut rows).await,
+            Which::Delta => bench_delta_sync(&s, &mut rows).await,
+        };
+        if let Err(e) = r {
+            println!("{which:?} benchmark failed: {e:#}");
+        }
+    }
+    println!();
+    println!("| benchmark | tandem | yardstick | ratio | floor | met | machine |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.bench,
+            r.tandem,
+            r.yardstick,
+            r.ratio,
+            r.floor,
+            if r.met { "yes" } else { "**no**" },
+            r.machine
+        );
+    }
+    s.clean(&s.dir);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ machine state
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+async fn rustc_count() -> usize {
+    let out = Command::new("pgrep").args(["-c", "rustc"]).output().await;
+    out.ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Idle and total jiffies of all CPUs (`/proc/stat`; iowait counts as idle).
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    // guest time is already counted in user time.
+    let total = v.iter().take(8).sum();
+    (idle, total)
+}
+
+/// Percentage of CPU time idle over the next second.
+async fn idle_percent() -> f64 {
+    let (i0, t0) = cpu_jiffies();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (i1, t1) = cpu_jiffies();
+    if t1 <= t0 {
+        return 100.0;
+    }
+    (i1 - i0) as f64 * 100.0 / (t1 - t0) as f64
+}
+
+/// Waits (up to the configured time) until no rustc runs and the CPUs are idle enough,
+/// flushes dirty pages, and describes the machine state for the result line.
+async fn quiet(s: &Settings) -> String {
+    let start = Instant::now();
+    let mut told = false;
+    let state = loop {
+        let n = rustc_count().await;
+        let idle = idle_percent().await;
+        if n == 0 && idle >= s.min_idle {
+            break format!("quiet (idle {idle:.0}%), load {}", loadavg());
+        }
+        if start.elapsed() >= s.quiet_wait {
+            println!("  warning: {n} rustc running, {idle:.0}% idle; measuring anyway");
+            break format!("NOT quiet ({n} rustc, idle {idle:.0}%), load {}", loadavg());
+        }
+        if !told {
+            println!("  waiting for a quiet machine ({n} rustc running, {idle:.0}% idle)");
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    let _ = Command::new("sync").status().await;
+    state
+}
+
+fn clk_tck() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / clk_tck()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn wait_port(addr: &str, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} does not listen on {addr}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ files
+
+/// Deterministic fast pseudo-random bytes (splitmix64).
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+fn create_parent(path: &Path) -> Result<()> {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    Ok(())
+}
+
+/// A file of `size` bytes written with zeroes (allocated, unlike a sparse file).
+fn zero_file(path: &Path, size: u64) -> Result<()> {
+    use std::io::Write;
+    create_parent(path)?;
+    let mut f = std::fs::File::create(path)?;
+    let buf = vec![0u8; MIB as usize];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// A file of `size` bytes of pseudo-random data.
+fn random_file(path: &Path, size: u64, seed: u64) -> Result<()> {
+    use std::io::Write;
+    create_parent(path)?;
+    let mut f = std::fs::File::create(path)?;
+    let mut noise = Noise(seed);
+    let mut buf = vec![0u8; MIB as usize];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        noise.fill(&mut buf[..n]);
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Overwrites `percent`% of the 4 KiB blocks of `path` (distinct blocks) with new random
+/// data; returns how many.
+fn scribble(path: &Path, percent: f64, seed: u64) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let blocks = f.metadata()?.len() / 4096;
+    let n = ((blocks as f64) * percent / 100.0).ceil() as u64;
+    let mut noise = Noise(seed);
+    let mut chosen = std::collections::BTreeSet::new();
+    while (chosen.len() as u64) < n.min(blocks) {
+        chosen.insert(noise.next() % blocks);
+    }
+    let mut buf = vec![0u8; 4096];
+    for b in &chosen {
+        noise.fill(&mut buf);
+        f.write_all_at(&buf, b * 4096)?;
+    }
+    Ok(chosen.len() as u64)
+}
+
+// ------------------------------------------------------------------ processes
+
+/// A running `tandem-vra`; killed when dropped.
+struct Vra {
+    child: Child,
+    host: String,
+    control: String,
+    nbd: String,
+    log: PathBuf,
+}
+
+impl Vra {
+    async fn start(s: &Settings, root: &Path, host: &str) -> Result<Self> {
+        let data_dir = root.join(host);
+        std::fs::create_dir_all(&data_dir)?;
+        let addr_file = data_dir.join("addr.json");
+        let log = root.join(format!("{host}.log"));
+        let child = Command::new(&s.vra_bin)
+            .arg("--host-id")
+            .arg(host)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--control-listen", "127.0.0.1:0"])
+            .args(["--nbd-listen", "127.0.0.1:0"])
+            .arg("--ram-mb")
+            .arg(s.ram_mb.to_string())
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .env(
+                "RUST_LOG",
+                std::env::var("VRA_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", s.vra_bin.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addrs: serde_json::Value = loop {
+            if let Ok(bytes) = std::fs::read(&addr_file)
+                && let Ok(v) = serde_json::from_slice(&bytes)
+            {
+                break v;
+            }
+            if Instant::now() > deadline {
+                bail!("vra {host} did not start; see {}", log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let field = |k: &str| {
+            addrs[k]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("{} has no {k}", addr_file.display()))
+        };
+        Ok(Self {
+            control: field("control")?,
+            nbd: field("nbd")?,
+            child,
+            host: host.to_string(),
+            log,
+        })
+    }
+
+    async fn client(&self) -> Result<VraControlClient<Channel>> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.control))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to vra {}", self.host))?;
+        Ok(VraControlClient::new(ch))
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.nbd)
+    }
+
+    fn cpu(&self) -> f64 {
+        cpu_secs(self.child.id())
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// nbdkit's file plugin serving one file.
+struct Nbdkit {
+    child: Child,
+    addr: String,
+}
+
+impl Nbdkit {
+    async fn start(file: &Path, readonly: bool) -> Result<Self> {
+        let port = free_port()?;
+        let mut cmd = Command::new("nbdkit");
+        cmd.args(["-f", "-i", "127.0.0.1", "-p", &port.to_string()]);
+        if readonly {
+            cmd.arg("-r");
+        }
+        let child = cmd
+            .arg("file")
+            .arg(format!("file={}", file.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting nbdkit")?;
+        let addr = format!("127.0.0.1:{port}");
+        wait_port(&addr, "nbdkit").await?;
+        Ok(Self { child, addr })
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd://{}/", self.addr)
+    }
+
+    fn cpu(&self) -> f64 {
+        cpu_secs(self.child.id())
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+// ------------------------------------------------------------------ VRA control
+
+/// One protected volume and where it is recovered.
+struct Placement {
+    vm: String,
+    size: u64,
+    image: PathBuf,
+    replica: PathBuf,
+    journal_dir: PathBuf,
+}
+
+impl Placement {
+    fn new(root: &Path, vm: &str, size: u64) -> Self {
+        Self {
+            vm: vm.to_string(),
+            size,
+            image: root.join("ds-a").join(format!("{vm}-0.img")),
+            replica: root.join("ds-b").join(format!("{vm}-0.replica")),
+            journal_dir: root.join("ds-b").join("journals").join(vm),
+        }
+    }
+}
+
+async fn assign_recovery(b: &Vra, vms: &[&Placement], hard_limit: u64) -> Result<()> {
+    let req = pb::AssignRecoveryRequest {
+        vpg_id: VPG.into(),
+        generation: 1,
+        vms: vms
+            .iter()
+            .map(|p| pb::RecoveryVm {
+                vm_id: p.vm.clone(),
+                volumes: vec![pb::VraVolume {
+                    volume_id: 0,
+                    size_bytes: p.size,
+                    path: p.replica.display().to_string(),
+                }],
+                journal_dir: p.journal_dir.display().to_string(),
+            })
+            .collect(),
+        // No window promotion within a run: only the hard limit promotes (early).
+        journal_history_secs: 3600,
+        journal_warning_bytes: 0,
+        journal_hard_limit_bytes: hard_limit,
+    };
+    b.client()
+        .await?
+        .assign_recovery(req)
+        .await
+        .context("assign recovery")?;
+    Ok(())
+}
+
+async fn assign_protected(
+    a: &Vra,
+    recovery_address: &str,
+    vms: &[&Placement],
+    preseeded: bool,
+) -> Result<()> {
+    let req = pb::AssignProtectedRequest {
+        vpg_id: VPG.into(),
+        generation: 1,
+        vms: vms
+            .iter()
+            .map(|p| pb::ProtectedVm {
+                vm_id: p.vm.clone(),
+                volumes: vec![pb::VraVolume {
+                    volume_id: 0,
+                    size_bytes: p.size,
+                    path: p.image.display().to_string(),
+                }],
+            })
+            .collect(),
+        recovery_vra_address: recovery_address.to_string(),
+        wan_compression: false,
+        priority: pb::VraPriority::Medium as i32,
+        freeze_timeout_ms: 10_000,
+        preseeded,
+        recovery_site_id: String::new(),
+    };
+    a.client()
+        .await?
+        .assign_protected(req)
+        .await
+        .context("assign protected")?;
+    Ok(())
+}
+
+async fn vpg_status(c: &mut VraControlClient<Channel>) -> Result<pb::VpgReplicationStatus> {
+    c.get_status(pb::GetVraStatusRequest {})
+        .await?
+        .into_inner()
+        .vpgs
+        .into_iter()
+        .find(|p| p.vpg_id == VPG)
+        .ok_or_else(|| anyhow!("{VPG} not in the status"))
+}
+
+/// Connected, no sync running or owed, nothing tracked, and every entry durable at the
+/// recovery side.
+fn level(s: &pb::VpgReplicationStatus) -> bool {
+    s.connected
+        && s.sync.is_none()
+        && s.dirty_bytes == 0
+        && !s.tracking
+        && s.state != pb::VpgStreamState::NeedsSync as i32
+        && s.acked_seq >= s.written_seq
+}
+
+/// Polls until the protected VPG is level; returns its status then.
+async fn wait_level(a: &Vra, patience: Duration) -> Result<pb::VpgReplicationStatus> {
+    let mut c = a.client().await?;
+    let deadline = Instant::now() + patience;
+    loop {
+        let s = vpg_status(&mut c).await?;
+        if level(&s) {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "vra {} not level after {patience:?}: {s:?}; see {}",
+                a.host,
+                a.log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ------------------------------------------------------------------ fio
+
+/// What one fio run achieved (writes only; merged over its jobs).
+#[derive(Debug, Clone, Copy)]
+struct Fio {
+    iops: f64,
+    bytes_per_sec: f64,
+    clat_p50_us: f64,
+    clat_p99_us: f64,
+    clat_p999_us: f64,
+    clat_max_us: f64,
+}
+
+impl Fio {
+    fn line(&self) -> String {
+        format!(
+            "{:.0} IOPS {:.1} MB/s clat p50 {:.0} us p99 {:.0} us p99.9 {:.0} us max {:.1} ms",
+            self.iops,
+            self.bytes_per_sec / 1e6,
+            self.clat_p50_us,
+            self.clat_p99_us,
+            self.clat_p999_us,
+            self.clat_max_us / 1000.0
+        )
+    }
+}
+
+/// fio's nbd engine, one job per URI (each `qd` deep), reported as one group.
+async fn fio(uris: &[String], rw: &str, bs: &str, qd: u32, size: u64, secs: u64) -> Result<Fio> {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--ioengine=nbd",
+        &format!("--rw={rw}"),
+        &format!("--bs={bs}"),
+        &format!("--iodepth={qd}"),
+        &format!("--size={size}"),
+        &format!("--runtime={secs}"),
+        "--time_based",
+        "--group_reporting",
+        "--output-format=json",
+    ]);
+    for (i, uri) in uris.iter().enumerate() {
+        cmd.arg(format!("--name=j{i}")).arg(format!("--uri={uri}"));
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("running fio")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = text.find('{').map(|i| &text[i..]).ok_or_else(|| {
+        anyhow!(
+            "fio printed no json: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(json).context("parsing fio's json")?;
+    let job = &v["jobs"][0];
+    if job["error"].as_i64().unwrap_or(0) != 0 {
+        bail!(
+            "fio job failed ({}): {}",
+            job["error"],
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let w = &job["write"];
+    let clat = &w["clat_ns"];
+    let pct = |k: &str| clat["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(Fio {
+        iops: w["iops"].as_f64().unwrap_or(0.0),
+        bytes_per_sec: w["bw_bytes"].as_f64().unwrap_or(0.0),
+        clat_p50_us: pct("50.000000"),
+        clat_p99_us: pct("99.000000"),
+        clat_p999_us: pct("99.900000"),
+        clat_max_us: clat["max"].as_f64().unwrap_or(0.0) / 1000.0,
+    })
+}
+
+// ------------------------------------------------------------------ replication lag
+
+/// One `GetStatus` sample of the protected VPG.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Duration,
+    written: u64,
+    acked: u64,
+    tracking: bool,
+    syncing: bool,
+    buffer_bytes: u64,
+    dirty_bytes: u64,
+}
+
+/// Samples the protected VPG every `period` until `stop`.
+fn spawn_sampler(
+    mut c: VraControlClient<Channel>,
+    period: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Vec<Sample>> {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut out = Vec::new();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let asked = start.elapsed();
+            if let Ok(s) = vpg_status(&mut c).await {
+                // The middle of the call is the best guess of when the figures held.
+                let at = (asked + start.elapsed()) / 2;
+                out.push(Sample {
+                    at,
+                    written: s.written_seq,
+                    acked: s.acked_seq,
+                    tracking: s.tracking,
+                    syncing: s.sync.is_some(),
+                    buffer_bytes: s.buffer_bytes,
+                    dirty_bytes: s.dirty_bytes,
+                });
+            }
+        }
+        out
+    })
+}
+
+/// Replication lag over a run: for each sample where `written_seq` moved, the time until
+/// a sample saw `acked_seq` reach it.
+#[derive(Debug, Default)]
+struct Lag {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    points: usize,
+    /// Points never acknowledged before the sampling ended.
+    unacked: usize,
+    /// Seconds during which writes were tracked in the dirty map instead of buffered.
+    tracking_secs: f64,
+    syncing_secs: f64,
+    max_buffer: u64,
+    max_dirty: u64,
+}
+
+impl Lag {
+    fn from_samples(samples: &[Sample], period: Duration) -> Self {
+        let mut lags = Vec::new();
+        let mut unacked = 0;
+        let mut prev_written = samples.first().map_or(0, |s| s.written);
+        let mut j = 0;
+        for (i, s) in samples.iter().enumerate() {
+            if s.written <= prev_written {
+                continue;
+            }
+            prev_written = s.written;
+            j = j.max(i);
+            while j < samples.len() && samples[j].acked < s.written {
+                j += 1;
+            }
+            match samples.get(j) {
+                Some(done) => lags.push((done.at - s.at).as_secs_f64() * 1000.0),
+                None => {
+                    unacked += 1;
+                    let last = samples.last().map_or(s.at, |l| l.at);
+                    lags.push((last - s.at).as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        lags.sort_by(f64::total_cmp);
+        let per = period.as_secs_f64();
+        Self {
+            p50_ms: percentile(&lags, 0.50),
+            p99_ms: percentile(&lags, 0.99),
+            max_ms: lags.last().copied().unwrap_or(0.0),
+            points: lags.len(),
+            unacked,
+            tracking_secs: samples.iter().filter(|s| s.tracking).count() as f64 * per,
+            syncing_secs: samples.iter().filter(|s| s.syncing).count() as f64 * per,
+            max_buffer: samples.iter().map(|s| s.buffer_bytes).max().unwrap_or(0),
+            max_dirty: samples.iter().map(|s| s.dirty_bytes).max().unwrap_or(0),
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "replication lag p50 {:.0} ms p99 {:.0} ms max {:.0} ms ({} points, {} unacked), \
+             tracking {:.1} s, syncing {:.1} s, max buffer {} MiB, max dirty {} MiB",
+            self.p50_ms,
+            self.p99_ms,
+            self.max_ms,
+            self.points,
+            self.unacked,
+            self.tracking_secs,
+            self.syncing_secs,
+            self.max_buffer / MIB,
+            self.max_dirty / MIB
+        )
+    }
+}
+
+/// Nearest-rank percentile of sorted values (0 when empty).
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+// ------------------------------------------------------------------ 1. write path
+
+async fn bench_write(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
+    println!("\n== write path: fio nbd engine, protected VRA -> recovery VRA vs nbdkit file");
+    let root = s.dir.join("write");
+    let size = s.volume_bytes;
+    let raw = root.join("nbdkit.raw");
+    zero_file(&raw, size)?;
+    let vm = Placement::new(&root, "vm-1", size);
+    zero_file(&vm.image, size)?;
+    let kit = Nbdkit::start(&raw, false).await?;
+    let b = Vra::start(s, &root, "host-b").await?;
+    let a = Vra::start(s, &root, "host-a").await?;
+    assign_recovery(&b, &[&vm], s.journal_limit).await?;
+    assign_protected(&a, &b.control, &[&vm], false).await?;
+    wait_level(&a, Duration::from_secs(600)).await?;
+    let uri = a.uri("vm-1/0");
+    for (rw, bs, qd, label) in [
+        ("randwrite", "4k", 32, "4 KiB randwrite QD32"),
+        ("write", "1M", 8, "1 MiB seq write QD8"),
+    ] {
+        let machine = quiet(s).await;
+        let kit_cpu = kit.cpu();
+        let yard = fio(&[kit.uri()], rw, bs, qd, size, s.write_secs).await?;
+        let kit_cpu = kit.cpu() - kit_cpu;
+        println!(
+            "{label} nbdkit: {} (nbdkit cpu {kit_cpu:.1} s)",
+            yard.line()
+        );
+
+        let machine2 = quiet(s).await;
+        let stop = CancellationToken::new();
+        let sampler = spawn_sampler(a.client().await?, s.lag_sample, stop.clone());
+        let (a_cpu, b_cpu) = (a.cpu(), b.cpu());
+        let ours = fio(std::slice::from_ref(&uri), rw, bs, qd, size, s.write_secs).await?;
+        let fio_end = Instant::now();
+        let caught_up = wait_level(&a, Duration::from_secs(300)).await;
+        let drain = fio_end.elapsed();
+        // One more period so that the last acknowledgement is sampled.
+        tokio::time::sleep(s.lag_sample * 2).await;
+        stop.cancel();
+        let samples = sampler.await?;
+        let (a_cpu, b_cpu) = (a.cpu() - a_cpu, b.cpu() - b_cpu);
+        let lag = Lag::from_samples(&samples, s.lag_sample);
+        let ratio = ours.iops / yard.iops.max(1e-9);
+        println!(
+            "{label} tandem: {} (protected cpu {a_cpu:.1} s, recovery cpu {b_cpu:.1} s)",
+            ours.line()
+        );
+        println!(
+            "{label} tandem: {}; level {:.1} s after fio ended{}",
+            lag.line(),
+            drain.as_secs_f64(),
+            if caught_up.is_err() {
+                " (NOT caught up)"
+            } else {
+                ""
+            }
+        );
+        let throughput_ok = ratio >= 0.9;
+        let lag_ok = lag.p99_ms <= 1000.0 && lag.unacked == 0 && lag.tracking_secs == 0.0;
+        println!(
+            "ratio {label}: {ratio:.2}x nbdkit ({}), lag p99 {:.0} ms ({})",
+            if throughput_ok {
+                "ok"
+            } else {
+                "BELOW FLOOR 0.9x"
+            },
+            lag.p99_ms,
+            if lag_ok {
+                "ok"
+            } else {
+                "ABOVE 1 s OR FELL BACK TO TRACKING"
+            }
+        );
+        rows.push(Row {
+            bench: format!("write {label}"),
+            tandem: format!(
+                "{:.0} IOPS, {:.1} MB/s, lag p50 {:.0} ms p99 {:.0} ms{}",
+                ours.iops,
+                ours.bytes_per_sec / 1e6,
+                lag.p50_ms,
+                lag.p99_ms,
+                if lag.tracking_secs > 0.0 {
+                    format!(", tracked {:.1} s", lag.tracking_secs)
+                } else {
+                    String::new()
+                }
+            ),
+            yardstick: format!(
+                "nbdkit {:.0} IOPS, {:.1} MB/s",
+                yard.iops,
+                yard.bytes_per_sec / 1e6
+            ),
+            ratio: format!("{ratio:.2}x"),
+            floor: ">= 0.9x, lag p99 <= 1 s".into(),
+            met: throughput_ok && lag_ok,
+            machine: format!("{machine} / {machine2}"),
+        });
+    }
+    a.stop().await;
+    b.stop().await;
+    kit.stop().await;
+    s.clean(&root);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ 2. checkpoint barrier
+
+/// Barrier durations (freeze sent -> last thaw answered) of the checkpoints taken.
+#[derive(Debug, Default)]
+struct Barriers {
+    taken: u64,
+    refused: u64,
+    millis: Vec<f64>,
+}
+
+/// Takes a checkpoint of the VPG on every protected VRA every `interval`: freeze all, then
+/// thaw all (an unanswered or refused freeze aborts the others).
+async fn checkpointer(
+    clients: Vec<VraControlClient<Channel>>,
+    interval: Duration,
+    stop: CancellationToken,
+) -> Barriers {
+    let mut out = Barriers::default();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut id = 0u64;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        id += 1;
+        let start = Instant::now();
+        let mut freezes = tokio::task::JoinSet::new();
+        for (i, c) in clients.iter().enumerate() {
+            let mut c = c.clone();
+            freezes.spawn(async move {
+                let r = c
+                    .freeze(pb::FreezeRequest {
+                        vpg_id: VPG.into(),
+                        checkpoint_id: id,
+                    })
+                    .await;
+                (i, r.is_ok())
+            });
+        }
+        let mut frozen = Vec::new();
+        while let Some(r) = freezes.join_next().await {
+            if let Ok((i, true)) = r {
+                frozen.push(i);
+            }
+        }
+        let all = frozen.len() == clients.len();
+        let ts = unix_ms();
+        let mut thaws = tokio::task::JoinSet::new();
+        for i in frozen {
+            let mut c = clients[i].clone();
+            thaws.spawn(async move {
+                if all {
+                    c.thaw(pb::ThawRequest {
+                        vpg_id: VPG.into(),
+                        checkpoint_id: id,
+                        timestamp_ms: ts,
+                        kind: pb::VraCheckpointKind::Automatic as i32,
+                        name: String::new(),
+                    })
+                    .await
+                    .is_ok()
+                } else {
+                    let _ = c
+                        .abort(pb::AbortRequest {
+                            vpg_id: VPG.into(),
+                            checkpoint_id: id,
+                        })
+                        .await;
+                    false
+                }
+            });
+        }
+        let mut thawed = all;
+        while let Some(r) = thaws.join_next().await {
+            thawed &= r.unwrap_or(false);
+        }
+        if thawed {
+            out.taken += 1;
+            out.millis.push(start.elapsed().as_secs_f64() * 1000.0);
+        } else {
+            out.refused += 1;
+        }
+    }
+    out.millis.sort_by(f64::total_cmp);
+    out
+}
+
+async fn bench_checkpoint(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
+    println!(
+        "\n== checkpoint barrier: QD32 4 KiB randwrite on each of 2 protected VRAs, checkpoint every {} ms",
+        s.cp_interval.as_millis()
+    );
+    let root = s.dir.join("checkpoint");
+    let size = s.volume_bytes;
+    let vms = [
+        Placement::new(&root, "vm-1", size),
+        Placement::new(&root, "vm-2", size),
+    ];
+    for vm in &vms {
+        zero_file(&vm.image, size)?;
+    }
+    let mut protected = Vec::new();
+    let mut recovery = Vec::new();
+    for (i, vm) in vms.iter().enumerate() {
+        let b = Vra::start(s, &root, &format!("host-b{}", i + 1)).await?;
+        let a = Vra::start(s, &root, &format!("host-a{}", i + 1)).await?;
+        assign_recovery(&b, &[vm], s.journal_limit).await?;
+        assign_protected(&a, &b.control, &[vm], false).await?;
+        protected.push(a);
+        recovery.push(b);
+    }
+    for a in &protected {
+        wait_level(a, Duration::from_secs(600)).await?;
+    }
+    let uris: Vec<String> = protected
+        .iter()
+        .zip(&vms)
+        .map(|(a, vm)| a.uri(&format!("{}/0", vm.vm)))
+        .collect();
+
+    let machine = quiet(s).await;
+    let base = fio(&uris, "randwrite", "4k", 32, size, s.cp_secs).await?;
+    println!("without checkpoints: {}", base.line());
+    for a in &protected {
+        wait_level(a, Duration::from_secs(300)).await?;
+    }
+
+    let machine2 = quiet(s).await;
+    let mut clients = Vec::new();
+    for a in &protected {
+        clients.push(a.client().await?);
+    }
+    let stop = CancellationToken::new();
+    let cps = tokio::spawn(checkpointer(clients, s.cp_interval, stop.clone()));
+    let with = fio(&uris, "randwrite", "4k", 32, size, s.cp_secs).await;
+    stop.cancel();
+    let barriers = cps.await?;
+    let with = with?;
+    println!("with checkpoints:    {}", with.line());
+    let bp50 = percentile(&barriers.millis, 0.5);
+    let bp99 = percentile(&barriers.millis, 0.99);
+    let bmax = barriers.millis.last().copied().unwrap_or(0.0);
+    println!(
+        "barrier (freeze sent -> both thawed): p50 {bp50:.2} ms p99 {bp99:.2} ms max {bmax:.2} ms, \
+         {} checkpoints, {} refused or aborted",
+        barriers.taken, barriers.refused
+    );
+    let stall_p50 = (with.clat_p50_us - base.clat_p50_us) / 1000.0;
+    let stall_p99 = (with.clat_p99_us - base.clat_p99_us) / 1000.0;
+    let stall_p999 = (with.clat_p999_us - base.clat_p999_us) / 1000.0;
+    let ok = stall_p99 <= 2.0 && barriers.refused == 0 && barriers.taken > 0;
+    println!(
+        "write stall (clat with - without): p50 {stall_p50:+.2} ms p99 {stall_p99:+.2} ms \
+         p99.9 {stall_p999:+.2} ms; max {:.1} ms vs {:.1} ms; IOPS {:.2}x ({})",
+        with.clat_max_us / 1000.0,
+        base.clat_max_us / 1000.0,
+        with.iops / base.iops.max(1e-9),
+        if ok { "ok" } else { "ABOVE FLOOR 2 ms" }
+    );
+    let mut t = String::new();
+    let _ = write!(
+        t,
+        "stall p50 {stall_p50:+.2} ms p99 {stall_p99:+.2} ms (clat p99 {:.2} ms, max {:.1} ms); \
+         barrier p50 {bp50:.2} ms p99 {bp99:.2} ms; {} cps",
+        with.clat_p99_us / 1000.0,
+        with.clat_max_us / 1000.0,
+        barriers.taken
+    );
+    rows.push(Row {
+        bench: "checkpoint barrier, 2 VRAs, QD32".into(),
+        tandem: t,
+        yardstick: format!(
+            "no checkpoints: clat p50 {:.2} ms p99 {:.2} ms max {:.1} ms",
+            base.clat_p50_us / 1000.0,
+            base.clat_p99_us / 1000.0,
+            base.clat_max_us / 1000.0
+        ),
+        ratio: format!("{:.2}x IOPS", with.iops / base.iops.max(1e-9)),
+        floor: "stall p99 <= 2 ms".into(),
+        met: ok,
+        machine: format!("{machine} / {machine2}"),
+    });
+    for v in protected.into_iter().chain(recovery) {
+        v.stop().await;
+    }
+    s.clean(&root);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ 3. initial sync
+
+/// Polls until the protected VPG is level after a sync of `kind`; returns the elapsed
+/// time from `start` and that sync's status.
+async fn wait_sync(
+    a: &Vra,
+    kind: pb::VraSyncKind,
+    start: Instant,
+) -> Result<(Duration, pb::VraSyncStatus)> {
+    let mut c = a.client().await?;
+    let deadline = start + Duration::from_secs(3600);
+    loop {
+        let s = vpg_status(&mut c).await?;
+        if level(&s)
+            && let Some(last) = s.last_sync.as_ref().filter(|l| l.kind == kind as i32)
+        {
+            return Ok((start.elapsed(), last.clone()));
+        }
+        if Instant::now() > deadline {
+            bail!("the {kind:?} sync did not finish: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn bench_initial_sync(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
+    let size = s.sync_bytes;
+    println!(
+        "\n== initial sync of {} MiB of random data vs nbdcopy between two nbdkit exports",
+        size / MIB
+    );
+    let root = s.dir.join("initial");
+    let vm = Placement::new(&root, "vm-1", size);
+    random_file(&vm.image, size, 7)?;
+
+    // nbdcopy: nbdkit (read-only) on the source, nbdkit on a fresh sparse file.
+    let dst = root.join("nbdcopy-dst.raw");
+    std::fs::File::create(&dst)?.set_len(size)?;
+    let src_kit = Nbdkit::start(&vm.image, true).await?;
+    let dst_kit = Nbdkit::start(&dst, false).await?;
+    let machine = quiet(s).await;
+    let t = Instant::now();
+    let out = Command::new("nbdcopy")
+        .arg("--flush")
+        .arg(src_kit.uri())
+        .arg(dst_kit.uri())
+        .output()
+        .await
+        .context("running nbdcopy")?;
+    let copy = t.elapsed();
+    if !out.status.success() {
+        bail!("nbdcopy failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    src_kit.stop().await;
+    dst_kit.stop().await;
+    std::fs::remove_file(&dst)?;
+    let copy_mbs = size as f64 / copy.as_secs_f64() / 1e6;
+    println!(
+        "nbdcopy --flush: {:.2} s, {copy_mbs:.0} MB/s",
+        copy.as_secs_f64()
+    );
+
+    let b = Vra::start(s, &root, "host-b").await?;
+    let a = Vra::start(s, &root, "host-a").await?;
+    let machine2 = quiet(s).await;
+    assign_recovery(&b, &[&vm], 0).await?;
+    let (a_cpu, b_cpu) = (a.cpu(), b.cpu());
+    let t = Instant::now();
+    assign_protected(&a, &b.control, &[&vm], false).await?;
+    let (took, sync) = wait_sync(&a, pb::VraSyncKind::Initial, t).await?;
+    let (a_cpu, b_cpu) = (a.cpu() - a_cpu, b.cpu() - b_cpu);
+    let mbs = size as f64 / took.as_secs_f64() / 1e6;
+    let ratio = copy.as_secs_f64() / took.as_secs_f64();
+    println!(
+        "tandem initial sync: {:.2} s, {mbs:.0} MB/s, sent {} MiB (protected cpu {a_cpu:.1} s, \
+         recovery cpu {b_cpu:.1} s)",
+        took.as_secs_f64(),
+        sync.sent_bytes / MIB
+    );
+    println!(
+        "ratio initial sync: {ratio:.2}x nbdcopy's speed ({})",
+        if ratio >= 1.0 {
+            "ok"
+        } else {
+            "BELOW FLOOR 1.0x"
+        }
+    );
+    rows.push(Row {
+        bench: format!("initial sync {} MiB", size / MIB),
+        tandem: format!("{:.2} s, {mbs:.0} MB/s", took.as_secs_f64()),
+        yardstick: format!(
+            "nbdcopy --flush {:.2} s, {copy_mbs:.0} MB/s",
+            copy.as_secs_f64()
+        ),
+        ratio: format!("{ratio:.2}x"),
+        floor: ">= 1.0x".into(),
+        met: ratio >= 1.0,
+        machine: format!("{machine} / {machine2}"),
+    });
+    a.stop().await;
+    b.stop().await;
+    s.clean(&root);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ 4. delta sync
+
+/// `rsync --stats` figures: total bytes sent and received.
+fn rsync_wire(stats: &str) -> u64 {
+    stats
+        .lines()
+        .filter(|l| l.starts_with("Total bytes sent:") || l.starts_with("Total bytes received:"))
+        .filter_map(|l| {
+            l.split(':')
+                .nth(1)
+                .map(|v| v.trim().replace(',', ""))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+async fn bench_delta_sync(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
+    let size = s.delta_bytes;
+    println!(
+        "\n== delta sync of {} MiB, {}% of 4 KiB blocks changed, vs rsync --inplace --no-whole-file",
+        size / MIB,
+        s.delta_percent
+    );
+    let root = s.dir.join("delta");
+    let vm = Placement::new(&root, "vm-1", size);
+    random_file(&vm.image, size, 11)?;
+    create_parent(&vm.replica)?;
+    std::fs::copy(&vm.image, &vm.replica)?;
+    let rsync_dst = root.join("rsync-dst.img");
+    std::fs::copy(&vm.image, &rsync_dst)?;
+    let changed = scribble(&vm.image, s.delta_percent, 13)?;
+    println!(
+        "changed {changed} blocks of 4 KiB ({} MiB)",
+        changed * 4096 / MIB
+    );
+
+    let machine = quiet(s).await;
+    let t = Instant::now();
+    let out = Command::new("rsync")
+        // --ignore-times: the copies may share size and mtime (to the second), and rsync
+        // would skip the file without comparing it.
+        .args(["--inplace", "--no-whole-file", "--ignore-times", "--stats"])
+        .arg(&vm.image)
+        .arg(&rsync_dst)
+        .output()
+        .await
+        .context("running rsync")?;
+    let rs = t.elapsed();
+    if !out.status.success() {
+        bail!("rsync failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rs_wire = rsync_wire(&String::from_utf8_lossy(&out.stdout));
+    std::fs::remove_file(&rsync_dst)?;
+    println!(
+        "rsync: {:.2} s, {rs_wire} bytes on the wire ({:.2} MiB)",
+        rs.as_secs_f64(),
+        rs_wire as f64 / MIB as f64
+    );
+
+    // The protected VRA reaches the recovery VRA through a link proxy that counts bytes
+    // (unless --no-link-proxy).
+    let cancel = CancellationToken::new();
+    let links = LinkEmulator::start(cancel.clone());
+    let b = Vra::start(s, &root, "host-b").await?;
+    let a = Vra::start(s, &root, "host-a").await?;
+    let link = if s.link_proxy {
+        let link = links.link("site-a", "site-b").await?;
+        let proxy = link.add_proxy("site-a", &b.control).await?;
+        Some((link, proxy.to_string()))
+    } else {
+        None
+    };
+    let recovery_address = link.as_ref().map_or(b.control.clone(), |(_, p)| p.clone());
+    let machine2 = quiet(s).await;
+    assign_recovery(&b, &[&vm], 0).await?;
+    let (a_cpu, b_cpu) = (a.cpu(), b.cpu());
+    let t = Instant::now();
+    assign_protected(&a, &recovery_address, &[&vm], true).await?;
+    let (took, sync) = wait_sync(&a, pb::VraSyncKind::Delta, t).await?;
+    let (a_cpu, b_cpu) = (a.cpu() - a_cpu, b.cpu() - b_cpu);
+    let wire = match &link {
+        Some((link, _)) => {
+            let state = link.state().await?;
+            state.a_to_b.bytes + state.b_to_a.bytes
+        }
+        None => sync.sent_bytes + sync.hash_bytes,
+    };
+    let ratio = rs.as_secs_f64() / took.as_secs_f64();
+    println!(
+        "tandem delta sync: {:.2} s, {wire} bytes on the wire ({:.2} MiB; data {} bytes, hashes \
+         {} bytes) (protected cpu {a_cpu:.1} s, recovery cpu {b_cpu:.1} s)",
+        took.as_secs_f64(),
+        wire as f64 / MIB as f64,
+        sync.sent_bytes,
+        sync.hash_bytes
+    );
+    println!(
+        "ratio delta sync: {ratio:.2}x rsync's speed ({}), wire {:.2}x rsync's bytes",
+        if ratio >= 1.0 {
+            "ok"
+        } else {
+            "BELOW FLOOR 1.0x"
+        },
+        wire as f64 / rs_wire.max(1) as f64
+    );
+    rows.push(Row {
+        bench: format!(
+            "delta sync {} MiB, {}% changed",
+            size / MIB,
+            s.delta_percent
+        ),
+        tandem: format!(
+            "{:.2} s, {:.2} MiB on the wire",
+            took.as_secs_f64(),
+            wire as f64 / MIB as f64
+        ),
+        yardstick: format!(
+            "rsync {:.2} s, {:.2} MiB on the wire",
+            rs.as_secs_f64(),
+            rs_wire as f64 / MIB as f64
+        ),
+        ratio: format!("{ratio:.2}x"),
+        floor: ">= 1.0x".into(),
+        met: ratio >= 1.0,
+        machine: format!("{machine} / {machine2}"),
+    });
+    a.stop().await;
+    b.stop().await;
+    links.shutdown().await;
+    s.clean(&root);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(ms: u64, written: u64, acked: u64) -> Sample {
+        Sample {
+            at: Duration::from_millis(ms),
+            written,
+            acked,
+            tracking: false,
+            syncing: false,
+            buffer_bytes: 0,
+            dirty_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn lag_is_time_from_written_to_acked() {
+        let samples = [
+            sample(0, 0, 0),
+            sample(50, 10, 0),
+            sample(100, 20, 5),
+            sample(150, 20, 10),
+            sample(200, 30, 20),
+            sample(250, 30, 30),
+        ];
+        let lag = Lag::from_samples(&samples, Duration::from_millis(50));
+        assert_eq!(lag.points, 3);
+        assert_eq!(lag.unacked, 0);
+        // 10 written at 50, acked at 150; 20 at 100 -> 200; 30 at 200 -> 250.
+        assert_eq!(lag.p50_ms, 100.0);
+        assert_eq!(lag.max_ms, 100.0);
+    }
+
+    #[test]
+    fn unacked_points_count_until_the_last_sample() {
+        let samples = [sample(0, 0, 0), sample(50, 10, 0), sample(100, 10, 0)];
+        let lag = Lag::from_samples(&samples, Duration::from_millis(50));
+        assert_eq!(lag.unacked, 1);
+        assert_eq!(lag.max_ms, 50.0);
+    }
+
+    #[test]
+    fn rsync_stats_are_summed() {
+        let stats = "Number of files: 1\nTotal bytes sent: 1,234\nTotal bytes received: 56\n";
+        assert_eq!(rsync_wire(stats), 1290);
+    }
+
+    #[test]
+    fn scribble_changes_distinct_blocks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        zero_file(&p, 4096 * 1000).expect("file");
+        assert_eq!(scribble(&p, 1.0, 3).expect("scribble"), 10);
+        let data = std::fs::read(&p).expect("read");
+        let changed = data
+            .chunks(4096)
+            .filter(|c| c.iter().any(|&b| b != 0))
+            .count();
+        assert_eq!(changed, 10);
+    }
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# VRA benchmarks (release build), each side by side with its yardstick in one run, ratios
+# printed (`tandem-lab bench-vra`, crates/lab/src/bench_vra.rs):
+#  1. write path: fio --ioengine=nbd, 4 KiB randwrite QD32 and 1 MiB sequential write QD8,
+#     against a protected volume replicating to a recovery VRA on this machine (journal
+#     fsynced) vs nbdkit's file plugin on a raw file; replication lag p50/p99
+#     (floor: 0.9x nbdkit on both, lag p99 <= 1 s);
+#  2. checkpoint barrier: write stall of QD32 fio clients on 2 protected VRAs of one VPG
+#     with a checkpoint (freeze both, thaw both) every second (floor: p99 <= 2 ms);
+#  3. initial sync of a 4 GiB volume vs nbdcopy between two nbdkit exports (floor: 1.0x);
+#  4. delta sync of 1 GiB with 1% of its 4 KiB blocks changed vs
+#     rsync --inplace --no-whole-file, with bytes on the wire (floor: 1.0x).
+# It reports and does not assert: it exits 0 when a floor is missed. Before each measured
+# run it waits for a quiet machine (no rustc running, CPUs MIN_IDLE % idle; at most
+# QUIET_WAIT_SECS, then it measures anyway and marks the result NOT quiet).
+#
+# Usage: scripts/bench-vra.sh                 (the issue's durations, ~10 minutes)
+#        QUICK=1 scripts/bench-vra.sh         (smoke run: 5 s fio runs, small syncs)
+#        ONLY=write,checkpoint WRITE_SECS=20 scripts/bench-vra.sh
+# Env: QUICK, ONLY (write,checkpoint,initial,delta), WRITE_SECS (60), CP_SECS (60),
+#      CP_INTERVAL_MS (1000), SYNC_MIB (4096), DELTA_MIB (1024), DELTA_PERCENT (1),
+#      VOLUME_MIB (1024), RAM_MB (256), JOURNAL_LIMIT_MIB (4096), QUIET_WAIT_SECS (900),
+#      MIN_IDLE (85),
+#      BENCH_DIR (target/bench-vra: on the disk under test), KEEP=1 keeps it,
+#      VRA_LOG (RUST_LOG of the VRAs, warn). Extra arguments go to `tandem-lab bench-vra`.
+# Needs fio (nbd engine), nbdkit, nbdcopy (libnbd-bin) and rsync:
+# scripts/install-test-deps.sh installs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+for tool in fio nbdkit nbdcopy rsync; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: run scripts/install-test-deps.sh" >&2; exit 1; }
+done
+
+echo "building (cargo build --release --bins)"
+cargo build --release --bins
+
+args=(--dir "${BENCH_DIR:-target/bench-vra}")
+[ "${QUICK:-0}" = 1 ] && args+=(--quick)
+[ "${KEEP:-0}" = 1 ] && args+=(--keep)
+opt() { # opt ENV_NAME --flag
+  local v=${!1:-}
+  if [ -n "$v" ]; then args+=("$2" "$v"); fi
+}
+opt ONLY --only
+opt WRITE_SECS --write-secs
+opt CP_SECS --cp-secs
+opt CP_INTERVAL_MS --cp-interval-ms
+opt SYNC_MIB --sync-mib
+opt DELTA_MIB --delta-mib
+opt DELTA_PERCENT --delta-percent
+opt VOLUME_MIB --volume-mib
+opt RAM_MB --ram-mb
+opt JOURNAL_LIMIT_MIB --journal-limit-mib
+opt QUIET_WAIT_SECS --quiet-wait-secs
+opt MIN_IDLE --min-idle
+
+echo "machine: $(nproc) cpus, load $(cut -d' ' -f1-3 /proc/loadavg), $(uname -r)"
+echo "+ target/release/tandem-lab bench-vra ${args[*]} $*"
+exec target/release/tandem-lab bench-vra "${args[@]}" "$@"
