@@ -35,6 +35,7 @@ use tonic::transport::Channel;
 
 use crate::lab::{Lab, wait_leader};
 use crate::link::CutMode;
+use crate::units::fmt_bytes;
 use crate::workload::{
     CutWindow, History, ImageReader, Spread, VolumeTarget, Workload, WorkloadConfig, check_final,
     check_image, seed_from_env,
@@ -122,21 +123,6 @@ impl Report {
     /// Records whether a checked image equals the source.
     fn image(&mut self, what: &str, equal: bool) {
         self.images.push((what.to_string(), equal));
-    }
-}
-
-fn fmt_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 
@@ -1301,6 +1287,15 @@ async fn vra_steps_in(
 /// Assigns the recovery role for each protected host's VMs on its recovery VRA, then the
 /// protected role (same VPG id and generation on both protected VRAs), and waits for the
 /// initial syncs.
+/// A VM's only volume (id 0), an image file `name` in the datastore `dir`.
+fn volume(dir: &Path, name: &str, size_bytes: u64) -> v1::VraVolume {
+    v1::VraVolume {
+        volume_id: 0,
+        size_bytes,
+        path: dir.join(name).display().to_string(),
+    }
+}
+
 async fn assign(
     lab: &mut Lab,
     opts: &DemoOptions,
@@ -1323,14 +1318,7 @@ async fn assign(
                     .iter()
                     .map(|vm| v1::RecoveryVm {
                         vm_id: vm.clone(),
-                        volumes: vec![v1::VraVolume {
-                            volume_id: 0,
-                            size_bytes: volume_bytes,
-                            path: rec_dir
-                                .join(format!("{vm}-0.replica"))
-                                .display()
-                                .to_string(),
-                        }],
+                        volumes: vec![volume(&rec_dir, &format!("{vm}-0.replica"), volume_bytes)],
                         journal_dir: rec_dir.join("journals").join(vm).display().to_string(),
                     })
                     .collect(),
@@ -1352,11 +1340,7 @@ async fn assign(
                     .iter()
                     .map(|vm| v1::ProtectedVm {
                         vm_id: vm.clone(),
-                        volumes: vec![v1::VraVolume {
-                            volume_id: 0,
-                            size_bytes: volume_bytes,
-                            path: prot_dir.join(format!("{vm}-0.img")).display().to_string(),
-                        }],
+                        volumes: vec![volume(&prot_dir, &format!("{vm}-0.img"), volume_bytes)],
                     })
                     .collect(),
                 recovery_vra_address: recovery,

@@ -7,4 +7,5 @@ pub mod demo;
 pub mod lab;
 pub mod link;
 pub mod link_control;
+pub mod units;
 pub mod workload;

@@ -5,8 +5,6 @@
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -208,14 +206,12 @@ pub async fn serve(
     links: LinkEmulator,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(conn)
-    });
     tonic::transport::Server::builder()
         .add_service(LinkControlServer::new(LinkControlService::new(links)))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            tandem_proto::transport::incoming(listener),
+            shutdown.cancelled_owned(),
+        )
         .await
 }
 

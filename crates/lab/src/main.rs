@@ -8,6 +8,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 use tandem_lab::link::{CutMode, Direction, LinkState};
 use tandem_lab::link_control::{self, pb};
+use tandem_lab::units::fmt_bytes;
 use tandem_lab::{demo, lab};
 use tokio_util::sync::CancellationToken;
 
@@ -182,21 +183,6 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("{s:?} is not a byte rate (e.g. 65536, 512k, 10m)"))
-}
-
-fn fmt_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 fn fmt_rate(bps: u64) -> String {

@@ -5,10 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
-use tokio::net::TcpStream;
-use tokio_stream::wrappers::TcpListenerStream;
-
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{ApiError, ApiResult};
@@ -84,14 +80,4 @@ pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// Accepted connections of a listener, with Nagle off: a gRPC reply is written in several
-/// small pieces, and Nagle plus delayed ACKs would hold the later ones back ~40 ms.
-pub fn incoming(
-    listener: tokio::net::TcpListener,
-) -> impl Stream<Item = std::io::Result<TcpStream>> + Send + 'static {
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
-}
+pub use tandem_proto::transport::incoming;

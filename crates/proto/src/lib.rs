@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod status;
+pub mod transport;
 
 /// Generated messages and services of package `tandem.v1`.
 #[allow(clippy::all, missing_docs)]

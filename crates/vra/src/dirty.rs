@@ -152,15 +152,22 @@ impl VolumeMap {
         }
     }
 
-    /// Bytes still to examine.
+    /// Bytes still to examine (word by word: syncs ask for it after every run).
     pub fn pending_bytes(&self) -> u64 {
-        let mut bytes = 0;
-        let mut i = 0;
-        while let Some(next) = self.next_pending(i) {
-            bytes += self.region_len(next);
-            i = next + 1;
-        }
-        bytes
+        let regions: u64 = self
+            .dirty
+            .words
+            .iter()
+            .zip(&self.initial.words)
+            .map(|(d, i)| u64::from((d | i).count_ones()))
+            .sum();
+        let last = self.regions().saturating_sub(1);
+        let short = if regions > 0 && self.pending(last) {
+            REGION - self.region_len(last)
+        } else {
+            0
+        };
+        regions * REGION - short
     }
 
     /// Whether any region is left.
@@ -434,6 +441,25 @@ mod tests {
         assert_eq!(run.must_send, vec![true; 3]);
         assert!(m.is_clean());
         assert_eq!(m.take_run(16), None);
+    }
+
+    #[test]
+    fn pending_bytes_equal_the_sum_of_the_regions_runs_take() {
+        // Marks overlapping dirty and initial regions at assorted places, short tail too.
+        let size = 200 * REGION + 777;
+        let mut m = VolumeMap::new(vm("a"), VolumeId(1), size);
+        m.mark_initial_from(150 * REGION);
+        for k in 0..40u64 {
+            m.mark_dirty((k * 7919 * 4096) % size, 3 * 4096 + k);
+        }
+        m.mark_dirty(size - 1, 1);
+        let mut left = m.pending_bytes();
+        while let Some(run) = m.take_run(5) {
+            assert!(run.len <= left, "{run:?} beyond {left}");
+            left -= run.len;
+            assert_eq!(m.pending_bytes(), left);
+        }
+        assert_eq!(left, 0);
     }
 
     #[test]

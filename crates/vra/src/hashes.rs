@@ -106,6 +106,124 @@ pub fn check_request(
     Ok(usize::try_from(blocks).unwrap_or(usize::MAX))
 }
 
+/// Smallest coarse block of a compare request (8 KiB: two fine blocks of the smallest size).
+pub const MIN_COARSE_BLOCK_SIZE: u32 = 2 * MIN_BLOCK_SIZE;
+/// Most fine blocks in one coarse block of a compare request.
+pub const MAX_FINE_PER_COARSE: u32 = 256;
+/// Most fine hashes one compare answer may carry (every coarse block differing): 1 MiB.
+pub const MAX_FINE_HASHES: u64 = 1 << 16;
+
+/// Checks a compare request (a [`check_request`] range in coarse blocks, the fine block
+/// size, and the sender's coarse hashes) against a volume of `volume_size` bytes; returns
+/// the number of coarse blocks, or every field that is wrong.
+pub fn check_compare(
+    offset: u64,
+    length: u64,
+    coarse: u32,
+    fine: u32,
+    coarse_hashes: usize,
+    volume_size: u64,
+) -> Result<usize, DomainError> {
+    let mut v = Violations::new();
+    v.check(
+        coarse >= MIN_COARSE_BLOCK_SIZE,
+        "coarse_block_size",
+        format!("must be at least {MIN_COARSE_BLOCK_SIZE}, not {coarse}"),
+    );
+    let fine_ok = fine.is_power_of_two()
+        && fine >= MIN_BLOCK_SIZE
+        && fine < coarse
+        && coarse / fine <= MAX_FINE_PER_COARSE;
+    v.check(
+        fine_ok,
+        "fine_block_size",
+        format!(
+            "must be a power of two of at least {MIN_BLOCK_SIZE}, below coarse_block_size              {coarse} and at least 1/{MAX_FINE_PER_COARSE} of it, not {fine}"
+        ),
+    );
+    let blocks = match check_request(offset, length, coarse, volume_size) {
+        Ok(n) => Some(n),
+        Err(DomainError::Invalid(fields)) => {
+            for f in fields {
+                let field = if f.field == "block_size" {
+                    "coarse_block_size".to_string()
+                } else {
+                    f.field
+                };
+                v.add(field, f.message);
+            }
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(n) = blocks {
+        v.check(
+            coarse_hashes == n * HASH_LEN,
+            "coarse_hashes",
+            format!(
+                "must hold {HASH_LEN} bytes for each of the {n} coarse blocks, not {coarse_hashes}                  bytes"
+            ),
+        );
+        if fine_ok {
+            let fine_total = n as u64 * u64::from(coarse / fine);
+            v.check(
+                fine_total <= MAX_FINE_HASHES,
+                "length",
+                format!("at most {MAX_FINE_HASHES} fine blocks in one request, not {fine_total}"),
+            );
+        }
+    }
+    v.into_result()?;
+    Ok(blocks.unwrap_or(0))
+}
+
+/// What a compare found in one stretch of coarse blocks.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Differences {
+    /// Positions of the differing coarse blocks, ascending.
+    pub differing: Vec<u32>,
+    /// The fine hashes of each differing coarse block, in order.
+    pub fine_hashes: Vec<u8>,
+}
+
+impl Differences {
+    /// Compares `data` (whole coarse blocks, the last possibly short), whose first block
+    /// is coarse block `first` of the request, with `theirs` (the sender's hashes of those
+    /// blocks) and records the blocks that differ with their fine hashes.
+    ///
+    /// # Panics
+    ///
+    /// If a block size is 0 or `theirs` is shorter than the blocks of `data`.
+    pub fn add(&mut self, data: &[u8], first: u32, coarse: usize, fine: usize, theirs: &[u8]) {
+        for (k, block) in data.chunks(coarse).enumerate() {
+            let want = &theirs[k * HASH_LEN..(k + 1) * HASH_LEN];
+            if block_hash(block) != want {
+                self.differing.push(first + k as u32);
+                hash_blocks(block, fine, &mut self.fine_hashes);
+            }
+        }
+    }
+}
+
+/// The runs `(start, len)` of `local` whose fine blocks hash differently from `theirs`
+/// (the other side's fine hashes of the same bytes), adjacent blocks merged.
+pub fn differing_runs(local: &[u8], fine: usize, theirs: &[u8]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (k, block) in local.chunks(fine).enumerate() {
+        let other = theirs.get(k * HASH_LEN..(k + 1) * HASH_LEN);
+        if other == Some(&block_hash(block)[..]) {
+            continue;
+        }
+        let start = (k * fine) as u64;
+        let len = block.len() as u64;
+        match runs.last_mut() {
+            Some((s, l)) if *s + *l == start => *l += len,
+            _ => runs.push((start, len)),
+        }
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +249,93 @@ mod tests {
         assert_eq!(out[32..], block_hash(&data[8192..]), "short last block");
         hash_blocks(&[], 4096, &mut out);
         assert_eq!(out.len(), 3 * HASH_LEN, "no blocks, no hashes");
+    }
+
+    #[test]
+    fn compare_finds_differing_blocks_and_their_fine_runs() {
+        let mut mine: Vec<u8> = (0..(64 << 10) * 3 + 5000)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let theirs_data = mine.clone();
+        // Change one fine block of coarse block 1 and the short tail of block 3.
+        mine[(64 << 10) + 4096 * 3 + 7] ^= 1;
+        let n = mine.len();
+        mine[n - 1] ^= 1;
+        let mut coarse_mine = Vec::new();
+        hash_blocks(&mine, 64 << 10, &mut coarse_mine);
+        let mut d = Differences::default();
+        // The receiver compares its data with the sender's hashes, in two stretches.
+        d.add(
+            &theirs_data[..64 << 10],
+            0,
+            64 << 10,
+            4096,
+            &coarse_mine[..16],
+        );
+        d.add(
+            &theirs_data[64 << 10..],
+            1,
+            64 << 10,
+            4096,
+            &coarse_mine[16..],
+        );
+        assert_eq!(d.differing, [1, 3]);
+        assert_eq!(
+            d.fine_hashes.len(),
+            (16 + 2) * HASH_LEN,
+            "short block: 2 fine blocks"
+        );
+        // The sender turns the fine hashes into runs to send.
+        let b1 = &mine[64 << 10..128 << 10];
+        assert_eq!(
+            differing_runs(b1, 4096, &d.fine_hashes[..16 * HASH_LEN]),
+            [(4096 * 3, 4096)]
+        );
+        let b3 = &mine[3 * (64 << 10)..];
+        assert_eq!(
+            differing_runs(b3, 4096, &d.fine_hashes[16 * HASH_LEN..]),
+            [(4096, 5000 - 4096)]
+        );
+        assert_eq!(
+            differing_runs(b1, 4096, &[]),
+            [(0, 64 << 10)],
+            "no hashes: all"
+        );
+    }
+
+    #[test]
+    fn compare_requests_are_checked() {
+        let h = |n: usize| n * HASH_LEN;
+        assert_eq!(
+            check_compare(0, 16 << 20, 64 << 10, 4096, h(256), GIB),
+            Ok(256)
+        );
+        let bad = |r| match r {
+            Err(DomainError::Invalid(f)) => f.into_iter().map(|f| f.field).collect::<Vec<_>>(),
+            other => panic!("expected field errors, got {other:?}"),
+        };
+        assert_eq!(
+            bad(check_compare(0, 16 << 20, 64 << 10, 4096, h(255), GIB)),
+            ["coarse_hashes"]
+        );
+        assert_eq!(
+            bad(check_compare(0, 4096, 4096, 4096, h(1), GIB)),
+            ["coarse_block_size", "fine_block_size"]
+        );
+        assert_eq!(
+            bad(check_compare(0, 16 << 20, 16 << 20, 4096, h(1), GIB)),
+            ["fine_block_size"],
+            "4096 fine blocks per coarse block"
+        );
+        assert_eq!(
+            bad(check_compare(0, 1 << 30, 1 << 20, 4096, h(1024), 2 * GIB)),
+            ["length"],
+            "1024 x 256 fine hashes"
+        );
+        assert_eq!(
+            bad(check_compare(4096, 64 << 10, 64 << 10, 4096, h(1), GIB)),
+            ["offset"]
+        );
     }
 
     #[test]

@@ -119,13 +119,12 @@ pub async fn run(
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tasks.spawn(async move {
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20))
             .add_service(control_svc)
             .add_service(repl_svc)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(control),
+                tandem_proto::transport::incoming(control),
                 grpc_shutdown.cancelled_owned(),
             )
             .await

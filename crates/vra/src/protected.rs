@@ -327,6 +327,11 @@ impl ProtectedVolume {
         &self.vm
     }
 
+    /// The image file of the volume (read directly by delta sync's hashing).
+    pub(crate) fn image_path(&self) -> &std::path::Path {
+        self.image.path()
+    }
+
     /// The volume id.
     pub fn volume(&self) -> VolumeId {
         self.volume

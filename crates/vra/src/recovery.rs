@@ -3,7 +3,7 @@
 //! and appends their entries, the acknowledgement path (computed by [`AckTracker`],
 //! persisted as a floor in `stream.json`, then sent), periodic journal maintenance
 //! (promotion of history older than the window), point-in-time images, and block hashes
-//! of the newest durable image for delta sync ([`RecoveryVpg::block_hashes`]).
+//! of the newest durable image for delta sync ([`RecoveryVpg::compare_blocks`]).
 //!
 //! Tasks of a VPG: the actor; one durability forwarder per journal (wakes the actor when
 //! a journal's durable position moves); the ack persister; the maintenance ticker. All
@@ -39,13 +39,26 @@ use crate::{
 /// How often journals are maintained (history window promotion, limits).
 const MAINTAIN_EVERY: Duration = Duration::from_secs(5);
 
-/// Bytes of an image read and hashed at a time (a whole number of blocks of any
-/// allowed block size).
-const HASH_CHUNK: usize = hashes::MAX_BLOCK_SIZE as usize;
+/// Bytes of an image read and hashed at a time, unless a block is larger: small enough to
+/// stay in the CPU's cache between the read and the hash.
+const SCAN_CHUNK: u64 = 1 << 20;
 
 /// Block hashing jobs run one at a time in the process: a job keeps one core busy (up to
 /// 1 GiB of BLAKE3), and the replication receivers keep the other.
 static HASHING: Semaphore = Semaphore::const_new(1);
+
+/// A byte range of one volume of a recovered VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRange {
+    /// The VM.
+    pub vm: VmId,
+    /// Its volume.
+    pub volume: VolumeId,
+    /// First byte.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+}
 
 /// A checkpoint of the VPG as seen across its journals.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -668,40 +681,105 @@ impl RecoveryVpg {
     /// `block_size` ([`hashes::check_request`] says which ranges are valid), and the stream
     /// sequence the image reflects: every entry of the stream up to it that touches the
     /// volume is in the image. The peer's `generation` is fenced first, as for the stream.
-    ///
-    /// The image is read and hashed on a blocking thread, one job at a time in the process,
-    /// never through the VPG's actor, so the replication stream keeps flowing. While it
-    /// runs, the image pins its position against promotion. Dropping the future stops the
-    /// job at its next chunk.
     pub async fn block_hashes(
         &self,
         generation: Generation,
-        vm: &VmId,
-        volume: VolumeId,
-        offset: u64,
-        length: u64,
+        range: &ImageRange,
         block_size: u32,
     ) -> VraResult<(Vec<u8>, Seq)> {
         self.check_generation(generation)?;
+        let size = self.volume_size(&range.vm, range.volume)?;
+        let blocks = hashes::check_request(range.offset, range.length, block_size, size)?;
+        let block = block_size as usize;
+        let out = Vec::with_capacity(blocks * hashes::HASH_LEN);
+        let chunk = SCAN_CHUNK.max(u64::from(block_size));
+        self.scan_latest_image(range, chunk, out, move |out, _, data| {
+            hashes::hash_blocks(data, block, out);
+        })
+        .await
+    }
+
+    /// Delta sync's compare ([`hashes::check_compare`] says which requests are valid):
+    /// reads the range of the newest durable image once, and answers which coarse blocks
+    /// hash differently from the sender's `coarse_hashes`, with the fine hashes of each,
+    /// and the stream sequence the image reflects (as for [`Self::block_hashes`]).
+    pub async fn compare_blocks(
+        &self,
+        generation: Generation,
+        range: &ImageRange,
+        coarse: u32,
+        fine: u32,
+        coarse_hashes: Vec<u8>,
+    ) -> VraResult<(hashes::Differences, Seq)> {
+        self.check_generation(generation)?;
+        let size = self.volume_size(&range.vm, range.volume)?;
+        hashes::check_compare(
+            range.offset,
+            range.length,
+            coarse,
+            fine,
+            coarse_hashes.len(),
+            size,
+        )?;
+        let chunk = SCAN_CHUNK.max(u64::from(coarse));
+        let (coarse, fine) = (coarse as usize, fine as usize);
+        self.scan_latest_image(
+            range,
+            chunk,
+            hashes::Differences::default(),
+            move |d, at, data| {
+                // Chunks hold whole coarse blocks: both are powers of two.
+                let first = (at / coarse as u64) as usize;
+                let theirs = &coarse_hashes[first * hashes::HASH_LEN..];
+                d.add(data, first as u32, coarse, fine, theirs);
+            },
+        )
+        .await
+    }
+
+    /// The size of one volume of a VM of this VPG.
+    fn volume_size(&self, vm: &VmId, volume: VolumeId) -> VraResult<u64> {
         let spec = self
             .assignment
             .vms
             .iter()
             .find(|v| &v.vm == vm)
             .ok_or_else(|| tandem_core::DomainError::not_found("vm", vm))?;
-        let size = spec
+        Ok(spec
             .volumes
             .iter()
             .find(|v| v.id == volume)
             .ok_or_else(|| tandem_core::DomainError::not_found("volume", format!("{vm}/{volume}")))?
-            .size;
-        let blocks = hashes::check_request(offset, length, block_size, size)?;
+            .size)
+    }
+
+    /// Reads `length` bytes of the newest durable image of a volume from `offset` in
+    /// pieces of `chunk` bytes and folds each (with its position in the range) into
+    /// `state`.
+    ///
+    /// The image is read on a blocking thread, one job at a time in the process, never
+    /// through the VPG's actor, so the replication stream keeps flowing. While it runs, the
+    /// image pins its position against promotion. Dropping the future stops the job at its
+    /// next chunk.
+    async fn scan_latest_image<S: Send + 'static>(
+        &self,
+        range: &ImageRange,
+        chunk: u64,
+        mut state: S,
+        mut fold: impl FnMut(&mut S, u64, &[u8]) + Send + 'static,
+    ) -> VraResult<(S, Seq)> {
+        let ImageRange {
+            vm,
+            volume,
+            offset,
+            length,
+        } = range.clone();
         let journal = self
             .journals
             .iter()
-            .find(|(v, _)| v == vm)
+            .find(|(v, _)| *v == vm)
             .map(|(_, j)| j.clone())
-            .ok_or_else(|| tandem_core::DomainError::not_found("vm", vm))?;
+            .ok_or_else(|| tandem_core::DomainError::not_found("vm", &vm))?;
         let _permit = HASHING
             .acquire()
             .await
@@ -712,30 +790,41 @@ impl RecoveryVpg {
         let _stop_on_drop = cancel.clone().drop_guard();
         let started = std::time::Instant::now();
         let dir = journal.dir().to_path_buf();
-        let hashed = tokio::task::spawn_blocking(move || {
+        let scanned = tokio::task::spawn_blocking(move || {
             let image = journal.open_latest_image(volume, &ImageOptions::default())?;
-            let hashes = hash_image(&image, offset, length, block_size, &cancel)
-                .map_err(VraError::io("hash latest image", dir))?;
-            Ok::<_, VraError>((hashes, image.seq()))
+            // Requests are checked: `chunk` is at most 16 MiB.
+            let mut buf = vec![0u8; chunk.min(length) as usize];
+            let mut done = 0;
+            while done < length {
+                if cancel.is_cancelled() {
+                    return Err(VraError::ShuttingDown);
+                }
+                let n = (length - done).min(buf.len() as u64) as usize;
+                image
+                    .read_at(offset + done, &mut buf[..n])
+                    .map_err(|e| VraError::io("read latest image", dir.clone())(e))?;
+                fold(&mut state, done, &buf[..n]);
+                done += n as u64;
+            }
+            Ok::<_, VraError>((state, image.seq()))
         })
         .await
         .map_err(|_| VraError::ShuttingDown)?;
         if self.cancel.is_cancelled() {
             return Err(VraError::ShuttingDown);
         }
-        let (hashes, seq) = hashed?;
+        let (state, seq) = scanned?;
         debug!(
             vpg = %self.assignment.vpg,
             vm = %vm,
             volume = volume.0,
             offset,
             length,
-            blocks,
             image_seq = seq.0,
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "block hashes computed"
+            "latest image scanned"
         );
-        Ok((hashes, seq.max(acked)))
+        Ok((state, seq.max(acked)))
     }
 
     /// Stops the VPG's tasks; the journals close when the last image of them is gone.
@@ -760,32 +849,6 @@ fn fence_error(vpg: &VpgId, e: FenceError) -> VraError {
         },
         other => VraError::Stream(other.to_string()),
     }
-}
-
-/// Reads `length` bytes of `image` from `offset` in [`HASH_CHUNK`] pieces and hashes them
-/// in blocks of `block_size` (the last one possibly short); stops once `cancel` fires.
-fn hash_image(
-    image: &PointInTimeImage,
-    offset: u64,
-    length: u64,
-    block_size: u32,
-    cancel: &CancellationToken,
-) -> std::io::Result<Vec<u8>> {
-    let block = block_size as usize;
-    let mut out =
-        Vec::with_capacity(length.div_ceil(u64::from(block_size)) as usize * hashes::HASH_LEN);
-    let mut buf = vec![0u8; HASH_CHUNK.min(usize::try_from(length).unwrap_or(HASH_CHUNK))];
-    let mut done = 0;
-    while done < length {
-        if cancel.is_cancelled() {
-            return Err(std::io::Error::other("block hashing cancelled"));
-        }
-        let n = (length - done).min(buf.len() as u64) as usize;
-        image.read_at(offset + done, &mut buf[..n])?;
-        hashes::hash_blocks(&buf[..n], block, &mut out);
-        done += n as u64;
-    }
-    Ok(out)
 }
 
 fn floor_path(dir: &Path) -> PathBuf {

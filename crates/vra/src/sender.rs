@@ -147,6 +147,8 @@ async fn session(
         shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
     }
     shared.connected.store(true, Ordering::Relaxed);
+    // A sync may be waiting for the stream.
+    shared.sync.wake.notify_one();
     shared.set_error("");
     info!(vpg = %a.vpg, from = resume.from.0, rebased = resume.rebased, "replication stream established");
 

@@ -23,7 +23,7 @@ use crate::{
         self, ProtectedAssignment, RecoveryAssignment, checkpoint_from_thaw, entry_from_pb,
         parse_checkpoint_id, parse_peer_site, parse_vm, parse_vpg,
     },
-    recovery::RecoveryVpg,
+    recovery::{ImageRange, RecoveryVpg},
     vra::Vra,
 };
 
@@ -281,10 +281,12 @@ impl Replication for ReplicationService {
             .map_err(status)?
             .block_hashes(
                 Generation(r.generation),
-                &vm,
-                VolumeId(r.volume_id),
-                r.offset,
-                r.length,
+                &ImageRange {
+                    vm: vm.clone(),
+                    volume: VolumeId(r.volume_id),
+                    offset: r.offset,
+                    length: r.length,
+                },
                 r.block_size,
             )
             .await
@@ -294,6 +296,42 @@ impl Replication for ReplicationService {
             })?;
         Ok(Response::new(pb::BlockHashesResponse {
             hashes,
+            durable_seq: seq.0,
+        }))
+    }
+
+    async fn compare_blocks(
+        &self,
+        req: Request<pb::CompareBlocksRequest>,
+    ) -> Result<Response<pb::CompareBlocksResponse>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        let vm = parse_vm(&r.vm_id).map_err(status)?;
+        let (d, seq) = self
+            .vra
+            .recovery(&vpg)
+            .await
+            .map_err(status)?
+            .compare_blocks(
+                Generation(r.generation),
+                &ImageRange {
+                    vm: vm.clone(),
+                    volume: VolumeId(r.volume_id),
+                    offset: r.offset,
+                    length: r.length,
+                },
+                r.coarse_block_size,
+                r.fine_block_size,
+                r.coarse_hashes,
+            )
+            .await
+            .map_err(|e| {
+                debug!(vpg = %vpg, vm = %vm, volume = r.volume_id, error = %e, "compare refused");
+                status(e)
+            })?;
+        Ok(Response::new(pb::CompareBlocksResponse {
+            differing: d.differing,
+            fine_hashes: d.fine_hashes,
             durable_seq: seq.0,
         }))
     }

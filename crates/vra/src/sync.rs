@@ -6,8 +6,9 @@
 //!   down, buffer full, paused) are read and sent again;
 //! - initial sync: regions never sent, skipping those that read as zeroes (a fresh replica
 //!   is zero there);
-//! - delta sync: block hashes of the recovery VRA's newest image are compared with the
-//!   local ones, coarse (1 MiB) then fine (4 KiB), and only differing blocks are sent.
+//! - delta sync: the local volume's coarse (64 KiB) block hashes go to the recovery VRA,
+//!   which compares them with its newest image and answers the fine (4 KiB) hashes of the
+//!   coarse blocks that differ; only differing fine blocks are sent.
 //!
 //! Sync data travels in the ordinary stream, as writes read under the volume's range lock,
 //! so it is ordered with the VPG's own writes and lands in the journal like them: the
@@ -16,34 +17,44 @@
 //! once every region has been sent.
 
 use std::{
+    collections::VecDeque,
+    os::unix::fs::FileExt,
+    path::Path,
     sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use tandem_core::status::SyncTrigger;
 use tandem_journal::UnixMillis;
 use tandem_proto::v1::{self as pb, replication_client::ReplicationClient};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tracing::{info, warn};
 
 use crate::{
     connector::Connector,
     dirty::{DirtyMap, REGION, Run},
-    hashes::{HASH_LEN, block_hash, hash_blocks},
+    hashes::{HASH_LEN, differing_runs, hash_blocks},
     model::EntryBody,
     protected::{ProtectedShared, ProtectedVolume},
 };
 
 /// Regions a bitmap or initial sync reads at once (1 MiB).
 const RUN_REGIONS: u64 = 16;
-/// Coarse block of a delta sync.
-const COARSE: u64 = 1 << 20;
-/// Fine block of a delta sync.
+/// Coarse block of a delta sync: both sides hash every byte once at this size (BLAKE3 runs
+/// near full speed on 64 KiB inputs, twice its speed on 4 KiB ones), and at 1% of 4 KiB
+/// blocks changed at random only ~15% of coarse blocks differ.
+const COARSE: u64 = 64 << 10;
+/// Fine block of a delta sync: the unit that is sent when it differs.
 const FINE: u64 = 4 << 10;
-/// Coarse blocks asked for in one hashes request.
-const COARSE_PER_REQUEST: u64 = 1024;
+/// Bytes of a volume compared per request (256 coarse blocks).
+const PIECE: u64 = 16 << 20;
+/// Bytes read and hashed at a time: small enough to stay in the CPU's cache between the
+/// read and the hash, a whole number of coarse blocks.
+const SCAN_CHUNK: u64 = 1 << 20;
+/// Compare requests in flight: reading and hashing the next pieces locally overlaps the
+/// recovery VRA's work on the earlier ones.
+const COMPARES_IN_FLIGHT: usize = 4;
 /// How often an idle syncer looks again without being woken.
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
@@ -521,7 +532,10 @@ async fn send_run(
     Ok(sent)
 }
 
-/// Delta sync of one volume or all: coarse hashes, then fine hashes where they differ.
+/// Delta sync of one volume or all. Each piece of a volume is read and hashed in coarse
+/// blocks locally; the recovery VRA hashes the same piece of its newest image once and
+/// answers which coarse blocks differ, with their fine hashes (one round trip a piece,
+/// several pieces in flight); the fine blocks that differ are sent.
 async fn delta_sync(
     shared: &Arc<ProtectedShared>,
     volumes: &[Arc<ProtectedVolume>],
@@ -549,121 +563,179 @@ async fn delta_sync(
         () = cancel.cancelled() => return Err(PassError::Stopped),
         c = connector.connect(&shared.assignment.recovery_vra) => c.map_err(|e| PassError::Hashes(e.to_string()))?,
     };
-    let mut client = ReplicationClient::new(channel)
+    let client = ReplicationClient::new(channel)
         .max_decoding_message_size(crate::sender::MAX_STREAM_MESSAGE);
     for volume in indexes.iter().filter_map(|i| volumes.get(*i)) {
         let size = volume.size();
+        // Dropping the queue (on error) aborts the compares still in flight.
+        let mut in_flight: VecDeque<AbortOnDropHandle<Result<Compared, PassError>>> =
+            VecDeque::new();
         let mut offset = 0;
-        while offset < size {
-            check_going(shared, cancel)?;
-            let len = (COARSE * COARSE_PER_REQUEST).min(size - offset);
-            let remote = hashes(shared, &mut client, volume, offset, len, COARSE).await?;
-            let mut block = offset;
-            for theirs in remote.chunks(HASH_LEN) {
+        loop {
+            while in_flight.len() < COMPARES_IN_FLIGHT && offset < size {
                 check_going(shared, cancel)?;
-                let blen = COARSE.min(size - block);
-                let local = volume
-                    .read_image(block, blen)
-                    .await
-                    .map_err(PassError::Read)?;
-                if block_hash(&local) != theirs {
-                    delta_block(shared, &mut client, volume, block, &local).await?;
-                }
-                if let Some(p) = shared.sync.lock().running.as_mut() {
-                    p.done += blen;
-                }
-                block += blen;
+                let len = PIECE.min(size - offset);
+                in_flight.push_back(AbortOnDropHandle::new(tokio::spawn(compare_piece(
+                    shared.clone(),
+                    client.clone(),
+                    volume.clone(),
+                    offset,
+                    len,
+                ))));
+                offset += len;
             }
-            offset += len;
+            let Some(next) = in_flight.pop_front() else {
+                break;
+            };
+            let compared = next.await.map_err(|_| PassError::Stopped)??;
+            check_going(shared, cancel)?;
+            send_differences(shared, volume, &compared).await?;
+            if let Some(p) = shared.sync.lock().running.as_mut() {
+                p.done += compared.len;
+                p.hash_bytes += compared.hash_bytes;
+            }
         }
     }
     Ok(())
 }
 
-/// One coarse block that differs: compares fine hashes and sends the differing blocks.
-async fn delta_block(
-    shared: &ProtectedShared,
-    client: &mut ReplicationClient<tonic::transport::Channel>,
-    volume: &ProtectedVolume,
-    offset: u64,
-    local: &Bytes,
-) -> Result<(), PassError> {
-    let remote = hashes(shared, client, volume, offset, local.len() as u64, FINE).await?;
-    let mut mine = Vec::new();
-    hash_blocks(local, FINE as usize, &mut mine);
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for (k, (a, b)) in mine
-        .chunks(HASH_LEN)
-        .zip(remote.chunks(HASH_LEN))
-        .enumerate()
-    {
-        if a == b {
-            continue;
-        }
-        let start = k as u64 * FINE;
-        let len = FINE.min(local.len() as u64 - start);
-        match runs.last_mut() {
-            Some((s, l)) if *s + *l == start => *l += len,
-            _ => runs.push((start, len)),
-        }
-    }
-    for (start, len) in runs {
-        leave_room(shared).await;
-        let cost = shared
-            .reserve(EntryBody::OVERHEAD + len)
-            .await
-            .map_err(|_| PassError::Stopped)?;
-        let guard = volume.lock_range(offset + start, len).await;
-        // Read again under the lock: the stream orders it with concurrent writes.
-        let data = match volume.read_image(offset + start, len).await {
-            Ok(d) => d,
-            Err(e) => {
-                drop(guard);
-                shared.release(cost);
-                return Err(PassError::Read(e));
-            }
-        };
-        shared.push_entry(volume.write_entry(offset + start, data), cost);
-        drop(guard);
-        if let Some(p) = shared.sync.lock().running.as_mut() {
-            p.sent += len;
-        }
-    }
-    Ok(())
-}
-
-async fn hashes(
-    shared: &ProtectedShared,
-    client: &mut ReplicationClient<tonic::transport::Channel>,
-    volume: &ProtectedVolume,
+/// The recovery VRA's answer for one piece of a volume.
+#[derive(Debug)]
+struct Compared {
     offset: u64,
     len: u64,
-    block: u64,
-) -> Result<Vec<u8>, PassError> {
+    differing: Vec<u32>,
+    fine_hashes: Vec<u8>,
+    /// Hash bytes that crossed the wire both ways.
+    hash_bytes: u64,
+}
+
+/// Reads and hashes one piece locally and has the recovery VRA compare it with its image.
+async fn compare_piece(
+    shared: Arc<ProtectedShared>,
+    mut client: ReplicationClient<tonic::transport::Channel>,
+    volume: Arc<ProtectedVolume>,
+    offset: u64,
+    len: u64,
+) -> Result<Compared, PassError> {
+    let path = volume.image_path().to_path_buf();
+    let coarse_hashes = tokio::task::spawn_blocking(move || hash_file(&path, offset, len))
+        .await
+        .map_err(|_| PassError::Stopped)?
+        .map_err(PassError::Read)?;
+    let sent = coarse_hashes.len() as u64;
     let r = client
-        .block_hashes(pb::BlockHashesRequest {
+        .compare_blocks(pb::CompareBlocksRequest {
             vpg_id: shared.assignment.vpg.to_string(),
             generation: shared.assignment.generation.0,
             vm_id: volume.vm().to_string(),
             volume_id: volume.volume().0,
             offset,
             length: len,
-            block_size: block as u32,
+            coarse_block_size: COARSE as u32,
+            fine_block_size: FINE as u32,
+            coarse_hashes,
         })
         .await
         .map_err(|s| PassError::Hashes(s.message().to_string()))?
         .into_inner();
-    let want = len.div_ceil(block) as usize * HASH_LEN;
-    if r.hashes.len() != want {
+    // The answer must name blocks of this piece, in order, with all their fine hashes.
+    let blocks = len.div_ceil(COARSE);
+    let ascending = r.differing.windows(2).all(|w| w[0] < w[1]);
+    let in_range = r.differing.last().is_none_or(|&b| u64::from(b) < blocks);
+    let fine_blocks: u64 = r
+        .differing
+        .iter()
+        .map(|&b| block_len(len, b).div_ceil(FINE))
+        .sum();
+    if !ascending || !in_range || r.fine_hashes.len() as u64 != fine_blocks * HASH_LEN as u64 {
         return Err(PassError::Hashes(format!(
-            "{} hash bytes for {} blocks",
-            r.hashes.len(),
-            want / HASH_LEN
+            "malformed compare answer for {}+{len}: {} differing blocks, {} fine hash bytes",
+            offset,
+            r.differing.len(),
+            r.fine_hashes.len()
         )));
     }
-    let n = r.hashes.len() as u64;
-    if let Some(p) = shared.sync.lock().running.as_mut() {
-        p.hash_bytes += n;
+    Ok(Compared {
+        offset,
+        len,
+        hash_bytes: sent + r.fine_hashes.len() as u64,
+        differing: r.differing,
+        fine_hashes: r.fine_hashes,
+    })
+}
+
+/// The coarse hashes of `len` bytes of a file from `offset`, read in [`SCAN_CHUNK`]
+/// pieces into one buffer, each hashed while it is still in the CPU's cache.
+fn hash_file(path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    let mut out = Vec::with_capacity(len.div_ceil(COARSE) as usize * HASH_LEN);
+    let mut buf = vec![0u8; SCAN_CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(SCAN_CHUNK) as usize;
+        file.read_exact_at(&mut buf[..n], offset + done)?;
+        hash_blocks(&buf[..n], COARSE as usize, &mut out);
+        done += n as u64;
     }
-    Ok(r.hashes)
+    Ok(out)
+}
+
+/// Length of coarse block `k` of a piece of `len` bytes (the last may be short).
+fn block_len(len: u64, k: u32) -> u64 {
+    COARSE.min(len.saturating_sub(u64::from(k) * COARSE))
+}
+
+/// Sends the fine blocks of the differing coarse blocks of one piece whose local hashes
+/// differ from the recovery VRA's.
+async fn send_differences(
+    shared: &ProtectedShared,
+    volume: &ProtectedVolume,
+    compared: &Compared,
+) -> Result<(), PassError> {
+    let mut theirs = compared.fine_hashes.as_slice();
+    for &k in &compared.differing {
+        let block = compared.offset + u64::from(k) * COARSE;
+        let blen = block_len(compared.len, k);
+        let (fine, rest) = theirs.split_at((blen.div_ceil(FINE) as usize) * HASH_LEN);
+        theirs = rest;
+        let local = volume
+            .read_image(block, blen)
+            .await
+            .map_err(PassError::Read)?;
+        for (start, len) in differing_runs(&local, FINE as usize, fine) {
+            send_block(shared, volume, block + start, len).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Pushes one range into the stream, read again under its range lock so that the stream
+/// orders it with concurrent writes.
+async fn send_block(
+    shared: &ProtectedShared,
+    volume: &ProtectedVolume,
+    offset: u64,
+    len: u64,
+) -> Result<(), PassError> {
+    leave_room(shared).await;
+    let cost = shared
+        .reserve(EntryBody::OVERHEAD + len)
+        .await
+        .map_err(|_| PassError::Stopped)?;
+    let guard = volume.lock_range(offset, len).await;
+    let data = match volume.read_image(offset, len).await {
+        Ok(d) => d,
+        Err(e) => {
+            drop(guard);
+            shared.release(cost);
+            return Err(PassError::Read(e));
+        }
+    };
+    shared.push_entry(volume.write_entry(offset, data), cost);
+    drop(guard);
+    if let Some(p) = shared.sync.lock().running.as_mut() {
+        p.sent += len;
+    }
+    Ok(())
 }

@@ -111,8 +111,8 @@ async fn wait_all_acked(a: &VraProcess, vpg: &str) -> u64 {
     written
 }
 
-fn assert_refused(
-    r: Result<tonic::Response<pb::BlockHashesResponse>, tonic::Status>,
+fn assert_refused<T: std::fmt::Debug>(
+    r: Result<tonic::Response<T>, tonic::Status>,
     code: Code,
     needle: &str,
 ) {
@@ -284,6 +284,56 @@ async fn hashes_of_the_newest_durable_image_equal_the_source() {
         replication(&a).await.block_hashes(good.clone()).await,
         Code::FailedPrecondition,
         "protected",
+    );
+
+    // Compare: the source's coarse hashes with one coarse block changed (the last, short
+    // one too) are answered with exactly those blocks and their fine hashes.
+    let source = std::fs::read(image_path(root, "vm-2", 0)).expect("source");
+    let mut mine = Vec::new();
+    hash_blocks(&source, 64 * KIB as usize, &mut mine);
+    mine[5 * HASH_LEN] ^= 1;
+    mine[63 * HASH_LEN + 3] ^= 1;
+    let compare = |coarse_hashes: Vec<u8>| pb::CompareBlocksRequest {
+        vpg_id: "vpg-h".into(),
+        generation: 1,
+        vm_id: "vm-2".into(),
+        volume_id: 0,
+        offset: 0,
+        length: 4 * MIB,
+        coarse_block_size: 64 * KIB as u32,
+        fine_block_size: 4 * KIB as u32,
+        coarse_hashes,
+    };
+    let r = c
+        .compare_blocks(compare(mine.clone()))
+        .await
+        .expect("compare")
+        .into_inner();
+    assert_eq!(r.differing, [5, 63]);
+    let mut fine = Vec::new();
+    hash_blocks(&source[5 * 64 * KIB as usize..6 * 64 * KIB as usize], 4096, &mut fine);
+    hash_blocks(&source[63 * 64 * KIB as usize..], 4096, &mut fine);
+    assert!(r.fine_hashes == fine, "fine hashes of the differing blocks");
+    // Malformed compares are refused with their field named.
+    let mut short = compare(mine[HASH_LEN..].to_vec());
+    assert_refused(
+        c.compare_blocks(short.clone()).await,
+        Code::InvalidArgument,
+        "coarse_hashes",
+    );
+    short.coarse_hashes = mine.clone();
+    short.fine_block_size = 64 * KIB as u32;
+    assert_refused(
+        c.compare_blocks(short.clone()).await,
+        Code::InvalidArgument,
+        "fine_block_size",
+    );
+    short.fine_block_size = 4096;
+    short.generation = 0;
+    assert_refused(
+        c.compare_blocks(short).await,
+        Code::FailedPrecondition,
+        "stale generation",
     );
 
     // The VRA keeps serving: hashes, and the stream.
