@@ -272,28 +272,15 @@ impl Replication for ReplicationService {
         req: Request<pb::BlockHashesRequest>,
     ) -> Result<Response<pb::BlockHashesResponse>, Status> {
         let r = req.into_inner();
-        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
-        let vm = parse_vm(&r.vm_id).map_err(status)?;
+        let (vpg, range) = image_range(&r.vpg_id, &r.vm_id, r.volume_id, r.offset, r.length)?;
         let (hashes, seq) = self
             .vra
             .recovery(&vpg)
             .await
             .map_err(status)?
-            .block_hashes(
-                Generation(r.generation),
-                &ImageRange {
-                    vm: vm.clone(),
-                    volume: VolumeId(r.volume_id),
-                    offset: r.offset,
-                    length: r.length,
-                },
-                r.block_size,
-            )
+            .block_hashes(Generation(r.generation), &range, r.block_size)
             .await
-            .map_err(|e| {
-                debug!(vpg = %vpg, vm = %vm, volume = r.volume_id, error = %e, "block hashes refused");
-                status(e)
-            })?;
+            .map_err(|e| refused(&vpg, &range, "block hashes", e))?;
         Ok(Response::new(pb::BlockHashesResponse {
             hashes,
             durable_seq: seq.0,
@@ -305,8 +292,7 @@ impl Replication for ReplicationService {
         req: Request<pb::CompareBlocksRequest>,
     ) -> Result<Response<pb::CompareBlocksResponse>, Status> {
         let r = req.into_inner();
-        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
-        let vm = parse_vm(&r.vm_id).map_err(status)?;
+        let (vpg, range) = image_range(&r.vpg_id, &r.vm_id, r.volume_id, r.offset, r.length)?;
         let (d, seq) = self
             .vra
             .recovery(&vpg)
@@ -314,27 +300,49 @@ impl Replication for ReplicationService {
             .map_err(status)?
             .compare_blocks(
                 Generation(r.generation),
-                &ImageRange {
-                    vm: vm.clone(),
-                    volume: VolumeId(r.volume_id),
-                    offset: r.offset,
-                    length: r.length,
-                },
+                &range,
                 r.coarse_block_size,
                 r.fine_block_size,
                 r.coarse_hashes,
             )
             .await
-            .map_err(|e| {
-                debug!(vpg = %vpg, vm = %vm, volume = r.volume_id, error = %e, "compare refused");
-                status(e)
-            })?;
+            .map_err(|e| refused(&vpg, &range, "compare", e))?;
         Ok(Response::new(pb::CompareBlocksResponse {
             differing: d.differing,
             fine_hashes: d.fine_hashes,
             durable_seq: seq.0,
         }))
     }
+}
+
+/// The VPG and image range of a hashes or compare request.
+fn image_range(
+    vpg_id: &str,
+    vm_id: &str,
+    volume: u32,
+    offset: u64,
+    length: u64,
+) -> Result<(tandem_core::ids::VpgId, ImageRange), Status> {
+    let vpg = parse_vpg(vpg_id).map_err(status)?;
+    let vm = parse_vm(vm_id).map_err(status)?;
+    let range = ImageRange {
+        vm,
+        volume: VolumeId(volume),
+        offset,
+        length,
+    };
+    Ok((vpg, range))
+}
+
+/// Logs a refused image request and maps its error.
+fn refused(
+    vpg: &tandem_core::ids::VpgId,
+    range: &ImageRange,
+    what: &str,
+    e: crate::error::VraError,
+) -> Status {
+    debug!(vpg = %vpg, vm = %range.vm, volume = range.volume.0, error = %e, "{what} refused");
+    status(e)
 }
 
 /// Serves one sender's session until it closes, fails, is superseded, or the VPG stops.

@@ -311,7 +311,11 @@ async fn hashes_of_the_newest_durable_image_equal_the_source() {
         .into_inner();
     assert_eq!(r.differing, [5, 63]);
     let mut fine = Vec::new();
-    hash_blocks(&source[5 * 64 * KIB as usize..6 * 64 * KIB as usize], 4096, &mut fine);
+    hash_blocks(
+        &source[5 * 64 * KIB as usize..6 * 64 * KIB as usize],
+        4096,
+        &mut fine,
+    );
     hash_blocks(&source[63 * 64 * KIB as usize..], 4096, &mut fine);
     assert!(r.fine_hashes == fine, "fine hashes of the differing blocks");
     // Malformed compares are refused with their field named.
