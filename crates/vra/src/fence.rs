@@ -221,6 +221,16 @@ impl AckTracker {
         self.acked
     }
 
+    /// The lowest durable position of any journal: a restart reopens every journal at
+    /// least there, so it is acknowledgeable without any other record.
+    pub fn min_durable(&self) -> Seq {
+        self.lanes
+            .iter()
+            .map(|l| l.durable)
+            .min()
+            .unwrap_or(self.received)
+    }
+
     /// The highest sequence received (where a new session resumes once it is durable).
     pub fn received_seq(&self) -> Seq {
         self.received
@@ -327,6 +337,8 @@ mod tests {
         assert_eq!(t.acked(), Seq(3));
         t.durable(0, Seq(5));
         assert_eq!(t.acked(), Seq(5));
+        // Journal 1 reopens at 3: only 3 is acknowledgeable without a floor on disk.
+        assert_eq!(t.min_durable(), Seq(3));
     }
 
     #[test]

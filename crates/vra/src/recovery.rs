@@ -1,7 +1,8 @@
 //! The recovery role of one VPG: one journal per VM (opened with sparse sequences, so
 //! every journal carries stream sequence numbers), the receiver actor that fences senders
-//! and appends their entries, the acknowledgement path (computed by [`AckTracker`],
-//! persisted as a floor in `stream.json`, then sent), periodic journal maintenance
+//! and appends their entries, the acknowledgement path (computed by [`AckTracker`], sent
+//! at once when every journal shows it, else once persisted as a floor in `stream.json`),
+//! periodic journal maintenance
 //! (promotion of history older than the window), point-in-time images, and block hashes
 //! of the newest durable image for delta sync ([`RecoveryVpg::compare_blocks`]).
 //!
@@ -92,6 +93,23 @@ pub struct RecoveryCounters {
     pub rates: crate::rates::RateMeter<2>,
 }
 
+/// Where acknowledgements stand: what is durable in every journal that holds it, and the
+/// lowest durable position of any journal (which a restart reopens at, with no help).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AckProgress {
+    acked: Seq,
+    in_every_journal: Seq,
+}
+
+impl AckProgress {
+    /// What may be acknowledged when `floor` is persisted: a restart resumes at the larger
+    /// of the journals' lowest durable position and the floor, and must not resume below
+    /// anything acknowledged.
+    fn safe(&self, floor: Seq) -> Seq {
+        self.acked.min(self.in_every_journal.max(floor))
+    }
+}
+
 /// Persisted acknowledgement floor of a VPG (`<state dir>/stream.json`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct StreamFloor {
@@ -130,7 +148,7 @@ struct Actor {
     fence: StreamFence,
     tracker: AckTracker,
     durable_moved: Arc<Notify>,
-    to_persist: watch::Sender<Seq>,
+    to_persist: watch::Sender<AckProgress>,
     persisted: watch::Receiver<Seq>,
     counters: Arc<RecoveryCounters>,
     last_error: Arc<Mutex<String>>,
@@ -158,11 +176,16 @@ impl Actor {
             }
             self.tracker.durable(i, d.seq);
         }
-        let acked = self.tracker.acked();
-        self.counters.durable.store(acked.0, Ordering::Relaxed);
+        let progress = AckProgress {
+            acked: self.tracker.acked(),
+            in_every_journal: self.tracker.min_durable(),
+        };
+        self.counters
+            .durable
+            .store(progress.acked.0, Ordering::Relaxed);
         self.to_persist.send_if_modified(|cur| {
-            if acked > *cur {
-                *cur = acked;
+            if progress.acked > cur.acked || progress.in_every_journal > cur.in_every_journal {
+                *cur = progress;
                 true
             } else {
                 false
@@ -445,7 +468,10 @@ impl RecoveryVpg {
                 }
             });
         }
-        let (to_persist, persist_rx) = watch::channel(start);
+        let (to_persist, persist_rx) = watch::channel(AckProgress {
+            acked: start,
+            in_every_journal: start,
+        });
         let (acked_tx, acked_rx) = watch::channel(start);
         tasks.spawn(persist_acks(
             state_dir.to_path_buf(),
@@ -870,34 +896,48 @@ fn read_floor(dir: &Path) -> Option<StreamFloor> {
 async fn persist_acks(
     dir: PathBuf,
     generation: Generation,
-    mut rx: watch::Receiver<Seq>,
+    mut rx: watch::Receiver<AckProgress>,
     acked: watch::Sender<Seq>,
     counters: Arc<RecoveryCounters>,
     last_error: Arc<Mutex<String>>,
     cancel: CancellationToken,
 ) {
+    // The floor on disk: the restart position the journals alone do not show. A journal
+    // that receives nothing for a while (a VM that does not write) keeps the lowest
+    // durable position low; only then is the floor written before an acknowledgement.
+    let mut floor = *acked.borrow();
+    let publish = |safe: Seq| {
+        if safe > *acked.borrow() {
+            counters.acked.store(safe.0, Ordering::Relaxed);
+            acked.send_replace(safe);
+        }
+    };
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
             r = rx.changed() => if r.is_err() { break },
         }
-        let seq = *rx.borrow_and_update();
-        let floor = StreamFloor {
+        let progress = *rx.borrow_and_update();
+        publish(progress.safe(floor));
+        if progress.safe(floor) >= progress.acked {
+            continue;
+        }
+        let record = StreamFloor {
             generation: generation.0,
-            acked: seq.0,
+            acked: progress.acked.0,
         };
         let d = dir.clone();
         let written = tokio::task::spawn_blocking(move || {
             crate::state::write_atomic(
                 &floor_path(&d),
-                &serde_json::to_vec(&floor).unwrap_or_default(),
+                &serde_json::to_vec(&record).unwrap_or_default(),
             )
         })
         .await;
         match written {
             Ok(Ok(())) => {
-                counters.acked.store(seq.0, Ordering::Relaxed);
-                acked.send_replace(seq);
+                floor = progress.acked;
+                publish(rx.borrow().safe(floor));
             }
             Ok(Err(e)) => {
                 warn!(error = %e, "persisting the stream floor failed");
@@ -928,5 +968,30 @@ async fn maintain(journals: Vec<Arc<Journal>>, vpg: VpgId, cancel: CancellationT
                 Err(_) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_wait_for_the_floor_only_beyond_what_every_journal_shows() {
+        let p = AckProgress {
+            acked: Seq(50),
+            in_every_journal: Seq(20),
+        };
+        assert_eq!(p.safe(Seq(0)), Seq(20), "an idle journal holds it back");
+        assert_eq!(p.safe(Seq(35)), Seq(35), "the floor on disk releases more");
+        assert_eq!(p.safe(Seq(80)), Seq(50), "never beyond what is durable");
+        let busy = AckProgress {
+            acked: Seq(50),
+            in_every_journal: Seq(50),
+        };
+        assert_eq!(
+            busy.safe(Seq(0)),
+            Seq(50),
+            "every journal shows it: no floor needed"
+        );
     }
 }
