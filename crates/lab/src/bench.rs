@@ -39,6 +39,8 @@ pub struct Outcome {
     pub secs: f64,
     pub p50_us: u64,
     pub p99_us: u64,
+    /// The first error a client saw, if any.
+    pub first_error: Option<String>,
 }
 
 impl Outcome {
@@ -57,6 +59,9 @@ impl Outcome {
             self.errors,
             self.secs
         );
+        if let Some(e) = &self.first_error {
+            println!("{:<34} first error: {e}", "");
+        }
     }
 }
 
@@ -75,6 +80,7 @@ where
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new(3).expect("histogram");
             let (mut ops, mut errors, mut i) = (0u64, 0u64, 0u64);
+            let mut first = None;
             while Instant::now() < deadline {
                 let t = Instant::now();
                 match op(c, i).await {
@@ -82,20 +88,24 @@ where
                         ops += 1;
                         let _ = h.record(t.elapsed().as_micros() as u64);
                     }
-                    Err(_) => errors += 1,
+                    Err(e) => {
+                        errors += 1;
+                        first.get_or_insert_with(|| format!("{e:#}"));
+                    }
                 }
                 i += 1;
             }
-            (h, ops, errors)
+            (h, ops, errors, first)
         }));
     }
     let mut all = Histogram::<u64>::new(3).expect("histogram");
-    let (mut ops, mut errors) = (0, 0);
+    let (mut ops, mut errors, mut first_error) = (0, 0, None);
     for t in tasks {
-        if let Ok((h, o, e)) = t.await {
+        if let Ok((h, o, e, first)) = t.await {
             all.add(h).expect("same histogram bounds");
             ops += o;
             errors += e;
+            first_error = first_error.or(first);
         }
     }
     Outcome {
@@ -105,6 +115,7 @@ where
         secs: start.elapsed().as_secs_f64(),
         p50_us: all.value_at_quantile(0.5),
         p99_us: all.value_at_quantile(0.99),
+        first_error,
     }
 }
 
@@ -253,16 +264,68 @@ fn vm_def(id: String) -> v1::Vm {
 }
 
 /// Runs the whole benchmark and prints the comparison.
-pub async fn run(dir: Option<PathBuf>, clients: usize, secs: u64) -> Result<()> {
+pub async fn run(dir: Option<PathBuf>, clients: usize, secs: u64, rounds: usize) -> Result<()> {
     let dir = dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id()))
     });
     std::fs::create_dir_all(&dir)?;
     let duration = Duration::from_secs(secs);
     println!(
-        "config store benchmark: {clients} clients, {secs} s per workload, 3 nodes each, loopback"
+        "config store benchmark: {clients} clients, {secs} s per workload, 3 nodes each, \
+         loopback, {rounds} round(s) of etcd then tandem"
     );
+    let mut all = Vec::new();
+    for round in 0..rounds.max(1) {
+        let here = dir.join(format!("round-{round}"));
+        let (etcd_put, vm_put, vpg_put) = bench_round(&here, clients, duration).await?;
+        println!("round {} of {}:", round + 1, rounds.max(1));
+        let ratios = [&vm_put, &vpg_put].map(|o| {
+            let r = (
+                o.ops_per_sec() / etcd_put.ops_per_sec(),
+                o.p99_us as f64 / etcd_put.p99_us.max(1) as f64,
+            );
+            println!(
+                "ratio {:<28} throughput {:.2}x etcd, p99 {:.2}x etcd's",
+                o.name, r.0, r.1
+            );
+            r
+        });
+        all.push(ratios);
+        let _ = std::fs::remove_dir_all(&here);
+    }
+    if all.len() > 1 {
+        println!();
+        for (k, name) in [
+            "tandem VM definition ~1 KiB",
+            "tandem VPG edit (both sites)",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut tp: Vec<f64> = all.iter().map(|r| r[k].0).collect();
+            let mut p99: Vec<f64> = all.iter().map(|r| r[k].1).collect();
+            tp.sort_by(f64::total_cmp);
+            p99.sort_by(f64::total_cmp);
+            println!(
+                "median of {} rounds: {name:<28} throughput {:.2}x etcd (min {:.2}x, max {:.2}x), \
+                 p99 {:.2}x etcd's",
+                all.len(),
+                tp[tp.len() / 2],
+                tp[0],
+                tp[tp.len() - 1],
+                p99[p99.len() / 2]
+            );
+        }
+    }
+    Ok(())
+}
 
+/// One round: etcd, then a fresh two-site lab, on the same disk.
+async fn bench_round(
+    dir: &std::path::Path,
+    clients: usize,
+    duration: Duration,
+) -> Result<(Outcome, Outcome, Outcome)> {
     let etcd = Etcd::start(&dir.join("etcd")).await?;
     let mut etcd_kvs = Vec::new();
     for c in &etcd.clients {
@@ -296,19 +359,7 @@ pub async fn run(dir: Option<PathBuf>, clients: usize, secs: u64) -> Result<()> 
     let result = tandem_workloads(&lab, clients, duration).await;
     lab.down().await;
     let (vm_put, vpg_put) = result?;
-    println!();
-    for o in [&etcd_put, &vm_put, &vpg_put] {
-        o.print();
-    }
-    for o in [&vm_put, &vpg_put] {
-        println!(
-            "ratio {:<28} throughput {:.2}x etcd, p99 {:.2}x etcd's",
-            o.name,
-            o.ops_per_sec() / etcd_put.ops_per_sec(),
-            o.p99_us as f64 / etcd_put.p99_us.max(1) as f64
-        );
-    }
-    Ok(())
+    Ok((etcd_put, vm_put, vpg_put))
 }
 
 async fn tandem_workloads(
@@ -432,17 +483,31 @@ async fn tandem_workloads(
             let generations = generations.clone();
             let spec = spec(c, 60 + i % 600);
             async move {
+                let id = format!("bench-vpg-{c}");
                 let generation = generations[c].load(std::sync::atomic::Ordering::Relaxed);
-                let g = cl
+                let updated = cl
                     .update_vpg(v1::UpdateVpgRequest {
-                        id: format!("bench-vpg-{c}"),
+                        id: id.clone(),
                         generation,
                         spec: Some(spec),
                     })
-                    .await?
-                    .into_inner();
-                generations[c].store(g.generation, std::sync::atomic::Ordering::Relaxed);
-                Ok(())
+                    .await;
+                match updated {
+                    Ok(g) => {
+                        let g = g.into_inner().generation;
+                        generations[c].store(g, std::sync::atomic::Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // As an operator's client does: read the generation again (the
+                        // failed edit may have committed), so one error stays one error.
+                        if let Ok(v) = cl.get_vpg(v1::GetRequest { id }).await {
+                            let g = v.into_inner().generation;
+                            generations[c].store(g, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e.into())
+                    }
+                }
             }
         },
     )

@@ -64,6 +64,9 @@ enum Cmd {
         clients: usize,
         #[arg(long, default_value_t = 20)]
         secs: u64,
+        /// Rounds of etcd then tandem (the medians are printed when more than one).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// VRA benchmarks: write path vs nbdkit, checkpoint barrier, initial sync vs nbdcopy,
     /// delta sync vs rsync (scripts/bench-vra.sh).
@@ -475,8 +478,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             tandem_nbd::serve_files(listener, files, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench { dir, clients, secs } => {
-            tandem_lab::bench::run(dir, clients, secs).await?;
+        Cmd::Bench {
+            dir,
+            clients,
+            secs,
+            rounds,
+        } => {
+            tandem_lab::bench::run(dir, clients, secs, rounds).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::BenchVra(args) => {

@@ -9,6 +9,10 @@ use tandem_proto::v1;
 use tandem_proto::v1::manager_internal_client::ManagerInternalClient;
 use tandem_store::{MembershipError, NodeId, NodeInfo, ProposeError, ReadError, SiteStore};
 
+/// Forwards of one command at most: the first from the node that received it, then one
+/// more from a node that stopped leading meanwhile.
+const MAX_FORWARD_HOPS: u32 = 2;
+
 use crate::error::{ApiError, ApiResult};
 use crate::net::Connector;
 
@@ -76,13 +80,27 @@ impl ManagerNode {
         ))
     }
 
-    /// Proposes on this node, which must be the leader.
-    pub async fn propose_local(&self, cmd: Command) -> ApiResult<(u64, CommandOutcome)> {
-        match self.store.propose_indexed(cmd).await {
+    /// Proposes a command forwarded by another node as `json` (and decoded from it), after
+    /// `hops` forwards: on the leader the log entry is made of these bytes; a node that is
+    /// no longer the leader forwards it once more to the leader it knows.
+    pub async fn propose_forwarded(
+        &self,
+        cmd: Command,
+        json: Vec<u8>,
+        hops: u32,
+    ) -> ApiResult<(u64, CommandOutcome)> {
+        match self.store.propose_encoded(cmd, json.clone()).await {
             Ok(outcome) => Ok(outcome),
-            Err(ProposeError::ForwardToLeader { leader_id, .. }) => Err(ApiError::unavailable(
-                format!("this node is not the leader (node {leader_id} is)"),
-            )),
+            Err(ProposeError::ForwardToLeader { leader_id, leader }) => {
+                if hops >= MAX_FORWARD_HOPS {
+                    return Err(ApiError::unavailable(format!(
+                        "this node is not the leader (node {leader_id} is) and the command was \
+                         forwarded {hops} times already"
+                    )));
+                }
+                self.forward(&leader, json, hops + 1).await
+            }
+            Err(ProposeError::Encode(e)) => Err(ApiError::internal(e)),
             Err(e) => Err(ApiError::unavailable(e)),
         }
     }
@@ -99,21 +117,33 @@ impl ManagerNode {
             Ok(applied) => applied,
             Err(ProposeError::ForwardToLeader { leader, .. }) => {
                 let json = serde_json::to_vec(&cmd).map_err(ApiError::internal)?;
-                let reply = self
-                    .leader_api(&leader)?
-                    .propose(v1::ProposeRequest { command_json: json })
-                    .await
-                    .map_err(|s| {
-                        ApiError::unavailable(format!("forwarding to leader: {}", s.message()))
-                    })?
-                    .into_inner();
-                let outcome = serde_json::from_slice::<CommandOutcome>(&reply.outcome_json)
-                    .map_err(ApiError::internal)?;
-                (reply.applied_index, outcome)
+                self.forward(&leader, json, 1).await?
             }
+            Err(ProposeError::Encode(e)) => return Err(ApiError::internal(e)),
             Err(e) => return Err(ApiError::unavailable(e)),
         };
         Ok((index, outcome.map_err(ApiError::Domain)?))
+    }
+
+    /// Sends a command (its JSON) to the node believed to lead, as forward number `hops`.
+    async fn forward(
+        &self,
+        leader: &NodeInfo,
+        json: Vec<u8>,
+        hops: u32,
+    ) -> ApiResult<(u64, CommandOutcome)> {
+        let reply = self
+            .leader_api(leader)?
+            .propose(v1::ProposeRequest {
+                command_json: json,
+                hops,
+            })
+            .await
+            .map_err(|s| ApiError::unavailable(format!("forwarding to leader: {}", s.message())))?
+            .into_inner();
+        let outcome = serde_json::from_slice::<CommandOutcome>(&reply.outcome_json)
+            .map_err(ApiError::internal)?;
+        Ok((reply.applied_index, outcome))
     }
 
     /// Runs `f` on this node's state once it has applied `index` (from

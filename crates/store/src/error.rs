@@ -22,6 +22,9 @@ pub enum ProposeError {
         /// Why.
         reason: String,
     },
+    /// The command could not be encoded for the log; it was not applied.
+    #[error("cannot encode the command: {0}")]
+    Encode(String),
     /// The command was submitted but no outcome came back in time: it may or may not be
     /// applied (now or later).
     #[error("no outcome within {0:?}; the command may or may not be applied")]

@@ -26,7 +26,16 @@ use crate::storage::state_machine::{SharedSm, read_sm};
 use crate::storage::{
     BackendError, LogStore, MemoryBackend, RaftBackend, SledBackend, SmSnapshot, StateMachineStore,
 };
-use crate::types::{NodeId, NodeInfo, Proposal, Raft, TypeConfig};
+use crate::types::{NodeId, NodeInfo, Proposal, Raft, TypeConfig, encode_command};
+
+/// What openraft answers to a leadership confirmation (the read index, or why not).
+type LeadershipCheck = Result<
+    Option<openraft::LogId<NodeId>>,
+    RaftError<NodeId, CheckIsLeaderError<NodeId, NodeInfo>>,
+>;
+
+/// Pause before another leadership confirmation after one that missed its quorum.
+const QUORUM_RETRY: Duration = Duration::from_millis(20);
 
 type FlushFn = Box<dyn Fn() -> BoxFuture<'static, Result<(), BackendError>> + Send + Sync>;
 
@@ -46,7 +55,7 @@ struct Inner {
     faults: FaultInjector,
     flush: FlushFn,
     /// Commands proposed concurrently share log entries.
-    proposals: GroupCommit<Command, (u64, CommandOutcome), WriteFailure>,
+    proposals: GroupCommit<(Command, Vec<u8>), (u64, CommandOutcome), WriteFailure>,
     /// Concurrent linearizable reads share leadership confirmations.
     read_index: Coalescer<Result<Option<u64>, ReadError>>,
 }
@@ -229,16 +238,35 @@ impl SiteStore {
         &self,
         cmd: Command,
     ) -> Result<(u64, CommandOutcome), ProposeError> {
+        self.check_leader().await?;
+        // Encoded once here: the batcher bounds the bytes of a log entry with it, and the
+        // entry is made of these bytes.
+        let encoded = encode_command(&cmd).map_err(|e| ProposeError::Encode(e.to_string()))?;
+        self.propose_encoded(cmd, encoded).await
+    }
+
+    /// Ok on the leader; where to go otherwise.
+    async fn check_leader(&self) -> Result<(), ProposeError> {
         match self.leader().await {
-            Ok(Leader::Me) => {}
+            Ok(Leader::Me) => Ok(()),
             Ok(Leader::Other(leader_id, leader)) => {
-                return Err(ProposeError::ForwardToLeader { leader_id, leader });
+                Err(ProposeError::ForwardToLeader { leader_id, leader })
             }
-            Err(reason) => return Err(ProposeError::Unavailable { reason }),
+            Err(reason) => Err(ProposeError::Unavailable { reason }),
         }
-        // Measured once here, so that the batcher can bound the bytes of a log entry.
-        let bytes = serde_json::to_vec(&cmd).map_or(0, |b| b.len());
-        match self.inner.proposals.submit(cmd, bytes).await {
+    }
+
+    /// [`SiteStore::propose_indexed`] of a command that comes with its JSON encoding (a
+    /// command forwarded by another node, decoded from exactly these bytes): the log entry
+    /// is made of them, so every node decodes the same command.
+    pub async fn propose_encoded(
+        &self,
+        cmd: Command,
+        encoded: Vec<u8>,
+    ) -> Result<(u64, CommandOutcome), ProposeError> {
+        self.check_leader().await?;
+        let bytes = encoded.len();
+        match self.inner.proposals.submit((cmd, encoded), bytes).await {
             Ok(applied) => Ok(applied),
             Err(GroupCommitError::Batch(WriteFailure::Forward(f))) => Err(match self.forward(f) {
                 Forward::To(leader_id, leader) => {
@@ -333,8 +361,14 @@ impl SiteStore {
 
     async fn confirm_read_index_now(&self) -> Result<Option<u64>, ReadError> {
         let limit = self.inner.config.read_timeout;
-        let confirmed =
-            match tokio::time::timeout(limit, self.inner.raft.ensure_linearizable()).await {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let confirmed = match tokio::time::timeout_at(
+                deadline,
+                self.inner.raft.ensure_linearizable(),
+            )
+            .await
+            {
                 Err(_elapsed) => {
                     return Err(ReadError::Unavailable {
                         reason: format!("leadership not confirmed within {limit:?}"),
@@ -342,6 +376,27 @@ impl SiteStore {
                 }
                 Ok(r) => r,
             };
+            // A heartbeat round that missed its quorum (a follower slow to answer on a busy
+            // machine), or a leadership change with no new leader known yet, is tried again
+            // until the read's time is up: only a node that stays without a reachable leader
+            // answers UNAVAILABLE.
+            let transient = match &confirmed {
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => true,
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    matches!(self.forward(f.clone()), Forward::Nowhere(_))
+                }
+                _ => false,
+            };
+            if transient && tokio::time::Instant::now() + QUORUM_RETRY < deadline {
+                tracing::debug!(node = self.inner.id, "read index not confirmed yet; retrying");
+                tokio::time::sleep(QUORUM_RETRY).await;
+                continue;
+            }
+            return self.read_index_outcome(confirmed);
+        }
+    }
+
+    fn read_index_outcome(&self, confirmed: LeadershipCheck) -> Result<Option<u64>, ReadError> {
         match confirmed {
             Ok(read_log_id) => Ok(read_log_id.map(|l| l.index)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
@@ -550,18 +605,20 @@ fn submit_batches(
     raft: Raft,
     node: NodeId,
     limit: Duration,
-) -> SubmitFn<Command, (u64, CommandOutcome), WriteFailure> {
-    Arc::new(move |cmds: Vec<Command>| {
+) -> SubmitFn<(Command, Vec<u8>), (u64, CommandOutcome), WriteFailure> {
+    Arc::new(move |cmds: Vec<(Command, Vec<u8>)>| {
         let raft = raft.clone();
         Box::pin(async move {
-            let written = match tokio::time::timeout(limit, raft.client_write(Proposal(cmds))).await
-            {
-                Err(_elapsed) => {
-                    tracing::warn!(node, timeout = ?limit, "proposal timed out");
-                    return Err(WriteFailure::Timeout(limit));
-                }
-                Ok(r) => r,
-            };
+            let written =
+                match tokio::time::timeout(limit, raft.client_write(Proposal::from_encoded(cmds)))
+                    .await
+                {
+                    Err(_elapsed) => {
+                        tracing::warn!(node, timeout = ?limit, "proposal timed out");
+                        return Err(WriteFailure::Timeout(limit));
+                    }
+                    Ok(r) => r,
+                };
             match written {
                 Ok(resp) => {
                     let index = resp.log_id.index;

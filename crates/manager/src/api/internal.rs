@@ -25,13 +25,14 @@ impl ManagerInternal for InternalApi {
         &self,
         r: Request<v1::ProposeRequest>,
     ) -> Result<Response<v1::ProposeResponse>, Status> {
-        let json = r.into_inner().command_json;
+        let r = r.into_inner();
+        let (json, hops) = (r.command_json, r.hops);
         if json.len() > MAX_JSON_BYTES {
             return Err(Status::invalid_argument("forwarded command too large"));
         }
         let cmd: Command = serde_json::from_slice(&json)
             .map_err(|e| Status::invalid_argument(format!("forwarded command: {e}")))?;
-        let (applied_index, outcome) = self.0.node().propose_local(cmd).await?;
+        let (applied_index, outcome) = self.0.node().propose_forwarded(cmd, json, hops).await?;
         let outcome_json =
             serde_json::to_vec(&outcome).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(v1::ProposeResponse {

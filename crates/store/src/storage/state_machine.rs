@@ -12,7 +12,7 @@ use tandem_core::state::SiteState;
 use super::{BackendError, MetaKey, RaftBackend};
 use crate::codec;
 use crate::types::{
-    ApplyResult, Entry, LogId, Proposal, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    ApplyResult, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
 /// The state machine of one node: the site state and what Raft applied to produce it.
@@ -200,9 +200,12 @@ impl<B: RaftBackend> RaftStateMachine<TypeConfig> for StateMachineStore<B> {
             sm.last_applied = Some(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => ApplyResult(Vec::new()),
-                EntryPayload::Normal(Proposal(cmds)) => {
-                    ApplyResult(cmds.into_iter().map(|c| sm.state.apply(c)).collect())
-                }
+                EntryPayload::Normal(p) => ApplyResult(
+                    p.into_commands()
+                        .into_iter()
+                        .map(|c| sm.state.apply(c))
+                        .collect(),
+                ),
                 EntryPayload::Membership(membership) => {
                     sm.last_membership = StoredMembership::new(Some(entry.log_id), membership);
                     ApplyResult(Vec::new())
