@@ -388,7 +388,10 @@ impl SiteStore {
                 _ => false,
             };
             if transient && tokio::time::Instant::now() + QUORUM_RETRY < deadline {
-                tracing::debug!(node = self.inner.id, "read index not confirmed yet; retrying");
+                tracing::debug!(
+                    node = self.inner.id,
+                    "read index not confirmed yet; retrying"
+                );
                 tokio::time::sleep(QUORUM_RETRY).await;
                 continue;
             }
