@@ -9,12 +9,12 @@ use tandem_proto::v1;
 use tandem_proto::v1::manager_internal_client::ManagerInternalClient;
 use tandem_store::{MembershipError, NodeId, NodeInfo, ProposeError, ReadError, SiteStore};
 
+use crate::error::{ApiError, ApiResult};
+use crate::net::Connector;
+
 /// Forwards of one command at most: the first from the node that received it, then one
 /// more from a node that stopped leading meanwhile.
 const MAX_FORWARD_HOPS: u32 = 2;
-
-use crate::error::{ApiError, ApiResult};
-use crate::net::Connector;
 
 /// A node of the cluster as shown by `ClusterService`.
 #[derive(Debug, Clone)]
@@ -89,8 +89,8 @@ impl ManagerNode {
         json: Vec<u8>,
         hops: u32,
     ) -> ApiResult<(u64, CommandOutcome)> {
-        match self.store.propose_encoded(cmd, json.clone()).await {
-            Ok(outcome) => Ok(outcome),
+        match self.store.check_leader().await {
+            Ok(()) => {}
             Err(ProposeError::ForwardToLeader { leader_id, leader }) => {
                 if hops >= MAX_FORWARD_HOPS {
                     return Err(ApiError::unavailable(format!(
@@ -98,8 +98,15 @@ impl ManagerNode {
                          forwarded {hops} times already"
                     )));
                 }
-                self.forward(&leader, json, hops + 1).await
+                return self.forward(&leader, json, hops + 1).await;
             }
+            Err(e) => return Err(ApiError::unavailable(e)),
+        }
+        match self.store.propose_encoded(cmd, json).await {
+            Ok(outcome) => Ok(outcome),
+            Err(ProposeError::ForwardToLeader { leader_id, .. }) => Err(ApiError::unavailable(
+                format!("this node stopped leading (node {leader_id} leads now)"),
+            )),
             Err(ProposeError::Encode(e)) => Err(ApiError::internal(e)),
             Err(e) => Err(ApiError::unavailable(e)),
         }

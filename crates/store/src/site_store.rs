@@ -245,8 +245,9 @@ impl SiteStore {
         self.propose_encoded(cmd, encoded).await
     }
 
-    /// Ok on the leader; where to go otherwise.
-    async fn check_leader(&self) -> Result<(), ProposeError> {
+    /// Ok on the leader; where to go otherwise (checked before a command is encoded or
+    /// submitted, so that a follower hands it on at once).
+    pub async fn check_leader(&self) -> Result<(), ProposeError> {
         match self.leader().await {
             Ok(Leader::Me) => Ok(()),
             Ok(Leader::Other(leader_id, leader)) => {
@@ -258,13 +259,14 @@ impl SiteStore {
 
     /// [`SiteStore::propose_indexed`] of a command that comes with its JSON encoding (a
     /// command forwarded by another node, decoded from exactly these bytes): the log entry
-    /// is made of them, so every node decodes the same command.
+    /// is made of them, so every node decodes the same command. For callers that made
+    /// [`SiteStore::check_leader`] first; a node that is not the leader refuses it with
+    /// `ForwardToLeader` all the same.
     pub async fn propose_encoded(
         &self,
         cmd: Command,
         encoded: Vec<u8>,
     ) -> Result<(u64, CommandOutcome), ProposeError> {
-        self.check_leader().await?;
         let bytes = encoded.len();
         match self.inner.proposals.submit((cmd, encoded), bytes).await {
             Ok(applied) => Ok(applied),

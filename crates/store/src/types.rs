@@ -57,7 +57,8 @@ pub struct Proposal {
 }
 
 impl Proposal {
-    /// A proposal of `commands`.
+    /// A proposal of `commands`, encoded at once (tests build entries with it).
+    #[cfg(test)]
     pub fn new(commands: Vec<Command>) -> Result<Self, serde_json::Error> {
         let json = serde_json::to_vec(&commands)?;
         Ok(Self {
@@ -88,6 +89,7 @@ impl Proposal {
     }
 
     /// The commands, in order.
+    #[cfg(test)]
     pub fn commands(&self) -> &[Command] {
         &self.commands
     }

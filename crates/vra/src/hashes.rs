@@ -8,6 +8,9 @@ use tandem_core::{DomainError, Violations};
 
 /// Bytes of one block hash.
 pub const HASH_LEN: usize = 16;
+/// Bytes read and hashed at a time by either side, unless a block is larger: small enough
+/// to stay in the CPU's cache between the read and the hash.
+pub const SCAN_CHUNK: u64 = 1 << 20;
 /// Smallest block size of a request (4 KiB).
 pub const MIN_BLOCK_SIZE: u32 = 4 << 10;
 /// Largest block size of a request (16 MiB).
@@ -205,23 +208,10 @@ impl Differences {
     }
 }
 
-/// The runs `(start, len)` of `local` whose fine blocks hash differently from `theirs`
-/// (the other side's fine hashes of the same bytes), adjacent blocks merged.
-pub fn differing_runs(local: &[u8], fine: usize, theirs: &[u8]) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for (k, block) in local.chunks(fine).enumerate() {
-        let other = theirs.get(k * HASH_LEN..(k + 1) * HASH_LEN);
-        if other == Some(&block_hash(block)[..]) {
-            continue;
-        }
-        let start = (k * fine) as u64;
-        let len = block.len() as u64;
-        match runs.last_mut() {
-            Some((s, l)) if *s + *l == start => *l += len,
-            _ => runs.push((start, len)),
-        }
-    }
-    runs
+/// Whether fine block `k`, holding `bytes`, hashes differently from its hash in `theirs`
+/// (the other side's fine hashes of the same range; a missing hash counts as different).
+pub fn fine_differs(theirs: &[u8], k: usize, bytes: &[u8]) -> bool {
+    theirs.get(k * HASH_LEN..(k + 1) * HASH_LEN) != Some(&block_hash(bytes)[..])
 }
 
 #[cfg(test)]
@@ -285,22 +275,22 @@ mod tests {
             (16 + 2) * HASH_LEN,
             "short block: 2 fine blocks"
         );
-        // The sender turns the fine hashes into runs to send.
+        // The sender finds the fine blocks to send.
+        let differing = |block: &[u8], theirs: &[u8]| -> Vec<usize> {
+            (block.chunks(4096).enumerate())
+                .filter(|(k, b)| fine_differs(theirs, *k, b))
+                .map(|(k, _)| k)
+                .collect()
+        };
         let b1 = &mine[64 << 10..128 << 10];
-        assert_eq!(
-            differing_runs(b1, 4096, &d.fine_hashes[..16 * HASH_LEN]),
-            [(4096 * 3, 4096)]
-        );
+        assert_eq!(differing(b1, &d.fine_hashes[..16 * HASH_LEN]), [3]);
         let b3 = &mine[3 * (64 << 10)..];
         assert_eq!(
-            differing_runs(b3, 4096, &d.fine_hashes[16 * HASH_LEN..]),
-            [(4096, 5000 - 4096)]
+            differing(b3, &d.fine_hashes[16 * HASH_LEN..]),
+            [1],
+            "the short one"
         );
-        assert_eq!(
-            differing_runs(b1, 4096, &[]),
-            [(0, 64 << 10)],
-            "no hashes: all"
-        );
+        assert_eq!(differing(b1, &[]).len(), 16, "no hashes: all");
     }
 
     #[test]

@@ -40,10 +40,6 @@ use crate::{
 /// How often journals are maintained (history window promotion, limits).
 const MAINTAIN_EVERY: Duration = Duration::from_secs(5);
 
-/// Bytes of an image read and hashed at a time, unless a block is larger: small enough to
-/// stay in the CPU's cache between the read and the hash.
-const SCAN_CHUNK: u64 = 1 << 20;
-
 /// Block hashing jobs run one at a time in the process: a job keeps one core busy (up to
 /// 1 GiB of BLAKE3), and the replication receivers keep the other.
 static HASHING: Semaphore = Semaphore::const_new(1);
@@ -718,7 +714,7 @@ impl RecoveryVpg {
         let blocks = hashes::check_request(range.offset, range.length, block_size, size)?;
         let block = block_size as usize;
         let out = Vec::with_capacity(blocks * hashes::HASH_LEN);
-        let chunk = SCAN_CHUNK.max(u64::from(block_size));
+        let chunk = hashes::SCAN_CHUNK.max(u64::from(block_size));
         self.scan_latest_image(range, chunk, out, move |out, _, data| {
             hashes::hash_blocks(data, block, out);
         })
@@ -747,7 +743,7 @@ impl RecoveryVpg {
             coarse_hashes.len(),
             size,
         )?;
-        let chunk = SCAN_CHUNK.max(u64::from(coarse));
+        let chunk = hashes::SCAN_CHUNK.max(u64::from(coarse));
         let (coarse, fine) = (coarse as usize, fine as usize);
         self.scan_latest_image(
             range,

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use crate::{
     connector::Connector,
     dirty::{DirtyMap, REGION, Run},
-    hashes::{HASH_LEN, differing_runs, hash_blocks},
+    hashes::{HASH_LEN, SCAN_CHUNK, fine_differs, hash_blocks},
     model::EntryBody,
     protected::{ProtectedShared, ProtectedVolume},
 };
@@ -49,9 +49,6 @@ const COARSE: u64 = 64 << 10;
 const FINE: u64 = 4 << 10;
 /// Bytes of a volume compared per request (256 coarse blocks).
 const PIECE: u64 = 16 << 20;
-/// Bytes read and hashed at a time: small enough to stay in the CPU's cache between the
-/// read and the hash, a whole number of coarse blocks.
-const SCAN_CHUNK: u64 = 1 << 20;
 /// Compare requests in flight: reading and hashing the next pieces locally overlaps the
 /// recovery VRA's work on the earlier ones.
 const COMPARES_IN_FLIGHT: usize = 4;
@@ -477,21 +474,39 @@ async fn leave_room(shared: &ProtectedShared) {
     }
 }
 
-/// Reads one run under its range lock and pushes what must be sent; returns the bytes.
+/// Reads one run under its range lock and pushes what must be sent (regions never sent
+/// that read as zeroes are already right on a fresh replica); returns the bytes.
 async fn send_run(
     shared: &ProtectedShared,
     volume: &ProtectedVolume,
     run: &Run,
 ) -> Result<u64, PassError> {
+    send_parts(shared, volume, run.offset, run.len, REGION, |k, bytes| {
+        run.must_send.get(k).copied().unwrap_or(true) || bytes.iter().any(|b| *b != 0)
+    })
+    .await
+}
+
+/// Reads `len` bytes at `offset` under their range lock, so that the stream orders them
+/// with concurrent writes, and pushes the `granule`-sized parts that `keep` chooses
+/// (adjacent ones in one entry); returns the bytes pushed. The room is reserved before the
+/// lock is taken, so the lock is never held while waiting for buffer space.
+async fn send_parts(
+    shared: &ProtectedShared,
+    volume: &ProtectedVolume,
+    offset: u64,
+    len: u64,
+    granule: u64,
+    keep: impl Fn(usize, &[u8]) -> bool,
+) -> Result<u64, PassError> {
     leave_room(shared).await;
-    // Reserve first (waiting for room), so that the range lock is not held meanwhile:
-    // enough for the run split in one entry per region.
+    // Enough for the range split in one entry per part.
     let reserved = shared
-        .reserve(run.len + EntryBody::OVERHEAD * run.must_send.len() as u64)
+        .reserve(len + EntryBody::OVERHEAD * len.div_ceil(granule))
         .await
         .map_err(|_| PassError::Stopped)?;
-    let guard = volume.lock_range(run.offset, run.len).await;
-    let data = match volume.read_image(run.offset, run.len).await {
+    let guard = volume.lock_range(offset, len).await;
+    let data = match volume.read_image(offset, len).await {
         Ok(d) => d,
         Err(e) => {
             drop(guard);
@@ -499,35 +514,33 @@ async fn send_run(
             return Err(PassError::Read(e));
         }
     };
-    // Coalesce regions to send; regions never sent that read as zeroes are already right.
     let mut pieces: Vec<(u64, u64)> = Vec::new();
-    for (k, must) in run.must_send.iter().enumerate() {
-        let start = k as u64 * REGION;
-        let end = (start + REGION).min(run.len);
-        let bytes = &data[start as usize..end as usize];
-        if !must && bytes.iter().all(|b| *b == 0) {
+    for (k, bytes) in data.chunks(granule as usize).enumerate() {
+        if !keep(k, bytes) {
             continue;
         }
+        let start = k as u64 * granule;
+        let n = bytes.len() as u64;
         match pieces.last_mut() {
-            Some((s, l)) if *s + *l == start => *l += end - start,
-            _ => pieces.push((start, end - start)),
+            Some((s, l)) if *s + *l == start => *l += n,
+            _ => pieces.push((start, n)),
         }
     }
     let mut sent = 0;
     let mut used = 0;
-    for (start, len) in pieces {
+    for (start, n) in pieces {
         let body = volume.write_entry(
-            run.offset + start,
-            data.slice(start as usize..(start + len) as usize),
+            offset + start,
+            data.slice(start as usize..(start + n) as usize),
         );
-        // At most one entry per region: the costs stay within the reservation.
+        // At most one entry per part: the costs stay within the reservation.
         let cost = body.cost().min(reserved - used);
         used += cost;
-        sent += len;
+        sent += n;
         shared.push_entry(body, cost);
     }
     drop(guard);
-    // What was reserved but not needed (skipped zero regions) goes back.
+    // What was reserved but not needed (parts left out) goes back.
     shared.release(reserved - used);
     Ok(sent)
 }
@@ -686,56 +699,27 @@ fn block_len(len: u64, k: u32) -> u64 {
     COARSE.min(len.saturating_sub(u64::from(k) * COARSE))
 }
 
-/// Sends the fine blocks of the differing coarse blocks of one piece whose local hashes
-/// differ from the recovery VRA's.
+/// Sends the fine blocks of the differing coarse blocks of one piece whose hashes differ
+/// from the recovery VRA's, compared on the data read under the range lock.
 async fn send_differences(
     shared: &ProtectedShared,
     volume: &ProtectedVolume,
     compared: &Compared,
 ) -> Result<(), PassError> {
     let mut theirs = compared.fine_hashes.as_slice();
+    let mut sent = 0;
     for &k in &compared.differing {
         let block = compared.offset + u64::from(k) * COARSE;
         let blen = block_len(compared.len, k);
         let (fine, rest) = theirs.split_at((blen.div_ceil(FINE) as usize) * HASH_LEN);
         theirs = rest;
-        let local = volume
-            .read_image(block, blen)
-            .await
-            .map_err(PassError::Read)?;
-        for (start, len) in differing_runs(&local, FINE as usize, fine) {
-            send_block(shared, volume, block + start, len).await?;
-        }
+        sent += send_parts(shared, volume, block, blen, FINE, |f, bytes| {
+            fine_differs(fine, f, bytes)
+        })
+        .await?;
     }
-    Ok(())
-}
-
-/// Pushes one range into the stream, read again under its range lock so that the stream
-/// orders it with concurrent writes.
-async fn send_block(
-    shared: &ProtectedShared,
-    volume: &ProtectedVolume,
-    offset: u64,
-    len: u64,
-) -> Result<(), PassError> {
-    leave_room(shared).await;
-    let cost = shared
-        .reserve(EntryBody::OVERHEAD + len)
-        .await
-        .map_err(|_| PassError::Stopped)?;
-    let guard = volume.lock_range(offset, len).await;
-    let data = match volume.read_image(offset, len).await {
-        Ok(d) => d,
-        Err(e) => {
-            drop(guard);
-            shared.release(cost);
-            return Err(PassError::Read(e));
-        }
-    };
-    shared.push_entry(volume.write_entry(offset, data), cost);
-    drop(guard);
     if let Some(p) = shared.sync.lock().running.as_mut() {
-        p.sent += len;
+        p.sent += sent;
     }
     Ok(())
 }
