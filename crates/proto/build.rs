@@ -34,6 +34,9 @@ fn main() {
         .build_client(true)
         // Lets the CLI print any message as JSON (`-o json`).
         .type_attribute(".", "#[derive(serde::Serialize)]")
+        // Write payloads stay `Bytes`: decoding slices the receive buffer instead of
+        // copying, and the sender hands over its buffer without a copy.
+        .bytes(".tandem.v1.ReplicatedWrite.data")
         .compile_fds(fds)
         .expect("generate grpc code");
 }

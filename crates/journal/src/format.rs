@@ -143,54 +143,77 @@ impl RecordHeader {
     }
 }
 
-/// Writes the header of a frame whose payload is already in place, leaving the
-/// commit base and the header checksum to [`seal_frame`].
+/// A record frame ready to be written: the header with the payload's fixed part (or the
+/// whole payload of a record without data), then a write's data. The data stays the
+/// buffer it arrived in, so it is not copied before the kernel takes it.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    /// Header, then the payload's fixed part.
+    pub(crate) head: Vec<u8>,
+    /// A write's data (empty for other records).
+    pub(crate) data: Bytes,
+}
+
+impl Frame {
+    /// Bytes the frame takes in a segment.
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() + self.data.len()
+    }
+
+    /// The frame as one buffer.
+    #[cfg(test)]
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
+        [&self.head[..], &self.data[..]].concat()
+    }
+}
+
+/// Writes the header of a frame whose payload (`payload_len` bytes) is already in place,
+/// leaving the commit base and the header checksum to [`seal_frame`].
 pub(crate) fn write_header(
-    frame: &mut [u8],
+    head: &mut [u8],
+    payload_len: u32,
     kind: u8,
     payload_crc: u32,
     seq: Seq,
     generation: Generation,
 ) {
-    let payload_len = (frame.len() - RECORD_HEADER_LEN) as u32;
-    frame[4..8].copy_from_slice(&payload_len.to_le_bytes());
-    frame[8] = kind;
-    frame[9] = 0;
-    frame[10..12].copy_from_slice(&0u16.to_le_bytes());
-    frame[12..16].copy_from_slice(&payload_crc.to_le_bytes());
-    frame[16..24].copy_from_slice(&seq.0.to_le_bytes());
-    frame[24..32].copy_from_slice(&generation.0.to_le_bytes());
+    head[4..8].copy_from_slice(&payload_len.to_le_bytes());
+    head[8] = kind;
+    head[9] = 0;
+    head[10..12].copy_from_slice(&0u16.to_le_bytes());
+    head[12..16].copy_from_slice(&payload_crc.to_le_bytes());
+    head[16..24].copy_from_slice(&seq.0.to_le_bytes());
+    head[24..32].copy_from_slice(&generation.0.to_le_bytes());
 }
 
-/// Sets a frame's commit base and computes its header checksum.
-pub(crate) fn seal_frame(frame: &mut [u8], seed: u32, commit_base: u64) {
-    frame[32..40].copy_from_slice(&commit_base.to_le_bytes());
-    let crc = crc32c::crc32c_append(seed, &frame[4..RECORD_HEADER_LEN]);
-    frame[0..4].copy_from_slice(&crc.to_le_bytes());
+/// Sets a frame's commit base and computes its header checksum (`head` is the frame's
+/// first bytes, at least the header).
+pub(crate) fn seal_frame(head: &mut [u8], seed: u32, commit_base: u64) {
+    head[32..40].copy_from_slice(&commit_base.to_le_bytes());
+    let crc = crc32c::crc32c_append(seed, &head[4..RECORD_HEADER_LEN]);
+    head[0..4].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Encodes a record body into a frame (header space plus payload). The payload
-/// checksum is computed here; [`seal_frame`] completes the header when the frame's
-/// place in a write batch is known.
+/// Encodes a record body into a frame. The payload checksum is computed here;
+/// [`seal_frame`] completes the header when the frame's place in a write batch is known.
 pub(crate) fn encode_frame(
     body: &RecordBody,
     seq: Seq,
     generation: Generation,
     seed: u32,
-) -> Vec<u8> {
-    let (kind, mut frame) = match body {
+) -> Frame {
+    let (kind, mut head, data) = match body {
         RecordBody::Write {
             volume,
             offset,
             data,
         } => {
-            let mut f = Vec::with_capacity(RECORD_HEADER_LEN + WRITE_PREFIX_LEN + data.len());
+            let mut f = Vec::with_capacity(RECORD_HEADER_LEN + WRITE_PREFIX_LEN);
             f.resize(RECORD_HEADER_LEN, 0);
             f.extend_from_slice(&volume.0.to_le_bytes());
             f.extend_from_slice(&0u32.to_le_bytes());
             f.extend_from_slice(&offset.to_le_bytes());
-            f.extend_from_slice(data);
-            (KIND_WRITE, f)
+            (KIND_WRITE, f, data.clone())
         }
         RecordBody::Zero {
             volume,
@@ -213,7 +236,7 @@ pub(crate) fn encode_frame(
             } else {
                 KIND_TRIM
             };
-            (kind, f)
+            (kind, f, Bytes::new())
         }
         RecordBody::Checkpoint(cp) => {
             let name = cp.name.as_deref().unwrap_or("").as_bytes();
@@ -230,12 +253,16 @@ pub(crate) fn encode_frame(
             f.extend_from_slice(&0u16.to_le_bytes());
             f.extend_from_slice(name);
             f.extend_from_slice(vm);
-            (KIND_CHECKPOINT, f)
+            (KIND_CHECKPOINT, f, Bytes::new())
         }
     };
-    let payload_crc = crc32c::crc32c_append(seed, &frame[RECORD_HEADER_LEN..]);
-    write_header(&mut frame, kind, payload_crc, seq, generation);
-    frame
+    let payload_crc = crc32c::crc32c_append(
+        crc32c::crc32c_append(seed, &head[RECORD_HEADER_LEN..]),
+        &data,
+    );
+    let payload_len = (head.len() - RECORD_HEADER_LEN + data.len()) as u32;
+    write_header(&mut head, payload_len, kind, payload_crc, seq, generation);
+    Frame { head, data }
 }
 
 /// Checks that a checkpoint's strings fit the encoding.
@@ -404,9 +431,13 @@ mod tests {
             }),
         ];
         for (i, body) in bodies.iter().enumerate() {
-            let mut f = encode_frame(body, Seq(i as u64 + 1), Generation(3), seed);
-            assert_eq!(f.len() as u64, RECORD_HEADER_LEN as u64 + payload_len(body));
-            seal_frame(&mut f, seed, 64);
+            let mut frame = encode_frame(body, Seq(i as u64 + 1), Generation(3), seed);
+            assert_eq!(
+                frame.len() as u64,
+                RECORD_HEADER_LEN as u64 + payload_len(body)
+            );
+            seal_frame(&mut frame.head, seed, 64);
+            let f = frame.to_vec();
             let h = RecordHeader::decode(&f, seed, u32::MAX).expect("header");
             assert_eq!(h.seq, Seq(i as u64 + 1));
             assert_eq!(h.generation, Generation(3));

@@ -23,11 +23,12 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
+    append::Appender,
     error::{JournalError, Result},
     extents::Source,
     format::{
-        RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SegmentHeader, WRITE_PREFIX_LEN, checkpoint_fits,
-        crc_seed, decode_payload, encode_frame, payload_len, seal_frame,
+        Frame, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SegmentHeader, WRITE_PREFIX_LEN,
+        checkpoint_fits, crc_seed, decode_payload, encode_frame, payload_len, seal_frame,
     },
     replica::{Replica, ReplicaMarker, VolumeSpec, open_replica, read_marker, write_marker},
     segment::{
@@ -309,7 +310,7 @@ struct Pending {
     segment: SegmentId,
     offset: u64,
     seq: Seq,
-    frame: Vec<u8>,
+    frame: Frame,
 }
 
 #[derive(Debug, Default)]
@@ -1032,7 +1033,7 @@ impl Journal {
         {
             return Err(JournalError::DuplicateCheckpoint(cp.id));
         }
-        frame[16..24].copy_from_slice(&seq.0.to_le_bytes());
+        frame.head[16..24].copy_from_slice(&seq.0.to_le_bytes());
 
         // Place the frame: roll to a new segment when it would not fit.
         let roll = match st.active.and_then(|a| st.segments.get(&a)) {
@@ -1453,7 +1454,7 @@ fn drop_unreachable_checkpoints(st: &mut State) {
 const OUT_OF_SPACE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn committer_loop(shared: &Shared) {
-    let mut buf = Vec::new();
+    let mut appender = Appender::default();
     loop {
         let mut batch = {
             let mut st = shared.lock();
@@ -1473,7 +1474,7 @@ fn committer_loop(shared: &Shared) {
         };
         let mut stalled = false;
         loop {
-            match commit_batch(shared, &mut batch, &mut buf) {
+            match commit_batch(shared, &mut appender, &mut batch) {
                 Ok(()) => break,
                 // Out of space: nothing is lost yet (the records are still here and the
                 // durable position has not moved); report it and write the same records
@@ -1519,7 +1520,7 @@ fn committer_loop(shared: &Shared) {
 /// Writes a batch (grouped by segment, in order) and fsyncs it, then publishes the new
 /// durable position. Groups are removed from `batch` as they become durable, so that after
 /// an error `batch` holds exactly what still has to be written.
-fn commit_batch(shared: &Shared, batch: &mut Vec<Pending>, buf: &mut Vec<u8>) -> Result<()> {
+fn commit_batch(shared: &Shared, appender: &mut Appender, batch: &mut Vec<Pending>) -> Result<()> {
     while !batch.is_empty() {
         let start = 0;
         let segment = batch[start].segment;
@@ -1546,15 +1547,16 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<Pending>, buf: &mut Vec<u8>) ->
             }
         };
         let base = group[0].offset;
-        buf.clear();
+        let mut group_end = base;
         for p in group.iter_mut() {
-            debug_assert_eq!(p.offset, base + buf.len() as u64);
-            seal_frame(&mut p.frame, shared.seed, base);
-            buf.extend_from_slice(&p.frame);
+            debug_assert_eq!(p.offset, group_end);
+            seal_frame(&mut p.frame.head, shared.seed, base);
+            group_end += p.frame.len() as u64;
         }
         let last = group[group.len() - 1].seq;
         let count = group.len() as u64;
-        file.write_all_at(buf, base)
+        appender
+            .append(segment, &path, &file, base, group.iter().map(|p| &p.frame))
             .map_err(|e| JournalError::io("write segment", &path, e))?;
         shared.lock().written_seq = last;
         file.sync_data()
@@ -1563,7 +1565,7 @@ fn commit_batch(shared: &Shared, batch: &mut Vec<Pending>, buf: &mut Vec<u8>) ->
             let mut st = shared.lock();
             st.durable_seq = last;
             if let Some(s) = st.segments.get_mut(&segment) {
-                s.durable_len = base + buf.len() as u64;
+                s.durable_len = group_end;
             }
             st.counters.fsyncs += 1;
             st.counters.durable_records += count;

@@ -12,6 +12,7 @@
 //! [`tandem_nbd::BlockDevice`]); [`Journal::open_latest_image`] opens the newest durable
 //! image of a volume (checkpoint or not) for delta sync.
 
+mod append;
 pub mod error;
 pub mod extents;
 pub mod format;

@@ -277,8 +277,8 @@ mod tests {
                     Generation(1),
                     seed,
                 );
-                seal_frame(&mut f, seed, base);
-                seg.extend_from_slice(&f);
+                seal_frame(&mut f.head, seed, base);
+                seg.extend_from_slice(&f.to_vec());
                 seq += 1;
             }
         }

@@ -443,12 +443,12 @@ pub fn entry_to_pb(e: &Entry, compress: bool) -> (pb::ReplicateEntry, u64, u64) 
             let (data, raw_len) = if compress {
                 let c = lz4_flex::block::compress(data);
                 if c.len() < data.len() {
-                    (c, data.len() as u32)
+                    (Bytes::from(c), data.len() as u32)
                 } else {
-                    (data.to_vec(), 0)
+                    (data.clone(), 0)
                 }
             } else {
-                (data.to_vec(), 0)
+                (data.clone(), 0)
             };
             let sent = data.len() as u64;
             (
@@ -512,7 +512,7 @@ pub fn entry_from_pb(e: pb::ReplicateEntry) -> VraResult<Entry> {
         None => return Err(bad("no body".into())),
         Some(Body::Write(w)) => {
             let data = if w.raw_len == 0 {
-                Bytes::from(w.data)
+                w.data
             } else {
                 if w.raw_len > MAX_ENTRY_DATA {
                     return Err(bad(format!("write of {} bytes is too large", w.raw_len)));

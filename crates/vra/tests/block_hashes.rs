@@ -370,7 +370,7 @@ fn write_entry(seq: u64, offset: u64, byte: u8, len: usize) -> pb::ReplicateRequ
                     vm_id: "vm-1".into(),
                     volume_id: 0,
                     offset,
-                    data: vec![byte; len],
+                    data: vec![byte; len].into(),
                     raw_len: 0,
                 })),
             }],

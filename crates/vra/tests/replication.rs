@@ -223,7 +223,7 @@ async fn a_stale_sender_is_refused_and_writes_nothing() {
                     vm_id: "vm-1".into(),
                     volume_id: 0,
                     offset: 0,
-                    data: vec![0xee; 4096],
+                    data: vec![0xee; 4096].into(),
                     raw_len: 0,
                 })),
             }],
