@@ -177,6 +177,27 @@ impl<T: Clone> SendWindow<T> {
         out
     }
 
+    /// Whether at least `entries` entries or `cost` of buffer cost wait to be sent (a scan
+    /// of at most `entries` entries).
+    pub fn unsent_at_least(&self, cost: u64, entries: usize) -> bool {
+        let Some(front) = self.entries.front() else {
+            return false;
+        };
+        if !self.anchored {
+            return false;
+        }
+        let start =
+            usize::try_from(self.cursor.0.saturating_sub(front.seq.0)).unwrap_or(usize::MAX);
+        let mut total = 0;
+        for (n, h) in self.entries.iter().skip(start).enumerate() {
+            total += h.cost;
+            if n + 1 >= entries || total >= cost {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Whether entries wait to be sent.
     pub fn has_unsent(&self) -> bool {
         self.anchored && self.cursor < self.next_seq
@@ -315,6 +336,27 @@ mod tests {
         assert_eq!(w.on_ack(Seq(2)), Ok(100));
         assert!(w.is_empty());
         assert_eq!(w.written_seq(), Seq(2));
+    }
+
+    #[test]
+    fn unsent_amount_counts_only_what_follows_the_cursor() {
+        let mut w = SendWindow::new();
+        for i in 0..4u32 {
+            w.push(i, 100);
+        }
+        assert!(
+            !w.unsent_at_least(1, 1),
+            "nothing is unsent before a connection"
+        );
+        w.on_connected(Seq(0), Seq(0));
+        assert!(w.unsent_at_least(400, 10));
+        assert!(!w.unsent_at_least(401, 10));
+        assert!(w.unsent_at_least(10_000, 4));
+        assert!(!w.unsent_at_least(10_000, 5));
+        w.next_batch(250, 10);
+        assert!(w.unsent_at_least(200, 10) && !w.unsent_at_least(201, 10));
+        w.next_batch(1000, 10);
+        assert!(!w.unsent_at_least(1, 1));
     }
 
     #[test]
