@@ -28,6 +28,10 @@ pub fn block_hash(bytes: &[u8]) -> [u8; HASH_LEN] {
     out
 }
 
+/// Block hashing jobs (delta sync scans, on either side) run one at a time in the process:
+/// a job keeps one core busy with BLAKE3, and replication and VM IO keep the others.
+pub static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 /// Appends the hash of every `block_size` block of `data` to `out`, in order (the last
 /// block may be short).
 ///
@@ -141,7 +145,7 @@ pub fn check_compare(
         fine_ok,
         "fine_block_size",
         format!(
-            "must be a power of two of at least {MIN_BLOCK_SIZE}, below coarse_block_size              {coarse} and at least 1/{MAX_FINE_PER_COARSE} of it, not {fine}"
+            "must be a power of two of at least {MIN_BLOCK_SIZE}, below coarse_block_size {coarse} and at least 1/{MAX_FINE_PER_COARSE} of it, not {fine}"
         ),
     );
     let blocks = match check_request(offset, length, coarse, volume_size) {

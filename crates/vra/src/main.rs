@@ -92,6 +92,12 @@ fn init_logging(format: &str) {
 async fn main() -> Result<()> {
     let c = config(Args::parse())?;
     init_logging(&c.log_format);
+    // As in the manager: with transparent huge pages on "always", the allocator's fresh
+    // arenas were faulted in and zeroed 2 MiB at a time (replication buffers, read
+    // buffers). A process-wide flag, kept across exec.
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::warn!(error = %e, "could not turn transparent huge pages off");
+    }
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

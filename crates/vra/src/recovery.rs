@@ -26,7 +26,7 @@ use tandem_journal::{
     CheckpointId, CheckpointState, Generation, ImageOptions, Journal, JournalConfig,
     PointInTimeImage, RecordBody, Seq, UnixMillis, VolumeId, VolumeSpec,
 };
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
@@ -39,10 +39,6 @@ use crate::{
 
 /// How often journals are maintained (history window promotion, limits).
 const MAINTAIN_EVERY: Duration = Duration::from_secs(5);
-
-/// Block hashing jobs run one at a time in the process: a job keeps one core busy (up to
-/// 1 GiB of BLAKE3), and the replication receivers keep the other.
-static HASHING: Semaphore = Semaphore::const_new(1);
 
 /// A byte range of one volume of a recovered VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -802,7 +798,7 @@ impl RecoveryVpg {
             .find(|(v, _)| *v == vm)
             .map(|(_, j)| j.clone())
             .ok_or_else(|| tandem_core::DomainError::not_found("vm", &vm))?;
-        let _permit = HASHING
+        let _permit = hashes::HASHING
             .acquire()
             .await
             .map_err(|_| VraError::ShuttingDown)?;
