@@ -21,7 +21,7 @@
 # Env: QUICK, ONLY (write,checkpoint,initial,delta), WRITE_SECS (60), CP_SECS (60),
 #      CP_INTERVAL_MS (1000), SYNC_MIB (4096), DELTA_MIB (1024), DELTA_PERCENT (1),
 #      VOLUME_MIB (1024), RAM_MB (256), JOURNAL_LIMIT_MIB (4096), QUIET_WAIT_SECS (900),
-#      MIN_IDLE (85),
+#      MIN_IDLE (85), ROUNDS (1: with more, medians over the rounds are printed at the end),
 #      BENCH_DIR (target/bench-vra: on the disk under test), KEEP=1 keeps it,
 #      VRA_LOG (RUST_LOG of the VRAs, warn). Extra arguments go to `tandem-lab bench-vra`.
 # Needs fio (nbd engine), nbdkit, nbdcopy (libnbd-bin) and rsync:
@@ -55,6 +55,7 @@ opt RAM_MB --ram-mb
 opt JOURNAL_LIMIT_MIB --journal-limit-mib
 opt QUIET_WAIT_SECS --quiet-wait-secs
 opt MIN_IDLE --min-idle
+opt ROUNDS --rounds
 
 echo "machine: $(nproc) cpus, load $(cut -d' ' -f1-3 /proc/loadavg), $(uname -r)"
 echo "+ target/release/tandem-lab bench-vra ${args[*]} $*"

@@ -94,6 +94,10 @@ pub struct Args {
         default_value = "write,checkpoint,initial,delta"
     )]
     pub only: Vec<Which>,
+    /// Rounds of the selected benchmarks (each runs its yardstick and Tandem side by side);
+    /// with more than one, the medians are printed at the end.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Longest wait for a quiet machine (no rustc, CPUs at least --min-idle % idle over a
     /// second) before each measured run; after it the run goes ahead, marked not quiet.
     #[arg(long, default_value_t = 900)]
@@ -186,6 +190,10 @@ struct Row {
     floor: String,
     met: bool,
     machine: String,
+    /// The figure the floor is about, for the medians over rounds.
+    figure: f64,
+    /// What `figure` is, e.g. "x nbdkit".
+    unit: &'static str,
 }
 
 /// Runs the selected benchmarks and prints every result, the ratios and a summary table.
@@ -221,23 +229,29 @@ pub async fn run(args: Args) -> Result<()> {
         s.journal_limit / MIB
     );
     let mut rows = Vec::new();
-    for which in [
-        Which::Write,
-        Which::Checkpoint,
-        Which::Initial,
-        Which::Delta,
-    ] {
-        if !args.only.contains(&which) {
-            continue;
+    let rounds = args.rounds.max(1);
+    for round in 1..=rounds {
+        if rounds > 1 {
+            println!("\n#### round {round} of {rounds}");
         }
-        let r = match which {
-            Which::Write => bench_write(&s, &mut rows).await,
-            Which::Checkpoint => bench_checkpoint(&s, &mut rows).await,
-            Which::Initial => bench_initial_sync(&s, &mut rows).await,
-            Which::Delta => bench_delta_sync(&s, &mut rows).await,
-        };
-        if let Err(e) = r {
-            println!("{which:?} benchmark failed: {e:#}");
+        for which in [
+            Which::Write,
+            Which::Checkpoint,
+            Which::Initial,
+            Which::Delta,
+        ] {
+            if !args.only.contains(&which) {
+                continue;
+            }
+            let r = match which {
+                Which::Write => bench_write(&s, &mut rows).await,
+                Which::Checkpoint => bench_checkpoint(&s, &mut rows).await,
+                Which::Initial => bench_initial_sync(&s, &mut rows).await,
+                Which::Delta => bench_delta_sync(&s, &mut rows).await,
+            };
+            if let Err(e) = r {
+                println!("{which:?} benchmark failed: {e:#}");
+            }
         }
     }
     println!();
@@ -255,8 +269,49 @@ pub async fn run(args: Args) -> Result<()> {
             r.machine
         );
     }
+    if rounds > 1 {
+        print_medians(&rows);
+    }
     s.clean(&s.dir);
     Ok(())
+}
+
+/// Empties a benchmark's work directory (a round may follow one that was kept or failed).
+fn fresh_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// Per benchmark, the median, least and greatest figure over the rounds, and in how many
+/// rounds the floor was met.
+fn print_medians(rows: &[Row]) {
+    let mut names: Vec<&str> = Vec::new();
+    for r in rows {
+        if !names.contains(&r.bench.as_str()) {
+            names.push(&r.bench);
+        }
+    }
+    println!();
+    println!("| benchmark | rounds | median | min | max | floor | met in |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for name in names {
+        let of: Vec<&Row> = rows.iter().filter(|r| r.bench == name).collect();
+        let mut figures: Vec<f64> = of.iter().map(|r| r.figure).collect();
+        figures.sort_by(f64::total_cmp);
+        let unit = of[0].unit;
+        println!(
+            "| {name} | {} | {:.2}{unit} | {:.2}{unit} | {:.2}{unit} | {} | {} of {} |",
+            of.len(),
+            figures[figures.len() / 2],
+            figures[0],
+            figures[figures.len() - 1],
+            of[0].floor,
+            of.iter().filter(|r| r.met).count(),
+            of.len()
+        );
+    }
 }
 
 // ------------------------------------------------------------------ machine state
@@ -940,7 +995,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 async fn bench_write(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
     println!("\n== write path: fio nbd engine, protected VRA -> recovery VRA vs nbdkit file");
-    let root = s.dir.join("write");
+    let root = fresh_dir(&s.dir.join("write"))?;
     let size = s.volume_bytes;
     let raw = root.join("nbdkit.raw");
     zero_file(&raw, size)?;
@@ -1048,6 +1103,8 @@ async fn bench_write(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
             floor: ">= 0.9x, lag p99 <= 1 s".into(),
             met: throughput_ok && lag_ok,
             machine: format!("{machine} / {machine2}"),
+            figure: ratio,
+            unit: "x nbdkit",
         });
     }
     a.stop().await;
@@ -1152,7 +1209,7 @@ async fn bench_checkpoint(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
         "\n== checkpoint barrier: QD32 4 KiB randwrite on each of 2 protected VRAs, checkpoint every {} ms",
         s.cp_interval.as_millis()
     );
-    let root = s.dir.join("checkpoint");
+    let root = fresh_dir(&s.dir.join("checkpoint"))?;
     let size = s.volume_bytes;
     let vms = [
         Placement::new(&root, "vm-1", size),
@@ -1241,6 +1298,8 @@ async fn bench_checkpoint(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
         floor: "stall p99 <= 2 ms".into(),
         met: ok,
         machine: format!("{machine} / {machine2}"),
+        figure: stall_p99,
+        unit: " ms stall p99",
     });
     for v in protected.into_iter().chain(recovery) {
         v.stop().await;
@@ -1280,7 +1339,7 @@ async fn bench_initial_sync(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
         "\n== initial sync of {} MiB of random data vs nbdcopy between two nbdkit exports",
         size / MIB
     );
-    let root = s.dir.join("initial");
+    let root = fresh_dir(&s.dir.join("initial"))?;
     let vm = Placement::new(&root, "vm-1", size);
     random_file(&vm.image, size, 7)?;
 
@@ -1344,6 +1403,8 @@ async fn bench_initial_sync(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
             copy.as_secs_f64()
         ),
         ratio: format!("{ratio:.2}x"),
+        figure: ratio,
+        unit: "x nbdcopy",
         floor: ">= 1.0x".into(),
         met: ratio >= 1.0,
         machine: format!("{machine} / {machine2}"),
@@ -1377,7 +1438,7 @@ async fn bench_delta_sync(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
         size / MIB,
         s.delta_percent
     );
-    let root = s.dir.join("delta");
+    let root = fresh_dir(&s.dir.join("delta"))?;
     let vm = Placement::new(&root, "vm-1", size);
     random_file(&vm.image, size, 11)?;
     create_parent(&vm.replica)?;
@@ -1477,6 +1538,8 @@ async fn bench_delta_sync(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
             rs_wire as f64 / MIB as f64
         ),
         ratio: format!("{ratio:.2}x speed, {wire_ratio:.3}x bytes"),
+        figure: ratio,
+        unit: "x rsync's speed",
         floor: ">= 4x speed, <= 0.2x bytes".into(),
         met,
         machine: format!("{machine} / {machine2}"),

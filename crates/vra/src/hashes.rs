@@ -28,9 +28,11 @@ pub fn block_hash(bytes: &[u8]) -> [u8; HASH_LEN] {
     out
 }
 
-/// Block hashing jobs (delta sync scans, on either side) run one at a time in the process:
-/// a job keeps one core busy with BLAKE3, and replication and VM IO keep the others.
-pub static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+/// Block hashing jobs (delta sync scans, on either side) at once in the process: each
+/// keeps a core busy with BLAKE3 while it runs, and each side's jobs wait on the other side
+/// part of the time, so two keep both sides busy; more would take more of the host's cores
+/// from replication and VM IO than a sync is worth.
+pub static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// Appends the hash of every `block_size` block of `data` to `out`, in order (the last
 /// block may be short).

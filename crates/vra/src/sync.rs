@@ -51,9 +51,8 @@ const COARSE: u64 = 16 << 10;
 const FINE: u64 = 4 << 10;
 /// Bytes of a volume compared per request (1024 coarse blocks).
 const PIECE: u64 = 16 << 20;
-/// Compare requests in flight: local hashing (one piece at a time, see
-/// [`HASHING`]) runs ahead of the recovery VRA's work on the earlier pieces, so that
-/// neither side waits for the other.
+/// Compare requests in flight: local hashing (see [`HASHING`]) runs ahead of the
+/// recovery VRA's work on the earlier pieces, so that neither side waits for the other.
 const COMPARES_IN_FLIGHT: usize = 8;
 /// How often an idle syncer looks again without being woken.
 const IDLE_POLL: Duration = Duration::from_millis(250);
