@@ -6,7 +6,7 @@
 //!   down, buffer full, paused) are read and sent again;
 //! - initial sync: regions never sent, skipping those that read as zeroes (a fresh replica
 //!   is zero there);
-//! - delta sync: the local volume's coarse (64 KiB) block hashes go to the recovery VRA,
+//! - delta sync: the local volume's coarse (16 KiB) block hashes go to the recovery VRA,
 //!   which compares them with its newest image and answers the fine (4 KiB) hashes of the
 //!   coarse blocks that differ; only differing fine blocks are sent.
 //!
