@@ -26,13 +26,13 @@ const MAX_BATCH_BYTES: u64 = 1 << 20;
 /// Most entries in a batch.
 const MAX_BATCH_ENTRIES: usize = 1024;
 /// A batch smaller than this (in buffer bytes and entries) first yields to the runtime up
-/// to [`LINGER_YIELDS`] times for more entries: a stream of small writes then crosses in
+/// to [`GATHER_YIELDS`] times for more entries: a stream of small writes then crosses in
 /// fewer, larger messages, each one wakeup, frame and journal group commit on the
 /// receiver instead of one per write. Yielding adds no timer wait (a 1 ms linger saved
 /// more CPU but lengthened the checkpoint barrier under load).
-const LINGER_BYTES: u64 = 256 << 10;
-const LINGER_ENTRIES: usize = 64;
-const LINGER_YIELDS: usize = 8;
+const GATHER_BYTES: u64 = 256 << 10;
+const GATHER_ENTRIES: usize = 64;
+const GATHER_YIELDS: usize = 8;
 /// Largest gRPC message on the replication stream.
 pub const MAX_STREAM_MESSAGE: usize = 64 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -204,12 +204,12 @@ async fn session(
                 let permit = permit.map_err(|_| SessionError::Protocol("request stream closed".into()))?;
                 // A small batch first lets the tasks that are ready run (the NBD
                 // connections with writes in hand), so that it takes their entries too.
-                for _ in 0..LINGER_YIELDS {
+                for _ in 0..GATHER_YIELDS {
                     if shared
                         .window
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .unsent_at_least(LINGER_BYTES, LINGER_ENTRIES)
+                        .unsent_at_least(GATHER_BYTES, GATHER_ENTRIES)
                     {
                         break;
                     }
