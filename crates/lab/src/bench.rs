@@ -263,11 +263,28 @@ fn vm_def(id: String) -> v1::Vm {
     }
 }
 
+/// Removes a directory tree when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs the whole benchmark and prints the comparison.
 pub async fn run(dir: Option<PathBuf>, clients: usize, secs: u64, rounds: usize) -> Result<()> {
-    let dir = dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id()))
-    });
+    // A directory of our own making goes when the benchmark ends, however it ends (rounds
+    // that fail or are interrupted left gigabytes of etcd and Raft data in /tmp).
+    let _remove_on_exit;
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            let d = std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id()));
+            _remove_on_exit = RemoveOnDrop(d.clone());
+            d
+        }
+    };
     std::fs::create_dir_all(&dir)?;
     let duration = Duration::from_secs(secs);
     println!(
