@@ -775,8 +775,8 @@ impl RecoveryVpg {
     /// pieces of `chunk` bytes and folds each (with its position in the range) into
     /// `state`.
     ///
-    /// The image is read on a blocking thread, one job at a time in the process, never
-    /// through the VPG's actor, so the replication stream keeps flowing. While it runs, the
+    /// The image is read on a blocking thread, within the process's hashing jobs
+    /// ([`hashes::HASHING`]), never through the VPG's actor, so the replication stream keeps flowing. While it runs, the
     /// image pins its position against promotion. Dropping the future stops the job at its
     /// next chunk.
     async fn scan_latest_image<S: Send + 'static>(
