@@ -46,6 +46,7 @@ async fn host_and_ds(ch: &tonic::transport::Channel, prefix: &str, capacity: u64
             id: format!("{prefix}-h"),
             name: format!("{prefix}-h"),
             vra_address: "127.0.0.1:9100".into(),
+            peer_vra_address: String::new(),
         })
         .await?;
     DatastoreServiceClient::new(ch.clone())

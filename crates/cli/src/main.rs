@@ -66,6 +66,9 @@ enum Noun {
     /// Virtual protection groups.
     #[command(subcommand)]
     Vpg(VpgCmd),
+    /// Checkpoints: add named or application-consistent ones, list them.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCmd),
     /// The site's manager cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -137,6 +140,16 @@ enum VpgCmd {
         /// Exports the list as CSV, with the columns of the VPGs view.
         #[arg(long)]
         csv: bool,
+        /// Which columns: general (status, state, RPO) or performance (IO, throughput,
+        /// network, provisioned and used storage).
+        #[arg(long, value_enum, default_value = "general")]
+        view: VpgView,
+    },
+    /// Refreshes the VPG list (or one VPG) every --interval seconds until interrupted.
+    Watch {
+        id: Option<String>,
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
     },
     /// Replaces the definition; fails if someone else changed it since it was read.
     Edit {
@@ -153,6 +166,63 @@ enum VpgCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum VpgView {
+    General,
+    Performance,
+}
+
+#[derive(Subcommand, Debug)]
+enum CheckpointCmd {
+    /// Takes a named checkpoint in one or several VPGs (crash consistency per VPG). With
+    /// --vm and --quiesce, an application-consistent one: runs the quiesce command, takes
+    /// the checkpoint, then runs --release (also when the checkpoint fails).
+    Add {
+        /// VPG ids (comma-separated); with --vm, the VM's VPG.
+        #[arg(long = "vpg", value_delimiter = ',')]
+        vpgs: Vec<String>,
+        #[arg(long)]
+        name: String,
+        /// The VM the checkpoint is application-consistent for.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Shell command that quiesces the application (run before the checkpoint).
+        #[arg(long, requires = "vm")]
+        quiesce: Option<String>,
+        /// Shell command that releases it (run after the checkpoint, whatever happened).
+        #[arg(long, requires = "quiesce")]
+        release: Option<String>,
+    },
+    /// The checkpoints of a VPG, newest first, from the recovery site's journals.
+    List {
+        vpg: String,
+        /// Only named (manual and application-consistent) checkpoints.
+        #[arg(long)]
+        named: bool,
+        /// Only this kind.
+        #[arg(long, value_enum)]
+        kind: Option<CheckpointKindArg>,
+        /// Only checkpoints stamped at or after / before these Unix milliseconds.
+        #[arg(long, default_value_t = 0)]
+        from_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        to_ms: u64,
+        /// Page size (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// From a previous page's next_page_token.
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum CheckpointKindArg {
+    Automatic,
+    Manual,
+    ApplicationConsistent,
 }
 
 #[derive(Subcommand, Debug)]
@@ -219,6 +289,7 @@ async fn run(cli: Cli) -> Result<()> {
         Noun::Pool(c) => pool(ch, fmt, c).await,
         Noun::Vm(c) => vm(ch, fmt, c).await,
         Noun::Vpg(c) => vpg(ch, fmt, c).await,
+        Noun::Checkpoint(c) => checkpoint(ch, fmt, c).await,
         Noun::Cluster(c) => cluster(ch, fmt, c).await,
     }
 }
@@ -461,39 +532,136 @@ async fn vm(ch: Channel, fmt: Format, c: Crud) -> Result<()> {
     Ok(())
 }
 
-fn vpg_rows(vpgs: &[v1::Vpg]) -> Vec<Vec<String>> {
+/// The state column: the substatus, with a sync's progress, time left and trigger.
+fn state_cell(st: &v1::VpgStatus) -> String {
+    let mut s = st.substatus.clone();
+    if !st.sync.is_empty() {
+        s.push_str(&format!(" {}%", st.sync_percent));
+        if st.sync_eta_secs > 0 {
+            s.push_str(&format!(" ({}s left)", st.sync_eta_secs));
+        }
+        if !st.sync_trigger.is_empty() {
+            s.push_str(&format!(" [{}]", st.sync_trigger));
+        }
+    }
+    s
+}
+
+fn priority_name(p: i32) -> &'static str {
+    match v1::Priority::try_from(p) {
+        Ok(v1::Priority::Low) => "Low",
+        Ok(v1::Priority::High) => "High",
+        _ => "Medium",
+    }
+}
+
+fn vpg_rows(vpgs: &[v1::Vpg], view: VpgView) -> Vec<Vec<String>> {
     vpgs.iter()
         .map(|g| {
             let st = g.status.clone().unwrap_or_default();
-            vec![
-                g.id.clone(),
-                format!("{} ({})", g.name, g.vms.len()),
-                g.direction.clone(),
-                g.peer_site_name.clone(),
-                st.alert,
-                st.status,
-                st.substatus,
-                st.actual_rpo_secs.map_or("-".into(), |r| format!("{r}s")),
-                g.generation.to_string(),
-            ]
+            let name = format!("{} ({})", g.name, g.vms.len());
+            match view {
+                VpgView::General => vec![
+                    g.id.clone(),
+                    name,
+                    g.direction.clone(),
+                    g.peer_site_name.clone(),
+                    priority_name(g.settings.as_ref().map_or(0, |s| s.priority)).into(),
+                    st.alert.clone(),
+                    st.status.clone(),
+                    state_cell(&st),
+                    st.actual_rpo_secs.map_or("-".into(), |r| format!("{r}s")),
+                    st.operation.clone(),
+                ],
+                VpgView::Performance => vec![
+                    g.id.clone(),
+                    name,
+                    st.write_iops.to_string(),
+                    format!("{}/s", bytes(st.write_bytes_per_sec)),
+                    format!("{}/s", bytes(st.wan_bytes_per_sec)),
+                    bytes(st.provisioned_bytes),
+                    bytes(st.used_bytes),
+                ],
+            }
         })
         .collect()
 }
 
+fn vpg_head(view: VpgView) -> &'static [&'static str] {
+    match view {
+        VpgView::General => &[
+            "ID",
+            "NAME (#VMS)",
+            "DIRECTION",
+            "PEER SITE",
+            "PRIORITY",
+            "ALERT",
+            "STATUS",
+            "STATE",
+            "ACTUAL RPO",
+            "OPERATION",
+        ],
+        VpgView::Performance => &[
+            "ID",
+            "NAME (#VMS)",
+            "IO",
+            "THROUGHPUT",
+            "NETWORK",
+            "PROVISIONED",
+            "USED",
+        ],
+    }
+}
+
+/// One VPG in detail: the list row, then its figures and what is wrong.
+fn vpg_detail(fmt: Format, g: &v1::Vpg) {
+    print(
+        fmt,
+        g,
+        vpg_head(VpgView::General),
+        vpg_rows(std::slice::from_ref(g), VpgView::General),
+    );
+    if fmt != Format::Table {
+        return;
+    }
+    let st = g.status.clone().unwrap_or_default();
+    println!(
+        "IO {}/s  throughput {}/s  network {}/s  provisioned {}  used {}",
+        st.write_iops,
+        bytes(st.write_bytes_per_sec),
+        bytes(st.wan_bytes_per_sec),
+        bytes(st.provisioned_bytes),
+        bytes(st.used_bytes)
+    );
+    println!(
+        "history {}s held of {}s configured; last checkpoint {}",
+        st.history_held_secs,
+        st.history_configured_secs,
+        if st.last_checkpoint_id == 0 {
+            "none".to_string()
+        } else {
+            format!("{} at {} ms", st.last_checkpoint_id, st.last_checkpoint_ms)
+        }
+    );
+    if !st.sync.is_empty() {
+        let width = 40;
+        let done = (st.sync_percent.min(100) as usize) * width / 100;
+        println!(
+            "{} [{}{}] {}%",
+            st.sync,
+            "#".repeat(done),
+            "-".repeat(width - done),
+            st.sync_percent
+        );
+    }
+    for p in &st.problems {
+        println!("problem: {p}");
+    }
+}
+
 async fn vpg(ch: Channel, fmt: Format, c: VpgCmd) -> Result<()> {
     let mut cl = VpgServiceClient::new(ch);
-    let head = [
-        "ID",
-        "NAME (#VMS)",
-        "DIRECTION",
-        "PEER SITE",
-        "ALERT",
-        "STATUS",
-        "STATE",
-        "RPO",
-        "GEN",
-    ];
-    let one = |g: v1::Vpg| print(fmt, &g, &head, vpg_rows(std::slice::from_ref(&g)));
+    let one = |g: v1::Vpg| vpg_detail(fmt, &g);
     match c {
         VpgCmd::Create(f) => {
             let (id, spec) = spec::read::<spec::VpgSpecFile>(&f.file)?.into_proto()?;
@@ -504,14 +672,34 @@ async fn vpg(ch: Channel, fmt: Format, c: VpgCmd) -> Result<()> {
             one(cl.create_vpg(req).await?.into_inner());
         }
         VpgCmd::Get { id } => one(cl.get_vpg(v1::GetRequest { id }).await?.into_inner()),
-        VpgCmd::List { csv: true } => {
+        VpgCmd::List { csv: true, .. } => {
             let r = cl.export_vpgs_csv(v1::ListRequest {}).await?.into_inner();
             print!("{}", r.csv);
         }
-        VpgCmd::List { csv: false } => {
+        VpgCmd::List { csv: false, view } => {
             let r = cl.list_vpgs(v1::ListRequest {}).await?.into_inner();
-            print(fmt, &r, &head, vpg_rows(&r.vpgs));
+            print(fmt, &r, vpg_head(view), vpg_rows(&r.vpgs, view));
         }
+        VpgCmd::Watch { id, interval } => loop {
+            // Clear the screen and home the cursor, as watch(1) does.
+            print!("\x1b[2J\x1b[H");
+            match &id {
+                Some(id) => one(cl
+                    .get_vpg(v1::GetRequest { id: id.clone() })
+                    .await?
+                    .into_inner()),
+                None => {
+                    let r = cl.list_vpgs(v1::ListRequest {}).await?.into_inner();
+                    print(
+                        fmt,
+                        &r,
+                        vpg_head(VpgView::General),
+                        vpg_rows(&r.vpgs, VpgView::General),
+                    );
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))).await;
+        },
         VpgCmd::Edit { id, file } => {
             let current = cl
                 .get_vpg(v1::GetRequest { id: id.clone() })
@@ -539,6 +727,135 @@ async fn vpg(ch: Channel, fmt: Format, c: VpgCmd) -> Result<()> {
                 force,
             })
             .await?;
+        }
+    }
+    Ok(())
+}
+
+fn checkpoint_rows(cps: &[v1::Checkpoint]) -> Vec<Vec<String>> {
+    cps.iter()
+        .map(|c| {
+            let kind = match v1::CheckpointKind::try_from(c.kind) {
+                Ok(v1::CheckpointKind::Automatic) => "automatic",
+                Ok(v1::CheckpointKind::Manual) => "manual",
+                Ok(v1::CheckpointKind::ApplicationConsistent) => "application-consistent",
+                _ => "-",
+            };
+            vec![
+                c.id.to_string(),
+                c.timestamp_ms.to_string(),
+                kind.into(),
+                c.name.clone(),
+                c.vm_id.clone(),
+                if c.usable { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect()
+}
+
+const CHECKPOINT_HEAD: [&str; 6] = ["ID", "TIMESTAMP MS", "KIND", "NAME", "VM", "USABLE"];
+
+/// Runs an operator's quiesce or release command through the shell.
+async fn run_hook(what: &str, cmd: &str) -> Result<()> {
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("{what} command {cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+async fn checkpoint(ch: Channel, fmt: Format, c: CheckpointCmd) -> Result<()> {
+    let mut cl = VpgServiceClient::new(ch.clone());
+    match c {
+        CheckpointCmd::Add {
+            mut vpgs,
+            name,
+            vm,
+            quiesce,
+            release,
+        } => {
+            let kind = if vm.is_some() {
+                v1::CheckpointKind::ApplicationConsistent
+            } else {
+                v1::CheckpointKind::Manual
+            };
+            if let Some(vm) = &vm
+                && vpgs.is_empty()
+            {
+                let v = VmServiceClient::new(ch)
+                    .get_vm(v1::GetRequest { id: vm.clone() })
+                    .await?
+                    .into_inner();
+                if v.vpg_id.is_empty() {
+                    bail!("VM {vm} is not protected by any VPG");
+                }
+                vpgs.push(v.vpg_id);
+            }
+            if let Some(q) = &quiesce {
+                run_hook("quiesce", q).await?;
+            }
+            let taken = cl
+                .add_checkpoint(v1::AddCheckpointRequest {
+                    vpg_ids: vpgs,
+                    name,
+                    kind: kind as i32,
+                    vm_id: vm.unwrap_or_default(),
+                })
+                .await;
+            // The application is released whatever happened to the checkpoint.
+            let released = match &release {
+                Some(r) => run_hook("release", r).await,
+                None => Ok(()),
+            };
+            let taken = taken?.into_inner();
+            released?;
+            print(
+                fmt,
+                &taken,
+                &CHECKPOINT_HEAD,
+                checkpoint_rows(&taken.checkpoints),
+            );
+        }
+        CheckpointCmd::List {
+            vpg,
+            named,
+            kind,
+            from_ms,
+            to_ms,
+            limit,
+            page_token,
+        } => {
+            let kind = match kind {
+                None => v1::CheckpointKind::Unspecified,
+                Some(CheckpointKindArg::Automatic) => v1::CheckpointKind::Automatic,
+                Some(CheckpointKindArg::Manual) => v1::CheckpointKind::Manual,
+                Some(CheckpointKindArg::ApplicationConsistent) => {
+                    v1::CheckpointKind::ApplicationConsistent
+                }
+            };
+            let r = cl
+                .list_checkpoints(v1::ListCheckpointsQuery {
+                    vpg_id: vpg,
+                    from_ms,
+                    to_ms,
+                    named_only: named,
+                    kind: kind as i32,
+                    page_size: limit,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            print(fmt, &r, &CHECKPOINT_HEAD, checkpoint_rows(&r.checkpoints));
+            if fmt == Format::Table && !r.next_page_token.is_empty() {
+                println!(
+                    "{} in all; next page: --page-token {}",
+                    r.total, r.next_page_token
+                );
+            }
         }
     }
     Ok(())

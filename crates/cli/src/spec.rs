@@ -70,7 +70,11 @@ pub struct HostSpec {
     #[serde(default)]
     pub id: String,
     pub name: String,
+    /// host:port of the host's VRA control service.
     pub vra_address: String,
+    /// host:port at which paired sites' VRAs reach this VRA (default: vra_address).
+    #[serde(default)]
+    pub peer_vra_address: String,
 }
 
 impl HostSpec {
@@ -79,6 +83,7 @@ impl HostSpec {
             id: self.id,
             name: self.name,
             vra_address: self.vra_address,
+            peer_vra_address: self.peer_vra_address,
         }
     }
 }
@@ -233,6 +238,9 @@ pub struct VpgSpecFile {
     pub reverse_protection: bool,
     #[serde(default)]
     pub reverse_use_original_disks: bool,
+    /// Seconds between automatic checkpoints (default 5, at least 1).
+    #[serde(default)]
+    pub checkpoint_interval_secs: u64,
     pub vms: Vec<PlacementSpec>,
 }
 
@@ -282,6 +290,7 @@ impl VpgSpecFile {
             wan_compression: self.wan_compression,
             reverse_protection: self.reverse_protection,
             reverse_use_original_disks: self.reverse_use_original_disks,
+            checkpoint_interval_secs: self.checkpoint_interval_secs,
         };
         let vms = self
             .vms

@@ -21,6 +21,9 @@ pub struct Host {
     pub id: HostId,
     pub name: String,
     pub vra_address: String,
+    /// Where the VRAs of paired sites reach this VRA; empty: `vra_address`.
+    #[serde(default)]
+    pub peer_vra_address: String,
 }
 
 impl Host {
@@ -28,7 +31,19 @@ impl Host {
         let mut v = Violations::new();
         v.absorb(check_name("name", &self.name));
         v.absorb(check_address("vra_address", &self.vra_address));
+        if !self.peer_vra_address.is_empty() {
+            v.absorb(check_address("peer_vra_address", &self.peer_vra_address));
+        }
         v.into_result()
+    }
+
+    /// The address a paired site's VRAs dial to stream to this VRA.
+    pub fn peer_address(&self) -> &str {
+        if self.peer_vra_address.is_empty() {
+            &self.vra_address
+        } else {
+            &self.peer_vra_address
+        }
     }
 }
 

@@ -4,7 +4,9 @@
 pub mod error;
 pub mod ids;
 pub mod inventory;
+pub mod observe;
 pub mod pairing;
+pub mod protection;
 pub mod state;
 pub mod status;
 pub mod vpg;

@@ -94,6 +94,13 @@ pub enum Command {
     DeleteVpg {
         id: VpgId,
     },
+    /// Sets or clears the operation a VPG is in, if the VPG is still at `generation` (a
+    /// controller's view may be stale: an edit in between wins).
+    SetVpgOperation {
+        id: VpgId,
+        generation: u64,
+        operation: Option<crate::status::Operation>,
+    },
 }
 
 /// What a successful command returns.
@@ -316,6 +323,26 @@ impl SiteState {
             Command::DeleteVpg { id } => {
                 exists(&self.vpgs, &id, VpgId::KIND)?;
                 self.vpgs.remove(&id);
+                Ok(Applied::Done)
+            }
+            Command::SetVpgOperation {
+                id,
+                generation,
+                operation,
+            } => {
+                let vpg = self
+                    .vpgs
+                    .get_mut(&id)
+                    .ok_or_else(|| DomainError::not_found(VpgId::KIND, &id))?;
+                if vpg.generation != generation {
+                    return Err(DomainError::Conflict {
+                        kind: "vpg".into(),
+                        id: id.to_string(),
+                        expected: generation,
+                        actual: vpg.generation,
+                    });
+                }
+                vpg.operation = operation;
                 Ok(Applied::Done)
             }
         }

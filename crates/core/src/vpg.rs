@@ -18,6 +18,14 @@ pub const MIN_TARGET_RPO_SECS: u64 = 10;
 pub const MAX_TARGET_RPO_SECS: u64 = 24 * 3600;
 /// At most this many VMs in one VPG.
 pub const MAX_VMS_PER_VPG: usize = 256;
+/// Automatic checkpoint interval: 1 second to 1 hour, 5 seconds by default.
+pub const MIN_CHECKPOINT_INTERVAL_SECS: u64 = 1;
+pub const MAX_CHECKPOINT_INTERVAL_SECS: u64 = 3600;
+pub const DEFAULT_CHECKPOINT_INTERVAL_SECS: u64 = 5;
+
+fn default_checkpoint_interval() -> u64 {
+    DEFAULT_CHECKPOINT_INTERVAL_SECS
+}
 
 /// Replication priority; under WAN pressure lower priorities fall back to bitmap sync first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -89,6 +97,9 @@ pub struct VpgSettings {
     pub test_reminder_months: u32,
     pub wan_compression: bool,
     pub reverse: ReverseProtection,
+    /// Seconds between automatic checkpoints.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval_secs: u64,
 }
 
 impl Default for VpgSettings {
@@ -103,6 +114,7 @@ impl Default for VpgSettings {
             test_reminder_months: 6,
             wan_compression: true,
             reverse: ReverseProtection::default(),
+            checkpoint_interval_secs: DEFAULT_CHECKPOINT_INTERVAL_SECS,
         }
     }
 }
@@ -146,6 +158,14 @@ impl VpgSettings {
             "settings.test_reminder_months",
             "must be 0..12",
         );
+        v.check(
+            (MIN_CHECKPOINT_INTERVAL_SECS..=MAX_CHECKPOINT_INTERVAL_SECS)
+                .contains(&self.checkpoint_interval_secs),
+            "settings.checkpoint_interval_secs",
+            format!(
+                "must be {MIN_CHECKPOINT_INTERVAL_SECS}..{MAX_CHECKPOINT_INTERVAL_SECS} seconds"
+            ),
+        );
     }
 }
 
@@ -165,6 +185,9 @@ pub struct VmFootprint {
     pub vm_name: String,
     pub cpu_reservation_mhz: u64,
     pub memory_reservation_mib: u64,
+    /// The VM's memory (part of the seed's provisioned storage).
+    #[serde(default)]
+    pub memory_mib: u64,
     /// (controller, unit, size) of each volume.
     pub volumes: Vec<(u8, u8, u64)>,
     /// Journal limits captured when the VM joined (edits apply to new VMs only).
@@ -178,6 +201,7 @@ impl VmFootprint {
             vm_name: vm.name.clone(),
             cpu_reservation_mhz: vm.cpu_reservation_mhz,
             memory_reservation_mib: vm.memory_reservation_mib,
+            memory_mib: vm.memory_mib,
             volumes: vm
                 .volumes
                 .iter()

@@ -407,6 +407,7 @@ async fn tandem_workloads(
                 id: "bench-h".into(),
                 name: format!("{site}-bench"),
                 vra_address: "127.0.0.1:9".into(),
+                peer_vra_address: String::new(),
             })
             .await?;
         DatastoreServiceClient::new(ch.clone())

@@ -535,6 +535,15 @@ impl Lab {
                     child: None,
                 };
                 vra.start_with(extra_args).await?;
+                // Every other site reaches this VRA (replication streams) across its link;
+                // the host record names the proxy of the first peer (two-site labs: the peer).
+                let mut peer_vra_address = String::new();
+                for from in (0..self.site_names.len()).filter(|&f| f != i) {
+                    let proxy = self.add_proxy(from, i, &vra.control).await?;
+                    if peer_vra_address.is_empty() {
+                        peer_vra_address = proxy;
+                    }
+                }
                 let ch =
                     tonic::transport::Endpoint::from_shared(format!("http://{}", endpoints[0]))?
                         .connect_timeout(Duration::from_secs(2))
@@ -546,13 +555,10 @@ impl Lab {
                         id: host.clone(),
                         name: host.clone(),
                         vra_address: vra.control.clone(),
+                        peer_vra_address,
                     })
                     .await
                     .with_context(|| format!("registering {host}"))?;
-                // Every other site reaches this VRA (replication streams) across its link.
-                for from in (0..self.site_names.len()).filter(|&f| f != i) {
-                    self.add_proxy(from, i, &vra.control).await?;
-                }
                 self.vras[i].push(vra);
             }
         }

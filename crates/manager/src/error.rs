@@ -15,6 +15,9 @@ pub enum ApiError {
     /// The peer site refused or failed; its status is passed on with context.
     #[error("peer site: {0}")]
     Peer(String, tonic::Code),
+    /// The leader answered a forwarded request with this status.
+    #[error("{0}")]
+    Forwarded(String, tonic::Code),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -39,6 +42,11 @@ impl ApiError {
         };
         Self::Peer(s.message().to_string(), code)
     }
+
+    /// Wraps a status returned by this site's leader for a forwarded request.
+    pub fn forwarded(s: Status) -> Self {
+        Self::Forwarded(s.message().to_string(), s.code())
+    }
 }
 
 impl From<ApiError> for Status {
@@ -47,6 +55,7 @@ impl From<ApiError> for Status {
             ApiError::Domain(d) => tandem_proto::status::to_status(&d),
             ApiError::Unavailable(m) => Status::unavailable(m),
             ApiError::Peer(m, code) => Status::new(code, format!("peer site: {m}")),
+            ApiError::Forwarded(m, code) => Status::new(code, m),
             ApiError::Internal(m) => Status::internal(m),
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod net;
 pub mod node;
@@ -78,6 +79,7 @@ pub async fn run(
         api_addr.clone(),
     ));
     let site = SiteManager::new(node.clone(), net::Connector::default());
+    tasks.spawn(control::run(site.clone(), shutdown.clone()));
     let api_shutdown = shutdown.clone();
     let api_site = site.clone();
     tasks.spawn(async move {

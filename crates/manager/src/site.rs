@@ -16,6 +16,10 @@ use tandem_core::vpg::{VmFootprint, Vpg, VpgSpec, VpgVm};
 use tandem_proto::v1;
 use tandem_proto::v1::site_peer_client::SitePeerClient;
 
+use tandem_core::observe::LiveStatus;
+use tandem_proto::v1::manager_internal_client::ManagerInternalClient;
+
+use crate::control::{self, Control, LeaderRequest, LeaderResponse};
 use crate::error::{ApiError, ApiResult};
 use crate::net::Connector;
 use crate::node::ManagerNode;
@@ -41,6 +45,7 @@ pub fn mint(prefix: &str) -> String {
 pub struct SiteManager {
     node: Arc<ManagerNode>,
     connector: Connector,
+    control: Control,
 }
 
 impl std::fmt::Debug for SiteManager {
@@ -56,15 +61,46 @@ pub struct VpgView {
     pub own_site: SiteId,
     pub peer_name: String,
     pub state: VpgState,
+    /// The leader's live snapshot; `None` when no leader answered (definition alone).
+    pub live: Option<LiveStatus>,
 }
 
 impl SiteManager {
     pub fn new(node: Arc<ManagerNode>, connector: Connector) -> Self {
-        Self { node, connector }
+        let control = Control::new(connector.clone());
+        Self {
+            node,
+            connector,
+            control,
+        }
     }
 
     pub fn node(&self) -> &Arc<ManagerNode> {
         &self.node
+    }
+
+    /// The controllers' shared parts (filled while this node leads).
+    pub fn control(&self) -> &Control {
+        &self.control
+    }
+
+    /// Runs a leader-only request here when this node leads, else on the leader.
+    pub async fn leader_call(&self, req: LeaderRequest) -> ApiResult<LeaderResponse> {
+        let m = self.node.store().metrics();
+        if m.role == tandem_store::Role::Leader {
+            return control::answer(self, req).await;
+        }
+        let leader = m
+            .leader
+            .ok_or_else(|| ApiError::unavailable("no leader is known to this node"))?;
+        let json = serde_json::to_vec(&req).map_err(ApiError::internal)?;
+        let reply = ManagerInternalClient::new(self.connector.lazy(&leader.api_addr)?)
+            .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES)
+            .leader_call(v1::LeaderCallRequest { request_json: json })
+            .await
+            .map_err(ApiError::forwarded)?
+            .into_inner();
+        serde_json::from_slice(&reply.response_json).map_err(ApiError::internal)
     }
 
     /// Names the site once, at bootstrap. Does nothing when it already has an identity.
@@ -285,7 +321,8 @@ impl SiteManager {
 
     // ------------------------------------------------------------ VPGs
 
-    async fn peer_call<T, F, Fut>(&self, peer: &PeerSite, call: F) -> ApiResult<T>
+    /// Calls the peer site through the first of its endpoints that answers.
+    pub(crate) async fn peer_call<T, F, Fut>(&self, peer: &PeerSite, call: F) -> ApiResult<T>
     where
         F: Fn(SitePeerClient<tonic::transport::Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -617,7 +654,25 @@ impl SiteManager {
             own_site: own,
             peer_name,
             state: obs.evaluate(),
+            live: None,
         }
+    }
+
+    /// Puts the leader's live snapshots into `views`.
+    async fn with_live(&self, mut views: Vec<VpgView>) -> Vec<VpgView> {
+        let ids = if views.len() == 1 {
+            vec![views[0].vpg.id.clone()]
+        } else {
+            Vec::new()
+        };
+        let mut live = control::live_statuses(self, ids).await;
+        for v in &mut views {
+            if let Some(l) = live.remove(&v.vpg.id) {
+                v.state = l.state;
+                v.live = Some(l);
+            }
+        }
+        views
     }
 
     pub async fn vpg(&self, id: VpgId) -> ApiResult<VpgView> {
@@ -625,15 +680,18 @@ impl SiteManager {
             let id = id.clone();
             move |s| s.vpgs.get(&id).map(|g| Self::view(s, g))
         });
-        found
+        let view = found
             .await?
-            .ok_or_else(|| DomainError::not_found("vpg", &id).into())
+            .ok_or_else(|| ApiError::from(DomainError::not_found("vpg", &id)))?;
+        Ok(self.with_live(vec![view]).await.remove(0))
     }
 
     pub async fn vpgs(&self) -> ApiResult<Vec<VpgView>> {
-        self.node
+        let views = self
+            .node
             .read(|s| s.vpgs.values().map(|g| Self::view(s, g)).collect())
-            .await
+            .await?;
+        Ok(self.with_live(views).await)
     }
 }
 
@@ -669,11 +727,156 @@ pub fn vpgs_csv(views: &[VpgView]) -> String {
             v.vpg.settings.priority.as_str().to_string(),
             v.state.status.as_str().to_string(),
             v.state.substatus.as_str().to_string(),
-            String::new(),
+            v.live
+                .as_ref()
+                .and_then(|l| l.figures.actual_rpo_secs)
+                .map(|r| format!("{r}s"))
+                .unwrap_or_default(),
             operation,
         ];
         out.push_str(&row.iter().map(|c| cell(c)).collect::<Vec<_>>().join(","));
         out.push('\n');
     }
     out
+}
+
+/// A checked checkpoint listing query.
+#[derive(Debug, Clone)]
+pub struct CheckpointQuery {
+    pub vpg: VpgId,
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub named_only: bool,
+    pub kind: Option<v1::CheckpointKind>,
+    pub page_size: usize,
+    /// Continue after this checkpoint id (the list is newest first, ids descend).
+    pub after: Option<u64>,
+    /// The query as received, to pass on to the recovery site.
+    pub wire: v1::ListCheckpointsQuery,
+}
+
+/// Filters and pages the checkpoints of one VPG (the VRA's list, oldest first).
+pub fn page_checkpoints(list: Vec<v1::VraCheckpoint>, q: &CheckpointQuery) -> v1::CheckpointList {
+    use tandem_proto::vra_convert::{checkpoint_kind, split_marker_name};
+    let matching: Vec<v1::Checkpoint> = list
+        .into_iter()
+        .rev()
+        .filter(|c| c.timestamp_ms >= q.from_ms && (q.to_ms == 0 || c.timestamp_ms <= q.to_ms))
+        .filter(|c| !q.named_only || !c.name.is_empty())
+        .filter(|c| q.kind.is_none_or(|k| checkpoint_kind(c.kind) == k))
+        .map(|c| {
+            let (name, vm_id) = split_marker_name(&c.name);
+            v1::Checkpoint {
+                id: c.checkpoint_id,
+                timestamp_ms: c.timestamp_ms,
+                kind: checkpoint_kind(c.kind) as i32,
+                name,
+                vm_id,
+                usable: c.durable && c.usable,
+            }
+        })
+        .collect();
+    let total = matching.len() as u32;
+    let mut rest = matching
+        .into_iter()
+        .skip_while(|c| q.after.is_some_and(|a| c.id >= a))
+        .peekable();
+    let mut checkpoints = Vec::with_capacity(q.page_size.min(1000));
+    while checkpoints.len() < q.page_size {
+        match rest.next() {
+            Some(c) => checkpoints.push(c),
+            None => break,
+        }
+    }
+    let next_page_token = match (rest.peek(), checkpoints.last()) {
+        (Some(_), Some(last)) => last.id.to_string(),
+        _ => String::new(),
+    };
+    v1::CheckpointList {
+        checkpoints,
+        next_page_token,
+        total,
+    }
+}
+
+impl SiteManager {
+    /// This site's report for the peer `from` (from the leader's memory).
+    pub async fn peer_report(&self, from: SiteId) -> ApiResult<tandem_core::observe::PeerReport> {
+        let known = self.node.read_local(|s| s.peers.contains_key(&from));
+        if !known {
+            return Err(DomainError::precondition(format!(
+                "site {from} is not paired with this site"
+            ))
+            .into());
+        }
+        match self.leader_call(LeaderRequest::PeerReport { from }).await? {
+            LeaderResponse::PeerReport(r) => Ok(r),
+            _ => Err(ApiError::internal("unexpected leader answer")),
+        }
+    }
+
+    /// The checkpoints of a VPG, from the recovery site's journals: read here when this
+    /// site recovers it, else asked of the recovery site (`forward`).
+    pub async fn checkpoints(
+        &self,
+        q: CheckpointQuery,
+        forward: bool,
+    ) -> ApiResult<v1::CheckpointList> {
+        let (protects, peer) = self
+            .node
+            .read({
+                let id = q.vpg.clone();
+                move |s| -> ApiResult<(bool, Option<PeerSite>)> {
+                    let g = s
+                        .vpgs
+                        .get(&id)
+                        .ok_or_else(|| DomainError::not_found("vpg", &id))?;
+                    Ok((
+                        s.site_id() == Some(&g.protected_site),
+                        s.peers.get(&g.recovery_site).cloned(),
+                    ))
+                }
+            })
+            .await??;
+        if !protects {
+            let list = control::recovery_checkpoints(self, &q.vpg).await?;
+            return Ok(page_checkpoints(list, &q));
+        }
+        if !forward {
+            return Err(DomainError::precondition(format!(
+                "this site protects VPG {}: its checkpoints are listed at the recovery site",
+                q.vpg
+            ))
+            .into());
+        }
+        let peer =
+            peer.ok_or_else(|| DomainError::precondition("the recovery site is not paired"))?;
+        self.peer_call(&peer, |mut c| {
+            let wire = q.wire.clone();
+            async move { c.list_checkpoints(wire).await }
+        })
+        .await
+    }
+
+    /// Takes a named checkpoint in each VPG (one barrier each), on the leader.
+    pub async fn add_checkpoint(
+        &self,
+        vpgs: Vec<VpgId>,
+        name: String,
+        kind: control::checkpoints::Kind,
+        vm: Option<tandem_core::ids::VmId>,
+    ) -> ApiResult<Vec<control::checkpoints::Taken>> {
+        match self
+            .leader_call(LeaderRequest::AddCheckpoint {
+                vpgs,
+                name,
+                kind,
+                vm,
+            })
+            .await?
+        {
+            LeaderResponse::Checkpoints(t) => Ok(t),
+            _ => Err(ApiError::internal("unexpected leader answer")),
+        }
+    }
 }

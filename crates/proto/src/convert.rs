@@ -25,6 +25,7 @@ pub fn host_from_proto(p: v1::Host) -> Result<inv::Host, DomainError> {
             id: id?,
             name: p.name,
             vra_address: p.vra_address,
+            peer_vra_address: p.peer_vra_address,
         })
     })
 }
@@ -34,6 +35,7 @@ pub fn host_to_proto(h: &inv::Host) -> v1::Host {
         id: h.id.to_string(),
         name: h.name.clone(),
         vra_address: h.vra_address.clone(),
+        peer_vra_address: h.peer_vra_address.clone(),
     }
 }
 
@@ -246,6 +248,7 @@ pub fn settings_from_proto(p: Option<v1::VpgSettings>) -> Result<VpgSettings, Do
             enabled: p.reverse_protection,
             use_original_disks: p.reverse_use_original_disks,
         },
+        checkpoint_interval_secs: or(p.checkpoint_interval_secs, d.checkpoint_interval_secs),
     })
 }
 
@@ -265,6 +268,7 @@ pub fn settings_to_proto(s: &VpgSettings) -> v1::VpgSettings {
         wan_compression: s.wan_compression,
         reverse_protection: s.reverse.enabled,
         reverse_use_original_disks: s.reverse.use_original_disks,
+        checkpoint_interval_secs: s.checkpoint_interval_secs,
     }
 }
 

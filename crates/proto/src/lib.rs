@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod status;
 pub mod transport;
+pub mod vra_convert;
 
 /// Generated messages and services of package `tandem.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -81,6 +81,7 @@ async fn main() {
                         id: HostId::minted(format!("c{c}-{i}")),
                         name: format!("client-{c}-host-{i}"),
                         vra_address: "10.0.0.1:4000".into(),
+                        peer_vra_address: String::new(),
                     },
                     create: true,
                 };

@@ -10,11 +10,9 @@ use tandem_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::bad;
+use super::{MAX_JSON_BYTES, bad};
+use crate::control::{self, LeaderRequest, LeaderResponse};
 use crate::site::SiteManager;
-
-/// The largest forwarded command or peer VPG definition accepted.
-const MAX_JSON_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct InternalApi(pub SiteManager);
@@ -47,6 +45,26 @@ impl ManagerInternal for InternalApi {
     ) -> Result<Response<v1::ReadIndexResponse>, Status> {
         let index = self.0.node().leader_read_index().await?;
         Ok(Response::new(v1::ReadIndexResponse { index }))
+    }
+
+    async fn leader_call(
+        &self,
+        r: Request<v1::LeaderCallRequest>,
+    ) -> Result<Response<v1::LeaderCallResponse>, Status> {
+        let json = r.into_inner().request_json;
+        if json.len() > MAX_JSON_BYTES {
+            return Err(Status::invalid_argument("leader request too large"));
+        }
+        let req: LeaderRequest = serde_json::from_slice(&json)
+            .map_err(|e| Status::invalid_argument(format!("leader request: {e}")))?;
+        // Answered here or not at all: a forwarded request is never forwarded again.
+        if self.0.node().store().metrics().role != tandem_store::Role::Leader {
+            return Err(Status::unavailable("this node is not the leader"));
+        }
+        let answer: LeaderResponse = control::answer(&self.0, req).await?;
+        let response_json =
+            serde_json::to_vec(&answer).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::LeaderCallResponse { response_json }))
     }
 }
 
@@ -101,5 +119,24 @@ impl SitePeer for PeerApi {
         let from = SiteId::parse("from_site_id", &r.from_site_id).map_err(bad)?;
         self.0.delete_peer_vpg(id, from).await?;
         Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn report(
+        &self,
+        r: Request<v1::PeerReportRequest>,
+    ) -> Result<Response<v1::PeerReportResponse>, Status> {
+        let from = SiteId::parse("from_site_id", &r.into_inner().from_site_id).map_err(bad)?;
+        let report = self.0.peer_report(from).await?;
+        let report_json =
+            serde_json::to_vec(&report).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::PeerReportResponse { report_json }))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        r: Request<v1::ListCheckpointsQuery>,
+    ) -> Result<Response<v1::CheckpointList>, Status> {
+        let q = super::vpg::checkpoint_query(r.into_inner())?;
+        Ok(Response::new(self.0.checkpoints(q, false).await?))
     }
 }

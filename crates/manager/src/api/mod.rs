@@ -9,6 +9,10 @@ pub mod vpg;
 use tandem_core::DomainError;
 use tonic::Status;
 
+/// The largest forwarded command, leader request, peer VPG definition or peer report
+/// accepted.
+pub(crate) const MAX_JSON_BYTES: usize = 1 << 20;
+
 /// Maps a domain error met while decoding a request.
 pub(crate) fn bad(e: DomainError) -> Status {
     tandem_proto::status::to_status(&e)

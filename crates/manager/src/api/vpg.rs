@@ -5,14 +5,20 @@ use tandem_proto::convert as cv;
 use tandem_proto::v1::{self, vpg_service_server::VpgService};
 use tonic::{Request, Response, Status};
 
+use tandem_core::error::Violations;
+use tandem_core::ids::VmId;
+use tandem_proto::vra_convert::sync_name;
+
 use super::bad;
-use crate::site::{SiteManager, VpgView, vpgs_csv};
+use crate::control::checkpoints::Kind;
+use crate::site::{CheckpointQuery, SiteManager, VpgView, vpgs_csv};
 
 #[derive(Debug, Clone)]
 pub struct VpgApi(pub SiteManager);
 
-fn to_proto(v: &VpgView) -> v1::Vpg {
-    let status = v1::VpgStatus {
+/// The status message of a view: the live snapshot's figures when there is one.
+pub(crate) fn status_to_proto(v: &VpgView) -> v1::VpgStatus {
+    let mut status = v1::VpgStatus {
         status: v.state.status.as_str().into(),
         substatus: v.state.substatus.as_str().into(),
         alert: v.state.alert.as_str().into(),
@@ -21,9 +27,83 @@ fn to_proto(v: &VpgView) -> v1::Vpg {
             .operation
             .map(|o| format!("{o:?}"))
             .unwrap_or_default(),
-        actual_rpo_secs: None,
+        history_configured_secs: v.vpg.settings.journal_history_secs,
+        ..Default::default()
     };
-    cv::vpg_to_proto(&v.vpg, &v.own_site, &v.peer_name, status)
+    if let Some(l) = &v.live {
+        let f = &l.figures;
+        status.actual_rpo_secs = f.actual_rpo_secs;
+        if let Some(sync) = &f.sync {
+            status.sync = sync_name(sync.kind).into();
+            status.sync_trigger = sync.trigger.map(|t| t.as_str().into()).unwrap_or_default();
+            status.sync_percent = sync.percent;
+            status.sync_eta_secs = sync.eta_secs;
+        }
+        status.write_iops = f.write_iops;
+        status.write_bytes_per_sec = f.write_bytes_per_sec;
+        status.wan_bytes_per_sec = f.wan_bytes_per_sec;
+        status.provisioned_bytes = f.provisioned_bytes;
+        status.used_bytes = f.used_bytes;
+        status.history_held_secs = f.history_held_secs;
+        status.last_checkpoint_id = f.last_checkpoint.map_or(0, |c| c.0);
+        status.last_checkpoint_ms = f.last_checkpoint.map_or(0, |c| c.1);
+        status.problems = f.problems.clone();
+        status.observed_at_ms = f.observed_at_ms;
+    }
+    status
+}
+
+fn to_proto(v: &VpgView) -> v1::Vpg {
+    cv::vpg_to_proto(&v.vpg, &v.own_site, &v.peer_name, status_to_proto(v))
+}
+
+/// Checks a checkpoint listing query on receipt.
+pub(crate) fn checkpoint_query(q: v1::ListCheckpointsQuery) -> Result<CheckpointQuery, Status> {
+    let mut v = Violations::new();
+    let vpg = v.absorb(VpgId::parse("vpg_id", &q.vpg_id));
+    v.check(
+        q.to_ms == 0 || q.from_ms <= q.to_ms,
+        "to_ms",
+        "must not be before from_ms",
+    );
+    v.check(q.page_size <= 1000, "page_size", "must be at most 1000");
+    let kind = match v1::CheckpointKind::try_from(q.kind) {
+        Ok(v1::CheckpointKind::Unspecified) => None,
+        Ok(k) => Some(k),
+        Err(_) => {
+            v.add("kind", "unknown checkpoint kind");
+            None
+        }
+    };
+    let after = if q.page_token.is_empty() {
+        None
+    } else {
+        match q.page_token.parse::<u64>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                v.add(
+                    "page_token",
+                    "must come from a previous answer's next_page_token",
+                );
+                None
+            }
+        }
+    };
+    v.into_result().map_err(bad)?;
+    Ok(CheckpointQuery {
+        vpg: vpg.expect("checked above"),
+        from_ms: q.from_ms,
+        to_ms: q.to_ms,
+        named_only: q.named_only,
+        kind,
+        page_size: if q.page_size == 0 {
+            100
+        } else {
+            q.page_size as usize
+        },
+        after,
+        wire: q,
+    })
 }
 
 #[tonic::async_trait]
@@ -77,6 +157,94 @@ impl VpgService for VpgApi {
         // to keep or remove, so `keep_recovery_disks` only matters once they do.
         self.0.delete_vpg(id, r.force).await?;
         Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        r: Request<v1::ListCheckpointsQuery>,
+    ) -> Result<Response<v1::CheckpointList>, Status> {
+        let q = checkpoint_query(r.into_inner())?;
+        Ok(Response::new(self.0.checkpoints(q, true).await?))
+    }
+
+    async fn add_checkpoint(
+        &self,
+        r: Request<v1::AddCheckpointRequest>,
+    ) -> Result<Response<v1::AddCheckpointResponse>, Status> {
+        let r = r.into_inner();
+        let mut v = Violations::new();
+        v.check(
+            (1..=64).contains(&r.vpg_ids.len()),
+            "vpg_ids",
+            "name 1 to 64 VPGs",
+        );
+        let mut vpgs = Vec::with_capacity(r.vpg_ids.len());
+        for (i, id) in r.vpg_ids.iter().enumerate() {
+            if let Some(id) = v.absorb(VpgId::parse(&format!("vpg_ids[{i}]"), id)) {
+                v.check(
+                    !vpgs.contains(&id),
+                    format!("vpg_ids[{i}]"),
+                    "is listed twice",
+                );
+                vpgs.push(id);
+            }
+        }
+        v.absorb(tandem_core::ids::check_name("name", &r.name));
+        v.check(
+            !r.name.contains(tandem_proto::vra_convert::APP_VM_SEPARATOR),
+            "name",
+            format!(
+                "must not contain {:?}",
+                tandem_proto::vra_convert::APP_VM_SEPARATOR
+            ),
+        );
+        let kind = match v1::CheckpointKind::try_from(r.kind) {
+            Ok(v1::CheckpointKind::Unspecified | v1::CheckpointKind::Manual) => Kind::Manual,
+            Ok(v1::CheckpointKind::ApplicationConsistent) => Kind::ApplicationConsistent,
+            Ok(v1::CheckpointKind::Automatic) => {
+                v.add("kind", "automatic checkpoints are the coordinator's");
+                Kind::Manual
+            }
+            Err(_) => {
+                v.add("kind", "unknown checkpoint kind");
+                Kind::Manual
+            }
+        };
+        let vm = match (kind, r.vm_id.is_empty()) {
+            (Kind::ApplicationConsistent, false) => v.absorb(VmId::parse("vm_id", &r.vm_id)),
+            (Kind::ApplicationConsistent, true) => {
+                v.add("vm_id", "an application-consistent checkpoint names its VM");
+                None
+            }
+            (_, false) => {
+                v.add("vm_id", "only application-consistent checkpoints name a VM");
+                None
+            }
+            (_, true) => None,
+        };
+        v.check(
+            kind != Kind::ApplicationConsistent || vpgs.len() == 1,
+            "vpg_ids",
+            "an application-consistent checkpoint is for the one VPG of its VM",
+        );
+        v.into_result().map_err(bad)?;
+        let taken = self.0.add_checkpoint(vpgs, r.name, kind, vm).await?;
+        let checkpoints = taken
+            .into_iter()
+            .map(|t| v1::Checkpoint {
+                id: t.id,
+                timestamp_ms: t.timestamp_ms,
+                kind: match t.kind {
+                    Kind::Automatic => v1::CheckpointKind::Automatic,
+                    Kind::Manual => v1::CheckpointKind::Manual,
+                    Kind::ApplicationConsistent => v1::CheckpointKind::ApplicationConsistent,
+                } as i32,
+                name: t.name,
+                vm_id: t.vm.map(|v| v.to_string()).unwrap_or_default(),
+                usable: false,
+            })
+            .collect();
+        Ok(Response::new(v1::AddCheckpointResponse { checkpoints }))
     }
 
     async fn export_vpgs_csv(

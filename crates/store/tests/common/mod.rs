@@ -40,6 +40,7 @@ pub fn cmd(i: u64) -> Command {
             id: HostId::minted(format!("h{i}")),
             name: format!("host-{i}"),
             vra_address: format!("10.0.0.{}:4000", i % 250 + 1),
+            peer_vra_address: String::new(),
         },
         create: true,
     }

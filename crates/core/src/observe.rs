@@ -1,0 +1,662 @@
+//! Live status: what the VRAs report about a VPG (in domain terms), what a site tells its
+//! peer about the VPGs they share, and the pure mapping from all of it to the seed's status
+//! model and the figures an operator sees. Every figure shown for a VPG (CLI, CSV, later
+//! the dashboard and /metrics) comes from one [`LiveStatus`] snapshot.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{HostId, SiteId, VpgId};
+use crate::status::{Fault, Pause, SyncKind, SyncTrigger, VpgObservation, VpgState};
+use crate::vpg::Vpg;
+
+/// The replication stream of one VPG on one VRA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamState {
+    Disconnected,
+    Replicating,
+    /// Protected: the stream cannot resume where the receiver is; a sync is due.
+    NeedsSync,
+    /// Recovery: a journal failed (I/O error, full datastore).
+    Failed,
+}
+
+/// A sync running (or due) on a protected VRA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncProgress {
+    pub kind: SyncKind,
+    pub trigger: Option<SyncTrigger>,
+    pub percent: u32,
+    pub eta_secs: u64,
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+}
+
+/// Which role a VRA plays for a VPG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Protected,
+    Recovery,
+}
+
+/// What one VRA reports about one VPG.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VraVpgReport {
+    pub role: Role,
+    pub generation: u64,
+    pub state: StreamState,
+    pub sync: Option<SyncProgress>,
+    pub tracking: bool,
+    pub paused: bool,
+    /// Protected: the highest sequence durable in every journal of its recovery VRA.
+    pub acked_seq: u64,
+    pub write_iops: u64,
+    pub write_bytes_per_sec: u64,
+    pub wan_bytes_per_sec: u64,
+    /// Recovery: bytes in the VPG's journals on this VRA.
+    pub journal_bytes: u64,
+    /// Recovery: newest checkpoint durable in every journal here (id, stamped ms).
+    pub last_durable_checkpoint: Option<(u64, u64)>,
+    /// Recovery: stamp of the oldest usable checkpoint over the journals here.
+    pub oldest_checkpoint_ms: Option<u64>,
+    /// Recovery: a journal promoted history early because of its hard limit.
+    pub history_short: bool,
+    /// Recovery: a storage error keeps entries from becoming durable.
+    pub storage_error: Option<String>,
+    pub last_error: String,
+}
+
+/// What a manager knows of one host's VRA for one VPG.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VraSeen {
+    Reported(VraVpgReport),
+    /// The VRA answered but does not hold the VPG (yet).
+    NotAssigned,
+    /// The VRA did not answer.
+    Unreachable(String),
+}
+
+/// One host of a VPG and what its VRA shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSeen {
+    pub host: HostId,
+    pub seen: VraSeen,
+}
+
+/// What a site tells its peer about one VPG they share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerVpgReport {
+    pub vpg: VpgId,
+    /// The generation of the reporting site's definition.
+    pub generation: u64,
+    /// The generation the reporting site's VRAs were assigned (0: not yet).
+    pub assigned_generation: u64,
+    /// The reporting site's VRAs of the VPG.
+    pub vras: Vec<HostSeen>,
+    /// Recovery site only: the address at which the protected VRAs reach each recovery
+    /// host's VRA.
+    pub targets: Vec<(HostId, String)>,
+    /// Why the reporting site cannot assign its VRAs, if it cannot.
+    pub plan_error: Option<String>,
+}
+
+/// A site's report to a peer: the VPGs they share, as the reporting site sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerReport {
+    pub site: Option<SiteId>,
+    pub vpgs: Vec<PeerVpgReport>,
+}
+
+/// The figures an operator sees for a VPG, beside its status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Figures {
+    pub actual_rpo_secs: Option<u64>,
+    pub sync: Option<SyncProgress>,
+    pub write_iops: u64,
+    pub write_bytes_per_sec: u64,
+    pub wan_bytes_per_sec: u64,
+    /// Disks and memory of the VMs (the seed's provisioned storage).
+    pub provisioned_bytes: u64,
+    /// Recovery disks and journals.
+    pub used_bytes: u64,
+    pub history_held_secs: u64,
+    pub history_configured_secs: u64,
+    /// The newest checkpoint durable in every journal (id, stamped ms).
+    pub last_checkpoint: Option<(u64, u64)>,
+    pub problems: Vec<String>,
+    pub observed_at_ms: u64,
+}
+
+/// One status snapshot of a VPG.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveStatus {
+    pub state: VpgState,
+    pub observation: VpgObservation,
+    pub figures: Figures,
+    /// Replicating at the definition's generation with no sync running or due: the VPG is
+    /// level (a new VPG leaves Creating; checkpoints may be taken).
+    pub level: bool,
+}
+
+/// Everything the mapping looks at for one VPG.
+#[derive(Debug, Clone)]
+pub struct LiveInputs<'a> {
+    pub vpg: &'a Vpg,
+    /// This site protects the VPG (else it recovers it).
+    pub protects: bool,
+    pub now_ms: u64,
+    /// This site's VRAs of the VPG.
+    pub own: &'a [HostSeen],
+    /// The peer's report of the VPG; `None` when the peer site cannot be reached.
+    pub peer: Option<&'a PeerVpgReport>,
+    /// Why this site cannot assign its VRAs, if it cannot.
+    pub plan_error: Option<&'a str>,
+    /// The newest checkpoint this site's coordinator saw durable everywhere (id, ms).
+    pub coordinated_checkpoint: Option<(u64, u64)>,
+}
+
+/// The strongest of two syncs, for a VPG whose VRAs run different ones.
+fn sync_rank(k: SyncKind) -> u8 {
+    match k {
+        SyncKind::Initial => 5,
+        SyncKind::Delta => 4,
+        SyncKind::VolumeInitial => 3,
+        SyncKind::VolumeDelta => 2,
+        SyncKind::Evaluating => 1,
+        SyncKind::Bitmap => 0,
+    }
+}
+
+fn reports(seen: &[HostSeen]) -> impl Iterator<Item = (&HostId, &VraVpgReport)> {
+    seen.iter().filter_map(|h| match &h.seen {
+        VraSeen::Reported(r) => Some((&h.host, r)),
+        _ => None,
+    })
+}
+
+/// Maps what is observed about a VPG to the seed's status, substatus and alert colour,
+/// with its figures.
+pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
+    let empty = Vec::new();
+    let peer_vras = i.peer.map_or(&empty, |p| &p.vras);
+    let (protected, recovery) = if i.protects {
+        (i.own, peer_vras.as_slice())
+    } else {
+        (peer_vras.as_slice(), i.own)
+    };
+    let mut faults = Vec::new();
+    let mut problems = Vec::new();
+    let peer_side = if i.protects { "recovery" } else { "protected" };
+
+    if i.peer.is_none() {
+        faults.push(if i.protects {
+            Fault::SiteDisconnected
+        } else {
+            Fault::ProtectedSiteDown
+        });
+        problems.push(format!("the {peer_side} site cannot be reached"));
+    }
+    if let Some(e) = i.plan_error {
+        faults.push(Fault::VmNotProtected);
+        problems.push(e.to_string());
+    }
+    if let Some(e) = i.peer.and_then(|p| p.plan_error.as_ref()) {
+        faults.push(Fault::VmNotProtected);
+        problems.push(format!("{peer_side} site: {e}"));
+    }
+    for (side, seen) in [("protected", protected), ("recovery", recovery)] {
+        for h in seen {
+            match &h.seen {
+                VraSeen::Unreachable(e) => {
+                    faults.push(Fault::Error);
+                    problems.push(format!(
+                        "{side} VRA of host {} cannot be reached: {e}",
+                        h.host
+                    ));
+                }
+                VraSeen::NotAssigned => {
+                    faults.push(Fault::VmNotProtected);
+                    problems.push(format!(
+                        "{side} VRA of host {} does not protect the VPG yet",
+                        h.host
+                    ));
+                }
+                VraSeen::Reported(r) => {
+                    if let Some(e) = &r.storage_error {
+                        faults.push(Fault::RecoveryStorage);
+                        problems.push(format!("{side} VRA of host {}: {e}", h.host));
+                    } else if r.state == StreamState::Failed {
+                        faults.push(Fault::JournalStorage);
+                        problems.push(format!("{side} VRA of host {}: {}", h.host, r.last_error));
+                    }
+                }
+            }
+        }
+    }
+    // The protected VRAs hear of a recovery storage error on their ack streams: it counts
+    // even while the recovery site's report is out of reach.
+    if reports(protected).any(|(_, r)| {
+        r.sync
+            .as_ref()
+            .is_some_and(|s| s.trigger == Some(SyncTrigger::RecoveryOrJournalStorageError))
+            && !r.last_error.is_empty()
+    }) && !faults.contains(&Fault::RecoveryStorage)
+    {
+        faults.push(Fault::RecoveryStorage);
+        if let Some((h, r)) = reports(protected).find(|(_, r)| !r.last_error.is_empty()) {
+            problems.push(format!("protected VRA of host {h}: {}", r.last_error));
+        }
+    }
+
+    let sync = reports(protected)
+        .filter_map(|(_, r)| {
+            r.sync.clone().or_else(|| {
+                (r.state == StreamState::NeedsSync).then_some(SyncProgress {
+                    kind: SyncKind::Evaluating,
+                    trigger: None,
+                    percent: 0,
+                    eta_secs: 0,
+                    total_bytes: 0,
+                    done_bytes: 0,
+                })
+            })
+        })
+        .reduce(|a, b| {
+            let (hi, lo) = if sync_rank(b.kind) > sync_rank(a.kind) {
+                (b, a)
+            } else {
+                (a, b)
+            };
+            // One progress for the VPG: bytes over every VRA running the strongest kind.
+            if hi.kind == lo.kind {
+                let total = hi.total_bytes + lo.total_bytes;
+                let done = hi.done_bytes + lo.done_bytes;
+                SyncProgress {
+                    percent: done
+                        .saturating_mul(100)
+                        .checked_div(total)
+                        .map_or(hi.percent.min(lo.percent), |p| p.min(100) as u32),
+                    eta_secs: hi.eta_secs.max(lo.eta_secs),
+                    total_bytes: total,
+                    done_bytes: done,
+                    trigger: hi.trigger.or(lo.trigger),
+                    kind: hi.kind,
+                }
+            } else {
+                hi
+            }
+        });
+    let paused = reports(protected).any(|(_, r)| r.paused);
+
+    let durable_here = reports(recovery)
+        .map(|(_, r)| r.last_durable_checkpoint)
+        .try_fold(None::<(u64, u64)>, |acc, cp| {
+            let cp = cp?;
+            Some(Some(match acc {
+                Some(a) if a.1 <= cp.1 => a,
+                _ => cp,
+            }))
+        })
+        .flatten()
+        .filter(|_| reports(recovery).count() == recovery.len() && !recovery.is_empty());
+    let last_checkpoint = match (durable_here, i.coordinated_checkpoint) {
+        (Some(a), Some(b)) => Some(if a.1 >= b.1 { a } else { b }),
+        (a, b) => a.or(b),
+    };
+    let actual_rpo_secs = last_checkpoint.map(|(_, ms)| i.now_ms.saturating_sub(ms) / 1000);
+    let history_met = !reports(recovery).any(|(_, r)| r.history_short);
+    let oldest = reports(recovery)
+        .filter_map(|(_, r)| r.oldest_checkpoint_ms)
+        .max();
+
+    let observation = VpgObservation {
+        vm_count: i.vpg.vms.len(),
+        operation: i.vpg.operation,
+        sync: sync.as_ref().map(|s| s.kind),
+        forced: sync
+            .as_ref()
+            .is_some_and(|s| s.trigger == Some(SyncTrigger::ForceSync)),
+        pause: paused.then_some(Pause::User),
+        faults,
+        backup_running: false,
+        actual_rpo_secs,
+        target_rpo_secs: i.vpg.settings.target_rpo_secs,
+        history_met,
+        has_checkpoints: last_checkpoint.is_some(),
+        after_rollback: false,
+    };
+    let state = observation.evaluate();
+    let level = !protected.is_empty()
+        && protected.iter().all(|h| {
+            matches!(&h.seen, VraSeen::Reported(r)
+                if r.generation == i.vpg.generation
+                    && r.state == StreamState::Replicating
+                    && r.sync.is_none()
+                    && !r.tracking
+                    && !r.paused)
+        })
+        && observation.faults.is_empty();
+
+    let sum = |f: fn(&VraVpgReport) -> u64| reports(protected).map(|(_, r)| f(r)).sum::<u64>();
+    let journals: u64 = reports(recovery).map(|(_, r)| r.journal_bytes).sum();
+    let disks: u64 = i
+        .vpg
+        .vms
+        .iter()
+        .map(|m| m.footprint.provisioned_bytes())
+        .sum();
+    let memory: u64 = i.vpg.vms.iter().map(|m| m.footprint.memory_mib << 20).sum();
+    let figures = Figures {
+        actual_rpo_secs,
+        sync,
+        write_iops: sum(|r| r.write_iops),
+        write_bytes_per_sec: sum(|r| r.write_bytes_per_sec),
+        wan_bytes_per_sec: sum(|r| r.wan_bytes_per_sec),
+        provisioned_bytes: disks + memory,
+        used_bytes: disks + journals,
+        history_held_secs: oldest.map_or(0, |ms| i.now_ms.saturating_sub(ms) / 1000),
+        history_configured_secs: i.vpg.settings.journal_history_secs,
+        last_checkpoint,
+        problems,
+        observed_at_ms: i.now_ms,
+    };
+    LiveStatus {
+        state,
+        observation,
+        figures,
+        level,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{DatastoreId, PoolId, VmId};
+    use crate::status::{AlertColor, Operation, VpgStatus, VpgSubstatus};
+    use crate::vpg::{VmFootprint, VmPlacement, VpgSettings, VpgVm};
+
+    fn vpg(operation: Option<Operation>) -> Vpg {
+        Vpg {
+            id: VpgId::minted("g".into()),
+            name: "g".into(),
+            generation: 2,
+            protected_site: SiteId::minted("a".into()),
+            recovery_site: SiteId::minted("b".into()),
+            settings: VpgSettings::default(),
+            vms: vec![VpgVm {
+                placement: VmPlacement {
+                    vm_id: VmId::minted("vm".into()),
+                    recovery_host: HostId::minted("r1".into()),
+                    recovery_datastore: DatastoreId::minted("ds".into()),
+                    recovery_pool: PoolId::minted("p".into()),
+                },
+                footprint: VmFootprint {
+                    vm_name: "vm".into(),
+                    cpu_reservation_mhz: 0,
+                    memory_reservation_mib: 0,
+                    memory_mib: 4096,
+                    volumes: vec![(0, 0, 1 << 30)],
+                    journal_hard_limit: crate::vpg::JournalLimit::Unlimited,
+                    journal_warning: crate::vpg::JournalLimit::Unlimited,
+                },
+            }],
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            operation,
+        }
+    }
+
+    fn protected() -> VraVpgReport {
+        VraVpgReport {
+            role: Role::Protected,
+            generation: 2,
+            state: StreamState::Replicating,
+            sync: None,
+            tracking: false,
+            paused: false,
+            acked_seq: 10,
+            write_iops: 100,
+            write_bytes_per_sec: 1 << 20,
+            wan_bytes_per_sec: 1 << 19,
+            journal_bytes: 0,
+            last_durable_checkpoint: None,
+            oldest_checkpoint_ms: None,
+            history_short: false,
+            storage_error: None,
+            last_error: String::new(),
+        }
+    }
+
+    fn recovery(cp_ms: u64) -> VraVpgReport {
+        VraVpgReport {
+            role: Role::Recovery,
+            journal_bytes: 5 << 20,
+            last_durable_checkpoint: Some((7, cp_ms)),
+            oldest_checkpoint_ms: Some(cp_ms - 60_000),
+            write_iops: 0,
+            write_bytes_per_sec: 0,
+            wan_bytes_per_sec: 0,
+            ..protected()
+        }
+    }
+
+    fn seen(host: &str, r: VraVpgReport) -> HostSeen {
+        HostSeen {
+            host: HostId::minted(host.into()),
+            seen: VraSeen::Reported(r),
+        }
+    }
+
+    fn peer(vras: Vec<HostSeen>) -> PeerVpgReport {
+        PeerVpgReport {
+            vpg: VpgId::minted("g".into()),
+            generation: 2,
+            assigned_generation: 2,
+            vras,
+            targets: vec![],
+            plan_error: None,
+        }
+    }
+
+    const NOW: u64 = 1_000_000;
+
+    fn run(g: &Vpg, protects: bool, own: &[HostSeen], peer: Option<&PeerVpgReport>) -> LiveStatus {
+        evaluate(&LiveInputs {
+            vpg: g,
+            protects,
+            now_ms: NOW,
+            own,
+            peer,
+            plan_error: None,
+            coordinated_checkpoint: None,
+        })
+    }
+
+    fn shown(s: &LiveStatus) -> (VpgStatus, VpgSubstatus, AlertColor) {
+        (s.state.status, s.state.substatus, s.state.alert)
+    }
+
+    #[test]
+    fn replicating_with_a_recent_checkpoint_meets_sla_with_figures() {
+        let g = vpg(None);
+        let own = [seen("p1", protected())];
+        let p = peer(vec![seen("r1", recovery(NOW - 3000))]);
+        let s = run(&g, true, &own, Some(&p));
+        assert_eq!(
+            shown(&s),
+            (VpgStatus::MeetingSla, VpgSubstatus::None, AlertColor::Green)
+        );
+        assert!(s.level);
+        assert_eq!(s.figures.actual_rpo_secs, Some(3));
+        assert_eq!(s.figures.write_iops, 100);
+        assert_eq!(s.figures.provisioned_bytes, (1 << 30) + (4096 << 20));
+        assert_eq!(s.figures.used_bytes, (1 << 30) + (5 << 20));
+        assert_eq!(s.figures.history_held_secs, 63);
+        // The recovery site sees the same VPG the same way from its side.
+        let own = [seen("r1", recovery(NOW - 3000))];
+        let p = peer(vec![seen("p1", protected())]);
+        assert_eq!(
+            shown(&run(&g, false, &own, Some(&p))).0,
+            VpgStatus::MeetingSla
+        );
+    }
+
+    #[test]
+    fn initial_sync_shows_progress_while_creating() {
+        let g = vpg(Some(Operation::Creating));
+        let mut a = protected();
+        a.sync = Some(SyncProgress {
+            kind: SyncKind::Initial,
+            trigger: None,
+            percent: 10,
+            eta_secs: 30,
+            total_bytes: 100,
+            done_bytes: 10,
+        });
+        let mut b = a.clone();
+        b.sync.as_mut().unwrap().done_bytes = 50;
+        let own = [seen("p1", a), seen("p2", b)];
+        let p = peer(vec![seen(
+            "r1",
+            VraVpgReport {
+                last_durable_checkpoint: None,
+                ..recovery(NOW)
+            },
+        )]);
+        let s = run(&g, true, &own, Some(&p));
+        assert_eq!(
+            shown(&s),
+            (
+                VpgStatus::Initializing,
+                VpgSubstatus::InitialSync,
+                AlertColor::Green
+            )
+        );
+        let sync = s.figures.sync.unwrap();
+        assert_eq!(
+            (sync.percent, sync.eta_secs, sync.total_bytes),
+            (30, 30, 200)
+        );
+        assert!(!s.level);
+        assert_eq!(s.figures.actual_rpo_secs, None);
+    }
+
+    #[test]
+    fn peer_out_of_reach_is_site_disconnection_or_recovery_is_possible() {
+        let g = vpg(None);
+        let own = [seen("p1", protected())];
+        let s = run(&g, true, &own, None);
+        assert_eq!(
+            s.state.substatus,
+            VpgSubstatus::SiteDisconnectionNoCheckpoints
+        );
+        let s = evaluate(&LiveInputs {
+            coordinated_checkpoint: Some((3, NOW - 1000)),
+            ..LiveInputs {
+                vpg: &g,
+                protects: true,
+                now_ms: NOW,
+                own: &own,
+                peer: None,
+                plan_error: None,
+                coordinated_checkpoint: None,
+            }
+        });
+        assert_eq!(
+            shown(&s),
+            (
+                VpgStatus::NotMeetingSla,
+                VpgSubstatus::SiteDisconnection,
+                AlertColor::Red
+            )
+        );
+        let own = [seen("r1", recovery(NOW - 1000))];
+        let s = run(&g, false, &own, None);
+        assert_eq!(s.state.substatus, VpgSubstatus::RecoveryIsPossible);
+    }
+
+    #[test]
+    fn vra_faults_map_to_the_seed_substatuses() {
+        let g = vpg(None);
+        let own = [HostSeen {
+            host: HostId::minted("p1".into()),
+            seen: VraSeen::Unreachable("connection refused".into()),
+        }];
+        let p = peer(vec![seen("r1", recovery(NOW))]);
+        let s = run(&g, true, &own, Some(&p));
+        assert_eq!(s.state.substatus, VpgSubstatus::Error);
+        assert!(s.figures.problems[0].contains("connection refused"));
+        let own = [HostSeen {
+            host: HostId::minted("p1".into()),
+            seen: VraSeen::NotAssigned,
+        }];
+        assert_eq!(
+            run(&g, true, &own, Some(&p)).state.substatus,
+            VpgSubstatus::VmNotProtected
+        );
+        let own = [seen("p1", protected())];
+        let full = VraVpgReport {
+            storage_error: Some("no space left on device".into()),
+            state: StreamState::Failed,
+            ..recovery(NOW)
+        };
+        let p = peer(vec![seen("r1", full)]);
+        assert_eq!(
+            run(&g, true, &own, Some(&p)).state.substatus,
+            VpgSubstatus::RecoveryStorageError
+        );
+        let mut paused = protected();
+        paused.paused = true;
+        let p = peer(vec![seen("r1", recovery(NOW))]);
+        assert_eq!(
+            run(&g, true, &[seen("p1", paused)], Some(&p))
+                .state
+                .substatus,
+            VpgSubstatus::UserPausedProtection
+        );
+    }
+
+    #[test]
+    fn sla_figures_decide_the_status_while_replicating() {
+        let g = vpg(None);
+        let own = [seen("p1", protected())];
+        let p = peer(vec![seen("r1", recovery(NOW - 400_000))]);
+        assert_eq!(
+            run(&g, true, &own, Some(&p)).state.status,
+            VpgStatus::RpoNotMeetingSla
+        );
+        let short = VraVpgReport {
+            history_short: true,
+            ..recovery(NOW - 1000)
+        };
+        let p = peer(vec![seen("r1", short)]);
+        assert_eq!(
+            run(&g, true, &own, Some(&p)).state.status,
+            VpgStatus::HistoryNotMeetingSla
+        );
+        // The oldest of the recovery VRAs' newest checkpoints is the VPG's.
+        let p = peer(vec![
+            seen("r1", recovery(NOW - 1000)),
+            seen("r2", recovery(NOW - 9000)),
+        ]);
+        assert_eq!(
+            run(&g, true, &own, Some(&p)).figures.actual_rpo_secs,
+            Some(9)
+        );
+        let mut bitmap = protected();
+        bitmap.sync = Some(SyncProgress {
+            kind: SyncKind::Bitmap,
+            trigger: Some(SyncTrigger::RecoveryVraCommunicationProblem),
+            percent: 0,
+            eta_secs: 0,
+            total_bytes: 0,
+            done_bytes: 0,
+        });
+        let p = peer(vec![seen("r1", recovery(NOW - 1000))]);
+        let s = run(&g, true, &[seen("p1", bitmap)], Some(&p));
+        assert_eq!(s.state.substatus, VpgSubstatus::BitmapSyncing);
+        assert_eq!(
+            s.figures.sync.unwrap().trigger,
+            Some(SyncTrigger::RecoveryVraCommunicationProblem)
+        );
+    }
+}

@@ -1,0 +1,287 @@
+//! The leader's observed state: what each VRA of this site and each peer site last
+//! reported, and what the checkpoint coordinator knows, held in memory (high-frequency
+//! figures never go through Raft) and rebuilt after a leader change. [`Live::status`] turns
+//! it, with a definition, into the one status snapshot of a VPG.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tandem_core::ids::{HostId, SiteId, VpgId};
+use tandem_core::observe::{
+    self, HostSeen, LiveInputs, LiveStatus, PeerReport, PeerVpgReport, VraSeen, VraVpgReport,
+};
+use tandem_core::protection;
+use tandem_core::state::SiteState;
+use tandem_core::vpg::Vpg;
+
+/// A peer whose last report is older than this counts as unreachable.
+pub const PEER_STALE: Duration = Duration::from_secs(4);
+/// A VRA whose last status is older than this counts as unreachable.
+pub const VRA_STALE: Duration = Duration::from_secs(4);
+
+/// The last status read from one VRA.
+#[derive(Debug, Clone)]
+pub struct VraObservation {
+    pub at: Instant,
+    /// The VPGs it holds, or why it could not be read.
+    pub vpgs: Result<HashMap<VpgId, VraVpgReport>, String>,
+}
+
+/// The last report of one peer site.
+#[derive(Debug, Clone)]
+struct PeerObservation {
+    ok_at: Option<Instant>,
+    report: PeerReport,
+    error: Option<String>,
+}
+
+/// A checkpoint thawed on every VRA of its VPG, not yet seen durable everywhere.
+#[derive(Debug, Clone)]
+pub struct PendingCheckpoint {
+    pub id: u64,
+    pub timestamp_ms: u64,
+    /// The marker's stream sequence on each protected VRA.
+    pub markers: Vec<(HostId, u64)>,
+}
+
+#[derive(Debug, Default)]
+struct CoordinatorView {
+    pending: Vec<PendingCheckpoint>,
+    durable: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    vras: HashMap<HostId, VraObservation>,
+    peers: HashMap<SiteId, PeerObservation>,
+    checkpoints: HashMap<VpgId, CoordinatorView>,
+}
+
+/// Shared by the controllers and the API of one node; filled only while it leads.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// Which side of a VPG this site is, and the hosts of its own side.
+pub fn own_hosts(s: &SiteState, vpg: &Vpg) -> (bool, Result<Vec<HostId>, String>) {
+    let protects = s.site_id() == Some(&vpg.protected_site);
+    let hosts = if protects {
+        protection::protected_plans(vpg, s).map(|p| p.into_iter().map(|p| p.host).collect())
+    } else {
+        protection::recovery_plans(vpg, s).map(|p| p.into_iter().map(|p| p.host).collect())
+    };
+    (protects, hosts.map_err(|e| e.to_string()))
+}
+
+impl Live {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets everything (this node stopped leading: its figures would go stale).
+    pub fn clear(&self) {
+        *self.lock() = Inner::default();
+    }
+
+    pub fn record_vra(&self, host: HostId, vpgs: Result<HashMap<VpgId, VraVpgReport>, String>) {
+        let mut inner = self.lock();
+        if let Ok(reports) = &vpgs {
+            // Markers whose sequence every protected VRA acknowledged are durable.
+            for (vpg, view) in inner.checkpoints.iter_mut() {
+                let Some(r) = reports.get(vpg) else { continue };
+                for p in &mut view.pending {
+                    p.markers
+                        .retain(|(h, seq)| !(h == &host && r.acked_seq >= *seq));
+                }
+                if let Some(newest) = view
+                    .pending
+                    .iter()
+                    .filter(|p| p.markers.is_empty())
+                    .map(|p| (p.id, p.timestamp_ms))
+                    .max_by_key(|c| c.1)
+                {
+                    view.pending.retain(|p| p.timestamp_ms > newest.1);
+                    view.durable = Some(newest);
+                }
+            }
+        }
+        inner.vras.insert(
+            host,
+            VraObservation {
+                at: Instant::now(),
+                vpgs,
+            },
+        );
+    }
+
+    pub fn record_peer(&self, site: SiteId, report: Result<PeerReport, String>) {
+        let mut inner = self.lock();
+        let entry = inner.peers.entry(site).or_insert(PeerObservation {
+            ok_at: None,
+            report: PeerReport::default(),
+            error: None,
+        });
+        match report {
+            Ok(r) => {
+                entry.ok_at = Some(Instant::now());
+                entry.report = r;
+                entry.error = None;
+            }
+            Err(e) => entry.error = Some(e),
+        }
+    }
+
+    /// A checkpoint was thawed everywhere: wait for its markers to become durable.
+    pub fn record_checkpoint(&self, vpg: &VpgId, cp: PendingCheckpoint) {
+        let mut inner = self.lock();
+        let view = inner.checkpoints.entry(vpg.clone()).or_default();
+        // Bounded: markers that never become durable (a lost stream) age out.
+        if view.pending.len() >= 64 {
+            view.pending.remove(0);
+        }
+        view.pending.push(cp);
+    }
+
+    /// The last report of a peer, if it is recent enough to count as reachable.
+    pub fn peer_vpg(&self, site: &SiteId, vpg: &VpgId) -> Option<Option<PeerVpgReport>> {
+        let inner = self.lock();
+        let p = inner.peers.get(site)?;
+        if p.ok_at.is_none_or(|t| t.elapsed() >= PEER_STALE) {
+            return None;
+        }
+        Some(p.report.vpgs.iter().find(|g| &g.vpg == vpg).cloned())
+    }
+
+    /// Whether the peer answered recently.
+    pub fn peer_reachable(&self, site: &SiteId) -> bool {
+        self.lock()
+            .peers
+            .get(site)
+            .is_some_and(|p| p.ok_at.is_some_and(|t| t.elapsed() < PEER_STALE))
+    }
+
+    /// Whether anything was observed yet (a node that just started leading has not).
+    pub fn observed_any(&self) -> bool {
+        !self.lock().vras.is_empty()
+    }
+
+    /// What each of `hosts` shows for `vpg`.
+    pub fn seen(&self, vpg: &VpgId, hosts: &[HostId]) -> Vec<HostSeen> {
+        let inner = self.lock();
+        hosts
+            .iter()
+            .map(|h| HostSeen {
+                host: h.clone(),
+                seen: match inner.vras.get(h) {
+                    None => VraSeen::Unreachable("not polled yet".into()),
+                    Some(o) if o.at.elapsed() > VRA_STALE => {
+                        VraSeen::Unreachable("no status for a while".into())
+                    }
+                    Some(VraObservation { vpgs: Err(e), .. }) => VraSeen::Unreachable(e.clone()),
+                    Some(VraObservation { vpgs: Ok(m), .. }) => match m.get(vpg) {
+                        Some(r) => VraSeen::Reported(r.clone()),
+                        None => VraSeen::NotAssigned,
+                    },
+                },
+            })
+            .collect()
+    }
+
+    /// What a VRA reported last, for the reconciler.
+    pub fn vra(&self, host: &HostId) -> Option<VraObservation> {
+        self.lock().vras.get(host).cloned()
+    }
+
+    /// The one status snapshot of `vpg` as this site sees it.
+    pub fn status(&self, s: &SiteState, vpg: &Vpg, now_ms: u64) -> LiveStatus {
+        let (protects, hosts) = own_hosts(s, vpg);
+        let (hosts, plan_error) = match hosts {
+            Ok(h) => (h, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let own = self.seen(&vpg.id, &hosts);
+        let peer_site = if protects {
+            &vpg.recovery_site
+        } else {
+            &vpg.protected_site
+        };
+        let peer = self.peer_vpg(peer_site, &vpg.id);
+        // A reachable peer that has no copy of the VPG reports it with no VRAs.
+        let missing;
+        let peer = match &peer {
+            None => None,
+            Some(Some(p)) => Some(p),
+            Some(None) => {
+                missing = PeerVpgReport {
+                    vpg: vpg.id.clone(),
+                    generation: 0,
+                    assigned_generation: 0,
+                    vras: Vec::new(),
+                    targets: Vec::new(),
+                    plan_error: Some("the peer site holds no copy of the VPG".into()),
+                };
+                Some(&missing)
+            }
+        };
+        let coordinated = self.lock().checkpoints.get(&vpg.id).and_then(|c| c.durable);
+        observe::evaluate(&LiveInputs {
+            vpg,
+            protects,
+            now_ms,
+            own: &own,
+            peer,
+            plan_error: plan_error.as_deref(),
+            coordinated_checkpoint: coordinated,
+        })
+    }
+
+    /// This site's report to `peer`: the VPGs they share, as seen here.
+    pub fn report_for(&self, s: &SiteState, peer: &SiteId) -> PeerReport {
+        let mut vpgs = Vec::new();
+        for vpg in s.vpgs.values().filter(|g| {
+            (&g.protected_site == peer || &g.recovery_site == peer)
+                && s.site_id().is_some_and(|own| g.joins(own, peer))
+        }) {
+            let (protects, hosts) = own_hosts(s, vpg);
+            let (hosts, plan_error) = match hosts {
+                Ok(h) => (h, None),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            let vras = self.seen(&vpg.id, &hosts);
+            let assigned_generation = if !vras.is_empty()
+                && vras.iter().all(
+                    |h| matches!(&h.seen, VraSeen::Reported(r) if r.generation == vpg.generation),
+                ) {
+                vpg.generation
+            } else {
+                0
+            };
+            let targets = if protects {
+                Vec::new()
+            } else {
+                hosts
+                    .iter()
+                    .filter_map(|h| {
+                        s.hosts
+                            .get(h)
+                            .map(|host| (h.clone(), host.peer_address().to_string()))
+                    })
+                    .collect()
+            };
+            vpgs.push(PeerVpgReport {
+                vpg: vpg.id.clone(),
+                generation: vpg.generation,
+                assigned_generation,
+                vras,
+                targets,
+                plan_error,
+            });
+        }
+        PeerReport {
+            site: s.site_id().cloned(),
+            vpgs,
+        }
+    }
+}

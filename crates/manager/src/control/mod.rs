@@ -1,0 +1,282 @@
+//! The control loop: controllers that run only on the site's leader and close the gap
+//! between the replicated definitions (what should be) and what the VRAs report (what is).
+//! Level-triggered and restartable from the replicated state alone: a new leader polls,
+//! reconciles and resumes checkpoints within a few seconds.
+//!
+//! - [`poll`]: reads every VRA of this site and every peer site's report into [`Live`];
+//! - [`reconcile`]: assigns this site's VRAs from the plans of `tandem_core::protection`;
+//! - [`checkpoints`]: the checkpoint coordinator of the VPGs this site protects.
+//!
+//! Leader-only requests (live status, barriers) reach the leader through
+//! [`LeaderRequest`], forwarded by followers over `ManagerInternal.LeaderCall`.
+
+pub mod checkpoints;
+pub mod live;
+pub mod poll;
+pub mod reconcile;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tandem_core::ids::{SiteId, VmId, VpgId};
+use tandem_core::observe::{LiveStatus, PeerReport};
+use tandem_proto::v1;
+use tandem_proto::v1::vra_control_client::VraControlClient;
+use tandem_store::Role;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
+
+pub use live::Live;
+
+use crate::error::ApiResult;
+use crate::net::Connector;
+use crate::site::SiteManager;
+
+/// How often the leader polls its VRAs and peers, and reconciles.
+pub const TICK: Duration = Duration::from_secs(1);
+/// The longest a VRA control call may take before the VRA counts as unreachable.
+pub const VRA_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A request that only the leader can answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderRequest {
+    /// Live status of these VPGs (all when empty).
+    Live { vpgs: Vec<VpgId> },
+    /// This site's report for a peer site.
+    PeerReport { from: SiteId },
+    /// A named checkpoint in each VPG.
+    AddCheckpoint {
+        vpgs: Vec<VpgId>,
+        name: String,
+        kind: checkpoints::Kind,
+        vm: Option<VmId>,
+    },
+}
+
+/// The leader's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderResponse {
+    Live(Vec<(VpgId, LiveStatus)>),
+    PeerReport(PeerReport),
+    Checkpoints(Vec<checkpoints::Taken>),
+}
+
+/// The controllers' shared parts: observed state, VRA channels, the checkpoint id source.
+#[derive(Clone, Default)]
+pub struct Control {
+    pub live: Live,
+    connector: Connector,
+    barriers: checkpoints::Barriers,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").finish_non_exhaustive()
+    }
+}
+
+impl Control {
+    pub fn new(connector: Connector) -> Self {
+        Self {
+            live: Live::default(),
+            connector,
+            barriers: checkpoints::Barriers::default(),
+        }
+    }
+
+    /// The control client of the VRA at `addr`.
+    pub fn vra(&self, addr: &str) -> ApiResult<VraControlClient<Channel>> {
+        Ok(VraControlClient::new(self.connector.lazy(addr)?)
+            .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES))
+    }
+}
+
+/// Calls `step` once per [`TICK`] until `cancel`; a slow step delays the next tick.
+pub async fn every_tick<F, Fut>(cancel: &CancellationToken, mut step: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = step() => {}
+        }
+    }
+}
+
+/// Calls the control service of the VRA at `addr`; the failure as text.
+pub async fn call_vra<F, Fut, T>(site: &SiteManager, addr: &str, call: F) -> Result<(), String>
+where
+    F: FnOnce(VraControlClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    match site.control().vra(addr) {
+        Ok(c) => call(c)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A VRA call bounded by [`VRA_CALL_TIMEOUT`].
+pub fn vra_request<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(VRA_CALL_TIMEOUT);
+    r
+}
+
+/// Runs the controllers whenever this node leads, until `shutdown`.
+pub async fn run(site: SiteManager, shutdown: CancellationToken) {
+    let store = site.node().store();
+    let mut changes = store.watch_metrics();
+    loop {
+        let m = store.metrics();
+        if m.role == Role::Leader {
+            let term = m.term;
+            let leading = shutdown.child_token();
+            let tasks = TaskTracker::new();
+            tracing::info!(term, "leading: starting controllers");
+            tasks.spawn(poll::run(site.clone(), leading.clone()));
+            tasks.spawn(reconcile::run(site.clone(), leading.clone()));
+            tasks.spawn(checkpoints::run(site.clone(), term, leading.clone()));
+            tasks.close();
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    r = changes.changed() => if r.is_err() { break },
+                }
+                let now = store.metrics();
+                if now.role != Role::Leader || now.term != term {
+                    break;
+                }
+            }
+            leading.cancel();
+            tasks.wait().await;
+            site.control().live.clear();
+            tracing::info!(term, "stopped leading: controllers stopped");
+        }
+        if shutdown.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Answers a leader request on this node (the leader).
+pub async fn answer(site: &SiteManager, req: LeaderRequest) -> ApiResult<LeaderResponse> {
+    let control = site.control();
+    match req {
+        LeaderRequest::Live { vpgs } => {
+            let now = crate::site::now_ms();
+            let statuses = site.node().read_local(|s| {
+                s.vpgs
+                    .values()
+                    .filter(|g| vpgs.is_empty() || vpgs.contains(&g.id))
+                    .map(|g| (g.id.clone(), control.live.status(s, g, now)))
+                    .collect()
+            });
+            Ok(LeaderResponse::Live(statuses))
+        }
+        LeaderRequest::PeerReport { from } => Ok(LeaderResponse::PeerReport(
+            site.node()
+                .read_local(|s| control.live.report_for(s, &from)),
+        )),
+        LeaderRequest::AddCheckpoint {
+            vpgs,
+            name,
+            kind,
+            vm,
+        } => {
+            let term = site.node().store().metrics().term;
+            let mut taken = Vec::with_capacity(vpgs.len());
+            for vpg in vpgs {
+                taken.push(checkpoints::take(site, term, &vpg, kind, &name, vm.as_ref()).await?);
+            }
+            Ok(LeaderResponse::Checkpoints(taken))
+        }
+    }
+}
+
+/// The live status of `vpgs` (all when empty) from the leader; an empty map when no leader
+/// answers (the caller then shows definitions alone).
+pub async fn live_statuses(site: &SiteManager, vpgs: Vec<VpgId>) -> HashMap<VpgId, LiveStatus> {
+    match site.leader_call(LeaderRequest::Live { vpgs }).await {
+        Ok(LeaderResponse::Live(v)) => v.into_iter().collect(),
+        Ok(_) => HashMap::new(),
+        Err(e) => {
+            tracing::debug!(error = %e, "no live status from the leader");
+            HashMap::new()
+        }
+    }
+}
+
+/// Lists the checkpoints of a VPG this site recovers, from its recovery VRAs' journals: a
+/// checkpoint is in every journal of the VPG or it is not listed; usable only when usable
+/// in every journal.
+pub async fn recovery_checkpoints(
+    site: &SiteManager,
+    vpg: &VpgId,
+) -> ApiResult<Vec<v1::VraCheckpoint>> {
+    let addrs = site.node().read_local(|s| {
+        let g = s.vpgs.get(vpg)?;
+        let plans = tandem_core::protection::recovery_plans(g, s).ok()?;
+        Some(
+            plans
+                .iter()
+                .filter_map(|p| s.hosts.get(&p.host).map(|h| h.vra_address.clone()))
+                .collect::<Vec<_>>(),
+        )
+    });
+    let Some(addrs) = addrs else {
+        return Err(tandem_core::DomainError::not_found("vpg", vpg).into());
+    };
+    let control = site.control();
+    let calls = addrs.iter().map(|a| {
+        let client = control.vra(a);
+        let id = vpg.to_string();
+        async move {
+            let mut c = client?;
+            c.list_checkpoints(vra_request(v1::ListCheckpointsRequest { vpg_id: id }))
+                .await
+                .map(|r| r.into_inner().checkpoints)
+                .map_err(|s| {
+                    crate::error::ApiError::unavailable(format!(
+                        "recovery VRA at {a}: {}",
+                        s.message()
+                    ))
+                })
+        }
+    });
+    let lists = futures::future::try_join_all(calls).await?;
+    let mut lists = lists.into_iter();
+    let Some(first) = lists.next() else {
+        return Ok(Vec::new());
+    };
+    let mut merged: Vec<v1::VraCheckpoint> = first;
+    for other in lists {
+        let by_id: HashMap<u64, &v1::VraCheckpoint> =
+            other.iter().map(|c| (c.checkpoint_id, c)).collect();
+        merged.retain_mut(|c| match by_id.get(&c.checkpoint_id) {
+            Some(o) => {
+                c.durable &= o.durable;
+                c.usable &= o.usable;
+                true
+            }
+            None => false,
+        });
+    }
+    Ok(merged)
+}

@@ -1,0 +1,178 @@
+//! The reconciler: every tick, plans this site's VRAs from the committed definitions
+//! (`tandem_core::protection`) and applies what differs from what they report. The
+//! recovery side assigns its recovery VRAs first; the protected side assigns its protected
+//! VRAs only once the peer's report shows the recovery VRAs at the same generation, with
+//! their addresses. A VRA holding a VPG that no definition gives it is unassigned (its
+//! journals and images stay on disk). A new VPG leaves "Creating" once it is level.
+
+use std::collections::{HashMap, HashSet};
+
+use tandem_core::ids::{HostId, VpgId};
+use tandem_core::observe::VraVpgReport;
+use tandem_core::protection::{self, ProtectedPlan, RecoveryPlan};
+use tandem_core::state::{Command, SiteState};
+use tandem_core::status::Operation;
+use tandem_core::vpg::Vpg;
+use tandem_proto::v1;
+use tandem_proto::vra_convert;
+use tokio_util::sync::CancellationToken;
+
+use super::{call_vra, every_tick, vra_request};
+use crate::site::{SiteManager, now_ms};
+
+/// Reconciles until `cancel`.
+pub async fn run(site: SiteManager, cancel: CancellationToken) {
+    every_tick(&cancel, || async {
+        // Acts only on what the poller has seen (a fresh leader waits for its first round).
+        if site.control().live.observed_any() {
+            reconcile_once(&site).await;
+        }
+    })
+    .await;
+}
+
+/// What a host's VRA last reported for each VPG, when it answered.
+fn reported(site: &SiteManager, host: &HostId) -> Option<HashMap<VpgId, VraVpgReport>> {
+    site.control().live.vra(host).and_then(|o| o.vpgs.ok())
+}
+
+fn generation_on(site: &SiteManager, host: &HostId, vpg: &VpgId) -> Option<u64> {
+    reported(site, host).and_then(|m| m.get(vpg).map(|r| r.generation))
+}
+
+/// One pass over every definition.
+pub async fn reconcile_once(site: &SiteManager) {
+    // A linearizable read: a new leader acts on the committed state, never a stale one.
+    let state = match site.node().read(|s| s.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "reconcile: no state");
+            return;
+        }
+    };
+    let Some(own) = state.site_id().cloned() else {
+        return;
+    };
+    let now = now_ms();
+    // For each host: the VPGs the definitions give it, and the VPGs whose plan failed
+    // (left alone rather than unassigned).
+    let mut wanted: HashMap<HostId, HashSet<VpgId>> = HashMap::new();
+    let mut unplanned: HashSet<VpgId> = HashSet::new();
+    for vpg in state.vpgs.values() {
+        if matches!(vpg.operation, Some(Operation::Recovered)) {
+            continue;
+        }
+        let planned = if vpg.protected_site == own {
+            let plans = protection::protected_plans(vpg, &state);
+            for plan in plans.iter().flatten() {
+                apply_protected(site, &state, vpg, plan).await;
+            }
+            plans.map(|p| p.into_iter().map(|p| p.host).collect::<Vec<_>>())
+        } else {
+            let plans = protection::recovery_plans(vpg, &state);
+            for plan in plans.iter().flatten() {
+                apply_recovery(site, &state, plan).await;
+            }
+            plans.map(|p| p.into_iter().map(|p| p.host).collect())
+        };
+        match planned {
+            Ok(hosts) => {
+                for host in hosts {
+                    wanted.entry(host).or_default().insert(vpg.id.clone());
+                }
+            }
+            Err(e) => {
+                tracing::debug!(vpg = %vpg.id, error = %e, "cannot plan this site's role");
+                unplanned.insert(vpg.id.clone());
+            }
+        }
+        if vpg.operation == Some(Operation::Creating)
+            && site.control().live.status(&state, vpg, now).level
+        {
+            let cmd = Command::SetVpgOperation {
+                id: vpg.id.clone(),
+                generation: vpg.generation,
+                operation: None,
+            };
+            match site.node().propose(cmd).await {
+                Ok(_) => tracing::info!(vpg = %vpg.id, "vpg created: initial sync done"),
+                Err(e) => tracing::debug!(vpg = %vpg.id, error = %e, "could not end creation"),
+            }
+        }
+    }
+    for host in state.hosts.values() {
+        let Some(held) = reported(site, &host.id) else {
+            continue;
+        };
+        for vpg in held.keys() {
+            let keep =
+                wanted.get(&host.id).is_some_and(|w| w.contains(vpg)) || unplanned.contains(vpg);
+            if keep {
+                continue;
+            }
+            let req = v1::UnassignRequest {
+                vpg_id: vpg.to_string(),
+            };
+            let r = call_vra(site, &host.vra_address, |mut c| async move {
+                c.unassign(vra_request(req)).await
+            })
+            .await;
+            match r {
+                Ok(()) => {
+                    tracing::info!(host = %host.id, vpg = %vpg, "unassigned a vpg no definition gives this host")
+                }
+                Err(e) => {
+                    tracing::warn!(host = %host.id, vpg = %vpg, error = %e, "unassign failed")
+                }
+            }
+        }
+    }
+}
+
+async fn apply_protected(site: &SiteManager, state: &SiteState, vpg: &Vpg, plan: &ProtectedPlan) {
+    if generation_on(site, &plan.host, &vpg.id) == Some(plan.generation) {
+        return;
+    }
+    let live = &site.control().live;
+    // The recovery VRAs must hold the same generation first, else they refuse the stream.
+    let Some(Some(peer)) = live.peer_vpg(&vpg.recovery_site, &vpg.id) else {
+        return;
+    };
+    if peer.assigned_generation != vpg.generation {
+        return;
+    }
+    let Some((_, target)) = peer.targets.iter().find(|(h, _)| h == &plan.recovery_host) else {
+        return;
+    };
+    let Some(host) = state.hosts.get(&plan.host) else {
+        return;
+    };
+    let req = vra_convert::assign_protected(plan, target, false);
+    let r = call_vra(site, &host.vra_address, |mut c| async move {
+        c.assign_protected(vra_request(req)).await
+    })
+    .await;
+    log_assign(r, &vpg.id, &plan.host, plan.generation, "protected");
+}
+
+fn log_assign(r: Result<(), String>, vpg: &VpgId, host: &HostId, generation: u64, role: &str) {
+    match r {
+        Ok(()) => tracing::info!(%vpg, %host, generation, role, "assigned"),
+        Err(error) => tracing::warn!(%vpg, %host, role, %error, "assign failed"),
+    }
+}
+
+async fn apply_recovery(site: &SiteManager, state: &SiteState, plan: &RecoveryPlan) {
+    if generation_on(site, &plan.host, &plan.vpg) == Some(plan.generation) {
+        return;
+    }
+    let Some(host) = state.hosts.get(&plan.host) else {
+        return;
+    };
+    let req = vra_convert::assign_recovery(plan);
+    let r = call_vra(site, &host.vra_address, |mut c| async move {
+        c.assign_recovery(vra_request(req)).await
+    })
+    .await;
+    log_assign(r, &plan.vpg, &plan.host, plan.generation, "recovery");
+}

@@ -1,0 +1,316 @@
+//! The managers drive protection end to end, on real processes: 2 sites x 3 managers, 2
+//! hosts with a VRA per site, every inter-site connection through the lab's link emulator.
+//! `CreateVpg` and nothing else: the VPG goes through Initializing / Initial Sync to
+//! Meeting SLA, checkpoints come at its interval and are listed by the recovery site (also
+//! when asked at the protected site); a kill -9 of the protected site's leader leaves
+//! replication running and checkpoints resume under the new leader.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tandem_lab::lab::{Lab, wait_leader};
+use tandem_proto::v1;
+use tandem_proto::v1::{
+    datastore_service_client::DatastoreServiceClient,
+    resource_pool_service_client::ResourcePoolServiceClient,
+    site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
+    vpg_service_client::VpgServiceClient,
+};
+use tandem_tests::{any_channel, channel};
+use tonic::transport::Channel;
+
+const MIB: u64 = 1 << 20;
+
+/// Pairs site a with site b across the link; answers b's site id.
+async fn pair(lab: &Lab) -> Result<String> {
+    let a = channel(&lab.sites[0][0].api).await?;
+    let b = channel(&lab.sites[1][0].api).await?;
+    let token = SiteServiceClient::new(b)
+        .create_pairing_token(v1::CreatePairingTokenRequest { ttl_secs: 60 })
+        .await?
+        .into_inner()
+        .token;
+    Ok(SiteServiceClient::new(a)
+        .pair_site(v1::PairSiteRequest {
+            peer_endpoints: lab.peer_endpoints(0, 1),
+            token,
+            advertise_endpoints: lab.peer_endpoints(1, 0),
+        })
+        .await?
+        .into_inner()
+        .id)
+}
+
+/// A datastore per host of `site` (in the lab's directory) and, at the recovery site, a
+/// pool; answers the datastore ids in host order.
+async fn datastores(lab: &Lab, ch: &Channel, site: usize) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for (h, vra) in lab.vras[site].iter().enumerate() {
+        let path = lab.dir.join(&lab.site_names[site]).join(format!("ds-{h}"));
+        std::fs::create_dir_all(&path)?;
+        let ds = DatastoreServiceClient::new(ch.clone())
+            .create_datastore(v1::Datastore {
+                id: format!("{}-ds-{h}", lab.site_names[site]),
+                name: format!("{}-ds-{h}", lab.site_names[site]),
+                host_id: vra.host.clone(),
+                path: path.display().to_string(),
+                capacity_bytes: 64 << 30,
+            })
+            .await?
+            .into_inner();
+        ids.push(ds.id);
+    }
+    Ok(ids)
+}
+
+async fn get(ch: &Channel, id: &str) -> Result<v1::Vpg> {
+    Ok(VpgServiceClient::new(ch.clone())
+        .get_vpg(v1::GetRequest { id: id.into() })
+        .await?
+        .into_inner())
+}
+
+fn shown(g: &v1::Vpg) -> (String, String) {
+    let s = g.status.clone().unwrap_or_default();
+    (s.status, s.substatus)
+}
+
+/// Polls the VPG until `done` holds, recording every (status, substatus) seen.
+async fn wait_vpg(
+    apis: &[String],
+    id: &str,
+    within: Duration,
+    seen: &mut Vec<(String, String)>,
+    done: impl Fn(&v1::Vpg) -> bool,
+) -> Result<v1::Vpg> {
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < within {
+        if let Ok(ch) = any_channel(apis).await
+            && let Ok(g) = get(&ch, id).await
+        {
+            let s = shown(&g);
+            if seen.last() != Some(&s) {
+                seen.push(s);
+            }
+            if done(&g) {
+                return Ok(g);
+            }
+            last = Some(g);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("VPG {id} not there within {within:?}; seen {seen:?}; last {last:#?}")
+}
+
+async fn checkpoints(ch: &Channel, vpg: &str) -> Result<Vec<v1::Checkpoint>> {
+    Ok(VpgServiceClient::new(ch.clone())
+        .list_checkpoints(v1::ListCheckpointsQuery {
+            vpg_id: vpg.into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .checkpoints)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(dir.path(), 2, 3).await?;
+    lab.start_vras(2).await?;
+    let site_b = pair(&lab).await?;
+    let a = channel(&lab.sites[0][0].api).await?;
+    let b = channel(&lab.sites[1][0].api).await?;
+    let prot_ds = datastores(&lab, &a, 0).await?;
+    let rec_ds = datastores(&lab, &b, 1).await?;
+    ResourcePoolServiceClient::new(b.clone())
+        .create_resource_pool(v1::ResourcePool {
+            id: "pool".into(),
+            name: "pool".into(),
+            cpu_mhz: 100_000,
+            memory_mib: 1 << 20,
+            storage_bytes: 1 << 40,
+        })
+        .await?;
+    let mut placements = Vec::new();
+    for i in 0..4usize {
+        let h = i % 2;
+        VmServiceClient::new(a.clone())
+            .create_vm(v1::Vm {
+                id: format!("vm-{i}"),
+                name: format!("vm-{i}"),
+                host_id: lab.vras[0][h].host.clone(),
+                power: v1::PowerState::On as i32,
+                memory_mib: 1024,
+                cpus: 1,
+                cpu_reservation_mhz: 100,
+                memory_reservation_mib: 256,
+                volumes: vec![v1::Volume {
+                    controller: 0,
+                    unit: 0,
+                    size_bytes: 32 * MIB,
+                    datastore_id: prot_ds[h].clone(),
+                }],
+                vpg_id: String::new(),
+            })
+            .await?;
+        placements.push(v1::VmPlacement {
+            vm_id: format!("vm-{i}"),
+            recovery_host_id: lab.vras[1][h].host.clone(),
+            recovery_datastore_id: rec_ds[h].clone(),
+            recovery_pool_id: "pool".into(),
+        });
+    }
+    let created = VpgServiceClient::new(a.clone())
+        .create_vpg(v1::CreateVpgRequest {
+            id: "vpg-web".into(),
+            spec: Some(v1::VpgSpec {
+                name: "web".into(),
+                recovery_site_id: site_b,
+                settings: Some(v1::VpgSettings {
+                    checkpoint_interval_secs: 1,
+                    journal_history_secs: 3600,
+                    target_rpo_secs: 60,
+                    ..Default::default()
+                }),
+                vms: placements,
+            }),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(shown(&created).0, "Initializing");
+
+    // Nothing else: the managers assign the VRAs, the initial sync runs, the VPG levels.
+    let apis_a = lab.endpoints(0);
+    let apis_b = lab.endpoints(1);
+    let mut seen = Vec::new();
+    let g = wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(60),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
+    assert!(
+        seen.iter().any(|(s, _)| s == "Initializing"),
+        "creation not seen: {seen:?}"
+    );
+    let st = g.status.clone().unwrap();
+    assert!(st.actual_rpo_secs.is_some_and(|r| r <= 5), "{st:?}");
+    assert!(st.last_checkpoint_id > 0, "{st:?}");
+    assert_eq!(st.provisioned_bytes, 4 * (32 * MIB + 1024 * MIB));
+    assert!(st.problems.is_empty(), "{:?}", st.problems);
+
+    // The recovery site shows it too, from its side.
+    let mut seen_b = Vec::new();
+    wait_vpg(
+        &apis_b,
+        "vpg-web",
+        Duration::from_secs(20),
+        &mut seen_b,
+        |g| shown(g).0 == "Meeting SLA" && g.direction == "incoming",
+    )
+    .await?;
+
+    // Checkpoints at every interval, listed by the recovery site, also through site a.
+    let first = checkpoints(&b, "vpg-web").await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let later = checkpoints(&a, "vpg-web").await?;
+    let new: Vec<_> = later
+        .iter()
+        .filter(|c| first.iter().all(|f| f.id != c.id))
+        .collect();
+    assert!(
+        new.len() >= 2,
+        "{} new checkpoints in 4 s: {later:?}",
+        new.len()
+    );
+    assert!(later.iter().filter(|c| c.usable).count() >= 2, "{later:?}");
+
+    // A named checkpoint, through a follower of site a.
+    let status = wait_leader(&apis_a[0], 3, Duration::from_secs(10)).await?;
+    let follower = lab.sites[0]
+        .iter()
+        .find(|p| p.id != status.leader_id)
+        .context("no follower")?
+        .api
+        .clone();
+    let named = VpgServiceClient::new(channel(&follower).await?)
+        .add_checkpoint(v1::AddCheckpointRequest {
+            vpg_ids: vec!["vpg-web".into()],
+            name: "before-upgrade".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(named.checkpoints.len(), 1);
+    let named_id = named.checkpoints[0].id;
+    let start = Instant::now();
+    loop {
+        let list = VpgServiceClient::new(b.clone())
+            .list_checkpoints(v1::ListCheckpointsQuery {
+                vpg_id: "vpg-web".into(),
+                named_only: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        if list
+            .checkpoints
+            .iter()
+            .any(|c| c.id == named_id && c.name == "before-upgrade" && c.usable)
+        {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("named checkpoint {named_id} not listed as usable: {list:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // kill -9 of site a's leader: checkpoints resume under the new leader within 5 s.
+    let before_kill = checkpoints(&b, "vpg-web").await?;
+    let newest_before = before_kill.iter().map(|c| c.id).max().unwrap_or(0);
+    let leader_idx = lab.sites[0]
+        .iter()
+        .position(|p| p.id == status.leader_id)
+        .context("leader not in lab")?;
+    lab.sites[0][leader_idx].kill9().await?;
+    let killed_at = Instant::now();
+    let survivors: Vec<String> = lab.sites[0]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader_idx)
+        .map(|(_, p)| p.api.clone())
+        .collect();
+    loop {
+        let list = checkpoints(&b, "vpg-web").await?;
+        // A new leader's ids carry its (greater) term in their high bits.
+        if list
+            .iter()
+            .any(|c| c.id >> 32 > newest_before >> 32 && c.usable)
+        {
+            break;
+        }
+        if killed_at.elapsed() > Duration::from_secs(15) {
+            bail!("no checkpoint from a new leader within 15 s: {list:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let resumed = killed_at.elapsed();
+    eprintln!("checkpoints resumed {resumed:?} after the leader kill (election included)");
+    let g = wait_vpg(
+        &survivors,
+        "vpg-web",
+        Duration::from_secs(20),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
+    assert_eq!(g.generation, created.generation);
+    lab.down().await;
+    Ok(())
+}
