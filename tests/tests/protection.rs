@@ -3,18 +3,20 @@
 //! `CreateVpg` and nothing else: the VPG goes through Initializing / Initial Sync to
 //! Meeting SLA, checkpoints come at its interval and are listed by the recovery site (also
 //! when asked at the protected site); a kill -9 of the protected site's leader leaves
-//! replication running and checkpoints resume under the new leader.
+//! replication running and checkpoints resume under the new leader. Pause, resume, force
+//! sync and a kill -9 of a VRA, each observed through the VPG's status.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tandem_lab::lab::{Lab, wait_leader};
+use tandem_lab::workload::{VolumeTarget, Workload, WorkloadConfig};
 use tandem_proto::v1;
 use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient,
     resource_pool_service_client::ResourcePoolServiceClient,
     site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
-    vpg_service_client::VpgServiceClient,
+    vpg_service_client::VpgServiceClient, vra_control_client::VraControlClient,
 };
 use tandem_tests::{any_channel, channel};
 use tonic::transport::Channel;
@@ -115,10 +117,23 @@ async fn checkpoints(ch: &Channel, vpg: &str) -> Result<Vec<v1::Checkpoint>> {
         .checkpoints)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mut lab = Lab::up(dir.path(), 2, 3).await?;
+/// A two-site lab protecting VPG `vpg-web` (4 VMs of 32 MiB on 2 hosts, checkpoints every
+/// second) from site a to site b, created with `CreateVpg` alone and Meeting SLA.
+struct Protected {
+    lab: Lab,
+    a: Channel,
+    b: Channel,
+    apis_a: Vec<String>,
+    apis_b: Vec<String>,
+    created: v1::Vpg,
+    /// Every (status, substatus) the protected site showed so far.
+    seen: Vec<(String, String)>,
+    /// The status when it first met its SLA.
+    levelled: v1::Vpg,
+}
+
+async fn protect(dir: &std::path::Path) -> Result<Protected> {
+    let mut lab = Lab::up(dir, 2, 3).await?;
     lab.start_vras(2).await?;
     let site_b = pair(&lab).await?;
     let a = channel(&lab.sites[0][0].api).await?;
@@ -194,6 +209,31 @@ async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Resul
         |g| shown(g).0 == "Meeting SLA",
     )
     .await?;
+    Ok(Protected {
+        lab,
+        a,
+        b,
+        apis_a,
+        apis_b,
+        created,
+        seen,
+        levelled: g,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Protected {
+        mut lab,
+        a,
+        b,
+        apis_a,
+        apis_b,
+        created,
+        mut seen,
+        levelled: g,
+    } = protect(dir.path()).await?;
     assert!(
         seen.iter().any(|(s, _)| s == "Initializing"),
         "creation not seen: {seen:?}"
@@ -311,6 +351,174 @@ async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Resul
     )
     .await?;
     assert_eq!(g.generation, created.generation);
+    lab.down().await;
+    Ok(())
+}
+
+fn vpgs(ch: &Channel) -> VpgServiceClient<Channel> {
+    VpgServiceClient::new(ch.clone())
+}
+
+fn ids() -> v1::VpgIdsRequest {
+    v1::VpgIdsRequest {
+        vpg_ids: vec!["vpg-web".into()],
+    }
+}
+
+/// The protected VRAs' last finished (or running) sync of `vpg-web`, from their own status.
+async fn protected_syncs(lab: &Lab) -> Result<Vec<v1::VraSyncStatus>> {
+    let mut out = Vec::new();
+    for vra in &lab.vras[0] {
+        let st = VraControlClient::new(channel(&vra.control).await?)
+            .get_status(v1::GetVraStatusRequest {})
+            .await?
+            .into_inner();
+        let g = st
+            .vpgs
+            .into_iter()
+            .find(|g| g.vpg_id == "vpg-web")
+            .context("vpg-web not on a protected VRA")?;
+        out.extend(g.sync.filter(|s| s.kind != 0).or(g.last_sync));
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_force_sync_and_a_vra_kill_converge() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Protected {
+        mut lab,
+        a,
+        b,
+        apis_a,
+        ..
+    } = protect(dir.path()).await?;
+    let targets = (0..4)
+        .map(|i| VolumeTarget::new(&lab.vras[0][i % 2].nbd, format!("vm-{i}/0")))
+        .collect();
+    let mut config = WorkloadConfig::new(targets);
+    // 4 MiB per volume: the dirty set a pause leaves stays small.
+    config.region_blocks = Some(1024);
+    let seed = config.seed;
+    eprintln!(
+        "workload seed {seed}; rerun: TANDEM_WORKLOAD_SEED={seed} cargo nextest run -p tandem-tests --test protection"
+    );
+    let workload = Workload::start(config).await?;
+    let link = lab.links.get(&lab.link_name(0, 1)).await?;
+
+    // The recovery site cannot pause what it does not protect.
+    let e = vpgs(&b).pause_vpgs(ids()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+
+    // Pause: the VPG says so, and nothing of it crosses the WAN while writes go on.
+    vpgs(&a).pause_vpgs(ids()).await?;
+    let mut seen = Vec::new();
+    wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(10),
+        &mut seen,
+        |g| shown(g).1 == "User paused protection",
+    )
+    .await?;
+    // A force sync of a paused VPG is refused.
+    let e = vpgs(&a).force_sync_vpgs(ids()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = link.state().await?;
+    let acked_before = workload.acked();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = link.state().await?;
+    let written = (workload.acked() - acked_before) * 4096;
+    let crossed =
+        after.a_to_b.bytes - before.a_to_b.bytes + after.b_to_a.bytes - before.b_to_a.bytes;
+    eprintln!(
+        "paused 3 s: {written} bytes written, {crossed} bytes crossed the link (managers' talk)"
+    );
+    assert!(written > 4 * MIB, "the workload barely wrote: {written}");
+    assert!(
+        crossed < written / 8 && crossed < 2 * MIB,
+        "{crossed} bytes crossed the link while paused ({written} written)"
+    );
+    let g = get(&a, "vpg-web").await?;
+    assert_eq!(g.status.as_ref().map(|s| s.wan_bytes_per_sec), Some(0));
+
+    // Resume through a slow link: the bitmap sync shows, then the VPG meets its SLA again.
+    link.throttle(None, 2 * MIB).await?;
+    vpgs(&a).resume_vpgs(ids()).await?;
+    let mut seen = Vec::new();
+    wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(20),
+        &mut seen,
+        |g| shown(g).1 == "Bitmap Syncing",
+    )
+    .await?;
+    link.throttle(None, 0).await?;
+    wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(30),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
+    let history = workload.stop().await;
+    assert!(history.failures().is_empty(), "{:?}", history.failures());
+
+    // Force sync: a delta sync that the operator asked for, on every protected VRA.
+    vpgs(&a).force_sync_vpgs(ids()).await?;
+    let start = Instant::now();
+    loop {
+        let syncs = protected_syncs(&lab).await?;
+        let forced = syncs
+            .iter()
+            .filter(|s| s.kind == v1::VraSyncKind::Delta as i32 && s.trigger == "Force Sync")
+            .count();
+        if forced == lab.vras[0].len() {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("force sync not run by every protected VRA: {syncs:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(30),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
+
+    // kill -9 of a protected VRA: the VPG shows it; after the restart it converges alone.
+    lab.vras[0][0].kill9().await?;
+    let mut seen = Vec::new();
+    let down = wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(15),
+        &mut seen,
+        |g| shown(g).0 == "Not Meeting SLA",
+    )
+    .await?;
+    let problems = down.status.map(|s| s.problems).unwrap_or_default();
+    assert!(
+        problems.iter().any(|p| p.contains(&lab.vras[0][0].host)),
+        "the unreachable VRA is not named: {problems:?}"
+    );
+    lab.vras[0][0].start().await?;
+    wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(60),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
+    eprintln!("after the VRA kill: {seen:?}");
     lab.down().await;
     Ok(())
 }

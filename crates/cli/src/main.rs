@@ -166,6 +166,22 @@ enum VpgCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Pauses protection: writes are tracked, nothing crosses the WAN; the VPGs stay
+    /// recoverable to their last checkpoint before the pause (add one first if needed).
+    Pause {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Resumes paused VPGs: a bitmap sync sends what was written meanwhile.
+    Resume {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Starts a delta sync of every volume of the VPGs.
+    ForceSync {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -727,6 +743,16 @@ async fn vpg(ch: Channel, fmt: Format, c: VpgCmd) -> Result<()> {
                 force,
             })
             .await?;
+        }
+        VpgCmd::Pause { ids } => {
+            cl.pause_vpgs(v1::VpgIdsRequest { vpg_ids: ids }).await?;
+        }
+        VpgCmd::Resume { ids } => {
+            cl.resume_vpgs(v1::VpgIdsRequest { vpg_ids: ids }).await?;
+        }
+        VpgCmd::ForceSync { ids } => {
+            cl.force_sync_vpgs(v1::VpgIdsRequest { vpg_ids: ids })
+                .await?;
         }
     }
     Ok(())

@@ -402,6 +402,7 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             operation,
+            paused: false,
         }
     }
 

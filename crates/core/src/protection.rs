@@ -322,6 +322,7 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             operation: None,
+            paused: false,
         };
         (s, vpg)
     }

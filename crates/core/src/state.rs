@@ -101,6 +101,12 @@ pub enum Command {
         generation: u64,
         operation: Option<crate::status::Operation>,
     },
+    /// Pauses or resumes the protection of a VPG this site protects. Not a definition
+    /// change: the generation stays (the VRAs keep their assignment).
+    SetVpgPaused {
+        id: VpgId,
+        paused: bool,
+    },
 }
 
 /// What a successful command returns.
@@ -345,7 +351,37 @@ impl SiteState {
                 vpg.operation = operation;
                 Ok(Applied::Done)
             }
+            Command::SetVpgPaused { id, paused } => {
+                self.check_pausable(&id)?;
+                let vpg = self
+                    .vpgs
+                    .get_mut(&id)
+                    .ok_or_else(|| DomainError::not_found(VpgId::KIND, &id))?;
+                vpg.paused = paused;
+                Ok(Applied::Done)
+            }
         }
+    }
+
+    /// Whether the protection of VPG `id` can be paused or resumed here: this site protects
+    /// it and no operation that excludes it runs.
+    pub fn check_pausable(&self, id: &VpgId) -> Result<(), DomainError> {
+        let vpg = self
+            .vpgs
+            .get(id)
+            .ok_or_else(|| DomainError::not_found(VpgId::KIND, id))?;
+        if Some(&vpg.protected_site) != self.site_id() {
+            return Err(DomainError::precondition(format!(
+                "VPG {id} is protected by site {}: pause and resume it there",
+                vpg.protected_site
+            )));
+        }
+        if let Some(op) = vpg.operation.filter(|op| !op.allows_pause()) {
+            return Err(DomainError::precondition(format!(
+                "VPG {id} is in operation {op:?}: it cannot be paused or resumed now"
+            )));
+        }
+        Ok(())
     }
 
     /// The VPG that protects `vm`, if any.
@@ -443,6 +479,7 @@ impl SiteState {
                 }
                 vpg.created_at_ms = current.created_at_ms;
                 vpg.operation = current.operation;
+                vpg.paused = current.paused;
             }
             (None, None) => {}
         }
@@ -649,4 +686,83 @@ fn in_use(kind: &str, id: &impl std::fmt::Display, user_kind: &str, user: &str) 
     Err(DomainError::precondition(format!(
         "{kind} {id} is used by {user_kind} {user:?}"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::Operation;
+    use crate::vpg::VpgSettings;
+
+    /// Site `a` with VPG `mine` (protected here) and `theirs` (protected by `b`).
+    fn state() -> SiteState {
+        let mut s = SiteState {
+            identity: Some(SiteIdentity {
+                id: SiteId::minted("a".into()),
+                name: "a".into(),
+                created_at_ms: 0,
+            }),
+            ..Default::default()
+        };
+        for (id, protected, recovery) in [("mine", "a", "b"), ("theirs", "b", "a")] {
+            let vpg = Vpg {
+                id: VpgId::minted(id.into()),
+                name: id.into(),
+                generation: 4,
+                protected_site: SiteId::minted(protected.into()),
+                recovery_site: SiteId::minted(recovery.into()),
+                settings: VpgSettings::default(),
+                vms: Vec::new(),
+                created_at_ms: 0,
+                updated_at_ms: 0,
+                operation: None,
+                paused: false,
+            };
+            s.vpgs.insert(vpg.id.clone(), vpg);
+        }
+        s
+    }
+
+    fn pause(s: &mut SiteState, id: &str, paused: bool) -> CommandOutcome {
+        s.apply(Command::SetVpgPaused {
+            id: VpgId::minted(id.into()),
+            paused,
+        })
+    }
+
+    #[test]
+    fn pause_and_resume_keep_the_generation() {
+        let mut s = state();
+        let id = VpgId::minted("mine".into());
+        pause(&mut s, "mine", true).unwrap();
+        assert!(s.vpgs[&id].paused);
+        assert_eq!(
+            s.vpgs[&id].generation, 4,
+            "a pause is not a definition change"
+        );
+        pause(&mut s, "mine", false).unwrap();
+        assert!(!s.vpgs[&id].paused);
+    }
+
+    #[test]
+    fn pause_is_refused_at_the_recovery_site_during_operations_and_for_unknown_vpgs() {
+        let mut s = state();
+        let e = pause(&mut s, "theirs", true).unwrap_err();
+        assert!(
+            matches!(&e, DomainError::FailedPrecondition(m) if m.contains("protected by site b")),
+            "{e:?}"
+        );
+        assert!(matches!(
+            pause(&mut s, "nope", true),
+            Err(DomainError::NotFound { .. })
+        ));
+        let id = VpgId::minted("mine".into());
+        s.vpgs.get_mut(&id).unwrap().operation = Some(Operation::Deleting);
+        assert!(matches!(
+            pause(&mut s, "mine", true),
+            Err(DomainError::FailedPrecondition(_))
+        ));
+        s.vpgs.get_mut(&id).unwrap().operation = Some(Operation::Creating);
+        pause(&mut s, "mine", true).unwrap();
+    }
 }

@@ -171,6 +171,14 @@ pub enum Operation {
     Recovered,
 }
 
+impl Operation {
+    /// Whether protection can be paused or resumed during this operation (while the VPG
+    /// is being created, yes: the initial sync resumes as a bitmap sync).
+    pub fn allows_pause(self) -> bool {
+        matches!(self, Self::Creating)
+    }
+}
+
 /// A problem that stops or degrades protection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Fault {

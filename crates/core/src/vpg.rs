@@ -276,6 +276,9 @@ pub struct Vpg {
     pub updated_at_ms: u64,
     /// The operation in progress, if any (creation until the first sync completes).
     pub operation: Option<Operation>,
+    /// The operator paused protection (kept by the protected site; edits keep it).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl Vpg {

@@ -420,6 +420,7 @@ impl SiteManager {
                     created_at_ms: now,
                     updated_at_ms: now,
                     operation: Some(Operation::Creating),
+                    paused: false,
                 };
                 let expected = previous.as_ref().map(|g| g.generation);
                 s.prepare_vpg(&mut vpg, expected)?;
@@ -859,6 +860,29 @@ impl SiteManager {
     }
 
     /// Takes a named checkpoint in each VPG (one barrier each), on the leader.
+    /// Pauses (or resumes) the protection of VPGs this site protects. Every VPG is checked
+    /// before any changes; the reconciler then pauses or resumes their protected VRAs.
+    pub async fn set_paused(&self, vpgs: Vec<VpgId>, paused: bool) -> ApiResult<()> {
+        let check = vpgs.clone();
+        self.node
+            .read(move |s| check.iter().try_for_each(|id| s.check_pausable(id)))
+            .await??;
+        for id in vpgs {
+            self.node
+                .propose(Command::SetVpgPaused { id, paused })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a delta sync of every volume of these VPGs (the leader asks their VRAs).
+    pub async fn force_sync(&self, vpgs: Vec<VpgId>) -> ApiResult<()> {
+        match self.leader_call(LeaderRequest::ForceSync { vpgs }).await? {
+            LeaderResponse::Done => Ok(()),
+            _ => Err(ApiError::internal("unexpected leader answer")),
+        }
+    }
+
     pub async fn add_checkpoint(
         &self,
         vpgs: Vec<VpgId>,

@@ -106,6 +106,34 @@ pub(crate) fn checkpoint_query(q: v1::ListCheckpointsQuery) -> Result<Checkpoint
     })
 }
 
+/// The VPGs an operation names: 1 to 64, each once.
+fn vpg_ids(v: &mut Violations, ids: &[String]) -> Vec<VpgId> {
+    v.check(
+        (1..=64).contains(&ids.len()),
+        "vpg_ids",
+        "name 1 to 64 VPGs",
+    );
+    let mut vpgs = Vec::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        if let Some(id) = v.absorb(VpgId::parse(&format!("vpg_ids[{i}]"), id)) {
+            v.check(
+                !vpgs.contains(&id),
+                format!("vpg_ids[{i}]"),
+                "is listed twice",
+            );
+            vpgs.push(id);
+        }
+    }
+    vpgs
+}
+
+fn vpg_ids_request(r: Request<v1::VpgIdsRequest>) -> Result<Vec<VpgId>, Status> {
+    let mut v = Violations::new();
+    let vpgs = vpg_ids(&mut v, &r.into_inner().vpg_ids);
+    v.into_result().map_err(bad)?;
+    Ok(vpgs)
+}
+
 #[tonic::async_trait]
 impl VpgService for VpgApi {
     async fn list_vpgs(
@@ -173,22 +201,7 @@ impl VpgService for VpgApi {
     ) -> Result<Response<v1::AddCheckpointResponse>, Status> {
         let r = r.into_inner();
         let mut v = Violations::new();
-        v.check(
-            (1..=64).contains(&r.vpg_ids.len()),
-            "vpg_ids",
-            "name 1 to 64 VPGs",
-        );
-        let mut vpgs = Vec::with_capacity(r.vpg_ids.len());
-        for (i, id) in r.vpg_ids.iter().enumerate() {
-            if let Some(id) = v.absorb(VpgId::parse(&format!("vpg_ids[{i}]"), id)) {
-                v.check(
-                    !vpgs.contains(&id),
-                    format!("vpg_ids[{i}]"),
-                    "is listed twice",
-                );
-                vpgs.push(id);
-            }
-        }
+        let vpgs = vpg_ids(&mut v, &r.vpg_ids);
         v.absorb(tandem_core::ids::check_name("name", &r.name));
         v.check(
             !r.name.contains(tandem_proto::vra_convert::APP_VM_SEPARATOR),
@@ -245,6 +258,30 @@ impl VpgService for VpgApi {
             })
             .collect();
         Ok(Response::new(v1::AddCheckpointResponse { checkpoints }))
+    }
+
+    async fn pause_vpgs(
+        &self,
+        r: Request<v1::VpgIdsRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        self.0.set_paused(vpg_ids_request(r)?, true).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn resume_vpgs(
+        &self,
+        r: Request<v1::VpgIdsRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        self.0.set_paused(vpg_ids_request(r)?, false).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn force_sync_vpgs(
+        &self,
+        r: Request<v1::VpgIdsRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        self.0.force_sync(vpg_ids_request(r)?).await?;
+        Ok(Response::new(v1::Empty {}))
     }
 
     async fn export_vpgs_csv(

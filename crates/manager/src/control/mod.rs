@@ -19,8 +19,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tandem_core::DomainError;
 use tandem_core::ids::{SiteId, VmId, VpgId};
 use tandem_core::observe::{LiveStatus, PeerReport};
+use tandem_core::state::SiteState;
 use tandem_proto::v1;
 use tandem_proto::v1::vra_control_client::VraControlClient;
 use tandem_store::Role;
@@ -53,6 +55,8 @@ pub enum LeaderRequest {
         kind: checkpoints::Kind,
         vm: Option<VmId>,
     },
+    /// A delta sync of every volume of each VPG.
+    ForceSync { vpgs: Vec<VpgId> },
 }
 
 /// The leader's answer.
@@ -61,6 +65,7 @@ pub enum LeaderResponse {
     Live(Vec<(VpgId, LiveStatus)>),
     PeerReport(PeerReport),
     Checkpoints(Vec<checkpoints::Taken>),
+    Done,
 }
 
 /// The controllers' shared parts: observed state, VRA channels, the checkpoint id source.
@@ -207,7 +212,67 @@ pub async fn answer(site: &SiteManager, req: LeaderRequest) -> ApiResult<LeaderR
             }
             Ok(LeaderResponse::Checkpoints(taken))
         }
+        LeaderRequest::ForceSync { vpgs } => {
+            let targets = site.node().read_local(|s| {
+                vpgs.iter()
+                    .map(|id| force_sync_targets(s, id))
+                    .collect::<ApiResult<Vec<_>>>()
+            })?;
+            for (vpg, addrs) in targets {
+                let calls = addrs.iter().map(|addr| {
+                    let req = v1::ForceSyncRequest {
+                        vpg_id: vpg.to_string(),
+                        ..Default::default()
+                    };
+                    call_vra(site, addr, |mut c| async move {
+                        c.force_sync(vra_request(req)).await
+                    })
+                });
+                for (addr, r) in addrs.iter().zip(futures::future::join_all(calls).await) {
+                    r.map_err(|e| {
+                        crate::error::ApiError::unavailable(format!(
+                            "force sync of VPG {vpg}: protected VRA at {addr}: {e}"
+                        ))
+                    })?;
+                }
+                tracing::info!(%vpg, "force sync started");
+            }
+            Ok(LeaderResponse::Done)
+        }
     }
+}
+
+/// The protected VRAs to ask for a force sync of `id`, or why it cannot run now.
+fn force_sync_targets(s: &SiteState, id: &VpgId) -> ApiResult<(VpgId, Vec<String>)> {
+    let g = s
+        .vpgs
+        .get(id)
+        .ok_or_else(|| DomainError::not_found("vpg", id))?;
+    if Some(&g.protected_site) != s.site_id() {
+        return Err(DomainError::precondition(format!(
+            "VPG {id} is protected by site {}: force sync it there",
+            g.protected_site
+        ))
+        .into());
+    }
+    if g.paused {
+        return Err(
+            DomainError::precondition(format!("VPG {id} is paused: resume it first")).into(),
+        );
+    }
+    if let Some(op) = g.operation {
+        return Err(DomainError::precondition(format!(
+            "VPG {id} is in operation {op:?}: a force sync must wait for it"
+        ))
+        .into());
+    }
+    let plans = tandem_core::protection::protected_plans(g, s)
+        .map_err(|e| DomainError::precondition(format!("VPG {id}: {e}")))?;
+    let addrs = plans
+        .iter()
+        .filter_map(|p| s.hosts.get(&p.host).map(|h| h.vra_address.clone()))
+        .collect();
+    Ok((id.clone(), addrs))
 }
 
 /// The live status of `vpgs` (all when empty) from the leader; an empty map when no leader

@@ -130,7 +130,13 @@ pub async fn reconcile_once(site: &SiteManager) {
 }
 
 async fn apply_protected(site: &SiteManager, state: &SiteState, vpg: &Vpg, plan: &ProtectedPlan) {
-    if generation_on(site, &plan.host, &vpg.id) == Some(plan.generation) {
+    let held = reported(site, &plan.host).and_then(|mut m| m.remove(&vpg.id));
+    if let Some(r) = held.filter(|r| r.generation == plan.generation) {
+        if r.paused != vpg.paused
+            && let Some(host) = state.hosts.get(&plan.host)
+        {
+            apply_pause(site, &host.vra_address, vpg, &plan.host).await;
+        }
         return;
     }
     let live = &site.control().live;
@@ -153,6 +159,30 @@ async fn apply_protected(site: &SiteManager, state: &SiteState, vpg: &Vpg, plan:
     })
     .await;
     log_assign(r, &vpg.id, &plan.host, plan.generation, "protected");
+}
+
+/// Pauses or resumes the protected VRA as the definition says (also after a VRA restart,
+/// which forgets it).
+async fn apply_pause(site: &SiteManager, addr: &str, vpg: &Vpg, host: &HostId) {
+    let id = vpg.id.to_string();
+    let r = if vpg.paused {
+        call_vra(site, addr, |mut c| async move {
+            c.pause(vra_request(v1::PauseRequest { vpg_id: id })).await
+        })
+        .await
+    } else {
+        call_vra(site, addr, |mut c| async move {
+            c.resume(vra_request(v1::ResumeRequest { vpg_id: id }))
+                .await
+        })
+        .await
+    };
+    match r {
+        Ok(()) => {
+            tracing::info!(vpg = %vpg.id, %host, paused = vpg.paused, "protection paused or resumed")
+        }
+        Err(error) => tracing::warn!(vpg = %vpg.id, %host, %error, "pause or resume failed"),
+    }
 }
 
 fn log_assign(r: Result<(), String>, vpg: &VpgId, host: &HostId, generation: u64, role: &str) {
