@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tandem_lab::lab::{Lab, wait_leader};
+use tandem_lab::link::CutMode;
 use tandem_lab::workload::{VolumeTarget, Workload, WorkloadConfig};
 use tandem_proto::v1;
 use tandem_proto::v1::{
@@ -521,4 +522,221 @@ async fn pause_resume_force_sync_and_a_vra_kill_converge() -> Result<()> {
     eprintln!("after the VRA kill: {seen:?}");
     lab.down().await;
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wan_cut_shows_on_both_sides_keeps_checkpoints_listed_and_heals() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Protected {
+        mut lab,
+        b,
+        apis_a,
+        apis_b,
+        ..
+    } = protect(dir.path()).await?;
+    let mut seen_b = Vec::new();
+    wait_vpg(
+        &apis_b,
+        "vpg-web",
+        Duration::from_secs(20),
+        &mut seen_b,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
+    let before: Vec<u64> = checkpoints(&b, "vpg-web")
+        .await?
+        .iter()
+        .filter(|c| c.usable)
+        .map(|c| c.id)
+        .collect();
+    assert!(!before.is_empty(), "no usable checkpoint before the cut");
+
+    let link = lab.links.get(&lab.link_name(0, 1)).await?;
+    link.cut(CutMode::Drop).await?;
+    let mut seen_a = Vec::new();
+    wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(20),
+        &mut seen_a,
+        |g| shown(g) == ("Not Meeting SLA".into(), "Site disconnection".into()),
+    )
+    .await?;
+    wait_vpg(
+        &apis_b,
+        "vpg-web",
+        Duration::from_secs(20),
+        &mut seen_b,
+        |g| shown(g) == ("Not Meeting SLA".into(), "Recovery is possible".into()),
+    )
+    .await?;
+    // The recovery site lists its checkpoints on its own throughout.
+    let during = checkpoints(&b, "vpg-web").await?;
+    for id in &before {
+        assert!(
+            during.iter().any(|c| c.id == *id && c.usable),
+            "checkpoint {id} not listed as usable during the cut: {during:?}"
+        );
+    }
+
+    link.heal().await?;
+    wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(60),
+        &mut seen_a,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
+    wait_vpg(
+        &apis_b,
+        "vpg-web",
+        Duration::from_secs(20),
+        &mut seen_b,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
+    eprintln!("protected side: {seen_a:?}; recovery side: {seen_b:?}");
+    // Checkpoints come again after the heal.
+    let newest = during.iter().map(|c| c.id).max().unwrap_or(0);
+    let start = Instant::now();
+    while !checkpoints(&b, "vpg-web")
+        .await?
+        .iter()
+        .any(|c| c.id > newest && c.usable)
+    {
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!("no new checkpoint after the heal");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    lab.down().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_vm_syncs_its_volumes_only_and_history_survives_the_edit() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Protected {
+        mut lab,
+        a,
+        b,
+        apis_a,
+        ..
+    } = protect(dir.path()).await?;
+    let before: Vec<u64> = checkpoints(&b, "vpg-web")
+        .await?
+        .iter()
+        .filter(|c| c.usable)
+        .map(|c| c.id)
+        .collect();
+    assert!(!before.is_empty());
+
+    let ds = |site: usize| format!("{}-ds-0", lab.site_names[site]);
+    VmServiceClient::new(a.clone())
+        .create_vm(v1::Vm {
+            id: "vm-4".into(),
+            name: "vm-4".into(),
+            host_id: lab.vras[0][0].host.clone(),
+            power: v1::PowerState::On as i32,
+            memory_mib: 512,
+            cpus: 1,
+            cpu_reservation_mhz: 100,
+            memory_reservation_mib: 128,
+            volumes: vec![v1::Volume {
+                controller: 0,
+                unit: 1,
+                size_bytes: 16 * MIB,
+                datastore_id: ds(0),
+            }],
+            vpg_id: String::new(),
+        })
+        .await?;
+    let g = get(&a, "vpg-web").await?;
+    let mut vms: Vec<v1::VmPlacement> = g.vms.iter().filter_map(|v| v.placement.clone()).collect();
+    vms.push(v1::VmPlacement {
+        vm_id: "vm-4".into(),
+        recovery_host_id: lab.vras[1][0].host.clone(),
+        recovery_datastore_id: ds(1),
+        recovery_pool_id: "pool".into(),
+    });
+    let edited_at = tandem_now_ms();
+    let edited = VpgServiceClient::new(a.clone())
+        .update_vpg(v1::UpdateVpgRequest {
+            id: "vpg-web".into(),
+            generation: g.generation,
+            spec: Some(v1::VpgSpec {
+                name: g.name.clone(),
+                recovery_site_id: g.recovery_site_id.clone(),
+                settings: g.settings.clone(),
+                vms,
+            }),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(edited.generation, g.generation + 1);
+
+    // The host of the new VM runs a volume initial sync; nobody runs a full initial sync.
+    let start = Instant::now();
+    loop {
+        let syncs = protected_syncs(&lab).await?;
+        let fresh = |s: &&v1::VraSyncStatus| s.started_ms >= edited_at;
+        assert!(
+            !syncs
+                .iter()
+                .filter(fresh)
+                .any(|s| s.kind == v1::VraSyncKind::Initial as i32),
+            "a full initial sync after adding a VM: {syncs:?}"
+        );
+        if syncs
+            .iter()
+            .filter(fresh)
+            .any(|s| s.kind == v1::VraSyncKind::VolumeInitial as i32)
+        {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("no volume initial sync after adding vm-4: {syncs:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut seen = Vec::new();
+    let g = wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(60),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA" && g.generation == edited.generation,
+    )
+    .await?;
+    assert_eq!(g.vms.len(), 5);
+    assert_eq!(
+        g.status.as_ref().map(|s| s.provisioned_bytes),
+        Some(4 * (32 * MIB + 1024 * MIB) + 16 * MIB + 512 * MIB)
+    );
+    let replica = lab
+        .dir
+        .join(&lab.site_names[1])
+        .join("ds-0/vpg-web/vm-4/c0u1.replica");
+    assert_eq!(
+        std::fs::metadata(&replica)
+            .with_context(|| format!("{}", replica.display()))?
+            .len(),
+        16 * MIB
+    );
+    // The history from before the edit is still there.
+    let after = checkpoints(&b, "vpg-web").await?;
+    assert!(
+        before.iter().all(|id| after.iter().any(|c| c.id == *id)),
+        "checkpoints lost by the edit: before {before:?}, after {after:?}"
+    );
+    eprintln!("after adding vm-4: {seen:?}");
+    lab.down().await;
+    Ok(())
+}
+
+fn tandem_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
