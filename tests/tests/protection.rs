@@ -668,7 +668,7 @@ async fn an_added_vm_syncs_its_volumes_only_and_history_survives_the_edit() -> R
             spec: Some(v1::VpgSpec {
                 name: g.name.clone(),
                 recovery_site_id: g.recovery_site_id.clone(),
-                settings: g.settings.clone(),
+                settings: g.settings,
                 vms,
             }),
         })
