@@ -133,7 +133,21 @@ struct Protected {
     levelled: v1::Vpg,
 }
 
+/// Checkpoints every second, an hour of history, a target RPO of a minute.
+fn settings() -> v1::VpgSettings {
+    v1::VpgSettings {
+        checkpoint_interval_secs: 1,
+        journal_history_secs: 3600,
+        target_rpo_secs: 60,
+        ..Default::default()
+    }
+}
+
 async fn protect(dir: &std::path::Path) -> Result<Protected> {
+    protect_with(dir, settings()).await
+}
+
+async fn protect_with(dir: &std::path::Path, settings: v1::VpgSettings) -> Result<Protected> {
     let mut lab = Lab::up(dir, 2, 3).await?;
     lab.start_vras(2).await?;
     let site_b = pair(&lab).await?;
@@ -185,12 +199,7 @@ async fn protect(dir: &std::path::Path) -> Result<Protected> {
             spec: Some(v1::VpgSpec {
                 name: "web".into(),
                 recovery_site_id: site_b,
-                settings: Some(v1::VpgSettings {
-                    checkpoint_interval_secs: 1,
-                    journal_history_secs: 3600,
-                    target_rpo_secs: 60,
-                    ..Default::default()
-                }),
+                settings: Some(settings),
                 vms: placements,
             }),
         })
@@ -356,6 +365,21 @@ async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Resul
     Ok(())
 }
 
+/// The verifying workload on the 4 protected VMs' volumes, over NBD.
+async fn workload(lab: &Lab) -> Result<Workload> {
+    let targets = (0..4)
+        .map(|i| VolumeTarget::new(&lab.vras[0][i % 2].nbd, format!("vm-{i}/0")))
+        .collect();
+    let mut config = WorkloadConfig::new(targets);
+    // 4 MiB per volume: the dirty set a pause or a slow link leaves stays small.
+    config.region_blocks = Some(1024);
+    let seed = config.seed;
+    eprintln!(
+        "workload seed {seed}; rerun: TANDEM_WORKLOAD_SEED={seed} cargo nextest run -p tandem-tests --test protection"
+    );
+    Ok(Workload::start(config).await?)
+}
+
 fn vpgs(ch: &Channel) -> VpgServiceClient<Channel> {
     VpgServiceClient::new(ch.clone())
 }
@@ -394,17 +418,7 @@ async fn pause_resume_force_sync_and_a_vra_kill_converge() -> Result<()> {
         apis_a,
         ..
     } = protect(dir.path()).await?;
-    let targets = (0..4)
-        .map(|i| VolumeTarget::new(&lab.vras[0][i % 2].nbd, format!("vm-{i}/0")))
-        .collect();
-    let mut config = WorkloadConfig::new(targets);
-    // 4 MiB per volume: the dirty set a pause leaves stays small.
-    config.region_blocks = Some(1024);
-    let seed = config.seed;
-    eprintln!(
-        "workload seed {seed}; rerun: TANDEM_WORKLOAD_SEED={seed} cargo nextest run -p tandem-tests --test protection"
-    );
-    let workload = Workload::start(config).await?;
+    let workload = workload(&lab).await?;
     let link = lab.links.get(&lab.link_name(0, 1)).await?;
 
     // The recovery site cannot pause what it does not protect.
@@ -739,4 +753,128 @@ fn tandem_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bandwidth_limit_below_the_write_rate_misses_the_rpo_until_it_is_lifted() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Protected {
+        mut lab,
+        a,
+        apis_a,
+        created,
+        ..
+    } = protect_with(
+        dir.path(),
+        v1::VpgSettings {
+            target_rpo_secs: 10,
+            ..settings()
+        },
+    )
+    .await?;
+    let site = SiteServiceClient::new(a.clone());
+    // Bad limits are refused and change nothing.
+    let e = site
+        .clone()
+        .set_peer_bandwidth_limit(v1::SetPeerBandwidthLimitRequest {
+            site_id: created.recovery_site_id.clone(),
+            bytes_per_sec: 10,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let limit = 256 * 1024;
+    let peer = site
+        .clone()
+        .set_peer_bandwidth_limit(v1::SetPeerBandwidthLimitRequest {
+            site_id: created.recovery_site_id.clone(),
+            bytes_per_sec: limit,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(peer.bandwidth_limit_bytes_per_sec, limit);
+    let workload = workload(&lab).await?;
+    let mut seen = Vec::new();
+    let slow = wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(40),
+        &mut seen,
+        |g| shown(g).0 == "RPO Not Meeting SLA",
+    )
+    .await?;
+    let st = slow.status.unwrap_or_default();
+    assert!(st.actual_rpo_secs.is_some_and(|r| r > 10), "{st:?}");
+    // Every protected VRA applies the site pair's limit.
+    for vra in &lab.vras[0] {
+        let s = VraControlClient::new(channel(&vra.control).await?)
+            .get_status(v1::GetVraStatusRequest {})
+            .await?
+            .into_inner();
+        assert!(
+            s.bandwidth_limits
+                .iter()
+                .any(|l| l.peer_site_id == created.recovery_site_id && l.bytes_per_sec == limit),
+            "{:?}",
+            s.bandwidth_limits
+        );
+    }
+    site.clone()
+        .set_peer_bandwidth_limit(v1::SetPeerBandwidthLimitRequest {
+            site_id: created.recovery_site_id.clone(),
+            bytes_per_sec: 0,
+        })
+        .await?;
+    let history = workload.stop().await;
+    assert!(history.failures().is_empty(), "{:?}", history.failures());
+    wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(60),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
+    eprintln!("under the limit and after: {seen:?}");
+    lab.down().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_too_small_for_the_history_shows_history_not_meeting_sla() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A quarter of a 32 MiB disk: the workload fills it in moments.
+    let small = v1::JournalLimit {
+        limit: Some(v1::journal_limit::Limit::Percent(25)),
+    };
+    let Protected {
+        mut lab, apis_a, ..
+    } = protect_with(
+        dir.path(),
+        v1::VpgSettings {
+            journal_hard_limit: Some(small),
+            journal_warning: Some(v1::JournalLimit {
+                limit: Some(v1::journal_limit::Limit::Percent(20)),
+            }),
+            ..settings()
+        },
+    )
+    .await?;
+    let workload = workload(&lab).await?;
+    let mut seen = Vec::new();
+    let short = wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(40),
+        &mut seen,
+        |g| shown(g).0 == "History Not Meeting SLA",
+    )
+    .await?;
+    let st = short.status.unwrap_or_default();
+    assert!(st.history_held_secs < st.history_configured_secs, "{st:?}");
+    let history = workload.stop().await;
+    assert!(history.failures().is_empty(), "{:?}", history.failures());
+    eprintln!("with a small journal: {seen:?}");
+    lab.down().await;
+    Ok(())
 }

@@ -102,6 +102,13 @@ enum PairCmd {
     Delete {
         site_id: String,
     },
+    /// Limits what this site's VRAs send to a peer site (0: no limit); its VPGs share it
+    /// by priority.
+    Limit {
+        site_id: String,
+        #[arg(long)]
+        bytes_per_sec: u64,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -313,9 +320,20 @@ async fn run(cli: Cli) -> Result<()> {
 fn peers_table(fmt: Format, value: &impl serde::Serialize, peers: &[v1::PeerSite]) {
     let rows = peers
         .iter()
-        .map(|p| vec![p.id.clone(), p.name.clone(), p.endpoints.join(",")])
+        .map(|p| {
+            let limit = match p.bandwidth_limit_bytes_per_sec {
+                0 => "none".to_string(),
+                b => format!("{b} B/s"),
+            };
+            vec![p.id.clone(), p.name.clone(), p.endpoints.join(","), limit]
+        })
         .collect();
-    print(fmt, value, &["ID", "NAME", "ENDPOINTS"], rows);
+    print(
+        fmt,
+        value,
+        &["ID", "NAME", "ENDPOINTS", "BANDWIDTH_LIMIT"],
+        rows,
+    );
 }
 
 async fn site(ch: Channel, fmt: Format, c: SiteCmd) -> Result<()> {
@@ -370,6 +388,19 @@ async fn pair(ch: Channel, fmt: Format, c: PairCmd) -> Result<()> {
         }
         PairCmd::Delete { site_id } => {
             cl.unpair_site(v1::UnpairSiteRequest { site_id }).await?;
+        }
+        PairCmd::Limit {
+            site_id,
+            bytes_per_sec,
+        } => {
+            let p = cl
+                .set_peer_bandwidth_limit(v1::SetPeerBandwidthLimitRequest {
+                    site_id,
+                    bytes_per_sec,
+                })
+                .await?
+                .into_inner();
+            peers_table(fmt, &p, std::slice::from_ref(&p));
         }
     }
     Ok(())

@@ -25,6 +25,30 @@ pub struct PeerSite {
     /// API addresses (`host:port`) of the peer's manager nodes.
     pub endpoints: Vec<String>,
     pub paired_at_ms: u64,
+    /// The most this site's VRAs may send to that site, in bytes per second (0: no limit);
+    /// the streams share it by priority.
+    #[serde(default)]
+    pub bandwidth_limit_bytes_per_sec: u64,
+}
+
+/// The smallest bandwidth limit that can be set (below it a stream cannot keep up even
+/// with its checkpoints).
+pub const MIN_BANDWIDTH_LIMIT: u64 = 64 * 1024;
+/// The largest (100 GB/s).
+pub const MAX_BANDWIDTH_LIMIT: u64 = 100_000_000_000;
+
+/// A bandwidth limit is 0 (none) or within [`MIN_BANDWIDTH_LIMIT`, `MAX_BANDWIDTH_LIMIT`].
+pub fn check_bandwidth_limit(bytes_per_sec: u64) -> Result<(), DomainError> {
+    if bytes_per_sec == 0 || (MIN_BANDWIDTH_LIMIT..=MAX_BANDWIDTH_LIMIT).contains(&bytes_per_sec) {
+        Ok(())
+    } else {
+        Err(DomainError::invalid(
+            "bytes_per_sec",
+            format!(
+                "must be 0 (no limit) or {MIN_BANDWIDTH_LIMIT} to {MAX_BANDWIDTH_LIMIT} bytes per second"
+            ),
+        ))
+    }
 }
 
 impl PeerSite {

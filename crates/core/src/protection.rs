@@ -19,6 +19,9 @@ use crate::vpg::{Priority, Vpg, VpgVm};
 
 /// A freeze not thawed within this time aborts itself on the VRA.
 pub const FREEZE_TIMEOUT_MS: u32 = 2000;
+/// The smallest journal limit a recovery VRA takes: its journal needs two 64 MiB segments.
+/// A percentage of a small VM resolves below it and is raised to it.
+pub const MIN_JOURNAL_LIMIT_BYTES: u64 = 128 << 20;
 
 /// The VRA's id of a volume within its VM: controller x 15 + unit (0..59).
 pub fn volume_id(controller: u8, unit: u8) -> u32 {
@@ -224,7 +227,23 @@ pub fn recovery_plans(vpg: &Vpg, site: &SiteState) -> Result<Vec<RecoveryPlan>, 
     }
     Ok(by_host
         .into_iter()
-        .map(|(host, (vms, warning, hard))| RecoveryPlan {
+        .map(|(host, (vms, warning, hard))| {
+            let floor = |b: u64| {
+                if b == 0 {
+                    0
+                } else {
+                    b.max(MIN_JOURNAL_LIMIT_BYTES)
+                }
+            };
+            let hard = floor(hard);
+            // Raised to the floor, a warning may reach the hard limit: it stays below it.
+            let warning = match floor(warning) {
+                w if hard > 0 && w >= hard => hard - hard / 10,
+                w => w,
+            };
+            (host, vms, warning, hard)
+        })
+        .map(|(host, vms, warning, hard)| RecoveryPlan {
             vpg: vpg.id.clone(),
             generation: vpg.generation,
             host: host.clone(),
@@ -371,9 +390,8 @@ mod tests {
         assert!(err.contains("controller 1 unit 2"), "{err}");
     }
 
-    #[test]
-    fn recovery_plans_place_replicas_and_journals_in_the_recovery_datastore() {
-        let (_, vpg) = fixture();
+    /// The recovery site of the fixture: datastores ds-r1 and ds-r2 of hosts r1 and r2.
+    fn recovery_site() -> SiteState {
         let mut s = SiteState::default();
         for r in ["r1", "r2"] {
             s.datastores.insert(
@@ -387,6 +405,13 @@ mod tests {
                 },
             );
         }
+        s
+    }
+
+    #[test]
+    fn recovery_plans_place_replicas_and_journals_in_the_recovery_datastore() {
+        let (_, vpg) = fixture();
+        let s = recovery_site();
         let plans = recovery_plans(&vpg, &s).unwrap();
         assert_eq!(plans.len(), 2);
         assert_eq!(plans[1].host.as_str(), "r2");
@@ -396,5 +421,20 @@ mod tests {
         assert_eq!(vm.volumes[0].path, "/rec/r2/g/vm1/c0u0.replica");
         assert_eq!(plans[1].journal_history_secs, 4 * 3600);
         assert_eq!(plans[1].journal_hard_limit_bytes, 0);
+    }
+
+    #[test]
+    fn small_journal_limits_are_raised_to_what_a_journal_can_hold() {
+        let (_, mut vpg) = fixture();
+        let s = recovery_site();
+        for vm in &mut vpg.vms {
+            vm.footprint.journal_hard_limit = crate::vpg::JournalLimit::Percent(25);
+            vm.footprint.journal_warning = crate::vpg::JournalLimit::Percent(20);
+        }
+        for plan in recovery_plans(&vpg, &s).unwrap() {
+            assert_eq!(plan.journal_hard_limit_bytes, MIN_JOURNAL_LIMIT_BYTES);
+            assert!(plan.journal_warning_bytes < plan.journal_hard_limit_bytes);
+            assert!(plan.journal_warning_bytes > 0);
+        }
     }
 }

@@ -57,6 +57,11 @@ pub enum Command {
     RemovePeer {
         id: SiteId,
     },
+    /// Limits what this site's VRAs send to a peer site (0: no limit).
+    SetPeerBandwidthLimit {
+        id: SiteId,
+        bytes_per_sec: u64,
+    },
     PutHost {
         host: Host,
         create: bool,
@@ -161,6 +166,15 @@ impl SiteState {
                 self.check_new_peer(&peer)?;
                 self.pairing_tokens.remove(pos);
                 self.peers.insert(peer.id.clone(), peer);
+                Ok(Applied::Done)
+            }
+            Command::SetPeerBandwidthLimit { id, bytes_per_sec } => {
+                crate::pairing::check_bandwidth_limit(bytes_per_sec)?;
+                let peer = self
+                    .peers
+                    .get_mut(&id)
+                    .ok_or_else(|| DomainError::not_found(SiteId::KIND, &id))?;
+                peer.bandwidth_limit_bytes_per_sec = bytes_per_sec;
                 Ok(Applied::Done)
             }
             Command::AddPeer { peer } => {

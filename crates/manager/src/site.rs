@@ -138,6 +138,7 @@ impl SiteManager {
             name: identity.name,
             endpoints: self.node.api_endpoints(),
             paired_at_ms: now_ms(),
+            bandwidth_limit_bytes_per_sec: 0,
         })
     }
 
@@ -251,6 +252,24 @@ impl SiteManager {
             })
             .await?;
         Ok(me)
+    }
+
+    /// Limits what this site's VRAs send to peer `id`; the reconciler applies it to them.
+    pub async fn set_peer_bandwidth_limit(
+        &self,
+        id: SiteId,
+        bytes_per_sec: u64,
+    ) -> ApiResult<PeerSite> {
+        self.node
+            .propose(Command::SetPeerBandwidthLimit {
+                id: id.clone(),
+                bytes_per_sec,
+            })
+            .await?;
+        self.node
+            .read(move |s| s.peers.get(&id).cloned())
+            .await?
+            .ok_or_else(|| ApiError::internal("the peer went away after its limit was set"))
     }
 
     pub async fn unpair(&self, id: SiteId) -> ApiResult<()> {

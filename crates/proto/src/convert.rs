@@ -184,6 +184,7 @@ pub fn peer_to_proto(p: &PeerSite) -> v1::PeerSite {
         name: p.name.clone(),
         endpoints: p.endpoints.clone(),
         paired_at_ms: p.paired_at_ms,
+        bandwidth_limit_bytes_per_sec: p.bandwidth_limit_bytes_per_sec,
     }
 }
 
@@ -194,6 +195,8 @@ pub fn peer_from_proto(p: v1::PeerSite) -> Result<PeerSite, DomainError> {
         name: p.name,
         endpoints: p.endpoints,
         paired_at_ms: p.paired_at_ms,
+        // A peer's own view of its limits is not ours: a new pair starts without one.
+        bandwidth_limit_bytes_per_sec: 0,
     };
     peer.validate()?;
     Ok(peer)

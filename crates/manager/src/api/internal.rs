@@ -96,6 +96,7 @@ impl SitePeer for PeerApi {
             name: id.name,
             endpoints: self.0.node().api_endpoints(),
             paired_at_ms: 0,
+            bandwidth_limit_bytes_per_sec: 0,
         }))
     }
 

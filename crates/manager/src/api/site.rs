@@ -65,4 +65,15 @@ impl SiteService for SiteApi {
         self.0.unpair(id).await?;
         Ok(Response::new(v1::Empty {}))
     }
+
+    async fn set_peer_bandwidth_limit(
+        &self,
+        r: Request<v1::SetPeerBandwidthLimitRequest>,
+    ) -> Result<Response<v1::PeerSite>, Status> {
+        let r = r.into_inner();
+        let id = SiteId::parse("site_id", &r.site_id).map_err(bad)?;
+        tandem_core::pairing::check_bandwidth_limit(r.bytes_per_sec).map_err(bad)?;
+        let peer = self.0.set_peer_bandwidth_limit(id, r.bytes_per_sec).await?;
+        Ok(Response::new(peer_to_proto(&peer)))
+    }
 }

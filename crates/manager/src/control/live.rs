@@ -26,6 +26,15 @@ pub struct VraObservation {
     pub at: Instant,
     /// The VPGs it holds, or why it could not be read.
     pub vpgs: Result<HashMap<VpgId, VraVpgReport>, String>,
+    /// The bandwidth limits it applies, by peer site id (none when it could not be read).
+    pub limits: HashMap<String, u64>,
+}
+
+/// What one status read of a VRA yields.
+#[derive(Debug, Clone, Default)]
+pub struct VraPoll {
+    pub vpgs: HashMap<VpgId, VraVpgReport>,
+    pub limits: HashMap<String, u64>,
 }
 
 /// The last report of one peer site.
@@ -56,6 +65,8 @@ struct Inner {
     vras: HashMap<HostId, VraObservation>,
     peers: HashMap<SiteId, PeerObservation>,
     checkpoints: HashMap<VpgId, CoordinatorView>,
+    /// The last assignment a VRA refused, per host and VPG (cleared when one succeeds).
+    assign_errors: HashMap<(HostId, VpgId), String>,
 }
 
 /// Shared by the controllers and the API of one node; filled only while it leads.
@@ -85,7 +96,11 @@ impl Live {
         *self.lock() = Inner::default();
     }
 
-    pub fn record_vra(&self, host: HostId, vpgs: Result<HashMap<VpgId, VraVpgReport>, String>) {
+    pub fn record_vra(&self, host: HostId, poll: Result<VraPoll, String>) {
+        let (vpgs, limits) = match poll {
+            Ok(p) => (Ok(p.vpgs), p.limits),
+            Err(e) => (Err(e), HashMap::new()),
+        };
         let mut inner = self.lock();
         if let Ok(reports) = &vpgs {
             // Markers whose sequence every protected VRA acknowledged are durable.
@@ -112,8 +127,30 @@ impl Live {
             VraObservation {
                 at: Instant::now(),
                 vpgs,
+                limits,
             },
         );
+    }
+
+    /// Records the outcome of assigning `vpg` to the VRA of `host`.
+    pub fn record_assign(&self, host: &HostId, vpg: &VpgId, r: &Result<(), String>) {
+        let key = (host.clone(), vpg.clone());
+        let mut inner = self.lock();
+        match r {
+            Ok(()) => inner.assign_errors.remove(&key),
+            Err(e) => inner.assign_errors.insert(key, e.clone()),
+        };
+    }
+
+    /// Why a VRA of this site refused `vpg`'s assignment, if one did (the first by host).
+    fn assign_error(&self, vpg: &VpgId) -> Option<String> {
+        let inner = self.lock();
+        inner
+            .assign_errors
+            .iter()
+            .filter(|((_, g), _)| g == vpg)
+            .min_by(|a, b| a.0.0.as_str().cmp(b.0.0.as_str()))
+            .map(|((h, _), e)| format!("the VRA of host {h} refused the assignment: {e}"))
     }
 
     pub fn record_peer(&self, site: SiteId, report: Result<PeerReport, String>) {
@@ -198,7 +235,7 @@ impl Live {
     pub fn status(&self, s: &SiteState, vpg: &Vpg, now_ms: u64) -> LiveStatus {
         let (protects, hosts) = own_hosts(s, vpg);
         let (hosts, plan_error) = match hosts {
-            Ok(h) => (h, None),
+            Ok(h) => (h, self.assign_error(&vpg.id)),
             Err(e) => (Vec::new(), Some(e)),
         };
         let own = self.seen(&vpg.id, &hosts);
@@ -246,7 +283,7 @@ impl Live {
         }) {
             let (protects, hosts) = own_hosts(s, vpg);
             let (hosts, plan_error) = match hosts {
-                Ok(h) => (h, None),
+                Ok(h) => (h, self.assign_error(&vpg.id)),
                 Err(e) => (Vec::new(), Some(e)),
             };
             let vras = self.seen(&vpg.id, &hosts);

@@ -1,14 +1,13 @@
 //! The leader's poller: every tick, the status of every VRA of this site and the report of
 //! every peer site that shares a VPG, read in parallel into [`super::Live`].
 
-use std::collections::HashMap;
-
 use tandem_core::ids::{HostId, SiteId, VpgId};
 use tandem_core::pairing::PeerSite;
 use tandem_proto::v1;
 use tandem_proto::vra_convert;
 use tokio_util::sync::CancellationToken;
 
+use super::live::VraPoll;
 use super::{every_tick, vra_request};
 use crate::site::SiteManager;
 
@@ -48,17 +47,14 @@ pub async fn poll_once(site: &SiteManager) {
     futures::future::join(vras, peers).await;
 }
 
-async fn poll_vra(
-    site: &SiteManager,
-    addr: &str,
-) -> Result<HashMap<VpgId, tandem_core::observe::VraVpgReport>, String> {
+async fn poll_vra(site: &SiteManager, addr: &str) -> Result<VraPoll, String> {
     let mut c = site.control().vra(addr).map_err(|e| e.to_string())?;
     let status = c
         .get_status(vra_request(v1::GetVraStatusRequest {}))
         .await
         .map_err(|s| s.message().to_string())?
         .into_inner();
-    Ok(status
+    let vpgs = status
         .vpgs
         .iter()
         .filter_map(|v| {
@@ -66,7 +62,13 @@ async fn poll_vra(
                 .ok()
                 .map(|id| (id, vra_convert::vpg_report(v)))
         })
-        .collect())
+        .collect();
+    let limits = status
+        .bandwidth_limits
+        .into_iter()
+        .map(|l| (l.peer_site_id, l.bytes_per_sec))
+        .collect();
+    Ok(VraPoll { vpgs, limits })
 }
 
 async fn poll_peer(

@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 
 use tandem_core::ids::{HostId, VpgId};
+use tandem_core::inventory::Host;
 use tandem_core::observe::VraVpgReport;
 use tandem_core::protection::{self, ProtectedPlan, RecoveryPlan};
 use tandem_core::state::{Command, SiteState};
@@ -101,6 +102,7 @@ pub async fn reconcile_once(site: &SiteManager) {
         }
     }
     for host in state.hosts.values() {
+        apply_limits(site, &state, host).await;
         let Some(held) = reported(site, &host.id) else {
             continue;
         };
@@ -158,7 +160,37 @@ async fn apply_protected(site: &SiteManager, state: &SiteState, vpg: &Vpg, plan:
         c.assign_protected(vra_request(req)).await
     })
     .await;
-    log_assign(r, &vpg.id, &plan.host, plan.generation, "protected");
+    log_assign(site, r, &vpg.id, &plan.host, plan.generation, "protected");
+}
+
+/// Gives the VRA of `host` each peer's bandwidth limit where it applies another.
+async fn apply_limits(site: &SiteManager, state: &SiteState, host: &Host) {
+    let Some(seen) = site.control().live.vra(&host.id).filter(|o| o.vpgs.is_ok()) else {
+        return;
+    };
+    for peer in state.peers.values() {
+        let want = peer.bandwidth_limit_bytes_per_sec;
+        let key = peer.id.to_string();
+        if seen.limits.get(&key).copied().unwrap_or(0) == want {
+            continue;
+        }
+        let req = v1::SetBandwidthLimitRequest {
+            peer_site_id: key,
+            bytes_per_sec: want,
+        };
+        match call_vra(site, &host.vra_address, |mut c| async move {
+            c.set_bandwidth_limit(vra_request(req)).await
+        })
+        .await
+        {
+            Ok(()) => {
+                tracing::info!(host = %host.id, peer = %peer.id, bytes_per_sec = want, "bandwidth limit applied")
+            }
+            Err(error) => {
+                tracing::warn!(host = %host.id, peer = %peer.id, %error, "bandwidth limit not applied")
+            }
+        }
+    }
 }
 
 /// Pauses or resumes the protected VRA as the definition says (also after a VRA restart,
@@ -185,7 +217,15 @@ async fn apply_pause(site: &SiteManager, addr: &str, vpg: &Vpg, host: &HostId) {
     }
 }
 
-fn log_assign(r: Result<(), String>, vpg: &VpgId, host: &HostId, generation: u64, role: &str) {
+fn log_assign(
+    site: &SiteManager,
+    r: Result<(), String>,
+    vpg: &VpgId,
+    host: &HostId,
+    generation: u64,
+    role: &str,
+) {
+    site.control().live.record_assign(host, vpg, &r);
     match r {
         Ok(()) => tracing::info!(%vpg, %host, generation, role, "assigned"),
         Err(error) => tracing::warn!(%vpg, %host, role, %error, "assign failed"),
@@ -204,5 +244,5 @@ async fn apply_recovery(site: &SiteManager, state: &SiteState, plan: &RecoveryPl
         c.assign_recovery(vra_request(req)).await
     })
     .await;
-    log_assign(r, &plan.vpg, &plan.host, plan.generation, "recovery");
+    log_assign(site, r, &plan.vpg, &plan.host, plan.generation, "recovery");
 }
