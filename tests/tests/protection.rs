@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use tandem_lab::fault::{Tmpfs, fill_leaving};
 use tandem_lab::lab::{Lab, wait_leader};
 use tandem_lab::link::CutMode;
 use tandem_lab::workload::{VolumeTarget, Workload, WorkloadConfig};
@@ -876,5 +877,57 @@ async fn a_journal_too_small_for_the_history_shows_history_not_meeting_sla() -> 
     assert!(history.failures().is_empty(), "{:?}", history.failures());
     eprintln!("with a small journal: {seen:?}");
     lab.down().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_recovery_datastore_shows_a_storage_error_and_recovers_when_space_returns()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Host 1's recovery datastore of site b: replicas (2 x 32 MiB) and journals.
+    let fs = Tmpfs::mount(&dir.path().join("site-b").join("ds-0"), 384)?;
+    let Protected {
+        mut lab,
+        apis_a,
+        apis_b,
+        ..
+    } = protect(dir.path()).await?;
+    let filler = fs.path().join("filler");
+    fill_leaving(&filler, 4)?;
+    let workload = workload(&lab).await?;
+    let mut seen = Vec::new();
+    let full = wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(30),
+        &mut seen,
+        |g| shown(g).1 == "Recovery storage error",
+    )
+    .await?;
+    eprintln!("problems: {:?}", full.status.map(|s| s.problems));
+    let mut seen_b = Vec::new();
+    wait_vpg(
+        &apis_b,
+        "vpg-web",
+        Duration::from_secs(10),
+        &mut seen_b,
+        |g| shown(g).1 == "Recovery storage error",
+    )
+    .await?;
+    let history = workload.stop().await;
+    assert!(history.failures().is_empty(), "{:?}", history.failures());
+
+    std::fs::remove_file(&filler)?;
+    wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(60),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
+    eprintln!("full datastore and after: {seen:?}");
+    lab.down().await;
+    drop(fs);
     Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_vra;
 pub mod demo;
+pub mod fault;
 pub mod lab;
 pub mod link;
 pub mod link_control;

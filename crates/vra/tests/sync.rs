@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
+use tandem_lab::fault::Tmpfs;
 use tandem_lab::link::{CutMode, LinkEmulator};
 use tandem_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
@@ -377,41 +378,13 @@ async fn initial_sync_sends_existing_data_and_skips_zero_regions() {
     assert_checkpoint_equals(&b, "vpg-i", 1, &cp, &vms).await;
 }
 
-/// A small tmpfs mounted for the life of the guard (the test runs as root, as CI does).
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size_mib: u64) -> Self {
-        std::fs::create_dir_all(dir).expect("mount point");
-        let (code, out) = run(
-            "mount",
-            &[
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size_mib}m"),
-                "tmpfs",
-                dir.to_str().expect("utf8"),
-            ],
-        );
-        assert_eq!(code, 0, "mounting a tmpfs needs root: {out}");
-        Self(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = run("umount", &["-l", self.0.to_str().unwrap_or_default()]);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_recovery_datastore_reports_a_storage_error_and_recovers_once_space_is_freed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     // The recovery datastore (replicas and journals) is a tmpfs larger than what can be in
     // flight (the 64 MiB buffer), so that freeing the filler makes room for all of it.
-    let _fs = Tmpfs::mount(&root.join("ds-b"), 256);
+    let _fs = Tmpfs::mount(&root.join("ds-b"), 256).expect("tmpfs");
     let mut a = VraProcess::start(root, "host-a");
     let mut b = VraProcess::start(root, "host-b");
     let size = 8 * MIB;
