@@ -16,6 +16,7 @@ use tandem_lab::workload::{VolumeTarget, Workload, WorkloadConfig};
 use tandem_proto::v1;
 use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient,
+    monitoring_service_client::MonitoringServiceClient,
     resource_pool_service_client::ResourcePoolServiceClient,
     site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
     vpg_service_client::VpgServiceClient, vra_control_client::VraControlClient,
@@ -585,6 +586,17 @@ async fn wan_cut_shows_on_both_sides_keeps_checkpoints_listed_and_heals() -> Res
         |g| shown(g) == ("Not Meeting SLA".into(), "Recovery is possible".into()),
     )
     .await?;
+    let alerts = MonitoringServiceClient::new(b.clone())
+        .list_alerts(v1::ListAlertsRequest::default())
+        .await?
+        .into_inner()
+        .alerts;
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.code == "AL0004" && a.vpg_id == "vpg-web" && a.severity == "error"),
+        "{alerts:?}"
+    );
     // The recovery site lists its checkpoints on its own throughout.
     let during = checkpoints(&b, "vpg-web").await?;
     for id in &before {
@@ -612,6 +624,19 @@ async fn wan_cut_shows_on_both_sides_keeps_checkpoints_listed_and_heals() -> Res
     )
     .await?;
     eprintln!("protected side: {seen_a:?}; recovery side: {seen_b:?}");
+    let alerts = MonitoringServiceClient::new(b.clone())
+        .list_alerts(v1::ListAlertsRequest::default())
+        .await?
+        .into_inner()
+        .alerts;
+    assert!(alerts.is_empty(), "alerts left after the heal: {alerts:?}");
+    let changes = events(&b, "EV0030").await?;
+    assert!(
+        changes.iter().any(|e| e
+            .description
+            .contains("-> Not Meeting SLA / Recovery is possible")),
+        "{changes:?}"
+    );
     // Checkpoints come again after the heal.
     let newest = during.iter().map(|c| c.id).max().unwrap_or(0);
     let start = Instant::now();
@@ -746,6 +771,25 @@ async fn an_added_vm_syncs_its_volumes_only_and_history_survives_the_edit() -> R
         "checkpoints lost by the edit: before {before:?}, after {after:?}"
     );
     eprintln!("after adding vm-4: {seen:?}");
+
+    // Deleted without keeping the recovery disks: both sites forget it, the disks go.
+    VpgServiceClient::new(a.clone())
+        .delete_vpg(v1::DeleteVpgRequest {
+            id: "vpg-web".into(),
+            keep_recovery_disks: false,
+            force: false,
+        })
+        .await?;
+    gone(&a, "vpg-web", Duration::from_secs(20)).await?;
+    gone(&b, "vpg-web", Duration::from_secs(20)).await?;
+    for h in 0..2 {
+        let vpg_dir = lab
+            .dir
+            .join(&lab.site_names[1])
+            .join(format!("ds-{h}/vpg-web"));
+        assert!(!vpg_dir.exists(), "{vpg_dir:?} left behind");
+    }
+    assert!(events(&b, "EV0040").await?.is_empty());
     lab.down().await;
     Ok(())
 }
@@ -929,5 +973,108 @@ async fn a_full_recovery_datastore_shows_a_storage_error_and_recovers_when_space
     eprintln!("full datastore and after: {seen:?}");
     lab.down().await;
     drop(fs);
+    Ok(())
+}
+
+async fn events(ch: &Channel, code: &str) -> Result<Vec<v1::Event>> {
+    Ok(MonitoringServiceClient::new(ch.clone())
+        .list_events(v1::ListEventsQuery {
+            vpg_id: "vpg-web".into(),
+            code: code.into(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events)
+}
+
+async fn gone(ch: &Channel, id: &str, within: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        match VpgServiceClient::new(ch.clone())
+            .get_vpg(v1::GetRequest { id: id.into() })
+            .await
+        {
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
+            Ok(g) if start.elapsed() > within => bail!("VPG {id} still there: {g:?}"),
+            Err(s) if start.elapsed() > within => bail!("VPG {id}: {s:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_keeping_recovery_disks_names_them_and_a_stuck_delete_is_retried() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Protected {
+        mut lab,
+        a,
+        b,
+        apis_b,
+        ..
+    } = protect(dir.path()).await?;
+    // One recovery VRA is down: the recovery site cannot finish its side of the delete.
+    lab.vras[1][0].kill9().await?;
+    VpgServiceClient::new(a.clone())
+        .delete_vpg(v1::DeleteVpgRequest {
+            id: "vpg-web".into(),
+            keep_recovery_disks: true,
+            force: false,
+        })
+        .await?;
+    gone(&a, "vpg-web", Duration::from_secs(20)).await?;
+    let mut seen = Vec::new();
+    wait_vpg(
+        &apis_b,
+        "vpg-web",
+        Duration::from_secs(40),
+        &mut seen,
+        |g| shown(g) == ("Deleting".into(), "VPG waiting to be removed".into()),
+    )
+    .await?;
+    assert!(
+        seen.iter().any(|s| s.1 == "Deleting the VPG"),
+        "the delete was not seen running: {seen:?}"
+    );
+    assert_eq!(events(&b, "EV0005").await?.len(), 1);
+
+    // The VRA is back; the recovery site retries without force.
+    lab.vras[1][0].start().await?;
+    VpgServiceClient::new(b.clone())
+        .delete_vpg(v1::DeleteVpgRequest {
+            id: "vpg-web".into(),
+            keep_recovery_disks: true,
+            force: false,
+        })
+        .await?;
+    gone(&b, "vpg-web", Duration::from_secs(30)).await?;
+    let kept = events(&b, "EV0040").await?;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    for i in 0..4 {
+        let replica = lab
+            .dir
+            .join(&lab.site_names[1])
+            .join(format!("ds-{}/vpg-web/vm-{i}/c0u0.replica", i % 2));
+        assert!(
+            kept[0].description.contains(&replica.display().to_string()),
+            "{replica:?} not named in {:?}",
+            kept[0].description
+        );
+        assert_eq!(std::fs::metadata(&replica)?.len(), 32 * MIB);
+    }
+    for (site, ch) in [("a", &a), ("b", &b)] {
+        assert_eq!(events(ch, "EV0003").await?.len(), 1, "site {site}");
+        assert_eq!(events(ch, "EV0004").await?.len(), 1, "site {site}");
+    }
+    // No VRA holds it any more.
+    for vra in lab.vras.iter().flatten() {
+        let st = VraControlClient::new(channel(&vra.control).await?)
+            .get_status(v1::GetVraStatusRequest {})
+            .await?
+            .into_inner();
+        assert!(st.vpgs.is_empty(), "{} still holds {:?}", vra.host, st.vpgs);
+    }
+    lab.down().await;
     Ok(())
 }

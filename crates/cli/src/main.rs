@@ -13,7 +13,7 @@ use output::{Format, bytes, print};
 use tandem_proto::v1;
 use tandem_proto::v1::{
     cluster_service_client::ClusterServiceClient, datastore_service_client::DatastoreServiceClient,
-    host_service_client::HostServiceClient,
+    host_service_client::HostServiceClient, monitoring_service_client::MonitoringServiceClient,
     resource_pool_service_client::ResourcePoolServiceClient,
     site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
     vpg_service_client::VpgServiceClient,
@@ -72,6 +72,36 @@ enum Noun {
     /// The site's manager cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// The site's event log (operations and status transitions, with stable codes).
+    #[command(subcommand)]
+    Event(EventCmd),
+    /// Active alerts, raised from the VPGs' status while a problem lasts.
+    #[command(subcommand)]
+    Alert(AlertCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum EventCmd {
+    /// Lists events oldest first: the newest --limit, or those after --after.
+    List {
+        #[arg(long)]
+        vpg: Option<String>,
+        /// An event code, e.g. EV0040.
+        #[arg(long)]
+        code: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AlertCmd {
+    List {
+        #[arg(long)]
+        vpg: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -314,7 +344,78 @@ async fn run(cli: Cli) -> Result<()> {
         Noun::Vpg(c) => vpg(ch, fmt, c).await,
         Noun::Checkpoint(c) => checkpoint(ch, fmt, c).await,
         Noun::Cluster(c) => cluster(ch, fmt, c).await,
+        Noun::Event(c) => event(ch, fmt, c).await,
+        Noun::Alert(c) => alert(ch, fmt, c).await,
     }
+}
+
+async fn event(ch: Channel, fmt: Format, c: EventCmd) -> Result<()> {
+    let EventCmd::List {
+        vpg,
+        code,
+        after,
+        limit,
+    } = c;
+    let r = MonitoringServiceClient::new(ch)
+        .list_events(v1::ListEventsQuery {
+            vpg_id: vpg.unwrap_or_default(),
+            code: code.unwrap_or_default(),
+            after_id: after,
+            limit,
+        })
+        .await?
+        .into_inner();
+    let rows = r
+        .events
+        .iter()
+        .map(|e| {
+            vec![
+                e.id.to_string(),
+                e.at_ms.to_string(),
+                e.code.clone(),
+                e.vpg_id.clone(),
+                e.description.clone(),
+            ]
+        })
+        .collect();
+    print(
+        fmt,
+        &r,
+        &["ID", "AT_MS", "CODE", "VPG", "DESCRIPTION"],
+        rows,
+    );
+    Ok(())
+}
+
+async fn alert(ch: Channel, fmt: Format, c: AlertCmd) -> Result<()> {
+    let AlertCmd::List { vpg } = c;
+    let r = MonitoringServiceClient::new(ch)
+        .list_alerts(v1::ListAlertsRequest {
+            vpg_id: vpg.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    let rows = r
+        .alerts
+        .iter()
+        .map(|a| {
+            vec![
+                a.code.clone(),
+                a.severity.clone(),
+                a.vpg_name.clone(),
+                a.summary.clone(),
+                a.since_ms.to_string(),
+                a.detail.join("; "),
+            ]
+        })
+        .collect();
+    print(
+        fmt,
+        &r,
+        &["CODE", "SEVERITY", "VPG", "SUMMARY", "SINCE_MS", "DETAIL"],
+        rows,
+    );
+    Ok(())
 }
 
 fn peers_table(fmt: Format, value: &impl serde::Serialize, peers: &[v1::PeerSite]) {

@@ -1,7 +1,9 @@
 //! Tandem's domain: ids, inventory, VPG definitions, validation, the seed's statuses and the
 //! replicated site state machine. Pure logic, no IO.
 
+pub mod alerts;
 pub mod error;
+pub mod events;
 pub mod ids;
 pub mod inventory;
 pub mod observe;

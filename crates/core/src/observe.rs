@@ -403,6 +403,8 @@ mod tests {
             updated_at_ms: 0,
             operation,
             paused: false,
+            keep_recovery_disks: false,
+            delete_started_ms: 0,
         }
     }
 

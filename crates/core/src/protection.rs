@@ -342,6 +342,8 @@ mod tests {
             updated_at_ms: 0,
             operation: None,
             paused: false,
+            keep_recovery_disks: false,
+            delete_started_ms: 0,
         };
         (s, vpg)
     }

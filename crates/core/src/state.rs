@@ -10,6 +10,7 @@ use crate::error::{DomainError, Violations};
 use crate::ids::{DatastoreId, HostId, PoolId, SiteId, VmId, VpgId};
 use crate::inventory::{Datastore, Host, ResourcePool, Vm};
 use crate::pairing::{PairingToken, PeerSite};
+use crate::status::Operation;
 use crate::vpg::{RecoveryCommitments, Vpg, VpgVm};
 
 /// The site's own identity, fixed at bootstrap.
@@ -31,6 +32,8 @@ pub struct SiteState {
     pub pools: BTreeMap<PoolId, ResourcePool>,
     pub vms: BTreeMap<VmId, Vm>,
     pub vpgs: BTreeMap<VpgId, Vpg>,
+    #[serde(default)]
+    pub events: crate::events::EventLog,
 }
 
 /// A change to the site state, proposed through Raft.
@@ -105,6 +108,17 @@ pub enum Command {
         id: VpgId,
         generation: u64,
         operation: Option<crate::status::Operation>,
+    },
+    /// Appends to the event log.
+    RecordEvent {
+        event: crate::events::NewEvent,
+    },
+    /// Starts deleting a VPG: its controllers unassign its VRAs (removing the recovery
+    /// disks unless kept), then remove the definition.
+    BeginVpgDelete {
+        id: VpgId,
+        keep_recovery_disks: bool,
+        now_ms: u64,
     },
     /// Pauses or resumes the protection of a VPG this site protects. Not a definition
     /// change: the generation stays (the VRAs keep their assignment).
@@ -363,6 +377,31 @@ impl SiteState {
                     });
                 }
                 vpg.operation = operation;
+                Ok(Applied::Done)
+            }
+            Command::RecordEvent { event } => {
+                self.events.push(event);
+                Ok(Applied::Done)
+            }
+            Command::BeginVpgDelete {
+                id,
+                keep_recovery_disks,
+                now_ms,
+            } => {
+                let vpg = self
+                    .vpgs
+                    .get_mut(&id)
+                    .ok_or_else(|| DomainError::not_found(VpgId::KIND, &id))?;
+                if let Some(op) = vpg.operation.filter(|op| !op.allows_delete()) {
+                    return Err(DomainError::precondition(format!(
+                        "VPG {id} is in operation {op:?}: it cannot be deleted now"
+                    )));
+                }
+                if vpg.operation != Some(Operation::Deleting) {
+                    vpg.delete_started_ms = now_ms;
+                }
+                vpg.operation = Some(Operation::Deleting);
+                vpg.keep_recovery_disks = keep_recovery_disks;
                 Ok(Applied::Done)
             }
             Command::SetVpgPaused { id, paused } => {
@@ -705,7 +744,6 @@ fn in_use(kind: &str, id: &impl std::fmt::Display, user_kind: &str, user: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::Operation;
     use crate::vpg::VpgSettings;
 
     /// Site `a` with VPG `mine` (protected here) and `theirs` (protected by `b`).
@@ -731,6 +769,8 @@ mod tests {
                 updated_at_ms: 0,
                 operation: None,
                 paused: false,
+                keep_recovery_disks: false,
+                delete_started_ms: 0,
             };
             s.vpgs.insert(vpg.id.clone(), vpg);
         }

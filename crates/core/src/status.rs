@@ -177,6 +177,15 @@ impl Operation {
     pub fn allows_pause(self) -> bool {
         matches!(self, Self::Creating)
     }
+
+    /// Whether a delete can start (or restart) during this operation: not while a
+    /// recovery runs.
+    pub fn allows_delete(self) -> bool {
+        matches!(
+            self,
+            Self::Creating | Self::Deleting | Self::DeleteFailed | Self::Recovered
+        )
+    }
 }
 
 /// A problem that stops or degrades protection.

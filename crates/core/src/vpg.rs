@@ -279,6 +279,12 @@ pub struct Vpg {
     /// The operator paused protection (kept by the protected site; edits keep it).
     #[serde(default)]
     pub paused: bool,
+    /// While deleting: whether the recovery disks stay at the recovery site.
+    #[serde(default)]
+    pub keep_recovery_disks: bool,
+    /// When the current delete started (0: none).
+    #[serde(default)]
+    pub delete_started_ms: u64,
 }
 
 impl Vpg {

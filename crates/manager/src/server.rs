@@ -8,6 +8,7 @@ use tandem_proto::MAX_MESSAGE_BYTES;
 use tandem_proto::v1::{
     cluster_service_server::ClusterServiceServer, datastore_service_server::DatastoreServiceServer,
     host_service_server::HostServiceServer, manager_internal_server::ManagerInternalServer,
+    monitoring_service_server::MonitoringServiceServer,
     resource_pool_service_server::ResourcePoolServiceServer, site_peer_server::SitePeerServer,
     site_service_server::SiteServiceServer, vm_service_server::VmServiceServer,
     vpg_service_server::VpgServiceServer,
@@ -20,6 +21,7 @@ use crate::api::{
     cluster::ClusterApi,
     internal::{InternalApi, PeerApi},
     inventory::InventoryApi,
+    monitoring::MonitoringApi,
     site::SiteApi,
     vpg::VpgApi,
 };
@@ -61,6 +63,10 @@ pub async fn serve_api(
         .add_service(limited!(VmServiceServer, inventory))
         .add_service(limited!(VpgServiceServer, VpgApi(site.clone())))
         .add_service(limited!(ClusterServiceServer, ClusterApi(site.clone())))
+        .add_service(limited!(
+            MonitoringServiceServer,
+            MonitoringApi(site.clone())
+        ))
         .add_service(limited!(ManagerInternalServer, InternalApi(site.clone())))
         .add_service(limited!(SitePeerServer, PeerApi(site)))
         .serve_with_incoming_shutdown(crate::net::incoming(listener), shutdown.cancelled_owned())

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tandem_core::DomainError;
 use tandem_core::error::Violations;
+use tandem_core::events::{EventCode, NewEvent};
 use tandem_core::ids::{SiteId, VpgId};
 use tandem_core::inventory::{Datastore, Host, ResourcePool, Vm};
 use tandem_core::pairing::{PAIRING_TOKEN_TTL_MS, PairingToken, PeerSite};
@@ -52,6 +53,15 @@ impl std::fmt::Debug for SiteManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SiteManager").finish_non_exhaustive()
     }
+}
+
+/// A query of the event log.
+#[derive(Debug, Clone)]
+pub struct EventQuery {
+    pub vpg: Option<VpgId>,
+    pub code: Option<EventCode>,
+    pub after_id: u64,
+    pub limit: usize,
 }
 
 /// A VPG as shown to an operator.
@@ -266,6 +276,15 @@ impl SiteManager {
                 bytes_per_sec,
             })
             .await?;
+        self.record_event(
+            EventCode::PeerBandwidthLimitSet,
+            None,
+            match bytes_per_sec {
+                0 => format!("bandwidth limit to site {id} removed"),
+                b => format!("bandwidth limit to site {id} set to {b} bytes per second"),
+            },
+        )
+        .await;
         self.node
             .read(move |s| s.peers.get(&id).cloned())
             .await?
@@ -361,13 +380,20 @@ impl SiteManager {
     }
 
     /// Asks the peer site to delete its copy of a VPG this site (`own`) protects.
-    async fn peer_delete_vpg(&self, peer: &PeerSite, id: &VpgId, own: String) -> ApiResult<()> {
+    async fn peer_delete_vpg(
+        &self,
+        peer: &PeerSite,
+        id: &VpgId,
+        own: String,
+        keep_recovery_disks: bool,
+    ) -> ApiResult<()> {
         self.peer_call(peer, |mut c| {
             let (id, own) = (id.to_string(), own.clone());
             async move {
                 c.delete_vpg(v1::PeerDeleteVpgRequest {
                     vpg_id: id,
                     from_site_id: own,
+                    keep_recovery_disks,
                 })
                 .await
             }
@@ -440,6 +466,8 @@ impl SiteManager {
                     updated_at_ms: now,
                     operation: Some(Operation::Creating),
                     paused: false,
+                    keep_recovery_disks: false,
+                    delete_started_ms: 0,
                 };
                 let expected = previous.as_ref().map(|g| g.generation);
                 s.prepare_vpg(&mut vpg, expected)?;
@@ -491,7 +519,10 @@ impl SiteManager {
             return Err(DomainError::invalid("spec.vms", "a new VPG needs at least one VM").into());
         }
         let (vpg, peer) = self.build_vpg(id.clone(), spec, None).await?;
+        let what = format!("VPG {:?} created with {} VMs", vpg.name, vpg.vms.len());
         let index = self.store_on_both(vpg, None, &peer).await?;
+        self.record_event(EventCode::VpgCreated, Some(&id), what)
+            .await;
         self.vpg_after(index, id).await
     }
 
@@ -504,7 +535,15 @@ impl SiteManager {
     ) -> ApiResult<VpgView> {
         let (mut vpg, peer) = self.build_vpg(id.clone(), spec, Some(generation)).await?;
         vpg.updated_at_ms = now_ms();
+        let what = format!(
+            "VPG {:?} edited: generation {}, {} VMs",
+            vpg.name,
+            generation + 1,
+            vpg.vms.len()
+        );
         let index = self.store_on_both(vpg, Some(generation), &peer).await?;
+        self.record_event(EventCode::VpgEdited, Some(&id), what)
+            .await;
         self.vpg_after(index, id).await
     }
 
@@ -552,7 +591,7 @@ impl SiteManager {
                         .await
                         .map(|i| i.id.to_string())
                         .unwrap_or_default();
-                    let undo = self.peer_delete_vpg(peer, &id, own).await;
+                    let undo = self.peer_delete_vpg(peer, &id, own, false).await;
                     if let Err(u) = undo {
                         tracing::warn!(vpg = %id, error = %u, "could not undo peer copy of a failed vpg create");
                     }
@@ -573,7 +612,13 @@ impl SiteManager {
             .map(|_| ())
     }
 
-    pub async fn delete_peer_vpg(&self, id: VpgId, from: SiteId) -> ApiResult<()> {
+    /// The recovery side of a delete: starts deleting this site's copy.
+    pub async fn delete_peer_vpg(
+        &self,
+        id: VpgId,
+        from: SiteId,
+        keep_recovery_disks: bool,
+    ) -> ApiResult<()> {
         let owner = self
             .node
             .read({
@@ -585,7 +630,11 @@ impl SiteManager {
             None => Ok(()),
             Some(site) if site == from => self
                 .node
-                .propose(Command::DeleteVpg { id })
+                .propose(Command::BeginVpgDelete {
+                    id,
+                    keep_recovery_disks,
+                    now_ms: now_ms(),
+                })
                 .await
                 .map(|_| ()),
             Some(_) => {
@@ -594,8 +643,17 @@ impl SiteManager {
         }
     }
 
-    /// Deletes a VPG on both sites. Without `force`, the peer must confirm.
-    pub async fn delete_vpg(&self, id: VpgId, force: bool) -> ApiResult<()> {
+    /// Deletes a VPG on both sites: the peer confirms, then both sites' controllers
+    /// unassign their VRAs (the recovery site removes the recovery disks unless kept) and
+    /// remove the definition. A delete that cannot finish leaves "VPG waiting to be
+    /// removed": deleting again retries; `force` removes the definition here at once
+    /// (also at the recovery site, or when the peer is gone) and leaves the VRAs' data.
+    pub async fn delete_vpg(
+        &self,
+        id: VpgId,
+        keep_recovery_disks: bool,
+        force: bool,
+    ) -> ApiResult<()> {
         let (vpg, peer, own) = self
             .node
             .read({
@@ -616,15 +674,29 @@ impl SiteManager {
             .await?;
         let vpg = vpg.ok_or_else(|| DomainError::not_found("vpg", &id))?;
         let protected_here = Some(&vpg.protected_site) == own.as_ref();
-        if !protected_here && !force {
+        // The recovery site may retry a delete the protected site started (and may have
+        // finished on its side).
+        let retry = matches!(
+            vpg.operation,
+            Some(Operation::Deleting | Operation::DeleteFailed)
+        );
+        if !protected_here && !force && !retry {
             return Err(DomainError::precondition(
                 "this site recovers the VPG; delete it at its protected site, or use force",
             )
             .into());
         }
+        if let Some(op) = vpg.operation.filter(|op| !op.allows_delete()) {
+            return Err(DomainError::precondition(format!(
+                "VPG {id} is in operation {op:?}: it cannot be deleted now"
+            ))
+            .into());
+        }
         if protected_here && let Some(peer) = &peer {
             let own = own.map(|s| s.to_string()).unwrap_or_default();
-            let r = self.peer_delete_vpg(peer, &id, own).await;
+            let r = self
+                .peer_delete_vpg(peer, &id, own, keep_recovery_disks)
+                .await;
             match r {
                 Ok(_) => {}
                 Err(e) if force => {
@@ -633,10 +705,96 @@ impl SiteManager {
                 Err(e) => return Err(e),
             }
         }
+        if force {
+            self.node
+                .propose(Command::DeleteVpg { id: id.clone() })
+                .await?;
+            self.record_event(
+                EventCode::VpgDeleted,
+                Some(&id),
+                format!(
+                    "VPG {:?} force-deleted; its VRAs' data was left in place",
+                    vpg.name
+                ),
+            )
+            .await;
+            return Ok(());
+        }
         self.node
-            .propose(Command::DeleteVpg { id })
+            .propose(Command::BeginVpgDelete {
+                id: id.clone(),
+                keep_recovery_disks,
+                now_ms: now_ms(),
+            })
+            .await?;
+        self.record_event(
+            EventCode::VpgDeleteStarted,
+            Some(&id),
+            format!(
+                "deleting VPG {:?}, {} its recovery disks",
+                vpg.name,
+                if keep_recovery_disks {
+                    "keeping"
+                } else {
+                    "removing"
+                }
+            ),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Events matching `q`, oldest first: after `after_id`, or the newest `limit`.
+    pub async fn events(&self, q: EventQuery) -> ApiResult<Vec<tandem_core::events::Event>> {
+        self.node
+            .read(move |s| {
+                let matching = |e: &&tandem_core::events::Event| {
+                    q.vpg.as_ref().is_none_or(|v| e.vpg.as_ref() == Some(v))
+                        && q.code.is_none_or(|c| e.code == c)
+                };
+                let mut out: Vec<_> = if q.after_id > 0 {
+                    s.events
+                        .iter()
+                        .filter(|e| e.id > q.after_id)
+                        .filter(matching)
+                        .take(q.limit)
+                        .cloned()
+                        .collect()
+                } else {
+                    s.events
+                        .iter()
+                        .rev()
+                        .filter(matching)
+                        .take(q.limit)
+                        .cloned()
+                        .collect()
+                };
+                out.sort_by_key(|e| e.id);
+                out
+            })
             .await
-            .map(|_| ())
+    }
+
+    /// The active alerts (of one VPG, or all), from the leader's status snapshot.
+    pub async fn alerts(&self, vpg: Option<VpgId>) -> ApiResult<Vec<control::ActiveAlert>> {
+        match self.leader_call(LeaderRequest::Alerts { vpg }).await? {
+            LeaderResponse::Alerts(a) => Ok(a),
+            _ => Err(ApiError::internal("unexpected leader answer")),
+        }
+    }
+
+    /// Appends to the event log; an event that cannot be stored is logged, not fatal to
+    /// the operation it describes.
+    pub async fn record_event(&self, code: EventCode, vpg: Option<&VpgId>, description: String) {
+        let event = NewEvent {
+            at_ms: now_ms(),
+            code,
+            vpg: vpg.cloned(),
+            description,
+        };
+        if let Err(e) = self.node.propose(Command::RecordEvent { event }).await {
+            tracing::warn!(code = code.code(), error = %e, "event not recorded");
+        }
     }
 
     fn view(s: &SiteState, g: &Vpg) -> VpgView {
@@ -888,16 +1046,44 @@ impl SiteManager {
             .await??;
         for id in vpgs {
             self.node
-                .propose(Command::SetVpgPaused { id, paused })
+                .propose(Command::SetVpgPaused {
+                    id: id.clone(),
+                    paused,
+                })
                 .await?;
+            let (code, what) = if paused {
+                (
+                    EventCode::ProtectionPaused,
+                    "protection paused by the operator",
+                )
+            } else {
+                (
+                    EventCode::ProtectionResumed,
+                    "protection resumed by the operator",
+                )
+            };
+            self.record_event(code, Some(&id), what.into()).await;
         }
         Ok(())
     }
 
     /// Starts a delta sync of every volume of these VPGs (the leader asks their VRAs).
     pub async fn force_sync(&self, vpgs: Vec<VpgId>) -> ApiResult<()> {
-        match self.leader_call(LeaderRequest::ForceSync { vpgs }).await? {
-            LeaderResponse::Done => Ok(()),
+        match self
+            .leader_call(LeaderRequest::ForceSync { vpgs: vpgs.clone() })
+            .await?
+        {
+            LeaderResponse::Done => {
+                for id in &vpgs {
+                    self.record_event(
+                        EventCode::ForceSyncStarted,
+                        Some(id),
+                        "force sync started: a delta sync of every volume".into(),
+                    )
+                    .await;
+                }
+                Ok(())
+            }
             _ => Err(ApiError::internal("unexpected leader answer")),
         }
     }
@@ -918,7 +1104,17 @@ impl SiteManager {
             })
             .await?
         {
-            LeaderResponse::Checkpoints(t) => Ok(t),
+            LeaderResponse::Checkpoints(t) => {
+                for c in &t {
+                    self.record_event(
+                        EventCode::CheckpointAdded,
+                        Some(&c.vpg),
+                        format!("checkpoint {:?} added ({:?}, id {})", c.name, c.kind, c.id),
+                    )
+                    .await;
+                }
+                Ok(t)
+            }
             _ => Err(ApiError::internal("unexpected leader answer")),
         }
     }

@@ -68,8 +68,12 @@ impl VraControl for ControlService {
         &self,
         req: Request<pb::UnassignRequest>,
     ) -> Result<Response<pb::VraEmpty>, Status> {
-        let vpg = parse_vpg(&req.into_inner().vpg_id).map_err(status)?;
-        self.vra.unassign(&vpg).await.map_err(status)?;
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        self.vra
+            .unassign(&vpg, r.remove_recovery_data)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::VraEmpty {}))
     }
 

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError, atomic::Ordering},
 };
 
@@ -297,7 +297,9 @@ impl Vra {
     }
 
     /// Drops the VPG's role (files stay on disk).
-    pub async fn unassign(&self, vpg: &VpgId) -> VraResult<()> {
+    /// Drops the VPG's role; with `remove_recovery_data`, a recovery role's journals and
+    /// replica disks go too.
+    pub async fn unassign(&self, vpg: &VpgId, remove_recovery_data: bool) -> VraResult<()> {
         let mut vpgs = self.inner.vpgs.lock().await;
         let role = vpgs
             .remove(vpg)
@@ -313,7 +315,10 @@ impl Vra {
             }
         }
         self.persist(&vpgs).await?;
-        info!(vpg = %vpg, "unassigned");
+        if remove_recovery_data && let Role::Recovery(r) = &role {
+            remove_recovery_data_of(r.assignment())?;
+        }
+        info!(vpg = %vpg, remove_recovery_data, "unassigned");
         Ok(())
     }
 
@@ -638,4 +643,31 @@ impl Vra {
 
 fn scratch_suffix() -> String {
     format!("{}", tandem_journal::UnixMillis::now().0)
+}
+
+/// Removes the journals and replica disks of a stopped recovery role; what is already gone
+/// is fine (a repeated unassign).
+fn remove_recovery_data_of(a: &RecoveryAssignment) -> VraResult<()> {
+    let gone = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    for vm in &a.vms {
+        gone(std::fs::remove_dir_all(&vm.journal_dir))
+            .map_err(VraError::io("remove journal", &vm.journal_dir))?;
+        for v in &vm.volumes {
+            gone(std::fs::remove_file(&v.path)).map_err(VraError::io("remove replica", &v.path))?;
+        }
+        // The VM's and then the VPG's directory, once empty (the planner's layout); a
+        // directory that holds anything else stays.
+        let vm_dir = vm.journal_dir.parent();
+        for dir in [vm_dir, vm_dir.and_then(Path::parent)]
+            .into_iter()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    info!(vpg = %a.vpg, "recovery data removed");
+    Ok(())
 }

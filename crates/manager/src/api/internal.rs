@@ -118,7 +118,9 @@ impl SitePeer for PeerApi {
         let r = r.into_inner();
         let id = VpgId::parse("vpg_id", &r.vpg_id).map_err(bad)?;
         let from = SiteId::parse("from_site_id", &r.from_site_id).map_err(bad)?;
-        self.0.delete_peer_vpg(id, from).await?;
+        self.0
+            .delete_peer_vpg(id, from, r.keep_recovery_disks)
+            .await?;
         Ok(Response::new(v1::Empty {}))
     }
 

@@ -3,6 +3,7 @@
 pub mod cluster;
 pub mod internal;
 pub mod inventory;
+pub mod monitoring;
 pub mod site;
 pub mod vpg;
 

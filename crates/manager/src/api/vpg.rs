@@ -181,9 +181,9 @@ impl VpgService for VpgApi {
     ) -> Result<Response<v1::Empty>, Status> {
         let r = r.into_inner();
         let id = VpgId::parse("id", &r.id).map_err(bad)?;
-        // Recovery disks are the VRAs' business; until managers drive VRAs there are none
-        // to keep or remove, so `keep_recovery_disks` only matters once they do.
-        self.0.delete_vpg(id, r.force).await?;
+        self.0
+            .delete_vpg(id, r.keep_recovery_disks, r.force)
+            .await?;
         Ok(Response::new(v1::Empty {}))
     }
 

@@ -3,16 +3,18 @@
 //! figures never go through Raft) and rebuilt after a leader change. [`Live::status`] turns
 //! it, with a definition, into the one status snapshot of a VPG.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use tandem_core::alerts::{self, AlertKind};
 use tandem_core::ids::{HostId, SiteId, VpgId};
 use tandem_core::observe::{
     self, HostSeen, LiveInputs, LiveStatus, PeerReport, PeerVpgReport, VraSeen, VraVpgReport,
 };
 use tandem_core::protection;
 use tandem_core::state::SiteState;
+use tandem_core::status::VpgState;
 use tandem_core::vpg::Vpg;
 
 /// A peer whose last report is older than this counts as unreachable.
@@ -67,6 +69,10 @@ struct Inner {
     checkpoints: HashMap<VpgId, CoordinatorView>,
     /// The last assignment a VRA refused, per host and VPG (cleared when one succeeds).
     assign_errors: HashMap<(HostId, VpgId), String>,
+    /// The status each VPG showed at the monitor's last look.
+    shown: HashMap<VpgId, VpgState>,
+    /// When each active alert was first seen raised.
+    alerts_since: HashMap<(VpgId, AlertKind), u64>,
 }
 
 /// Shared by the controllers and the API of one node; filled only while it leads.
@@ -130,6 +136,46 @@ impl Live {
                 limits,
             },
         );
+    }
+
+    /// Notes the statuses the monitor computed: answers the VPGs whose status changed since
+    /// its last look (a VPG seen for the first time is not a change), and keeps when each
+    /// alert was raised.
+    pub fn note_statuses(
+        &self,
+        statuses: &[(VpgId, String, LiveStatus)],
+        now_ms: u64,
+    ) -> Vec<(VpgId, String, VpgState, VpgState)> {
+        let mut inner = self.lock();
+        let mut changes = Vec::new();
+        let mut raised = HashSet::new();
+        for (vpg, name, st) in statuses {
+            if let Some(before) = inner.shown.insert(vpg.clone(), st.state)
+                && (before.status, before.substatus) != (st.state.status, st.state.substatus)
+            {
+                changes.push((vpg.clone(), name.clone(), before, st.state));
+            }
+            for kind in alerts::alerts(&st.observation) {
+                raised.insert((vpg.clone(), kind));
+            }
+        }
+        inner
+            .shown
+            .retain(|g, _| statuses.iter().any(|(id, _, _)| id == g));
+        inner.alerts_since.retain(|k, _| raised.contains(k));
+        for k in raised {
+            inner.alerts_since.entry(k).or_insert(now_ms);
+        }
+        changes
+    }
+
+    /// When the alert was first seen raised (now, if the monitor has not seen it yet).
+    pub fn alert_since(&self, vpg: &VpgId, kind: AlertKind, now_ms: u64) -> u64 {
+        self.lock()
+            .alerts_since
+            .get(&(vpg.clone(), kind))
+            .copied()
+            .unwrap_or(now_ms)
     }
 
     /// Records the outcome of assigning `vpg` to the VRA of `host`.

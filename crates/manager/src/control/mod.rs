@@ -12,6 +12,7 @@
 
 pub mod checkpoints;
 pub mod live;
+pub mod monitor;
 pub mod poll;
 pub mod reconcile;
 
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tandem_core::DomainError;
+use tandem_core::alerts::AlertKind;
 use tandem_core::ids::{SiteId, VmId, VpgId};
 use tandem_core::observe::{LiveStatus, PeerReport};
 use tandem_core::state::SiteState;
@@ -57,6 +59,8 @@ pub enum LeaderRequest {
     },
     /// A delta sync of every volume of each VPG.
     ForceSync { vpgs: Vec<VpgId> },
+    /// The active alerts (of one VPG, or all).
+    Alerts { vpg: Option<VpgId> },
 }
 
 /// The leader's answer.
@@ -66,6 +70,17 @@ pub enum LeaderResponse {
     PeerReport(PeerReport),
     Checkpoints(Vec<checkpoints::Taken>),
     Done,
+    Alerts(Vec<ActiveAlert>),
+}
+
+/// One raised alert of one VPG.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActiveAlert {
+    pub vpg: VpgId,
+    pub vpg_name: String,
+    pub kind: AlertKind,
+    pub detail: Vec<String>,
+    pub since_ms: u64,
 }
 
 /// The controllers' shared parts: observed state, VRA channels, the checkpoint id source.
@@ -154,6 +169,7 @@ pub async fn run(site: SiteManager, shutdown: CancellationToken) {
             tasks.spawn(poll::run(site.clone(), leading.clone()));
             tasks.spawn(reconcile::run(site.clone(), leading.clone()));
             tasks.spawn(checkpoints::run(site.clone(), term, leading.clone()));
+            tasks.spawn(monitor::run(site.clone(), leading.clone()));
             tasks.close();
             loop {
                 tokio::select! {
@@ -211,6 +227,29 @@ pub async fn answer(site: &SiteManager, req: LeaderRequest) -> ApiResult<LeaderR
                 taken.push(checkpoints::take(site, term, &vpg, kind, &name, vm.as_ref()).await?);
             }
             Ok(LeaderResponse::Checkpoints(taken))
+        }
+        LeaderRequest::Alerts { vpg } => {
+            let now = crate::site::now_ms();
+            let alerts = site.node().read_local(|s| {
+                s.vpgs
+                    .values()
+                    .filter(|g| vpg.as_ref().is_none_or(|v| v == &g.id))
+                    .flat_map(|g| {
+                        let st = control.live.status(s, g, now);
+                        tandem_core::alerts::alerts(&st.observation)
+                            .into_iter()
+                            .map(|kind| ActiveAlert {
+                                vpg: g.id.clone(),
+                                vpg_name: g.name.clone(),
+                                kind,
+                                detail: st.figures.problems.clone(),
+                                since_ms: control.live.alert_since(&g.id, kind, now),
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            });
+            Ok(LeaderResponse::Alerts(alerts))
         }
         LeaderRequest::ForceSync { vpgs } => {
             let targets = site.node().read_local(|s| {

@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use tandem_core::events::EventCode;
 use tandem_core::ids::{HostId, VpgId};
 use tandem_core::inventory::Host;
 use tandem_core::observe::VraVpgReport;
@@ -18,7 +19,7 @@ use tandem_proto::v1;
 use tandem_proto::vra_convert;
 use tokio_util::sync::CancellationToken;
 
-use super::{call_vra, every_tick, vra_request};
+use super::{call_vra, every_tick, live, vra_request};
 use crate::site::{SiteManager, now_ms};
 
 /// Reconciles until `cancel`.
@@ -61,6 +62,17 @@ pub async fn reconcile_once(site: &SiteManager) {
     let mut unplanned: HashSet<VpgId> = HashSet::new();
     for vpg in state.vpgs.values() {
         if matches!(vpg.operation, Some(Operation::Recovered)) {
+            continue;
+        }
+        if matches!(
+            vpg.operation,
+            Some(Operation::Deleting | Operation::DeleteFailed)
+        ) {
+            // Its VRAs are the delete's to unassign (with or without the recovery disks).
+            unplanned.insert(vpg.id.clone());
+            if vpg.operation == Some(Operation::Deleting) {
+                advance_delete(site, &state, vpg, now).await;
+            }
             continue;
         }
         let planned = if vpg.protected_site == own {
@@ -114,6 +126,7 @@ pub async fn reconcile_once(site: &SiteManager) {
             }
             let req = v1::UnassignRequest {
                 vpg_id: vpg.to_string(),
+                remove_recovery_data: false,
             };
             let r = call_vra(site, &host.vra_address, |mut c| async move {
                 c.unassign(vra_request(req)).await
@@ -245,4 +258,118 @@ async fn apply_recovery(site: &SiteManager, state: &SiteState, plan: &RecoveryPl
     })
     .await;
     log_assign(site, r, &plan.vpg, &plan.host, plan.generation, "recovery");
+}
+
+/// How long a delete may wait for unreachable VRAs before it shows "VPG waiting to be
+/// removed" (the operator then retries or forces it).
+pub const DELETE_PATIENCE_MS: u64 = 15_000;
+
+/// One step of a delete: unassign the VPG from this site's VRAs that still hold it; once
+/// none does, remove the definition (naming the kept recovery disks, event EV0040).
+async fn advance_delete(site: &SiteManager, state: &SiteState, vpg: &Vpg, now: u64) {
+    let (protects, planned) = live::own_hosts(state, vpg);
+    // The plan's hosts, or every host when the VPG cannot be planned any more.
+    let hosts: Vec<&Host> = match &planned {
+        Ok(ids) => ids.iter().filter_map(|h| state.hosts.get(h)).collect(),
+        Err(_) => state.hosts.values().collect(),
+    };
+    let remove_recovery_data = !protects && !vpg.keep_recovery_disks;
+    let mut waiting = Vec::new();
+    for host in hosts {
+        let fresh = site
+            .control()
+            .live
+            .vra(&host.id)
+            .filter(|o| o.at.elapsed() < live::VRA_STALE);
+        match fresh.map(|o| o.vpgs) {
+            Some(Ok(held)) if !held.contains_key(&vpg.id) => {}
+            Some(Ok(_)) => {
+                let req = v1::UnassignRequest {
+                    vpg_id: vpg.id.to_string(),
+                    remove_recovery_data,
+                };
+                let r = call_vra(site, &host.vra_address, |mut c| async move {
+                    c.unassign(vra_request(req)).await
+                })
+                .await;
+                match r {
+                    Ok(()) => {
+                        tracing::info!(vpg = %vpg.id, host = %host.id, remove_recovery_data, "delete: unassigned")
+                    }
+                    Err(error) => {
+                        tracing::warn!(vpg = %vpg.id, host = %host.id, %error, "delete: unassign failed")
+                    }
+                }
+                waiting.push(host.id.to_string());
+            }
+            Some(Err(_)) | None => waiting.push(host.id.to_string()),
+        }
+    }
+    if waiting.is_empty() {
+        finish_delete(site, state, vpg, protects).await;
+    } else if now.saturating_sub(vpg.delete_started_ms) > DELETE_PATIENCE_MS {
+        let cmd = Command::SetVpgOperation {
+            id: vpg.id.clone(),
+            generation: vpg.generation,
+            operation: Some(Operation::DeleteFailed),
+        };
+        if site.node().propose(cmd).await.is_ok() {
+            site.record_event(
+                EventCode::VpgDeleteFailed,
+                Some(&vpg.id),
+                format!(
+                    "VPG {:?} waiting to be removed: the VRAs of hosts {} did not confirm; retry the delete or force it",
+                    vpg.name,
+                    waiting.join(", ")
+                ),
+            )
+            .await;
+        }
+    }
+}
+
+async fn finish_delete(site: &SiteManager, state: &SiteState, vpg: &Vpg, protects: bool) {
+    let kept: Vec<String> = if !protects && vpg.keep_recovery_disks {
+        protection::recovery_plans(vpg, state)
+            .map(|plans| {
+                plans
+                    .iter()
+                    .flat_map(|p| &p.vms)
+                    .flat_map(|vm| {
+                        vm.volumes
+                            .iter()
+                            .map(move |v| format!("{}: {}", vm.vm, v.path))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    if let Err(e) = site
+        .node()
+        .propose(Command::DeleteVpg { id: vpg.id.clone() })
+        .await
+    {
+        tracing::warn!(vpg = %vpg.id, error = %e, "delete: definition not removed");
+        return;
+    }
+    if !kept.is_empty() {
+        site.record_event(
+            EventCode::RecoveryDisksKept,
+            Some(&vpg.id),
+            format!(
+                "VPG {:?} deleted; its recovery disks were kept at: {}",
+                vpg.name,
+                kept.join("; ")
+            ),
+        )
+        .await;
+    }
+    site.record_event(
+        EventCode::VpgDeleted,
+        Some(&vpg.id),
+        format!("VPG {:?} deleted", vpg.name),
+    )
+    .await;
 }

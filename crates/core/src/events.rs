@@ -1,0 +1,166 @@
+//! The site's event log: every operation and status transition, with a stable code, kept
+//! in the replicated state as a bounded history (the oldest go first).
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::VpgId;
+
+/// Events kept per site; older ones are dropped.
+pub const MAX_EVENTS: usize = 5000;
+
+/// What happened. Codes are stable: operators and scripts match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventCode {
+    VpgCreated,
+    VpgEdited,
+    VpgDeleteStarted,
+    VpgDeleted,
+    VpgDeleteFailed,
+    ProtectionPaused,
+    ProtectionResumed,
+    ForceSyncStarted,
+    CheckpointAdded,
+    StatusChanged,
+    /// The seed's EV0040: recovery disks kept when VMs left protection; the description
+    /// names their locations.
+    RecoveryDisksKept,
+    PeerBandwidthLimitSet,
+}
+
+impl EventCode {
+    pub const ALL: [EventCode; 12] = [
+        Self::VpgCreated,
+        Self::VpgEdited,
+        Self::VpgDeleteStarted,
+        Self::VpgDeleted,
+        Self::VpgDeleteFailed,
+        Self::ProtectionPaused,
+        Self::ProtectionResumed,
+        Self::ForceSyncStarted,
+        Self::CheckpointAdded,
+        Self::StatusChanged,
+        Self::RecoveryDisksKept,
+        Self::PeerBandwidthLimitSet,
+    ];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::VpgCreated => "EV0001",
+            Self::VpgEdited => "EV0002",
+            Self::VpgDeleteStarted => "EV0003",
+            Self::VpgDeleted => "EV0004",
+            Self::VpgDeleteFailed => "EV0005",
+            Self::ProtectionPaused => "EV0010",
+            Self::ProtectionResumed => "EV0011",
+            Self::ForceSyncStarted => "EV0012",
+            Self::CheckpointAdded => "EV0020",
+            Self::StatusChanged => "EV0030",
+            Self::RecoveryDisksKept => "EV0040",
+            Self::PeerBandwidthLimitSet => "EV0050",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.code() == code)
+    }
+}
+
+/// One event as proposed (the log gives it its id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEvent {
+    pub at_ms: u64,
+    pub code: EventCode,
+    pub vpg: Option<VpgId>,
+    pub description: String,
+}
+
+/// One event in the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Increasing from 1 over the life of the site (never reused after drops).
+    pub id: u64,
+    pub at_ms: u64,
+    pub code: EventCode,
+    pub vpg: Option<VpgId>,
+    pub description: String,
+}
+
+/// The bounded log.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventLog {
+    events: VecDeque<Event>,
+    next_id: u64,
+}
+
+impl EventLog {
+    /// Appends `e`; answers its id.
+    pub fn push(&mut self, e: NewEvent) -> u64 {
+        self.next_id = self.next_id.max(1);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.events.push_back(Event {
+            id,
+            at_ms: e.at_ms,
+            code: e.code,
+            vpg: e.vpg,
+            description: e.description,
+        });
+        while self.events.len() > MAX_EVENTS {
+            self.events.pop_front();
+        }
+        id
+    }
+
+    /// Oldest first.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Event> {
+        self.events.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(i: u64) -> NewEvent {
+        NewEvent {
+            at_ms: i,
+            code: EventCode::VpgCreated,
+            vpg: None,
+            description: format!("e{i}"),
+        }
+    }
+
+    #[test]
+    fn the_log_is_bounded_and_ids_keep_increasing() {
+        let mut log = EventLog::default();
+        for i in 0..(MAX_EVENTS as u64 + 10) {
+            assert_eq!(log.push(ev(i)), i + 1);
+        }
+        assert_eq!(log.len(), MAX_EVENTS);
+        assert_eq!(log.iter().next().map(|e| e.id), Some(11));
+        assert_eq!(
+            log.iter().last().map(|e| e.id),
+            Some(MAX_EVENTS as u64 + 10)
+        );
+    }
+
+    #[test]
+    fn codes_are_unique_and_round_trip() {
+        let mut seen = std::collections::HashSet::new();
+        for c in EventCode::ALL {
+            assert!(seen.insert(c.code()), "{c:?}");
+            assert_eq!(EventCode::from_code(c.code()), Some(c));
+        }
+        assert_eq!(EventCode::RecoveryDisksKept.code(), "EV0040");
+    }
+}
