@@ -298,18 +298,35 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
         .into_inner()
         .csv;
     assert!(csv.lines().nth(1).unwrap().contains("web"), "{csv}");
-    // Delete removes it on both sites; the cluster still serves.
+    // Delete starts on both sites; with no VRA to confirm it (this lab runs none) it can
+    // only be forced, at each site; the cluster still serves.
     vpgs.delete_vpg(v1::DeleteVpgRequest {
         id: "g1".into(),
         keep_recovery_disks: false,
         force: false,
     })
     .await?;
-    let e = VpgServiceClient::new(b.clone())
-        .get_vpg(v1::GetRequest { id: "g1".into() })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
+    for ch in [&a, &b] {
+        let g = VpgServiceClient::new(ch.clone())
+            .get_vpg(v1::GetRequest { id: "g1".into() })
+            .await?
+            .into_inner();
+        assert_eq!(g.status.map(|s| s.status), Some("Deleting".into()));
+    }
+    for ch in [&b, &a] {
+        VpgServiceClient::new(ch.clone())
+            .delete_vpg(v1::DeleteVpgRequest {
+                id: "g1".into(),
+                keep_recovery_disks: false,
+                force: true,
+            })
+            .await?;
+        let e = VpgServiceClient::new(ch.clone())
+            .get_vpg(v1::GetRequest { id: "g1".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    }
     assert_eq!(
         vms.list_vms(v1::ListRequest {})
             .await?

@@ -147,6 +147,10 @@ pub async fn reconcile_once(site: &SiteManager) {
 async fn apply_protected(site: &SiteManager, state: &SiteState, vpg: &Vpg, plan: &ProtectedPlan) {
     let held = reported(site, &plan.host).and_then(|mut m| m.remove(&vpg.id));
     if let Some(r) = held.filter(|r| r.generation == plan.generation) {
+        // Held as planned (also after a VRA restart restored it): no refusal stands.
+        site.control()
+            .live
+            .record_assign(&plan.host, &vpg.id, &Ok(()));
         if r.paused != vpg.paused
             && let Some(host) = state.hosts.get(&plan.host)
         {
@@ -247,6 +251,9 @@ fn log_assign(
 
 async fn apply_recovery(site: &SiteManager, state: &SiteState, plan: &RecoveryPlan) {
     if generation_on(site, &plan.host, &plan.vpg) == Some(plan.generation) {
+        site.control()
+            .live
+            .record_assign(&plan.host, &plan.vpg, &Ok(()));
         return;
     }
     let Some(host) = state.hosts.get(&plan.host) else {
