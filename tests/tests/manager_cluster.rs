@@ -271,6 +271,7 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
             id: "g1".into(),
             generation: 1,
             spec: Some(spec("web", &site_b, &["vm1", "vm2", "vm3"], "big")),
+            keep_removed_recovery_disks: false,
         })
         .await?
         .into_inner();
@@ -280,6 +281,7 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
             id: "g1".into(),
             generation: 1,
             spec: Some(spec("web", &site_b, &["vm1"], "big")),
+            keep_removed_recovery_disks: false,
         })
         .await
         .unwrap_err();

@@ -655,7 +655,8 @@ async fn wan_cut_shows_on_both_sides_keeps_checkpoints_listed_and_heals() -> Res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_added_vm_syncs_its_volumes_only_and_history_survives_the_edit() -> Result<()> {
+async fn an_added_vm_syncs_its_volumes_only_and_removed_vms_keep_or_lose_their_disks() -> Result<()>
+{
     let dir = tempfile::tempdir()?;
     let Protected {
         mut lab,
@@ -711,6 +712,7 @@ async fn an_added_vm_syncs_its_volumes_only_and_history_survives_the_edit() -> R
                 settings: g.settings,
                 vms,
             }),
+            keep_removed_recovery_disks: false,
         })
         .await?
         .into_inner();
@@ -772,6 +774,58 @@ async fn an_added_vm_syncs_its_volumes_only_and_history_survives_the_edit() -> R
     );
     eprintln!("after adding vm-4: {seen:?}");
 
+    // Removing vm-4 and keeping its recovery disks: EV0040 at the recovery site names them
+    // and they stay; removing vm-3 without keeping them removes its journal and disks.
+    let rec_vm_dir = |h: usize, vm: &str| {
+        lab.dir
+            .join(&lab.site_names[1])
+            .join(format!("ds-{h}/vpg-web/{vm}"))
+    };
+    assert!(rec_vm_dir(1, "vm-3").join("journal").exists());
+    let generation = remove_vm(&a, "vm-4", true).await?;
+    let mut seen = Vec::new();
+    wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(30),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA" && g.generation == generation,
+    )
+    .await?;
+    let start = Instant::now();
+    let kept = loop {
+        let kept = events(&b, "EV0040").await?;
+        if !kept.is_empty() || start.elapsed() > Duration::from_secs(10) {
+            break kept;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(
+        kept[0].description.contains("vm-4")
+            && kept[0].description.contains(&replica.display().to_string()),
+        "{:?}",
+        kept[0].description
+    );
+    assert_eq!(std::fs::metadata(&replica)?.len(), 16 * MIB);
+    let generation = remove_vm(&a, "vm-3", false).await?;
+    wait_vpg(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(30),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA" && g.generation == generation && g.vms.len() == 3,
+    )
+    .await?;
+    let start = Instant::now();
+    while rec_vm_dir(1, "vm-3").exists() {
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!("vm-3's recovery data is still there after its removal");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    assert!(replica.exists(), "the kept disk went with vm-3's removal");
     // Deleted without keeping the recovery disks: both sites forget it, the disks go.
     VpgServiceClient::new(a.clone())
         .delete_vpg(v1::DeleteVpgRequest {
@@ -782,16 +836,49 @@ async fn an_added_vm_syncs_its_volumes_only_and_history_survives_the_edit() -> R
         .await?;
     gone(&a, "vpg-web", Duration::from_secs(20)).await?;
     gone(&b, "vpg-web", Duration::from_secs(20)).await?;
-    for h in 0..2 {
-        let vpg_dir = lab
-            .dir
-            .join(&lab.site_names[1])
-            .join(format!("ds-{h}/vpg-web"));
-        assert!(!vpg_dir.exists(), "{vpg_dir:?} left behind");
+    for (h, vm) in [(0, "vm-0"), (1, "vm-1"), (0, "vm-2")] {
+        assert!(
+            !rec_vm_dir(h, vm).exists(),
+            "{vm}'s recovery data left behind"
+        );
     }
-    assert!(events(&b, "EV0040").await?.is_empty());
+    // Only what was kept stays.
+    assert!(replica.exists());
+    assert!(
+        !lab.dir
+            .join(&lab.site_names[1])
+            .join("ds-1/vpg-web")
+            .exists()
+    );
+    assert_eq!(events(&b, "EV0040").await?.len(), 1);
     lab.down().await;
     Ok(())
+}
+
+/// Removes `vm` from `vpg-web` at site a; answers the new generation.
+async fn remove_vm(a: &Channel, vm: &str, keep: bool) -> Result<u64> {
+    let g = get(a, "vpg-web").await?;
+    let vms = g
+        .vms
+        .iter()
+        .filter_map(|v| v.placement.clone())
+        .filter(|p| p.vm_id != vm)
+        .collect();
+    Ok(VpgServiceClient::new(a.clone())
+        .update_vpg(v1::UpdateVpgRequest {
+            id: "vpg-web".into(),
+            generation: g.generation,
+            spec: Some(v1::VpgSpec {
+                name: g.name.clone(),
+                recovery_site_id: g.recovery_site_id.clone(),
+                settings: g.settings,
+                vms,
+            }),
+            keep_removed_recovery_disks: keep,
+        })
+        .await?
+        .into_inner()
+        .generation)
 }
 
 fn tandem_now_ms() -> u64 {

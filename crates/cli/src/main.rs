@@ -193,6 +193,9 @@ enum VpgCmd {
         id: String,
         #[command(flatten)]
         file: FileArg,
+        /// VMs the edit removes keep their recovery disks (event EV0040 names them).
+        #[arg(long)]
+        keep_removed_recovery_disks: bool,
     },
     Delete {
         id: String,
@@ -848,7 +851,11 @@ async fn vpg(ch: Channel, fmt: Format, c: VpgCmd) -> Result<()> {
             }
             tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))).await;
         },
-        VpgCmd::Edit { id, file } => {
+        VpgCmd::Edit {
+            id,
+            file,
+            keep_removed_recovery_disks,
+        } => {
             let current = cl
                 .get_vpg(v1::GetRequest { id: id.clone() })
                 .await?
@@ -861,6 +868,7 @@ async fn vpg(ch: Channel, fmt: Format, c: VpgCmd) -> Result<()> {
                 id,
                 generation: current.generation,
                 spec: Some(spec),
+                keep_removed_recovery_disks,
             };
             one(cl.update_vpg(req).await?.into_inner());
         }

@@ -405,6 +405,8 @@ mod tests {
             paused: false,
             keep_recovery_disks: false,
             delete_started_ms: 0,
+            keep_removed_recovery_disks: false,
+            kept_recovery_vms: Default::default(),
         }
     }
 

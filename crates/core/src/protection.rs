@@ -72,6 +72,10 @@ pub struct RecoveryPlan {
     /// Per VM journal; 0: none.
     pub journal_warning_bytes: u64,
     pub journal_hard_limit_bytes: u64,
+    /// VMs an older generation had and this one has not lose their recovery data, except
+    /// those in `kept_vms`.
+    pub remove_dropped_vm_data: bool,
+    pub kept_vms: Vec<VmId>,
 }
 
 /// The protected host of each VM of `vpg`, from the protected site's inventory.
@@ -251,6 +255,8 @@ pub fn recovery_plans(vpg: &Vpg, site: &SiteState) -> Result<Vec<RecoveryPlan>, 
             journal_history_secs: vpg.settings.journal_history_secs,
             journal_warning_bytes: warning,
             journal_hard_limit_bytes: hard,
+            remove_dropped_vm_data: true,
+            kept_vms: vpg.kept_recovery_vms.iter().cloned().collect(),
         })
         .collect())
 }
@@ -344,6 +350,8 @@ mod tests {
             paused: false,
             keep_recovery_disks: false,
             delete_started_ms: 0,
+            keep_removed_recovery_disks: false,
+            kept_recovery_vms: Default::default(),
         };
         (s, vpg)
     }

@@ -533,6 +533,17 @@ impl SiteState {
                 vpg.created_at_ms = current.created_at_ms;
                 vpg.operation = current.operation;
                 vpg.paused = current.paused;
+                let mut kept = current.kept_recovery_vms.clone();
+                if vpg.keep_removed_recovery_disks {
+                    kept.extend(
+                        current
+                            .vm_ids()
+                            .filter(|vm| vpg.vm_ids().all(|n| n != *vm))
+                            .cloned(),
+                    );
+                }
+                kept.retain(|vm| vpg.vm_ids().all(|n| n != vm));
+                vpg.kept_recovery_vms = kept;
             }
             (None, None) => {}
         }
@@ -771,6 +782,8 @@ mod tests {
                 paused: false,
                 keep_recovery_disks: false,
                 delete_started_ms: 0,
+                keep_removed_recovery_disks: false,
+                kept_recovery_vms: Default::default(),
             };
             s.vpgs.insert(vpg.id.clone(), vpg);
         }

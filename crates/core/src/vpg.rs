@@ -1,7 +1,7 @@
 //! VPG definitions: settings, per-VM recovery placement, and the rules a definition must
 //! satisfy at the protected site and at the recovery site.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -285,6 +285,13 @@ pub struct Vpg {
     /// When the current delete started (0: none).
     #[serde(default)]
     pub delete_started_ms: u64,
+    /// The edit that made this generation keeps the recovery disks of the VMs it removed.
+    #[serde(default)]
+    pub keep_removed_recovery_disks: bool,
+    /// VMs removed over the VPG's life whose recovery disks were kept: a recovery VRA that
+    /// catches up over several edits at once must not remove them.
+    #[serde(default)]
+    pub kept_recovery_vms: BTreeSet<VmId>,
 }
 
 impl Vpg {

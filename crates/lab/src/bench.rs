@@ -508,6 +508,7 @@ async fn tandem_workloads(
                         id: id.clone(),
                         generation,
                         spec: Some(spec),
+                        keep_removed_recovery_disks: false,
                     })
                     .await;
                 match updated {

@@ -670,6 +670,8 @@ async fn assign_recovery(b: &Vra, vms: &[&Placement], hard_limit: u64) -> Result
         journal_history_secs: 3600,
         journal_warning_bytes: 0,
         journal_hard_limit_bytes: hard_limit,
+        remove_dropped_vm_data: false,
+        keep_vm_ids: Vec::new(),
     };
     b.client()
         .await?

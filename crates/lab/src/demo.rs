@@ -1325,6 +1325,8 @@ async fn assign(
                 journal_history_secs: 3600,
                 journal_warning_bytes: 0,
                 journal_hard_limit_bytes: 0,
+                remove_dropped_vm_data: false,
+                keep_vm_ids: Vec::new(),
             })
             .await
             .map_err(|s| anyhow!("{}: assign recovery: {}", ctx.rec[h].host, s.message()))?;

@@ -468,6 +468,8 @@ impl SiteManager {
                     paused: false,
                     keep_recovery_disks: false,
                     delete_started_ms: 0,
+                    keep_removed_recovery_disks: false,
+                    kept_recovery_vms: Default::default(),
                 };
                 let expected = previous.as_ref().map(|g| g.generation);
                 s.prepare_vpg(&mut vpg, expected)?;
@@ -532,9 +534,11 @@ impl SiteManager {
         id: VpgId,
         generation: u64,
         spec: VpgSpec,
+        keep_removed_recovery_disks: bool,
     ) -> ApiResult<VpgView> {
         let (mut vpg, peer) = self.build_vpg(id.clone(), spec, Some(generation)).await?;
         vpg.updated_at_ms = now_ms();
+        vpg.keep_removed_recovery_disks = keep_removed_recovery_disks;
         let what = format!(
             "VPG {:?} edited: generation {}, {} VMs",
             vpg.name,
@@ -603,13 +607,57 @@ impl SiteManager {
 
     /// Stores a definition sent by the peer site (the recovery side of create/edit).
     pub async fn put_peer_vpg(&self, vpg: Vpg, expected: Option<u64>) -> ApiResult<()> {
+        // The recovery disks of VMs this edit removes, by VM, as this site placed them.
+        let removed = self
+            .node
+            .read({
+                let new = vpg.clone();
+                move |s| {
+                    let Some(old) = s.vpgs.get(&new.id) else {
+                        return Vec::new();
+                    };
+                    let plans = tandem_core::protection::recovery_plans(old, s).unwrap_or_default();
+                    plans
+                        .into_iter()
+                        .flat_map(|p| p.vms)
+                        .filter(|vm| new.vms.iter().all(|n| n.placement.vm_id != vm.vm))
+                        .map(|vm| {
+                            let paths: Vec<String> =
+                                vm.volumes.iter().map(|v| v.path.clone()).collect();
+                            (vm.vm.to_string(), paths)
+                        })
+                        .collect::<Vec<_>>()
+                }
+            })
+            .await?;
+        let (id, keep) = (vpg.id.clone(), vpg.keep_removed_recovery_disks);
         self.node
             .propose(Command::PutVpg {
                 vpg,
                 expected_generation: expected,
             })
-            .await
-            .map(|_| ())
+            .await?;
+        for (vm, paths) in removed {
+            if keep {
+                self.record_event(
+                    EventCode::RecoveryDisksKept,
+                    Some(&id),
+                    format!(
+                        "VM {vm} removed from the VPG; its recovery disks were kept at: {}",
+                        paths.join("; ")
+                    ),
+                )
+                .await;
+            } else {
+                self.record_event(
+                    EventCode::VpgEdited,
+                    Some(&id),
+                    format!("VM {vm} removed from the VPG; its recovery disks are removed"),
+                )
+                .await;
+            }
+        }
+        Ok(())
     }
 
     /// The recovery side of a delete: starts deleting this site's copy.

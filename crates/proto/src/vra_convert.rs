@@ -71,6 +71,8 @@ pub fn assign_recovery(plan: &RecoveryPlan) -> v1::AssignRecoveryRequest {
         journal_history_secs: plan.journal_history_secs,
         journal_warning_bytes: plan.journal_warning_bytes,
         journal_hard_limit_bytes: plan.journal_hard_limit_bytes,
+        remove_dropped_vm_data: plan.remove_dropped_vm_data,
+        keep_vm_ids: plan.kept_vms.iter().map(|v| v.to_string()).collect(),
     }
 }
 

@@ -59,8 +59,14 @@ impl VraControl for ControlService {
         &self,
         req: Request<pb::AssignRecoveryRequest>,
     ) -> Result<Response<pb::VraEmpty>, Status> {
-        let a = RecoveryAssignment::try_from(req.into_inner()).map_err(status)?;
-        self.vra.assign_recovery(a).await.map_err(status)?;
+        let r = req.into_inner();
+        // Dropped VMs whose data goes: all but those kept (ids compared as given).
+        let remove_dropped = r.remove_dropped_vm_data.then(|| r.keep_vm_ids.clone());
+        let a = RecoveryAssignment::try_from(r).map_err(status)?;
+        self.vra
+            .assign_recovery(a, remove_dropped)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::VraEmpty {}))
     }
 

@@ -129,7 +129,7 @@ impl Vra {
             .map_err(|_| VraError::ShuttingDown)??;
         for a in saved.recovery {
             let vpg = a.vpg.clone();
-            if let Err(e) = self.assign_recovery(a).await {
+            if let Err(e) = self.assign_recovery(a, None).await {
                 warn!(vpg = %vpg, error = %e, "restoring recovery assignment failed");
             }
         }
@@ -251,9 +251,16 @@ impl Vra {
         });
     }
 
-    /// Takes the recovery role for a VPG (or replaces it at a newer generation).
-    pub async fn assign_recovery(&self, a: RecoveryAssignment) -> VraResult<()> {
+    /// Takes the recovery role for a VPG (or replaces it at a newer generation; with
+    /// `remove_dropped`, the data of VMs the new generation no longer has is removed, except
+    /// for the VMs it lists).
+    pub async fn assign_recovery(
+        &self,
+        a: RecoveryAssignment,
+        remove_dropped: Option<Vec<String>>,
+    ) -> VraResult<()> {
         let mut vpgs = self.inner.vpgs.lock().await;
+        let mut dropped = None;
         if let Some(role) = vpgs.get(&a.vpg) {
             let Role::Recovery(r) = role else {
                 return Err(VraError::WrongRole {
@@ -276,6 +283,16 @@ impl Vra {
             self.remove_pit_exports(&a.vpg);
             old.stop().await;
             vpgs.remove(&a.vpg);
+            if let Some(kept) = &remove_dropped {
+                let mut gone = old.assignment().clone();
+                gone.vms.retain(|vm| {
+                    a.vms.iter().all(|n| n.vm != vm.vm) && !kept.iter().any(|k| k == vm.vm.as_str())
+                });
+                dropped = (!gone.vms.is_empty()).then_some(gone);
+            }
+        }
+        if let Some(gone) = &dropped {
+            remove_recovery_data_of(gone)?;
         }
         let state_dir = self.vpg_dir(&a.vpg);
         let cancel = self.inner.cancel.clone();

@@ -217,6 +217,8 @@ pub async fn assign_with(
         journal_history_secs: 3600,
         journal_warning_bytes: 0,
         journal_hard_limit_bytes: 0,
+        remove_dropped_vm_data: false,
+        keep_vm_ids: Vec::new(),
     };
     b.client()
         .await

@@ -171,7 +171,10 @@ impl VpgService for VpgApi {
         let id = VpgId::parse("id", &r.id).map_err(bad)?;
         let spec = cv::vpg_spec_from_proto(r.spec).map_err(bad)?;
         Ok(Response::new(to_proto(
-            &self.0.update_vpg(id, r.generation, spec).await?,
+            &self
+                .0
+                .update_vpg(id, r.generation, spec, r.keep_removed_recovery_disks)
+                .await?,
         )))
     }
 
