@@ -18,8 +18,9 @@ use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient,
     monitoring_service_client::MonitoringServiceClient,
     resource_pool_service_client::ResourcePoolServiceClient,
-    site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
-    vpg_service_client::VpgServiceClient, vra_control_client::VraControlClient,
+    site_service_client::SiteServiceClient, task_service_client::TaskServiceClient,
+    vm_service_client::VmServiceClient, vpg_service_client::VpgServiceClient,
+    vra_control_client::VraControlClient,
 };
 use tandem_tests::{any_channel, channel};
 use tonic::transport::Channel;
@@ -106,6 +107,30 @@ async fn wait_vpg(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     bail!("VPG {id} not there within {within:?}; seen {seen:?}; last {last:#?}")
+}
+
+/// Waits until `vpg-web`'s newest task of `kind` has ended; answers it.
+async fn ended_task(ch: &Channel, kind: &str, within: Duration) -> Result<v1::Task> {
+    let start = Instant::now();
+    loop {
+        let tasks = TaskServiceClient::new(ch.clone())
+            .list_tasks(v1::ListTasksQuery {
+                vpg_id: "vpg-web".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .tasks;
+        if let Some(t) = tasks.iter().rev().find(|t| t.kind == kind)
+            && t.state != "running"
+        {
+            return Ok(t.clone());
+        }
+        if start.elapsed() > within {
+            bail!("no ended {kind} task within {within:?}: {tasks:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn checkpoints(ch: &Channel, vpg: &str) -> Result<Vec<v1::Checkpoint>> {
@@ -255,6 +280,13 @@ async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Resul
     assert!(st.last_checkpoint_id > 0, "{st:?}");
     assert_eq!(st.provisioned_bytes, 4 * (32 * MIB + 1024 * MIB));
     assert!(st.problems.is_empty(), "{:?}", st.problems);
+    // The create ran as a task that ended when the initial sync did.
+    let t = ended_task(&a, "Create VPG", Duration::from_secs(15)).await?;
+    assert_eq!(
+        (t.state.as_str(), t.progress_percent),
+        ("succeeded", 100),
+        "{t:?}"
+    );
 
     // The recovery site shows it too, from its side.
     let mut seen_b = Vec::new();
@@ -509,6 +541,14 @@ async fn pause_resume_force_sync_and_a_vra_kill_converge() -> Result<()> {
         |g| shown(g).0 == "Meeting SLA",
     )
     .await?;
+    let t = ended_task(&a, "Force Sync", Duration::from_secs(20)).await?;
+    assert_eq!(t.state, "succeeded", "{t:?}");
+    for kind in ["Pause VPG", "Resume VPG"] {
+        assert_eq!(
+            ended_task(&a, kind, Duration::from_secs(1)).await?.state,
+            "succeeded"
+        );
+    }
 
     // kill -9 of a protected VRA: the VPG shows it; after the restart it converges alone.
     lab.vras[0][0].kill9().await?;
@@ -1136,6 +1176,12 @@ async fn a_delete_keeping_recovery_disks_names_them_and_a_stuck_delete_is_retrie
         })
         .await?;
     gone(&b, "vpg-web", Duration::from_secs(30)).await?;
+    // Each site's delete ran as a task: site a's ended when its side was done, site b's
+    // retry when the definition went.
+    for ch in [&a, &b] {
+        let t = ended_task(ch, "Delete VPG", Duration::from_secs(10)).await?;
+        assert_eq!(t.state, "succeeded", "{t:?}");
+    }
     let kept = events(&b, "EV0040").await?;
     assert_eq!(kept.len(), 1, "{kept:?}");
     for i in 0..4 {

@@ -15,8 +15,8 @@ use tandem_proto::v1::{
     cluster_service_client::ClusterServiceClient, datastore_service_client::DatastoreServiceClient,
     host_service_client::HostServiceClient, monitoring_service_client::MonitoringServiceClient,
     resource_pool_service_client::ResourcePoolServiceClient,
-    site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
-    vpg_service_client::VpgServiceClient,
+    site_service_client::SiteServiceClient, task_service_client::TaskServiceClient,
+    vm_service_client::VmServiceClient, vpg_service_client::VpgServiceClient,
 };
 use tonic::transport::Channel;
 
@@ -78,6 +78,27 @@ enum Noun {
     /// Active alerts, raised from the VPGs' status while a problem lasts.
     #[command(subcommand)]
     Alert(AlertCmd),
+    /// Operations with their progress and outcome.
+    #[command(subcommand)]
+    Task(TaskCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum TaskCmd {
+    List {
+        #[arg(long)]
+        vpg: Option<String>,
+        #[arg(long)]
+        running: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Follows one task until it ends; the exit status says whether it succeeded.
+    Watch {
+        id: u64,
+        #[arg(long, default_value_t = 1)]
+        interval: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -349,6 +370,7 @@ async fn run(cli: Cli) -> Result<()> {
         Noun::Cluster(c) => cluster(ch, fmt, c).await,
         Noun::Event(c) => event(ch, fmt, c).await,
         Noun::Alert(c) => alert(ch, fmt, c).await,
+        Noun::Task(c) => task(ch, fmt, c).await,
     }
 }
 
@@ -387,6 +409,56 @@ async fn event(ch: Channel, fmt: Format, c: EventCmd) -> Result<()> {
         &["ID", "AT_MS", "CODE", "VPG", "DESCRIPTION"],
         rows,
     );
+    Ok(())
+}
+
+fn task_rows(ts: &[v1::Task]) -> Vec<Vec<String>> {
+    ts.iter()
+        .map(|t| {
+            vec![
+                t.id.to_string(),
+                t.kind.clone(),
+                t.vpg_id.clone(),
+                t.state.clone(),
+                format!("{}%", t.progress_percent),
+                t.message.clone(),
+            ]
+        })
+        .collect()
+}
+
+const TASK_HEADER: [&str; 6] = ["ID", "KIND", "VPG", "STATE", "PROGRESS", "MESSAGE"];
+
+async fn task(ch: Channel, fmt: Format, c: TaskCmd) -> Result<()> {
+    let mut cl = TaskServiceClient::new(ch);
+    match c {
+        TaskCmd::List {
+            vpg,
+            running,
+            limit,
+        } => {
+            let r = cl
+                .list_tasks(v1::ListTasksQuery {
+                    vpg_id: vpg.unwrap_or_default(),
+                    running_only: running,
+                    limit,
+                })
+                .await?
+                .into_inner();
+            print(fmt, &r, &TASK_HEADER, task_rows(&r.tasks));
+        }
+        TaskCmd::Watch { id, interval } => loop {
+            let t = cl.get_task(v1::GetTaskRequest { id }).await?.into_inner();
+            print(fmt, &t, &TASK_HEADER, task_rows(std::slice::from_ref(&t)));
+            match t.state.as_str() {
+                "running" => {
+                    tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))).await
+                }
+                "succeeded" => break,
+                _ => bail!("task {id} failed: {}", t.message),
+            }
+        },
+    }
     Ok(())
 }
 

@@ -11,6 +11,7 @@ pub mod pairing;
 pub mod protection;
 pub mod state;
 pub mod status;
+pub mod tasks;
 pub mod vpg;
 
 pub use error::{DomainError, FieldViolation, Violations};

@@ -34,6 +34,8 @@ pub struct SiteState {
     pub vpgs: BTreeMap<VpgId, Vpg>,
     #[serde(default)]
     pub events: crate::events::EventLog,
+    #[serde(default)]
+    pub tasks: crate::tasks::TaskLog,
 }
 
 /// A change to the site state, proposed through Raft.
@@ -113,6 +115,21 @@ pub enum Command {
     RecordEvent {
         event: crate::events::NewEvent,
     },
+    /// Starts a task; answers its id.
+    StartTask {
+        task: crate::tasks::NewTask,
+    },
+    UpdateTask {
+        id: u64,
+        progress: u8,
+        message: String,
+    },
+    EndTask {
+        id: u64,
+        ok: bool,
+        message: String,
+        now_ms: u64,
+    },
     /// Starts deleting a VPG: its controllers unassign its VRAs (removing the recovery
     /// disks unless kept), then remove the definition.
     BeginVpgDelete {
@@ -134,6 +151,8 @@ pub enum Applied {
     Done,
     /// The new generation of a VPG after a put.
     Generation(u64),
+    /// The id of a started task.
+    Task(u64),
 }
 
 /// The outcome of applying a command: a value or a domain error, both replicated.
@@ -381,6 +400,24 @@ impl SiteState {
             }
             Command::RecordEvent { event } => {
                 self.events.push(event);
+                Ok(Applied::Done)
+            }
+            Command::StartTask { task } => Ok(Applied::Task(self.tasks.start(task))),
+            Command::UpdateTask {
+                id,
+                progress,
+                message,
+            } => {
+                self.tasks.progress(id, progress, message);
+                Ok(Applied::Done)
+            }
+            Command::EndTask {
+                id,
+                ok,
+                message,
+                now_ms,
+            } => {
+                self.tasks.end(id, ok, message, now_ms);
                 Ok(Applied::Done)
             }
             Command::BeginVpgDelete {

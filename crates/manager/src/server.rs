@@ -10,8 +10,8 @@ use tandem_proto::v1::{
     host_service_server::HostServiceServer, manager_internal_server::ManagerInternalServer,
     monitoring_service_server::MonitoringServiceServer,
     resource_pool_service_server::ResourcePoolServiceServer, site_peer_server::SitePeerServer,
-    site_service_server::SiteServiceServer, vm_service_server::VmServiceServer,
-    vpg_service_server::VpgServiceServer,
+    site_service_server::SiteServiceServer, task_service_server::TaskServiceServer,
+    vm_service_server::VmServiceServer, vpg_service_server::VpgServiceServer,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +23,7 @@ use crate::api::{
     inventory::InventoryApi,
     monitoring::MonitoringApi,
     site::SiteApi,
+    tasks::TaskApi,
     vpg::VpgApi,
 };
 use crate::site::SiteManager;
@@ -67,6 +68,7 @@ pub async fn serve_api(
             MonitoringServiceServer,
             MonitoringApi(site.clone())
         ))
+        .add_service(limited!(TaskServiceServer, TaskApi(site.clone())))
         .add_service(limited!(ManagerInternalServer, InternalApi(site.clone())))
         .add_service(limited!(SitePeerServer, PeerApi(site)))
         .serve_with_incoming_shutdown(crate::net::incoming(listener), shutdown.cancelled_owned())

@@ -11,8 +11,10 @@ use tandem_core::events::{EventCode, NewEvent};
 use tandem_core::ids::{SiteId, VpgId};
 use tandem_core::inventory::{Datastore, Host, ResourcePool, Vm};
 use tandem_core::pairing::{PAIRING_TOKEN_TTL_MS, PairingToken, PeerSite};
+use tandem_core::state::Applied;
 use tandem_core::state::{Command, SiteIdentity, SiteState};
 use tandem_core::status::{Operation, VpgObservation, VpgState};
+use tandem_core::tasks::{NewTask, Task, TaskKind, TaskState};
 use tandem_core::vpg::{VmFootprint, Vpg, VpgSpec, VpgVm};
 use tandem_proto::v1;
 use tandem_proto::v1::site_peer_client::SitePeerClient;
@@ -522,7 +524,16 @@ impl SiteManager {
         }
         let (vpg, peer) = self.build_vpg(id.clone(), spec, None).await?;
         let what = format!("VPG {:?} created with {} VMs", vpg.name, vpg.vms.len());
-        let index = self.store_on_both(vpg, None, &peer).await?;
+        let task = self
+            .start_task(
+                TaskKind::CreateVpg,
+                Some(&id),
+                None,
+                "storing the definition on both sites".into(),
+            )
+            .await;
+        let index = self.store_on_both(vpg, None, &peer).await;
+        let index = self.fail_task_on_error(task, index).await?;
         self.record_event(EventCode::VpgCreated, Some(&id), what)
             .await;
         self.vpg_after(index, id).await
@@ -545,7 +556,16 @@ impl SiteManager {
             generation + 1,
             vpg.vms.len()
         );
-        let index = self.store_on_both(vpg, Some(generation), &peer).await?;
+        let task = self
+            .start_task(
+                TaskKind::EditVpg,
+                Some(&id),
+                Some(generation + 1),
+                "storing the definition on both sites".into(),
+            )
+            .await;
+        let index = self.store_on_both(vpg, Some(generation), &peer).await;
+        let index = self.fail_task_on_error(task, index).await?;
         self.record_event(EventCode::VpgEdited, Some(&id), what)
             .await;
         self.vpg_after(index, id).await
@@ -754,9 +774,12 @@ impl SiteManager {
             }
         }
         if force {
-            self.node
+            let r = self
+                .node
                 .propose(Command::DeleteVpg { id: id.clone() })
-                .await?;
+                .await;
+            self.instant_task(TaskKind::DeleteVpg, Some(&id), &r).await;
+            r?;
             self.record_event(
                 EventCode::VpgDeleted,
                 Some(&id),
@@ -768,13 +791,25 @@ impl SiteManager {
             .await;
             return Ok(());
         }
-        self.node
+        let r = self
+            .node
             .propose(Command::BeginVpgDelete {
                 id: id.clone(),
                 keep_recovery_disks,
                 now_ms: now_ms(),
             })
-            .await?;
+            .await;
+        if r.is_ok() {
+            // Running until the controllers have removed the definition.
+            self.start_task(
+                TaskKind::DeleteVpg,
+                Some(&id),
+                None,
+                "unassigning the VRAs".into(),
+            )
+            .await;
+        }
+        r?;
         self.record_event(
             EventCode::VpgDeleteStarted,
             Some(&id),
@@ -829,6 +864,92 @@ impl SiteManager {
             LeaderResponse::Alerts(a) => Ok(a),
             _ => Err(ApiError::internal("unexpected leader answer")),
         }
+    }
+
+    /// Starts a task; a task that cannot be stored is logged, not fatal to its operation.
+    pub async fn start_task(
+        &self,
+        kind: TaskKind,
+        vpg: Option<&VpgId>,
+        generation: Option<u64>,
+        message: String,
+    ) -> Option<u64> {
+        let task = NewTask {
+            kind,
+            vpg: vpg.cloned(),
+            started_ms: now_ms(),
+            generation,
+            message,
+        };
+        match self.node.propose(Command::StartTask { task }).await {
+            Ok(Applied::Task(id)) => Some(id),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(kind = kind.name(), error = %e, "task not recorded");
+                None
+            }
+        }
+    }
+
+    pub async fn end_task(&self, id: Option<u64>, ok: bool, message: String) {
+        let Some(id) = id else { return };
+        let cmd = Command::EndTask {
+            id,
+            ok,
+            message,
+            now_ms: now_ms(),
+        };
+        if let Err(e) = self.node.propose(cmd).await {
+            tracing::warn!(task = id, error = %e, "task end not recorded");
+        }
+    }
+
+    /// Ends `task` as failed when `r` is an error; answers `r`.
+    async fn fail_task_on_error<T>(&self, task: Option<u64>, r: ApiResult<T>) -> ApiResult<T> {
+        if let Err(e) = &r {
+            self.end_task(task, false, e.to_string()).await;
+        }
+        r
+    }
+
+    /// A task that ends with its operation.
+    async fn instant_task<T>(&self, kind: TaskKind, vpg: Option<&VpgId>, r: &ApiResult<T>) {
+        let task = self.start_task(kind, vpg, None, String::new()).await;
+        let (ok, message) = match r {
+            Ok(_) => (true, "done".to_string()),
+            Err(e) => (false, e.to_string()),
+        };
+        self.end_task(task, ok, message).await;
+    }
+
+    /// Tasks, oldest first (of one VPG, or running ones only, when asked).
+    pub async fn tasks(
+        &self,
+        vpg: Option<VpgId>,
+        running_only: bool,
+        limit: usize,
+    ) -> ApiResult<Vec<Task>> {
+        self.node
+            .read(move |s| {
+                let mut v: Vec<Task> = s
+                    .tasks
+                    .all()
+                    .filter(|t| vpg.as_ref().is_none_or(|g| t.vpg.as_ref() == Some(g)))
+                    .filter(|t| !running_only || t.state == TaskState::Running)
+                    .cloned()
+                    .collect();
+                let skip = v.len().saturating_sub(limit);
+                v.drain(..skip);
+                v
+            })
+            .await
+    }
+
+    pub async fn task(&self, id: u64) -> ApiResult<Task> {
+        self.node
+            .read(move |s| s.tasks.get(id).cloned())
+            .await?
+            .ok_or_else(|| DomainError::not_found("task", id).into())
     }
 
     /// Appends to the event log; an event that cannot be stored is logged, not fatal to
@@ -1093,12 +1214,20 @@ impl SiteManager {
             .read(move |s| check.iter().try_for_each(|id| s.check_pausable(id)))
             .await??;
         for id in vpgs {
-            self.node
+            let r = self
+                .node
                 .propose(Command::SetVpgPaused {
                     id: id.clone(),
                     paused,
                 })
-                .await?;
+                .await;
+            let kind = if paused {
+                TaskKind::PauseVpg
+            } else {
+                TaskKind::ResumeVpg
+            };
+            self.instant_task(kind, Some(&id), &r).await;
+            r?;
             let (code, what) = if paused {
                 (
                     EventCode::ProtectionPaused,
@@ -1123,6 +1252,14 @@ impl SiteManager {
         {
             LeaderResponse::Done => {
                 for id in &vpgs {
+                    // Running until the delta sync has run and the VPG is level again.
+                    self.start_task(
+                        TaskKind::ForceSync,
+                        Some(id),
+                        None,
+                        "delta sync of every volume".into(),
+                    )
+                    .await;
                     self.record_event(
                         EventCode::ForceSyncStarted,
                         Some(id),
@@ -1154,6 +1291,8 @@ impl SiteManager {
         {
             LeaderResponse::Checkpoints(t) => {
                 for c in &t {
+                    self.instant_task(TaskKind::AddCheckpoint, Some(&c.vpg), &Ok(()))
+                        .await;
                     self.record_event(
                         EventCode::CheckpointAdded,
                         Some(&c.vpg),

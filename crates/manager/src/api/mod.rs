@@ -5,6 +5,7 @@ pub mod internal;
 pub mod inventory;
 pub mod monitoring;
 pub mod site;
+pub mod tasks;
 pub mod vpg;
 
 use tandem_core::DomainError;

@@ -1,9 +1,15 @@
-//! On the leader: turns each VPG's status transitions into events (EV0030) and keeps when
-//! each alert was raised, both from the one status snapshot.
+//! On the leader: turns each VPG's status transitions into events (EV0030), keeps when
+//! each alert was raised, and follows the running tasks to their end, all from the one
+//! status snapshot.
 
 use std::time::{Duration, Instant};
 
 use tandem_core::events::EventCode;
+use tandem_core::ids::VpgId;
+use tandem_core::observe::LiveStatus;
+use tandem_core::state::{Command, SiteState};
+use tandem_core::status::Operation;
+use tandem_core::tasks::{Task, TaskKind};
 use tokio_util::sync::CancellationToken;
 
 use super::every_tick;
@@ -32,6 +38,7 @@ async fn step(site: &SiteManager, started: Instant) {
     if started.elapsed() < BASELINE {
         return;
     }
+    follow_tasks(site, &statuses, now).await;
     for (vpg, name, from, to) in changes {
         site.record_event(
             EventCode::StatusChanged,
@@ -42,5 +49,86 @@ async fn step(site: &SiteManager, started: Instant) {
             ),
         )
         .await;
+    }
+}
+
+/// A force sync that has not shown its sync yet may still be starting.
+const FORCE_SYNC_GRACE_MS: u64 = 3000;
+
+/// What a running task has come to: still running at some progress, or ended.
+enum Outcome {
+    Running(u8, String),
+    Ended(bool, String),
+}
+
+fn outcome(t: &Task, s: &SiteState, st: Option<&LiveStatus>, now: u64) -> Outcome {
+    let vpg = t.vpg.as_ref().and_then(|id| s.vpgs.get(id));
+    let sync = || {
+        st.and_then(|st| st.figures.sync.as_ref()).map_or_else(
+            || Outcome::Running(0, "waiting for the VRAs".into()),
+            |p| Outcome::Running(p.percent.min(99) as u8, format!("{:?} sync", p.kind)),
+        )
+    };
+    let level = st.is_some_and(|st| st.level);
+    match (t.kind, vpg) {
+        (TaskKind::DeleteVpg, None) => Outcome::Ended(true, "deleted".into()),
+        (TaskKind::DeleteVpg, Some(g)) if g.operation == Some(Operation::DeleteFailed) => {
+            Outcome::Ended(
+                false,
+                "VPG waiting to be removed: retry the delete or force it".into(),
+            )
+        }
+        (TaskKind::DeleteVpg, Some(_)) => Outcome::Running(50, "unassigning the VRAs".into()),
+        (_, None) => Outcome::Ended(false, "the VPG was deleted".into()),
+        (TaskKind::CreateVpg, Some(g)) if g.operation != Some(Operation::Creating) => {
+            Outcome::Ended(true, "protected: initial sync done".into())
+        }
+        (TaskKind::EditVpg, Some(g)) if t.generation.is_some_and(|e| g.generation > e) => {
+            Outcome::Ended(true, "superseded by a later edit".into())
+        }
+        (TaskKind::EditVpg, Some(g)) if level && t.generation == Some(g.generation) => {
+            Outcome::Ended(true, "the VRAs protect the new definition".into())
+        }
+        (TaskKind::ForceSync, Some(_))
+            if level && now.saturating_sub(t.started_ms) > FORCE_SYNC_GRACE_MS =>
+        {
+            Outcome::Ended(true, "delta sync done".into())
+        }
+        (TaskKind::CreateVpg | TaskKind::EditVpg | TaskKind::ForceSync, Some(_)) => sync(),
+        // Instant tasks end with their call; one left running (its caller died) ends here.
+        (_, Some(_)) => Outcome::Ended(true, "done".into()),
+    }
+}
+
+async fn follow_tasks(site: &SiteManager, statuses: &[(VpgId, String, LiveStatus)], now: u64) {
+    let decided: Vec<(u64, Outcome, u8, String)> = site.node().read_local(|s| {
+        s.tasks
+            .running()
+            .iter()
+            .map(|t| {
+                let st = t
+                    .vpg
+                    .as_ref()
+                    .and_then(|id| statuses.iter().find(|(g, _, _)| g == id))
+                    .map(|(_, _, st)| st);
+                (t.id, outcome(t, s, st, now), t.progress, t.message.clone())
+            })
+            .collect()
+    });
+    for (id, o, progress, message) in decided {
+        match o {
+            Outcome::Running(p, m) if (p, &m) != (progress, &message) => {
+                let cmd = Command::UpdateTask {
+                    id,
+                    progress: p,
+                    message: m,
+                };
+                if let Err(e) = site.node().propose(cmd).await {
+                    tracing::debug!(task = id, error = %e, "task progress not recorded");
+                }
+            }
+            Outcome::Running(..) => {}
+            Outcome::Ended(ok, m) => site.end_task(Some(id), ok, m).await,
+        }
     }
 }
