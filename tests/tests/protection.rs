@@ -12,62 +12,18 @@ use anyhow::{Context, Result, bail};
 use tandem_lab::fault::{Tmpfs, fill_leaving};
 use tandem_lab::lab::{Lab, wait_leader};
 use tandem_lab::link::CutMode;
+use tandem_lab::protect::{self, ProtectOptions, wait_vpg};
 use tandem_lab::workload::{VolumeTarget, Workload, WorkloadConfig};
 use tandem_proto::v1;
 use tandem_proto::v1::{
-    datastore_service_client::DatastoreServiceClient,
-    monitoring_service_client::MonitoringServiceClient,
-    resource_pool_service_client::ResourcePoolServiceClient,
-    site_service_client::SiteServiceClient, task_service_client::TaskServiceClient,
-    vm_service_client::VmServiceClient, vpg_service_client::VpgServiceClient,
-    vra_control_client::VraControlClient,
+    monitoring_service_client::MonitoringServiceClient, site_service_client::SiteServiceClient,
+    task_service_client::TaskServiceClient, vm_service_client::VmServiceClient,
+    vpg_service_client::VpgServiceClient, vra_control_client::VraControlClient,
 };
-use tandem_tests::{any_channel, channel};
+use tandem_tests::channel;
 use tonic::transport::Channel;
 
 const MIB: u64 = 1 << 20;
-
-/// Pairs site a with site b across the link; answers b's site id.
-async fn pair(lab: &Lab) -> Result<String> {
-    let a = channel(&lab.sites[0][0].api).await?;
-    let b = channel(&lab.sites[1][0].api).await?;
-    let token = SiteServiceClient::new(b)
-        .create_pairing_token(v1::CreatePairingTokenRequest { ttl_secs: 60 })
-        .await?
-        .into_inner()
-        .token;
-    Ok(SiteServiceClient::new(a)
-        .pair_site(v1::PairSiteRequest {
-            peer_endpoints: lab.peer_endpoints(0, 1),
-            token,
-            advertise_endpoints: lab.peer_endpoints(1, 0),
-        })
-        .await?
-        .into_inner()
-        .id)
-}
-
-/// A datastore per host of `site` (in the lab's directory) and, at the recovery site, a
-/// pool; answers the datastore ids in host order.
-async fn datastores(lab: &Lab, ch: &Channel, site: usize) -> Result<Vec<String>> {
-    let mut ids = Vec::new();
-    for (h, vra) in lab.vras[site].iter().enumerate() {
-        let path = lab.dir.join(&lab.site_names[site]).join(format!("ds-{h}"));
-        std::fs::create_dir_all(&path)?;
-        let ds = DatastoreServiceClient::new(ch.clone())
-            .create_datastore(v1::Datastore {
-                id: format!("{}-ds-{h}", lab.site_names[site]),
-                name: format!("{}-ds-{h}", lab.site_names[site]),
-                host_id: vra.host.clone(),
-                path: path.display().to_string(),
-                capacity_bytes: 64 << 30,
-            })
-            .await?
-            .into_inner();
-        ids.push(ds.id);
-    }
-    Ok(ids)
-}
 
 async fn get(ch: &Channel, id: &str) -> Result<v1::Vpg> {
     Ok(VpgServiceClient::new(ch.clone())
@@ -79,34 +35,6 @@ async fn get(ch: &Channel, id: &str) -> Result<v1::Vpg> {
 fn shown(g: &v1::Vpg) -> (String, String) {
     let s = g.status.clone().unwrap_or_default();
     (s.status, s.substatus)
-}
-
-/// Polls the VPG until `done` holds, recording every (status, substatus) seen.
-async fn wait_vpg(
-    apis: &[String],
-    id: &str,
-    within: Duration,
-    seen: &mut Vec<(String, String)>,
-    done: impl Fn(&v1::Vpg) -> bool,
-) -> Result<v1::Vpg> {
-    let start = Instant::now();
-    let mut last = None;
-    while start.elapsed() < within {
-        if let Ok(ch) = any_channel(apis).await
-            && let Ok(g) = get(&ch, id).await
-        {
-            let s = shown(&g);
-            if seen.last() != Some(&s) {
-                seen.push(s);
-            }
-            if done(&g) {
-                return Ok(g);
-            }
-            last = Some(g);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bail!("VPG {id} not there within {within:?}; seen {seen:?}; last {last:#?}")
 }
 
 /// Waits until `vpg-web`'s newest task of `kind` has ended; answers it.
@@ -177,62 +105,17 @@ async fn protect(dir: &std::path::Path) -> Result<Protected> {
 async fn protect_with(dir: &std::path::Path, settings: v1::VpgSettings) -> Result<Protected> {
     let mut lab = Lab::up(dir, 2, 3).await?;
     lab.start_vras(2).await?;
-    let site_b = pair(&lab).await?;
+    let options = ProtectOptions {
+        vpg: "vpg-web".into(),
+        vms: 4,
+        volume_bytes: 32 * MIB,
+        memory_mib: 1024,
+        settings,
+    };
+    let created = protect::protect(&lab, &options).await?.created;
+    assert_eq!(shown(&created).0, "Initializing");
     let a = channel(&lab.sites[0][0].api).await?;
     let b = channel(&lab.sites[1][0].api).await?;
-    let prot_ds = datastores(&lab, &a, 0).await?;
-    let rec_ds = datastores(&lab, &b, 1).await?;
-    ResourcePoolServiceClient::new(b.clone())
-        .create_resource_pool(v1::ResourcePool {
-            id: "pool".into(),
-            name: "pool".into(),
-            cpu_mhz: 100_000,
-            memory_mib: 1 << 20,
-            storage_bytes: 1 << 40,
-        })
-        .await?;
-    let mut placements = Vec::new();
-    for i in 0..4usize {
-        let h = i % 2;
-        VmServiceClient::new(a.clone())
-            .create_vm(v1::Vm {
-                id: format!("vm-{i}"),
-                name: format!("vm-{i}"),
-                host_id: lab.vras[0][h].host.clone(),
-                power: v1::PowerState::On as i32,
-                memory_mib: 1024,
-                cpus: 1,
-                cpu_reservation_mhz: 100,
-                memory_reservation_mib: 256,
-                volumes: vec![v1::Volume {
-                    controller: 0,
-                    unit: 0,
-                    size_bytes: 32 * MIB,
-                    datastore_id: prot_ds[h].clone(),
-                }],
-                vpg_id: String::new(),
-            })
-            .await?;
-        placements.push(v1::VmPlacement {
-            vm_id: format!("vm-{i}"),
-            recovery_host_id: lab.vras[1][h].host.clone(),
-            recovery_datastore_id: rec_ds[h].clone(),
-            recovery_pool_id: "pool".into(),
-        });
-    }
-    let created = VpgServiceClient::new(a.clone())
-        .create_vpg(v1::CreateVpgRequest {
-            id: "vpg-web".into(),
-            spec: Some(v1::VpgSpec {
-                name: "web".into(),
-                recovery_site_id: site_b,
-                settings: Some(settings),
-                vms: placements,
-            }),
-        })
-        .await?
-        .into_inner();
-    assert_eq!(shown(&created).0, "Initializing");
 
     // Nothing else: the managers assign the VRAs, the initial sync runs, the VPG levels.
     let apis_a = lab.endpoints(0);

@@ -39,6 +39,10 @@ pub enum Which {
     Checkpoint,
     Initial,
     Delta,
+    /// The checkpoint barrier through the managers (a lab of 2 sites x 3 managers, one VPG
+    /// of a VM on each of 4 protected hosts, checkpoints taken by the protected site's
+    /// leader).
+    Managed,
 }
 
 /// Flags of `tandem-lab bench-vra` (`scripts/bench-vra.sh` maps environment variables to
@@ -239,6 +243,7 @@ pub async fn run(args: Args) -> Result<()> {
             Which::Checkpoint,
             Which::Initial,
             Which::Delta,
+            Which::Managed,
         ] {
             if !args.only.contains(&which) {
                 continue;
@@ -248,6 +253,7 @@ pub async fn run(args: Args) -> Result<()> {
                 Which::Checkpoint => bench_checkpoint(&s, &mut rows).await,
                 Which::Initial => bench_initial_sync(&s, &mut rows).await,
                 Which::Delta => bench_delta_sync(&s, &mut rows).await,
+                Which::Managed => bench_checkpoint_managed(&s, &mut rows).await,
             };
             if let Err(e) = r {
                 println!("{which:?} benchmark failed: {e:#}");
@@ -1333,6 +1339,147 @@ async fn wait_sync(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The checkpoint barrier as the managers run it: QD32 fio on each of 4 protected VRAs,
+/// first with no checkpoints due (interval of an hour), then with the VPG edited to a
+/// checkpoint every `cp_interval`; the write stall is the clat difference, and the
+/// checkpoints listed by the recovery site in the second run are counted against the
+/// intervals.
+async fn bench_checkpoint_managed(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
+    use pb::vpg_service_client::VpgServiceClient;
+    const HOSTS: usize = 4;
+    let interval_secs = s.cp_interval.as_secs().max(1);
+    println!(
+        "\n== checkpoint barrier through the managers: QD32 4 KiB randwrite on each of {HOSTS} \
+         protected VRAs, a checkpoint every {interval_secs} s by the protected site's leader"
+    );
+    let root = fresh_dir(&s.dir.join("managed"))?;
+    let mut lab = crate::lab::Lab::up(&root, 2, 3).await?;
+    let r = async {
+        lab.start_vras_with(HOSTS, &["--ram-mb".into(), s.ram_mb.to_string()])
+            .await?;
+        let limit = pb::JournalLimit {
+            limit: Some(pb::journal_limit::Limit::Bytes(
+                s.journal_limit.max(1 << 30),
+            )),
+        };
+        let settings = pb::VpgSettings {
+            checkpoint_interval_secs: 3600,
+            journal_history_secs: 3600,
+            target_rpo_secs: 60,
+            journal_hard_limit: Some(limit),
+            journal_warning: Some(limit),
+            ..Default::default()
+        };
+        let options = crate::protect::ProtectOptions {
+            vpg: VPG.into(),
+            vms: HOSTS,
+            volume_bytes: s.volume_bytes,
+            memory_mib: 1024,
+            settings,
+        };
+        let p = crate::protect::protect(&lab, &options).await?;
+        let apis_a = lab.endpoints(0);
+        let mut seen = Vec::new();
+        let meeting = |g: &pb::Vpg| g.status.as_ref().is_some_and(|s| s.status == "Meeting SLA");
+        crate::protect::wait_vpg(&apis_a, VPG, Duration::from_secs(900), &mut seen, meeting)
+            .await?;
+        let uris: Vec<String> = p
+            .vms
+            .iter()
+            .map(|(vm, h)| format!("nbd://{}/{vm}/0", lab.vras[0][*h].nbd))
+            .collect();
+
+        let machine = quiet(s).await;
+        let base = fio(&uris, "randwrite", "4k", 32, s.volume_bytes, s.cp_secs).await?;
+        println!("without checkpoints: {}", base.line());
+        crate::protect::wait_vpg(&apis_a, VPG, Duration::from_secs(600), &mut seen, meeting)
+            .await?;
+
+        // The same VPG, edited to checkpoint at the interval; its VRAs keep their streams.
+        let a = crate::protect::channel(&lab.sites[0][0].api).await?;
+        let g = VpgServiceClient::new(a.clone())
+            .get_vpg(pb::GetRequest { id: VPG.into() })
+            .await?
+            .into_inner();
+        let mut settings = g.settings.unwrap_or_default();
+        settings.checkpoint_interval_secs = interval_secs;
+        let edited = VpgServiceClient::new(a.clone())
+            .update_vpg(pb::UpdateVpgRequest {
+                id: VPG.into(),
+                generation: g.generation,
+                spec: Some(pb::VpgSpec {
+                    name: g.name,
+                    recovery_site_id: p.recovery_site_id.clone(),
+                    settings: Some(settings),
+                    vms: g.vms.into_iter().filter_map(|v| v.placement).collect(),
+                }),
+                keep_removed_recovery_disks: false,
+            })
+            .await?
+            .into_inner();
+        crate::protect::wait_vpg(&apis_a, VPG, Duration::from_secs(600), &mut seen, |g| {
+            meeting(g) && g.generation == edited.generation
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(2 * interval_secs)).await;
+
+        let machine2 = quiet(s).await;
+        let from_ms = unix_ms();
+        let with = fio(&uris, "randwrite", "4k", 32, s.volume_bytes, s.cp_secs).await?;
+        let to_ms = unix_ms();
+        println!("with checkpoints:    {}", with.line());
+        let b = crate::protect::channel(&lab.sites[1][0].api).await?;
+        let listed = VpgServiceClient::new(b)
+            .list_checkpoints(pb::ListCheckpointsQuery {
+                vpg_id: VPG.into(),
+                from_ms,
+                to_ms,
+                kind: pb::CheckpointKind::Automatic as i32,
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let due = (to_ms - from_ms) / 1000 / interval_secs;
+        let taken = u64::from(listed.total);
+        let stall_p50 = (with.clat_p50_us - base.clat_p50_us) / 1000.0;
+        let stall_p99 = (with.clat_p99_us - base.clat_p99_us) / 1000.0;
+        let ok = stall_p99 <= 2.0 && taken + 1 >= due;
+        println!(
+            "write stall (clat with - without): p50 {stall_p50:+.2} ms p99 {stall_p99:+.2} ms; \
+             {taken} checkpoints listed for {due} intervals; IOPS {:.2}x ({})",
+            with.iops / base.iops.max(1e-9),
+            if ok { "ok" } else { "BELOW FLOOR" }
+        );
+        rows.push(Row {
+            bench: format!("checkpoint barrier through the managers, {HOSTS} VRAs, QD32"),
+            tandem: format!(
+                "stall p50 {stall_p50:+.2} ms p99 {stall_p99:+.2} ms (clat p99 {:.2} ms); \
+                 {taken} checkpoints in {due} intervals",
+                with.clat_p99_us / 1000.0
+            ),
+            yardstick: format!(
+                "no checkpoints: clat p50 {:.2} ms p99 {:.2} ms",
+                base.clat_p50_us / 1000.0,
+                base.clat_p99_us / 1000.0
+            ),
+            ratio: format!("{:.2}x IOPS", with.iops / base.iops.max(1e-9)),
+            floor: "stall p99 <= 2 ms; a checkpoint every interval".into(),
+            met: ok,
+            machine: format!("{machine}; {machine2}"),
+            figure: stall_p99,
+            unit: "ms stall p99",
+        });
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    lab.down().await;
+    if !s.keep {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    r
 }
 
 async fn bench_initial_sync(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {

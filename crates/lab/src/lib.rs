@@ -8,5 +8,6 @@ pub mod fault;
 pub mod lab;
 pub mod link;
 pub mod link_control;
+pub mod protect;
 pub mod units;
 pub mod workload;
