@@ -129,6 +129,8 @@ pub struct ProtectedShared {
     /// Set when the window gave up entries: the sender reconnects, so that the stream
     /// continues wherever the receiver is.
     pub restart_stream: AtomicBool,
+    /// How far the recovery VRA has made the stream durable, for those who wait on it.
+    pub durable: watch::Sender<u64>,
     frozen: watch::Receiver<bool>,
     cancel: CancellationToken,
 }
@@ -635,6 +637,7 @@ impl ProtectedVpg {
                 old.map.carry_to(layout)
             }
         };
+        let acked_at_start = window.acked_seq().0;
         let shared = Arc::new(ProtectedShared {
             assignment: assignment.clone(),
             window: Mutex::new(window),
@@ -652,6 +655,7 @@ impl ProtectedVpg {
             frozen_cp: AtomicU64::new(0),
             sync: SyncShared::new(map),
             restart_stream: AtomicBool::new(false),
+            durable: watch::Sender::new(acked_at_start),
             frozen: frozen_rx,
             cancel: cancel.clone(),
         });
@@ -724,6 +728,14 @@ impl ProtectedVpg {
     /// The shared state (status).
     pub fn shared(&self) -> &Arc<ProtectedShared> {
         &self.shared
+    }
+
+    /// Waits until the stream is durable up to `seq` or `timeout` passes; answers how far
+    /// it is durable.
+    pub async fn wait_durable(&self, seq: u64, timeout: std::time::Duration) -> u64 {
+        let mut durable = self.shared.durable.subscribe();
+        let _ = tokio::time::timeout(timeout, durable.wait_for(|d| *d >= seq)).await;
+        *durable.borrow()
     }
 
     /// The volumes and their export names.

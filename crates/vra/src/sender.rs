@@ -192,13 +192,21 @@ async fn session(
                         remote.clone_from(&ack.storage_error);
                     }
                 }
-                let freed = shared
-                    .window
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .on_ack(Seq(ack.durable_seq))
-                    .map_err(|e| SessionError::Protocol(e.to_string()))?;
+                let (freed, acked) = {
+                    let mut w = shared.window.lock().unwrap_or_else(PoisonError::into_inner);
+                    let freed = w
+                        .on_ack(Seq(ack.durable_seq))
+                        .map_err(|e| SessionError::Protocol(e.to_string()))?;
+                    (freed, w.acked_seq().0)
+                };
                 shared.release(freed);
+                shared.durable.send_if_modified(|d| {
+                    let newer = acked > *d;
+                    if newer {
+                        *d = acked;
+                    }
+                    newer
+                });
             }
             permit = tx.reserve(), if has_unsent => {
                 let permit = permit.map_err(|_| SessionError::Protocol("request stream closed".into()))?;

@@ -27,6 +27,9 @@ use crate::{
     vra::Vra,
 };
 
+/// The longest a `WaitDurable` call may wait.
+const MAX_WAIT_DURABLE_MS: u32 = 10_000;
+
 fn status(e: crate::error::VraError) -> Status {
     e.to_status()
 }
@@ -103,6 +106,31 @@ impl VraControl for ControlService {
         let cp = checkpoint_from_thaw(&r).map_err(status)?;
         let seq = self.vra.thaw(&vpg, cp).await.map_err(status)?;
         Ok(Response::new(pb::ThawResponse { marker_seq: seq.0 }))
+    }
+
+    async fn wait_durable(
+        &self,
+        req: Request<pb::WaitDurableRequest>,
+    ) -> Result<Response<pb::WaitDurableResponse>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        let timeout_ms = match r.timeout_ms {
+            0 => 5000,
+            t if t <= MAX_WAIT_DURABLE_MS => t,
+            t => {
+                let e = tandem_core::DomainError::invalid(
+                    "timeout_ms",
+                    format!("{t} is above the limit of {MAX_WAIT_DURABLE_MS}"),
+                );
+                return Err(status(e.into()));
+            }
+        };
+        let durable_seq = self
+            .vra
+            .wait_durable(&vpg, r.seq, Duration::from_millis(u64::from(timeout_ms)))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::WaitDurableResponse { durable_seq }))
     }
 
     async fn abort(

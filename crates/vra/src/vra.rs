@@ -416,6 +416,16 @@ impl Vra {
         self.protected(vpg).await?.thaw(checkpoint).await
     }
 
+    /// Protected role: waits until the stream is durable up to `seq` (at most `timeout`).
+    pub async fn wait_durable(
+        &self,
+        vpg: &VpgId,
+        seq: u64,
+        timeout: std::time::Duration,
+    ) -> VraResult<u64> {
+        Ok(self.protected(vpg).await?.wait_durable(seq, timeout).await)
+    }
+
     /// Checkpoint barrier: abort.
     pub async fn abort(&self, vpg: &VpgId, id: CheckpointId) -> VraResult<()> {
         self.protected(vpg).await?.abort(id).await

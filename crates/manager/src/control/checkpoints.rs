@@ -27,6 +27,9 @@ use crate::site::{SiteManager, now_ms};
 
 /// How often the coordinator looks for VPGs that are due.
 const SCAN: Duration = Duration::from_millis(100);
+/// How long the coordinator waits for a checkpoint's markers to become durable before it
+/// leaves them to the poller.
+const DURABLE_WAIT_MS: u32 = 5000;
 
 /// The kind of a checkpoint, as the journal records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,7 +84,9 @@ impl Barriers {
 
 /// Runs the automatic checkpoints of the VPGs this site protects until `cancel`.
 pub async fn run(site: SiteManager, term: u64, cancel: CancellationToken) {
-    let mut due: HashMap<VpgId, Instant> = HashMap::new();
+    // When each VPG's last automatic checkpoint started: the next is due one interval
+    // later, at the interval of the definition as it is now (an edit applies at once).
+    let mut last: HashMap<VpgId, Instant> = HashMap::new();
     let mut running: JoinSet<()> = JoinSet::new();
     let mut busy: HashMap<VpgId, tokio::task::AbortHandle> = HashMap::new();
     let mut scan = tokio::time::interval(SCAN);
@@ -112,16 +117,24 @@ pub async fn run(site: SiteManager, term: u64, cancel: CancellationToken) {
                 })
                 .collect()
         });
-        due.retain(|id, _| candidates.iter().any(|(c, _, _)| c == id));
+        last.retain(|id, _| candidates.iter().any(|(c, _, _)| c == id));
         for (vpg, interval, hosts) in candidates {
             if busy.contains_key(&vpg) {
                 continue;
             }
-            let at = *due.entry(vpg.clone()).or_insert(now);
-            if now < at || !ready(&site, &vpg, &hosts) {
+            let due = last.get(&vpg).map_or(now, |started| *started + interval);
+            if now < due || !ready(&site, &vpg, &hosts) {
                 continue;
             }
-            due.insert(vpg.clone(), now + interval);
+            // Keep the cadence: the next is due an interval after this one was due, not
+            // after the scan that noticed it (each scan's delay would stretch every
+            // interval), unless this one is over an interval late (a sync held it back).
+            let slot = if now.duration_since(due) < interval {
+                due
+            } else {
+                now
+            };
+            last.insert(vpg.clone(), slot);
             let site = site.clone();
             let id = vpg.clone();
             let h = running.spawn(async move {
@@ -259,9 +272,31 @@ pub async fn take(
         PendingCheckpoint {
             id,
             timestamp_ms,
-            markers,
+            markers: markers.clone(),
         },
     );
+    // Known durable as soon as every VRA says so, not at the next poll: the actual RPO
+    // shown is the checkpoint's age, not that plus the poll's period.
+    let waits = clients.into_iter().filter_map(|(h, c)| {
+        let seq = markers.iter().find(|(m, _)| m == &h)?.1;
+        let (site, vpg) = (site.clone(), vpg.clone());
+        Some(async move {
+            let mut c = c;
+            let req = v1::WaitDurableRequest {
+                vpg_id: vpg.to_string(),
+                seq,
+                timeout_ms: DURABLE_WAIT_MS,
+            };
+            let mut r = tonic::Request::new(req);
+            r.set_timeout(Duration::from_millis(u64::from(DURABLE_WAIT_MS) + 1000));
+            if let Ok(d) = c.wait_durable(r).await {
+                site.control()
+                    .live
+                    .record_acked(&vpg, &h, d.into_inner().durable_seq);
+            }
+        })
+    });
+    tokio::spawn(futures::future::join_all(waits.collect::<Vec<_>>()));
     Ok(Taken {
         vpg: vpg.clone(),
         id,

@@ -19,6 +19,10 @@ use tandem_core::vpg::Vpg;
 
 /// A peer whose last report is older than this counts as unreachable.
 pub const PEER_STALE: Duration = Duration::from_secs(4);
+/// A peer whose calls failed this many times in a row counts as unreachable, however
+/// recent its last report (a refused connection is known at once; a timeout takes
+/// [`PEER_STALE`]).
+pub const PEER_FAILURES: u32 = 2;
 /// A VRA whose last status is older than this counts as unreachable.
 pub const VRA_STALE: Duration = Duration::from_secs(4);
 
@@ -45,6 +49,15 @@ struct PeerObservation {
     ok_at: Option<Instant>,
     report: PeerReport,
     error: Option<String>,
+    /// Calls failed in a row since the last answer.
+    failures: u32,
+}
+
+impl PeerObservation {
+    /// Answered recently, and not failing since.
+    fn reachable(&self) -> bool {
+        self.ok_at.is_some_and(|t| t.elapsed() < PEER_STALE) && self.failures < PEER_FAILURES
+    }
 }
 
 /// A checkpoint thawed on every VRA of its VPG, not yet seen durable everywhere.
@@ -60,6 +73,27 @@ pub struct PendingCheckpoint {
 struct CoordinatorView {
     pending: Vec<PendingCheckpoint>,
     durable: Option<(u64, u64)>,
+}
+
+impl CoordinatorView {
+    /// `host`'s stream is durable up to `acked_seq`: its markers at or below are durable
+    /// there, and the newest checkpoint durable on every host becomes the VPG's.
+    fn acked(&mut self, host: &HostId, acked_seq: u64) {
+        for p in &mut self.pending {
+            p.markers
+                .retain(|(h, seq)| !(h == host && acked_seq >= *seq));
+        }
+        if let Some(newest) = self
+            .pending
+            .iter()
+            .filter(|p| p.markers.is_empty())
+            .map(|p| (p.id, p.timestamp_ms))
+            .max_by_key(|c| c.1)
+        {
+            self.pending.retain(|p| p.timestamp_ms > newest.1);
+            self.durable = Some(newest);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -109,22 +143,9 @@ impl Live {
         };
         let mut inner = self.lock();
         if let Ok(reports) = &vpgs {
-            // Markers whose sequence every protected VRA acknowledged are durable.
             for (vpg, view) in inner.checkpoints.iter_mut() {
-                let Some(r) = reports.get(vpg) else { continue };
-                for p in &mut view.pending {
-                    p.markers
-                        .retain(|(h, seq)| !(h == &host && r.acked_seq >= *seq));
-                }
-                if let Some(newest) = view
-                    .pending
-                    .iter()
-                    .filter(|p| p.markers.is_empty())
-                    .map(|p| (p.id, p.timestamp_ms))
-                    .max_by_key(|c| c.1)
-                {
-                    view.pending.retain(|p| p.timestamp_ms > newest.1);
-                    view.durable = Some(newest);
+                if let Some(r) = reports.get(vpg) {
+                    view.acked(&host, r.acked_seq);
                 }
             }
         }
@@ -205,14 +226,19 @@ impl Live {
             ok_at: None,
             report: PeerReport::default(),
             error: None,
+            failures: 0,
         });
         match report {
             Ok(r) => {
                 entry.ok_at = Some(Instant::now());
                 entry.report = r;
                 entry.error = None;
+                entry.failures = 0;
             }
-            Err(e) => entry.error = Some(e),
+            Err(e) => {
+                entry.error = Some(e);
+                entry.failures += 1;
+            }
         }
     }
 
@@ -227,11 +253,19 @@ impl Live {
         view.pending.push(cp);
     }
 
+    /// A protected VRA said its stream of `vpg` is durable up to `acked_seq` (answering
+    /// the coordinator's wait for a checkpoint's marker, ahead of the next poll).
+    pub fn record_acked(&self, vpg: &VpgId, host: &HostId, acked_seq: u64) {
+        if let Some(view) = self.lock().checkpoints.get_mut(vpg) {
+            view.acked(host, acked_seq);
+        }
+    }
+
     /// The last report of a peer, if it is recent enough to count as reachable.
     pub fn peer_vpg(&self, site: &SiteId, vpg: &VpgId) -> Option<Option<PeerVpgReport>> {
         let inner = self.lock();
         let p = inner.peers.get(site)?;
-        if p.ok_at.is_none_or(|t| t.elapsed() >= PEER_STALE) {
+        if !p.reachable() {
             return None;
         }
         Some(p.report.vpgs.iter().find(|g| &g.vpg == vpg).cloned())
@@ -242,7 +276,7 @@ impl Live {
         self.lock()
             .peers
             .get(site)
-            .is_some_and(|p| p.ok_at.is_some_and(|t| t.elapsed() < PEER_STALE))
+            .is_some_and(PeerObservation::reachable)
     }
 
     /// Whether anything was observed yet (a node that just started leading has not).

@@ -40,6 +40,11 @@ use crate::site::SiteManager;
 
 /// How often the leader polls its VRAs and peers, and reconciles.
 pub const TICK: Duration = Duration::from_secs(1);
+/// How often the poller reads the VRAs and the peers: the lag of every live figure.
+pub const POLL_EVERY: Duration = Duration::from_millis(500);
+/// A controller that also acts on committed changes waits this long after one, so that a
+/// burst of commits (an operation on many VPGs) costs one pass.
+pub const CHANGE_DEBOUNCE: Duration = Duration::from_millis(50);
 /// The longest a VRA control call may take before the VRA counts as unreachable.
 pub const VRA_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -114,17 +119,44 @@ impl Control {
 }
 
 /// Calls `step` once per [`TICK`] until `cancel`; a slow step delays the next tick.
-pub async fn every_tick<F, Fut>(cancel: &CancellationToken, mut step: F)
+pub async fn every_tick<F, Fut>(cancel: &CancellationToken, step: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let mut tick = tokio::time::interval(TICK);
+    every::<_, _, ()>(TICK, cancel, None, step).await;
+}
+
+/// Calls `step` once per `period` until `cancel`, and also soon after each change
+/// `changes` signals (at most one extra step per [`CHANGE_DEBOUNCE`]); a slow step delays
+/// the next one.
+pub async fn every<F, Fut, T>(
+    period: Duration,
+    cancel: &CancellationToken,
+    mut changes: Option<tokio::sync::watch::Receiver<T>>,
+    mut step: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let changed = async {
+            match changes.as_mut() {
+                Some(c) => {
+                    if c.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(CHANGE_DEBOUNCE).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = cancel.cancelled() => return,
             _ = tick.tick() => {}
+            () = changed => tick.reset(),
         }
         tokio::select! {
             () = cancel.cancelled() => return,

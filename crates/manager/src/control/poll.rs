@@ -1,4 +1,4 @@
-//! The leader's poller: every tick, the status of every VRA of this site and the report of
+//! The leader's poller: every [`POLL_EVERY`], the status of every VRA of this site and the report of
 //! every peer site that shares a VPG, read in parallel into [`super::Live`].
 
 use tandem_core::ids::{HostId, SiteId, VpgId};
@@ -8,12 +8,12 @@ use tandem_proto::vra_convert;
 use tokio_util::sync::CancellationToken;
 
 use super::live::VraPoll;
-use super::{every_tick, vra_request};
+use super::{POLL_EVERY, every, vra_request};
 use crate::site::SiteManager;
 
 /// Polls until `cancel`.
 pub async fn run(site: SiteManager, cancel: CancellationToken) {
-    every_tick(&cancel, || poll_once(&site)).await;
+    every::<_, _, ()>(POLL_EVERY, &cancel, None, || poll_once(&site)).await;
 }
 
 /// One round: every VRA and every peer, at once.

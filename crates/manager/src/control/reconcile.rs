@@ -19,18 +19,40 @@ use tandem_proto::v1;
 use tandem_proto::vra_convert;
 use tokio_util::sync::CancellationToken;
 
-use super::{call_vra, every_tick, live, vra_request};
+use super::{TICK, call_vra, every, live, vra_request};
 use crate::site::{SiteManager, now_ms};
 
-/// Reconciles until `cancel`.
+/// Reconciles every tick and soon after each committed change (an operator's pause
+/// reaches the VRAs at once), until `cancel`.
 pub async fn run(site: SiteManager, cancel: CancellationToken) {
-    every_tick(&cancel, || async {
+    every(TICK, &cancel, Some(applied(&site, &cancel)), || async {
         // Acts only on what the poller has seen (a fresh leader waits for its first round).
         if site.control().live.observed_any() {
             reconcile_once(&site).await;
         }
     })
     .await;
+}
+
+/// The index of the last entry this node applied, as it changes (Raft's metrics also
+/// change with every heartbeat: not a reason to reconcile), until `cancel`.
+fn applied(site: &SiteManager, cancel: &CancellationToken) -> tokio::sync::watch::Receiver<u64> {
+    let store = site.node().store().clone();
+    let mut metrics = store.watch_metrics();
+    let index = move || store.metrics().last_applied_index.unwrap_or(0);
+    let (tx, rx) = tokio::sync::watch::channel(index());
+    let cancel = cancel.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                r = metrics.changed() => if r.is_err() { return },
+            }
+            let now = index();
+            tx.send_if_modified(|i| std::mem::replace(i, now) != now);
+        }
+    });
+    rx
 }
 
 /// What a host's VRA last reported for each VPG, when it answered.
