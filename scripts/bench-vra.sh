@@ -7,6 +7,11 @@
 #     (floor: 0.9x nbdkit on both, lag p99 <= 1 s);
 #  2. checkpoint barrier: write stall of QD32 fio clients on 2 protected VRAs of one VPG
 #     with a checkpoint (freeze both, thaw both) every second (floor: p99 <= 2 ms);
+#  2b. (ONLY=managed) the same barrier run by the managers: 4 protected VRAs of one VPG
+#     protected through the managers' API, fio capped at MANAGED_IOPS per VRA (the VRAs
+#     must keep up: no checkpoints while syncing), no checkpoint due vs the VPG edited to
+#     one per interval; stall and checkpoints listed per interval (floor: p99 <= 2 ms,
+#     one per interval);
 #  3. initial sync of a 4 GiB volume vs nbdcopy between two nbdkit exports (floor: 1.0x);
 #  4. delta sync of 1 GiB with 1% of its 4 KiB blocks changed vs
 #     rsync --inplace --no-whole-file, with bytes on the wire (floor: 4x rsync's speed,
@@ -18,8 +23,8 @@
 # Usage: scripts/bench-vra.sh                 (the issue's durations, ~10 minutes)
 #        QUICK=1 scripts/bench-vra.sh         (smoke run: 5 s fio runs, small syncs)
 #        ONLY=write,checkpoint WRITE_SECS=20 scripts/bench-vra.sh
-# Env: QUICK, ONLY (write,checkpoint,initial,delta), WRITE_SECS (60), CP_SECS (60),
-#      CP_INTERVAL_MS (1000), SYNC_MIB (4096), DELTA_MIB (1024), DELTA_PERCENT (1),
+# Env: QUICK, ONLY (write,checkpoint,managed,initial,delta), WRITE_SECS (60), CP_SECS (60),
+#      CP_INTERVAL_MS (1000), MANAGED_IOPS (2500), SYNC_MIB (4096), DELTA_MIB (1024), DELTA_PERCENT (1),
 #      VOLUME_MIB (1024), RAM_MB (256), JOURNAL_LIMIT_MIB (4096), QUIET_WAIT_SECS (900),
 #      MIN_IDLE (85), ROUNDS (1: with more, medians over the rounds are printed at the end),
 #      BENCH_DIR (target/bench-vra: on the disk under test), KEEP=1 keeps it,
@@ -47,6 +52,7 @@ opt ONLY --only
 opt WRITE_SECS --write-secs
 opt CP_SECS --cp-secs
 opt CP_INTERVAL_MS --cp-interval-ms
+opt MANAGED_IOPS --managed-iops
 opt SYNC_MIB --sync-mib
 opt DELTA_MIB --delta-mib
 opt DELTA_PERCENT --delta-percent

@@ -32,8 +32,9 @@ fn main() {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        // Lets the CLI print any message as JSON (`-o json`).
-        .type_attribute(".", "#[derive(serde::Serialize)]")
+        // Lets the CLI print any message as JSON (`-o json`), and a script or a test read
+        // it back.
+        .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
         // Write payloads stay `Bytes`: decoding slices the receive buffer instead of
         // copying, and the sender hands over its buffer without a copy.
         .bytes(".tandem.v1.ReplicatedWrite.data")

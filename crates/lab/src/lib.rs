@@ -2,6 +2,7 @@
 //! one.
 
 pub mod bench;
+pub mod bench_scale;
 pub mod bench_vra;
 pub mod demo;
 pub mod fault;

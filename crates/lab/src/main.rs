@@ -71,10 +71,44 @@ enum Cmd {
     /// VRA benchmarks: write path vs nbdkit, checkpoint barrier, initial sync vs nbdcopy,
     /// delta sync vs rsync (scripts/bench-vra.sh).
     BenchVra(tandem_lab::bench_vra::Args),
-    /// Runs the demo: a two-site lab with managers and VRAs; pairing, inventory, a VPG and a
-    /// leader failover; then replication of 4 VMs under a verifying workload with
-    /// checkpoints, point-in-time images checked against the source, a link cut with its
-    /// bitmap sync, and a kill -9 of a recovery VRA. Exits non-zero on any FAIL.
+    /// The managers at scale: 1 VPG, then many, of 4 VMs each on one site pair; managers'
+    /// CPU and memory, `vpg list` latency, lag from a pause or a link cut to every VPG's
+    /// status (floors: lag <= 2 s, list < 200 ms).
+    BenchScale {
+        #[arg(long, default_value_t = 100)]
+        vpgs: usize,
+        #[arg(long, default_value_t = 4)]
+        vms_per_vpg: usize,
+        /// Size of each VM's volume, in MiB.
+        #[arg(long, default_value_t = 4)]
+        volume_mib: u64,
+        /// Seconds of steady protection over which CPU is measured, at each size.
+        #[arg(long, default_value_t = 60)]
+        steady_secs: u64,
+        #[arg(long, default_value = "target/bench-scale")]
+        dir: PathBuf,
+        /// Keep the directory (logs) after the run.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// The RPO benchmark: the demo's lab, VPG and verifying workload protected by the
+    /// managers; the actual RPO site-a shows, p50/p99 over the run (floor: p99 <= 1.5 s).
+    BenchRpo {
+        /// Seconds of the measured run.
+        #[arg(long, default_value_t = 300)]
+        secs: u64,
+        /// The VPG's checkpoint interval, in seconds.
+        #[arg(long, default_value_t = 1)]
+        checkpoint_secs: u64,
+        /// Lab directory; a fresh temporary one (removed after the run) by default.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Runs the demo: a two-site lab with managers and VRAs, driven through the managers'
+    /// API: pairing, inventory, a VPG of 4 VMs protected by the managers; under a verifying
+    /// workload, checkpoints' images checked against the source, a kill -9 of the protected
+    /// site's leader, a link cut and its sync, a kill -9 of a recovery VRA. Exits non-zero on
+    /// any FAIL.
     Demo {
         /// Lab directory; a fresh temporary one (removed after a passing run) by default.
         #[arg(long)]
@@ -89,9 +123,9 @@ enum Cmd {
         /// the link cut, so that writes are tracked and a bitmap sync follows.
         #[arg(long, default_value_t = 16)]
         vra_ram_mib: u64,
-        /// Interval of the checkpoint barrier, in ms.
-        #[arg(long, default_value_t = 2500)]
-        checkpoint_ms: u64,
+        /// The VPG's checkpoint interval, in seconds.
+        #[arg(long, default_value_t = 2)]
+        checkpoint_secs: u64,
         /// Seconds of steady replication before the first image check.
         #[arg(long, default_value_t = 12)]
         steady_secs: u64,
@@ -491,20 +525,57 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             tandem_lab::bench_vra::run(args).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::BenchScale {
+            vpgs,
+            vms_per_vpg,
+            volume_mib,
+            steady_secs,
+            dir,
+            keep,
+        } => {
+            if vpgs < 2 || vms_per_vpg == 0 || volume_mib == 0 {
+                anyhow::bail!("--vpgs must be at least 2, --vms-per-vpg and --volume-mib positive");
+            }
+            tandem_lab::bench_scale::run(tandem_lab::bench_scale::ScaleOptions {
+                dir,
+                vpgs,
+                vms_per_vpg,
+                volume_mib,
+                steady: std::time::Duration::from_secs(steady_secs),
+                keep,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::BenchRpo {
+            secs,
+            checkpoint_secs,
+            dir,
+        } => {
+            if secs == 0 || checkpoint_secs == 0 {
+                anyhow::bail!("--secs and --checkpoint-secs must be positive");
+            }
+            let opts = demo::DemoOptions {
+                dir,
+                checkpoint_interval_secs: checkpoint_secs,
+                ..demo::DemoOptions::default()
+            };
+            demo::bench_rpo(opts, std::time::Duration::from_secs(secs), shutdown_token()).await
+        }
         Cmd::Demo {
             dir,
             keep,
             volume_mib,
             vra_ram_mib,
-            checkpoint_ms,
+            checkpoint_secs,
             steady_secs,
             cut_secs,
             writers,
             pace_ms,
         } => {
-            if volume_mib == 0 || vra_ram_mib == 0 || checkpoint_ms == 0 || writers == 0 {
+            if volume_mib == 0 || vra_ram_mib == 0 || checkpoint_secs == 0 || writers == 0 {
                 anyhow::bail!(
-                    "--volume-mib, --vra-ram-mib, --checkpoint-ms and --writers must be positive"
+                    "--volume-mib, --vra-ram-mib, --checkpoint-secs and --writers must be positive"
                 );
             }
             let opts = demo::DemoOptions {
@@ -512,7 +583,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 keep,
                 volume_mib,
                 vra_ram_mib,
-                checkpoint_interval: std::time::Duration::from_millis(checkpoint_ms),
+                checkpoint_interval_secs: checkpoint_secs,
                 steady: std::time::Duration::from_secs(steady_secs),
                 cut: std::time::Duration::from_secs(cut_secs),
                 writers,

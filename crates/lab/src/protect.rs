@@ -90,15 +90,22 @@ pub async fn datastores(lab: &Lab, ch: &Channel, site: usize) -> Result<Vec<Stri
     Ok(ids)
 }
 
-/// Pairs sites 0 and 1, creates their inventory and the VPG at site 0 (`CreateVpg` and
-/// nothing else drives the VRAs).
-pub async fn protect(lab: &Lab, o: &ProtectOptions) -> Result<Protection> {
+/// Sites 0 and 1 paired, with a datastore per host at both and a resource pool at 1.
+#[derive(Debug, Clone)]
+pub struct Sites {
+    pub recovery_site_id: String,
+    pub protected_datastores: Vec<String>,
+    pub recovery_datastores: Vec<String>,
+}
+
+/// Pairs sites 0 and 1 and creates the inventory the VPGs of [`protect_vpg`] use.
+pub async fn prepare(lab: &Lab) -> Result<Sites> {
     let recovery_site_id = pair(lab, 0, 1).await?;
     let a = channel(&lab.sites[0][0].api).await?;
     let b = channel(&lab.sites[1][0].api).await?;
-    let prot_ds = datastores(lab, &a, 0).await?;
-    let rec_ds = datastores(lab, &b, 1).await?;
-    ResourcePoolServiceClient::new(b.clone())
+    let protected_datastores = datastores(lab, &a, 0).await?;
+    let recovery_datastores = datastores(lab, &b, 1).await?;
+    ResourcePoolServiceClient::new(b)
         .create_resource_pool(v1::ResourcePool {
             id: "pool".into(),
             name: "pool".into(),
@@ -107,6 +114,28 @@ pub async fn protect(lab: &Lab, o: &ProtectOptions) -> Result<Protection> {
             storage_bytes: 1 << 40,
         })
         .await?;
+    Ok(Sites {
+        recovery_site_id,
+        protected_datastores,
+        recovery_datastores,
+    })
+}
+
+/// Pairs sites 0 and 1, creates their inventory and the VPG at site 0 (`CreateVpg` and
+/// nothing else drives the VRAs); its VMs are `vm-0`, `vm-1`, ...
+pub async fn protect(lab: &Lab, o: &ProtectOptions) -> Result<Protection> {
+    let sites = prepare(lab).await?;
+    protect_vpg(lab, &sites, o, "vm").await
+}
+
+/// Creates `o.vms` VMs named `<vm_prefix>-<i>` on site 0's hosts and the VPG of them.
+pub async fn protect_vpg(
+    lab: &Lab,
+    sites: &Sites,
+    o: &ProtectOptions,
+    vm_prefix: &str,
+) -> Result<Protection> {
+    let a = channel(&lab.sites[0][0].api).await?;
     let hosts = lab.vras[0].len().min(lab.vras[1].len());
     if hosts == 0 {
         bail!("the lab has no VRAs at one of its sites");
@@ -115,7 +144,7 @@ pub async fn protect(lab: &Lab, o: &ProtectOptions) -> Result<Protection> {
     let mut vms = Vec::new();
     for i in 0..o.vms {
         let h = i % hosts;
-        let id = format!("vm-{i}");
+        let id = format!("{vm_prefix}-{i}");
         VmServiceClient::new(a.clone())
             .create_vm(v1::Vm {
                 id: id.clone(),
@@ -130,7 +159,7 @@ pub async fn protect(lab: &Lab, o: &ProtectOptions) -> Result<Protection> {
                     controller: 0,
                     unit: 0,
                     size_bytes: o.volume_bytes,
-                    datastore_id: prot_ds[h].clone(),
+                    datastore_id: sites.protected_datastores[h].clone(),
                 }],
                 vpg_id: String::new(),
             })
@@ -139,7 +168,7 @@ pub async fn protect(lab: &Lab, o: &ProtectOptions) -> Result<Protection> {
         placements.push(v1::VmPlacement {
             vm_id: id.clone(),
             recovery_host_id: lab.vras[1][h].host.clone(),
-            recovery_datastore_id: rec_ds[h].clone(),
+            recovery_datastore_id: sites.recovery_datastores[h].clone(),
             recovery_pool_id: "pool".into(),
         });
         vms.push((id, h));
@@ -149,7 +178,7 @@ pub async fn protect(lab: &Lab, o: &ProtectOptions) -> Result<Protection> {
             id: o.vpg.clone(),
             spec: Some(v1::VpgSpec {
                 name: o.vpg.clone(),
-                recovery_site_id: recovery_site_id.clone(),
+                recovery_site_id: sites.recovery_site_id.clone(),
                 settings: Some(o.settings),
                 vms: placements,
             }),
@@ -157,10 +186,41 @@ pub async fn protect(lab: &Lab, o: &ProtectOptions) -> Result<Protection> {
         .await?
         .into_inner();
     Ok(Protection {
-        recovery_site_id,
+        recovery_site_id: sites.recovery_site_id.clone(),
         created,
         vms,
     })
+}
+
+/// Polls VPG `id` as an operator watches it, `tandem -e APIS vpg get ID -o json` (the CLI's
+/// JSON parsed back into the message), until `done` holds, recording every (status,
+/// substatus) seen; fails after `within` with what it saw.
+pub async fn wait_vpg_cli(
+    apis: &[String],
+    id: &str,
+    within: Duration,
+    seen: &mut Vec<(String, String)>,
+    done: impl Fn(&v1::Vpg) -> bool,
+) -> Result<v1::Vpg> {
+    let endpoints = apis.join(",");
+    poll_vpg(id, within, seen, done, || async {
+        let out = tokio::process::Command::new(crate::lab::binary("tandem"))
+            .args(["-e", &endpoints, "vpg", "get", id, "-o", "json"])
+            .output()
+            .await
+            .context("running tandem vpg get")?;
+        if !out.status.success() {
+            return Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        let g = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "tandem vpg get -o json printed what does not parse: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+        Ok(Ok(g))
+    })
+    .await
 }
 
 /// Polls VPG `id` at any of `apis` until `done` holds, recording every (status,
@@ -172,16 +232,42 @@ pub async fn wait_vpg(
     seen: &mut Vec<(String, String)>,
     done: impl Fn(&v1::Vpg) -> bool,
 ) -> Result<v1::Vpg> {
-    let start = Instant::now();
-    let mut last = None;
-    while start.elapsed() < within {
+    poll_vpg(id, within, seen, done, || async {
+        let mut failed = String::from("no manager reachable");
         for api in apis {
             let Ok(ch) = channel(api).await else { continue };
-            if let Ok(g) = VpgServiceClient::new(ch)
+            match VpgServiceClient::new(ch)
                 .get_vpg(v1::GetRequest { id: id.into() })
                 .await
             {
-                let g = g.into_inner();
+                Ok(g) => return Ok(Ok(g.into_inner())),
+                Err(s) => failed = s.message().to_string(),
+            }
+        }
+        Ok(Err(failed))
+    })
+    .await
+}
+
+/// Fetches the VPG every 200 ms until `done` holds (`fetch` answers the VPG, or why it
+/// could not be read this time, or an error that ends the wait).
+async fn poll_vpg<F, Fut>(
+    id: &str,
+    within: Duration,
+    seen: &mut Vec<(String, String)>,
+    done: impl Fn(&v1::Vpg) -> bool,
+    mut fetch: F,
+) -> Result<v1::Vpg>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<std::result::Result<v1::Vpg, String>>>,
+{
+    let start = Instant::now();
+    let mut last = None;
+    let mut failed = String::new();
+    while start.elapsed() < within {
+        match fetch().await? {
+            Ok(g) => {
                 let s = g.status.clone().unwrap_or_default();
                 let shown = (s.status, s.substatus);
                 if seen.last() != Some(&shown) {
@@ -191,10 +277,13 @@ pub async fn wait_vpg(
                     return Ok(g);
                 }
                 last = Some(g);
-                break;
             }
+            Err(e) => failed = e,
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    bail!("VPG {id} not there within {within:?}; seen {seen:?}; last {last:#?}")
+    bail!(
+        "VPG {id} not there within {within:?}; seen {seen:?}; last error {failed:?}; last \
+         {last:#?}"
+    )
 }

@@ -41,6 +41,15 @@
 //! acknowledged at or before `acked_before`, no write issued after `issued_after`, and, of
 //! the writes in between, a set closed under happened-before.
 //!
+//! # Windows from timestamps
+//!
+//! A checkpoint the managers take is known by its timestamp alone, stamped while every VRA
+//! of the VPG is frozen. The log indexes itself by wall-clock milliseconds (every process
+//! of a lab reads the same clock), so [`Workload::window_at`] turns a timestamp into a
+//! window: `acked_before` covers the events logged before its millisecond began,
+//! `issued_after` those logged before the next one began. A write acknowledged earlier was
+//! acknowledged before the freeze; a write issued later was sent after it.
+//!
 //! # The check
 //!
 //! [`check_image`] reads every block of every volume. A block must be zero (never
@@ -529,6 +538,50 @@ struct Log {
     clock: u64,
     writes: Vec<Vec<WriteRecord>>,
     failures: Vec<WriterFailure>,
+    /// Wall-clock index of the log: `(ms, clock)` for the first event logged in each
+    /// millisecond `ms` (since the Unix epoch), with `clock` the position before it; so
+    /// every event at or before `clock` was logged before `ms` began.
+    ticks: Vec<(u64, u64)>,
+}
+
+impl Log {
+    /// Advances the clock for one event, indexing it by wall-clock time.
+    fn next_event(&mut self) -> u64 {
+        let now = unix_ms();
+        if self.ticks.last().is_none_or(|&(ms, _)| now > ms) {
+            self.ticks.push((now, self.clock));
+        }
+        self.clock += 1;
+        self.clock
+    }
+
+    /// The window of a cut taken by someone else at wall-clock time `at_ms`, a moment
+    /// known to lie in `[at_ms, at_ms + 1)` ms (a checkpoint's timestamp, stamped while
+    /// every VRA of its VPG was frozen): every write acknowledged before `at_ms` began
+    /// must be in it, none issued after `at_ms + 1`. `None` until the log has passed that
+    /// moment.
+    fn window_at(&self, at_ms: u64) -> Option<CutWindow> {
+        // The first events logged at or after `at_ms` / after `at_ms + 1` began.
+        let at = self.ticks.partition_point(|&(ms, _)| ms < at_ms);
+        let after = self.ticks.partition_point(|&(ms, _)| ms <= at_ms);
+        let acked_before = self
+            .ticks
+            .get(at)
+            .map_or(Mark(self.clock), |&(_, clock)| Mark(clock));
+        let issued_after = match self.ticks.get(after) {
+            Some(&(ms, clock)) if ms > at_ms => Mark(clock),
+            // Nothing logged since: the current position, once the moment is past.
+            _ if unix_ms() > at_ms + 1 => Mark(self.clock),
+            _ => return None,
+        };
+        Some(CutWindow::new(acked_before, issued_after))
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug)]
@@ -547,12 +600,12 @@ impl Shared {
     fn issue(&self, writer: WriterId, volume: u32, block: u64) -> u64 {
         let mut guard = self.log();
         let log = &mut *guard;
-        log.clock += 1;
+        let issued_at = Mark(log.next_event());
         let writes = &mut log.writes[writer.index()];
         writes.push(WriteRecord {
             volume,
             block,
-            issued_at: Mark(log.clock),
+            issued_at,
             acked_at: None,
         });
         writes.len() as u64
@@ -562,8 +615,8 @@ impl Shared {
         {
             let mut guard = self.log();
             let log = &mut *guard;
-            log.clock += 1;
-            log.writes[id.writer.index()][(id.seq - 1) as usize].acked_at = Some(Mark(log.clock));
+            let acked_at = Mark(log.next_event());
+            log.writes[id.writer.index()][(id.seq - 1) as usize].acked_at = Some(acked_at);
         }
         self.progress.send_modify(|progress| progress.acked += 1);
     }
@@ -772,6 +825,7 @@ impl Workload {
                 clock: 0,
                 writes: vec![Vec::new(); writers.len()],
                 failures: Vec::new(),
+                ticks: Vec::new(),
             }),
             progress,
         });
@@ -802,6 +856,12 @@ impl Workload {
     /// The current position in the event log.
     pub fn mark(&self) -> Mark {
         Mark(self.shared.log().clock)
+    }
+
+    /// The window of a checkpoint someone else took, known by its timestamp (see "Windows
+    /// from timestamps" in the module docs); `None` while that moment is not past.
+    pub fn window_at(&self, at_ms: u64) -> Option<CutWindow> {
+        self.shared.log().window_at(at_ms)
     }
 
     /// Writes acknowledged so far.
@@ -1744,6 +1804,41 @@ pub async fn check_final(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timestamp_gets_the_window_of_the_events_around_its_millisecond() {
+        // Events 1..=5 logged in ms 100, 6..=9 in ms 102, 10..=12 in ms 103.
+        let log = Log {
+            clock: 12,
+            ticks: vec![(100, 0), (102, 5), (103, 9)],
+            ..Log::default()
+        };
+        // Nothing logged in ms 101: both bounds fall between events 5 and 6.
+        assert_eq!(log.window_at(101), Some(CutWindow::new(Mark(5), Mark(5))));
+        // In ms 102, events 6..=9 may fall either side of the moment.
+        assert_eq!(log.window_at(102), Some(CutWindow::new(Mark(5), Mark(9))));
+        assert_eq!(log.window_at(99), Some(CutWindow::new(Mark(0), Mark(0))));
+        // The last millisecond logged: everything since is inside, once the moment passed.
+        assert_eq!(log.window_at(103), Some(CutWindow::new(Mark(9), Mark(12))));
+        // A moment not yet reached has no window.
+        assert_eq!(log.window_at(u64::MAX - 2), None);
+    }
+
+    #[test]
+    fn the_log_indexes_each_millisecond_once() {
+        let mut log = Log::default();
+        for _ in 0..1000 {
+            log.next_event();
+        }
+        assert_eq!(log.clock, 1000);
+        assert!(!log.ticks.is_empty());
+        assert!(
+            log.ticks
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1)
+        );
+        assert_eq!(log.ticks[0], (log.ticks[0].0, 0));
+    }
 
     #[test]
     fn workload_blocks_round_trip_and_reject_damage() {
