@@ -238,7 +238,11 @@ async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Resul
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    // kill -9 of site a's leader: checkpoints resume under the new leader within 5 s.
+    // kill -9 of site a's leader: checkpoints resume under the new leader within 5 s, and
+    // no event or task is lost.
+    let events_before = events(&a, "").await?;
+    let tasks_before = tasks(&a).await?;
+    assert!(!events_before.is_empty() && !tasks_before.is_empty());
     let before_kill = checkpoints(&b, "vpg-web").await?;
     let newest_before = before_kill.iter().map(|c| c.id).max().unwrap_or(0);
     let leader_idx = lab.sites[0]
@@ -278,8 +282,34 @@ async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Resul
     )
     .await?;
     assert_eq!(g.generation, created.generation);
+    let survivor = protect::channel(&survivors[0]).await?;
+    let events_after = events(&survivor, "").await?;
+    for e in &events_before {
+        assert!(
+            events_after.contains(e),
+            "event {e:?} lost with the leader: {events_after:?}"
+        );
+    }
+    let tasks_after = tasks(&survivor).await?;
+    for t in &tasks_before {
+        assert!(
+            tasks_after.iter().any(|x| x.id == t.id && x.kind == t.kind),
+            "task {t:?} lost with the leader: {tasks_after:?}"
+        );
+    }
     lab.down().await;
     Ok(())
+}
+
+async fn tasks(ch: &Channel) -> Result<Vec<v1::Task>> {
+    Ok(TaskServiceClient::new(ch.clone())
+        .list_tasks(v1::ListTasksQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .tasks)
 }
 
 /// The verifying workload on the 4 protected VMs' volumes, over NBD.

@@ -116,10 +116,20 @@ async fn wait_all(
     }
 }
 
-fn vpg_ids_request(ids: &[String]) -> v1::VpgIdsRequest {
-    v1::VpgIdsRequest {
-        vpg_ids: ids.to_vec(),
+/// Pauses or resumes every VPG of `ids`, in calls of at most the API's 64.
+async fn pause_all(ch: &Channel, ids: &[String], pause: bool) -> Result<()> {
+    for chunk in ids.chunks(64) {
+        let req = v1::VpgIdsRequest {
+            vpg_ids: chunk.to_vec(),
+        };
+        let mut c = VpgServiceClient::new(ch.clone());
+        if pause {
+            c.pause_vpgs(req).await?;
+        } else {
+            c.resume_vpgs(req).await?;
+        }
     }
+    Ok(())
 }
 
 /// Protects `count` more VPGs (numbered from `first`), then measures.
@@ -191,17 +201,13 @@ async fn measure(
         }
     }
 
-    // Pause every VPG in one call, then resume them.
-    VpgServiceClient::new(a.clone())
-        .pause_vpgs(vpg_ids_request(all))
-        .await?;
+    // Pause every VPG, then resume them.
+    pause_all(&a, all, true).await?;
     let pause_lag = wait_all(&a, all, Duration::from_secs(60), "paused", |s| {
         s.substatus == "User paused protection"
     })
     .await?;
-    VpgServiceClient::new(a.clone())
-        .resume_vpgs(vpg_ids_request(all))
-        .await?;
+    pause_all(&a, all, false).await?;
     let resume_lag = wait_all(&a, all, Duration::from_secs(60), "resumed", |s| {
         s.substatus != "User paused protection"
     })
