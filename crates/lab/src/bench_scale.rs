@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 use crate::lab::{Lab, binary};
 use crate::link::CutMode;
 use crate::protect::{self, ProtectOptions, Sites};
-use crate::units::fmt_bytes;
+use crate::units::{fmt_bytes, percentile};
 
 /// What `bench-scale` runs.
 #[derive(Debug, Clone)]
@@ -35,21 +35,13 @@ struct Figures {
     protected_after: Duration,
     cpu_percent: f64,
     rss_bytes: u64,
+    /// Sorted, ascending.
     list_ms: Vec<f64>,
     cli_ms: Vec<f64>,
     pause_lag: Duration,
     resume_lag: Duration,
     cut_lag: Duration,
     heal_lag: Duration,
-}
-
-fn quantile(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((s.len() as f64 * q) as usize).min(s.len() - 1)]
 }
 
 /// CPU seconds (user + system) and resident bytes of a process, from /proc.
@@ -201,6 +193,9 @@ async fn measure(
         }
     }
 
+    list_ms.sort_by(f64::total_cmp);
+    cli_ms.sort_by(f64::total_cmp);
+
     // Pause every VPG, then resume them.
     pause_all(&a, all, true).await?;
     let pause_lag = wait_all(&a, all, Duration::from_secs(60), "paused", |s| {
@@ -248,10 +243,10 @@ fn print(f: &Figures) {
         f.protected_after.as_secs_f64(),
         f.cpu_percent,
         fmt_bytes(f.rss_bytes),
-        quantile(&f.list_ms, 0.5),
-        quantile(&f.list_ms, 0.99),
-        quantile(&f.cli_ms, 0.5),
-        quantile(&f.cli_ms, 1.0),
+        percentile(&f.list_ms, 0.5),
+        percentile(&f.list_ms, 0.99),
+        percentile(&f.cli_ms, 0.5),
+        percentile(&f.cli_ms, 1.0),
         f.pause_lag.as_secs_f64(),
         f.resume_lag.as_secs_f64(),
         f.cut_lag.as_secs_f64(),
@@ -286,7 +281,7 @@ pub async fn run(o: ScaleOptions) -> Result<()> {
         let _ = std::fs::remove_dir_all(&o.dir);
     }
     let lag = many.pause_lag.max(many.cut_lag);
-    let list_p99 = quantile(&many.list_ms, 0.99).max(quantile(&many.cli_ms, 1.0));
+    let list_p99 = percentile(&many.list_ms, 0.99).max(percentile(&many.cli_ms, 1.0));
     let met = lag <= Duration::from_secs(2) && list_p99 < 200.0;
     println!(
         "\n| benchmark | tandem ({} VPGs) | yardstick (1 VPG, same run) | ratio | floor | met |",
@@ -302,14 +297,14 @@ pub async fn run(o: ScaleOptions) -> Result<()> {
         o.vms_per_vpg,
         many.cpu_percent,
         fmt_bytes(many.rss_bytes),
-        quantile(&many.list_ms, 0.99),
-        quantile(&many.cli_ms, 1.0),
+        percentile(&many.list_ms, 0.99),
+        percentile(&many.cli_ms, 1.0),
         many.pause_lag.as_secs_f64(),
         many.cut_lag.as_secs_f64(),
         one.cpu_percent,
         fmt_bytes(one.rss_bytes),
-        quantile(&one.list_ms, 0.99),
-        quantile(&one.cli_ms, 1.0),
+        percentile(&one.list_ms, 0.99),
+        percentile(&one.cli_ms, 1.0),
         one.pause_lag.as_secs_f64(),
         one.cut_lag.as_secs_f64(),
         many.cpu_percent / one.cpu_percent.max(0.01),

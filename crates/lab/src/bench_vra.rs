@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::link::LinkEmulator;
+use crate::units::percentile;
 use crate::workload::SplitMix64;
 
 const MIB: u64 = 1 << 20;
@@ -1012,15 +1013,6 @@ impl Lag {
             self.max_dirty / MIB
         )
     }
-}
-
-/// Nearest-rank percentile of sorted values (0 when empty).
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 // ------------------------------------------------------------------ 1. write path

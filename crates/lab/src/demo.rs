@@ -37,7 +37,7 @@ use tonic::transport::Channel;
 
 use crate::lab::{Lab, wait_leader};
 use crate::link::CutMode;
-use crate::units::fmt_bytes;
+use crate::units::{fmt_bytes, percentile};
 use crate::workload::{
     History, ImageReader, Spread, VolumeTarget, Workload, WorkloadConfig, check_final, check_image,
     seed_from_env,
@@ -1591,14 +1591,6 @@ async fn finish(report: &mut Report, run: &mut Run) -> Result<String> {
 // The RPO benchmark: the demo's VPG and workload, the actual RPO the managers show.
 // ---------------------------------------------------------------------------------------
 
-/// The `q` quantile of sorted `v`.
-fn quantile(v: &[u64], q: f64) -> u64 {
-    if v.is_empty() {
-        return 0;
-    }
-    v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
-}
-
 /// `tandem-lab bench-rpo`: the demo's lab, VPG and verifying workload, protected by the
 /// managers at the VPG's checkpoint interval for `duration`; the actual RPO site-a shows
 /// (now minus its newest checkpoint durable in every journal), sampled every 200 ms, with
@@ -1688,8 +1680,8 @@ pub async fn bench_rpo(
     }
     let interval_ms = opts.checkpoint_interval_secs.max(1) * 1000;
     let (p50, p99, max) = (
-        quantile(&w.rpo_ms, 0.5),
-        quantile(&w.rpo_ms, 0.99),
+        percentile(&w.rpo_ms, 0.5),
+        percentile(&w.rpo_ms, 0.99),
         w.rpo_ms.last().copied().unwrap_or(0),
     );
     let due = duration.as_millis() as u64 / interval_ms;
@@ -1702,8 +1694,8 @@ pub async fn bench_rpo(
         w.rpo_ms.len(),
         p50 as f64 / interval_ms as f64,
         p99 as f64 / interval_ms as f64,
-        quantile(&stale, 0.5),
-        quantile(&stale, 0.99),
+        percentile(&stale, 0.5),
+        percentile(&stale, 0.99),
         w.shown.join(" -> ")
     );
     println!("\n| benchmark | tandem | yardstick | ratio | floor | met |");

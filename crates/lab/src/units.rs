@@ -16,9 +16,28 @@ pub fn fmt_bytes(n: u64) -> String {
     }
 }
 
+/// The `q` quantile (0 to 1, nearest rank) of `sorted`, ascending; the default when empty.
+pub fn percentile<T: Copy + Default>(sorted: &[T], q: f64) -> T {
+    if sorted.is_empty() {
+        return T::default();
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
 #[cfg(test)]
 mod tests {
-    use super::fmt_bytes;
+    use super::{fmt_bytes, percentile};
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), 50);
+        assert_eq!(percentile(&v, 0.99), 99);
+        assert_eq!(percentile(&v, 1.0), 100);
+        assert_eq!(percentile(&v, 0.0), 1);
+        assert_eq!(percentile::<f64>(&[], 0.5), 0.0);
+    }
 
     #[test]
     fn bytes_pick_the_largest_unit_below_1024() {

@@ -130,7 +130,7 @@ pub struct ProtectedShared {
     /// continues wherever the receiver is.
     pub restart_stream: AtomicBool,
     /// How far the recovery VRA has made the stream durable, for those who wait on it.
-    pub durable: watch::Sender<u64>,
+    durable: watch::Sender<u64>,
     frozen: watch::Receiver<bool>,
     cancel: CancellationToken,
 }
@@ -258,6 +258,13 @@ impl ProtectedShared {
     }
 
     /// A snapshot of the window's positions: (written, sent, acked, bytes, entries, anchored).
+    /// Tells `WaitDurable`'s waiters where the window's acknowledged (durable) position
+    /// is now; call after every window change that moves it.
+    pub fn publish_durable(&self, acked: u64) {
+        self.durable
+            .send_if_modified(|d| std::mem::replace(d, acked) != acked);
+    }
+
     pub fn positions(&self) -> (Seq, Seq, Seq, u64, usize, bool) {
         let w = self.window();
         (

@@ -140,12 +140,13 @@ async fn session(
         () = cancel.cancelled() => return Ok(()),
         m = acks.message() => m?.ok_or_else(|| SessionError::Protocol("closed before the first ack".into()))?,
     };
-    let resume = shared
-        .window
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .on_connected(Seq(first.durable_seq), Seq(first.held_seq));
+    let (resume, acked) = {
+        let mut w = shared.window.lock().unwrap_or_else(PoisonError::into_inner);
+        let resume = w.on_connected(Seq(first.durable_seq), Seq(first.held_seq));
+        (resume, w.acked_seq().0)
+    };
     shared.release(resume.freed);
+    shared.publish_durable(acked);
     if resume.lost {
         shared.needs_sync.store(true, Ordering::Relaxed);
         warn!(vpg = %a.vpg, receiver_durable = first.durable_seq, "stream cannot resume without loss; the vpg needs a sync");
@@ -200,13 +201,7 @@ async fn session(
                     (freed, w.acked_seq().0)
                 };
                 shared.release(freed);
-                shared.durable.send_if_modified(|d| {
-                    let newer = acked > *d;
-                    if newer {
-                        *d = acked;
-                    }
-                    newer
-                });
+                shared.publish_durable(acked);
             }
             permit = tx.reserve(), if has_unsent => {
                 let permit = permit.map_err(|_| SessionError::Protocol("request stream closed".into()))?;

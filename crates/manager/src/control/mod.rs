@@ -124,16 +124,16 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    every::<_, _, ()>(TICK, cancel, None, step).await;
+    every(TICK, cancel, None, step).await;
 }
 
 /// Calls `step` once per `period` until `cancel`, and also soon after each change
 /// `changes` signals (at most one extra step per [`CHANGE_DEBOUNCE`]); a slow step delays
 /// the next one.
-pub async fn every<F, Fut, T>(
+pub async fn every<F, Fut>(
     period: Duration,
     cancel: &CancellationToken,
-    mut changes: Option<tokio::sync::watch::Receiver<T>>,
+    mut changes: Option<tokio::sync::watch::Receiver<u64>>,
     mut step: F,
 ) where
     F: FnMut() -> Fut,

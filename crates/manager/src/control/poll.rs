@@ -1,5 +1,5 @@
-//! The leader's poller: every [`POLL_EVERY`], the status of every VRA of this site and the report of
-//! every peer site that shares a VPG, read in parallel into [`super::Live`].
+//! The leader's poller: every [`POLL_EVERY`], the status of every VRA of this site and the
+//! report of every peer site that shares a VPG, read in parallel into [`super::Live`].
 
 use tandem_core::ids::{HostId, SiteId, VpgId};
 use tandem_core::pairing::PeerSite;
@@ -13,7 +13,7 @@ use crate::site::SiteManager;
 
 /// Polls until `cancel`.
 pub async fn run(site: SiteManager, cancel: CancellationToken) {
-    every::<_, _, ()>(POLL_EVERY, &cancel, None, || poll_once(&site)).await;
+    every(POLL_EVERY, &cancel, None, || poll_once(&site)).await;
 }
 
 /// One round: every VRA and every peer, at once.
