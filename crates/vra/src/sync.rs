@@ -420,8 +420,16 @@ async fn map_sync(
         } else {
             None
         };
-        s.running = Some(Progress::new(kind, trigger, total));
-        info!(vpg = %shared.assignment.vpg, ?kind, bytes = total, "sync started");
+        match s.running.as_mut() {
+            // This pass's delta sync ran first: what is left in the map is part of it, and
+            // keeps its kind and trigger (a Force Sync is not re-labelled a bitmap sync of
+            // an older trigger).
+            Some(p) => p.total += total,
+            None => {
+                s.running = Some(Progress::new(kind, trigger, total));
+                info!(vpg = %shared.assignment.vpg, ?kind, bytes = total, "sync started");
+            }
+        }
     }
     loop {
         check_going(shared, cancel)?;
