@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tandem_lab::fault::{Tmpfs, fill_leaving};
 use tandem_lab::lab::{Lab, wait_leader};
-use tandem_lab::link::CutMode;
+use tandem_lab::link::{CutMode, Direction};
 use tandem_lab::protect::{self, ProtectOptions, wait_vpg_cli};
 use tandem_lab::workload::{VolumeTarget, Workload, WorkloadConfig};
 use tandem_proto::v1;
@@ -1065,6 +1065,32 @@ async fn a_delete_keeping_recovery_disks_names_them_and_a_stuck_delete_is_retrie
         apis_b,
         ..
     } = protect(dir.path()).await?;
+    // No unpairing while a VPG replicates between the sites, at either site.
+    let site_id = |ch: &Channel| {
+        let ch = ch.clone();
+        async move {
+            anyhow::Ok(
+                SiteServiceClient::new(ch)
+                    .get_site(v1::GetSiteRequest {})
+                    .await?
+                    .into_inner()
+                    .id,
+            )
+        }
+    };
+    let (id_a, id_b) = (site_id(&a).await?, site_id(&b).await?);
+    for (ch, peer) in [(&a, &id_b), (&b, &id_a)] {
+        let e = SiteServiceClient::new(ch.clone())
+            .unpair_site(v1::UnpairSiteRequest {
+                site_id: peer.clone(),
+                force: false,
+            })
+            .await
+            .expect_err("unpaired while a VPG replicates");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("still replicates"), "{e:?}");
+    }
+
     // One recovery VRA is down: the recovery site cannot finish its side of the delete.
     lab.vras[1][0].kill9().await?;
     VpgServiceClient::new(a.clone())
@@ -1132,6 +1158,179 @@ async fn a_delete_keeping_recovery_disks_names_them_and_a_stuck_delete_is_retrie
             .into_inner();
         assert!(st.vpgs.is_empty(), "{} still holds {:?}", vra.host, st.vpgs);
     }
+
+    // With no VPG left, unpairing at the recovery site removes the pair on both sites.
+    SiteServiceClient::new(b.clone())
+        .unpair_site(v1::UnpairSiteRequest {
+            site_id: id_a.clone(),
+            force: false,
+        })
+        .await?;
+    for (site, ch) in [("a", &a), ("b", &b)] {
+        let peers = SiteServiceClient::new(ch.clone())
+            .list_peers(v1::ListPeersRequest {})
+            .await?
+            .into_inner()
+            .peers;
+        assert!(peers.is_empty(), "site {site} still pairs with {peers:?}");
+        let unpaired = MonitoringServiceClient::new(ch.clone())
+            .list_events(v1::ListEventsQuery {
+                code: "EV0051".into(),
+                limit: 10,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .events;
+        assert_eq!(unpaired.len(), 1, "site {site}: {unpaired:?}");
+    }
+    lab.down().await;
+    Ok(())
+}
+
+/// Replaces `vpg-web`'s target RPO, read at `generation`; answers the new generation.
+async fn set_target_rpo(a: &Channel, generation: u64, secs: u64) -> Result<u64> {
+    let g = get(a, "vpg-web").await?;
+    let mut settings = g.settings.context("no settings")?;
+    settings.target_rpo_secs = secs;
+    Ok(VpgServiceClient::new(a.clone())
+        .update_vpg(v1::UpdateVpgRequest {
+            id: "vpg-web".into(),
+            generation,
+            spec: Some(v1::VpgSpec {
+                name: g.name.clone(),
+                recovery_site_id: g.recovery_site_id.clone(),
+                settings: Some(settings),
+                vms: g.vms.iter().filter_map(|v| v.placement.clone()).collect(),
+            }),
+            keep_removed_recovery_disks: false,
+        })
+        .await?
+        .into_inner()
+        .generation)
+}
+
+/// An edit whose answer from the recovery site is lost (the recovery site committed it,
+/// the protected site did not) is reconciled: both sites end at one generation, above
+/// either, holding the protected site's definition, and later edits go through. While the
+/// edit is being stored, other operations on the VPG are refused with FAILED_PRECONDITION
+/// and the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_the_protected_site_lost_is_reconciled_and_blocks_operations_while_stored()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Protected { mut lab, a, b, .. } = protect(dir.path()).await?;
+    let g0 = get(&a, "vpg-web").await?.generation;
+    assert_eq!(get(&b, "vpg-web").await?.generation, g0);
+    let link = lab.links.get(&lab.link_name(0, 1)).await?;
+    // Site b's answers are held back longer than the edit waits for them (10 s).
+    link.delay(Some(Direction::BToA), Duration::from_secs(15))
+        .await?;
+    let edit = tokio::spawn({
+        let a = a.clone();
+        async move { set_target_rpo(&a, g0, 90).await }
+    });
+    // The edit is under way once its task runs: pause, force sync, a named checkpoint and
+    // another edit are refused until it ends.
+    let start = Instant::now();
+    while !tasks(&a)
+        .await?
+        .iter()
+        .any(|t| t.kind == "Edit VPG" && t.state == "running")
+    {
+        assert!(start.elapsed() < Duration::from_secs(5), "no edit task");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = |r: Result<(), tonic::Status>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{what}: {e:?}");
+        assert!(
+            e.message().contains("is being updated")
+                && e.message().contains("being stored on both sites"),
+            "{what}: {e:?}"
+        );
+    };
+    refused(
+        vpgs(&a).pause_vpgs(ids()).await.map(|_| ()),
+        "pause during an edit",
+    );
+    refused(
+        vpgs(&a).force_sync_vpgs(ids()).await.map(|_| ()),
+        "force sync during an edit",
+    );
+    refused(
+        vpgs(&a)
+            .add_checkpoint(v1::AddCheckpointRequest {
+                vpg_ids: vec!["vpg-web".into()],
+                name: "during-edit".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "named checkpoint during an edit",
+    );
+    refused(
+        set_target_rpo(&a, g0, 120).await.map(|_| ()).map_err(|e| {
+            match e.downcast::<tonic::Status>() {
+                Ok(s) => s,
+                Err(e) => tonic::Status::unknown(e.to_string()),
+            }
+        }),
+        "a second edit",
+    );
+    let lost = edit.await?;
+    assert!(lost.is_err(), "the edit's answer was held back: {lost:?}");
+    assert_eq!(
+        get(&a, "vpg-web").await?.generation,
+        g0,
+        "site a did not commit the edit"
+    );
+
+    // The answers flow again: site b holds generation g0 + 1, site a g0; the protected
+    // site's controller brings both to one generation with its own definition.
+    link.delay(None, Duration::ZERO).await?;
+    let start = Instant::now();
+    let (ga, gb) = loop {
+        let (ga, gb) = (get(&a, "vpg-web").await?, get(&b, "vpg-web").await?);
+        if ga.generation == gb.generation && ga.generation > g0 + 1 {
+            break (ga, gb);
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "not reconciled: generation {} at a, {} at b",
+                ga.generation,
+                gb.generation
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for g in [&ga, &gb] {
+        assert_eq!(g.settings.as_ref().map(|s| s.target_rpo_secs), Some(60));
+    }
+    let reconciled = events(&a, "EV0006").await?;
+    assert_eq!(reconciled.len(), 1, "{reconciled:?}");
+    assert!(
+        reconciled[0]
+            .description
+            .contains(&format!("was {g0} here, {} there", g0 + 1)),
+        "{reconciled:?}"
+    );
+    // Edits go through again, on both sites.
+    let g = set_target_rpo(&a, ga.generation, 90).await?;
+    assert_eq!(g, ga.generation + 1);
+    let gb = get(&b, "vpg-web").await?;
+    assert_eq!(gb.generation, g);
+    assert_eq!(gb.settings.map(|s| s.target_rpo_secs), Some(90));
+    // And protection is level again.
+    let mut seen = Vec::new();
+    wait_vpg_cli(
+        &lab.endpoints(0),
+        "vpg-web",
+        Duration::from_secs(30),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
     lab.down().await;
     Ok(())
 }

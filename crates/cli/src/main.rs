@@ -149,9 +149,13 @@ enum PairCmd {
         advertise: Vec<String>,
     },
     List,
-    /// Removes the pairing with a site.
+    /// Removes the pairing with a site, on both sites (refused while a VPG replicates
+    /// between them).
     Delete {
         site_id: String,
+        /// Unpair this site alone when the peer cannot be reached.
+        #[arg(long)]
+        force: bool,
     },
     /// Limits what this site's VRAs send to a peer site (0: no limit); its VPGs share it
     /// by priority.
@@ -562,8 +566,9 @@ async fn pair(ch: Channel, fmt: Format, c: PairCmd) -> Result<()> {
             let r = cl.list_peers(v1::ListPeersRequest {}).await?.into_inner();
             peers_table(fmt, &r, &r.peers);
         }
-        PairCmd::Delete { site_id } => {
-            cl.unpair_site(v1::UnpairSiteRequest { site_id }).await?;
+        PairCmd::Delete { site_id, force } => {
+            cl.unpair_site(v1::UnpairSiteRequest { site_id, force })
+                .await?;
         }
         PairCmd::Limit {
             site_id,

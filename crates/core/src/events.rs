@@ -27,10 +27,13 @@ pub enum EventCode {
     /// names their locations.
     RecoveryDisksKept,
     PeerBandwidthLimitSet,
+    /// The two sites' copies of a definition differed and were brought in line.
+    DefinitionReconciled,
+    SiteUnpaired,
 }
 
 impl EventCode {
-    pub const ALL: [EventCode; 12] = [
+    pub const ALL: [EventCode; 14] = [
         Self::VpgCreated,
         Self::VpgEdited,
         Self::VpgDeleteStarted,
@@ -43,6 +46,8 @@ impl EventCode {
         Self::StatusChanged,
         Self::RecoveryDisksKept,
         Self::PeerBandwidthLimitSet,
+        Self::DefinitionReconciled,
+        Self::SiteUnpaired,
     ];
 
     pub fn code(self) -> &'static str {
@@ -59,6 +64,8 @@ impl EventCode {
             Self::StatusChanged => "EV0030",
             Self::RecoveryDisksKept => "EV0040",
             Self::PeerBandwidthLimitSet => "EV0050",
+            Self::DefinitionReconciled => "EV0006",
+            Self::SiteUnpaired => "EV0051",
         }
     }
 

@@ -36,6 +36,17 @@ pub struct SiteState {
     pub events: crate::events::EventLog,
     #[serde(default)]
     pub tasks: crate::tasks::TaskLog,
+    /// VPGs whose definition is being updated (an edit storing on both sites, or the two
+    /// sites' copies being reconciled): no other operation on them until it ends.
+    #[serde(default)]
+    pub updating: BTreeMap<VpgId, DefinitionUpdate>,
+}
+
+/// An update of a VPG's definition that is under way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefinitionUpdate {
+    pub reason: String,
+    pub since_ms: u64,
 }
 
 /// A change to the site state, proposed through Raft.
@@ -100,6 +111,20 @@ pub enum Command {
     PutVpg {
         vpg: Vpg,
         expected_generation: Option<u64>,
+        /// Reconciliation of the two sites' copies: the stored generation is at least this
+        /// (both sites then agree on it).
+        #[serde(default)]
+        generation_floor: Option<u64>,
+    },
+    /// Marks a VPG's definition as being updated; refused while another update runs.
+    BeginVpgUpdate {
+        id: VpgId,
+        reason: String,
+        now_ms: u64,
+    },
+    /// Ends an update that did not put a new definition (a put ends it by itself).
+    EndVpgUpdate {
+        id: VpgId,
     },
     DeleteVpg {
         id: VpgId,
@@ -143,6 +168,13 @@ pub enum Command {
         id: VpgId,
         paused: bool,
     },
+}
+
+fn being_updated(id: &VpgId, u: &DefinitionUpdate) -> DomainError {
+    DomainError::precondition(format!(
+        "the definition of VPG {id} is being updated ({}); retry when that ends",
+        u.reason
+    ))
 }
 
 /// What a successful command returns.
@@ -216,19 +248,7 @@ impl SiteState {
                 Ok(Applied::Done)
             }
             Command::RemovePeer { id } => {
-                if !self.peers.contains_key(&id) {
-                    return Err(DomainError::not_found(SiteId::KIND, &id));
-                }
-                if let Some(vpg) = self
-                    .vpgs
-                    .values()
-                    .find(|g| g.protected_site == id || g.recovery_site == id)
-                {
-                    return Err(DomainError::precondition(format!(
-                        "VPG {:?} still replicates with site {id}; delete it first",
-                        vpg.name
-                    )));
-                }
+                self.check_unpairable(&id)?;
                 self.peers.remove(&id);
                 Ok(Applied::Done)
             }
@@ -372,10 +392,28 @@ impl SiteState {
             Command::PutVpg {
                 vpg,
                 expected_generation,
-            } => self.put_vpg(vpg, expected_generation),
+                generation_floor,
+            } => self.put_vpg(vpg, expected_generation, generation_floor),
+            Command::BeginVpgUpdate { id, reason, now_ms } => {
+                exists(&self.vpgs, &id, VpgId::KIND)?;
+                self.check_not_updating(&id)?;
+                self.updating.insert(
+                    id,
+                    DefinitionUpdate {
+                        reason,
+                        since_ms: now_ms,
+                    },
+                );
+                Ok(Applied::Done)
+            }
+            Command::EndVpgUpdate { id } => {
+                self.updating.remove(&id);
+                Ok(Applied::Done)
+            }
             Command::DeleteVpg { id } => {
                 exists(&self.vpgs, &id, VpgId::KIND)?;
                 self.vpgs.remove(&id);
+                self.updating.remove(&id);
                 Ok(Applied::Done)
             }
             Command::SetVpgOperation {
@@ -429,6 +467,9 @@ impl SiteState {
                     .vpgs
                     .get_mut(&id)
                     .ok_or_else(|| DomainError::not_found(VpgId::KIND, &id))?;
+                if let Some(u) = self.updating.get(&id) {
+                    return Err(being_updated(&id, u));
+                }
                 if let Some(op) = vpg.operation.filter(|op| !op.allows_delete()) {
                     return Err(DomainError::precondition(format!(
                         "VPG {id} is in operation {op:?}: it cannot be deleted now"
@@ -471,7 +512,34 @@ impl SiteState {
                 "VPG {id} is in operation {op:?}: it cannot be paused or resumed now"
             )));
         }
+        self.check_not_updating(id)
+    }
+
+    /// Whether this site may unpair from peer `id`: not while a VPG replicates with it.
+    pub fn check_unpairable(&self, id: &SiteId) -> Result<(), DomainError> {
+        if !self.peers.contains_key(id) {
+            return Err(DomainError::not_found(SiteId::KIND, id));
+        }
+        if let Some(vpg) = self
+            .vpgs
+            .values()
+            .find(|g| &g.protected_site == id || &g.recovery_site == id)
+        {
+            return Err(DomainError::precondition(format!(
+                "VPG {:?} still replicates with site {id}; delete it first",
+                vpg.name
+            )));
+        }
         Ok(())
+    }
+
+    /// FAILED_PRECONDITION, with the reason, while the definition of VPG `id` is being
+    /// updated.
+    pub fn check_not_updating(&self, id: &VpgId) -> Result<(), DomainError> {
+        match self.updating.get(id) {
+            Some(u) => Err(being_updated(id, u)),
+            None => Ok(()),
+        }
     }
 
     /// The VPG that protects `vm`, if any.
@@ -527,9 +595,18 @@ impl SiteState {
         Ok(())
     }
 
-    fn put_vpg(&mut self, mut vpg: Vpg, expected: Option<u64>) -> CommandOutcome {
+    fn put_vpg(
+        &mut self,
+        mut vpg: Vpg,
+        expected: Option<u64>,
+        floor: Option<u64>,
+    ) -> CommandOutcome {
         self.prepare_vpg(&mut vpg, expected)?;
+        if let Some(floor) = floor {
+            vpg.generation = vpg.generation.max(floor);
+        }
         let generation = vpg.generation;
+        self.updating.remove(&vpg.id);
         self.vpgs.insert(vpg.id.clone(), vpg);
         Ok(Applied::Generation(generation))
     }
@@ -868,5 +945,85 @@ mod tests {
         ));
         s.vpgs.get_mut(&id).unwrap().operation = Some(Operation::Creating);
         pause(&mut s, "mine", true).unwrap();
+    }
+
+    fn begin_update(s: &mut SiteState, id: &str) -> CommandOutcome {
+        s.apply(Command::BeginVpgUpdate {
+            id: VpgId::minted(id.into()),
+            reason: "an edit is being stored on both sites".into(),
+            now_ms: 7,
+        })
+    }
+
+    #[test]
+    fn no_operation_while_a_definition_is_being_updated() {
+        let mut s = state();
+        let id = VpgId::minted("mine".into());
+        begin_update(&mut s, "mine").unwrap();
+        let refused = |r: CommandOutcome| match r {
+            Err(DomainError::FailedPrecondition(m)) => {
+                assert!(
+                    m.contains("being updated") && m.contains("stored on both"),
+                    "{m}"
+                )
+            }
+            other => panic!("expected FAILED_PRECONDITION, got {other:?}"),
+        };
+        refused(begin_update(&mut s, "mine"));
+        refused(pause(&mut s, "mine", true));
+        refused(s.apply(Command::BeginVpgDelete {
+            id: id.clone(),
+            keep_recovery_disks: false,
+            now_ms: 8,
+        }));
+        assert!(s.check_not_updating(&id).is_err());
+        // Another VPG is not affected.
+        assert!(
+            s.check_not_updating(&VpgId::minted("theirs".into()))
+                .is_ok()
+        );
+        s.apply(Command::EndVpgUpdate { id: id.clone() }).unwrap();
+        pause(&mut s, "mine", true).unwrap();
+        assert!(matches!(
+            begin_update(&mut s, "nope"),
+            Err(DomainError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn a_put_ends_the_update_and_a_floor_raises_the_generation() {
+        let mut s = state();
+        let b = SiteId::minted("b".into());
+        s.peers.insert(
+            b.clone(),
+            PeerSite {
+                id: b,
+                name: "b".into(),
+                endpoints: vec!["127.0.0.1:1".into()],
+                paired_at_ms: 0,
+                bandwidth_limit_bytes_per_sec: 0,
+            },
+        );
+        let id = VpgId::minted("mine".into());
+        begin_update(&mut s, "mine").unwrap();
+        let vpg = s.vpgs[&id].clone();
+        let put = |s: &mut SiteState, expected, floor| {
+            s.apply(Command::PutVpg {
+                vpg: vpg.clone(),
+                expected_generation: Some(expected),
+                generation_floor: floor,
+            })
+        };
+        assert_eq!(put(&mut s, 4, Some(9)), Ok(Applied::Generation(9)));
+        assert!(
+            s.check_not_updating(&id).is_ok(),
+            "the put ended the update"
+        );
+        // A floor below the next generation changes nothing.
+        assert_eq!(put(&mut s, 9, Some(3)), Ok(Applied::Generation(10)));
+        assert!(matches!(
+            put(&mut s, 9, None),
+            Err(DomainError::Conflict { .. })
+        ));
     }
 }

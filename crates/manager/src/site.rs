@@ -43,6 +43,15 @@ pub fn mint(prefix: &str) -> String {
     )
 }
 
+/// Where a reconciliation puts both copies of a definition.
+#[derive(Debug, Clone, Copy)]
+struct GenerationFloor {
+    /// The generation the peer reported.
+    peer_expected: u64,
+    /// The generation both sites store.
+    generation: u64,
+}
+
 /// The operations of one site's manager.
 #[derive(Clone)]
 pub struct SiteManager {
@@ -293,8 +302,95 @@ impl SiteManager {
             .ok_or_else(|| ApiError::internal("the peer went away after its limit was set"))
     }
 
-    pub async fn unpair(&self, id: SiteId) -> ApiResult<()> {
-        self.node.propose(Command::RemovePeer { id }).await?;
+    /// Unpairs from site `id` on both sites: refused while a VPG replicates between them.
+    /// The peer forgets this site first; with `force`, a peer that cannot be reached is left
+    /// to unpair on its own.
+    pub async fn unpair(&self, id: SiteId, force: bool) -> ApiResult<()> {
+        let (peer, own) =
+            self.node
+                .read({
+                    let id = id.clone();
+                    move |s| -> ApiResult<(PeerSite, SiteId)> {
+                        s.check_unpairable(&id)?;
+                        let own = s.site_id().cloned().ok_or_else(|| {
+                            DomainError::precondition("site is not initialized yet")
+                        })?;
+                        Ok((s.peers[&id].clone(), own))
+                    }
+                })
+                .await??;
+        let told = self
+            .peer_call(&peer, |mut c| {
+                let from = own.to_string();
+                async move { c.unpair(v1::PeerUnpairRequest { from_site_id: from }).await }
+            })
+            .await;
+        let peer_side = match told {
+            Ok(_) => "on both sites".to_string(),
+            Err(ApiError::Peer(m, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded))
+                if force =>
+            {
+                tracing::warn!(peer = %id, error = %m, "force unpair: the peer keeps its side");
+                format!("here only (site {} could not be reached: {m})", peer.name)
+            }
+            Err(ApiError::Peer(m, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)) => {
+                return Err(ApiError::Peer(
+                    format!(
+                        "site {} cannot be reached to unpair it ({m}); unpair with force to \
+                         forget it here only",
+                        peer.name
+                    ),
+                    tonic::Code::Unavailable,
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        self.node
+            .propose(Command::RemovePeer { id: id.clone() })
+            .await?;
+        self.record_event(
+            EventCode::SiteUnpaired,
+            None,
+            format!("unpaired from site {} ({id}) {peer_side}", peer.name),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// The peer side of unpairing: forgets the caller unless a VPG still replicates
+    /// between the two sites; a caller already forgotten is not an error.
+    pub async fn accept_unpair(&self, from: SiteId) -> ApiResult<()> {
+        let known = self
+            .node
+            .read({
+                let from = from.clone();
+                move |s| -> ApiResult<bool> {
+                    if !s.peers.contains_key(&from) {
+                        return Ok(false);
+                    }
+                    s.check_unpairable(&from)?;
+                    Ok(true)
+                }
+            })
+            .await??;
+        if known {
+            let name = self
+                .node
+                .read_local({
+                    let from = from.clone();
+                    move |s| s.peers.get(&from).map(|p| p.name.clone())
+                })
+                .unwrap_or_default();
+            self.node
+                .propose(Command::RemovePeer { id: from.clone() })
+                .await?;
+            self.record_event(
+                EventCode::SiteUnpaired,
+                None,
+                format!("site {name} ({from}) unpaired from this site"),
+            )
+            .await;
+        }
         Ok(())
     }
 
@@ -496,6 +592,7 @@ impl SiteManager {
         if &current.protected_site != own {
             return Err(DomainError::precondition("a VPG is edited at its protected site").into());
         }
+        s.check_not_updating(id)?;
         if current.generation != generation {
             return Err(DomainError::Conflict {
                 kind: "vpg".into(),
@@ -532,7 +629,7 @@ impl SiteManager {
                 "storing the definition on both sites".into(),
             )
             .await;
-        let index = self.store_on_both(vpg, None, &peer).await;
+        let index = self.store_on_both(vpg, None, None, &peer).await;
         let index = self.fail_task_on_error(task, index).await?;
         self.record_event(EventCode::VpgCreated, Some(&id), what)
             .await;
@@ -556,6 +653,17 @@ impl SiteManager {
             generation + 1,
             vpg.vms.len()
         );
+        // Until both sites hold the new definition, nothing else may change the VPG.
+        self.node
+            .propose(Command::BeginVpgUpdate {
+                id: id.clone(),
+                reason: format!(
+                    "an edit to generation {} is being stored on both sites",
+                    generation + 1
+                ),
+                now_ms: now_ms(),
+            })
+            .await?;
         let task = self
             .start_task(
                 TaskKind::EditVpg,
@@ -564,7 +672,12 @@ impl SiteManager {
                 "storing the definition on both sites".into(),
             )
             .await;
-        let index = self.store_on_both(vpg, Some(generation), &peer).await;
+        let index = self.store_on_both(vpg, Some(generation), None, &peer).await;
+        if index.is_err() {
+            // The peer may hold the edit all the same (its answer was lost): the protected
+            // site's controller reconciles the two copies.
+            self.end_update(&id).await;
+        }
         let index = self.fail_task_on_error(task, index).await?;
         self.record_event(EventCode::VpgEdited, Some(&id), what)
             .await;
@@ -579,19 +692,35 @@ impl SiteManager {
             .ok_or_else(|| DomainError::not_found("vpg", &id).into())
     }
 
+    /// Ends a definition update that did not commit; logged, not fatal (the controller
+    /// also ends stale ones).
+    async fn end_update(&self, id: &VpgId) {
+        let cmd = Command::EndVpgUpdate { id: id.clone() };
+        if let Err(e) = self.node.propose(cmd).await {
+            tracing::warn!(vpg = %id, error = %e, "definition update not ended");
+        }
+    }
+
+    /// Stores a definition at the peer, then here: the recovery site checks placement and
+    /// room first. With `floor` (reconciliation) the peer was read at
+    /// `floor.peer_expected` and both sites store generation `floor.generation`.
     async fn store_on_both(
         &self,
         vpg: Vpg,
         expected: Option<u64>,
+        floor: Option<GenerationFloor>,
         peer: &PeerSite,
     ) -> ApiResult<u64> {
         let json = serde_json::to_vec(&vpg).map_err(ApiError::internal)?;
+        let peer_expected = floor.map_or(expected, |f| Some(f.peer_expected));
+        let generation_floor = floor.map(|f| f.generation);
         self.peer_call(peer, |mut c| {
             let json = json.clone();
             async move {
                 c.put_vpg(v1::PeerVpgRequest {
                     vpg_json: json,
-                    expected_generation: expected,
+                    expected_generation: peer_expected,
+                    generation_floor,
                 })
                 .await
             }
@@ -603,6 +732,7 @@ impl SiteManager {
             .propose_indexed(Command::PutVpg {
                 vpg,
                 expected_generation: expected,
+                generation_floor,
             })
             .await;
         match committed {
@@ -625,8 +755,76 @@ impl SiteManager {
         }
     }
 
+    /// Brings the recovery site's copy of a VPG this site protects back in line with this
+    /// site's, when the two differ in generation (an edit the peer committed and this site
+    /// did not): both then store this site's definition at a generation above either.
+    pub async fn reconcile_definition(&self, id: &VpgId, peer_generation: u64) -> ApiResult<u64> {
+        let (vpg, peer) = self
+            .node
+            .read({
+                let id = id.clone();
+                move |s| {
+                    let g = s.vpgs.get(&id).cloned();
+                    let peer = g
+                        .as_ref()
+                        .and_then(|g| s.peers.get(&g.recovery_site).cloned());
+                    (g, peer)
+                }
+            })
+            .await?;
+        let vpg = vpg.ok_or_else(|| DomainError::not_found("vpg", id))?;
+        let peer =
+            peer.ok_or_else(|| DomainError::precondition("the recovery site is not paired"))?;
+        let own_generation = vpg.generation;
+        let generation = own_generation.max(peer_generation) + 1;
+        self.node
+            .propose(Command::BeginVpgUpdate {
+                id: id.clone(),
+                reason: format!(
+                    "reconciling the definition with site {} (generation {own_generation} here, \
+                     {peer_generation} there)",
+                    peer.name
+                ),
+                now_ms: now_ms(),
+            })
+            .await?;
+        let floor = GenerationFloor {
+            peer_expected: peer_generation,
+            generation,
+        };
+        let r = self
+            .store_on_both(vpg, Some(own_generation), Some(floor), &peer)
+            .await;
+        if r.is_err() {
+            self.end_update(id).await;
+        }
+        r?;
+        self.record_event(
+            EventCode::DefinitionReconciled,
+            Some(id),
+            format!(
+                "definition reconciled with site {}: both sites hold this site's definition at \
+                 generation {generation} (it was {own_generation} here, {peer_generation} there)",
+                peer.name
+            ),
+        )
+        .await;
+        Ok(generation)
+    }
+
+    /// Ends a definition update that its own node left behind (it died mid-edit) once the
+    /// two sites agree again.
+    pub async fn end_stale_update(&self, id: &VpgId) {
+        self.end_update(id).await;
+    }
+
     /// Stores a definition sent by the peer site (the recovery side of create/edit).
-    pub async fn put_peer_vpg(&self, vpg: Vpg, expected: Option<u64>) -> ApiResult<()> {
+    pub async fn put_peer_vpg(
+        &self,
+        vpg: Vpg,
+        expected: Option<u64>,
+        generation_floor: Option<u64>,
+    ) -> ApiResult<()> {
         // The recovery disks of VMs this edit removes, by VM, as this site placed them.
         let removed = self
             .node
@@ -655,6 +853,7 @@ impl SiteManager {
             .propose(Command::PutVpg {
                 vpg,
                 expected_generation: expected,
+                generation_floor,
             })
             .await?;
         for (vm, paths) in removed {

@@ -14,6 +14,9 @@ use super::{MAX_JSON_BYTES, bad};
 use crate::control::{self, LeaderRequest, LeaderResponse};
 use crate::site::SiteManager;
 
+/// The furthest a reconciliation may move a peer's copy of a definition ahead at once.
+const MAX_GENERATION_JUMP: u64 = 1 << 20;
+
 #[derive(Debug, Clone)]
 pub struct InternalApi(pub SiteManager);
 
@@ -107,7 +110,20 @@ impl SitePeer for PeerApi {
         }
         let vpg: Vpg = serde_json::from_slice(&r.vpg_json)
             .map_err(|e| Status::invalid_argument(format!("vpg definition: {e}")))?;
-        self.0.put_peer_vpg(vpg, r.expected_generation).await?;
+        if let Some(floor) = r.generation_floor {
+            let ok = r
+                .expected_generation
+                .is_some_and(|e| floor > e && floor - e <= MAX_GENERATION_JUMP);
+            if !ok {
+                return Err(Status::invalid_argument(format!(
+                    "generation_floor: must come with expected_generation and be above it by at \
+                     most {MAX_GENERATION_JUMP}"
+                )));
+            }
+        }
+        self.0
+            .put_peer_vpg(vpg, r.expected_generation, r.generation_floor)
+            .await?;
         Ok(Response::new(v1::Empty {}))
     }
 
@@ -121,6 +137,15 @@ impl SitePeer for PeerApi {
         self.0
             .delete_peer_vpg(id, from, r.keep_recovery_disks)
             .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn unpair(
+        &self,
+        r: Request<v1::PeerUnpairRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        let from = SiteId::parse("from_site_id", &r.into_inner().from_site_id).map_err(bad)?;
+        self.0.accept_unpair(from).await?;
         Ok(Response::new(v1::Empty {}))
     }
 

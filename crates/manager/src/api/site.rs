@@ -61,8 +61,9 @@ impl SiteService for SiteApi {
         &self,
         r: Request<v1::UnpairSiteRequest>,
     ) -> Result<Response<v1::Empty>, Status> {
-        let id = SiteId::parse("site_id", &r.into_inner().site_id).map_err(bad)?;
-        self.0.unpair(id).await?;
+        let r = r.into_inner();
+        let id = SiteId::parse("site_id", &r.site_id).map_err(bad)?;
+        self.0.unpair(id, r.force).await?;
         Ok(Response::new(v1::Empty {}))
     }
 

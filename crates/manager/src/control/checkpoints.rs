@@ -185,6 +185,10 @@ pub async fn take(
             ))
             .into());
         }
+        if kind != Kind::Automatic {
+            // An operator's checkpoint is an operation; the automatic ones go on.
+            s.check_not_updating(vpg)?;
+        }
         if let Some(vm) = vm
             && !g.vm_ids().any(|v| v == vm)
         {

@@ -107,6 +107,8 @@ struct Inner {
     shown: HashMap<VpgId, VpgState>,
     /// When each active alert was first seen raised.
     alerts_since: HashMap<(VpgId, AlertKind), u64>,
+    /// A VPG whose two sites' generations differ: (here, there) and since when.
+    generation_mismatch: HashMap<VpgId, ((u64, u64), Instant)>,
 }
 
 /// Shared by the controllers and the API of one node; filled only while it leads.
@@ -269,6 +271,25 @@ impl Live {
             return None;
         }
         Some(p.report.vpgs.iter().find(|g| &g.vpg == vpg).cloned())
+    }
+
+    /// How long VPG `vpg` has shown these generations (here, at the peer) without a
+    /// change; `None` when they agree (which forgets the mismatch).
+    pub fn generation_mismatch(&self, vpg: &VpgId, here: u64, there: u64) -> Option<Duration> {
+        let mut inner = self.lock();
+        if here == there {
+            inner.generation_mismatch.remove(vpg);
+            return None;
+        }
+        let now = Instant::now();
+        let entry = inner
+            .generation_mismatch
+            .entry(vpg.clone())
+            .or_insert(((here, there), now));
+        if entry.0 != (here, there) {
+            *entry = ((here, there), now);
+        }
+        Some(now - entry.1)
     }
 
     /// Whether the peer answered recently.

@@ -5,12 +5,14 @@
 //!
 //! - [`poll`]: reads every VRA of this site and every peer site's report into [`Live`];
 //! - [`reconcile`]: assigns this site's VRAs from the plans of `tandem_core::protection`;
-//! - [`checkpoints`]: the checkpoint coordinator of the VPGs this site protects.
+//! - [`checkpoints`]: the checkpoint coordinator of the VPGs this site protects;
+//! - [`definitions`]: keeps both sites' copies of each definition in line.
 //!
 //! Leader-only requests (live status, barriers) reach the leader through
 //! [`LeaderRequest`], forwarded by followers over `ManagerInternal.LeaderCall`.
 
 pub mod checkpoints;
+pub mod definitions;
 pub mod live;
 pub mod monitor;
 pub mod poll;
@@ -331,6 +333,7 @@ fn force_sync_targets(s: &SiteState, id: &VpgId) -> ApiResult<(VpgId, Vec<String
             DomainError::precondition(format!("VPG {id} is paused: resume it first")).into(),
         );
     }
+    s.check_not_updating(id)?;
     if let Some(op) = g.operation {
         return Err(DomainError::precondition(format!(
             "VPG {id} is in operation {op:?}: a force sync must wait for it"

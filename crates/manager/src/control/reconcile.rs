@@ -98,6 +98,7 @@ pub async fn reconcile_once(site: &SiteManager) {
             continue;
         }
         let planned = if vpg.protected_site == own {
+            super::definitions::reconcile(site, &state, vpg, now).await;
             let plans = protection::protected_plans(vpg, &state);
             for plan in plans.iter().flatten() {
                 apply_protected(site, &state, vpg, plan).await;

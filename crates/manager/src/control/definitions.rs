@@ -1,0 +1,49 @@
+//! Keeps the two sites' copies of each definition this site protects in line. An edit
+//! that the recovery site committed and this site did not (its answer was lost, or this
+//! node died between the two commits) leaves the peer a generation ahead, refusing later
+//! edits: both copies are brought back to this site's definition, at a generation above
+//! either. An update marker left by a node that died mid-edit is ended here too.
+
+use std::time::Duration;
+
+use tandem_core::state::SiteState;
+use tandem_core::vpg::Vpg;
+
+use crate::site::SiteManager;
+
+/// How long a difference must stand before it is reconciled: longer than the poller
+/// takes to see both commits of an ordinary edit.
+pub const SETTLE: Duration = Duration::from_secs(2);
+/// An update marker older than this was left behind by a node that died mid-edit.
+pub const STALE_UPDATE_MS: u64 = 30_000;
+
+/// One look at one VPG this site protects.
+pub async fn reconcile(site: &SiteManager, state: &SiteState, vpg: &Vpg, now_ms: u64) {
+    let live = &site.control().live;
+    let Some(Some(peer)) = live.peer_vpg(&vpg.recovery_site, &vpg.id) else {
+        return;
+    };
+    let update = state.updating.get(&vpg.id);
+    let stale = update.is_some_and(|u| now_ms.saturating_sub(u.since_ms) > STALE_UPDATE_MS);
+    if update.is_some() && !stale {
+        // An edit is being stored: its own commits end the difference.
+        return;
+    }
+    let mismatch = live.generation_mismatch(&vpg.id, vpg.generation, peer.generation);
+    if stale && mismatch.is_none_or(|age| age >= SETTLE) {
+        tracing::warn!(vpg = %vpg.id, "ending a definition update its node left behind");
+        site.end_stale_update(&vpg.id).await;
+    }
+    if mismatch.is_some_and(|age| age >= SETTLE) {
+        match site.reconcile_definition(&vpg.id, peer.generation).await {
+            Ok(g) => tracing::info!(
+                vpg = %vpg.id, generation = g, was_here = vpg.generation, was_there = peer.generation,
+                "definition reconciled with the recovery site"
+            ),
+            Err(e) => tracing::warn!(
+                vpg = %vpg.id, here = vpg.generation, there = peer.generation, error = %e,
+                "definition not reconciled yet"
+            ),
+        }
+    }
+}
