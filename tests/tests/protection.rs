@@ -1334,3 +1334,204 @@ async fn an_edit_the_protected_site_lost_is_reconciled_and_blocks_operations_whi
     lab.down().await;
     Ok(())
 }
+
+/// Replaces the VMs of `vpg-web`; answers the new generation.
+async fn put_vms(a: &Channel, vms: Vec<v1::VmPlacement>) -> Result<u64> {
+    let g = get(a, "vpg-web").await?;
+    Ok(VpgServiceClient::new(a.clone())
+        .update_vpg(v1::UpdateVpgRequest {
+            id: "vpg-web".into(),
+            generation: g.generation,
+            spec: Some(v1::VpgSpec {
+                name: g.name.clone(),
+                recovery_site_id: g.recovery_site_id.clone(),
+                settings: g.settings,
+                vms,
+            }),
+            keep_removed_recovery_disks: false,
+        })
+        .await?
+        .into_inner()
+        .generation)
+}
+
+/// Writes `bytes` of incompressible data to `path` (a volume the VRA will find).
+fn fill_random(path: &std::path::Path, bytes: u64, seed: u64) -> Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(path.parent().context("no parent")?)?;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for _ in 0..bytes / 8 {
+        // xorshift64
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        f.write_all(&x.to_le_bytes())?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn pair(status: &str, substatus: &str) -> (String, String) {
+    (status.to_string(), substatus.to_string())
+}
+
+/// The seed's live statuses that the other tests do not reach, driven one after another
+/// on one VPG and each observed through `tandem vpg get -o json`: Creating VPG, Initial
+/// Sync with progress (the site link at 2 MB/s), Delta Syncing after a force sync (the link
+/// at 64 KB/s), Volume Initial Sync of an added VM and, with the link cut during it, "Site
+/// disconnection. No checkpoints" (the checkpoints before the VM was added are no recovery
+/// point of the VPG as it is now), Error for a protected VRA that is gone, and VPG has no
+/// VMs once every VM is removed. Each cause removed, the VPG meets its SLA again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_live_statuses_are_each_driven_and_shown_by_the_cli() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(dir.path(), 2, 3).await?;
+    lab.start_vras(2).await?;
+    let sites = protect::prepare(&lab).await?;
+    let link = lab.links.get(&lab.link_name(0, 1)).await?;
+    let a = channel(&lab.sites[0][0].api).await?;
+    let (apis_a, apis_b) = (lab.endpoints(0), lab.endpoints(1));
+    let mut seen = Vec::new();
+    let mut seen_b = Vec::new();
+    let within = Duration::from_secs(60);
+    let meeting_sla = |g: &v1::Vpg| shown(g).0 == "Meeting SLA";
+
+    // Creating VPG, then Initial Sync with its progress, over a 2 MB/s link.
+    link.throttle(Some(Direction::AToB), 2 * MIB).await?;
+    let options = ProtectOptions {
+        vpg: "vpg-web".into(),
+        vms: 2,
+        volume_bytes: 8 * MIB,
+        memory_mib: 512,
+        settings: settings(),
+    };
+    // Data to send: an initial sync skips what reads as zeros.
+    for i in 0..options.vms {
+        let file = lab
+            .dir
+            .join(&lab.site_names[0])
+            .join(format!("ds-{}/vm-{i}/c0u0.img", i % 2));
+        fill_random(&file, options.volume_bytes, i as u64)?;
+    }
+    protect::protect_vpg(&lab, &sites, &options, "vm").await?;
+    let initial = wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, |g| {
+        let s = g.status.clone().unwrap_or_default();
+        shown(g) == pair("Initializing", "Initial Sync") && (1..100).contains(&s.sync_percent)
+    })
+    .await?;
+    let s = initial.status.unwrap_or_default();
+    assert!(s.sync_eta_secs > 0, "an initial sync with no ETA: {s:?}");
+    link.throttle(None, 0).await?;
+    wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, meeting_sla).await?;
+
+    // Force sync: a delta sync, slow enough to see over a 64 KB/s link.
+    link.throttle(None, 64 * 1024).await?;
+    vpgs(&a).force_sync_vpgs(ids()).await?;
+    wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, |g| {
+        shown(g).1 == "Delta Syncing"
+    })
+    .await?;
+    link.throttle(None, 0).await?;
+    wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, meeting_sla).await?;
+
+    // An added VM: Volume Initial Sync; the link cut during it leaves no checkpoint of
+    // the VPG as it is now.
+    link.throttle(Some(Direction::AToB), MIB).await?;
+    let ds = |site: usize| format!("{}-ds-0", lab.site_names[site]);
+    VmServiceClient::new(a.clone())
+        .create_vm(v1::Vm {
+            id: "vm-new".into(),
+            name: "vm-new".into(),
+            host_id: lab.vras[0][0].host.clone(),
+            power: v1::PowerState::On as i32,
+            memory_mib: 512,
+            cpus: 1,
+            cpu_reservation_mhz: 100,
+            memory_reservation_mib: 128,
+            volumes: vec![v1::Volume {
+                controller: 0,
+                unit: 0,
+                size_bytes: 16 * MIB,
+                datastore_id: ds(0),
+            }],
+            vpg_id: String::new(),
+        })
+        .await?;
+    fill_random(
+        &lab.dir
+            .join(&lab.site_names[0])
+            .join("ds-0/vm-new/c0u0.img"),
+        16 * MIB,
+        7,
+    )?;
+    let g = get(&a, "vpg-web").await?;
+    let mut vms: Vec<v1::VmPlacement> = g.vms.iter().filter_map(|v| v.placement.clone()).collect();
+    vms.push(v1::VmPlacement {
+        vm_id: "vm-new".into(),
+        recovery_host_id: lab.vras[1][0].host.clone(),
+        recovery_datastore_id: ds(1),
+        recovery_pool_id: "pool".into(),
+    });
+    put_vms(&a, vms).await?;
+    wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, |g| {
+        shown(g).1 == "Volume Initial Sync"
+    })
+    .await?;
+    link.cut(CutMode::Drop).await?;
+    wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, |g| {
+        shown(g) == pair("Not Meeting SLA", "Site disconnection. No checkpoints")
+    })
+    .await?;
+    wait_vpg_cli(&apis_b, "vpg-web", within, &mut seen_b, |g| {
+        shown(g) == pair("Not Meeting SLA", "Recovery is possible")
+    })
+    .await?;
+    link.heal().await?;
+    link.throttle(None, 0).await?;
+    wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, meeting_sla).await?;
+
+    // A protected VRA gone: Error, naming its host; back without an operator.
+    lab.vras[0][1].kill9().await?;
+    let error = wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, |g| {
+        shown(g) == pair("Not Meeting SLA", "Error")
+    })
+    .await?;
+    let problems = error.status.unwrap_or_default().problems;
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains(&lab.vras[0][1].host) && p.contains("cannot be reached")),
+        "{problems:?}"
+    );
+    lab.vras[0][1].start().await?;
+    wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, meeting_sla).await?;
+
+    // Every VM removed.
+    put_vms(&a, Vec::new()).await?;
+    wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, |g| {
+        shown(g) == pair("Not Meeting SLA", "VPG has no VMs")
+    })
+    .await?;
+
+    eprintln!("site a showed: {seen:?}");
+    // The status beside a sync follows the SLA figures; the substatus names the sync.
+    for sync in ["Delta Syncing", "Volume Initial Sync"] {
+        assert!(
+            seen.iter().any(|s| s.1 == sync),
+            "{sync} never shown: {seen:?}"
+        );
+    }
+    for want in [
+        pair("Initializing", "Creating VPG"),
+        pair("Initializing", "Initial Sync"),
+        pair("Meeting SLA", "—"),
+        pair("Not Meeting SLA", "Site disconnection. No checkpoints"),
+        pair("Not Meeting SLA", "Error"),
+        pair("Not Meeting SLA", "VPG has no VMs"),
+    ] {
+        assert!(seen.contains(&want), "{want:?} never shown: {seen:?}");
+    }
+    lab.down().await;
+    Ok(())
+}

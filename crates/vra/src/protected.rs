@@ -257,7 +257,6 @@ impl ProtectedShared {
             .unwrap_or_else(PoisonError::into_inner) = e.to_string();
     }
 
-    /// A snapshot of the window's positions: (written, sent, acked, bytes, entries, anchored).
     /// Tells `WaitDurable`'s waiters where the window's acknowledged (durable) position
     /// is now; call after every window change that moves it.
     pub fn publish_durable(&self, acked: u64) {
@@ -265,6 +264,12 @@ impl ProtectedShared {
             .send_if_modified(|d| std::mem::replace(d, acked) != acked);
     }
 
+    /// Follows how far the recovery VRA has made the stream durable.
+    pub fn watch_durable(&self) -> watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    /// A snapshot of the window's positions: (written, sent, acked, bytes, entries, anchored).
     pub fn positions(&self) -> (Seq, Seq, Seq, u64, usize, bool) {
         let w = self.window();
         (

@@ -99,6 +99,12 @@ pub struct Progress {
     pub sent: u64,
     /// Hash bytes received (delta sync).
     pub hash_bytes: u64,
+    /// Everything is sent; the sync ends once the recovery VRA holds it durably.
+    pub awaiting_acks: bool,
+    /// Runs pushed into the stream and not yet durable at the recovery VRA: (the stream
+    /// position once pushed, bytes examined). Progress counts them once durable.
+    in_flight: VecDeque<(u64, u64)>,
+    in_flight_bytes: u64,
     started: Instant,
     started_ms: u64,
 }
@@ -112,27 +118,61 @@ impl Progress {
             done: 0,
             sent: 0,
             hash_bytes: 0,
+            awaiting_acks: false,
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
             started: Instant::now(),
             started_ms: UnixMillis::now().0,
         }
     }
 
-    /// The status message.
+    /// `bytes` examined were pushed; the stream reaches `seq` with them.
+    fn pushed(&mut self, seq: u64, bytes: u64) {
+        self.done += bytes;
+        self.in_flight_bytes += bytes;
+        let full = self.in_flight.len() >= MAX_IN_FLIGHT_RUNS;
+        match self.in_flight.back_mut() {
+            // Bounded: past this many runs in flight, the newest absorbs the next.
+            Some(last) if full => *last = (seq, last.1 + bytes),
+            _ => self.in_flight.push_back((seq, bytes)),
+        }
+    }
+
+    /// The recovery VRA holds the stream durably up to `durable`.
+    fn settle(&mut self, durable: u64) {
+        while let Some(&(seq, bytes)) = self.in_flight.front() {
+            if seq > durable {
+                break;
+            }
+            self.in_flight.pop_front();
+            self.in_flight_bytes -= bytes;
+        }
+    }
+
+    /// The status message. Progress counts what the recovery VRA holds durably (not what
+    /// was merely put on the wire): a sync over a slow link shows its real pace.
     pub fn to_pb(&self) -> pb::VraSyncStatus {
-        let percent = (self.done.min(self.total) * 100)
+        let durable_done = self.done.saturating_sub(self.in_flight_bytes);
+        let percent = (durable_done.min(self.total) * 100)
             .checked_div(self.total)
             .map_or(100, |p| p as u32);
+        // Sent is not yet there: 100% only once the recovery VRA holds it.
+        let percent = if self.awaiting_acks {
+            percent.min(99)
+        } else {
+            percent
+        };
         let elapsed = self.started.elapsed().as_secs_f64();
-        let eta_secs = if self.done == 0 || self.done >= self.total {
+        let eta_secs = if durable_done == 0 || durable_done >= self.total {
             0
         } else {
-            let rate = self.done as f64 / elapsed.max(1e-3);
-            ((self.total - self.done) as f64 / rate).ceil() as u64
+            let rate = durable_done as f64 / elapsed.max(1e-3);
+            ((self.total - durable_done) as f64 / rate).ceil() as u64
         };
         pb::VraSyncStatus {
             kind: self.kind.to_pb() as i32,
             total_bytes: self.total,
-            done_bytes: self.done,
+            done_bytes: durable_done,
             percent,
             eta_secs,
             sent_bytes: self.sent,
@@ -145,6 +185,9 @@ impl Progress {
         }
     }
 }
+
+/// Runs of a sync tracked while in flight; more merge into the newest.
+const MAX_IN_FLIGHT_RUNS: usize = 4096;
 
 /// A requested delta sync.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,9 +218,11 @@ pub struct SyncState {
 }
 
 impl SyncState {
-    /// The sync running, or the one due next (with no progress yet), for status.
-    pub fn current_pb(&self) -> Option<pb::VraSyncStatus> {
-        if let Some(p) = &self.running {
+    /// The sync running, or the one due next (with no progress yet), for status; the
+    /// stream is durable at the recovery VRA up to `durable`.
+    pub fn current_pb(&mut self, durable: u64) -> Option<pb::VraSyncStatus> {
+        if let Some(p) = &mut self.running {
+            p.settle(durable);
             return Some(p.to_pb());
         }
         if let Some(d) = &self.delta {
@@ -375,8 +420,10 @@ async fn sync_once(
         shared.needs_sync.store(false, Ordering::Relaxed);
     }
     map_sync(shared, volumes, cancel).await?;
+    until_durable(shared, cancel).await?;
     let mut s = shared.sync.lock();
-    if let Some(p) = s.running.take() {
+    if let Some(mut p) = s.running.take() {
+        p.settle(u64::MAX);
         info!(
             vpg = %shared.assignment.vpg,
             kind = ?p.kind,
@@ -389,6 +436,41 @@ async fn sync_once(
     }
     s.trigger = None;
     Ok(())
+}
+
+/// Waits until the recovery VRA holds durably everything the stream carries now (the
+/// sync's data among it): until then the VPG is not level, and its sync still runs. A
+/// stream that breaks meanwhile tracks again, and the next pass sends what is lost.
+async fn until_durable(
+    shared: &ProtectedShared,
+    cancel: &CancellationToken,
+) -> Result<(), PassError> {
+    let written = shared.positions().0.0;
+    let mut durable = shared.watch_durable();
+    if *durable.borrow() >= written {
+        return Ok(());
+    }
+    if let Some(p) = shared.sync.lock().running.as_mut() {
+        p.awaiting_acks = true;
+    }
+    let result = loop {
+        if *durable.borrow_and_update() >= written {
+            break Ok(());
+        }
+        if let Err(e) = check_going(shared, cancel) {
+            break Err(e);
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break Err(PassError::Stopped),
+            changed = durable.changed() => if changed.is_err() { break Err(PassError::Stopped) },
+            // Tracking starts without a durable change: look again now and then.
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    };
+    if let Some(p) = shared.sync.lock().running.as_mut() {
+        p.awaiting_acks = false;
+    }
+    result
 }
 
 fn check_going(shared: &ProtectedShared, cancel: &CancellationToken) -> Result<(), PassError> {
@@ -456,9 +538,10 @@ async fn map_sync(
         let len = run.len;
         match send_run(shared, &volumes[index], &run).await {
             Ok(sent) => {
+                let seq = shared.positions().0.0;
                 let mut s = shared.sync.lock();
                 if let Some(p) = s.running.as_mut() {
-                    p.done += len;
+                    p.pushed(seq, len);
                     p.sent += sent;
                 }
             }

@@ -511,7 +511,7 @@ impl Vra {
                     let s = p.shared();
                     let (written, sent, acked, bytes, entries, _) = s.positions();
                     let c = &s.counters;
-                    let sync = s.sync.lock();
+                    let mut sync = s.sync.lock();
                     let rates = s.rates.rates([
                         c.writes.load(Ordering::Relaxed),
                         c.write_bytes.load(Ordering::Relaxed),
@@ -558,7 +558,7 @@ impl Vra {
                             }
                         },
                         reconnects: c.reconnects.load(Ordering::Relaxed),
-                        sync: sync.current_pb(),
+                        sync: sync.current_pb(acked.0),
                         write_iops: rates[0],
                         write_bytes_per_sec: rates[1],
                         wan_bytes_per_sec: rates[2],

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::live::PendingCheckpoint;
+use super::live::{self, PendingCheckpoint};
 use super::vra_request;
 use crate::error::{ApiError, ApiResult};
 use crate::site::{SiteManager, now_ms};
@@ -168,44 +168,46 @@ pub async fn take(
     name: &str,
     vm: Option<&VmId>,
 ) -> ApiResult<Taken> {
-    let targets: Vec<(HostId, String)> = site.node().read_local(|s| -> ApiResult<_> {
-        let g = s
-            .vpgs
-            .get(vpg)
-            .ok_or_else(|| DomainError::not_found("vpg", vpg))?;
-        if s.site_id() != Some(&g.protected_site) {
-            return Err(DomainError::precondition(format!(
-                "VPG {vpg} is protected by the peer site: checkpoints are taken there"
-            ))
-            .into());
-        }
-        if let Some(op) = g.operation {
-            return Err(DomainError::precondition(format!(
-                "VPG {vpg} is in operation {op:?}: no checkpoints until it ends"
-            ))
-            .into());
-        }
-        if kind != Kind::Automatic {
-            // An operator's checkpoint is an operation; the automatic ones go on.
-            s.check_not_updating(vpg)?;
-        }
-        if let Some(vm) = vm
-            && !g.vm_ids().any(|v| v == vm)
-        {
-            return Err(
-                DomainError::invalid("vm_id", format!("VM {vm} is not in VPG {vpg}")).into(),
-            );
-        }
-        let plans = protection::protected_plans(g, s)?;
-        Ok(plans
-            .into_iter()
-            .filter_map(|p| {
-                s.hosts
-                    .get(&p.host)
-                    .map(|h| (p.host, h.vra_address.clone()))
-            })
-            .collect())
-    })?;
+    let (targets, vms): (Vec<(HostId, String)>, _) =
+        site.node().read_local(|s| -> ApiResult<_> {
+            let g = s
+                .vpgs
+                .get(vpg)
+                .ok_or_else(|| DomainError::not_found("vpg", vpg))?;
+            if s.site_id() != Some(&g.protected_site) {
+                return Err(DomainError::precondition(format!(
+                    "VPG {vpg} is protected by the peer site: checkpoints are taken there"
+                ))
+                .into());
+            }
+            if let Some(op) = g.operation {
+                return Err(DomainError::precondition(format!(
+                    "VPG {vpg} is in operation {op:?}: no checkpoints until it ends"
+                ))
+                .into());
+            }
+            if kind != Kind::Automatic {
+                // An operator's checkpoint is an operation; the automatic ones go on.
+                s.check_not_updating(vpg)?;
+            }
+            if let Some(vm) = vm
+                && !g.vm_ids().any(|v| v == vm)
+            {
+                return Err(
+                    DomainError::invalid("vm_id", format!("VM {vm} is not in VPG {vpg}")).into(),
+                );
+            }
+            let plans = protection::protected_plans(g, s)?;
+            let targets = plans
+                .into_iter()
+                .filter_map(|p| {
+                    s.hosts
+                        .get(&p.host)
+                        .map(|h| (p.host, h.vra_address.clone()))
+                })
+                .collect();
+            Ok((targets, live::vm_set(g)))
+        })?;
     let control = site.control();
     let lock = control.barriers.lock_of(vpg);
     let _one_at_a_time = lock.lock().await;
@@ -277,6 +279,7 @@ pub async fn take(
             id,
             timestamp_ms,
             markers: markers.clone(),
+            vms,
         },
     );
     // Known durable as soon as every VRA says so, not at the next poll: the actual RPO

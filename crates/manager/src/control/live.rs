@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tandem_core::alerts::{self, AlertKind};
-use tandem_core::ids::{HostId, SiteId, VpgId};
+use tandem_core::ids::{HostId, SiteId, VmId, VpgId};
 use tandem_core::observe::{
     self, HostSeen, LiveInputs, LiveStatus, PeerReport, PeerVpgReport, VraSeen, VraVpgReport,
 };
@@ -67,12 +67,23 @@ pub struct PendingCheckpoint {
     pub timestamp_ms: u64,
     /// The marker's stream sequence on each protected VRA.
     pub markers: Vec<(HostId, u64)>,
+    /// The VMs of the VPG when it was taken ([`vm_set`]).
+    pub vms: Vec<VmId>,
+}
+
+/// The VMs of a VPG, sorted: a checkpoint is a recovery point of exactly these (the seed:
+/// adding or removing VMs leaves the checkpoints before unusable).
+pub fn vm_set(vpg: &Vpg) -> Vec<VmId> {
+    let mut vms: Vec<VmId> = vpg.vm_ids().cloned().collect();
+    vms.sort();
+    vms
 }
 
 #[derive(Debug, Default)]
 struct CoordinatorView {
     pending: Vec<PendingCheckpoint>,
-    durable: Option<(u64, u64)>,
+    /// The newest checkpoint durable everywhere (id, stamped ms) and its VMs.
+    durable: Option<((u64, u64), Vec<VmId>)>,
 }
 
 impl CoordinatorView {
@@ -87,10 +98,10 @@ impl CoordinatorView {
             .pending
             .iter()
             .filter(|p| p.markers.is_empty())
-            .map(|p| (p.id, p.timestamp_ms))
-            .max_by_key(|c| c.1)
+            .max_by_key(|p| p.timestamp_ms)
+            .map(|p| ((p.id, p.timestamp_ms), p.vms.clone()))
         {
-            self.pending.retain(|p| p.timestamp_ms > newest.1);
+            self.pending.retain(|p| p.timestamp_ms > newest.0.1);
             self.durable = Some(newest);
         }
     }
@@ -363,7 +374,15 @@ impl Live {
                 Some(&missing)
             }
         };
-        let coordinated = self.lock().checkpoints.get(&vpg.id).and_then(|c| c.durable);
+        // Taken with other VMs, it is no recovery point of the VPG as it is now.
+        let vms = vm_set(vpg);
+        let coordinated = self
+            .lock()
+            .checkpoints
+            .get(&vpg.id)
+            .and_then(|c| c.durable.as_ref())
+            .filter(|(_, taken_with)| *taken_with == vms)
+            .map(|(cp, _)| *cp);
         observe::evaluate(&LiveInputs {
             vpg,
             protects,
