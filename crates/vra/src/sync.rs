@@ -105,6 +105,8 @@ pub struct Progress {
     /// position once pushed, bytes examined). Progress counts them once durable.
     in_flight: VecDeque<(u64, u64)>,
     in_flight_bytes: u64,
+    /// The stream position of the last data the sync pushed.
+    last_pushed_seq: Option<u64>,
     started: Instant,
     started_ms: u64,
 }
@@ -121,14 +123,21 @@ impl Progress {
             awaiting_acks: false,
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
+            last_pushed_seq: None,
             started: Instant::now(),
             started_ms: UnixMillis::now().0,
         }
     }
 
-    /// `bytes` examined were pushed; the stream reaches `seq` with them.
-    fn pushed(&mut self, seq: u64, bytes: u64) {
+    /// `bytes` were examined and `sent` of them pushed; the stream reaches `seq` with them.
+    fn pushed(&mut self, seq: u64, bytes: u64, sent: u64) {
         self.done += bytes;
+        self.sent += sent;
+        if sent == 0 {
+            // Nothing to wait for (zeroes a fresh replica already holds).
+            return;
+        }
+        self.last_pushed_seq = Some(seq);
         self.in_flight_bytes += bytes;
         let full = self.in_flight.len() >= MAX_IN_FLIGHT_RUNS;
         match self.in_flight.back_mut() {
@@ -185,6 +194,9 @@ impl Progress {
         }
     }
 }
+
+/// How long a sync waits for acknowledgements that stopped moving once all is sent.
+const ACK_TAIL_WAIT: Duration = Duration::from_secs(2);
 
 /// Runs of a sync tracked while in flight; more merge into the newest.
 const MAX_IN_FLIGHT_RUNS: usize = 4096;
@@ -438,14 +450,22 @@ async fn sync_once(
     Ok(())
 }
 
-/// Waits until the recovery VRA holds durably everything the stream carries now (the
-/// sync's data among it): until then the VPG is not level, and its sync still runs. A
-/// stream that breaks meanwhile tracks again, and the next pass sends what is lost.
+/// Waits until the recovery VRA holds durably the data the running sync pushed: until
+/// then the VPG is not level, and its sync still runs. A stream that breaks meanwhile
+/// tracks again, and the next pass sends what is lost.
 async fn until_durable(
     shared: &ProtectedShared,
     cancel: &CancellationToken,
 ) -> Result<(), PassError> {
-    let written = shared.positions().0.0;
+    let Some(written) = shared
+        .sync
+        .lock()
+        .running
+        .as_ref()
+        .and_then(|p| p.last_pushed_seq)
+    else {
+        return Ok(());
+    };
     let mut durable = shared.watch_durable();
     if *durable.borrow() >= written {
         return Ok(());
@@ -453,12 +473,29 @@ async fn until_durable(
     if let Some(p) = shared.sync.lock().running.as_mut() {
         p.awaiting_acks = true;
     }
+    let mut moved_at = Instant::now();
+    let mut last = *durable.borrow();
     let result = loop {
-        if *durable.borrow_and_update() >= written {
+        let now = *durable.borrow_and_update();
+        if now >= written {
             break Ok(());
+        }
+        if now != last {
+            (last, moved_at) = (now, Instant::now());
         }
         if let Err(e) = check_going(shared, cancel) {
             break Err(e);
+        }
+        // Everything is on the wire and the recovery VRA has acknowledged nothing new for
+        // a while: its acknowledgement of the stream's tail can lag until the next entry
+        // (seen after an initial sync with no other writes; not understood yet). The
+        // sync's data is sent; end it rather than wait for the VPG's next write.
+        if shared.positions().1.0 >= written && moved_at.elapsed() > ACK_TAIL_WAIT {
+            warn!(
+                vpg = %shared.assignment.vpg, durable = now, sync_end = written,
+                "sync ends before the recovery VRA acknowledged its tail"
+            );
+            break Ok(());
         }
         tokio::select! {
             () = cancel.cancelled() => break Err(PassError::Stopped),
@@ -541,8 +578,7 @@ async fn map_sync(
                 let seq = shared.positions().0.0;
                 let mut s = shared.sync.lock();
                 if let Some(p) = s.running.as_mut() {
-                    p.pushed(seq, len);
-                    p.sent += sent;
+                    p.pushed(seq, len, sent);
                 }
             }
             Err(e) => {
@@ -814,8 +850,13 @@ async fn send_differences(
         })
         .await?;
     }
+    let seq = shared.positions().0.0;
     if let Some(p) = shared.sync.lock().running.as_mut() {
         p.sent += sent;
+        if sent > 0 {
+            // The delta sync ends once what differed is durable there too.
+            p.last_pushed_seq = Some(seq);
+        }
     }
     Ok(())
 }

@@ -223,12 +223,14 @@ impl Live {
     }
 
     /// Why a VRA of this site refused `vpg`'s assignment, if one did (the first by host).
+    /// A VRA that cannot be reached refused nothing: it shows as unreachable (Error).
     fn assign_error(&self, vpg: &VpgId) -> Option<String> {
         let inner = self.lock();
         inner
             .assign_errors
             .iter()
             .filter(|((_, g), _)| g == vpg)
+            .filter(|((h, _), _)| inner.vras.get(h).is_none_or(|o| o.vpgs.is_ok()))
             .min_by(|a, b| a.0.0.as_str().cmp(b.0.0.as_str()))
             .map(|((h, _), e)| format!("the VRA of host {h} refused the assignment: {e}"))
     }
