@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use output::{Format, bytes, print};
 use tandem_proto::v1;
 use tandem_proto::v1::{
@@ -329,7 +329,10 @@ enum ClusterCmd {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&with_spec_help(Cli::command()).get_matches()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -337,6 +340,22 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tandem <kind> create --help` (and `edit`) shows the spec file's fields: the example
+/// of `deploy/examples/`, every field explained.
+fn with_spec_help(cli: clap::Command) -> clap::Command {
+    spec::EXAMPLES.iter().fold(cli, |cli, (kind, example)| {
+        cli.mut_subcommand(*kind, |c| {
+            let help = format!("Spec file fields (deploy/examples/{kind}.yaml):\n\n{example}");
+            let c = c.mut_subcommand("create", |s| s.after_long_help(help.clone()));
+            if c.find_subcommand("edit").is_some() {
+                c.mut_subcommand("edit", |s| s.after_long_help(help))
+            } else {
+                c
+            }
+        })
+    })
 }
 
 /// One line per error: a gRPC status as "code: message", anything else with its causes.

@@ -6,6 +6,18 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use tandem_proto::v1;
 
+/// The example spec file of each kind (`deploy/examples/`), shown by `create --help`.
+pub const EXAMPLES: [(&str, &str); 5] = [
+    ("host", include_str!("../../../deploy/examples/host.yaml")),
+    (
+        "datastore",
+        include_str!("../../../deploy/examples/datastore.yaml"),
+    ),
+    ("pool", include_str!("../../../deploy/examples/pool.yaml")),
+    ("vm", include_str!("../../../deploy/examples/vm.yaml")),
+    ("vpg", include_str!("../../../deploy/examples/vpg.yaml")),
+];
+
 /// Parses "10GiB", "512MiB", "1.5TB", "4096" (bytes) into bytes.
 pub fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim();
@@ -349,5 +361,25 @@ mod tests {
             serde_yaml::from_str::<VpgSpecFile>("name: x\nrecovery_site: s\nvms: []\nbogus: 1\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn every_example_spec_parses_into_its_message() {
+        for (kind, text) in EXAMPLES {
+            let parsed = match kind {
+                "host" => serde_yaml::from_str::<HostSpec>(text).map(|h| drop(h.into_proto())),
+                "datastore" => serde_yaml::from_str::<DatastoreSpec>(text)
+                    .map(|d| d.into_proto().map(drop).unwrap()),
+                "pool" => serde_yaml::from_str::<PoolSpec>(text)
+                    .map(|p| p.into_proto().map(drop).unwrap()),
+                "vm" => {
+                    serde_yaml::from_str::<VmSpec>(text).map(|v| v.into_proto().map(drop).unwrap())
+                }
+                "vpg" => serde_yaml::from_str::<VpgSpecFile>(text)
+                    .map(|v| v.into_proto().map(drop).unwrap()),
+                other => panic!("no parser for {other}"),
+            };
+            parsed.unwrap_or_else(|e| panic!("deploy/examples/{kind}.yaml: {e}"));
+        }
     }
 }
