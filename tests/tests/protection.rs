@@ -637,50 +637,10 @@ async fn an_added_vm_syncs_its_volumes_only_and_removed_vms_keep_or_lose_their_d
         .collect();
     assert!(!before.is_empty());
 
-    let ds = |site: usize| format!("{}-ds-0", lab.site_names[site]);
-    VmServiceClient::new(a.clone())
-        .create_vm(v1::Vm {
-            id: "vm-4".into(),
-            name: "vm-4".into(),
-            host_id: lab.vras[0][0].host.clone(),
-            power: v1::PowerState::On as i32,
-            memory_mib: 512,
-            cpus: 1,
-            cpu_reservation_mhz: 100,
-            memory_reservation_mib: 128,
-            volumes: vec![v1::Volume {
-                controller: 0,
-                unit: 1,
-                size_bytes: 16 * MIB,
-                datastore_id: ds(0),
-            }],
-            vpg_id: String::new(),
-        })
-        .await?;
     let g = get(&a, "vpg-web").await?;
-    let mut vms: Vec<v1::VmPlacement> = g.vms.iter().filter_map(|v| v.placement.clone()).collect();
-    vms.push(v1::VmPlacement {
-        vm_id: "vm-4".into(),
-        recovery_host_id: lab.vras[1][0].host.clone(),
-        recovery_datastore_id: ds(1),
-        recovery_pool_id: "pool".into(),
-    });
     let edited_at = tandem_now_ms();
-    let edited = VpgServiceClient::new(a.clone())
-        .update_vpg(v1::UpdateVpgRequest {
-            id: "vpg-web".into(),
-            generation: g.generation,
-            spec: Some(v1::VpgSpec {
-                name: g.name.clone(),
-                recovery_site_id: g.recovery_site_id.clone(),
-                settings: g.settings,
-                vms,
-            }),
-            keep_removed_recovery_disks: false,
-        })
-        .await?
-        .into_inner();
-    assert_eq!(edited.generation, g.generation + 1);
+    let generation = add_vm(&lab, &a, "vm-4", 1).await?;
+    assert_eq!(generation, g.generation + 1);
 
     // The host of the new VM runs a volume initial sync; nobody runs a full initial sync.
     let start = Instant::now();
@@ -712,7 +672,7 @@ async fn an_added_vm_syncs_its_volumes_only_and_removed_vms_keep_or_lose_their_d
         "vpg-web",
         Duration::from_secs(60),
         &mut seen,
-        |g| shown(g).0 == "Meeting SLA" && g.generation == edited.generation,
+        |g| shown(g).0 == "Meeting SLA" && g.generation == generation,
     )
     .await?;
     assert_eq!(g.vms.len(), 5);
@@ -820,24 +780,28 @@ async fn an_added_vm_syncs_its_volumes_only_and_removed_vms_keep_or_lose_their_d
 }
 
 /// Removes `vm` from `vpg-web` at site a; answers the new generation.
-async fn remove_vm(a: &Channel, vm: &str, keep: bool) -> Result<u64> {
+/// Edits `vpg-web`: `change` alters its current spec, sent read at `generation` (the
+/// current one when `None`), keeping removed VMs' recovery disks if `keep`; answers the new
+/// generation.
+async fn edit_vpg(
+    a: &Channel,
+    generation: Option<u64>,
+    keep: bool,
+    change: impl FnOnce(&mut v1::VpgSpec),
+) -> Result<u64> {
     let g = get(a, "vpg-web").await?;
-    let vms = g
-        .vms
-        .iter()
-        .filter_map(|v| v.placement.clone())
-        .filter(|p| p.vm_id != vm)
-        .collect();
+    let mut spec = v1::VpgSpec {
+        name: g.name.clone(),
+        recovery_site_id: g.recovery_site_id.clone(),
+        settings: g.settings,
+        vms: g.vms.iter().filter_map(|v| v.placement.clone()).collect(),
+    };
+    change(&mut spec);
     Ok(VpgServiceClient::new(a.clone())
         .update_vpg(v1::UpdateVpgRequest {
             id: "vpg-web".into(),
-            generation: g.generation,
-            spec: Some(v1::VpgSpec {
-                name: g.name.clone(),
-                recovery_site_id: g.recovery_site_id.clone(),
-                settings: g.settings,
-                vms,
-            }),
+            generation: generation.unwrap_or(g.generation),
+            spec: Some(spec),
             keep_removed_recovery_disks: keep,
         })
         .await?
@@ -845,6 +809,41 @@ async fn remove_vm(a: &Channel, vm: &str, keep: bool) -> Result<u64> {
         .generation)
 }
 
+async fn remove_vm(a: &Channel, vm: &str, keep: bool) -> Result<u64> {
+    edit_vpg(a, None, keep, |s| s.vms.retain(|p| p.vm_id != vm)).await
+}
+
+/// Creates VM `vm` (one 16 MiB volume at controller 0 `unit` on host 1 of site a) and adds
+/// it to `vpg-web`, recovered on host 1 of site b; answers the new generation.
+async fn add_vm(lab: &Lab, a: &Channel, vm: &str, unit: u32) -> Result<u64> {
+    let ds = |site: usize| format!("{}-ds-0", lab.site_names[site]);
+    VmServiceClient::new(a.clone())
+        .create_vm(v1::Vm {
+            id: vm.into(),
+            name: vm.into(),
+            host_id: lab.vras[0][0].host.clone(),
+            power: v1::PowerState::On as i32,
+            memory_mib: 512,
+            cpus: 1,
+            cpu_reservation_mhz: 100,
+            memory_reservation_mib: 128,
+            volumes: vec![v1::Volume {
+                controller: 0,
+                unit,
+                size_bytes: 16 * MIB,
+                datastore_id: ds(0),
+            }],
+            vpg_id: String::new(),
+        })
+        .await?;
+    let placement = v1::VmPlacement {
+        vm_id: vm.into(),
+        recovery_host_id: lab.vras[1][0].host.clone(),
+        recovery_datastore_id: ds(1),
+        recovery_pool_id: "pool".into(),
+    };
+    edit_vpg(a, None, false, |s| s.vms.push(placement)).await
+}
 fn tandem_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1190,26 +1189,13 @@ async fn a_delete_keeping_recovery_disks_names_them_and_a_stuck_delete_is_retrie
 
 /// Replaces `vpg-web`'s target RPO, read at `generation`; answers the new generation.
 async fn set_target_rpo(a: &Channel, generation: u64, secs: u64) -> Result<u64> {
-    let g = get(a, "vpg-web").await?;
-    let mut settings = g.settings.context("no settings")?;
-    settings.target_rpo_secs = secs;
-    Ok(VpgServiceClient::new(a.clone())
-        .update_vpg(v1::UpdateVpgRequest {
-            id: "vpg-web".into(),
-            generation,
-            spec: Some(v1::VpgSpec {
-                name: g.name.clone(),
-                recovery_site_id: g.recovery_site_id.clone(),
-                settings: Some(settings),
-                vms: g.vms.iter().filter_map(|v| v.placement.clone()).collect(),
-            }),
-            keep_removed_recovery_disks: false,
-        })
-        .await?
-        .into_inner()
-        .generation)
+    edit_vpg(a, Some(generation), false, |s| {
+        if let Some(settings) = s.settings.as_mut() {
+            settings.target_rpo_secs = secs;
+        }
+    })
+    .await
 }
-
 /// An edit whose answer from the recovery site is lost (the recovery site committed it,
 /// the protected site did not) is reconciled: both sites end at one generation, above
 /// either, holding the protected site's definition, and later edits go through. While the
@@ -1335,26 +1321,6 @@ async fn an_edit_the_protected_site_lost_is_reconciled_and_blocks_operations_whi
     Ok(())
 }
 
-/// Replaces the VMs of `vpg-web`; answers the new generation.
-async fn put_vms(a: &Channel, vms: Vec<v1::VmPlacement>) -> Result<u64> {
-    let g = get(a, "vpg-web").await?;
-    Ok(VpgServiceClient::new(a.clone())
-        .update_vpg(v1::UpdateVpgRequest {
-            id: "vpg-web".into(),
-            generation: g.generation,
-            spec: Some(v1::VpgSpec {
-                name: g.name.clone(),
-                recovery_site_id: g.recovery_site_id.clone(),
-                settings: g.settings,
-                vms,
-            }),
-            keep_removed_recovery_disks: false,
-        })
-        .await?
-        .into_inner()
-        .generation)
-}
-
 /// Writes `bytes` of incompressible data to `path` (a volume the VRA will find).
 fn fill_random(path: &std::path::Path, bytes: u64, seed: u64) -> Result<()> {
     use std::io::Write;
@@ -1458,26 +1424,6 @@ async fn the_seeds_live_statuses_are_each_driven_and_shown_by_the_cli() -> Resul
     // An added VM: Volume Initial Sync; the link cut during it leaves no checkpoint of
     // the VPG as it is now.
     link.throttle(Some(Direction::AToB), MIB).await?;
-    let ds = |site: usize| format!("{}-ds-0", lab.site_names[site]);
-    VmServiceClient::new(a.clone())
-        .create_vm(v1::Vm {
-            id: "vm-new".into(),
-            name: "vm-new".into(),
-            host_id: lab.vras[0][0].host.clone(),
-            power: v1::PowerState::On as i32,
-            memory_mib: 512,
-            cpus: 1,
-            cpu_reservation_mhz: 100,
-            memory_reservation_mib: 128,
-            volumes: vec![v1::Volume {
-                controller: 0,
-                unit: 0,
-                size_bytes: 16 * MIB,
-                datastore_id: ds(0),
-            }],
-            vpg_id: String::new(),
-        })
-        .await?;
     fill_random(
         &lab.dir
             .join(&lab.site_names[0])
@@ -1485,15 +1431,7 @@ async fn the_seeds_live_statuses_are_each_driven_and_shown_by_the_cli() -> Resul
         16 * MIB,
         7,
     )?;
-    let g = get(&a, "vpg-web").await?;
-    let mut vms: Vec<v1::VmPlacement> = g.vms.iter().filter_map(|v| v.placement.clone()).collect();
-    vms.push(v1::VmPlacement {
-        vm_id: "vm-new".into(),
-        recovery_host_id: lab.vras[1][0].host.clone(),
-        recovery_datastore_id: ds(1),
-        recovery_pool_id: "pool".into(),
-    });
-    put_vms(&a, vms).await?;
+    add_vm(&lab, &a, "vm-new", 0).await?;
     wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, |g| {
         shown(g).1 == "Volume Initial Sync"
     })
@@ -1528,7 +1466,7 @@ async fn the_seeds_live_statuses_are_each_driven_and_shown_by_the_cli() -> Resul
     wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, meeting_sla).await?;
 
     // Every VM removed.
-    put_vms(&a, Vec::new()).await?;
+    edit_vpg(&a, None, false, |s| s.vms.clear()).await?;
     wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, |g| {
         shown(g) == pair("Not Meeting SLA", "VPG has no VMs")
     })

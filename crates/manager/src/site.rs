@@ -364,23 +364,16 @@ impl SiteManager {
             .node
             .read({
                 let from = from.clone();
-                move |s| -> ApiResult<bool> {
-                    if !s.peers.contains_key(&from) {
-                        return Ok(false);
-                    }
+                move |s| -> ApiResult<Option<String>> {
+                    let Some(peer) = s.peers.get(&from) else {
+                        return Ok(None);
+                    };
                     s.check_unpairable(&from)?;
-                    Ok(true)
+                    Ok(Some(peer.name.clone()))
                 }
             })
             .await??;
-        if known {
-            let name = self
-                .node
-                .read_local({
-                    let from = from.clone();
-                    move |s| s.peers.get(&from).map(|p| p.name.clone())
-                })
-                .unwrap_or_default();
+        if let Some(name) = known {
             self.node
                 .propose(Command::RemovePeer { id: from.clone() })
                 .await?;
@@ -692,9 +685,9 @@ impl SiteManager {
             .ok_or_else(|| DomainError::not_found("vpg", &id).into())
     }
 
-    /// Ends a definition update that did not commit; logged, not fatal (the controller
-    /// also ends stale ones).
-    async fn end_update(&self, id: &VpgId) {
+    /// Ends a definition update that did not commit, or that a node which died mid-edit
+    /// left behind; logged, not fatal.
+    pub async fn end_update(&self, id: &VpgId) {
         let cmd = Command::EndVpgUpdate { id: id.clone() };
         if let Err(e) = self.node.propose(cmd).await {
             tracing::warn!(vpg = %id, error = %e, "definition update not ended");
@@ -810,12 +803,6 @@ impl SiteManager {
         )
         .await;
         Ok(generation)
-    }
-
-    /// Ends a definition update that its own node left behind (it died mid-edit) once the
-    /// two sites agree again.
-    pub async fn end_stale_update(&self, id: &VpgId) {
-        self.end_update(id).await;
     }
 
     /// Stores a definition sent by the peer site (the recovery side of create/edit).

@@ -32,7 +32,7 @@ pub async fn reconcile(site: &SiteManager, state: &SiteState, vpg: &Vpg, now_ms:
     let mismatch = live.generation_mismatch(&vpg.id, vpg.generation, peer.generation);
     if stale && mismatch.is_none_or(|age| age >= SETTLE) {
         tracing::warn!(vpg = %vpg.id, "ending a definition update its node left behind");
-        site.end_stale_update(&vpg.id).await;
+        site.end_update(&vpg.id).await;
     }
     if mismatch.is_some_and(|age| age >= SETTLE) {
         match site.reconcile_definition(&vpg.id, peer.generation).await {
