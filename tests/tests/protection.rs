@@ -355,6 +355,31 @@ async fn protected_syncs(lab: &Lab) -> Result<Vec<v1::VraSyncStatus>> {
     Ok(out)
 }
 
+/// Waits until a protected VRA of `vpg-web` runs (or ran) a sync of `kind` started at
+/// `since_ms` or later; fails at once on a full initial sync since then (a partial change
+/// must never resend everything).
+async fn wait_partial_sync(lab: &Lab, since_ms: u64, kind: v1::VraSyncKind) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let syncs = protected_syncs(lab).await?;
+        let fresh = |s: &&v1::VraSyncStatus| s.started_ms >= since_ms;
+        if syncs
+            .iter()
+            .filter(fresh)
+            .any(|s| s.kind == v1::VraSyncKind::Initial as i32)
+        {
+            bail!("a full initial sync for a partial change: {syncs:?}");
+        }
+        if syncs.iter().filter(fresh).any(|s| s.kind == kind as i32) {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("no {kind:?} sync since {since_ms}: {syncs:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_force_sync_and_a_vra_kill_converge() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -643,29 +668,7 @@ async fn an_added_vm_syncs_its_volumes_only_and_removed_vms_keep_or_lose_their_d
     assert_eq!(generation, g.generation + 1);
 
     // The host of the new VM runs a volume initial sync; nobody runs a full initial sync.
-    let start = Instant::now();
-    loop {
-        let syncs = protected_syncs(&lab).await?;
-        let fresh = |s: &&v1::VraSyncStatus| s.started_ms >= edited_at;
-        assert!(
-            !syncs
-                .iter()
-                .filter(fresh)
-                .any(|s| s.kind == v1::VraSyncKind::Initial as i32),
-            "a full initial sync after adding a VM: {syncs:?}"
-        );
-        if syncs
-            .iter()
-            .filter(fresh)
-            .any(|s| s.kind == v1::VraSyncKind::VolumeInitial as i32)
-        {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("no volume initial sync after adding vm-4: {syncs:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_partial_sync(&lab, edited_at, v1::VraSyncKind::VolumeInitial).await?;
     let mut seen = Vec::new();
     let g = wait_vpg_cli(
         &apis_a,
@@ -1489,6 +1492,196 @@ async fn the_seeds_live_statuses_are_each_driven_and_shown_by_the_cli() -> Resul
         pair("Not Meeting SLA", "VPG has no VMs"),
     ] {
         assert!(seen.contains(&want), "{want:?} never shown: {seen:?}");
+    }
+    lab.down().await;
+    Ok(())
+}
+
+/// Runs `tool` (qemu-io, qemu-img) and answers its exit code and output.
+fn run_tool(tool: &str, args: &[&str]) -> Result<(i32, String)> {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {tool}"))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// Waits until an event of `code` whose description contains every one of `words` is
+/// listed at `ch`.
+async fn event_saying(ch: &Channel, code: &str, words: &[&str]) -> Result<v1::Event> {
+    let start = Instant::now();
+    loop {
+        let list = events(ch, code).await?;
+        if let Some(e) = list
+            .iter()
+            .find(|e| words.iter().all(|w| e.description.contains(w)))
+        {
+            return Ok(e.clone());
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("no {code} event saying {words:?}: {list:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Changes VM `id`'s inventory record at site a (the hypervisor's view of it).
+async fn update_vm(a: &Channel, id: &str, change: impl FnOnce(&mut v1::Vm)) -> Result<()> {
+    let mut vm = VmServiceClient::new(a.clone())
+        .get_vm(v1::GetRequest { id: id.into() })
+        .await?
+        .into_inner();
+    change(&mut vm);
+    VmServiceClient::new(a.clone()).update_vm(vm).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_added_grown_and_removed_in_the_inventory_reach_the_mirror() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Protected {
+        mut lab,
+        a,
+        b,
+        apis_a,
+        levelled,
+        ..
+    } = protect(dir.path()).await?;
+    let ds = |site: usize| format!("{}-ds-0", lab.site_names[site]);
+    let provisioned = |g: &v1::Vpg| g.status.as_ref().map_or(0, |s| s.provisioned_bytes);
+
+    // A protected volume can grow, never shrink: the replica holds data past the new end.
+    let shrink = update_vm(&a, "vm-2", |vm| vm.volumes[0].size_bytes = 16 * MIB).await;
+    let err = shrink.expect_err("a protected volume shrank");
+    let status = err
+        .downcast_ref::<tonic::Status>()
+        .context("not a status")?;
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("not shrink"), "{status:?}");
+
+    // vm-0 (host 0) gets a second volume and its first grows by 8 MiB, in the inventory
+    // alone: the VPG follows at a new generation, syncing the new and grown parts only.
+    let changed_at = tandem_now_ms();
+    update_vm(&a, "vm-0", |vm| {
+        vm.volumes[0].size_bytes = 40 * MIB;
+        vm.volumes.push(v1::Volume {
+            controller: 0,
+            unit: 1,
+            size_bytes: 8 * MIB,
+            datastore_id: ds(0),
+        });
+    })
+    .await?;
+    let e = event_saying(&a, "EV0007", &["vm-0", "c0u1 added", "c0u0 resized"]).await?;
+    eprintln!("{}", e.description);
+    wait_partial_sync(&lab, changed_at, v1::VraSyncKind::VolumeInitial).await?;
+    let mut seen = Vec::new();
+    let g = wait_vpg_cli(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(60),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA" && g.generation == levelled.generation + 1,
+    )
+    .await?;
+    assert_eq!(provisioned(&g), provisioned(&levelled) + 16 * MIB);
+    eprintln!("after the inventory change: {seen:?}");
+
+    // Data written to the new volume and to the grown tail is in a checkpoint's image at
+    // the recovery site, byte for byte (qemu-io writes, qemu-img compares).
+    let nbd = lab.vras[0][0].nbd.clone();
+    for (export, write) in [
+        ("vm-0/1", "write -P 0x5a 1M 2M"),
+        ("vm-0/0", "write -P 0xa5 36M 1M"),
+    ] {
+        let uri = format!("nbd://{nbd}/{export}");
+        let (code, out) = run_tool("qemu-io", &["-f", "raw", "-c", write, &uri])?;
+        assert!(code == 0 && !out.contains("error"), "qemu-io {uri}: {out}");
+    }
+    let named = vpgs(&a)
+        .add_checkpoint(v1::AddCheckpointRequest {
+            vpg_ids: vec!["vpg-web".into()],
+            name: "after-resize".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .checkpoints[0]
+        .id;
+    let start = Instant::now();
+    while !checkpoints(&b, "vpg-web")
+        .await?
+        .iter()
+        .any(|c| c.id == named && c.usable)
+    {
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!("checkpoint {named} never usable");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recovery = &lab.vras[1][0];
+    let mut control = VraControlClient::new(channel(&recovery.control).await?);
+    for (volume_id, file) in [(0u32, "c0u0.img"), (1, "c0u1.img")] {
+        let source = lab
+            .dir
+            .join(&lab.site_names[0])
+            .join("ds-0/vm-0")
+            .join(file);
+        let export = control
+            .open_export(v1::OpenExportRequest {
+                vpg_id: "vpg-web".into(),
+                vm_id: "vm-0".into(),
+                volume_id,
+                checkpoint_id: named,
+                writable: false,
+            })
+            .await?
+            .into_inner()
+            .export_name;
+        let uri = format!("nbd://{}/{export}", recovery.nbd);
+        let source_arg = source.display().to_string();
+        let (code, out) = run_tool(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", &source_arg, &uri],
+        )?;
+        assert_eq!(code, 0, "volume {volume_id} at checkpoint {named}: {out}");
+        control
+            .close_export(v1::CloseExportRequest {
+                export_name: export,
+            })
+            .await?;
+    }
+
+    // The new volume removed from the VM: the VPG follows and its replica goes with it.
+    let replica = lab
+        .dir
+        .join(&lab.site_names[1])
+        .join("ds-0/vpg-web/vm-0/c0u1.replica");
+    assert_eq!(std::fs::metadata(&replica)?.len(), 8 * MIB);
+    update_vm(&a, "vm-0", |vm| vm.volumes.retain(|v| v.unit != 1)).await?;
+    event_saying(&a, "EV0007", &["vm-0", "c0u1 removed"]).await?;
+    let g = wait_vpg_cli(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(30),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA" && g.generation == levelled.generation + 2,
+    )
+    .await?;
+    assert_eq!(provisioned(&g), provisioned(&levelled) + 8 * MIB);
+    let start = Instant::now();
+    while replica.exists() {
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!("the removed volume's replica is still there");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     lab.down().await;
     Ok(())

@@ -30,10 +30,12 @@ pub enum EventCode {
     /// The two sites' copies of a definition differed and were brought in line.
     DefinitionReconciled,
     SiteUnpaired,
+    /// A protected VM's volumes (or memory) changed in the inventory and its VPG follows.
+    VpgFollowedInventory,
 }
 
 impl EventCode {
-    pub const ALL: [EventCode; 14] = [
+    pub const ALL: [EventCode; 15] = [
         Self::VpgCreated,
         Self::VpgEdited,
         Self::VpgDeleteStarted,
@@ -48,6 +50,7 @@ impl EventCode {
         Self::PeerBandwidthLimitSet,
         Self::DefinitionReconciled,
         Self::SiteUnpaired,
+        Self::VpgFollowedInventory,
     ];
 
     pub fn code(self) -> &'static str {
@@ -66,6 +69,7 @@ impl EventCode {
             Self::PeerBandwidthLimitSet => "EV0050",
             Self::DefinitionReconciled => "EV0006",
             Self::SiteUnpaired => "EV0051",
+            Self::VpgFollowedInventory => "EV0007",
         }
     }
 

@@ -266,7 +266,7 @@ mod tests {
     use super::*;
     use crate::ids::{DatastoreId, PoolId};
     use crate::inventory::{Datastore, Host, PowerState, Vm, Volume};
-    use crate::vpg::{VmFootprint, VmPlacement, VpgSettings};
+    use crate::vpg::{JournalLimit, VmFootprint, VmPlacement, VpgSettings};
 
     fn id<T>(f: fn(String) -> T, s: &str) -> T {
         f(s.to_string())
@@ -398,6 +398,70 @@ mod tests {
             .pop();
         let err = protected_plans(&vpg, &s).unwrap_err().to_string();
         assert!(err.contains("controller 1 unit 2"), "{err}");
+    }
+
+    #[test]
+    fn inventory_drift_names_added_grown_and_removed_volumes_and_keeps_journal_limits() {
+        let (mut s, mut vpg) = fixture();
+        let lookup = |s: &SiteState, vpg: &Vpg| vpg.inventory_drift(|id| s.vms.get(id));
+        assert!(
+            lookup(&s, &vpg).is_empty(),
+            "a fresh definition has no drift"
+        );
+        // Journal limits edited after vm0 joined are not drift: they apply to new VMs only.
+        vpg.settings.journal_hard_limit = JournalLimit::Bytes(1 << 30);
+        assert!(lookup(&s, &vpg).is_empty());
+
+        let vm0 = s.vms.get_mut(&VmId::minted("vm0".into())).unwrap();
+        vm0.volumes[0].size_bytes = 3 << 20;
+        vm0.volumes.remove(1);
+        let ds = vm0.volumes[0].datastore_id.clone();
+        vm0.volumes.push(Volume {
+            controller: 2,
+            unit: 5,
+            size_bytes: 1 << 20,
+            datastore_id: ds,
+        });
+        let drift = lookup(&s, &vpg);
+        assert_eq!(drift.len(), 1);
+        assert_eq!(drift[0].0.as_str(), "vm0");
+        assert_eq!(
+            drift[0].1,
+            [
+                "volume c0u0 resized from 1.0 MiB to 3.0 MiB",
+                "volume c2u5 added (1.0 MiB)",
+                "volume c1u2 removed",
+            ]
+        );
+        let vm = &s.vms[&VmId::minted("vm0".into())];
+        let now = VmFootprint::refreshed(vm, &vpg.settings, Some(&vpg.vms[0].footprint));
+        assert_eq!(
+            now.journal_hard_limit,
+            vpg.vms[0].footprint.journal_hard_limit
+        );
+        assert_eq!(now.volumes, [(0, 0, 3 << 20), (2, 5, 1 << 20)]);
+
+        // Memory counts too (provisioned storage), with no volume change to name.
+        let (mut s, vpg) = fixture();
+        s.vms
+            .get_mut(&VmId::minted("vm1".into()))
+            .unwrap()
+            .memory_mib = 4096;
+        assert_eq!(lookup(&s, &vpg), [(VmId::minted("vm1".into()), vec![])]);
+    }
+
+    #[test]
+    fn a_protected_volume_can_grow_but_not_shrink() {
+        let (s, vpg) = fixture();
+        let mut vm = s.vms[&VmId::minted("vm0".into())].clone();
+        let footprint = &vpg.vms[0].footprint;
+        vm.volumes[1].size_bytes = 8 << 20;
+        footprint.check_no_shrink(&vm).unwrap();
+        vm.volumes.remove(0);
+        footprint.check_no_shrink(&vm).unwrap();
+        vm.volumes[0].size_bytes = 1 << 20;
+        let err = footprint.check_no_shrink(&vm).unwrap_err().to_string();
+        assert!(err.contains("c1u2") && err.contains("not shrink"), "{err}");
     }
 
     /// The recovery site of the fixture: datastores ds-r1 and ds-r2 of hosts r1 and r2.

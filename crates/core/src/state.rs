@@ -378,6 +378,14 @@ impl SiteState {
                     );
                 }
                 v.into_result()?;
+                if let Some(m) = self
+                    .vpgs
+                    .values()
+                    .flat_map(|g| &g.vms)
+                    .find(|m| m.placement.vm_id == vm.id)
+                {
+                    m.footprint.check_no_shrink(&vm)?;
+                }
                 // VM names need not be unique (hypervisors allow it); ids are.
                 put(&mut self.vms, vm.id.clone(), vm, create, VmId::KIND)
             }

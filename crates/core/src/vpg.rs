@@ -212,6 +212,65 @@ impl VmFootprint {
         }
     }
 
+    /// The footprint of `vm` as the inventory has it now; journal limits stay as they were
+    /// captured when the VM joined (`joined`), since the seed applies edits of them to new
+    /// VMs only.
+    pub fn refreshed(vm: &Vm, settings: &VpgSettings, joined: Option<&VmFootprint>) -> Self {
+        let mut f = Self::of(vm, settings);
+        if let Some(j) = joined {
+            f.journal_hard_limit = j.journal_hard_limit;
+            f.journal_warning = j.journal_warning;
+        }
+        f
+    }
+
+    /// What changed in the volumes from `self` to `now`, for an operator ("volume c0u1
+    /// added (8 MiB)"); empty when only other figures changed.
+    pub fn volume_changes(&self, now: &VmFootprint) -> Vec<String> {
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0));
+        let find = |vols: &[(u8, u8, u64)], c: u8, u: u8| {
+            vols.iter().find(|v| v.0 == c && v.1 == u).map(|v| v.2)
+        };
+        let mut out = Vec::new();
+        for &(c, u, size) in &now.volumes {
+            match find(&self.volumes, c, u) {
+                None => out.push(format!("volume c{c}u{u} added ({})", mib(size))),
+                Some(old) if old != size => out.push(format!(
+                    "volume c{c}u{u} resized from {} to {}",
+                    mib(old),
+                    mib(size)
+                )),
+                Some(_) => {}
+            }
+        }
+        for &(c, u, _) in &self.volumes {
+            if find(&now.volumes, c, u).is_none() {
+                out.push(format!("volume c{c}u{u} removed"));
+            }
+        }
+        out
+    }
+
+    /// Why the inventory may not shrink a protected volume to `vm`'s sizes, if it does: its
+    /// replica and journal hold data past the new end.
+    pub fn check_no_shrink(&self, vm: &Vm) -> Result<(), crate::DomainError> {
+        for v in &vm.volumes {
+            if let Some(&(_, _, protected)) = self
+                .volumes
+                .iter()
+                .find(|p| p.0 == v.controller && p.1 == v.unit)
+                .filter(|p| p.2 > v.size_bytes)
+            {
+                return Err(crate::DomainError::precondition(format!(
+                    "volume c{}u{} of VM {} is protected at {protected} bytes: a protected \
+                     volume can grow, not shrink (remove it from the VM first)",
+                    v.controller, v.unit, vm.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn provisioned_bytes(&self) -> u64 {
         self.volumes.iter().map(|v| v.2).sum()
     }
@@ -297,6 +356,34 @@ pub struct Vpg {
 impl Vpg {
     pub fn vm_ids(&self) -> impl Iterator<Item = &VmId> {
         self.vms.iter().map(|v| &v.placement.vm_id)
+    }
+
+    /// This definition as an operator would send it to edit it.
+    pub fn spec(&self) -> VpgSpec {
+        VpgSpec {
+            name: self.name.clone(),
+            recovery_site: self.recovery_site.clone(),
+            settings: self.settings.clone(),
+            vms: self.vms.iter().map(|m| m.placement.clone()).collect(),
+        }
+    }
+
+    /// The VMs whose inventory (volumes, memory, reservations) changed since the definition
+    /// captured them, each with what changed in its volumes: the seed reflects such changes
+    /// in the volumes used for the mirror. A VM missing from the inventory is not drift (the
+    /// plans report it).
+    pub fn inventory_drift<'a>(
+        &self,
+        inventory: impl Fn(&VmId) -> Option<&'a Vm>,
+    ) -> Vec<(VmId, Vec<String>)> {
+        self.vms
+            .iter()
+            .filter_map(|m| {
+                let vm = inventory(&m.placement.vm_id)?;
+                let now = VmFootprint::refreshed(vm, &self.settings, Some(&m.footprint));
+                (now != m.footprint).then(|| (vm.id.clone(), m.footprint.volume_changes(&now)))
+            })
+            .collect()
     }
 
     /// Whether this VPG is between the same two sites as `a` and `b`, in either direction.

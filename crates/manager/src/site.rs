@@ -529,18 +529,14 @@ impl SiteManager {
                             format!("vms[{i}].vm_id"),
                             format!("VM {} does not exist", p.vm_id),
                         ),
-                        Some(vm) => {
-                            let mut footprint = VmFootprint::of(vm, &spec.settings);
-                            // Journal limits apply to new VMs only.
-                            if let Some(k) = kept {
-                                footprint.journal_hard_limit = k.footprint.journal_hard_limit;
-                                footprint.journal_warning = k.footprint.journal_warning;
-                            }
-                            vms.push(VpgVm {
-                                placement: p.clone(),
-                                footprint,
-                            });
-                        }
+                        Some(vm) => vms.push(VpgVm {
+                            placement: p.clone(),
+                            footprint: VmFootprint::refreshed(
+                                vm,
+                                &spec.settings,
+                                kept.map(|k| &k.footprint),
+                            ),
+                        }),
                     }
                 }
                 v.into_result()?;
@@ -637,15 +633,71 @@ impl SiteManager {
         spec: VpgSpec,
         keep_removed_recovery_disks: bool,
     ) -> ApiResult<VpgView> {
+        self.edit_vpg(id, generation, spec, keep_removed_recovery_disks, None)
+            .await
+    }
+
+    /// Brings a VPG this site protects up to date with its VMs' inventory (`changes`, as
+    /// [`Vpg::inventory_drift`] names them): a new generation whose footprints, and so the
+    /// mirror's volumes, are the inventory's.
+    pub async fn follow_inventory(
+        &self,
+        vpg: &Vpg,
+        changes: &[(tandem_core::ids::VmId, Vec<String>)],
+    ) -> ApiResult<VpgView> {
+        let what = changes
+            .iter()
+            .map(|(vm, c)| {
+                let c = if c.is_empty() {
+                    "memory or reservations changed".to_string()
+                } else {
+                    c.join(", ")
+                };
+                format!("VM {vm}: {c}")
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        self.edit_vpg(
+            vpg.id.clone(),
+            vpg.generation,
+            vpg.spec(),
+            false,
+            Some(what),
+        )
+        .await
+    }
+
+    /// An edit by the operator (`inventory` is `None`) or one that follows the inventory.
+    async fn edit_vpg(
+        &self,
+        id: VpgId,
+        generation: u64,
+        spec: VpgSpec,
+        keep_removed_recovery_disks: bool,
+        inventory: Option<String>,
+    ) -> ApiResult<VpgView> {
         let (mut vpg, peer) = self.build_vpg(id.clone(), spec, Some(generation)).await?;
         vpg.updated_at_ms = now_ms();
         vpg.keep_removed_recovery_disks = keep_removed_recovery_disks;
-        let what = format!(
-            "VPG {:?} edited: generation {}, {} VMs",
-            vpg.name,
-            generation + 1,
-            vpg.vms.len()
-        );
+        let (code, what) = match &inventory {
+            None => (
+                EventCode::VpgEdited,
+                format!(
+                    "VPG {:?} edited: generation {}, {} VMs",
+                    vpg.name,
+                    generation + 1,
+                    vpg.vms.len()
+                ),
+            ),
+            Some(changes) => (
+                EventCode::VpgFollowedInventory,
+                format!(
+                    "VPG {:?} follows the inventory at generation {}: {changes}",
+                    vpg.name,
+                    generation + 1
+                ),
+            ),
+        };
         // Until both sites hold the new definition, nothing else may change the VPG.
         self.node
             .propose(Command::BeginVpgUpdate {
@@ -672,8 +724,7 @@ impl SiteManager {
             self.end_update(&id).await;
         }
         let index = self.fail_task_on_error(task, index).await?;
-        self.record_event(EventCode::VpgEdited, Some(&id), what)
-            .await;
+        self.record_event(code, Some(&id), what).await;
         self.vpg_after(index, id).await
     }
 

@@ -878,6 +878,21 @@ fn open_or_create(path: &std::path::Path, size: u64) -> VraResult<FileDevice> {
         std::fs::create_dir_all(parent).map_err(VraError::io("create datastore dir", parent))?;
     }
     let image = if path.exists() {
+        // A volume grown in the inventory: the hypervisor's disk grows with it (zeroes).
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(VraError::io("open image", path))?;
+        let len = file
+            .metadata()
+            .map_err(VraError::io("stat image", path))?
+            .len();
+        if len < size {
+            file.set_len(size)
+                .map_err(VraError::io("grow image", path))?;
+            info!(path = %path.display(), from = len, to = size, "image grown to its volume's size");
+        }
+        drop(file);
         FileDevice::open(path)?
     } else {
         FileDevice::create_sparse(path, size)?

@@ -261,6 +261,7 @@ impl Vra {
     ) -> VraResult<()> {
         let mut vpgs = self.inner.vpgs.lock().await;
         let mut dropped = None;
+        let mut dropped_volumes: Vec<PathBuf> = Vec::new();
         if let Some(role) = vpgs.get(&a.vpg) {
             let Role::Recovery(r) = role else {
                 return Err(VraError::WrongRole {
@@ -285,6 +286,18 @@ impl Vra {
             vpgs.remove(&a.vpg);
             if let Some(kept) = &remove_dropped {
                 let mut gone = old.assignment().clone();
+                // Volumes a staying VM lost: their replicas would be stale copies.
+                dropped_volumes = gone
+                    .vms
+                    .iter()
+                    .filter_map(|vm| Some((vm, a.vms.iter().find(|n| n.vm == vm.vm)?)))
+                    .flat_map(|(vm, now)| {
+                        vm.volumes
+                            .iter()
+                            .filter(|v| now.volumes.iter().all(|n| n.id != v.id))
+                            .map(|v| v.path.clone())
+                    })
+                    .collect();
                 gone.vms.retain(|vm| {
                     a.vms.iter().all(|n| n.vm != vm.vm) && !kept.iter().any(|k| k == vm.vm.as_str())
                 });
@@ -293,6 +306,15 @@ impl Vra {
         }
         if let Some(gone) = &dropped {
             remove_recovery_data_of(gone)?;
+        }
+        for path in &dropped_volumes {
+            match std::fs::remove_file(path) {
+                Ok(()) => {
+                    info!(vpg = %a.vpg, path = %path.display(), "replica of a removed volume removed")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(VraError::io("remove replica", path)(e)),
+            }
         }
         let state_dir = self.vpg_dir(&a.vpg);
         let cancel = self.inner.cancel.clone();

@@ -2,7 +2,9 @@
 //! that the recovery site committed and this site did not (its answer was lost, or this
 //! node died between the two commits) leaves the peer a generation ahead, refusing later
 //! edits: both copies are brought back to this site's definition, at a generation above
-//! either. An update marker left by a node that died mid-edit is ended here too.
+//! either. An update marker left by a node that died mid-edit is ended here too. A
+//! protected VM whose volumes change in the inventory (added, grown, removed) takes its
+//! VPG along: a new generation whose mirror has the inventory's volumes.
 
 use std::time::Duration;
 
@@ -34,6 +36,9 @@ pub async fn reconcile(site: &SiteManager, state: &SiteState, vpg: &Vpg, now_ms:
         tracing::warn!(vpg = %vpg.id, "ending a definition update its node left behind");
         site.end_update(&vpg.id).await;
     }
+    if mismatch.is_none() && update.is_none() {
+        follow_inventory(site, state, vpg).await;
+    }
     if mismatch.is_some_and(|age| age >= SETTLE) {
         match site.reconcile_definition(&vpg.id, peer.generation).await {
             Ok(g) => tracing::info!(
@@ -46,4 +51,32 @@ pub async fn reconcile(site: &SiteManager, state: &SiteState, vpg: &Vpg, now_ms:
             ),
         }
     }
+}
+
+/// Edits `vpg` to its VMs' inventory when that changed, at most once per
+/// [`super::live::FOLLOW_RETRY`] while it fails (the recovery site may lack room for a grown
+/// volume; the VPG then shows the VM as not protected).
+async fn follow_inventory(site: &SiteManager, state: &SiteState, vpg: &Vpg) {
+    if vpg
+        .operation
+        .is_some_and(|op| op != tandem_core::status::Operation::Creating)
+    {
+        return;
+    }
+    let drift = vpg.inventory_drift(|id| state.vms.get(id));
+    let live = &site.control().live;
+    if drift.is_empty() || !live.follow_due(&vpg.id) {
+        return;
+    }
+    let r = site.follow_inventory(vpg, &drift).await;
+    match &r {
+        Ok(v) => tracing::info!(
+            vpg = %vpg.id, generation = v.vpg.generation, ?drift,
+            "the VPG follows its VMs' inventory"
+        ),
+        Err(e) => tracing::warn!(
+            vpg = %vpg.id, ?drift, error = %e, "the VPG cannot follow its VMs' inventory yet"
+        ),
+    }
+    live.record_follow(&vpg.id, r.map(|_| ()).map_err(|e| e.to_string()));
 }

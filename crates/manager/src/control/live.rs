@@ -120,7 +120,13 @@ struct Inner {
     alerts_since: HashMap<(VpgId, AlertKind), u64>,
     /// A VPG whose two sites' generations differ: (here, there) and since when.
     generation_mismatch: HashMap<VpgId, ((u64, u64), Instant)>,
+    /// A VPG that could not follow its VMs' inventory: when it was tried, and why not.
+    follow_failed: HashMap<VpgId, (Instant, String)>,
 }
+
+/// How long after a failed attempt the definitions controller tries again to bring a VPG
+/// up to date with its inventory (each attempt is an edit on both sites, with a task).
+pub const FOLLOW_RETRY: Duration = Duration::from_secs(10);
 
 /// Shared by the controllers and the API of one node; filled only while it leads.
 #[derive(Debug, Clone, Default)]
@@ -305,6 +311,23 @@ impl Live {
         Some(now - entry.1)
     }
 
+    /// Whether a VPG may try to follow its inventory now: it has not failed to lately.
+    pub fn follow_due(&self, vpg: &VpgId) -> bool {
+        self.lock()
+            .follow_failed
+            .get(vpg)
+            .is_none_or(|(at, _)| at.elapsed() >= FOLLOW_RETRY)
+    }
+
+    /// The outcome of an attempt to follow the inventory.
+    pub fn record_follow(&self, vpg: &VpgId, r: Result<(), String>) {
+        let mut inner = self.lock();
+        match r {
+            Ok(()) => inner.follow_failed.remove(vpg),
+            Err(e) => inner.follow_failed.insert(vpg.clone(), (Instant::now(), e)),
+        };
+    }
+
     /// Whether the peer answered recently.
     pub fn peer_reachable(&self, site: &SiteId) -> bool {
         self.lock()
@@ -352,6 +375,23 @@ impl Live {
             Ok(h) => (h, self.assign_error(&vpg.id)),
             Err(e) => (Vec::new(), Some(e)),
         };
+        // An inventory change the VPG could not follow leaves that VM's new or grown
+        // volumes unprotected.
+        let plan_error = plan_error.or_else(|| {
+            let failed = self
+                .lock()
+                .follow_failed
+                .get(&vpg.id)
+                .map(|f| f.1.clone())?;
+            let drift = vpg.inventory_drift(|id| s.vms.get(id));
+            (!drift.is_empty()).then(|| {
+                let vms: Vec<String> = drift.iter().map(|(vm, _)| vm.to_string()).collect();
+                format!(
+                    "the inventory of VM {} changed and the VPG cannot follow it: {failed}",
+                    vms.join(", ")
+                )
+            })
+        });
         let own = self.seen(&vpg.id, &hosts);
         let peer_site = if protects {
             &vpg.recovery_site
