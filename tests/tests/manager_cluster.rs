@@ -73,6 +73,7 @@ fn spec(name: &str, site: &str, vms: &[&str], pool: &str) -> v1::VpgSpec {
                 recovery_host_id: "b-h".into(),
                 recovery_datastore_id: "b-ds".into(),
                 recovery_pool_id: pool.into(),
+                preseeded: false,
             })
             .collect(),
     }

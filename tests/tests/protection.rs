@@ -664,6 +664,9 @@ async fn an_added_vm_syncs_its_volumes_only_and_removed_vms_keep_or_lose_their_d
 
     let g = get(&a, "vpg-web").await?;
     let edited_at = tandem_now_ms();
+    // Data to copy: a volume initial sync skips what reads as zeros.
+    let source = lab.dir.join(&lab.site_names[0]).join("ds-0/vm-4/c0u1.img");
+    fill_random(&source, 16 * MIB, 4)?;
     let generation = add_vm(&lab, &a, "vm-4", 1).await?;
     assert_eq!(generation, g.generation + 1);
 
@@ -735,15 +738,76 @@ async fn an_added_vm_syncs_its_volumes_only_and_removed_vms_keep_or_lose_their_d
         kept[0].description
     );
     assert_eq!(std::fs::metadata(&replica)?.len(), 16 * MIB);
+
+    // vm-4 back, its kept disks preseeded, after 512 KiB written to it while it was out of
+    // the VPG: a delta sync of its volume alone ("Delta syncing a volume", shown over a
+    // 64 KB/s link) sends about what differs, and its image equals the source again.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&source)?;
+        f.write_all_at(&vec![0x6b; 512 << 10], 4 * MIB)?;
+        f.sync_all()?;
+    }
+    let link = lab.links.get(&lab.link_name(0, 1)).await?;
+    link.throttle(None, 64 * 1024).await?;
+    let readded_at = tandem_now_ms();
+    let generation = add_to_vpg(&lab, &a, "vm-4", true).await?;
+    let shown_delta = wait_vpg_cli(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(60),
+        &mut seen,
+        |g| shown(g).1 == "Delta syncing a volume",
+    )
+    .await;
+    link.throttle(None, 0).await?;
+    shown_delta?;
+    wait_partial_sync(&lab, readded_at, v1::VraSyncKind::VolumeDelta).await?;
+    let g = wait_vpg_cli(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(60),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA" && g.generation == generation,
+    )
+    .await?;
+    let preseeded = |g: &v1::Vpg| -> Vec<String> {
+        g.vms
+            .iter()
+            .filter_map(|v| v.placement.as_ref())
+            .filter(|p| p.preseeded)
+            .map(|p| p.vm_id.clone())
+            .collect()
+    };
+    assert_eq!(preseeded(&g), ["vm-4"]);
+    let syncs = protected_syncs(&lab).await?;
+    let delta = syncs
+        .iter()
+        .find(|s| s.kind == v1::VraSyncKind::VolumeDelta as i32 && s.started_ms >= readded_at)
+        .context("no delta sync of the preseeded volume")?;
+    eprintln!("preseeded vm-4: {delta:?}");
+    assert!(
+        (512 << 10..2 * MIB).contains(&delta.sent_bytes),
+        "a preseeded 16 MiB volume with 512 KiB changed sent {} bytes",
+        delta.sent_bytes
+    );
+    checkpoint_matches_source(&lab, &a, &b, "vm-4", &[(0, 1)]).await?;
+
     let generation = remove_vm(&a, "vm-3", false).await?;
     wait_vpg_cli(
         &apis_a,
         "vpg-web",
         Duration::from_secs(30),
         &mut seen,
-        |g| shown(g).0 == "Meeting SLA" && g.generation == generation && g.vms.len() == 3,
+        |g| shown(g).0 == "Meeting SLA" && g.generation == generation && g.vms.len() == 4,
     )
     .await?;
+    let g = get(&a, "vpg-web").await?;
+    assert!(
+        preseeded(&g).is_empty(),
+        "preseeding is for the edit a VM joins in: {:?}",
+        g.vms
+    );
     let start = Instant::now();
     while rec_vm_dir(1, "vm-3").exists() {
         if start.elapsed() > Duration::from_secs(15) {
@@ -769,14 +833,12 @@ async fn an_added_vm_syncs_its_volumes_only_and_removed_vms_keep_or_lose_their_d
             "{vm}'s recovery data left behind"
         );
     }
-    // Only what was kept stays.
-    assert!(replica.exists());
-    assert!(
-        !lab.dir
-            .join(&lab.site_names[1])
-            .join("ds-1/vpg-web")
-            .exists()
-    );
+    // vm-4 was back in the VPG: its disks go with it.
+    assert!(!replica.exists(), "vm-4's recovery disk left behind");
+    for ds in ["ds-0", "ds-1"] {
+        let left = lab.dir.join(&lab.site_names[1]).join(ds).join("vpg-web");
+        assert!(!left.exists(), "{} left behind", left.display());
+    }
     assert_eq!(events(&b, "EV0040").await?.len(), 1);
     lab.down().await;
     Ok(())
@@ -819,7 +881,6 @@ async fn remove_vm(a: &Channel, vm: &str, keep: bool) -> Result<u64> {
 /// Creates VM `vm` (one 16 MiB volume at controller 0 `unit` on host 1 of site a) and adds
 /// it to `vpg-web`, recovered on host 1 of site b; answers the new generation.
 async fn add_vm(lab: &Lab, a: &Channel, vm: &str, unit: u32) -> Result<u64> {
-    let ds = |site: usize| format!("{}-ds-0", lab.site_names[site]);
     VmServiceClient::new(a.clone())
         .create_vm(v1::Vm {
             id: vm.into(),
@@ -834,16 +895,23 @@ async fn add_vm(lab: &Lab, a: &Channel, vm: &str, unit: u32) -> Result<u64> {
                 controller: 0,
                 unit,
                 size_bytes: 16 * MIB,
-                datastore_id: ds(0),
+                datastore_id: format!("{}-ds-0", lab.site_names[0]),
             }],
             vpg_id: String::new(),
         })
         .await?;
+    add_to_vpg(lab, a, vm, false).await
+}
+
+/// Adds existing VM `vm` to `vpg-web`, recovered on host 0 of site b, its recovery disks
+/// `preseeded` or not; answers the new generation.
+async fn add_to_vpg(lab: &Lab, a: &Channel, vm: &str, preseeded: bool) -> Result<u64> {
     let placement = v1::VmPlacement {
         vm_id: vm.into(),
         recovery_host_id: lab.vras[1][0].host.clone(),
-        recovery_datastore_id: ds(1),
+        recovery_datastore_id: format!("{}-ds-0", lab.site_names[1]),
         recovery_pool_id: "pool".into(),
+        preseeded,
     };
     edit_vpg(a, None, false, |s| s.vms.push(placement)).await
 }
@@ -1532,6 +1600,73 @@ async fn event_saying(ch: &Channel, code: &str, words: &[&str]) -> Result<v1::Ev
     }
 }
 
+/// Takes a named checkpoint of `vpg-web` (nothing writing), waits until it is usable at
+/// site b, and compares the point-in-time image of each (controller, unit) volume of `vm`
+/// (on host 0 of both sites) with its source image at site a, with `qemu-img compare`.
+async fn checkpoint_matches_source(
+    lab: &Lab,
+    a: &Channel,
+    b: &Channel,
+    vm: &str,
+    volumes: &[(u32, u32)],
+) -> Result<()> {
+    let named = vpgs(a)
+        .add_checkpoint(v1::AddCheckpointRequest {
+            vpg_ids: vec!["vpg-web".into()],
+            name: format!("check-{vm}"),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .checkpoints[0]
+        .id;
+    let start = Instant::now();
+    while !checkpoints(b, "vpg-web")
+        .await?
+        .iter()
+        .any(|c| c.id == named && c.usable)
+    {
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!("checkpoint {named} never usable");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recovery = &lab.vras[1][0];
+    let mut control = VraControlClient::new(channel(&recovery.control).await?);
+    for &(controller, unit) in volumes {
+        let source = lab
+            .dir
+            .join(&lab.site_names[0])
+            .join(format!("ds-0/{vm}/c{controller}u{unit}.img"));
+        let export = control
+            .open_export(v1::OpenExportRequest {
+                vpg_id: "vpg-web".into(),
+                vm_id: vm.into(),
+                volume_id: controller * 15 + unit,
+                checkpoint_id: named,
+                writable: false,
+            })
+            .await?
+            .into_inner()
+            .export_name;
+        let uri = format!("nbd://{}/{export}", recovery.nbd);
+        let source_arg = source.display().to_string();
+        let (code, out) = run_tool(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", &source_arg, &uri],
+        )?;
+        control
+            .close_export(v1::CloseExportRequest {
+                export_name: export,
+            })
+            .await?;
+        if code != 0 {
+            bail!("{vm} c{controller}u{unit} at checkpoint {named}: {out}");
+        }
+    }
+    Ok(())
+}
+
 /// Changes VM `id`'s inventory record at site a (the hypervisor's view of it).
 async fn update_vm(a: &Channel, id: &str, change: impl FnOnce(&mut v1::Vm)) -> Result<()> {
     let mut vm = VmServiceClient::new(a.clone())
@@ -1605,59 +1740,7 @@ async fn volumes_added_grown_and_removed_in_the_inventory_reach_the_mirror() -> 
         let (code, out) = run_tool("qemu-io", &["-f", "raw", "-c", write, &uri])?;
         assert!(code == 0 && !out.contains("error"), "qemu-io {uri}: {out}");
     }
-    let named = vpgs(&a)
-        .add_checkpoint(v1::AddCheckpointRequest {
-            vpg_ids: vec!["vpg-web".into()],
-            name: "after-resize".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .checkpoints[0]
-        .id;
-    let start = Instant::now();
-    while !checkpoints(&b, "vpg-web")
-        .await?
-        .iter()
-        .any(|c| c.id == named && c.usable)
-    {
-        if start.elapsed() > Duration::from_secs(15) {
-            bail!("checkpoint {named} never usable");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let recovery = &lab.vras[1][0];
-    let mut control = VraControlClient::new(channel(&recovery.control).await?);
-    for (volume_id, file) in [(0u32, "c0u0.img"), (1, "c0u1.img")] {
-        let source = lab
-            .dir
-            .join(&lab.site_names[0])
-            .join("ds-0/vm-0")
-            .join(file);
-        let export = control
-            .open_export(v1::OpenExportRequest {
-                vpg_id: "vpg-web".into(),
-                vm_id: "vm-0".into(),
-                volume_id,
-                checkpoint_id: named,
-                writable: false,
-            })
-            .await?
-            .into_inner()
-            .export_name;
-        let uri = format!("nbd://{}/{export}", recovery.nbd);
-        let source_arg = source.display().to_string();
-        let (code, out) = run_tool(
-            "qemu-img",
-            &["compare", "-f", "raw", "-F", "raw", &source_arg, &uri],
-        )?;
-        assert_eq!(code, 0, "volume {volume_id} at checkpoint {named}: {out}");
-        control
-            .close_export(v1::CloseExportRequest {
-                export_name: export,
-            })
-            .await?;
-    }
+    checkpoint_matches_source(&lab, &a, &b, "vm-0", &[(0, 0), (0, 1)]).await?;
 
     // The new volume removed from the VM: the VPG follows and its replica goes with it.
     let replica = lab

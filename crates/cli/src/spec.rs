@@ -220,6 +220,9 @@ pub struct PlacementSpec {
     pub recovery_host: String,
     pub recovery_datastore: String,
     pub recovery_pool: String,
+    /// The VM's recovery disks are in place already (kept when it left the VPG).
+    #[serde(default)]
+    pub preseeded: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -312,6 +315,7 @@ impl VpgSpecFile {
                 recovery_host_id: p.recovery_host,
                 recovery_datastore_id: p.recovery_datastore,
                 recovery_pool_id: p.recovery_pool,
+                preseeded: p.preseeded,
             })
             .collect();
         Ok((

@@ -388,6 +388,7 @@ mod tests {
                     recovery_host: HostId::minted("r1".into()),
                     recovery_datastore: DatastoreId::minted("ds".into()),
                     recovery_pool: PoolId::minted("p".into()),
+                    preseeded: false,
                 },
                 footprint: VmFootprint {
                     vm_name: "vm".into(),

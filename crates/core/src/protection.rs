@@ -35,6 +35,9 @@ pub struct VolumePlan {
     pub size_bytes: u64,
     /// Protected: the VM's raw image; recovery: the replica disk.
     pub path: String,
+    /// Protected: the replica is a preseeded copy (a new volume is delta-synced).
+    #[serde(default)]
+    pub preseeded: bool,
 }
 
 /// A VM and its volumes on one VRA.
@@ -165,6 +168,7 @@ pub fn protected_plans(vpg: &Vpg, site: &SiteState) -> Result<Vec<ProtectedPlan>
                     "{}/{id}/c{controller}u{unit}.img",
                     ds.path.trim_end_matches('/')
                 ),
+                preseeded: m.placement.preseeded,
             });
         }
         by_host.entry(&vm.host_id).or_default().push(VmPlan {
@@ -211,6 +215,7 @@ pub fn recovery_plans(vpg: &Vpg, site: &SiteState) -> Result<Vec<RecoveryPlan>, 
                 volume_id: volume_id(controller, unit),
                 size_bytes,
                 path: format!("{dir}/c{controller}u{unit}.replica"),
+                preseeded: false,
             })
             .collect();
         let disks = m.footprint.provisioned_bytes();
@@ -331,6 +336,7 @@ mod tests {
                     recovery_host: id(HostId::minted, &format!("r{}", i % 2 + 1)),
                     recovery_datastore: id(DatastoreId::minted, &format!("ds-r{}", i % 2 + 1)),
                     recovery_pool: id(PoolId::minted, "pool"),
+                    preseeded: false,
                 },
                 footprint: VmFootprint::of(&vm, &settings),
             });

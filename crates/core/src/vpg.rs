@@ -176,6 +176,10 @@ pub struct VmPlacement {
     pub recovery_host: HostId,
     pub recovery_datastore: DatastoreId,
     pub recovery_pool: PoolId,
+    /// In the edit that adds the VM: its recovery disks are already in place (kept when
+    /// it left), so its volumes are delta-synced. Cleared once the VM is in the VPG.
+    #[serde(default)]
+    pub preseeded: bool,
 }
 
 /// What the recovery site must hold for one VM: copied from the protected inventory into

@@ -477,6 +477,7 @@ async fn tandem_workloads(
                 recovery_host_id: "bench-h".into(),
                 recovery_datastore_id: "bench-ds".into(),
                 recovery_pool_id: "bench-pool".into(),
+                preseeded: false,
             })
             .collect(),
     };

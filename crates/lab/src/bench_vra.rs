@@ -677,6 +677,7 @@ async fn assign_recovery(b: &Vra, vms: &[&Placement], hard_limit: u64) -> Result
                     volume_id: 0,
                     size_bytes: p.size,
                     path: p.replica.display().to_string(),
+                    preseeded: false,
                 }],
                 journal_dir: p.journal_dir.display().to_string(),
             })
@@ -713,6 +714,7 @@ async fn assign_protected(
                     volume_id: 0,
                     size_bytes: p.size,
                     path: p.image.display().to_string(),
+                    preseeded: false,
                 }],
             })
             .collect(),

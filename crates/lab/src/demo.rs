@@ -431,6 +431,7 @@ fn vpg_spec(
                 recovery_host_id: hosts[i % 2].clone(),
                 recovery_datastore_id: stores[i % 2].clone(),
                 recovery_pool_id: pool.into(),
+                preseeded: false,
             })
             .collect(),
     }

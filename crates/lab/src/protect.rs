@@ -170,6 +170,7 @@ pub async fn protect_vpg(
             recovery_host_id: lab.vras[1][h].host.clone(),
             recovery_datastore_id: sites.recovery_datastores[h].clone(),
             recovery_pool_id: "pool".into(),
+            preseeded: false,
         });
         vms.push((id, h));
     }

@@ -15,7 +15,7 @@ use tandem_core::state::Applied;
 use tandem_core::state::{Command, SiteIdentity, SiteState};
 use tandem_core::status::{Operation, VpgObservation, VpgState};
 use tandem_core::tasks::{NewTask, Task, TaskKind, TaskState};
-use tandem_core::vpg::{VmFootprint, Vpg, VpgSpec, VpgVm};
+use tandem_core::vpg::{VmFootprint, VmPlacement, Vpg, VpgSpec, VpgVm};
 use tandem_proto::v1;
 use tandem_proto::v1::site_peer_client::SitePeerClient;
 
@@ -530,7 +530,12 @@ impl SiteManager {
                             format!("VM {} does not exist", p.vm_id),
                         ),
                         Some(vm) => vms.push(VpgVm {
-                            placement: p.clone(),
+                            // Preseeding is for the edit a VM joins in; later a new volume
+                            // of it has no copy at the recovery site.
+                            placement: VmPlacement {
+                                preseeded: p.preseeded && kept.is_none(),
+                                ..p.clone()
+                            },
                             footprint: VmFootprint::refreshed(
                                 vm,
                                 &spec.settings,

@@ -308,6 +308,7 @@ pub fn vpg_spec_from_proto(p: Option<v1::VpgSpec>) -> Result<VpgSpec, DomainErro
                 recovery_host,
                 recovery_datastore,
                 recovery_pool,
+                preseeded: m.preseeded,
             });
         }
     }
@@ -331,6 +332,7 @@ fn placement_to_proto(p: &VmPlacement) -> v1::VmPlacement {
         recovery_host_id: p.recovery_host.to_string(),
         recovery_datastore_id: p.recovery_datastore.to_string(),
         recovery_pool_id: p.recovery_pool.to_string(),
+        preseeded: p.preseeded,
     }
 }
 

@@ -16,6 +16,7 @@ fn volumes(vm: &VmPlan) -> Vec<v1::VraVolume> {
             volume_id: v.volume_id,
             size_bytes: v.size_bytes,
             path: v.path.clone(),
+            preseeded: v.preseeded,
         })
         .collect()
 }

@@ -34,6 +34,9 @@ pub struct VolumeAssignment {
     pub size: u64,
     /// Protected role: the image; recovery role: the replica disk.
     pub path: PathBuf,
+    /// Protected role: the replica holds a copy already; a new volume is delta-synced.
+    #[serde(default)]
+    pub preseeded: bool,
 }
 
 /// A VM of a protected assignment.
@@ -143,6 +146,7 @@ fn check_volumes(v: &mut Violations, field: &str, vols: &[pb::VraVolume]) -> Vec
             id: VolumeId(vol.volume_id),
             size: vol.size_bytes,
             path: PathBuf::from(&vol.path),
+            preseeded: vol.preseeded,
         });
     }
     out
@@ -574,6 +578,7 @@ mod tests {
                     volume_id: 0,
                     size_bytes: 1 << 20,
                     path: "/tmp/a.img".into(),
+                    preseeded: false,
                 }],
             }],
             recovery_vra_address: "127.0.0.1:5000".into(),

@@ -619,16 +619,26 @@ impl ProtectedVpg {
             .iter()
             .flat_map(|vm| vm.volumes.iter().map(|v| (vm.vm.clone(), v.id, v.size)))
             .collect();
+        let preseeded: Vec<bool> = assignment
+            .vms
+            .iter()
+            .flat_map(|vm| vm.volumes.iter().map(|v| v.preseeded))
+            .collect();
         let mut window = SendWindow::new();
         let mut delta = false;
+        // Volumes whose replica is a preseeded copy, at the generation they joined in:
+        // delta-synced.
+        let mut preseeded_new = Vec::new();
         let map = match start {
             StartKind::New => {
                 let mut map = DirtyMap::new(layout);
                 if assignment.preseeded {
                     delta = true;
                 } else {
-                    for i in 0..map.volumes().len() {
-                        if let Some(v) = map.volume_mut(i) {
+                    for (i, pre) in preseeded.iter().enumerate() {
+                        if *pre {
+                            preseeded_new.push(i);
+                        } else if let Some(v) = map.volume_mut(i) {
                             v.mark_initial();
                         }
                     }
@@ -646,7 +656,23 @@ impl ProtectedVpg {
             StartKind::Replaced(old) => {
                 window.trust_resync();
                 delta = old.delta_owed;
-                old.map.carry_to(layout)
+                let mut map = old.map.carry_to(layout.iter().cloned());
+                // Preseeded marks the generation a VM (re)joins in: its replica may differ
+                // from what this VRA last sent (it may never have seen the VM leave), so
+                // only checksums can tell what to send.
+                for (i, (vm, vol, size)) in layout.into_iter().enumerate() {
+                    if !preseeded[i] {
+                        continue;
+                    }
+                    if old.map.index_of(&vm, vol).is_none() {
+                        // Carried over as never sent; the replica says otherwise.
+                        if let Some(v) = map.volume_mut(i) {
+                            *v = crate::dirty::VolumeMap::new(vm, vol, size);
+                        }
+                    }
+                    preseeded_new.push(i);
+                }
+                map
             }
         };
         let acked_at_start = window.acked_seq().0;
@@ -673,6 +699,9 @@ impl ProtectedVpg {
         });
         if delta {
             shared.sync.request_delta(None, None);
+        } else if !preseeded_new.is_empty() {
+            info!(vpg = %assignment.vpg, volumes = ?preseeded_new, "preseeded volumes: delta sync");
+            shared.sync.request_delta(Some(preseeded_new), None);
         }
         pool.register(&shared);
         let mut volumes = Vec::new();
@@ -813,7 +842,7 @@ impl ProtectedVpg {
         };
         self.shared
             .sync
-            .request_delta(index, Some(SyncTrigger::ForceSync));
+            .request_delta(index.map(|i| vec![i]), Some(SyncTrigger::ForceSync));
         Ok(())
     }
 

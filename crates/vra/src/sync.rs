@@ -204,8 +204,8 @@ const MAX_IN_FLIGHT_RUNS: usize = 4096;
 /// A requested delta sync.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaRequest {
-    /// One volume (by position), or every volume.
-    pub volume: Option<usize>,
+    /// Some volumes (by position, sorted, distinct), or every volume.
+    pub volumes: Option<Vec<usize>>,
     /// Why.
     pub trigger: Option<SyncTrigger>,
 }
@@ -238,7 +238,7 @@ impl SyncState {
             return Some(p.to_pb());
         }
         if let Some(d) = &self.delta {
-            let kind = if d.volume.is_some() {
+            let kind = if d.volumes.is_some() {
                 SyncKind::VolumeDelta
             } else {
                 SyncKind::Delta
@@ -314,18 +314,26 @@ impl SyncShared {
     }
 
     /// Asks for a delta sync.
-    pub fn request_delta(&self, volume: Option<usize>, trigger: Option<SyncTrigger>) {
+    /// Asks for a delta sync of `volumes` (by position; `None`: every volume), merged with
+    /// one already due: a whole-VPG request covers any other, volume requests add up.
+    pub fn request_delta(&self, volumes: Option<Vec<usize>>, trigger: Option<SyncTrigger>) {
         {
             let mut s = self.lock();
-            s.delta = match (&s.delta, volume) {
-                // A whole-VPG request covers a single-volume one.
-                (Some(d), _) if d.volume.is_none() => Some(d.clone()),
-                (Some(d), Some(v)) if d.volume != Some(v) => Some(DeltaRequest {
-                    volume: None,
-                    trigger,
-                }),
-                _ => Some(DeltaRequest { volume, trigger }),
-            };
+            let volumes = match (s.delta.as_ref().map(|d| &d.volumes), volumes) {
+                (Some(None), _) | (_, None) => None,
+                (Some(Some(due)), Some(mut more)) => {
+                    more.extend_from_slice(due);
+                    Some(more)
+                }
+                (None, Some(more)) => Some(more),
+            }
+            .map(|mut v| {
+                v.sort_unstable();
+                v.dedup();
+                v
+            });
+            let trigger = trigger.or(s.delta.as_ref().and_then(|d| d.trigger));
+            s.delta = Some(DeltaRequest { volumes, trigger });
         }
         self.wake.notify_one();
     }
@@ -685,8 +693,8 @@ async fn delta_sync(
     cancel: &CancellationToken,
     req: &DeltaRequest,
 ) -> Result<(), PassError> {
-    let indexes: Vec<usize> = match req.volume {
-        Some(i) => vec![i],
+    let indexes: Vec<usize> = match &req.volumes {
+        Some(v) => v.clone(),
         None => (0..volumes.len()).collect(),
     };
     let total: u64 = indexes
@@ -694,7 +702,7 @@ async fn delta_sync(
         .filter_map(|i| volumes.get(*i))
         .map(|v| v.size())
         .sum();
-    let kind = if req.volume.is_some() {
+    let kind = if req.volumes.is_some() {
         SyncKind::VolumeDelta
     } else {
         SyncKind::Delta
@@ -859,4 +867,30 @@ async fn send_differences(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn due(s: &SyncShared) -> Option<DeltaRequest> {
+        s.lock().delta.clone()
+    }
+
+    #[test]
+    fn delta_requests_add_up_and_a_whole_vpg_request_covers_the_rest() {
+        let s = SyncShared::new(DirtyMap::default());
+        s.request_delta(Some(vec![3, 1]), None);
+        s.request_delta(Some(vec![1, 2]), Some(SyncTrigger::ForceSync));
+        let d = due(&s).expect("due");
+        assert_eq!(d.volumes, Some(vec![1, 2, 3]));
+        assert_eq!(d.trigger, Some(SyncTrigger::ForceSync));
+        // A later request without a trigger keeps the one due.
+        s.request_delta(Some(vec![0]), None);
+        assert_eq!(due(&s).unwrap().trigger, Some(SyncTrigger::ForceSync));
+        s.request_delta(None, None);
+        assert_eq!(due(&s).unwrap().volumes, None);
+        s.request_delta(Some(vec![5]), None);
+        assert_eq!(due(&s).unwrap().volumes, None, "the whole VPG stays due");
+    }
 }

@@ -394,6 +394,7 @@ async fn hashing_a_gib_does_not_hold_up_the_stream() {
                     volume_id: 0,
                     size_bytes: GIB,
                     path: root.join("ds-b/vm-1-0.replica").display().to_string(),
+                    preseeded: false,
                 }],
                 journal_dir: root.join("ds-b/journals/vm-1").display().to_string(),
             }],

@@ -204,6 +204,7 @@ pub async fn assign_with(
                             .join(format!("{vm}-{i}.replica", vm = vm.id))
                             .display()
                             .to_string(),
+                        preseeded: false,
                     })
                     .collect(),
                 journal_dir: root
@@ -240,6 +241,7 @@ pub async fn assign_with(
                         volume_id: i as u32,
                         size_bytes: size,
                         path: image_path(root, vm.id, i as u32).display().to_string(),
+                        preseeded: false,
                     })
                     .collect(),
             })

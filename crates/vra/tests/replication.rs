@@ -205,6 +205,7 @@ async fn a_stale_sender_is_refused_and_writes_nothing() {
                         .join("vm-1-0.replica")
                         .display()
                         .to_string(),
+                    preseeded: false,
                 }],
                 journal_dir: journal_dir.display().to_string(),
             }],
