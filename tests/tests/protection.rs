@@ -1006,6 +1006,10 @@ async fn a_bandwidth_limit_below_the_write_rate_misses_the_rpo_until_it_is_lifte
     Ok(())
 }
 
+/// A journal too small for the workload: History Not Meeting SLA. A force sync into it
+/// then pauses protection for the replication pause time (Site Manager paused
+/// protection), resumes by itself, and the journal's condition survives the edit that set
+/// the pause time (its journals reopened at the new generation).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_journal_too_small_for_the_history_shows_history_not_meeting_sla() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -1014,7 +1018,7 @@ async fn a_journal_too_small_for_the_history_shows_history_not_meeting_sla() -> 
         limit: Some(v1::journal_limit::Limit::Percent(25)),
     };
     let Protected {
-        mut lab, apis_a, ..
+        mut lab, a, apis_a, ..
     } = protect_with(
         dir.path(),
         v1::VpgSettings {
@@ -1041,6 +1045,53 @@ async fn a_journal_too_small_for_the_history_shows_history_not_meeting_sla() -> 
     let history = workload.stop().await;
     assert!(history.failures().is_empty(), "{:?}", history.failures());
     eprintln!("with a small journal: {seen:?}");
+
+    // The replication pause time: a force sync into this full journal, with fewer than ten
+    // minutes of checkpoints in it, pauses protection for 6 s (Site Manager paused
+    // protection), then resumes by itself and the sync goes on.
+    edit_vpg(&a, None, false, |s| {
+        if let Some(st) = s.settings.as_mut() {
+            st.replication_pause_secs = 6;
+        }
+    })
+    .await?;
+    let drift = lab.dir.join(&lab.site_names[0]).join("ds-0/vm-0/c0u0.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&drift)?;
+        f.write_all_at(&vec![0x3c; 2 << 20], 0)?;
+        f.sync_all()?;
+    }
+    let link = lab.links.get(&lab.link_name(0, 1)).await?;
+    link.throttle(None, 256 * 1024).await?;
+    vpgs(&a).force_sync_vpgs(ids()).await?;
+    let paused = wait_vpg_cli(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(30),
+        &mut seen,
+        |g| shown(g).1 == "Site Manager paused protection",
+    )
+    .await;
+    link.throttle(None, 0).await?;
+    let paused_at = Instant::now();
+    paused?;
+    event_saying(&a, "EV0013", &["paused by the site manager for 6 s"]).await?;
+    event_saying(&a, "EV0014", &["resumed by the site manager"]).await?;
+    let resumed_after = paused_at.elapsed();
+    assert!(
+        resumed_after >= Duration::from_secs(4),
+        "the pause lasted {resumed_after:?}"
+    );
+    wait_vpg_cli(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(60),
+        &mut seen,
+        |g| shown(g) == pair("History Not Meeting SLA", "—"),
+    )
+    .await?;
+    eprintln!("force sync into a full journal: {seen:?}");
     lab.down().await;
     Ok(())
 }

@@ -32,10 +32,14 @@ pub enum EventCode {
     SiteUnpaired,
     /// A protected VM's volumes (or memory) changed in the inventory and its VPG follows.
     VpgFollowedInventory,
+    /// The site manager paused protection for the VPG's replication pause time.
+    ProtectionPausedByManager,
+    /// The site manager's pause ended (its time was over).
+    ProtectionResumedByManager,
 }
 
 impl EventCode {
-    pub const ALL: [EventCode; 15] = [
+    pub const ALL: [EventCode; 17] = [
         Self::VpgCreated,
         Self::VpgEdited,
         Self::VpgDeleteStarted,
@@ -51,6 +55,8 @@ impl EventCode {
         Self::DefinitionReconciled,
         Self::SiteUnpaired,
         Self::VpgFollowedInventory,
+        Self::ProtectionPausedByManager,
+        Self::ProtectionResumedByManager,
     ];
 
     pub fn code(self) -> &'static str {
@@ -70,6 +76,8 @@ impl EventCode {
             Self::DefinitionReconciled => "EV0006",
             Self::SiteUnpaired => "EV0051",
             Self::VpgFollowedInventory => "EV0007",
+            Self::ProtectionPausedByManager => "EV0013",
+            Self::ProtectionResumedByManager => "EV0014",
         }
     }
 

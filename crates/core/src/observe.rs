@@ -97,6 +97,9 @@ pub struct PeerVpgReport {
     pub targets: Vec<(HostId, String)>,
     /// Why the reporting site cannot assign its VRAs, if it cannot.
     pub plan_error: Option<String>,
+    /// Protected site only: its site manager (not the operator) paused protection.
+    #[serde(default)]
+    pub manager_paused: bool,
 }
 
 /// A site's report to a peer: the VPGs they share, as the reporting site sees them.
@@ -286,6 +289,11 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
             }
         });
     let paused = reports(protected).any(|(_, r)| r.paused);
+    let manager_paused = if i.protects {
+        i.vpg.paused_by_manager()
+    } else {
+        i.peer.is_some_and(|p| p.manager_paused)
+    };
 
     let durable_here = reports(recovery)
         .map(|(_, r)| r.last_durable_checkpoint)
@@ -315,7 +323,11 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
         forced: sync
             .as_ref()
             .is_some_and(|s| s.trigger == Some(SyncTrigger::ForceSync)),
-        pause: paused.then_some(Pause::User),
+        pause: paused.then_some(if manager_paused {
+            Pause::Manager
+        } else {
+            Pause::User
+        }),
         faults,
         backup_running: false,
         actual_rpo_secs,
@@ -367,6 +379,52 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
     }
 }
 
+/// The least history (seconds of checkpoints) a sync may leave in the journal before the
+/// site manager pauses it (the seed's "at least ten minutes worth of checkpoints").
+pub const SYNC_MIN_HISTORY_SECS: u64 = 600;
+
+/// What the site manager does about a VPG's replication pause time at one look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPause {
+    Nothing,
+    /// Pause protection until this time (ms).
+    Pause {
+        until_ms: u64,
+    },
+    /// End the pause: its time is over, or the operator paused or resumed meanwhile.
+    End,
+}
+
+/// The seed's replication pause time, for a VPG this site protects: while a sync runs
+/// (other than the initial one, which has no checkpoints to keep) and the journal is at its
+/// hard limit (history promoted early) with less than [`SYNC_MIN_HISTORY_SECS`] of
+/// checkpoints, protection pauses for the VPG's replication pause time, once per sync
+/// (`paused_this_sync`), so that the operator can enlarge the journal first.
+pub fn sync_pause(vpg: &Vpg, st: &LiveStatus, paused_this_sync: bool, now_ms: u64) -> SyncPause {
+    if vpg.manager_paused_until_ms != 0 {
+        return if now_ms >= vpg.manager_paused_until_ms || vpg.paused {
+            SyncPause::End
+        } else {
+            SyncPause::Nothing
+        };
+    }
+    let pause_secs = vpg.settings.replication_pause_secs;
+    let syncing = st.observation.sync.is_some_and(|k| k != SyncKind::Initial);
+    if pause_secs == 0
+        || vpg.paused
+        || paused_this_sync
+        || vpg.operation.is_some()
+        || !syncing
+        || st.observation.history_met
+        || st.figures.history_held_secs >= SYNC_MIN_HISTORY_SECS
+    {
+        return SyncPause::Nothing;
+    }
+    SyncPause::Pause {
+        until_ms: now_ms.saturating_add(pause_secs.saturating_mul(1000)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +466,7 @@ mod tests {
             delete_started_ms: 0,
             keep_removed_recovery_disks: false,
             kept_recovery_vms: Default::default(),
+            manager_paused_until_ms: 0,
         }
     }
 
@@ -460,6 +519,7 @@ mod tests {
             vras,
             targets: vec![],
             plan_error: None,
+            manager_paused: false,
         }
     }
 
@@ -504,6 +564,72 @@ mod tests {
             shown(&run(&g, false, &own, Some(&p))).0,
             VpgStatus::MeetingSla
         );
+    }
+
+    #[test]
+    fn a_sync_into_a_full_journal_pauses_once_for_the_replication_pause_time() {
+        let mut g = vpg(None);
+        g.settings.replication_pause_secs = 30;
+        let mut a = protected();
+        a.sync = Some(SyncProgress {
+            kind: SyncKind::Delta,
+            trigger: Some(SyncTrigger::ForceSync),
+            percent: 10,
+            eta_secs: 30,
+            total_bytes: 100,
+            done_bytes: 10,
+        });
+        let own = [seen("p1", a)];
+        let mut full = recovery(NOW - 3000);
+        full.history_short = true;
+        let p = peer(vec![seen("r1", full)]);
+        let st = run(&g, true, &own, Some(&p));
+        assert!(st.figures.history_held_secs < SYNC_MIN_HISTORY_SECS);
+        let until_ms = NOW + 30_000;
+        assert_eq!(
+            sync_pause(&g, &st, false, NOW),
+            SyncPause::Pause { until_ms }
+        );
+        // Once per sync; never without a pause time, or for an initial sync.
+        assert_eq!(sync_pause(&g, &st, true, NOW), SyncPause::Nothing);
+        let mut no_time = g.clone();
+        no_time.settings.replication_pause_secs = 0;
+        assert_eq!(sync_pause(&no_time, &st, false, NOW), SyncPause::Nothing);
+        let mut initial = st.clone();
+        initial.observation.sync = Some(SyncKind::Initial);
+        assert_eq!(sync_pause(&g, &initial, false, NOW), SyncPause::Nothing);
+        // A journal with room, or with ten minutes of checkpoints left, goes on syncing.
+        let p_room = peer(vec![seen("r1", recovery(NOW - 3000))]);
+        let room = run(&g, true, &own, Some(&p_room));
+        assert_eq!(sync_pause(&g, &room, false, NOW), SyncPause::Nothing);
+
+        // Paused: shown as the site manager's pause, on both sides, until the time is over.
+        g.manager_paused_until_ms = until_ms;
+        let mut held = protected();
+        held.paused = true;
+        held.tracking = true;
+        let own = [seen("p1", held.clone())];
+        let st = run(&g, true, &own, Some(&p));
+        assert_eq!(st.state.substatus, VpgSubstatus::ManagerPausedProtection);
+        assert_eq!(sync_pause(&g, &st, true, NOW), SyncPause::Nothing);
+        assert_eq!(sync_pause(&g, &st, true, until_ms), SyncPause::End);
+        let mut from_protected = peer(vec![seen("p1", held)]);
+        from_protected.manager_paused = true;
+        let at_recovery = run(
+            &g,
+            false,
+            &[seen("r1", recovery(NOW))],
+            Some(&from_protected),
+        );
+        assert_eq!(
+            at_recovery.state.substatus,
+            VpgSubstatus::ManagerPausedProtection
+        );
+        // The operator's pause is the operator's, and ends the manager's.
+        g.paused = true;
+        let st = run(&g, true, &own, Some(&p));
+        assert_eq!(st.state.substatus, VpgSubstatus::UserPausedProtection);
+        assert_eq!(sync_pause(&g, &st, true, NOW), SyncPause::End);
     }
 
     #[test]

@@ -358,6 +358,7 @@ mod tests {
             delete_started_ms: 0,
             keep_removed_recovery_disks: false,
             kept_recovery_vms: Default::default(),
+            manager_paused_until_ms: 0,
         };
         (s, vpg)
     }

@@ -168,6 +168,13 @@ pub enum Command {
         id: VpgId,
         paused: bool,
     },
+    /// The site manager pauses the protection of a VPG this site protects until
+    /// `until_ms` (0 ends its pause), to leave time to enlarge a journal that a sync would
+    /// otherwise empty of checkpoints.
+    SetManagerPause {
+        id: VpgId,
+        until_ms: u64,
+    },
 }
 
 fn being_updated(id: &VpgId, u: &DefinitionUpdate) -> DomainError {
@@ -497,6 +504,19 @@ impl SiteState {
                     .get_mut(&id)
                     .ok_or_else(|| DomainError::not_found(VpgId::KIND, &id))?;
                 vpg.paused = paused;
+                // The operator's word ends the manager's pause either way.
+                vpg.manager_paused_until_ms = 0;
+                Ok(Applied::Done)
+            }
+            Command::SetManagerPause { id, until_ms } => {
+                if until_ms != 0 {
+                    self.check_pausable(&id)?;
+                }
+                let vpg = self
+                    .vpgs
+                    .get_mut(&id)
+                    .ok_or_else(|| DomainError::not_found(VpgId::KIND, &id))?;
+                vpg.manager_paused_until_ms = until_ms;
                 Ok(Applied::Done)
             }
         }
@@ -655,6 +675,7 @@ impl SiteState {
                 vpg.created_at_ms = current.created_at_ms;
                 vpg.operation = current.operation;
                 vpg.paused = current.paused;
+                vpg.manager_paused_until_ms = current.manager_paused_until_ms;
                 let mut kept = current.kept_recovery_vms.clone();
                 if vpg.keep_removed_recovery_disks {
                     kept.extend(
@@ -906,6 +927,7 @@ mod tests {
                 delete_started_ms: 0,
                 keep_removed_recovery_disks: false,
                 kept_recovery_vms: Default::default(),
+                manager_paused_until_ms: 0,
             };
             s.vpgs.insert(vpg.id.clone(), vpg);
         }

@@ -342,6 +342,11 @@ pub struct Vpg {
     /// The operator paused protection (kept by the protected site; edits keep it).
     #[serde(default)]
     pub paused: bool,
+    /// The site manager paused protection until this time (ms; 0: not paused): a sync
+    /// would have left the journal under ten minutes of checkpoints (the seed's
+    /// replication pause time). Kept by the protected site; edits keep it.
+    #[serde(default)]
+    pub manager_paused_until_ms: u64,
     /// While deleting: whether the recovery disks stay at the recovery site.
     #[serde(default)]
     pub keep_recovery_disks: bool,
@@ -360,6 +365,23 @@ pub struct Vpg {
 impl Vpg {
     pub fn vm_ids(&self) -> impl Iterator<Item = &VmId> {
         self.vms.iter().map(|v| &v.placement.vm_id)
+    }
+
+    /// Whether the protected VRAs should hold replication now: paused by the operator, or
+    /// by the site manager until its pause time is over.
+    pub fn pause_wanted(&self, now_ms: u64) -> bool {
+        self.paused || self.manager_paused(now_ms)
+    }
+
+    /// Whether the site manager's pause holds at `now_ms` (and the operator's does not).
+    pub fn manager_paused(&self, now_ms: u64) -> bool {
+        !self.paused && now_ms < self.manager_paused_until_ms
+    }
+
+    /// Whether a pause of the VRAs is the site manager's: its pause is set and not ended
+    /// yet (the VRAs resume a moment after its time is over).
+    pub fn paused_by_manager(&self) -> bool {
+        !self.paused && self.manager_paused_until_ms != 0
     }
 
     /// This definition as an operator would send it to edit it.

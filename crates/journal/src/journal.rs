@@ -1174,7 +1174,7 @@ fn recover(
         shutdown: false,
         promote_requested: false,
         counters: Counters::default(),
-        history_not_meeting_sla: false,
+        history_not_meeting_sla: marker.is_some_and(|m| m.history_short),
         early_promotions: 0,
     };
     let mut report = OpenReport::default();
@@ -1748,7 +1748,22 @@ fn promote_through_locked(
     };
     if target > from {
         let mut applied = 0;
-        if let Err(e) = apply_to_replicas(shared, from, target, generation, &segs, &mut applied) {
+        let history_short =
+            reason == PromoteReason::HardLimit || shared.lock().history_not_meeting_sla;
+        let marker = |seq: Seq, promoting_to: Seq| ReplicaMarker {
+            seq,
+            promoting_to,
+            generation,
+            written: UnixMillis::now(),
+            history_short,
+        };
+        if let Err(e) = apply_to_replicas(
+            shared,
+            marker(from, target),
+            marker(target, Seq(0)),
+            &segs,
+            &mut applied,
+        ) {
             // If any write reached a replica, images below the target stay refused
             // (as they would be after a restart, which resumes the promotion).
             if applied == 0 {
@@ -1818,21 +1833,13 @@ fn promote_through_locked(
 /// The IO part of a promotion: intent marker, replica writes, replica fsync, marker.
 fn apply_to_replicas(
     shared: &Shared,
-    from: Seq,
-    target: Seq,
-    generation: Generation,
+    intent: ReplicaMarker,
+    done: ReplicaMarker,
     segs: &[(SegmentId, PathBuf, Arc<std::fs::File>, u64, u64)],
     applied: &mut u64,
 ) -> Result<()> {
-    write_marker(
-        &shared.dir,
-        &ReplicaMarker {
-            seq: from,
-            promoting_to: target,
-            generation,
-            written: UnixMillis::now(),
-        },
-    )?;
+    let (from, target) = (intent.seq, done.seq);
+    write_marker(&shared.dir, &intent)?;
     let mut touched = std::collections::BTreeSet::new();
     for (id, path, file, len, salt) in segs {
         let bytes = read_prefix(file, path, *len)?;
@@ -1880,14 +1887,6 @@ fn apply_to_replicas(
             .sync_data()
             .map_err(|e| JournalError::io("sync replica", &replica.spec.replica_path, e))?;
     }
-    write_marker(
-        &shared.dir,
-        &ReplicaMarker {
-            seq: target,
-            promoting_to: Seq(0),
-            generation,
-            written: UnixMillis::now(),
-        },
-    )?;
+    write_marker(&shared.dir, &done)?;
     Ok(())
 }

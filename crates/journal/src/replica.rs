@@ -45,13 +45,25 @@ pub struct ReplicaMarker {
     pub generation: Generation,
     /// When the marker was written.
     pub written: UnixMillis,
+    /// History had been promoted early for the hard limit and the journal did not hold
+    /// its whole window again yet ("History Not Meeting SLA" survives a reopen).
+    pub history_short: bool,
 }
+
+/// Bit 0 of the flags word: [`ReplicaMarker::history_short`].
+const FLAG_HISTORY_SHORT: u32 = 1;
 
 impl ReplicaMarker {
     fn encode(&self) -> [u8; MARKER_LEN] {
         let mut b = [0u8; MARKER_LEN];
         b[0..8].copy_from_slice(MARKER_MAGIC);
         b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let flags = if self.history_short {
+            FLAG_HISTORY_SHORT
+        } else {
+            0
+        };
+        b[12..16].copy_from_slice(&flags.to_le_bytes());
         b[16..24].copy_from_slice(&self.seq.0.to_le_bytes());
         b[24..32].copy_from_slice(&self.generation.0.to_le_bytes());
         b[32..40].copy_from_slice(&self.written.0.to_le_bytes());
@@ -83,6 +95,7 @@ impl ReplicaMarker {
             generation: Generation(u64_at(b, 24)),
             written: UnixMillis(u64_at(b, 32)),
             promoting_to: Seq(u64_at(b, 40)),
+            history_short: u32_at(b, 12) & FLAG_HISTORY_SHORT != 0,
         })
     }
 }
@@ -186,6 +199,7 @@ mod tests {
             promoting_to: Seq(12),
             generation: Generation(2),
             written: UnixMillis(5),
+            history_short: true,
         };
         write_marker(dir.path(), &m).expect("write");
         assert_eq!(read_marker(dir.path()).expect("read"), Some(m));

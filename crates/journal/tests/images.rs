@@ -206,6 +206,7 @@ fn interrupted_promotion_is_finished_on_open() {
             promoting_to: cp3,
             generation: Generation(1),
             written: UnixMillis(1),
+            history_short: false,
         },
     )
     .expect("intent");

@@ -101,6 +101,14 @@ fn hard_limit_promotes_early_reports_and_appends_go_on() {
             info.seq
         );
     }
+    // The condition survives a reopen (a VRA restart or a new assignment): the history
+    // promoted early is gone all the same.
+    j.close().expect("close");
+    let j = Journal::open(common::jdir(dir), config(dir)).expect("reopen");
+    assert!(
+        j.status().history_not_meeting_sla,
+        "history not meeting its SLA forgotten by a reopen"
+    );
     // Promoting everything and running upkeep clears the SLA condition.
     let newest = infos.last().expect("checkpoint").checkpoint.id;
     j.promote_to_checkpoint(newest).expect("promote");

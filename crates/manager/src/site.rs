@@ -562,6 +562,7 @@ impl SiteManager {
                     delete_started_ms: 0,
                     keep_removed_recovery_disks: false,
                     kept_recovery_vms: Default::default(),
+                    manager_paused_until_ms: 0,
                 };
                 let expected = previous.as_ref().map(|g| g.generation);
                 s.prepare_vpg(&mut vpg, expected)?;

@@ -122,6 +122,8 @@ struct Inner {
     generation_mismatch: HashMap<VpgId, ((u64, u64), Instant)>,
     /// A VPG that could not follow its VMs' inventory: when it was tried, and why not.
     follow_failed: HashMap<VpgId, (Instant, String)>,
+    /// VPGs whose running sync the site manager paused once already.
+    sync_paused: HashSet<VpgId>,
 }
 
 /// How long after a failed attempt the definitions controller tries again to bring a VPG
@@ -328,6 +330,21 @@ impl Live {
         };
     }
 
+    /// Whether the running sync of `vpg` was paused for its replication pause time already.
+    pub fn sync_paused_already(&self, vpg: &VpgId) -> bool {
+        self.lock().sync_paused.contains(vpg)
+    }
+
+    /// Notes that the running sync of `vpg` was paused (`true`), or that none runs.
+    pub fn note_sync_pause(&self, vpg: &VpgId, paused: bool) {
+        let mut inner = self.lock();
+        if paused {
+            inner.sync_paused.insert(vpg.clone());
+        } else {
+            inner.sync_paused.remove(vpg);
+        }
+    }
+
     /// Whether the peer answered recently.
     pub fn peer_reachable(&self, site: &SiteId) -> bool {
         self.lock()
@@ -412,6 +429,7 @@ impl Live {
                     vras: Vec::new(),
                     targets: Vec::new(),
                     plan_error: Some("the peer site holds no copy of the VPG".into()),
+                    manager_paused: false,
                 };
                 Some(&missing)
             }
@@ -476,6 +494,7 @@ impl Live {
                 vras,
                 targets,
                 plan_error,
+                manager_paused: protects && vpg.paused_by_manager(),
             });
         }
         PeerReport {

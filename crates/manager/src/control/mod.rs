@@ -6,7 +6,9 @@
 //! - [`poll`]: reads every VRA of this site and every peer site's report into [`Live`];
 //! - [`reconcile`]: assigns this site's VRAs from the plans of `tandem_core::protection`;
 //! - [`checkpoints`]: the checkpoint coordinator of the VPGs this site protects;
-//! - [`definitions`]: keeps both sites' copies of each definition in line.
+//! - [`definitions`]: keeps both sites' copies of each definition in line, and each VPG
+//!   in line with its VMs' inventory;
+//! - [`sync_pause`]: the replication pause time of a sync that would empty a journal.
 //!
 //! Leader-only requests (live status, barriers) reach the leader through
 //! [`LeaderRequest`], forwarded by followers over `ManagerInternal.LeaderCall`.
@@ -17,6 +19,7 @@ pub mod live;
 pub mod monitor;
 pub mod poll;
 pub mod reconcile;
+pub mod sync_pause;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -10,6 +10,7 @@ use tandem_core::observe::LiveStatus;
 use tandem_core::state::{Command, SiteState};
 use tandem_core::status::Operation;
 use tandem_core::tasks::{Task, TaskKind};
+use tandem_core::vpg::Vpg;
 use tokio_util::sync::CancellationToken;
 
 use super::every_tick;
@@ -28,17 +29,26 @@ pub async fn run(site: SiteManager, cancel: CancellationToken) {
 async fn step(site: &SiteManager, started: Instant) {
     let now = now_ms();
     let live = &site.control().live;
-    let statuses = site.node().read_local(|s| {
-        s.vpgs
+    let (protected, statuses) = site.node().read_local(|s| {
+        let statuses = s
+            .vpgs
             .values()
             .map(|g| (g.id.clone(), g.name.clone(), live.status(s, g, now)))
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        let protected: Vec<Vpg> = s
+            .vpgs
+            .values()
+            .filter(|g| Some(&g.protected_site) == s.site_id())
+            .cloned()
+            .collect();
+        (protected, statuses)
     });
     let changes = live.note_statuses(&statuses, now);
     if started.elapsed() < BASELINE {
         return;
     }
     follow_tasks(site, &statuses, now).await;
+    super::sync_pause::step(site, &protected, &statuses, now).await;
     for (vpg, name, from, to) in changes {
         site.record_event(
             EventCode::StatusChanged,

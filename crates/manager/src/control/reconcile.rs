@@ -174,7 +174,7 @@ async fn apply_protected(site: &SiteManager, state: &SiteState, vpg: &Vpg, plan:
         site.control()
             .live
             .record_assign(&plan.host, &vpg.id, &Ok(()));
-        if r.paused != vpg.paused
+        if r.paused != vpg.pause_wanted(now_ms())
             && let Some(host) = state.hosts.get(&plan.host)
         {
             apply_pause(site, &host.vra_address, vpg, &plan.host).await;
@@ -237,7 +237,8 @@ async fn apply_limits(site: &SiteManager, state: &SiteState, host: &Host) {
 /// which forgets it).
 async fn apply_pause(site: &SiteManager, addr: &str, vpg: &Vpg, host: &HostId) {
     let id = vpg.id.to_string();
-    let r = if vpg.paused {
+    let paused = vpg.pause_wanted(now_ms());
+    let r = if paused {
         call_vra(site, addr, |mut c| async move {
             c.pause(vra_request(v1::PauseRequest { vpg_id: id })).await
         })
@@ -251,7 +252,7 @@ async fn apply_pause(site: &SiteManager, addr: &str, vpg: &Vpg, host: &HostId) {
     };
     match r {
         Ok(()) => {
-            tracing::info!(vpg = %vpg.id, %host, paused = vpg.paused, "protection paused or resumed")
+            tracing::info!(vpg = %vpg.id, %host, paused, "protection paused or resumed")
         }
         Err(error) => tracing::warn!(vpg = %vpg.id, %host, %error, "pause or resume failed"),
     }
