@@ -168,3 +168,65 @@ async fn lab_with_hosts_starts_vras_lists_them_and_registers_them_as_hosts() -> 
     lab.down().await;
     Ok(())
 }
+
+/// `tandem-lab up --example`: one command leaves a VPG of 4 VMs on 2 hosts protecting,
+/// created through the CLI from deploy/examples' spec files; lab.json lists every VM's
+/// volumes with NBD addresses that a real client (nbdinfo) reads.
+#[test]
+fn lab_up_example_leaves_a_vpg_protecting_with_its_volumes_in_lab_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab_dir = dir.path().join("lab");
+    let mut child = Command::new(binary("tandem-lab"))
+        .args(["up", "--example", "--dir"])
+        .arg(&lab_dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start tandem-lab up --example");
+    let start = std::time::Instant::now();
+    let file = loop {
+        if let Ok(f) = tandem_lab::lab::LabFile::read(&lab_dir)
+            && !f.vms.is_empty()
+        {
+            break f;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("tandem-lab up --example exited: {status}");
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(240),
+            "no example VPG in lab.json"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    assert_eq!(file.vms.len(), 4, "{:?}", file.vms);
+    let hosts: std::collections::BTreeSet<_> = file.vms.iter().map(|v| &v.host).collect();
+    assert_eq!(hosts.len(), 2, "{:?}", file.vms);
+    let volume = &file.vms[0].volumes[0];
+    let out = Command::new("nbdinfo")
+        .args(["--size", &volume.uri])
+        .output()
+        .expect("nbdinfo (libnbd-bin)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        volume.size_bytes.to_string()
+    );
+    let api = &file.sites[0].managers[0].api;
+    let out = tandem(api, &["vpg", "get", &file.vms[0].vpg, "-o", "json"]);
+    let g: serde_json::Value = serde_json::from_slice(&out.stdout).expect("vpg json");
+    assert_eq!(g["status"]["status"], "Meeting SLA", "{g}");
+    assert!(lab_dir.join("specs/vpg-web.yaml").exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "the lab did not stop cleanly"
+    );
+}

@@ -32,6 +32,32 @@ pub struct LabFile {
     /// One link per site pair, with its proxies.
     #[serde(default)]
     pub links: Vec<LinkEntry>,
+    /// The protected VMs the lab created (`tandem-lab up --example`), with their volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<VmEntry>,
+}
+
+/// One protected VM of `lab.json` and where any NBD client reaches each of its volumes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmEntry {
+    pub vm: String,
+    pub vpg: String,
+    pub site: String,
+    pub host: String,
+    pub volumes: Vec<VolumeEntry>,
+}
+
+/// One volume of a [`VmEntry`]: its address in the VM, size and NBD export.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeEntry {
+    pub controller: u32,
+    pub unit: u32,
+    pub size_bytes: u64,
+    /// The protected VRA's NBD listener and the export name there.
+    pub nbd: String,
+    pub export: String,
+    /// The same as a URI (`nbd://host:port/export`), for qemu-img, nbdinfo, nbdcopy.
+    pub uri: String,
 }
 
 /// One link of `lab.json`: the proxies between sites `a` and `b`.
@@ -303,6 +329,8 @@ pub struct Lab {
     pub link_control: String,
     /// (from site, to site, upstream) -> proxy address.
     proxies: BTreeMap<(usize, usize, String), String>,
+    /// The protected VMs the lab created itself, listed in `lab.json`.
+    pub vms: Vec<VmEntry>,
     /// The control server's task.
     tasks: TaskTracker,
     cancel: CancellationToken,
@@ -343,6 +371,7 @@ impl Lab {
             links,
             link_control,
             proxies: BTreeMap::new(),
+            vms: Vec::new(),
             tasks,
             _stop_on_drop: cancel.clone().drop_guard(),
             cancel,
@@ -470,6 +499,7 @@ impl Lab {
                 .collect(),
             link_control: Some(self.link_control.clone()),
             links: self.link_entries(),
+            vms: self.vms.clone(),
         };
         let mut file = file;
         for (entry, vras) in file.sites.iter_mut().zip(&self.vras) {

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_scale;
 pub mod bench_vra;
 pub mod demo;
+pub mod example;
 pub mod fault;
 pub mod lab;
 pub mod link;

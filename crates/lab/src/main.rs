@@ -32,6 +32,11 @@ enum Cmd {
         /// Hosts per site, each with its VRA.
         #[arg(long, default_value_t = 2)]
         hosts: usize,
+        /// Also create, through the CLI from deploy/examples' spec files, the inventory
+        /// and one VPG of 4 VMs on 2 hosts, and wait until it meets its SLA; lab.json then
+        /// lists every VM's volumes with their NBD addresses.
+        #[arg(long)]
+        example: bool,
     },
     /// Shows the lab described in DIR/lab.json and each cluster's state.
     Status {
@@ -426,6 +431,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             sites,
             managers,
             hosts,
+            example,
         } => {
             let shutdown = shutdown_token();
             let mut lab = tokio::select! {
@@ -439,6 +445,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 } => lab?,
                 _ = shutdown.cancelled() => return Ok(ExitCode::FAILURE),
             };
+            let mut created = None;
+            if example {
+                let r = tokio::select! {
+                    r = tandem_lab::example::create_in(&mut lab) => r,
+                    _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted")),
+                };
+                match r.and_then(|e| lab.write_file().map(|()| e)) {
+                    Ok(e) => created = Some(e),
+                    Err(e) => {
+                        lab.down().await;
+                        return Err(e.context("creating the example VPG"));
+                    }
+                }
+            }
             println!("lab is up: {}", lab.dir.join("lab.json").display());
             println!(
                 "  link control {}: tandem-lab link --dir {} list",
@@ -449,6 +469,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("  {name}: tandem -e {}", lab.endpoints(i).join(","));
                 for v in &lab.vras[i] {
                     println!("    {}: vra control {} nbd {}", v.host, v.control, v.nbd);
+                }
+            }
+            if let Some(e) = &created {
+                println!(
+                    "  VPG {} ({}) from the spec files in {}:",
+                    e.vpg,
+                    e.status,
+                    e.specs.display()
+                );
+                for vm in &lab.vms {
+                    for v in &vm.volumes {
+                        println!("    {} c{}u{}: {}", vm.vm, v.controller, v.unit, v.uri);
+                    }
                 }
             }
             println!("Ctrl-C stops it.");

@@ -372,6 +372,7 @@ async fn tandem_lab_link_drives_a_running_control_server() {
         sites: Vec::new(),
         link_control: Some(control),
         links: Vec::new(),
+        vms: Vec::new(),
     }
     .write(dir.path())
     .unwrap();
