@@ -1097,7 +1097,7 @@ async fn a_journal_too_small_for_the_history_shows_history_not_meeting_sla() -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_recovery_datastore_shows_a_storage_error_and_recovers_when_space_returns()
+async fn a_full_recovery_datastore_and_a_journal_io_error_show_and_recover_when_the_cause_goes()
 -> Result<()> {
     let dir = tempfile::tempdir()?;
     // Host 1's recovery datastore of site b: replicas (2 x 32 MiB) and journals.
@@ -1110,7 +1110,7 @@ async fn a_full_recovery_datastore_shows_a_storage_error_and_recovers_when_space
     } = protect(dir.path()).await?;
     let filler = fs.path().join("filler");
     fill_leaving(&filler, 4)?;
-    let workload = workload(&lab).await?;
+    let filling = workload(&lab).await?;
     let mut seen = Vec::new();
     let full = wait_vpg_cli(
         &apis_a,
@@ -1130,7 +1130,7 @@ async fn a_full_recovery_datastore_shows_a_storage_error_and_recovers_when_space
         |g| shown(g).1 == "Recovery storage error",
     )
     .await?;
-    let history = workload.stop().await;
+    let history = filling.stop().await;
     assert!(history.failures().is_empty(), "{:?}", history.failures());
 
     std::fs::remove_file(&filler)?;
@@ -1143,8 +1143,101 @@ async fn a_full_recovery_datastore_shows_a_storage_error_and_recovers_when_space
     )
     .await?;
     eprintln!("full datastore and after: {seen:?}");
+
+    // A journal I/O error: its files made immutable (chattr +i; writes fail with EPERM).
+    // Journal storage error at both sites, naming the error; once the files can be
+    // written again the VRA reopens the journal and the VPG meets its SLA again, with
+    // nothing the workload wrote lost.
+    let journals = journal_files(&dir.path().join("site-b"))?;
+    assert!(!journals.is_empty(), "no journal files under site-b");
+    let writer = workload(&lab).await?;
+    let immutable = Immutable::set(&journals)?;
+    let broken = wait_vpg_cli(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(30),
+        &mut seen,
+        |g| shown(g) == pair("Not Meeting SLA", "Journal storage error"),
+    )
+    .await?;
+    let problems = broken.status.unwrap_or_default().problems;
+    assert!(
+        problems.iter().any(|p| p.contains("journal storage error")),
+        "{problems:?}"
+    );
+    wait_vpg_cli(
+        &apis_b,
+        "vpg-web",
+        Duration::from_secs(10),
+        &mut seen_b,
+        |g| shown(g).1 == "Journal storage error",
+    )
+    .await?;
+    drop(immutable);
+    wait_vpg_cli(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(60),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
+    let history = writer.stop().await;
+    assert!(history.failures().is_empty(), "{:?}", history.failures());
+    let a = channel(&lab.sites[0][0].api).await?;
+    let b = channel(&lab.sites[1][0].api).await?;
+    checkpoint_matches_source(&lab, &a, &b, "vm-0", &[(0, 0)]).await?;
+    eprintln!("journal error and after: {seen:?}");
     lab.down().await;
     drop(fs);
+    Ok(())
+}
+
+/// Every file in a directory named `journal` under `root`.
+fn journal_files(root: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let path = e?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if d.file_name().is_some_and(|n| n == "journal") {
+                out.push(path);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Files made immutable with `chattr +i` (even root cannot write them) until dropped.
+struct Immutable(Vec<std::path::PathBuf>);
+
+impl Immutable {
+    fn set(files: &[std::path::PathBuf]) -> Result<Self> {
+        let guard = Immutable(files.to_vec());
+        chattr("+i", files)?;
+        Ok(guard)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        if let Err(e) = chattr("-i", &self.0) {
+            eprintln!("chattr -i failed: {e}");
+        }
+    }
+}
+
+fn chattr(flag: &str, files: &[std::path::PathBuf]) -> Result<()> {
+    let status = std::process::Command::new("chattr")
+        .arg(flag)
+        .args(files)
+        .status()
+        .context("running chattr")?;
+    if !status.success() {
+        bail!("chattr {flag} failed: {status}");
+    }
     Ok(())
 }
 

@@ -60,8 +60,12 @@ pub struct VraVpgReport {
     pub oldest_checkpoint_ms: Option<u64>,
     /// Recovery: a journal promoted history early because of its hard limit.
     pub history_short: bool,
-    /// Recovery: a storage error keeps entries from becoming durable.
+    /// Recovery: the datastore is full, which keeps entries from becoming durable.
     pub storage_error: Option<String>,
+    /// Recovery: a journal write or fsync failed (an I/O error); no entry becomes durable
+    /// until the VRA reopens the journal.
+    #[serde(default)]
+    pub journal_error: Option<String>,
     pub last_error: String,
 }
 
@@ -224,7 +228,10 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
                     ));
                 }
                 VraSeen::Reported(r) => {
-                    if let Some(e) = &r.storage_error {
+                    if let Some(e) = &r.journal_error {
+                        faults.push(Fault::JournalStorage);
+                        problems.push(format!("{side} VRA of host {}: {e}", h.host));
+                    } else if let Some(e) = &r.storage_error {
                         faults.push(Fault::RecoveryStorage);
                         problems.push(format!("{side} VRA of host {}: {e}", h.host));
                     } else if r.state == StreamState::Failed {
@@ -243,6 +250,7 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
             .is_some_and(|s| s.trigger == Some(SyncTrigger::RecoveryOrJournalStorageError))
             && !r.last_error.is_empty()
     }) && !faults.contains(&Fault::RecoveryStorage)
+        && !faults.contains(&Fault::JournalStorage)
     {
         faults.push(Fault::RecoveryStorage);
         if let Some((h, r)) = reports(protected).find(|(_, r)| !r.last_error.is_empty()) {
@@ -487,6 +495,7 @@ mod tests {
             oldest_checkpoint_ms: None,
             history_short: false,
             storage_error: None,
+            journal_error: None,
             last_error: String::new(),
         }
     }
@@ -731,10 +740,43 @@ mod tests {
             state: StreamState::Failed,
             ..recovery(NOW)
         };
-        let p = peer(vec![seen("r1", full)]);
+        let p = peer(vec![seen("r1", full.clone())]);
         assert_eq!(
             run(&g, true, &own, Some(&p)).state.substatus,
             VpgSubstatus::RecoveryStorageError
+        );
+        // A journal's I/O error is shown as such at both sites, ahead of the storage error
+        // the protected VRA hears of on its stream.
+        let broken = VraVpgReport {
+            storage_error: None,
+            journal_error: Some("journal of vm a failed: Input/output error".into()),
+            ..full
+        };
+        let mut hearing = protected();
+        hearing.last_error = "journal storage error".into();
+        hearing.sync = Some(SyncProgress {
+            kind: SyncKind::Bitmap,
+            trigger: Some(SyncTrigger::RecoveryOrJournalStorageError),
+            percent: 0,
+            eta_secs: 0,
+            total_bytes: 0,
+            done_bytes: 0,
+        });
+        let p = peer(vec![seen("r1", broken.clone())]);
+        let s = run(&g, true, &[seen("p1", hearing)], Some(&p));
+        assert_eq!(s.state.substatus, VpgSubstatus::JournalStorageError);
+        assert!(
+            s.figures
+                .problems
+                .iter()
+                .any(|p| p.contains("Input/output error"))
+        );
+        let p = peer(vec![seen("p1", protected())]);
+        assert_eq!(
+            run(&g, false, &[seen("r1", broken)], Some(&p))
+                .state
+                .substatus,
+            VpgSubstatus::JournalStorageError
         );
         let mut paused = protected();
         paused.paused = true;

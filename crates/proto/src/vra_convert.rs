@@ -125,8 +125,10 @@ pub fn vpg_report(s: &v1::VpgReplicationStatus) -> VraVpgReport {
         _ => StreamState::Disconnected,
     };
     let recovery = role == Role::Recovery;
-    let storage_error = (recovery && state == StreamState::Failed && !s.last_error.is_empty())
-        .then(|| s.last_error.clone());
+    let failed = recovery && state == StreamState::Failed && !s.last_error.is_empty();
+    let journal = s.storage_fault == v1::VraStorageFault::Journal as i32;
+    let storage_error = (failed && !journal).then(|| s.last_error.clone());
+    let journal_error = (failed && journal).then(|| s.last_error.clone());
     VraVpgReport {
         role,
         generation: s.generation,
@@ -149,6 +151,7 @@ pub fn vpg_report(s: &v1::VpgReplicationStatus) -> VraVpgReport {
             .max(),
         history_short: s.journals.iter().any(|j| j.history_not_meeting_sla),
         storage_error,
+        journal_error,
         last_error: s.last_error.clone(),
     }
 }
@@ -222,6 +225,14 @@ mod tests {
         assert_eq!(r.oldest_checkpoint_ms, Some(200));
         assert!(r.history_short);
         assert!(r.storage_error.unwrap().contains("no space"));
+        assert_eq!(r.journal_error, None);
+        let r = vpg_report(&v1::VpgReplicationStatus {
+            storage_fault: v1::VraStorageFault::Journal as i32,
+            last_error: "journal of vm a failed: Operation not permitted".into(),
+            ..s
+        });
+        assert_eq!(r.storage_error, None);
+        assert!(r.journal_error.unwrap().contains("not permitted"));
     }
 
     #[test]

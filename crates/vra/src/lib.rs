@@ -69,6 +69,9 @@ pub struct RunConfig {
     pub addr_file: Option<PathBuf>,
 }
 
+/// How often failed journals are checked for a resolved cause.
+const JOURNAL_HEAL_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Serves a VRA: `VraControl` and `Replication` on `control`, NBD on `nbd`, until
 /// `shutdown` is cancelled; then stops every VPG and returns.
 pub async fn run(
@@ -129,6 +132,10 @@ pub async fn run(
             )
             .await
     });
+    tasks.spawn(
+        vra.clone()
+            .heal_failed_journals(JOURNAL_HEAL_EVERY, shutdown.clone()),
+    );
     tasks.close();
 
     if let Some(path) = &config.addr_file {

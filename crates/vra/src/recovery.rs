@@ -66,6 +66,15 @@ pub struct VpgCheckpoint {
     pub usable: bool,
 }
 
+/// Which storage keeps a recovery VPG's entries from becoming durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageFault {
+    /// The datastore is full; the journal resumes once space returns.
+    RecoveryStorage,
+    /// A journal write or fsync failed; the journal must be reopened.
+    Journal,
+}
+
 /// Counters and positions of a recovery VPG, for status.
 #[derive(Debug, Default)]
 pub struct RecoveryCounters {
@@ -578,23 +587,60 @@ impl RecoveryVpg {
             .sum()
     }
 
-    /// Whether any journal failed.
+    /// Whether any journal keeps entries from becoming durable.
     pub fn failed(&self) -> bool {
-        self.storage_error().is_some()
+        self.storage_fault().is_some()
     }
 
-    /// Why entries cannot become durable, if they cannot: a journal failed, or is waiting
-    /// for space on a full datastore (it resumes by itself once space is freed).
-    pub fn storage_error(&self) -> Option<String> {
-        self.journals.iter().find_map(|(vm, j)| {
-            let d = j.subscribe_durable().borrow().clone();
-            d.failed
-                .map(|f| format!("recovery storage error: journal of vm {vm} failed: {f}"))
-                .or_else(|| {
-                    d.stalled
-                        .map(|f| format!("recovery storage error: journal of vm {vm}: {f}"))
-                })
+    /// Why entries cannot become durable, if they cannot: a journal's write or fsync
+    /// failed (an I/O error: it refuses entries until it is reopened), or a journal waits
+    /// for space on a full datastore (it resumes by itself once space is freed). A failed
+    /// journal counts first.
+    pub fn storage_fault(&self) -> Option<(StorageFault, String)> {
+        let states: Vec<_> = self
+            .journals
+            .iter()
+            .map(|(vm, j)| (vm, j.subscribe_durable().borrow().clone()))
+            .collect();
+        let failed = states.iter().find_map(|(vm, d)| {
+            let f = d.failed.as_ref()?;
+            Some((
+                StorageFault::Journal,
+                format!("journal storage error: journal of vm {vm} failed: {f}"),
+            ))
+        });
+        failed.or_else(|| {
+            states.iter().find_map(|(vm, d)| {
+                let f = d.stalled.as_ref()?;
+                Some((
+                    StorageFault::RecoveryStorage,
+                    format!("recovery storage error: journal of vm {vm}: {f}"),
+                ))
+            })
         })
+    }
+
+    /// The storage fault's description (see [`Self::storage_fault`]).
+    pub fn storage_error(&self) -> Option<String> {
+        self.storage_fault().map(|(_, e)| e)
+    }
+
+    /// Whether a journal failed hard and every file it would write can be written again
+    /// (the cause, say a read-only or immutable file, is gone): reopening it then brings
+    /// the VPG back. The probe opens each segment file for writing and creates and
+    /// removes a file in each failed journal's directory.
+    pub fn journal_failure_resolved(&self) -> bool {
+        let mut any = false;
+        for (_, j) in &self.journals {
+            if j.subscribe_durable().borrow().failed.is_none() {
+                continue;
+            }
+            any = true;
+            if !dir_writable(j.dir()) {
+                return false;
+            }
+        }
+        any
     }
 
     /// The VPG's cancellation token (sessions end with it).
@@ -938,6 +984,23 @@ async fn persist_acks(
             Err(_) => break,
         }
     }
+}
+
+/// Whether every file in `dir` opens for writing and a new file can be created in it.
+fn dir_writable(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_file() && std::fs::OpenOptions::new().write(true).open(&path).is_err() {
+            return false;
+        }
+    }
+    let probe = dir.join(".write-probe");
+    let created = std::fs::File::create(&probe).is_ok();
+    let _ = std::fs::remove_file(&probe);
+    created
 }
 
 /// Promotes history older than the window and enforces limits, every few seconds.

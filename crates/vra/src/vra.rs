@@ -28,7 +28,7 @@ use crate::{
     model::{ProtectedAssignment, RecoveryAssignment},
     pool::BufferPool,
     protected::{ProtectedVpg, StartKind},
-    recovery::{RecoveryVpg, VpgCheckpoint},
+    recovery::{RecoveryVpg, StorageFault, VpgCheckpoint},
     state::{self, Assignments},
 };
 
@@ -605,7 +605,8 @@ impl Vra {
                         c.writes.load(Ordering::Relaxed),
                         c.write_bytes.load(Ordering::Relaxed),
                     ]);
-                    let state = if r.failed() {
+                    let fault = r.storage_fault();
+                    let state = if fault.is_some() {
                         pb::VpgStreamState::Failed
                     } else if connected {
                         pb::VpgStreamState::Replicating
@@ -628,7 +629,14 @@ impl Vra {
                             .as_ref()
                             .map_or(0, |cp| cp.checkpoint.timestamp.0),
                         connected,
-                        last_error: r.storage_error().unwrap_or_else(|| r.last_error()),
+                        storage_fault: match fault.as_ref().map(|f| f.0) {
+                            None => pb::VraStorageFault::None,
+                            Some(StorageFault::RecoveryStorage) => {
+                                pb::VraStorageFault::RecoveryStorage
+                            }
+                            Some(StorageFault::Journal) => pb::VraStorageFault::Journal,
+                        } as i32,
+                        last_error: fault.map_or_else(|| r.last_error(), |f| f.1),
                         journal_bytes: r.journal_bytes(),
                         journals: r.journal_status(),
                         write_iops: rates[0],
@@ -671,6 +679,89 @@ impl Vra {
             buffer_used_bytes: used,
             vpgs: out,
             exports: self.inner.exports.names(),
+        }
+    }
+
+    /// Reopens, every `every`, the recovery VPGs whose journal failed hard (a write or
+    /// fsync error) once their files can be written again: the reopened journals drop
+    /// what was never made durable, and the protected VRA resends it or syncs. Runs until
+    /// `cancel`.
+    pub async fn heal_failed_journals(self, every: std::time::Duration, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let failed: Vec<Arc<RecoveryVpg>> = self
+                .inner
+                .vpgs
+                .lock()
+                .await
+                .values()
+                .filter_map(|role| match role {
+                    Role::Recovery(r)
+                        if r.storage_fault()
+                            .is_some_and(|f| f.0 == StorageFault::Journal) =>
+                    {
+                        Some(r.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            for r in failed {
+                let probe = r.clone();
+                let resolved =
+                    tokio::task::spawn_blocking(move || probe.journal_failure_resolved())
+                        .await
+                        .unwrap_or(false);
+                if resolved {
+                    self.reopen_recovery(r).await;
+                }
+            }
+        }
+    }
+
+    /// Stops a recovery VPG and starts it again from its assignment (its journals are
+    /// reopened). If the start fails the VPG stays out of the registry but not out of the
+    /// persisted assignments: the manager's next assignment, or a restart, brings it back.
+    async fn reopen_recovery(&self, r: Arc<RecoveryVpg>) {
+        let mut vpgs = self.inner.vpgs.lock().await;
+        let vpg = r.id().clone();
+        match vpgs.get(&vpg) {
+            Some(Role::Recovery(cur)) if Arc::ptr_eq(cur, &r) => {}
+            _ => return,
+        }
+        self.remove_pit_exports(&vpg);
+        r.stop().await;
+        vpgs.remove(&vpg);
+        let assignment = r.assignment().clone();
+        // The old journals must be closed (their threads joined) before the files are
+        // opened again: wait for the last handle (a replication session unwinding) to go.
+        let old = Arc::downgrade(&r);
+        drop(r);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while old.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if old.strong_count() > 0 {
+            warn!(vpg = %vpg, "a failed recovery vpg is still referenced; reopen left to the manager");
+            return;
+        }
+        let state_dir = self.vpg_dir(&vpg);
+        let cancel = self.inner.cancel.clone();
+        match tokio::task::spawn_blocking(move || {
+            RecoveryVpg::start(assignment, &state_dir, &cancel)
+        })
+        .await
+        {
+            Ok(Ok(new)) => {
+                vpgs.insert(vpg.clone(), Role::Recovery(Arc::new(new)));
+                info!(vpg = %vpg, "recovery vpg reopened after a journal failure");
+            }
+            Ok(Err(e)) => warn!(vpg = %vpg, error = %e, "reopening a failed journal failed"),
+            Err(_) => {}
         }
     }
 
