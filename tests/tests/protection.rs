@@ -1096,8 +1096,12 @@ async fn a_journal_too_small_for_the_history_shows_history_not_meeting_sla() -> 
     Ok(())
 }
 
+/// Recovery storage faults, each shown at both sites and each gone once its cause goes:
+/// a full recovery datastore (Recovery storage error), a journal whose files cannot be
+/// written (Journal storage error; the VRA reopens it) and a recovery datastore missing
+/// from its host when an edit needs it (Recovery storage profile error).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_recovery_datastore_and_a_journal_io_error_show_and_recover_when_the_cause_goes()
+async fn full_missing_or_failing_recovery_storage_shows_and_recovers_when_the_cause_goes()
 -> Result<()> {
     let dir = tempfile::tempdir()?;
     // Host 1's recovery datastore of site b: replicas (2 x 32 MiB) and journals.
@@ -1188,6 +1192,53 @@ async fn a_full_recovery_datastore_and_a_journal_io_error_show_and_recover_when_
     let b = channel(&lab.sites[1][0].api).await?;
     checkpoint_matches_source(&lab, &a, &b, "vm-0", &[(0, 0)]).await?;
     eprintln!("journal error and after: {seen:?}");
+
+    // The recovery datastore of host 2 gone from its host (unmounted) when an edit needs
+    // it: its VRA refuses the new assignment (the datastore is not created) and both sites
+    // show Recovery storage profile error; back in place, the edit goes through.
+    let ds = dir.path().join("site-b").join("ds-1");
+    let away = dir.path().join("site-b").join("ds-1.unmounted");
+    std::fs::rename(&ds, &away)?;
+    edit_vpg(&a, None, false, |s| {
+        if let Some(settings) = s.settings.as_mut() {
+            settings.target_rpo_secs = 120;
+        }
+    })
+    .await?;
+    let missing = wait_vpg_cli(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(30),
+        &mut seen,
+        |g| shown(g) == pair("Not Meeting SLA", "Recovery storage profile error"),
+    )
+    .await?;
+    let problems = missing.status.unwrap_or_default().problems;
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("ds-1") && p.contains("not found")),
+        "{problems:?}"
+    );
+    wait_vpg_cli(
+        &apis_b,
+        "vpg-web",
+        Duration::from_secs(10),
+        &mut seen_b,
+        |g| shown(g).1 == "Recovery storage profile error",
+    )
+    .await?;
+    assert!(!ds.exists(), "the VRA created the missing datastore");
+    std::fs::rename(&away, &ds)?;
+    wait_vpg_cli(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(60),
+        &mut seen,
+        |g| shown(g).0 == "Meeting SLA",
+    )
+    .await?;
+    eprintln!("missing datastore and after: {seen:?}");
     lab.down().await;
     drop(fs);
     Ok(())

@@ -86,6 +86,60 @@ pub struct HostSeen {
     pub seen: VraSeen,
 }
 
+/// Why a site cannot put (some of) a VPG's VMs under its VRAs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanError {
+    pub kind: PlanErrorKind,
+    pub message: String,
+}
+
+/// What a [`PlanError`] shows as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlanErrorKind {
+    /// VM not protected: a host, VRA or volume problem.
+    NotProtected,
+    /// Recovery storage profile error: the recovery datastore the VPG names cannot be
+    /// found (not in the inventory, or not present on its host).
+    StorageProfile,
+}
+
+impl PlanError {
+    pub fn not_protected(message: impl Into<String>) -> Self {
+        Self {
+            kind: PlanErrorKind::NotProtected,
+            message: message.into(),
+        }
+    }
+
+    /// A planner error: a datastore that is not in the inventory is a storage profile
+    /// error, anything else leaves VMs not protected.
+    pub fn of_plan(e: &crate::DomainError) -> Self {
+        let kind = match e {
+            crate::DomainError::NotFound { kind, .. } if kind == crate::ids::DatastoreId::KIND => {
+                PlanErrorKind::StorageProfile
+            }
+            _ => PlanErrorKind::NotProtected,
+        };
+        Self {
+            kind,
+            message: e.to_string(),
+        }
+    }
+
+    fn fault(&self) -> Fault {
+        match self.kind {
+            PlanErrorKind::NotProtected => Fault::VmNotProtected,
+            PlanErrorKind::StorageProfile => Fault::RecoveryStorageProfile,
+        }
+    }
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// What a site tells its peer about one VPG they share.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerVpgReport {
@@ -100,7 +154,7 @@ pub struct PeerVpgReport {
     /// host's VRA.
     pub targets: Vec<(HostId, String)>,
     /// Why the reporting site cannot assign its VRAs, if it cannot.
-    pub plan_error: Option<String>,
+    pub plan_error: Option<PlanError>,
     /// Protected site only: its site manager (not the operator) paused protection.
     #[serde(default)]
     pub manager_paused: bool,
@@ -156,7 +210,7 @@ pub struct LiveInputs<'a> {
     /// The peer's report of the VPG; `None` when the peer site cannot be reached.
     pub peer: Option<&'a PeerVpgReport>,
     /// Why this site cannot assign its VRAs, if it cannot.
-    pub plan_error: Option<&'a str>,
+    pub plan_error: Option<&'a PlanError>,
     /// The newest checkpoint this site's coordinator saw durable everywhere (id, ms).
     pub coordinated_checkpoint: Option<(u64, u64)>,
 }
@@ -203,11 +257,11 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
         problems.push(format!("the {peer_side} site cannot be reached"));
     }
     if let Some(e) = i.plan_error {
-        faults.push(Fault::VmNotProtected);
+        faults.push(e.fault());
         problems.push(e.to_string());
     }
     if let Some(e) = i.peer.and_then(|p| p.plan_error.as_ref()) {
-        faults.push(Fault::VmNotProtected);
+        faults.push(e.fault());
         problems.push(format!("{peer_side} site: {e}"));
     }
     for (side, seen) in [("protected", protected), ("recovery", recovery)] {
@@ -734,7 +788,28 @@ mod tests {
             run(&g, true, &own, Some(&p)).state.substatus,
             VpgSubstatus::VmNotProtected
         );
+        // The recovery site cannot find the datastore the VPG names: both sites show it.
+        let mut missing = peer(vec![]);
+        missing.plan_error = Some(PlanError::of_plan(&crate::DomainError::not_found(
+            crate::ids::DatastoreId::KIND,
+            "ds-9",
+        )));
         let own = [seen("p1", protected())];
+        let s = run(&g, true, &own, Some(&missing));
+        assert_eq!(s.state.substatus, VpgSubstatus::RecoveryStorageProfileError);
+        assert!(s.figures.problems[0].starts_with("recovery site: "));
+        let s = evaluate(&LiveInputs {
+            vpg: &g,
+            protects: false,
+            now_ms: NOW,
+            own: &[],
+            peer: Some(&peer(vec![seen("p1", protected())])),
+            plan_error: missing.plan_error.as_ref(),
+            coordinated_checkpoint: None,
+        });
+        assert_eq!(s.state.substatus, VpgSubstatus::RecoveryStorageProfileError);
+        let host_gone = PlanError::of_plan(&crate::DomainError::not_found("host", "h9"));
+        assert_eq!(host_gone.kind, PlanErrorKind::NotProtected);
         let full = VraVpgReport {
             storage_error: Some("no space left on device".into()),
             state: StreamState::Failed,

@@ -47,6 +47,9 @@ pub struct VmPlan {
     pub volumes: Vec<VolumePlan>,
     /// Recovery only: the directory of the VM's journal.
     pub journal_dir: String,
+    /// Recovery only: the recovery datastore's directory (must exist on the host).
+    #[serde(default)]
+    pub datastore_path: String,
 }
 
 /// The protected role of one host for one VPG.
@@ -175,6 +178,7 @@ pub fn protected_plans(vpg: &Vpg, site: &SiteState) -> Result<Vec<ProtectedPlan>
             vm: id.clone(),
             volumes,
             journal_dir: String::new(),
+            datastore_path: String::new(),
         });
     }
     Ok(by_host
@@ -224,6 +228,7 @@ pub fn recovery_plans(vpg: &Vpg, site: &SiteState) -> Result<Vec<RecoveryPlan>, 
             vm: p.vm_id.clone(),
             volumes,
             journal_dir: format!("{dir}/journal"),
+            datastore_path: ds.path.clone(),
         });
         // The VRA takes one limit per VPG: the largest of its VMs' (a VM's own limits were
         // captured when it joined; a smaller one is not enforced separately).
@@ -499,6 +504,7 @@ mod tests {
         let vm = &plans[1].vms[0];
         assert_eq!(vm.vm.as_str(), "vm1");
         assert_eq!(vm.journal_dir, "/rec/r2/g/vm1/journal");
+        assert_eq!(vm.datastore_path, "/rec/r2/");
         assert_eq!(vm.volumes[0].path, "/rec/r2/g/vm1/c0u0.replica");
         assert_eq!(plans[1].journal_history_secs, 4 * 3600);
         assert_eq!(plans[1].journal_hard_limit_bytes, 0);

@@ -680,6 +680,7 @@ async fn assign_recovery(b: &Vra, vms: &[&Placement], hard_limit: u64) -> Result
                     preseeded: false,
                 }],
                 journal_dir: p.journal_dir.display().to_string(),
+                datastore_path: String::new(),
             })
             .collect(),
         // No window promotion within a run: only the hard limit promotes (early).

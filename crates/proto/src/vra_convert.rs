@@ -67,6 +67,7 @@ pub fn assign_recovery(plan: &RecoveryPlan) -> v1::AssignRecoveryRequest {
                 vm_id: vm.vm.to_string(),
                 volumes: volumes(vm),
                 journal_dir: vm.journal_dir.clone(),
+                datastore_path: vm.datastore_path.clone(),
             })
             .collect(),
         journal_history_secs: plan.journal_history_secs,

@@ -15,6 +15,9 @@ pub enum VraError {
     /// The VPG has no role on this VRA.
     #[error("vpg {0} is not assigned to this vra")]
     VpgNotFound(VpgId),
+    /// A recovery datastore's directory is not on this host (not mounted, say).
+    #[error("recovery datastore {} not found on this host", .0.display())]
+    DatastoreMissing(PathBuf),
     /// The VPG has the other role on this VRA.
     #[error("vpg {vpg} has the {role} role on this vra")]
     WrongRole {
@@ -97,7 +100,7 @@ impl VraError {
     pub fn to_status(&self) -> Status {
         let code = match self {
             Self::Domain(e) => return tandem_proto::status::to_status(e),
-            Self::VpgNotFound(_) => Code::NotFound,
+            Self::VpgNotFound(_) | Self::DatastoreMissing(_) => Code::NotFound,
             Self::WrongRole { .. }
             | Self::StaleGeneration { .. }
             | Self::UnknownGeneration { .. }

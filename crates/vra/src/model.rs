@@ -82,6 +82,9 @@ pub struct RecoveryVmSpec {
     pub volumes: Vec<VolumeAssignment>,
     /// Its journal directory.
     pub journal_dir: PathBuf,
+    /// The recovery datastore's directory, which must exist (`None`: not checked).
+    #[serde(default)]
+    pub datastore: Option<PathBuf>,
 }
 
 /// The recovery role of a VPG on this VRA.
@@ -257,6 +260,8 @@ impl TryFrom<pb::AssignRecoveryRequest> for RecoveryAssignment {
                     vm: vm_id,
                     volumes,
                     journal_dir: PathBuf::from(&vm.journal_dir),
+                    datastore: (!vm.datastore_path.is_empty())
+                        .then(|| PathBuf::from(&vm.datastore_path)),
                 }
             })
             .collect();

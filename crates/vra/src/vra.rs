@@ -262,6 +262,14 @@ impl Vra {
         let mut vpgs = self.inner.vpgs.lock().await;
         let mut dropped = None;
         let mut dropped_volumes: Vec<PathBuf> = Vec::new();
+        // A datastore that is not there is not created (it would land on the root file
+        // system of an unmounted datastore); what runs keeps running.
+        let missing = a
+            .vms
+            .iter()
+            .filter_map(|vm| vm.datastore.as_ref())
+            .find(|ds| !ds.is_dir())
+            .map(|ds| VraError::DatastoreMissing(ds.clone()));
         if let Some(role) = vpgs.get(&a.vpg) {
             let Role::Recovery(r) = role else {
                 return Err(VraError::WrongRole {
@@ -279,6 +287,9 @@ impl Vra {
                     a.vpg, a.generation
                 ))
                 .into());
+            }
+            if let Some(e) = missing {
+                return Err(e);
             }
             let old = r.clone();
             self.remove_pit_exports(&a.vpg);
@@ -303,6 +314,8 @@ impl Vra {
                 });
                 dropped = (!gone.vms.is_empty()).then_some(gone);
             }
+        } else if let Some(e) = missing {
+            return Err(e);
         }
         if let Some(gone) = &dropped {
             remove_recovery_data_of(gone)?;

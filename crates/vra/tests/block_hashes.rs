@@ -397,6 +397,7 @@ async fn hashing_a_gib_does_not_hold_up_the_stream() {
                     preseeded: false,
                 }],
                 journal_dir: root.join("ds-b/journals/vm-1").display().to_string(),
+                datastore_path: String::new(),
             }],
             ..Default::default()
         })

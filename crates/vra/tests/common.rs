@@ -213,6 +213,7 @@ pub async fn assign_with(
                     .join(vm.id)
                     .display()
                     .to_string(),
+                datastore_path: String::new(),
             })
             .collect(),
         journal_history_secs: 3600,

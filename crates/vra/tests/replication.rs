@@ -185,32 +185,45 @@ async fn fio_verify_passes_on_a_replicating_volume() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_sender_is_refused_and_writes_nothing() {
+async fn a_missing_datastore_is_refused_and_a_stale_sender_writes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let b = VraProcess::start(root, "host-b");
     let journal_dir = root.join("ds-b").join("journals").join("vm-1");
+    let assignment = |datastore: &std::path::Path| pb::AssignRecoveryRequest {
+        vpg_id: "vpg-s".into(),
+        generation: 5,
+        vms: vec![pb::RecoveryVm {
+            vm_id: "vm-1".into(),
+            volumes: vec![pb::VraVolume {
+                volume_id: 0,
+                size_bytes: MIB,
+                path: root
+                    .join("ds-b")
+                    .join("vm-1-0.replica")
+                    .display()
+                    .to_string(),
+                preseeded: false,
+            }],
+            journal_dir: journal_dir.display().to_string(),
+            datastore_path: datastore.display().to_string(),
+        }],
+        ..Default::default()
+    };
+    // A recovery datastore that is not on the host (not mounted) is not created: NOT_FOUND.
+    let refused = b
+        .client()
+        .await
+        .assign_recovery(assignment(&root.join("ds-b")))
+        .await
+        .expect_err("a missing datastore is refused");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    assert!(refused.message().contains("ds-b"), "{refused:?}");
+    assert!(!root.join("ds-b").exists(), "the datastore was created");
+    std::fs::create_dir_all(root.join("ds-b")).expect("mount ds-b");
     b.client()
         .await
-        .assign_recovery(pb::AssignRecoveryRequest {
-            vpg_id: "vpg-s".into(),
-            generation: 5,
-            vms: vec![pb::RecoveryVm {
-                vm_id: "vm-1".into(),
-                volumes: vec![pb::VraVolume {
-                    volume_id: 0,
-                    size_bytes: MIB,
-                    path: root
-                        .join("ds-b")
-                        .join("vm-1-0.replica")
-                        .display()
-                        .to_string(),
-                    preseeded: false,
-                }],
-                journal_dir: journal_dir.display().to_string(),
-            }],
-            ..Default::default()
-        })
+        .assign_recovery(assignment(&root.join("ds-b")))
         .await
         .expect("assign");
     let mut client = ReplicationClient::connect(format!("http://{}", b.control))

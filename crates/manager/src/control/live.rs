@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use tandem_core::alerts::{self, AlertKind};
 use tandem_core::ids::{HostId, SiteId, VmId, VpgId};
 use tandem_core::observe::{
-    self, HostSeen, LiveInputs, LiveStatus, PeerReport, PeerVpgReport, VraSeen, VraVpgReport,
+    self, HostSeen, LiveInputs, LiveStatus, PeerReport, PeerVpgReport, PlanError, VraSeen,
+    VraVpgReport,
 };
 use tandem_core::protection;
 use tandem_core::state::SiteState;
@@ -113,7 +114,7 @@ struct Inner {
     peers: HashMap<SiteId, PeerObservation>,
     checkpoints: HashMap<VpgId, CoordinatorView>,
     /// The last assignment a VRA refused, per host and VPG (cleared when one succeeds).
-    assign_errors: HashMap<(HostId, VpgId), String>,
+    assign_errors: HashMap<(HostId, VpgId), PlanError>,
     /// The status each VPG showed at the monitor's last look.
     shown: HashMap<VpgId, VpgState>,
     /// When each active alert was first seen raised.
@@ -137,14 +138,14 @@ pub struct Live {
 }
 
 /// Which side of a VPG this site is, and the hosts of its own side.
-pub fn own_hosts(s: &SiteState, vpg: &Vpg) -> (bool, Result<Vec<HostId>, String>) {
+pub fn own_hosts(s: &SiteState, vpg: &Vpg) -> (bool, Result<Vec<HostId>, PlanError>) {
     let protects = s.site_id() == Some(&vpg.protected_site);
     let hosts = if protects {
         protection::protected_plans(vpg, s).map(|p| p.into_iter().map(|p| p.host).collect())
     } else {
         protection::recovery_plans(vpg, s).map(|p| p.into_iter().map(|p| p.host).collect())
     };
-    (protects, hosts.map_err(|e| e.to_string()))
+    (protects, hosts.map_err(|e| PlanError::of_plan(&e)))
 }
 
 impl Live {
@@ -221,7 +222,7 @@ impl Live {
     }
 
     /// Records the outcome of assigning `vpg` to the VRA of `host`.
-    pub fn record_assign(&self, host: &HostId, vpg: &VpgId, r: &Result<(), String>) {
+    pub fn record_assign(&self, host: &HostId, vpg: &VpgId, r: &Result<(), PlanError>) {
         let key = (host.clone(), vpg.clone());
         let mut inner = self.lock();
         match r {
@@ -232,7 +233,7 @@ impl Live {
 
     /// Why a VRA of this site refused `vpg`'s assignment, if one did (the first by host).
     /// A VRA that cannot be reached refused nothing: it shows as unreachable (Error).
-    fn assign_error(&self, vpg: &VpgId) -> Option<String> {
+    fn assign_error(&self, vpg: &VpgId) -> Option<PlanError> {
         let inner = self.lock();
         inner
             .assign_errors
@@ -240,7 +241,10 @@ impl Live {
             .filter(|((_, g), _)| g == vpg)
             .filter(|((h, _), _)| inner.vras.get(h).is_none_or(|o| o.vpgs.is_ok()))
             .min_by(|a, b| a.0.0.as_str().cmp(b.0.0.as_str()))
-            .map(|((h, _), e)| format!("the VRA of host {h} refused the assignment: {e}"))
+            .map(|((h, _), e)| PlanError {
+                kind: e.kind,
+                message: format!("the VRA of host {h} refused the assignment: {e}"),
+            })
     }
 
     pub fn record_peer(&self, site: SiteId, report: Result<PeerReport, String>) {
@@ -403,10 +407,10 @@ impl Live {
             let drift = vpg.inventory_drift(|id| s.vms.get(id));
             (!drift.is_empty()).then(|| {
                 let vms: Vec<String> = drift.iter().map(|(vm, _)| vm.to_string()).collect();
-                format!(
+                PlanError::not_protected(format!(
                     "the inventory of VM {} changed and the VPG cannot follow it: {failed}",
                     vms.join(", ")
-                )
+                ))
             })
         });
         let own = self.seen(&vpg.id, &hosts);
@@ -428,7 +432,9 @@ impl Live {
                     assigned_generation: 0,
                     vras: Vec::new(),
                     targets: Vec::new(),
-                    plan_error: Some("the peer site holds no copy of the VPG".into()),
+                    plan_error: Some(PlanError::not_protected(
+                        "the peer site holds no copy of the VPG",
+                    )),
                     manager_paused: false,
                 };
                 Some(&missing)
@@ -449,7 +455,7 @@ impl Live {
             now_ms,
             own: &own,
             peer,
-            plan_error: plan_error.as_deref(),
+            plan_error: plan_error.as_ref(),
             coordinated_checkpoint: coordinated,
         })
     }

@@ -176,12 +176,25 @@ where
     F: FnOnce(VraControlClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
+    call_vra_status(site, addr, call)
+        .await
+        .map_err(|s| s.message().to_string())
+}
+
+/// Calls the control service of the VRA at `addr`; the failure as the VRA's status (a
+/// channel that cannot be made is UNAVAILABLE).
+pub async fn call_vra_status<F, Fut, T>(
+    site: &SiteManager,
+    addr: &str,
+    call: F,
+) -> Result<(), tonic::Status>
+where
+    F: FnOnce(VraControlClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     match site.control().vra(addr) {
-        Ok(c) => call(c)
-            .await
-            .map(|_| ())
-            .map_err(|s| s.message().to_string()),
-        Err(e) => Err(e.to_string()),
+        Ok(c) => call(c).await.map(|_| ()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use tandem_core::events::EventCode;
 use tandem_core::ids::{HostId, VpgId};
 use tandem_core::inventory::Host;
-use tandem_core::observe::VraVpgReport;
+use tandem_core::observe::{PlanError, PlanErrorKind, VraVpgReport};
 use tandem_core::protection::{self, ProtectedPlan, RecoveryPlan};
 use tandem_core::state::{Command, SiteState};
 use tandem_core::status::Operation;
@@ -19,7 +19,7 @@ use tandem_proto::v1;
 use tandem_proto::vra_convert;
 use tokio_util::sync::CancellationToken;
 
-use super::{TICK, call_vra, every, live, vra_request};
+use super::{TICK, call_vra, call_vra_status, every, live, vra_request};
 use crate::site::{SiteManager, now_ms};
 
 /// Reconciles every tick and soon after each committed change (an operator's pause
@@ -199,7 +199,8 @@ async fn apply_protected(site: &SiteManager, state: &SiteState, vpg: &Vpg, plan:
     let r = call_vra(site, &host.vra_address, |mut c| async move {
         c.assign_protected(vra_request(req)).await
     })
-    .await;
+    .await
+    .map_err(PlanError::not_protected);
     log_assign(site, r, &vpg.id, &plan.host, plan.generation, "protected");
 }
 
@@ -260,7 +261,7 @@ async fn apply_pause(site: &SiteManager, addr: &str, vpg: &Vpg, host: &HostId) {
 
 fn log_assign(
     site: &SiteManager,
-    r: Result<(), String>,
+    r: Result<(), PlanError>,
     vpg: &VpgId,
     host: &HostId,
     generation: u64,
@@ -284,10 +285,19 @@ async fn apply_recovery(site: &SiteManager, state: &SiteState, plan: &RecoveryPl
         return;
     };
     let req = vra_convert::assign_recovery(plan);
-    let r = call_vra(site, &host.vra_address, |mut c| async move {
+    // A VRA that does not find the recovery datastore on its host answers NOT_FOUND.
+    let r = call_vra_status(site, &host.vra_address, |mut c| async move {
         c.assign_recovery(vra_request(req)).await
     })
-    .await;
+    .await
+    .map_err(|s| PlanError {
+        kind: if s.code() == tonic::Code::NotFound {
+            PlanErrorKind::StorageProfile
+        } else {
+            PlanErrorKind::NotProtected
+        },
+        message: s.message().to_string(),
+    });
     log_assign(site, r, &plan.vpg, &plan.host, plan.generation, "recovery");
 }
 
