@@ -504,7 +504,7 @@ mod tests {
         let vm = &plans[1].vms[0];
         assert_eq!(vm.vm.as_str(), "vm1");
         assert_eq!(vm.journal_dir, "/rec/r2/g/vm1/journal");
-        assert_eq!(vm.datastore_path, "/rec/r2/");
+        assert_eq!(vm.datastore_path, "/rec/r2");
         assert_eq!(vm.volumes[0].path, "/rec/r2/g/vm1/c0u0.replica");
         assert_eq!(plans[1].journal_history_secs, 4 * 3600);
         assert_eq!(plans[1].journal_hard_limit_bytes, 0);

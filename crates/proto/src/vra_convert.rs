@@ -86,6 +86,7 @@ fn sync_kind(k: i32) -> Option<SyncKind> {
         v1::VraSyncKind::Bitmap => SyncKind::Bitmap,
         v1::VraSyncKind::VolumeInitial => SyncKind::VolumeInitial,
         v1::VraSyncKind::VolumeDelta => SyncKind::VolumeDelta,
+        v1::VraSyncKind::Evaluating => SyncKind::Evaluating,
     })
 }
 

@@ -231,12 +231,26 @@ pub struct SyncState {
 
 impl SyncState {
     /// The sync running, or the one due next (with no progress yet), for status; the
-    /// stream is durable at the recovery VRA up to `durable`.
-    pub fn current_pb(&mut self, durable: u64) -> Option<pb::VraSyncStatus> {
+    /// stream is durable at the recovery VRA up to `durable`. A due sync while the stream
+    /// is not `established` is shown as being evaluated.
+    pub fn current_pb(&mut self, durable: u64, established: bool) -> Option<pb::VraSyncStatus> {
         if let Some(p) = &mut self.running {
             p.settle(durable);
             return Some(p.to_pb());
         }
+        let due = self.due_pb();
+        if established {
+            return due;
+        }
+        // Due, with no stream to the recovery VRA: its kind is being evaluated ("Syncing").
+        due.map(|mut p| {
+            p.kind = pb::VraSyncKind::Evaluating as i32;
+            p
+        })
+    }
+
+    /// The sync that is due and not running, if any.
+    fn due_pb(&self) -> Option<pb::VraSyncStatus> {
         if let Some(d) = &self.delta {
             let kind = if d.volumes.is_some() {
                 SyncKind::VolumeDelta

@@ -593,7 +593,7 @@ impl Vra {
                             }
                         },
                         reconnects: c.reconnects.load(Ordering::Relaxed),
-                        sync: sync.current_pb(acked.0),
+                        sync: sync.current_pb(acked.0, connected),
                         write_iops: rates[0],
                         write_bytes_per_sec: rates[1],
                         wan_bytes_per_sec: rates[2],
