@@ -156,3 +156,50 @@ fn an_open_image_limits_early_promotion_and_appends_still_go_on() {
     assert!(j.stats().size_bytes <= HARD);
     j.close().expect("close");
 }
+
+/// "History Not Meeting SLA" with a history window: set by early promotion at the hard
+/// limit, kept while no usable checkpoint is as old as the window, cleared by upkeep once
+/// one is (the journal holds the whole window again). The clock is the caller's: an hour
+/// of history passes in one call.
+#[test]
+fn history_short_clears_once_the_journal_again_holds_the_whole_window() {
+    const HOUR_MS: u64 = 3600 * 1000;
+    const T0: u64 = 1_700_000_000_000;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let rt = common::runtime();
+    let mut cfg = config(dir);
+    cfg.history_window = Some(Duration::from_millis(HOUR_MS));
+    let j = Journal::open(common::jdir(dir), cfg).expect("open");
+    let mut last_ts = T0;
+    rt.block_on(async {
+        for seq in 1..=200u64 {
+            let body = if seq % 10 == 0 {
+                last_ts = T0 + seq * 1000;
+                common::checkpoint(seq, last_ts)
+            } else {
+                common::write(0, (seq * 1237) % (VOL_SIZE - 1500), 1500, seq)
+            };
+            j.append(Seq(seq), Generation(1), body)
+                .await
+                .expect("append");
+        }
+    });
+    j.enforce_limits().expect("enforce");
+    assert!(j.status().history_not_meeting_sla, "not set at the limit");
+    // A minute after the last checkpoint: the oldest one kept is far younger than the
+    // window.
+    j.maintain(UnixMillis(last_ts + 60_000)).expect("maintain");
+    assert!(j.status().history_not_meeting_sla, "cleared too early");
+    // An hour later every checkpoint kept is older than the window: the newest of them is
+    // the oldest point of a full window and stays usable.
+    j.maintain(UnixMillis(last_ts + HOUR_MS)).expect("maintain");
+    assert!(!j.status().history_not_meeting_sla, "not cleared");
+    let usable = j
+        .checkpoints()
+        .into_iter()
+        .filter(|c| c.state == CheckpointState::Usable)
+        .count();
+    assert!(usable >= 1, "no checkpoint left to recover to");
+    j.close().expect("close");
+}
