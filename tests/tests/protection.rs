@@ -182,6 +182,41 @@ async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Resul
     )
     .await?;
 
+    // The VMs view (`tandem vm list`) under a workload writing every VM: each VM with its
+    // VPG's status and its own IO, throughput, WAN traffic and storage; the recovery site
+    // lists the same VMs, incoming.
+    let writer = workload(&lab).await?;
+    let start = Instant::now();
+    loop {
+        let rows = vm_list(&apis_a, "performance").await?;
+        let vms: Vec<&str> = rows.iter().filter_map(|r| r["vm_id"].as_str()).collect();
+        assert_eq!(vms, ["vm-0", "vm-1", "vm-2", "vm-3"], "{rows:?}");
+        let all_busy = rows.iter().all(|r| {
+            r["vpg_id"] == "vpg-web"
+                && r["direction"] == "outgoing"
+                && r["status"] == "Meeting SLA"
+                && r["write_iops"].as_u64() > Some(0)
+                && r["write_bytes_per_sec"].as_u64() > Some(0)
+                && r["wan_bytes_per_sec"].as_u64() > Some(0)
+                && r["provisioned_bytes"].as_u64() == Some(32 * MIB + 1024 * MIB)
+                && r["used_bytes"].as_u64() > Some(32 * MIB)
+        });
+        if all_busy {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!("the VMs view never showed every VM busy: {rows:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let history = writer.stop().await;
+    assert!(history.failures().is_empty(), "{:?}", history.failures());
+    let rows_b = vm_list(&apis_b, "general").await?;
+    assert!(
+        rows_b.len() == 4 && rows_b.iter().all(|r| r["direction"] == "incoming"),
+        "{rows_b:?}"
+    );
+
     // Checkpoints at every interval, listed by the recovery site, also through site a.
     let first = checkpoints(&b, "vpg-web").await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -299,6 +334,28 @@ async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Resul
     }
     lab.down().await;
     Ok(())
+}
+
+/// `tandem vm list --view VIEW -o json`: the VMs view's rows.
+async fn vm_list(apis: &[String], view: &str) -> Result<Vec<serde_json::Value>> {
+    let out = tokio::process::Command::new(tandem_lab::lab::binary("tandem"))
+        .args([
+            "-e",
+            &apis.join(","),
+            "vm",
+            "list",
+            "--view",
+            view,
+            "-o",
+            "json",
+        ])
+        .output()
+        .await
+        .context("running tandem vm list")?;
+    if !out.status.success() {
+        bail!("tandem vm list: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 async fn tasks(ch: &Channel) -> Result<Vec<v1::Task>> {
@@ -1156,26 +1213,11 @@ async fn full_missing_or_failing_recovery_storage_shows_and_recovers_when_the_ca
     assert!(!journals.is_empty(), "no journal files under site-b");
     let writer = workload(&lab).await?;
     let immutable = Immutable::set(&journals)?;
-    let broken = wait_vpg_cli(
-        &apis_a,
-        "vpg-web",
-        Duration::from_secs(30),
-        &mut seen,
-        |g| shown(g) == pair("Not Meeting SLA", "Journal storage error"),
-    )
-    .await?;
-    let problems = broken.status.unwrap_or_default().problems;
-    assert!(
-        problems.iter().any(|p| p.contains("journal storage error")),
-        "{problems:?}"
-    );
-    wait_vpg_cli(
-        &apis_b,
-        "vpg-web",
-        Duration::from_secs(10),
-        &mut seen_b,
-        |g| shown(g).1 == "Journal storage error",
-    )
+    let sites = (&apis_a[..], &apis_b[..]);
+    let seen_ab = (&mut seen, &mut seen_b);
+    shown_at_both(sites, seen_ab, "Journal storage error", |p| {
+        p.contains("journal storage error")
+    })
     .await?;
     drop(immutable);
     wait_vpg_cli(
@@ -1205,28 +1247,10 @@ async fn full_missing_or_failing_recovery_storage_shows_and_recovers_when_the_ca
         }
     })
     .await?;
-    let missing = wait_vpg_cli(
-        &apis_a,
-        "vpg-web",
-        Duration::from_secs(30),
-        &mut seen,
-        |g| shown(g) == pair("Not Meeting SLA", "Recovery storage profile error"),
-    )
-    .await?;
-    let problems = missing.status.unwrap_or_default().problems;
-    assert!(
-        problems
-            .iter()
-            .any(|p| p.contains("ds-1") && p.contains("not found")),
-        "{problems:?}"
-    );
-    wait_vpg_cli(
-        &apis_b,
-        "vpg-web",
-        Duration::from_secs(10),
-        &mut seen_b,
-        |g| shown(g).1 == "Recovery storage profile error",
-    )
+    let seen_ab = (&mut seen, &mut seen_b);
+    shown_at_both(sites, seen_ab, "Recovery storage profile error", |p| {
+        p.contains("ds-1") && p.contains("not found")
+    })
     .await?;
     assert!(!ds.exists(), "the VRA created the missing datastore");
     std::fs::rename(&away, &ds)?;
@@ -1241,6 +1265,27 @@ async fn full_missing_or_failing_recovery_storage_shows_and_recovers_when_the_ca
     eprintln!("missing datastore and after: {seen:?}");
     lab.down().await;
     drop(fs);
+    Ok(())
+}
+
+/// Waits until site a shows `vpg-web` as Not Meeting SLA / `substatus` with a problem
+/// that `names` accepts, then until site b shows the substatus too.
+async fn shown_at_both(
+    (apis_a, apis_b): (&[String], &[String]),
+    (seen_a, seen_b): (&mut Vec<(String, String)>, &mut Vec<(String, String)>),
+    substatus: &str,
+    names: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let g = wait_vpg_cli(apis_a, "vpg-web", Duration::from_secs(30), seen_a, |g| {
+        shown(g) == pair("Not Meeting SLA", substatus)
+    })
+    .await?;
+    let problems = g.status.unwrap_or_default().problems;
+    assert!(problems.iter().any(|p| names(p)), "{problems:?}");
+    wait_vpg_cli(apis_b, "vpg-web", Duration::from_secs(10), seen_b, |g| {
+        shown(g).1 == substatus
+    })
+    .await?;
     Ok(())
 }
 

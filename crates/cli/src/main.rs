@@ -60,9 +60,11 @@ enum Noun {
     /// Resource pools.
     #[command(subcommand)]
     Pool(Crud),
-    /// Virtual machines.
+    /// Virtual machines: `list` is the VMs view (every VM of the VPGs this site protects
+    /// or recovers, with its VPG's status and its own figures); `list --inventory` the
+    /// inventory records.
     #[command(subcommand)]
-    Vm(Crud),
+    Vm(VmCmd),
     /// Virtual protection groups.
     #[command(subcommand)]
     Vpg(VpgCmd),
@@ -181,6 +183,34 @@ enum Crud {
         id: String,
     },
     List,
+    /// Replaces the object with the spec file's content.
+    Edit {
+        id: String,
+        #[command(flatten)]
+        file: FileArg,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCmd {
+    /// Creates from a spec file.
+    Create(FileArg),
+    Get {
+        id: String,
+    },
+    /// The VMs view: every protected VM of both sites with its VPG, direction, peer site,
+    /// priority, status, state, actual RPO and operation (`--view performance`: its IO,
+    /// throughput, WAN traffic, provisioned and used storage). `--inventory`: the
+    /// inventory's VM records instead.
+    List {
+        #[arg(long, value_enum, default_value = "general")]
+        view: VpgView,
+        #[arg(long)]
+        inventory: bool,
+    },
     /// Replaces the object with the spec file's content.
     Edit {
         id: String,
@@ -745,7 +775,29 @@ fn vm_rows(vms: &[v1::Vm]) -> Vec<Vec<String>> {
         .collect()
 }
 
-async fn vm(ch: Channel, fmt: Format, c: Crud) -> Result<()> {
+async fn vm(ch: Channel, fmt: Format, c: VmCmd) -> Result<()> {
+    let c = match c {
+        VmCmd::List {
+            view,
+            inventory: false,
+        } => {
+            let r = VpgServiceClient::new(ch)
+                .list_vpgs(v1::ListRequest {})
+                .await?
+                .into_inner();
+            let rows = protected_vms(&r.vpgs);
+            let table = rows.iter().map(|r| r.cells(view)).collect();
+            print(fmt, &rows, protected_vm_head(view), table);
+            return Ok(());
+        }
+        VmCmd::List {
+            inventory: true, ..
+        } => Crud::List,
+        VmCmd::Create(f) => Crud::Create(f),
+        VmCmd::Get { id } => Crud::Get { id },
+        VmCmd::Edit { id, file } => Crud::Edit { id, file },
+        VmCmd::Delete { id } => Crud::Delete { id },
+    };
     let mut cl = VmServiceClient::new(ch);
     let head = [
         "ID",
@@ -777,6 +829,123 @@ async fn vm(ch: Channel, fmt: Format, c: Crud) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One row of the VMs view: a VM of a VPG, its VPG's status and its own figures.
+#[derive(Debug, serde::Serialize)]
+struct ProtectedVmRow {
+    vm_id: String,
+    vm_name: String,
+    vpg_id: String,
+    vpg_name: String,
+    direction: String,
+    peer_site: String,
+    priority: String,
+    alert: String,
+    status: String,
+    state: String,
+    sync_percent: Option<u32>,
+    actual_rpo_secs: Option<u64>,
+    operation: String,
+    write_iops: u64,
+    write_bytes_per_sec: u64,
+    wan_bytes_per_sec: u64,
+    provisioned_bytes: u64,
+    used_bytes: u64,
+}
+
+impl ProtectedVmRow {
+    fn cells(&self, view: VpgView) -> Vec<String> {
+        match view {
+            VpgView::General => vec![
+                self.vm_name.clone(),
+                self.vpg_name.clone(),
+                self.direction.clone(),
+                self.peer_site.clone(),
+                self.priority.clone(),
+                self.alert.clone(),
+                match self.sync_percent {
+                    Some(p) => format!("{} {p}%", self.status),
+                    None => self.status.clone(),
+                },
+                self.state.clone(),
+                self.actual_rpo_secs.map_or("-".into(), |r| format!("{r}s")),
+                self.operation.clone(),
+            ],
+            VpgView::Performance => vec![
+                self.vm_name.clone(),
+                self.vpg_name.clone(),
+                self.write_iops.to_string(),
+                format!("{}/s", bytes(self.write_bytes_per_sec)),
+                format!("{}/s", bytes(self.wan_bytes_per_sec)),
+                bytes(self.provisioned_bytes),
+                bytes(self.used_bytes),
+            ],
+        }
+    }
+}
+
+/// The VMs view's rows: every VM of every VPG listed, with its figures.
+fn protected_vms(vpgs: &[v1::Vpg]) -> Vec<ProtectedVmRow> {
+    let mut rows = Vec::new();
+    for g in vpgs {
+        let st = g.status.clone().unwrap_or_default();
+        for vm in &g.vms {
+            let id = vm
+                .placement
+                .as_ref()
+                .map(|p| p.vm_id.clone())
+                .unwrap_or_default();
+            let figures = st.vms.iter().find(|f| f.vm_id == id);
+            rows.push(ProtectedVmRow {
+                vm_name: vm.vm_name.clone(),
+                vm_id: id,
+                vpg_id: g.id.clone(),
+                vpg_name: g.name.clone(),
+                direction: g.direction.clone(),
+                peer_site: g.peer_site_name.clone(),
+                priority: priority_name(g.settings.as_ref().map_or(0, |s| s.priority)).into(),
+                alert: st.alert.clone(),
+                status: st.status.clone(),
+                state: state_cell(&st),
+                sync_percent: (!st.sync.is_empty()).then_some(st.sync_percent),
+                actual_rpo_secs: st.actual_rpo_secs,
+                operation: st.operation.clone(),
+                write_iops: figures.map_or(0, |f| f.write_iops),
+                write_bytes_per_sec: figures.map_or(0, |f| f.write_bytes_per_sec),
+                wan_bytes_per_sec: figures.map_or(0, |f| f.wan_bytes_per_sec),
+                provisioned_bytes: figures.map_or(vm.provisioned_bytes, |f| f.provisioned_bytes),
+                used_bytes: figures.map_or(0, |f| f.used_bytes),
+            });
+        }
+    }
+    rows
+}
+
+fn protected_vm_head(view: VpgView) -> &'static [&'static str] {
+    match view {
+        VpgView::General => &[
+            "VM",
+            "VPG",
+            "DIRECTION",
+            "PEER SITE",
+            "PRIORITY",
+            "ALERT",
+            "PROTECTION STATUS",
+            "STATE",
+            "ACTUAL RPO",
+            "OPERATION",
+        ],
+        VpgView::Performance => &[
+            "VM",
+            "VPG",
+            "IO",
+            "THROUGHPUT",
+            "NETWORK",
+            "PROVISIONED",
+            "USED",
+        ],
+    }
 }
 
 /// The state column: the substatus, with a sync's progress, time left and trigger.

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{HostId, SiteId, VpgId};
+use crate::ids::{HostId, SiteId, VmId, VpgId};
 use crate::status::{Fault, Pause, SyncKind, SyncTrigger, VpgObservation, VpgState};
 use crate::vpg::Vpg;
 
@@ -67,12 +67,27 @@ pub struct VraVpgReport {
     #[serde(default)]
     pub journal_error: Option<String>,
     pub last_error: String,
+    /// Protected: the rates of each VM.
+    #[serde(default)]
+    pub vm_rates: Vec<VmRates>,
+    /// Recovery: the size of each VM's journal.
+    #[serde(default)]
+    pub vm_journal_bytes: Vec<(VmId, u64)>,
+}
+
+/// The rates a protected VRA measures for one VM (per second).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRates {
+    pub vm: VmId,
+    pub write_iops: u64,
+    pub write_bytes_per_sec: u64,
+    pub wan_bytes_per_sec: u64,
 }
 
 /// What a manager knows of one host's VRA for one VPG.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VraSeen {
-    Reported(VraVpgReport),
+    Reported(Box<VraVpgReport>),
     /// The VRA answered but does not hold the VPG (yet).
     NotAssigned,
     /// The VRA did not answer.
@@ -185,6 +200,22 @@ pub struct Figures {
     pub last_checkpoint: Option<(u64, u64)>,
     pub problems: Vec<String>,
     pub observed_at_ms: u64,
+    /// The figures of each VM of the VPG (the seed's VMs tab), in the definition's order.
+    #[serde(default)]
+    pub vms: Vec<VmFigures>,
+}
+
+/// The figures an operator sees for one VM of a VPG.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmFigures {
+    pub vm: VmId,
+    pub write_iops: u64,
+    pub write_bytes_per_sec: u64,
+    pub wan_bytes_per_sec: u64,
+    /// Its disks and memory.
+    pub provisioned_bytes: u64,
+    /// Its recovery disks and journal.
+    pub used_bytes: u64,
 }
 
 /// One status snapshot of a VPG.
@@ -229,7 +260,7 @@ fn sync_rank(k: SyncKind) -> u8 {
 
 fn reports(seen: &[HostSeen]) -> impl Iterator<Item = (&HostId, &VraVpgReport)> {
     seen.iter().filter_map(|h| match &h.seen {
-        VraSeen::Reported(r) => Some((&h.host, r)),
+        VraSeen::Reported(r) => Some((&h.host, &**r)),
         _ => None,
     })
 }
@@ -419,6 +450,38 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
         .map(|m| m.footprint.provisioned_bytes())
         .sum();
     let memory: u64 = i.vpg.vms.iter().map(|m| m.footprint.memory_mib << 20).sum();
+    let vms = i
+        .vpg
+        .vms
+        .iter()
+        .map(|m| {
+            let vm = &m.placement.vm_id;
+            let rates = reports(protected)
+                .flat_map(|(_, r)| r.vm_rates.iter())
+                .filter(|v| &v.vm == vm);
+            let (iops, bps, wan) = rates.fold((0, 0, 0), |(a, b, c), v| {
+                (
+                    a + v.write_iops,
+                    b + v.write_bytes_per_sec,
+                    c + v.wan_bytes_per_sec,
+                )
+            });
+            let journal: u64 = reports(recovery)
+                .flat_map(|(_, r)| r.vm_journal_bytes.iter())
+                .filter(|(v, _)| v == vm)
+                .map(|(_, b)| b)
+                .sum();
+            let disks = m.footprint.provisioned_bytes();
+            VmFigures {
+                vm: vm.clone(),
+                write_iops: iops,
+                write_bytes_per_sec: bps,
+                wan_bytes_per_sec: wan,
+                provisioned_bytes: disks + (m.footprint.memory_mib << 20),
+                used_bytes: disks + journal,
+            }
+        })
+        .collect();
     let figures = Figures {
         actual_rpo_secs,
         sync,
@@ -432,6 +495,7 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
         last_checkpoint,
         problems,
         observed_at_ms: i.now_ms,
+        vms,
     };
     LiveStatus {
         state,
@@ -551,6 +615,13 @@ mod tests {
             storage_error: None,
             journal_error: None,
             last_error: String::new(),
+            vm_rates: vec![VmRates {
+                vm: VmId::minted("vm".into()),
+                write_iops: 100,
+                write_bytes_per_sec: 1 << 20,
+                wan_bytes_per_sec: 1 << 19,
+            }],
+            vm_journal_bytes: vec![],
         }
     }
 
@@ -558,6 +629,8 @@ mod tests {
         VraVpgReport {
             role: Role::Recovery,
             journal_bytes: 5 << 20,
+            vm_rates: vec![],
+            vm_journal_bytes: vec![(VmId::minted("vm".into()), 5 << 20)],
             last_durable_checkpoint: Some((7, cp_ms)),
             oldest_checkpoint_ms: Some(cp_ms - 60_000),
             write_iops: 0,
@@ -570,7 +643,7 @@ mod tests {
     fn seen(host: &str, r: VraVpgReport) -> HostSeen {
         HostSeen {
             host: HostId::minted(host.into()),
-            seen: VraSeen::Reported(r),
+            seen: VraSeen::Reported(Box::new(r)),
         }
     }
 
@@ -619,6 +692,16 @@ mod tests {
         assert_eq!(s.figures.write_iops, 100);
         assert_eq!(s.figures.provisioned_bytes, (1 << 30) + (4096 << 20));
         assert_eq!(s.figures.used_bytes, (1 << 30) + (5 << 20));
+        // The VM's own figures (the VMs tab): its rates from the protected VRA, its disks
+        // and memory, its recovery disks and journal.
+        let vm = &s.figures.vms[0];
+        assert_eq!(vm.vm.as_str(), "vm");
+        assert_eq!(
+            (vm.write_iops, vm.write_bytes_per_sec, vm.wan_bytes_per_sec),
+            (100, 1 << 20, 1 << 19)
+        );
+        assert_eq!(vm.provisioned_bytes, (1 << 30) + (4096 << 20));
+        assert_eq!(vm.used_bytes, (1 << 30) + (5 << 20));
         assert_eq!(s.figures.history_held_secs, 63);
         // The recovery site sees the same VPG the same way from its side.
         let own = [seen("r1", recovery(NOW - 3000))];

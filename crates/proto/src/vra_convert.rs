@@ -2,7 +2,8 @@
 //! VRA status into the reports the live status is computed from, journal checkpoints into
 //! the operator's checkpoints.
 
-use tandem_core::observe::{Role, StreamState, SyncProgress, VraVpgReport};
+use tandem_core::ids::VmId;
+use tandem_core::observe::{Role, StreamState, SyncProgress, VmRates, VraVpgReport};
 use tandem_core::protection::{ProtectedPlan, RecoveryPlan, VmPlan};
 use tandem_core::status::{SyncKind, SyncTrigger};
 use tandem_core::vpg::Priority;
@@ -155,6 +156,23 @@ pub fn vpg_report(s: &v1::VpgReplicationStatus) -> VraVpgReport {
         storage_error,
         journal_error,
         last_error: s.last_error.clone(),
+        vm_rates: s
+            .vms
+            .iter()
+            .filter_map(|v| {
+                Some(VmRates {
+                    vm: VmId::parse("vm_id", &v.vm_id).ok()?,
+                    write_iops: v.write_iops,
+                    write_bytes_per_sec: v.write_bytes_per_sec,
+                    wan_bytes_per_sec: v.wan_bytes_per_sec,
+                })
+            })
+            .collect(),
+        vm_journal_bytes: s
+            .journals
+            .iter()
+            .filter_map(|j| Some((VmId::parse("vm_id", &j.vm_id).ok()?, j.size_bytes)))
+            .collect(),
     }
 }
 

@@ -13,6 +13,7 @@
 //! thaw.
 
 use std::{
+    collections::BTreeMap,
     io,
     path::PathBuf,
     sync::{
@@ -27,6 +28,7 @@ use tandem_core::ids::{VmId, VpgId};
 use tandem_core::status::SyncTrigger;
 use tandem_journal::{Checkpoint, CheckpointId, Seq, VolumeId};
 use tandem_nbd::{BlockDevice, FileDevice, IoFuture};
+use tandem_proto::v1 as pb;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
@@ -93,6 +95,41 @@ pub struct ProtectedCounters {
     pub reconnects: AtomicU64,
 }
 
+/// Counters of one protected VM (the seed's VMs tab shows its IO, throughput and WAN
+/// traffic).
+#[derive(Debug, Default)]
+pub struct VmCounters {
+    /// Writes (incl. zeroes and trims) acknowledged.
+    pub writes: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Write payload bytes sent, after compression.
+    pub wan_sent: AtomicU64,
+    /// Rates of the three, per second.
+    pub rates: crate::rates::RateMeter<3>,
+}
+
+impl VmCounters {
+    /// Writes, write bytes and WAN bytes per second, and the cumulative counters.
+    pub fn to_pb(&self, vm: &VmId) -> pb::VraVmStatus {
+        let counters = [
+            self.writes.load(Ordering::Relaxed),
+            self.write_bytes.load(Ordering::Relaxed),
+            self.wan_sent.load(Ordering::Relaxed),
+        ];
+        let rates = self.rates.rates(counters);
+        pb::VraVmStatus {
+            vm_id: vm.to_string(),
+            writes: counters[0],
+            write_bytes: counters[1],
+            wan_bytes_sent: counters[2],
+            write_iops: rates[0],
+            write_bytes_per_sec: rates[1],
+            wan_bytes_per_sec: rates[2],
+        }
+    }
+}
+
 /// State shared by a protected VPG's volumes, barrier and sender.
 #[derive(Debug)]
 pub struct ProtectedShared {
@@ -118,6 +155,8 @@ pub struct ProtectedShared {
     pub connected: AtomicBool,
     /// Rates of writes, write bytes and WAN bytes sent.
     pub rates: crate::rates::RateMeter<3>,
+    /// Per VM counters, one entry for every VM of the assignment.
+    pub vms: BTreeMap<VmId, Arc<VmCounters>>,
     /// The last stream error.
     pub last_error: Mutex<String>,
     /// What the recovery VRA last said keeps it from making entries durable (empty: none).
@@ -298,6 +337,7 @@ pub struct ProtectedVolume {
     index: usize,
     ranges: RangeLocks,
     vpg: Arc<ProtectedShared>,
+    counters: Arc<VmCounters>,
 }
 
 impl ProtectedVolume {
@@ -325,9 +365,13 @@ impl ProtectedVolume {
             Admission::Tracked => self.vpg.mark_dirty(self.index, offset, len),
         }
         drop(guard);
-        let c = &self.vpg.counters;
-        c.writes.fetch_add(1, Ordering::Relaxed);
-        c.write_bytes.fetch_add(len, Ordering::Relaxed);
+        for (writes, bytes) in [
+            (&self.vpg.counters.writes, &self.vpg.counters.write_bytes),
+            (&self.counters.writes, &self.counters.write_bytes),
+        ] {
+            writes.fetch_add(1, Ordering::Relaxed);
+            bytes.fetch_add(len, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -688,6 +732,11 @@ impl ProtectedVpg {
             needs_sync: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             rates: crate::rates::RateMeter::new([0; 3]),
+            vms: assignment
+                .vms
+                .iter()
+                .map(|vm| (vm.vm.clone(), Arc::new(VmCounters::default())))
+                .collect(),
             last_error: Mutex::new(String::new()),
             remote_storage_error: Mutex::new(String::new()),
             frozen_cp: AtomicU64::new(0),
@@ -707,6 +756,7 @@ impl ProtectedVpg {
         let mut volumes = Vec::new();
         for vm in &assignment.vms {
             let vm_id = Arc::new(vm.vm.clone());
+            let vm_counters = shared.vms[&vm.vm].clone();
             for vol in &vm.volumes {
                 let image = open_or_create(&vol.path, vol.size)?;
                 let index = volumes.len();
@@ -719,6 +769,7 @@ impl ProtectedVpg {
                         index,
                         ranges: RangeLocks::default(),
                         vpg: shared.clone(),
+                        counters: vm_counters.clone(),
                     }),
                 ));
             }

@@ -253,6 +253,9 @@ fn encode(shared: &ProtectedShared, batch: &[(Seq, EntryBody)]) -> pb::Replicate
             );
             raw += r;
             sent += s;
+            if let Some(vm) = body.vm().and_then(|vm| shared.vms.get(vm)) {
+                vm.wan_sent.fetch_add(s, Ordering::Relaxed);
+            }
             e
         })
         .collect();

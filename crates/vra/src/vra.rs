@@ -601,6 +601,7 @@ impl Vra {
                         dirty_bytes: sync.map.pending_bytes(),
                         tracking: sync.tracking,
                         paused: sync.paused,
+                        vms: s.vms.iter().map(|(vm, c)| c.to_pb(vm)).collect(),
                         ..Default::default()
                     });
                 }

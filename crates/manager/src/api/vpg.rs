@@ -49,6 +49,18 @@ pub(crate) fn status_to_proto(v: &VpgView) -> v1::VpgStatus {
         status.last_checkpoint_ms = f.last_checkpoint.map_or(0, |c| c.1);
         status.problems = f.problems.clone();
         status.observed_at_ms = f.observed_at_ms;
+        status.vms = f
+            .vms
+            .iter()
+            .map(|vm| v1::VpgVmFigures {
+                vm_id: vm.vm.to_string(),
+                write_iops: vm.write_iops,
+                write_bytes_per_sec: vm.write_bytes_per_sec,
+                wan_bytes_per_sec: vm.wan_bytes_per_sec,
+                provisioned_bytes: vm.provisioned_bytes,
+                used_bytes: vm.used_bytes,
+            })
+            .collect();
     }
     status
 }

@@ -376,7 +376,7 @@ impl Live {
                     }
                     Some(VraObservation { vpgs: Err(e), .. }) => VraSeen::Unreachable(e.clone()),
                     Some(VraObservation { vpgs: Ok(m), .. }) => match m.get(vpg) {
-                        Some(r) => VraSeen::Reported(r.clone()),
+                        Some(r) => VraSeen::Reported(Box::new(r.clone())),
                         None => VraSeen::NotAssigned,
                     },
                 },
