@@ -1268,11 +1268,14 @@ async fn full_missing_or_failing_recovery_storage_shows_and_recovers_when_the_ca
     Ok(())
 }
 
+/// Every (status, substatus) a site showed, in order.
+type Seen = Vec<(String, String)>;
+
 /// Waits until site a shows `vpg-web` as Not Meeting SLA / `substatus` with a problem
 /// that `names` accepts, then until site b shows the substatus too.
 async fn shown_at_both(
     (apis_a, apis_b): (&[String], &[String]),
-    (seen_a, seen_b): (&mut Vec<(String, String)>, &mut Vec<(String, String)>),
+    (seen_a, seen_b): (&mut Seen, &mut Seen),
     substatus: &str,
     names: impl Fn(&str) -> bool,
 ) -> Result<()> {
