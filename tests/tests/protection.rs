@@ -1663,7 +1663,8 @@ fn pair(status: &str, substatus: &str) -> (String, String) {
 /// disconnection. No checkpoints" (the checkpoints before the VM was added are no recovery
 /// point of the VPG as it is now), Error for a protected VRA that is gone, Syncing while
 /// the restarted VRA's stream is not yet established (the kind of its sync being
-/// evaluated), and VPG has no VMs once every VM is removed. Each cause removed, the VPG meets its SLA again.
+/// evaluated), the delta sync it then runs unasked (Not Meeting SLA / Delta Syncing), and
+/// VPG has no VMs once every VM is removed. Each cause removed, the VPG meets its SLA again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seeds_live_statuses_are_each_driven_and_shown_by_the_cli() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -1778,14 +1779,28 @@ async fn the_seeds_live_statuses_are_each_driven_and_shown_by_the_cli() -> Resul
         "{problems:?}"
     );
     // Restarted after the kill it owes a sync; until its stream reaches the recovery VRA
-    // (1 s each way on the link) the sync's kind is being evaluated: Syncing.
+    // (1 s each way on the link) the sync's kind is being evaluated: Syncing. Then, with
+    // 512 KiB written past it while it was down, a delta sync the operator did not ask
+    // for (the sites drifted apart) over a 64 KB/s link: Not Meeting SLA / Delta Syncing.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&drift)?;
+        f.write_all_at(&vec![0xa5; 512 << 10], 1 << 20)?;
+        f.sync_all()?;
+    }
     link.delay(None, Duration::from_secs(1)).await?;
+    link.throttle(None, 64 * 1024).await?;
     lab.vras[0][0].start().await?;
     wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, |g| {
         shown(g).1 == "Syncing"
     })
     .await?;
     link.delay(None, Duration::ZERO).await?;
+    wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, |g| {
+        shown(g) == pair("Not Meeting SLA", "Delta Syncing")
+    })
+    .await?;
+    link.throttle(None, 0).await?;
     wait_vpg_cli(&apis_a, "vpg-web", within, &mut seen, |g| {
         shown(g) == pair("Meeting SLA", "—")
     })
@@ -1812,6 +1827,7 @@ async fn the_seeds_live_statuses_are_each_driven_and_shown_by_the_cli() -> Resul
         pair("Meeting SLA", "—"),
         pair("Not Meeting SLA", "Site disconnection. No checkpoints"),
         pair("Not Meeting SLA", "Error"),
+        pair("Not Meeting SLA", "Delta Syncing"),
         pair("Not Meeting SLA", "VPG has no VMs"),
     ] {
         assert!(seen.contains(&want), "{want:?} never shown: {seen:?}");
