@@ -16,6 +16,7 @@ use tandem_lab::protect::{self, ProtectOptions, wait_vpg_cli};
 use tandem_lab::workload::{VolumeTarget, Workload, WorkloadConfig};
 use tandem_proto::v1;
 use tandem_proto::v1::{
+    datastore_service_client::DatastoreServiceClient,
     monitoring_service_client::MonitoringServiceClient, site_service_client::SiteServiceClient,
     task_service_client::TaskServiceClient, vm_service_client::VmServiceClient,
     vpg_service_client::VpgServiceClient, vra_control_client::VraControlClient,
@@ -2037,6 +2038,59 @@ async fn volumes_added_grown_and_removed_in_the_inventory_reach_the_mirror() -> 
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // A grown volume the recovery datastore has no room for: the recovery site refuses
+    // the edit, the VM shows as not protected (with the reason) while the VPG retries;
+    // once the operator gives the datastore room, the VPG follows and meets its SLA.
+    let mut datastores = DatastoreServiceClient::new(b.clone());
+    let ds_b = datastores
+        .get_datastore(v1::GetRequest { id: ds(1) })
+        .await?
+        .into_inner();
+    let committed = datastores
+        .update_datastore(v1::Datastore {
+            capacity_bytes: 1,
+            ..ds_b.clone()
+        })
+        .await
+        .expect_err("a datastore smaller than what it holds");
+    let used: u64 = committed
+        .message()
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .context("no byte count in the refusal")?;
+    datastores
+        .update_datastore(v1::Datastore {
+            capacity_bytes: used,
+            ..ds_b.clone()
+        })
+        .await?;
+    update_vm(&a, "vm-2", |vm| vm.volumes[0].size_bytes += 8 * MIB).await?;
+    let g = wait_vpg_cli(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(30),
+        &mut seen,
+        |g| shown(g) == pair("Not Meeting SLA", "VM not protected"),
+    )
+    .await?;
+    let problems = g.status.unwrap_or_default().problems;
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("vm-2") && p.contains("no room")),
+        "{problems:?}"
+    );
+    datastores.update_datastore(ds_b).await?;
+    wait_vpg_cli(
+        &apis_a,
+        "vpg-web",
+        Duration::from_secs(40),
+        &mut seen,
+        |g| shown(g) == pair("Meeting SLA", "—"),
+    )
+    .await?;
+    eprintln!("inventory changes: {seen:?}");
     lab.down().await;
     Ok(())
 }
