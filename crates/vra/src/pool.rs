@@ -75,7 +75,7 @@ impl BufferPool {
             .iter()
             .map(|v| Holding {
                 priority: v.assignment.priority,
-                bytes: v.positions().3,
+                bytes: v.positions().bytes,
                 tracking: v.sync.tracking(),
             })
             .collect();

@@ -308,18 +308,35 @@ impl ProtectedShared {
         self.durable.subscribe()
     }
 
-    /// A snapshot of the window's positions: (written, sent, acked, bytes, entries, anchored).
-    pub fn positions(&self) -> (Seq, Seq, Seq, u64, usize, bool) {
+    /// A snapshot of the window's positions.
+    pub fn positions(&self) -> Positions {
         let w = self.window();
-        (
-            w.written_seq(),
-            w.sent_seq(),
-            w.acked_seq(),
-            w.bytes(),
-            w.len(),
-            w.anchored(),
-        )
+        Positions {
+            written: w.written_seq(),
+            sent: w.sent_seq(),
+            acked: w.acked_seq(),
+            bytes: w.bytes(),
+            entries: w.len(),
+            anchored: w.anchored(),
+        }
     }
+}
+
+/// Where a protected VPG's replication window stands.
+#[derive(Debug, Clone, Copy)]
+pub struct Positions {
+    /// Highest sequence assigned to a write or marker.
+    pub written: Seq,
+    /// Highest sequence sent on the stream.
+    pub sent: Seq,
+    /// Highest sequence the recovery VRA acknowledged as durable.
+    pub acked: Seq,
+    /// Bytes held (unacknowledged).
+    pub bytes: u64,
+    /// Entries held (unacknowledged).
+    pub entries: usize,
+    /// Sequence numbers are aligned with the receiver's stream.
+    pub anchored: bool,
 }
 
 fn shutting_down() -> io::Error {
@@ -569,7 +586,7 @@ impl BarrierActor {
                     {
                         Err(self.err("the vpg is syncing; no checkpoints until it is done"))
                     }
-                    None if !self.shared.positions().5 => {
+                    None if !self.shared.positions().anchored => {
                         Err(self.err("the stream to the recovery vra is not established yet"))
                     }
                     None => {

@@ -413,7 +413,8 @@ async fn wait_for_work(shared: &ProtectedShared, cancel: &CancellationToken) -> 
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_empty();
-        let ready = shared.connected.load(Ordering::Relaxed) && shared.positions().5 && remote_ok;
+        let ready =
+            shared.connected.load(Ordering::Relaxed) && shared.positions().anchored && remote_ok;
         let work = {
             let s = shared.sync.lock();
             !s.paused
@@ -512,7 +513,7 @@ async fn until_durable(
         // a while: its acknowledgement of the stream's tail can lag until the next entry
         // (seen after an initial sync with no other writes; not understood yet). The
         // sync's data is sent; end it rather than wait for the VPG's next write.
-        if shared.positions().1.0 >= written && moved_at.elapsed() > ACK_TAIL_WAIT {
+        if shared.positions().sent.0 >= written && moved_at.elapsed() > ACK_TAIL_WAIT {
             warn!(
                 vpg = %shared.assignment.vpg, durable = now, sync_end = written,
                 "sync ends before the recovery VRA acknowledged its tail"
@@ -597,7 +598,7 @@ async fn map_sync(
         let len = run.len;
         match send_run(shared, &volumes[index], &run).await {
             Ok(sent) => {
-                let seq = shared.positions().0.0;
+                let seq = shared.positions().written.0;
                 let mut s = shared.sync.lock();
                 if let Some(p) = s.running.as_mut() {
                     p.pushed(seq, len, sent);
@@ -617,7 +618,7 @@ async fn map_sync(
 /// Waits while the buffer is more than half full, so that a sync leaves room for the
 /// VPG's own writes (which would otherwise be pushed into tracking by the sync's data).
 async fn leave_room(shared: &ProtectedShared) {
-    while shared.positions().3 > shared.budget_total / 2 {
+    while shared.positions().bytes > shared.budget_total / 2 {
         if shared.sync.tracking() || shared.restart_stream.load(Ordering::Relaxed) {
             return;
         }
@@ -872,7 +873,7 @@ async fn send_differences(
         })
         .await?;
     }
-    let seq = shared.positions().0.0;
+    let seq = shared.positions().written.0;
     if let Some(p) = shared.sync.lock().running.as_mut() {
         p.sent += sent;
         if sent > 0 {

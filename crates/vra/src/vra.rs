@@ -544,7 +544,14 @@ impl Vra {
             match role {
                 Role::Protected(p) => {
                     let s = p.shared();
-                    let (written, sent, acked, bytes, entries, _) = s.positions();
+                    let crate::protected::Positions {
+                        written,
+                        sent,
+                        acked,
+                        bytes,
+                        entries,
+                        ..
+                    } = s.positions();
                     let c = &s.counters;
                     let mut sync = s.sync.lock();
                     let rates = s.rates.rates([
