@@ -2,6 +2,7 @@
 
 mod client;
 mod output;
+mod recovery;
 mod spec;
 
 use std::path::PathBuf;
@@ -83,6 +84,10 @@ enum Noun {
     /// Operations with their progress and outcome.
     #[command(subcommand)]
     Task(TaskCmd),
+    /// Failover tests (at the recovery site): test VMs on scratch images at a checkpoint
+    /// while protection goes on.
+    #[command(subcommand)]
+    FailoverTest(recovery::FailoverTestCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -424,6 +429,7 @@ async fn run(cli: Cli) -> Result<()> {
         Noun::Event(c) => event(ch, fmt, c).await,
         Noun::Alert(c) => alert(ch, fmt, c).await,
         Noun::Task(c) => task(ch, fmt, c).await,
+        Noun::FailoverTest(c) => recovery::failover_test(ch, fmt, c).await,
     }
 }
 

@@ -14,6 +14,7 @@ pub enum AlertKind {
     SiteDisconnected,
     VraError,
     ProtectionPaused,
+    TestOverdue,
 }
 
 /// How bad it is.
@@ -32,12 +33,16 @@ impl AlertKind {
             Self::SiteDisconnected => "AL0004",
             Self::VraError => "AL0005",
             Self::ProtectionPaused => "AL0006",
+            Self::TestOverdue => "AL0007",
         }
     }
 
     pub fn severity(self) -> Severity {
         match self {
-            Self::RpoOverTarget | Self::HistoryShort | Self::ProtectionPaused => Severity::Warning,
+            Self::RpoOverTarget
+            | Self::HistoryShort
+            | Self::ProtectionPaused
+            | Self::TestOverdue => Severity::Warning,
             Self::StorageError | Self::SiteDisconnected | Self::VraError => Severity::Error,
         }
     }
@@ -50,6 +55,7 @@ impl AlertKind {
             Self::SiteDisconnected => "the peer site cannot be reached",
             Self::VraError => "a VRA of the VPG cannot be reached or does not protect it",
             Self::ProtectionPaused => "protection is paused",
+            Self::TestOverdue => "no failover test within the VPG's test reminder interval",
         }
     }
 }
@@ -81,6 +87,9 @@ pub fn alerts(o: &VpgObservation) -> Vec<AlertKind> {
     if o.pause.is_some() {
         out.push(AlertKind::ProtectionPaused);
     }
+    if o.test_overdue {
+        out.push(AlertKind::TestOverdue);
+    }
     out.sort();
     out
 }
@@ -104,6 +113,7 @@ mod tests {
             history_met: true,
             has_checkpoints: true,
             after_rollback: false,
+            test_overdue: false,
         }
     }
 
@@ -123,6 +133,10 @@ mod tests {
         let mut o = healthy();
         o.history_met = false;
         assert_eq!(alerts(&o), [AlertKind::HistoryShort]);
+        let mut o = healthy();
+        o.test_overdue = true;
+        assert_eq!(alerts(&o), [AlertKind::TestOverdue]);
+        assert_eq!(AlertKind::TestOverdue.code(), "AL0007");
         let mut o = healthy();
         o.faults = vec![Fault::RecoveryStorage, Fault::SiteDisconnected];
         assert_eq!(

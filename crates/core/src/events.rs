@@ -36,10 +36,14 @@ pub enum EventCode {
     ProtectionPausedByManager,
     /// The site manager's pause ended (its time was over).
     ProtectionResumedByManager,
+    /// A failover test started (the description names its checkpoint).
+    FailoverTestStarted,
+    /// A failover test stopped (the description gives its verdict and the operator's note).
+    FailoverTestStopped,
 }
 
 impl EventCode {
-    pub const ALL: [EventCode; 17] = [
+    pub const ALL: [EventCode; 19] = [
         Self::VpgCreated,
         Self::VpgEdited,
         Self::VpgDeleteStarted,
@@ -57,6 +61,8 @@ impl EventCode {
         Self::VpgFollowedInventory,
         Self::ProtectionPausedByManager,
         Self::ProtectionResumedByManager,
+        Self::FailoverTestStarted,
+        Self::FailoverTestStopped,
     ];
 
     pub fn code(self) -> &'static str {
@@ -78,6 +84,8 @@ impl EventCode {
             Self::VpgFollowedInventory => "EV0007",
             Self::ProtectionPausedByManager => "EV0013",
             Self::ProtectionResumedByManager => "EV0014",
+            Self::FailoverTestStarted => "EV0060",
+            Self::FailoverTestStopped => "EV0061",
         }
     }
 

@@ -9,6 +9,7 @@ pub mod inventory;
 pub mod observe;
 pub mod pairing;
 pub mod protection;
+pub mod recovery;
 pub mod state;
 pub mod status;
 pub mod tasks;

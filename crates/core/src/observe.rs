@@ -244,6 +244,8 @@ pub struct LiveInputs<'a> {
     pub plan_error: Option<&'a PlanError>,
     /// The newest checkpoint this site's coordinator saw durable everywhere (id, ms).
     pub coordinated_checkpoint: Option<(u64, u64)>,
+    /// This (recovery) site has not tested the VPG's failover within its reminder interval.
+    pub test_overdue: bool,
 }
 
 /// The strongest of two syncs, for a VPG whose VRAs run different ones.
@@ -428,6 +430,7 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
         history_met,
         has_checkpoints: last_checkpoint.is_some(),
         after_rollback: false,
+        test_overdue: i.test_overdue,
     };
     let state = observation.evaluate();
     let level = !protected.is_empty()
@@ -670,6 +673,7 @@ mod tests {
             peer,
             plan_error: None,
             coordinated_checkpoint: None,
+            test_overdue: false,
         })
     }
 
@@ -837,6 +841,7 @@ mod tests {
                 peer: None,
                 plan_error: None,
                 coordinated_checkpoint: None,
+                test_overdue: false,
             }
         });
         assert_eq!(
@@ -889,6 +894,7 @@ mod tests {
             peer: Some(&peer(vec![seen("p1", protected())])),
             plan_error: missing.plan_error.as_ref(),
             coordinated_checkpoint: None,
+            test_overdue: false,
         });
         assert_eq!(s.state.substatus, VpgSubstatus::RecoveryStorageProfileError);
         let host_gone = PlanError::of_plan(&crate::DomainError::not_found("host", "h9"));

@@ -40,6 +40,12 @@ pub struct SiteState {
     /// sites' copies being reconciled): no other operation on them until it ends.
     #[serde(default)]
     pub updating: BTreeMap<VpgId, DefinitionUpdate>,
+    /// Failover tests running at this (recovery) site, by VPG.
+    #[serde(default)]
+    pub tests: BTreeMap<VpgId, crate::recovery::FailoverTest>,
+    /// The last failover test of each VPG (for the overdue reminder).
+    #[serde(default)]
+    pub test_results: BTreeMap<VpgId, crate::recovery::TestResult>,
 }
 
 /// An update of a VPG's definition that is under way.
@@ -174,6 +180,32 @@ pub enum Command {
     SetManagerPause {
         id: VpgId,
         until_ms: u64,
+    },
+    /// Starts a failover test of a VPG this site recovers.
+    StartFailoverTest {
+        test: crate::recovery::FailoverTest,
+    },
+    /// The leader's progress on a running test (ignored unless it names that test; a
+    /// stopping test stays stopping).
+    ProgressFailoverTest {
+        progress: crate::recovery::TestProgress,
+    },
+    /// The operator stops a test (the first verdict given stands).
+    StopFailoverTest {
+        vpg: VpgId,
+        verdict: crate::recovery::TestVerdict,
+        #[serde(default)]
+        now_ms: u64,
+    },
+    /// A stopping test whose images are closed: it ends, its result is kept, its task
+    /// ends and event EV0061 gives the verdict (all in one step, so a new leader never
+    /// finds a test half ended). `left` names images that could not be closed.
+    EndFailoverTest {
+        vpg: VpgId,
+        task: u64,
+        stopped_ms: u64,
+        #[serde(default)]
+        left: Vec<String>,
     },
 }
 
@@ -429,6 +461,95 @@ impl SiteState {
                 exists(&self.vpgs, &id, VpgId::KIND)?;
                 self.vpgs.remove(&id);
                 self.updating.remove(&id);
+                self.test_results.remove(&id);
+                Ok(Applied::Done)
+            }
+            Command::StartFailoverTest { test } => {
+                self.check_testable(&test.vpg)?;
+                self.tests.insert(test.vpg.clone(), test);
+                Ok(Applied::Done)
+            }
+            Command::ProgressFailoverTest { progress } => {
+                if let Some(t) = self
+                    .tests
+                    .get_mut(&progress.vpg)
+                    .filter(|t| t.task == progress.task)
+                {
+                    if t.step != crate::recovery::TestStep::Stopping {
+                        t.step = progress.step;
+                    }
+                    t.volumes = progress.volumes;
+                    t.error = progress.error;
+                }
+                Ok(Applied::Done)
+            }
+            Command::StopFailoverTest {
+                vpg,
+                verdict,
+                now_ms,
+            } => {
+                verdict.validate()?;
+                let t = self.tests.get_mut(&vpg).ok_or_else(|| {
+                    DomainError::precondition(format!("VPG {vpg} has no failover test running"))
+                })?;
+                if t.verdict.is_none() {
+                    t.stop_requested_ms = now_ms;
+                }
+                t.step = crate::recovery::TestStep::Stopping;
+                t.verdict.get_or_insert(verdict);
+                Ok(Applied::Done)
+            }
+            Command::EndFailoverTest {
+                vpg,
+                task,
+                stopped_ms,
+                left,
+            } => {
+                let Some(t) = self
+                    .tests
+                    .get(&vpg)
+                    .filter(|t| t.task == task && t.step == crate::recovery::TestStep::Stopping)
+                else {
+                    return Ok(Applied::Done);
+                };
+                let result = crate::recovery::TestResult {
+                    task,
+                    point: t.point.clone(),
+                    started_ms: t.started_ms,
+                    stopped_ms,
+                    verdict: t.verdict.clone().unwrap_or(crate::recovery::TestVerdict {
+                        passed: true,
+                        note: String::new(),
+                    }),
+                };
+                let v = &result.verdict;
+                let mut description = format!(
+                    "failover test at checkpoint {} stopped: {}{}",
+                    result.point.checkpoint_id,
+                    if v.passed { "passed" } else { "failed" },
+                    if v.note.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({:?})", v.note)
+                    }
+                );
+                if !left.is_empty() {
+                    description.push_str(&format!(
+                        "; images not closed (their VRA could not be reached; they go when it \
+                         restarts): {}",
+                        left.join(", ")
+                    ));
+                }
+                self.tasks
+                    .end(task, v.passed, description.clone(), stopped_ms);
+                self.events.push(crate::events::NewEvent {
+                    at_ms: stopped_ms,
+                    code: crate::events::EventCode::FailoverTestStopped,
+                    vpg: Some(vpg.clone()),
+                    description,
+                });
+                self.tests.remove(&vpg);
+                self.test_results.insert(vpg, result);
                 Ok(Applied::Done)
             }
             Command::SetVpgOperation {
@@ -484,6 +605,11 @@ impl SiteState {
                     .ok_or_else(|| DomainError::not_found(VpgId::KIND, &id))?;
                 if let Some(u) = self.updating.get(&id) {
                     return Err(being_updated(&id, u));
+                }
+                if self.tests.contains_key(&id) {
+                    return Err(DomainError::precondition(format!(
+                        "a failover test of VPG {id} is running: stop it before deleting the VPG"
+                    )));
                 }
                 if let Some(op) = vpg.operation.filter(|op| !op.allows_delete()) {
                     return Err(DomainError::precondition(format!(
@@ -541,6 +667,46 @@ impl SiteState {
             )));
         }
         self.check_not_updating(id)
+    }
+
+    /// Whether a failover test of VPG `id` may start here: this site recovers it, no test
+    /// of it runs, and no operation or definition update is under way.
+    pub fn check_testable(&self, id: &VpgId) -> Result<(), DomainError> {
+        let vpg = self
+            .vpgs
+            .get(id)
+            .ok_or_else(|| DomainError::not_found(VpgId::KIND, id))?;
+        if Some(&vpg.recovery_site) != self.site_id() {
+            return Err(DomainError::precondition(format!(
+                "VPG {id} is recovered at site {}: test its failover there",
+                vpg.recovery_site
+            )));
+        }
+        if self.tests.contains_key(id) {
+            return Err(DomainError::precondition(format!(
+                "a failover test of VPG {id} is already running"
+            )));
+        }
+        if let Some(op) = vpg.operation {
+            return Err(DomainError::precondition(format!(
+                "VPG {id} is in operation {op:?}: its failover cannot be tested now"
+            )));
+        }
+        if vpg.vms.is_empty() {
+            return Err(DomainError::precondition(format!("VPG {id} has no VMs")));
+        }
+        self.check_not_updating(id)
+    }
+
+    /// A failover test of VPG `id` keeps its definition (and the recovery VRAs serving the
+    /// test's images) as it is: edits and deletes wait until the test stops.
+    fn check_not_testing(&self, id: &VpgId, what: &str) -> Result<(), DomainError> {
+        if self.tests.contains_key(id) {
+            return Err(DomainError::precondition(format!(
+                "a failover test of VPG {id} is running: stop it before {what}"
+            )));
+        }
+        Ok(())
     }
 
     /// Whether this site may unpair from peer `id`: not while a VPG replicates with it.
@@ -664,6 +830,7 @@ impl SiteState {
                 });
             }
             (Some(current), Some(_)) => {
+                self.check_not_testing(&vpg.id, "editing the VPG")?;
                 if current.protected_site != vpg.protected_site
                     || current.recovery_site != vpg.recovery_site
                 {
@@ -1055,5 +1222,170 @@ mod tests {
             put(&mut s, 9, None),
             Err(DomainError::Conflict { .. })
         ));
+    }
+
+    #[test]
+    fn a_failover_test_runs_at_the_recovery_site_blocks_edits_and_keeps_its_result() {
+        use crate::recovery::{FailoverTest, RecoveryPoint, TestProgress, TestStep, TestVerdict};
+        let mut s = state();
+        let id = VpgId::minted("theirs".into());
+        let test = |vpg: &str, task: u64| FailoverTest {
+            vpg: VpgId::minted(vpg.into()),
+            task,
+            point: RecoveryPoint {
+                checkpoint_id: 11,
+                timestamp_ms: 500,
+                name: String::new(),
+            },
+            step: TestStep::Starting,
+            started_ms: 1000,
+            volumes: Vec::new(),
+            verdict: None,
+            stop_requested_ms: 0,
+            error: None,
+        };
+        let refused = |r: CommandOutcome, words: &str| match r {
+            Err(DomainError::FailedPrecondition(m)) => assert!(m.contains(words), "{m}"),
+            other => panic!("expected FAILED_PRECONDITION ({words}), got {other:?}"),
+        };
+        refused(
+            s.apply(Command::StartFailoverTest {
+                test: test("theirs", 1),
+            }),
+            "no VMs",
+        );
+        s.vpgs.get_mut(&id).unwrap().vms.push(crate::vpg::VpgVm {
+            placement: crate::vpg::VmPlacement {
+                vm_id: VmId::minted("vm".into()),
+                recovery_host: HostId::minted("h".into()),
+                recovery_datastore: DatastoreId::minted("d".into()),
+                recovery_pool: PoolId::minted("p".into()),
+                preseeded: false,
+            },
+            footprint: crate::vpg::VmFootprint {
+                vm_name: "vm".into(),
+                cpu_reservation_mhz: 0,
+                memory_reservation_mib: 0,
+                memory_mib: 0,
+                volumes: vec![(0, 0, 1 << 20)],
+                journal_hard_limit: crate::vpg::JournalLimit::Unlimited,
+                journal_warning: crate::vpg::JournalLimit::Unlimited,
+            },
+        });
+        // Only where the VPG is recovered.
+        refused(
+            s.apply(Command::StartFailoverTest {
+                test: test("mine", 1),
+            }),
+            "recovered at site b",
+        );
+        s.apply(Command::StartFailoverTest {
+            test: test("theirs", 1),
+        })
+        .unwrap();
+        refused(
+            s.apply(Command::StartFailoverTest {
+                test: test("theirs", 2),
+            }),
+            "already running",
+        );
+        // While it runs: no edit, no delete.
+        let vpg = s.vpgs[&id].clone();
+        refused(
+            s.apply(Command::PutVpg {
+                vpg,
+                expected_generation: Some(4),
+                generation_floor: None,
+            }),
+            "stop it before editing",
+        );
+        refused(
+            s.apply(Command::BeginVpgDelete {
+                id: id.clone(),
+                keep_recovery_disks: false,
+                now_ms: 9,
+            }),
+            "stop it before deleting",
+        );
+        // Progress from another test (a deposed leader's) changes nothing.
+        let progress = |task, step| TestProgress {
+            vpg: id.clone(),
+            task,
+            step,
+            volumes: Vec::new(),
+            error: None,
+        };
+        s.apply(Command::ProgressFailoverTest {
+            progress: progress(2, TestStep::Running),
+        })
+        .unwrap();
+        assert_eq!(s.tests[&id].step, TestStep::Starting);
+        s.apply(Command::ProgressFailoverTest {
+            progress: progress(1, TestStep::Running),
+        })
+        .unwrap();
+        assert_eq!(s.tests[&id].step, TestStep::Running);
+        // The first verdict stands; a stopping test stays stopping.
+        let verdict = |passed: bool, note: &str| TestVerdict {
+            passed,
+            note: note.into(),
+        };
+        s.apply(Command::StopFailoverTest {
+            vpg: id.clone(),
+            verdict: verdict(false, "app did not start"),
+            now_ms: 1500,
+        })
+        .unwrap();
+        s.apply(Command::StopFailoverTest {
+            vpg: id.clone(),
+            verdict: verdict(true, "later"),
+            now_ms: 1600,
+        })
+        .unwrap();
+        assert_eq!(s.tests[&id].stop_requested_ms, 1500);
+        s.apply(Command::ProgressFailoverTest {
+            progress: progress(1, TestStep::Running),
+        })
+        .unwrap();
+        assert_eq!(s.tests[&id].step, TestStep::Stopping);
+        let task = s.apply(Command::StartTask {
+            task: crate::tasks::NewTask {
+                kind: crate::tasks::TaskKind::FailoverTest,
+                vpg: Some(id.clone()),
+                started_ms: 1000,
+                generation: None,
+                message: String::new(),
+            },
+        });
+        assert_eq!(task, Ok(Applied::Task(1)));
+        s.apply(Command::EndFailoverTest {
+            vpg: id.clone(),
+            task: 1,
+            stopped_ms: 2000,
+            left: Vec::new(),
+        })
+        .unwrap();
+        let ended = s.tasks.get(1).unwrap();
+        assert_eq!(ended.state, crate::tasks::TaskState::Failed, "{ended:?}");
+        let event = s.events.iter().last().unwrap();
+        assert_eq!(event.code, crate::events::EventCode::FailoverTestStopped);
+        assert!(
+            event.description.contains("failed (\"app did not start\")"),
+            "{event:?}"
+        );
+        assert!(s.tests.is_empty());
+        let r = &s.test_results[&id];
+        assert_eq!(
+            (r.stopped_ms, &r.verdict),
+            (2000, &verdict(false, "app did not start"))
+        );
+        refused(
+            s.apply(Command::StopFailoverTest {
+                vpg: id.clone(),
+                verdict: verdict(true, ""),
+                now_ms: 3000,
+            }),
+            "no failover test running",
+        );
     }
 }

@@ -231,6 +231,10 @@ pub struct VpgObservation {
     pub has_checkpoints: bool,
     /// Set after a rolled-back failover or move.
     pub after_rollback: bool,
+    /// The recovery site has not seen a failover test of the VPG within its reminder
+    /// interval (an alert, not a status).
+    #[serde(default)]
+    pub test_overdue: bool,
 }
 
 /// The status an operator sees.
@@ -380,6 +384,7 @@ mod tests {
             history_met: true,
             has_checkpoints: true,
             after_rollback: false,
+            test_overdue: false,
         }
     }
 

@@ -19,6 +19,7 @@ pub enum TaskKind {
     ResumeVpg,
     ForceSync,
     AddCheckpoint,
+    FailoverTest,
 }
 
 impl TaskKind {
@@ -31,6 +32,7 @@ impl TaskKind {
             Self::ResumeVpg => "Resume VPG",
             Self::ForceSync => "Force Sync",
             Self::AddCheckpoint => "Add Checkpoint",
+            Self::FailoverTest => "Failover Test",
         }
     }
 }

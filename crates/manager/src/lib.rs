@@ -7,6 +7,7 @@ pub mod control;
 pub mod error;
 pub mod net;
 pub mod node;
+pub mod recovery;
 pub mod server;
 pub mod site;
 

@@ -9,6 +9,7 @@ use tandem_proto::v1::{
     cluster_service_server::ClusterServiceServer, datastore_service_server::DatastoreServiceServer,
     host_service_server::HostServiceServer, manager_internal_server::ManagerInternalServer,
     monitoring_service_server::MonitoringServiceServer,
+    recovery_service_server::RecoveryServiceServer,
     resource_pool_service_server::ResourcePoolServiceServer, site_peer_server::SitePeerServer,
     site_service_server::SiteServiceServer, task_service_server::TaskServiceServer,
     vm_service_server::VmServiceServer, vpg_service_server::VpgServiceServer,
@@ -22,6 +23,7 @@ use crate::api::{
     internal::{InternalApi, PeerApi},
     inventory::InventoryApi,
     monitoring::MonitoringApi,
+    recovery::RecoveryApi,
     site::SiteApi,
     tasks::TaskApi,
     vpg::VpgApi,
@@ -69,6 +71,7 @@ pub async fn serve_api(
             MonitoringApi(site.clone())
         ))
         .add_service(limited!(TaskServiceServer, TaskApi(site.clone())))
+        .add_service(limited!(RecoveryServiceServer, RecoveryApi(site.clone())))
         .add_service(limited!(ManagerInternalServer, InternalApi(site.clone())))
         .add_service(limited!(SitePeerServer, PeerApi(site)))
         .serve_with_incoming_shutdown(crate::net::incoming(listener), shutdown.cancelled_owned())

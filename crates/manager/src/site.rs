@@ -84,6 +84,19 @@ pub struct VpgView {
     pub state: VpgState,
     /// The leader's live snapshot; `None` when no leader answered (definition alone).
     pub live: Option<LiveStatus>,
+    /// A failover test of it runs at this site.
+    pub testing: bool,
+}
+
+impl VpgView {
+    /// The operation column: the operation the VPG is in, or its failover test.
+    pub fn operation(&self) -> String {
+        match self.vpg.operation {
+            Some(o) => format!("{o:?}"),
+            None if self.testing => "Failover Test".into(),
+            None => String::new(),
+        }
+    }
 }
 
 impl SiteManager {
@@ -1238,6 +1251,7 @@ impl SiteManager {
             history_met: false,
             has_checkpoints: false,
             after_rollback: false,
+            test_overdue: false,
         };
         VpgView {
             vpg: g.clone(),
@@ -1245,6 +1259,7 @@ impl SiteManager {
             peer_name,
             state: obs.evaluate(),
             live: None,
+            testing: s.tests.contains_key(&g.id),
         }
     }
 
@@ -1303,11 +1318,7 @@ pub fn vpgs_csv(views: &[VpgView]) -> String {
         } else {
             "Incoming"
         };
-        let operation = v
-            .vpg
-            .operation
-            .map(|o| format!("{o:?}"))
-            .unwrap_or_default();
+        let operation = v.operation();
         let row = [
             v.state.alert.as_str().to_string(),
             v.vpg.name.clone(),

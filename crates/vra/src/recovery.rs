@@ -689,13 +689,15 @@ impl RecoveryVpg {
         self.ask(|reply| Msg::Checkpoints { reply }).await
     }
 
-    /// Opens a point-in-time image of one volume at a checkpoint usable in every journal.
+    /// Opens a point-in-time image of one volume at a checkpoint usable in every journal;
+    /// `writable`: over a scratch overlay (an unnamed file in the VPG's scratch directory,
+    /// gone with the image).
     pub async fn open_image(
         &self,
         vm: &VmId,
         volume: VolumeId,
         checkpoint: CheckpointId,
-        scratch: Option<String>,
+        writable: bool,
     ) -> VraResult<PointInTimeImage> {
         let cps = self.checkpoints().await?;
         let unusable = |reason: &str| VraError::CheckpointUnusable {
@@ -720,7 +722,7 @@ impl RecoveryVpg {
             .map(|(_, j)| j.clone())
             .ok_or_else(|| tandem_core::DomainError::not_found("vm", vm))?;
         let opts = ImageOptions {
-            scratch_dir: scratch.map(|name| self.scratch_dir.join(name)),
+            scratch_dir: writable.then(|| self.scratch_dir.clone()),
             verify: false,
         };
         if let Some(dir) = &opts.scratch_dir {

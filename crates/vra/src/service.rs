@@ -183,6 +183,7 @@ impl VraControl for ControlService {
             export_name: e.name,
             size_bytes: e.size,
             writable: e.writable,
+            nbd_address: self.vra.nbd_address(),
         }))
     }
 

@@ -121,6 +121,16 @@ impl Vra {
             .unwrap_or_else(PoisonError::into_inner) = (control, nbd);
     }
 
+    /// The NBD listener's address (host:port).
+    pub fn nbd_address(&self) -> String {
+        self.inner
+            .addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .1
+            .clone()
+    }
+
     /// Re-applies the assignments persisted in the data directory.
     pub async fn restore(&self) -> VraResult<()> {
         let dir = self.inner.settings.data_dir.clone();
@@ -492,8 +502,7 @@ impl Vra {
                 writable,
             });
         }
-        let scratch = writable.then(|| format!("{vm}-{volume}-{checkpoint}-{}", scratch_suffix()));
-        let image = r.open_image(vm, volume, checkpoint, scratch).await?;
+        let image = r.open_image(vm, volume, checkpoint, writable).await?;
         let size = image.size();
         self.inner.exports.insert(name.clone(), Arc::new(image))?;
         self.inner
@@ -800,10 +809,6 @@ impl Vra {
             }
         }
     }
-}
-
-fn scratch_suffix() -> String {
-    format!("{}", tandem_journal::UnixMillis::now().0)
 }
 
 /// Removes the journals and replica disks of a stopped recovery role; what is already gone

@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod internal;
 pub mod inventory;
 pub mod monitoring;
+pub mod recovery;
 pub mod site;
 pub mod tasks;
 pub mod vpg;

@@ -22,11 +22,7 @@ pub(crate) fn status_to_proto(v: &VpgView) -> v1::VpgStatus {
         status: v.state.status.as_str().into(),
         substatus: v.state.substatus.as_str().into(),
         alert: v.state.alert.as_str().into(),
-        operation: v
-            .vpg
-            .operation
-            .map(|o| format!("{o:?}"))
-            .unwrap_or_default(),
+        operation: v.operation(),
         history_configured_secs: v.vpg.settings.journal_history_secs,
         ..Default::default()
     };
@@ -119,7 +115,7 @@ pub(crate) fn checkpoint_query(q: v1::ListCheckpointsQuery) -> Result<Checkpoint
 }
 
 /// The VPGs an operation names: 1 to 64, each once.
-fn vpg_ids(v: &mut Violations, ids: &[String]) -> Vec<VpgId> {
+pub(crate) fn vpg_ids(v: &mut Violations, ids: &[String]) -> Vec<VpgId> {
     v.check(
         (1..=64).contains(&ids.len()),
         "vpg_ids",

@@ -35,6 +35,8 @@ pub struct VraObservation {
     pub vpgs: Result<HashMap<VpgId, VraVpgReport>, String>,
     /// The bandwidth limits it applies, by peer site id (none when it could not be read).
     pub limits: HashMap<String, u64>,
+    /// The NBD exports it serves (none when it could not be read).
+    pub exports: HashSet<String>,
 }
 
 /// What one status read of a VRA yields.
@@ -42,6 +44,7 @@ pub struct VraObservation {
 pub struct VraPoll {
     pub vpgs: HashMap<VpgId, VraVpgReport>,
     pub limits: HashMap<String, u64>,
+    pub exports: HashSet<String>,
 }
 
 /// The last report of one peer site.
@@ -159,9 +162,9 @@ impl Live {
     }
 
     pub fn record_vra(&self, host: HostId, poll: Result<VraPoll, String>) {
-        let (vpgs, limits) = match poll {
-            Ok(p) => (Ok(p.vpgs), p.limits),
-            Err(e) => (Err(e), HashMap::new()),
+        let (vpgs, limits, exports) = match poll {
+            Ok(p) => (Ok(p.vpgs), p.limits, p.exports),
+            Err(e) => (Err(e), HashMap::new(), HashSet::new()),
         };
         let mut inner = self.lock();
         if let Ok(reports) = &vpgs {
@@ -177,6 +180,7 @@ impl Live {
                 at: Instant::now(),
                 vpgs,
                 limits,
+                exports,
             },
         );
     }
@@ -457,6 +461,13 @@ impl Live {
             peer,
             plan_error: plan_error.as_ref(),
             coordinated_checkpoint: coordinated,
+            test_overdue: !protects
+                && tandem_core::recovery::test_overdue(
+                    vpg.settings.test_reminder_months,
+                    vpg.created_at_ms,
+                    s.test_results.get(&vpg.id),
+                    now_ms,
+                ),
         })
     }
 

@@ -8,7 +8,8 @@
 //! - [`checkpoints`]: the checkpoint coordinator of the VPGs this site protects;
 //! - [`definitions`]: keeps both sites' copies of each definition in line, and each VPG
 //!   in line with its VMs' inventory;
-//! - [`sync_pause`]: the replication pause time of a sync that would empty a journal.
+//! - [`sync_pause`]: the replication pause time of a sync that would empty a journal;
+//! - [`recovery`]: recovery operations this site runs (the failover test).
 //!
 //! Leader-only requests (live status, barriers) reach the leader through
 //! [`LeaderRequest`], forwarded by followers over `ManagerInternal.LeaderCall`.
@@ -19,6 +20,7 @@ pub mod live;
 pub mod monitor;
 pub mod poll;
 pub mod reconcile;
+pub mod recovery;
 pub mod sync_pause;
 
 use std::collections::HashMap;
@@ -220,6 +222,7 @@ pub async fn run(site: SiteManager, shutdown: CancellationToken) {
             tasks.spawn(reconcile::run(site.clone(), leading.clone()));
             tasks.spawn(checkpoints::run(site.clone(), term, leading.clone()));
             tasks.spawn(monitor::run(site.clone(), leading.clone()));
+            tasks.spawn(recovery::run(site.clone(), leading.clone()));
             tasks.close();
             loop {
                 tokio::select! {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tandem_core::events::EventCode;
 use tandem_core::ids::VpgId;
 use tandem_core::observe::LiveStatus;
+use tandem_core::recovery::TestStep;
 use tandem_core::state::{Command, SiteState};
 use tandem_core::status::Operation;
 use tandem_core::tasks::{Task, TaskKind};
@@ -105,6 +106,24 @@ fn outcome(t: &Task, s: &SiteState, st: Option<&LiveStatus>, now: u64) -> Outcom
             Outcome::Ended(true, "delta sync done".into())
         }
         (TaskKind::CreateVpg | TaskKind::EditVpg | TaskKind::ForceSync, Some(_)) => sync(),
+        // A test's end ends its task (EndFailoverTest); until then it shows the step.
+        (TaskKind::FailoverTest, Some(g)) => match s.tests.get(&g.id).filter(|x| x.task == t.id) {
+            Some(x) => {
+                let (progress, what) = match x.step {
+                    TestStep::Starting => (10, "opening the test images".to_string()),
+                    TestStep::Running => (
+                        50,
+                        format!("test running: {} volumes served", x.volumes.len()),
+                    ),
+                    TestStep::Stopping => (90, "closing the test images".to_string()),
+                };
+                match &x.error {
+                    Some(e) => Outcome::Running(progress, format!("{what} ({e})")),
+                    None => Outcome::Running(progress, what),
+                }
+            }
+            None => Outcome::Ended(false, "the failover test is gone".into()),
+        },
         // Instant tasks end with their call; one left running (its caller died) ends here.
         (_, Some(_)) => Outcome::Ended(true, "done".into()),
     }

@@ -68,7 +68,11 @@ async fn poll_vra(site: &SiteManager, addr: &str) -> Result<VraPoll, String> {
         .into_iter()
         .map(|l| (l.peer_site_id, l.bytes_per_sec))
         .collect();
-    Ok(VraPoll { vpgs, limits })
+    Ok(VraPoll {
+        vpgs,
+        limits,
+        exports: status.exports.into_iter().collect(),
+    })
 }
 
 async fn poll_peer(

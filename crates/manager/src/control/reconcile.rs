@@ -36,7 +36,10 @@ pub async fn run(site: SiteManager, cancel: CancellationToken) {
 
 /// The index of the last entry this node applied, as it changes (Raft's metrics also
 /// change with every heartbeat: not a reason to reconcile), until `cancel`.
-fn applied(site: &SiteManager, cancel: &CancellationToken) -> tokio::sync::watch::Receiver<u64> {
+pub(crate) fn applied(
+    site: &SiteManager,
+    cancel: &CancellationToken,
+) -> tokio::sync::watch::Receiver<u64> {
     let store = site.node().store().clone();
     let mut metrics = store.watch_metrics();
     let index = move || store.metrics().last_applied_index.unwrap_or(0);

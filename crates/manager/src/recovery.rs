@@ -1,0 +1,174 @@
+//! Recovery operations as the site manager starts and stops them (today the failover
+//! test): requests are checked against the replicated state and the live status, the
+//! checkpoint is chosen from the recovery VRAs' journals, and the operation is recorded in
+//! the replicated state with its task and event. The recovery site's leader then drives the
+//! VRAs (`control/recovery.rs`).
+
+use tandem_core::DomainError;
+use tandem_core::events::EventCode;
+use tandem_core::ids::VpgId;
+use tandem_core::recovery::{
+    CheckpointChoice, FailoverTest, ListedCheckpoint, RecoveryPoint, TestStep, TestVerdict,
+    choose_checkpoint,
+};
+use tandem_core::state::Command;
+use tandem_core::tasks::TaskKind;
+use tandem_proto::vra_convert::sync_name;
+
+use crate::control;
+use crate::error::ApiResult;
+use crate::site::{SiteManager, now_ms};
+
+impl SiteManager {
+    /// Starts a failover test of each VPG (recovered at this site), at the checkpoint
+    /// `choice` names. Every VPG is checked, and its checkpoint chosen, before any starts.
+    pub async fn start_failover_tests(
+        &self,
+        vpgs: Vec<VpgId>,
+        choice: CheckpointChoice,
+    ) -> ApiResult<Vec<FailoverTest>> {
+        let mut planned = Vec::with_capacity(vpgs.len());
+        for id in vpgs {
+            let check = id.clone();
+            self.node()
+                .read(move |s| s.check_testable(&check))
+                .await??;
+            self.check_recoverable(&id).await?;
+            let point = self.choose_point(&id, &choice).await?;
+            planned.push((id, point));
+        }
+        let mut started = Vec::with_capacity(planned.len());
+        for (id, point) in planned {
+            let what = format!(
+                "failover test at checkpoint {}{}",
+                point.checkpoint_id,
+                if point.name.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({:?})", point.name)
+                }
+            );
+            let Some(task) = self
+                .start_task(TaskKind::FailoverTest, Some(&id), None, what.clone())
+                .await
+            else {
+                return Err(crate::error::ApiError::unavailable(
+                    "the test's task could not be recorded",
+                ));
+            };
+            let test = FailoverTest {
+                vpg: id.clone(),
+                task,
+                point,
+                step: TestStep::Starting,
+                started_ms: now_ms(),
+                volumes: Vec::new(),
+                verdict: None,
+                stop_requested_ms: 0,
+                error: None,
+            };
+            let r = self
+                .node()
+                .propose(Command::StartFailoverTest { test: test.clone() })
+                .await;
+            if let Err(e) = &r {
+                self.end_task(Some(task), false, e.to_string()).await;
+            }
+            r?;
+            self.record_event(
+                EventCode::FailoverTestStarted,
+                Some(&id),
+                format!("{what} started"),
+            )
+            .await;
+            started.push(test);
+        }
+        Ok(started)
+    }
+
+    /// Stops the failover tests of these VPGs with the operator's verdict; the recovery
+    /// controller closes their images and records the result.
+    pub async fn stop_failover_tests(
+        &self,
+        vpgs: Vec<VpgId>,
+        verdict: TestVerdict,
+    ) -> ApiResult<()> {
+        verdict.validate()?;
+        let check = vpgs.clone();
+        self.node()
+            .read(move |s| {
+                check.iter().try_for_each(|id| {
+                    if s.tests.contains_key(id) {
+                        Ok(())
+                    } else {
+                        Err(DomainError::precondition(format!(
+                            "VPG {id} has no failover test running"
+                        )))
+                    }
+                })
+            })
+            .await??;
+        for vpg in vpgs {
+            self.node()
+                .propose(Command::StopFailoverTest {
+                    vpg,
+                    verdict: verdict.clone(),
+                    now_ms: now_ms(),
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The running failover tests (of these VPGs; all when empty).
+    pub async fn failover_tests(&self, vpgs: Vec<VpgId>) -> ApiResult<Vec<FailoverTest>> {
+        self.node()
+            .read(move |s| {
+                s.tests
+                    .values()
+                    .filter(|t| vpgs.is_empty() || vpgs.contains(&t.vpg))
+                    .cloned()
+                    .collect()
+            })
+            .await
+    }
+
+    /// Recovery is not possible while a sync other than a bitmap sync runs (the seed: the
+    /// replica is not consistent during an initial, delta or volume sync).
+    async fn check_recoverable(&self, id: &VpgId) -> ApiResult<()> {
+        let view = self.vpg(id.clone()).await?;
+        let sync = view.live.as_ref().and_then(|l| l.observation.sync);
+        if let Some(kind) = sync.filter(|k| !k.allows_recovery()) {
+            return Err(DomainError::precondition(format!(
+                "VPG {id} is running a sync ({}): recovery is not possible until it ends",
+                sync_name(kind)
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// The checkpoint `choice` names, among those usable in every journal of the VPG.
+    async fn choose_point(
+        &self,
+        id: &VpgId,
+        choice: &CheckpointChoice,
+    ) -> ApiResult<RecoveryPoint> {
+        let listed: Vec<ListedCheckpoint> = control::recovery_checkpoints(self, id)
+            .await?
+            .into_iter()
+            .map(|c| {
+                let (name, _) = tandem_proto::vra_convert::split_marker_name(&c.name);
+                ListedCheckpoint {
+                    point: RecoveryPoint {
+                        checkpoint_id: c.checkpoint_id,
+                        timestamp_ms: c.timestamp_ms,
+                        name,
+                    },
+                    usable: c.usable,
+                }
+            })
+            .collect();
+        Ok(choose_checkpoint(id, choice, &listed)?)
+    }
+}
