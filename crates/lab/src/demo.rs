@@ -27,6 +27,7 @@ use tandem_proto::v1;
 use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient,
     monitoring_service_client::MonitoringServiceClient,
+    recovery_service_client::RecoveryServiceClient,
     resource_pool_service_client::ResourcePoolServiceClient,
     site_service_client::SiteServiceClient, task_service_client::TaskServiceClient,
     vm_service_client::VmServiceClient, vpg_service_client::VpgServiceClient,
@@ -642,6 +643,20 @@ impl Managers {
         Ok((s.status, s.substatus))
     }
 
+    /// The failover tests of `vpg` that run here.
+    async fn failover_tests(&self, vpg: &str) -> Result<Vec<v1::FailoverTest>> {
+        Ok(self
+            .ask(|ch| async move {
+                RecoveryServiceClient::new(ch)
+                    .list_failover_tests(v1::ListFailoverTestsRequest {
+                        vpg_ids: vec![vpg.into()],
+                    })
+                    .await
+            })
+            .await?
+            .tests)
+    }
+
     /// Checkpoints stamped at or after `from_ms`, newest first.
     async fn checkpoints(&self, vpg: &str, from_ms: u64) -> Result<Vec<v1::Checkpoint>> {
         Ok(self
@@ -981,23 +996,15 @@ impl Run {
             let images: Vec<&dyn ImageReader> =
                 clients.iter().map(|c| c as &dyn ImageReader).collect();
             match stopped {
-                Some(history) => check_final(history, &images).await,
+                Some(history) => check_final(history, &images)
+                    .await
+                    .map_err(|e| anyhow!("checkpoint {}: {e}", cp.id)),
                 None => {
-                    let workload = self.workload()?;
-                    let window = wait_until("the checkpoint's window", PATIENCE, || async {
-                        workload.window_at(cp.timestamp_ms)
-                    })
-                    .await?;
-                    window_figures = format!(
-                        " (window {}..{} around its timestamp)",
-                        window.acked_before, window.issued_after
-                    );
-                    // Taken now, after the checkpoint's window closed.
-                    let history = workload.history();
-                    check_image(&history, &window, &images).await
+                    let (report, figures) = self.check_at(cp, &images).await?;
+                    window_figures = figures;
+                    Ok(report)
                 }
             }
-            .map_err(|e| anyhow!("checkpoint {}: {e}", cp.id))
         }
         .await;
         for c in clients {
@@ -1022,6 +1029,30 @@ impl Run {
             ctx.vms.len(),
             secs(t.elapsed())
         ))
+    }
+
+    /// Checks `images` (one per VM, in order) against the workload at checkpoint `cp`'s
+    /// timestamp; answers the report and the window's figures.
+    async fn check_at(
+        &self,
+        cp: &v1::Checkpoint,
+        images: &[&dyn ImageReader],
+    ) -> Result<(crate::workload::CheckReport, String)> {
+        let workload = self.workload()?;
+        let window = wait_until("the checkpoint's window", PATIENCE, || async {
+            workload.window_at(cp.timestamp_ms)
+        })
+        .await?;
+        let figures = format!(
+            " (window {}..{} around its timestamp)",
+            window.acked_before, window.issued_after
+        );
+        // Taken now, after the checkpoint's window closed.
+        let history = workload.history();
+        let report = check_image(&history, &window, images)
+            .await
+            .map_err(|e| anyhow!("checkpoint {}: {e}", cp.id))?;
+        Ok((report, figures))
     }
 
     fn start_monitor(&mut self) {
@@ -1144,6 +1175,8 @@ async fn protection_steps_in(
     report.image("steady", r.is_ok());
     report.step("listed checkpoint's image = source", t, r);
 
+    failover_test(report, run).await;
+
     leader_kill(lab, report, run).await?;
     link_cut(lab, opts, report, run).await?;
     recovery_vra_kill(lab, opts, report, run).await?;
@@ -1236,6 +1269,129 @@ fn steady(opts: &DemoOptions, report: &mut Report, run: &Run, from: Instant) -> 
         w.rpo_figures(),
         w.shown.join(" -> ")
     ))
+}
+
+/// A failover test at site-b under the workload, as an operator runs it: started at the
+/// latest checkpoint, its test images (served by the recovery VRAs) checked against the
+/// source at that checkpoint, a test VM's write, checkpoints going on during it, then
+/// stopped, leaving no image behind. Reports one step.
+async fn failover_test(report: &mut Report, run: &Run) {
+    let ctx = &run.ctx;
+    let t = Instant::now();
+    let r = async {
+        let vpg = ctx.vpg.clone();
+        let started = ctx
+            .b
+            .ask(|ch| {
+                let vpg = vpg.clone();
+                async move {
+                    RecoveryServiceClient::new(ch)
+                        .start_failover_test(v1::StartFailoverTestRequest {
+                            vpg_ids: vec![vpg],
+                            checkpoint: None,
+                        })
+                        .await
+                }
+            })
+            .await?;
+        let task = started.tests.first().context("no test started")?.task_id;
+        let test = wait_until("the test images", PATIENCE, || async {
+            let tests = ctx.b.failover_tests(&ctx.vpg).await.ok()?;
+            tests.into_iter().find(|t| t.step == "running")
+        })
+        .await?;
+        let served_in = t.elapsed();
+        let mut volumes = test.volumes.clone();
+        volumes.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        let mut clients = Vec::new();
+        for v in &volumes {
+            let (addr, name) = v
+                .nbd_uri
+                .strip_prefix("nbd://")
+                .and_then(|r| r.split_once('/'))
+                .context("an nbd:// uri")?;
+            clients.push(NbdClient::connect(addr, name).await?);
+        }
+        let cp = v1::Checkpoint {
+            id: test.checkpoint_id,
+            timestamp_ms: test.checkpoint_ms,
+            ..Default::default()
+        };
+        let checked = async {
+            let images: Vec<&dyn ImageReader> =
+                clients.iter().map(|c| c as &dyn ImageReader).collect();
+            let (r, window) = run.check_at(&cp, &images).await?;
+            // A test VM writes to its volume and reads it back.
+            let marker = bytes::Bytes::from(vec![0x5c; 64 << 10]);
+            clients[0].write(0, marker.clone(), false).await?;
+            let back = clients[0].read(0, marker.len() as u32).await?;
+            if back != marker {
+                bail!("the test VM did not read back what it wrote");
+            }
+            anyhow::Ok((r, window))
+        }
+        .await;
+        for c in clients {
+            let _ = c.disconnect().await;
+        }
+        let (r, window) = checked?;
+        let during = ctx.usable(test.checkpoint_ms + 1, now_ms()).len();
+        ctx.b
+            .ask(|ch| {
+                let vpg = vpg.clone();
+                async move {
+                    RecoveryServiceClient::new(ch)
+                        .stop_failover_test(v1::StopFailoverTestRequest {
+                            vpg_ids: vec![vpg],
+                            failed: false,
+                            note: "demo: images checked against the source".into(),
+                        })
+                        .await
+                }
+            })
+            .await?;
+        wait_until("the test to stop", PATIENCE, || async {
+            ctx.b
+                .failover_tests(&ctx.vpg)
+                .await
+                .ok()
+                .filter(|t| t.is_empty())
+        })
+        .await?;
+        for v in &ctx.vms {
+            let exports = VraControlClient::new(
+                tonic::transport::Endpoint::from_shared(format!("http://{}", v.rec_control))?
+                    .connect_lazy(),
+            )
+            .get_status(v1::GetVraStatusRequest {})
+            .await?
+            .into_inner()
+            .exports;
+            if let Some(left) = exports.iter().find(|e| e.ends_with("/rw")) {
+                bail!("test image {left} left at {}", v.rec_host);
+            }
+        }
+        report.note(
+            "failover test",
+            format!(
+                "images served {} after the request, checkpoint {}",
+                secs(served_in),
+                test.checkpoint_id
+            ),
+        );
+        Ok(format!(
+            "task {task}: {} test images at checkpoint {}{window} served {} after the \
+             request, holding {} writes; a test VM wrote and read 64 KiB; {during} \
+             checkpoints listed during the test; stopped, no image left",
+            volumes.len(),
+            test.checkpoint_id,
+            secs(served_in),
+            r.writes_included,
+        ))
+    }
+    .await;
+    report.image("failover test", r.is_ok());
+    report.step("failover test at site-b = source, stopped", t, r);
 }
 
 /// kill -9 of site-a's leader under the workload: a new leader, checkpoints resume under
