@@ -17,6 +17,7 @@ pub mod error;
 pub mod extents;
 pub mod format;
 pub mod journal;
+pub mod overlay;
 pub mod pit;
 pub mod replica;
 pub mod segment;
@@ -27,6 +28,7 @@ pub use journal::{
     CheckpointInfo, CheckpointState, DEFAULT_MAX_PAYLOAD, DEFAULT_SEGMENT_SIZE, Durability,
     Journal, JournalConfig, JournalStats, JournalStatus, OpenReport, PromoteReport, SizeLevel,
 };
+pub use overlay::{DurableOverlay, OVERLAY_BLOCK, OverlayImage};
 pub use pit::{ImageOptions, PointInTimeImage};
 pub use replica::{ReplicaMarker, VolumeSpec};
 pub use types::{
