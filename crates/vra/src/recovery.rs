@@ -587,11 +587,6 @@ impl RecoveryVpg {
             .sum()
     }
 
-    /// Whether any journal keeps entries from becoming durable.
-    pub fn failed(&self) -> bool {
-        self.storage_fault().is_some()
-    }
-
     /// Why entries cannot become durable, if they cannot: a journal's write or fsync
     /// failed (an I/O error: it refuses entries until it is reopened), or a journal waits
     /// for space on a full datastore (it resumes by itself once space is freed). A failed
