@@ -122,14 +122,7 @@ async fn protect_with(dir: &std::path::Path, settings: v1::VpgSettings) -> Resul
     let apis_a = lab.endpoints(0);
     let apis_b = lab.endpoints(1);
     let mut seen = Vec::new();
-    let g = wait_vpg_cli(
-        &apis_a,
-        "vpg-web",
-        Duration::from_secs(60),
-        &mut seen,
-        |g| shown(g).0 == "Meeting SLA",
-    )
-    .await?;
+    let g = meeting_sla(&apis_a, Duration::from_secs(60), &mut seen).await?;
     Ok(Protected {
         lab,
         a,
@@ -309,14 +302,7 @@ async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Resul
     }
     let resumed = killed_at.elapsed();
     eprintln!("checkpoints resumed {resumed:?} after the leader kill (election included)");
-    let g = wait_vpg_cli(
-        &survivors,
-        "vpg-web",
-        Duration::from_secs(20),
-        &mut seen,
-        |g| shown(g).0 == "Meeting SLA",
-    )
-    .await?;
+    let g = meeting_sla(&survivors, Duration::from_secs(20), &mut seen).await?;
     assert_eq!(g.generation, created.generation);
     let survivor = protect::channel(&survivors[0]).await?;
     let events_after = events(&survivor, "").await?;
@@ -501,14 +487,7 @@ async fn pause_resume_force_sync_and_a_vra_kill_converge() -> Result<()> {
     )
     .await?;
     link.throttle(None, 0).await?;
-    wait_vpg_cli(
-        &apis_a,
-        "vpg-web",
-        Duration::from_secs(30),
-        &mut seen,
-        |g| shown(g).0 == "Meeting SLA",
-    )
-    .await?;
+    meeting_sla(&apis_a, Duration::from_secs(30), &mut seen).await?;
     let history = workload.stop().await;
     assert!(history.failures().is_empty(), "{:?}", history.failures());
 
@@ -529,14 +508,7 @@ async fn pause_resume_force_sync_and_a_vra_kill_converge() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    wait_vpg_cli(
-        &apis_a,
-        "vpg-web",
-        Duration::from_secs(30),
-        &mut seen,
-        |g| shown(g).0 == "Meeting SLA",
-    )
-    .await?;
+    meeting_sla(&apis_a, Duration::from_secs(30), &mut seen).await?;
     let t = ended_task(&a, "Force Sync", Duration::from_secs(20)).await?;
     assert_eq!(t.state, "succeeded", "{t:?}");
     for kind in ["Pause VPG", "Resume VPG"] {
@@ -563,14 +535,7 @@ async fn pause_resume_force_sync_and_a_vra_kill_converge() -> Result<()> {
         "the unreachable VRA is not named: {problems:?}"
     );
     lab.vras[0][0].start().await?;
-    wait_vpg_cli(
-        &apis_a,
-        "vpg-web",
-        Duration::from_secs(60),
-        &mut seen,
-        |g| shown(g).0 == "Meeting SLA",
-    )
-    .await?;
+    meeting_sla(&apis_a, Duration::from_secs(60), &mut seen).await?;
     eprintln!("after the VRA kill: {seen:?}");
     lab.down().await;
     Ok(())
@@ -587,14 +552,7 @@ async fn wan_cut_shows_on_both_sides_keeps_checkpoints_listed_and_heals() -> Res
         ..
     } = protect(dir.path()).await?;
     let mut seen_b = Vec::new();
-    wait_vpg_cli(
-        &apis_b,
-        "vpg-web",
-        Duration::from_secs(20),
-        &mut seen_b,
-        |g| shown(g).0 == "Meeting SLA",
-    )
-    .await?;
+    meeting_sla(&apis_b, Duration::from_secs(20), &mut seen_b).await?;
     let before: Vec<u64> = checkpoints(&b, "vpg-web")
         .await?
         .iter()
@@ -661,22 +619,8 @@ async fn wan_cut_shows_on_both_sides_keeps_checkpoints_listed_and_heals() -> Res
     }
 
     link.heal().await?;
-    wait_vpg_cli(
-        &apis_a,
-        "vpg-web",
-        Duration::from_secs(60),
-        &mut seen_a,
-        |g| shown(g).0 == "Meeting SLA",
-    )
-    .await?;
-    wait_vpg_cli(
-        &apis_b,
-        "vpg-web",
-        Duration::from_secs(20),
-        &mut seen_b,
-        |g| shown(g).0 == "Meeting SLA",
-    )
-    .await?;
+    meeting_sla(&apis_a, Duration::from_secs(60), &mut seen_a).await?;
+    meeting_sla(&apis_b, Duration::from_secs(20), &mut seen_b).await?;
     eprintln!("protected side: {seen_a:?}; recovery side: {seen_b:?}");
     let alerts = MonitoringServiceClient::new(b.clone())
         .list_alerts(v1::ListAlertsRequest::default())
@@ -1051,14 +995,7 @@ async fn a_bandwidth_limit_below_the_write_rate_misses_the_rpo_until_it_is_lifte
         .await?;
     let history = workload.stop().await;
     assert!(history.failures().is_empty(), "{:?}", history.failures());
-    wait_vpg_cli(
-        &apis_a,
-        "vpg-web",
-        Duration::from_secs(60),
-        &mut seen,
-        |g| shown(g).0 == "Meeting SLA",
-    )
-    .await?;
+    meeting_sla(&apis_a, Duration::from_secs(60), &mut seen).await?;
     eprintln!("under the limit and after: {seen:?}");
     lab.down().await;
     Ok(())
@@ -1196,14 +1133,7 @@ async fn full_missing_or_failing_recovery_storage_shows_and_recovers_when_the_ca
     assert!(history.failures().is_empty(), "{:?}", history.failures());
 
     std::fs::remove_file(&filler)?;
-    wait_vpg_cli(
-        &apis_a,
-        "vpg-web",
-        Duration::from_secs(60),
-        &mut seen,
-        |g| shown(g).0 == "Meeting SLA",
-    )
-    .await?;
+    meeting_sla(&apis_a, Duration::from_secs(60), &mut seen).await?;
     eprintln!("full datastore and after: {seen:?}");
 
     // A journal I/O error: its files made immutable (chattr +i; writes fail with EPERM).
@@ -1221,14 +1151,7 @@ async fn full_missing_or_failing_recovery_storage_shows_and_recovers_when_the_ca
     })
     .await?;
     drop(immutable);
-    wait_vpg_cli(
-        &apis_a,
-        "vpg-web",
-        Duration::from_secs(60),
-        &mut seen,
-        |g| shown(g).0 == "Meeting SLA",
-    )
-    .await?;
+    meeting_sla(&apis_a, Duration::from_secs(60), &mut seen).await?;
     let history = writer.stop().await;
     assert!(history.failures().is_empty(), "{:?}", history.failures());
     let a = channel(&lab.sites[0][0].api).await?;
@@ -1255,14 +1178,7 @@ async fn full_missing_or_failing_recovery_storage_shows_and_recovers_when_the_ca
     .await?;
     assert!(!ds.exists(), "the VRA created the missing datastore");
     std::fs::rename(&away, &ds)?;
-    wait_vpg_cli(
-        &apis_a,
-        "vpg-web",
-        Duration::from_secs(60),
-        &mut seen,
-        |g| shown(g).0 == "Meeting SLA",
-    )
-    .await?;
+    meeting_sla(&apis_a, Duration::from_secs(60), &mut seen).await?;
     eprintln!("missing datastore and after: {seen:?}");
     lab.down().await;
     drop(fs);
@@ -1271,6 +1187,14 @@ async fn full_missing_or_failing_recovery_storage_shows_and_recovers_when_the_ca
 
 /// Every (status, substatus) a site showed, in order.
 type Seen = Vec<(String, String)>;
+
+/// Waits until `vpg-web` shows Meeting SLA at `apis` (whatever its substatus).
+async fn meeting_sla(apis: &[String], within: Duration, seen: &mut Seen) -> Result<v1::Vpg> {
+    wait_vpg_cli(apis, "vpg-web", within, seen, |g| {
+        shown(g).0 == "Meeting SLA"
+    })
+    .await
+}
 
 /// Waits until site a shows `vpg-web` as Not Meeting SLA / `substatus` with a problem
 /// that `names` accepts, then until site b shows the substatus too.

@@ -202,12 +202,7 @@ async fn a_failover_test_serves_its_checkpoint_while_protection_goes_on_and_leav
     };
     let mut clients = Vec::new();
     for v in &volumes {
-        let (addr, name) = v
-            .nbd_uri
-            .strip_prefix("nbd://")
-            .and_then(|r| r.split_once('/'))
-            .context("an nbd uri")?;
-        clients.push(NbdClient::connect(addr, name).await?);
+        clients.push(NbdClient::connect_uri(&v.nbd_uri).await?);
     }
     let images: Vec<&dyn ImageReader> = clients.iter().map(|c| c as &dyn ImageReader).collect();
     let report = check_image(&workload.history(), &window, &images)

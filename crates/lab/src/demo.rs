@@ -1305,12 +1305,7 @@ async fn failover_test(report: &mut Report, run: &Run) {
         volumes.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
         let mut clients = Vec::new();
         for v in &volumes {
-            let (addr, name) = v
-                .nbd_uri
-                .strip_prefix("nbd://")
-                .and_then(|r| r.split_once('/'))
-                .context("an nbd:// uri")?;
-            clients.push(NbdClient::connect(addr, name).await?);
+            clients.push(NbdClient::connect_uri(&v.nbd_uri).await?);
         }
         let cp = v1::Checkpoint {
             id: test.checkpoint_id,

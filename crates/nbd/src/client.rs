@@ -118,6 +118,19 @@ impl NbdClient {
         Self::connect_stream(stream, export).await
     }
 
+    /// Connects to the export an `nbd://host:port/export` URI names (the form the managers
+    /// list recovered and test volumes in).
+    pub async fn connect_uri(uri: &str) -> Result<Self, NbdError> {
+        let (addr, export) = uri
+            .strip_prefix("nbd://")
+            .and_then(|rest| rest.split_once('/'))
+            .ok_or_else(|| NbdError::InvalidExportName {
+                name: uri.to_string(),
+                reason: "not an nbd://host:port/export uri",
+            })?;
+        Self::connect(addr, export).await
+    }
+
     /// Negotiates over an already connected stream.
     pub async fn connect_stream(stream: TcpStream, export: &str) -> Result<Self, NbdError> {
         stream.set_nodelay(true)?;
@@ -507,4 +520,20 @@ pub fn encode_request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32)
     }
     .encode(&mut buf);
     buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_uri_that_is_not_nbd_is_refused_before_any_connection() {
+        for uri in ["http://127.0.0.1:1/x", "nbd://127.0.0.1:1", "vm-0/0"] {
+            let e = NbdClient::connect_uri(uri).await.expect_err(uri);
+            assert!(
+                matches!(e, NbdError::InvalidExportName { .. }),
+                "{uri}: {e}"
+            );
+        }
+    }
 }

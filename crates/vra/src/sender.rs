@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use tandem_core::ids::VmId;
 use tandem_journal::Seq;
 use tandem_proto::v1::{self as pb, replicate_request::Msg, replication_client::ReplicationClient};
 use tokio::sync::mpsc;
@@ -241,6 +242,9 @@ fn encode(shared: &ProtectedShared, batch: &[(Seq, EntryBody)]) -> pb::Replicate
     let compress = shared.assignment.wan_compression;
     let mut raw = 0;
     let mut sent = 0;
+    // Bytes sent per VM, summed over the batch (a batch holds few VMs): one counter
+    // update per VM, not per entry.
+    let mut per_vm: Vec<(&VmId, u64)> = Vec::new();
     let entries = batch
         .iter()
         .map(|(seq, body)| {
@@ -253,14 +257,22 @@ fn encode(shared: &ProtectedShared, batch: &[(Seq, EntryBody)]) -> pb::Replicate
             );
             raw += r;
             sent += s;
-            if let Some(vm) = body.vm().and_then(|vm| shared.vms.get(vm)) {
-                vm.wan_sent.fetch_add(s, Ordering::Relaxed);
+            if let Some(vm) = body.vm() {
+                match per_vm.iter_mut().find(|(v, _)| *v == vm) {
+                    Some((_, n)) => *n += s,
+                    None => per_vm.push((vm, s)),
+                }
             }
             e
         })
         .collect();
     shared.counters.wan_raw.fetch_add(raw, Ordering::Relaxed);
     shared.counters.wan_sent.fetch_add(sent, Ordering::Relaxed);
+    for (vm, n) in per_vm {
+        if let Some(c) = shared.vms.get(vm) {
+            c.wan_sent.fetch_add(n, Ordering::Relaxed);
+        }
+    }
     pb::ReplicateRequest {
         msg: Some(Msg::Batch(pb::ReplicateBatch { entries })),
     }
