@@ -65,6 +65,10 @@ id_type!(
 id_type!(
     /// A virtual protection group.
     VpgId, "vpg");
+id_type!(
+    /// A recovery operation (failover or move) of a VPG: the key that makes its steps
+    /// idempotent at the VRAs.
+    RecoveryOpId, "recovery operation");
 
 fn check_id(field: &str, s: &str) -> Result<(), DomainError> {
     if s.is_empty() {

@@ -121,6 +121,26 @@ impl ExtentMap {
         self.map.insert(start, Extent { end, src });
     }
 
+    /// Unmaps `[start, start + len)`.
+    pub fn remove(&mut self, start: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        // Any source will do: the range is split out of its neighbours, then dropped.
+        self.insert(start, len, Source::Scratch);
+        self.map.remove(&start);
+    }
+
+    /// Whether any part of `[start, start + len)` is mapped.
+    #[must_use]
+    pub fn intersects(&self, start: u64, len: u64) -> bool {
+        let end = start + len;
+        self.map
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, e)| e.end > start)
+    }
+
     /// Splits `[start, start + len)` into pieces by what covers them.
     pub fn lookup(&self, start: u64, len: u64, out: &mut Vec<Piece>) {
         out.clear();

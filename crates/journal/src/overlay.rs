@@ -9,6 +9,9 @@
 //! written as zero data. Flush is `fdatasync`. [`OverlayImage`] serves a read-only
 //! point-in-time image with an overlay on top over NBD.
 //!
+//! A volume whose size is not a whole number of blocks gets a file rounded up to one; the
+//! padding past the volume's end is zeroes and never read.
+//!
 //! The file system must report allocation exactly (ext4, xfs, tmpfs do for blocks written
 //! with `pwrite` into a file of fixed size).
 
@@ -61,12 +64,13 @@ impl DurableOverlay {
     /// does not exist; an existing one keeps what was written (and flushed) into it.
     pub fn open(path: impl AsRef<Path>, size: u64) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
-        if !size.is_multiple_of(OVERLAY_BLOCK) {
+        if size == 0 || !size.is_multiple_of(512) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("an overlay's volume size must be a multiple of {OVERLAY_BLOCK}"),
+                "an overlay's volume size must be a positive multiple of 512",
             ));
         }
+        let file_len = size.div_ceil(OVERLAY_BLOCK) * OVERLAY_BLOCK;
         let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
@@ -75,7 +79,7 @@ impl DurableOverlay {
             .truncate(false)
             .open(&path)?;
         let len = file.metadata()?.len();
-        if existed && len != size {
+        if existed && len != file_len {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
@@ -85,13 +89,13 @@ impl DurableOverlay {
             ));
         }
         if !existed {
-            file.set_len(size)?;
+            file.set_len(file_len)?;
             file.sync_all()?;
             if let Some(dir) = path.parent() {
                 File::open(dir)?.sync_all()?;
             }
         }
-        let written = allocated(&file, size)?;
+        let written = allocated(&file, file_len)?;
         Ok(Self {
             path,
             file,
@@ -111,10 +115,15 @@ impl DurableOverlay {
         self.size
     }
 
-    /// The ranges written so far, in order and coalesced, each a whole number of blocks.
+    /// The ranges written so far, in order and coalesced, each a whole number of blocks
+    /// (the last may end at the volume's end instead).
     pub fn written(&self) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for p in self.map().iter() {
+        for mut p in self.map().iter() {
+            p.len = p.len.min(self.size.saturating_sub(p.start));
+            if p.len == 0 {
+                continue;
+            }
             match out.last_mut() {
                 Some((start, len)) if *start + *len == p.start => *len += p.len,
                 _ => out.push((p.start, p.len)),
@@ -125,7 +134,45 @@ impl DurableOverlay {
 
     /// Bytes written so far.
     pub fn written_bytes(&self) -> u64 {
-        self.map().iter().map(|p| p.len).sum()
+        self.written().iter().map(|(_, len)| len).sum()
+    }
+
+    /// Whether anything in `[offset, offset + len)` was written here.
+    pub fn holds(&self, offset: u64, len: u64) -> bool {
+        self.map().intersects(offset, len)
+    }
+
+    /// Forgets `[offset, offset + len)` (whole blocks, or up to the volume's end): reads
+    /// of it go to the base again and its blocks are deallocated. Durable after
+    /// [`Self::flush`]; the caller makes the base hold the range durably first (a merge).
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        range_check(self.size, offset, len)?;
+        let end = if offset + len == self.size {
+            self.size.div_ceil(OVERLAY_BLOCK) * OVERLAY_BLOCK
+        } else {
+            offset + len
+        };
+        if !offset.is_multiple_of(OVERLAY_BLOCK) || !end.is_multiple_of(OVERLAY_BLOCK) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("discard of {offset}+{len}: not whole overlay blocks"),
+            ));
+        }
+        let _one = self
+            .writing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        rustix::fs::fallocate(
+            &self.file,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            offset,
+            end - offset,
+        )?;
+        self.written
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(offset, end - offset);
+        Ok(())
     }
 
     fn map(&self) -> std::sync::RwLockReadGuard<'_, ExtentMap> {
@@ -167,12 +214,15 @@ impl DurableOverlay {
             self.file.write_all_at(data, offset)?;
         } else {
             let mut whole = vec![0u8; (end - start) as usize];
-            // Only the first and the last block can be partial: read just those.
-            let head = start..(start + OVERLAY_BLOCK);
-            self.read(base, head.start, &mut whole[..OVERLAY_BLOCK as usize])?;
+            // Only the first and the last block can be partial: read just those, and
+            // only what lies within the volume (the rest is padding).
+            let head = (OVERLAY_BLOCK.min(self.size - start)) as usize;
+            self.read(base, start, &mut whole[..head])?;
             if end - start > OVERLAY_BLOCK {
-                let tail = (end - OVERLAY_BLOCK - start) as usize;
-                self.read(base, end - OVERLAY_BLOCK, &mut whole[tail..])?;
+                let tail = end - OVERLAY_BLOCK;
+                let n = (OVERLAY_BLOCK.min(self.size - tail)) as usize;
+                let at = (tail - start) as usize;
+                self.read(base, tail, &mut whole[at..at + n])?;
             }
             let at = (offset - start) as usize;
             whole[at..at + data.len()].copy_from_slice(data);
@@ -432,6 +482,40 @@ mod tests {
             DurableOverlay::open(&path, SIZE * 2).is_err(),
             "an overlay of another size is not reused"
         );
+    }
+
+    /// A volume of a size that is not whole blocks: its last block is written partly, and
+    /// discarding what was written (a merge) gives the base back, also after a reopen.
+    #[test]
+    fn a_volume_that_ends_mid_block_and_discards() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let size = SIZE - 512;
+        let base = base_image(11);
+        let base = &base[..size as usize];
+        let path = tmp.path().join("o");
+        let ov = DurableOverlay::open(&path, size).expect("open");
+        ov.write(&reader(base), size - 100, &[0xab; 100])
+            .expect("write the end");
+        ov.write(&reader(base), 8192, &[0xcd; 4096]).expect("write");
+        assert_eq!(ov.written(), [(8192, 4096), (size - 3584, 3584)]);
+        let mut tail = vec![0u8; 3584];
+        ov.read(&reader(base), size - 3584, &mut tail)
+            .expect("read");
+        let mut want = base[(size - 3584) as usize..].to_vec();
+        want[3484..].fill(0xab);
+        assert_eq!(tail, want);
+        assert!(ov.holds(8000, 200) && !ov.holds(0, 8192));
+        assert!(ov.discard(8192, 100).is_err(), "part of a block");
+        ov.discard(size - 3584, 3584).expect("discard the end");
+        ov.flush().expect("flush");
+        assert_eq!(ov.written(), [(8192, 4096)]);
+        drop(ov);
+        let ov = DurableOverlay::open(&path, size).expect("reopen");
+        assert_eq!(ov.written(), [(8192, 4096)]);
+        ov.discard(8192, 4096).expect("discard");
+        let mut all = vec![0u8; size as usize];
+        ov.read(&reader(base), 0, &mut all).expect("read");
+        assert_eq!(all, base, "nothing written is left");
     }
 
     /// Over a real image at a checkpoint: writes through the NBD device land in the

@@ -32,6 +32,7 @@ pub mod pool;
 pub mod protected;
 mod ranges;
 pub mod rates;
+pub mod recovered;
 pub mod recovery;
 pub mod sender;
 pub mod service;

@@ -310,6 +310,14 @@ pub fn parse_vm(s: &str) -> VraResult<VmId> {
     Ok(VmId::parse("vm_id", s)?)
 }
 
+/// Parses a generation field (non-zero).
+pub fn parse_generation(g: u64) -> VraResult<Generation> {
+    if g == 0 {
+        return Err(tandem_core::DomainError::invalid("generation", "must be at least 1").into());
+    }
+    Ok(Generation(g))
+}
+
 /// Parses a checkpoint id field (non-zero).
 pub fn parse_checkpoint_id(id: u64) -> VraResult<CheckpointId> {
     if id == 0 {

@@ -403,40 +403,7 @@ impl RecoveryVpg {
     ) -> VraResult<Self> {
         std::fs::create_dir_all(state_dir)
             .map_err(VraError::io("create vpg state dir", state_dir))?;
-        let mut journals = Vec::new();
-        for vm in &assignment.vms {
-            let volumes = vm
-                .volumes
-                .iter()
-                .map(|v| {
-                    if let Some(parent) = v.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                        std::fs::create_dir_all(parent)
-                            .map_err(VraError::io("create replica dir", parent))?;
-                    }
-                    Ok(VolumeSpec {
-                        id: v.id,
-                        size: v.size,
-                        replica_path: v.path.clone(),
-                    })
-                })
-                .collect::<VraResult<Vec<_>>>()?;
-            let mut cfg = JournalConfig::new(volumes);
-            cfg.sparse_seqs = true;
-            cfg.history_window = assignment.history_secs.map(Duration::from_secs);
-            cfg.warning_bytes = assignment.warning_bytes;
-            cfg.hard_limit_bytes = assignment.hard_limit_bytes;
-            let journal = Journal::open(&vm.journal_dir, cfg)?;
-            let report = journal.open_report();
-            info!(
-                vpg = %assignment.vpg,
-                vm = %vm.vm,
-                durable_seq = journal.durable_seq().0,
-                records = report.records,
-                torn_tail = report.torn_tail.is_some(),
-                "journal opened"
-            );
-            journals.push((vm.vm.clone(), Arc::new(journal)));
-        }
+        let journals = open_journals(&assignment)?;
         let floor = read_floor(state_dir)
             .filter(|f| f.generation <= assignment.generation.0)
             .map_or(Seq(0), |f| Seq(f.acked));
@@ -636,6 +603,11 @@ impl RecoveryVpg {
             }
         }
         any
+    }
+
+    /// The VPG's journals by VM (a recovery before commit keeps them open).
+    pub fn journals(&self) -> Vec<(VmId, Arc<Journal>)> {
+        self.journals.clone()
     }
 
     /// The VPG's cancellation token (sessions end with it).
@@ -894,6 +866,48 @@ impl RecoveryVpg {
         self.tasks.wait().await;
         info!(vpg = %self.assignment.vpg, "recovery vpg stopped");
     }
+}
+
+/// Opens the journal of every VM of a recovery assignment (blocking IO: recovery scans,
+/// fsyncs), creating the replica directories.
+pub(crate) fn open_journals(
+    assignment: &RecoveryAssignment,
+) -> VraResult<Vec<(VmId, Arc<Journal>)>> {
+    let mut journals = Vec::new();
+    for vm in &assignment.vms {
+        let volumes = vm
+            .volumes
+            .iter()
+            .map(|v| {
+                if let Some(parent) = v.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent)
+                        .map_err(VraError::io("create replica dir", parent))?;
+                }
+                Ok(VolumeSpec {
+                    id: v.id,
+                    size: v.size,
+                    replica_path: v.path.clone(),
+                })
+            })
+            .collect::<VraResult<Vec<_>>>()?;
+        let mut cfg = JournalConfig::new(volumes);
+        cfg.sparse_seqs = true;
+        cfg.history_window = assignment.history_secs.map(Duration::from_secs);
+        cfg.warning_bytes = assignment.warning_bytes;
+        cfg.hard_limit_bytes = assignment.hard_limit_bytes;
+        let journal = Journal::open(&vm.journal_dir, cfg)?;
+        let report = journal.open_report();
+        info!(
+            vpg = %assignment.vpg,
+            vm = %vm.vm,
+            durable_seq = journal.durable_seq().0,
+            records = report.records,
+            torn_tail = report.torn_tail.is_some(),
+            "journal opened"
+        );
+        journals.push((vm.vm.clone(), Arc::new(journal)));
+    }
+    Ok(journals)
 }
 
 fn fence_error(vpg: &VpgId, e: FenceError) -> VraError {

@@ -246,6 +246,59 @@ impl VraControl for ControlService {
         self.vra.set_bandwidth_limit(&site, r.bytes_per_sec).await;
         Ok(Response::new(pb::VraEmpty {}))
     }
+
+    async fn start_recovery(
+        &self,
+        req: Request<pb::StartRecoveryRequest>,
+    ) -> Result<Response<pb::RecoveryVolumes>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        let op = parse_op_id(&r.op_id).map_err(status)?;
+        let cp = parse_checkpoint_id(r.checkpoint_id).map_err(status)?;
+        let generation = model::parse_generation(r.generation).map_err(status)?;
+        let recovered = self
+            .vra
+            .start_recovery(&vpg, generation, cp, op)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RecoveryVolumes {
+            volumes: recovered.volume_status(),
+            nbd_address: self.vra.nbd_address(),
+        }))
+    }
+
+    async fn commit_recovery(
+        &self,
+        req: Request<pb::CommitRecoveryRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        let op = parse_op_id(&r.op_id).map_err(status)?;
+        let generation = model::parse_generation(r.new_generation).map_err(status)?;
+        self.vra
+            .commit_recovery(&vpg, &op, generation)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
+    async fn rollback_recovery(
+        &self,
+        req: Request<pb::RollbackRecoveryRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        let op = parse_op_id(&r.op_id).map_err(status)?;
+        self.vra
+            .rollback_recovery(&vpg, &op)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+}
+
+fn parse_op_id(s: &str) -> crate::error::VraResult<tandem_core::ids::RecoveryOpId> {
+    Ok(tandem_core::ids::RecoveryOpId::parse("op_id", s)?)
 }
 
 /// The `Replication` service (receiver side).

@@ -28,9 +28,11 @@ use crate::{
     model::{ProtectedAssignment, RecoveryAssignment},
     pool::BufferPool,
     protected::{ProtectedVpg, StartKind},
+    recovered::{self, RecoveredPhase, RecoveredRecord, RecoveredVpg},
     recovery::{RecoveryVpg, StorageFault, VpgCheckpoint},
     state::{self, Assignments},
 };
+use tandem_core::ids::RecoveryOpId;
 
 /// Settings of a VRA process.
 #[derive(Debug, Clone)]
@@ -47,6 +49,8 @@ pub struct VraSettings {
 enum Role {
     Protected(Arc<ProtectedVpg>),
     Recovery(Arc<RecoveryVpg>),
+    /// Failed over or moved here (its replication stream is refused).
+    Recovered(Arc<RecoveredVpg>),
 }
 
 impl Role {
@@ -54,6 +58,7 @@ impl Role {
         match self {
             Role::Protected(_) => "protected",
             Role::Recovery(_) => "recovery",
+            Role::Recovered(_) => "recovered",
         }
     }
 }
@@ -137,8 +142,17 @@ impl Vra {
         let saved = tokio::task::spawn_blocking(move || state::load(&dir))
             .await
             .map_err(|_| VraError::ShuttingDown)??;
+        for vpg in self.recovered_on_disk().await? {
+            if let Err(e) = self.restore_recovered(&vpg).await {
+                warn!(vpg = %vpg, error = %e, "restoring a recovered vpg failed");
+            }
+        }
         for a in saved.recovery {
             let vpg = a.vpg.clone();
+            if self.inner.vpgs.lock().await.contains_key(&vpg) {
+                // Recovered here: its record, not the recovery role, holds.
+                continue;
+            }
             if let Err(e) = self.assign_recovery(a, None).await {
                 warn!(vpg = %vpg, error = %e, "restoring recovery assignment failed");
             }
@@ -162,6 +176,8 @@ impl Vra {
             match role {
                 Role::Protected(p) => a.protected.push(p.assignment().clone()),
                 Role::Recovery(r) => a.recovery.push(r.assignment().clone()),
+                // Kept in its own record (`recovered.json`).
+                Role::Recovered(_) => {}
             }
         }
         let dir = self.inner.settings.data_dir.clone();
@@ -237,6 +253,12 @@ impl Vra {
         self.persist(&vpgs).await?;
         info!(vpg = %a.vpg, generation = a.generation.0, "assigned protected role");
         Ok(())
+    }
+
+    fn remove_recovered_exports(&self, r: &RecoveredVpg) {
+        for (name, _) in r.volumes() {
+            self.inner.exports.remove(name);
+        }
     }
 
     fn remove_protected_exports(&self, p: &ProtectedVpg) {
@@ -339,18 +361,9 @@ impl Vra {
                 Err(e) => return Err(VraError::io("remove replica", path)(e)),
             }
         }
-        let state_dir = self.vpg_dir(&a.vpg);
-        let cancel = self.inner.cancel.clone();
-        let assignment = a.clone();
-        // Opening journals is blocking IO (recovery scans, fsyncs).
-        let r = tokio::task::spawn_blocking(move || {
-            RecoveryVpg::start(assignment, &state_dir, &cancel)
-        })
-        .await
-        .map_err(|_| VraError::ShuttingDown)??;
-        vpgs.insert(a.vpg.clone(), Role::Recovery(Arc::new(r)));
-        self.persist(&vpgs).await?;
-        info!(vpg = %a.vpg, generation = a.generation.0, "assigned recovery role");
+        let (vpg, generation) = (a.vpg.clone(), a.generation.0);
+        self.start_recovery_role(&mut vpgs, a).await?;
+        info!(vpg = %vpg, generation, "assigned recovery role");
         Ok(())
     }
 
@@ -375,10 +388,22 @@ impl Vra {
                 self.remove_pit_exports(vpg);
                 r.stop().await;
             }
+            Role::Recovered(r) => {
+                self.remove_recovered_exports(r);
+                r.stop().await;
+            }
         }
         self.persist(&vpgs).await?;
         if remove_recovery_data && let Role::Recovery(r) = &role {
             remove_recovery_data_of(r.assignment())?;
+        }
+        if let Role::Recovered(r) = &role {
+            let record = r.record();
+            recovered::remove_state(&self.vpg_dir(vpg))?;
+            // Once committed the replicas are the recovered VMs' own disks: never removed.
+            if remove_recovery_data && record.phase == RecoveredPhase::BeforeCommit {
+                remove_recovery_data_of(&record.assignment)?;
+            }
         }
         info!(vpg = %vpg, remove_recovery_data, "unassigned");
         Ok(())
@@ -397,9 +422,9 @@ impl Vra {
     async fn protected(&self, vpg: &VpgId) -> VraResult<Arc<ProtectedVpg>> {
         match self.role(vpg).await? {
             Role::Protected(p) => Ok(p),
-            Role::Recovery(_) => Err(VraError::WrongRole {
+            other => Err(VraError::WrongRole {
                 vpg: vpg.clone(),
-                role: "recovery",
+                role: other.name(),
             }),
         }
     }
@@ -408,9 +433,9 @@ impl Vra {
     pub async fn recovery(&self, vpg: &VpgId) -> VraResult<Arc<RecoveryVpg>> {
         match self.role(vpg).await? {
             Role::Recovery(r) => Ok(r),
-            Role::Protected(_) => Err(VraError::WrongRole {
+            other => Err(VraError::WrongRole {
                 vpg: vpg.clone(),
-                role: "protected",
+                role: other.name(),
             }),
         }
     }
@@ -533,6 +558,255 @@ impl Vra {
         Ok(())
     }
 
+    /// Fails over or moves a VPG to this VRA, before commit (see `StartRecovery`): the
+    /// recovery role stops (its stream is refused from now on), its journals stay open
+    /// under images at `checkpoint` with durable overlays, served as `"<vm>/<volume>"`.
+    /// Nothing is copied: the time taken is building the images' maps.
+    pub async fn start_recovery(
+        &self,
+        vpg: &VpgId,
+        generation: Generation,
+        checkpoint: CheckpointId,
+        op_id: RecoveryOpId,
+    ) -> VraResult<Arc<RecoveredVpg>> {
+        let mut vpgs = self.inner.vpgs.lock().await;
+        let role = vpgs
+            .get(vpg)
+            .cloned()
+            .ok_or_else(|| VraError::VpgNotFound(vpg.clone()))?;
+        let r = match role {
+            Role::Recovered(done) if done.record().op_id == op_id => return Ok(done),
+            Role::Recovered(other) => {
+                return Err(DomainError::precondition(format!(
+                    "vpg {vpg} is recovered here by operation {}",
+                    other.record().op_id
+                ))
+                .into());
+            }
+            Role::Protected(_) => {
+                return Err(VraError::WrongRole {
+                    vpg: vpg.clone(),
+                    role: "protected",
+                });
+            }
+            Role::Recovery(r) => r,
+        };
+        if r.assignment().generation != generation {
+            return Err(DomainError::precondition(format!(
+                "vpg {vpg} is at generation {} on this vra, not {}",
+                r.assignment().generation.0,
+                generation.0
+            ))
+            .into());
+        }
+        let usable = r
+            .checkpoints()
+            .await?
+            .into_iter()
+            .find(|c| c.checkpoint.id == checkpoint)
+            .is_some_and(|c| c.usable);
+        if !usable {
+            return Err(VraError::CheckpointUnusable {
+                vpg: vpg.clone(),
+                id: checkpoint.0,
+                reason: "not durable and unpromoted in every journal".into(),
+            });
+        }
+        // From here the stream is refused (the role is no longer Recovery) and the
+        // journals are written by nobody: maintenance stops with the role.
+        self.remove_pit_exports(vpg);
+        r.stop().await;
+        let journals = r.journals();
+        let record = RecoveredRecord {
+            op_id,
+            checkpoint,
+            phase: RecoveredPhase::BeforeCommit,
+            new_generation: None,
+            assignment: r.assignment().clone(),
+        };
+        drop(r);
+        let state_dir = self.vpg_dir(vpg);
+        let cancel = self.inner.cancel.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            RecoveredVpg::open(record, &state_dir, journals, &cancel)
+        })
+        .await
+        .map_err(|_| VraError::ShuttingDown)?;
+        let recovered = match opened {
+            Ok(rec) => Arc::new(rec),
+            Err(e) => {
+                // The recovery role goes on as it was.
+                let _ = recovered::remove_state(&self.vpg_dir(vpg));
+                if let Role::Recovery(old) = vpgs.remove(vpg).expect("held under the lock") {
+                    self.start_recovery_role(&mut vpgs, old.assignment().clone())
+                        .await?;
+                }
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.insert_recovered_exports(&recovered) {
+            recovered.stop().await;
+            let _ = recovered::remove_state(&self.vpg_dir(vpg));
+            let a = recovered.record().assignment;
+            drop(recovered);
+            vpgs.remove(vpg);
+            self.start_recovery_role(&mut vpgs, a).await?;
+            return Err(e);
+        }
+        vpgs.insert(vpg.clone(), Role::Recovered(recovered.clone()));
+        self.persist(&vpgs).await?;
+        info!(vpg = %vpg, checkpoint = checkpoint.0, "recovered before commit");
+        Ok(recovered)
+    }
+
+    fn insert_recovered_exports(&self, r: &RecoveredVpg) -> VraResult<()> {
+        let mut added: Vec<&str> = Vec::new();
+        for (name, vol) in r.volumes() {
+            let device: Arc<dyn BlockDevice> = Arc::new(vol.clone());
+            if let Err(e) = self.inner.exports.insert(name.clone(), device) {
+                for n in &added {
+                    self.inner.exports.remove(n);
+                }
+                return Err(e.into());
+            }
+            added.push(name);
+        }
+        Ok(())
+    }
+
+    /// Starts the recovery role from `a` and persists it (an assignment; a rollback, or a
+    /// recovery that could not start, once the old journals are closed).
+    async fn start_recovery_role(
+        &self,
+        vpgs: &mut BTreeMap<VpgId, Role>,
+        a: RecoveryAssignment,
+    ) -> VraResult<()> {
+        let state_dir = self.vpg_dir(&a.vpg);
+        let cancel = self.inner.cancel.clone();
+        let assignment = a.clone();
+        // Opening journals is blocking IO (recovery scans, fsyncs).
+        let r = tokio::task::spawn_blocking(move || {
+            RecoveryVpg::start(assignment, &state_dir, &cancel)
+        })
+        .await
+        .map_err(|_| VraError::ShuttingDown)??;
+        vpgs.insert(a.vpg.clone(), Role::Recovery(Arc::new(r)));
+        self.persist(vpgs).await
+    }
+
+    /// Commits a recovery (see `CommitRecovery`).
+    pub async fn commit_recovery(
+        &self,
+        vpg: &VpgId,
+        op_id: &RecoveryOpId,
+        new_generation: Generation,
+    ) -> VraResult<()> {
+        let r = self.recovered(vpg, op_id).await?;
+        r.commit(new_generation)
+    }
+
+    /// Rolls a recovery back before commit (see `RollbackRecovery`).
+    pub async fn rollback_recovery(&self, vpg: &VpgId, op_id: &RecoveryOpId) -> VraResult<()> {
+        let mut vpgs = self.inner.vpgs.lock().await;
+        let r = match vpgs.get(vpg) {
+            Some(Role::Recovered(r)) if r.record().op_id == *op_id => r.clone(),
+            Some(Role::Recovered(r)) => {
+                return Err(DomainError::precondition(format!(
+                    "vpg {vpg} is recovered here by operation {}",
+                    r.record().op_id
+                ))
+                .into());
+            }
+            // Not recovered here (any more): nothing to roll back.
+            _ => return Ok(()),
+        };
+        let record = r.record();
+        if record.phase != RecoveredPhase::BeforeCommit {
+            return Err(DomainError::precondition(format!(
+                "the recovery of vpg {vpg} is committed; it cannot be rolled back"
+            ))
+            .into());
+        }
+        self.remove_recovered_exports(&r);
+        r.stop().await;
+        r.drop_journals().await;
+        drop(r);
+        vpgs.remove(vpg);
+        self.start_recovery_role(&mut vpgs, record.assignment)
+            .await?;
+        recovered::remove_state(&self.vpg_dir(vpg))?;
+        info!(vpg = %vpg, "recovery rolled back");
+        Ok(())
+    }
+
+    async fn recovered(&self, vpg: &VpgId, op_id: &RecoveryOpId) -> VraResult<Arc<RecoveredVpg>> {
+        match self.role(vpg).await? {
+            Role::Recovered(r) if r.record().op_id == *op_id => Ok(r),
+            Role::Recovered(r) => Err(DomainError::precondition(format!(
+                "vpg {vpg} is recovered here by operation {}",
+                r.record().op_id
+            ))
+            .into()),
+            other => Err(VraError::WrongRole {
+                vpg: vpg.clone(),
+                role: other.name(),
+            }),
+        }
+    }
+
+    /// The VPGs with a recovered record in the data directory.
+    async fn recovered_on_disk(&self) -> VraResult<Vec<VpgId>> {
+        let dir = self.inner.settings.data_dir.join("vpgs");
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(VraError::io("list vpg state", &dir)(e)),
+            };
+            for e in entries.flatten() {
+                if recovered::record_path(&e.path()).exists()
+                    && let Some(name) = e.file_name().to_str()
+                    && let Ok(vpg) = VpgId::parse("vpg", name)
+                {
+                    out.push(vpg);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|_| VraError::ShuttingDown)?
+    }
+
+    /// Brings a recovered VPG back after a restart, in its persisted phase.
+    async fn restore_recovered(&self, vpg: &VpgId) -> VraResult<()> {
+        let state_dir = self.vpg_dir(vpg);
+        let cancel = self.inner.cancel.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let Some(record) = recovered::load_record(&state_dir)? else {
+                return Ok(None);
+            };
+            let journals = match record.phase {
+                RecoveredPhase::BeforeCommit | RecoveredPhase::Promoting => {
+                    crate::recovery::open_journals(&record.assignment)?
+                }
+                RecoveredPhase::Merging | RecoveredPhase::Live => Vec::new(),
+            };
+            RecoveredVpg::open(record, &state_dir, journals, &cancel).map(Some)
+        })
+        .await
+        .map_err(|_| VraError::ShuttingDown)??;
+        let Some(r) = r else { return Ok(()) };
+        let r = Arc::new(r);
+        self.insert_recovered_exports(&r)?;
+        r.resume();
+        let mut vpgs = self.inner.vpgs.lock().await;
+        vpgs.insert(vpg.clone(), Role::Recovered(r.clone()));
+        self.persist(&vpgs).await?;
+        info!(vpg = %vpg, phase = ?r.record().phase, "recovered vpg restored");
+        Ok(())
+    }
+
     /// Accepts a replication sender for a recovery VPG.
     pub async fn replicate_hello(
         &self,
@@ -618,6 +892,22 @@ impl Vra {
                         tracking: sync.tracking,
                         paused: sync.paused,
                         vms: s.vms.iter().map(|(vm, c)| c.to_pb(vm)).collect(),
+                        ..Default::default()
+                    });
+                }
+                Role::Recovered(r) => {
+                    let record = r.record();
+                    out.push(pb::VpgReplicationStatus {
+                        vpg_id: r.id().to_string(),
+                        role: pb::VraRole::Recovered as i32,
+                        generation: record.assignment.generation.0,
+                        state: pb::VpgStreamState::Disconnected as i32,
+                        last_error: r.last_error(),
+                        recovery_op_id: record.op_id.to_string(),
+                        recovered_checkpoint_id: record.checkpoint.0,
+                        recovered_phase: r.phase_pb() as i32,
+                        recovered_generation: record.new_generation.map_or(0, |g| g.0),
+                        recovered: r.volume_status(),
                         ..Default::default()
                     });
                 }
@@ -806,6 +1096,7 @@ impl Vra {
                 // A clean stop keeps the dirty map: the restart does a bitmap sync.
                 Role::Protected(p) => drop(p.stop(true).await),
                 Role::Recovery(r) => r.stop().await,
+                Role::Recovered(r) => r.stop().await,
             }
         }
     }
