@@ -15,7 +15,10 @@
 #  3. initial sync of a 4 GiB volume vs nbdcopy between two nbdkit exports (floor: 1.0x);
 #  4. delta sync of 1 GiB with 1% of its 4 KiB blocks changed vs
 #     rsync --inplace --no-whole-file, with bytes on the wire (floor: 4x rsync's speed,
-#     at most 0.2x its bytes).
+#     at most 0.2x its bytes);
+#  5. (ONLY=rto) failover RTO: 10 VMs x 2 volumes with RTO_JOURNAL_MIB (1024) of unpromoted
+#     journal, StartRecovery to every volume answering an NBD read, vs restore by nbdcopy
+#     of every volume and vs promote-then-serve (the commit, timed) (floor: <= 2 s).
 # It reports and does not assert: it exits 0 when a floor is missed. Before each measured
 # run it waits for a quiet machine (no rustc running, CPUs MIN_IDLE % idle; at most
 # QUIET_WAIT_SECS, then it measures anyway and marks the result NOT quiet).
@@ -23,7 +26,7 @@
 # Usage: scripts/bench-vra.sh                 (the durations, ~10 minutes)
 #        QUICK=1 scripts/bench-vra.sh         (smoke run: 5 s fio runs, small syncs)
 #        ONLY=write,checkpoint WRITE_SECS=20 scripts/bench-vra.sh
-# Env: QUICK, ONLY (write,checkpoint,managed,initial,delta), WRITE_SECS (60), CP_SECS (60),
+# Env: QUICK, ONLY (write,checkpoint,managed,initial,delta,rto), RTO_JOURNAL_MIB (1024), WRITE_SECS (60), CP_SECS (60),
 #      CP_INTERVAL_MS (1000), MANAGED_IOPS (2500), SYNC_MIB (4096), DELTA_MIB (1024), DELTA_PERCENT (1),
 #      VOLUME_MIB (1024), RAM_MB (256), JOURNAL_LIMIT_MIB (4096), QUIET_WAIT_SECS (900),
 #      MIN_IDLE (85), ROUNDS (1: with more, medians over the rounds are printed at the end),
@@ -62,6 +65,7 @@ opt JOURNAL_LIMIT_MIB --journal-limit-mib
 opt QUIET_WAIT_SECS --quiet-wait-secs
 opt MIN_IDLE --min-idle
 opt ROUNDS --rounds
+opt RTO_JOURNAL_MIB --rto-journal-mib
 
 echo "machine: $(nproc) cpus, load $(cut -d' ' -f1-3 /proc/loadavg), $(uname -r)"
 echo "+ target/release/tandem-lab bench-vra ${args[*]} $*"

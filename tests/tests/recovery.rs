@@ -100,6 +100,23 @@ fn holds_run(root: &std::path::Path, byte: u8, run: usize) -> Result<Option<std:
     Ok(None)
 }
 
+/// kill -9 of site `site`'s leader; answers the API addresses of the others.
+async fn kill_leader(lab: &mut Lab, site: usize) -> Result<Vec<String>> {
+    let apis = lab.endpoints(site);
+    let status = wait_leader(&apis[0], 3, Duration::from_secs(10)).await?;
+    let leader = lab.sites[site]
+        .iter()
+        .position(|p| p.id == status.leader_id)
+        .context("leader not in the lab")?;
+    lab.sites[site][leader].kill9().await?;
+    Ok(apis
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, a)| a.clone())
+        .collect())
+}
+
 async fn tests_running(apis: &[String]) -> Result<Vec<v1::FailoverTest>> {
     let r: v1::FailoverTests = tandem_json(apis, &["failover-test", "list"]).await?;
     Ok(r.tests)
@@ -117,19 +134,7 @@ async fn a_failover_test_serves_its_checkpoint_while_protection_goes_on_and_leav
     let dir = tempfile::tempdir()?;
     let mut lab = Lab::up(dir.path(), 2, 3).await?;
     lab.start_vras(2).await?;
-    let options = ProtectOptions {
-        vpg: "vpg-web".into(),
-        vms: 4,
-        volume_bytes: 16 * MIB,
-        memory_mib: 512,
-        settings: v1::VpgSettings {
-            checkpoint_interval_secs: 1,
-            journal_history_secs: 3600,
-            target_rpo_secs: 60,
-            ..Default::default()
-        },
-    };
-    protect::protect(&lab, &options).await?;
+    protect::protect(&lab, &recovery_options("vpg-web")).await?;
     let (apis_a, apis_b) = (lab.endpoints(0), lab.endpoints(1));
     let mut seen = Vec::new();
     wait_vpg_cli(
@@ -141,16 +146,7 @@ async fn a_failover_test_serves_its_checkpoint_while_protection_goes_on_and_leav
     )
     .await?;
 
-    let targets = (0..4)
-        .map(|i| VolumeTarget::new(&lab.vras[0][i % 2].nbd, format!("vm-{i}/0")))
-        .collect();
-    let mut config = WorkloadConfig::new(targets);
-    config.region_blocks = Some(1024);
-    let seed = config.seed;
-    eprintln!(
-        "workload seed {seed}; rerun: TANDEM_WORKLOAD_SEED={seed} cargo nextest run -p tandem-tests --test recovery"
-    );
-    let workload = Workload::start(config).await?;
+    let workload = recovery_workload(&lab).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Not at the protected site.
@@ -285,18 +281,7 @@ async fn a_failover_test_serves_its_checkpoint_while_protection_goes_on_and_leav
     );
 
     // kill -9 of the recovery site's leader: the test goes on under the next one.
-    let status = wait_leader(&apis_b[0], 3, Duration::from_secs(10)).await?;
-    let leader = lab.sites[1]
-        .iter()
-        .position(|p| p.id == status.leader_id)
-        .context("leader not in the lab")?;
-    lab.sites[1][leader].kill9().await?;
-    let survivors: Vec<String> = apis_b
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != leader)
-        .map(|(_, a)| a.clone())
-        .collect();
+    let survivors = kill_leader(&mut lab, 1).await?;
     // kill -9 of the recovery VRA of host 0: its images are opened again once it is back.
     lab.vras[1][0].kill9().await?;
     lab.vras[1][0].start().await?;
@@ -397,6 +382,353 @@ async fn a_failover_test_serves_its_checkpoint_while_protection_goes_on_and_leav
         Some(""),
         "{g:?}"
     );
+    lab.down().await;
+    Ok(())
+}
+
+/// The options of the recovery tests' VPG: 4 VMs on 2 hosts, a checkpoint a second.
+fn recovery_options(vpg: &str) -> ProtectOptions {
+    ProtectOptions {
+        vpg: vpg.into(),
+        vms: 4,
+        volume_bytes: 16 * MIB,
+        memory_mib: 512,
+        settings: v1::VpgSettings {
+            checkpoint_interval_secs: 1,
+            journal_history_secs: 3600,
+            target_rpo_secs: 60,
+            ..Default::default()
+        },
+    }
+}
+
+/// Starts the verifying workload on volume 0 of each VM of the recovery tests' VPG.
+async fn recovery_workload(lab: &Lab) -> Result<Workload> {
+    let targets = (0..4)
+        .map(|i| VolumeTarget::new(&lab.vras[0][i % 2].nbd, format!("vm-{i}/0")))
+        .collect();
+    let mut config = WorkloadConfig::new(targets);
+    config.region_blocks = Some(1024);
+    let seed = config.seed;
+    eprintln!(
+        "workload seed {seed}; rerun: TANDEM_WORKLOAD_SEED={seed} cargo nextest run -p tandem-tests --test recovery"
+    );
+    Ok(Workload::start(config).await?)
+}
+
+async fn recoveries(apis: &[String]) -> Result<Vec<v1::RecoveryOperation>> {
+    let r: v1::RecoveryOperations = tandem_json(apis, &["failover", "list"]).await?;
+    Ok(r.operations)
+}
+
+/// Checks the recovered volume 0 of every VM against what the workload acknowledged by
+/// the checkpoint (and issued after it): every acknowledged write is there, none later.
+async fn check_recovered(
+    workload_history: &tandem_lab::workload::History,
+    window: &tandem_lab::workload::CutWindow,
+    op: &v1::RecoveryOperation,
+) -> Result<u64> {
+    let mut volumes: Vec<&v1::RecoveredVolume> =
+        op.volumes.iter().filter(|v| v.volume_id == 0).collect();
+    volumes.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+    let mut clients = Vec::new();
+    for v in &volumes {
+        clients.push(NbdClient::connect_uri(&v.nbd_uri).await?);
+    }
+    let images: Vec<&dyn ImageReader> = clients.iter().map(|c| c as &dyn ImageReader).collect();
+    let report = check_image(workload_history, window, &images)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("recovered volumes at checkpoint {}: {e}", op.checkpoint_id)
+        })?;
+    for c in clients {
+        c.disconnect().await?;
+    }
+    Ok(report.writes_included)
+}
+
+async fn status_of(apis: &[String], vpg: &str) -> Result<v1::VpgStatus> {
+    let g: v1::Vpg = tandem_json(apis, &["vpg", "get", vpg]).await?;
+    g.status.context("no status")
+}
+
+/// The source image of a protected volume at site 0 (`<ds>/<vm>/c<c>u<u>.img`).
+fn source_image(lab: &Lab, vm: &str, volume_id: u32) -> Result<std::path::PathBuf> {
+    let name = format!("c{}u{}.img", volume_id / 15, volume_id % 15);
+    for e in std::fs::read_dir(lab.dir.join(&lab.site_names[0]))? {
+        let p = e?.path().join(vm).join(&name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("no source image of {vm}/{volume_id}")
+}
+
+/// blake3 of every file in the sites' datastores (sources, journals, replicas).
+fn datastore_hashes(lab: &Lab) -> Result<std::collections::BTreeMap<std::path::PathBuf, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for site in &lab.site_names {
+        let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir(lab.dir.join(site))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_dir()
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("ds-"))
+            })
+            .collect();
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d)? {
+                let p = e?.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else {
+                    out.insert(
+                        p.clone(),
+                        blake3::hash(&std::fs::read(&p)?).to_hex().to_string(),
+                    );
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A failover after kill -9 of every manager and VRA of the protected site: the VMs come
+/// up at the latest checkpoint (the recovered volumes hold every write the workload
+/// acknowledged by it and none it issued after it), first before commit, then committed
+/// with the recovery site's leader killed while promoting; the volumes stay served
+/// throughout, what a recovered VM writes before commit is kept by the commit, and the VPG
+/// ends Recovered. RTO: from the request to every volume answering NBD reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_after_the_protected_site_is_killed_recovers_the_latest_checkpoint() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(dir.path(), 2, 3).await?;
+    lab.start_vras(2).await?;
+    protect::protect(&lab, &recovery_options("vpg-fo")).await?;
+    let (apis_a, apis_b) = (lab.endpoints(0), lab.endpoints(1));
+    let mut seen = Vec::new();
+    wait_vpg_cli(&apis_a, "vpg-fo", Duration::from_secs(60), &mut seen, |g| {
+        g.status.as_ref().is_some_and(|s| s.status == "Meeting SLA")
+    })
+    .await?;
+    let workload = recovery_workload(&lab).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The protected site is lost: every manager and VRA, kill -9.
+    for m in &mut lab.sites[0] {
+        m.kill9().await?;
+    }
+    for v in &mut lab.vras[0] {
+        v.kill9().await?;
+    }
+
+    // Refused while nothing decides: a bad policy, an unknown VPG.
+    let bad = tandem(
+        &apis_b,
+        &[
+            "failover",
+            "start",
+            "vpg-fo",
+            "--commit-policy",
+            "auto-commit=0",
+        ],
+    )
+    .await
+    .expect_err("a zero auto-commit");
+    assert!(bad.to_string().contains("commit_after_secs"), "{bad}");
+    assert!(
+        tandem(&apis_b, &["failover", "start", "no-such-vpg"])
+            .await
+            .is_err()
+    );
+
+    let requested = Instant::now();
+    let op: v1::RecoveryOperations = tandem_json(
+        &apis_b,
+        &["failover", "start", "vpg-fo", "--wait", "--timeout", "60"],
+    )
+    .await?;
+    let op = op.operations.first().context("no failover")?.clone();
+    assert_eq!(
+        (op.step.as_str(), op.volumes.len()),
+        ("before commit", 4),
+        "{op:?}"
+    );
+    // RTO: every recovered volume answers a read.
+    for v in &op.volumes {
+        let c = NbdClient::connect_uri(&v.nbd_uri).await?;
+        c.read(0, 4096).await?;
+        c.disconnect().await?;
+    }
+    let rto = requested.elapsed();
+    eprintln!(
+        "failover to checkpoint {} ({} ms): RTO {} ms, 4 volumes",
+        op.checkpoint_id,
+        op.checkpoint_ms,
+        rto.as_millis()
+    );
+    let window = workload
+        .window_at(op.checkpoint_ms)
+        .context("no workload window at the checkpoint's time")?;
+    // The writers stopped when the protected VRAs died.
+    let history = workload.stop().await;
+    let included = check_recovered(&history, &window, &op).await?;
+    eprintln!("recovered volumes hold {included} writes");
+    let s = status_of(&apis_b, "vpg-fo").await?;
+    assert_eq!(
+        (s.status.as_str(), s.substatus.as_str()),
+        ("Failing Over", "Failing over - Before commit"),
+        "{s:?}"
+    );
+    // A second failover of the same VPG is refused.
+    let again = tandem(&apis_b, &["failover", "start", "vpg-fo"]).await;
+    assert!(again.is_err(), "a second failover started");
+
+    // A recovered VM writes before commit, past the workload's region (its first 4 MiB).
+    let vm1 = op
+        .volumes
+        .iter()
+        .find(|v| v.vm_id == "vm-1")
+        .context("vm-1/0")?
+        .nbd_uri
+        .clone();
+    qemu_io(&vm1, "write -P 0x6e 8M 2M")?;
+
+    // Commit, and kill -9 of the recovery site's leader while it runs.
+    tandem(&apis_b, &["failover", "commit", "vpg-fo"]).await?;
+    let survivors = kill_leader(&mut lab, 1).await?;
+    let start = Instant::now();
+    loop {
+        let ops = recoveries(&survivors).await;
+        if ops.as_ref().is_ok_and(|o| o.is_empty()) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("the commit did not end: {ops:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let s = status_of(&survivors, "vpg-fo").await?;
+    assert_eq!(s.status, "Recovered", "{s:?}");
+    let task = TaskServiceClient::new(channel(&survivors[0]).await?)
+        .get_task(v1::GetTaskRequest { id: op.task_id })
+        .await?
+        .into_inner();
+    assert_eq!(task.state, "succeeded", "{task:?}");
+    assert!(task.message.contains("committed"), "{task:?}");
+
+    // After commit the volumes are the replicas: the VM's write is there, also after a
+    // restart of its VRA (the replica is the VM's disk now), and the rest is still the
+    // checkpoint.
+    qemu_io(&vm1, "read -P 0x6e 8M 2M")?;
+    let host = op
+        .volumes
+        .iter()
+        .find(|v| v.vm_id == "vm-1")
+        .context("vm-1")?
+        .host_id
+        .clone();
+    let vra = lab.vras[1]
+        .iter_mut()
+        .find(|v| v.host == host)
+        .context("vra of vm-1")?;
+    vra.kill9().await?;
+    vra.start().await?;
+    qemu_io(&vm1, "read -P 0x6e 8M 2M")?;
+    qemu_io(&vm1, "write -z 8M 2M")?;
+    let included_after = check_recovered(&history, &window, &op).await?;
+    assert_eq!(included_after, included);
+    lab.down().await;
+    Ok(())
+}
+
+/// A failover rolled back: the recovered VMs ran and wrote before commit, yet every
+/// source, journal and replica file is byte for byte as it was (protection paused around
+/// it so nothing else writes), and protection resumes to Meeting SLA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_failover_leaves_everything_as_it_was_and_protection_resumes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(dir.path(), 2, 3).await?;
+    lab.start_vras(2).await?;
+    protect::protect(&lab, &recovery_options("vpg-fo")).await?;
+    let (apis_a, apis_b) = (lab.endpoints(0), lab.endpoints(1));
+    let mut seen = Vec::new();
+    let meeting = |g: &v1::Vpg| g.status.as_ref().is_some_and(|s| s.status == "Meeting SLA");
+    wait_vpg_cli(
+        &apis_a,
+        "vpg-fo",
+        Duration::from_secs(60),
+        &mut seen,
+        meeting,
+    )
+    .await?;
+    let workload = recovery_workload(&lab).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let history = workload.stop().await;
+    assert!(history.failures().is_empty(), "{:?}", history.failures());
+    // Everything written is in a checkpoint; then nothing moves.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tandem(&apis_a, &["vpg", "pause", "vpg-fo"]).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = datastore_hashes(&lab)?;
+
+    let op: v1::RecoveryOperations = tandem_json(
+        &apis_b,
+        &["failover", "start", "vpg-fo", "--wait", "--timeout", "60"],
+    )
+    .await?;
+    let op = op.operations.first().context("no failover")?.clone();
+    assert_eq!(op.step, "before commit", "{op:?}");
+    // Nothing was written after the last checkpoint: the recovered volumes are the
+    // sources.
+    for v in &op.volumes {
+        let source = source_image(&lab, &v.vm_id, v.volume_id)?;
+        let out = std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&source)
+            .arg(&v.nbd_uri)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{} differs from {}: {}",
+            v.nbd_uri,
+            source.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    for v in &op.volumes {
+        qemu_io(&v.nbd_uri, "write -P 0x6f 0 1M")?;
+    }
+    tandem(&apis_b, &["failover", "rollback", "vpg-fo", "--wait"]).await?;
+    assert!(recoveries(&apis_b).await?.is_empty());
+    let after = datastore_hashes(&lab)?;
+    assert_eq!(before.len(), after.len());
+    for (path, h) in &before {
+        assert_eq!(Some(h), after.get(path), "{} changed", path.display());
+    }
+    let events = MonitoringServiceClient::new(channel(&apis_b[0]).await?)
+        .list_events(v1::ListEventsQuery {
+            code: "EV0064".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let s = status_of(&apis_b, "vpg-fo").await?;
+    assert_ne!(s.status, "Failing Over", "{s:?}");
+
+    tandem(&apis_a, &["vpg", "resume", "vpg-fo"]).await?;
+    wait_vpg_cli(
+        &apis_a,
+        "vpg-fo",
+        Duration::from_secs(60),
+        &mut seen,
+        meeting,
+    )
+    .await?;
     lab.down().await;
     Ok(())
 }

@@ -88,6 +88,10 @@ enum Noun {
     /// while protection goes on.
     #[command(subcommand)]
     FailoverTest(recovery::FailoverTestCmd),
+    /// Failovers (at the recovery site): the VMs come up at a checkpoint, then commit or
+    /// roll back.
+    #[command(subcommand)]
+    Failover(recovery::FailoverCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -430,6 +434,7 @@ async fn run(cli: Cli) -> Result<()> {
         Noun::Alert(c) => alert(ch, fmt, c).await,
         Noun::Task(c) => task(ch, fmt, c).await,
         Noun::FailoverTest(c) => recovery::failover_test(ch, fmt, c).await,
+        Noun::Failover(c) => recovery::failover(ch, fmt, c).await,
     }
 }
 

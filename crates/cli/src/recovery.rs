@@ -1,4 +1,5 @@
-//! `tandem failover-test`: start, stop and list failover tests (at the recovery site).
+//! `tandem failover-test` (start, stop and list failover tests) and `tandem failover`
+//! (start, commit, roll back and list failovers), at the recovery site.
 
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,211 @@ pub enum FailoverTestCmd {
     List { vpgs: Vec<String> },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum FailoverCmd {
+    /// Fails a VPG over to this (its recovery) site, working while the protected site is
+    /// gone: its VMs' volumes are served before commit (nbd:// URIs listed), the journals
+    /// and replicas left as they were, until commit or rollback. With --wait, answers once
+    /// the volumes are served.
+    Start {
+        vpg: String,
+        /// latest (default), latest-named, a checkpoint id, or a checkpoint name.
+        #[arg(long, default_value = "latest")]
+        checkpoint: String,
+        /// manual (default), auto-commit=SECS or auto-rollback=SECS.
+        #[arg(long, default_value = "manual")]
+        commit_policy: String,
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Commits the failover: the VMs keep running while the journals are promoted behind
+    /// them; the VPG ends Recovered. With --wait, answers once the volumes are live.
+    Commit {
+        vpg: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Rolls the failover back: everything as it was before it; protection resumes.
+    Rollback {
+        vpg: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// The failovers running at this site and their volumes (with nbd:// URIs).
+    List { vpgs: Vec<String> },
+}
+
+/// The commit policy a command line names.
+fn commit_policy(s: &str) -> Result<(v1::CommitPolicyKind, u64)> {
+    let secs = |v: &str| -> Result<u64> {
+        v.parse()
+            .map_err(|_| anyhow::anyhow!("--commit-policy: {v:?} is not a number of seconds"))
+    };
+    Ok(match s.split_once('=') {
+        None if s == "manual" => (v1::CommitPolicyKind::Manual, 0),
+        Some(("auto-commit", v)) => (v1::CommitPolicyKind::AutoCommit, secs(v)?),
+        Some(("auto-rollback", v)) => (v1::CommitPolicyKind::AutoRollback, secs(v)?),
+        _ => bail!("--commit-policy: manual, auto-commit=SECS or auto-rollback=SECS"),
+    })
+}
+
+const OP_HEAD: [&str; 8] = [
+    "VPG",
+    "KIND",
+    "STEP",
+    "CHECKPOINT",
+    "VM",
+    "VOLUME",
+    "SIZE",
+    "NBD URI",
+];
+
+fn op_rows(ops: &[v1::RecoveryOperation]) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for o in ops {
+        let cp = checkpoint_label(o.checkpoint_id, &o.checkpoint_name);
+        let step = step_label(&o.step, &o.error);
+        let head = [o.vpg_id.clone(), o.kind.clone(), step, cp];
+        if o.volumes.is_empty() {
+            out.push(head.to_vec());
+        }
+        for v in &o.volumes {
+            let mut row = head.to_vec();
+            row.extend([
+                v.vm_id.clone(),
+                v.volume_id.to_string(),
+                bytes(v.size_bytes),
+                v.nbd_uri.clone(),
+            ]);
+            out.push(row);
+        }
+    }
+    out
+}
+
+fn checkpoint_label(id: u64, name: &str) -> String {
+    if name.is_empty() {
+        id.to_string()
+    } else {
+        format!("{id} ({name})")
+    }
+}
+
+fn step_label(step: &str, error: &str) -> String {
+    if error.is_empty() {
+        step.to_string()
+    } else {
+        format!("{step}: {error}")
+    }
+}
+
+/// Polls the VPG's failover until `done` says so (None: it ended), or fails after
+/// `timeout` seconds.
+async fn wait_op(
+    cl: &mut RecoveryServiceClient<Channel>,
+    vpg: &str,
+    timeout: u64,
+    done: impl Fn(Option<&v1::RecoveryOperation>) -> bool,
+) -> Result<Option<v1::RecoveryOperation>> {
+    let since = Instant::now();
+    loop {
+        let now = cl
+            .list_recoveries(v1::ListRecoveriesRequest {
+                vpg_ids: vec![vpg.to_string()],
+            })
+            .await?
+            .into_inner()
+            .operations
+            .pop();
+        if done(now.as_ref()) {
+            return Ok(now);
+        }
+        if since.elapsed() > Duration::from_secs(timeout) {
+            let why = now.map_or("ended".into(), |o| step_label(&o.step, &o.error));
+            bail!("the failover of {vpg} did not get there within {timeout}s: {why}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn failover(ch: Channel, fmt: Format, c: FailoverCmd) -> Result<()> {
+    let mut cl = RecoveryServiceClient::new(ch);
+    let show = |ops: Vec<v1::RecoveryOperation>| {
+        let list = v1::RecoveryOperations { operations: ops };
+        print(fmt, &list, &OP_HEAD, op_rows(&list.operations));
+    };
+    let commit = matches!(c, FailoverCmd::Commit { .. });
+    match c {
+        FailoverCmd::Start {
+            vpg,
+            checkpoint,
+            commit_policy: policy,
+            wait,
+            timeout,
+        } => {
+            let (kind, after) = commit_policy(&policy)?;
+            let op = cl
+                .start_failover(v1::StartFailoverRequest {
+                    vpg_id: vpg.clone(),
+                    checkpoint: Some(choice(&checkpoint)),
+                    commit_policy: kind as i32,
+                    commit_after_secs: after,
+                })
+                .await?
+                .into_inner();
+            if !wait {
+                show(vec![op]);
+                return Ok(());
+            }
+            let now = wait_op(&mut cl, &vpg, timeout, |o| {
+                o.is_none_or(|o| o.step != "opening")
+            })
+            .await?;
+            show(now.into_iter().collect());
+        }
+        FailoverCmd::Commit { vpg, wait, timeout }
+        | FailoverCmd::Rollback { vpg, wait, timeout } => {
+            let r = v1::RecoveryRef {
+                vpg_id: vpg.clone(),
+            };
+            let op = if commit {
+                cl.commit_recovery(r).await?
+            } else {
+                cl.rollback_recovery(r).await?
+            }
+            .into_inner();
+            if !wait {
+                show(vec![op]);
+                return Ok(());
+            }
+            wait_op(&mut cl, &vpg, timeout, |o| o.is_none()).await?;
+            println!(
+                "{vpg}: {}",
+                if commit {
+                    "committed; the VMs run at this site"
+                } else {
+                    "rolled back; protection resumes"
+                }
+            );
+        }
+        FailoverCmd::List { vpgs } => {
+            let r = cl
+                .list_recoveries(v1::ListRecoveriesRequest { vpg_ids: vpgs })
+                .await?
+                .into_inner();
+            show(r.operations);
+        }
+    }
+    Ok(())
+}
+
 /// The checkpoint a command line names.
 fn choice(s: &str) -> v1::CheckpointChoice {
     use v1::checkpoint_choice::Choice;
@@ -72,16 +278,8 @@ const HEAD: [&str; 7] = [
 fn rows(tests: &[v1::FailoverTest]) -> Vec<Vec<String>> {
     let mut out = Vec::new();
     for t in tests {
-        let cp = if t.checkpoint_name.is_empty() {
-            t.checkpoint_id.to_string()
-        } else {
-            format!("{} ({})", t.checkpoint_id, t.checkpoint_name)
-        };
-        let step = if t.error.is_empty() {
-            t.step.clone()
-        } else {
-            format!("{}: {}", t.step, t.error)
-        };
+        let cp = checkpoint_label(t.checkpoint_id, &t.checkpoint_name);
+        let step = step_label(&t.step, &t.error);
         if t.volumes.is_empty() {
             out.push(vec![t.vpg_id.clone(), step.clone(), cp.clone()]);
         }

@@ -40,10 +40,16 @@ pub enum EventCode {
     FailoverTestStarted,
     /// A failover test stopped (the description gives its verdict and the operator's note).
     FailoverTestStopped,
+    /// A failover or move started (the description names its checkpoint).
+    RecoveryStarted,
+    /// A failover or move was committed: the VMs run at the recovery site.
+    RecoveryCommitted,
+    /// A failover or move was rolled back: everything is as it was before it.
+    RecoveryRolledBack,
 }
 
 impl EventCode {
-    pub const ALL: [EventCode; 19] = [
+    pub const ALL: [EventCode; 22] = [
         Self::VpgCreated,
         Self::VpgEdited,
         Self::VpgDeleteStarted,
@@ -63,6 +69,9 @@ impl EventCode {
         Self::ProtectionResumedByManager,
         Self::FailoverTestStarted,
         Self::FailoverTestStopped,
+        Self::RecoveryStarted,
+        Self::RecoveryCommitted,
+        Self::RecoveryRolledBack,
     ];
 
     pub fn code(self) -> &'static str {
@@ -86,6 +95,9 @@ impl EventCode {
             Self::ProtectionResumedByManager => "EV0014",
             Self::FailoverTestStarted => "EV0060",
             Self::FailoverTestStopped => "EV0061",
+            Self::RecoveryStarted => "EV0062",
+            Self::RecoveryCommitted => "EV0063",
+            Self::RecoveryRolledBack => "EV0064",
         }
     }
 

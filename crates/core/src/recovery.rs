@@ -8,7 +8,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::DomainError;
-use crate::ids::{HostId, VmId, VpgId};
+use crate::ids::{HostId, RecoveryOpId, VmId, VpgId};
+use crate::status::Operation;
 
 /// The longest note an operator may leave with a test's verdict.
 pub const MAX_TEST_NOTE_LEN: usize = 1024;
@@ -33,6 +34,17 @@ pub struct RecoveryPoint {
     pub timestamp_ms: u64,
     /// The operator's name for it (empty: an automatic checkpoint).
     pub name: String,
+}
+
+impl RecoveryPoint {
+    /// "checkpoint 12" or "checkpoint 12 (\"before-upgrade\")", for messages.
+    pub fn label(&self) -> String {
+        if self.name.is_empty() {
+            format!("checkpoint {}", self.checkpoint_id)
+        } else {
+            format!("checkpoint {} ({:?})", self.checkpoint_id, self.name)
+        }
+    }
 }
 
 /// A checkpoint as listed, for [`choose_checkpoint`].
@@ -165,6 +177,161 @@ pub struct TestProgress {
     pub error: Option<String>,
 }
 
+/// A failover (run at the recovery site, working while the protected site is gone) or a
+/// move (both sites up, nothing lost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecoveryKind {
+    Failover,
+    Move,
+}
+
+impl RecoveryKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Failover => "failover",
+            Self::Move => "move",
+        }
+    }
+}
+
+/// Where a failover or move stands. Every step is idempotent at the VRAs (keyed by the
+/// operation's id), so the leader that finds the operation at a step runs that step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecoveryStep {
+    /// The recovery VRAs open every volume at the checkpoint, before commit.
+    Opening,
+    /// The VMs run on their before-commit volumes; waiting for commit or rollback.
+    BeforeCommit,
+    /// Commit asked: the VPG moves to its new generation (the point of no return).
+    Committing,
+    /// Committed: the VRAs promote the journals and merge what the VMs wrote.
+    Promoting,
+    /// Rollback asked: the VRAs give the recovery role back as it was.
+    RollingBack,
+}
+
+impl RecoveryStep {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Opening => "opening",
+            Self::BeforeCommit => "before commit",
+            Self::Committing => "committing",
+            Self::Promoting => "promoting",
+            Self::RollingBack => "rolling back",
+        }
+    }
+
+    /// The VPG's operation (and so its status) at this step.
+    pub fn operation(self, kind: RecoveryKind) -> Operation {
+        match (kind, self) {
+            (RecoveryKind::Failover, Self::Opening | Self::BeforeCommit) => {
+                Operation::FailoverBeforeCommit
+            }
+            (RecoveryKind::Failover, Self::Committing) => Operation::FailoverCommitting,
+            (RecoveryKind::Failover, Self::Promoting) => Operation::FailoverPromoting,
+            (RecoveryKind::Failover, Self::RollingBack) => Operation::FailoverRollingBack,
+            (RecoveryKind::Move, Self::Opening | Self::BeforeCommit) => Operation::MoveBeforeCommit,
+            (RecoveryKind::Move, Self::Committing) => Operation::MoveCommitting,
+            (RecoveryKind::Move, Self::Promoting) => Operation::MovePromoting,
+            (RecoveryKind::Move, Self::RollingBack) => Operation::MoveRollingBack,
+        }
+    }
+
+    /// Whether the operator may still choose commit or rollback.
+    pub fn takes_input(self) -> bool {
+        matches!(self, Self::Opening | Self::BeforeCommit)
+    }
+}
+
+/// The operator's word on a failover or move before commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecoveryIntent {
+    Commit,
+    Rollback,
+}
+
+/// What happens before commit when nobody decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommitPolicy {
+    /// Wait for the operator.
+    Manual,
+    /// Commit once the VMs have run before commit this long.
+    AutoCommit { after_secs: u64 },
+    /// Roll back once the VMs have run before commit this long.
+    AutoRollback { after_secs: u64 },
+}
+
+/// The longest a commit policy may wait (a day).
+pub const MAX_COMMIT_POLICY_SECS: u64 = 24 * 3600;
+
+impl CommitPolicy {
+    pub fn validate(&self) -> Result<(), DomainError> {
+        match *self {
+            Self::Manual => Ok(()),
+            Self::AutoCommit { after_secs } | Self::AutoRollback { after_secs }
+                if after_secs > MAX_COMMIT_POLICY_SECS =>
+            {
+                Err(DomainError::invalid(
+                    "commit_policy.after_secs",
+                    format!("must be at most {MAX_COMMIT_POLICY_SECS}"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The decision the policy takes for an operation before commit since `since_ms`.
+    pub fn due(&self, since_ms: u64, now_ms: u64) -> Option<RecoveryIntent> {
+        let waited = |secs: u64| now_ms.saturating_sub(since_ms) >= secs * 1000;
+        match *self {
+            Self::Manual => None,
+            Self::AutoCommit { after_secs } => waited(after_secs).then_some(RecoveryIntent::Commit),
+            Self::AutoRollback { after_secs } => {
+                waited(after_secs).then_some(RecoveryIntent::Rollback)
+            }
+        }
+    }
+}
+
+/// A failover or move that runs at this site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryOp {
+    pub id: RecoveryOpId,
+    pub kind: RecoveryKind,
+    pub vpg: VpgId,
+    pub task: u64,
+    pub point: RecoveryPoint,
+    pub policy: CommitPolicy,
+    /// The VPG's generation when it started; the commit moves it past every generation
+    /// either site has seen.
+    pub from_generation: u64,
+    pub new_generation: Option<u64>,
+    pub step: RecoveryStep,
+    pub started_ms: u64,
+    pub step_since_ms: u64,
+    pub intent: Option<RecoveryIntent>,
+    /// The recovered volumes served so far (with their NBD addresses).
+    pub volumes: Vec<TestVolume>,
+    /// Why the current step has not finished yet (retried every pass).
+    pub error: Option<String>,
+}
+
+/// A leader's move of an operation from one step to another (or, with `from == to`, a
+/// progress or error update); applied only while the operation is at `from`, so a deposed
+/// leader's late proposal changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryAdvance {
+    pub vpg: VpgId,
+    pub op: RecoveryOpId,
+    pub from: RecoveryStep,
+    pub to: RecoveryStep,
+    pub volumes: Option<Vec<TestVolume>>,
+    pub error: Option<String>,
+    /// Committing to Promoting only: the VPG's generation from now on.
+    pub new_generation: Option<u64>,
+    pub now_ms: u64,
+}
+
 /// Whether a VPG is due a failover test: never tested (or last tested) longer ago than its
 /// reminder interval (months of 30 days; 0: no reminder). Counts from its creation when it
 /// was never tested.
@@ -195,6 +362,30 @@ mod tests {
             },
             usable,
         }
+    }
+
+    #[test]
+    fn commit_policies_decide_once_their_time_is_up() {
+        assert_eq!(CommitPolicy::Manual.due(0, u64::MAX), None);
+        let commit = CommitPolicy::AutoCommit { after_secs: 30 };
+        assert_eq!(commit.due(1_000, 30_999), None);
+        assert_eq!(commit.due(1_000, 31_000), Some(RecoveryIntent::Commit));
+        let rollback = CommitPolicy::AutoRollback { after_secs: 1 };
+        assert_eq!(rollback.due(5_000, 6_000), Some(RecoveryIntent::Rollback));
+        assert!(
+            CommitPolicy::AutoCommit {
+                after_secs: MAX_COMMIT_POLICY_SECS + 1
+            }
+            .validate()
+            .is_err()
+        );
+        assert_eq!(
+            RecoveryStep::Promoting.operation(RecoveryKind::Move),
+            Operation::MovePromoting
+        );
+        assert!(
+            RecoveryStep::BeforeCommit.takes_input() && !RecoveryStep::Committing.takes_input()
+        );
     }
 
     #[test]

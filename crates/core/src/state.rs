@@ -46,6 +46,9 @@ pub struct SiteState {
     /// The last failover test of each VPG (for the overdue reminder).
     #[serde(default)]
     pub test_results: BTreeMap<VpgId, crate::recovery::TestResult>,
+    /// Failovers and moves this site runs, by VPG (at most one each).
+    #[serde(default)]
+    pub recoveries: BTreeMap<VpgId, crate::recovery::RecoveryOp>,
 }
 
 /// An update of a VPG's definition that is under way.
@@ -184,6 +187,27 @@ pub enum Command {
     /// Starts a failover test of a VPG this site recovers.
     StartFailoverTest {
         test: crate::recovery::FailoverTest,
+    },
+    /// Starts a failover (or move) of a VPG this site recovers, at its first step.
+    BeginRecovery {
+        op: crate::recovery::RecoveryOp,
+    },
+    /// The leader moves an operation on (see [`crate::recovery::RecoveryAdvance`]).
+    AdvanceRecovery {
+        advance: crate::recovery::RecoveryAdvance,
+    },
+    /// The operator (or the commit policy) commits or rolls back before commit; the first
+    /// word stands.
+    RecoveryInput {
+        vpg: VpgId,
+        intent: crate::recovery::RecoveryIntent,
+    },
+    /// A promoted (committed) or rolled-back operation ends: its task and event, and the
+    /// VPG's operation (Recovered, or none).
+    EndRecovery {
+        vpg: VpgId,
+        op: crate::ids::RecoveryOpId,
+        now_ms: u64,
     },
     /// The leader's progress on a running test (ignored unless it names that test; a
     /// stopping test stays stopping).
@@ -464,6 +488,138 @@ impl SiteState {
                 self.test_results.remove(&id);
                 Ok(Applied::Done)
             }
+            Command::BeginRecovery { op } => {
+                self.check_recoverable_here(&op.vpg)?;
+                let vpg = self
+                    .vpgs
+                    .get_mut(&op.vpg)
+                    .ok_or_else(|| DomainError::not_found(VpgId::KIND, &op.vpg))?;
+                vpg.operation = Some(op.step.operation(op.kind));
+                self.recoveries.insert(op.vpg.clone(), op);
+                Ok(Applied::Done)
+            }
+            Command::AdvanceRecovery { advance: a } => {
+                use crate::recovery::RecoveryStep as Step;
+                let Some(op) = self
+                    .recoveries
+                    .get_mut(&a.vpg)
+                    .filter(|op| op.id == a.op && op.step == a.from)
+                else {
+                    return Ok(Applied::Done);
+                };
+                let vpg = self
+                    .vpgs
+                    .get_mut(&a.vpg)
+                    .ok_or_else(|| DomainError::not_found(VpgId::KIND, &a.vpg))?;
+                let allowed = a.from == a.to
+                    || matches!(
+                        (a.from, a.to),
+                        (Step::Opening, Step::BeforeCommit | Step::RollingBack)
+                            | (Step::BeforeCommit, Step::Committing | Step::RollingBack)
+                            | (Step::Committing, Step::Promoting)
+                    );
+                if !allowed {
+                    return Err(DomainError::precondition(format!(
+                        "the {} of VPG {} cannot go from {} to {}",
+                        op.kind.name(),
+                        a.vpg,
+                        a.from.name(),
+                        a.to.name()
+                    )));
+                }
+                if a.to == Step::Promoting && a.from == Step::Committing {
+                    let g = a
+                        .new_generation
+                        .filter(|g| *g > vpg.generation)
+                        .ok_or_else(|| {
+                            DomainError::invalid(
+                                "new_generation",
+                                format!("must be above {}", vpg.generation),
+                            )
+                        })?;
+                    vpg.generation = g;
+                    op.new_generation = Some(g);
+                }
+                if a.to != a.from {
+                    op.step_since_ms = a.now_ms;
+                }
+                op.step = a.to;
+                if let Some(v) = a.volumes {
+                    op.volumes = v;
+                }
+                op.error = a.error;
+                vpg.operation = Some(a.to.operation(op.kind));
+                Ok(Applied::Done)
+            }
+            Command::RecoveryInput { vpg, intent } => {
+                let op = self.recoveries.get_mut(&vpg).ok_or_else(|| {
+                    DomainError::precondition(format!("VPG {vpg} has no failover or move running"))
+                })?;
+                if !op.step.takes_input() {
+                    if op.intent == Some(intent) {
+                        return Ok(Applied::Done);
+                    }
+                    return Err(DomainError::precondition(format!(
+                        "the {} of VPG {vpg} is {}: it can no longer be {}",
+                        op.kind.name(),
+                        op.step.name(),
+                        match intent {
+                            crate::recovery::RecoveryIntent::Commit => "committed",
+                            crate::recovery::RecoveryIntent::Rollback => "rolled back",
+                        }
+                    )));
+                }
+                op.intent.get_or_insert(intent);
+                Ok(Applied::Done)
+            }
+            Command::EndRecovery {
+                vpg: id,
+                op: op_id,
+                now_ms,
+            } => {
+                use crate::recovery::RecoveryStep as Step;
+                let Some(op) = self
+                    .recoveries
+                    .get(&id)
+                    .filter(|op| {
+                        op.id == op_id && matches!(op.step, Step::Promoting | Step::RollingBack)
+                    })
+                    .cloned()
+                else {
+                    return Ok(Applied::Done);
+                };
+                let committed = op.step == Step::Promoting;
+                if let Some(vpg) = self.vpgs.get_mut(&id) {
+                    vpg.operation = committed.then_some(Operation::Recovered);
+                }
+                let description = if committed {
+                    format!(
+                        "{} to checkpoint {} committed: the VMs run at this site (generation {})",
+                        op.kind.name(),
+                        op.point.checkpoint_id,
+                        op.new_generation.unwrap_or_default()
+                    )
+                } else {
+                    format!(
+                        "{} to checkpoint {} rolled back: the VPG is as it was before it",
+                        op.kind.name(),
+                        op.point.checkpoint_id
+                    )
+                };
+                self.tasks.end(op.task, true, description.clone(), now_ms);
+                self.events.push(crate::events::NewEvent {
+                    at_ms: now_ms,
+                    code: if committed {
+                        crate::events::EventCode::RecoveryCommitted
+                    } else {
+                        crate::events::EventCode::RecoveryRolledBack
+                    },
+                    vpg: Some(id.clone()),
+                    description,
+                });
+                self.recoveries.remove(&id);
+                Ok(Applied::Done)
+            }
             Command::StartFailoverTest { test } => {
                 self.check_testable(&test.vpg)?;
                 self.tests.insert(test.vpg.clone(), test);
@@ -698,6 +854,55 @@ impl SiteState {
         self.check_not_updating(id)
     }
 
+    /// Whether a failover of VPG `id` may start here: this site recovers it, it has VMs,
+    /// and no test, operation or definition update is under way.
+    pub fn check_recoverable_here(&self, id: &VpgId) -> Result<(), DomainError> {
+        let vpg = self
+            .vpgs
+            .get(id)
+            .ok_or_else(|| DomainError::not_found(VpgId::KIND, id))?;
+        if Some(&vpg.recovery_site) != self.site_id() {
+            return Err(DomainError::precondition(format!(
+                "VPG {id} is recovered at site {}: fail it over there",
+                vpg.recovery_site
+            )));
+        }
+        self.check_not_testing(id, "failing it over")?;
+        if let Some(op) = vpg.operation {
+            return Err(DomainError::precondition(format!(
+                "VPG {id} is in operation {op:?}: it cannot be failed over now"
+            )));
+        }
+        if vpg.vms.is_empty() {
+            return Err(DomainError::precondition(format!("VPG {id} has no VMs")));
+        }
+        self.check_not_updating(id)
+    }
+
+    /// A VPG that is being (or was) recovered keeps its definition: its VMs run on what
+    /// the recovery made of it.
+    fn check_not_recovering(&self, vpg: &Vpg, what: &str) -> Result<(), DomainError> {
+        let recovering = self.recoveries.contains_key(&vpg.id)
+            || vpg.operation.is_some_and(|op| {
+                !matches!(
+                    op,
+                    Operation::Creating | Operation::Deleting | Operation::DeleteFailed
+                )
+            });
+        if recovering {
+            return Err(DomainError::precondition(format!(
+                "VPG {} is {}: {what} is not possible",
+                vpg.id,
+                match vpg.operation {
+                    Some(Operation::Recovered) => "recovered".to_string(),
+                    Some(op) => format!("in operation {op:?}"),
+                    None => "being recovered".to_string(),
+                }
+            )));
+        }
+        Ok(())
+    }
+
     /// A failover test of VPG `id` keeps its definition (and the recovery VRAs serving the
     /// test's images) as it is: edits and deletes wait until the test stops.
     fn check_not_testing(&self, id: &VpgId, what: &str) -> Result<(), DomainError> {
@@ -831,6 +1036,7 @@ impl SiteState {
             }
             (Some(current), Some(_)) => {
                 self.check_not_testing(&vpg.id, "editing the VPG")?;
+                self.check_not_recovering(current, "editing it")?;
                 if current.protected_site != vpg.protected_site
                     || current.recovery_site != vpg.recovery_site
                 {
@@ -1224,6 +1430,180 @@ mod tests {
         ));
     }
 
+    /// Gives VPG `id` one VM (recovered on host h, datastore d, pool p).
+    fn add_test_vm(s: &mut SiteState, id: &VpgId) {
+        s.vpgs.get_mut(id).unwrap().vms.push(crate::vpg::VpgVm {
+            placement: crate::vpg::VmPlacement {
+                vm_id: VmId::minted("vm".into()),
+                recovery_host: HostId::minted("h".into()),
+                recovery_datastore: DatastoreId::minted("d".into()),
+                recovery_pool: PoolId::minted("p".into()),
+                preseeded: false,
+            },
+            footprint: crate::vpg::VmFootprint {
+                vm_name: "vm".into(),
+                cpu_reservation_mhz: 0,
+                memory_reservation_mib: 0,
+                memory_mib: 0,
+                volumes: vec![(0, 0, 1 << 20)],
+                journal_hard_limit: crate::vpg::JournalLimit::Unlimited,
+                journal_warning: crate::vpg::JournalLimit::Unlimited,
+            },
+        });
+    }
+
+    #[test]
+    fn a_failover_moves_step_by_step_commits_to_a_new_generation_and_ends_recovered() {
+        use crate::recovery::{
+            CommitPolicy, RecoveryAdvance, RecoveryIntent, RecoveryKind, RecoveryOp, RecoveryPoint,
+            RecoveryStep as Step,
+        };
+        let mut s = state();
+        let id = VpgId::minted("theirs".into());
+        add_test_vm(&mut s, &id);
+        let generation = s.vpgs[&id].generation;
+        let op = |vpg: &str, n: &str| RecoveryOp {
+            id: crate::ids::RecoveryOpId::minted(n.into()),
+            kind: RecoveryKind::Failover,
+            vpg: VpgId::minted(vpg.into()),
+            task: 1,
+            point: RecoveryPoint {
+                checkpoint_id: 11,
+                timestamp_ms: 500,
+                name: String::new(),
+            },
+            policy: CommitPolicy::Manual,
+            from_generation: generation,
+            new_generation: None,
+            step: Step::Opening,
+            started_ms: 1000,
+            step_since_ms: 1000,
+            intent: None,
+            volumes: Vec::new(),
+            error: None,
+        };
+        let refused = |r: CommandOutcome, words: &str| match r {
+            Err(DomainError::FailedPrecondition(m)) => assert!(m.contains(words), "{m}"),
+            other => panic!("expected FAILED_PRECONDITION ({words}), got {other:?}"),
+        };
+        refused(
+            s.apply(Command::BeginRecovery {
+                op: op("mine", "x"),
+            }),
+            "fail it over there",
+        );
+        s.apply(Command::BeginRecovery {
+            op: op("theirs", "a"),
+        })
+        .unwrap();
+        assert_eq!(s.vpgs[&id].operation, Some(Operation::FailoverBeforeCommit));
+        refused(
+            s.apply(Command::BeginRecovery {
+                op: op("theirs", "b"),
+            }),
+            "cannot be failed over now",
+        );
+        let vpg = s.vpgs[&id].clone();
+        refused(
+            s.apply(Command::PutVpg {
+                vpg,
+                expected_generation: Some(generation),
+                generation_floor: None,
+            }),
+            "editing it is not possible",
+        );
+        let advance = |op: &str, from, to, g: Option<u64>| Command::AdvanceRecovery {
+            advance: RecoveryAdvance {
+                vpg: id.clone(),
+                op: crate::ids::RecoveryOpId::minted(op.into()),
+                from,
+                to,
+                volumes: None,
+                error: None,
+                new_generation: g,
+                now_ms: 2000,
+            },
+        };
+        // Another operation's (or another step's) proposal changes nothing.
+        s.apply(advance("b", Step::Opening, Step::BeforeCommit, None))
+            .unwrap();
+        s.apply(advance("a", Step::BeforeCommit, Step::Committing, None))
+            .unwrap();
+        assert_eq!(s.recoveries[&id].step, Step::Opening);
+        s.apply(advance("a", Step::Opening, Step::BeforeCommit, None))
+            .unwrap();
+        assert_eq!(s.recoveries[&id].step_since_ms, 2000);
+        // Not a step that follows.
+        refused(
+            s.apply(advance("a", Step::BeforeCommit, Step::Promoting, Some(9))),
+            "cannot go from before commit to promoting",
+        );
+        // The first word stands.
+        s.apply(Command::RecoveryInput {
+            vpg: id.clone(),
+            intent: RecoveryIntent::Commit,
+        })
+        .unwrap();
+        s.apply(Command::RecoveryInput {
+            vpg: id.clone(),
+            intent: RecoveryIntent::Rollback,
+        })
+        .unwrap();
+        assert_eq!(s.recoveries[&id].intent, Some(RecoveryIntent::Commit));
+        s.apply(advance("a", Step::BeforeCommit, Step::Committing, None))
+            .unwrap();
+        assert_eq!(s.vpgs[&id].operation, Some(Operation::FailoverCommitting));
+        refused(
+            s.apply(Command::RecoveryInput {
+                vpg: id.clone(),
+                intent: RecoveryIntent::Rollback,
+            }),
+            "can no longer be rolled back",
+        );
+        assert!(
+            s.apply(advance(
+                "a",
+                Step::Committing,
+                Step::Promoting,
+                Some(generation)
+            ))
+            .is_err(),
+            "the generation must move on"
+        );
+        s.apply(advance(
+            "a",
+            Step::Committing,
+            Step::Promoting,
+            Some(generation + 5),
+        ))
+        .unwrap();
+        assert_eq!(s.vpgs[&id].generation, generation + 5);
+        assert_eq!(s.vpgs[&id].operation, Some(Operation::FailoverPromoting));
+        let task = s.apply(Command::StartTask {
+            task: crate::tasks::NewTask {
+                kind: crate::tasks::TaskKind::Failover,
+                vpg: Some(id.clone()),
+                started_ms: 1000,
+                generation: None,
+                message: String::new(),
+            },
+        });
+        assert_eq!(task, Ok(Applied::Task(1)));
+        s.apply(Command::EndRecovery {
+            vpg: id.clone(),
+            op: crate::ids::RecoveryOpId::minted("a".into()),
+            now_ms: 3000,
+        })
+        .unwrap();
+        assert!(s.recoveries.is_empty());
+        assert_eq!(s.vpgs[&id].operation, Some(Operation::Recovered));
+        let events: Vec<_> = s.events.iter().map(|e| e.code).collect();
+        assert!(
+            events.contains(&crate::events::EventCode::RecoveryCommitted),
+            "{events:?}"
+        );
+    }
+
     #[test]
     fn a_failover_test_runs_at_the_recovery_site_blocks_edits_and_keeps_its_result() {
         use crate::recovery::{FailoverTest, RecoveryPoint, TestProgress, TestStep, TestVerdict};
@@ -1254,24 +1634,7 @@ mod tests {
             }),
             "no VMs",
         );
-        s.vpgs.get_mut(&id).unwrap().vms.push(crate::vpg::VpgVm {
-            placement: crate::vpg::VmPlacement {
-                vm_id: VmId::minted("vm".into()),
-                recovery_host: HostId::minted("h".into()),
-                recovery_datastore: DatastoreId::minted("d".into()),
-                recovery_pool: PoolId::minted("p".into()),
-                preseeded: false,
-            },
-            footprint: crate::vpg::VmFootprint {
-                vm_name: "vm".into(),
-                cpu_reservation_mhz: 0,
-                memory_reservation_mib: 0,
-                memory_mib: 0,
-                volumes: vec![(0, 0, 1 << 20)],
-                journal_hard_limit: crate::vpg::JournalLimit::Unlimited,
-                journal_warning: crate::vpg::JournalLimit::Unlimited,
-            },
-        });
+        add_test_vm(&mut s, &id);
         // Only where the VPG is recovered.
         refused(
             s.apply(Command::StartFailoverTest {

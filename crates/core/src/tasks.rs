@@ -20,6 +20,8 @@ pub enum TaskKind {
     ForceSync,
     AddCheckpoint,
     FailoverTest,
+    Failover,
+    Move,
 }
 
 impl TaskKind {
@@ -33,6 +35,8 @@ impl TaskKind {
             Self::ForceSync => "Force Sync",
             Self::AddCheckpoint => "Add Checkpoint",
             Self::FailoverTest => "Failover Test",
+            Self::Failover => "Failover",
+            Self::Move => "Move",
         }
     }
 }

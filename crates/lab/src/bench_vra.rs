@@ -10,7 +10,11 @@
 //!    VRAs of one VPG, without and with a checkpoint (freeze both, thaw both) every second;
 //! 3. initial sync of a volume of random data vs `nbdcopy` between two nbdkit exports;
 //! 4. delta sync of a preseeded volume with 1% of its 4 KiB blocks changed vs
-//!    `rsync --inplace --no-whole-file`, with the bytes on the wire of each.
+//!    `rsync --inplace --no-whole-file`, with the bytes on the wire of each;
+//! 5. RTO of a failover: 10 VMs x 2 volumes with 1 GiB of unpromoted journal, from
+//!    `StartRecovery` to every recovered volume answering an NBD read, vs restoring the
+//!    same volumes by copy (`nbdcopy` of each to a file) and vs promoting the journal
+//!    before serving (the commit's promotion and merge, timed in the same run).
 //!
 //! It reports and never asserts: a missed floor is printed, the run still succeeds.
 //! Before each measured run it waits for the machine to be quiet (no `rustc` running).
@@ -44,6 +48,8 @@ pub enum Which {
     /// of a VM on each of 4 protected hosts, checkpoints taken by the protected site's
     /// leader).
     Managed,
+    /// Failover RTO with a large unpromoted journal.
+    Rto,
 }
 
 /// Flags of `tandem-lab bench-vra` (`scripts/bench-vra.sh` maps environment variables to
@@ -116,6 +122,10 @@ pub struct Args {
     /// Idle CPU share (percent, over one second) that counts as quiet.
     #[arg(long, default_value_t = 85.0)]
     pub min_idle: f64,
+    /// Unpromoted journal behind the RTO run, in MiB, spread over its 20 volumes
+    /// [default: 1024; quick 128].
+    #[arg(long)]
+    pub rto_journal_mib: Option<u64>,
     /// Keep the work directory.
     #[arg(long)]
     pub keep: bool,
@@ -145,6 +155,7 @@ struct Settings {
     min_idle: f64,
     keep: bool,
     link_proxy: bool,
+    rto_journal_bytes: u64,
 }
 
 impl Settings {
@@ -182,6 +193,7 @@ impl Settings {
             min_idle: a.min_idle,
             keep: a.keep,
             link_proxy: !a.no_link_proxy,
+            rto_journal_bytes: pick(a.rto_journal_mib, 1024, 128) * MIB,
         })
     }
 
@@ -253,6 +265,7 @@ pub async fn run(args: Args) -> Result<()> {
             Which::Initial,
             Which::Delta,
             Which::Managed,
+            Which::Rto,
         ] {
             if !args.only.contains(&which) {
                 continue;
@@ -263,6 +276,7 @@ pub async fn run(args: Args) -> Result<()> {
                 Which::Initial => bench_initial_sync(&s, &mut rows).await,
                 Which::Delta => bench_delta_sync(&s, &mut rows).await,
                 Which::Managed => bench_checkpoint_managed(&s, &mut rows).await,
+                Which::Rto => bench_rto(&s, &mut rows).await,
             };
             if let Err(e) = r {
                 println!("{which:?} benchmark failed: {e:#}");
@@ -1748,6 +1762,266 @@ async fn bench_delta_sync(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
     a.stop().await;
     b.stop().await;
     links.shutdown().await;
+    s.clean(&root);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ 5. failover RTO
+
+/// VMs and volumes of the RTO run.
+const RTO_VMS: usize = 10;
+const RTO_VOLUMES: u32 = 2;
+
+/// The RTO run's volumes: (vm, volume id).
+fn rto_volumes() -> Vec<(String, u32)> {
+    (0..RTO_VMS)
+        .flat_map(|v| (0..RTO_VOLUMES).map(move |n| (format!("vm-{v}"), n)))
+        .collect()
+}
+
+async fn bench_rto(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
+    let vols = rto_volumes();
+    let per_volume = (s.rto_journal_bytes / vols.len() as u64).div_ceil(MIB) * MIB;
+    let size = (per_volume + per_volume / 4).div_ceil(MIB) * MIB;
+    println!(
+        "\n== failover RTO: {RTO_VMS} VMs x {RTO_VOLUMES} volumes of {} MiB, {} MiB of \
+         unpromoted journal, vs restore by nbdcopy and vs promote-then-serve",
+        size / MIB,
+        per_volume * vols.len() as u64 / MIB
+    );
+    let root = fresh_dir(&s.dir.join("rto"))?;
+    let ds_a = root.join("ds-a");
+    let ds_b = root.join("ds-b");
+    std::fs::create_dir_all(&ds_a)?;
+    std::fs::create_dir_all(&ds_b)?;
+    let b = Vra::start(s, &root, "host-b").await?;
+    let a = Vra::start(s, &root, "host-a").await?;
+    let volume = |dir: &Path, vm: &str, n: u32, ext: &str| pb::VraVolume {
+        volume_id: n,
+        size_bytes: size,
+        path: dir.join(format!("{vm}-{n}.{ext}")).display().to_string(),
+        preseeded: false,
+    };
+    let vms: Vec<String> = (0..RTO_VMS).map(|v| format!("vm-{v}")).collect();
+    b.client()
+        .await?
+        .assign_recovery(pb::AssignRecoveryRequest {
+            vpg_id: VPG.into(),
+            generation: 1,
+            vms: vms
+                .iter()
+                .map(|vm| pb::RecoveryVm {
+                    vm_id: vm.clone(),
+                    volumes: (0..RTO_VOLUMES)
+                        .map(|n| volume(&ds_b, vm, n, "replica"))
+                        .collect(),
+                    journal_dir: ds_b.join("journals").join(vm).display().to_string(),
+                    datastore_path: String::new(),
+                })
+                .collect(),
+            // Nothing is promoted during the run: the whole journal stays unpromoted.
+            journal_history_secs: 3600,
+            journal_warning_bytes: 0,
+            journal_hard_limit_bytes: 0,
+            remove_dropped_vm_data: false,
+            keep_vm_ids: Vec::new(),
+        })
+        .await
+        .context("assign recovery")?;
+    for vm in &vms {
+        for n in 0..RTO_VOLUMES {
+            zero_file(&ds_a.join(format!("{vm}-{n}.img")), size)?;
+        }
+    }
+    a.client()
+        .await?
+        .assign_protected(pb::AssignProtectedRequest {
+            vpg_id: VPG.into(),
+            generation: 1,
+            vms: vms
+                .iter()
+                .map(|vm| pb::ProtectedVm {
+                    vm_id: vm.clone(),
+                    volumes: (0..RTO_VOLUMES)
+                        .map(|n| volume(&ds_a, vm, n, "img"))
+                        .collect(),
+                })
+                .collect(),
+            recovery_vra_address: b.control.clone(),
+            wan_compression: false,
+            priority: pb::VraPriority::Medium as i32,
+            freeze_timeout_ms: 10_000,
+            preseeded: false,
+            recovery_site_id: String::new(),
+        })
+        .await
+        .context("assign protected")?;
+    wait_level(&a, Duration::from_secs(300)).await?;
+
+    // The journal: random data over every volume, 1 MiB writes, all volumes at once.
+    let t = Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
+    for (i, (vm, n)) in vols.iter().enumerate() {
+        let (addr, export) = (a.nbd.clone(), format!("{vm}/{n}"));
+        writers.spawn(async move {
+            let c = tandem_nbd::NbdClient::connect(addr.as_str(), &export).await?;
+            let mut rng = SplitMix64(0x5eed + i as u64);
+            let mut buf = vec![0u8; MIB as usize];
+            for off in (0..per_volume).step_by(MIB as usize) {
+                rng.fill(&mut buf);
+                c.write(off, bytes::Bytes::copy_from_slice(&buf), false)
+                    .await?;
+            }
+            c.flush().await?;
+            c.disconnect().await?;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = writers.join_next().await {
+        r??;
+    }
+    let status = wait_level(&a, Duration::from_secs(600)).await?;
+    println!(
+        "journal written: {} MiB in {:.1} s (through the protected VRA, replicated)",
+        per_volume * vols.len() as u64 / MIB,
+        t.elapsed().as_secs_f64()
+    );
+    let mut ca = a.client().await?;
+    ca.freeze(pb::FreezeRequest {
+        vpg_id: VPG.into(),
+        checkpoint_id: 1,
+    })
+    .await?;
+    let marker = ca
+        .thaw(pb::ThawRequest {
+            vpg_id: VPG.into(),
+            checkpoint_id: 1,
+            timestamp_ms: unix_ms(),
+            kind: pb::VraCheckpointKind::Manual as i32,
+            name: "before-disaster".into(),
+        })
+        .await?
+        .into_inner()
+        .marker_seq;
+    ca.wait_durable(pb::WaitDurableRequest {
+        vpg_id: VPG.into(),
+        seq: marker.max(status.written_seq),
+        timeout_ms: 10_000,
+    })
+    .await?;
+    let mut cb = b.client().await?;
+    let journal = vpg_status(&mut cb).await?.journal_bytes;
+    println!("journal at the recovery VRA: {} MiB", journal / MIB);
+    // The protected side is gone.
+    a.stop().await;
+
+    let machine = quiet(s).await;
+    let t = Instant::now();
+    let rec = cb
+        .start_recovery(pb::StartRecoveryRequest {
+            vpg_id: VPG.into(),
+            generation: 1,
+            checkpoint_id: 1,
+            op_id: "bench-1".into(),
+        })
+        .await
+        .context("start recovery")?
+        .into_inner();
+    let mut readers = tokio::task::JoinSet::new();
+    for v in &rec.volumes {
+        let (addr, export) = (rec.nbd_address.clone(), v.export_name.clone());
+        readers.spawn(async move {
+            let c = tandem_nbd::NbdClient::connect(addr.as_str(), &export).await?;
+            c.read(0, 4096).await?;
+            c.disconnect().await?;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = readers.join_next().await {
+        r??;
+    }
+    let rto = t.elapsed();
+    println!(
+        "tandem RTO: {} ms to {} volumes answering reads (images over {} MiB of journal)",
+        rto.as_millis(),
+        rec.volumes.len(),
+        journal / MIB
+    );
+
+    // Yardstick 1: restore by copy, every recovered volume copied to a file.
+    let machine2 = quiet(s).await;
+    let t = Instant::now();
+    for v in &rec.volumes {
+        let dst = root.join(format!("copy-{}.raw", v.export_name.replace('/', "-")));
+        std::fs::File::create(&dst)?.set_len(v.size_bytes)?;
+        let out = Command::new("nbdcopy")
+            .arg(format!("nbd://{}/{}", rec.nbd_address, v.export_name))
+            .arg(&dst)
+            .output()
+            .await
+            .context("running nbdcopy")?;
+        if !out.status.success() {
+            bail!("nbdcopy failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let copy = t.elapsed();
+    println!(
+        "restore by nbdcopy of the {} volumes: {:.2} s",
+        rec.volumes.len(),
+        copy.as_secs_f64()
+    );
+    // Yardstick 2: promote before serving (the commit's work, timed here).
+    let t = Instant::now();
+    cb.commit_recovery(pb::CommitRecoveryRequest {
+        vpg_id: VPG.into(),
+        op_id: "bench-1".into(),
+        new_generation: 2,
+    })
+    .await?;
+    loop {
+        let st = vpg_status(&mut cb).await?;
+        if st.recovered_phase == pb::RecoveredPhase::Live as i32 {
+            break;
+        }
+        if !st.last_error.is_empty() {
+            bail!("commit failed: {}", st.last_error);
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("commit did not finish");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let promote = t.elapsed();
+    println!(
+        "promote-then-serve (the commit: promotion and merge): {:.2} s",
+        promote.as_secs_f64()
+    );
+    let ratio = copy.as_secs_f64() / rto.as_secs_f64();
+    let met = rto <= Duration::from_secs(2);
+    println!(
+        "ratio RTO: {ratio:.1}x faster than restore by copy, {:.1}x faster than promote-then-serve ({})",
+        promote.as_secs_f64() / rto.as_secs_f64(),
+        if met { "ok" } else { "ABOVE FLOOR 2 s" }
+    );
+    rows.push(Row {
+        bench: format!(
+            "failover RTO, {RTO_VMS} VMs x {RTO_VOLUMES} volumes, {} MiB written",
+            per_volume * vols.len() as u64 / MIB
+        ),
+        tandem: format!("{} ms (journal {} MiB)", rto.as_millis(), journal / MIB),
+        yardstick: format!(
+            "nbdcopy restore {:.2} s; promote-then-serve {:.2} s",
+            copy.as_secs_f64(),
+            promote.as_secs_f64()
+        ),
+        ratio: format!("{ratio:.1}x"),
+        figure: rto.as_secs_f64() * 1000.0,
+        unit: " ms",
+        floor: "<= 2 s".into(),
+        met,
+        machine: format!("{machine} / {machine2}"),
+    });
+    b.stop().await;
     s.clean(&root);
     Ok(())
 }

@@ -643,6 +643,22 @@ impl Managers {
         Ok((s.status, s.substatus))
     }
 
+    /// The failovers of `vpg` that run here.
+    async fn recoveries(&self, vpg: &str) -> Result<Vec<v1::RecoveryOperation>> {
+        let vpg = vpg.to_string();
+        Ok(self
+            .ask(|ch| {
+                let vpg = vpg.clone();
+                async move {
+                    RecoveryServiceClient::new(ch)
+                        .list_recoveries(v1::ListRecoveriesRequest { vpg_ids: vec![vpg] })
+                        .await
+                }
+            })
+            .await?
+            .operations)
+    }
+
     /// The failover tests of `vpg` that run here.
     async fn failover_tests(&self, vpg: &str) -> Result<Vec<v1::FailoverTest>> {
         Ok(self
@@ -936,6 +952,8 @@ impl Window {
 struct Run {
     ctx: Arc<Ctx>,
     workload: Option<Workload>,
+    /// The workload's whole history, once stopped.
+    history: Option<History>,
     monitor: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
@@ -1105,6 +1123,7 @@ fn new_run(lab: &Lab, opts: &DemoOptions, protection: &Protection) -> Result<Run
     Ok(Run {
         ctx,
         workload: None,
+        history: None,
         monitor: None,
     })
 }
@@ -1185,6 +1204,8 @@ async fn protection_steps_in(
     let r = finish(report, run).await;
     report.image("final", r.is_ok());
     report.step("stop workload; named checkpoint holds all", t, r);
+
+    disaster_failover(lab, report, run).await;
 
     let all = Window::of(&ctx, started, Instant::now());
     let listed = ctx.usable(started_ms, now_ms()).len();
@@ -1669,6 +1690,125 @@ async fn recovery_vra_kill(
     Ok(())
 }
 
+/// The protected site is lost (kill -9 of every manager and VRA of site-a) and site-b's
+/// managers fail the VPG over to the latest checkpoint: RTO from the request to every
+/// recovered volume answering a read; the volumes hold every write the workload
+/// acknowledged (it stopped before, so the latest checkpoint holds all of it), before
+/// commit and again once the commit has promoted the journals and the VPG is Recovered.
+async fn disaster_failover(lab: &mut Lab, report: &mut Report, run: &Run) {
+    let ctx = &run.ctx;
+    let t = Instant::now();
+    let r = async {
+        let history = run.history.as_ref().context("no workload history")?;
+        for m in &mut lab.sites[0] {
+            m.kill9().await?;
+        }
+        for v in &mut lab.vras[0] {
+            v.kill9().await?;
+        }
+        let requested = Instant::now();
+        let vpg = ctx.vpg.clone();
+        let op = ctx
+            .b
+            .ask(|ch| {
+                let vpg = vpg.clone();
+                async move {
+                    RecoveryServiceClient::new(ch)
+                        .start_failover(v1::StartFailoverRequest {
+                            vpg_id: vpg,
+                            checkpoint: None,
+                            commit_policy: v1::CommitPolicyKind::Manual as i32,
+                            commit_after_secs: 0,
+                        })
+                        .await
+                }
+            })
+            .await?;
+        let op = wait_until("the recovered volumes", PATIENCE, || async {
+            ctx.b
+                .recoveries(&ctx.vpg)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|o| o.op_id == op.op_id && o.step == "before commit")
+        })
+        .await?;
+        let mut volumes: Vec<&v1::RecoveredVolume> =
+            op.volumes.iter().filter(|v| v.volume_id == 0).collect();
+        volumes.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        let mut clients = Vec::new();
+        for v in &volumes {
+            let c = NbdClient::connect_uri(&v.nbd_uri).await?;
+            c.read(0, 4096).await?;
+            clients.push(c);
+        }
+        let rto = requested.elapsed();
+        let before = check_recovered(history, &clients).await?;
+        let (_, sub) = ctx.b.shown(&ctx.vpg).await?;
+        ctx.b
+            .ask(|ch| {
+                let vpg = vpg.clone();
+                async move {
+                    RecoveryServiceClient::new(ch)
+                        .commit_recovery(v1::RecoveryRef { vpg_id: vpg })
+                        .await
+                }
+            })
+            .await?;
+        let committing = Instant::now();
+        wait_until("the commit to end", PATIENCE, || async {
+            ctx.b
+                .recoveries(&ctx.vpg)
+                .await
+                .ok()
+                .filter(|o| o.is_empty())
+        })
+        .await?;
+        let promoted = committing.elapsed();
+        let (status, _) = ctx.b.shown(&ctx.vpg).await?;
+        if status != "Recovered" {
+            bail!("site-b shows {status} after the commit");
+        }
+        let after = check_recovered(history, &clients).await?;
+        for c in clients {
+            let _ = c.disconnect().await;
+        }
+        report.note(
+            "failover",
+            format!(
+                "RTO {} (request -> {} volumes answering reads), commit {}",
+                ms(rto),
+                volumes.len(),
+                secs(promoted)
+            ),
+        );
+        Ok(format!(
+            "site-a gone (3 managers, 2 VRAs); failover to checkpoint {}: RTO {}, {sub}, \
+             {} writes = all acknowledged; committed in {} (promoted behind the VMs), \
+             Recovered, still {} writes",
+            op.checkpoint_id,
+            ms(rto),
+            before.writes_included,
+            secs(promoted),
+            after.writes_included
+        ))
+    }
+    .await;
+    report.image("failover", r.is_ok());
+    report.step("kill -9 site-a; failover at site-b = source", t, r);
+}
+
+/// Checks recovered volumes (one per VM, in order) against the whole stopped workload.
+async fn check_recovered(
+    history: &History,
+    clients: &[NbdClient],
+) -> Result<crate::workload::CheckReport> {
+    let images: Vec<&dyn ImageReader> = clients.iter().map(|c| c as &dyn ImageReader).collect();
+    check_final(history, &images)
+        .await
+        .map_err(|e| anyhow!("recovered volumes: {e}"))
+}
+
 /// Stops the workload, waits for Meeting SLA, takes a named checkpoint through the API and
 /// checks that its image holds every acknowledged write.
 async fn finish(report: &mut Report, run: &mut Run) -> Result<String> {
@@ -1720,6 +1860,7 @@ async fn finish(report: &mut Report, run: &mut Run) -> Result<String> {
     .await?;
     let usable_after = t.elapsed();
     let checked = run.check(&cp, Some(&history)).await?;
+    run.history = Some(history.clone());
     let g = ctx.a.vpg(&ctx.vpg).await?;
     let s = g.status.unwrap_or_default();
     report.note(

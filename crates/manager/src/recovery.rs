@@ -1,15 +1,15 @@
-//! Recovery operations as the site manager starts and stops them (today the failover
-//! test): requests are checked against the replicated state and the live status, the
-//! checkpoint is chosen from the recovery VRAs' journals, and the operation is recorded in
-//! the replicated state with its task and event. The recovery site's leader then drives the
-//! VRAs (`control/recovery.rs`).
+//! Recovery operations as the site manager starts, commits, rolls back and stops them
+//! (failover tests, failovers): requests are checked against the replicated state and the
+//! live status, the checkpoint is chosen from the recovery VRAs' journals, and the
+//! operation is recorded in the replicated state with its task and event. The recovery
+//! site's leader then drives the VRAs (`control/recovery.rs`).
 
 use tandem_core::DomainError;
 use tandem_core::events::EventCode;
-use tandem_core::ids::VpgId;
+use tandem_core::ids::{RecoveryOpId, VpgId};
 use tandem_core::recovery::{
-    CheckpointChoice, FailoverTest, ListedCheckpoint, RecoveryPoint, TestStep, TestVerdict,
-    choose_checkpoint,
+    CheckpointChoice, CommitPolicy, FailoverTest, ListedCheckpoint, RecoveryIntent, RecoveryKind,
+    RecoveryOp, RecoveryPoint, RecoveryStep, TestStep, TestVerdict, choose_checkpoint,
 };
 use tandem_core::state::Command;
 use tandem_core::tasks::TaskKind;
@@ -39,15 +39,7 @@ impl SiteManager {
         }
         let mut started = Vec::with_capacity(planned.len());
         for (id, point) in planned {
-            let what = format!(
-                "failover test at checkpoint {}{}",
-                point.checkpoint_id,
-                if point.name.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({:?})", point.name)
-                }
-            );
+            let what = format!("failover test at {}", point.label());
             let Some(task) = self
                 .start_task(TaskKind::FailoverTest, Some(&id), None, what.clone())
                 .await
@@ -127,6 +119,106 @@ impl SiteManager {
                 s.tests
                     .values()
                     .filter(|t| vpgs.is_empty() || vpgs.contains(&t.vpg))
+                    .cloned()
+                    .collect()
+            })
+            .await
+    }
+
+    /// Fails a VPG over to this site at the checkpoint `choice` names: its VMs come up on
+    /// before-commit volumes (the journals and replicas stay as they were until commit),
+    /// then `policy` (or the operator) commits or rolls back. Works with the protected site
+    /// gone.
+    pub async fn start_failover(
+        &self,
+        id: VpgId,
+        choice: CheckpointChoice,
+        policy: CommitPolicy,
+    ) -> ApiResult<RecoveryOp> {
+        policy.validate()?;
+        let check = id.clone();
+        let own = self
+            .node()
+            .read(move |s| {
+                s.check_recoverable_here(&check)?;
+                Ok::<_, DomainError>(s.site_id().cloned())
+            })
+            .await??
+            .ok_or_else(|| DomainError::precondition("site is not initialized"))?;
+        self.check_recoverable(&id).await?;
+        let point = self.choose_point(&id, &choice).await?;
+        let what = format!("failover to {}", point.label());
+        let Some(task) = self
+            .start_task(TaskKind::Failover, Some(&id), None, what.clone())
+            .await
+        else {
+            return Err(crate::error::ApiError::unavailable(
+                "the failover's task could not be recorded",
+            ));
+        };
+        let from_generation = self
+            .node()
+            .read({
+                let id = id.clone();
+                move |s| s.vpgs.get(&id).map_or(0, |v| v.generation)
+            })
+            .await?;
+        let now = now_ms();
+        let op = RecoveryOp {
+            id: RecoveryOpId::minted(format!("{own}-{task}")),
+            kind: RecoveryKind::Failover,
+            vpg: id.clone(),
+            task,
+            point,
+            policy,
+            from_generation,
+            new_generation: None,
+            step: RecoveryStep::Opening,
+            started_ms: now,
+            step_since_ms: now,
+            intent: None,
+            volumes: Vec::new(),
+            error: None,
+        };
+        let r = self
+            .node()
+            .propose(Command::BeginRecovery { op: op.clone() })
+            .await;
+        if let Err(e) = &r {
+            self.end_task(Some(task), false, e.to_string()).await;
+        }
+        r?;
+        self.record_event(
+            EventCode::RecoveryStarted,
+            Some(&id),
+            format!("{what} started"),
+        )
+        .await;
+        Ok(op)
+    }
+
+    /// Commits or rolls back the failover or move of a VPG (before commit only; the first
+    /// word stands). Answers the operation as it is now.
+    pub async fn recovery_input(&self, id: VpgId, intent: RecoveryIntent) -> ApiResult<RecoveryOp> {
+        self.node()
+            .propose(Command::RecoveryInput {
+                vpg: id.clone(),
+                intent,
+            })
+            .await?;
+        self.recoveries(vec![id.clone()])
+            .await?
+            .pop()
+            .ok_or_else(|| DomainError::not_found("recovery operation", &id).into())
+    }
+
+    /// The failovers and moves running at this site (of these VPGs; all when empty).
+    pub async fn recoveries(&self, vpgs: Vec<VpgId>) -> ApiResult<Vec<RecoveryOp>> {
+        self.node()
+            .read(move |s| {
+                s.recoveries
+                    .values()
+                    .filter(|r| vpgs.is_empty() || vpgs.contains(&r.vpg))
                     .cloned()
                     .collect()
             })

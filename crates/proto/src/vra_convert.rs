@@ -116,7 +116,9 @@ fn progress(s: &v1::VraSyncStatus) -> Option<SyncProgress> {
 
 /// What a VRA's status says about one VPG, in domain terms.
 pub fn vpg_report(s: &v1::VpgReplicationStatus) -> VraVpgReport {
-    let role = if s.role == v1::VraRole::Recovery as i32 {
+    // A VPG recovered here is at its recovery site: the recovery side's report.
+    let role = if s.role == v1::VraRole::Recovery as i32 || s.role == v1::VraRole::Recovered as i32
+    {
         Role::Recovery
     } else {
         Role::Protected

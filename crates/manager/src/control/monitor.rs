@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tandem_core::events::EventCode;
 use tandem_core::ids::VpgId;
 use tandem_core::observe::LiveStatus;
-use tandem_core::recovery::TestStep;
+use tandem_core::recovery::{RecoveryStep, TestStep};
 use tandem_core::state::{Command, SiteState};
 use tandem_core::status::Operation;
 use tandem_core::tasks::{Task, TaskKind};
@@ -124,6 +124,26 @@ fn outcome(t: &Task, s: &SiteState, st: Option<&LiveStatus>, now: u64) -> Outcom
             }
             None => Outcome::Ended(false, "the failover test is gone".into()),
         },
+        // A failover's end ends its task (EndRecovery); until then it shows the step.
+        (TaskKind::Failover | TaskKind::Move, Some(g)) => {
+            match s.recoveries.get(&g.id).filter(|x| x.task == t.id) {
+                Some(x) => {
+                    let progress = match x.step {
+                        RecoveryStep::Opening => 10,
+                        RecoveryStep::BeforeCommit => 40,
+                        RecoveryStep::Committing => 60,
+                        RecoveryStep::Promoting => 80,
+                        RecoveryStep::RollingBack => 90,
+                    };
+                    let what = format!("{} ({} volumes)", x.step.name(), x.volumes.len());
+                    match &x.error {
+                        Some(e) => Outcome::Running(progress, format!("{what}: {e}")),
+                        None => Outcome::Running(progress, what),
+                    }
+                }
+                None => Outcome::Ended(false, "the operation is gone".into()),
+            }
+        }
         // Instant tasks end with their call; one left running (its caller died) ends here.
         (_, Some(_)) => Outcome::Ended(true, "done".into()),
     }

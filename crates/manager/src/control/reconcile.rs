@@ -86,7 +86,17 @@ pub async fn reconcile_once(site: &SiteManager) {
     let mut wanted: HashMap<HostId, HashSet<VpgId>> = HashMap::new();
     let mut unplanned: HashSet<VpgId> = HashSet::new();
     for vpg in state.vpgs.values() {
-        if matches!(vpg.operation, Some(Operation::Recovered)) {
+        if state.recoveries.contains_key(&vpg.id)
+            || vpg.operation.is_some_and(|op| {
+                !matches!(
+                    op,
+                    Operation::Creating | Operation::Deleting | Operation::DeleteFailed
+                )
+            })
+        {
+            // Recovered (or being recovered) here: its VRAs are the recovery's (their
+            // volumes are the recovered VMs'), never unassigned by the sweep.
+            unplanned.insert(vpg.id.clone());
             continue;
         }
         if matches!(

@@ -1,15 +1,28 @@
 //! The recovery controller, on the leader of the site that runs a recovery operation.
-//! Today it drives failover tests: it opens a writable scratch image of every volume at
-//! the test's checkpoint on the recovery VRA of the volume's host, opens again an image
-//! that a restarted VRA lost, and once the operator stops the test closes them all and
-//! ends the test (result, task and event in one command). Every step is idempotent and
-//! starts from the replicated state, so a new leader repeats the current one.
+//!
+//! Failover tests: it opens a writable scratch image of every volume at the test's
+//! checkpoint on the recovery VRA of the volume's host, opens again an image that a
+//! restarted VRA lost, and once the operator stops the test closes them all and ends the
+//! test (result, task and event in one command).
+//!
+//! Failovers: every recovery VRA of the VPG starts the recovery before commit (its VMs'
+//! volumes at the checkpoint); then the operator's word or the commit policy decides. A
+//! commit first moves the VPG to a new generation in the replicated state (the point of no
+//! return), then has every VRA promote and merge until its volumes are live on their
+//! replicas; a rollback has every VRA give its recovery role back as it was.
+//!
+//! Every step is idempotent (the VRAs key theirs by the operation's id) and starts from
+//! the replicated state, so a new leader repeats the current one; each step boundary is a
+//! compare-and-set on the step, so a deposed leader's late proposal changes nothing.
 
 use std::time::Duration;
 
 use tandem_core::ids::{HostId, VmId};
 use tandem_core::protection::recovery_plans;
-use tandem_core::recovery::{FailoverTest, TestProgress, TestStep, TestVolume};
+use tandem_core::recovery::{
+    FailoverTest, RecoveryAdvance, RecoveryIntent, RecoveryOp, RecoveryStep, TestProgress,
+    TestStep, TestVolume,
+};
 use tandem_core::state::{Command, SiteState};
 use tandem_proto::v1;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +61,277 @@ async fn pass(site: &SiteManager) {
             TestStep::Starting | TestStep::Running => serve(site, &state, test).await,
             TestStep::Stopping => stop(site, &state, test).await,
         }
+    }
+    for op in state.recoveries.values() {
+        drive(site, &state, op).await;
+    }
+}
+
+/// The recovery VRAs of an operation's VPG: (host, control address).
+fn recovery_vras(state: &SiteState, op: &RecoveryOp) -> Result<Vec<(HostId, String)>, String> {
+    let vpg = state
+        .vpgs
+        .get(&op.vpg)
+        .ok_or_else(|| format!("VPG {} is gone", op.vpg))?;
+    let plans = recovery_plans(vpg, state).map_err(|e| e.to_string())?;
+    plans
+        .into_iter()
+        .map(|p| {
+            let host = state
+                .hosts
+                .get(&p.host)
+                .ok_or_else(|| format!("host {} is not in the inventory", p.host))?;
+            Ok((p.host, host.vra_address.clone()))
+        })
+        .collect()
+}
+
+/// Runs one step of a failover.
+async fn drive(site: &SiteManager, state: &SiteState, op: &RecoveryOp) {
+    let vras = match recovery_vras(state, op) {
+        Ok(v) => v,
+        Err(e) => return advance(site, op, op.step, None, Some(e), None).await,
+    };
+    match op.step {
+        RecoveryStep::Opening if op.intent == Some(RecoveryIntent::Rollback) => {
+            advance(site, op, RecoveryStep::RollingBack, None, None, None).await;
+        }
+        RecoveryStep::Opening => open_recovered(site, op, &vras).await,
+        RecoveryStep::BeforeCommit => {
+            let intent = match (op.intent, op.policy.due(op.step_since_ms, now_ms())) {
+                (Some(i), _) => Some(i),
+                (None, Some(due)) => {
+                    tracing::info!(vpg = %op.vpg, ?due, "the commit policy decides");
+                    let cmd = Command::RecoveryInput {
+                        vpg: op.vpg.clone(),
+                        intent: due,
+                    };
+                    site.node().propose(cmd).await.ok().map(|_| due)
+                }
+                (None, None) => None,
+            };
+            match intent {
+                Some(RecoveryIntent::Commit) => {
+                    advance(site, op, RecoveryStep::Committing, None, None, None).await;
+                }
+                Some(RecoveryIntent::Rollback) => {
+                    advance(site, op, RecoveryStep::RollingBack, None, None, None).await;
+                }
+                None => {}
+            }
+        }
+        RecoveryStep::Committing => {
+            // Past every generation either site has seen, so that the old protected site's
+            // VRAs, whatever they hold, are stale from now on.
+            let vpg = state.vpgs.get(&op.vpg);
+            let here = vpg.map_or(op.from_generation, |v| v.generation);
+            let there = vpg
+                .and_then(|v| site.control().live.peer_vpg(&v.protected_site, &v.id))
+                .flatten()
+                .map_or(0, |p| p.generation);
+            let g = here.max(there).max(op.from_generation) + 1;
+            advance(site, op, RecoveryStep::Promoting, None, None, Some(g)).await;
+        }
+        RecoveryStep::Promoting => promote(site, op, &vras).await,
+        RecoveryStep::RollingBack => roll_back(site, op, &vras).await,
+    }
+}
+
+/// Records a failover's move to `to` (or, at the same step, its progress) when it changed.
+async fn advance(
+    site: &SiteManager,
+    op: &RecoveryOp,
+    to: RecoveryStep,
+    volumes: Option<Vec<TestVolume>>,
+    error: Option<String>,
+    new_generation: Option<u64>,
+) {
+    if to == op.step && error == op.error && volumes.as_ref().is_none_or(|v| *v == op.volumes) {
+        return;
+    }
+    if to != op.step {
+        tracing::info!(vpg = %op.vpg, op = %op.id, from = op.step.name(), to = to.name(), "recovery step");
+    }
+    let cmd = Command::AdvanceRecovery {
+        advance: RecoveryAdvance {
+            vpg: op.vpg.clone(),
+            op: op.id.clone(),
+            from: op.step,
+            to,
+            volumes,
+            error,
+            new_generation,
+            now_ms: now_ms(),
+        },
+    };
+    if let Err(e) = site.node().propose(cmd).await {
+        tracing::warn!(vpg = %op.vpg, error = %e, "recovery progress not recorded");
+    }
+}
+
+/// Calls `call` on every VRA at once; the errors, by host.
+async fn on_every_vra<T, F, Fut>(
+    site: &SiteManager,
+    vras: &[(HostId, String)],
+    call: F,
+) -> (Vec<(HostId, T)>, Vec<String>)
+where
+    F: Fn(
+        HostId,
+        tandem_proto::v1::vra_control_client::VraControlClient<tonic::transport::Channel>,
+    ) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let calls = vras.iter().map(|(host, addr)| {
+        let client = site.control().vra(addr);
+        let call = &call;
+        async move {
+            let r = match client {
+                Ok(c) => call(host.clone(), c).await,
+                Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+            };
+            (host.clone(), r)
+        }
+    });
+    let mut ok = Vec::new();
+    let mut errors = Vec::new();
+    for (host, r) in futures::future::join_all(calls).await {
+        match r {
+            Ok(t) => ok.push((host, t)),
+            Err(s) => errors.push(format!("host {host}: {}", s.message())),
+        }
+    }
+    (ok, errors)
+}
+
+/// Every recovery VRA opens its VMs' volumes before commit.
+async fn open_recovered(site: &SiteManager, op: &RecoveryOp, vras: &[(HostId, String)]) {
+    let (opened, errors) = on_every_vra(site, vras, |_, mut c| async move {
+        let req = v1::StartRecoveryRequest {
+            vpg_id: op.vpg.to_string(),
+            generation: op.from_generation,
+            checkpoint_id: op.point.checkpoint_id,
+            op_id: op.id.to_string(),
+        };
+        c.start_recovery(vra_request(req))
+            .await
+            .map(|r| r.into_inner())
+    })
+    .await;
+    let mut volumes: Vec<TestVolume> = opened
+        .into_iter()
+        .flat_map(|(host, r)| {
+            let addr = r.nbd_address;
+            r.volumes.into_iter().filter_map(move |v| {
+                Some(TestVolume {
+                    vm: VmId::parse("vm_id", &v.vm_id).ok()?,
+                    volume_id: v.volume_id,
+                    host: host.clone(),
+                    export_name: v.export_name,
+                    nbd_address: addr.clone(),
+                    size_bytes: v.size_bytes,
+                })
+            })
+        })
+        .collect();
+    volumes.sort_by(|a, b| (&a.vm, a.volume_id).cmp(&(&b.vm, b.volume_id)));
+    if errors.is_empty() {
+        tracing::info!(vpg = %op.vpg, volumes = volumes.len(), checkpoint = op.point.checkpoint_id,
+            "recovered volumes served before commit");
+        advance(
+            site,
+            op,
+            RecoveryStep::BeforeCommit,
+            Some(volumes),
+            None,
+            None,
+        )
+        .await;
+    } else {
+        let error = format!("starting the recovery: {}", errors.join("; "));
+        advance(
+            site,
+            op,
+            RecoveryStep::Opening,
+            Some(volumes),
+            Some(error),
+            None,
+        )
+        .await;
+    }
+}
+
+/// Every recovery VRA commits (promotes, merges); the operation ends once every volume is
+/// live on its replica.
+async fn promote(site: &SiteManager, op: &RecoveryOp, vras: &[(HostId, String)]) {
+    let Some(g) = op.new_generation else { return };
+    let (states, mut errors) = on_every_vra(site, vras, |_, mut c| async move {
+        let req = v1::CommitRecoveryRequest {
+            vpg_id: op.vpg.to_string(),
+            op_id: op.id.to_string(),
+            new_generation: g,
+        };
+        c.commit_recovery(vra_request(req)).await?;
+        let status = c
+            .get_status(vra_request(v1::GetVraStatusRequest {}))
+            .await?
+            .into_inner();
+        Ok(status
+            .vpgs
+            .into_iter()
+            .find(|s| s.vpg_id == op.vpg.as_str()))
+    })
+    .await;
+    let mut waiting = 0;
+    for (host, s) in states {
+        match s {
+            Some(s) if s.recovered_phase == v1::RecoveredPhase::Live as i32 => {}
+            Some(s) if !s.last_error.is_empty() => {
+                errors.push(format!("host {host}: {}", s.last_error));
+            }
+            _ => waiting += 1,
+        }
+    }
+    if errors.is_empty() && waiting == 0 {
+        let cmd = Command::EndRecovery {
+            vpg: op.vpg.clone(),
+            op: op.id.clone(),
+            now_ms: now_ms(),
+        };
+        match site.node().propose(cmd).await {
+            Ok(_) => {
+                tracing::info!(vpg = %op.vpg, generation = g, "failover committed: volumes live")
+            }
+            Err(e) => tracing::warn!(vpg = %op.vpg, error = %e, "failover end not recorded"),
+        }
+        return;
+    }
+    let error = (!errors.is_empty()).then(|| format!("promoting: {}", errors.join("; ")));
+    advance(site, op, RecoveryStep::Promoting, None, error, None).await;
+}
+
+/// Every recovery VRA rolls back; the operation ends once all have.
+async fn roll_back(site: &SiteManager, op: &RecoveryOp, vras: &[(HostId, String)]) {
+    let (_, errors) = on_every_vra(site, vras, |_, mut c| async move {
+        let req = v1::RollbackRecoveryRequest {
+            vpg_id: op.vpg.to_string(),
+            op_id: op.id.to_string(),
+        };
+        c.rollback_recovery(vra_request(req)).await.map(|_| ())
+    })
+    .await;
+    if !errors.is_empty() {
+        let error = format!("rolling back: {}", errors.join("; "));
+        return advance(site, op, RecoveryStep::RollingBack, None, Some(error), None).await;
+    }
+    let cmd = Command::EndRecovery {
+        vpg: op.vpg.clone(),
+        op: op.id.clone(),
+        now_ms: now_ms(),
+    };
+    match site.node().propose(cmd).await {
+        Ok(_) => tracing::info!(vpg = %op.vpg, "failover rolled back"),
+        Err(e) => tracing::warn!(vpg = %op.vpg, error = %e, "rollback end not recorded"),
     }
 }
 
