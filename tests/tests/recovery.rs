@@ -132,19 +132,7 @@ async fn tests_running(apis: &[String]) -> Result<Vec<v1::FailoverTest>> {
 async fn a_failover_test_serves_its_checkpoint_while_protection_goes_on_and_leaves_nothing()
 -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut lab = Lab::up(dir.path(), 2, 3).await?;
-    lab.start_vras(2).await?;
-    protect::protect(&lab, &recovery_options("vpg-web")).await?;
-    let (apis_a, apis_b) = (lab.endpoints(0), lab.endpoints(1));
-    let mut seen = Vec::new();
-    wait_vpg_cli(
-        &apis_a,
-        "vpg-web",
-        Duration::from_secs(60),
-        &mut seen,
-        |g| g.status.as_ref().is_some_and(|s| s.status == "Meeting SLA"),
-    )
-    .await?;
+    let (mut lab, apis_a, apis_b, mut seen) = recovery_lab(dir.path(), "vpg-web").await?;
 
     let workload = recovery_workload(&lab).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -386,6 +374,35 @@ async fn a_failover_test_serves_its_checkpoint_while_protection_goes_on_and_leav
     Ok(())
 }
 
+/// Statuses a VPG was seen in (see `wait_vpg_cli`).
+type Seen = Vec<(String, String)>;
+
+/// A lab of 2 sites x 3 managers and 2 VRAs each, with `vpg` (see [`recovery_options`])
+/// protected and Meeting SLA; answers the lab, both sites' APIs and the statuses seen.
+async fn recovery_lab(
+    dir: &std::path::Path,
+    vpg: &str,
+) -> Result<(Lab, Vec<String>, Vec<String>, Seen)> {
+    let mut lab = Lab::up(dir, 2, 3).await?;
+    lab.start_vras(2).await?;
+    protect::protect(&lab, &recovery_options(vpg)).await?;
+    let (apis_a, apis_b) = (lab.endpoints(0), lab.endpoints(1));
+    let mut seen = Vec::new();
+    wait_vpg_cli(
+        &apis_a,
+        vpg,
+        Duration::from_secs(60),
+        &mut seen,
+        meeting_sla,
+    )
+    .await?;
+    Ok((lab, apis_a, apis_b, seen))
+}
+
+fn meeting_sla(g: &v1::Vpg) -> bool {
+    g.status.as_ref().is_some_and(|s| s.status == "Meeting SLA")
+}
+
 /// The options of the recovery tests' VPG: 4 VMs on 2 hosts, a checkpoint a second.
 fn recovery_options(vpg: &str) -> ProtectOptions {
     ProtectOptions {
@@ -504,15 +521,7 @@ fn datastore_hashes(lab: &Lab) -> Result<std::collections::BTreeMap<std::path::P
 async fn a_failover_after_the_protected_site_is_killed_recovers_the_latest_checkpoint() -> Result<()>
 {
     let dir = tempfile::tempdir()?;
-    let mut lab = Lab::up(dir.path(), 2, 3).await?;
-    lab.start_vras(2).await?;
-    protect::protect(&lab, &recovery_options("vpg-fo")).await?;
-    let (apis_a, apis_b) = (lab.endpoints(0), lab.endpoints(1));
-    let mut seen = Vec::new();
-    wait_vpg_cli(&apis_a, "vpg-fo", Duration::from_secs(60), &mut seen, |g| {
-        g.status.as_ref().is_some_and(|s| s.status == "Meeting SLA")
-    })
-    .await?;
+    let (mut lab, _, apis_b, _) = recovery_lab(dir.path(), "vpg-fo").await?;
     let workload = recovery_workload(&lab).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -650,20 +659,8 @@ async fn a_failover_after_the_protected_site_is_killed_recovers_the_latest_check
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_back_failover_leaves_everything_as_it_was_and_protection_resumes() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut lab = Lab::up(dir.path(), 2, 3).await?;
-    lab.start_vras(2).await?;
-    protect::protect(&lab, &recovery_options("vpg-fo")).await?;
-    let (apis_a, apis_b) = (lab.endpoints(0), lab.endpoints(1));
-    let mut seen = Vec::new();
-    let meeting = |g: &v1::Vpg| g.status.as_ref().is_some_and(|s| s.status == "Meeting SLA");
-    wait_vpg_cli(
-        &apis_a,
-        "vpg-fo",
-        Duration::from_secs(60),
-        &mut seen,
-        meeting,
-    )
-    .await?;
+    let (mut lab, apis_a, apis_b, mut seen) = recovery_lab(dir.path(), "vpg-fo").await?;
+    let meeting = meeting_sla;
     let workload = recovery_workload(&lab).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let history = workload.stop().await;
@@ -724,6 +721,164 @@ async fn a_rolled_back_failover_leaves_everything_as_it_was_and_protection_resum
     wait_vpg_cli(
         &apis_a,
         "vpg-fo",
+        Duration::from_secs(60),
+        &mut seen,
+        meeting,
+    )
+    .await?;
+    lab.down().await;
+    Ok(())
+}
+
+/// The status of a VPG on every VRA of a site that reports it.
+async fn vra_vpg_status(
+    lab: &Lab,
+    site: usize,
+    vpg: &str,
+) -> Result<Vec<v1::VpgReplicationStatus>> {
+    let mut out = Vec::new();
+    for vra in &lab.vras[site] {
+        let s = VraControlClient::new(channel(&vra.control).await?)
+            .get_status(v1::GetVraStatusRequest {})
+            .await?
+            .into_inner();
+        out.extend(s.vpgs.into_iter().filter(|g| g.vpg_id == vpg));
+    }
+    Ok(out)
+}
+
+/// A move under the verifying workload: the protected VMs are powered off (their writers
+/// see their volumes go), everything they wrote drains, a last checkpoint is taken, and
+/// the VMs come up at the recovery site holding every acknowledged write; the commit
+/// removes the protected VMs at the old site and the VPG ends Recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_loses_no_acknowledged_write_and_removes_the_protected_vms() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut lab, apis_a, apis_b, _) = recovery_lab(dir.path(), "vpg-mv").await?;
+    let workload = recovery_workload(&lab).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let bad = tandem(&apis_b, &["move", "start", "vpg-mv", "--checkpoint", "7"]).await;
+    assert!(bad.is_err(), "a move to a chosen checkpoint");
+    let op: v1::RecoveryOperations = tandem_json(
+        &apis_b,
+        &["move", "start", "vpg-mv", "--wait", "--timeout", "60"],
+    )
+    .await?;
+    let op = op.operations.first().context("no move")?.clone();
+    assert_eq!(
+        (op.kind.as_str(), op.step.as_str(), op.volumes.len()),
+        ("move", "before commit", 4),
+        "{op:?}"
+    );
+    assert!(op.checkpoint_name.starts_with("move "), "{op:?}");
+    // The writers lost their volumes with the power-off.
+    let history = workload.stop().await;
+    eprintln!(
+        "{} writes acknowledged, {} failed when the VMs were powered off",
+        history.acked_writes(),
+        history.failures().len()
+    );
+    let exact = tandem_lab::workload::CutWindow::exact(history.end());
+    let included = check_recovered(&history, &exact, &op).await?;
+    eprintln!("moved volumes hold {included} writes: every acknowledged one");
+    let s = status_of(&apis_b, "vpg-mv").await?;
+    assert_eq!(
+        (s.status.as_str(), s.substatus.as_str()),
+        ("Moving", "Moving - Before commit"),
+        "{s:?}"
+    );
+    let protected = vra_vpg_status(&lab, 0, "vpg-mv").await?;
+    assert!(
+        !protected.is_empty() && protected.iter().all(|g| g.powered_off),
+        "{protected:?}"
+    );
+
+    tandem(
+        &apis_b,
+        &["move", "commit", "vpg-mv", "--wait", "--timeout", "60"],
+    )
+    .await?;
+    let s = status_of(&apis_b, "vpg-mv").await?;
+    assert_eq!(s.status, "Recovered", "{s:?}");
+    // The old protected site removes its protected VMs.
+    let start = Instant::now();
+    loop {
+        let left = vra_vpg_status(&lab, 0, "vpg-mv").await?;
+        let shown = status_of(&apis_a, "vpg-mv").await?;
+        if left.is_empty() && shown.status == "Recovered" {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("site-a still protects: {left:?}, shows {shown:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(check_recovered(&history, &exact, &op).await?, included);
+    lab.down().await;
+    Ok(())
+}
+
+/// A move rolled back: the recovered VMs wrote before commit, yet the sources and the
+/// replicas are byte for byte as they were, the protected VMs are powered on again and
+/// protection resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_move_powers_the_protected_vms_on_again() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut lab, apis_a, apis_b, mut seen) = recovery_lab(dir.path(), "vpg-mb").await?;
+    let meeting = meeting_sla;
+    let workload = recovery_workload(&lab).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let op: v1::RecoveryOperations = tandem_json(
+        &apis_b,
+        &["move", "start", "vpg-mb", "--wait", "--timeout", "60"],
+    )
+    .await?;
+    let op = op.operations.first().context("no move")?.clone();
+    assert_eq!(op.step, "before commit", "{op:?}");
+    let history = workload.stop().await;
+    let images = |h: std::collections::BTreeMap<std::path::PathBuf, String>| {
+        h.into_iter()
+            .filter(|(p, _)| p.extension().is_some_and(|e| e == "img" || e == "replica"))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let before = images(datastore_hashes(&lab)?);
+    assert_eq!(before.len(), 8, "{before:?}");
+    for v in &op.volumes {
+        qemu_io(&v.nbd_uri, "write -P 0x71 12M 1M")?;
+    }
+    tandem(
+        &apis_b,
+        &["move", "rollback", "vpg-mb", "--wait", "--timeout", "60"],
+    )
+    .await?;
+    assert_eq!(
+        images(datastore_hashes(&lab)?),
+        before,
+        "after the rollback"
+    );
+    // The protected VMs are on again, with every acknowledged write, and protected.
+    let protected = vra_vpg_status(&lab, 0, "vpg-mb").await?;
+    assert!(protected.iter().all(|g| !g.powered_off), "{protected:?}");
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let nbd = &lab.vras[0][i % 2].nbd;
+        clients.push(NbdClient::connect(nbd.as_str(), &format!("vm-{i}/0")).await?);
+    }
+    let readers: Vec<&dyn ImageReader> = clients.iter().map(|c| c as &dyn ImageReader).collect();
+    check_image(
+        &history,
+        &tandem_lab::workload::CutWindow::exact(history.end()),
+        &readers,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("the protected volumes after the rollback: {e}"))?;
+    for c in clients {
+        c.disconnect().await?;
+    }
+    wait_vpg_cli(
+        &apis_a,
+        "vpg-mb",
         Duration::from_secs(60),
         &mut seen,
         meeting,

@@ -92,6 +92,10 @@ enum Noun {
     /// roll back.
     #[command(subcommand)]
     Failover(recovery::FailoverCmd),
+    /// Moves (at the recovery site, both sites up): the protected VMs are powered off and
+    /// drained, the VPG comes up here at their last checkpoint, then commit or roll back.
+    #[command(subcommand)]
+    Move(recovery::FailoverCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -434,7 +438,8 @@ async fn run(cli: Cli) -> Result<()> {
         Noun::Alert(c) => alert(ch, fmt, c).await,
         Noun::Task(c) => task(ch, fmt, c).await,
         Noun::FailoverTest(c) => recovery::failover_test(ch, fmt, c).await,
-        Noun::Failover(c) => recovery::failover(ch, fmt, c).await,
+        Noun::Failover(c) => recovery::failover(ch, fmt, recovery::Kind::Failover, c).await,
+        Noun::Move(c) => recovery::failover(ch, fmt, recovery::Kind::Move, c).await,
     }
 }
 

@@ -46,10 +46,12 @@ pub enum FailoverTestCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum FailoverCmd {
-    /// Fails a VPG over to this (its recovery) site, working while the protected site is
-    /// gone: its VMs' volumes are served before commit (nbd:// URIs listed), the journals
-    /// and replicas left as they were, until commit or rollback. With --wait, answers once
-    /// the volumes are served.
+    /// Failover: brings a VPG up at this (its recovery) site, working while the protected
+    /// site is gone; its VMs' volumes are served before commit (nbd:// URIs listed), the
+    /// journals and replicas left as they were, until commit or rollback. Move: the
+    /// protected VMs are powered off and drained first and the VPG recovers to their last
+    /// checkpoint, nothing lost (--checkpoint does not apply). With --wait, answers once the
+    /// volumes are served.
     Start {
         vpg: String,
         /// latest (default), latest-named, a checkpoint id, or a checkpoint name.
@@ -178,7 +180,14 @@ async fn wait_op(
     }
 }
 
-pub async fn failover(ch: Channel, fmt: Format, c: FailoverCmd) -> Result<()> {
+/// Failover, or move: the same commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Failover,
+    Move,
+}
+
+pub async fn failover(ch: Channel, fmt: Format, kind: Kind, c: FailoverCmd) -> Result<()> {
     let mut cl = RecoveryServiceClient::new(ch);
     let show = |ops: Vec<v1::RecoveryOperation>| {
         let list = v1::RecoveryOperations { operations: ops };
@@ -193,22 +202,37 @@ pub async fn failover(ch: Channel, fmt: Format, c: FailoverCmd) -> Result<()> {
             wait,
             timeout,
         } => {
-            let (kind, after) = commit_policy(&policy)?;
-            let op = cl
-                .start_failover(v1::StartFailoverRequest {
-                    vpg_id: vpg.clone(),
-                    checkpoint: Some(choice(&checkpoint)),
-                    commit_policy: kind as i32,
-                    commit_after_secs: after,
-                })
-                .await?
-                .into_inner();
+            let (policy, after) = commit_policy(&policy)?;
+            let op = match kind {
+                Kind::Failover => cl
+                    .start_failover(v1::StartFailoverRequest {
+                        vpg_id: vpg.clone(),
+                        checkpoint: Some(choice(&checkpoint)),
+                        commit_policy: policy as i32,
+                        commit_after_secs: after,
+                    })
+                    .await?
+                    .into_inner(),
+                Kind::Move if checkpoint != "latest" => {
+                    bail!(
+                        "a move recovers to the protected site's last checkpoint: no --checkpoint"
+                    )
+                }
+                Kind::Move => cl
+                    .start_move(v1::StartMoveRequest {
+                        vpg_id: vpg.clone(),
+                        commit_policy: policy as i32,
+                        commit_after_secs: after,
+                    })
+                    .await?
+                    .into_inner(),
+            };
             if !wait {
                 show(vec![op]);
                 return Ok(());
             }
             let now = wait_op(&mut cl, &vpg, timeout, |o| {
-                o.is_none_or(|o| o.step != "opening")
+                o.is_none_or(|o| o.step != "opening" && o.step != "preparing the source")
             })
             .await?;
             show(now.into_iter().collect());

@@ -198,6 +198,9 @@ impl RecoveryKind {
 /// operation's id), so the leader that finds the operation at a step runs that step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RecoveryStep {
+    /// A move: the protected site powers its VMs off, waits until everything they wrote
+    /// is durable here, and takes a last checkpoint (the one the move recovers to).
+    PreparingSource,
     /// The recovery VRAs open every volume at the checkpoint, before commit.
     Opening,
     /// The VMs run on their before-commit volumes; waiting for commit or rollback.
@@ -206,17 +209,22 @@ pub enum RecoveryStep {
     Committing,
     /// Committed: the VRAs promote the journals and merge what the VMs wrote.
     Promoting,
-    /// Rollback asked: the VRAs give the recovery role back as it was.
+    /// A committed move: the protected site removes its (powered off) protected VMs.
+    HandingOver,
+    /// Rollback asked: the VRAs give the recovery role back as it was (and a move's
+    /// protected VMs are powered on again).
     RollingBack,
 }
 
 impl RecoveryStep {
     pub fn name(self) -> &'static str {
         match self {
+            Self::PreparingSource => "preparing the source",
             Self::Opening => "opening",
             Self::BeforeCommit => "before commit",
             Self::Committing => "committing",
             Self::Promoting => "promoting",
+            Self::HandingOver => "removing the protected VMs",
             Self::RollingBack => "rolling back",
         }
     }
@@ -224,14 +232,19 @@ impl RecoveryStep {
     /// The VPG's operation (and so its status) at this step.
     pub fn operation(self, kind: RecoveryKind) -> Operation {
         match (kind, self) {
-            (RecoveryKind::Failover, Self::Opening | Self::BeforeCommit) => {
-                Operation::FailoverBeforeCommit
+            (
+                RecoveryKind::Failover,
+                Self::PreparingSource | Self::Opening | Self::BeforeCommit,
+            ) => Operation::FailoverBeforeCommit,
+            (RecoveryKind::Failover, Self::Committing | Self::HandingOver) => {
+                Operation::FailoverCommitting
             }
-            (RecoveryKind::Failover, Self::Committing) => Operation::FailoverCommitting,
             (RecoveryKind::Failover, Self::Promoting) => Operation::FailoverPromoting,
             (RecoveryKind::Failover, Self::RollingBack) => Operation::FailoverRollingBack,
-            (RecoveryKind::Move, Self::Opening | Self::BeforeCommit) => Operation::MoveBeforeCommit,
-            (RecoveryKind::Move, Self::Committing) => Operation::MoveCommitting,
+            (RecoveryKind::Move, Self::PreparingSource | Self::Opening | Self::BeforeCommit) => {
+                Operation::MoveBeforeCommit
+            }
+            (RecoveryKind::Move, Self::Committing | Self::HandingOver) => Operation::MoveCommitting,
             (RecoveryKind::Move, Self::Promoting) => Operation::MovePromoting,
             (RecoveryKind::Move, Self::RollingBack) => Operation::MoveRollingBack,
         }
@@ -239,7 +252,10 @@ impl RecoveryStep {
 
     /// Whether the operator may still choose commit or rollback.
     pub fn takes_input(self) -> bool {
-        matches!(self, Self::Opening | Self::BeforeCommit)
+        matches!(
+            self,
+            Self::PreparingSource | Self::Opening | Self::BeforeCommit
+        )
     }
 }
 
@@ -329,6 +345,9 @@ pub struct RecoveryAdvance {
     pub error: Option<String>,
     /// Committing to Promoting only: the VPG's generation from now on.
     pub new_generation: Option<u64>,
+    /// A move's source prepared: the last checkpoint, the one it recovers to.
+    #[serde(default)]
+    pub point: Option<RecoveryPoint>,
     pub now_ms: u64,
 }
 

@@ -514,9 +514,11 @@ impl SiteState {
                 let allowed = a.from == a.to
                     || matches!(
                         (a.from, a.to),
-                        (Step::Opening, Step::BeforeCommit | Step::RollingBack)
+                        (Step::PreparingSource, Step::Opening | Step::RollingBack)
+                            | (Step::Opening, Step::BeforeCommit | Step::RollingBack)
                             | (Step::BeforeCommit, Step::Committing | Step::RollingBack)
                             | (Step::Committing, Step::Promoting)
+                            | (Step::Promoting, Step::HandingOver)
                     );
                 if !allowed {
                     return Err(DomainError::precondition(format!(
@@ -542,6 +544,9 @@ impl SiteState {
                 }
                 if a.to != a.from {
                     op.step_since_ms = a.now_ms;
+                }
+                if let Some(point) = a.point {
+                    op.point = point;
                 }
                 op.step = a.to;
                 if let Some(v) = a.volumes {
@@ -582,13 +587,17 @@ impl SiteState {
                     .recoveries
                     .get(&id)
                     .filter(|op| {
-                        op.id == op_id && matches!(op.step, Step::Promoting | Step::RollingBack)
+                        op.id == op_id
+                            && matches!(
+                                op.step,
+                                Step::Promoting | Step::HandingOver | Step::RollingBack
+                            )
                     })
                     .cloned()
                 else {
                     return Ok(Applied::Done);
                 };
-                let committed = op.step == Step::Promoting;
+                let committed = op.step != Step::RollingBack;
                 if let Some(vpg) = self.vpgs.get_mut(&id) {
                     vpg.operation = committed.then_some(Operation::Recovered);
                 }
@@ -1521,6 +1530,7 @@ mod tests {
                 volumes: None,
                 error: None,
                 new_generation: g,
+                point: None,
                 now_ms: 2000,
             },
         };
@@ -1602,6 +1612,40 @@ mod tests {
             events.contains(&crate::events::EventCode::RecoveryCommitted),
             "{events:?}"
         );
+
+        // A move starts by preparing its source, learns its checkpoint from it, and hands
+        // over after promoting; a rollback is possible until commit.
+        s.vpgs.get_mut(&id).unwrap().operation = None;
+        let mut mv = op("theirs", "m");
+        mv.kind = RecoveryKind::Move;
+        mv.step = Step::PreparingSource;
+        s.apply(Command::BeginRecovery { op: mv }).unwrap();
+        assert_eq!(s.vpgs[&id].operation, Some(Operation::MoveBeforeCommit));
+        let mut to_opening = advance("m", Step::PreparingSource, Step::Opening, None);
+        if let Command::AdvanceRecovery { advance } = &mut to_opening {
+            advance.point = Some(RecoveryPoint {
+                checkpoint_id: 77,
+                timestamp_ms: 9,
+                name: "move m".into(),
+            });
+        }
+        s.apply(to_opening).unwrap();
+        assert_eq!(s.recoveries[&id].point.checkpoint_id, 77);
+        s.apply(Command::RecoveryInput {
+            vpg: id.clone(),
+            intent: RecoveryIntent::Rollback,
+        })
+        .unwrap();
+        s.apply(advance("m", Step::Opening, Step::RollingBack, None))
+            .unwrap();
+        assert_eq!(s.vpgs[&id].operation, Some(Operation::MoveRollingBack));
+        s.apply(Command::EndRecovery {
+            vpg: id.clone(),
+            op: crate::ids::RecoveryOpId::minted("m".into()),
+            now_ms: 4000,
+        })
+        .unwrap();
+        assert_eq!(s.vpgs[&id].operation, None, "rolled back: as it was");
     }
 
     #[test]

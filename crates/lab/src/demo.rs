@@ -1205,6 +1205,7 @@ async fn protection_steps_in(
     report.image("final", r.is_ok());
     report.step("stop workload; named checkpoint holds all", t, r);
 
+    move_and_back(report, run).await;
     disaster_failover(lab, report, run).await;
 
     let all = Window::of(&ctx, started, Instant::now());
@@ -1690,6 +1691,95 @@ async fn recovery_vra_kill(
     Ok(())
 }
 
+/// A move to site-b with nothing lost, then rolled back: site-a's VMs are powered off and
+/// drained, a last checkpoint is taken and the VMs come up at site-b holding every write
+/// the workload acknowledged; the rollback powers site-a's VMs on again (with all of it)
+/// and protection resumes.
+async fn move_and_back(report: &mut Report, run: &Run) {
+    let ctx = &run.ctx;
+    let t = Instant::now();
+    let r = async {
+        let history = run.history.as_ref().context("no workload history")?;
+        let vpg = ctx.vpg.clone();
+        let started = ctx
+            .b
+            .ask(|ch| {
+                let vpg = vpg.clone();
+                async move {
+                    RecoveryServiceClient::new(ch)
+                        .start_move(v1::StartMoveRequest {
+                            vpg_id: vpg,
+                            commit_policy: v1::CommitPolicyKind::Manual as i32,
+                            commit_after_secs: 0,
+                        })
+                        .await
+                }
+            })
+            .await?;
+        let (op, clients) = before_commit(ctx, &started.op_id).await?;
+        let up_in = t.elapsed();
+        let checked = check_recovered(history, &clients).await;
+        for c in clients {
+            let _ = c.disconnect().await;
+        }
+        let moved = checked?;
+        let (_, sub) = ctx.b.shown(&ctx.vpg).await?;
+        ctx.b
+            .ask(|ch| {
+                let vpg = vpg.clone();
+                async move {
+                    RecoveryServiceClient::new(ch)
+                        .rollback_recovery(v1::RecoveryRef { vpg_id: vpg })
+                        .await
+                }
+            })
+            .await?;
+        wait_until("the rollback to end", PATIENCE, || async {
+            ctx.b
+                .recoveries(&ctx.vpg)
+                .await
+                .ok()
+                .filter(|o| o.is_empty())
+        })
+        .await?;
+        let mut seen = Vec::new();
+        let back = ctx
+            .a
+            .wait_shown(&ctx.vpg, PATIENCE, &mut seen, |s, _| s == "Meeting SLA")
+            .await?;
+        let mut clients = Vec::new();
+        for v in &ctx.vms {
+            clients.push(NbdClient::connect(v.prot_nbd.as_str(), &format!("{}/0", v.vm)).await?);
+        }
+        let checked = check_recovered(history, &clients).await;
+        for c in clients {
+            let _ = c.disconnect().await;
+        }
+        checked?;
+        report.note(
+            "move",
+            format!(
+                "VMs up at site-b {} after the request ({} last checkpoint), rolled back",
+                secs(up_in),
+                op.checkpoint_name
+            ),
+        );
+        Ok(format!(
+            "site-a's VMs powered off and drained; {:?} taken; {} volumes up at site-b in {} \
+             ({sub}) holding {} writes = all acknowledged; rolled back: site-a's VMs on \
+             again with all of it, Meeting SLA {} after",
+            op.checkpoint_name,
+            op.volumes.len(),
+            secs(up_in),
+            moved.writes_included,
+            secs(back)
+        ))
+    }
+    .await;
+    report.image("move", r.is_ok());
+    report.step("move to site-b, nothing lost; rolled back", t, r);
+}
+
 /// The protected site is lost (kill -9 of every manager and VRA of site-a) and site-b's
 /// managers fail the VPG over to the latest checkpoint: RTO from the request to every
 /// recovered volume answering a read; the volumes hold every write the workload
@@ -1724,25 +1814,12 @@ async fn disaster_failover(lab: &mut Lab, report: &mut Report, run: &Run) {
                 }
             })
             .await?;
-        let op = wait_until("the recovered volumes", PATIENCE, || async {
-            ctx.b
-                .recoveries(&ctx.vpg)
-                .await
-                .ok()?
-                .into_iter()
-                .find(|o| o.op_id == op.op_id && o.step == "before commit")
-        })
-        .await?;
-        let mut volumes: Vec<&v1::RecoveredVolume> =
-            op.volumes.iter().filter(|v| v.volume_id == 0).collect();
-        volumes.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
-        let mut clients = Vec::new();
-        for v in &volumes {
-            let c = NbdClient::connect_uri(&v.nbd_uri).await?;
+        let (op, clients) = before_commit(ctx, &op.op_id).await?;
+        for c in &clients {
             c.read(0, 4096).await?;
-            clients.push(c);
         }
         let rto = requested.elapsed();
+        let volumes = clients.len();
         let before = check_recovered(history, &clients).await?;
         let (_, sub) = ctx.b.shown(&ctx.vpg).await?;
         ctx.b
@@ -1776,9 +1853,8 @@ async fn disaster_failover(lab: &mut Lab, report: &mut Report, run: &Run) {
         report.note(
             "failover",
             format!(
-                "RTO {} (request -> {} volumes answering reads), commit {}",
+                "RTO {} (request -> {volumes} volumes answering reads), commit {}",
                 ms(rto),
-                volumes.len(),
                 secs(promoted)
             ),
         );
@@ -1796,6 +1872,28 @@ async fn disaster_failover(lab: &mut Lab, report: &mut Report, run: &Run) {
     .await;
     report.image("failover", r.is_ok());
     report.step("kill -9 site-a; failover at site-b = source", t, r);
+}
+
+/// Waits for operation `op_id` of the demo's VPG to be before commit; answers it with an
+/// NBD client on volume 0 of each VM, in VM order.
+async fn before_commit(ctx: &Ctx, op_id: &str) -> Result<(v1::RecoveryOperation, Vec<NbdClient>)> {
+    let op = wait_until("the recovered volumes", PATIENCE, || async {
+        ctx.b
+            .recoveries(&ctx.vpg)
+            .await
+            .ok()?
+            .into_iter()
+            .find(|o| o.op_id == op_id && o.step == "before commit")
+    })
+    .await?;
+    let mut volumes: Vec<&v1::RecoveredVolume> =
+        op.volumes.iter().filter(|v| v.volume_id == 0).collect();
+    volumes.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+    let mut clients = Vec::new();
+    for v in &volumes {
+        clients.push(NbdClient::connect_uri(&v.nbd_uri).await?);
+    }
+    Ok((op, clients))
 }
 
 /// Checks recovered volumes (one per VM, in order) against the whole stopped workload.

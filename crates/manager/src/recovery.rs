@@ -6,13 +6,15 @@
 
 use tandem_core::DomainError;
 use tandem_core::events::EventCode;
-use tandem_core::ids::{RecoveryOpId, VpgId};
+use tandem_core::ids::{HostId, RecoveryOpId, VpgId};
+use tandem_core::protection::protected_plans;
 use tandem_core::recovery::{
     CheckpointChoice, CommitPolicy, FailoverTest, ListedCheckpoint, RecoveryIntent, RecoveryKind,
     RecoveryOp, RecoveryPoint, RecoveryStep, TestStep, TestVerdict, choose_checkpoint,
 };
 use tandem_core::state::Command;
 use tandem_core::tasks::TaskKind;
+use tandem_proto::v1;
 use tandem_proto::vra_convert::sync_name;
 
 use crate::control;
@@ -148,13 +150,33 @@ impl SiteManager {
         self.check_recoverable(&id).await?;
         let point = self.choose_point(&id, &choice).await?;
         let what = format!("failover to {}", point.label());
+        self.begin_recovery(id, own, RecoveryKind::Failover, what, point, policy)
+            .await
+    }
+
+    /// Records a failover or move with its task and event; the recovery controller takes
+    /// it from there.
+    async fn begin_recovery(
+        &self,
+        id: VpgId,
+        own: tandem_core::ids::SiteId,
+        kind: RecoveryKind,
+        what: String,
+        point: RecoveryPoint,
+        policy: CommitPolicy,
+    ) -> ApiResult<RecoveryOp> {
+        let task_kind = match kind {
+            RecoveryKind::Failover => TaskKind::Failover,
+            RecoveryKind::Move => TaskKind::Move,
+        };
         let Some(task) = self
-            .start_task(TaskKind::Failover, Some(&id), None, what.clone())
+            .start_task(task_kind, Some(&id), None, what.clone())
             .await
         else {
-            return Err(crate::error::ApiError::unavailable(
-                "the failover's task could not be recorded",
-            ));
+            return Err(crate::error::ApiError::unavailable(format!(
+                "the {}'s task could not be recorded",
+                kind.name()
+            )));
         };
         let from_generation = self
             .node()
@@ -166,14 +188,18 @@ impl SiteManager {
         let now = now_ms();
         let op = RecoveryOp {
             id: RecoveryOpId::minted(format!("{own}-{task}")),
-            kind: RecoveryKind::Failover,
+            kind,
             vpg: id.clone(),
             task,
             point,
             policy,
             from_generation,
             new_generation: None,
-            step: RecoveryStep::Opening,
+            // A move first has the protected site power its VMs off and drain.
+            step: match kind {
+                RecoveryKind::Failover => RecoveryStep::Opening,
+                RecoveryKind::Move => RecoveryStep::PreparingSource,
+            },
             started_ms: now,
             step_since_ms: now,
             intent: None,
@@ -223,6 +249,199 @@ impl SiteManager {
                     .collect()
             })
             .await
+    }
+
+    /// Moves a VPG to this (its recovery) site with nothing lost, both sites up: the
+    /// protected site powers its VMs off, everything they wrote becomes durable here, a last
+    /// checkpoint is taken, and the VMs come up here at it, before commit; then commit (the
+    /// protected VMs are removed) or roll back (they are powered on again).
+    pub async fn start_move(&self, id: VpgId, policy: CommitPolicy) -> ApiResult<RecoveryOp> {
+        policy.validate()?;
+        let check = id.clone();
+        let (own, peer) = self
+            .node()
+            .read(move |s| {
+                s.check_recoverable_here(&check)?;
+                let vpg = &s.vpgs[&check];
+                Ok::<_, DomainError>((s.site_id().cloned(), vpg.protected_site.clone()))
+            })
+            .await??;
+        let own = own.ok_or_else(|| DomainError::precondition("site is not initialized"))?;
+        if self.control().live.peer_vpg(&peer, &id).is_none() {
+            return Err(DomainError::precondition(format!(
+                "the protected site {peer} cannot be reached: a move needs both sites \
+                 (fail over instead)"
+            ))
+            .into());
+        }
+        self.check_recoverable(&id).await?;
+        let what = "move (to the protected site's last checkpoint)".to_string();
+        // The checkpoint is the protected site's last, known once it is drained.
+        let point = RecoveryPoint {
+            checkpoint_id: 0,
+            timestamp_ms: 0,
+            name: String::new(),
+        };
+        self.begin_recovery(id, own, RecoveryKind::Move, what, point, policy)
+            .await
+    }
+
+    /// The protected VRAs of a VPG this site protects: (host, control address).
+    async fn protected_vras(&self, id: &VpgId) -> ApiResult<Vec<(HostId, String)>> {
+        let id = id.clone();
+        Ok(self
+            .node()
+            .read(move |s| {
+                let vpg = s
+                    .vpgs
+                    .get(&id)
+                    .ok_or_else(|| DomainError::not_found(VpgId::KIND, &id))?;
+                if Some(&vpg.protected_site) != s.site_id() {
+                    return Err(DomainError::precondition(format!(
+                        "VPG {id} is not protected by this site"
+                    )));
+                }
+                protected_plans(vpg, s)?
+                    .into_iter()
+                    .map(|p| {
+                        let host = s
+                            .hosts
+                            .get(&p.host)
+                            .ok_or_else(|| DomainError::not_found(HostId::KIND, &p.host))?;
+                        Ok((p.host, host.vra_address.clone()))
+                    })
+                    .collect()
+            })
+            .await??)
+    }
+
+    /// Powers the protected VMs of a VPG off or on at every protected VRA of it.
+    async fn set_vm_power(&self, vras: &[(HostId, String)], id: &VpgId, on: bool) -> ApiResult<()> {
+        for (host, addr) in vras {
+            let req = v1::SetVmPowerRequest {
+                vpg_id: id.to_string(),
+                on,
+            };
+            self.control()
+                .vra(addr)?
+                .set_vm_power(control::vra_request(req))
+                .await
+                .map_err(|s| {
+                    crate::error::ApiError::unavailable(format!(
+                        "VRA of host {host}: {}",
+                        s.message()
+                    ))
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The protected site's part of a move (`SitePeer.PrepareMove`): VMs off, drained,
+    /// then the last checkpoint.
+    pub async fn prepare_move(
+        &self,
+        id: VpgId,
+        op: RecoveryOpId,
+    ) -> ApiResult<v1::PeerMoveResponse> {
+        let check = id.clone();
+        self.node()
+            .read(move |s| s.check_not_updating(&check))
+            .await??;
+        let vras = self.protected_vras(&id).await?;
+        self.set_vm_power(&vras, &id, false).await?;
+        let mut waiting = Vec::new();
+        for (host, addr) in &vras {
+            let status = self
+                .control()
+                .vra(addr)?
+                .get_status(control::vra_request(v1::GetVraStatusRequest {}))
+                .await
+                .map_err(|s| {
+                    crate::error::ApiError::unavailable(format!(
+                        "VRA of host {host}: {}",
+                        s.message()
+                    ))
+                })?
+                .into_inner();
+            let drained = status
+                .vpgs
+                .iter()
+                .find(|g| g.vpg_id == id.as_str())
+                .is_some_and(|g| {
+                    g.connected
+                        && g.acked_seq >= g.written_seq
+                        && g.dirty_bytes == 0
+                        && !g.tracking
+                        && g.sync.is_none()
+                        && g.state != v1::VpgStreamState::NeedsSync as i32
+                });
+            if !drained {
+                waiting.push(format!(
+                    "host {host} to drain its writes to the recovery site"
+                ));
+            }
+        }
+        if !waiting.is_empty() {
+            return Ok(v1::PeerMoveResponse {
+                done: false,
+                waiting_for: waiting.join("; "),
+                ..Default::default()
+            });
+        }
+        let taken = self
+            .add_checkpoint(
+                vec![id.clone()],
+                format!("move {op}"),
+                control::checkpoints::Kind::Manual,
+                None,
+            )
+            .await?
+            .pop()
+            .ok_or_else(|| crate::error::ApiError::internal("no checkpoint taken"))?;
+        tracing::info!(vpg = %id, op = %op, checkpoint = taken.id, "move: VMs off, drained, last checkpoint taken");
+        Ok(v1::PeerMoveResponse {
+            done: true,
+            checkpoint_id: taken.id,
+            checkpoint_ms: taken.timestamp_ms,
+            checkpoint_name: taken.name,
+            waiting_for: String::new(),
+        })
+    }
+
+    /// The protected site's end of a move (`SitePeer.FinishMove`): committed, the VPG is
+    /// Recovered here and the reconciler removes its protected VMs; rolled back, the VMs
+    /// are powered on again.
+    pub async fn finish_move(&self, id: VpgId, op: RecoveryOpId, committed: bool) -> ApiResult<()> {
+        if committed {
+            let check = id.clone();
+            let generation = self
+                .node()
+                .read(move |s| s.vpgs.get(&check).map(|v| (v.generation, v.operation)))
+                .await?;
+            match generation {
+                None | Some((_, Some(tandem_core::status::Operation::Recovered))) => {}
+                Some((generation, _)) => {
+                    self.node()
+                        .propose(Command::SetVpgOperation {
+                            id: id.clone(),
+                            generation,
+                            operation: Some(tandem_core::status::Operation::Recovered),
+                        })
+                        .await?;
+                    self.record_event(
+                        EventCode::RecoveryCommitted,
+                        Some(&id),
+                        format!("move {op} committed at the peer site: the protected VMs are removed here"),
+                    )
+                    .await;
+                }
+            }
+            return Ok(());
+        }
+        let vras = self.protected_vras(&id).await?;
+        self.set_vm_power(&vras, &id, true).await?;
+        tracing::info!(vpg = %id, op = %op, "move rolled back: the protected VMs are on again");
+        Ok(())
     }
 
     /// Recovery is not possible while a sync other than a bitmap sync runs (the seed: the

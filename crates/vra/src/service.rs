@@ -282,6 +282,16 @@ impl VraControl for ControlService {
         Ok(Response::new(pb::VraEmpty {}))
     }
 
+    async fn set_vm_power(
+        &self,
+        req: Request<pb::SetVmPowerRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        self.vra.set_vm_power(&vpg, r.on).await.map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
     async fn rollback_recovery(
         &self,
         req: Request<pb::RollbackRecoveryRequest>,

@@ -22,6 +22,9 @@ pub struct Assignments {
     pub protected: Vec<ProtectedAssignment>,
     /// Recovery VPGs.
     pub recovery: Vec<RecoveryAssignment>,
+    /// Protected VPGs whose VMs are powered off (their volumes not served).
+    #[serde(default)]
+    pub powered_off: Vec<tandem_core::ids::VpgId>,
 }
 
 /// Where the assignments live in a data directory.
@@ -90,6 +93,7 @@ mod tests {
                 recovery_site: String::new(),
             }],
             recovery: vec![],
+            powered_off: vec![],
         };
         save(dir.path(), &a).expect("save");
         assert_eq!(load(dir.path()).expect("load"), a);

@@ -84,6 +84,8 @@ struct Inner {
     connector: Connector,
     vpgs: tokio::sync::Mutex<BTreeMap<VpgId, Role>>,
     pits: Mutex<BTreeMap<String, VpgId>>,
+    /// Protected VPGs whose VMs are powered off: their volumes are not exported.
+    powered_off: Mutex<std::collections::BTreeSet<VpgId>>,
     cancel: CancellationToken,
     addrs: Mutex<(String, String)>,
 }
@@ -111,6 +113,7 @@ impl Vra {
                 connector,
                 vpgs: tokio::sync::Mutex::new(BTreeMap::new()),
                 pits: Mutex::new(BTreeMap::new()),
+                powered_off: Mutex::new(std::collections::BTreeSet::new()),
                 cancel,
                 addrs: Mutex::new((String::new(), String::new())),
             }),
@@ -142,6 +145,7 @@ impl Vra {
         let saved = tokio::task::spawn_blocking(move || state::load(&dir))
             .await
             .map_err(|_| VraError::ShuttingDown)??;
+        self.powered_off().extend(saved.powered_off.iter().cloned());
         for vpg in self.recovered_on_disk().await? {
             if let Err(e) = self.restore_recovered(&vpg).await {
                 warn!(vpg = %vpg, error = %e, "restoring a recovered vpg failed");
@@ -180,6 +184,12 @@ impl Vra {
                 Role::Recovered(_) => {}
             }
         }
+        a.powered_off = self
+            .powered_off()
+            .iter()
+            .filter(|v| matches!(vpgs.get(*v), Some(Role::Protected(_))))
+            .cloned()
+            .collect();
         let dir = self.inner.settings.data_dir.clone();
         tokio::task::spawn_blocking(move || state::save(&dir, &a))
             .await
@@ -238,7 +248,8 @@ impl Vra {
             &self.inner.cancel,
         )?;
         let mut added: Vec<String> = Vec::new();
-        for (name, vol) in p.volumes() {
+        let off = self.powered_off().contains(&a.vpg);
+        for (name, vol) in p.volumes().iter().filter(|_| !off) {
             let device: Arc<dyn BlockDevice> = vol.clone();
             if let Err(e) = self.inner.exports.insert(name.clone(), device) {
                 for n in &added {
@@ -252,6 +263,45 @@ impl Vra {
         vpgs.insert(a.vpg.clone(), Role::Protected(Arc::new(p)));
         self.persist(&vpgs).await?;
         info!(vpg = %a.vpg, generation = a.generation.0, "assigned protected role");
+        Ok(())
+    }
+
+    fn powered_off(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<VpgId>> {
+        self.inner
+            .powered_off
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Powers a protected VPG's VMs off (their volumes' exports close once the requests in
+    /// flight are answered; replication goes on) or on again. Persisted.
+    pub async fn set_vm_power(&self, vpg: &VpgId, on: bool) -> VraResult<()> {
+        let vpgs = self.inner.vpgs.lock().await;
+        let p = match vpgs.get(vpg) {
+            Some(Role::Protected(p)) => p.clone(),
+            Some(other) => {
+                return Err(VraError::WrongRole {
+                    vpg: vpg.clone(),
+                    role: other.name(),
+                });
+            }
+            None => return Err(VraError::VpgNotFound(vpg.clone())),
+        };
+        if on {
+            for (name, vol) in p.volumes() {
+                let device: Arc<dyn BlockDevice> = vol.clone();
+                match self.inner.exports.insert(name.clone(), device) {
+                    Ok(()) | Err(tandem_nbd::NbdError::ExportExists(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            self.powered_off().remove(vpg);
+        } else {
+            self.powered_off().insert(vpg.clone());
+            self.remove_protected_exports(&p);
+        }
+        self.persist(&vpgs).await?;
+        info!(vpg = %vpg, on, "vms powered");
         Ok(())
     }
 
@@ -383,6 +433,7 @@ impl Vra {
             Role::Protected(p) => {
                 self.remove_protected_exports(p);
                 p.stop(false).await;
+                self.powered_off().remove(vpg);
             }
             Role::Recovery(r) => {
                 self.remove_pit_exports(vpg);
@@ -892,6 +943,7 @@ impl Vra {
                         tracking: sync.tracking,
                         paused: sync.paused,
                         vms: s.vms.iter().map(|(vm, c)| c.to_pb(vm)).collect(),
+                        powered_off: self.powered_off().contains(p.id()),
                         ..Default::default()
                     });
                 }

@@ -167,4 +167,25 @@ impl SitePeer for PeerApi {
         let q = super::vpg::checkpoint_query(r.into_inner())?;
         Ok(Response::new(self.0.checkpoints(q, false).await?))
     }
+
+    async fn prepare_move(
+        &self,
+        r: Request<v1::PeerMoveRequest>,
+    ) -> Result<Response<v1::PeerMoveResponse>, Status> {
+        let r = r.into_inner();
+        let vpg = VpgId::parse("vpg_id", &r.vpg_id).map_err(bad)?;
+        let op = tandem_core::ids::RecoveryOpId::parse("op_id", &r.op_id).map_err(bad)?;
+        Ok(Response::new(self.0.prepare_move(vpg, op).await?))
+    }
+
+    async fn finish_move(
+        &self,
+        r: Request<v1::PeerFinishMoveRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        let r = r.into_inner();
+        let vpg = VpgId::parse("vpg_id", &r.vpg_id).map_err(bad)?;
+        let op = tandem_core::ids::RecoveryOpId::parse("op_id", &r.op_id).map_err(bad)?;
+        self.0.finish_move(vpg, op, r.committed).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
 }

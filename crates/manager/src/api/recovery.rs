@@ -211,6 +211,20 @@ impl RecoveryService for RecoveryApi {
         Ok(Response::new(op_to_proto(op)))
     }
 
+    async fn start_move(
+        &self,
+        r: Request<v1::StartMoveRequest>,
+    ) -> Result<Response<v1::RecoveryOperation>, Status> {
+        let r = r.into_inner();
+        let mut v = Violations::new();
+        let vpg = v.absorb(VpgId::parse("vpg_id", &r.vpg_id));
+        let policy = commit_policy(&mut v, r.commit_policy, r.commit_after_secs);
+        v.into_result().map_err(bad)?;
+        let vpg = vpg.ok_or_else(|| Status::invalid_argument("vpg_id"))?;
+        let op = self.0.start_move(vpg, policy).await?;
+        Ok(Response::new(op_to_proto(op)))
+    }
+
     async fn commit_recovery(
         &self,
         r: Request<v1::RecoveryRef>,

@@ -129,10 +129,12 @@ fn outcome(t: &Task, s: &SiteState, st: Option<&LiveStatus>, now: u64) -> Outcom
             match s.recoveries.get(&g.id).filter(|x| x.task == t.id) {
                 Some(x) => {
                     let progress = match x.step {
+                        RecoveryStep::PreparingSource => 5,
                         RecoveryStep::Opening => 10,
                         RecoveryStep::BeforeCommit => 40,
                         RecoveryStep::Committing => 60,
                         RecoveryStep::Promoting => 80,
+                        RecoveryStep::HandingOver => 95,
                         RecoveryStep::RollingBack => 90,
                     };
                     let what = format!("{} ({} volumes)", x.step.name(), x.volumes.len());

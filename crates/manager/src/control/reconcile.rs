@@ -94,8 +94,13 @@ pub async fn reconcile_once(site: &SiteManager) {
                 )
             })
         {
-            // Recovered (or being recovered) here: its VRAs are the recovery's (their
-            // volumes are the recovered VMs'), never unassigned by the sweep.
+            // Moved away from this (its protected) site: its protected VMs go, so the sweep
+            // unassigns them (their disks stay on disk).
+            if vpg.operation == Some(Operation::Recovered) && vpg.protected_site == own {
+                continue;
+            }
+            // Recovered (or being recovered) here, or being moved away: its VRAs are the
+            // operation's (their volumes are the VMs'), never unassigned by the sweep.
             unplanned.insert(vpg.id.clone());
             continue;
         }

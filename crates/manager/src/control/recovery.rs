@@ -18,10 +18,11 @@
 use std::time::Duration;
 
 use tandem_core::ids::{HostId, VmId};
+use tandem_core::pairing::PeerSite;
 use tandem_core::protection::recovery_plans;
 use tandem_core::recovery::{
-    FailoverTest, RecoveryAdvance, RecoveryIntent, RecoveryOp, RecoveryStep, TestProgress,
-    TestStep, TestVolume,
+    FailoverTest, RecoveryAdvance, RecoveryIntent, RecoveryKind, RecoveryOp, RecoveryPoint,
+    RecoveryStep, TestProgress, TestStep, TestVolume,
 };
 use tandem_core::state::{Command, SiteState};
 use tandem_proto::v1;
@@ -93,9 +94,19 @@ async fn drive(site: &SiteManager, state: &SiteState, op: &RecoveryOp) {
         Err(e) => return advance(site, op, op.step, None, Some(e), None).await,
     };
     match op.step {
-        RecoveryStep::Opening if op.intent == Some(RecoveryIntent::Rollback) => {
+        RecoveryStep::PreparingSource | RecoveryStep::Opening
+            if op.intent == Some(RecoveryIntent::Rollback) =>
+        {
             advance(site, op, RecoveryStep::RollingBack, None, None, None).await;
         }
+        RecoveryStep::PreparingSource => prepare_source(site, state, op).await,
+        RecoveryStep::HandingOver => match finish_move(site, state, op, true).await {
+            Ok(()) => end(site, op).await,
+            Err(e) => {
+                let error = Some(format!("removing the protected VMs: {e}"));
+                advance(site, op, op.step, None, error, None).await;
+            }
+        },
         RecoveryStep::Opening => open_recovered(site, op, &vras).await,
         RecoveryStep::BeforeCommit => {
             let intent = match (op.intent, op.policy.due(op.step_since_ms, now_ms())) {
@@ -133,7 +144,7 @@ async fn drive(site: &SiteManager, state: &SiteState, op: &RecoveryOp) {
             advance(site, op, RecoveryStep::Promoting, None, None, Some(g)).await;
         }
         RecoveryStep::Promoting => promote(site, op, &vras).await,
-        RecoveryStep::RollingBack => roll_back(site, op, &vras).await,
+        RecoveryStep::RollingBack => roll_back(site, state, op, &vras).await,
     }
 }
 
@@ -161,6 +172,7 @@ async fn advance(
             volumes,
             error,
             new_generation,
+            point: None,
             now_ms: now_ms(),
         },
     };
@@ -293,16 +305,11 @@ async fn promote(site: &SiteManager, op: &RecoveryOp, vras: &[(HostId, String)])
         }
     }
     if errors.is_empty() && waiting == 0 {
-        let cmd = Command::EndRecovery {
-            vpg: op.vpg.clone(),
-            op: op.id.clone(),
-            now_ms: now_ms(),
-        };
-        match site.node().propose(cmd).await {
-            Ok(_) => {
-                tracing::info!(vpg = %op.vpg, generation = g, "failover committed: volumes live")
-            }
-            Err(e) => tracing::warn!(vpg = %op.vpg, error = %e, "failover end not recorded"),
+        tracing::info!(vpg = %op.vpg, generation = g, kind = op.kind.name(), "committed: volumes live");
+        if op.kind == RecoveryKind::Move {
+            advance(site, op, RecoveryStep::HandingOver, None, None, None).await;
+        } else {
+            end(site, op).await;
         }
         return;
     }
@@ -311,7 +318,12 @@ async fn promote(site: &SiteManager, op: &RecoveryOp, vras: &[(HostId, String)])
 }
 
 /// Every recovery VRA rolls back; the operation ends once all have.
-async fn roll_back(site: &SiteManager, op: &RecoveryOp, vras: &[(HostId, String)]) {
+async fn roll_back(
+    site: &SiteManager,
+    state: &SiteState,
+    op: &RecoveryOp,
+    vras: &[(HostId, String)],
+) {
     let (_, errors) = on_every_vra(site, vras, |_, mut c| async move {
         let req = v1::RollbackRecoveryRequest {
             vpg_id: op.vpg.to_string(),
@@ -324,15 +336,118 @@ async fn roll_back(site: &SiteManager, op: &RecoveryOp, vras: &[(HostId, String)
         let error = format!("rolling back: {}", errors.join("; "));
         return advance(site, op, RecoveryStep::RollingBack, None, Some(error), None).await;
     }
+    if op.kind == RecoveryKind::Move
+        && let Err(e) = finish_move(site, state, op, false).await
+    {
+        let error = Some(format!("powering the protected VMs on again: {e}"));
+        return advance(site, op, RecoveryStep::RollingBack, None, error, None).await;
+    }
+    end(site, op).await;
+}
+
+/// Ends a promoted (committed) or rolled-back operation.
+async fn end(site: &SiteManager, op: &RecoveryOp) {
     let cmd = Command::EndRecovery {
         vpg: op.vpg.clone(),
         op: op.id.clone(),
         now_ms: now_ms(),
     };
     match site.node().propose(cmd).await {
-        Ok(_) => tracing::info!(vpg = %op.vpg, "failover rolled back"),
-        Err(e) => tracing::warn!(vpg = %op.vpg, error = %e, "rollback end not recorded"),
+        Ok(_) => {
+            tracing::info!(vpg = %op.vpg, kind = op.kind.name(), step = op.step.name(), "recovery operation ended")
+        }
+        Err(e) => tracing::warn!(vpg = %op.vpg, error = %e, "recovery end not recorded"),
     }
+}
+
+/// The protected site of the operation's VPG, as paired.
+fn protected_peer<'a>(state: &'a SiteState, op: &RecoveryOp) -> Result<&'a PeerSite, String> {
+    let vpg = state
+        .vpgs
+        .get(&op.vpg)
+        .ok_or_else(|| format!("VPG {} is gone", op.vpg))?;
+    state
+        .peers
+        .get(&vpg.protected_site)
+        .ok_or_else(|| format!("site {} is not paired", vpg.protected_site))
+}
+
+/// A move's first step: the protected site powers its VMs off, drains, and takes the last
+/// checkpoint, which the move then recovers to.
+async fn prepare_source(site: &SiteManager, state: &SiteState, op: &RecoveryOp) {
+    let peer = match protected_peer(state, op) {
+        Ok(p) => p,
+        Err(e) => return advance(site, op, op.step, None, Some(e), None).await,
+    };
+    let r = site
+        .peer_call(peer, |mut c| {
+            let req = v1::PeerMoveRequest {
+                vpg_id: op.vpg.to_string(),
+                op_id: op.id.to_string(),
+            };
+            async move { c.prepare_move(req).await }
+        })
+        .await;
+    match r {
+        Ok(done) if done.done => {
+            let point = RecoveryPoint {
+                checkpoint_id: done.checkpoint_id,
+                timestamp_ms: done.checkpoint_ms,
+                name: done.checkpoint_name,
+            };
+            tracing::info!(vpg = %op.vpg, checkpoint = point.checkpoint_id, "move: the protected site is drained");
+            advance_to_point(site, op, point).await;
+        }
+        Ok(waiting) => {
+            let error = Some(format!("waiting for {}", waiting.waiting_for));
+            advance(site, op, op.step, None, error, None).await;
+        }
+        Err(e) => {
+            let error = Some(format!("preparing the protected site: {e}"));
+            advance(site, op, op.step, None, error, None).await;
+        }
+    }
+}
+
+/// A move's protected site drained: the move opens the volumes at its last checkpoint.
+async fn advance_to_point(site: &SiteManager, op: &RecoveryOp, point: RecoveryPoint) {
+    let cmd = Command::AdvanceRecovery {
+        advance: RecoveryAdvance {
+            vpg: op.vpg.clone(),
+            op: op.id.clone(),
+            from: op.step,
+            to: RecoveryStep::Opening,
+            volumes: None,
+            error: None,
+            new_generation: None,
+            point: Some(point),
+            now_ms: now_ms(),
+        },
+    };
+    if let Err(e) = site.node().propose(cmd).await {
+        tracing::warn!(vpg = %op.vpg, error = %e, "move progress not recorded");
+    }
+}
+
+/// Tells the protected site how a move ended.
+async fn finish_move(
+    site: &SiteManager,
+    state: &SiteState,
+    op: &RecoveryOp,
+    committed: bool,
+) -> Result<(), String> {
+    let peer = protected_peer(state, op)?;
+    site.peer_call(peer, |mut c| {
+        let req = v1::PeerFinishMoveRequest {
+            vpg_id: op.vpg.to_string(),
+            op_id: op.id.to_string(),
+            committed,
+        };
+        async move { c.finish_move(req).await }
+    })
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 /// A volume a test serves, and the VRA that serves it.
