@@ -730,6 +730,18 @@ async fn a_rolled_back_failover_leaves_everything_as_it_was_and_protection_resum
     Ok(())
 }
 
+/// Waits until no failover or move runs at the site of `apis`.
+async fn wait_ended(apis: &[String]) -> Result<()> {
+    let start = Instant::now();
+    while !recoveries(apis).await.is_ok_and(|o| o.is_empty()) {
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("the operation did not end: {:?}", recoveries(apis).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
 /// The status of a VPG on every VRA of a site that reports it.
 async fn vra_vpg_status(
     lab: &Lab,
@@ -754,23 +766,28 @@ async fn vra_vpg_status(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_loses_no_acknowledged_write_and_removes_the_protected_vms() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (mut lab, apis_a, apis_b, _) = recovery_lab(dir.path(), "vpg-mv").await?;
+    let (mut lab, _, apis_b, _) = recovery_lab(dir.path(), "vpg-mv").await?;
     let workload = recovery_workload(&lab).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let bad = tandem(&apis_b, &["move", "start", "vpg-mv", "--checkpoint", "7"]).await;
     assert!(bad.is_err(), "a move to a chosen checkpoint");
-    let op: v1::RecoveryOperations = tandem_json(
-        &apis_b,
-        &["move", "start", "vpg-mv", "--wait", "--timeout", "60"],
-    )
-    .await?;
-    let op = op.operations.first().context("no move")?.clone();
-    assert_eq!(
-        (op.kind.as_str(), op.step.as_str(), op.volumes.len()),
-        ("move", "before commit", 4),
-        "{op:?}"
-    );
+    tandem(&apis_b, &["move", "start", "vpg-mv"]).await?;
+    // kill -9 of the recovery site's leader while the move prepares its source or opens
+    // the volumes: the next leader takes the step over.
+    let apis_b = kill_leader(&mut lab, 1).await?;
+    let start = Instant::now();
+    let op = loop {
+        let ops = recoveries(&apis_b).await.unwrap_or_default();
+        if let Some(op) = ops.into_iter().find(|o| o.step == "before commit") {
+            break op;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("the move did not reach before commit");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((op.kind.as_str(), op.volumes.len()), ("move", 4), "{op:?}");
     assert!(op.checkpoint_name.starts_with("move "), "{op:?}");
     // The writers lost their volumes with the power-off.
     let history = workload.stop().await;
@@ -794,11 +811,10 @@ async fn a_move_loses_no_acknowledged_write_and_removes_the_protected_vms() -> R
         "{protected:?}"
     );
 
-    tandem(
-        &apis_b,
-        &["move", "commit", "vpg-mv", "--wait", "--timeout", "60"],
-    )
-    .await?;
+    tandem(&apis_b, &["move", "commit", "vpg-mv"]).await?;
+    // kill -9 of the protected site's leader: the handover reaches the next one.
+    let apis_a = kill_leader(&mut lab, 0).await?;
+    wait_ended(&apis_b).await?;
     let s = status_of(&apis_b, "vpg-mv").await?;
     assert_eq!(s.status, "Recovered", "{s:?}");
     // The old protected site removes its protected VMs.
@@ -847,11 +863,10 @@ async fn a_rolled_back_move_powers_the_protected_vms_on_again() -> Result<()> {
     for v in &op.volumes {
         qemu_io(&v.nbd_uri, "write -P 0x71 12M 1M")?;
     }
-    tandem(
-        &apis_b,
-        &["move", "rollback", "vpg-mb", "--wait", "--timeout", "60"],
-    )
-    .await?;
+    tandem(&apis_b, &["move", "rollback", "vpg-mb"]).await?;
+    // kill -9 of the recovery site's leader while it rolls back: it ends rolled back.
+    let apis_b = kill_leader(&mut lab, 1).await?;
+    wait_ended(&apis_b).await?;
     assert_eq!(
         images(datastore_hashes(&lab)?),
         before,
