@@ -902,3 +902,61 @@ async fn a_rolled_back_move_powers_the_protected_vms_on_again() -> Result<()> {
     lab.down().await;
     Ok(())
 }
+
+/// A failover that shuts the protected VMs down first (both sites up): they are powered
+/// off and drained, the failover goes to a last checkpoint taken after (the latest was
+/// asked), so every write the workload acknowledged is in the recovered volumes; the
+/// commit removes the protected VMs at the old site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_that_shuts_the_protected_vms_down_loses_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (lab, apis_a, apis_b, _) = recovery_lab(dir.path(), "vpg-sd").await?;
+    let workload = recovery_workload(&lab).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let op: v1::RecoveryOperations = tandem_json(
+        &apis_b,
+        &[
+            "failover",
+            "start",
+            "vpg-sd",
+            "--shutdown",
+            "yes",
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+    )
+    .await?;
+    let op = op.operations.first().context("no failover")?.clone();
+    assert_eq!(
+        (op.kind.as_str(), op.step.as_str()),
+        ("failover", "before commit"),
+        "{op:?}"
+    );
+    assert!(
+        op.checkpoint_name.starts_with("move "),
+        "the last checkpoint: {op:?}"
+    );
+    let history = workload.stop().await;
+    let exact = tandem_lab::workload::CutWindow::exact(history.end());
+    check_recovered(&history, &exact, &op).await?;
+    let protected = vra_vpg_status(&lab, 0, "vpg-sd").await?;
+    assert!(protected.iter().all(|g| g.powered_off), "{protected:?}");
+    tandem(
+        &apis_b,
+        &["failover", "commit", "vpg-sd", "--wait", "--timeout", "60"],
+    )
+    .await?;
+    let start = Instant::now();
+    while !vra_vpg_status(&lab, 0, "vpg-sd").await?.is_empty()
+        || status_of(&apis_a, "vpg-sd").await?.status != "Recovered"
+    {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("site-a still protects vpg-sd");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut lab = lab;
+    lab.down().await;
+    Ok(())
+}

@@ -60,6 +60,11 @@ pub enum FailoverCmd {
         /// manual (default), auto-commit=SECS or auto-rollback=SECS.
         #[arg(long, default_value = "manual")]
         commit_policy: String,
+        /// Failover only: no (default; the protected site may be gone), yes (power the
+        /// protected VMs off and drain them first; with --checkpoint latest, to a last
+        /// checkpoint taken after) or force (power them off without waiting).
+        #[arg(long, default_value = "no", value_parser = ["no", "yes", "force"])]
+        shutdown: String,
         #[arg(long)]
         wait: bool,
         /// How long --wait waits, in seconds.
@@ -199,6 +204,7 @@ pub async fn failover(ch: Channel, fmt: Format, kind: Kind, c: FailoverCmd) -> R
             vpg,
             checkpoint,
             commit_policy: policy,
+            shutdown,
             wait,
             timeout,
         } => {
@@ -210,9 +216,19 @@ pub async fn failover(ch: Channel, fmt: Format, kind: Kind, c: FailoverCmd) -> R
                         checkpoint: Some(choice(&checkpoint)),
                         commit_policy: policy as i32,
                         commit_after_secs: after,
+                        shutdown: match shutdown.as_str() {
+                            "yes" => v1::ShutdownVms::Yes,
+                            "force" => v1::ShutdownVms::Force,
+                            _ => v1::ShutdownVms::No,
+                        } as i32,
                     })
                     .await?
                     .into_inner(),
+                Kind::Move if shutdown != "no" => {
+                    bail!(
+                        "a move always powers the protected VMs off and drains them: no --shutdown"
+                    )
+                }
                 Kind::Move if checkpoint != "latest" => {
                     bail!(
                         "a move recovers to the protected site's last checkpoint: no --checkpoint"

@@ -309,6 +309,19 @@ impl CommitPolicy {
     }
 }
 
+/// What a failover does with the protected VMs first, when their site can be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Shutdown {
+    /// Leave them running.
+    #[default]
+    No,
+    /// Power them off and wait until everything they wrote is durable at the recovery
+    /// site (a failover to the latest checkpoint then goes to a last one taken after).
+    Yes,
+    /// Power them off, without waiting.
+    Force,
+}
+
 /// A failover or move that runs at this site.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecoveryOp {
@@ -330,6 +343,27 @@ pub struct RecoveryOp {
     pub volumes: Vec<TestVolume>,
     /// Why the current step has not finished yet (retried every pass).
     pub error: Option<String>,
+    /// A failover's shutdown of the protected VMs (a move always powers them off).
+    #[serde(default)]
+    pub shutdown: Shutdown,
+    /// The operation goes to the protected site's last checkpoint, taken once it is
+    /// drained (a move; a failover to the latest checkpoint with shutdown).
+    #[serde(default)]
+    pub to_last_checkpoint: bool,
+}
+
+impl RecoveryOp {
+    /// Whether the protected site takes part: it powers its VMs off first, removes them on
+    /// commit and powers them on again on rollback.
+    pub fn touches_source(&self) -> bool {
+        self.kind == RecoveryKind::Move || self.shutdown != Shutdown::No
+    }
+
+    /// Whether the protected site waits until everything its VMs wrote is durable at the
+    /// recovery site before it answers.
+    pub fn drains_source(&self) -> bool {
+        self.kind == RecoveryKind::Move || self.shutdown == Shutdown::Yes
+    }
 }
 
 /// A leader's move of an operation from one step to another (or, with `from == to`, a

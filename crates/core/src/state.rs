@@ -1490,6 +1490,8 @@ mod tests {
             intent: None,
             volumes: Vec::new(),
             error: None,
+            shutdown: crate::recovery::Shutdown::No,
+            to_last_checkpoint: false,
         };
         let refused = |r: CommandOutcome, words: &str| match r {
             Err(DomainError::FailedPrecondition(m)) => assert!(m.contains(words), "{m}"),

@@ -1809,6 +1809,7 @@ async fn disaster_failover(lab: &mut Lab, report: &mut Report, run: &Run) {
                             checkpoint: None,
                             commit_policy: v1::CommitPolicyKind::Manual as i32,
                             commit_after_secs: 0,
+                            shutdown: v1::ShutdownVms::No as i32,
                         })
                         .await
                 }

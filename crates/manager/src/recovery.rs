@@ -10,7 +10,7 @@ use tandem_core::ids::{HostId, RecoveryOpId, VpgId};
 use tandem_core::protection::protected_plans;
 use tandem_core::recovery::{
     CheckpointChoice, CommitPolicy, FailoverTest, ListedCheckpoint, RecoveryIntent, RecoveryKind,
-    RecoveryOp, RecoveryPoint, RecoveryStep, TestStep, TestVerdict, choose_checkpoint,
+    RecoveryOp, RecoveryPoint, RecoveryStep, Shutdown, TestStep, TestVerdict, choose_checkpoint,
 };
 use tandem_core::state::Command;
 use tandem_core::tasks::TaskKind;
@@ -20,6 +20,17 @@ use tandem_proto::vra_convert::sync_name;
 use crate::control;
 use crate::error::ApiResult;
 use crate::site::{SiteManager, now_ms};
+
+/// A failover or move as asked, before it is recorded.
+struct RecoveryPlan {
+    kind: RecoveryKind,
+    /// For its task and event.
+    what: String,
+    point: RecoveryPoint,
+    policy: CommitPolicy,
+    shutdown: Shutdown,
+    to_last_checkpoint: bool,
+}
 
 impl SiteManager {
     /// Starts a failover test of each VPG (recovered at this site), at the checkpoint
@@ -136,22 +147,46 @@ impl SiteManager {
         id: VpgId,
         choice: CheckpointChoice,
         policy: CommitPolicy,
+        shutdown: Shutdown,
     ) -> ApiResult<RecoveryOp> {
         policy.validate()?;
         let check = id.clone();
-        let own = self
+        let (own, peer) = self
             .node()
             .read(move |s| {
                 s.check_recoverable_here(&check)?;
-                Ok::<_, DomainError>(s.site_id().cloned())
+                Ok::<_, DomainError>((s.site_id().cloned(), s.vpgs[&check].protected_site.clone()))
             })
-            .await??
-            .ok_or_else(|| DomainError::precondition("site is not initialized"))?;
+            .await??;
+        let own = own.ok_or_else(|| DomainError::precondition("site is not initialized"))?;
+        if shutdown != Shutdown::No && self.control().live.peer_vpg(&peer, &id).is_none() {
+            return Err(DomainError::precondition(format!(
+                "the protected site {peer} cannot be reached to shut its VMs down: fail over \
+                 without shutting them down"
+            ))
+            .into());
+        }
         self.check_recoverable(&id).await?;
         let point = self.choose_point(&id, &choice).await?;
-        let what = format!("failover to {}", point.label());
-        self.begin_recovery(id, own, RecoveryKind::Failover, what, point, policy)
-            .await
+        let what = format!(
+            "failover to {}{}",
+            point.label(),
+            match shutdown {
+                Shutdown::No => "",
+                Shutdown::Yes => ", the protected VMs shut down first",
+                Shutdown::Force => ", the protected VMs powered off first",
+            }
+        );
+        let to_last = shutdown == Shutdown::Yes && choice == CheckpointChoice::Latest;
+        let plan = RecoveryPlan {
+            kind: RecoveryKind::Failover,
+            what,
+            point,
+            policy,
+            shutdown,
+            to_last_checkpoint: to_last,
+        };
+        self.begin_recovery(id, own, plan).await
     }
 
     /// Records a failover or move with its task and event; the recovery controller takes
@@ -160,11 +195,16 @@ impl SiteManager {
         &self,
         id: VpgId,
         own: tandem_core::ids::SiteId,
-        kind: RecoveryKind,
-        what: String,
-        point: RecoveryPoint,
-        policy: CommitPolicy,
+        plan: RecoveryPlan,
     ) -> ApiResult<RecoveryOp> {
+        let RecoveryPlan {
+            kind,
+            what,
+            point,
+            policy,
+            shutdown,
+            to_last_checkpoint,
+        } = plan;
         let task_kind = match kind {
             RecoveryKind::Failover => TaskKind::Failover,
             RecoveryKind::Move => TaskKind::Move,
@@ -195,16 +235,24 @@ impl SiteManager {
             policy,
             from_generation,
             new_generation: None,
-            // A move first has the protected site power its VMs off and drain.
-            step: match kind {
-                RecoveryKind::Failover => RecoveryStep::Opening,
-                RecoveryKind::Move => RecoveryStep::PreparingSource,
-            },
+            step: RecoveryStep::Opening,
             started_ms: now,
             step_since_ms: now,
             intent: None,
             volumes: Vec::new(),
             error: None,
+            shutdown,
+            to_last_checkpoint,
+        };
+        // A move, or a failover that shuts the protected VMs down, first has the
+        // protected site power them off (and drain).
+        let op = RecoveryOp {
+            step: if op.touches_source() {
+                RecoveryStep::PreparingSource
+            } else {
+                RecoveryStep::Opening
+            },
+            ..op
         };
         let r = self
             .node()
@@ -282,8 +330,15 @@ impl SiteManager {
             timestamp_ms: 0,
             name: String::new(),
         };
-        self.begin_recovery(id, own, RecoveryKind::Move, what, point, policy)
-            .await
+        let plan = RecoveryPlan {
+            kind: RecoveryKind::Move,
+            what,
+            point,
+            policy,
+            shutdown: Shutdown::Yes,
+            to_last_checkpoint: true,
+        };
+        self.begin_recovery(id, own, plan).await
     }
 
     /// The protected VRAs of a VPG this site protects: (host, control address).
@@ -342,6 +397,7 @@ impl SiteManager {
         &self,
         id: VpgId,
         op: RecoveryOpId,
+        drain: bool,
     ) -> ApiResult<v1::PeerMoveResponse> {
         let check = id.clone();
         self.node()
@@ -349,6 +405,13 @@ impl SiteManager {
             .await??;
         let vras = self.protected_vras(&id).await?;
         self.set_vm_power(&vras, &id, false).await?;
+        if !drain {
+            tracing::info!(vpg = %id, op = %op, "protected VMs powered off (not drained)");
+            return Ok(v1::PeerMoveResponse {
+                done: true,
+                ..Default::default()
+            });
+        }
         let mut waiting = Vec::new();
         for (host, addr) in &vras {
             let status = self

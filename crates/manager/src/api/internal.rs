@@ -175,7 +175,7 @@ impl SitePeer for PeerApi {
         let r = r.into_inner();
         let vpg = VpgId::parse("vpg_id", &r.vpg_id).map_err(bad)?;
         let op = tandem_core::ids::RecoveryOpId::parse("op_id", &r.op_id).map_err(bad)?;
-        Ok(Response::new(self.0.prepare_move(vpg, op).await?))
+        Ok(Response::new(self.0.prepare_move(vpg, op, r.drain).await?))
     }
 
     async fn finish_move(

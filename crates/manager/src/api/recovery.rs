@@ -4,7 +4,7 @@ use tandem_core::error::Violations;
 use tandem_core::ids::VpgId;
 use tandem_core::recovery::{
     CheckpointChoice, CommitPolicy, FailoverTest, MAX_COMMIT_POLICY_SECS, RecoveryIntent,
-    RecoveryOp, TestStep, TestVerdict, TestVolume,
+    RecoveryOp, Shutdown, TestStep, TestVerdict, TestVolume,
 };
 use tandem_proto::v1::{self, recovery_service_server::RecoveryService};
 use tonic::{Request, Response, Status};
@@ -205,9 +205,18 @@ impl RecoveryService for RecoveryApi {
         let vpg = v.absorb(VpgId::parse("vpg_id", &r.vpg_id));
         let choice = checkpoint_choice(&mut v, r.checkpoint);
         let policy = commit_policy(&mut v, r.commit_policy, r.commit_after_secs);
+        let shutdown = match v1::ShutdownVms::try_from(r.shutdown) {
+            Ok(v1::ShutdownVms::No) => Shutdown::No,
+            Ok(v1::ShutdownVms::Yes) => Shutdown::Yes,
+            Ok(v1::ShutdownVms::Force) => Shutdown::Force,
+            Err(_) => {
+                v.add("shutdown", "unknown value");
+                Shutdown::No
+            }
+        };
         v.into_result().map_err(bad)?;
         let vpg = vpg.ok_or_else(|| Status::invalid_argument("vpg_id"))?;
-        let op = self.0.start_failover(vpg, choice, policy).await?;
+        let op = self.0.start_failover(vpg, choice, policy, shutdown).await?;
         Ok(Response::new(op_to_proto(op)))
     }
 

@@ -21,8 +21,8 @@ use tandem_core::ids::{HostId, VmId};
 use tandem_core::pairing::PeerSite;
 use tandem_core::protection::recovery_plans;
 use tandem_core::recovery::{
-    FailoverTest, RecoveryAdvance, RecoveryIntent, RecoveryKind, RecoveryOp, RecoveryPoint,
-    RecoveryStep, TestProgress, TestStep, TestVolume,
+    FailoverTest, RecoveryAdvance, RecoveryIntent, RecoveryOp, RecoveryPoint, RecoveryStep,
+    TestProgress, TestStep, TestVolume,
 };
 use tandem_core::state::{Command, SiteState};
 use tandem_proto::v1;
@@ -306,7 +306,7 @@ async fn promote(site: &SiteManager, op: &RecoveryOp, vras: &[(HostId, String)])
     }
     if errors.is_empty() && waiting == 0 {
         tracing::info!(vpg = %op.vpg, generation = g, kind = op.kind.name(), "committed: volumes live");
-        if op.kind == RecoveryKind::Move {
+        if op.touches_source() {
             advance(site, op, RecoveryStep::HandingOver, None, None, None).await;
         } else {
             end(site, op).await;
@@ -336,11 +336,21 @@ async fn roll_back(
         let error = format!("rolling back: {}", errors.join("; "));
         return advance(site, op, RecoveryStep::RollingBack, None, Some(error), None).await;
     }
-    if op.kind == RecoveryKind::Move
+    if op.touches_source()
         && let Err(e) = finish_move(site, state, op, false).await
     {
-        let error = Some(format!("powering the protected VMs on again: {e}"));
-        return advance(site, op, RecoveryStep::RollingBack, None, error, None).await;
+        let reachable = state
+            .vpgs
+            .get(&op.vpg)
+            .and_then(|v| site.control().live.peer_vpg(&v.protected_site, &v.id))
+            .is_some();
+        if reachable {
+            let error = Some(format!("powering the protected VMs on again: {e}"));
+            return advance(site, op, RecoveryStep::RollingBack, None, error, None).await;
+        }
+        // A rollback never waits for a site that is gone.
+        tracing::warn!(vpg = %op.vpg, error = %e,
+            "rolled back without the protected site: its VMs stay powered off there");
     }
     end(site, op).await;
 }
@@ -384,16 +394,21 @@ async fn prepare_source(site: &SiteManager, state: &SiteState, op: &RecoveryOp) 
             let req = v1::PeerMoveRequest {
                 vpg_id: op.vpg.to_string(),
                 op_id: op.id.to_string(),
+                drain: op.drains_source(),
             };
             async move { c.prepare_move(req).await }
         })
         .await;
     match r {
         Ok(done) if done.done => {
-            let point = RecoveryPoint {
-                checkpoint_id: done.checkpoint_id,
-                timestamp_ms: done.checkpoint_ms,
-                name: done.checkpoint_name,
+            let point = if op.to_last_checkpoint {
+                RecoveryPoint {
+                    checkpoint_id: done.checkpoint_id,
+                    timestamp_ms: done.checkpoint_ms,
+                    name: done.checkpoint_name,
+                }
+            } else {
+                op.point.clone()
             };
             tracing::info!(vpg = %op.vpg, checkpoint = point.checkpoint_id, "move: the protected site is drained");
             advance_to_point(site, op, point).await;
