@@ -184,12 +184,9 @@ impl Vra {
                 Role::Recovered(_) => {}
             }
         }
-        a.powered_off = self
-            .powered_off()
-            .iter()
-            .filter(|v| matches!(vpgs.get(*v), Some(Role::Protected(_))))
-            .cloned()
-            .collect();
+        // All of them, also of protected VPGs not restored yet (a persist during restore):
+        // an entry goes only with power on or unassign.
+        a.powered_off = self.powered_off().iter().cloned().collect();
         let dir = self.inner.settings.data_dir.clone();
         tokio::task::spawn_blocking(move || state::save(&dir, &a))
             .await

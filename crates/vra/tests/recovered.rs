@@ -343,3 +343,67 @@ async fn a_recovery_vra_killed_while_committing_finishes_the_commit() {
     assert_volumes_equal(&b, &copies, "live after a kill while committing");
     drop(a);
 }
+
+async fn exports(v: &VraProcess) -> Vec<String> {
+    v.client()
+        .await
+        .get_status(pb::GetVraStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .exports
+}
+
+/// A move powers the protected VMs off: their exports go, replication goes on, and the
+/// power state survives kill -9 of the protected VRA; powered on, they are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn powered_off_vms_stay_off_across_a_restart_until_powered_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let mut a = VraProcess::start(root, "host-a");
+    let b = VraProcess::start(root, "host-b");
+    assign(root, &a, &b, VPG, 1, &vms(), true).await;
+    wait_connected(&a, VPG).await;
+    qemu_io(&a.uri("vm-1/0"), &["write -P 0x42 0 64k"]);
+    let power = |on: bool| pb::SetVmPowerRequest {
+        vpg_id: VPG.into(),
+        on,
+    };
+    a.client()
+        .await
+        .set_vm_power(power(false))
+        .await
+        .expect("power off");
+    assert!(exports(&a).await.is_empty(), "{:?}", exports(&a).await);
+    let s = vpg_status(&a, VPG).await;
+    assert!(s.powered_off, "{s:?}");
+    // What was written before drains to the recovery side.
+    wait_for("the writes to drain", || async {
+        let s = vpg_status(&a, VPG).await;
+        (s.acked_seq == s.written_seq && is_level(&s)).then_some(())
+    })
+    .await;
+    a.kill9();
+    let a = VraProcess::start_on(root, "host-a", &a.control.clone());
+    assert!(exports(&a).await.is_empty(), "still off after a restart");
+    assert!(vpg_status(&a, VPG).await.powered_off);
+    a.client()
+        .await
+        .set_vm_power(power(true))
+        .await
+        .expect("power on");
+    assert_eq!(exports(&a).await.len(), 3, "{:?}", exports(&a).await);
+    qemu_io(&a.uri("vm-1/0"), &["read -P 0x42 0 64k"]);
+    assert!(!vpg_status(&a, VPG).await.powered_off);
+    let refused = b
+        .client()
+        .await
+        .set_vm_power(power(false))
+        .await
+        .expect_err("not the protected role");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+}
