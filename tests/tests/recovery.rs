@@ -660,7 +660,6 @@ async fn a_failover_after_the_protected_site_is_killed_recovers_the_latest_check
 async fn a_rolled_back_failover_leaves_everything_as_it_was_and_protection_resumes() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (mut lab, apis_a, apis_b, mut seen) = recovery_lab(dir.path(), "vpg-fo").await?;
-    let meeting = meeting_sla;
     let workload = recovery_workload(&lab).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let history = workload.stop().await;
@@ -723,7 +722,7 @@ async fn a_rolled_back_failover_leaves_everything_as_it_was_and_protection_resum
         "vpg-fo",
         Duration::from_secs(60),
         &mut seen,
-        meeting,
+        meeting_sla,
     )
     .await?;
     lab.down().await;
@@ -842,7 +841,6 @@ async fn a_move_loses_no_acknowledged_write_and_removes_the_protected_vms() -> R
 async fn a_rolled_back_move_powers_the_protected_vms_on_again() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (mut lab, apis_a, apis_b, mut seen) = recovery_lab(dir.path(), "vpg-mb").await?;
-    let meeting = meeting_sla;
     let workload = recovery_workload(&lab).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let op: v1::RecoveryOperations = tandem_json(
@@ -896,7 +894,7 @@ async fn a_rolled_back_move_powers_the_protected_vms_on_again() -> Result<()> {
         "vpg-mb",
         Duration::from_secs(60),
         &mut seen,
-        meeting,
+        meeting_sla,
     )
     .await?;
     lab.down().await;

@@ -1439,6 +1439,20 @@ mod tests {
         ));
     }
 
+    /// Starts the site's first task, of `kind` for VPG `id`.
+    fn start_test_task(s: &mut SiteState, kind: crate::tasks::TaskKind, id: &VpgId) {
+        let task = s.apply(Command::StartTask {
+            task: crate::tasks::NewTask {
+                kind,
+                vpg: Some(id.clone()),
+                started_ms: 1000,
+                generation: None,
+                message: String::new(),
+            },
+        });
+        assert_eq!(task, Ok(Applied::Task(1)));
+    }
+
     /// Gives VPG `id` one VM (recovered on host h, datastore d, pool p).
     fn add_test_vm(s: &mut SiteState, id: &VpgId) {
         s.vpgs.get_mut(id).unwrap().vms.push(crate::vpg::VpgVm {
@@ -1591,16 +1605,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.vpgs[&id].generation, generation + 5);
         assert_eq!(s.vpgs[&id].operation, Some(Operation::FailoverPromoting));
-        let task = s.apply(Command::StartTask {
-            task: crate::tasks::NewTask {
-                kind: crate::tasks::TaskKind::Failover,
-                vpg: Some(id.clone()),
-                started_ms: 1000,
-                generation: None,
-                message: String::new(),
-            },
-        });
-        assert_eq!(task, Ok(Applied::Task(1)));
+        start_test_task(&mut s, crate::tasks::TaskKind::Failover, &id);
         s.apply(Command::EndRecovery {
             vpg: id.clone(),
             op: crate::ids::RecoveryOpId::minted("a".into()),
@@ -1757,16 +1762,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.tests[&id].step, TestStep::Stopping);
-        let task = s.apply(Command::StartTask {
-            task: crate::tasks::NewTask {
-                kind: crate::tasks::TaskKind::FailoverTest,
-                vpg: Some(id.clone()),
-                started_ms: 1000,
-                generation: None,
-                message: String::new(),
-            },
-        });
-        assert_eq!(task, Ok(Applied::Task(1)));
+        start_test_task(&mut s, crate::tasks::TaskKind::FailoverTest, &id);
         s.apply(Command::EndFailoverTest {
             vpg: id.clone(),
             task: 1,

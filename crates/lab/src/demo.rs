@@ -659,6 +659,15 @@ impl Managers {
             .operations)
     }
 
+    /// Waits until no failover or move of `vpg` runs here.
+    async fn wait_no_recovery(&self, vpg: &str, what: &str) -> Result<()> {
+        wait_until(what, PATIENCE, || async {
+            self.recoveries(vpg).await.ok().filter(|o| o.is_empty())
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// The failover tests of `vpg` that run here.
     async fn failover_tests(&self, vpg: &str) -> Result<Vec<v1::FailoverTest>> {
         Ok(self
@@ -1734,14 +1743,9 @@ async fn move_and_back(report: &mut Report, run: &Run) {
                 }
             })
             .await?;
-        wait_until("the rollback to end", PATIENCE, || async {
-            ctx.b
-                .recoveries(&ctx.vpg)
-                .await
-                .ok()
-                .filter(|o| o.is_empty())
-        })
-        .await?;
+        ctx.b
+            .wait_no_recovery(&ctx.vpg, "the rollback to end")
+            .await?;
         let mut seen = Vec::new();
         let back = ctx
             .a
@@ -1834,14 +1838,9 @@ async fn disaster_failover(lab: &mut Lab, report: &mut Report, run: &Run) {
             })
             .await?;
         let committing = Instant::now();
-        wait_until("the commit to end", PATIENCE, || async {
-            ctx.b
-                .recoveries(&ctx.vpg)
-                .await
-                .ok()
-                .filter(|o| o.is_empty())
-        })
-        .await?;
+        ctx.b
+            .wait_no_recovery(&ctx.vpg, "the commit to end")
+            .await?;
         let promoted = committing.elapsed();
         let (status, _) = ctx.b.shown(&ctx.vpg).await?;
         if status != "Recovered" {

@@ -72,20 +72,9 @@ impl SiteManager {
                 stop_requested_ms: 0,
                 error: None,
             };
-            let r = self
-                .node()
-                .propose(Command::StartFailoverTest { test: test.clone() })
-                .await;
-            if let Err(e) = &r {
-                self.end_task(Some(task), false, e.to_string()).await;
-            }
-            r?;
-            self.record_event(
-                EventCode::FailoverTestStarted,
-                Some(&id),
-                format!("{what} started"),
-            )
-            .await;
+            let cmd = Command::StartFailoverTest { test: test.clone() };
+            self.start_recorded(cmd, task, EventCode::FailoverTestStarted, &id, &what)
+                .await?;
             started.push(test);
         }
         Ok(started)
@@ -226,7 +215,7 @@ impl SiteManager {
             })
             .await?;
         let now = now_ms();
-        let op = RecoveryOp {
+        let mut op = RecoveryOp {
             id: RecoveryOpId::minted(format!("{own}-{task}")),
             kind,
             vpg: id.clone(),
@@ -244,30 +233,14 @@ impl SiteManager {
             shutdown,
             to_last_checkpoint,
         };
-        // A move, or a failover that shuts the protected VMs down, first has the
-        // protected site power them off (and drain).
-        let op = RecoveryOp {
-            step: if op.touches_source() {
-                RecoveryStep::PreparingSource
-            } else {
-                RecoveryStep::Opening
-            },
-            ..op
-        };
-        let r = self
-            .node()
-            .propose(Command::BeginRecovery { op: op.clone() })
-            .await;
-        if let Err(e) = &r {
-            self.end_task(Some(task), false, e.to_string()).await;
+        // A move, or a failover that shuts the protected VMs down, first has the protected
+        // site power them off (and drain).
+        if op.touches_source() {
+            op.step = RecoveryStep::PreparingSource;
         }
-        r?;
-        self.record_event(
-            EventCode::RecoveryStarted,
-            Some(&id),
-            format!("{what} started"),
-        )
-        .await;
+        let cmd = Command::BeginRecovery { op: op.clone() };
+        self.start_recorded(cmd, task, EventCode::RecoveryStarted, &id, &what)
+            .await?;
         Ok(op)
     }
 
@@ -504,6 +477,25 @@ impl SiteManager {
         let vras = self.protected_vras(&id).await?;
         self.set_vm_power(&vras, &id, true).await?;
         tracing::info!(vpg = %id, op = %op, "move rolled back: the protected VMs are on again");
+        Ok(())
+    }
+
+    /// Proposes the command that starts a recovery operation; its task fails with it when
+    /// it is refused, else the start is recorded as an event.
+    async fn start_recorded(
+        &self,
+        cmd: Command,
+        task: u64,
+        code: EventCode,
+        id: &VpgId,
+        what: &str,
+    ) -> ApiResult<()> {
+        if let Err(e) = self.node().propose(cmd).await {
+            self.end_task(Some(task), false, e.to_string()).await;
+            return Err(e);
+        }
+        self.record_event(code, Some(id), format!("{what} started"))
+            .await;
         Ok(())
     }
 
