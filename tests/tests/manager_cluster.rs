@@ -30,6 +30,7 @@ fn vm(id: &str, host: &str, ds: &str, volumes: u32) -> v1::Vm {
         memory_reservation_mib: 1024,
         volumes: (0..volumes)
             .map(|i| v1::Volume {
+                path: String::new(),
                 controller: i / 15,
                 unit: i % 15,
                 size_bytes: 1 << 30,

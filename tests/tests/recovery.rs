@@ -771,7 +771,7 @@ async fn a_move_loses_no_acknowledged_write_and_removes_the_protected_vms() -> R
 
     let bad = tandem(&apis_b, &["move", "start", "vpg-mv", "--checkpoint", "7"]).await;
     assert!(bad.is_err(), "a move to a chosen checkpoint");
-    tandem(&apis_b, &["move", "start", "vpg-mv"]).await?;
+    tandem(&apis_b, &["move", "start", "vpg-mv", "--reverse", "no"]).await?;
     // kill -9 of the recovery site's leader while the move prepares its source or opens
     // the volumes: the next leader takes the step over.
     let apis_b = kill_leader(&mut lab, 1).await?;
@@ -830,6 +830,159 @@ async fn a_move_loses_no_acknowledged_write_and_removes_the_protected_vms() -> R
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(check_recovered(&history, &exact, &op).await?, included);
+    lab.down().await;
+    Ok(())
+}
+
+/// blake3 of each VM's volume 0 (`vm-0/0` ...) as `uris` serve them over NBD, in VM order.
+async fn volume_hashes(uris: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for uri in uris {
+        let c = NbdClient::connect_uri(uri).await?;
+        let mut h = blake3::Hasher::new();
+        let mut at = 0;
+        while at < 16 * MIB {
+            h.update(&c.read(at, MIB as u32).await?);
+            at += MIB;
+        }
+        c.disconnect().await?;
+        out.push(h.finalize().to_hex().to_string());
+    }
+    Ok(out)
+}
+
+/// The NBD URIs of volume 0 of every VM of an operation, in VM order.
+fn op_uris(op: &v1::RecoveryOperation) -> Vec<String> {
+    let mut v: Vec<&v1::RecoveredVolume> = op.volumes.iter().filter(|v| v.volume_id == 0).collect();
+    v.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+    v.into_iter().map(|v| v.nbd_uri.clone()).collect()
+}
+
+/// Waits for a failover or move at `apis` to reach before commit.
+async fn before_commit(apis: &[String]) -> Result<v1::RecoveryOperation> {
+    let start = Instant::now();
+    loop {
+        let ops = recoveries(apis).await.unwrap_or_default();
+        if let Some(op) = ops.into_iter().find(|o| o.step == "before commit") {
+            return Ok(op);
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "no operation reached before commit: {:?}",
+                recoveries(apis).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The last sync each VRA of `site` ran for `vpg` as the protected VRA: (kind, bytes sent).
+async fn last_syncs(lab: &Lab, site: usize, vpg: &str) -> Result<Vec<(i32, u64)>> {
+    Ok(vra_vpg_status(lab, site, vpg)
+        .await?
+        .into_iter()
+        .filter(|g| g.role == v1::VraRole::Protected as i32)
+        .filter_map(|g| g.last_sync.map(|s| (s.kind, s.sent_bytes)))
+        .collect())
+}
+
+/// Reverse protection and failback: a move under the verifying workload protects the VMs
+/// back on commit, and the old protected site's disks (the VMs' own, as they were when
+/// they were powered off) take a delta sync that sends only the blocks the VMs wrote at
+/// the new site; a move back then brings the VMs home byte for byte as they were there,
+/// and protects them forward again with a delta sync that sends nothing that matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_protects_back_with_a_delta_sync_and_a_move_back_brings_every_byte_home()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut lab, apis_a, apis_b, _) = recovery_lab(dir.path(), "vpg-rv").await?;
+    let workload = recovery_workload(&lab).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tandem(&apis_b, &["move", "start", "vpg-rv"]).await?;
+    let op = before_commit(&apis_b).await?;
+    let history = workload.stop().await;
+    let exact = tandem_lab::workload::CutWindow::exact(history.end());
+    let included = check_recovered(&history, &exact, &op).await?;
+    eprintln!("moved volumes hold {included} writes: every acknowledged one");
+    // What the VMs write at site b before commit: only this differs from site a's disks.
+    let pattern_uri = op_uris(&op)[0].clone();
+    let written = qemu_io(&pattern_uri, "write -P 0x5a 4M 1M")?;
+    eprintln!("{written}");
+
+    tandem(&apis_b, &["move", "commit", "vpg-rv"]).await?;
+    wait_ended(&apis_b).await?;
+    let mut seen = Vec::new();
+    let turned = wait_vpg_cli(&apis_b, "vpg-rv", Duration::from_secs(90), &mut seen, |g| {
+        meeting_sla(g) && g.direction == "outgoing"
+    })
+    .await?;
+    eprintln!("site b, protecting back: {seen:?}; {turned:?}");
+    let syncs = last_syncs(&lab, 1, "vpg-rv").await?;
+    let sent: u64 = syncs.iter().map(|s| s.1).sum();
+    eprintln!(
+        "reverse protection: delta syncs {syncs:?}, {sent} bytes of data sent for 64 MiB of volumes"
+    );
+    assert_eq!(
+        syncs.len(),
+        2,
+        "a protected VRA per host at site b: {syncs:?}"
+    );
+    assert!(
+        syncs.iter().all(|s| [
+            v1::VraSyncKind::Delta as i32,
+            v1::VraSyncKind::VolumeDelta as i32
+        ]
+        .contains(&s.0)),
+        "{syncs:?}"
+    );
+    assert!((MIB..=8 * MIB).contains(&sent), "{sent} bytes sent");
+    // Site a took the new direction: its VMs are gone from its inventory and its VRAs
+    // hold the recovery role over the VMs' old disks.
+    let at_a: v1::Vpg = tandem_json(&apis_a, &["vpg", "get", "vpg-rv"]).await?;
+    assert_eq!(at_a.generation, turned.generation, "{at_a:?}");
+    let vms: v1::ListVmsResponse = tandem_json(&apis_a, &["vm", "list", "--inventory"]).await?;
+    assert!(vms.vms.iter().all(|v| !v.id.starts_with("vm-")), "{vms:?}");
+    let roles = vra_vpg_status(&lab, 0, "vpg-rv").await?;
+    assert!(
+        roles.len() == 2 && roles.iter().all(|g| g.role == v1::VraRole::Recovery as i32),
+        "{roles:?}"
+    );
+
+    // Nothing writes: site b's volumes, as its VMs see them.
+    let at_b: Vec<String> = (0..4)
+        .map(|i| format!("nbd://{}/vm-{i}/0", lab.vras[1][i % 2].nbd))
+        .collect();
+    let hashes_b = volume_hashes(&at_b).await?;
+
+    // The move back (failback) runs at site a, now the recovery site.
+    tandem(&apis_a, &["move", "start", "vpg-rv"]).await?;
+    let back = before_commit(&apis_a).await?;
+    assert_eq!(volume_hashes(&op_uris(&back)).await?, hashes_b);
+    tandem(&apis_a, &["move", "commit", "vpg-rv"]).await?;
+    // kill -9 of site a's leader while it commits and protects forward again.
+    let apis_a = kill_leader(&mut lab, 0).await?;
+    wait_ended(&apis_a).await?;
+    let home = wait_vpg_cli(
+        &apis_a,
+        "vpg-rv",
+        Duration::from_secs(90),
+        &mut seen,
+        meeting_sla,
+    )
+    .await?;
+    let syncs = last_syncs(&lab, 0, "vpg-rv").await?;
+    let sent: u64 = syncs.iter().map(|s| s.1).sum();
+    eprintln!("protected forward again: {syncs:?}, {sent} bytes sent; {home:?}");
+    assert!(sent < MIB, "{sent} bytes sent where nothing differs");
+    let vms: v1::ListVmsResponse = tandem_json(&apis_a, &["vm", "list", "--inventory"]).await?;
+    assert_eq!(
+        vms.vms.iter().filter(|v| v.id.starts_with("vm-")).count(),
+        4
+    );
+    let at_a: Vec<String> = (0..4)
+        .map(|i| format!("nbd://{}/vm-{i}/0", lab.vras[0][i % 2].nbd))
+        .collect();
+    assert_eq!(volume_hashes(&at_a).await?, hashes_b);
     lab.down().await;
     Ok(())
 }

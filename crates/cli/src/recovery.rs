@@ -65,6 +65,11 @@ pub enum FailoverCmd {
         /// checkpoint taken after) or force (power them off without waiting).
         #[arg(long, default_value = "no", value_parser = ["no", "yes", "force"])]
         shutdown: String,
+        /// On commit, protect the recovered VMs back towards the old protected site, whose
+        /// original disks take only a delta sync: default (a move: yes; a failover: the
+        /// VPG's reverse-protection setting), yes or no.
+        #[arg(long, default_value = "default", value_parser = ["default", "yes", "no"])]
+        reverse: String,
         #[arg(long)]
         wait: bool,
         /// How long --wait waits, in seconds.
@@ -205,10 +210,16 @@ pub async fn failover(ch: Channel, fmt: Format, kind: Kind, c: FailoverCmd) -> R
             checkpoint,
             commit_policy: policy,
             shutdown,
+            reverse,
             wait,
             timeout,
         } => {
             let (policy, after) = commit_policy(&policy)?;
+            let reverse = match reverse.as_str() {
+                "yes" => v1::ReverseProtection::Yes,
+                "no" => v1::ReverseProtection::No,
+                _ => v1::ReverseProtection::Default,
+            } as i32;
             let op = match kind {
                 Kind::Failover => cl
                     .start_failover(v1::StartFailoverRequest {
@@ -221,6 +232,7 @@ pub async fn failover(ch: Channel, fmt: Format, kind: Kind, c: FailoverCmd) -> R
                             "force" => v1::ShutdownVms::Force,
                             _ => v1::ShutdownVms::No,
                         } as i32,
+                        reverse,
                     })
                     .await?
                     .into_inner(),
@@ -239,6 +251,7 @@ pub async fn failover(ch: Channel, fmt: Format, kind: Kind, c: FailoverCmd) -> R
                         vpg_id: vpg.clone(),
                         commit_policy: policy as i32,
                         commit_after_secs: after,
+                        reverse,
                     })
                     .await?
                     .into_inner(),

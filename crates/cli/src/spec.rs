@@ -191,6 +191,7 @@ impl VmSpec {
             .into_iter()
             .map(|v| {
                 Ok(v1::Volume {
+                    path: String::new(),
                     controller: v.controller,
                     unit: v.unit,
                     size_bytes: v.size.bytes()?,
@@ -253,6 +254,9 @@ pub struct VpgSpecFile {
     pub reverse_protection: bool,
     #[serde(default)]
     pub reverse_use_original_disks: bool,
+    /// The protected site's resource pool for its VMs once protected back to it.
+    #[serde(default)]
+    pub reverse_pool_id: String,
     /// Seconds between automatic checkpoints (default 5, at least 1).
     #[serde(default)]
     pub checkpoint_interval_secs: u64,
@@ -305,6 +309,7 @@ impl VpgSpecFile {
             wan_compression: self.wan_compression,
             reverse_protection: self.reverse_protection,
             reverse_use_original_disks: self.reverse_use_original_disks,
+            reverse_pool_id: self.reverse_pool_id.clone(),
             checkpoint_interval_secs: self.checkpoint_interval_secs,
         };
         let vms = self

@@ -46,10 +46,13 @@ pub enum EventCode {
     RecoveryCommitted,
     /// A failover or move was rolled back: everything is as it was before it.
     RecoveryRolledBack,
+    /// A committed failover or move turned the VPG around: the recovered VMs are protected
+    /// towards the old protected site, or that site took the new direction.
+    ReverseProtection,
 }
 
 impl EventCode {
-    pub const ALL: [EventCode; 22] = [
+    pub const ALL: [EventCode; 23] = [
         Self::VpgCreated,
         Self::VpgEdited,
         Self::VpgDeleteStarted,
@@ -72,6 +75,7 @@ impl EventCode {
         Self::RecoveryStarted,
         Self::RecoveryCommitted,
         Self::RecoveryRolledBack,
+        Self::ReverseProtection,
     ];
 
     pub fn code(self) -> &'static str {
@@ -98,6 +102,7 @@ impl EventCode {
             Self::RecoveryStarted => "EV0062",
             Self::RecoveryCommitted => "EV0063",
             Self::RecoveryRolledBack => "EV0064",
+            Self::ReverseProtection => "EV0065",
         }
     }
 

@@ -61,21 +61,7 @@ impl Datastore {
     pub fn validate(&self) -> Result<(), DomainError> {
         let mut v = Violations::new();
         v.absorb(check_name("name", &self.name));
-        v.check(
-            self.path.starts_with('/'),
-            "path",
-            "must be an absolute path",
-        );
-        v.check(
-            self.path.len() <= 4096,
-            "path",
-            "must be at most 4096 bytes",
-        );
-        v.check(
-            !self.path.split('/').any(|c| c == ".."),
-            "path",
-            "must not contain '..'",
-        );
+        v.absorb(check_disk_path("path", &self.path));
         v.check(
             self.capacity_bytes > 0,
             "capacity_bytes",
@@ -120,6 +106,24 @@ pub struct Volume {
     pub unit: u8,
     pub size_bytes: u64,
     pub datastore_id: DatastoreId,
+    /// The disk's file, when it is not the datastore's usual `<datastore>/<vm>/cXuY.img`:
+    /// a VM recovered here runs on its replica disks where they are.
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// Checks a file path that a definition or the inventory names: absolute, without `..`,
+/// bounded.
+pub fn check_disk_path(field: &str, path: &str) -> Result<(), DomainError> {
+    let mut v = Violations::new();
+    v.check(path.starts_with('/'), field, "must be an absolute path");
+    v.check(path.len() <= 4096, field, "must be at most 4096 bytes");
+    v.check(
+        !path.split('/').any(|c| c == ".."),
+        field,
+        "must not contain '..'",
+    );
+    v.into_result()
 }
 
 /// A virtual machine.
@@ -187,6 +191,9 @@ impl Vm {
                 f("size_bytes"),
                 "must be at most 64 TiB",
             );
+            if let Some(path) = &vol.path {
+                v.absorb(check_disk_path(&f("path"), path));
+            }
         }
         v.into_result()
     }
@@ -221,6 +228,19 @@ mod tests {
             unit,
             size_bytes: 1 << 20,
             datastore_id: DatastoreId::minted("ds".into()),
+            path: None,
+        }
+    }
+
+    #[test]
+    fn a_volume_path_must_be_absolute_and_stay_inside() {
+        let mut v = vol(0, 0);
+        v.path = Some("/ds/vpg-1/vm-1/c0u0.replica".into());
+        assert!(vm(vec![v.clone()]).validate().is_ok());
+        for bad in ["relative/c0u0.img", "/ds/../etc/passwd"] {
+            v.path = Some(bad.into());
+            let err = vm(vec![v.clone()]).validate().unwrap_err().to_string();
+            assert!(err.contains("volumes[0].path"), "{bad}: {err}");
         }
     }
 

@@ -281,7 +281,25 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
     let mut problems = Vec::new();
     let peer_side = if i.protects { "recovery" } else { "protected" };
 
-    if i.peer.is_none() {
+    // Turned around here (reverse protection) and the old protected site has not taken
+    // the new direction yet: it waits for that site, and proceeds by itself once it is
+    // back.
+    let turn_pending = i.protects
+        && i.vpg.reversed_at > 0
+        && i.peer.is_none_or(|p| p.generation < i.vpg.reversed_at);
+    if turn_pending {
+        faults.push(Fault::NeedsConfiguration);
+        problems.push(format!(
+            "reverse protection waits for the {peer_side} site to take the VPG's new \
+             direction (generation {}){}",
+            i.vpg.reversed_at,
+            if i.peer.is_none() {
+                ": it cannot be reached"
+            } else {
+                ""
+            }
+        ));
+    } else if i.peer.is_none() {
         faults.push(if i.protects {
             Fault::SiteDisconnected
         } else {
@@ -328,6 +346,16 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
                 }
             }
         }
+    }
+    if turn_pending {
+        // Until the other site takes the new direction, this site's VRAs keep the
+        // recovered volumes: not a fault of protection.
+        faults.retain(|f| {
+            matches!(
+                f,
+                Fault::NeedsConfiguration | Fault::JournalStorage | Fault::RecoveryStorage
+            )
+        });
     }
     // The protected VRAs hear of a recovery storage error on their ack streams: it counts
     // even while the recovery site's report is out of reach.
@@ -563,6 +591,7 @@ mod tests {
 
     fn vpg(operation: Option<Operation>) -> Vpg {
         Vpg {
+            reversed_at: 0,
             id: VpgId::minted("g".into()),
             name: "g".into(),
             generation: 2,
@@ -570,7 +599,9 @@ mod tests {
             recovery_site: SiteId::minted("b".into()),
             settings: VpgSettings::default(),
             vms: vec![VpgVm {
+                source: None,
                 placement: VmPlacement {
+                    disk_paths: Default::default(),
                     vm_id: VmId::minted("vm".into()),
                     recovery_host: HostId::minted("r1".into()),
                     recovery_datastore: DatastoreId::minted("ds".into()),
@@ -578,6 +609,7 @@ mod tests {
                     preseeded: false,
                 },
                 footprint: VmFootprint {
+                    cpus: 1,
                     vm_name: "vm".into(),
                     cpu_reservation_mhz: 0,
                     memory_reservation_mib: 0,

@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DomainError, Violations};
-use crate::ids::{HostId, SiteId, VmId, VpgId};
-use crate::inventory::MAX_UNITS_PER_CONTROLLER;
+use crate::ids::{DatastoreId, HostId, SiteId, VmId, VpgId};
+use crate::inventory::{MAX_UNITS_PER_CONTROLLER, Vm, Volume};
 use crate::state::SiteState;
-use crate::vpg::{Priority, Vpg, VpgVm};
+use crate::vpg::{Priority, SourceVolume, VmPlacement, VmSource, Vpg, VpgVm};
 
 /// A freeze not thawed within this time aborts itself on the VRA.
 pub const FREEZE_TIMEOUT_MS: u32 = 2000;
@@ -161,16 +161,10 @@ pub fn protected_plans(vpg: &Vpg, site: &SiteState) -> Result<Vec<ProtectedPlan>
                         "VM {id} has no volume at controller {controller} unit {unit} any more"
                     ))
                 })?;
-            let ds = site.datastores.get(&vol.datastore_id).ok_or_else(|| {
-                DomainError::not_found(crate::ids::DatastoreId::KIND, &vol.datastore_id)
-            })?;
             volumes.push(VolumePlan {
                 volume_id: volume_id(controller, unit),
                 size_bytes,
-                path: format!(
-                    "{}/{id}/c{controller}u{unit}.img",
-                    ds.path.trim_end_matches('/')
-                ),
+                path: disk_path(site, vm, vol)?,
                 preseeded: m.placement.preseeded,
             });
         }
@@ -197,6 +191,55 @@ pub fn protected_plans(vpg: &Vpg, site: &SiteState) -> Result<Vec<ProtectedPlan>
         .collect())
 }
 
+/// The file of a protected VM's volume: where the inventory says, else the datastore's
+/// usual `<datastore>/<vm>/cXuY.img`.
+pub fn disk_path(site: &SiteState, vm: &Vm, vol: &Volume) -> Result<String, DomainError> {
+    if let Some(path) = &vol.path {
+        return Ok(path.clone());
+    }
+    let ds = site
+        .datastores
+        .get(&vol.datastore_id)
+        .ok_or_else(|| DomainError::not_found(DatastoreId::KIND, &vol.datastore_id))?;
+    Ok(format!(
+        "{}/{}/c{}u{}.img",
+        ds.path.trim_end_matches('/'),
+        vm.id,
+        vol.controller,
+        vol.unit
+    ))
+}
+
+/// Where a VM's disks are at this (its protected) site, for its definition.
+pub fn vm_source(site: &SiteState, vm: &Vm) -> Result<VmSource, DomainError> {
+    let volumes = vm
+        .volumes
+        .iter()
+        .map(|vol| {
+            Ok(SourceVolume {
+                controller: vol.controller,
+                unit: vol.unit,
+                datastore: vol.datastore_id.clone(),
+                path: disk_path(site, vm, vol)?,
+            })
+        })
+        .collect::<Result<_, DomainError>>()?;
+    Ok(VmSource {
+        host: vm.host_id.clone(),
+        volumes,
+    })
+}
+
+/// The recovery disk of one volume of a VM: the placement's own file for it (after reverse
+/// protection, the VM's original disk), else `<vm dir>/cXuY.replica`.
+pub fn replica_path(vm_dir: &str, placement: &VmPlacement, controller: u8, unit: u8) -> String {
+    placement
+        .disk_paths
+        .get(&volume_id(controller, unit))
+        .cloned()
+        .unwrap_or_else(|| format!("{vm_dir}/c{controller}u{unit}.replica"))
+}
+
 /// Where a recovery VM's files live in its datastore: `<ds>/<vpg>/<vm>/`.
 pub fn recovery_vm_dir(datastore_path: &str, vpg: &VpgId, vm: &VmId) -> String {
     format!("{}/{vpg}/{vm}", datastore_path.trim_end_matches('/'))
@@ -218,7 +261,7 @@ pub fn recovery_plans(vpg: &Vpg, site: &SiteState) -> Result<Vec<RecoveryPlan>, 
             .map(|&(controller, unit, size_bytes)| VolumePlan {
                 volume_id: volume_id(controller, unit),
                 size_bytes,
-                path: format!("{dir}/c{controller}u{unit}.replica"),
+                path: replica_path(&dir, p, controller, unit),
                 preseeded: false,
             })
             .collect();
@@ -321,12 +364,14 @@ mod tests {
                 memory_reservation_mib: 0,
                 volumes: vec![
                     Volume {
+                        path: None,
                         controller: 0,
                         unit: 0,
                         size_bytes: 1 << 20,
                         datastore_id: id(DatastoreId::minted, &format!("ds-{h}")),
                     },
                     Volume {
+                        path: None,
                         controller: 1,
                         unit: 2,
                         size_bytes: 2 << 20,
@@ -336,7 +381,9 @@ mod tests {
             };
             let settings = VpgSettings::default();
             vms.push(VpgVm {
+                source: None,
                 placement: VmPlacement {
+                    disk_paths: Default::default(),
                     vm_id: vm.id.clone(),
                     recovery_host: id(HostId::minted, &format!("r{}", i % 2 + 1)),
                     recovery_datastore: id(DatastoreId::minted, &format!("ds-r{}", i % 2 + 1)),
@@ -348,6 +395,7 @@ mod tests {
             s.vms.insert(vm.id.clone(), vm);
         }
         let vpg = Vpg {
+            reversed_at: 0,
             id: id(VpgId::minted, "g"),
             name: "g".into(),
             generation: 3,
@@ -429,6 +477,7 @@ mod tests {
         vm0.volumes.remove(1);
         let ds = vm0.volumes[0].datastore_id.clone();
         vm0.volumes.push(Volume {
+            path: None,
             controller: 2,
             unit: 5,
             size_bytes: 1 << 20,

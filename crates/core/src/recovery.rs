@@ -5,11 +5,17 @@
 //! away with the scratch overlays. The rules that start, advance and end a test live here;
 //! the recovery site's leader (`control/recovery.rs`) drives the VRAs through them.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::DomainError;
 use crate::ids::{HostId, RecoveryOpId, VmId, VpgId};
+use crate::inventory::{PowerState, Vm, Volume};
+use crate::protection::{recovery_vm_dir, replica_path, volume_id};
+use crate::state::SiteState;
 use crate::status::Operation;
+use crate::vpg::{SourceVolume, VmPlacement, VmSource, Vpg, VpgVm};
 
 /// The longest note an operator may leave with a test's verdict.
 pub const MAX_TEST_NOTE_LEN: usize = 1024;
@@ -350,6 +356,10 @@ pub struct RecoveryOp {
     /// drained (a move; a failover to the latest checkpoint with shutdown).
     #[serde(default)]
     pub to_last_checkpoint: bool,
+    /// On commit, the recovered VMs are protected back towards the old protected site,
+    /// over their original disks there (a delta sync).
+    #[serde(default)]
+    pub reverse: bool,
 }
 
 impl RecoveryOp {
@@ -364,6 +374,128 @@ impl RecoveryOp {
     pub fn drains_source(&self) -> bool {
         self.kind == RecoveryKind::Move || self.shutdown == Shutdown::Yes
     }
+}
+
+/// The definition that protects a VPG recovered at this site back towards its old
+/// protected site, at `generation`, and the recovered VMs as this site's inventory takes
+/// them: they run on their recovery disks where those are, and the old protected site's
+/// original disks become the preseeded recovery disks (only a delta sync runs). Why not,
+/// when the definition lacks what that needs.
+pub fn reversed(
+    vpg: &Vpg,
+    site: &SiteState,
+    generation: u64,
+    now_ms: u64,
+) -> Result<(Vpg, Vec<Vm>), String> {
+    let pool = vpg.settings.reverse.pool.clone().ok_or_else(|| {
+        format!(
+            "no resource pool at site {} for the VMs protected back (settings.reverse.pool_id)",
+            vpg.protected_site
+        )
+    })?;
+    let mut vms = Vec::with_capacity(vpg.vms.len());
+    let mut inventory = Vec::with_capacity(vpg.vms.len());
+    for m in &vpg.vms {
+        let p = &m.placement;
+        let source = m.source.as_ref().ok_or_else(|| {
+            format!(
+                "the definition does not say where VM {} is at site {} (made before this was \
+                 recorded)",
+                p.vm_id, vpg.protected_site
+            )
+        })?;
+        let ds = site
+            .datastores
+            .get(&p.recovery_datastore)
+            .ok_or_else(|| format!("datastore {} is not here", p.recovery_datastore))?;
+        let dir = recovery_vm_dir(&ds.path, &vpg.id, &p.vm_id);
+        let mut volumes = Vec::with_capacity(m.footprint.volumes.len());
+        let mut disk_paths = BTreeMap::new();
+        let mut here = Vec::with_capacity(m.footprint.volumes.len());
+        for &(controller, unit, size_bytes) in &m.footprint.volumes {
+            let original = source
+                .volumes
+                .iter()
+                .find(|v| v.controller == controller && v.unit == unit)
+                .ok_or_else(|| {
+                    format!(
+                        "the definition does not say where volume c{controller}u{unit} of VM {} \
+                         is at site {}",
+                        p.vm_id, vpg.protected_site
+                    )
+                })?;
+            let path = replica_path(&dir, p, controller, unit);
+            disk_paths.insert(volume_id(controller, unit), original.path.clone());
+            volumes.push(Volume {
+                controller,
+                unit,
+                size_bytes,
+                datastore_id: p.recovery_datastore.clone(),
+                path: Some(path.clone()),
+            });
+            here.push(SourceVolume {
+                controller,
+                unit,
+                datastore: p.recovery_datastore.clone(),
+                path,
+            });
+        }
+        let original_ds = source
+            .volumes
+            .first()
+            .map(|v| v.datastore.clone())
+            .ok_or_else(|| format!("VM {} has no volumes", p.vm_id))?;
+        let f = &m.footprint;
+        inventory.push(Vm {
+            id: p.vm_id.clone(),
+            name: f.vm_name.clone(),
+            host_id: p.recovery_host.clone(),
+            power: PowerState::On,
+            memory_mib: f.memory_mib.max(1),
+            cpus: f.cpus.max(1),
+            cpu_reservation_mhz: f.cpu_reservation_mhz,
+            memory_reservation_mib: f.memory_reservation_mib.min(f.memory_mib.max(1)),
+            volumes,
+        });
+        vms.push(VpgVm {
+            placement: VmPlacement {
+                vm_id: p.vm_id.clone(),
+                recovery_host: source.host.clone(),
+                recovery_datastore: original_ds,
+                recovery_pool: pool.clone(),
+                preseeded: true,
+                disk_paths,
+            },
+            footprint: m.footprint.clone(),
+            source: Some(VmSource {
+                host: p.recovery_host.clone(),
+                volumes: here,
+            }),
+        });
+    }
+    let mut settings = vpg.settings.clone();
+    // Protected back the other way, the VMs would take this site's pool again.
+    settings.reverse.pool = vpg.vms.first().map(|m| m.placement.recovery_pool.clone());
+    let turned = Vpg {
+        id: vpg.id.clone(),
+        name: vpg.name.clone(),
+        generation,
+        protected_site: vpg.recovery_site.clone(),
+        recovery_site: vpg.protected_site.clone(),
+        settings,
+        vms,
+        created_at_ms: vpg.created_at_ms,
+        updated_at_ms: now_ms,
+        operation: None,
+        paused: false,
+        manager_paused_until_ms: 0,
+        keep_recovery_disks: false,
+        delete_started_ms: 0,
+        keep_removed_recovery_disks: false,
+        kept_recovery_vms: Default::default(),
+        reversed_at: generation,
+    };
+    Ok((turned, inventory))
 }
 
 /// A leader's move of an operation from one step to another (or, with `from == to`, a

@@ -368,7 +368,7 @@ impl SiteState {
                         .get(&datastore.id)
                         .copied()
                         .unwrap_or(0)
-                        + self.local_volume_bytes(&datastore.id);
+                        + self.local_volume_bytes(&datastore.id, None);
                     if datastore.capacity_bytes < used {
                         return Err(DomainError::invalid(
                             "capacity_bytes",
@@ -601,12 +601,26 @@ impl SiteState {
                 if let Some(vpg) = self.vpgs.get_mut(&id) {
                     vpg.operation = committed.then_some(Operation::Recovered);
                 }
+                let reverse = if committed && op.reverse {
+                    Some(self.reverse_protection(&id, now_ms))
+                } else {
+                    None
+                };
                 let description = if committed {
                     format!(
-                        "{} to checkpoint {} committed: the VMs run at this site (generation {})",
+                        "{} to checkpoint {} committed: the VMs run at this site (generation \
+                         {}){}",
                         op.kind.name(),
                         op.point.checkpoint_id,
-                        op.new_generation.unwrap_or_default()
+                        op.new_generation.unwrap_or_default(),
+                        match reverse {
+                            None => String::new(),
+                            Some(Ok(g)) => format!(
+                                "; they are protected back to the other site (generation \
+                                 {g}), whose original disks take only a delta sync"
+                            ),
+                            Some(Err(e)) => format!("; reverse protection not started: {e}"),
+                        }
                     )
                 } else {
                     format!(
@@ -890,6 +904,32 @@ impl SiteState {
 
     /// A VPG that is being (or was) recovered keeps its definition: its VMs run on what
     /// the recovery made of it.
+    /// Turns a VPG recovered here around (see [`crate::recovery::reversed`]): its
+    /// recovered VMs join this site's inventory and the definition protects them towards
+    /// the old protected site, one generation up. Answers that generation.
+    fn reverse_protection(&mut self, id: &VpgId, now_ms: u64) -> Result<u64, String> {
+        let vpg = self
+            .vpgs
+            .get(id)
+            .ok_or_else(|| format!("VPG {id} is gone"))?;
+        let generation = vpg.generation + 1;
+        let (turned, vms) = crate::recovery::reversed(vpg, self, generation, now_ms)?;
+        for vm in &vms {
+            vm.validate().map_err(|e| e.to_string())?;
+        }
+        if let Some(other) = vms.iter().find(|vm| self.vms.contains_key(&vm.id)) {
+            return Err(format!(
+                "VM {} is in this site's inventory already",
+                other.id
+            ));
+        }
+        for vm in vms {
+            self.vms.insert(vm.id.clone(), vm);
+        }
+        self.vpgs.insert(id.clone(), turned);
+        Ok(generation)
+    }
+
     fn check_not_recovering(&self, vpg: &Vpg, what: &str) -> Result<(), DomainError> {
         let recovering = self.recoveries.contains_key(&vpg.id)
             || vpg.operation.is_some_and(|op| {
@@ -961,9 +1001,12 @@ impl SiteState {
             .unwrap_or_else(|| SiteId::minted(String::new()))
     }
 
-    fn local_volume_bytes(&self, ds: &DatastoreId) -> u64 {
+    /// The bytes this site's VMs keep on datastore `ds`, but for the VMs of `vpg`: a site
+    /// taking a VPG turned around holds them still, and their disks are its recovery disks.
+    fn local_volume_bytes(&self, ds: &DatastoreId, vpg: Option<&Vpg>) -> u64 {
         self.vms
             .values()
+            .filter(|vm| vpg.is_none_or(|g| g.vm_ids().all(|id| id != &vm.id)))
             .flat_map(|vm| vm.volumes.iter())
             .filter(|v| &v.datastore_id == ds)
             .map(|v| v.size_bytes)
@@ -1010,6 +1053,28 @@ impl SiteState {
         floor: Option<u64>,
     ) -> CommandOutcome {
         self.prepare_vpg(&mut vpg, expected)?;
+        let turned = self.site_id().is_some_and(|own| {
+            self.vpgs
+                .get(&vpg.id)
+                .is_some_and(|current| turned_here(current, &vpg, own))
+        });
+        if turned {
+            // Its VMs run at the other site now; their disks here are its recovery disks.
+            for vm in vpg.vms.iter().map(|m| &m.placement.vm_id) {
+                self.vms.remove(vm);
+            }
+            self.events.push(crate::events::NewEvent {
+                at_ms: vpg.updated_at_ms,
+                code: crate::events::EventCode::ReverseProtection,
+                vpg: Some(vpg.id.clone()),
+                description: format!(
+                    "VPG {:?} turned around by site {}: its VMs run there and are protected \
+                     back to this site, whose disks of them are now their recovery disks \
+                     (a delta sync)",
+                    vpg.name, vpg.protected_site
+                ),
+            });
+        }
         if let Some(floor) = floor {
             vpg.generation = vpg.generation.max(floor);
         }
@@ -1042,6 +1107,18 @@ impl SiteState {
                     expected: read_at,
                     actual: current.generation,
                 });
+            }
+            (Some(current), Some(_)) if turned_here(current, vpg, &own) => {
+                // The recovery site protects the VPG back: this site takes the new
+                // direction as it comes, whatever it held (its VMs run there now).
+                self.check_not_testing(&vpg.id, "turning the VPG around")?;
+                if self.recoveries.contains_key(&vpg.id) {
+                    return Err(DomainError::precondition(format!(
+                        "VPG {} is being recovered here: it cannot be turned around",
+                        vpg.id
+                    )));
+                }
+                vpg.created_at_ms = current.created_at_ms;
             }
             (Some(current), Some(_)) => {
                 self.check_not_testing(&vpg.id, "editing the VPG")?;
@@ -1116,6 +1193,13 @@ impl SiteState {
     }
 
     fn check_protected_side(&self, vpg: &Vpg, v: &mut Violations) {
+        if let Some(pool) = &vpg.settings.reverse.pool {
+            v.check(
+                self.pools.contains_key(pool),
+                "settings.reverse_pool_id",
+                format!("resource pool {pool} does not exist at the protected site"),
+            );
+        }
         for (i, vm) in vpg.vms.iter().enumerate() {
             let id = &vm.placement.vm_id;
             match self.vms.get(id) {
@@ -1178,6 +1262,12 @@ impl SiteState {
                     format!("datastore {:?} is not on host {}", ds.name, p.recovery_host),
                 ),
             }
+            for (volume, path) in &p.disk_paths {
+                v.absorb(crate::inventory::check_disk_path(
+                    &f(&format!("disk_paths[{volume}]")),
+                    path,
+                ));
+            }
             v.check(
                 self.pools.contains_key(&p.recovery_pool),
                 f("recovery_pool"),
@@ -1193,7 +1283,7 @@ impl SiteState {
             let Some(ds) = self.datastores.get(ds_id) else {
                 continue;
             };
-            let total = need + self.local_volume_bytes(ds_id);
+            let total = need + self.local_volume_bytes(ds_id, Some(vpg));
             if total > ds.capacity_bytes
                 && placed
                     .iter()
@@ -1237,6 +1327,15 @@ impl SiteState {
             }
         }
     }
+}
+
+/// Whether `new` is `current` turned around by its recovery site, with this site (`own`)
+/// its new recovery site: the turn is newer than anything this site holds.
+fn turned_here(current: &Vpg, new: &Vpg, own: &SiteId) -> bool {
+    &new.recovery_site == own
+        && current.protected_site == new.recovery_site
+        && current.recovery_site == new.protected_site
+        && new.reversed_at > current.generation
 }
 
 fn put<K: Ord + std::fmt::Display, V>(
@@ -1294,6 +1393,7 @@ mod tests {
         };
         for (id, protected, recovery) in [("mine", "a", "b"), ("theirs", "b", "a")] {
             let vpg = Vpg {
+                reversed_at: 0,
                 id: VpgId::minted(id.into()),
                 name: id.into(),
                 generation: 4,
@@ -1456,7 +1556,9 @@ mod tests {
     /// Gives VPG `id` one VM (recovered on host h, datastore d, pool p).
     fn add_test_vm(s: &mut SiteState, id: &VpgId) {
         s.vpgs.get_mut(id).unwrap().vms.push(crate::vpg::VpgVm {
+            source: None,
             placement: crate::vpg::VmPlacement {
+                disk_paths: Default::default(),
                 vm_id: VmId::minted("vm".into()),
                 recovery_host: HostId::minted("h".into()),
                 recovery_datastore: DatastoreId::minted("d".into()),
@@ -1464,6 +1566,7 @@ mod tests {
                 preseeded: false,
             },
             footprint: crate::vpg::VmFootprint {
+                cpus: 1,
                 vm_name: "vm".into(),
                 cpu_reservation_mhz: 0,
                 memory_reservation_mib: 0,
@@ -1475,17 +1578,11 @@ mod tests {
         });
     }
 
-    #[test]
-    fn a_failover_moves_step_by_step_commits_to_a_new_generation_and_ends_recovered() {
-        use crate::recovery::{
-            CommitPolicy, RecoveryAdvance, RecoveryIntent, RecoveryKind, RecoveryOp, RecoveryPoint,
-            RecoveryStep as Step,
-        };
-        let mut s = state();
-        let id = VpgId::minted("theirs".into());
-        add_test_vm(&mut s, &id);
-        let generation = s.vpgs[&id].generation;
-        let op = |vpg: &str, n: &str| RecoveryOp {
+    /// A recovery of `theirs` at site `a` at the promoting step, about to end.
+    /// A failover of VPG `vpg` (operation `n`) at checkpoint 11, opening.
+    fn test_op(vpg: &str, n: &str, from_generation: u64) -> crate::recovery::RecoveryOp {
+        use crate::recovery::{CommitPolicy, RecoveryKind, RecoveryPoint, RecoveryStep};
+        crate::recovery::RecoveryOp {
             id: crate::ids::RecoveryOpId::minted(n.into()),
             kind: RecoveryKind::Failover,
             vpg: VpgId::minted(vpg.into()),
@@ -1496,9 +1593,9 @@ mod tests {
                 name: String::new(),
             },
             policy: CommitPolicy::Manual,
-            from_generation: generation,
+            from_generation,
             new_generation: None,
-            step: Step::Opening,
+            step: RecoveryStep::Opening,
             started_ms: 1000,
             step_since_ms: 1000,
             intent: None,
@@ -1506,7 +1603,229 @@ mod tests {
             error: None,
             shutdown: crate::recovery::Shutdown::No,
             to_last_checkpoint: false,
+            reverse: false,
+        }
+    }
+
+    /// A move of `id` at site `a`, handing over at generation 9, ends.
+    fn promoting_op(s: &mut SiteState, id: &VpgId, reverse: bool) {
+        s.vpgs.get_mut(id).unwrap().generation = 9;
+        let mut op = test_op(id.as_str(), "r", 4);
+        op.kind = crate::recovery::RecoveryKind::Move;
+        op.new_generation = Some(9);
+        op.step = crate::recovery::RecoveryStep::HandingOver;
+        op.to_last_checkpoint = true;
+        op.reverse = reverse;
+        s.recoveries.insert(id.clone(), op);
+        s.apply(Command::EndRecovery {
+            vpg: id.clone(),
+            op: crate::ids::RecoveryOpId::minted("r".into()),
+            now_ms: 3000,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_reversing_commit_turns_the_vpg_around_and_the_old_site_takes_the_new_direction() {
+        use crate::vpg::{SourceVolume, VmSource};
+        let mut a = state();
+        let id = VpgId::minted("theirs".into());
+        add_test_vm(&mut a, &id);
+        let (h, d) = (HostId::minted("h".into()), DatastoreId::minted("d".into()));
+        a.datastores.insert(
+            d.clone(),
+            Datastore {
+                id: d.clone(),
+                name: "d".into(),
+                host_id: h.clone(),
+                path: "/ds-a".into(),
+                capacity_bytes: 1 << 40,
+            },
+        );
+        let (hb, db, pb) = (
+            HostId::minted("hb".into()),
+            DatastoreId::minted("db".into()),
+            PoolId::minted("pb".into()),
+        );
+        let original = "/ds-b/vm/c0u0.img".to_string();
+        let vm = a.vpgs[&id].vms[0].placement.vm_id.clone();
+        a.vpgs.get_mut(&id).unwrap().vms[0].source = Some(VmSource {
+            host: hb.clone(),
+            volumes: vec![SourceVolume {
+                controller: 0,
+                unit: 0,
+                datastore: db.clone(),
+                path: original.clone(),
+            }],
+        });
+        let before = a.vpgs[&id].clone();
+
+        // Without a pool at the old site the commit ends Recovered and says why.
+        start_test_task(&mut a, crate::tasks::TaskKind::Move, &id);
+        promoting_op(&mut a, &id, true);
+        assert_eq!(a.vpgs[&id].operation, Some(Operation::Recovered));
+        let said = &a.events.iter().last().unwrap().description;
+        assert!(
+            said.contains("reverse protection not started: no resource pool"),
+            "{said}"
+        );
+        assert!(a.vms.is_empty());
+
+        // With one it turns the VPG around one generation up.
+        a.vpgs.insert(id.clone(), before.clone());
+        a.vpgs.get_mut(&id).unwrap().settings.reverse.pool = Some(pb.clone());
+        promoting_op(&mut a, &id, true);
+        let turned = a.vpgs[&id].clone();
+        assert_eq!(turned.operation, None);
+        assert_eq!((turned.generation, turned.reversed_at), (10, 10));
+        assert_eq!(turned.protected_site.as_str(), "a");
+        assert_eq!(turned.recovery_site.as_str(), "b");
+        let p = &turned.vms[0].placement;
+        assert_eq!((&p.recovery_host, &p.recovery_datastore), (&hb, &db));
+        assert_eq!(p.recovery_pool, pb);
+        assert!(p.preseeded);
+        assert_eq!(p.disk_paths.get(&0), Some(&original));
+        assert_eq!(
+            turned.settings.reverse.pool,
+            Some(PoolId::minted("p".into()))
+        );
+        let replica = format!("/ds-a/theirs/{vm}/c0u0.replica");
+        let here = &a.vms[&vm];
+        assert_eq!(here.host_id, h);
+        assert_eq!(here.volumes[0].path.as_deref(), Some(replica.as_str()));
+        let source = turned.vms[0].source.as_ref().unwrap();
+        assert_eq!(
+            (&source.host, source.volumes[0].path.as_str()),
+            (&h, replica.as_str())
+        );
+        // The protected plan runs the VM on its replica; the old site recovers onto the
+        // original disk.
+        let plans = crate::protection::protected_plans(&turned, &a).unwrap();
+        assert_eq!(plans[0].vms[0].volumes[0].path, replica);
+        assert!(plans[0].vms[0].volumes[0].preseeded);
+
+        // Site b, which protected it at generation 4 (it may not know of the failover).
+        let mut b = SiteState {
+            identity: Some(SiteIdentity {
+                id: SiteId::minted("b".into()),
+                name: "b".into(),
+                created_at_ms: 0,
+            }),
+            ..Default::default()
         };
+        b.peers.insert(
+            SiteId::minted("a".into()),
+            crate::pairing::PeerSite {
+                id: SiteId::minted("a".into()),
+                name: "a".into(),
+                endpoints: vec!["127.0.0.1:1".into()],
+                paired_at_ms: 0,
+                bandwidth_limit_bytes_per_sec: 0,
+            },
+        );
+        b.hosts.insert(
+            hb.clone(),
+            Host {
+                id: hb.clone(),
+                name: "hb".into(),
+                vra_address: "127.0.0.1:2".into(),
+                peer_vra_address: String::new(),
+            },
+        );
+        b.datastores.insert(
+            db.clone(),
+            Datastore {
+                id: db.clone(),
+                name: "db".into(),
+                host_id: hb.clone(),
+                path: "/ds-b".into(),
+                capacity_bytes: 4 << 20,
+            },
+        );
+        b.pools.insert(
+            pb.clone(),
+            ResourcePool {
+                id: pb.clone(),
+                name: "pb".into(),
+                cpu_mhz: 1000,
+                memory_mib: 1000,
+                storage_bytes: 1 << 30,
+            },
+        );
+        b.vms.insert(
+            vm.clone(),
+            Vm {
+                id: vm.clone(),
+                name: "vm".into(),
+                host_id: hb.clone(),
+                power: crate::inventory::PowerState::Off,
+                memory_mib: 1,
+                cpus: 1,
+                cpu_reservation_mhz: 0,
+                memory_reservation_mib: 0,
+                volumes: vec![crate::inventory::Volume {
+                    controller: 0,
+                    unit: 0,
+                    size_bytes: 1 << 20,
+                    datastore_id: db.clone(),
+                    path: None,
+                }],
+            },
+        );
+        let mut old = before.clone();
+        old.protected_site = SiteId::minted("b".into());
+        old.recovery_site = SiteId::minted("a".into());
+        old.generation = 4;
+        old.operation = None;
+        b.vpgs.insert(id.clone(), old.clone());
+        let put = |b: &mut SiteState, vpg: &Vpg| {
+            b.apply(Command::PutVpg {
+                vpg: vpg.clone(),
+                expected_generation: Some(4),
+                generation_floor: Some(11),
+            })
+        };
+        // A definition that turns it around without being newer than b's is refused.
+        let mut stale = turned.clone();
+        stale.reversed_at = 4;
+        assert!(put(&mut b, &stale).is_err());
+        assert!(b.vms.contains_key(&vm));
+        // The turn is taken: b is the recovery site, its VM is gone from its inventory
+        // (its disk is the recovery disk, within the datastore's room).
+        assert_eq!(put(&mut b, &turned), Ok(Applied::Generation(11)));
+        assert_eq!(b.vpgs[&id].recovery_site.as_str(), "b");
+        assert!(!b.vms.contains_key(&vm));
+        assert!(
+            b.events
+                .iter()
+                .any(|e| e.code == crate::events::EventCode::ReverseProtection)
+        );
+        let plans = crate::protection::recovery_plans(&b.vpgs[&id], &b).unwrap();
+        assert_eq!(plans[0].host, hb);
+        assert_eq!(plans[0].vms[0].volumes[0].path, original);
+        // Once turned, a definition of the old direction is refused.
+        let mut back = old;
+        back.reversed_at = 0;
+        assert!(
+            b.apply(Command::PutVpg {
+                vpg: back,
+                expected_generation: Some(11),
+                generation_floor: None,
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_failover_moves_step_by_step_commits_to_a_new_generation_and_ends_recovered() {
+        use crate::recovery::{
+            RecoveryAdvance, RecoveryIntent, RecoveryKind, RecoveryPoint, RecoveryStep as Step,
+        };
+        let mut s = state();
+        let id = VpgId::minted("theirs".into());
+        add_test_vm(&mut s, &id);
+        let generation = s.vpgs[&id].generation;
+        let op = |vpg: &str, n: &str| test_op(vpg, n, generation);
         let refused = |r: CommandOutcome, words: &str| match r {
             Err(DomainError::FailedPrecondition(m)) => assert!(m.contains(words), "{m}"),
             other => panic!("expected FAILED_PRECONDITION ({words}), got {other:?}"),

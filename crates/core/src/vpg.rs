@@ -81,6 +81,10 @@ pub struct ReverseProtection {
     pub enabled: bool,
     /// Use the original protected disks as preseeded targets (delta sync only).
     pub use_original_disks: bool,
+    /// The resource pool at the protected site that its VMs take once they are protected
+    /// back towards it; without one, reverse protection waits (Needs Configuration).
+    #[serde(default)]
+    pub pool: Option<PoolId>,
 }
 
 /// The SLA and replication settings of a VPG.
@@ -180,6 +184,30 @@ pub struct VmPlacement {
     /// it left), so its volumes are delta-synced. Cleared once the VM is in the VPG.
     #[serde(default)]
     pub preseeded: bool,
+    /// The recovery disks' files by volume id, when they are not the recovery datastore's
+    /// usual `<datastore>/<vpg>/<vm>/cXuY.replica`: after reverse protection, the VM's
+    /// original disks at the site it was protected at.
+    #[serde(default)]
+    pub disk_paths: BTreeMap<u32, String>,
+}
+
+/// Where a protected VM's disks are at its protected site: what reverse protection uses
+/// as the preseeded recovery disks there. The protected site records it in the definition,
+/// so the recovery site can reverse the VPG on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSource {
+    pub host: HostId,
+    /// (controller, unit, datastore, file) of each volume.
+    pub volumes: Vec<SourceVolume>,
+}
+
+/// One protected volume's place at its site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceVolume {
+    pub controller: u8,
+    pub unit: u8,
+    pub datastore: DatastoreId,
+    pub path: String,
 }
 
 /// What the recovery site must hold for one VM: copied from the protected inventory into
@@ -192,6 +220,8 @@ pub struct VmFootprint {
     /// The VM's memory (part of the seed's provisioned storage).
     #[serde(default)]
     pub memory_mib: u64,
+    #[serde(default)]
+    pub cpus: u32,
     /// (controller, unit, size) of each volume.
     pub volumes: Vec<(u8, u8, u64)>,
     /// Journal limits captured when the VM joined (edits apply to new VMs only).
@@ -206,6 +236,7 @@ impl VmFootprint {
             cpu_reservation_mhz: vm.cpu_reservation_mhz,
             memory_reservation_mib: vm.memory_reservation_mib,
             memory_mib: vm.memory_mib,
+            cpus: vm.cpus,
             volumes: vm
                 .volumes
                 .iter()
@@ -292,6 +323,10 @@ impl VmFootprint {
 pub struct VpgVm {
     pub placement: VmPlacement,
     pub footprint: VmFootprint,
+    /// Where its disks are at the protected site (`None` in definitions made before this
+    /// was recorded: such a VPG cannot be protected back).
+    #[serde(default)]
+    pub source: Option<VmSource>,
 }
 
 /// What an operator asks for when creating or editing a VPG.
@@ -360,6 +395,11 @@ pub struct Vpg {
     /// catches up over several edits at once must not remove them.
     #[serde(default)]
     pub kept_recovery_vms: BTreeSet<VmId>,
+    /// The generation at which the VPG's direction last turned (reverse protection after a
+    /// failover or move; 0: never). A site that still holds the other direction at a lower
+    /// generation takes this definition as it is: it is the new recovery site.
+    #[serde(default)]
+    pub reversed_at: u64,
 }
 
 impl Vpg {

@@ -253,6 +253,7 @@ fn vm_def(id: String) -> v1::Vm {
         memory_reservation_mib: 128,
         volumes: (0..10)
             .map(|u| v1::Volume {
+                path: String::new(),
                 controller: u / 15,
                 unit: u % 15,
                 size_bytes: 1 << 30,

@@ -148,7 +148,7 @@ async fn measure(
             vms: o.vms_per_vpg,
             volume_bytes: o.volume_mib << 20,
             memory_mib: 1024,
-            settings,
+            settings: settings.clone(),
         };
         protect::protect_vpg(lab, sites, &opts, &vpg).await?;
         all.push(vpg);

@@ -389,6 +389,7 @@ async fn inventory(
                 cpu_reservation_mhz: 1000,
                 memory_reservation_mib: 2048,
                 volumes: vec![v1::Volume {
+                    path: String::new(),
                     controller: 0,
                     unit: 0,
                     size_bytes: volume_bytes,
@@ -1717,6 +1718,7 @@ async fn move_and_back(report: &mut Report, run: &Run) {
                 async move {
                     RecoveryServiceClient::new(ch)
                         .start_move(v1::StartMoveRequest {
+                            reverse: v1::ReverseProtection::Default as i32,
                             vpg_id: vpg,
                             commit_policy: v1::CommitPolicyKind::Manual as i32,
                             commit_after_secs: 0,
@@ -1809,6 +1811,7 @@ async fn disaster_failover(lab: &mut Lab, report: &mut Report, run: &Run) {
                 async move {
                     RecoveryServiceClient::new(ch)
                         .start_failover(v1::StartFailoverRequest {
+                            reverse: v1::ReverseProtection::Default as i32,
                             vpg_id: vpg,
                             checkpoint: None,
                             commit_policy: v1::CommitPolicyKind::Manual as i32,

@@ -90,7 +90,7 @@ pub async fn datastores(lab: &Lab, ch: &Channel, site: usize) -> Result<Vec<Stri
     Ok(ids)
 }
 
-/// Sites 0 and 1 paired, with a datastore per host at both and a resource pool at 1.
+/// Sites 0 and 1 paired, with a datastore per host at both and a resource pool at both.
 #[derive(Debug, Clone)]
 pub struct Sites {
     pub recovery_site_id: String,
@@ -105,15 +105,19 @@ pub async fn prepare(lab: &Lab) -> Result<Sites> {
     let b = channel(&lab.sites[1][0].api).await?;
     let protected_datastores = datastores(lab, &a, 0).await?;
     let recovery_datastores = datastores(lab, &b, 1).await?;
-    ResourcePoolServiceClient::new(b)
-        .create_resource_pool(v1::ResourcePool {
-            id: "pool".into(),
-            name: "pool".into(),
-            cpu_mhz: 100_000,
-            memory_mib: 1 << 20,
-            storage_bytes: 1 << 40,
-        })
-        .await?;
+    // A pool at both: the VMs take site 1's when they recover there, and site 0's once
+    // they are protected back to it (reverse protection).
+    for ch in [b, a] {
+        ResourcePoolServiceClient::new(ch)
+            .create_resource_pool(v1::ResourcePool {
+                id: "pool".into(),
+                name: "pool".into(),
+                cpu_mhz: 100_000,
+                memory_mib: 1 << 20,
+                storage_bytes: 1 << 40,
+            })
+            .await?;
+    }
     Ok(Sites {
         recovery_site_id,
         protected_datastores,
@@ -156,6 +160,7 @@ pub async fn protect_vpg(
                 cpu_reservation_mhz: 100,
                 memory_reservation_mib: 256,
                 volumes: vec![v1::Volume {
+                    path: String::new(),
                     controller: 0,
                     unit: 0,
                     size_bytes: o.volume_bytes,
@@ -180,7 +185,14 @@ pub async fn protect_vpg(
             spec: Some(v1::VpgSpec {
                 name: o.vpg.clone(),
                 recovery_site_id: sites.recovery_site_id.clone(),
-                settings: Some(o.settings),
+                settings: Some(v1::VpgSettings {
+                    reverse_pool_id: if o.settings.reverse_pool_id.is_empty() {
+                        "pool".into()
+                    } else {
+                        o.settings.reverse_pool_id.clone()
+                    },
+                    ..o.settings.clone()
+                }),
                 vms: placements,
             }),
         })

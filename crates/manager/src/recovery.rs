@@ -30,6 +30,8 @@ struct RecoveryPlan {
     policy: CommitPolicy,
     shutdown: Shutdown,
     to_last_checkpoint: bool,
+    /// Protect the VMs back on commit.
+    reverse: bool,
 }
 
 impl SiteManager {
@@ -137,14 +139,20 @@ impl SiteManager {
         choice: CheckpointChoice,
         policy: CommitPolicy,
         shutdown: Shutdown,
+        reverse: Option<bool>,
     ) -> ApiResult<RecoveryOp> {
         policy.validate()?;
         let check = id.clone();
-        let (own, peer) = self
+        let (own, peer, reverse_default) = self
             .node()
             .read(move |s| {
                 s.check_recoverable_here(&check)?;
-                Ok::<_, DomainError>((s.site_id().cloned(), s.vpgs[&check].protected_site.clone()))
+                let vpg = &s.vpgs[&check];
+                Ok::<_, DomainError>((
+                    s.site_id().cloned(),
+                    vpg.protected_site.clone(),
+                    vpg.settings.reverse.enabled,
+                ))
             })
             .await??;
         let own = own.ok_or_else(|| DomainError::precondition("site is not initialized"))?;
@@ -174,6 +182,7 @@ impl SiteManager {
             policy,
             shutdown,
             to_last_checkpoint: to_last,
+            reverse: reverse.unwrap_or(reverse_default),
         };
         self.begin_recovery(id, own, plan).await
     }
@@ -193,6 +202,7 @@ impl SiteManager {
             policy,
             shutdown,
             to_last_checkpoint,
+            reverse,
         } = plan;
         let task_kind = match kind {
             RecoveryKind::Failover => TaskKind::Failover,
@@ -232,6 +242,7 @@ impl SiteManager {
             error: None,
             shutdown,
             to_last_checkpoint,
+            reverse,
         };
         // A move, or a failover that shuts the protected VMs down, first has the protected
         // site power them off (and drain).
@@ -276,7 +287,12 @@ impl SiteManager {
     /// protected site powers its VMs off, everything they wrote becomes durable here, a last
     /// checkpoint is taken, and the VMs come up here at it, before commit; then commit (the
     /// protected VMs are removed) or roll back (they are powered on again).
-    pub async fn start_move(&self, id: VpgId, policy: CommitPolicy) -> ApiResult<RecoveryOp> {
+    pub async fn start_move(
+        &self,
+        id: VpgId,
+        policy: CommitPolicy,
+        reverse: Option<bool>,
+    ) -> ApiResult<RecoveryOp> {
         policy.validate()?;
         let check = id.clone();
         let (own, peer) = self
@@ -310,6 +326,8 @@ impl SiteManager {
             policy,
             shutdown: Shutdown::Yes,
             to_last_checkpoint: true,
+            // The seed's default for a move.
+            reverse: reverse.unwrap_or(true),
         };
         self.begin_recovery(id, own, plan).await
     }

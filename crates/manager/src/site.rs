@@ -544,9 +544,14 @@ impl SiteManager {
                         ),
                         Some(vm) => vms.push(VpgVm {
                             // Preseeding is for the edit a VM joins in; later a new volume
-                            // of it has no copy at the recovery site.
+                            // of it has no copy at the recovery site. Recovery disks of
+                            // their own (the original disks, after reverse protection)
+                            // stay where they are.
                             placement: VmPlacement {
                                 preseeded: p.preseeded && kept.is_none(),
+                                disk_paths: kept
+                                    .map(|k| k.placement.disk_paths.clone())
+                                    .unwrap_or_default(),
                                 ..p.clone()
                             },
                             footprint: VmFootprint::refreshed(
@@ -554,6 +559,7 @@ impl SiteManager {
                                 &spec.settings,
                                 kept.map(|k| &k.footprint),
                             ),
+                            source: Some(tandem_core::protection::vm_source(s, vm)?),
                         }),
                     }
                 }
@@ -576,6 +582,7 @@ impl SiteManager {
                     keep_removed_recovery_disks: false,
                     kept_recovery_vms: Default::default(),
                     manager_paused_until_ms: 0,
+                    reversed_at: previous.as_ref().map_or(0, |g| g.reversed_at),
                 };
                 let expected = previous.as_ref().map(|g| g.generation);
                 s.prepare_vpg(&mut vpg, expected)?;

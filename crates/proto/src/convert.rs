@@ -128,11 +128,13 @@ pub fn vm_from_proto(p: v1::Vm) -> Result<inv::Vm, DomainError> {
             &vol.datastore_id,
         ));
         if let Some(datastore_id) = ds {
+            let path = (!vol.path.is_empty()).then_some(vol.path);
             volumes.push(inv::Volume {
                 controller,
                 unit,
                 size_bytes: vol.size_bytes,
                 datastore_id,
+                path,
             });
         }
     }
@@ -172,6 +174,7 @@ pub fn vm_to_proto(m: &inv::Vm, vpg_id: Option<&str>) -> v1::Vm {
                 unit: vol.unit.into(),
                 size_bytes: vol.size_bytes,
                 datastore_id: vol.datastore_id.to_string(),
+                path: vol.path.clone().unwrap_or_default(),
             })
             .collect(),
         vpg_id: vpg_id.unwrap_or_default().to_string(),
@@ -250,6 +253,14 @@ pub fn settings_from_proto(p: Option<v1::VpgSettings>) -> Result<VpgSettings, Do
         reverse: ReverseProtection {
             enabled: p.reverse_protection,
             use_original_disks: p.reverse_use_original_disks,
+            pool: if p.reverse_pool_id.is_empty() {
+                None
+            } else {
+                Some(PoolId::parse(
+                    "settings.reverse_pool_id",
+                    &p.reverse_pool_id,
+                )?)
+            },
         },
         checkpoint_interval_secs: or(p.checkpoint_interval_secs, d.checkpoint_interval_secs),
     })
@@ -271,6 +282,12 @@ pub fn settings_to_proto(s: &VpgSettings) -> v1::VpgSettings {
         wan_compression: s.wan_compression,
         reverse_protection: s.reverse.enabled,
         reverse_use_original_disks: s.reverse.use_original_disks,
+        reverse_pool_id: s
+            .reverse
+            .pool
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         checkpoint_interval_secs: s.checkpoint_interval_secs,
     }
 }
@@ -309,6 +326,9 @@ pub fn vpg_spec_from_proto(p: Option<v1::VpgSpec>) -> Result<VpgSpec, DomainErro
                 recovery_datastore,
                 recovery_pool,
                 preseeded: m.preseeded,
+                // The recovery disks' own files are the definition's, never the operator's:
+                // an edit keeps those the VPG has.
+                disk_paths: Default::default(),
             });
         }
     }

@@ -211,6 +211,17 @@ impl Vra {
 
     async fn start_protected(&self, a: ProtectedAssignment, mut start: StartKind) -> VraResult<()> {
         let mut vpgs = self.inner.vpgs.lock().await;
+        if let Some(Role::Recovered(r)) = vpgs.get(&a.vpg) {
+            // Reverse protection: the VMs recovered here are protected from their volumes
+            // where they are.
+            let r = r.clone();
+            self.check_protectable(&r, &a)?;
+            self.remove_recovered_exports(&r);
+            r.stop().await;
+            recovered::remove_state(&self.vpg_dir(&a.vpg))?;
+            vpgs.remove(&a.vpg);
+            info!(vpg = %a.vpg, generation = a.generation.0, "recovered VMs: protected from here on");
+        }
         if let Some(role) = vpgs.get(&a.vpg) {
             let Role::Protected(p) = role else {
                 return Err(VraError::WrongRole {
@@ -260,6 +271,51 @@ impl Vra {
         vpgs.insert(a.vpg.clone(), Role::Protected(Arc::new(p)));
         self.persist(&vpgs).await?;
         info!(vpg = %a.vpg, generation = a.generation.0, "assigned protected role");
+        Ok(())
+    }
+
+    /// A recovered VPG becomes protected (reverse protection) once its commit is done, at a
+    /// newer generation, over the volumes it serves.
+    fn check_protectable(&self, r: &RecoveredVpg, a: &ProtectedAssignment) -> VraResult<()> {
+        let record = r.record();
+        if record.phase != RecoveredPhase::Live {
+            return Err(DomainError::precondition(format!(
+                "vpg {} is still being committed here ({:?}): it is protected once its volumes \
+                 are live",
+                a.vpg, record.phase
+            ))
+            .into());
+        }
+        let at = record
+            .new_generation
+            .unwrap_or(record.assignment.generation);
+        Self::check_generation(&a.vpg, at, a.generation)?;
+        if a.generation == at {
+            return Err(DomainError::precondition(format!(
+                "vpg {} was recovered here at generation {}: protecting it needs a newer one",
+                a.vpg, at.0
+            ))
+            .into());
+        }
+        let serving: std::collections::BTreeSet<PathBuf> = record
+            .assignment
+            .vms
+            .iter()
+            .flat_map(|vm| vm.volumes.iter().map(|v| v.path.clone()))
+            .collect();
+        if let Some(v) = a
+            .vms
+            .iter()
+            .flat_map(|vm| &vm.volumes)
+            .find(|v| !serving.contains(&v.path))
+        {
+            return Err(DomainError::precondition(format!(
+                "vpg {}: {} is not a volume recovered here",
+                a.vpg,
+                v.path.display()
+            ))
+            .into());
+        }
         Ok(())
     }
 
@@ -349,6 +405,19 @@ impl Vra {
             .filter_map(|vm| vm.datastore.as_ref())
             .find(|ds| !ds.is_dir())
             .map(|ds| VraError::DatastoreMissing(ds.clone()));
+        if let Some(Role::Protected(p)) = vpgs.get(&a.vpg)
+            && p.assignment().generation < a.generation
+            && missing.is_none()
+        {
+            // Turned around (reverse protection): this VRA's VMs run at the other site now,
+            // and their disks here become the recovery disks. Its volumes go first.
+            let p = p.clone();
+            self.remove_protected_exports(&p);
+            p.stop(false).await;
+            self.powered_off().remove(&a.vpg);
+            vpgs.remove(&a.vpg);
+            info!(vpg = %a.vpg, generation = a.generation.0, "protected role replaced by the recovery role");
+        }
         if let Some(role) = vpgs.get(&a.vpg) {
             let Role::Recovery(r) = role else {
                 return Err(VraError::WrongRole {

@@ -214,9 +214,13 @@ impl RecoveryService for RecoveryApi {
                 Shutdown::No
             }
         };
+        let reverse = reverse_choice(&mut v, r.reverse);
         v.into_result().map_err(bad)?;
         let vpg = vpg.ok_or_else(|| Status::invalid_argument("vpg_id"))?;
-        let op = self.0.start_failover(vpg, choice, policy, shutdown).await?;
+        let op = self
+            .0
+            .start_failover(vpg, choice, policy, shutdown, reverse)
+            .await?;
         Ok(Response::new(op_to_proto(op)))
     }
 
@@ -228,9 +232,10 @@ impl RecoveryService for RecoveryApi {
         let mut v = Violations::new();
         let vpg = v.absorb(VpgId::parse("vpg_id", &r.vpg_id));
         let policy = commit_policy(&mut v, r.commit_policy, r.commit_after_secs);
+        let reverse = reverse_choice(&mut v, r.reverse);
         v.into_result().map_err(bad)?;
         let vpg = vpg.ok_or_else(|| Status::invalid_argument("vpg_id"))?;
-        let op = self.0.start_move(vpg, policy).await?;
+        let op = self.0.start_move(vpg, policy, reverse).await?;
         Ok(Response::new(op_to_proto(op)))
     }
 
@@ -261,5 +266,18 @@ impl RecoveryService for RecoveryApi {
         Ok(Response::new(v1::RecoveryOperations {
             operations: ops.into_iter().map(op_to_proto).collect(),
         }))
+    }
+}
+
+/// Whether a failover or move protects the VMs back on commit; `None`: the default.
+fn reverse_choice(v: &mut Violations, raw: i32) -> Option<bool> {
+    match v1::ReverseProtection::try_from(raw) {
+        Ok(v1::ReverseProtection::Default) => None,
+        Ok(v1::ReverseProtection::Yes) => Some(true),
+        Ok(v1::ReverseProtection::No) => Some(false),
+        Err(_) => {
+            v.add("reverse", "unknown value");
+            None
+        }
     }
 }
