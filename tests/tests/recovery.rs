@@ -987,6 +987,104 @@ async fn a_move_protects_back_with_a_delta_sync_and_a_move_back_brings_every_byt
     Ok(())
 }
 
+/// Fencing and reverse protection after a disaster: site a is lost (kill -9 of every
+/// manager and VRA), site b fails over with reverse protection and shows Needs
+/// Configuration while site a is gone; site a comes back believing it still protects the
+/// VPG and its VMs write, yet its stale stream is refused and nothing of it reaches the
+/// recovered VMs; it takes the new direction from site b (its VMs and their volumes go, its
+/// VRAs become the recovery VRAs over the VMs' old disks), and a delta sync brings those
+/// disks in line with site b: Meeting SLA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_protected_site_is_fenced_takes_the_new_direction_and_delta_syncs() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let (mut lab, _, apis_b, _) = recovery_lab(dir.path(), "vpg-fb").await?;
+    let workload = recovery_workload(&lab).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for m in &mut lab.sites[0] {
+        m.kill9().await?;
+    }
+    for v in &mut lab.vras[0] {
+        v.kill9().await?;
+    }
+    tandem(
+        &apis_b,
+        &["failover", "start", "vpg-fb", "--reverse", "yes"],
+    )
+    .await?;
+    let op = before_commit(&apis_b).await?;
+    let window = workload
+        .window_at(op.checkpoint_ms)
+        .context("no workload window at the checkpoint's time")?;
+    let history = workload.stop().await;
+    check_recovered(&history, &window, &op).await?;
+    tandem(&apis_b, &["failover", "commit", "vpg-fb"]).await?;
+    wait_ended(&apis_b).await?;
+    let mut seen = Vec::new();
+    wait_vpg_cli(&apis_b, "vpg-fb", Duration::from_secs(30), &mut seen, |g| {
+        g.direction == "outgoing"
+            && g.status
+                .as_ref()
+                .is_some_and(|s| s.substatus == "Needs Configuration")
+    })
+    .await?;
+    // Nothing writes at site b from here: its VMs' volumes as they must stay.
+    let at_b: Vec<String> = (0..4)
+        .map(|i| format!("nbd://{}/vm-{i}/0", lab.vras[1][i % 2].nbd))
+        .collect();
+    let hashes_b = volume_hashes(&at_b).await?;
+
+    // Site a returns as it was: its VRAs serve the VMs again, which write.
+    for v in &mut lab.vras[0] {
+        v.start().await?;
+    }
+    let stale = format!("nbd://{}/vm-0/0", lab.vras[0][0].nbd);
+    qemu_io(&stale, "write -P 0x77 8M 1M")?;
+    for m in &mut lab.sites[0] {
+        m.start("join").await?;
+    }
+    let apis_a = lab.endpoints(0);
+    let turned = wait_vpg_cli(
+        &apis_b,
+        "vpg-fb",
+        Duration::from_secs(120),
+        &mut seen,
+        |g| meeting_sla(g) && g.direction == "outgoing",
+    )
+    .await?;
+    eprintln!("site b after site a returned: {seen:?}");
+    let syncs = last_syncs(&lab, 1, "vpg-fb").await?;
+    let sent: u64 = syncs.iter().map(|s| s.1).sum();
+    eprintln!("reverse protection after the return: {syncs:?}, {sent} bytes sent for 64 MiB");
+    // At least the stale write is undone; far from everything is sent.
+    assert!((MIB..=32 * MIB).contains(&sent), "{sent} bytes sent");
+    assert_eq!(
+        volume_hashes(&at_b).await?,
+        hashes_b,
+        "site a reached the recovered VMs"
+    );
+    // Site a took the new direction: no VM of the VPG, no export of it, recovery VRAs.
+    let at_a: v1::Vpg = tandem_json(&apis_a, &["vpg", "get", "vpg-fb"]).await?;
+    assert_eq!(
+        (at_a.direction.as_str(), at_a.generation),
+        ("incoming", turned.generation),
+        "{at_a:?}"
+    );
+    let vms: v1::ListVmsResponse = tandem_json(&apis_a, &["vm", "list", "--inventory"]).await?;
+    assert!(vms.vms.iter().all(|v| !v.id.starts_with("vm-")), "{vms:?}");
+    let roles = vra_vpg_status(&lab, 0, "vpg-fb").await?;
+    assert!(
+        roles.len() == 2 && roles.iter().all(|g| g.role == v1::VraRole::Recovery as i32),
+        "{roles:?}"
+    );
+    assert!(
+        NbdClient::connect_uri(&stale).await.is_err(),
+        "site a still serves its old VM"
+    );
+    lab.down().await;
+    Ok(())
+}
+
 /// A move rolled back: the recovered VMs wrote before commit, yet the sources and the
 /// replicas are byte for byte as they were, the protected VMs are powered on again and
 /// protection resumes.
