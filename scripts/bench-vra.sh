@@ -18,7 +18,12 @@
 #     at most 0.2x its bytes);
 #  5. (ONLY=rto) failover RTO: 10 VMs x 2 volumes with RTO_JOURNAL_MIB (1024) of unpromoted
 #     journal, StartRecovery to every volume answering an NBD read, vs restore by nbdcopy
-#     of every volume and vs promote-then-serve (the commit, timed) (floor: <= 2 s).
+#     of every volume and vs promote-then-serve (the commit, timed) (floor: <= 2 s);
+#  6. (ONLY=move) a whole move of 10 VMs x 2 volumes of 64 MiB (all written) through the
+#     managers (2 sites x 3 managers, 2 hosts each), DELTA_PERCENT of the 4 KiB blocks
+#     written at the new site before commit, with reverse protection: time to the VMs up,
+#     to the commit, to the old site's disks delta-synced, and the delta syncs' time and
+#     bytes vs rsync --inplace --no-whole-file of the same files.
 # It reports and does not assert: it exits 0 when a floor is missed. Before each measured
 # run it waits for a quiet machine (no rustc running, CPUs MIN_IDLE % idle; at most
 # QUIET_WAIT_SECS, then it measures anyway and marks the result NOT quiet).
@@ -26,7 +31,7 @@
 # Usage: scripts/bench-vra.sh                 (the issue's durations, ~10 minutes)
 #        QUICK=1 scripts/bench-vra.sh         (smoke run: 5 s fio runs, small syncs)
 #        ONLY=write,checkpoint WRITE_SECS=20 scripts/bench-vra.sh
-# Env: QUICK, ONLY (write,checkpoint,managed,initial,delta,rto), RTO_JOURNAL_MIB (1024), WRITE_SECS (60), CP_SECS (60),
+# Env: QUICK, ONLY (write,checkpoint,managed,initial,delta,rto,move), RTO_JOURNAL_MIB (1024), WRITE_SECS (60), CP_SECS (60),
 #      CP_INTERVAL_MS (1000), MANAGED_IOPS (2500), SYNC_MIB (4096), DELTA_MIB (1024), DELTA_PERCENT (1),
 #      VOLUME_MIB (1024), RAM_MB (256), JOURNAL_LIMIT_MIB (4096), QUIET_WAIT_SECS (900),
 #      MIN_IDLE (85), ROUNDS (1: with more, medians over the rounds are printed at the end),

@@ -1,6 +1,7 @@
 //! The README's main command, `tandem-lab demo`, end to end: a two-site lab on loopback
-//! that protects, checkpoints, tests a failover, survives kills and a link cut, moves and
-//! rolls back, and fails over after the protected site is lost. Every step must pass.
+//! that protects, checkpoints, tests a failover, survives kills and a link cut, moves with
+//! reverse protection and back, and fails over after the protected site is lost. Every
+//! step must pass.
 
 use std::process::Command;
 

@@ -107,6 +107,7 @@ async fn protect_with(dir: &std::path::Path, settings: v1::VpgSettings) -> Resul
     let mut lab = Lab::up(dir, 2, 3).await?;
     lab.start_vras(2).await?;
     let options = ProtectOptions {
+        volumes_per_vm: 1,
         vpg: "vpg-web".into(),
         vms: 4,
         volume_bytes: 32 * MIB,
@@ -1609,6 +1610,7 @@ async fn the_seeds_live_statuses_are_each_driven_and_shown_by_the_cli() -> Resul
     // Creating VPG, then Initial Sync with its progress, over a 2 MB/s link.
     link.throttle(Some(Direction::AToB), 2 * MIB).await?;
     let options = ProtectOptions {
+        volumes_per_vm: 1,
         vpg: "vpg-web".into(),
         vms: 2,
         volume_bytes: 8 * MIB,

@@ -406,6 +406,7 @@ fn meeting_sla(g: &v1::Vpg) -> bool {
 /// The options of the recovery tests' VPG: 4 VMs on 2 hosts, a checkpoint a second.
 fn recovery_options(vpg: &str) -> ProtectOptions {
     ProtectOptions {
+        volumes_per_vm: 1,
         vpg: vpg.into(),
         vms: 4,
         volume_bytes: 16 * MIB,
@@ -876,14 +877,31 @@ async fn before_commit(apis: &[String]) -> Result<v1::RecoveryOperation> {
     }
 }
 
-/// The last sync each VRA of `site` ran for `vpg` as the protected VRA: (kind, bytes sent).
+/// The last sync each protected VRA of `site` ran for `vpg`, once none runs one and each
+/// ran one: (kind, bytes sent).
 async fn last_syncs(lab: &Lab, site: usize, vpg: &str) -> Result<Vec<(i32, u64)>> {
-    Ok(vra_vpg_status(lab, site, vpg)
-        .await?
-        .into_iter()
-        .filter(|g| g.role == v1::VraRole::Protected as i32)
-        .filter_map(|g| g.last_sync.map(|s| (s.kind, s.sent_bytes)))
-        .collect())
+    let start = Instant::now();
+    loop {
+        let now: Vec<_> = vra_vpg_status(lab, site, vpg)
+            .await?
+            .into_iter()
+            .filter(|g| g.role == v1::VraRole::Protected as i32)
+            .collect();
+        let done = !now.is_empty()
+            && now
+                .iter()
+                .all(|g| g.last_sync.is_some() && g.sync.as_ref().is_none_or(|s| s.kind == 0));
+        if done {
+            return Ok(now
+                .into_iter()
+                .filter_map(|g| g.last_sync.map(|s| (s.kind, s.sent_bytes)))
+                .collect());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("the syncs at site {site} did not end: {now:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Reverse protection and failback: a move under the verifying workload protects the VMs
@@ -898,7 +916,7 @@ async fn a_move_protects_back_with_a_delta_sync_and_a_move_back_brings_every_byt
     let (mut lab, apis_a, apis_b, _) = recovery_lab(dir.path(), "vpg-rv").await?;
     let workload = recovery_workload(&lab).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    tandem(&apis_b, &["move", "start", "vpg-rv"]).await?;
+    tandem(&apis_b, &["move", "start", "vpg-rv", "--watch"]).await?;
     let op = before_commit(&apis_b).await?;
     let history = workload.stop().await;
     let exact = tandem_lab::workload::CutWindow::exact(history.end());
@@ -958,7 +976,14 @@ async fn a_move_protects_back_with_a_delta_sync_and_a_move_back_brings_every_byt
     tandem(&apis_a, &["move", "start", "vpg-rv"]).await?;
     let back = before_commit(&apis_a).await?;
     assert_eq!(volume_hashes(&op_uris(&back)).await?, hashes_b);
-    tandem(&apis_a, &["move", "commit", "vpg-rv"]).await?;
+    // The operator's word, given to the move's task this time.
+    let task = back.task_id.to_string();
+    let wrong = tandem(&apis_a, &["task", "input", &task, "stop"]).await;
+    assert!(
+        wrong.is_err_and(|e| e.to_string().contains("not a running failover test")),
+        "a move's task took a test's input"
+    );
+    tandem(&apis_a, &["task", "input", &task, "commit"]).await?;
     // kill -9 of site a's leader while it commits and protects forward again.
     let apis_a = kill_leader(&mut lab, 0).await?;
     wait_ended(&apis_a).await?;

@@ -114,6 +114,17 @@ enum TaskCmd {
         #[arg(long, default_value_t = 1)]
         interval: u64,
     },
+    /// Gives a running task the operator's word: commit or rollback (a failover or move
+    /// before commit), stop (a failover test, with --failed and --note).
+    Input {
+        id: u64,
+        #[arg(value_parser = ["commit", "rollback", "stop"])]
+        input: String,
+        #[arg(long)]
+        failed: bool,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -515,6 +526,28 @@ async fn task(ch: Channel, fmt: Format, c: TaskCmd) -> Result<()> {
                 .await?
                 .into_inner();
             print(fmt, &r, &TASK_HEADER, task_rows(&r.tasks));
+        }
+        TaskCmd::Input {
+            id,
+            input,
+            failed,
+            note,
+        } => {
+            let input = match input.as_str() {
+                "commit" => v1::TaskInputKind::Commit,
+                "rollback" => v1::TaskInputKind::Rollback,
+                _ => v1::TaskInputKind::StopTest,
+            };
+            let t = cl
+                .task_input(v1::TaskInputRequest {
+                    task_id: id,
+                    input: input as i32,
+                    failed,
+                    note,
+                })
+                .await?
+                .into_inner();
+            print(fmt, &t, &TASK_HEADER, task_rows(std::slice::from_ref(&t)));
         }
         TaskCmd::Watch { id, interval } => loop {
             let t = cl.get_task(v1::GetTaskRequest { id }).await?.into_inner();

@@ -72,6 +72,9 @@ pub enum FailoverCmd {
         reverse: String,
         #[arg(long)]
         wait: bool,
+        /// --wait, printing each step (and why it waits) as it goes.
+        #[arg(long)]
+        watch: bool,
         /// How long --wait waits, in seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
@@ -82,6 +85,9 @@ pub enum FailoverCmd {
         vpg: String,
         #[arg(long)]
         wait: bool,
+        /// --wait, printing each step as it goes.
+        #[arg(long)]
+        watch: bool,
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
@@ -90,6 +96,9 @@ pub enum FailoverCmd {
         vpg: String,
         #[arg(long)]
         wait: bool,
+        /// --wait, printing each step as it goes.
+        #[arg(long)]
+        watch: bool,
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
@@ -167,9 +176,11 @@ async fn wait_op(
     cl: &mut RecoveryServiceClient<Channel>,
     vpg: &str,
     timeout: u64,
+    watch: bool,
     done: impl Fn(Option<&v1::RecoveryOperation>) -> bool,
 ) -> Result<Option<v1::RecoveryOperation>> {
     let since = Instant::now();
+    let mut shown = String::new();
     loop {
         let now = cl
             .list_recoveries(v1::ListRecoveriesRequest {
@@ -179,6 +190,13 @@ async fn wait_op(
             .into_inner()
             .operations
             .pop();
+        let label = now
+            .as_ref()
+            .map_or("ended".into(), |o| step_label(&o.step, &o.error));
+        if watch && label != shown {
+            eprintln!("{:6.1}s  {vpg}: {label}", since.elapsed().as_secs_f64());
+            shown = label;
+        }
         if done(now.as_ref()) {
             return Ok(now);
         }
@@ -212,6 +230,7 @@ pub async fn failover(ch: Channel, fmt: Format, kind: Kind, c: FailoverCmd) -> R
             shutdown,
             reverse,
             wait,
+            watch,
             timeout,
         } => {
             let (policy, after) = commit_policy(&policy)?;
@@ -256,18 +275,28 @@ pub async fn failover(ch: Channel, fmt: Format, kind: Kind, c: FailoverCmd) -> R
                     .await?
                     .into_inner(),
             };
-            if !wait {
+            if !wait && !watch {
                 show(vec![op]);
                 return Ok(());
             }
-            let now = wait_op(&mut cl, &vpg, timeout, |o| {
+            let now = wait_op(&mut cl, &vpg, timeout, watch, |o| {
                 o.is_none_or(|o| o.step != "opening" && o.step != "preparing the source")
             })
             .await?;
             show(now.into_iter().collect());
         }
-        FailoverCmd::Commit { vpg, wait, timeout }
-        | FailoverCmd::Rollback { vpg, wait, timeout } => {
+        FailoverCmd::Commit {
+            vpg,
+            wait,
+            watch,
+            timeout,
+        }
+        | FailoverCmd::Rollback {
+            vpg,
+            wait,
+            watch,
+            timeout,
+        } => {
             let r = v1::RecoveryRef {
                 vpg_id: vpg.clone(),
             };
@@ -277,11 +306,11 @@ pub async fn failover(ch: Channel, fmt: Format, kind: Kind, c: FailoverCmd) -> R
                 cl.rollback_recovery(r).await?
             }
             .into_inner();
-            if !wait {
+            if !wait && !watch {
                 show(vec![op]);
                 return Ok(());
             }
-            wait_op(&mut cl, &vpg, timeout, |o| o.is_none()).await?;
+            wait_op(&mut cl, &vpg, timeout, watch, |o| o.is_none()).await?;
             println!(
                 "{vpg}: {}",
                 if commit {

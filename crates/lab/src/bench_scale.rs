@@ -144,6 +144,7 @@ async fn measure(
     for n in first..first + count {
         let vpg = format!("vpg-{n:03}");
         let opts = ProtectOptions {
+            volumes_per_vm: 1,
             vpg: vpg.clone(),
             vms: o.vms_per_vpg,
             volume_bytes: o.volume_mib << 20,

@@ -10,7 +10,10 @@
 //! leader after a kill -9 of site-a's leader (no event or task lost), during and after a
 //! link cut (Site disconnection / Recovery is possible, then the sync), and after a kill
 //! -9 of a recovery VRA; the last image, a named checkpoint taken after the workload
-//! stops, must hold every acknowledged write. The demo opens images at the recovery VRAs
+//! stops, must hold every acknowledged write. Then the recovery operations: a failover
+//! test, a move to site-b committed with reverse protection (site-a's disks delta-synced,
+//! bytes printed) and the move back, and a failover after kill -9 of all of site-a, each
+//! checked against every acknowledged write. The demo opens images at the recovery VRAs
 //! to check them and drives no VRA. Each step prints PASS or FAIL with its figures (RPO,
 //! times, bytes); any FAIL makes the exit status non-zero. Every process the demo starts
 //! is stopped when it ends, also on failure and on Ctrl-C.
@@ -404,15 +407,28 @@ async fn inventory(
     Ok((hosts, stores, pool.id, ids))
 }
 
+/// Where the demo's VMs go: hosts and datastores (VM i on the (i % 2)th) and the pool at
+/// the recovery site, and the pool at the protected site once they are protected back.
+struct Placement<'a> {
+    hosts: &'a [String],
+    stores: &'a [String],
+    pool: &'a str,
+    reverse_pool: &'a str,
+}
+
 fn vpg_spec(
     name: &str,
     recovery_site: &str,
     vms: &[String],
-    hosts: &[String],
-    stores: &[String],
-    pool: &str,
+    at: &Placement<'_>,
     checkpoint_interval_secs: u64,
 ) -> v1::VpgSpec {
+    let Placement {
+        hosts,
+        stores,
+        pool,
+        reverse_pool,
+    } = at;
     v1::VpgSpec {
         name: name.into(),
         recovery_site_id: recovery_site.into(),
@@ -423,6 +439,7 @@ fn vpg_spec(
             journal_history_secs: 3600,
             wan_compression: true,
             test_reminder_months: 6,
+            reverse_pool_id: reverse_pool.to_string(),
             ..Default::default()
         }),
         vms: vms
@@ -432,7 +449,7 @@ fn vpg_spec(
                 vm_id: vm.clone(),
                 recovery_host_id: hosts[i % 2].clone(),
                 recovery_datastore_id: stores[i % 2].clone(),
-                recovery_pool_id: pool.into(),
+                recovery_pool_id: pool.to_string(),
                 preseeded: false,
             })
             .collect(),
@@ -501,7 +518,7 @@ async fn manager_steps(
         Ok::<_, anyhow::Error>((a_inv, b_inv))
     }
     .await;
-    let ((_, _, _, vms), (b_hosts, b_stores, b_pool, _)) = match inv {
+    let ((_, _, a_pool, vms), (b_hosts, b_stores, b_pool, _)) = match inv {
         Ok(v) => {
             report.step(
                 "inventory: datastores, pools, 4 VMs",
@@ -523,15 +540,19 @@ async fn manager_steps(
         vms: vms.clone(),
     };
     let interval = opts.checkpoint_interval_secs;
+    let at_b = Placement {
+        hosts: &b_hosts,
+        stores: &b_stores,
+        pool: &b_pool,
+        reverse_pool: &a_pool,
+    };
 
     let t = Instant::now();
     let r = async {
         let vpg = VpgServiceClient::new(a.clone())
             .create_vpg(v1::CreateVpgRequest {
                 id: protection.vpg.clone(),
-                spec: Some(vpg_spec(
-                    "web-tier", &site_b_id, &vms, &b_hosts, &b_stores, &b_pool, interval,
-                )),
+                spec: Some(vpg_spec("web-tier", &site_b_id, &vms, &at_b, interval)),
             })
             .await?
             .into_inner();
@@ -553,15 +574,7 @@ async fn manager_steps(
 
     let t = Instant::now();
     let r = async {
-        let mut spec = vpg_spec(
-            "again",
-            &site_b_id,
-            &vms[..1],
-            &b_hosts,
-            &b_stores,
-            &b_pool,
-            interval,
-        );
+        let mut spec = vpg_spec("again", &site_b_id, &vms[..1], &at_b, interval);
         spec.name = "again".into();
         match VpgServiceClient::new(a.clone())
             .create_vpg(v1::CreateVpgRequest {
@@ -1215,7 +1228,7 @@ async fn protection_steps_in(
     report.image("final", r.is_ok());
     report.step("stop workload; named checkpoint holds all", t, r);
 
-    move_and_back(report, run).await;
+    move_and_back(lab, report, run).await;
     disaster_failover(lab, report, run).await;
 
     let all = Window::of(&ctx, started, Instant::now());
@@ -1701,89 +1714,131 @@ async fn recovery_vra_kill(
     Ok(())
 }
 
-/// A move to site-b with nothing lost, then rolled back: site-a's VMs are powered off and
-/// drained, a last checkpoint is taken and the VMs come up at site-b holding every write
-/// the workload acknowledged; the rollback powers site-a's VMs on again (with all of it)
-/// and protection resumes.
-async fn move_and_back(report: &mut Report, run: &Run) {
+/// A move to site-b with nothing lost, reverse protection, and the move back: site-a's VMs
+/// are powered off and drained, a last checkpoint is taken and the VMs come up at site-b
+/// holding every write the workload acknowledged; the commit protects them back to site-a,
+/// whose disks of them take only a delta sync (bytes sent reported). The move back runs at
+/// site-a the same way and protects the VMs forward again; every write is still there.
+async fn move_and_back(lab: &Lab, report: &mut Report, run: &Run) {
     let ctx = &run.ctx;
     let t = Instant::now();
-    let r = async {
-        let history = run.history.as_ref().context("no workload history")?;
-        let vpg = ctx.vpg.clone();
-        let started = ctx
-            .b
-            .ask(|ch| {
-                let vpg = vpg.clone();
-                async move {
-                    RecoveryServiceClient::new(ch)
-                        .start_move(v1::StartMoveRequest {
-                            reverse: v1::ReverseProtection::Default as i32,
-                            vpg_id: vpg,
-                            commit_policy: v1::CommitPolicyKind::Manual as i32,
-                            commit_after_secs: 0,
-                        })
-                        .await
-                }
-            })
-            .await?;
-        let (op, clients) = before_commit(ctx, &started.op_id).await?;
-        let up_in = t.elapsed();
-        let checked = check_recovered(history, &clients).await;
-        for c in clients {
-            let _ = c.disconnect().await;
-        }
-        let moved = checked?;
-        let (_, sub) = ctx.b.shown(&ctx.vpg).await?;
-        ctx.b
-            .ask(|ch| {
-                let vpg = vpg.clone();
-                async move {
-                    RecoveryServiceClient::new(ch)
-                        .rollback_recovery(v1::RecoveryRef { vpg_id: vpg })
-                        .await
-                }
-            })
-            .await?;
-        ctx.b
-            .wait_no_recovery(&ctx.vpg, "the rollback to end")
-            .await?;
-        let mut seen = Vec::new();
-        let back = ctx
-            .a
-            .wait_shown(&ctx.vpg, PATIENCE, &mut seen, |s, _| s == "Meeting SLA")
-            .await?;
-        let mut clients = Vec::new();
-        for v in &ctx.vms {
-            clients.push(NbdClient::connect(v.prot_nbd.as_str(), &format!("{}/0", v.vm)).await?);
-        }
-        let checked = check_recovered(history, &clients).await;
-        for c in clients {
-            let _ = c.disconnect().await;
-        }
-        checked?;
-        report.note(
-            "move",
-            format!(
-                "VMs up at site-b {} after the request ({} last checkpoint), rolled back",
-                secs(up_in),
-                op.checkpoint_name
-            ),
-        );
-        Ok(format!(
-            "site-a's VMs powered off and drained; {:?} taken; {} volumes up at site-b in {} \
-             ({sub}) holding {} writes = all acknowledged; rolled back: site-a's VMs on \
-             again with all of it, Meeting SLA {} after",
-            op.checkpoint_name,
-            op.volumes.len(),
-            secs(up_in),
-            moved.writes_included,
-            secs(back)
-        ))
-    }
-    .await;
+    let r = move_once(lab, ctx, run, &ctx.b, &ctx.a, 1).await;
     report.image("move", r.is_ok());
-    report.step("move to site-b, nothing lost; rolled back", t, r);
+    let there = r.is_ok();
+    report.step("move to site-b, nothing lost; protected back (delta)", t, r);
+    if !there {
+        return;
+    }
+    let t = Instant::now();
+    let r = move_once(lab, ctx, run, &ctx.a, &ctx.b, 0).await;
+    report.image("move back", r.is_ok());
+    report.step("move back to site-a, nothing lost; protected again", t, r);
+}
+
+/// One move of the demo's VPG to the site of `to` (its VRAs: `lab.vras[to_site]`), from
+/// the site of `from`, committed with reverse protection.
+async fn move_once(
+    lab: &Lab,
+    ctx: &Ctx,
+    run: &Run,
+    to: &Managers,
+    from: &Managers,
+    to_site: usize,
+) -> Result<String> {
+    let t = Instant::now();
+    let history = run.history.as_ref().context("no workload history")?;
+    let vpg = ctx.vpg.clone();
+    let started = to
+        .ask(|ch| {
+            let vpg = vpg.clone();
+            async move {
+                RecoveryServiceClient::new(ch)
+                    .start_move(v1::StartMoveRequest {
+                        reverse: v1::ReverseProtection::Yes as i32,
+                        vpg_id: vpg,
+                        commit_policy: v1::CommitPolicyKind::Manual as i32,
+                        commit_after_secs: 0,
+                    })
+                    .await
+            }
+        })
+        .await?;
+    let (op, clients) = before_commit(to, &ctx.vpg, &started.op_id).await?;
+    let up_in = t.elapsed();
+    let checked = check_recovered(history, &clients).await;
+    for c in clients {
+        let _ = c.disconnect().await;
+    }
+    let moved = checked?;
+    let (_, sub) = to.shown(&ctx.vpg).await?;
+    to.ask(|ch| {
+        let vpg = vpg.clone();
+        async move {
+            RecoveryServiceClient::new(ch)
+                .commit_recovery(v1::RecoveryRef { vpg_id: vpg })
+                .await
+        }
+    })
+    .await?;
+    to.wait_no_recovery(&ctx.vpg, "the commit to end").await?;
+    let committed = t.elapsed();
+    let mut seen = Vec::new();
+    to.wait_shown(&ctx.vpg, PATIENCE, &mut seen, |s, _| s == "Meeting SLA")
+        .await?;
+    let direction = to.vpg(&ctx.vpg).await?.direction;
+    if direction != "outgoing" {
+        bail!("{} shows the VPG {direction} after the move", to.site);
+    }
+    let protected_in = t.elapsed();
+    // What the delta syncs of the old site's disks sent, once every protected VRA of the
+    // new site ran its own.
+    let finished = wait_until("the delta syncs", PATIENCE, || async {
+        let mut done = Vec::new();
+        for vra in &lab.vras[to_site] {
+            let ch = channel(std::slice::from_ref(&vra.control)).await.ok()?;
+            let status = VraControlClient::new(ch)
+                .get_status(v1::GetVraStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            for g in status.vpgs.iter().filter(|g| g.vpg_id == ctx.vpg) {
+                let running = g.sync.as_ref().is_some_and(|s| s.kind != 0);
+                done.push((!running).then_some(g.last_sync.clone()?)?);
+            }
+        }
+        (!done.is_empty()).then_some(done)
+    })
+    .await?;
+    let sent: u64 = finished.iter().map(|s| s.sent_bytes).sum();
+    let hashes: u64 = finished.iter().map(|s| s.hash_bytes).sum();
+    let kinds: Vec<i32> = finished.iter().map(|s| s.kind).collect();
+    let deltas = [
+        v1::VraSyncKind::Delta as i32,
+        v1::VraSyncKind::VolumeDelta as i32,
+    ];
+    if kinds.is_empty() || kinds.iter().any(|k| !deltas.contains(k)) {
+        bail!("the protection back ran {kinds:?}, not delta syncs");
+    }
+    let total: u64 = op.volumes.iter().map(|v| v.size_bytes).sum();
+    let (old_status, old_sub) = from.shown(&ctx.vpg).await?;
+    Ok(format!(
+        "{:?} taken; {} volumes up at {} in {} ({sub}) holding {} writes = all \
+         acknowledged; committed in {}, protected back to {} in {} (delta sync of {} of \
+         volumes: {} of checksums exchanged, {} of data sent; {} shows {old_status} / \
+         {old_sub})",
+        op.checkpoint_name,
+        op.volumes.len(),
+        to.site,
+        secs(up_in),
+        moved.writes_included,
+        secs(committed),
+        from.site,
+        secs(protected_in),
+        fmt_bytes(total),
+        fmt_bytes(hashes),
+        fmt_bytes(sent),
+        from.site,
+    ))
 }
 
 /// The protected site is lost (kill -9 of every manager and VRA of site-a) and site-b's
@@ -1822,7 +1877,7 @@ async fn disaster_failover(lab: &mut Lab, report: &mut Report, run: &Run) {
                 }
             })
             .await?;
-        let (op, clients) = before_commit(ctx, &op.op_id).await?;
+        let (op, clients) = before_commit(&ctx.b, &ctx.vpg, &op.op_id).await?;
         for c in &clients {
             c.read(0, 4096).await?;
         }
@@ -1877,12 +1932,15 @@ async fn disaster_failover(lab: &mut Lab, report: &mut Report, run: &Run) {
     report.step("kill -9 site-a; failover at site-b = source", t, r);
 }
 
-/// Waits for operation `op_id` of the demo's VPG to be before commit; answers it with an
+/// Waits for operation `op_id` of `vpg` at `site` to be before commit; answers it with an
 /// NBD client on volume 0 of each VM, in VM order.
-async fn before_commit(ctx: &Ctx, op_id: &str) -> Result<(v1::RecoveryOperation, Vec<NbdClient>)> {
+async fn before_commit(
+    site: &Managers,
+    vpg: &str,
+    op_id: &str,
+) -> Result<(v1::RecoveryOperation, Vec<NbdClient>)> {
     let op = wait_until("the recovered volumes", PATIENCE, || async {
-        ctx.b
-            .recoveries(&ctx.vpg)
+        site.recoveries(vpg)
             .await
             .ok()?
             .into_iter()

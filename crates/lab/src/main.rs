@@ -112,8 +112,9 @@ enum Cmd {
     /// Runs the demo: a two-site lab with managers and VRAs, driven through the managers'
     /// API: pairing, inventory, a VPG of 4 VMs protected by the managers; under a verifying
     /// workload, checkpoints' images checked against the source, a kill -9 of the protected
-    /// site's leader, a link cut and its sync, a kill -9 of a recovery VRA. Exits non-zero on
-    /// any FAIL.
+    /// site's leader, a link cut and its sync, a kill -9 of a recovery VRA; a failover test,
+    /// a move with reverse protection and back, and a failover after kill -9 of the whole
+    /// protected site. Exits non-zero on any FAIL.
     Demo {
         /// Lab directory; a fresh temporary one (removed after a passing run) by default.
         #[arg(long)]

@@ -23,6 +23,8 @@ pub struct ProtectOptions {
     pub vpg: String,
     pub vms: usize,
     pub volume_bytes: u64,
+    /// Volumes per VM (controller 0, units 0..), each of `volume_bytes`; 0 counts as 1.
+    pub volumes_per_vm: u8,
     pub memory_mib: u64,
     pub settings: v1::VpgSettings,
 }
@@ -159,13 +161,15 @@ pub async fn protect_vpg(
                 cpus: 1,
                 cpu_reservation_mhz: 100,
                 memory_reservation_mib: 256,
-                volumes: vec![v1::Volume {
-                    path: String::new(),
-                    controller: 0,
-                    unit: 0,
-                    size_bytes: o.volume_bytes,
-                    datastore_id: sites.protected_datastores[h].clone(),
-                }],
+                volumes: (0..o.volumes_per_vm.max(1))
+                    .map(|unit| v1::Volume {
+                        path: String::new(),
+                        controller: 0,
+                        unit: unit.into(),
+                        size_bytes: o.volume_bytes,
+                        datastore_id: sites.protected_datastores[h].clone(),
+                    })
+                    .collect(),
                 vpg_id: String::new(),
             })
             .await

@@ -34,7 +34,53 @@ struct RecoveryPlan {
     reverse: bool,
 }
 
+/// What an operator tells a running task (`TaskService.TaskInput`).
+#[derive(Debug, Clone)]
+pub enum TaskInput {
+    /// Commit or roll back the failover or move the task runs.
+    Recovery(RecoveryIntent),
+    /// Stop the failover test the task runs, with this verdict.
+    StopTest(TestVerdict),
+}
+
 impl SiteManager {
+    /// Gives a running task the operator's word: the failover, move or failover test whose
+    /// task it is takes it as from its own command. Answers the task.
+    pub async fn task_input(
+        &self,
+        task: u64,
+        input: TaskInput,
+    ) -> ApiResult<tandem_core::tasks::Task> {
+        let vpg = self
+            .node()
+            .read(move |s| {
+                let recovery = s.recoveries.values().find(|r| r.task == task);
+                let test = s.tests.values().find(|t| t.task == task);
+                match (&input, recovery, test) {
+                    (TaskInput::Recovery(_), Some(op), _) => Ok(op.vpg.clone()),
+                    (TaskInput::StopTest(_), _, Some(t)) => Ok(t.vpg.clone()),
+                    _ => Err(DomainError::precondition(format!(
+                        "task {task} is not a running {} here",
+                        match input {
+                            TaskInput::Recovery(_) => "failover or move",
+                            TaskInput::StopTest(_) => "failover test",
+                        }
+                    ))),
+                }
+                .map(|vpg| (vpg, input))
+            })
+            .await??;
+        match vpg {
+            (vpg, TaskInput::Recovery(intent)) => {
+                self.recovery_input(vpg, intent).await?;
+            }
+            (vpg, TaskInput::StopTest(verdict)) => {
+                self.stop_failover_tests(vec![vpg], verdict).await?;
+            }
+        }
+        self.task(task).await
+    }
+
     /// Starts a failover test of each VPG (recovered at this site), at the checkpoint
     /// `choice` names. Every VPG is checked, and its checkpoint chosen, before any starts.
     pub async fn start_failover_tests(

@@ -2,11 +2,13 @@
 
 use tandem_core::error::Violations;
 use tandem_core::ids::VpgId;
+use tandem_core::recovery::{RecoveryIntent, TestVerdict};
 use tandem_core::tasks::{Task, TaskState};
 use tandem_proto::v1::{self, task_service_server::TaskService};
 use tonic::{Request, Response, Status};
 
 use super::bad;
+use crate::recovery::TaskInput;
 use crate::site::SiteManager;
 
 pub struct TaskApi(pub SiteManager);
@@ -63,6 +65,35 @@ impl TaskService for TaskApi {
             .map(to_proto)
             .collect();
         Ok(Response::new(v1::TaskList { tasks }))
+    }
+
+    async fn task_input(
+        &self,
+        r: Request<v1::TaskInputRequest>,
+    ) -> Result<Response<v1::Task>, Status> {
+        let r = r.into_inner();
+        let mut v = Violations::new();
+        v.check(r.task_id != 0, "task_id", "must be set");
+        let input = match v1::TaskInputKind::try_from(r.input) {
+            Ok(v1::TaskInputKind::Commit) => Some(TaskInput::Recovery(RecoveryIntent::Commit)),
+            Ok(v1::TaskInputKind::Rollback) => Some(TaskInput::Recovery(RecoveryIntent::Rollback)),
+            Ok(v1::TaskInputKind::StopTest) => Some(TaskInput::StopTest(TestVerdict {
+                passed: !r.failed,
+                note: r.note,
+            })),
+            Ok(v1::TaskInputKind::Unspecified) | Err(_) => {
+                v.add("input", "must be commit, rollback or stop_test");
+                None
+            }
+        };
+        if let Some(TaskInput::StopTest(verdict)) = &input {
+            v.absorb(verdict.validate());
+        }
+        v.into_result().map_err(bad)?;
+        let input = input.ok_or_else(|| Status::invalid_argument("input"))?;
+        Ok(Response::new(to_proto(
+            self.0.task_input(r.task_id, input).await?,
+        )))
     }
 
     async fn get_task(&self, r: Request<v1::GetTaskRequest>) -> Result<Response<v1::Task>, Status> {
