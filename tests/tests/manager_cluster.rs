@@ -552,6 +552,7 @@ async fn stopped_node_is_left_behind_then_catches_up_and_membership_grows_and_sh
             raft: String::new(),
             dir: dir.path().join(format!("extra-{id}")),
             child: None,
+            env: Vec::new(),
         };
         p.start("join").await?;
         vms.create_vm(vm(&format!("grow-{id}"), "a-h", "a-ds", 1))

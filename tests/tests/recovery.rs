@@ -1110,6 +1110,113 @@ async fn a_returning_protected_site_is_fenced_takes_the_new_direction_and_delta_
     Ok(())
 }
 
+/// Restarts the managers of `site` that died (failpoints); answers how many.
+async fn revive(lab: &mut Lab, site: usize) -> Result<usize> {
+    let mut n = 0;
+    for m in &mut lab.sites[site] {
+        if m.died() {
+            m.child = None;
+            m.start("join").await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Waits (restarting the managers of `site` that die meanwhile) until `done` holds for the
+/// operations listed at `site`; answers them and how many managers died.
+async fn revive_until(
+    lab: &mut Lab,
+    site: usize,
+    what: &str,
+    done: impl Fn(&[v1::RecoveryOperation]) -> bool,
+) -> Result<(Vec<v1::RecoveryOperation>, usize)> {
+    let start = Instant::now();
+    let mut died = 0;
+    loop {
+        died += revive(lab, site).await?;
+        if let Ok(ops) = recoveries(&lab.endpoints(site)).await
+            && done(&ops)
+        {
+            return Ok((ops, died));
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("{what}: not within 120 s ({died} managers died)");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Kill -9 of the leader at exactly each step boundary of a move (which has a failover's
+/// steps and its own): every manager of the recovery site carries failpoints that abort
+/// the process right after it commits the move into opening, before commit, committing,
+/// promoting and removing the protected VMs, so each boundary kills whichever node leads
+/// then (the test restarts it). The move still ends committed, with every acknowledged
+/// write and the VPG protected back; the failover steps' boundaries are the same ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_at_every_step_boundary_of_a_move_ends_it_committed() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut lab, _, _, _) = recovery_lab(dir.path(), "vpg-fp").await?;
+    let steps = [
+        "opening",
+        "before commit",
+        "committing",
+        "promoting",
+        "removing the protected VMs",
+    ];
+    let armed: Vec<String> = steps.iter().map(|s| format!("recovery-step:{s}")).collect();
+    for i in 0..lab.sites[1].len() {
+        let m = &mut lab.sites[1][i];
+        m.env = vec![("TANDEM_FAILPOINTS".into(), armed.join(","))];
+        m.kill9().await?;
+        m.start("join").await?;
+        wait_leader(&lab.sites[1][i].api, 3, Duration::from_secs(30)).await?;
+    }
+    let workload = recovery_workload(&lab).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tandem(&lab.endpoints(1), &["move", "start", "vpg-fp"]).await?;
+    let (ops, died_before) = revive_until(&mut lab, 1, "before commit", |ops| {
+        ops.iter().any(|o| o.step == "before commit")
+    })
+    .await?;
+    let op = ops.into_iter().next().context("no move")?;
+    let history = workload.stop().await;
+    let exact = tandem_lab::workload::CutWindow::exact(history.end());
+    let included = check_recovered(&history, &exact, &op).await?;
+    // The commit may meet a leader that is just dying: the word is given again until one
+    // takes it (the first word stands).
+    let start = Instant::now();
+    while let Err(e) = tandem(&lab.endpoints(1), &["move", "commit", "vpg-fp"]).await {
+        revive(&mut lab, 1).await?;
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("the commit was not taken: {e}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (_, died_after) = revive_until(&mut lab, 1, "the move's end", |ops| ops.is_empty()).await?;
+    let died = died_before + died_after;
+    eprintln!(
+        "move ended with {died} leaders killed at its step boundaries; {included} writes moved"
+    );
+    assert_eq!(
+        died,
+        steps.len(),
+        "a failpoint did not fire, or fired twice"
+    );
+    let mut seen = Vec::new();
+    wait_vpg_cli(
+        &lab.endpoints(1),
+        "vpg-fp",
+        Duration::from_secs(90),
+        &mut seen,
+        |g| meeting_sla(g) && g.direction == "outgoing",
+    )
+    .await?;
+    assert_eq!(check_recovered(&history, &exact, &op).await?, included);
+    lab.down().await;
+    Ok(())
+}
+
 /// A move rolled back: the recovered VMs wrote before commit, yet the sources and the
 /// replicas are byte for byte as they were, the protected VMs are powered on again and
 /// protection resumes.

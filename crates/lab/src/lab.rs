@@ -131,6 +131,8 @@ pub struct ManagerProcess {
     pub raft: String,
     pub dir: PathBuf,
     pub child: Option<Child>,
+    /// Environment the process starts with besides the lab's (e.g. failpoints).
+    pub env: Vec<(String, String)>,
 }
 
 impl ManagerProcess {
@@ -151,7 +153,8 @@ impl ManagerProcess {
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(["--api-listen", &api, "--raft-listen", &raft])
-            .args(["--bootstrap", bootstrap]);
+            .args(["--bootstrap", bootstrap])
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let what = format!("manager {} of {}", self.id, self.site);
         let (child, addrs) = spawn_listening(&what, cmd, &self.dir, "manager.log").await?;
         self.child = Some(child);
@@ -176,6 +179,13 @@ impl ManagerProcess {
             child.kill().await?;
         }
         Ok(())
+    }
+
+    /// Whether the process was started and has died since (a failpoint, a crash).
+    pub fn died(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
     }
 }
 
@@ -386,6 +396,7 @@ impl Lab {
                     raft: String::new(),
                     dir: dir.join(name).join(format!("manager-{id}")),
                     child: None,
+                    env: Vec::new(),
                 };
                 p.start(if id == 1 { "single" } else { "join" }).await?;
                 procs.push(p);

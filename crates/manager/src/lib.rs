@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod failpoint;
 pub mod net;
 pub mod node;
 pub mod recovery;

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::reconcile::applied;
 use super::{TICK, call_vra_status, every, vra_request};
+use crate::failpoint;
 use crate::site::{SiteManager, now_ms};
 
 /// How long a stopping test waits for a VRA that cannot be reached before it ends without
@@ -176,8 +177,10 @@ async fn advance(
             now_ms: now_ms(),
         },
     };
-    if let Err(e) = site.node().propose(cmd).await {
-        tracing::warn!(vpg = %op.vpg, error = %e, "recovery progress not recorded");
+    match site.node().propose(cmd).await {
+        Ok(_) if to != op.step => failpoint::hit(&format!("recovery-step:{}", to.name())),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(vpg = %op.vpg, error = %e, "recovery progress not recorded"),
     }
 }
 
@@ -439,8 +442,9 @@ async fn advance_to_point(site: &SiteManager, op: &RecoveryOp, point: RecoveryPo
             now_ms: now_ms(),
         },
     };
-    if let Err(e) = site.node().propose(cmd).await {
-        tracing::warn!(vpg = %op.vpg, error = %e, "move progress not recorded");
+    match site.node().propose(cmd).await {
+        Ok(_) => failpoint::hit(&format!("recovery-step:{}", RecoveryStep::Opening.name())),
+        Err(e) => tracing::warn!(vpg = %op.vpg, error = %e, "move progress not recorded"),
     }
 }
 
