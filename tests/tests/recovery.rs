@@ -1198,10 +1198,11 @@ async fn a_leader_killed_at_every_step_boundary_of_a_move_ends_it_committed() ->
     eprintln!(
         "move ended with {died} leaders killed at its step boundaries; {included} writes moved"
     );
-    assert_eq!(
-        died,
-        steps.len(),
-        "a failpoint did not fire, or fired twice"
+    // A deposed leader's late proposal may hit a failpoint too: at least one death per
+    // boundary.
+    assert!(
+        died >= steps.len(),
+        "{died} deaths: a failpoint did not fire"
     );
     let mut seen = Vec::new();
     wait_vpg_cli(
