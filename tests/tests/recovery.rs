@@ -1013,7 +1013,8 @@ async fn a_move_protects_back_with_a_delta_sync_and_a_move_back_brings_every_byt
 }
 
 /// Fencing and reverse protection after a disaster: site a is lost (kill -9 of every
-/// manager and VRA), site b fails over with reverse protection and shows Needs
+/// manager and VRA), site b fails over with reverse protection (committed by its
+/// auto-commit policy) and shows Needs
 /// Configuration while site a is gone; site a comes back believing it still protects the
 /// VPG and its VMs write, yet its stale stream is refused and nothing of it reaches the
 /// recovered VMs; it takes the new direction from site b (its VMs and their volumes go, its
@@ -1032,9 +1033,18 @@ async fn a_returning_protected_site_is_fenced_takes_the_new_direction_and_delta_
     for v in &mut lab.vras[0] {
         v.kill9().await?;
     }
+    // The commit policy commits it 3 s into before commit, no operator needed.
     tandem(
         &apis_b,
-        &["failover", "start", "vpg-fb", "--reverse", "yes"],
+        &[
+            "failover",
+            "start",
+            "vpg-fb",
+            "--reverse",
+            "yes",
+            "--commit-policy",
+            "auto-commit=3",
+        ],
     )
     .await?;
     let op = before_commit(&apis_b).await?;
@@ -1043,7 +1053,6 @@ async fn a_returning_protected_site_is_fenced_takes_the_new_direction_and_delta_
         .context("no workload window at the checkpoint's time")?;
     let history = workload.stop().await;
     check_recovered(&history, &window, &op).await?;
-    tandem(&apis_b, &["failover", "commit", "vpg-fb"]).await?;
     wait_ended(&apis_b).await?;
     let mut seen = Vec::new();
     wait_vpg_cli(&apis_b, "vpg-fb", Duration::from_secs(30), &mut seen, |g| {
@@ -1153,6 +1162,8 @@ async fn revive_until(
 /// promoting and removing the protected VMs, so each boundary kills whichever node leads
 /// then (the test restarts it). The move still ends committed, with every acknowledged
 /// write and the VPG protected back; the failover steps' boundaries are the same ones.
+/// Then a move back is rolled back with the other site's leader killed right after it
+/// commits the rollback: it ends rolled back, the VMs running where they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_killed_at_every_step_boundary_of_a_move_ends_it_committed() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -1214,6 +1225,46 @@ async fn a_leader_killed_at_every_step_boundary_of_a_move_ends_it_committed() ->
     )
     .await?;
     assert_eq!(check_recovered(&history, &exact, &op).await?, included);
+
+    // The move back, rolled back, with site a's leader killed as it commits the rollback.
+    for i in 0..lab.sites[0].len() {
+        let m = &mut lab.sites[0][i];
+        m.env = vec![(
+            "TANDEM_FAILPOINTS".into(),
+            "recovery-step:rolling back".into(),
+        )];
+        m.kill9().await?;
+        m.start("join").await?;
+        wait_leader(&lab.sites[0][i].api, 3, Duration::from_secs(30)).await?;
+    }
+    tandem(&lab.endpoints(0), &["move", "start", "vpg-fp"]).await?;
+    revive_until(&mut lab, 0, "the move back before commit", |ops| {
+        ops.iter().any(|o| o.step == "before commit")
+    })
+    .await?;
+    tandem(&lab.endpoints(0), &["move", "rollback", "vpg-fp"]).await?;
+    let (_, died) = revive_until(&mut lab, 0, "the rollback's end", |ops| ops.is_empty()).await?;
+    assert!(died >= 1, "the rollback's failpoint did not fire");
+    eprintln!("move back rolled back with {died} leader(s) killed as it committed the rollback");
+    // Site b's VMs run again with everything, and protect towards site a as before.
+    wait_vpg_cli(
+        &lab.endpoints(1),
+        "vpg-fp",
+        Duration::from_secs(90),
+        &mut seen,
+        |g| meeting_sla(g) && g.direction == "outgoing",
+    )
+    .await?;
+    let at_b: Vec<String> = (0..4)
+        .map(|i| format!("nbd://{}/vm-{i}/0", lab.vras[1][i % 2].nbd))
+        .collect();
+    let mut clients = Vec::new();
+    for uri in &at_b {
+        clients.push(NbdClient::connect_uri(uri).await?);
+    }
+    let images: Vec<&dyn ImageReader> = clients.iter().map(|c| c as &dyn ImageReader).collect();
+    let report = check_image(&history, &exact, &images).await?;
+    assert_eq!(report.writes_included, included);
     lab.down().await;
     Ok(())
 }
