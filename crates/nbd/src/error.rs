@@ -46,9 +46,12 @@ pub enum NbdError {
     /// The server answered a request with an error (client side).
     #[error("server replied with error {0}")]
     Remote(ErrorCode),
-    /// The client did not finish the handshake in time.
+    /// The client did not finish the handshake in time (or was shed for a newer one).
     #[error("handshake timed out")]
     HandshakeTimeout,
+    /// The server serves as many connections as it may.
+    #[error("too many connections")]
+    TooManyConnections,
     /// The connection closed before the exchange completed.
     #[error("connection closed")]
     Disconnected,

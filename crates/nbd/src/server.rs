@@ -74,8 +74,9 @@ pub struct ServerConfig {
     /// Payload bytes (reads and writes) a connection may have in flight; requests beyond
     /// it wait before being dispatched. At least one maximal request always fits.
     pub max_inflight_bytes: usize,
-    /// Time a client has to finish the handshake.
-    pub handshake_timeout: Duration,
+    /// Connections in their handshake (the oldest shed for a newer one), connections
+    /// served (one more refused), and the time a handshake may take.
+    pub admission: tandem_net::Limits,
     /// Time a connection has, after shutdown or removal of its export, to finish its
     /// in-flight requests before it is dropped.
     pub shutdown_grace: Duration,
@@ -86,7 +87,7 @@ impl Default for ServerConfig {
         Self {
             max_payload: DEFAULT_MAX_PAYLOAD,
             max_inflight_bytes: 128 * 1024 * 1024,
-            handshake_timeout: Duration::from_secs(30),
+            admission: tandem_net::Limits::default(),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -104,6 +105,7 @@ impl ServerConfig {
 pub struct NbdServer {
     exports: Exports,
     config: Arc<ServerConfig>,
+    admission: tandem_net::Admission,
 }
 
 impl NbdServer {
@@ -117,8 +119,14 @@ impl NbdServer {
         config.max_payload = config.max_payload.max(PREFERRED_BLOCK_SIZE);
         Self {
             exports,
+            admission: tandem_net::Admission::new(config.admission),
             config: Arc::new(config),
         }
+    }
+
+    /// Connections in their handshake and served, and those shed or refused so far.
+    pub fn admission(&self) -> tandem_net::AdmissionStats {
+        self.admission.stats()
     }
 
     /// The registry this server serves (add and remove exports through it at any time).
@@ -149,6 +157,7 @@ impl NbdServer {
                         connections.spawn(
                             run_connection(
                                 stream,
+                                self.admission.arrive(),
                                 self.exports.clone(),
                                 Arc::clone(&self.config),
                                 shutdown.clone(),
@@ -219,23 +228,26 @@ pub async fn serve_files(
 
 async fn run_connection(
     stream: TcpStream,
+    pending: tandem_net::Pending,
     exports: Exports,
     config: Arc<ServerConfig>,
     shutdown: CancellationToken,
 ) {
-    match serve_connection(stream, exports, config, shutdown).await {
+    match serve_connection(stream, pending, exports, config, shutdown).await {
         Ok(()) => debug!("connection closed"),
         Err(NbdError::Protocol(err)) => {
             warn!(error = %err, "protocol violation; connection closed");
         }
         Err(NbdError::Io(err)) => debug!(error = %err, "connection closed by io error"),
         Err(NbdError::Disconnected) => debug!("client left during the handshake"),
+        Err(NbdError::HandshakeTimeout) => debug!("handshake timed out or shed"),
         Err(err) => warn!(error = %err, "connection closed"),
     }
 }
 
 async fn serve_connection(
     stream: TcpStream,
+    pending: tandem_net::Pending,
     exports: Exports,
     config: Arc<ServerConfig>,
     shutdown: CancellationToken,
@@ -244,16 +256,22 @@ async fn serve_connection(
     let (mut rd, mut wr) = stream.into_split();
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let handshake = tokio::time::timeout(
-        config.handshake_timeout,
+        pending.handshake_timeout(),
         negotiate(&mut rd, &mut wr, &mut input, &exports, &config),
     );
+    // A connection that does not finish its handshake in time, or is shed for a newer
+    // one meanwhile, is closed: idle connections cannot keep clients out.
     let selected = tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
+        () = pending.shed().cancelled() => return Err(NbdError::HandshakeTimeout),
         result = handshake => result.map_err(|_| NbdError::HandshakeTimeout)??,
     };
     let Some((name, export, entry)) = selected else {
         debug!("client aborted the handshake");
         return Ok(());
+    };
+    let Some(_active) = pending.admit() else {
+        return Err(NbdError::TooManyConnections);
     };
     let span = tracing::info_span!("export", export = %name);
     transmission(rd, wr, input, export, entry, config, shutdown)

@@ -647,3 +647,65 @@ async fn device_errors_and_panics_are_answered_with_eio() {
     assert_eq!(server.exports.stats("failing").unwrap().errors, 4);
     server.stop().await;
 }
+
+/// A server with room for 2 connections in their handshake and 1 served, handshakes of
+/// 300 ms.
+fn tight() -> ServerConfig {
+    ServerConfig {
+        admission: tandem_net::Limits {
+            max_pending: 2,
+            max_active: 1,
+            handshake_timeout: Duration::from_millis(300),
+        },
+        ..ServerConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn silent_connections_are_shed_or_time_out_and_the_served_ones_are_capped() {
+    let exports = Exports::new();
+    exports
+        .insert("disk", Arc::new(MemDevice::new(MIB)))
+        .unwrap();
+    let server = TestServer::start_with_config(exports, tight()).await;
+    // Three silent connections: the third sheds the first at once; the others are closed
+    // when their handshake time is up.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    for s in &mut silent {
+        let greeting = read_until_closed(s).await;
+        assert_eq!(
+            greeting.len(),
+            proto::GREETING_LEN,
+            "only the greeting, then closed"
+        );
+    }
+    // A real client is served; a second one beyond the cap is refused after its
+    // handshake, and served once the first has gone.
+    let first = within("first client", NbdClient::connect(server.addr, "disk"))
+        .await
+        .unwrap();
+    first.read(0, 4096).await.unwrap();
+    let second = within("second client", NbdClient::connect(server.addr, "disk")).await;
+    let refused = match second {
+        Err(_) => true,
+        Ok(c) => c.read(0, 4096).await.is_err(),
+    };
+    assert!(refused, "a connection over the cap was served");
+    first.disconnect().await.unwrap();
+    let third = within("client after the first left", async {
+        loop {
+            if let Ok(c) = NbdClient::connect(server.addr, "disk").await
+                && c.read(0, 4096).await.is_ok()
+            {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    third.disconnect().await.unwrap();
+    server.stop().await;
+}

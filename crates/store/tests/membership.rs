@@ -147,14 +147,14 @@ async fn snapshot_and_purge_then_a_new_learner_catches_up_from_the_snapshot() {
         c.put(i).await;
     }
     let leader = c.wait_leader(&c.ids()).await;
-    let m = c
-        .node(leader)
+    // The purge follows the slowest follower (a log entry goes only once every node has
+    // it), so on a loaded machine it may come in steps: wait for the one past 40.
+    c.node(leader)
         .wait_for(WAIT, "snapshot and purge", |m| {
-            m.snapshot_index.is_some() && m.purged_index.is_some()
+            m.snapshot_index.is_some() && m.purged_index >= Some(40)
         })
         .await
         .expect("leader snapshots and purges");
-    assert!(m.purged_index.expect("purged") >= 40);
     // A manual snapshot covers everything applied so far.
     let index = c.node(leader).snapshot().await.expect("snapshot");
     assert!(index >= 100);

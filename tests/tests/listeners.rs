@@ -1,0 +1,154 @@
+//! Listeners bounded by design, on real processes: thousands of idle connections to a
+//! VRA's NBD port and to a manager's API port are shed (the oldest silent ones closed) or
+//! refused, the server's descriptors stay bounded, and real clients keep being served.
+//! Latencies are printed, not asserted (benchmarks measure speed).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tandem_lab::lab::Lab;
+use tandem_nbd::NbdClient;
+use tandem_proto::v1;
+use tandem_proto::v1::cluster_service_client::ClusterServiceClient;
+use tandem_tests::channel;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// Idle connections opened to each port.
+const IDLE: usize = 5000;
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Raises this process's descriptor limit to its hard limit (the idle connections need
+/// twice `IDLE` of them); fails when that is not enough.
+fn raise_fd_limit() -> Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    if hard < (2 * IDLE + 1000) as u64 {
+        bail!("the descriptor limit {hard} is below what {IDLE} idle connections per port need");
+    }
+    Ok(())
+}
+
+/// p50 and max of `n` timed runs of `op`, each within 10 s.
+async fn timed<F, Fut>(what: &str, n: usize, mut op: F) -> Result<(Duration, Duration)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), op())
+            .await
+            .with_context(|| format!("{what}: not served within 10 s"))??;
+        took.push(t.elapsed());
+    }
+    took.sort();
+    Ok((took[n / 2], took[n - 1]))
+}
+
+/// Opens `n` TCP connections to `addr` that never speak.
+async fn idle_connections(addr: &str, n: usize) -> Result<Vec<TcpStream>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(TcpStream::connect(addr).await?);
+    }
+    Ok(out)
+}
+
+/// How many of `conns` the server closed (EOF or reset when read).
+async fn closed_by_server(conns: &mut [TcpStream]) -> usize {
+    let mut closed = 0;
+    for c in conns.iter_mut() {
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(Duration::from_millis(20), c.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed += 1;
+                    break;
+                }
+                // The NBD greeting: keep reading.
+                Ok(Ok(_)) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_idle_connections_are_shed_while_real_clients_are_served() -> Result<()> {
+    raise_fd_limit()?;
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(dir.path(), 1, 1).await?;
+    lab.start_vras(1).await?;
+    let api = lab.sites[0][0].api.clone();
+    let nbd = lab.vras[0][0].nbd.clone();
+    let manager_pid = lab.sites[0][0].pid().context("manager pid")?;
+    let vra_pid = lab.vras[0][0].pid().context("vra pid")?;
+
+    let nbd_client = || {
+        let nbd = nbd.clone();
+        async move {
+            NbdClient::list_exports(nbd.as_str()).await?;
+            Ok(())
+        }
+    };
+    let grpc_client = || {
+        let api = api.clone();
+        async move {
+            ClusterServiceClient::new(channel(&api).await?)
+                .get_cluster_status(v1::GetClusterStatusRequest {})
+                .await?;
+            Ok(())
+        }
+    };
+    let nbd_before = timed("NBD", 20, nbd_client).await?;
+    let grpc_before = timed("gRPC", 20, grpc_client).await?;
+    let fds_before = (open_fds(vra_pid)?, open_fds(manager_pid)?);
+
+    let mut idle_nbd = idle_connections(&nbd, IDLE).await?;
+    let mut idle_api = idle_connections(&api, IDLE).await?;
+    // Real clients, with every idle connection still open on this side.
+    let nbd_during = timed("NBD", 20, nbd_client).await?;
+    let grpc_during = timed("gRPC", 20, grpc_client).await?;
+    let fds_during = (open_fds(vra_pid)?, open_fds(manager_pid)?);
+    let closed = (
+        closed_by_server(&mut idle_nbd).await,
+        closed_by_server(&mut idle_api).await,
+    );
+    eprintln!(
+        "{IDLE} idle connections per port: NBD list p50/max {:?}/{:?} before, {:?}/{:?} \
+         during; gRPC p50/max {:?}/{:?} before, {:?}/{:?} during; descriptors (VRA, manager) \
+         {fds_before:?} before, {fds_during:?} during; closed by the servers (NBD, gRPC) \
+         {closed:?}",
+        nbd_before.0,
+        nbd_before.1,
+        nbd_during.0,
+        nbd_during.1,
+        grpc_before.0,
+        grpc_before.1,
+        grpc_during.0,
+        grpc_during.1,
+    );
+    // The servers hold a bounded number of them (the pending ones, 128 by default) and
+    // closed the rest.
+    let bound = 128 + 64;
+    assert!(
+        fds_during.0 < fds_before.0 + bound && fds_during.1 < fds_before.1 + bound,
+        "descriptors grew with the idle connections: {fds_before:?} -> {fds_during:?}"
+    );
+    assert!(
+        closed.0 >= IDLE - bound && closed.1 >= IDLE - bound,
+        "idle connections kept open: {closed:?} of {IDLE} closed"
+    );
+    drop(idle_nbd);
+    drop(idle_api);
+    lab.down().await;
+    Ok(())
+}
