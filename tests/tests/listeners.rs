@@ -152,3 +152,52 @@ async fn thousands_of_idle_connections_are_shed_while_real_clients_are_served() 
     lab.down().await;
     Ok(())
 }
+
+/// The operator's port serves no manager-internal service: a plain client proposing a
+/// command there (here, adding a rogue peer site, as a tester once did) is answered
+/// UNIMPLEMENTED and the site records nothing; writes sent to a follower's API still reach
+/// the leader (forwarded over the internal listener).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_port_serves_no_internal_service() -> Result<()> {
+    use tandem_proto::v1::manager_internal_client::ManagerInternalClient;
+    use tandem_proto::v1::site_service_client::SiteServiceClient;
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(dir.path(), 1, 3).await?;
+    let rogue = serde_json::json!({ "AddPeer": { "peer": {
+        "id": "site-rogue", "name": "rogue", "endpoints": ["127.0.0.1:9"], "paired_at_ms": 0
+    }}});
+    for m in &lab.sites[0] {
+        let err = ManagerInternalClient::new(channel(&m.api).await?)
+            .propose(v1::ProposeRequest {
+                command_json: serde_json::to_vec(&rogue)?,
+                ..Default::default()
+            })
+            .await
+            .expect_err("the operator port took a manager-internal call");
+        assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
+    }
+    for m in &lab.sites[0] {
+        let peers = SiteServiceClient::new(channel(&m.api).await?)
+            .list_peers(v1::ListPeersRequest {})
+            .await?
+            .into_inner();
+        assert!(peers.peers.is_empty(), "{peers:?}");
+    }
+    // Every node takes writes: a follower forwards them to the leader.
+    for (i, m) in lab.sites[0].iter().enumerate() {
+        tandem_proto::v1::resource_pool_service_client::ResourcePoolServiceClient::new(
+            channel(&m.api).await?,
+        )
+        .create_resource_pool(v1::ResourcePool {
+            id: format!("pool-{i}"),
+            name: format!("pool-{i}"),
+            cpu_mhz: 1000,
+            memory_mib: 1024,
+            storage_bytes: 1 << 30,
+        })
+        .await
+        .with_context(|| format!("a write through node {}", m.id))?;
+    }
+    lab.down().await;
+    Ok(())
+}

@@ -61,26 +61,20 @@ pub async fn run(
 
     let tasks = tokio_util::task::TaskTracker::new();
     let raft_server = store.grpc().into_server();
-    let raft_shutdown = shutdown.clone();
-    tasks.spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(raft_server)
-            .serve_with_incoming_shutdown(
-                net::incoming(raft_listener),
-                raft_shutdown.cancelled_owned(),
-            )
-            .await
-        {
-            tracing::error!(error = %e, "raft server failed");
-        }
-    });
-
     let node = Arc::new(ManagerNode::new(
         store,
         net::Connector::default(),
         api_addr.clone(),
     ));
     let site = SiteManager::new(node.clone(), net::Connector::default());
+    let (internal_site, internal_shutdown) = (site.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        let served =
+            server::serve_internal(raft_listener, raft_server, internal_site, internal_shutdown);
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "internal server failed");
+        }
+    });
     tasks.spawn(control::run(site.clone(), shutdown.clone()));
     let api_shutdown = shutdown.clone();
     let api_site = site.clone();

@@ -75,8 +75,10 @@ impl ManagerNode {
         &self,
         leader: &NodeInfo,
     ) -> ApiResult<ManagerInternalClient<tonic::transport::Channel>> {
+        // The manager-internal service is on the internal (Raft) listener, never on the
+        // operator's port.
         Ok(ManagerInternalClient::new(
-            self.connector.lazy(&leader.api_addr)?,
+            self.connector.lazy(&leader.raft_addr)?,
         ))
     }
 

@@ -1,5 +1,7 @@
-//! Assembles the node's two gRPC servers on their injected listeners: the API (public
-//! services, leader forwarding, site peering, health, reflection) and Raft.
+//! Assembles the node's two gRPC servers on their injected listeners, split by audience:
+//! the API (operator services, site peering, health, reflection) and the internal one
+//! (Raft, and the manager-internal forwarding to the leader), which the operator's port
+//! never serves.
 
 use std::time::Duration;
 
@@ -38,6 +40,22 @@ macro_rules! limited {
     };
 }
 
+/// Serves the site's members on `listener` (the Raft listener) until `shutdown` fires:
+/// Raft, and the forwarding of writes, reads and leader calls to the leader.
+pub async fn serve_internal(
+    listener: TcpListener,
+    raft: tandem_proto::v1::raft_server::RaftServer<tandem_store::RaftGrpc>,
+    site: SiteManager,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    Server::builder()
+        .add_service(raft)
+        .add_service(limited!(ManagerInternalServer, InternalApi(site)))
+        .serve_with_incoming_shutdown(crate::net::incoming(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
 /// Serves the API on `listener` until `shutdown` fires.
 pub async fn serve_api(
     listener: TcpListener,
@@ -72,7 +90,6 @@ pub async fn serve_api(
         ))
         .add_service(limited!(TaskServiceServer, TaskApi(site.clone())))
         .add_service(limited!(RecoveryServiceServer, RecoveryApi(site.clone())))
-        .add_service(limited!(ManagerInternalServer, InternalApi(site.clone())))
         .add_service(limited!(SitePeerServer, PeerApi(site)))
         .serve_with_incoming_shutdown(crate::net::incoming(listener), shutdown.cancelled_owned())
         .await?;

@@ -128,7 +128,7 @@ impl SiteManager {
             .leader
             .ok_or_else(|| ApiError::unavailable("no leader is known to this node"))?;
         let json = serde_json::to_vec(&req).map_err(ApiError::internal)?;
-        let reply = ManagerInternalClient::new(self.connector.lazy(&leader.api_addr)?)
+        let reply = ManagerInternalClient::new(self.connector.lazy(&leader.raft_addr)?)
             .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES)
             .leader_call(v1::LeaderCallRequest { request_json: json })
             .await
