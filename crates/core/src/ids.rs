@@ -37,6 +37,12 @@ macro_rules! id_type {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
+
+            /// Checks the shape of an id that arrived inside a document (a definition
+            /// from the peer site), as [`Self::parse`] checks one from a request.
+            pub fn check(&self, field: &str) -> Result<(), DomainError> {
+                check_id(field, &self.0)
+            }
         }
 
         impl fmt::Display for $name {
@@ -79,6 +85,10 @@ fn check_id(field: &str, s: &str) -> Result<(), DomainError> {
             field,
             format!("must be at most {MAX_ID_LEN} characters"),
         ));
+    }
+    if s == "." || s == ".." {
+        // Ids name directories (`<datastore>/<vpg>/<vm>/`).
+        return Err(DomainError::invalid(field, "must not be '.' or '..'"));
     }
     if !s
         .bytes()
@@ -142,6 +152,9 @@ mod tests {
         assert!(VmId::parse("vm_id", "").is_err());
         assert!(VmId::parse("vm_id", "a b").is_err());
         assert!(VmId::parse("vm_id", &"x".repeat(65)).is_err());
+        assert!(VmId::parse("vm_id", "..").is_err(), "ids name directories");
+        assert!(VmId::parse("vm_id", "vm.1").is_ok());
+        assert!(VmId::minted("../x".into()).check("vm_id").is_err());
     }
 
     #[test]

@@ -5,9 +5,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Violations;
+use crate::error::{DomainError, Violations};
 use crate::ids::{DatastoreId, HostId, PoolId, SiteId, VmId, VpgId, check_name};
-use crate::inventory::Vm;
+use crate::inventory::{
+    MAX_SCSI_CONTROLLERS, MAX_UNITS_PER_CONTROLLER, MAX_VOLUME_BYTES, SECTOR, Vm, check_disk_path,
+};
+
+/// Volumes per VM: every (controller, unit).
+const MAX_VOLUMES_PER_VM: usize = MAX_SCSI_CONTROLLERS as usize * MAX_UNITS_PER_CONTROLLER as usize;
 use crate::status::Operation;
 
 /// Journal history bounds: 1 hour to 30 days.
@@ -452,6 +457,59 @@ impl Vpg {
             .collect()
     }
 
+    /// Checks a whole definition that arrived from the peer site exactly as operator input
+    /// is checked: every id's shape (ids name directories), names, settings, each VM's
+    /// volumes and every file path. The state's own rules (`SiteState::prepare_vpg`) come
+    /// after this.
+    pub fn validate_received(&self) -> Result<(), DomainError> {
+        let mut v = Violations::new();
+        v.absorb(self.id.check("id"));
+        v.absorb(self.protected_site.check("protected_site"));
+        v.absorb(self.recovery_site.check("recovery_site"));
+        self.spec().validate_shape(&mut v);
+        for (i, m) in self.vms.iter().enumerate() {
+            let f = |n: &str| format!("vms[{i}].{n}");
+            let p = &m.placement;
+            v.absorb(p.vm_id.check(&f("vm_id")));
+            v.absorb(p.recovery_host.check(&f("recovery_host")));
+            v.absorb(p.recovery_datastore.check(&f("recovery_datastore")));
+            v.absorb(p.recovery_pool.check(&f("recovery_pool")));
+            for (volume, path) in &p.disk_paths {
+                v.absorb(check_disk_path(&f(&format!("disk_paths[{volume}]")), path));
+            }
+            let fp = &m.footprint;
+            v.absorb(check_name(&f("footprint.vm_name"), &fp.vm_name));
+            v.check(
+                fp.volumes.len() <= MAX_VOLUMES_PER_VM,
+                f("footprint.volumes"),
+                format!("at most {MAX_VOLUMES_PER_VM} volumes"),
+            );
+            for &(c, u, size) in &fp.volumes {
+                v.check(
+                    c < MAX_SCSI_CONTROLLERS && u < MAX_UNITS_PER_CONTROLLER,
+                    f("footprint.volumes"),
+                    format!("controller {c} unit {u} is out of range"),
+                );
+                v.check(
+                    size > 0 && size % SECTOR == 0 && size <= MAX_VOLUME_BYTES,
+                    f("footprint.volumes"),
+                    format!("volume c{c}u{u}: size {size} is not a positive multiple of 512 up to 64 TiB"),
+                );
+            }
+            if let Some(source) = &m.source {
+                v.absorb(source.host.check(&f("source.host")));
+                for s in &source.volumes {
+                    v.absorb(s.datastore.check(&f("source.volumes.datastore")));
+                    v.absorb(check_disk_path(&f("source.volumes.path"), &s.path));
+                }
+            }
+        }
+        for vm in &self.kept_recovery_vms {
+            v.absorb(vm.check("kept_recovery_vms"));
+        }
+        v.into_result()
+    }
+
     /// Whether this VPG is between the same two sites as `a` and `b`, in either direction.
     pub fn joins(&self, a: &SiteId, b: &SiteId) -> bool {
         (&self.protected_site == a && &self.recovery_site == b)
@@ -490,5 +548,85 @@ impl RecoveryCommitments {
         p.0 += vm.footprint.cpu_reservation_mhz;
         p.1 += vm.footprint.memory_reservation_mib;
         p.2 += vm.footprint.provisioned_bytes();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A definition as a peer would send it: one VM with one volume.
+    fn received() -> Vpg {
+        Vpg {
+            id: VpgId::minted("vpg-1".into()),
+            name: "web".into(),
+            generation: 3,
+            protected_site: SiteId::minted("site-a".into()),
+            recovery_site: SiteId::minted("site-b".into()),
+            settings: VpgSettings::default(),
+            vms: vec![VpgVm {
+                placement: VmPlacement {
+                    vm_id: VmId::minted("vm-1".into()),
+                    recovery_host: HostId::minted("h".into()),
+                    recovery_datastore: DatastoreId::minted("d".into()),
+                    recovery_pool: PoolId::minted("p".into()),
+                    preseeded: false,
+                    disk_paths: BTreeMap::from([(0, "/ds/vm-1/c0u0.img".to_string())]),
+                },
+                footprint: VmFootprint {
+                    vm_name: "vm-1".into(),
+                    cpu_reservation_mhz: 0,
+                    memory_reservation_mib: 0,
+                    memory_mib: 1,
+                    cpus: 1,
+                    volumes: vec![(0, 0, 1 << 20)],
+                    journal_hard_limit: JournalLimit::Unlimited,
+                    journal_warning: JournalLimit::Unlimited,
+                },
+                source: None,
+            }],
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            operation: None,
+            paused: false,
+            manager_paused_until_ms: 0,
+            keep_recovery_disks: false,
+            delete_started_ms: 0,
+            keep_removed_recovery_disks: false,
+            kept_recovery_vms: BTreeSet::new(),
+            reversed_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_received_definition_is_checked_like_operator_input() {
+        assert!(received().validate_received().is_ok());
+        type Spoil = fn(&mut Vpg);
+        let bad: [(&str, Spoil); 5] = [
+            ("vms[0].vm_id", |g| {
+                g.vms[0].placement.vm_id = VmId::minted("..".into());
+            }),
+            ("vms[0].disk_paths[0]", |g| {
+                g.vms[0]
+                    .placement
+                    .disk_paths
+                    .insert(0, "/ds/../etc/x".into());
+            }),
+            ("vms[0].footprint.volumes", |g| {
+                g.vms[0].footprint.volumes = vec![(9, 0, 1 << 20)];
+            }),
+            ("vms[0].footprint.volumes", |g| {
+                g.vms[0].footprint.volumes = vec![(0, 0, 1000)];
+            }),
+            ("settings.target_rpo_secs", |g| {
+                g.settings.target_rpo_secs = 0
+            }),
+        ];
+        for (field, spoil) in bad {
+            let mut g = received();
+            spoil(&mut g);
+            let err = g.validate_received().unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 }

@@ -110,6 +110,7 @@ impl SitePeer for PeerApi {
         }
         let vpg: Vpg = serde_json::from_slice(&r.vpg_json)
             .map_err(|e| Status::invalid_argument(format!("vpg definition: {e}")))?;
+        vpg.validate_received().map_err(bad)?;
         if let Some(floor) = r.generation_floor {
             let ok = r
                 .expected_generation
