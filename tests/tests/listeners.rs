@@ -201,3 +201,63 @@ async fn the_operator_port_serves_no_internal_service() -> Result<()> {
     lab.down().await;
     Ok(())
 }
+
+/// gRPC health and reflection for standard clients: a manager's health is SERVING while it
+/// knows a leader and NOT_SERVING once it cannot (two of three nodes killed); reflection
+/// answers in v1 and in v1alpha (older grpcurl).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_leader_and_reflection_speaks_both_versions() -> Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(dir.path(), 1, 3).await?;
+    let api = lab.sites[0][2].api.clone();
+    let health = |api: String| async move {
+        let r = HealthClient::new(channel(&api).await?)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?
+            .into_inner();
+        Ok::<_, anyhow::Error>(r.status)
+    };
+    assert_eq!(health(api.clone()).await?, ServingStatus::Serving as i32);
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = ServerReflectionClient::new(channel(&api).await?)
+        .server_reflection_info(tokio_stream::once(request))
+        .await?
+        .into_inner();
+    let reply = replies.message().await?.context("no reflection reply")?;
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        bail!("unexpected reflection reply {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.iter().any(|n| n == "tandem.v1.VpgService"),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n == "tandem.v1.ManagerInternal"),
+        "the operator port lists an internal service: {names:?}"
+    );
+
+    lab.sites[0][0].kill9().await?;
+    lab.sites[0][1].kill9().await?;
+    let start = Instant::now();
+    while health(api.clone()).await? != ServingStatus::NotServing as i32 {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("still SERVING 30 s after losing its quorum");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    lab.down().await;
+    Ok(())
+}

@@ -18,6 +18,7 @@ use tandem_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 use tonic::transport::Server;
 
 use crate::api::{
@@ -56,6 +57,36 @@ pub async fn serve_internal(
     Ok(())
 }
 
+/// Keeps the node's gRPC health (overall, and of the VPG service) SERVING while it knows a
+/// leader and NOT_SERVING while it does not (a write would fail), until `shutdown`.
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    site: SiteManager,
+    shutdown: CancellationToken,
+) {
+    use tonic_health::ServingStatus;
+    let mut metrics = site.node().store().watch_metrics();
+    let mut shown = None;
+    loop {
+        let status = if site.node().store().metrics().leader.is_some() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if shown != Some(status) {
+            health.set_service_status("", status).await;
+            health
+                .set_service_status(<VpgServiceServer<VpgApi> as NamedService>::NAME, status)
+                .await;
+            shown = Some(status);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = metrics.changed() => if r.is_err() { return },
+        }
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` fires.
 pub async fn serve_api(
     listener: TcpListener,
@@ -63,20 +94,39 @@ pub async fn serve_api(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<VpgServiceServer<VpgApi>>().await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    tokio::spawn(report_health(health, site.clone(), shutdown.clone()));
+    // Both reflection versions (grpcurl before 1.8.8 speaks only v1alpha), advertising
+    // what this port serves, not every service of the protos.
+    let reflection = || {
+        let served = [
+            <SiteServiceServer<SiteApi> as NamedService>::NAME,
+            <HostServiceServer<InventoryApi> as NamedService>::NAME,
+            <DatastoreServiceServer<InventoryApi> as NamedService>::NAME,
+            <ResourcePoolServiceServer<InventoryApi> as NamedService>::NAME,
+            <VmServiceServer<InventoryApi> as NamedService>::NAME,
+            <VpgServiceServer<VpgApi> as NamedService>::NAME,
+            <ClusterServiceServer<ClusterApi> as NamedService>::NAME,
+            <MonitoringServiceServer<MonitoringApi> as NamedService>::NAME,
+            <TaskServiceServer<TaskApi> as NamedService>::NAME,
+            <RecoveryServiceServer<RecoveryApi> as NamedService>::NAME,
+            <SitePeerServer<PeerApi> as NamedService>::NAME,
+            "grpc.health.v1.Health",
+        ];
+        served.into_iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(name),
+        )
+    };
+    let (reflection, reflection_alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let inventory = InventoryApi(site.clone());
     Server::builder()
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(limited!(SiteServiceServer, SiteApi(site.clone())))
         .add_service(limited!(HostServiceServer, inventory.clone()))
         .add_service(limited!(DatastoreServiceServer, inventory.clone()))
