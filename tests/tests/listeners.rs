@@ -108,6 +108,19 @@ async fn thousands_of_idle_connections_are_shed_while_real_clients_are_served() 
             Ok(())
         }
     };
+    // The VRA's control port answers standard health checks.
+    let status =
+        tonic_health::pb::health_client::HealthClient::new(channel(&lab.vras[0][0].control).await?)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?
+            .into_inner()
+            .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     let nbd_before = timed("NBD", 20, nbd_client).await?;
     let grpc_before = timed("gRPC", 20, grpc_client).await?;
     let fds_before = (open_fds(vra_pid)?, open_fds(manager_pid)?);

@@ -95,31 +95,20 @@ pub async fn serve_api(
 ) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(health, site.clone(), shutdown.clone()));
-    // Both reflection versions (grpcurl before 1.8.8 speaks only v1alpha), advertising
-    // what this port serves, not every service of the protos.
-    let reflection = || {
-        let served = [
-            <SiteServiceServer<SiteApi> as NamedService>::NAME,
-            <HostServiceServer<InventoryApi> as NamedService>::NAME,
-            <DatastoreServiceServer<InventoryApi> as NamedService>::NAME,
-            <ResourcePoolServiceServer<InventoryApi> as NamedService>::NAME,
-            <VmServiceServer<InventoryApi> as NamedService>::NAME,
-            <VpgServiceServer<VpgApi> as NamedService>::NAME,
-            <ClusterServiceServer<ClusterApi> as NamedService>::NAME,
-            <MonitoringServiceServer<MonitoringApi> as NamedService>::NAME,
-            <TaskServiceServer<TaskApi> as NamedService>::NAME,
-            <RecoveryServiceServer<RecoveryApi> as NamedService>::NAME,
-            <SitePeerServer<PeerApi> as NamedService>::NAME,
-            "grpc.health.v1.Health",
-        ];
-        served.into_iter().fold(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
-            |b, name| b.with_service_name(name),
-        )
-    };
-    let (reflection, reflection_alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
+    let (reflection, reflection_alpha) = tandem_proto::discovery::reflection(&[
+        <SiteServiceServer<SiteApi> as NamedService>::NAME,
+        <HostServiceServer<InventoryApi> as NamedService>::NAME,
+        <DatastoreServiceServer<InventoryApi> as NamedService>::NAME,
+        <ResourcePoolServiceServer<InventoryApi> as NamedService>::NAME,
+        <VmServiceServer<InventoryApi> as NamedService>::NAME,
+        <VpgServiceServer<VpgApi> as NamedService>::NAME,
+        <ClusterServiceServer<ClusterApi> as NamedService>::NAME,
+        <MonitoringServiceServer<MonitoringApi> as NamedService>::NAME,
+        <TaskServiceServer<TaskApi> as NamedService>::NAME,
+        <RecoveryServiceServer<RecoveryApi> as NamedService>::NAME,
+        <SitePeerServer<PeerApi> as NamedService>::NAME,
+        tandem_proto::discovery::HEALTH,
+    ])?;
     let inventory = InventoryApi(site.clone());
     Server::builder()
         .timeout(Duration::from_secs(30))

@@ -2,6 +2,7 @@
 //! mapping of domain errors to gRPC codes.
 
 pub mod convert;
+pub mod discovery;
 pub mod status;
 pub mod transport;
 pub mod vra_convert;

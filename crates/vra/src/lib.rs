@@ -120,11 +120,24 @@ pub async fn run(
     ))
     .max_decoding_message_size(sender::MAX_STREAM_MESSAGE)
     .max_encoding_message_size(sender::MAX_STREAM_MESSAGE);
+    use tonic::server::NamedService;
+    let (reflection, reflection_alpha) = tandem_proto::discovery::reflection(&[
+        <VraControlServer<service::ControlService> as NamedService>::NAME,
+        <ReplicationServer<service::ReplicationService> as NamedService>::NAME,
+        tandem_proto::discovery::HEALTH,
+    ])?;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tasks.spawn(async move {
         tonic::transport::Server::builder()
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20))
+            .add_service(health_svc)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
             .add_service(control_svc)
             .add_service(repl_svc)
             .serve_with_incoming_shutdown(
