@@ -283,9 +283,11 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
 
     // Turned around here (reverse protection) and the old protected site has not taken
     // the new direction yet: it waits for that site, and proceeds by itself once it is
-    // back.
+    // back. Taking it stores a generation above the turn's at both sites, so a later link
+    // cut shows as a site disconnection again.
     let turn_pending = i.protects
         && i.vpg.reversed_at > 0
+        && i.vpg.generation == i.vpg.reversed_at
         && i.peer.is_none_or(|p| p.generation < i.vpg.reversed_at);
     if turn_pending {
         faults.push(Fault::NeedsConfiguration);
@@ -745,6 +747,32 @@ mod tests {
         assert_eq!(
             shown(&run(&g, false, &own, Some(&p))).0,
             VpgStatus::MeetingSla
+        );
+    }
+
+    #[test]
+    fn a_turned_vpg_needs_configuration_until_the_old_site_takes_it_then_a_cut_is_a_cut() {
+        let mut g = vpg(None);
+        g.reversed_at = g.generation;
+        let own = [seen("p1", protected())];
+        let needs = (
+            VpgStatus::NotMeetingSla,
+            VpgSubstatus::NeedsConfiguration,
+            AlertColor::Red,
+        );
+        assert_eq!(shown(&run(&g, true, &own, None)), needs);
+        let mut behind = peer(vec![seen("r1", recovery(NOW - 3000))]);
+        behind.generation = g.generation - 1;
+        assert_eq!(shown(&run(&g, true, &own, Some(&behind))), needs);
+        // Taken: both sites store a generation above the turn's; a later cut is a cut.
+        g.generation += 1;
+        let cut = shown(&run(&g, true, &own, None)).1;
+        assert!(
+            matches!(
+                cut,
+                VpgSubstatus::SiteDisconnection | VpgSubstatus::SiteDisconnectionNoCheckpoints
+            ),
+            "{cut:?}"
         );
     }
 
