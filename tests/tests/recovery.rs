@@ -446,23 +446,48 @@ async fn check_recovered(
     window: &tandem_lab::workload::CutWindow,
     op: &v1::RecoveryOperation,
 ) -> Result<u64> {
-    let mut volumes: Vec<&v1::RecoveredVolume> =
-        op.volumes.iter().filter(|v| v.volume_id == 0).collect();
-    volumes.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+    check_uris(workload_history, window, &op_uris(op))
+        .await
+        .with_context(|| format!("recovered volumes at checkpoint {}", op.checkpoint_id))
+}
+
+/// Checks volume 0 of every VM, as `uris` serve them in VM order, against what the
+/// workload acknowledged by `window`; answers how many writes they hold.
+async fn check_uris(
+    workload_history: &tandem_lab::workload::History,
+    window: &tandem_lab::workload::CutWindow,
+    uris: &[String],
+) -> Result<u64> {
     let mut clients = Vec::new();
-    for v in &volumes {
-        clients.push(NbdClient::connect_uri(&v.nbd_uri).await?);
+    for uri in uris {
+        clients.push(NbdClient::connect_uri(uri).await?);
     }
     let images: Vec<&dyn ImageReader> = clients.iter().map(|c| c as &dyn ImageReader).collect();
-    let report = check_image(workload_history, window, &images)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("recovered volumes at checkpoint {}: {e}", op.checkpoint_id)
-        })?;
+    let report = check_image(workload_history, window, &images).await?;
     for c in clients {
         c.disconnect().await?;
     }
     Ok(report.writes_included)
+}
+
+/// The NBD URIs of volume 0 of each VM as `site`'s VRAs serve them (VM i on host i % 2),
+/// in VM order.
+fn site_uris(lab: &Lab, site: usize) -> Vec<String> {
+    (0..4)
+        .map(|i| format!("nbd://{}/vm-{i}/0", lab.vras[site][i % 2].nbd))
+        .collect()
+}
+
+/// Restarts the managers of `site` one by one with failpoints `points` armed.
+async fn arm_failpoints(lab: &mut Lab, site: usize, points: &str) -> Result<()> {
+    for i in 0..lab.sites[site].len() {
+        let m = &mut lab.sites[site][i];
+        m.env = vec![("TANDEM_FAILPOINTS".into(), points.into())];
+        m.kill9().await?;
+        m.start("join").await?;
+        wait_leader(&lab.sites[site][i].api, 3, Duration::from_secs(30)).await?;
+    }
+    Ok(())
 }
 
 async fn status_of(apis: &[String], vpg: &str) -> Result<v1::VpgStatus> {
@@ -880,28 +905,8 @@ async fn before_commit(apis: &[String]) -> Result<v1::RecoveryOperation> {
 /// The last sync each protected VRA of `site` ran for `vpg`, once none runs one and each
 /// ran one: (kind, bytes sent).
 async fn last_syncs(lab: &Lab, site: usize, vpg: &str) -> Result<Vec<(i32, u64)>> {
-    let start = Instant::now();
-    loop {
-        let now: Vec<_> = vra_vpg_status(lab, site, vpg)
-            .await?
-            .into_iter()
-            .filter(|g| g.role == v1::VraRole::Protected as i32)
-            .collect();
-        let done = !now.is_empty()
-            && now
-                .iter()
-                .all(|g| g.last_sync.is_some() && g.sync.as_ref().is_none_or(|s| s.kind == 0));
-        if done {
-            return Ok(now
-                .into_iter()
-                .filter_map(|g| g.last_sync.map(|s| (s.kind, s.sent_bytes)))
-                .collect());
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!("the syncs at site {site} did not end: {now:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (syncs, _) = protect::finished_syncs(lab, site, vpg, Duration::from_secs(60)).await?;
+    Ok(syncs.into_iter().map(|s| (s.kind, s.sent_bytes)).collect())
 }
 
 /// Reverse protection and failback: a move under the verifying workload protects the VMs
@@ -967,9 +972,7 @@ async fn a_move_protects_back_with_a_delta_sync_and_a_move_back_brings_every_byt
     );
 
     // Nothing writes: site b's volumes, as its VMs see them.
-    let at_b: Vec<String> = (0..4)
-        .map(|i| format!("nbd://{}/vm-{i}/0", lab.vras[1][i % 2].nbd))
-        .collect();
+    let at_b = site_uris(&lab, 1);
     let hashes_b = volume_hashes(&at_b).await?;
 
     // The move back (failback) runs at site a, now the recovery site.
@@ -1004,9 +1007,7 @@ async fn a_move_protects_back_with_a_delta_sync_and_a_move_back_brings_every_byt
         vms.vms.iter().filter(|v| v.id.starts_with("vm-")).count(),
         4
     );
-    let at_a: Vec<String> = (0..4)
-        .map(|i| format!("nbd://{}/vm-{i}/0", lab.vras[0][i % 2].nbd))
-        .collect();
+    let at_a = site_uris(&lab, 0);
     assert_eq!(volume_hashes(&at_a).await?, hashes_b);
     lab.down().await;
     Ok(())
@@ -1063,9 +1064,7 @@ async fn a_returning_protected_site_is_fenced_takes_the_new_direction_and_delta_
     })
     .await?;
     // Nothing writes at site b from here: its VMs' volumes as they must stay.
-    let at_b: Vec<String> = (0..4)
-        .map(|i| format!("nbd://{}/vm-{i}/0", lab.vras[1][i % 2].nbd))
-        .collect();
+    let at_b = site_uris(&lab, 1);
     let hashes_b = volume_hashes(&at_b).await?;
 
     // Site a returns as it was: its VRAs serve the VMs again, which write.
@@ -1176,13 +1175,7 @@ async fn a_leader_killed_at_every_step_boundary_of_a_move_ends_it_committed() ->
         "removing the protected VMs",
     ];
     let armed: Vec<String> = steps.iter().map(|s| format!("recovery-step:{s}")).collect();
-    for i in 0..lab.sites[1].len() {
-        let m = &mut lab.sites[1][i];
-        m.env = vec![("TANDEM_FAILPOINTS".into(), armed.join(","))];
-        m.kill9().await?;
-        m.start("join").await?;
-        wait_leader(&lab.sites[1][i].api, 3, Duration::from_secs(30)).await?;
-    }
+    arm_failpoints(&mut lab, 1, &armed.join(",")).await?;
     let workload = recovery_workload(&lab).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     tandem(&lab.endpoints(1), &["move", "start", "vpg-fp"]).await?;
@@ -1227,16 +1220,7 @@ async fn a_leader_killed_at_every_step_boundary_of_a_move_ends_it_committed() ->
     assert_eq!(check_recovered(&history, &exact, &op).await?, included);
 
     // The move back, rolled back, with site a's leader killed as it commits the rollback.
-    for i in 0..lab.sites[0].len() {
-        let m = &mut lab.sites[0][i];
-        m.env = vec![(
-            "TANDEM_FAILPOINTS".into(),
-            "recovery-step:rolling back".into(),
-        )];
-        m.kill9().await?;
-        m.start("join").await?;
-        wait_leader(&lab.sites[0][i].api, 3, Duration::from_secs(30)).await?;
-    }
+    arm_failpoints(&mut lab, 0, "recovery-step:rolling back").await?;
     tandem(&lab.endpoints(0), &["move", "start", "vpg-fp"]).await?;
     revive_until(&mut lab, 0, "the move back before commit", |ops| {
         ops.iter().any(|o| o.step == "before commit")
@@ -1255,16 +1239,8 @@ async fn a_leader_killed_at_every_step_boundary_of_a_move_ends_it_committed() ->
         |g| meeting_sla(g) && g.direction == "outgoing",
     )
     .await?;
-    let at_b: Vec<String> = (0..4)
-        .map(|i| format!("nbd://{}/vm-{i}/0", lab.vras[1][i % 2].nbd))
-        .collect();
-    let mut clients = Vec::new();
-    for uri in &at_b {
-        clients.push(NbdClient::connect_uri(uri).await?);
-    }
-    let images: Vec<&dyn ImageReader> = clients.iter().map(|c| c as &dyn ImageReader).collect();
-    let report = check_image(&history, &exact, &images).await?;
-    assert_eq!(report.writes_included, included);
+    let at_b = site_uris(&lab, 1);
+    assert_eq!(check_uris(&history, &exact, &at_b).await?, included);
     lab.down().await;
     Ok(())
 }
@@ -1308,22 +1284,10 @@ async fn a_rolled_back_move_powers_the_protected_vms_on_again() -> Result<()> {
     // The protected VMs are on again, with every acknowledged write, and protected.
     let protected = vra_vpg_status(&lab, 0, "vpg-mb").await?;
     assert!(protected.iter().all(|g| !g.powered_off), "{protected:?}");
-    let mut clients = Vec::new();
-    for i in 0..4 {
-        let nbd = &lab.vras[0][i % 2].nbd;
-        clients.push(NbdClient::connect(nbd.as_str(), &format!("vm-{i}/0")).await?);
-    }
-    let readers: Vec<&dyn ImageReader> = clients.iter().map(|c| c as &dyn ImageReader).collect();
-    check_image(
-        &history,
-        &tandem_lab::workload::CutWindow::exact(history.end()),
-        &readers,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("the protected volumes after the rollback: {e}"))?;
-    for c in clients {
-        c.disconnect().await?;
-    }
+    let exact = tandem_lab::workload::CutWindow::exact(history.end());
+    check_uris(&history, &exact, &site_uris(&lab, 0))
+        .await
+        .context("the protected volumes after the rollback")?;
     wait_vpg_cli(
         &apis_a,
         "vpg-mb",

@@ -2110,48 +2110,6 @@ async fn wait_replicated(lab: &crate::lab::Lab, site: usize) -> Result<()> {
     }
 }
 
-/// The last syncs of the protected VRAs of `site` for `VPG`, once each ran one and none
-/// runs: (status, when it was seen finished).
-async fn finished_syncs(
-    lab: &crate::lab::Lab,
-    site: usize,
-) -> Result<(Vec<pb::VraSyncStatus>, u64)> {
-    let t = Instant::now();
-    loop {
-        let mut done = Vec::new();
-        let mut all = true;
-        for vra in &lab.vras[site] {
-            let status = pb::vra_control_client::VraControlClient::new(
-                crate::protect::channel(&vra.control).await?,
-            )
-            .get_status(pb::GetVraStatusRequest {})
-            .await?
-            .into_inner();
-            for g in status.vpgs.iter().filter(|g| g.vpg_id == VPG) {
-                let running = g.sync.as_ref().is_some_and(|s| s.kind != 0);
-                match (
-                    &g.last_sync,
-                    running,
-                    g.role == pb::VraRole::Protected as i32,
-                ) {
-                    (Some(last), false, true) => done.push(last.clone()),
-                    _ => all = false,
-                }
-            }
-        }
-        if all && done.len() == lab.vras[site].len() {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            return Ok((done, now));
-        }
-        if t.elapsed() > Duration::from_secs(900) {
-            bail!("the delta syncs did not end within 15 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A whole move of a VPG of 10 VMs x 2 volumes through the managers (a lab of 2 sites x 3
 /// managers, 2 hosts each), with reverse protection: from the request to the VMs up at
 /// the recovery site, the commit, and the old site's disks brought in line by the delta
@@ -2285,7 +2243,11 @@ async fn bench_move(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let committed = t.elapsed();
-        let (syncs, done_ms) = finished_syncs(&lab, 1).await?;
+        let (syncs, done_ms) =
+            crate::protect::finished_syncs(&lab, 1, VPG, Duration::from_secs(900)).await?;
+        if syncs.len() != lab.vras[1].len() {
+            bail!("{} of {} VRAs synced", syncs.len(), lab.vras[1].len());
+        }
         let protected = t.elapsed();
         crate::protect::wait_vpg(&apis_b, VPG, Duration::from_secs(120), &mut seen, |g| {
             meeting(g) && g.direction == "outgoing"

@@ -1792,23 +1792,7 @@ async fn move_once(
     let protected_in = t.elapsed();
     // What the delta syncs of the old site's disks sent, once every protected VRA of the
     // new site ran its own.
-    let finished = wait_until("the delta syncs", PATIENCE, || async {
-        let mut done = Vec::new();
-        for vra in &lab.vras[to_site] {
-            let ch = channel(std::slice::from_ref(&vra.control)).await.ok()?;
-            let status = VraControlClient::new(ch)
-                .get_status(v1::GetVraStatusRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            for g in status.vpgs.iter().filter(|g| g.vpg_id == ctx.vpg) {
-                let running = g.sync.as_ref().is_some_and(|s| s.kind != 0);
-                done.push((!running).then_some(g.last_sync.clone()?)?);
-            }
-        }
-        (!done.is_empty()).then_some(done)
-    })
-    .await?;
+    let (finished, _) = crate::protect::finished_syncs(lab, to_site, &ctx.vpg, PATIENCE).await?;
     let sent: u64 = finished.iter().map(|s| s.sent_bytes).sum();
     let hashes: u64 = finished.iter().map(|s| s.hash_bytes).sum();
     let kinds: Vec<i32> = finished.iter().map(|s| s.kind).collect();

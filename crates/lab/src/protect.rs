@@ -304,3 +304,47 @@ where
          {last:#?}"
     )
 }
+
+/// The last sync each protected VRA of `site` ran for `vpg`, once every VRA of the site
+/// that holds the VPG protects it, runs no sync and has finished one (a reverse
+/// protection's delta syncs, say); with when they were seen finished (ms since the epoch).
+pub async fn finished_syncs(
+    lab: &Lab,
+    site: usize,
+    vpg: &str,
+    within: Duration,
+) -> Result<(Vec<v1::VraSyncStatus>, u64)> {
+    use v1::vra_control_client::VraControlClient;
+    let start = Instant::now();
+    loop {
+        let mut done = Vec::new();
+        let mut all = true;
+        for vra in &lab.vras[site] {
+            let status = VraControlClient::new(channel(&vra.control).await?)
+                .get_status(v1::GetVraStatusRequest {})
+                .await?
+                .into_inner();
+            for g in status.vpgs.iter().filter(|g| g.vpg_id == vpg) {
+                let running = g.sync.as_ref().is_some_and(|s| s.kind != 0);
+                match (
+                    &g.last_sync,
+                    running,
+                    g.role == v1::VraRole::Protected as i32,
+                ) {
+                    (Some(last), false, true) => done.push(last.clone()),
+                    _ => all = false,
+                }
+            }
+        }
+        if all && !done.is_empty() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            return Ok((done, now));
+        }
+        if start.elapsed() > within {
+            bail!("the syncs of {vpg} at site {site} did not end within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
