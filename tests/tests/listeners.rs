@@ -238,7 +238,14 @@ async fn health_follows_the_leader_and_reflection_speaks_both_versions() -> Resu
             .into_inner();
         Ok::<_, anyhow::Error>(r.status)
     };
-    assert_eq!(health(api.clone()).await?, ServingStatus::Serving as i32);
+    // A node that just joined may not know the leader yet: SERVING once it does.
+    let start = Instant::now();
+    while health(api.clone()).await? != ServingStatus::Serving as i32 {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("not SERVING 30 s after the cluster came up");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let request = ServerReflectionRequest {
         host: String::new(),

@@ -124,11 +124,6 @@ impl NbdServer {
         }
     }
 
-    /// Connections in their handshake and served, and those shed or refused so far.
-    pub fn admission(&self) -> tandem_net::AdmissionStats {
-        self.admission.stats()
-    }
-
     /// The registry this server serves (add and remove exports through it at any time).
     pub fn exports(&self) -> &Exports {
         &self.exports

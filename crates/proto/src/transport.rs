@@ -78,17 +78,7 @@ impl AsyncWrite for Admitted {
 /// on ours a gRPC reply written in several small pieces would have its later pieces held
 /// back ~40 ms by Nagle plus the peer's delayed ACK.
 pub fn incoming(listener: TcpListener) -> impl Stream<Item = io::Result<Admitted>> + Send {
-    incoming_with(
-        listener,
-        tandem_net::Admission::new(tandem_net::Limits::default()),
-    )
-}
-
-/// [`incoming`] with the given admission (its limits, and its counters to read).
-pub fn incoming_with(
-    listener: TcpListener,
-    admission: tandem_net::Admission,
-) -> impl Stream<Item = io::Result<Admitted>> + Send {
+    let admission = tandem_net::Admission::new(tandem_net::Limits::default());
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
