@@ -1,7 +1,7 @@
 //! Shared harness of the end-to-end tests: channels to a lab's managers and small helpers.
 
 use anyhow::{Result, bail};
-use tonic::transport::Channel;
+use tandem_proto::client::ApiChannel as Channel;
 
 /// A channel to one manager's API (the lab's, so tests and lab dial the same way).
 pub use tandem_lab::protect::channel;

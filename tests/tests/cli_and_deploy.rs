@@ -6,7 +6,7 @@ use anyhow::Result;
 use tandem_lab::lab::{Lab, binary};
 
 fn tandem(endpoint: &str, args: &[&str]) -> std::process::Output {
-    Command::new(binary("tandem"))
+    tandem_lab::lab::cli()
         .args(["-e", endpoint])
         .args(args)
         .output()
@@ -216,6 +216,7 @@ fn lab_up_example_leaves_a_vpg_protecting_with_its_volumes_in_lab_json() {
         volume.size_bytes.to_string()
     );
     let api = &file.sites[0].managers[0].api;
+    file.use_credentials().expect("the lab's token");
     let out = tandem(api, &["vpg", "get", &file.vms[0].vpg, "-o", "json"]);
     let g: serde_json::Value = serde_json::from_slice(&out.stdout).expect("vpg json");
     assert_eq!(g["status"]["status"], "Meeting SLA", "{g}");

@@ -41,7 +41,11 @@ fn vm(id: &str, host: &str, ds: &str, volumes: u32) -> v1::Vm {
     }
 }
 
-async fn host_and_ds(ch: &tonic::transport::Channel, prefix: &str, capacity: u64) -> Result<()> {
+async fn host_and_ds(
+    ch: &tandem_proto::client::ApiChannel,
+    prefix: &str,
+    capacity: u64,
+) -> Result<()> {
     HostServiceClient::new(ch.clone())
         .create_host(v1::Host {
             id: format!("{prefix}-h"),
@@ -553,6 +557,7 @@ async fn stopped_node_is_left_behind_then_catches_up_and_membership_grows_and_sh
             dir: dir.path().join(format!("extra-{id}")),
             child: None,
             env: Vec::new(),
+            admin_token_file: None,
         };
         p.start("join").await?;
         vms.create_vm(vm(&format!("grow-{id}"), "a-h", "a-ds", 1))

@@ -14,6 +14,7 @@ use tandem_lab::lab::{Lab, wait_leader};
 use tandem_lab::link::{CutMode, Direction};
 use tandem_lab::protect::{self, ProtectOptions, wait_vpg_cli};
 use tandem_lab::workload::{VolumeTarget, Workload, WorkloadConfig};
+use tandem_proto::client::ApiChannel as Channel;
 use tandem_proto::v1;
 use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient,
@@ -22,7 +23,6 @@ use tandem_proto::v1::{
     vpg_service_client::VpgServiceClient, vra_control_client::VraControlClient,
 };
 use tandem_tests::channel;
-use tonic::transport::Channel;
 
 const MIB: u64 = 1 << 20;
 
@@ -326,7 +326,7 @@ async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Resul
 
 /// `tandem vm list --view VIEW -o json`: the VMs view's rows.
 async fn vm_list(apis: &[String], view: &str) -> Result<Vec<serde_json::Value>> {
-    let out = tokio::process::Command::new(tandem_lab::lab::binary("tandem"))
+    let out = tokio::process::Command::from(tandem_lab::lab::cli())
         .args([
             "-e",
             &apis.join(","),

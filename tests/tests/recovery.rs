@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tandem_lab::lab::{Lab, binary, wait_leader};
+use tandem_lab::lab::{Lab, wait_leader};
 use tandem_lab::protect::{self, ProtectOptions, wait_vpg_cli};
 use tandem_lab::workload::{ImageReader, VolumeTarget, Workload, WorkloadConfig, check_image};
 use tandem_nbd::NbdClient;
@@ -20,7 +20,7 @@ const MIB: u64 = 1 << 20;
 
 /// Runs `tandem -e APIS ARGS`; answers what it printed, or fails with its stderr.
 async fn tandem(apis: &[String], args: &[&str]) -> Result<Vec<u8>> {
-    let out = tokio::process::Command::new(binary("tandem"))
+    let out = tokio::process::Command::from(tandem_lab::lab::cli())
         .args(["-e", &apis.join(",")])
         .args(args)
         .output()

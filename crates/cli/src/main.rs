@@ -1,6 +1,5 @@
 //! `tandem`, the command-line client of a site's managers.
 
-mod client;
 mod output;
 mod recovery;
 mod spec;
@@ -11,7 +10,9 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use output::{Format, bytes, print};
+use tandem_proto::client::{ApiChannel as Channel, ApiConnector, Credentials};
 use tandem_proto::v1;
+use tandem_proto::v1::token_service_client::TokenServiceClient;
 use tandem_proto::v1::{
     cluster_service_client::ClusterServiceClient, datastore_service_client::DatastoreServiceClient,
     host_service_client::HostServiceClient, monitoring_service_client::MonitoringServiceClient,
@@ -19,7 +20,6 @@ use tandem_proto::v1::{
     site_service_client::SiteServiceClient, task_service_client::TaskServiceClient,
     vm_service_client::VmServiceClient, vpg_service_client::VpgServiceClient,
 };
-use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,6 +37,9 @@ struct Cli {
         global = true
     )]
     endpoints: Vec<String>,
+    /// A file holding the API token to present (else the token in TANDEM_TOKEN).
+    #[arg(long, env = "TANDEM_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
     output: Format,
@@ -96,6 +99,28 @@ enum Noun {
     /// drained, the VPG comes up here at their last checkpoint, then commit or roll back.
     #[command(subcommand)]
     Move(recovery::FailoverCmd),
+    /// Operator API tokens (admin): create (shown once), list, revoke.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Creates a token and prints it: the only time it is shown.
+    Create {
+        name: String,
+        /// viewer (reads), operator (checkpoints, tests, pause, resume, force sync) or
+        /// admin (everything).
+        #[arg(long)]
+        role: String,
+        /// Lifetime in seconds, or with a unit: 90m, 12h, 30d (default: never expires).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -433,7 +458,13 @@ fn snake(s: &str) -> String {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let ch = client::connect(&cli.endpoints).await?;
+    let credentials = match &cli.token_file {
+        Some(path) => Credentials::token_file(path)?,
+        None => Credentials::from_env()?,
+    };
+    let ch = ApiConnector::new(credentials)
+        .connect(&cli.endpoints)
+        .await?;
     let fmt = cli.output;
     match cli.noun {
         Noun::Site(c) => site(ch, fmt, c).await,
@@ -451,7 +482,126 @@ async fn run(cli: Cli) -> Result<()> {
         Noun::FailoverTest(c) => recovery::failover_test(ch, fmt, c).await,
         Noun::Failover(c) => recovery::failover(ch, fmt, recovery::Kind::Failover, c).await,
         Noun::Move(c) => recovery::failover(ch, fmt, recovery::Kind::Move, c).await,
+        Noun::Token(c) => token(ch, fmt, c).await,
     }
+}
+
+/// Seconds from `90`, `90s`, `90m`, `12h` or `30d`.
+fn duration_secs(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a duration (like 90m, 12h or 30d)"))?;
+    let per = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("{s:?}: the unit must be s, m, h or d"),
+    };
+    n.checked_mul(per)
+        .ok_or_else(|| anyhow::anyhow!("{s:?} is too long"))
+}
+
+fn token_row(t: &v1::ApiToken) -> Vec<String> {
+    let role = v1::TokenRole::try_from(t.role)
+        .map(|r| {
+            r.as_str_name()
+                .trim_start_matches("TOKEN_ROLE_")
+                .to_lowercase()
+        })
+        .unwrap_or_default();
+    vec![
+        t.id.clone(),
+        t.name.clone(),
+        role,
+        t.state.clone(),
+        t.created_ms.to_string(),
+        if t.expires_ms == 0 {
+            "never".into()
+        } else {
+            t.expires_ms.to_string()
+        },
+        t.created_by.clone(),
+    ]
+}
+
+fn token_json(t: &v1::ApiToken) -> serde_json::Value {
+    let r = token_row(t);
+    serde_json::json!({
+        "id": t.id, "name": t.name, "role": r[2], "state": t.state,
+        "created_ms": t.created_ms, "expires_ms": t.expires_ms,
+        "revoked_ms": t.revoked_ms, "created_by": t.created_by,
+    })
+}
+
+const TOKEN_HEADER: [&str; 7] = [
+    "ID",
+    "NAME",
+    "ROLE",
+    "STATE",
+    "CREATED",
+    "EXPIRES",
+    "CREATED BY",
+];
+
+async fn token(ch: Channel, fmt: Format, c: TokenCmd) -> Result<()> {
+    let mut cl = TokenServiceClient::new(ch);
+    match c {
+        TokenCmd::Create { name, role, ttl } => {
+            let role = match role.as_str() {
+                "viewer" => v1::TokenRole::Viewer,
+                "operator" => v1::TokenRole::Operator,
+                "admin" => v1::TokenRole::Admin,
+                other => bail!("--role {other:?}: must be viewer, operator or admin"),
+            };
+            let ttl_secs = ttl.as_deref().map(duration_secs).transpose()?.unwrap_or(0);
+            let created = cl
+                .create_token(v1::CreateTokenRequest {
+                    name,
+                    role: role as i32,
+                    ttl_secs,
+                })
+                .await?
+                .into_inner();
+            let info = created.info.unwrap_or_default();
+            if fmt == Format::Table {
+                println!("{}", created.token);
+                eprintln!(
+                    "token {} ({}) created; it is shown only now: keep it in a file and \
+                     point TANDEM_TOKEN_FILE at it",
+                    info.id, info.name
+                );
+            } else {
+                let mut json = token_json(&info);
+                json["token"] = created.token.into();
+                print(fmt, &json, &[], vec![]);
+            }
+        }
+        TokenCmd::List => {
+            let tokens = cl
+                .list_tokens(v1::ListTokensRequest {})
+                .await?
+                .into_inner()
+                .tokens;
+            let json: Vec<_> = tokens.iter().map(token_json).collect();
+            print(
+                fmt,
+                &json,
+                &TOKEN_HEADER,
+                tokens.iter().map(token_row).collect(),
+            );
+        }
+        TokenCmd::Revoke { id } => {
+            let t = cl
+                .revoke_token(v1::RevokeTokenRequest { id })
+                .await?
+                .into_inner();
+            print(fmt, &token_json(&t), &TOKEN_HEADER, vec![token_row(&t)]);
+        }
+    }
+    Ok(())
 }
 
 async fn event(ch: Channel, fmt: Format, c: EventCmd) -> Result<()> {

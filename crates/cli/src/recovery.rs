@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use clap::Subcommand;
+use tandem_proto::client::ApiChannel as Channel;
 use tandem_proto::v1;
 use tandem_proto::v1::recovery_service_client::RecoveryServiceClient;
-use tonic::transport::Channel;
 
 use crate::output::{Format, bytes, print};
 

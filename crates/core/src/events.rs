@@ -49,10 +49,13 @@ pub enum EventCode {
     /// A committed failover or move turned the VPG around: the recovered VMs are protected
     /// towards the old protected site, or that site took the new direction.
     ReverseProtection,
+    /// An operator's call that changes the site (the audit trail): the description names
+    /// the caller's token, the call and its outcome.
+    OperatorCall,
 }
 
 impl EventCode {
-    pub const ALL: [EventCode; 23] = [
+    pub const ALL: [EventCode; 24] = [
         Self::VpgCreated,
         Self::VpgEdited,
         Self::VpgDeleteStarted,
@@ -76,6 +79,7 @@ impl EventCode {
         Self::RecoveryCommitted,
         Self::RecoveryRolledBack,
         Self::ReverseProtection,
+        Self::OperatorCall,
     ];
 
     pub fn code(self) -> &'static str {
@@ -103,6 +107,7 @@ impl EventCode {
             Self::RecoveryCommitted => "EV0063",
             Self::RecoveryRolledBack => "EV0064",
             Self::ReverseProtection => "EV0065",
+            Self::OperatorCall => "EV0070",
         }
     }
 

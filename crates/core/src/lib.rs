@@ -1,6 +1,7 @@
 //! Tandem's domain: ids, inventory, VPG definitions, validation, the seed's statuses and the
 //! replicated site state machine. Pure logic, no IO.
 
+pub mod access;
 pub mod alerts;
 pub mod error;
 pub mod events;

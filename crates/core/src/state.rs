@@ -49,6 +49,9 @@ pub struct SiteState {
     /// Failovers and moves this site runs, by VPG (at most one each).
     #[serde(default)]
     pub recoveries: BTreeMap<VpgId, crate::recovery::RecoveryOp>,
+    /// Operator API tokens (hashes only).
+    #[serde(default)]
+    pub tokens: crate::access::TokenTable,
 }
 
 /// An update of a VPG's definition that is under way.
@@ -144,6 +147,20 @@ pub enum Command {
         id: VpgId,
         generation: u64,
         operation: Option<crate::status::Operation>,
+    },
+    /// Installs the site's first admin token, once in its life (a restarted bootstrap node
+    /// proposing it again changes nothing).
+    BootstrapAdminToken {
+        token: crate::access::ApiToken,
+        now_ms: u64,
+    },
+    CreateToken {
+        token: crate::access::ApiToken,
+        now_ms: u64,
+    },
+    RevokeToken {
+        id: crate::access::TokenId,
+        now_ms: u64,
     },
     /// Appends to the event log.
     RecordEvent {
@@ -749,6 +766,18 @@ impl SiteState {
                     });
                 }
                 vpg.operation = operation;
+                Ok(Applied::Done)
+            }
+            Command::BootstrapAdminToken { token, now_ms } => {
+                self.tokens.bootstrap(token, now_ms)?;
+                Ok(Applied::Done)
+            }
+            Command::CreateToken { token, now_ms } => {
+                self.tokens.create(token, now_ms)?;
+                Ok(Applied::Done)
+            }
+            Command::RevokeToken { id, now_ms } => {
+                self.tokens.revoke(&id, now_ms)?;
                 Ok(Applied::Done)
             }
             Command::RecordEvent { event } => {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
+use tandem_proto::client::{ApiChannel as Channel, ApiConnector};
 use tandem_proto::v1;
 use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient, host_service_client::HostServiceClient,
@@ -17,7 +18,6 @@ use tandem_proto::v1::{
     vpg_service_client::VpgServiceClient,
 };
 use tokio::process::{Child, Command};
-use tonic::transport::Channel;
 
 use crate::lab::Lab;
 
@@ -120,14 +120,10 @@ where
 }
 
 async fn connect(addr: &str) -> Result<Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .connect()
-            .await?,
-    )
+    Ok(ApiConnector::default()
+        .with_timeouts(Duration::from_secs(2), Duration::from_secs(10))
+        .connect(&[addr.to_string()])
+        .await?)
 }
 
 fn free_port() -> Result<u16> {

@@ -8,11 +8,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use tandem_proto::client::ApiChannel as Channel;
 use tandem_proto::v1;
 use tandem_proto::v1::vpg_service_client::VpgServiceClient;
-use tonic::transport::Channel;
 
-use crate::lab::{Lab, binary};
+use crate::lab::Lab;
 use crate::link::CutMode;
 use crate::protect::{self, ProtectOptions, Sites};
 use crate::units::{fmt_bytes, percentile};
@@ -184,7 +184,7 @@ async fn measure(
     let mut cli_ms = Vec::new();
     for _ in 0..10 {
         let t = Instant::now();
-        let out = tokio::process::Command::new(binary("tandem"))
+        let out = tokio::process::Command::from(crate::lab::cli())
             .args(["-e", &apis, "vpg", "list", "-o", "json"])
             .output()
             .await?;

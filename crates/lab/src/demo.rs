@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use tandem_nbd::NbdClient;
+use tandem_proto::client::{ApiChannel as Channel, ApiConnector};
 use tandem_proto::v1;
 use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient,
@@ -37,7 +38,6 @@ use tandem_proto::v1::{
     vra_control_client::VraControlClient,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::lab::{Lab, wait_leader};
 use crate::link::CutMode;
@@ -310,17 +310,10 @@ async fn steps(lab: &mut Lab, opts: &DemoOptions, report: &mut Report) -> Result
 // ---------------------------------------------------------------------------------------
 
 async fn channel(endpoints: &[String]) -> Result<Channel> {
-    for e in endpoints {
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{e}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .connect()
-            .await
-        {
-            return Ok(ch);
-        }
-    }
-    bail!("no manager reachable among {endpoints:?}")
+    Ok(ApiConnector::default()
+        .with_timeouts(Duration::from_secs(2), Duration::from_secs(10))
+        .connect(endpoints)
+        .await?)
 }
 
 /// The VPG the VRAs replicate, as the managers define it.
@@ -609,16 +602,11 @@ struct Managers {
 
 impl Managers {
     fn new(site: &str, endpoints: &[String]) -> Result<Self> {
+        let connector = ApiConnector::default()
+            .with_timeouts(Duration::from_millis(500), Duration::from_secs(5));
         let channels = endpoints
             .iter()
-            .map(|e| {
-                Ok(
-                    tonic::transport::Endpoint::from_shared(format!("http://{e}"))?
-                        .connect_timeout(Duration::from_millis(500))
-                        .timeout(Duration::from_secs(5))
-                        .connect_lazy(),
-                )
-            })
+            .map(|e| Ok(connector.lazy(e)?))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             site: site.into(),

@@ -13,7 +13,7 @@ use serde_yaml::{Mapping, Value};
 use tandem_proto::v1;
 use tandem_proto::v1::vm_service_client::VmServiceClient;
 
-use crate::lab::{Lab, VmEntry, VolumeEntry, binary};
+use crate::lab::{Lab, VmEntry, VolumeEntry};
 use crate::protect;
 
 /// The example spec files, as shipped (compiled in, so the lab needs no checkout).
@@ -53,7 +53,7 @@ async fn create(apis: &[String], dir: &Path, kind: &str, name: &str, spec: &Mapp
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, serde_yaml::to_string(spec)?)
         .with_context(|| format!("writing {}", path.display()))?;
-    let out = tokio::process::Command::new(binary("tandem"))
+    let out = tokio::process::Command::from(crate::lab::cli())
         .arg("-e")
         .arg(apis.join(","))
         .args([kind, "create", "-f"])

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tandem_core::access::BearerToken;
+use tandem_proto::client::{ApiChannel, Credentials};
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
@@ -35,6 +37,12 @@ pub struct LabFile {
     /// The protected VMs the lab created (`tandem-lab up --example`), with their volumes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vms: Vec<VmEntry>,
+    /// The admin API token of every site of the lab (mode 0600): clients present it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// How to use it with the CLI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<String>,
 }
 
 /// One protected VM of `lab.json` and where any NBD client reaches each of its volumes.
@@ -94,6 +102,17 @@ pub struct ManagerEntry {
 }
 
 impl LabFile {
+    /// Makes the lab's admin token what this process's API clients present.
+    pub fn use_credentials(&self) -> Result<()> {
+        if let Some(path) = &self.token_file {
+            tandem_proto::client::set_default_credentials(Credentials::token_file(path)?);
+            *CURRENT_TOKEN_FILE
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = Some(path.clone());
+        }
+        Ok(())
+    }
+
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("lab.json");
         let text = std::fs::read_to_string(&path)
@@ -133,6 +152,8 @@ pub struct ManagerProcess {
     pub child: Option<Child>,
     /// Environment the process starts with besides the lab's (e.g. failpoints).
     pub env: Vec<(String, String)>,
+    /// The site's first admin token, for the node that bootstraps the site.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl ManagerProcess {
@@ -155,6 +176,9 @@ impl ManagerProcess {
             .args(["--api-listen", &api, "--raft-listen", &raft])
             .args(["--bootstrap", bootstrap])
             .envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(f) = &self.admin_token_file {
+            cmd.arg("--admin-token-file").arg(f);
+        }
         let what = format!("manager {} of {}", self.id, self.site);
         let (child, addrs) = spawn_listening(&what, cmd, &self.dir, "manager.log").await?;
         self.child = Some(child);
@@ -316,13 +340,35 @@ async fn stop_child(child: Option<Child>, grace: Duration) -> Result<()> {
 }
 
 /// A connection to one manager's cluster service.
-pub async fn cluster_client(api: &str) -> Result<ClusterServiceClient<tonic::transport::Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{api}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await?;
-    Ok(ClusterServiceClient::new(ch))
+pub async fn cluster_client(api: &str) -> Result<ClusterServiceClient<ApiChannel>> {
+    Ok(ClusterServiceClient::new(
+        crate::protect::channel(api).await?,
+    ))
+}
+
+/// The lab's admin token, in the lab directory: every site's first admin token.
+pub const TOKEN_FILE: &str = "admin.token";
+
+/// The token file of the lab this process started last (for the CLI it runs).
+static CURRENT_TOKEN_FILE: std::sync::RwLock<Option<PathBuf>> = std::sync::RwLock::new(None);
+
+/// The environment a `tandem` CLI started by this process needs to act on its lab as
+/// admin: `TANDEM_TOKEN_FILE`.
+pub fn cli_env() -> Vec<(&'static str, PathBuf)> {
+    CURRENT_TOKEN_FILE
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .map(|p| (tandem_proto::client::TOKEN_FILE_ENV, p))
+        .into_iter()
+        .collect()
+}
+
+/// The `tandem` CLI, ready to act on this process's lab as admin ([`cli_env`]).
+pub fn cli() -> std::process::Command {
+    let mut cmd = std::process::Command::new(binary("tandem"));
+    cmd.envs(cli_env());
+    cmd
 }
 
 /// The running lab.
@@ -357,6 +403,16 @@ impl Lab {
         }
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
+        // One token for every site of the lab, so one file serves the CLI at either site.
+        let token_file = dir.join(TOKEN_FILE);
+        tandem_proto::client::read_or_create_token_file(&token_file, || {
+            BearerToken::from_random(rand::random(), rand::random())
+        })
+        .with_context(|| format!("the lab's admin token {}", token_file.display()))?;
+        tandem_proto::client::set_default_credentials(Credentials::token_file(&token_file)?);
+        *CURRENT_TOKEN_FILE
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(token_file.clone());
         let site_names: Vec<String> = (0..sites)
             .map(|i| format!("site-{}", (b'a' + i as u8) as char))
             .collect();
@@ -397,6 +453,7 @@ impl Lab {
                     dir: dir.join(name).join(format!("manager-{id}")),
                     child: None,
                     env: Vec::new(),
+                    admin_token_file: Some(token_file.clone()),
                 };
                 p.start(if id == 1 { "single" } else { "join" }).await?;
                 procs.push(p);
@@ -511,6 +568,12 @@ impl Lab {
             link_control: Some(self.link_control.clone()),
             links: self.link_entries(),
             vms: self.vms.clone(),
+            token_file: Some(self.dir.join(TOKEN_FILE)),
+            usage: Some(format!(
+                "TANDEM_TOKEN_FILE={} tandem -e {} vpg list",
+                self.dir.join(TOKEN_FILE).display(),
+                self.endpoints(0).join(",")
+            )),
         };
         let mut file = file;
         for (entry, vras) in file.sites.iter_mut().zip(&self.vras) {
@@ -585,13 +648,7 @@ impl Lab {
                         peer_vra_address = proxy;
                     }
                 }
-                let ch =
-                    tonic::transport::Endpoint::from_shared(format!("http://{}", endpoints[0]))?
-                        .connect_timeout(Duration::from_secs(2))
-                        .timeout(Duration::from_secs(10))
-                        .connect()
-                        .await?;
-                HostServiceClient::new(ch)
+                HostServiceClient::new(crate::protect::channel(&endpoints[0]).await?)
                     .create_host(v1::Host {
                         id: host.clone(),
                         name: host.clone(),

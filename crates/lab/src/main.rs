@@ -467,7 +467,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 dir.display()
             );
             for (i, name) in lab.site_names.iter().enumerate() {
-                println!("  {name}: tandem -e {}", lab.endpoints(i).join(","));
+                println!(
+                    "  {name}: TANDEM_TOKEN_FILE={} tandem -e {}",
+                    lab.dir.join(lab::TOKEN_FILE).display(),
+                    lab.endpoints(i).join(",")
+                );
                 for v in &lab.vras[i] {
                     println!("    {}: vra control {} nbd {}", v.host, v.control, v.nbd);
                 }
@@ -492,6 +496,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Status { dir } => {
             let file = lab::LabFile::read(&dir)?;
+            file.use_credentials()?;
             for site in &file.sites {
                 println!("{}:", site.name);
                 for m in &site.managers {

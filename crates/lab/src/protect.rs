@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use tandem_proto::client::{ApiChannel as Channel, ApiConnector};
 use tandem_proto::v1;
 use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient,
@@ -13,7 +14,6 @@ use tandem_proto::v1::{
     site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
     vpg_service_client::VpgServiceClient,
 };
-use tonic::transport::Channel;
 
 use crate::lab::Lab;
 
@@ -40,13 +40,10 @@ pub struct Protection {
 
 /// A channel to one manager API.
 pub async fn channel(api: &str) -> Result<Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{api}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .connect()
-            .await?,
-    )
+    Ok(ApiConnector::default()
+        .with_timeouts(Duration::from_secs(2), Duration::from_secs(10))
+        .connect(&[api.to_string()])
+        .await?)
 }
 
 /// Pairs site `a` with site `b` across their link; answers b's site id.
@@ -221,7 +218,7 @@ pub async fn wait_vpg_cli(
 ) -> Result<v1::Vpg> {
     let endpoints = apis.join(",");
     poll_vpg(id, within, seen, done, || async {
-        let out = tokio::process::Command::new(crate::lab::binary("tandem"))
+        let out = tokio::process::Command::from(crate::lab::cli())
             .args(["-e", &endpoints, "vpg", "get", id, "-o", "json"])
             .output()
             .await

@@ -373,6 +373,8 @@ async fn tandem_lab_link_drives_a_running_control_server() {
         link_control: Some(control),
         links: Vec::new(),
         vms: Vec::new(),
+        token_file: None,
+        usage: None,
     }
     .write(dir.path())
     .unwrap();

@@ -63,6 +63,10 @@ pub struct Config {
     /// Log format: "text" or "json".
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// The site's first admin token: read by the node that bootstraps the cluster, or
+    /// written there (mode 0600) if absent. Default: `admin.token` in the data directory.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 fn default_api() -> String {
@@ -122,7 +126,17 @@ impl Config {
         if let Some(v) = get("TANDEM_LOG_FORMAT") {
             self.log_format = v;
         }
+        if let Some(v) = get("TANDEM_ADMIN_TOKEN_FILE") {
+            self.admin_token_file = Some(v.into());
+        }
         Ok(())
+    }
+
+    /// Where the bootstrap node finds (or leaves) the site's first admin token.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.token"))
     }
 
     /// Rejects settings that cannot work.

@@ -1,6 +1,7 @@
 //! The site manager node: configuration, the replicated store, the API services and the
 //! site's operations.
 
+pub mod access;
 pub mod api;
 pub mod config;
 pub mod control;
@@ -127,11 +128,17 @@ pub async fn run(
 
     if bootstraps {
         let site_name = config.site_name.clone();
+        let admin = access::bootstrap_token(&config.admin_token_path())?;
         let naming = shutdown.clone();
         tasks.spawn(async move {
-            // Names the site once a leader exists; retries while the cluster forms.
+            // Names the site and installs its first admin token once a leader exists;
+            // retries while the cluster forms.
             loop {
-                match site.ensure_identity(&site_name).await {
+                let named = async {
+                    site.ensure_identity(&site_name).await?;
+                    site.ensure_admin_token(&admin).await
+                };
+                match named.await {
                     Ok(()) => break,
                     Err(e) => tracing::debug!(error = %e, "site not named yet"),
                 }

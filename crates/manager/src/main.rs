@@ -42,6 +42,9 @@ struct Args {
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
+    /// The site's first admin token (read at bootstrap, or written there if absent).
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
 }
 
 fn member(s: &str) -> Result<Member> {
@@ -101,6 +104,9 @@ fn config(a: Args) -> Result<Config> {
     }
     if let Some(v) = a.log_format {
         c.log_format = v;
+    }
+    if let Some(v) = a.admin_token_file {
+        c.admin_token_file = Some(v);
     }
     c.check()?;
     Ok(c)

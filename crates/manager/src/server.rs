@@ -14,7 +14,8 @@ use tandem_proto::v1::{
     recovery_service_server::RecoveryServiceServer,
     resource_pool_service_server::ResourcePoolServiceServer, site_peer_server::SitePeerServer,
     site_service_server::SiteServiceServer, task_service_server::TaskServiceServer,
-    vm_service_server::VmServiceServer, vpg_service_server::VpgServiceServer,
+    token_service_server::TokenServiceServer, vm_service_server::VmServiceServer,
+    vpg_service_server::VpgServiceServer,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,7 @@ use crate::api::{
     recovery::RecoveryApi,
     site::SiteApi,
     tasks::TaskApi,
+    tokens::TokenApi,
     vpg::VpgApi,
 };
 use crate::site::SiteManager;
@@ -106,6 +108,7 @@ pub async fn serve_api(
         <MonitoringServiceServer<MonitoringApi> as NamedService>::NAME,
         <TaskServiceServer<TaskApi> as NamedService>::NAME,
         <RecoveryServiceServer<RecoveryApi> as NamedService>::NAME,
+        <TokenServiceServer<TokenApi> as NamedService>::NAME,
         <SitePeerServer<PeerApi> as NamedService>::NAME,
         tandem_proto::discovery::HEALTH,
     ])?;
@@ -113,6 +116,7 @@ pub async fn serve_api(
     Server::builder()
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
+        .layer(crate::access::AccessLayer::new(site.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -129,6 +133,7 @@ pub async fn serve_api(
         ))
         .add_service(limited!(TaskServiceServer, TaskApi(site.clone())))
         .add_service(limited!(RecoveryServiceServer, RecoveryApi(site.clone())))
+        .add_service(limited!(TokenServiceServer, TokenApi(site.clone())))
         .add_service(limited!(SitePeerServer, PeerApi(site)))
         .serve_with_incoming_shutdown(crate::net::incoming(listener), shutdown.cancelled_owned())
         .await?;

@@ -1,6 +1,7 @@
 //! Generated gRPC code for `tandem.v1`, conversions between wire and domain types, and the
 //! mapping of domain errors to gRPC codes.
 
+pub mod client;
 pub mod convert;
 pub mod discovery;
 pub mod status;

@@ -7,6 +7,7 @@ pub mod monitoring;
 pub mod recovery;
 pub mod site;
 pub mod tasks;
+pub mod tokens;
 pub mod vpg;
 
 use tandem_core::DomainError;

@@ -1,0 +1,361 @@
+//! Who may call what on the operator port, in one place: the tower layer that checks each
+//! call's bearer token against the site's tokens and the role its method needs, hands the
+//! caller to the services, and records every call that changes the site as an event (the
+//! audit trail). Also the site's first admin token, installed at bootstrap from a file.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use anyhow::{Context as _, Result};
+use tandem_core::access::{ApiToken, BearerToken, Caller, Role, TokenId, TokenRejected};
+use tandem_core::events::{EventCode, NewEvent};
+use tandem_core::state::Command;
+use tonic::body::Body;
+use tonic::codegen::http::{Request, Response};
+use tonic::{Code, Status};
+
+use crate::error::{ApiError, ApiResult};
+use crate::site::{SiteManager, now_ms};
+
+/// What a call on the operator port needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Nothing: health probes (they say only whether the node can serve).
+    Nothing,
+    /// A paired site's call (`SitePeer`), not an operator's: it is authenticated by the
+    /// peer's certificate once mutual TLS lands, not by an operator token.
+    Peer,
+    /// A token of at least this role.
+    Token(Role),
+}
+
+/// The role each method of the operator port needs. Unknown methods need admin, so a
+/// service added later is closed until it is classified here.
+pub fn needs(path: &str) -> Needs {
+    let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
+        return Needs::Token(Role::Admin);
+    };
+    let service = service.strip_prefix("tandem.v1.").unwrap_or(service);
+    match (service, method) {
+        ("grpc.health.v1.Health", _) => Needs::Nothing,
+        ("SitePeer", _) => Needs::Peer,
+        ("grpc.reflection.v1.ServerReflection", _)
+        | ("grpc.reflection.v1alpha.ServerReflection", _) => Needs::Token(Role::Viewer),
+        ("TokenService", _) => Needs::Token(Role::Admin),
+        ("VpgService", "AddCheckpoint" | "PauseVpgs" | "ResumeVpgs" | "ForceSyncVpgs")
+        | ("RecoveryService", "StartFailoverTest" | "StopFailoverTest") => {
+            Needs::Token(Role::Operator)
+        }
+        (
+            "SiteService"
+            | "HostService"
+            | "DatastoreService"
+            | "ResourcePoolService"
+            | "VmService"
+            | "VpgService"
+            | "RecoveryService"
+            | "ClusterService"
+            | "MonitoringService"
+            | "TaskService",
+            m,
+        ) if is_read(m) => Needs::Token(Role::Viewer),
+        _ => Needs::Token(Role::Admin),
+    }
+}
+
+fn is_read(method: &str) -> bool {
+    ["Get", "List", "Export"]
+        .iter()
+        .any(|p| method.starts_with(p))
+}
+
+/// The layer over every service of the operator port.
+#[derive(Clone)]
+pub struct AccessLayer {
+    site: SiteManager,
+}
+
+impl AccessLayer {
+    pub fn new(site: SiteManager) -> Self {
+        Self { site }
+    }
+}
+
+impl<S> tower::Layer<S> for AccessLayer {
+    type Service = Access<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Access {
+            inner,
+            site: self.site.clone(),
+        }
+    }
+}
+
+/// [`AccessLayer`]'s service.
+#[derive(Clone)]
+pub struct Access<S> {
+    inner: S,
+    site: SiteManager,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> tower::Service<Request<Body>> for Access<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        // The clone that was made ready serves this call; a fresh clone is left behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let site = self.site.clone();
+        Box::pin(async move {
+            let path = req.uri().path().to_string();
+            let needed = match needs(&path) {
+                Needs::Nothing | Needs::Peer => return inner.call(req).await,
+                Needs::Token(role) => role,
+            };
+            let caller = match authenticate(&site, &req) {
+                Ok(c) => c,
+                Err(rejected) => {
+                    tracing::warn!(call = %path, reason = %rejected, "call refused: unauthenticated");
+                    return Ok(Status::unauthenticated(rejected.to_string()).into_http());
+                }
+            };
+            let call = call_name(&path);
+            if caller.role < needed {
+                let msg = format!(
+                    "{call} needs the {needed} role; token {} has {}",
+                    caller.token, caller.role
+                );
+                tracing::warn!(call = %call, caller = %caller, "call refused: permission denied");
+                if needed > Role::Viewer {
+                    audit(&site, &caller, &call, "refused: permission denied").await;
+                }
+                return Ok(Status::permission_denied(msg).into_http());
+            }
+            req.extensions_mut().insert(caller.clone());
+            let response = inner.call(req).await?;
+            if needed > Role::Viewer && !path.rsplit('/').next().is_some_and(is_read) {
+                audit(&site, &caller, &call, &outcome(&response)).await;
+            }
+            Ok(response)
+        })
+    }
+}
+
+fn authenticate(site: &SiteManager, req: &Request<Body>) -> Result<Caller, TokenRejected> {
+    let header = req
+        .headers()
+        .get("authorization")
+        .ok_or(TokenRejected::Missing)?;
+    let bearer = BearerToken::from_header(header.to_str().map_err(|_| TokenRejected::Malformed)?)?;
+    let now = now_ms();
+    site.node()
+        .read_local(|s| s.tokens.authenticate(&bearer, now))
+}
+
+/// `/tandem.v1.VpgService/CreateVpg` as `VpgService.CreateVpg`.
+fn call_name(path: &str) -> String {
+    let p = path.trim_start_matches('/');
+    let p = p.strip_prefix("tandem.v1.").unwrap_or(p);
+    p.replacen('/', ".", 1)
+}
+
+/// A call's outcome from its response head: tonic answers a failed unary call with its
+/// status in the headers, a successful one in the trailers.
+fn outcome(response: &Response<Body>) -> String {
+    match response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from_i32)
+    {
+        None | Some(Code::Ok) => "ok".to_string(),
+        Some(code) => format!("failed: {code:?}"),
+    }
+}
+
+/// Records one call in the event log. A failure to record is logged: the call has
+/// already happened, and its answer still goes back.
+async fn audit(site: &SiteManager, caller: &Caller, call: &str, outcome: &str) {
+    let event = NewEvent {
+        at_ms: now_ms(),
+        code: EventCode::OperatorCall,
+        vpg: None,
+        description: format!("{call} by {caller}: {outcome}"),
+    };
+    if let Err(e) = site.node().propose(Command::RecordEvent { event }).await {
+        tracing::warn!(error = %e, call, caller = %caller, outcome, "could not record the call in the audit trail");
+    }
+}
+
+/// The caller of a request that passed [`AccessLayer`].
+pub fn caller<T>(r: &tonic::Request<T>) -> Result<&Caller, Status> {
+    r.extensions()
+        .get::<Caller>()
+        .ok_or_else(|| Status::unauthenticated("no caller on this request"))
+}
+
+/// Reads the first admin token from `path`, or writes a new one there (mode 0600) when
+/// the file does not exist: the bootstrap node's operator finds it there.
+pub fn bootstrap_token(path: &Path) -> Result<BearerToken> {
+    let existed = path.exists();
+    let token = tandem_proto::client::read_or_create_token_file(path, || {
+        BearerToken::from_random(rand::random(), rand::random())
+    })
+    .with_context(|| format!("the admin token file {}", path.display()))?;
+    if !existed {
+        tracing::info!(file = %path.display(), token = %token.id(), "wrote the site's first admin token");
+    }
+    Ok(token)
+}
+
+/// The token as the site keeps it after bootstrap.
+pub fn bootstrap_entry(token: &BearerToken) -> ApiToken {
+    ApiToken::new(
+        token,
+        "bootstrap admin".into(),
+        Role::Admin,
+        now_ms(),
+        None,
+        "bootstrap".into(),
+    )
+}
+
+impl SiteManager {
+    /// Installs the site's first admin token (once in its life; see [`bootstrap_token`]).
+    pub async fn ensure_admin_token(&self, token: &BearerToken) -> ApiResult<()> {
+        if self.node().read(|s| s.tokens.is_bootstrapped()).await? {
+            return Ok(());
+        }
+        self.node()
+            .propose(Command::BootstrapAdminToken {
+                token: bootstrap_entry(token),
+                now_ms: now_ms(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Creates a token for `caller`; answers it whole (the only time it is seen).
+    pub async fn create_token(
+        &self,
+        caller: &Caller,
+        name: String,
+        role: Role,
+        ttl_ms: Option<u64>,
+    ) -> ApiResult<(BearerToken, ApiToken)> {
+        let bearer = BearerToken::from_random(rand::random(), rand::random());
+        let now = now_ms();
+        let entry = ApiToken::new(
+            &bearer,
+            name,
+            role,
+            now,
+            ttl_ms,
+            format!("{} (token {})", caller.name, caller.token),
+        );
+        entry.validate().map_err(ApiError::Domain)?;
+        self.node()
+            .propose(Command::CreateToken {
+                token: entry.clone(),
+                now_ms: now,
+            })
+            .await?;
+        Ok((bearer, entry))
+    }
+
+    pub async fn list_tokens(&self) -> ApiResult<Vec<ApiToken>> {
+        self.node()
+            .read(|s| s.tokens.list().cloned().collect())
+            .await
+    }
+
+    /// Revokes a token; answers it as it is then.
+    pub async fn revoke_token(&self, id: TokenId) -> ApiResult<ApiToken> {
+        let (index, _) = self
+            .node()
+            .propose_indexed(Command::RevokeToken {
+                id: id.clone(),
+                now_ms: now_ms(),
+            })
+            .await?;
+        self.node()
+            .read_after(index, move |s| {
+                s.tokens.list().find(|t| t.id == id).cloned()
+            })
+            .await?
+            .ok_or_else(|| ApiError::internal("a revoked token is gone"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_is_classified_and_unknown_ones_need_admin() {
+        let t = |p: &str| needs(p);
+        assert_eq!(t("/grpc.health.v1.Health/Check"), Needs::Nothing);
+        assert_eq!(t("/tandem.v1.SitePeer/PutVpg"), Needs::Peer);
+        assert_eq!(
+            t("/tandem.v1.VpgService/ListVpgs"),
+            Needs::Token(Role::Viewer)
+        );
+        assert_eq!(
+            t("/tandem.v1.VpgService/GetVpg"),
+            Needs::Token(Role::Viewer)
+        );
+        assert_eq!(
+            t("/tandem.v1.VpgService/AddCheckpoint"),
+            Needs::Token(Role::Operator)
+        );
+        assert_eq!(
+            t("/tandem.v1.RecoveryService/StartFailoverTest"),
+            Needs::Token(Role::Operator)
+        );
+        for admin in [
+            "/tandem.v1.VpgService/CreateVpg",
+            "/tandem.v1.VpgService/DeleteVpg",
+            "/tandem.v1.RecoveryService/StartFailover",
+            "/tandem.v1.RecoveryService/StartMove",
+            "/tandem.v1.RecoveryService/CommitRecovery",
+            "/tandem.v1.SiteService/PairSite",
+            "/tandem.v1.SiteService/CreatePairingToken",
+            "/tandem.v1.HostService/CreateHost",
+            "/tandem.v1.TokenService/ListTokens",
+            "/tandem.v1.TaskService/TaskInput",
+            "/tandem.v1.ManagerInternal/Propose",
+            "/tandem.v1.NewService/GetAnything",
+            "/nonsense",
+            "",
+        ] {
+            assert_eq!(t(admin), Needs::Token(Role::Admin), "{admin}");
+        }
+        assert_eq!(
+            t("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            Needs::Token(Role::Viewer)
+        );
+        assert_eq!(
+            call_name("/tandem.v1.VpgService/CreateVpg"),
+            "VpgService.CreateVpg"
+        );
+    }
+}
