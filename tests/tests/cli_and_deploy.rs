@@ -159,7 +159,7 @@ async fn lab_with_hosts_starts_vras_lists_them_and_registers_them_as_hosts() -> 
                 .iter()
                 .any(|h| h["id"] == v.host.as_str() && h["vra_address"] == v.control.as_str());
             assert!(listed, "{} not registered: {hosts}", v.host);
-            let ch = tandem_tests::channel(&v.control).await?;
+            let ch = lab.vra_channel(&v.control).await?;
             VraControlClient::new(ch)
                 .get_status(v1::GetVraStatusRequest {})
                 .await?;

@@ -110,7 +110,7 @@ async fn thousands_of_idle_connections_are_shed_while_real_clients_are_served() 
     };
     // The VRA's control port answers standard health checks.
     let status =
-        tonic_health::pb::health_client::HealthClient::new(channel(&lab.vras[0][0].control).await?)
+        tonic_health::pb::health_client::HealthClient::new(lab.vras[0][0].control_channel().await?)
             .check(tonic_health::pb::HealthCheckRequest {
                 service: String::new(),
             })

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use nix::sys::signal::Signal;
 use tandem_lab::lab::{Lab, ManagerProcess, cluster_client, wait_leader};
 use tandem_proto::v1;
@@ -16,6 +16,7 @@ use tandem_proto::v1::{
     vpg_service_client::VpgServiceClient,
 };
 use tandem_tests::{any_channel, channel};
+use tandem_tls::PeerIdentity;
 use tonic::Code;
 
 fn vm(id: &str, host: &str, ds: &str, volumes: u32) -> v1::Vm {
@@ -559,6 +560,12 @@ async fn stopped_node_is_left_behind_then_catches_up_and_membership_grows_and_sh
             env: Vec::new(),
             admin_token_file: None,
         };
+        let site_id = lab.site_id(0).context("site id")?.to_string();
+        lab.provision(
+            0,
+            &PeerIdentity::manager(&site_id, id)?,
+            &p.dir.join("data"),
+        )?;
         p.start("join").await?;
         vms.create_vm(vm(&format!("grow-{id}"), "a-h", "a-ds", 1))
             .await?;

@@ -386,7 +386,7 @@ fn ids() -> v1::VpgIdsRequest {
 async fn protected_syncs(lab: &Lab) -> Result<Vec<v1::VraSyncStatus>> {
     let mut out = Vec::new();
     for vra in &lab.vras[0] {
-        let st = VraControlClient::new(channel(&vra.control).await?)
+        let st = VraControlClient::new(vra.control_channel().await?)
             .get_status(v1::GetVraStatusRequest {})
             .await?
             .into_inner();
@@ -977,7 +977,7 @@ async fn a_bandwidth_limit_below_the_write_rate_misses_the_rpo_until_it_is_lifte
     assert!(st.actual_rpo_secs.is_some_and(|r| r > 10), "{st:?}");
     // Every protected VRA applies the site pair's limit.
     for vra in &lab.vras[0] {
-        let s = VraControlClient::new(channel(&vra.control).await?)
+        let s = VraControlClient::new(vra.control_channel().await?)
             .get_status(v1::GetVraStatusRequest {})
             .await?
             .into_inner();
@@ -1393,7 +1393,7 @@ async fn a_delete_keeping_recovery_disks_names_them_and_a_stuck_delete_is_retrie
     }
     // No VRA holds it any more.
     for vra in lab.vras.iter().flatten() {
-        let st = VraControlClient::new(channel(&vra.control).await?)
+        let st = VraControlClient::new(vra.control_channel().await?)
             .get_status(v1::GetVraStatusRequest {})
             .await?
             .into_inner();
@@ -1832,7 +1832,7 @@ async fn checkpoint_matches_source(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let recovery = &lab.vras[1][0];
-    let mut control = VraControlClient::new(channel(&recovery.control).await?);
+    let mut control = VraControlClient::new(recovery.control_channel().await?);
     for &(controller, unit) in volumes {
         let source = lab
             .dir

@@ -278,7 +278,7 @@ async fn a_failover_test_serves_its_checkpoint_while_protection_goes_on_and_leav
     loop {
         // Until a new leader is elected, reads fail: retried.
         let tests = tests_running(&survivors).await.unwrap_or_default();
-        let exports = VraControlClient::new(channel(&lab.vras[1][0].control).await?)
+        let exports = VraControlClient::new(lab.vras[1][0].control_channel().await?)
             .get_status(v1::GetVraStatusRequest {})
             .await?
             .into_inner()
@@ -342,7 +342,7 @@ async fn a_failover_test_serves_its_checkpoint_while_protection_goes_on_and_leav
         "{events:?}"
     );
     for vra in &lab.vras[1] {
-        let exports = VraControlClient::new(channel(&vra.control).await?)
+        let exports = VraControlClient::new(vra.control_channel().await?)
             .get_status(v1::GetVraStatusRequest {})
             .await?
             .into_inner()
@@ -775,7 +775,7 @@ async fn vra_vpg_status(
 ) -> Result<Vec<v1::VpgReplicationStatus>> {
     let mut out = Vec::new();
     for vra in &lab.vras[site] {
-        let s = VraControlClient::new(channel(&vra.control).await?)
+        let s = VraControlClient::new(vra.control_channel().await?)
             .get_status(v1::GetVraStatusRequest {})
             .await?
             .into_inner();

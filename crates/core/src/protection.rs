@@ -72,6 +72,8 @@ pub struct ProtectedPlan {
 pub struct RecoveryPlan {
     pub vpg: VpgId,
     pub generation: u64,
+    /// The site whose VRAs stream into this VPG's journals.
+    pub protected_site: crate::ids::SiteId,
     pub host: HostId,
     pub vms: Vec<VmPlan>,
     pub journal_history_secs: u64,
@@ -303,6 +305,7 @@ pub fn recovery_plans(vpg: &Vpg, site: &SiteState) -> Result<Vec<RecoveryPlan>, 
         .map(|(host, vms, warning, hard)| RecoveryPlan {
             vpg: vpg.id.clone(),
             generation: vpg.generation,
+            protected_site: vpg.protected_site.clone(),
             host: host.clone(),
             vms,
             journal_history_secs: vpg.settings.journal_history_secs,

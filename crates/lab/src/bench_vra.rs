@@ -547,7 +547,9 @@ impl Vra {
         std::fs::create_dir_all(&data_dir)?;
         let addr_file = data_dir.join("addr.json");
         let log = root.join(format!("{host}.log"));
+        // These VRAs run without managers or a site CA; the TLS cost is measured apart.
         let child = Command::new(&s.vra_bin)
+            .arg("--insecure")
             .arg("--host-id")
             .arg(host)
             .arg("--data-dir")
@@ -707,6 +709,7 @@ async fn assign_recovery(b: &Vra, vms: &[&Placement], hard_limit: u64) -> Result
         journal_hard_limit_bytes: hard_limit,
         remove_dropped_vm_data: false,
         keep_vm_ids: Vec::new(),
+        protected_site_id: String::new(),
     };
     b.client()
         .await?
@@ -1836,6 +1839,7 @@ async fn bench_rto(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
             journal_hard_limit_bytes: 0,
             remove_dropped_vm_data: false,
             keep_vm_ids: Vec::new(),
+            protected_site_id: String::new(),
         })
         .await
         .context("assign recovery")?;
@@ -2088,12 +2092,11 @@ async fn wait_replicated(lab: &crate::lab::Lab, site: usize) -> Result<()> {
     loop {
         let mut level = true;
         for vra in &lab.vras[site] {
-            let status = pb::vra_control_client::VraControlClient::new(
-                crate::protect::channel(&vra.control).await?,
-            )
-            .get_status(pb::GetVraStatusRequest {})
-            .await?
-            .into_inner();
+            let status =
+                pb::vra_control_client::VraControlClient::new(vra.control_channel().await?)
+                    .get_status(pb::GetVraStatusRequest {})
+                    .await?
+                    .into_inner();
             level &= status.vpgs.iter().filter(|g| g.vpg_id == VPG).all(|g| {
                 g.acked_seq >= g.written_seq
                     && g.dirty_bytes == 0

@@ -766,6 +766,8 @@ struct VmAt {
     prot_nbd: String,
     rec_host: String,
     rec_control: String,
+    /// The lab's harness certificate for the recovery site's VRAs.
+    rec_harness: Option<tandem_tls::TlsConfig>,
     rec_nbd: String,
 }
 
@@ -985,12 +987,10 @@ impl Run {
         let mut exports = Vec::new();
         let opened = async {
             for v in &ctx.vms {
-                let mut c = VraControlClient::new(
-                    tonic::transport::Endpoint::from_shared(format!("http://{}", v.rec_control))?
-                        .connect_timeout(Duration::from_secs(1))
-                        .timeout(Duration::from_secs(10))
-                        .connect_lazy(),
-                );
+                let mut c = VraControlClient::new(crate::lab::vra_control(
+                    &v.rec_control,
+                    v.rec_harness.as_ref(),
+                )?);
                 let e = c
                     .open_export(v1::OpenExportRequest {
                         vpg_id: ctx.vpg.clone(),
@@ -1120,6 +1120,7 @@ fn new_run(lab: &Lab, opts: &DemoOptions, protection: &Protection) -> Result<Run
             prot_nbd: lab.vras[0][i % HOSTS].nbd.clone(),
             rec_host: lab.vras[1][i % HOSTS].host.clone(),
             rec_control: lab.vras[1][i % HOSTS].control.clone(),
+            rec_harness: lab.vras[1][i % HOSTS].harness.clone(),
             rec_nbd: lab.vras[1][i % HOSTS].nbd.clone(),
         })
         .collect();
@@ -1387,10 +1388,10 @@ async fn failover_test(report: &mut Report, run: &Run) {
         })
         .await?;
         for v in &ctx.vms {
-            let exports = VraControlClient::new(
-                tonic::transport::Endpoint::from_shared(format!("http://{}", v.rec_control))?
-                    .connect_lazy(),
-            )
+            let exports = VraControlClient::new(crate::lab::vra_control(
+                &v.rec_control,
+                v.rec_harness.as_ref(),
+            )?)
             .get_status(v1::GetVraStatusRequest {})
             .await?
             .into_inner()
@@ -1792,6 +1793,11 @@ async fn move_once(
         bail!("the protection back ran {kinds:?}, not delta syncs");
     }
     let total: u64 = op.volumes.iter().map(|v| v.size_bytes).sum();
+    // The old site learns the end of the syncs from the new one's reports: only once it
+    // shows Meeting SLA too may the VPG move back (a sync refuses recovery there).
+    let mut seen_old = Vec::new();
+    from.wait_shown(&ctx.vpg, PATIENCE, &mut seen_old, |s, _| s == "Meeting SLA")
+        .await?;
     let (old_status, old_sub) = from.shown(&ctx.vpg).await?;
     Ok(format!(
         "{:?} taken; {} volumes up at {} in {} ({sub}) holding {} writes = all \

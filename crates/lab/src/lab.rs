@@ -10,6 +10,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tandem_core::access::BearerToken;
 use tandem_proto::client::{ApiChannel, Credentials};
+use tandem_tls::pki::{PkiDir, SiteCa};
+use tandem_tls::{PeerIdentity, TlsConfig};
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
@@ -213,6 +215,20 @@ impl ManagerProcess {
     }
 }
 
+/// A channel (connected on first use) to the VRA control service at `addr`, presenting
+/// `harness` (mutual TLS) or nothing (a VRA run `--insecure`).
+pub fn vra_control(addr: &str, harness: Option<&TlsConfig>) -> Result<tonic::transport::Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(30));
+    Ok(match harness {
+        Some(tls) => {
+            endpoint.connect_with_connector_lazy(tandem_tls::dial::TlsDial::new(tls.client()))
+        }
+        None => endpoint.connect_lazy(),
+    })
+}
+
 /// One VRA process of the lab, serving one host.
 #[derive(Debug)]
 pub struct VraProcess {
@@ -221,9 +237,18 @@ pub struct VraProcess {
     pub nbd: String,
     pub dir: PathBuf,
     pub child: Option<Child>,
+    /// The certificate (of its site's CA, naming a manager no member uses) the lab's
+    /// harness presents to call this VRA's control service directly.
+    pub harness: Option<TlsConfig>,
 }
 
 impl VraProcess {
+    /// A channel to this VRA's control service, as its site's managers dial it (mutual TLS
+    /// with the lab's harness certificate).
+    pub async fn control_channel(&self) -> Result<tonic::transport::Channel> {
+        vra_control(&self.control, self.harness.as_ref())
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(|c| c.id())
     }
@@ -385,6 +410,9 @@ pub struct Lab {
     pub link_control: String,
     /// (from site, to site, upstream) -> proxy address.
     proxies: BTreeMap<(usize, usize, String), String>,
+    /// Each site's CA: the lab is its sites' PKI administrator, and issues every node's
+    /// certificate before the node first starts.
+    site_cas: Vec<SiteCa>,
     /// The protected VMs the lab created itself, listed in `lab.json`.
     pub vms: Vec<VmEntry>,
     /// The control server's task.
@@ -437,14 +465,25 @@ impl Lab {
             links,
             link_control,
             proxies: BTreeMap::new(),
+            site_cas: Vec::new(),
             vms: Vec::new(),
             tasks,
             _stop_on_drop: cancel.clone().drop_guard(),
             cancel,
         };
         for name in &site_names {
+            let site_id = format!("{name}-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+            let ca = SiteCa::generate(&site_id)?;
+            ca.save(&PkiDir::new(dir.join(name).join("ca")))?;
+            lab.site_cas.push(ca);
             let mut procs = Vec::new();
             for id in 1..=managers as u64 {
+                let mgr_dir = dir.join(name).join(format!("manager-{id}"));
+                lab.provision(
+                    lab.sites.len(),
+                    &PeerIdentity::manager(&site_id, id)?,
+                    &mgr_dir.join("data"),
+                )?;
                 let mut p = ManagerProcess {
                     id,
                     site: name.clone(),
@@ -486,6 +525,43 @@ impl Lab {
         }
         lab.write_file()?;
         Ok(lab)
+    }
+
+    /// Issues `who` (of site `site`) its certificate, with the site's CA beside it, in the
+    /// PKI directory of the node whose data directory is `data_dir`.
+    pub fn provision(&self, site: usize, who: &PeerIdentity, data_dir: &Path) -> Result<()> {
+        let ca = self.site_cas.get(site).context("no such site")?;
+        ca.provision(&PkiDir::new(data_dir.join("pki")), who)?;
+        Ok(())
+    }
+
+    /// The certificate the lab's harness presents to site `site`'s nodes: a manager of that
+    /// site no member is (id 0), issued once.
+    pub fn harness(&self, site: usize) -> Result<TlsConfig> {
+        let data = self.dir.join("harness").join(&self.site_names[site]);
+        let pki = PkiDir::new(data.join("pki"));
+        if !pki.is_provisioned() {
+            let site_id = self.site_id(site).context("no such site")?.to_string();
+            self.provision(site, &PeerIdentity::manager(&site_id, 0)?, &data)?;
+        }
+        Ok(TlsConfig::load(&pki)?)
+    }
+
+    /// A channel to the control service of the VRA listening at `control` (one of the
+    /// lab's), with the harness certificate of its site.
+    pub async fn vra_channel(&self, control: &str) -> Result<tonic::transport::Channel> {
+        let vra = self
+            .vras
+            .iter()
+            .flatten()
+            .find(|v| v.control == control)
+            .with_context(|| format!("no VRA of the lab listens at {control}"))?;
+        vra.control_channel().await
+    }
+
+    /// The id of site `site`, as its certificates name it.
+    pub fn site_id(&self, site: usize) -> Option<&str> {
+        self.site_cas.get(site).map(|c| c.site())
     }
 
     /// The name of the link between two sites, e.g. `site-a<->site-b`.
@@ -631,12 +707,22 @@ impl Lab {
             let endpoints = self.endpoints(i);
             for h in 1..=hosts {
                 let host = format!("{name}-host-{h}");
+                let dir = self.dir.join(name).join(format!("vra-{h}"));
+                let site_id = self.site_id(i).context("site id")?.to_string();
+                self.provision(i, &PeerIdentity::vra(&site_id, &host)?, &dir.join("data"))?;
+                // Streams cross to the other sites' VRAs: this one trusts their CAs.
+                let pki = PkiDir::new(dir.join("data").join("pki"));
+                for (j, ca) in self.site_cas.iter().enumerate().filter(|&(j, _)| j != i) {
+                    pki.trust(ca.site(), ca.cert_pem())
+                        .with_context(|| format!("trusting {}", self.site_names[j]))?;
+                }
                 let mut vra = VraProcess {
                     host: host.clone(),
                     control: String::new(),
                     nbd: String::new(),
-                    dir: self.dir.join(name).join(format!("vra-{h}")),
+                    dir,
                     child: None,
+                    harness: Some(self.harness(i)?),
                 };
                 vra.start_with(extra_args).await?;
                 // Every other site reaches this VRA (replication streams) across its link;

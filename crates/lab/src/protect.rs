@@ -317,7 +317,7 @@ pub async fn finished_syncs(
         let mut done = Vec::new();
         let mut all = true;
         for vra in &lab.vras[site] {
-            let status = VraControlClient::new(channel(&vra.control).await?)
+            let status = VraControlClient::new(vra.control_channel().await?)
                 .get_status(v1::GetVraStatusRequest {})
                 .await?
                 .into_inner();

@@ -67,6 +67,14 @@ pub struct Config {
     /// written there (mode 0600) if absent. Default: `admin.token` in the data directory.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
+    /// The node's certificate, key and site CA (`ca.crt`, `node.crt`, `node.key`; and
+    /// `ca.key` where certificates are issued). Default: `pki` in the data directory.
+    #[serde(default)]
+    pub pki_dir: Option<PathBuf>,
+    /// Plaintext, unauthenticated traffic between the site's members: for experiments
+    /// only, and logged loudly.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 fn default_api() -> String {
@@ -129,6 +137,12 @@ impl Config {
         if let Some(v) = get("TANDEM_ADMIN_TOKEN_FILE") {
             self.admin_token_file = Some(v.into());
         }
+        if let Some(v) = get("TANDEM_PKI_DIR") {
+            self.pki_dir = Some(v.into());
+        }
+        if let Some(v) = get("TANDEM_INSECURE") {
+            self.insecure = matches!(v.as_str(), "1" | "true" | "yes");
+        }
         Ok(())
     }
 
@@ -137,6 +151,13 @@ impl Config {
         self.admin_token_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("admin.token"))
+    }
+
+    /// Where the node's certificate and its site's CA are.
+    pub fn pki_path(&self) -> PathBuf {
+        self.pki_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pki"))
     }
 
     /// Rejects settings that cannot work.

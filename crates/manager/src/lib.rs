@@ -42,6 +42,7 @@ pub async fn run(
         .unwrap_or(raft_listener.local_addr()?.to_string());
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let tls = member_tls(&config)?;
 
     let mut store_config = StoreConfig::new(
         config.node_id,
@@ -56,22 +57,39 @@ pub async fn run(
         std::time::Duration::from_millis(config.election_timeout_min_ms);
     store_config.election_timeout_max =
         std::time::Duration::from_millis(config.election_timeout_max_ms);
-    let store = SiteStore::open(store_config, Transport::default())
+    let mut transport = Transport::default();
+    if let Some(tls) = &tls {
+        transport.connector = std::sync::Arc::new(tandem_store::TlsConnector {
+            base: tandem_store::TcpConnector::default(),
+            tls: tls.clone(),
+        });
+    }
+    let store = SiteStore::open(store_config, transport)
         .await
         .context("opening the store")?;
 
     let tasks = tokio_util::task::TaskTracker::new();
     let raft_server = store.grpc().into_server();
-    let node = Arc::new(ManagerNode::new(
-        store,
-        net::Connector::default(),
-        api_addr.clone(),
-    ));
-    let site = SiteManager::new(node.clone(), net::Connector::default());
+    let connector = net::Connector::default().with_site_tls(tls.clone());
+    let node = Arc::new(ManagerNode::new(store, connector.clone(), api_addr.clone()));
+    let site = SiteManager::new(node.clone(), connector);
+    let site_id = tls.as_ref().map(|t| t.identity().site.clone());
     let (internal_site, internal_shutdown) = (site.clone(), shutdown.clone());
     tasks.spawn(async move {
-        let served =
-            server::serve_internal(raft_listener, raft_server, internal_site, internal_shutdown);
+        let security = match tls {
+            Some(tls) => tandem_proto::transport::Security::MutualTls {
+                tls,
+                admit: server::is_member,
+            },
+            None => tandem_proto::transport::Security::Plain,
+        };
+        let served = server::serve_internal(
+            raft_listener,
+            security,
+            raft_server,
+            internal_site,
+            internal_shutdown,
+        );
         if let Err(e) = served.await {
             tracing::error!(error = %e, "internal server failed");
         }
@@ -135,7 +153,7 @@ pub async fn run(
             // retries while the cluster forms.
             loop {
                 let named = async {
-                    site.ensure_identity(&site_name).await?;
+                    site.ensure_identity(&site_name, site_id.as_deref()).await?;
                     site.ensure_admin_token(&admin).await
                 };
                 match named.await {
@@ -156,4 +174,48 @@ pub async fn run(
     tasks.wait().await;
     node.store().shutdown().await.ok();
     Ok(())
+}
+
+/// This node's certificate for its site's members. A node that bootstraps a site alone
+/// creates the site's CA (and the site's id with it) on first start; any other node must
+/// have been given its certificate. `--insecure`: none, and a loud warning.
+fn member_tls(config: &Config) -> Result<Option<tandem_tls::TlsConfig>> {
+    use tandem_tls::pki::{PkiDir, SiteCa};
+    if config.insecure {
+        tracing::warn!(
+            "INSECURE: --insecure is set: Raft and forwarding between this site's managers \
+             are plaintext and unauthenticated; anyone who reaches the internal port can \
+             act as a member. Do not run a site like this."
+        );
+        return Ok(None);
+    }
+    let pki = PkiDir::new(config.pki_path());
+    if !pki.is_provisioned() {
+        if config.bootstrap != Bootstrap::Single {
+            anyhow::bail!(
+                "no certificate in {}: give this node one issued by its site's CA \
+                 (ca.crt, node.crt, node.key), or run with --insecure",
+                pki.dir.display()
+            );
+        }
+        let site_id = site::mint("site");
+        let ca = SiteCa::generate(&site_id)?;
+        ca.save(&pki)?;
+        ca.provision(
+            &pki,
+            &tandem_tls::PeerIdentity::manager(&site_id, config.node_id)?,
+        )?;
+        tracing::info!(site = %site_id, dir = %pki.dir.display(), "created the site's CA and this node's certificate");
+    }
+    let tls = tandem_tls::TlsConfig::load(&pki)
+        .with_context(|| format!("loading the certificate in {}", pki.dir.display()))?;
+    let me = tls.identity();
+    if me.role != tandem_tls::PeerRole::Manager || me.id != config.node_id.to_string() {
+        anyhow::bail!(
+            "the certificate in {} names {me}, not manager {} of a site",
+            pki.dir.display(),
+            config.node_id
+        );
+    }
+    Ok(Some(tls))
 }

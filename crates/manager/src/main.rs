@@ -12,8 +12,15 @@ use tandem_manager::config::{Bootstrap, Config, Member};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(name = "tandem-manager", version, about = "A Tandem site manager node")]
+#[command(
+    name = "tandem-manager",
+    version,
+    about = "A Tandem site manager node",
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file; flags override it.
     #[arg(long, short = 'c', env = "TANDEM_CONFIG")]
     config: Option<PathBuf>,
@@ -45,6 +52,32 @@ struct Args {
     /// The site's first admin token (read at bootstrap, or written there if absent).
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
+    /// The node's certificate, key and site CA (default: DATA_DIR/pki).
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+    /// Plaintext, unauthenticated traffic between the site's members (experiments only).
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// The site's PKI, before its managers first start.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum PkiCmd {
+    /// Creates the site's CA in OUT/ca (once; a second run reuses it) and a certificate for
+    /// each member in OUT/manager-ID (that node's --pki-dir); prints the site's id.
+    InitSite {
+        #[arg(long)]
+        out: PathBuf,
+        /// Member node ids, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        members: Vec<u64>,
+    },
 }
 
 fn member(s: &str) -> Result<Member> {
@@ -108,6 +141,12 @@ fn config(a: Args) -> Result<Config> {
     if let Some(v) = a.admin_token_file {
         c.admin_token_file = Some(v);
     }
+    if let Some(v) = a.pki_dir {
+        c.pki_dir = Some(v);
+    }
+    if a.insecure {
+        c.insecure = true;
+    }
     c.check()?;
     Ok(c)
 }
@@ -127,7 +166,13 @@ fn init_logging(format: &str) {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let config = config(Args::parse())?;
+    let args = Args::parse();
+    if let Some(Command::Pki(PkiCmd::InitSite { out, members })) = &args.command {
+        let site = tandem_tls::pki::init_site(out, members, || tandem_manager::site::mint("site"))?;
+        println!("{site}");
+        return Ok(());
+    }
+    let config = config(args)?;
     init_logging(&config.log_format);
     // As databases commonly advise: with transparent huge pages on "always", fresh 2 MiB
     // pages were zeroed on first touch over and over (sled's buffers, the allocator's

@@ -16,6 +16,8 @@ pub struct Connector {
     connect_timeout: Duration,
     request_timeout: Duration,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// This node's certificate, for its own site's members and VRAs (None: `--insecure`).
+    own: Option<tandem_tls::TlsConfig>,
 }
 
 impl Default for Connector {
@@ -24,11 +26,40 @@ impl Default for Connector {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
             channels: Arc::default(),
+            own: None,
         }
     }
 }
 
 impl Connector {
+    /// Dials the site's other members and its VRAs over mutual TLS with this node's
+    /// certificate.
+    pub fn with_site_tls(mut self, tls: Option<tandem_tls::TlsConfig>) -> Self {
+        self.own = tls;
+        self
+    }
+
+    /// The channel to a node of this site (another member's internal listener, a VRA's
+    /// control listener): mutual TLS unless the node runs `--insecure`.
+    pub fn own_site(&self, addr: &str) -> ApiResult<Channel> {
+        let Some(tls) = &self.own else {
+            return self.lazy(addr);
+        };
+        let key = format!("tls {addr}");
+        let mut channels = self.channels.lock().expect("channel cache poisoned");
+        if let Some(ch) = channels.get(&key) {
+            return Ok(ch.clone());
+        }
+        let ch = self
+            .endpoint(addr)?
+            .connect_with_connector_lazy(tandem_tls::dial::TlsDial::new(tls.client()));
+        if channels.len() >= 256 {
+            channels.clear();
+        }
+        channels.insert(key, ch.clone());
+        Ok(ch)
+    }
+
     fn endpoint(&self, addr: &str) -> ApiResult<Endpoint> {
         let uri = if addr.contains("://") {
             addr.to_string()

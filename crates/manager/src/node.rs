@@ -78,7 +78,7 @@ impl ManagerNode {
         // The manager-internal service is on the internal (Raft) listener, never on the
         // operator's port.
         Ok(ManagerInternalClient::new(
-            self.connector.lazy(&leader.raft_addr)?,
+            self.connector.own_site(&leader.raft_addr)?,
         ))
     }
 

@@ -43,10 +43,17 @@ macro_rules! limited {
     };
 }
 
+/// Who the internal listener serves: the site's managers (their certificates are issued
+/// by the site's CA, which the handshake already checked).
+pub fn is_member(peer: &tandem_tls::PeerIdentity) -> bool {
+    peer.role == tandem_tls::PeerRole::Manager
+}
+
 /// Serves the site's members on `listener` (the Raft listener) until `shutdown` fires:
 /// Raft, and the forwarding of writes, reads and leader calls to the leader.
 pub async fn serve_internal(
     listener: TcpListener,
+    security: tandem_proto::transport::Security,
     raft: tandem_proto::v1::raft_server::RaftServer<tandem_store::RaftGrpc>,
     site: SiteManager,
     shutdown: CancellationToken,
@@ -54,7 +61,10 @@ pub async fn serve_internal(
     Server::builder()
         .add_service(raft)
         .add_service(limited!(ManagerInternalServer, InternalApi(site)))
-        .serve_with_incoming_shutdown(crate::net::incoming(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            tandem_proto::transport::incoming_with(listener, security),
+            shutdown.cancelled_owned(),
+        )
         .await?;
     Ok(())
 }

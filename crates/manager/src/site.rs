@@ -128,7 +128,7 @@ impl SiteManager {
             .leader
             .ok_or_else(|| ApiError::unavailable("no leader is known to this node"))?;
         let json = serde_json::to_vec(&req).map_err(ApiError::internal)?;
-        let reply = ManagerInternalClient::new(self.connector.lazy(&leader.raft_addr)?)
+        let reply = ManagerInternalClient::new(self.connector.own_site(&leader.raft_addr)?)
             .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES)
             .leader_call(v1::LeaderCallRequest { request_json: json })
             .await
@@ -137,12 +137,13 @@ impl SiteManager {
         serde_json::from_slice(&reply.response_json).map_err(ApiError::internal)
     }
 
-    /// Names the site once, at bootstrap. Does nothing when it already has an identity.
-    pub async fn ensure_identity(&self, name: &str) -> ApiResult<()> {
+    /// Names the site once, at bootstrap, with `id` (the one its certificates name) or a
+    /// new one. Does nothing when it already has an identity.
+    pub async fn ensure_identity(&self, name: &str, id: Option<&str>) -> ApiResult<()> {
         let has = self.node.read(|s| s.identity.is_some()).await?;
         if !has {
             let identity = SiteIdentity {
-                id: SiteId::minted(mint("site")),
+                id: SiteId::minted(id.map(str::to_string).unwrap_or_else(|| mint("site"))),
                 name: name.to_string(),
                 created_at_ms: now_ms(),
             };

@@ -1,5 +1,6 @@
 //! The one acceptor for every gRPC listener of Tandem (managers, VRAs): accepted
-//! connections are prepared and admitted here, so TLS can later wrap them in one place.
+//! connections are prepared and admitted here, and, on a listener that demands it, go
+//! through the mutual TLS handshake here, so the peer's identity is known in one place.
 //!
 //! Admission ([`tandem_net`]): a connection is handed to the gRPC server only once its
 //! client has spoken (an HTTP/2 preface, or later a TLS hello). Until then it is pending:
@@ -12,25 +13,57 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::Stream;
+use tandem_tls::{PeerIdentity, TlsConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
+
+/// What a served request knows of its connection (in its extensions): addresses, and on
+/// a mutual TLS listener who the client is, from its verified certificate.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub local: Option<std::net::SocketAddr>,
+    pub remote: Option<std::net::SocketAddr>,
+    pub peer: Option<std::sync::Arc<PeerIdentity>>,
+}
+
+#[derive(Debug)]
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
 
 /// A connection admitted to a gRPC server; its place is freed when it closes.
 #[derive(Debug)]
 pub struct Admitted {
-    stream: TcpStream,
+    io: Io,
+    info: PeerInfo,
     _active: tandem_net::Active,
 }
 
 impl Connected for Admitted {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.info.clone()
     }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &mut $self.io {
+            Io::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Io::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
 }
 
 impl AsyncRead for Admitted {
@@ -39,7 +72,7 @@ impl AsyncRead for Admitted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        delegate!(self, s => s.poll_read(cx, buf))
     }
 }
 
@@ -49,15 +82,15 @@ impl AsyncWrite for Admitted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        delegate!(self, s => s.poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        delegate!(self, s => s.poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        delegate!(self, s => s.poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -65,11 +98,35 @@ impl AsyncWrite for Admitted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// How a listener takes its connections.
+#[derive(Clone)]
+pub enum Security {
+    /// Plain HTTP/2 (an operator port until it has TLS, or `--insecure`).
+    Plain,
+    /// Mutual TLS: a client certificate of the site's CA, whose identity `admit` accepts.
+    MutualTls {
+        tls: TlsConfig,
+        admit: fn(&PeerIdentity) -> bool,
+    },
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Security::Plain => f.write_str("Plain"),
+            Security::MutualTls { tls, .. } => write!(f, "MutualTls({tls:?})"),
+        }
     }
 }
 
@@ -78,6 +135,16 @@ impl AsyncWrite for Admitted {
 /// on ours a gRPC reply written in several small pieces would have its later pieces held
 /// back ~40 ms by Nagle plus the peer's delayed ACK.
 pub fn incoming(listener: TcpListener) -> impl Stream<Item = io::Result<Admitted>> + Send {
+    incoming_with(listener, Security::Plain)
+}
+
+/// Accepted connections of a listener, admitted (see [`incoming`]) and, with mutual TLS,
+/// handed to the server only after a handshake that proved an admitted identity; the
+/// handshake counts as the client's first words, so it too is bounded by the timeout.
+pub fn incoming_with(
+    listener: TcpListener,
+    security: Security,
+) -> impl Stream<Item = io::Result<Admitted>> + Send {
     let admission = tandem_net::Admission::new(tandem_net::Limits::default());
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -98,8 +165,9 @@ pub fn incoming(listener: TcpListener) -> impl Stream<Item = io::Result<Admitted
             };
             let pending = admission.arrive();
             let tx = tx.clone();
+            let security = security.clone();
             tokio::spawn(async move {
-                if let Some(admitted) = admit(stream, pending).await {
+                if let Some(admitted) = admit(stream, pending, security).await {
                     let _ = tx.send(Ok(admitted)).await;
                 }
             });
@@ -108,23 +176,57 @@ pub fn incoming(listener: TcpListener) -> impl Stream<Item = io::Result<Admitted
     ReceiverStream::new(rx)
 }
 
-/// Waits for the client's first bytes (within the handshake timeout, unless shed), then
-/// admits the connection; `None`: it is closed.
-async fn admit(stream: TcpStream, pending: tandem_net::Pending) -> Option<Admitted> {
+/// Waits for the client's first bytes, or its whole TLS handshake (within the handshake
+/// timeout, unless shed), then admits the connection; `None`: it is closed.
+async fn admit(
+    stream: TcpStream,
+    pending: tandem_net::Pending,
+    security: Security,
+) -> Option<Admitted> {
     stream.set_nodelay(true).ok()?;
-    let mut first = [0u8; 1];
-    let spoke = tokio::select! {
-        () = pending.shed().cancelled() => false,
-        r = tokio::time::timeout(pending.handshake_timeout(), stream.peek(&mut first)) => {
-            matches!(r, Ok(Ok(n)) if n > 0)
+    let (local, remote) = (stream.local_addr().ok(), stream.peer_addr().ok());
+    let timeout = pending.handshake_timeout();
+    let (io, peer) = match security {
+        Security::Plain => {
+            let mut first = [0u8; 1];
+            let spoke = tokio::select! {
+                () = pending.shed().cancelled() => false,
+                r = tokio::time::timeout(timeout, stream.peek(&mut first)) => {
+                    matches!(r, Ok(Ok(n)) if n > 0)
+                }
+            };
+            if !spoke {
+                return None;
+            }
+            (Io::Plain(stream), None)
+        }
+        Security::MutualTls { tls, admit } => {
+            let shook = tokio::select! {
+                () = pending.shed().cancelled() => return None,
+                r = tokio::time::timeout(timeout, tls.accept(stream)) => r,
+            };
+            match shook {
+                Ok(Ok((s, peer))) if admit(&peer) => (Io::Tls(Box::new(s)), Some(peer)),
+                Ok(Ok((_, peer))) => {
+                    tracing::warn!(?remote, peer = %peer, "connection refused: this listener does not serve that identity");
+                    return None;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(?remote, error = %e, "connection refused: TLS handshake failed");
+                    return None;
+                }
+                Err(_) => return None,
+            }
         }
     };
-    if !spoke {
-        return None;
-    }
     let active = pending.admit()?;
     Some(Admitted {
-        stream,
+        io,
+        info: PeerInfo {
+            local,
+            remote,
+            peer: peer.map(std::sync::Arc::new),
+        },
         _active: active,
     })
 }

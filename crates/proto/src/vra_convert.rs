@@ -76,6 +76,7 @@ pub fn assign_recovery(plan: &RecoveryPlan) -> v1::AssignRecoveryRequest {
         journal_hard_limit_bytes: plan.journal_hard_limit_bytes,
         remove_dropped_vm_data: plan.remove_dropped_vm_data,
         keep_vm_ids: plan.kept_vms.iter().map(|v| v.to_string()).collect(),
+        protected_site_id: plan.protected_site.to_string(),
     }
 }
 

@@ -21,7 +21,7 @@ pub mod types;
 pub use config::{StorageKind, StoreConfig, Transport};
 pub use error::{InitError, MembershipError, OpenError, ProposeError, ReadError, ShutdownError};
 pub use metrics::{Role, StoreMetrics};
-pub use network::{Connector, FaultInjector, RaftGrpc, TcpConnector};
+pub use network::{Connector, FaultInjector, RaftGrpc, TcpConnector, TlsConnector};
 pub use site_store::SiteStore;
 pub use storage::SmSnapshot;
 pub use types::{NodeId, NodeInfo};

@@ -24,6 +24,11 @@ pub struct Config {
     pub addr_file: Option<PathBuf>,
     /// Log format: `text` or `json`.
     pub log_format: String,
+    /// This VRA's certificate, key and site CA (and `trust/` for paired sites' CAs).
+    /// Default: `pki` in the data directory.
+    pub pki_dir: Option<PathBuf>,
+    /// Plaintext, unauthenticated gRPC (control and replication): experiments only.
+    pub insecure: bool,
 }
 
 impl Default for Config {
@@ -36,6 +41,8 @@ impl Default for Config {
             ram_mb: 256,
             addr_file: None,
             log_format: "text".into(),
+            pki_dir: None,
+            insecure: false,
         }
     }
 }
@@ -71,7 +78,49 @@ impl Config {
         if let Some(v) = env("TANDEM_VRA_LOG_FORMAT") {
             self.log_format = v;
         }
+        if let Some(v) = env("TANDEM_VRA_PKI_DIR") {
+            self.pki_dir = Some(v.into());
+        }
+        if let Some(v) = env("TANDEM_VRA_INSECURE") {
+            self.insecure = matches!(v.as_str(), "1" | "true" | "yes");
+        }
         Ok(())
+    }
+
+    /// The PKI directory.
+    pub fn pki_path(&self) -> PathBuf {
+        self.pki_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pki"))
+    }
+
+    /// This VRA's certificate: required unless `insecure` (then a loud warning).
+    pub fn tls(&self) -> Result<Option<tandem_tls::TlsConfig>> {
+        if self.insecure {
+            tracing::warn!(
+                "INSECURE: --insecure is set: this VRA's control and replication are \
+                 plaintext and unauthenticated; anyone who reaches its port can drive it. \
+                 Do not run a host like this."
+            );
+            return Ok(None);
+        }
+        let dir = tandem_tls::pki::PkiDir::new(self.pki_path());
+        let tls = tandem_tls::TlsConfig::load(&dir).with_context(|| {
+            format!(
+                "no usable certificate in {} (ca.crt, node.crt, node.key issued by the \
+                 site's CA); or run with --insecure",
+                dir.dir.display()
+            )
+        })?;
+        let me = tls.identity();
+        if me.role != tandem_tls::PeerRole::Vra || me.id != self.host_id {
+            bail!(
+                "the certificate in {} names {me}, not the VRA of host {}",
+                dir.dir.display(),
+                self.host_id
+            );
+        }
+        Ok(Some(tls))
     }
 
     /// Checks the values.

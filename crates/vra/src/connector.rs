@@ -11,6 +11,8 @@ use tonic::transport::{Channel, Endpoint};
 pub struct Connector {
     connect_timeout: Duration,
     keepalive: Duration,
+    /// This VRA's certificate (None: plaintext, `--insecure`).
+    tls: Option<tandem_tls::TlsConfig>,
 }
 
 impl Default for Connector {
@@ -18,11 +20,18 @@ impl Default for Connector {
         Self {
             connect_timeout: Duration::from_secs(2),
             keepalive: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
 
 impl Connector {
+    /// Dials other VRAs over mutual TLS with this VRA's certificate.
+    pub fn with_tls(mut self, tls: Option<tandem_tls::TlsConfig>) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// Connects to `addr` (`host:port`, or a URI).
     pub async fn connect(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let uri = if addr.contains("://") {
@@ -30,15 +39,21 @@ impl Connector {
         } else {
             format!("http://{addr}")
         };
-        Endpoint::from_shared(uri)?
+        let endpoint = Endpoint::from_shared(uri)?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(self.keepalive)
             .keep_alive_timeout(self.keepalive * 2)
             .keep_alive_while_idle(true)
             .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(16 << 20))
-            .connect()
-            .await
+            .initial_connection_window_size(Some(16 << 20));
+        match &self.tls {
+            Some(tls) => {
+                endpoint
+                    .connect_with_connector(tandem_tls::dial::TlsDial::new(tls.client()))
+                    .await
+            }
+            None => endpoint.connect().await,
+        }
     }
 }

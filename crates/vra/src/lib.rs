@@ -20,6 +20,7 @@
 //!
 //! [`run`] serves a VRA on two bound listeners until its shutdown token is cancelled.
 
+pub mod access;
 pub mod bandwidth;
 pub mod config;
 pub mod connector;
@@ -68,6 +69,9 @@ pub struct RunConfig {
     pub buffer_bytes: u64,
     /// Where to write the bound addresses.
     pub addr_file: Option<PathBuf>,
+    /// This VRA's certificate: mutual TLS on its gRPC listener and to other VRAs (None:
+    /// `--insecure`, plaintext).
+    pub tls: Option<tandem_tls::TlsConfig>,
 }
 
 /// How often failed journals are checked for a resolved cause.
@@ -94,7 +98,7 @@ pub async fn run(
             buffer_bytes: config.buffer_bytes,
         },
         exports.clone(),
-        connector::Connector::default(),
+        connector::Connector::default().with_tls(config.tls.clone()),
         vra_cancel,
     );
     vra.set_addresses(control_addr.clone(), nbd_addr.clone());
@@ -131,17 +135,31 @@ pub async fn run(
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     let grpc_shutdown = shutdown.clone();
+    let (security, own_site) = match &config.tls {
+        Some(tls) => (
+            tandem_proto::transport::Security::MutualTls {
+                tls: tls.clone(),
+                // Which services each identity may call is the policy's (per call).
+                admit: |_| true,
+            },
+            tls.identity().site.clone(),
+        ),
+        None => (tandem_proto::transport::Security::Plain, String::new()),
+    };
     let grpc_task = tasks.spawn(async move {
         tonic::transport::Server::builder()
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20))
+            .layer(tandem_proto::peer_access::PeerCheckLayer::new(
+                access::policy(own_site),
+            ))
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(control_svc)
             .add_service(repl_svc)
             .serve_with_incoming_shutdown(
-                tandem_proto::transport::incoming(control),
+                tandem_proto::transport::incoming_with(control, security),
                 grpc_shutdown.cancelled_owned(),
             )
             .await

@@ -42,6 +42,12 @@ struct Args {
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
+    /// This VRA's certificate, key and site CA (default: DATA_DIR/pki).
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+    /// Plaintext, unauthenticated control and replication (experiments only).
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn config(a: Args) -> Result<Config> {
@@ -70,6 +76,12 @@ fn config(a: Args) -> Result<Config> {
     }
     if let Some(v) = a.log_format {
         c.log_format = v;
+    }
+    if let Some(v) = a.pki_dir {
+        c.pki_dir = Some(v);
+    }
+    if a.insecure {
+        c.insecure = true;
     }
     c.check()?;
     Ok(c)
@@ -114,6 +126,7 @@ async fn main() -> Result<()> {
             data_dir: c.data_dir.clone(),
             buffer_bytes: c.ram_mb << 20,
             addr_file: c.addr_file.clone(),
+            tls: c.tls()?,
         },
         control,
         nbd,

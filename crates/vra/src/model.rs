@@ -102,6 +102,9 @@ pub struct RecoveryAssignment {
     pub warning_bytes: Option<u64>,
     /// Journal hard limit per VM journal.
     pub hard_limit_bytes: Option<u64>,
+    /// The site whose VRAs may stream into these journals (None: not checked).
+    #[serde(default)]
+    pub protected_site: Option<tandem_core::ids::SiteId>,
 }
 
 fn nonzero(v: u64) -> Option<u64> {
@@ -272,6 +275,14 @@ impl TryFrom<pb::AssignRecoveryRequest> for RecoveryAssignment {
         {
             v.add("journal_warning_bytes", "must not exceed the hard limit");
         }
+        let protected_site = (!r.protected_site_id.is_empty())
+            .then(|| {
+                v.absorb(tandem_core::ids::SiteId::parse(
+                    "protected_site_id",
+                    &r.protected_site_id,
+                ))
+            })
+            .flatten();
         v.into_result()?;
         Ok(RecoveryAssignment {
             vpg,
@@ -280,6 +291,7 @@ impl TryFrom<pb::AssignRecoveryRequest> for RecoveryAssignment {
             history_secs: nonzero(r.journal_history_secs),
             warning_bytes: nonzero(r.journal_warning_bytes),
             hard_limit_bytes: nonzero(r.journal_hard_limit_bytes),
+            protected_site,
         })
     }
 }

@@ -307,6 +307,40 @@ impl VraControl for ControlService {
     }
 }
 
+/// Who called, by the certificate the handshake proved (None: a plaintext listener).
+fn caller<T>(req: &Request<T>) -> Option<std::sync::Arc<tandem_tls::PeerIdentity>> {
+    req.extensions()
+        .get::<tandem_proto::transport::PeerInfo>()
+        .and_then(|i| i.peer.clone())
+}
+
+/// Streams into a VPG's journals and comparisons with its replicas come only from VRAs of
+/// the site that protects it, each under its own host id.
+fn check_sender(
+    rvpg: &crate::recovery::RecoveryVpg,
+    peer: Option<&tandem_tls::PeerIdentity>,
+    claimed_host: Option<&str>,
+) -> Result<(), Status> {
+    let Some(peer) = peer else { return Ok(()) };
+    let a = rvpg.assignment();
+    if let Some(site) = &a.protected_site
+        && peer.site != site.as_str()
+    {
+        return Err(Status::permission_denied(format!(
+            "{peer} is not a VRA of site {site}, which protects VPG {}",
+            a.vpg
+        )));
+    }
+    if let Some(host) = claimed_host
+        && host != peer.id
+    {
+        return Err(Status::permission_denied(format!(
+            "the stream claims host {host:?} but its certificate names {peer}"
+        )));
+    }
+    Ok(())
+}
+
 fn parse_op_id(s: &str) -> crate::error::VraResult<tandem_core::ids::RecoveryOpId> {
     Ok(tandem_core::ids::RecoveryOpId::parse("op_id", s)?)
 }
@@ -335,6 +369,7 @@ impl Replication for ReplicationService {
         &self,
         req: Request<Streaming<pb::ReplicateRequest>>,
     ) -> Result<Response<AckStream>, Status> {
+        let peer = caller(&req);
         let mut inbound = req.into_inner();
         let first = inbound
             .message()
@@ -346,6 +381,11 @@ impl Replication for ReplicationService {
             ));
         };
         let vpg = parse_vpg(&hello.vpg_id).map_err(status)?;
+        check_sender(
+            &*self.vra.recovery(&vpg).await.map_err(status)?,
+            peer.as_deref(),
+            Some(&hello.sender_id),
+        )?;
         let (rvpg, session, resume, held, acked) = self
             .vra
             .replicate_hello(&vpg, Generation(hello.generation))
@@ -373,13 +413,12 @@ impl Replication for ReplicationService {
         &self,
         req: Request<pb::BlockHashesRequest>,
     ) -> Result<Response<pb::BlockHashesResponse>, Status> {
+        let peer = caller(&req);
         let r = req.into_inner();
         let (vpg, range) = image_range(&r.vpg_id, &r.vm_id, r.volume_id, r.offset, r.length)?;
-        let (hashes, seq) = self
-            .vra
-            .recovery(&vpg)
-            .await
-            .map_err(status)?
+        let rvpg = self.vra.recovery(&vpg).await.map_err(status)?;
+        check_sender(&rvpg, peer.as_deref(), None)?;
+        let (hashes, seq) = rvpg
             .block_hashes(Generation(r.generation), &range, r.block_size)
             .await
             .map_err(|e| refused(&vpg, &range, "block hashes", e))?;
@@ -393,13 +432,12 @@ impl Replication for ReplicationService {
         &self,
         req: Request<pb::CompareBlocksRequest>,
     ) -> Result<Response<pb::CompareBlocksResponse>, Status> {
+        let peer = caller(&req);
         let r = req.into_inner();
         let (vpg, range) = image_range(&r.vpg_id, &r.vm_id, r.volume_id, r.offset, r.length)?;
-        let (d, seq) = self
-            .vra
-            .recovery(&vpg)
-            .await
-            .map_err(status)?
+        let rvpg = self.vra.recovery(&vpg).await.map_err(status)?;
+        check_sender(&rvpg, peer.as_deref(), None)?;
+        let (d, seq) = rvpg
             .compare_blocks(
                 Generation(r.generation),
                 &range,

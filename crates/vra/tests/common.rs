@@ -43,7 +43,10 @@ impl VraProcess {
             .append(true)
             .open(&log)
             .expect("log file");
+        // The replication protocol alone, without a site CA: TLS between VRAs is tested
+        // end to end over labs (tests/tests/tls.rs).
         let child = Command::new(env!("CARGO_BIN_EXE_tandem-vra"))
+            .arg("--insecure")
             .arg("--host-id")
             .arg(host)
             .arg("--data-dir")
@@ -221,6 +224,7 @@ pub async fn assign_with(
         journal_hard_limit_bytes: 0,
         remove_dropped_vm_data: false,
         keep_vm_ids: Vec::new(),
+        protected_site_id: String::new(),
     };
     b.client()
         .await

@@ -120,7 +120,7 @@ impl Control {
 
     /// The control client of the VRA at `addr`.
     pub fn vra(&self, addr: &str) -> ApiResult<VraControlClient<Channel>> {
-        Ok(VraControlClient::new(self.connector.lazy(addr)?)
+        Ok(VraControlClient::new(self.connector.own_site(addr)?)
             .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES))
     }
 }

@@ -68,3 +68,22 @@ impl Connector for TcpConnector {
         Ok(self.endpoint(target, addr)?.connect_lazy())
     }
 }
+
+/// Mutual TLS over [`TcpConnector`]'s endpoints: this node presents its certificate and
+/// accepts only peers whose certificate its site's CA issued.
+#[derive(Debug, Clone)]
+pub struct TlsConnector {
+    pub base: TcpConnector,
+    pub tls: tandem_tls::TlsConfig,
+}
+
+impl Connector for TlsConnector {
+    fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, ConnectError> {
+        let dial = tandem_tls::dial::TlsDial::new(self.tls.client())
+            .with_keepalive(self.base.tcp_keepalive);
+        Ok(self
+            .base
+            .endpoint(target, addr)?
+            .connect_with_connector_lazy(dial))
+    }
+}

@@ -13,7 +13,7 @@ mod faults;
 mod server;
 
 pub use client::{GrpcNetwork, PeerClient};
-pub use connector::{ConnectError, Connector, TcpConnector};
+pub use connector::{ConnectError, Connector, TcpConnector, TlsConnector};
 pub use faults::FaultInjector;
 pub use server::RaftGrpc;
 

@@ -1,0 +1,322 @@
+//! The rustls configurations of a node, built from its PKI directory: as a server it
+//! demands a client certificate issued by its site's CA; as a client it presents its own
+//! and accepts only servers whose certificate that CA issued. TLS 1.3 only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::net::TcpStream;
+
+use crate::identity::PeerIdentity;
+use crate::pki::{PkiDir, read_key, read_small};
+use crate::{TlsError, provider};
+
+/// A node's TLS material: who it is, and its server and client configurations.
+#[derive(Clone)]
+pub struct TlsConfig {
+    identity: PeerIdentity,
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    /// The CA certificates of each trusted site (this one's and its paired sites'): a
+    /// certificate naming a site is believed only if that site's CA issued it.
+    anchors: Arc<HashMap<String, Vec<CertificateDer<'static>>>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TlsConfig({})", self.identity)
+    }
+}
+
+fn certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Invalid(format!("{what}: {e:?}")))?;
+    if certs.is_empty() {
+        return Err(TlsError::Invalid(format!("{what}: no certificate")));
+    }
+    Ok(certs)
+}
+
+impl TlsConfig {
+    /// Loads the node's certificate, key and site CA from `dir`.
+    pub fn load(dir: &PkiDir) -> Result<Self, TlsError> {
+        let ca = certs(&read_small(&dir.ca_cert())?, "ca.crt")?;
+        let chain = certs(&read_small(&dir.node_cert())?, "node.crt")?;
+        let key = PrivateKeyDer::from_pem_slice(read_key(&dir.node_key())?.as_bytes())
+            .map_err(|e| TlsError::Invalid(format!("node.key: {e:?}")))?;
+        let identity = PeerIdentity::from_cert(&chain[0])?;
+        let mut anchors = HashMap::from([(identity.site.clone(), ca)]);
+        if let Ok(entries) = std::fs::read_dir(dir.trust_dir()) {
+            for e in entries.flatten() {
+                let path = e.path();
+                let Some(site) = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".crt"))
+                else {
+                    continue;
+                };
+                if site != identity.site {
+                    let pem = read_small(&path)?;
+                    anchors.insert(site.to_string(), certs(&pem, &path.display().to_string())?);
+                }
+            }
+        }
+        let mut roots = RootCertStore::empty();
+        for c in anchors.values().flatten() {
+            roots.add(c.clone())?;
+        }
+        let roots = Arc::new(roots);
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(|e| TlsError::Invalid(format!("client verifier: {e}")))?;
+        let mut server = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let mut client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)?;
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            identity,
+            server: Arc::new(server),
+            client: Arc::new(client),
+            anchors: Arc::new(anchors),
+        })
+    }
+
+    /// Checks that the site a verified certificate names is the site whose CA issued it
+    /// (the handshake accepted any trusted CA; a paired site's CA must not speak for us).
+    fn check_issuer(&self, peer: &PeerIdentity, leaf: &CertificateDer<'_>) -> Result<(), TlsError> {
+        let cas = self
+            .anchors
+            .get(&peer.site)
+            .ok_or_else(|| TlsError::Invalid(format!("{peer}: its site is not trusted here")))?;
+        let anchors = cas
+            .iter()
+            .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Invalid(format!("a trusted CA: {e:?}")))?;
+        webpki::EndEntityCert::try_from(leaf)
+            .and_then(|cert| {
+                cert.verify_for_usage(
+                    webpki::ALL_VERIFICATION_ALGS,
+                    &anchors,
+                    &[],
+                    rustls::pki_types::UnixTime::now(),
+                    webpki::KeyUsage::client_auth(),
+                    None,
+                    None,
+                )
+                .map(|_| ())
+            })
+            .map_err(|e| {
+                TlsError::Invalid(format!("{peer} was not issued by its site's CA: {e:?}"))
+            })
+    }
+
+    /// Who this node is.
+    pub fn identity(&self) -> &PeerIdentity {
+        &self.identity
+    }
+
+    pub fn client(&self) -> Arc<ClientConfig> {
+        self.client.clone()
+    }
+
+    /// Runs the server side of a handshake; answers the stream and who the client is (its
+    /// certificate verified against the site's CA).
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity), TlsError> {
+        let stream = tokio_rustls::TlsAcceptor::from(self.server.clone())
+            .accept(tcp)
+            .await
+            .map_err(|e| TlsError::Invalid(format!("handshake: {e}")))?;
+        let peer = {
+            let (_, conn) = stream.get_ref();
+            let leaf = conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .ok_or_else(|| TlsError::Invalid("the client sent no certificate".into()))?;
+            let peer = PeerIdentity::from_cert(leaf)?;
+            self.check_issuer(&peer, leaf)?;
+            peer
+        };
+        Ok((stream, peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dial::TlsDial;
+    use crate::pki::{NODE_TTL, SiteCa};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn node(ca: &SiteCa, dir: &std::path::Path, who: &PeerIdentity) -> TlsConfig {
+        node_trusting(ca, dir, who, &[])
+    }
+
+    /// A node of `ca`'s site that also trusts `peers` (site, CA).
+    fn node_trusting(
+        ca: &SiteCa,
+        dir: &std::path::Path,
+        who: &PeerIdentity,
+        peers: &[&SiteCa],
+    ) -> TlsConfig {
+        let pki = PkiDir::new(dir);
+        ca.provision(&pki, who).unwrap();
+        for p in peers {
+            pki.trust(p.site(), p.cert_pem()).unwrap();
+        }
+        TlsConfig::load(&pki).unwrap()
+    }
+
+    /// One handshake from `client` to `server` over loopback; the server's view of the
+    /// client, or why it failed.
+    async fn handshake(server: &TlsConfig, client: &TlsConfig) -> Result<PeerIdentity, String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = server.clone();
+        let served = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (mut s, peer) = server.accept(tcp).await.map_err(|e| e.to_string())?;
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            s.write_all(&b).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(peer)
+        });
+        let mut dial = TlsDial::new(client.client());
+        let dialed =
+            tower::Service::call(&mut dial, format!("http://{addr}").parse().unwrap()).await;
+        if let Ok(io) = dialed {
+            let mut s = io.into_inner();
+            let _ = s.write_all(b"ping").await;
+            let mut b = [0u8; 4];
+            let _ = s.read_exact(&mut b).await;
+        }
+        served.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn members_of_a_site_handshake_and_strangers_do_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = SiteCa::generate("site-a1").unwrap();
+        let other = SiteCa::generate("site-b2").unwrap();
+        let m1 = node(
+            &ca,
+            &tmp.path().join("m1"),
+            &PeerIdentity::manager("site-a1", 1).unwrap(),
+        );
+        let m2 = node(
+            &ca,
+            &tmp.path().join("m2"),
+            &PeerIdentity::manager("site-a1", 2).unwrap(),
+        );
+        let vra = node(
+            &ca,
+            &tmp.path().join("v"),
+            &PeerIdentity::vra("site-a1", "h1").unwrap(),
+        );
+        let stranger = node(
+            &other,
+            &tmp.path().join("x"),
+            &PeerIdentity::manager("site-b2", 1).unwrap(),
+        );
+
+        assert_eq!(handshake(&m1, &m2).await.unwrap(), *m2.identity());
+        // Trusting a paired site's CA admits its nodes, but never as ours: a certificate
+        // its CA made naming our site is refused.
+        let m1_dir = tmp.path().join("m1");
+        PkiDir::new(&m1_dir)
+            .trust("site-b2", other.cert_pem())
+            .unwrap();
+        let m1_trusting = TlsConfig::load(&PkiDir::new(&m1_dir)).unwrap();
+        let peer_vra = node_trusting(
+            &other,
+            &tmp.path().join("pv"),
+            &PeerIdentity::vra("site-b2", "h7").unwrap(),
+            &[&ca],
+        );
+        assert_eq!(
+            handshake(&m1_trusting, &peer_vra).await.unwrap().site,
+            "site-b2"
+        );
+        // A trusted paired site's CA (here trusted as site-c3) that signs a certificate
+        // naming site a1.
+        let rogue = SiteCa::generate("site-a1").unwrap();
+        PkiDir::new(&m1_dir)
+            .trust("site-c3", rogue.cert_pem())
+            .unwrap();
+        let m1_trusting = TlsConfig::load(&PkiDir::new(&m1_dir)).unwrap();
+        let imp_dir = tmp.path().join("imp");
+        rogue
+            .provision(
+                &PkiDir::new(&imp_dir),
+                &PeerIdentity::manager("site-a1", 3).unwrap(),
+            )
+            .unwrap();
+        // It trusts the real site a1 CA for servers (so the handshake gets to the server's
+        // check), while its own certificate is the rogue CA's.
+        std::fs::write(PkiDir::new(&imp_dir).ca_cert(), ca.cert_pem()).unwrap();
+        let impostor = TlsConfig::load(&PkiDir::new(&imp_dir)).unwrap();
+        let err = handshake(&m1_trusting, &impostor).await.unwrap_err();
+        assert!(err.contains("not issued by its site's CA"), "{err}");
+        assert_eq!(
+            handshake(&m1, &vra).await.unwrap().role,
+            crate::PeerRole::Vra
+        );
+        // Another site's certificate is not ours, either way round.
+        assert!(handshake(&m1, &stranger).await.is_err());
+        assert!(handshake(&stranger, &m1).await.is_err());
+    }
+
+    #[test]
+    fn init_site_creates_the_ca_once_and_a_certificate_per_member() {
+        let tmp = tempfile::tempdir().unwrap();
+        let id = crate::pki::init_site(tmp.path(), &[1, 2], || "site-x1".into()).unwrap();
+        assert_eq!(id, "site-x1");
+        let again = crate::pki::init_site(tmp.path(), &[1, 2, 3], || unreachable!()).unwrap();
+        assert_eq!(again, id);
+        let m3 = TlsConfig::load(&PkiDir::new(tmp.path().join("manager-3"))).unwrap();
+        assert_eq!(m3.identity(), &PeerIdentity::manager("site-x1", 3).unwrap());
+    }
+
+    #[test]
+    fn keys_are_owner_only_and_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = SiteCa::generate("site-a1").unwrap();
+        let pki = PkiDir::new(tmp.path());
+        ca.save(&pki).unwrap();
+        ca.provision(&pki, &PeerIdentity::manager("site-a1", 1).unwrap())
+            .unwrap();
+        for key in [pki.ca_key(), pki.node_key()] {
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+        }
+        let again = SiteCa::load(&pki, "site-a1").unwrap();
+        let issued = again
+            .issue(&PeerIdentity::manager("site-a1", 2).unwrap(), NODE_TTL)
+            .unwrap();
+        assert!(issued.cert_pem.contains("BEGIN CERTIFICATE"));
+        assert!(!format!("{issued:?}").contains("BEGIN"));
+        assert!(
+            again
+                .issue(&PeerIdentity::manager("site-b2", 2).unwrap(), NODE_TTL)
+                .is_err()
+        );
+        std::fs::set_permissions(pki.node_key(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(TlsConfig::load(&pki).is_err());
+    }
+}

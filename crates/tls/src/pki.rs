@@ -1,0 +1,301 @@
+//! The site PKI on disk: a site's CA (ECDSA P-256), the certificates it issues to managers
+//! and VRAs, and the directory each node keeps them in. Keys are written owner-only (0600)
+//! and refused when anyone else may read them.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+
+use crate::TlsError;
+use crate::identity::PeerIdentity;
+
+/// The DNS name every certificate also carries and every client asks for: peers are
+/// told apart by their `tandem://` identity, not by host names (addresses change, and
+/// the lab's link proxies stand in for them).
+pub const SERVER_NAME: &str = "tandem.internal";
+/// How long a CA is valid.
+pub const CA_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long a node's certificate is valid by default.
+pub const NODE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Clock skew tolerated between nodes: certificates are valid from this long ago.
+const BACKDATE: Duration = Duration::from_secs(300);
+
+/// The files of a node's PKI directory.
+#[derive(Debug, Clone)]
+pub struct PkiDir {
+    pub dir: PathBuf,
+}
+
+impl PkiDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    /// The site CA's certificate: what peers are verified against.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    /// The site CA's key: only where certificates are issued.
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+    pub fn node_cert(&self) -> PathBuf {
+        self.dir.join("node.crt")
+    }
+    pub fn node_key(&self) -> PathBuf {
+        self.dir.join("node.key")
+    }
+    /// CAs of paired sites, one file per site: `trust/<site>.crt`.
+    pub fn trust_dir(&self) -> PathBuf {
+        self.dir.join("trust")
+    }
+
+    /// Trusts `site`'s CA (its nodes' certificates) from now on.
+    pub fn trust(&self, site: &str, ca_cert_pem: &str) -> Result<(), TlsError> {
+        PeerIdentity::manager(site, 1)?;
+        write_file(
+            &self.trust_dir().join(format!("{site}.crt")),
+            ca_cert_pem,
+            0o644,
+        )
+    }
+
+    /// Whether this node has its certificate.
+    pub fn is_provisioned(&self) -> bool {
+        self.ca_cert().is_file() && self.node_cert().is_file() && self.node_key().is_file()
+    }
+
+    /// Writes a node's certificate, key and its site's CA certificate.
+    pub fn install(&self, ca_cert_pem: &str, issued: &Issued) -> Result<(), TlsError> {
+        write_file(&self.ca_cert(), ca_cert_pem, 0o644)?;
+        write_file(&self.node_key(), &issued.key_pem, 0o600)?;
+        write_file(&self.node_cert(), &issued.cert_pem, 0o644)
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `text` to `path` with `mode`, atomically (a temporary file, synced, renamed).
+pub fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), TlsError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(text.as_bytes()).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(())
+}
+
+/// Reads a file of at most 64 KiB (certificates and keys are small).
+pub fn read_small(path: &Path) -> Result<String, TlsError> {
+    let meta = std::fs::metadata(path).map_err(io(path))?;
+    if meta.len() > 64 * 1024 {
+        return Err(TlsError::Invalid(format!(
+            "{}: too large for a certificate or key",
+            path.display()
+        )));
+    }
+    std::fs::read_to_string(path).map_err(io(path))
+}
+
+/// Reads a private key, refusing one that others may read (as ssh does).
+pub fn read_key(path: &Path) -> Result<String, TlsError> {
+    let mode = std::fs::metadata(path)
+        .map_err(io(path))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(TlsError::Invalid(format!(
+            "{}: a private key must be readable by its owner only (mode {:o}; chmod 600)",
+            path.display(),
+            mode & 0o777
+        )));
+    }
+    read_small(path)
+}
+
+fn at(t: SystemTime) -> Result<time::OffsetDateTime, TlsError> {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| TlsError::Invalid("the clock is before 1970".into()))?
+        .as_secs();
+    time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .map_err(|e| TlsError::Invalid(e.to_string()))
+}
+
+/// Creates a site's CA in `out/ca` (once: a second run reuses it) and a certificate for
+/// each of `members` in `out/manager-<id>`, where that node's `--pki-dir` points. Answers
+/// the site's id (`new_site_id` names a new site). For deployments that start several
+/// managers at once (docker-compose), before any of them runs.
+pub fn init_site(
+    out: &Path,
+    members: &[u64],
+    new_site_id: impl FnOnce() -> String,
+) -> Result<String, TlsError> {
+    let ca_dir = PkiDir::new(out.join("ca"));
+    let id_file = ca_dir.dir.join("site.id");
+    let ca = if ca_dir.ca_key().is_file() {
+        let site = read_small(&id_file)?.trim().to_string();
+        SiteCa::load(&ca_dir, &site)?
+    } else {
+        let ca = SiteCa::generate(&new_site_id())?;
+        ca.save(&ca_dir)?;
+        write_file(&id_file, ca.site(), 0o644)?;
+        ca
+    };
+    for &id in members {
+        let node = PkiDir::new(out.join(format!("manager-{id}")));
+        if !node.is_provisioned() {
+            ca.provision(&node, &PeerIdentity::manager(ca.site(), id)?)?;
+        }
+    }
+    Ok(ca.site().to_string())
+}
+
+/// A site's certificate authority.
+pub struct SiteCa {
+    site: String,
+    cert_pem: String,
+    key: KeyPair,
+}
+
+impl std::fmt::Debug for SiteCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SiteCa({})", self.site)
+    }
+}
+
+/// The parameters of a site's CA. Rebuilt the same way to sign, so the issuer name and
+/// key identifier of what it signs match its certificate.
+fn ca_params(site: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name
+        .push(DnType::CommonName, format!("tandem site {site} CA"));
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p
+}
+
+/// A node's certificate and key, as PEM.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Issued(<certificate and key>)")
+    }
+}
+
+impl SiteCa {
+    /// A new CA for `site`.
+    pub fn generate(site: &str) -> Result<Self, TlsError> {
+        PeerIdentity::manager(site, 1)?; // the site id must be usable in identities
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = ca_params(site);
+        let now = SystemTime::now();
+        params.not_before = at(now - BACKDATE)?;
+        params.not_after = at(now + CA_TTL)?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            site: site.to_string(),
+            cert_pem: cert.pem(),
+            key,
+        })
+    }
+
+    /// The CA kept in `dir` (its certificate and key).
+    pub fn load(dir: &PkiDir, site: &str) -> Result<Self, TlsError> {
+        let cert_pem = read_small(&dir.ca_cert())?;
+        let key = KeyPair::from_pem(&read_key(&dir.ca_key())?)?;
+        Ok(Self {
+            site: site.to_string(),
+            cert_pem,
+            key,
+        })
+    }
+
+    /// Keeps the CA's certificate and key in `dir`.
+    pub fn save(&self, dir: &PkiDir) -> Result<(), TlsError> {
+        write_file(&dir.ca_key(), &self.key.serialize_pem(), 0o600)?;
+        write_file(&dir.ca_cert(), &self.cert_pem, 0o644)
+    }
+
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// A certificate for `who`, valid for `ttl`, with a new key.
+    pub fn issue(&self, who: &PeerIdentity, ttl: Duration) -> Result<Issued, TlsError> {
+        if who.site != self.site {
+            return Err(TlsError::Invalid(format!(
+                "the CA of site {} cannot issue for {who}",
+                self.site
+            )));
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, who.uri());
+        p.subject_alt_names = vec![
+            SanType::URI(
+                who.uri()
+                    .try_into()
+                    .map_err(|e| TlsError::Invalid(format!("{e:?}")))?,
+            ),
+            SanType::DnsName(
+                SERVER_NAME
+                    .try_into()
+                    .map_err(|e| TlsError::Invalid(format!("{e:?}")))?,
+            ),
+        ];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        p.not_before = at(now - BACKDATE)?;
+        p.not_after = at(now + ttl)?;
+        let issuer = Issuer::new(ca_params(&self.site), &self.key);
+        let cert = p.signed_by(&key, &issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Gives `who` its certificate in `dir`, with this CA's certificate beside it.
+    pub fn provision(&self, dir: &PkiDir, who: &PeerIdentity) -> Result<(), TlsError> {
+        dir.install(&self.cert_pem, &self.issue(who, NODE_TTL)?)
+    }
+}

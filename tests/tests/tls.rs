@@ -1,0 +1,356 @@
+//! Mutual TLS between a site's managers, on real processes: the internal (Raft) port
+//! takes only managers of its own site. A plaintext client, a manager of a paired site and
+//! a VRA of the same site are refused before any call (no Propose, no Raft) and the state
+//! is unchanged; a certificate of the site's own CA naming a manager is served.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tandem_lab::lab::Lab;
+use tandem_proto::v1;
+use tandem_proto::v1::manager_internal_client::ManagerInternalClient;
+use tandem_proto::v1::raft_client::RaftClient;
+use tandem_proto::v1::site_service_client::SiteServiceClient;
+use tandem_tests::channel;
+use tandem_tls::pki::PkiDir;
+use tandem_tls::{PeerIdentity, TlsConfig};
+use tonic::transport::{Channel, Endpoint};
+
+fn endpoint(addr: &str) -> Result<Endpoint> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5)))
+}
+
+/// A channel to `addr` presenting the certificate the lab issued in `dir`.
+fn tls_channel(addr: &str, dir: &Path) -> Result<Channel> {
+    let tls = TlsConfig::load(&PkiDir::new(dir.join("pki")))?;
+    Ok(endpoint(addr)?.connect_with_connector_lazy(tandem_tls::dial::TlsDial::new(tls.client())))
+}
+
+/// A PKI directory holding the certificate issued in `holder` but trusting the CA of the
+/// node in `target`: a caller that trusts any server, so that only the server's check of
+/// the caller's certificate stands between it and the port.
+fn trusting(holder: &Path, target: &Path, out: &Path) -> Result<std::path::PathBuf> {
+    let (from, to, dst) = (
+        PkiDir::new(holder.join("pki")),
+        PkiDir::new(target.join("pki")),
+        PkiDir::new(out.join("pki")),
+    );
+    std::fs::create_dir_all(&dst.dir)?;
+    std::fs::copy(to.ca_cert(), dst.ca_cert())?;
+    std::fs::copy(from.node_cert(), dst.node_cert())?;
+    std::fs::copy(from.node_key(), dst.node_key())?;
+    Ok(out.to_path_buf())
+}
+
+/// What a rogue member would propose: a peer site no operator paired.
+fn rogue_propose() -> Result<v1::ProposeRequest> {
+    let rogue = serde_json::json!({ "AddPeer": { "peer": {
+        "id": "site-rogue", "name": "rogue", "endpoints": ["127.0.0.1:9"], "paired_at_ms": 0
+    }}});
+    Ok(v1::ProposeRequest {
+        command_json: serde_json::to_vec(&rogue)?,
+        ..Default::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_sites_own_managers_reach_its_internal_port() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(&dir.path().join("lab"), 2, 1).await?;
+    let raft = lab.sites[0][0].raft.clone();
+    let site_a = lab.site_id(0).context("site a")?.to_string();
+    let site_b = lab.site_id(1).context("site b")?.to_string();
+
+    // Certificates a tester could hold: a paired site's manager, this site's VRA, and (the
+    // control) another manager of this site.
+    let certs = dir.path().join("certs");
+    let b_manager = certs.join("b-manager");
+    lab.provision(1, &PeerIdentity::manager(&site_b, 1)?, &b_manager)?;
+    let a_vra = certs.join("a-vra");
+    lab.provision(0, &PeerIdentity::vra(&site_a, "host-9")?, &a_vra)?;
+    let a_manager = certs.join("a-manager");
+    lab.provision(0, &PeerIdentity::manager(&site_a, 9)?, &a_manager)?;
+    // A certificate naming site a, from a CA that is not site a's.
+    let forged = certs.join("forged");
+    tandem_tls::pki::SiteCa::generate(&site_a)?.provision(
+        &PkiDir::new(forged.join("pki")),
+        &PeerIdentity::manager(&site_a, 2)?,
+    )?;
+
+    let node_a = lab.sites[0][0].dir.join("data");
+    let plain = endpoint(&raft)?.connect_lazy();
+    let refused: Vec<(&str, Channel)> = vec![
+        ("no certificate (plaintext)", plain),
+        (
+            "a paired site's manager",
+            tls_channel(&raft, &trusting(&b_manager, &node_a, &certs.join("t1"))?)?,
+        ),
+        ("this site's VRA", tls_channel(&raft, &a_vra)?),
+        (
+            "site a's name from another CA",
+            tls_channel(&raft, &trusting(&forged, &node_a, &certs.join("t2"))?)?,
+        ),
+    ];
+    for (who, ch) in refused {
+        let propose = ManagerInternalClient::new(ch.clone())
+            .propose(rogue_propose()?)
+            .await;
+        let err = propose
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(propose.is_err(), "{who}: Propose was served");
+        // Refused by the server, not by a client that distrusted it.
+        assert!(!err.contains("invalid peer certificate"), "{who}: {err}");
+        let vote = RaftClient::new(ch)
+            .vote(v1::RaftRpcRequest::default())
+            .await;
+        assert!(vote.is_err(), "{who}: Raft was served");
+        println!("{who}: refused ({err})");
+    }
+    let peers = SiteServiceClient::new(channel(&lab.sites[0][0].api).await?)
+        .list_peers(v1::ListPeersRequest {})
+        .await?
+        .into_inner()
+        .peers;
+    assert!(
+        peers.is_empty(),
+        "a refused caller changed the state: {peers:?}"
+    );
+
+    // The site's own manager certificate gets through (the refusals above are about the
+    // certificate, not the way the test dials).
+    let index = ManagerInternalClient::new(tls_channel(&raft, &a_manager)?)
+        .read_index(v1::ReadIndexRequest {})
+        .await?
+        .into_inner()
+        .index;
+    assert!(index > 0);
+    lab.down().await;
+    Ok(())
+}
+
+/// A node that bootstraps a site alone, with no certificate given, creates the site's CA
+/// and its own certificate, keys owner-only, and names the site after the CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_bootstrap_node_creates_its_sites_ca() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    use tandem_lab::lab::ManagerProcess;
+    let dir = tempfile::tempdir()?;
+    let mut node = ManagerProcess {
+        id: 1,
+        site: "solo".into(),
+        api: String::new(),
+        raft: String::new(),
+        dir: dir.path().join("m1"),
+        child: None,
+        env: Vec::new(),
+        admin_token_file: Some(dir.path().join("admin.token")),
+    };
+    node.start("single").await?;
+    let pki = PkiDir::new(node.dir.join("data/pki"));
+    for key in [pki.ca_key(), pki.node_key()] {
+        let mode = std::fs::metadata(&key)?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+    }
+    let me = TlsConfig::load(&pki)?.identity().clone();
+    assert_eq!(
+        (me.role, me.id.as_str()),
+        (tandem_tls::PeerRole::Manager, "1")
+    );
+    let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
+    let ch =
+        tandem_proto::client::ApiConnector::new(tandem_proto::client::Credentials::token(&token)?)
+            .connect(std::slice::from_ref(&node.api))
+            .await?;
+    let mut site = None;
+    for _ in 0..100 {
+        if let Ok(s) = SiteServiceClient::new(ch.clone())
+            .get_site(v1::GetSiteRequest {})
+            .await
+        {
+            site = Some(s.into_inner());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let site = site.context("the site was never named")?;
+    assert_eq!(site.id, me.site, "{site:?}");
+    node.stop(Duration::from_secs(5)).await?;
+    Ok(())
+}
+
+/// A VRA's listener by certificate: its site's managers drive it, VRAs (of its site or a
+/// paired one) replicate to it, and nothing else gets in: no plaintext client, no VRA
+/// certificate on VRA control, no paired site's manager on either service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vra_takes_control_from_its_managers_and_streams_from_vras_only() -> Result<()> {
+    use tandem_proto::v1::replication_client::ReplicationClient;
+    use tandem_proto::v1::vra_control_client::VraControlClient;
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(&dir.path().join("lab"), 2, 1).await?;
+    lab.start_vras(1).await?;
+    let vra = &lab.vras[0][0];
+    let site_a = lab.site_id(0).context("site a")?.to_string();
+    let site_b = lab.site_id(1).context("site b")?.to_string();
+    let certs = dir.path().join("certs");
+    let a_vra = certs.join("a-vra");
+    lab.provision(0, &PeerIdentity::vra(&site_a, "host-9")?, &a_vra)?;
+    let b_manager = certs.join("b-manager");
+    lab.provision(1, &PeerIdentity::manager(&site_b, 1)?, &b_manager)?;
+    let b_manager = trusting(&b_manager, &vra.dir.join("data"), &certs.join("t"))?;
+    let b_vra = certs.join("b-vra");
+    lab.provision(1, &PeerIdentity::vra(&site_b, "host-8")?, &b_vra)?;
+    let b_vra = trusting(&b_vra, &vra.dir.join("data"), &certs.join("t2"))?;
+
+    let status = |ch: Channel| async move {
+        VraControlClient::new(ch)
+            .get_status(v1::GetVraStatusRequest {})
+            .await
+    };
+    let hashes = |ch: Channel| async move {
+        ReplicationClient::new(ch)
+            .block_hashes(v1::BlockHashesRequest::default())
+            .await
+    };
+    // The harness holds a manager certificate of site a: served.
+    status(vra.control_channel().await?).await?;
+    let plain = endpoint(&vra.control)?.connect_lazy();
+    assert!(status(plain.clone()).await.is_err(), "plaintext was served");
+    assert!(hashes(plain).await.is_err(), "plaintext was served");
+    for (who, path, service_control, service_repl) in [
+        ("site a's VRA", &a_vra, tonic::Code::PermissionDenied, None),
+        (
+            "site b's manager",
+            &b_manager,
+            tonic::Code::PermissionDenied,
+            Some(tonic::Code::PermissionDenied),
+        ),
+        ("site b's VRA", &b_vra, tonic::Code::PermissionDenied, None),
+    ] {
+        let ch = tls_channel(&vra.control, path)?;
+        let err = status(ch.clone()).await.expect_err(who);
+        assert_eq!(err.code(), service_control, "{who}: {err}");
+        let r = hashes(ch).await;
+        match service_repl {
+            Some(code) => assert_eq!(r.expect_err(who).code(), code, "{who}"),
+            // Past the check, the (empty) request meets the service's own validation.
+            None => assert_ne!(
+                r.map(|_| ()).err().map(|e| e.code()),
+                Some(tonic::Code::PermissionDenied),
+                "{who}: refused replication"
+            ),
+        }
+        println!("{who}: VRA control refused ({})", err.message());
+    }
+    lab.down().await;
+    Ok(())
+}
+
+/// A stream into a VPG's journals, or a block comparison with its replicas, comes only
+/// from a VRA of the site that protects the VPG, under its own host id: a paired site's
+/// VRA that does not protect it, and a VRA of the right site claiming another host's
+/// stream, are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_protecting_sites_vras_stream_into_a_vpgs_journals() -> Result<()> {
+    use tandem_lab::protect::{ProtectOptions, protect};
+    use tandem_proto::v1::replication_client::ReplicationClient;
+    use tandem_proto::v1::vra_control_client::VraControlClient;
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(&dir.path().join("lab"), 3, 1).await?;
+    lab.start_vras(1).await?;
+    let options = ProtectOptions {
+        vpg: "vpg-t".into(),
+        vms: 1,
+        volume_bytes: 4 << 20,
+        volumes_per_vm: 1,
+        memory_mib: 1024,
+        settings: v1::VpgSettings {
+            checkpoint_interval_secs: 1,
+            journal_history_secs: 3600,
+            target_rpo_secs: 60,
+            ..Default::default()
+        },
+    };
+    let created = protect(&lab, &options).await?.created;
+    let generation = created.generation;
+    let recovery = &lab.vras[1][0];
+    // Wait for the recovery role at site b's VRA.
+    let mut assigned = false;
+    for _ in 0..200 {
+        let st = VraControlClient::new(recovery.control_channel().await?)
+            .get_status(v1::GetVraStatusRequest {})
+            .await?
+            .into_inner();
+        if st
+            .vpgs
+            .iter()
+            .any(|g| g.vpg_id == "vpg-t" && g.role == v1::VraRole::Recovery as i32)
+        {
+            assigned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(assigned, "site b's VRA never took the recovery role");
+
+    let (site_a, site_c) = (
+        lab.site_id(0).context("a")?.to_string(),
+        lab.site_id(2).context("c")?.to_string(),
+    );
+    let certs = dir.path().join("certs");
+    let rec_data = recovery.dir.join("data");
+    let c_vra = certs.join("c-vra");
+    lab.provision(2, &PeerIdentity::vra(&site_c, "site-c-host-1")?, &c_vra)?;
+    let c_vra = trusting(&c_vra, &rec_data, &certs.join("t1"))?;
+    let a_other = certs.join("a-other");
+    lab.provision(0, &PeerIdentity::vra(&site_a, "site-a-host-9")?, &a_other)?;
+    let a_other = trusting(&a_other, &rec_data, &certs.join("t2"))?;
+
+    let hashes = |ch: Channel| async move {
+        ReplicationClient::new(ch)
+            .block_hashes(v1::BlockHashesRequest {
+                vpg_id: "vpg-t".into(),
+                generation,
+                vm_id: "vm-0".into(),
+                volume_id: 0,
+                offset: 0,
+                length: 64 * 1024,
+                block_size: 4096,
+            })
+            .await
+    };
+    let err = hashes(tls_channel(&recovery.control, &c_vra)?)
+        .await
+        .expect_err("a VRA of a site that does not protect the VPG compared its blocks");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    println!("site c's VRA: {}", err.message());
+    // The protecting site's VRAs pass that check.
+    let r = hashes(tls_channel(&recovery.control, &a_other)?).await;
+    assert_ne!(
+        r.err().map(|e| e.code()),
+        Some(tonic::Code::PermissionDenied),
+        "a VRA of the protecting site was refused"
+    );
+    // A stream whose hello claims another host of the protecting site.
+    let hello = v1::ReplicateRequest {
+        msg: Some(v1::replicate_request::Msg::Hello(v1::ReplicateHello {
+            vpg_id: "vpg-t".into(),
+            generation,
+            sender_id: lab.vras[0][0].host.clone(),
+            resume_from: 0,
+        })),
+    };
+    let err = ReplicationClient::new(tls_channel(&recovery.control, &a_other)?)
+        .replicate(tokio_stream::iter(vec![hello]))
+        .await
+        .expect_err("a stream claiming another host was taken");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    println!("site a's other VRA claiming host 1: {}", err.message());
+    lab.down().await;
+    Ok(())
+}
