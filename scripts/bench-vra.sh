@@ -24,6 +24,9 @@
 #     written at the new site before commit, with reverse protection: time to the VMs up,
 #     to the commit, to the old site's disks delta-synced, and the delta syncs' time and
 #     bytes vs rsync --inplace --no-whole-file of the same files.
+#  7. (ONLY=tls) the cost of mutual TLS: the same VRA pair plaintext then with TLS (a CA
+#     made for the run), 4 KiB randwrite QD32 over WRITE_SECS and the initial sync of
+#     SYNC_MIB (floor: TLS at least 0.9x of plaintext on both).
 # It reports and does not assert: it exits 0 when a floor is missed. Before each measured
 # run it waits for a quiet machine (no rustc running, CPUs MIN_IDLE % idle; at most
 # QUIET_WAIT_SECS, then it measures anyway and marks the result NOT quiet).
@@ -31,7 +34,7 @@
 # Usage: scripts/bench-vra.sh                 (the issue's durations, ~10 minutes)
 #        QUICK=1 scripts/bench-vra.sh         (smoke run: 5 s fio runs, small syncs)
 #        ONLY=write,checkpoint WRITE_SECS=20 scripts/bench-vra.sh
-# Env: QUICK, ONLY (write,checkpoint,managed,initial,delta,rto,move), RTO_JOURNAL_MIB (1024), WRITE_SECS (60), CP_SECS (60),
+# Env: QUICK, ONLY (write,checkpoint,managed,initial,delta,rto,move,tls), RTO_JOURNAL_MIB (1024), WRITE_SECS (60), CP_SECS (60),
 #      CP_INTERVAL_MS (1000), MANAGED_IOPS (2500), SYNC_MIB (4096), DELTA_MIB (1024), DELTA_PERCENT (1),
 #      VOLUME_MIB (1024), RAM_MB (256), JOURNAL_LIMIT_MIB (4096), QUIET_WAIT_SECS (900),
 #      MIN_IDLE (85), ROUNDS (1: with more, medians over the rounds are printed at the end),

@@ -52,6 +52,9 @@ pub enum Which {
     Rto,
     /// A whole move through the managers with reverse protection, vs rsync.
     Move,
+    /// The cost of mutual TLS on the data path: the write path and the initial sync of
+    /// the same VRA pair, plaintext and with TLS, in one run.
+    Tls,
 }
 
 /// Flags of `tandem-lab bench-vra` (`scripts/bench-vra.sh` maps environment variables to
@@ -269,6 +272,7 @@ pub async fn run(args: Args) -> Result<()> {
             Which::Managed,
             Which::Rto,
             Which::Move,
+            Which::Tls,
         ] {
             if !args.only.contains(&which) {
                 continue;
@@ -281,6 +285,7 @@ pub async fn run(args: Args) -> Result<()> {
                 Which::Managed => bench_checkpoint_managed(&s, &mut rows).await,
                 Which::Rto => bench_rto(&s, &mut rows).await,
                 Which::Move => bench_move(&s, &mut rows).await,
+                Which::Tls => bench_tls(&s, &mut rows).await,
             };
             if let Err(e) = r {
                 println!("{which:?} benchmark failed: {e:#}");
@@ -539,17 +544,48 @@ struct Vra {
     control: String,
     nbd: String,
     log: PathBuf,
+    /// The certificate the benchmark presents to a VRA that runs mutual TLS.
+    harness: Option<tandem_tls::TlsConfig>,
 }
 
 impl Vra {
+    /// A VRA without managers or a site CA: plaintext (`--insecure`).
     async fn start(s: &Settings, root: &Path, host: &str) -> Result<Self> {
+        Self::start_with(s, root, host, None).await
+    }
+
+    /// A VRA, with mutual TLS when `ca` is given: its certificate from `ca`, and the
+    /// benchmark's own (a manager of that site) to drive it.
+    async fn start_with(
+        s: &Settings,
+        root: &Path,
+        host: &str,
+        ca: Option<&tandem_tls::pki::SiteCa>,
+    ) -> Result<Self> {
         let data_dir = root.join(host);
         std::fs::create_dir_all(&data_dir)?;
         let addr_file = data_dir.join("addr.json");
         let log = root.join(format!("{host}.log"));
-        // These VRAs run without managers or a site CA; the TLS cost is measured apart.
-        let child = Command::new(&s.vra_bin)
-            .arg("--insecure")
+        let harness = match ca {
+            Some(ca) => {
+                use tandem_tls::{PeerIdentity, pki::PkiDir};
+                ca.provision(
+                    &PkiDir::new(data_dir.join("pki")),
+                    &PeerIdentity::vra(ca.site(), host)?,
+                )?;
+                let me = PkiDir::new(root.join("harness"));
+                if !me.is_provisioned() {
+                    ca.provision(&me, &PeerIdentity::manager(ca.site(), 0)?)?;
+                }
+                Some(tandem_tls::TlsConfig::load(&me)?)
+            }
+            None => None,
+        };
+        let mut cmd = Command::new(&s.vra_bin);
+        if harness.is_none() {
+            cmd.arg("--insecure");
+        }
+        let child = cmd
             .arg("--host-id")
             .arg(host)
             .arg("--data-dir")
@@ -594,16 +630,12 @@ impl Vra {
             child,
             host: host.to_string(),
             log,
+            harness,
         })
     }
 
     async fn client(&self) -> Result<VraControlClient<Channel>> {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.control))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .connect()
-            .await
+        let ch = crate::lab::vra_control(&self.control, self.harness.as_ref())
             .with_context(|| format!("connecting to vra {}", self.host))?;
         Ok(VraControlClient::new(ch))
     }
@@ -1634,6 +1666,118 @@ async fn bench_initial_sync(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
     });
     a.stop().await;
     b.stop().await;
+    s.clean(&root);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ TLS cost
+
+/// The same VRA pair plaintext and with mutual TLS, one after the other in one run: the
+/// 4 KiB randwrite QD32 of the write path and the initial sync of `sync_bytes` of random
+/// data (floor: TLS at least 0.9x of plaintext on both).
+async fn bench_tls(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
+    println!("\n== TLS cost on the data path: one VRA pair plaintext, then with mutual TLS");
+    let root = fresh_dir(&s.dir.join("tls"))?;
+    let ca = tandem_tls::pki::SiteCa::generate("site-bench")?;
+    let modes: [(&str, Option<&tandem_tls::pki::SiteCa>); 2] =
+        [("plaintext", None), ("mutual TLS", Some(&ca))];
+
+    let mut write = Vec::new();
+    for (name, tls) in modes {
+        let dir = root.join(format!("write-{}", write.len()));
+        let vm = Placement::new(&dir, "vm-1", s.volume_bytes);
+        zero_file(&vm.image, s.volume_bytes)?;
+        let b = Vra::start_with(s, &dir, "host-b", tls).await?;
+        let a = Vra::start_with(s, &dir, "host-a", tls).await?;
+        assign_recovery(&b, &[&vm], s.journal_limit).await?;
+        assign_protected(&a, &b.control, &[&vm], false).await?;
+        wait_level(&a, Duration::from_secs(600)).await?;
+        let machine = quiet(s).await;
+        let (a_cpu, b_cpu) = (a.cpu(), b.cpu());
+        let r = fio(
+            &[a.uri("vm-1/0")],
+            "randwrite",
+            "4k",
+            32,
+            s.volume_bytes,
+            s.write_secs,
+        )
+        .await?;
+        let caught_up = wait_level(&a, Duration::from_secs(300)).await.is_ok();
+        let (a_cpu, b_cpu) = (a.cpu() - a_cpu, b.cpu() - b_cpu);
+        println!(
+            "4 KiB randwrite QD32, {name}: {} (protected cpu {a_cpu:.1} s, recovery cpu \
+             {b_cpu:.1} s){}",
+            r.line(),
+            if caught_up { "" } else { " (NOT caught up)" }
+        );
+        write.push((r.iops, machine));
+        a.stop().await;
+        b.stop().await;
+        s.clean(&dir);
+    }
+    let ratio = write[1].0 / write[0].0.max(1e-9);
+    println!("ratio TLS 4 KiB randwrite QD32: {ratio:.2}x plaintext");
+    rows.push(Row {
+        bench: "TLS: 4 KiB randwrite QD32".into(),
+        tandem: format!("{:.0} IOPS with mutual TLS", write[1].0),
+        yardstick: format!("{:.0} IOPS plaintext", write[0].0),
+        ratio: format!("{ratio:.2}x"),
+        figure: ratio,
+        unit: "x plaintext",
+        floor: ">= 0.9x".into(),
+        met: ratio >= 0.9,
+        machine: format!("{} / {}", write[0].1, write[1].1),
+    });
+
+    let size = s.sync_bytes;
+    let mut sync = Vec::new();
+    for (name, tls) in modes {
+        let dir = root.join(format!("sync-{}", sync.len()));
+        let vm = Placement::new(&dir, "vm-1", size);
+        random_file(&vm.image, size, 7)?;
+        let b = Vra::start_with(s, &dir, "host-b", tls).await?;
+        let a = Vra::start_with(s, &dir, "host-a", tls).await?;
+        assign_recovery(&b, &[&vm], 0).await?;
+        let machine = quiet(s).await;
+        let (a_cpu, b_cpu) = (a.cpu(), b.cpu());
+        let t = Instant::now();
+        assign_protected(&a, &b.control, &[&vm], false).await?;
+        let (took, _) = wait_sync(&a, pb::VraSyncKind::Initial, t).await?;
+        let (a_cpu, b_cpu) = (a.cpu() - a_cpu, b.cpu() - b_cpu);
+        let mbs = size as f64 / took.as_secs_f64() / 1e6;
+        println!(
+            "initial sync {} MiB, {name}: {:.2} s, {mbs:.0} MB/s (protected cpu {a_cpu:.1} s, \
+             recovery cpu {b_cpu:.1} s)",
+            size / MIB,
+            took.as_secs_f64()
+        );
+        sync.push((took, mbs, machine));
+        a.stop().await;
+        b.stop().await;
+        s.clean(&dir);
+    }
+    let ratio = sync[0].0.as_secs_f64() / sync[1].0.as_secs_f64();
+    println!("ratio TLS initial sync: {ratio:.2}x plaintext's speed");
+    rows.push(Row {
+        bench: format!("TLS: initial sync {} MiB", size / MIB),
+        tandem: format!(
+            "{:.2} s, {:.0} MB/s with mutual TLS",
+            sync[1].0.as_secs_f64(),
+            sync[1].1
+        ),
+        yardstick: format!(
+            "{:.2} s, {:.0} MB/s plaintext",
+            sync[0].0.as_secs_f64(),
+            sync[0].1
+        ),
+        ratio: format!("{ratio:.2}x"),
+        figure: ratio,
+        unit: "x plaintext",
+        floor: ">= 0.9x".into(),
+        met: ratio >= 0.9,
+        machine: format!("{} / {}", sync[0].2, sync[1].2),
+    });
     s.clean(&root);
     Ok(())
 }
