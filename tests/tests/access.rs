@@ -267,18 +267,26 @@ async fn operator_calls_need_a_live_token_of_a_high_enough_role_and_are_audited(
 
     // The audit trail: the calls that changed the site and the refused attempts of known
     // tokens, each with its caller; no anonymous noise.
-    let audit: Vec<String> = MonitoringServiceClient::new(admin.clone())
-        .list_events(v1::ListEventsQuery {
-            code: "EV0070".into(),
-            limit: 1000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .events
-        .into_iter()
-        .map(|e| e.description)
-        .collect();
+    // The trail is written in batches behind the calls: wait for the last call's record.
+    let mut audit: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        audit = MonitoringServiceClient::new(admin.clone())
+            .list_events(v1::ListEventsQuery {
+                code: "EV0070".into(),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .events
+            .into_iter()
+            .map(|e| e.description)
+            .collect();
+        if audit.iter().any(|d| d.ends_with("failed: InvalidArgument")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     println!("audit trail:\n  {}", audit.join("\n  "));
     let has = |call: &str, who: &str, outcome: &str| {
         audit

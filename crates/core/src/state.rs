@@ -166,6 +166,10 @@ pub enum Command {
     RecordEvent {
         event: crate::events::NewEvent,
     },
+    /// Appends several events at once (the audit trail's batches).
+    RecordEvents {
+        events: Vec<crate::events::NewEvent>,
+    },
     /// Starts a task; answers its id.
     StartTask {
         task: crate::tasks::NewTask,
@@ -782,6 +786,12 @@ impl SiteState {
             }
             Command::RecordEvent { event } => {
                 self.events.push(event);
+                Ok(Applied::Done)
+            }
+            Command::RecordEvents { events } => {
+                for event in events {
+                    self.events.push(event);
+                }
                 Ok(Applied::Done)
             }
             Command::StartTask { task } => Ok(Applied::Task(self.tasks.start(task))),

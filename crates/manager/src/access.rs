@@ -75,11 +75,68 @@ fn is_read(method: &str) -> bool {
 #[derive(Clone)]
 pub struct AccessLayer {
     site: SiteManager,
+    audit: AuditTrail,
 }
 
 impl AccessLayer {
-    pub fn new(site: SiteManager) -> Self {
-        Self { site }
+    pub fn new(site: SiteManager, audit: AuditTrail) -> Self {
+        Self { site, audit }
+    }
+}
+
+/// Events of the audit trail waiting for their proposal.
+const AUDIT_QUEUE: usize = 4096;
+/// The most events one proposal records.
+const AUDIT_BATCH: usize = 512;
+
+/// Records operator calls in the event log: a bounded queue, written by one task in
+/// batches (one Raft proposal per batch, not one per call). When the queue is full,
+/// callers wait: a call is never answered with its record dropped.
+#[derive(Clone)]
+pub struct AuditTrail {
+    tx: tokio::sync::mpsc::Sender<NewEvent>,
+}
+
+impl AuditTrail {
+    /// The trail and the task that writes it, until `shutdown` (then what is queued is
+    /// written once more, best effort).
+    pub fn start(
+        site: SiteManager,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> (Self, impl Future<Output = ()> + Send) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(AUDIT_QUEUE);
+        let writer = async move {
+            let mut batch = Vec::with_capacity(AUDIT_BATCH);
+            loop {
+                let n = tokio::select! {
+                    n = rx.recv_many(&mut batch, AUDIT_BATCH) => n,
+                    () = shutdown.cancelled() => rx.recv_many(&mut batch, AUDIT_BATCH).await,
+                };
+                if n == 0 {
+                    return;
+                }
+                let events = std::mem::take(&mut batch);
+                let mut backoff = std::time::Duration::from_millis(50);
+                loop {
+                    let cmd = Command::RecordEvents {
+                        events: events.clone(),
+                    };
+                    match site.node().propose(cmd).await {
+                        Ok(_) => break,
+                        Err(e) if !shutdown.is_cancelled() => {
+                            tracing::warn!(error = %e, events = events.len(), "audit trail not recorded yet; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, events = events.len(), "audit trail lost at shutdown");
+                            break;
+                        }
+                    }
+                }
+            }
+        };
+        (Self { tx }, writer)
     }
 }
 
@@ -90,6 +147,7 @@ impl<S> tower::Layer<S> for AccessLayer {
         Access {
             inner,
             site: self.site.clone(),
+            audit: self.audit.clone(),
         }
     }
 }
@@ -99,6 +157,7 @@ impl<S> tower::Layer<S> for AccessLayer {
 pub struct Access<S> {
     inner: S,
     site: SiteManager,
+    audit: AuditTrail,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -124,6 +183,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let site = self.site.clone();
+        let trail = self.audit.clone();
         Box::pin(async move {
             let path = req.uri().path().to_string();
             let needed = match needs(&path) {
@@ -145,14 +205,14 @@ where
                 );
                 tracing::warn!(call = %call, caller = %caller, "call refused: permission denied");
                 if needed > Role::Viewer {
-                    audit(&site, &caller, &call, "refused: permission denied").await;
+                    audit(&trail, &caller, &call, "refused: permission denied").await;
                 }
                 return Ok(Status::permission_denied(msg).into_http());
             }
             req.extensions_mut().insert(caller.clone());
             let response = inner.call(req).await?;
             if needed > Role::Viewer && !path.rsplit('/').next().is_some_and(is_read) {
-                audit(&site, &caller, &call, &outcome(&response)).await;
+                audit(&trail, &caller, &call, &outcome(&response)).await;
             }
             Ok(response)
         })
@@ -192,17 +252,16 @@ fn outcome(response: &Response<Body>) -> String {
     }
 }
 
-/// Records one call in the event log. A failure to record is logged: the call has
-/// already happened, and its answer still goes back.
-async fn audit(site: &SiteManager, caller: &Caller, call: &str, outcome: &str) {
+/// Queues one call for the event log (waits while the queue is full).
+async fn audit(trail: &AuditTrail, caller: &Caller, call: &str, outcome: &str) {
     let event = NewEvent {
         at_ms: now_ms(),
         code: EventCode::OperatorCall,
         vpg: None,
         description: format!("{call} by {caller}: {outcome}"),
     };
-    if let Err(e) = site.node().propose(Command::RecordEvent { event }).await {
-        tracing::warn!(error = %e, call, caller = %caller, outcome, "could not record the call in the audit trail");
+    if trail.tx.send(event).await.is_err() {
+        tracing::warn!(call, caller = %caller, outcome, "the audit trail has stopped: call not recorded");
     }
 }
 

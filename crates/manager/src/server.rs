@@ -107,6 +107,8 @@ pub async fn serve_api(
 ) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(health, site.clone(), shutdown.clone()));
+    let (trail, writer) = crate::access::AuditTrail::start(site.clone(), shutdown.clone());
+    tokio::spawn(writer);
     let (reflection, reflection_alpha) = tandem_proto::discovery::reflection(&[
         <SiteServiceServer<SiteApi> as NamedService>::NAME,
         <HostServiceServer<InventoryApi> as NamedService>::NAME,
@@ -126,7 +128,7 @@ pub async fn serve_api(
     Server::builder()
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
-        .layer(crate::access::AccessLayer::new(site.clone()))
+        .layer(crate::access::AccessLayer::new(site.clone(), trail))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
