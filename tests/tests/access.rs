@@ -21,6 +21,13 @@ async fn as_token(api: &str, token: Option<&str>) -> Result<ApiChannel> {
         Some(t) => Credentials::token(t)?,
         None => Credentials::none(),
     };
+    // The lab's sites serve the operator port over TLS: trust their CAs as the lab does.
+    let ca = cli_env()
+        .into_iter()
+        .find(|(k, _)| *k == tandem_proto::client::CA_FILE_ENV)
+        .map(|(_, p)| p)
+        .context("the lab names its CA file")?;
+    let credentials = credentials.with_ca_file(&ca)?;
     Ok(ApiConnector::new(credentials)
         .connect(&[api.to_string()])
         .await?)

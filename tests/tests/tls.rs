@@ -1,7 +1,8 @@
-//! Mutual TLS between a site's managers, on real processes: the internal (Raft) port
-//! takes only managers of its own site. A plaintext client, a manager of a paired site and
-//! a VRA of the same site are refused before any call (no Propose, no Raft) and the state
-//! is unchanged; a certificate of the site's own CA naming a manager is served.
+//! Mutual TLS on real processes: the internal (Raft) port takes only managers of its own
+//! site (a plaintext client, a manager of a paired site and a VRA of the same site are
+//! refused before any call, and the state is unchanged); VRAs take control only from their
+//! managers and streams only from the protecting site's VRAs; calls between sites only
+//! from a paired site's managers; pairing pins the other site's CA.
 
 use std::path::Path;
 use std::time::Duration;
@@ -163,10 +164,11 @@ async fn a_lone_bootstrap_node_creates_its_sites_ca() -> Result<()> {
         (tandem_tls::PeerRole::Manager, "1")
     );
     let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
-    let ch =
-        tandem_proto::client::ApiConnector::new(tandem_proto::client::Credentials::token(&token)?)
-            .connect(std::slice::from_ref(&node.api))
-            .await?;
+    let ch = tandem_proto::client::ApiConnector::new(
+        tandem_proto::client::Credentials::token(&token)?.with_ca_file(&pki.ca_cert())?,
+    )
+    .connect(std::slice::from_ref(&node.api))
+    .await?;
     let mut site = None;
     for _ in 0..100 {
         if let Ok(s) = SiteServiceClient::new(ch.clone())
@@ -351,6 +353,158 @@ async fn only_the_protecting_sites_vras_stream_into_a_vpgs_journals() -> Result<
         .expect_err("a stream claiming another host was taken");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     println!("site a's other VRA claiming host 1: {}", err.message());
+    lab.down().await;
+    Ok(())
+}
+
+/// Calls between sites (`SitePeer`, on the operator port) are taken only from a manager of
+/// a paired site, by its certificate: not without one, not from a VRA, not from this
+/// site's own managers, not from a site that is not paired; and a request speaks only for
+/// the site its certificate names. Nothing a refused caller sent changes the state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
+    use tandem_proto::v1::site_peer_client::SitePeerClient;
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(&dir.path().join("lab"), 2, 1).await?;
+    tandem_lab::protect::pair(&lab, 0, 1).await?;
+    let api = lab.sites[0][0].api.clone();
+    let (site_a, site_b) = (
+        lab.site_id(0).context("a")?.to_string(),
+        lab.site_id(1).context("b")?.to_string(),
+    );
+    let node_a = lab.sites[0][0].dir.join("data");
+    let certs = dir.path().join("certs");
+    let holder = |name: &str| certs.join(name);
+    lab.provision(1, &PeerIdentity::manager(&site_b, 7)?, &holder("b-manager"))?;
+    lab.provision(1, &PeerIdentity::vra(&site_b, "h1")?, &holder("b-vra"))?;
+    lab.provision(0, &PeerIdentity::manager(&site_a, 9)?, &holder("a-manager"))?;
+    tandem_tls::pki::SiteCa::generate("site-z-1")?.provision(
+        &PkiDir::new(holder("z-manager").join("pki")),
+        &PeerIdentity::manager("site-z-1", 1)?,
+    )?;
+    let as_holder = |name: &str| {
+        tls_channel(
+            &api,
+            &trusting(&holder(name), &node_a, &holder(&format!("t-{name}")))?,
+        )
+    };
+    let report = |ch: Channel, from: &str| {
+        let from = from.to_string();
+        async move {
+            SitePeerClient::new(ch)
+                .report(v1::PeerReportRequest { from_site_id: from })
+                .await
+        }
+    };
+
+    // An operator's TLS connection (no certificate).
+    let ca_a = PkiDir::new(node_a.join("pki")).ca_cert();
+    let operator = endpoint(&api)?.connect_with_connector_lazy(tandem_tls::dial::TlsDial::new(
+        tandem_tls::config::operator_client(&std::fs::read_to_string(&ca_a)?)?,
+    ));
+    let err = report(operator, &site_b)
+        .await
+        .expect_err("served without a certificate");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    for (who, code) in [
+        ("b-vra", tonic::Code::PermissionDenied),
+        ("a-manager", tonic::Code::PermissionDenied),
+    ] {
+        let err = report(as_holder(who)?, &site_b)
+            .await
+            .expect_err("a peer call was served");
+        assert_eq!(err.code(), code, "{who}: {err}");
+        println!("{who}: {}", err.message());
+    }
+    // A site no one paired: its CA is not trusted, the handshake fails.
+    assert!(report(as_holder("z-manager")?, "site-z-1").await.is_err());
+    // A manager of site b speaks for site b only.
+    let b = as_holder("b-manager")?;
+    report(b.clone(), &site_b).await?;
+    let err = SitePeerClient::new(b.clone())
+        .unpair(v1::PeerUnpairRequest {
+            from_site_id: "site-z-1".into(),
+        })
+        .await
+        .expect_err("an unpair for another site was taken");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let peers = SiteServiceClient::new(channel(&api).await?)
+        .list_peers(v1::ListPeersRequest {})
+        .await?
+        .into_inner()
+        .peers;
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0].id, site_b);
+    lab.down().await;
+    Ok(())
+}
+
+/// Pairing pins the other site's CA: the requesting site checks that the site it reaches
+/// presents the CA whose fingerprint the pairing token carries before it sends the token,
+/// so a wrong fingerprint (or a wrong address) pairs nothing and spends no token. The
+/// sites then hold each other's CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairing_is_refused_when_the_ca_fingerprint_does_not_match() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(&dir.path().join("lab"), 2, 1).await?;
+    let (ca, cb) = (
+        channel(&lab.sites[0][0].api).await?,
+        channel(&lab.sites[1][0].api).await?,
+    );
+    let issued = SiteServiceClient::new(cb.clone())
+        .create_pairing_token(v1::CreatePairingTokenRequest { ttl_secs: 60 })
+        .await?
+        .into_inner();
+    let (token, fp) = issued.token.split_once('.').context("the code pins a CA")?;
+    assert_eq!(fp, issued.ca_fingerprint);
+    let stranger = tandem_tls::pki::SiteCa::generate("site-z-1")?;
+    let wrong = tandem_tls::config::check_ca_pem(stranger.cert_pem())?;
+    let pair = |code: String| {
+        let (ca, endpoints, advertise) = (
+            ca.clone(),
+            lab.peer_endpoints(0, 1),
+            lab.peer_endpoints(1, 0),
+        );
+        async move {
+            SiteServiceClient::new(ca)
+                .pair_site(v1::PairSiteRequest {
+                    peer_endpoints: endpoints,
+                    token: code,
+                    advertise_endpoints: advertise,
+                })
+                .await
+        }
+    };
+    let err = pair(format!("{token}.{wrong}"))
+        .await
+        .expect_err("paired with a site presenting another CA");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("does not present the CA"), "{err}");
+    println!("wrong fingerprint: {}", err.message());
+    let err = pair(token.to_string())
+        .await
+        .expect_err("paired without a fingerprint");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    for ch in [&ca, &cb] {
+        let peers = SiteServiceClient::new(ch.clone())
+            .list_peers(v1::ListPeersRequest {})
+            .await?
+            .into_inner()
+            .peers;
+        assert!(peers.is_empty(), "a refused pairing left {peers:?}");
+    }
+    // The token was never sent, so it still pairs; each site then holds the other's CA.
+    let paired = pair(issued.token.clone()).await?.into_inner();
+    assert_eq!(tandem_tls::config::check_ca_pem(&paired.ca_pem)?, fp);
+    let at_b = SiteServiceClient::new(cb)
+        .list_peers(v1::ListPeersRequest {})
+        .await?
+        .into_inner()
+        .peers;
+    let a_ca =
+        std::fs::read_to_string(PkiDir::new(lab.sites[0][0].dir.join("data/pki")).ca_cert())?;
+    assert_eq!(at_b.len(), 1);
+    assert_eq!(at_b[0].ca_pem, a_ca);
     lab.down().await;
     Ok(())
 }

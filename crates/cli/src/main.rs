@@ -40,6 +40,10 @@ struct Cli {
     /// A file holding the API token to present (else the token in TANDEM_TOKEN).
     #[arg(long, env = "TANDEM_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
+    /// The sites' CA certificates (PEM): the managers' certificates are checked against
+    /// them. Without it the CLI speaks plaintext, as to sites run with --insecure.
+    #[arg(long, env = "TANDEM_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
     output: Format,
@@ -460,7 +464,11 @@ fn snake(s: &str) -> String {
 async fn run(cli: Cli) -> Result<()> {
     let credentials = match &cli.token_file {
         Some(path) => Credentials::token_file(path)?,
-        None => Credentials::from_env()?,
+        None => Credentials::token_from_env()?,
+    };
+    let credentials = match &cli.ca_file {
+        Some(path) => credentials.with_ca_file(path)?,
+        None => credentials,
     };
     let ch = ApiConnector::new(credentials)
         .connect(&cli.endpoints)

@@ -17,6 +17,23 @@ pub struct PairingToken {
     pub expires_at_ms: u64,
 }
 
+/// What an operator carries from one site to the other: the token and, when the issuing
+/// site runs TLS, its CA's fingerprint, as `<token>.<sha256-hex>`.
+pub fn pairing_code(token: &str, ca_fingerprint: Option<&str>) -> String {
+    match ca_fingerprint {
+        Some(fp) => format!("{token}.{fp}"),
+        None => token.to_string(),
+    }
+}
+
+/// A pairing code's token and the CA fingerprint it pins, if any.
+pub fn split_pairing_code(code: &str) -> (&str, Option<&str>) {
+    match code.trim().split_once('.') {
+        Some((token, fp)) => (token, Some(fp)),
+        None => (code.trim(), None),
+    }
+}
+
 /// A site this site is paired with, and where its managers listen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerSite {
@@ -29,7 +46,15 @@ pub struct PeerSite {
     /// the streams share it by priority.
     #[serde(default)]
     pub bandwidth_limit_bytes_per_sec: u64,
+    /// The peer's CA certificate (PEM), pinned at pairing: its managers and VRAs are
+    /// believed only with certificates this CA issued. Empty: paired without TLS
+    /// (`--insecure`).
+    #[serde(default)]
+    pub ca_pem: String,
 }
+
+/// The longest CA certificate a peer may hand over at pairing.
+pub const MAX_CA_PEM: usize = 16 * 1024;
 
 /// The smallest bandwidth limit that can be set (below it a stream cannot keep up even
 /// with its checkpoints).
@@ -68,6 +93,51 @@ impl PeerSite {
         for (i, e) in self.endpoints.iter().enumerate() {
             v.absorb(check_address(&format!("endpoints[{i}]"), e));
         }
+        v.check(
+            self.ca_pem.len() <= MAX_CA_PEM,
+            "ca_pem",
+            format!("at most {MAX_CA_PEM} bytes"),
+        );
+        v.check(
+            self.ca_pem.is_empty()
+                || self
+                    .ca_pem
+                    .trim_start()
+                    .starts_with("-----BEGIN CERTIFICATE-----"),
+            "ca_pem",
+            "must be a PEM certificate",
+        );
         v.into_result()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pairing_code_carries_its_token_and_the_pinned_fingerprint() {
+        let fp = "ab".repeat(32);
+        let code = pairing_code("t0k3n", Some(&fp));
+        assert_eq!(split_pairing_code(&code), ("t0k3n", Some(fp.as_str())));
+        assert_eq!(split_pairing_code(" t0k3n\n"), ("t0k3n", None));
+        assert_eq!(pairing_code("t0k3n", None), "t0k3n");
+    }
+
+    #[test]
+    fn a_peer_ca_is_bounded_and_must_be_pem() {
+        let mut p = PeerSite {
+            id: SiteId::minted("b".into()),
+            name: "b".into(),
+            endpoints: vec!["127.0.0.1:1".into()],
+            paired_at_ms: 0,
+            bandwidth_limit_bytes_per_sec: 0,
+            ca_pem: "not a certificate".into(),
+        };
+        assert!(p.validate().is_err());
+        p.ca_pem = format!("-----BEGIN CERTIFICATE-----\n{}", "A".repeat(MAX_CA_PEM));
+        assert!(p.validate().is_err());
+        p.ca_pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into();
+        assert!(p.validate().is_ok());
     }
 }

@@ -1553,6 +1553,7 @@ mod tests {
                 endpoints: vec!["127.0.0.1:1".into()],
                 paired_at_ms: 0,
                 bandwidth_limit_bytes_per_sec: 0,
+                ca_pem: String::new(),
             },
         );
         let id = VpgId::minted("mine".into());
@@ -1760,6 +1761,7 @@ mod tests {
                 endpoints: vec!["127.0.0.1:1".into()],
                 paired_at_ms: 0,
                 bandwidth_limit_bytes_per_sec: 0,
+                ca_pem: String::new(),
             },
         );
         b.hosts.insert(

@@ -1,6 +1,7 @@
 //! The config-store benchmark: concurrent clients writing ~1 KiB definitions to a 3-node
-//! Tandem site and, in the same run, ~1 KiB puts to a 3-node etcd on loopback; prints
-//! throughput, p50/p99 commit latency and the ratios.
+//! Tandem site and, in the same run, ~1 KiB puts to a 3-node etcd on loopback, both with
+//! TLS between clients and nodes and mutual TLS between nodes; prints throughput, p50/p99
+//! commit latency and the ratios.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -119,8 +120,13 @@ where
     }
 }
 
+/// A channel to a manager of the lab, with the lab's credentials (its token, over TLS).
 async fn connect(addr: &str) -> Result<Channel> {
-    Ok(ApiConnector::default()
+    connect_as(ApiConnector::default(), addr).await
+}
+
+async fn connect_as(connector: ApiConnector, addr: &str) -> Result<Channel> {
+    Ok(connector
         .with_timeouts(Duration::from_secs(2), Duration::from_secs(10))
         .connect(&[addr.to_string()])
         .await?)
@@ -132,22 +138,40 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// A 3-member etcd cluster on loopback.
+/// A 3-member etcd cluster on loopback, with TLS as Tandem's managers have it: clients
+/// check the members' certificates, members authenticate each other (mutual TLS).
 struct Etcd {
     children: Vec<Child>,
     clients: Vec<String>,
+    /// How clients dial it: trusting its CA.
+    connector: ApiConnector,
 }
 
 impl Etcd {
     async fn start(dir: &Path) -> Result<Self> {
+        use tandem_tls::PeerIdentity;
+        use tandem_tls::pki::{NODE_TTL, PkiDir, SiteCa};
         let mut peers = Vec::new();
         let mut clients = Vec::new();
         for _ in 0..3 {
             peers.push(free_port()?);
             clients.push(free_port()?);
         }
+        // One certificate for every member (they share an address), with the loopback IP
+        // that etcd's members check when they dial each other.
+        let ca = SiteCa::generate("bench-etcd")?;
+        let pki = PkiDir::new(dir.join("pki"));
+        let issued = ca.issue_for(
+            &PeerIdentity::manager("bench-etcd", 1)?,
+            NODE_TTL,
+            &[std::net::Ipv4Addr::LOCALHOST.into()],
+        )?;
+        pki.install(ca.cert_pem(), &issued)?;
+        let connector = ApiConnector::new(
+            tandem_proto::client::Credentials::none().with_ca_file(&pki.ca_cert())?,
+        );
         let cluster = (0..3)
-            .map(|i| format!("e{i}=http://127.0.0.1:{}", peers[i]))
+            .map(|i| format!("e{i}=https://127.0.0.1:{}", peers[i]))
             .collect::<Vec<_>>()
             .join(",");
         let mut children = Vec::new();
@@ -159,21 +183,32 @@ impl Etcd {
                 .args(["--name", &format!("e{i}")])
                 .arg("--data-dir")
                 .arg(&data)
+                .arg("--cert-file")
+                .arg(pki.node_cert())
+                .arg("--key-file")
+                .arg(pki.node_key())
+                .arg("--peer-cert-file")
+                .arg(pki.node_cert())
+                .arg("--peer-key-file")
+                .arg(pki.node_key())
+                .arg("--peer-trusted-ca-file")
+                .arg(pki.ca_cert())
+                .arg("--peer-client-cert-auth")
                 .args([
                     "--listen-client-urls",
-                    &format!("http://127.0.0.1:{}", clients[i]),
+                    &format!("https://127.0.0.1:{}", clients[i]),
                 ])
                 .args([
                     "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{}", clients[i]),
+                    &format!("https://127.0.0.1:{}", clients[i]),
                 ])
                 .args([
                     "--listen-peer-urls",
-                    &format!("http://127.0.0.1:{}", peers[i]),
+                    &format!("https://127.0.0.1:{}", peers[i]),
                 ])
                 .args([
                     "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{}", peers[i]),
+                    &format!("https://127.0.0.1:{}", peers[i]),
                 ])
                 .args([
                     "--initial-cluster",
@@ -199,7 +234,9 @@ impl Etcd {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let ok = async {
-                let mut kv = etcdserverpb::kv_client::KvClient::new(connect(&clients[0]).await?);
+                let mut kv = etcdserverpb::kv_client::KvClient::new(
+                    connect_as(connector.clone(), &clients[0]).await?,
+                );
                 kv.put(etcdserverpb::PutRequest {
                     key: b"ready".to_vec(),
                     value: b"1".to_vec(),
@@ -220,7 +257,11 @@ impl Etcd {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Ok(Self { children, clients })
+        Ok(Self {
+            children,
+            clients,
+            connector,
+        })
     }
 
     async fn stop(mut self) {
@@ -343,7 +384,9 @@ async fn bench_round(
     let etcd = Etcd::start(&dir.join("etcd")).await?;
     let mut etcd_kvs = Vec::new();
     for c in &etcd.clients {
-        etcd_kvs.push(etcdserverpb::kv_client::KvClient::new(connect(c).await?));
+        etcd_kvs.push(etcdserverpb::kv_client::KvClient::new(
+            connect_as(etcd.connector.clone(), c).await?,
+        ));
     }
     let value = Arc::new(payload(1024, 7));
     let kvs = Arc::new(etcd_kvs);

@@ -42,6 +42,10 @@ pub struct LabFile {
     /// The admin API token of every site of the lab (mode 0600): clients present it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// The CA certificates of every site of the lab: clients check the managers'
+    /// certificates against them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// How to use it with the CLI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<String>,
@@ -107,10 +111,7 @@ impl LabFile {
     /// Makes the lab's admin token what this process's API clients present.
     pub fn use_credentials(&self) -> Result<()> {
         if let Some(path) = &self.token_file {
-            tandem_proto::client::set_default_credentials(Credentials::token_file(path)?);
-            *CURRENT_TOKEN_FILE
-                .write()
-                .unwrap_or_else(|e| e.into_inner()) = Some(path.clone());
+            use_lab_credentials(path, self.ca_file.as_deref())?;
         }
         Ok(())
     }
@@ -374,19 +375,37 @@ pub async fn cluster_client(api: &str) -> Result<ClusterServiceClient<ApiChannel
 /// The lab's admin token, in the lab directory: every site's first admin token.
 pub const TOKEN_FILE: &str = "admin.token";
 
-/// The token file of the lab this process started last (for the CLI it runs).
-static CURRENT_TOKEN_FILE: std::sync::RwLock<Option<PathBuf>> = std::sync::RwLock::new(None);
+/// The lab's CA bundle, in the lab directory: every site's CA certificate.
+pub const CA_FILE: &str = "ca.crt";
+
+/// The credential files of the lab this process started last (for the CLI it runs).
+static CURRENT_CLI_ENV: std::sync::RwLock<Vec<(&'static str, PathBuf)>> =
+    std::sync::RwLock::new(Vec::new());
+
+/// Makes the lab's admin token (and its CAs, when its sites run TLS) what this process's
+/// API clients present, and what a CLI it starts is given.
+fn use_lab_credentials(token_file: &Path, ca_file: Option<&Path>) -> Result<()> {
+    let mut credentials = Credentials::token_file(token_file)?;
+    let mut env = vec![(
+        tandem_proto::client::TOKEN_FILE_ENV,
+        token_file.to_path_buf(),
+    )];
+    if let Some(ca) = ca_file {
+        credentials = credentials.with_ca_file(ca)?;
+        env.push((tandem_proto::client::CA_FILE_ENV, ca.to_path_buf()));
+    }
+    tandem_proto::client::set_default_credentials(credentials);
+    *CURRENT_CLI_ENV.write().unwrap_or_else(|e| e.into_inner()) = env;
+    Ok(())
+}
 
 /// The environment a `tandem` CLI started by this process needs to act on its lab as
-/// admin: `TANDEM_TOKEN_FILE`.
+/// admin: `TANDEM_TOKEN_FILE` and `TANDEM_CA_FILE`.
 pub fn cli_env() -> Vec<(&'static str, PathBuf)> {
-    CURRENT_TOKEN_FILE
+    CURRENT_CLI_ENV
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
-        .map(|p| (tandem_proto::client::TOKEN_FILE_ENV, p))
-        .into_iter()
-        .collect()
 }
 
 /// The `tandem` CLI, ready to act on this process's lab as admin ([`cli_env`]).
@@ -437,10 +456,6 @@ impl Lab {
             BearerToken::from_random(rand::random(), rand::random())
         })
         .with_context(|| format!("the lab's admin token {}", token_file.display()))?;
-        tandem_proto::client::set_default_credentials(Credentials::token_file(&token_file)?);
-        *CURRENT_TOKEN_FILE
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = Some(token_file.clone());
         let site_names: Vec<String> = (0..sites)
             .map(|i| format!("site-{}", (b'a' + i as u8) as char))
             .collect();
@@ -476,6 +491,12 @@ impl Lab {
             let ca = SiteCa::generate(&site_id)?;
             ca.save(&PkiDir::new(dir.join(name).join("ca")))?;
             lab.site_cas.push(ca);
+        }
+        let bundle: String = lab.site_cas.iter().map(|c| c.cert_pem()).collect();
+        tandem_tls::pki::write_file(&dir.join(CA_FILE), &bundle, 0o644)?;
+        use_lab_credentials(&token_file, Some(&dir.join(CA_FILE)))?;
+        for (i, name) in site_names.iter().enumerate() {
+            let site_id = lab.site_cas[i].site().to_string();
             let mut procs = Vec::new();
             for id in 1..=managers as u64 {
                 let mgr_dir = dir.join(name).join(format!("manager-{id}"));
@@ -645,9 +666,11 @@ impl Lab {
             links: self.link_entries(),
             vms: self.vms.clone(),
             token_file: Some(self.dir.join(TOKEN_FILE)),
+            ca_file: Some(self.dir.join(CA_FILE)),
             usage: Some(format!(
-                "TANDEM_TOKEN_FILE={} tandem -e {} vpg list",
+                "TANDEM_TOKEN_FILE={} TANDEM_CA_FILE={} tandem -e {} vpg list",
                 self.dir.join(TOKEN_FILE).display(),
+                self.dir.join(CA_FILE).display(),
                 self.endpoints(0).join(",")
             )),
         };

@@ -468,8 +468,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             );
             for (i, name) in lab.site_names.iter().enumerate() {
                 println!(
-                    "  {name}: TANDEM_TOKEN_FILE={} tandem -e {}",
+                    "  {name}: TANDEM_TOKEN_FILE={} TANDEM_CA_FILE={} tandem -e {}",
                     lab.dir.join(lab::TOKEN_FILE).display(),
+                    lab.dir.join(lab::CA_FILE).display(),
                     lab.endpoints(i).join(",")
                 );
                 for v in &lab.vras[i] {

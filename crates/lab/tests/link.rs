@@ -374,6 +374,7 @@ async fn tandem_lab_link_drives_a_running_control_server() {
         links: Vec::new(),
         vms: Vec::new(),
         token_file: None,
+        ca_file: None,
         usage: None,
     }
     .write(dir.path())

@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use anyhow::{Context as _, Result};
 use tandem_core::access::{ApiToken, BearerToken, Caller, Role, TokenId, TokenRejected};
 use tandem_core::events::{EventCode, NewEvent};
+use tandem_core::ids::SiteId;
 use tandem_core::state::Command;
 use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
@@ -24,9 +25,12 @@ use crate::site::{SiteManager, now_ms};
 pub enum Needs {
     /// Nothing: health probes (they say only whether the node can serve).
     Nothing,
-    /// A paired site's call (`SitePeer`), not an operator's: it is authenticated by the
-    /// peer's certificate once mutual TLS lands, not by an operator token.
+    /// A paired site's call (`SitePeer`), not an operator's: authenticated by the calling
+    /// manager's certificate, of the CA pinned when the two sites paired.
     Peer,
+    /// The first call of a pairing: the pairing token in the request speaks for the
+    /// caller, whose site is not trusted yet.
+    Pairing,
     /// A token of at least this role.
     Token(Role),
 }
@@ -40,6 +44,7 @@ pub fn needs(path: &str) -> Needs {
     let service = service.strip_prefix("tandem.v1.").unwrap_or(service);
     match (service, method) {
         ("grpc.health.v1.Health", _) => Needs::Nothing,
+        ("SitePeer", "AcceptPairing") => Needs::Pairing,
         ("SitePeer", _) => Needs::Peer,
         ("grpc.reflection.v1.ServerReflection", _)
         | ("grpc.reflection.v1alpha.ServerReflection", _) => Needs::Token(Role::Viewer),
@@ -187,7 +192,21 @@ where
         Box::pin(async move {
             let path = req.uri().path().to_string();
             let needed = match needs(&path) {
-                Needs::Nothing | Needs::Peer => return inner.call(req).await,
+                Needs::Nothing | Needs::Pairing => return inner.call(req).await,
+                Needs::Peer => {
+                    return match peer_site(&site, &req) {
+                        Ok(from) => {
+                            if let Some(from) = from {
+                                req.extensions_mut().insert(PeerCaller(from));
+                            }
+                            inner.call(req).await
+                        }
+                        Err(status) => {
+                            tracing::warn!(call = %path, reason = status.message(), "peer call refused");
+                            Ok(status.into_http())
+                        }
+                    };
+                }
                 Needs::Token(role) => role,
             };
             let caller = match authenticate(&site, &req) {
@@ -216,6 +235,60 @@ where
             }
             Ok(response)
         })
+    }
+}
+
+/// The paired site a peer call comes from, by the certificate its manager presented
+/// (None: this node runs `--insecure`, and peers are not authenticated).
+fn peer_site(site: &SiteManager, req: &Request<Body>) -> Result<Option<SiteId>, Status> {
+    let Some(own) = site.site_tls() else {
+        return Ok(None);
+    };
+    let who = req
+        .extensions()
+        .get::<tandem_proto::transport::PeerInfo>()
+        .and_then(|i| i.peer.clone())
+        .ok_or_else(|| {
+            Status::unauthenticated("peer calls need the certificate of a paired site's manager")
+        })?;
+    if who.role != tandem_tls::PeerRole::Manager {
+        return Err(Status::permission_denied(format!(
+            "{who} is not a manager: only a paired site's managers call this service"
+        )));
+    }
+    if who.site == own.identity().site {
+        return Err(Status::permission_denied(format!(
+            "{who} is a member of this site, not a paired site"
+        )));
+    }
+    let from = SiteId::parse("certificate site", &who.site)
+        .map_err(|e| Status::permission_denied(e.to_string()))?;
+    let paired = site
+        .node()
+        .read_local(|s| s.peers.get(&from).is_some_and(|p| !p.ca_pem.is_empty()));
+    if !paired {
+        return Err(Status::permission_denied(format!(
+            "site {from} is not paired with this site"
+        )));
+    }
+    Ok(Some(from))
+}
+
+/// The paired site a peer call comes from, as its certificate names it (in the request's
+/// extensions once [`AccessLayer`] let the call through).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCaller(pub SiteId);
+
+/// The site a peer call speaks for: `claimed` (a request field), which must be the site
+/// of the caller's certificate when there is one.
+pub fn calling_site<T>(r: &tonic::Request<T>, claimed: &str) -> Result<SiteId, Status> {
+    let claimed = SiteId::parse("from_site_id", claimed)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    match r.extensions().get::<PeerCaller>() {
+        Some(PeerCaller(site)) if *site != claimed => Err(Status::permission_denied(format!(
+            "from_site_id {claimed} is not the calling site {site}"
+        ))),
+        _ => Ok(claimed),
     }
 }
 
@@ -374,6 +447,7 @@ mod tests {
         let t = |p: &str| needs(p);
         assert_eq!(t("/grpc.health.v1.Health/Check"), Needs::Nothing);
         assert_eq!(t("/tandem.v1.SitePeer/PutVpg"), Needs::Peer);
+        assert_eq!(t("/tandem.v1.SitePeer/AcceptPairing"), Needs::Pairing);
         assert_eq!(
             t("/tandem.v1.VpgService/ListVpgs"),
             Needs::Token(Role::Viewer)

@@ -42,7 +42,8 @@ pub async fn run(
         .unwrap_or(raft_listener.local_addr()?.to_string());
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let tls = member_tls(&config)?;
+    // Renewed certificates in the PKI directory are taken up while serving (net::keep_tls).
+    let tls = member_tls(&config)?.map(tandem_tls::LiveTls::new);
 
     let mut store_config = StoreConfig::new(
         config.node_id,
@@ -73,13 +74,26 @@ pub async fn run(
     let connector = net::Connector::default().with_site_tls(tls.clone());
     let node = Arc::new(ManagerNode::new(store, connector.clone(), api_addr.clone()));
     let site = SiteManager::new(node.clone(), connector);
-    let site_id = tls.as_ref().map(|t| t.identity().site.clone());
+    let site_id = tls.as_ref().map(|t| t.current().identity().site.clone());
+    let api_security = match &tls {
+        Some(member) => {
+            let api = tandem_tls::LiveTls::new(member.current());
+            tasks.spawn(net::keep_tls(
+                node.clone(),
+                member.clone(),
+                api.clone(),
+                shutdown.clone(),
+            ));
+            tandem_proto::transport::Security::ServerTls { tls: api }
+        }
+        None => tandem_proto::transport::Security::Plain,
+    };
     let (internal_site, internal_shutdown) = (site.clone(), shutdown.clone());
     tasks.spawn(async move {
         let security = match tls {
             Some(tls) => tandem_proto::transport::Security::MutualTls {
+                admit: server::members_of(tls.current().identity().site.clone()),
                 tls,
-                admit: server::is_member,
             },
             None => tandem_proto::transport::Security::Plain,
         };
@@ -98,7 +112,8 @@ pub async fn run(
     let api_shutdown = shutdown.clone();
     let api_site = site.clone();
     tasks.spawn(async move {
-        if let Err(e) = server::serve_api(api_listener, api_site, api_shutdown).await {
+        if let Err(e) = server::serve_api(api_listener, api_security, api_site, api_shutdown).await
+        {
             tracing::error!(error = %e, "api server failed");
         }
     });
@@ -183,9 +198,10 @@ fn member_tls(config: &Config) -> Result<Option<tandem_tls::TlsConfig>> {
     use tandem_tls::pki::{PkiDir, SiteCa};
     if config.insecure {
         tracing::warn!(
-            "INSECURE: --insecure is set: Raft and forwarding between this site's managers \
-             are plaintext and unauthenticated; anyone who reaches the internal port can \
-             act as a member. Do not run a site like this."
+            "INSECURE: --insecure is set: the operator port, calls between sites, and Raft and \
+             forwarding between this site's managers are plaintext, and peers are not \
+             authenticated; anyone who reaches the internal port can act as a member. Do \
+             not run a site like this."
         );
         return Ok(None);
     }

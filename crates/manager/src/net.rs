@@ -1,11 +1,14 @@
 //! The one seam for outbound connections (to peer sites and to sibling managers), and the
-//! one for inbound listeners, so TLS and link emulation can be inserted in one place.
+//! one for inbound listeners, so TLS and link emulation can be inserted in one place; and
+//! whom the operator port trusts (the paired sites' CAs).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
+
+use tandem_core::pairing::PeerSite;
 
 use crate::error::{ApiError, ApiResult};
 
@@ -16,8 +19,8 @@ pub struct Connector {
     connect_timeout: Duration,
     request_timeout: Duration,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
-    /// This node's certificate, for its own site's members and VRAs (None: `--insecure`).
-    own: Option<tandem_tls::TlsConfig>,
+    /// This node's certificate, as renewed (None: `--insecure`).
+    own: Option<tandem_tls::LiveTls>,
 }
 
 impl Default for Connector {
@@ -34,25 +37,64 @@ impl Default for Connector {
 impl Connector {
     /// Dials the site's other members and its VRAs over mutual TLS with this node's
     /// certificate.
-    pub fn with_site_tls(mut self, tls: Option<tandem_tls::TlsConfig>) -> Self {
+    pub fn with_site_tls(mut self, tls: Option<tandem_tls::LiveTls>) -> Self {
         self.own = tls;
         self
+    }
+
+    /// This node's certificate (None: `--insecure`).
+    pub fn site_tls(&self) -> Option<tandem_tls::TlsConfig> {
+        self.own.as_ref().map(|t| t.current())
     }
 
     /// The channel to a node of this site (another member's internal listener, a VRA's
     /// control listener): mutual TLS unless the node runs `--insecure`.
     pub fn own_site(&self, addr: &str) -> ApiResult<Channel> {
+        match &self.own {
+            Some(tls) => self.tls_channel(
+                format!("tls {addr}"),
+                addr,
+                tandem_tls::dial::TlsDial::live(tls.clone()),
+            ),
+            None => self.lazy(addr),
+        }
+    }
+
+    /// The channel to a manager of paired site `peer`: this node's certificate, and only
+    /// that site's CA (pinned at pairing) trusted for the server.
+    pub fn peer_site(&self, peer: &PeerSite, addr: &str) -> ApiResult<Channel> {
         let Some(tls) = &self.own else {
             return self.lazy(addr);
         };
-        let key = format!("tls {addr}");
+        if peer.ca_pem.is_empty() {
+            return Err(ApiError::Domain(tandem_core::DomainError::precondition(
+                format!(
+                    "site {} was paired without TLS; unpair it and pair it again",
+                    peer.name
+                ),
+            )));
+        }
+        let key = format!(
+            "peer {} {addr}",
+            tandem_tls::config::fingerprint(peer.ca_pem.as_bytes())
+        );
+        let (tls, pem) = (tls.clone(), peer.ca_pem.clone());
+        let dial = tandem_tls::dial::TlsDial::from_fn(move || tls.current().peer_client(&pem));
+        self.tls_channel(key, addr, dial)
+    }
+
+    /// The cached TLS channel under `key`, or a new one (connecting on first use).
+    fn tls_channel(
+        &self,
+        key: String,
+        addr: &str,
+        dial: tandem_tls::dial::TlsDial,
+    ) -> ApiResult<Channel> {
         let mut channels = self.channels.lock().expect("channel cache poisoned");
         if let Some(ch) = channels.get(&key) {
             return Ok(ch.clone());
         }
-        let ch = self
-            .endpoint(addr)?
-            .connect_with_connector_lazy(tandem_tls::dial::TlsDial::new(tls.client()));
+        let ch = self.endpoint(addr)?.connect_with_connector_lazy(dial);
         if channels.len() >= 256 {
             channels.clear();
         }
@@ -90,13 +132,35 @@ impl Connector {
         Ok(ch)
     }
 
-    /// A channel to the first of `addrs` that accepts a connection.
-    pub async fn first_reachable(&self, addrs: &[String]) -> ApiResult<Channel> {
+    /// A channel to the first of `addrs` that accepts a connection, over TLS with
+    /// `tls` when given (a first contact, such as pairing).
+    pub async fn first_reachable(
+        &self,
+        addrs: &[String],
+        tls: Option<Arc<tandem_tls::ClientConfig>>,
+    ) -> ApiResult<Channel> {
         let mut errors = Vec::new();
         for a in addrs {
-            match self.endpoint(a)?.connect().await {
+            let endpoint = self.endpoint(a)?;
+            let connected = match &tls {
+                Some(c) => {
+                    endpoint
+                        .connect_with_connector(tandem_tls::dial::TlsDial::new(c.clone()))
+                        .await
+                }
+                None => endpoint.connect().await,
+            };
+            match connected {
                 Ok(ch) => return Ok(ch),
-                Err(e) => errors.push(format!("{a}: {e}")),
+                Err(e) => {
+                    if let Some(refused) = tandem_tls::dial::HandshakeRefused::find(&e) {
+                        return Err(ApiError::Peer(
+                            format!("{a}: {refused}"),
+                            tonic::Code::PermissionDenied,
+                        ));
+                    }
+                    errors.push(format!("{a}: {}", tandem_proto::client::with_causes(&e)));
+                }
             }
         }
         Err(ApiError::unavailable(format!(
@@ -106,9 +170,63 @@ impl Connector {
     }
 }
 
+/// Keeps the node's TLS current until `shutdown`: `member` (Raft, forwarding, VRAs) takes
+/// up a renewed certificate from the PKI directory, and `api` (the operator port, where
+/// paired sites call) is `member` trusting also the CAs of exactly the sites this site is
+/// paired with, as its replicated state names them: pairing admits a site's managers as
+/// peers, unpairing withdraws them.
+pub async fn keep_tls(
+    node: Arc<crate::node::ManagerNode>,
+    member: tandem_tls::LiveTls,
+    api: tandem_tls::LiveTls,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut watch = tandem_tls::reload::CertWatch::new(&member.current());
+    let mut changes = node.store().watch_metrics();
+    let mut trusted: Option<Vec<(String, String)>> = None;
+    loop {
+        let mut renewed = false;
+        match watch.as_mut().and_then(|w| w.check()) {
+            None => {}
+            Some(Ok(config)) => {
+                tracing::info!(identity = %config.identity(), "loaded a renewed certificate; new connections use it");
+                member.replace(config);
+                renewed = true;
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "the changed certificate files were not loaded")
+            }
+        }
+        let mut peers: Vec<(String, String)> = node.read_local(|s| {
+            s.peers
+                .values()
+                .filter(|p| !p.ca_pem.is_empty())
+                .map(|p| (p.id.to_string(), p.ca_pem.clone()))
+                .collect()
+        });
+        peers.sort();
+        if renewed || trusted.as_ref() != Some(&peers) {
+            match member.current().with_peer_sites(&peers) {
+                Ok(config) => {
+                    api.replace(config);
+                    let sites: Vec<&str> = peers.iter().map(|(s, _)| s.as_str()).collect();
+                    tracing::info!(?sites, "the operator port trusts these paired sites' CAs");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "a paired site's CA is unusable; trust unchanged")
+                }
+            }
+            trusted = Some(peers);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(tandem_tls::reload::CHECK_EVERY) => {}
+        }
+    }
+}
+
 /// Binds a listener: the one place inbound sockets are made (TLS will wrap it here).
 pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
 }
-
-pub use tandem_proto::transport::incoming;

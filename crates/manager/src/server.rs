@@ -43,10 +43,12 @@ macro_rules! limited {
     };
 }
 
-/// Who the internal listener serves: the site's managers (their certificates are issued
-/// by the site's CA, which the handshake already checked).
-pub fn is_member(peer: &tandem_tls::PeerIdentity) -> bool {
-    peer.role == tandem_tls::PeerRole::Manager
+/// Who the internal listener serves: the managers of `site` (the handshake already
+/// checked that the site's CA issued their certificates).
+pub fn members_of(site: String) -> tandem_proto::transport::Admit {
+    std::sync::Arc::new(move |peer: &tandem_tls::PeerIdentity| {
+        peer.role == tandem_tls::PeerRole::Manager && peer.site == site
+    })
 }
 
 /// Serves the site's members on `listener` (the Raft listener) until `shutdown` fires:
@@ -99,9 +101,12 @@ async fn report_health(
     }
 }
 
-/// Serves the API on `listener` until `shutdown` fires.
+/// Serves the API on `listener` until `shutdown` fires: over TLS with the node's
+/// certificate (operators bring tokens; paired sites' managers their certificates), or
+/// plaintext under `--insecure`.
 pub async fn serve_api(
     listener: TcpListener,
+    security: tandem_proto::transport::Security,
     site: SiteManager,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -147,7 +152,10 @@ pub async fn serve_api(
         .add_service(limited!(RecoveryServiceServer, RecoveryApi(site.clone())))
         .add_service(limited!(TokenServiceServer, TokenApi(site.clone())))
         .add_service(limited!(SitePeerServer, PeerApi(site)))
-        .serve_with_incoming_shutdown(crate::net::incoming(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            tandem_proto::transport::incoming_with(listener, security),
+            shutdown.cancelled_owned(),
+        )
         .await?;
     Ok(())
 }

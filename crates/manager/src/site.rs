@@ -109,6 +109,11 @@ impl SiteManager {
         }
     }
 
+    /// This node's certificate (None: `--insecure`).
+    pub fn site_tls(&self) -> Option<tandem_tls::TlsConfig> {
+        self.connector.site_tls()
+    }
+
     pub fn node(&self) -> &Arc<ManagerNode> {
         &self.node
     }
@@ -174,7 +179,21 @@ impl SiteManager {
             endpoints: self.node.api_endpoints(),
             paired_at_ms: now_ms(),
             bandwidth_limit_bytes_per_sec: 0,
+            ca_pem: self
+                .connector
+                .site_tls()
+                .map(|t| t.ca_pem().to_string())
+                .unwrap_or_default(),
         })
+    }
+
+    /// The fingerprint of this site's CA (None: `--insecure`).
+    pub fn ca_fingerprint(&self) -> ApiResult<Option<String>> {
+        self.connector
+            .site_tls()
+            .map(|t| t.ca_fingerprint())
+            .transpose()
+            .map_err(|e| ApiError::internal(format!("this site's CA: {e}")))
     }
 
     // ------------------------------------------------------------ site and pairing
@@ -217,15 +236,18 @@ impl SiteManager {
         Ok((token, identity))
     }
 
-    /// Presents `token` to the site at `endpoints`; both sites record the pair.
     /// Pairs with the site at `endpoints` (recorded as its endpoints) and tells it to reach
-    /// this site at `advertise` (empty: this site's manager API addresses).
+    /// this site at `advertise` (empty: this site's manager API addresses). `code` is the
+    /// other site's pairing token with its CA's fingerprint: the site reached must present
+    /// that CA before the token is sent, and the two sites exchange their CAs.
     pub async fn pair(
         &self,
         endpoints: Vec<String>,
         advertise: Vec<String>,
-        token: String,
+        code: String,
     ) -> ApiResult<PeerSite> {
+        let (token, pinned) = tandem_core::pairing::split_pairing_code(&code);
+        let token = token.to_string();
         let mut v = Violations::new();
         v.check(
             !endpoints.is_empty(),
@@ -246,12 +268,38 @@ impl SiteManager {
             "token",
             "must be 1..256 characters",
         );
+        let pinned = match (self.connector.site_tls(), pinned) {
+            (None, _) => None,
+            (Some(_), Some(fp)) => match tandem_tls::pin::PinnedCa::new(fp) {
+                Ok(_) => Some(fp.to_ascii_lowercase()),
+                Err(e) => {
+                    v.check(false, "token", e.to_string());
+                    None
+                }
+            },
+            (Some(_), None) => {
+                v.check(
+                    false,
+                    "token",
+                    "names no CA fingerprint (`<token>.<sha256>`, as CreatePairingToken \
+                     answers it): this site runs TLS and checks whom it pairs with",
+                );
+                None
+            }
+        };
         v.into_result()?;
         let mut me = self.self_as_peer().await?;
         if !advertise.is_empty() {
             me.endpoints = advertise;
         }
-        let ch = self.connector.first_reachable(&endpoints).await?;
+        let dial = match &pinned {
+            Some(fp) => Some(
+                tandem_tls::config::pinned_client(fp)
+                    .map_err(|e| ApiError::Domain(DomainError::invalid("token", e.to_string())))?,
+            ),
+            None => None,
+        };
+        let ch = self.connector.first_reachable(&endpoints, dial).await?;
         let reply = SitePeerClient::new(ch)
             .accept_pairing(v1::AcceptPairingRequest {
                 token,
@@ -266,6 +314,17 @@ impl SiteManager {
                 tonic::Code::Internal,
             )
         })?;
+        if let Some(fp) = &pinned {
+            let theirs = tandem_tls::config::check_ca_pem(&peer.ca_pem).map_err(|e| {
+                ApiError::Peer(format!("the peer's CA: {e}"), tonic::Code::PermissionDenied)
+            })?;
+            if theirs != *fp {
+                return Err(ApiError::Peer(
+                    format!("the peer answered with CA {theirs}, not the pinned {fp}"),
+                    tonic::Code::PermissionDenied,
+                ));
+            }
+        }
         peer.paired_at_ms = now_ms();
         peer.endpoints = endpoints;
         self.node
@@ -276,6 +335,14 @@ impl SiteManager {
 
     /// The peer side of pairing: checks and consumes the token, records the requester.
     pub async fn accept_pairing(&self, token: String, requester: PeerSite) -> ApiResult<PeerSite> {
+        if self.connector.site_tls().is_some() {
+            tandem_tls::config::check_ca_pem(&requester.ca_pem).map_err(|e| {
+                ApiError::Domain(DomainError::invalid(
+                    "requester.ca_pem",
+                    format!("{e} (this site runs TLS and pins its peers' CAs)"),
+                ))
+            })?;
+        }
         let me = self.self_as_peer().await?;
         let mut peer = requester;
         peer.paired_at_ms = now_ms();
@@ -472,7 +539,7 @@ impl SiteManager {
     {
         let mut last = None;
         for addr in &peer.endpoints {
-            let client = SitePeerClient::new(self.connector.lazy(addr)?);
+            let client = SitePeerClient::new(self.connector.peer_site(peer, addr)?);
             match call(client).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) if s.code() == tonic::Code::Unavailable => last = Some(s),

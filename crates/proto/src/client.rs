@@ -1,13 +1,16 @@
 //! The one way clients (the CLI, the lab, tests, scripts) dial a site's operator API: a
 //! channel that presents the operator's credentials (an API token as bearer metadata) on
-//! every call, to the first manager of a site that answers.
+//! every call, to the first manager of a site that answers, over TLS when the operator
+//! was given the sites' CA certificates (the managers' certificates are checked against
+//! them).
 
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tandem_core::access::BearerToken;
+use tandem_tls::dial::TlsDial;
 use tonic::body::Body;
 use tonic::codegen::Service;
 use tonic::codegen::http::{HeaderValue, Request, Response, header::AUTHORIZATION};
@@ -17,6 +20,10 @@ use tonic::transport::{Channel, Endpoint};
 pub const TOKEN_ENV: &str = "TANDEM_TOKEN";
 /// The environment variable naming a file that holds an API token.
 pub const TOKEN_FILE_ENV: &str = "TANDEM_TOKEN_FILE";
+/// The environment variable naming a file of CA certificates (PEM) the managers'
+/// certificates must chain to; without one, the client speaks plaintext (`--insecure`
+/// sites).
+pub const CA_FILE_ENV: &str = "TANDEM_CA_FILE";
 
 /// Why no channel could be had.
 #[derive(Debug, thiserror::Error)]
@@ -27,10 +34,13 @@ pub enum ConnectError {
     Credentials(String),
 }
 
-/// What a client presents on each call. Its Debug never shows the token.
+/// What a client presents on each call, and whom it trusts. Its Debug never shows the
+/// token.
 #[derive(Clone, Default)]
 pub struct Credentials {
     authorization: Option<HeaderValue>,
+    /// TLS trusting the sites' CAs (None: plaintext).
+    tls: Option<Arc<tandem_tls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -40,8 +50,27 @@ impl std::fmt::Debug for Credentials {
         } else {
             "none"
         };
-        write!(f, "Credentials({token})")
+        let tls = if self.tls.is_some() {
+            "tls"
+        } else {
+            "plaintext"
+        };
+        write!(f, "Credentials({token}, {tls})")
     }
+}
+
+/// Reads a small file the operator named (a token, CA certificates).
+fn read_small(path: &Path, what: &str) -> Result<String, ConnectError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| ConnectError::Credentials(format!("{}: {e}", path.display())))?;
+    if meta.len() > 256 * 1024 {
+        return Err(ConnectError::Credentials(format!(
+            "{}: too large for {what}",
+            path.display()
+        )));
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| ConnectError::Credentials(format!("{}: {e}", path.display())))
 }
 
 impl Credentials {
@@ -60,28 +89,36 @@ impl Credentials {
         value.set_sensitive(true);
         Ok(Self {
             authorization: Some(value),
+            tls: None,
         })
+    }
+
+    /// These credentials, over TLS trusting the CA certificates in `path` (the sites'
+    /// `ca.crt`, one after another).
+    pub fn with_ca_file(mut self, path: &Path) -> Result<Self, ConnectError> {
+        let pem = read_small(path, "CA certificates")?;
+        let tls = tandem_tls::config::operator_client(&pem)
+            .map_err(|e| ConnectError::Credentials(format!("{}: {e}", path.display())))?;
+        self.tls = Some(tls);
+        Ok(self)
     }
 
     /// A token read from a file (as the site writes its first admin token).
     pub fn token_file(path: &Path) -> Result<Self, ConnectError> {
         // Bounded: a token file holds one short line.
-        let meta = std::fs::metadata(path)
-            .map_err(|e| ConnectError::Credentials(format!("{}: {e}", path.display())))?;
-        if meta.len() > 4096 {
+        if std::fs::metadata(path).is_ok_and(|m| m.len() > 4096) {
             return Err(ConnectError::Credentials(format!(
                 "{}: too large for a token file",
                 path.display()
             )));
         }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConnectError::Credentials(format!("{}: {e}", path.display())))?;
+        let text = read_small(path, "a token file")?;
         Self::token(&text)
             .map_err(|e| ConnectError::Credentials(format!("{}: {e}", path.display())))
     }
 
     /// `TANDEM_TOKEN`, else the file `TANDEM_TOKEN_FILE` names, else none.
-    pub fn from_env() -> Result<Self, ConnectError> {
+    pub fn token_from_env() -> Result<Self, ConnectError> {
         if let Ok(t) = std::env::var(TOKEN_ENV)
             && !t.trim().is_empty()
         {
@@ -91,6 +128,16 @@ impl Credentials {
             return Self::token_file(&PathBuf::from(p));
         }
         Ok(Self::none())
+    }
+
+    /// [`Self::token_from_env`], over TLS when `TANDEM_CA_FILE` names the sites' CA
+    /// certificates.
+    pub fn from_env() -> Result<Self, ConnectError> {
+        let credentials = Self::token_from_env()?;
+        match std::env::var_os(CA_FILE_ENV) {
+            Some(p) if !p.is_empty() => credentials.with_ca_file(&PathBuf::from(p)),
+            _ => Ok(credentials),
+        }
     }
 
     pub fn has_token(&self) -> bool {
@@ -197,10 +244,16 @@ impl ApiConnector {
         let mut errors = Vec::new();
         for e in endpoints {
             match self.endpoint(e) {
-                Ok(ep) => match ep.connect().await {
-                    Ok(ch) => return Ok(self.wrap(ch)),
-                    Err(err) => errors.push(format!("{e}: {err}")),
-                },
+                Ok(ep) => {
+                    let connected = match &self.credentials.tls {
+                        Some(tls) => ep.connect_with_connector(TlsDial::new(tls.clone())).await,
+                        None => ep.connect().await,
+                    };
+                    match connected {
+                        Ok(ch) => return Ok(self.wrap(ch)),
+                        Err(err) => errors.push(format!("{e}: {}", with_causes(&err))),
+                    }
+                }
                 Err(err) => errors.push(err),
             }
         }
@@ -213,11 +266,11 @@ impl ApiConnector {
 
     /// A channel to `addr` that connects on first use.
     pub fn lazy(&self, addr: &str) -> Result<ApiChannel, ConnectError> {
-        Ok(self.wrap(
-            self.endpoint(addr)
-                .map_err(ConnectError::Unreachable)?
-                .connect_lazy(),
-        ))
+        let ep = self.endpoint(addr).map_err(ConnectError::Unreachable)?;
+        Ok(self.wrap(match &self.credentials.tls {
+            Some(tls) => ep.connect_with_connector_lazy(TlsDial::new(tls.clone())),
+            None => ep.connect_lazy(),
+        }))
     }
 
     fn wrap(&self, channel: Channel) -> ApiChannel {
@@ -226,6 +279,20 @@ impl ApiConnector {
             authorization: self.credentials.authorization.clone(),
         }
     }
+}
+
+/// An error with its causes (tonic's transport error alone says only "transport error").
+pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// A channel that presents the caller's token on every call; use it as any tonic

@@ -188,6 +188,7 @@ pub fn peer_to_proto(p: &PeerSite) -> v1::PeerSite {
         endpoints: p.endpoints.clone(),
         paired_at_ms: p.paired_at_ms,
         bandwidth_limit_bytes_per_sec: p.bandwidth_limit_bytes_per_sec,
+        ca_pem: p.ca_pem.clone(),
     }
 }
 
@@ -200,6 +201,7 @@ pub fn peer_from_proto(p: v1::PeerSite) -> Result<PeerSite, DomainError> {
         paired_at_ms: p.paired_at_ms,
         // A peer's own view of its limits is not ours: a new pair starts without one.
         bandwidth_limit_bytes_per_sec: 0,
+        ca_pem: p.ca_pem,
     };
     peer.validate()?;
     Ok(peer)

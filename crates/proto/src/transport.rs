@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::Stream;
-use tandem_tls::{PeerIdentity, TlsConfig};
+use tandem_tls::{ClientAuth, LiveTls, PeerIdentity, TlsConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -109,23 +109,29 @@ impl AsyncWrite for Admitted {
     }
 }
 
+/// Which identities a mutual TLS listener serves.
+pub type Admit = std::sync::Arc<dyn Fn(&PeerIdentity) -> bool + Send + Sync>;
+
 /// How a listener takes its connections.
 #[derive(Clone)]
 pub enum Security {
-    /// Plain HTTP/2 (an operator port until it has TLS, or `--insecure`).
+    /// Plain HTTP/2 (`--insecure`).
     Plain,
     /// Mutual TLS: a client certificate of the site's CA, whose identity `admit` accepts.
-    MutualTls {
-        tls: TlsConfig,
-        admit: fn(&PeerIdentity) -> bool,
-    },
+    /// The configuration is read afresh for each handshake (renewed certificates).
+    MutualTls { tls: LiveTls, admit: Admit },
+    /// TLS with the node's certificate; a client certificate is optional (operators bring
+    /// tokens instead) and, when sent, must be of a trusted site's CA. The configuration is
+    /// read afresh for each handshake (pairing changes whom it trusts).
+    ServerTls { tls: LiveTls },
 }
 
 impl std::fmt::Debug for Security {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Security::Plain => f.write_str("Plain"),
-            Security::MutualTls { tls, .. } => write!(f, "MutualTls({tls:?})"),
+            Security::MutualTls { tls, .. } => write!(f, "MutualTls({:?})", tls.current()),
+            Security::ServerTls { tls } => write!(f, "ServerTls({:?})", tls.current()),
         }
     }
 }
@@ -201,22 +207,31 @@ async fn admit(
             (Io::Plain(stream), None)
         }
         Security::MutualTls { tls, admit } => {
-            let shook = tokio::select! {
-                () = pending.shed().cancelled() => return None,
-                r = tokio::time::timeout(timeout, tls.accept(stream)) => r,
-            };
-            match shook {
-                Ok(Ok((s, peer))) if admit(&peer) => (Io::Tls(Box::new(s)), Some(peer)),
-                Ok(Ok((_, peer))) => {
-                    tracing::warn!(?remote, peer = %peer, "connection refused: this listener does not serve that identity");
-                    return None;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(?remote, error = %e, "connection refused: TLS handshake failed");
-                    return None;
-                }
-                Err(_) => return None,
+            let (s, peer) = handshake(
+                &tls.current(),
+                stream,
+                ClientAuth::Required,
+                &pending,
+                remote,
+            )
+            .await?;
+            let peer = peer?;
+            if !admit(&peer) {
+                tracing::warn!(?remote, peer = %peer, "connection refused: this listener does not serve that identity");
+                return None;
             }
+            (Io::Tls(Box::new(s)), Some(peer))
+        }
+        Security::ServerTls { tls } => {
+            let (s, peer) = handshake(
+                &tls.current(),
+                stream,
+                ClientAuth::Optional,
+                &pending,
+                remote,
+            )
+            .await?;
+            (Io::Tls(Box::new(s)), peer)
         }
     };
     let active = pending.admit()?;
@@ -229,4 +244,30 @@ async fn admit(
         },
         _active: active,
     })
+}
+
+/// The server side of a TLS handshake within the handshake timeout (unless shed); None:
+/// it failed and the connection is closed.
+async fn handshake(
+    tls: &TlsConfig,
+    stream: TcpStream,
+    auth: ClientAuth,
+    pending: &tandem_net::Pending,
+    remote: Option<std::net::SocketAddr>,
+) -> Option<(
+    tokio_rustls::server::TlsStream<TcpStream>,
+    Option<PeerIdentity>,
+)> {
+    let shook = tokio::select! {
+        () = pending.shed().cancelled() => return None,
+        r = tokio::time::timeout(pending.handshake_timeout(), tls.accept(stream, auth)) => r,
+    };
+    match shook {
+        Ok(Ok(done)) => Some(done),
+        Ok(Err(e)) => {
+            tracing::warn!(?remote, error = %e, "connection refused: TLS handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
 }

@@ -14,15 +14,34 @@ use crate::identity::PeerIdentity;
 use crate::pki::{PkiDir, read_key, read_small};
 use crate::{TlsError, provider};
 
+/// Whether a server demands a client certificate: the internal and VRA ports do; the
+/// operator port takes operators (tokens, no certificate) and paired sites' managers
+/// (their certificates) on one listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    Required,
+    Optional,
+}
+
 /// A node's TLS material: who it is, and its server and client configurations.
 #[derive(Clone)]
 pub struct TlsConfig {
     identity: PeerIdentity,
+    /// This node's certificate, then its site's CA (so a client can pin the CA).
+    chain: Arc<Vec<CertificateDer<'static>>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    /// The site's CA certificates, as read from `ca.crt`.
+    own_ca_pem: Arc<str>,
+    /// The sites trusted through files (`trust/<site>.crt`), besides this one.
+    from_files: Arc<HashMap<String, Vec<CertificateDer<'static>>>>,
     server: Arc<ServerConfig>,
+    server_optional: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     /// The CA certificates of each trusted site (this one's and its paired sites'): a
     /// certificate naming a site is believed only if that site's CA issued it.
     anchors: Arc<HashMap<String, Vec<CertificateDer<'static>>>>,
+    /// The directory it was loaded from (where renewed certificates appear).
+    source: Option<PkiDir>,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -41,15 +60,94 @@ fn certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError
     Ok(certs)
 }
 
+/// The longest CA certificate text a peer may hand over (a P-256 CA is under 1 KiB).
+pub const MAX_CA_PEM: usize = 16 * 1024;
+
+/// The fingerprint of a certificate: SHA-256 of its DER, in lowercase hex (what a pairing
+/// token pins).
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Checks that `pem` holds one CA certificate usable as a trust anchor (bounded, as
+/// received from a peer); answers its fingerprint.
+pub fn check_ca_pem(pem: &str) -> Result<String, TlsError> {
+    if pem.len() > MAX_CA_PEM {
+        return Err(TlsError::Invalid(format!(
+            "a CA certificate is at most {MAX_CA_PEM} bytes of PEM"
+        )));
+    }
+    let certs = certs(pem, "CA certificate")?;
+    let [ca] = certs.as_slice() else {
+        return Err(TlsError::Invalid(
+            "exactly one CA certificate is expected".into(),
+        ));
+    };
+    webpki::anchor_from_trusted_cert(ca)
+        .map_err(|e| TlsError::Invalid(format!("CA certificate: {e:?}")))?;
+    Ok(fingerprint(ca))
+}
+
+fn roots_of<'a>(
+    cas: impl IntoIterator<Item = &'a CertificateDer<'static>>,
+) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in cas {
+        roots.add(c.clone())?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn client_builder() -> Result<rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier>, TlsError>
+{
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?)
+}
+
+fn h2(mut client: ClientConfig) -> Arc<ClientConfig> {
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(client)
+}
+
+/// A client that trusts the CAs in `ca_bundle_pem` and presents no certificate: an
+/// operator's (the CLI, the lab's harness) on the operator port, which authenticates
+/// itself with a token.
+pub fn operator_client(ca_bundle_pem: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = roots_of(&certs(ca_bundle_pem, "CA bundle")?)?;
+    Ok(h2(client_builder()?
+        .with_root_certificates(roots)
+        .with_no_client_auth()))
+}
+
+/// A client for a first contact with a site whose CA is known only by its fingerprint
+/// (pairing): it accepts a manager certificate issued by the CA in the server's chain
+/// whose fingerprint is `ca_fingerprint`, and presents no certificate (the pairing token
+/// speaks for the caller).
+pub fn pinned_client(ca_fingerprint: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = crate::pin::PinnedCa::new(ca_fingerprint)?;
+    Ok(h2(client_builder()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth()))
+}
+
 impl TlsConfig {
     /// Loads the node's certificate, key and site CA from `dir`.
     pub fn load(dir: &PkiDir) -> Result<Self, TlsError> {
-        let ca = certs(&read_small(&dir.ca_cert())?, "ca.crt")?;
-        let chain = certs(&read_small(&dir.node_cert())?, "node.crt")?;
+        let own_ca_pem = read_small(&dir.ca_cert())?;
+        let ca = certs(&own_ca_pem, "ca.crt")?;
+        let mut chain = certs(&read_small(&dir.node_cert())?, "node.crt")?;
+        if chain.len() == 1 {
+            chain.extend(ca.iter().cloned());
+        }
         let key = PrivateKeyDer::from_pem_slice(read_key(&dir.node_key())?.as_bytes())
             .map_err(|e| TlsError::Invalid(format!("node.key: {e:?}")))?;
         let identity = PeerIdentity::from_cert(&chain[0])?;
-        let mut anchors = HashMap::from([(identity.site.clone(), ca)]);
+        let mut from_files = HashMap::new();
         if let Ok(entries) = std::fs::read_dir(dir.trust_dir()) {
             for e in entries.flatten() {
                 let path = e.path();
@@ -62,35 +160,128 @@ impl TlsConfig {
                 };
                 if site != identity.site {
                     let pem = read_small(&path)?;
-                    anchors.insert(site.to_string(), certs(&pem, &path.display().to_string())?);
+                    from_files.insert(site.to_string(), certs(&pem, &path.display().to_string())?);
                 }
             }
         }
-        let mut roots = RootCertStore::empty();
-        for c in anchors.values().flatten() {
-            roots.add(c.clone())?;
-        }
-        let roots = Arc::new(roots);
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-                .build()
-                .map_err(|e| TlsError::Invalid(format!("client verifier: {e}")))?;
-        let mut server = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key.clone_key())?;
-        server.alpn_protocols = vec![b"h2".to_vec()];
-        let mut client = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)?;
-        client.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Self {
+        let mut loaded = Self::build(
             identity,
-            server: Arc::new(server),
-            client: Arc::new(client),
+            Arc::new(chain),
+            Arc::new(key),
+            own_ca_pem.into(),
+            Arc::new(from_files),
+            &[],
+        )?;
+        loaded.source = Some(dir.clone());
+        Ok(loaded)
+    }
+
+    /// The directory this configuration was loaded from.
+    pub fn source(&self) -> Option<&PkiDir> {
+        self.source.as_ref()
+    }
+
+    /// This node's certificate (DER), as it presents it.
+    pub fn chain_leaf(&self) -> &CertificateDer<'static> {
+        &self.chain[0]
+    }
+
+    fn build(
+        identity: PeerIdentity,
+        chain: Arc<Vec<CertificateDer<'static>>>,
+        key: Arc<PrivateKeyDer<'static>>,
+        own_ca_pem: Arc<str>,
+        from_files: Arc<HashMap<String, Vec<CertificateDer<'static>>>>,
+        peers: &[(String, Vec<CertificateDer<'static>>)],
+    ) -> Result<Self, TlsError> {
+        let mut anchors = (*from_files).clone();
+        for (site, cas) in peers {
+            anchors.insert(site.clone(), cas.clone());
+        }
+        anchors.insert(identity.site.clone(), certs(&own_ca_pem, "ca.crt")?);
+        let roots = roots_of(anchors.values().flatten())?;
+        let verifier = |optional: bool| {
+            let b = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots.clone(),
+                provider(),
+            );
+            let b = if optional {
+                b.allow_unauthenticated()
+            } else {
+                b
+            };
+            b.build()
+                .map_err(|e| TlsError::Invalid(format!("client verifier: {e}")))
+        };
+        let server = |optional: bool| -> Result<Arc<ServerConfig>, TlsError> {
+            let mut server = ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_client_cert_verifier(verifier(optional)?)
+                .with_single_cert((*chain).clone(), key.clone_key())?;
+            server.alpn_protocols = vec![b"h2".to_vec()];
+            Ok(Arc::new(server))
+        };
+        let client = h2(client_builder()?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert((*chain).clone(), key.clone_key())?);
+        Ok(Self {
+            server: server(false)?,
+            server_optional: server(true)?,
+            client,
+            identity,
+            chain,
+            key,
+            own_ca_pem,
+            from_files,
             anchors: Arc::new(anchors),
+            source: None,
         })
+    }
+
+    /// This node's configuration trusting also `peers` (site id, its CA as PEM): the
+    /// paired sites, whose managers then may call this node (as peers, never as members).
+    pub fn with_peer_sites(&self, peers: &[(String, String)]) -> Result<Self, TlsError> {
+        let mut parsed = Vec::with_capacity(peers.len());
+        for (site, pem) in peers {
+            if *site == self.identity.site {
+                continue;
+            }
+            check_ca_pem(pem).map_err(|e| TlsError::Invalid(format!("site {site}: {e}")))?;
+            parsed.push((site.clone(), certs(pem, site)?));
+        }
+        let mut built = Self::build(
+            self.identity.clone(),
+            self.chain.clone(),
+            self.key.clone(),
+            self.own_ca_pem.clone(),
+            self.from_files.clone(),
+            &parsed,
+        )?;
+        built.source = self.source.clone();
+        Ok(built)
+    }
+
+    /// A client for one paired site's managers: it trusts only that site's CA
+    /// (`peer_ca_pem`) and presents this node's certificate.
+    pub fn peer_client(&self, peer_ca_pem: &str) -> Result<Arc<ClientConfig>, TlsError> {
+        check_ca_pem(peer_ca_pem)?;
+        let roots = roots_of(&certs(peer_ca_pem, "peer CA")?)?;
+        Ok(h2(client_builder()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                (*self.chain).clone(),
+                self.key.clone_key(),
+            )?))
+    }
+
+    /// The site's CA certificate as PEM (what pairing hands to a peer).
+    pub fn ca_pem(&self) -> &str {
+        &self.own_ca_pem
+    }
+
+    /// The fingerprint of the site's CA (what its pairing tokens pin).
+    pub fn ca_fingerprint(&self) -> Result<String, TlsError> {
+        check_ca_pem(&self.own_ca_pem)
     }
 
     /// Checks that the site a verified certificate names is the site whose CA issued it
@@ -133,26 +324,62 @@ impl TlsConfig {
     }
 
     /// Runs the server side of a handshake; answers the stream and who the client is (its
-    /// certificate verified against the site's CA).
+    /// certificate verified against its site's CA), or None where a certificate is
+    /// optional and none was sent.
     pub async fn accept(
         &self,
         tcp: TcpStream,
-    ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity), TlsError> {
-        let stream = tokio_rustls::TlsAcceptor::from(self.server.clone())
+        auth: ClientAuth,
+    ) -> Result<
+        (
+            tokio_rustls::server::TlsStream<TcpStream>,
+            Option<PeerIdentity>,
+        ),
+        TlsError,
+    > {
+        let config = match auth {
+            ClientAuth::Required => self.server.clone(),
+            ClientAuth::Optional => self.server_optional.clone(),
+        };
+        let stream = tokio_rustls::TlsAcceptor::from(config)
             .accept(tcp)
             .await
             .map_err(|e| TlsError::Invalid(format!("handshake: {e}")))?;
         let peer = {
             let (_, conn) = stream.get_ref();
-            let leaf = conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .ok_or_else(|| TlsError::Invalid("the client sent no certificate".into()))?;
-            let peer = PeerIdentity::from_cert(leaf)?;
-            self.check_issuer(&peer, leaf)?;
-            peer
+            match conn.peer_certificates().and_then(|c| c.first()) {
+                Some(leaf) => {
+                    let peer = PeerIdentity::from_cert(leaf)?;
+                    self.check_issuer(&peer, leaf)?;
+                    Some(peer)
+                }
+                None if auth == ClientAuth::Optional => None,
+                None => {
+                    return Err(TlsError::Invalid("the client sent no certificate".into()));
+                }
+            }
         };
         Ok((stream, peer))
+    }
+}
+
+/// A node's configuration that can be replaced while it serves (pairing and unpairing
+/// change whom it trusts): each handshake takes the one current when it starts, so open
+/// connections keep theirs.
+#[derive(Clone, Debug)]
+pub struct LiveTls(Arc<std::sync::RwLock<TlsConfig>>);
+
+impl LiveTls {
+    pub fn new(config: TlsConfig) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(config)))
+    }
+
+    pub fn current(&self) -> TlsConfig {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, config: TlsConfig) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = config;
     }
 }
 
@@ -190,7 +417,11 @@ mod tests {
         let server = server.clone();
         let served = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let (mut s, peer) = server.accept(tcp).await.map_err(|e| e.to_string())?;
+            let (mut s, peer) = server
+                .accept(tcp, ClientAuth::Required)
+                .await
+                .map_err(|e| e.to_string())?;
+            let peer = peer.expect("a certificate is required");
             let mut b = [0u8; 4];
             s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
             s.write_all(&b).await.map_err(|e| e.to_string())?;

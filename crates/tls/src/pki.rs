@@ -254,6 +254,17 @@ impl SiteCa {
 
     /// A certificate for `who`, valid for `ttl`, with a new key.
     pub fn issue(&self, who: &PeerIdentity, ttl: Duration) -> Result<Issued, TlsError> {
+        self.issue_for(who, ttl, &[])
+    }
+
+    /// [`Self::issue`], also naming `ips`: for servers that are not Tandem's and whose
+    /// clients check the address they dial (etcd's members, in the benchmark).
+    pub fn issue_for(
+        &self,
+        who: &PeerIdentity,
+        ttl: Duration,
+        ips: &[std::net::IpAddr],
+    ) -> Result<Issued, TlsError> {
         if who.site != self.site {
             return Err(TlsError::Invalid(format!(
                 "the CA of site {} cannot issue for {who}",
@@ -276,6 +287,8 @@ impl SiteCa {
                     .map_err(|e| TlsError::Invalid(format!("{e:?}")))?,
             ),
         ];
+        p.subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![

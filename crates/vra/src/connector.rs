@@ -11,8 +11,8 @@ use tonic::transport::{Channel, Endpoint};
 pub struct Connector {
     connect_timeout: Duration,
     keepalive: Duration,
-    /// This VRA's certificate (None: plaintext, `--insecure`).
-    tls: Option<tandem_tls::TlsConfig>,
+    /// This VRA's certificate, as renewed (None: plaintext, `--insecure`).
+    tls: Option<tandem_tls::LiveTls>,
 }
 
 impl Default for Connector {
@@ -27,7 +27,7 @@ impl Default for Connector {
 
 impl Connector {
     /// Dials other VRAs over mutual TLS with this VRA's certificate.
-    pub fn with_tls(mut self, tls: Option<tandem_tls::TlsConfig>) -> Self {
+    pub fn with_tls(mut self, tls: Option<tandem_tls::LiveTls>) -> Self {
         self.tls = tls;
         self
     }
@@ -50,7 +50,7 @@ impl Connector {
         match &self.tls {
             Some(tls) => {
                 endpoint
-                    .connect_with_connector(tandem_tls::dial::TlsDial::new(tls.client()))
+                    .connect_with_connector(tandem_tls::dial::TlsDial::live(tls.clone()))
                     .await
             }
             None => endpoint.connect().await,

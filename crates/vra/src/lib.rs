@@ -87,6 +87,8 @@ pub async fn run(
 ) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    // Renewed certificates in the PKI directory are taken up while serving.
+    let live_tls = config.tls.clone().map(tandem_tls::LiveTls::new);
     let control_addr = control.local_addr()?.to_string();
     let nbd_addr = nbd.local_addr()?.to_string();
     let exports = Exports::new();
@@ -98,7 +100,7 @@ pub async fn run(
             buffer_bytes: config.buffer_bytes,
         },
         exports.clone(),
-        connector::Connector::default().with_tls(config.tls.clone()),
+        connector::Connector::default().with_tls(live_tls.clone()),
         vra_cancel,
     );
     vra.set_addresses(control_addr.clone(), nbd_addr.clone());
@@ -135,15 +137,19 @@ pub async fn run(
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     let grpc_shutdown = shutdown.clone();
-    let (security, own_site) = match &config.tls {
-        Some(tls) => (
-            tandem_proto::transport::Security::MutualTls {
-                tls: tls.clone(),
-                // Which services each identity may call is the policy's (per call).
-                admit: |_| true,
-            },
-            tls.identity().site.clone(),
-        ),
+    let (security, own_site) = match &live_tls {
+        Some(live) => {
+            let stop = shutdown.clone().cancelled_owned();
+            tasks.spawn(tandem_tls::reload::keep_loaded(live.clone(), Ok, stop));
+            (
+                tandem_proto::transport::Security::MutualTls {
+                    tls: live.clone(),
+                    // Which services each identity may call is the policy's (per call).
+                    admit: std::sync::Arc::new(|_| true),
+                },
+                live.current().identity().site.clone(),
+            )
+        }
         None => (tandem_proto::transport::Security::Plain, String::new()),
     };
     let grpc_task = tasks.spawn(async move {

@@ -1,7 +1,9 @@
-//! `ManagerInternal` (leader forwarding inside a site) and `SitePeer` (between paired
-//! sites). Both are reachable on the API listener; mTLS will restrict them to nodes.
+//! `ManagerInternal` (leader forwarding inside a site, on the internal listener) and
+//! `SitePeer` (between paired sites, on the API listener). Who may call them is checked
+//! before they run (`crate::access`, the listeners' TLS); here a peer's request is also
+//! held to the site its certificate names.
 
-use tandem_core::ids::{SiteId, VpgId};
+use tandem_core::ids::VpgId;
 use tandem_core::state::Command;
 use tandem_core::vpg::Vpg;
 use tandem_proto::convert::{peer_from_proto, peer_to_proto};
@@ -11,6 +13,7 @@ use tandem_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::{MAX_JSON_BYTES, bad};
+use crate::access::{PeerCaller, calling_site};
 use crate::control::{self, LeaderRequest, LeaderResponse};
 use crate::site::SiteManager;
 
@@ -74,6 +77,31 @@ impl ManagerInternal for InternalApi {
 #[derive(Debug, Clone)]
 pub struct PeerApi(pub SiteManager);
 
+impl PeerApi {
+    /// A peer call about VPG `id` must come from one of the two sites it replicates
+    /// between (a VPG unknown here passes: the call answers NOT_FOUND itself).
+    async fn check_shared<T>(&self, r: &Request<T>, id: &VpgId) -> Result<(), Status> {
+        let Some(PeerCaller(caller)) = r.extensions().get::<PeerCaller>().cloned() else {
+            return Ok(());
+        };
+        let id = id.clone();
+        let shared = self
+            .0
+            .read(move |s| {
+                s.vpgs
+                    .get(&id)
+                    .map(|v| v.protected_site == caller || v.recovery_site == caller)
+            })
+            .await?;
+        match shared {
+            Some(false) => Err(Status::permission_denied(
+                "the calling site neither protects nor recovers this VPG",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl SitePeer for PeerApi {
     async fn accept_pairing(
@@ -100,10 +128,12 @@ impl SitePeer for PeerApi {
             endpoints: self.0.node().api_endpoints(),
             paired_at_ms: 0,
             bandwidth_limit_bytes_per_sec: 0,
+            ca_pem: String::new(),
         }))
     }
 
     async fn put_vpg(&self, r: Request<v1::PeerVpgRequest>) -> Result<Response<v1::Empty>, Status> {
+        let caller = r.extensions().get::<PeerCaller>().cloned();
         let r = r.into_inner();
         if r.vpg_json.len() > MAX_JSON_BYTES {
             return Err(Status::invalid_argument("vpg definition too large"));
@@ -111,6 +141,15 @@ impl SitePeer for PeerApi {
         let vpg: Vpg = serde_json::from_slice(&r.vpg_json)
             .map_err(|e| Status::invalid_argument(format!("vpg definition: {e}")))?;
         vpg.validate_received().map_err(bad)?;
+        if let Some(PeerCaller(site)) = caller
+            && vpg.protected_site != site
+            && vpg.recovery_site != site
+        {
+            return Err(Status::permission_denied(format!(
+                "site {site} neither protects nor recovers VPG {}",
+                vpg.id
+            )));
+        }
         if let Some(floor) = r.generation_floor {
             let ok = r
                 .expected_generation
@@ -132,9 +171,9 @@ impl SitePeer for PeerApi {
         &self,
         r: Request<v1::PeerDeleteVpgRequest>,
     ) -> Result<Response<v1::Empty>, Status> {
+        let from = calling_site(&r, &r.get_ref().from_site_id)?;
         let r = r.into_inner();
         let id = VpgId::parse("vpg_id", &r.vpg_id).map_err(bad)?;
-        let from = SiteId::parse("from_site_id", &r.from_site_id).map_err(bad)?;
         self.0
             .delete_peer_vpg(id, from, r.keep_recovery_disks)
             .await?;
@@ -145,7 +184,7 @@ impl SitePeer for PeerApi {
         &self,
         r: Request<v1::PeerUnpairRequest>,
     ) -> Result<Response<v1::Empty>, Status> {
-        let from = SiteId::parse("from_site_id", &r.into_inner().from_site_id).map_err(bad)?;
+        let from = calling_site(&r, &r.get_ref().from_site_id)?;
         self.0.accept_unpair(from).await?;
         Ok(Response::new(v1::Empty {}))
     }
@@ -154,7 +193,7 @@ impl SitePeer for PeerApi {
         &self,
         r: Request<v1::PeerReportRequest>,
     ) -> Result<Response<v1::PeerReportResponse>, Status> {
-        let from = SiteId::parse("from_site_id", &r.into_inner().from_site_id).map_err(bad)?;
+        let from = calling_site(&r, &r.get_ref().from_site_id)?;
         let report = self.0.peer_report(from).await?;
         let report_json =
             serde_json::to_vec(&report).map_err(|e| Status::internal(e.to_string()))?;
@@ -165,6 +204,8 @@ impl SitePeer for PeerApi {
         &self,
         r: Request<v1::ListCheckpointsQuery>,
     ) -> Result<Response<v1::CheckpointList>, Status> {
+        let vpg = VpgId::parse("vpg_id", &r.get_ref().vpg_id).map_err(bad)?;
+        self.check_shared(&r, &vpg).await?;
         let q = super::vpg::checkpoint_query(r.into_inner())?;
         Ok(Response::new(self.0.checkpoints(q, false).await?))
     }
@@ -173,8 +214,9 @@ impl SitePeer for PeerApi {
         &self,
         r: Request<v1::PeerMoveRequest>,
     ) -> Result<Response<v1::PeerMoveResponse>, Status> {
+        let vpg = VpgId::parse("vpg_id", &r.get_ref().vpg_id).map_err(bad)?;
+        self.check_shared(&r, &vpg).await?;
         let r = r.into_inner();
-        let vpg = VpgId::parse("vpg_id", &r.vpg_id).map_err(bad)?;
         let op = tandem_core::ids::RecoveryOpId::parse("op_id", &r.op_id).map_err(bad)?;
         Ok(Response::new(self.0.prepare_move(vpg, op, r.drain).await?))
     }
@@ -183,8 +225,9 @@ impl SitePeer for PeerApi {
         &self,
         r: Request<v1::PeerFinishMoveRequest>,
     ) -> Result<Response<v1::Empty>, Status> {
+        let vpg = VpgId::parse("vpg_id", &r.get_ref().vpg_id).map_err(bad)?;
+        self.check_shared(&r, &vpg).await?;
         let r = r.into_inner();
-        let vpg = VpgId::parse("vpg_id", &r.vpg_id).map_err(bad)?;
         let op = tandem_core::ids::RecoveryOpId::parse("op_id", &r.op_id).map_err(bad)?;
         self.0.finish_move(vpg, op, r.committed).await?;
         Ok(Response::new(v1::Empty {}))

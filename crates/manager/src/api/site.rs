@@ -27,11 +27,13 @@ impl SiteService for SiteApi {
         r: Request<v1::CreatePairingTokenRequest>,
     ) -> Result<Response<v1::PairingToken>, Status> {
         let (t, site) = self.0.create_pairing_token(r.into_inner().ttl_secs).await?;
+        let fingerprint = self.0.ca_fingerprint()?;
         Ok(Response::new(v1::PairingToken {
-            token: t.token,
+            token: tandem_core::pairing::pairing_code(&t.token, fingerprint.as_deref()),
             expires_at_ms: t.expires_at_ms,
             site_id: site.id.to_string(),
             site_name: site.name,
+            ca_fingerprint: fingerprint.unwrap_or_default(),
         }))
     }
 

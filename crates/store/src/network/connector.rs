@@ -74,12 +74,13 @@ impl Connector for TcpConnector {
 #[derive(Debug, Clone)]
 pub struct TlsConnector {
     pub base: TcpConnector,
-    pub tls: tandem_tls::TlsConfig,
+    /// Read at each connection, so a renewed certificate is presented from then on.
+    pub tls: tandem_tls::LiveTls,
 }
 
 impl Connector for TlsConnector {
     fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, ConnectError> {
-        let dial = tandem_tls::dial::TlsDial::new(self.tls.client())
+        let dial = tandem_tls::dial::TlsDial::live(self.tls.clone())
             .with_keepalive(self.base.tcp_keepalive);
         Ok(self
             .base
