@@ -99,7 +99,7 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
         .into_inner();
     let peer = SiteServiceClient::new(a.clone())
         .pair_site(v1::PairSiteRequest {
-            peer_endpoints: lab.endpoints(1),
+            peer_endpoints: lab.internal_endpoints(1),
             token: token.token.clone(),
             ..Default::default()
         })
@@ -108,7 +108,7 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
     assert_eq!(peer.name, "site-b");
     let again = SiteServiceClient::new(a.clone())
         .pair_site(v1::PairSiteRequest {
-            peer_endpoints: lab.endpoints(1),
+            peer_endpoints: lab.internal_endpoints(1),
             token: token.token,
             ..Default::default()
         })
@@ -394,7 +394,7 @@ async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_ke
         .token;
     let site_b = SiteServiceClient::new(ch.clone())
         .pair_site(v1::PairSiteRequest {
-            peer_endpoints: lab.endpoints(1),
+            peer_endpoints: lab.internal_endpoints(1),
             token,
             ..Default::default()
         })

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use tandem_lab::lab::Lab;
 use tandem_proto::v1;
 use tandem_proto::v1::manager_internal_client::ManagerInternalClient;
@@ -44,6 +44,23 @@ fn trusting(holder: &Path, target: &Path, out: &Path) -> Result<std::path::PathB
     std::fs::copy(from.node_cert(), dst.node_cert())?;
     std::fs::copy(from.node_key(), dst.node_key())?;
     Ok(out.to_path_buf())
+}
+
+/// Waits until the VRA `vra` trusts (`want`) the CA of `site`, as its managers give it
+/// the paired sites' CAs.
+async fn wait_vra_trusts(vra: &tandem_lab::lab::VraProcess, site: &str, want: bool) -> Result<()> {
+    use tandem_proto::v1::vra_control_client::VraControlClient;
+    for _ in 0..100 {
+        let st = VraControlClient::new(vra.control_channel().await?)
+            .get_status(v1::GetVraStatusRequest {})
+            .await?
+            .into_inner();
+        if st.trusted.iter().any(|t| t.site_id == site) == want {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("VRA {} trusting site {site}: never {want}", vra.host)
 }
 
 /// What a rogue member would propose: a peer site no operator paired.
@@ -196,9 +213,11 @@ async fn a_vra_takes_control_from_its_managers_and_streams_from_vras_only() -> R
     let dir = tempfile::tempdir()?;
     let mut lab = Lab::up(&dir.path().join("lab"), 2, 1).await?;
     lab.start_vras(1).await?;
+    tandem_lab::protect::pair(&lab, 1, 0).await?;
     let vra = &lab.vras[0][0];
     let site_a = lab.site_id(0).context("site a")?.to_string();
     let site_b = lab.site_id(1).context("site b")?.to_string();
+    wait_vra_trusts(vra, &site_b, true).await?;
     let certs = dir.path().join("certs");
     let a_vra = certs.join("a-vra");
     lab.provision(0, &PeerIdentity::vra(&site_a, "host-9")?, &a_vra)?;
@@ -326,11 +345,37 @@ async fn only_the_protecting_sites_vras_stream_into_a_vpgs_journals() -> Result<
             })
             .await
     };
+    // The managers gave their VRA the CA of the site they are paired with, and only it.
+    wait_vra_trusts(recovery, &site_a, true).await?;
+    wait_vra_trusts(recovery, &site_c, false).await?;
+    // A VRA of a site not paired with b: refused at the handshake.
+    let err = hashes(tls_channel(&recovery.control, &c_vra)?)
+        .await
+        .expect_err("a VRA of a site that is not paired was served");
+    assert_ne!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    println!("site c's VRA before pairing: {err}");
+    // Once c pairs with b, its VRAs are believed, but still cannot touch a VPG that c
+    // does not protect.
+    tandem_lab::protect::pair(&lab, 2, 1).await?;
+    wait_vra_trusts(recovery, &site_c, true).await?;
     let err = hashes(tls_channel(&recovery.control, &c_vra)?)
         .await
         .expect_err("a VRA of a site that does not protect the VPG compared its blocks");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     println!("site c's VRA: {}", err.message());
+    // Unpairing withdraws the trust.
+    let site_b = lab.site_id(1).context("b")?.to_string();
+    SiteServiceClient::new(channel(&lab.sites[2][0].api).await?)
+        .unpair_site(v1::UnpairSiteRequest {
+            site_id: site_b,
+            force: false,
+        })
+        .await?;
+    wait_vra_trusts(recovery, &site_c, false).await?;
+    let err = hashes(tls_channel(&recovery.control, &c_vra)?)
+        .await
+        .expect_err("a VRA of an unpaired site was served");
+    assert_ne!(err.code(), tonic::Code::PermissionDenied, "{err}");
     // The protecting site's VRAs pass that check.
     let r = hashes(tls_channel(&recovery.control, &a_other)?).await;
     assert_ne!(
@@ -357,8 +402,8 @@ async fn only_the_protecting_sites_vras_stream_into_a_vpgs_journals() -> Result<
     Ok(())
 }
 
-/// Calls between sites (`SitePeer`, on the operator port) are taken only from a manager of
-/// a paired site, by its certificate: not without one, not from a VRA, not from this
+/// Calls between sites (`SitePeer`, on the internal listener; the operator port does not
+/// serve them) are taken only from a manager of a paired site, by its certificate: not without one, not from a VRA, not from this
 /// site's own managers, not from a site that is not paired; and a request speaks only for
 /// the site its certificate names. Nothing a refused caller sent changes the state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,7 +412,8 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut lab = Lab::up(&dir.path().join("lab"), 2, 1).await?;
     tandem_lab::protect::pair(&lab, 0, 1).await?;
-    let api = lab.sites[0][0].api.clone();
+    // Paired sites call a manager's internal listener.
+    let internal = lab.sites[0][0].raft.clone();
     let (site_a, site_b) = (
         lab.site_id(0).context("a")?.to_string(),
         lab.site_id(1).context("b")?.to_string(),
@@ -384,7 +430,7 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
     )?;
     let as_holder = |name: &str| {
         tls_channel(
-            &api,
+            &internal,
             &trusting(&holder(name), &node_a, &holder(&format!("t-{name}")))?,
         )
     };
@@ -397,12 +443,20 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
         }
     };
 
-    // An operator's TLS connection (no certificate).
+    // A TLS connection without a certificate (as an operator's).
     let ca_a = PkiDir::new(node_a.join("pki")).ca_cert();
-    let operator = endpoint(&api)?.connect_with_connector_lazy(tandem_tls::dial::TlsDial::new(
-        tandem_tls::config::operator_client(&std::fs::read_to_string(&ca_a)?)?,
-    ));
-    let err = report(operator, &site_b)
+    let operator_tls = tandem_tls::config::operator_client(&std::fs::read_to_string(&ca_a)?)?;
+    let dial = |addr: &str| -> Result<Channel> {
+        Ok(endpoint(addr)?
+            .connect_with_connector_lazy(tandem_tls::dial::TlsDial::new(operator_tls.clone())))
+    };
+    // The operator port does not serve calls between sites at all.
+    let err = SitePeerClient::new(dial(&lab.sites[0][0].api)?)
+        .accept_pairing(v1::AcceptPairingRequest::default())
+        .await
+        .expect_err("the operator port served SitePeer");
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
+    let err = report(dial(&internal)?, &site_b)
         .await
         .expect_err("served without a certificate");
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
@@ -428,7 +482,7 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
         .await
         .expect_err("an unpair for another site was taken");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
-    let peers = SiteServiceClient::new(channel(&api).await?)
+    let peers = SiteServiceClient::new(channel(&lab.sites[0][0].api).await?)
         .list_peers(v1::ListPeersRequest {})
         .await?
         .into_inner()

@@ -195,11 +195,15 @@ enum SiteCmd {
 enum PairCmd {
     /// Pairs with the site whose managers listen at --peer, using its token.
     Create {
+        /// The peer's managers' internal addresses (their --raft-listen port, which
+        /// serves paired sites; not the operator port).
         #[arg(long = "peer", required = true, value_delimiter = ',')]
         peers: Vec<String>,
+        /// The peer's pairing token, ending in its CA's fingerprint.
         #[arg(long)]
         token: String,
-        /// Addresses at which the peer reaches this site (default: this site's managers).
+        /// Internal addresses at which the peer reaches this site (default: this site's
+        /// managers').
         #[arg(long = "advertise", value_delimiter = ',')]
         advertise: Vec<String>,
     },

@@ -39,7 +39,8 @@ pub fn split_pairing_code(code: &str) -> (&str, Option<&str>) {
 pub struct PeerSite {
     pub id: SiteId,
     pub name: String,
-    /// API addresses (`host:port`) of the peer's manager nodes.
+    /// Internal addresses (`host:port`) of the peer's manager nodes: where it serves paired
+    /// sites.
     pub endpoints: Vec<String>,
     pub paired_at_ms: u64,
     /// The most this site's VRAs may send to that site, in bytes per second (0: no limit);

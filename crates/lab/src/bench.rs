@@ -435,7 +435,7 @@ async fn tandem_workloads(
         .token;
     let peer = SiteServiceClient::new(a.clone())
         .pair_site(v1::PairSiteRequest {
-            peer_endpoints: b_eps.clone(),
+            peer_endpoints: lab.internal_endpoints(1),
             token,
             ..Default::default()
         })

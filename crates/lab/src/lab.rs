@@ -536,11 +536,12 @@ impl Lab {
             }
             wait_leader(&site[0].api, site.len(), Duration::from_secs(30)).await?;
         }
-        // A link per site pair, with a proxy for each manager a peer site may dial.
+        // A link per site pair, with a proxy for each manager a peer site may dial (its
+        // internal listener, which serves paired sites).
         for to in 0..sites {
             for from in (0..sites).filter(|&f| f != to) {
-                for api in lab.endpoints(to) {
-                    lab.add_proxy(from, to, &api).await?;
+                for addr in lab.internal_endpoints(to) {
+                    lab.add_proxy(from, to, &addr).await?;
                 }
             }
         }
@@ -628,16 +629,16 @@ impl Lab {
         Ok(listen)
     }
 
-    /// The API addresses of site `to`'s managers as site `from` must dial them: through the
-    /// link (these are what a pairing request from `from` should carry).
+    /// The internal addresses of site `to`'s managers as site `from` must dial them:
+    /// through the link (these are what a pairing request from `from` should carry).
     pub fn peer_endpoints(&self, from: usize, to: usize) -> Vec<String> {
-        self.endpoints(to)
+        self.internal_endpoints(to)
             .into_iter()
-            .map(|api| {
+            .map(|addr| {
                 self.proxies
-                    .get(&(from, to, api.clone()))
+                    .get(&(from, to, addr.clone()))
                     .cloned()
-                    .unwrap_or(api)
+                    .unwrap_or(addr)
             })
             .collect()
     }
@@ -732,13 +733,9 @@ impl Lab {
                 let host = format!("{name}-host-{h}");
                 let dir = self.dir.join(name).join(format!("vra-{h}"));
                 let site_id = self.site_id(i).context("site id")?.to_string();
+                // Its site's CA issues its certificate; the paired sites' CAs come from its
+                // managers once the sites pair.
                 self.provision(i, &PeerIdentity::vra(&site_id, &host)?, &dir.join("data"))?;
-                // Streams cross to the other sites' VRAs: this one trusts their CAs.
-                let pki = PkiDir::new(dir.join("data").join("pki"));
-                for (j, ca) in self.site_cas.iter().enumerate().filter(|&(j, _)| j != i) {
-                    pki.trust(ca.site(), ca.cert_pem())
-                        .with_context(|| format!("trusting {}", self.site_names[j]))?;
-                }
                 let mut vra = VraProcess {
                     host: host.clone(),
                     control: String::new(),
@@ -775,6 +772,11 @@ impl Lab {
     /// API addresses of a site's managers.
     pub fn endpoints(&self, site: usize) -> Vec<String> {
         self.sites[site].iter().map(|p| p.api.clone()).collect()
+    }
+
+    /// Internal addresses of a site's managers (its members and paired sites call them).
+    pub fn internal_endpoints(&self, site: usize) -> Vec<String> {
+        self.sites[site].iter().map(|p| p.raft.clone()).collect()
     }
 
     pub async fn down(&mut self) {

@@ -1,7 +1,9 @@
-//! Who may call what on the operator port, in one place: the tower layer that checks each
-//! call's bearer token against the site's tokens and the role its method needs, hands the
-//! caller to the services, and records every call that changes the site as an event (the
-//! audit trail). Also the site's first admin token, installed at bootstrap from a file.
+//! Who may call what, in one place, on both of a manager's listeners: the tower layer that
+//! checks each operator call's bearer token against the site's tokens and the role its
+//! method needs, each member's or paired site's call against the certificate its caller
+//! presented, hands the caller to the services, and records every call that changes the
+//! site as an event (the audit trail). Also the site's first admin token, installed at
+//! bootstrap from a file.
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -20,9 +22,11 @@ use tonic::{Code, Status};
 use crate::error::{ApiError, ApiResult};
 use crate::site::{SiteManager, now_ms};
 
-/// What a call on the operator port needs.
+/// What a call needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Needs {
+    /// The certificate of a manager of this site (Raft, forwarding to the leader).
+    Member,
     /// Nothing: health probes (they say only whether the node can serve).
     Nothing,
     /// A paired site's call (`SitePeer`), not an operator's: authenticated by the calling
@@ -44,6 +48,7 @@ pub fn needs(path: &str) -> Needs {
     let service = service.strip_prefix("tandem.v1.").unwrap_or(service);
     match (service, method) {
         ("grpc.health.v1.Health", _) => Needs::Nothing,
+        ("Raft" | "ManagerInternal", _) => Needs::Member,
         ("SitePeer", "AcceptPairing") => Needs::Pairing,
         ("SitePeer", _) => Needs::Peer,
         ("grpc.reflection.v1.ServerReflection", _)
@@ -76,16 +81,40 @@ fn is_read(method: &str) -> bool {
         .any(|p| method.starts_with(p))
 }
 
-/// The layer over every service of the operator port.
+/// Which of a manager's listeners a layer guards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The operator port: operators' calls (tokens) and health only.
+    Operator,
+    /// The internal port: the site's members and its paired sites (certificates) only.
+    Internal,
+}
+
+impl Listener {
+    /// Whether this listener serves calls that need `needs` at all.
+    fn serves(self, needs: Needs) -> bool {
+        match needs {
+            Needs::Nothing | Needs::Token(_) => self == Listener::Operator,
+            Needs::Member | Needs::Peer | Needs::Pairing => self == Listener::Internal,
+        }
+    }
+}
+
+/// The layer over every service of one listener.
 #[derive(Clone)]
 pub struct AccessLayer {
     site: SiteManager,
     audit: AuditTrail,
+    listener: Listener,
 }
 
 impl AccessLayer {
-    pub fn new(site: SiteManager, audit: AuditTrail) -> Self {
-        Self { site, audit }
+    pub fn new(site: SiteManager, audit: AuditTrail, listener: Listener) -> Self {
+        Self {
+            site,
+            audit,
+            listener,
+        }
     }
 }
 
@@ -153,6 +182,7 @@ impl<S> tower::Layer<S> for AccessLayer {
             inner,
             site: self.site.clone(),
             audit: self.audit.clone(),
+            listener: self.listener,
         }
     }
 }
@@ -163,6 +193,7 @@ pub struct Access<S> {
     inner: S,
     site: SiteManager,
     audit: AuditTrail,
+    listener: Listener,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -189,10 +220,32 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let site = self.site.clone();
         let trail = self.audit.clone();
+        let listener = self.listener;
         Box::pin(async move {
             let path = req.uri().path().to_string();
-            let needed = match needs(&path) {
+            let needs = needs(&path);
+            if !listener.serves(needs) {
+                return Ok(Status::unimplemented(format!(
+                    "{} is not served on the {} port",
+                    call_name(&path),
+                    match listener {
+                        Listener::Operator => "operator",
+                        Listener::Internal => "internal",
+                    }
+                ))
+                .into_http());
+            }
+            let needed = match needs {
                 Needs::Nothing | Needs::Pairing => return inner.call(req).await,
+                Needs::Member => {
+                    return match check_member(&site, &req) {
+                        Ok(()) => inner.call(req).await,
+                        Err(status) => {
+                            tracing::warn!(call = %path, reason = status.message(), "member call refused");
+                            Ok(status.into_http())
+                        }
+                    };
+                }
                 Needs::Peer => {
                     return match peer_site(&site, &req) {
                         Ok(from) => {
@@ -238,25 +291,45 @@ where
     }
 }
 
+/// The certificate a client presented on this connection, if any.
+fn presented(req: &Request<Body>) -> Option<std::sync::Arc<tandem_tls::PeerIdentity>> {
+    req.extensions()
+        .get::<tandem_proto::transport::PeerInfo>()
+        .and_then(|i| i.peer.clone())
+}
+
+/// A member's call (Raft, forwarding) needs the certificate of a manager of this site
+/// (nothing under `--insecure`).
+fn check_member(site: &SiteManager, req: &Request<Body>) -> Result<(), Status> {
+    let Some(own) = site.tls_site_id() else {
+        return Ok(());
+    };
+    let who = presented(req).ok_or_else(|| {
+        Status::unauthenticated("members' calls need the certificate of a manager of this site")
+    })?;
+    if who.role != tandem_tls::PeerRole::Manager || who.site != own {
+        return Err(Status::permission_denied(format!(
+            "{who} is not a manager of this site"
+        )));
+    }
+    Ok(())
+}
+
 /// The paired site a peer call comes from, by the certificate its manager presented
 /// (None: this node runs `--insecure`, and peers are not authenticated).
 fn peer_site(site: &SiteManager, req: &Request<Body>) -> Result<Option<SiteId>, Status> {
-    let Some(own) = site.site_tls() else {
+    let Some(own) = site.tls_site_id() else {
         return Ok(None);
     };
-    let who = req
-        .extensions()
-        .get::<tandem_proto::transport::PeerInfo>()
-        .and_then(|i| i.peer.clone())
-        .ok_or_else(|| {
-            Status::unauthenticated("peer calls need the certificate of a paired site's manager")
-        })?;
+    let who = presented(req).ok_or_else(|| {
+        Status::unauthenticated("peer calls need the certificate of a paired site's manager")
+    })?;
     if who.role != tandem_tls::PeerRole::Manager {
         return Err(Status::permission_denied(format!(
             "{who} is not a manager: only a paired site's managers call this service"
         )));
     }
-    if who.site == own.identity().site {
+    if who.site == own {
         return Err(Status::permission_denied(format!(
             "{who} is a member of this site, not a paired site"
         )));
@@ -443,11 +516,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_listener_serves_its_audience_only() {
+        for (needs, operator, internal) in [
+            (Needs::Nothing, true, false),
+            (Needs::Token(Role::Viewer), true, false),
+            (Needs::Token(Role::Admin), true, false),
+            (Needs::Member, false, true),
+            (Needs::Peer, false, true),
+            (Needs::Pairing, false, true),
+        ] {
+            assert_eq!(Listener::Operator.serves(needs), operator, "{needs:?}");
+            assert_eq!(Listener::Internal.serves(needs), internal, "{needs:?}");
+        }
+    }
+
+    #[test]
     fn every_method_is_classified_and_unknown_ones_need_admin() {
         let t = |p: &str| needs(p);
         assert_eq!(t("/grpc.health.v1.Health/Check"), Needs::Nothing);
         assert_eq!(t("/tandem.v1.SitePeer/PutVpg"), Needs::Peer);
         assert_eq!(t("/tandem.v1.SitePeer/AcceptPairing"), Needs::Pairing);
+        assert_eq!(t("/tandem.v1.Raft/AppendEntries"), Needs::Member);
+        assert_eq!(t("/tandem.v1.ManagerInternal/Propose"), Needs::Member);
         assert_eq!(
             t("/tandem.v1.VpgService/ListVpgs"),
             Needs::Token(Role::Viewer)
@@ -475,7 +565,6 @@ mod tests {
             "/tandem.v1.HostService/CreateHost",
             "/tandem.v1.TokenService/ListTokens",
             "/tandem.v1.TaskService/TaskInput",
-            "/tandem.v1.ManagerInternal/Propose",
             "/tandem.v1.NewService/GetAnything",
             "/nonsense",
             "",

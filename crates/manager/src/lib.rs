@@ -72,36 +72,49 @@ pub async fn run(
     let tasks = tokio_util::task::TaskTracker::new();
     let raft_server = store.grpc().into_server();
     let connector = net::Connector::default().with_site_tls(tls.clone());
-    let node = Arc::new(ManagerNode::new(store, connector.clone(), api_addr.clone()));
+    let node = Arc::new(ManagerNode::new(
+        store,
+        connector.clone(),
+        raft_addr.clone(),
+    ));
     let site = SiteManager::new(node.clone(), connector);
     let site_id = tls.as_ref().map(|t| t.current().identity().site.clone());
-    let api_security = match &tls {
+    // The operator port presents the node's certificate; the internal one also trusts the
+    // paired sites' CAs (their managers call it), and which identity may call what is
+    // the access layer's, per call.
+    let (api_security, internal_security) = match &tls {
         Some(member) => {
-            let api = tandem_tls::LiveTls::new(member.current());
+            let with_peers = tandem_tls::LiveTls::new(member.current());
             tasks.spawn(net::keep_tls(
                 node.clone(),
                 member.clone(),
-                api.clone(),
+                with_peers.clone(),
                 shutdown.clone(),
             ));
-            tandem_proto::transport::Security::ServerTls { tls: api }
+            (
+                tandem_proto::transport::Security::ServerTls {
+                    tls: member.clone(),
+                },
+                tandem_proto::transport::Security::ServerTls { tls: with_peers },
+            )
         }
-        None => tandem_proto::transport::Security::Plain,
+        None => (
+            tandem_proto::transport::Security::Plain,
+            tandem_proto::transport::Security::Plain,
+        ),
     };
-    let (internal_site, internal_shutdown) = (site.clone(), shutdown.clone());
+    let (trail, trail_writer) = access::AuditTrail::start(site.clone(), shutdown.clone());
+    // Detached, as before: at shutdown it writes what is queued once, best effort.
+    tokio::spawn(trail_writer);
+    let (internal_site, internal_shutdown, internal_trail) =
+        (site.clone(), shutdown.clone(), trail.clone());
     tasks.spawn(async move {
-        let security = match tls {
-            Some(tls) => tandem_proto::transport::Security::MutualTls {
-                admit: server::members_of(tls.current().identity().site.clone()),
-                tls,
-            },
-            None => tandem_proto::transport::Security::Plain,
-        };
         let served = server::serve_internal(
             raft_listener,
-            security,
+            internal_security,
             raft_server,
             internal_site,
+            internal_trail,
             internal_shutdown,
         );
         if let Err(e) = served.await {
@@ -112,8 +125,8 @@ pub async fn run(
     let api_shutdown = shutdown.clone();
     let api_site = site.clone();
     tasks.spawn(async move {
-        if let Err(e) = server::serve_api(api_listener, api_security, api_site, api_shutdown).await
-        {
+        let served = server::serve_api(api_listener, api_security, api_site, trail, api_shutdown);
+        if let Err(e) = served.await {
             tracing::error!(error = %e, "api server failed");
         }
     });

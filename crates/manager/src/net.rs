@@ -21,6 +21,8 @@ pub struct Connector {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// This node's certificate, as renewed (None: `--insecure`).
     own: Option<tandem_tls::LiveTls>,
+    /// The site it names.
+    own_site_id: Option<Arc<str>>,
 }
 
 impl Default for Connector {
@@ -30,6 +32,7 @@ impl Default for Connector {
             request_timeout: Duration::from_secs(10),
             channels: Arc::default(),
             own: None,
+            own_site_id: None,
         }
     }
 }
@@ -38,8 +41,16 @@ impl Connector {
     /// Dials the site's other members and its VRAs over mutual TLS with this node's
     /// certificate.
     pub fn with_site_tls(mut self, tls: Option<tandem_tls::LiveTls>) -> Self {
+        self.own_site_id = tls
+            .as_ref()
+            .map(|t| t.current().identity().site.as_str().into());
         self.own = tls;
         self
+    }
+
+    /// The site this node's certificate names (None: `--insecure`).
+    pub fn tls_site_id(&self) -> Option<&str> {
+        self.own_site_id.as_deref()
     }
 
     /// This node's certificate (None: `--insecure`).

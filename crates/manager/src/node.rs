@@ -42,15 +42,16 @@ pub struct ClusterView {
 pub struct ManagerNode {
     store: SiteStore,
     connector: Connector,
-    api_addr: String,
+    /// Where this node serves its site's members and paired sites (advertised).
+    internal_addr: String,
 }
 
 impl ManagerNode {
-    pub fn new(store: SiteStore, connector: Connector, api_addr: String) -> Self {
+    pub fn new(store: SiteStore, connector: Connector, internal_addr: String) -> Self {
         Self {
             store,
             connector,
-            api_addr,
+            internal_addr,
         }
     }
 
@@ -58,15 +59,17 @@ impl ManagerNode {
         &self.store
     }
 
-    /// API addresses of every member, this node's first.
-    pub fn api_endpoints(&self) -> Vec<String> {
+    /// Internal addresses of every member, this node's first: where paired sites call
+    /// (the internal listener serves the site's members and its paired sites, never
+    /// operators).
+    pub fn peer_endpoints(&self) -> Vec<String> {
         let m = self.store.metrics();
-        let mut out = vec![self.api_addr.clone()];
+        let mut out = vec![self.internal_addr.clone()];
         out.extend(
             m.nodes
                 .values()
-                .map(|n| n.api_addr.clone())
-                .filter(|a| *a != self.api_addr),
+                .map(|n| n.raft_addr.clone())
+                .filter(|a| *a != self.internal_addr),
         );
         out
     }

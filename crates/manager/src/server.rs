@@ -1,7 +1,8 @@
 //! Assembles the node's two gRPC servers on their injected listeners, split by audience:
-//! the API (operator services, site peering, health, reflection) and the internal one
-//! (Raft, and the manager-internal forwarding to the leader), which the operator's port
-//! never serves.
+//! the API (operator services, health, reflection) and the internal one (Raft and the
+//! forwarding to the leader for the site's members; `SitePeer` for its paired sites),
+//! which the operator's port never serves. One access layer over both decides, per call,
+//! who may call what.
 
 use std::time::Duration;
 
@@ -43,26 +44,26 @@ macro_rules! limited {
     };
 }
 
-/// Who the internal listener serves: the managers of `site` (the handshake already
-/// checked that the site's CA issued their certificates).
-pub fn members_of(site: String) -> tandem_proto::transport::Admit {
-    std::sync::Arc::new(move |peer: &tandem_tls::PeerIdentity| {
-        peer.role == tandem_tls::PeerRole::Manager && peer.site == site
-    })
-}
-
-/// Serves the site's members on `listener` (the Raft listener) until `shutdown` fires:
-/// Raft, and the forwarding of writes, reads and leader calls to the leader.
+/// Serves the site's members and its paired sites on `listener` (the Raft listener) until
+/// `shutdown` fires: Raft, and the forwarding of writes, reads and leader calls to the
+/// leader, for members; `SitePeer` for paired sites' managers.
 pub async fn serve_internal(
     listener: TcpListener,
     security: tandem_proto::transport::Security,
     raft: tandem_proto::v1::raft_server::RaftServer<tandem_store::RaftGrpc>,
     site: SiteManager,
+    trail: crate::access::AuditTrail,
     shutdown: CancellationToken,
 ) -> Result<()> {
     Server::builder()
+        .layer(crate::access::AccessLayer::new(
+            site.clone(),
+            trail,
+            crate::access::Listener::Internal,
+        ))
         .add_service(raft)
-        .add_service(limited!(ManagerInternalServer, InternalApi(site)))
+        .add_service(limited!(ManagerInternalServer, InternalApi(site.clone())))
+        .add_service(limited!(SitePeerServer, PeerApi(site)))
         .serve_with_incoming_shutdown(
             tandem_proto::transport::incoming_with(listener, security),
             shutdown.cancelled_owned(),
@@ -102,18 +103,16 @@ async fn report_health(
 }
 
 /// Serves the API on `listener` until `shutdown` fires: over TLS with the node's
-/// certificate (operators bring tokens; paired sites' managers their certificates), or
-/// plaintext under `--insecure`.
+/// certificate (operators bring tokens), or plaintext under `--insecure`.
 pub async fn serve_api(
     listener: TcpListener,
     security: tandem_proto::transport::Security,
     site: SiteManager,
+    trail: crate::access::AuditTrail,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(health, site.clone(), shutdown.clone()));
-    let (trail, writer) = crate::access::AuditTrail::start(site.clone(), shutdown.clone());
-    tokio::spawn(writer);
     let (reflection, reflection_alpha) = tandem_proto::discovery::reflection(&[
         <SiteServiceServer<SiteApi> as NamedService>::NAME,
         <HostServiceServer<InventoryApi> as NamedService>::NAME,
@@ -126,14 +125,17 @@ pub async fn serve_api(
         <TaskServiceServer<TaskApi> as NamedService>::NAME,
         <RecoveryServiceServer<RecoveryApi> as NamedService>::NAME,
         <TokenServiceServer<TokenApi> as NamedService>::NAME,
-        <SitePeerServer<PeerApi> as NamedService>::NAME,
         tandem_proto::discovery::HEALTH,
     ])?;
     let inventory = InventoryApi(site.clone());
     Server::builder()
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
-        .layer(crate::access::AccessLayer::new(site.clone(), trail))
+        .layer(crate::access::AccessLayer::new(
+            site.clone(),
+            trail,
+            crate::access::Listener::Operator,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -150,8 +152,7 @@ pub async fn serve_api(
         ))
         .add_service(limited!(TaskServiceServer, TaskApi(site.clone())))
         .add_service(limited!(RecoveryServiceServer, RecoveryApi(site.clone())))
-        .add_service(limited!(TokenServiceServer, TokenApi(site.clone())))
-        .add_service(limited!(SitePeerServer, PeerApi(site)))
+        .add_service(limited!(TokenServiceServer, TokenApi(site)))
         .serve_with_incoming_shutdown(
             tandem_proto::transport::incoming_with(listener, security),
             shutdown.cancelled_owned(),

@@ -114,6 +114,12 @@ impl SiteManager {
         self.connector.site_tls()
     }
 
+    /// The site this node's certificate names (None: `--insecure`); renewal never changes
+    /// it.
+    pub fn tls_site_id(&self) -> Option<&str> {
+        self.connector.tls_site_id()
+    }
+
     pub fn node(&self) -> &Arc<ManagerNode> {
         &self.node
     }
@@ -176,7 +182,7 @@ impl SiteManager {
         Ok(PeerSite {
             id: identity.id,
             name: identity.name,
-            endpoints: self.node.api_endpoints(),
+            endpoints: self.node.peer_endpoints(),
             paired_at_ms: now_ms(),
             bandwidth_limit_bytes_per_sec: 0,
             ca_pem: self

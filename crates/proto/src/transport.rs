@@ -32,7 +32,7 @@ pub struct PeerInfo {
 #[derive(Debug)]
 enum Io {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tandem_tls::config::ServerStream>),
 }
 
 /// A connection admitted to a gRPC server; its place is freed when it closes.
@@ -254,10 +254,7 @@ async fn handshake(
     auth: ClientAuth,
     pending: &tandem_net::Pending,
     remote: Option<std::net::SocketAddr>,
-) -> Option<(
-    tokio_rustls::server::TlsStream<TcpStream>,
-    Option<PeerIdentity>,
-)> {
+) -> Option<(tandem_tls::config::ServerStream, Option<PeerIdentity>)> {
     let shook = tokio::select! {
         () = pending.shed().cancelled() => return None,
         r = tokio::time::timeout(pending.handshake_timeout(), tls.accept(stream, auth)) => r,

@@ -39,6 +39,7 @@ pub mod sender;
 pub mod service;
 pub mod state;
 pub mod sync;
+pub mod trust;
 pub mod vra;
 pub mod window;
 
@@ -87,8 +88,16 @@ pub async fn run(
 ) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
-    // Renewed certificates in the PKI directory are taken up while serving.
+    // Renewed certificates in the PKI directory are taken up while serving; the paired
+    // sites' CAs come from the managers (kept in the data directory).
     let live_tls = config.tls.clone().map(tandem_tls::LiveTls::new);
+    let trust = match &live_tls {
+        Some(live) => Some(
+            trust::PeerTrust::load(live.clone(), config.data_dir.join("trust.json"))
+                .context("the paired sites' CAs")?,
+        ),
+        None => None,
+    };
     let control_addr = control.local_addr()?.to_string();
     let nbd_addr = nbd.local_addr()?.to_string();
     let exports = Exports::new();
@@ -118,8 +127,9 @@ pub async fn run(
     let nbd_task = tasks.spawn(async move { nbd_server.serve(nbd, nbd_shutdown).await });
 
     let sessions = TaskTracker::new();
-    let control_svc = VraControlServer::new(service::ControlService::new(vra.clone()))
-        .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES);
+    let control_svc =
+        VraControlServer::new(service::ControlService::new(vra.clone(), trust.clone()))
+            .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES);
     let repl_svc = ReplicationServer::new(service::ReplicationService::new(
         vra.clone(),
         sessions.clone(),
@@ -140,7 +150,12 @@ pub async fn run(
     let (security, own_site) = match &live_tls {
         Some(live) => {
             let stop = shutdown.clone().cancelled_owned();
-            tasks.spawn(tandem_tls::reload::keep_loaded(live.clone(), Ok, stop));
+            let trust = trust.clone().expect("trust comes with TLS");
+            tasks.spawn(tandem_tls::reload::keep_loaded(
+                live.clone(),
+                move |c| trust.adjust(c),
+                stop,
+            ));
             (
                 tandem_proto::transport::Security::MutualTls {
                     tls: live.clone(),

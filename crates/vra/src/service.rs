@@ -38,12 +38,14 @@ fn status(e: crate::error::VraError) -> Status {
 #[derive(Debug, Clone)]
 pub struct ControlService {
     vra: Vra,
+    /// The paired sites' CAs (None: `--insecure`).
+    trust: Option<crate::trust::PeerTrust>,
 }
 
 impl ControlService {
     /// A service over `vra`.
-    pub fn new(vra: Vra) -> Self {
-        Self { vra }
+    pub fn new(vra: Vra, trust: Option<crate::trust::PeerTrust>) -> Self {
+        Self { vra, trust }
     }
 }
 
@@ -201,7 +203,19 @@ impl VraControl for ControlService {
         &self,
         _req: Request<pb::GetVraStatusRequest>,
     ) -> Result<Response<pb::VraStatus>, Status> {
-        Ok(Response::new(self.vra.status().await))
+        let mut status = self.vra.status().await;
+        if let Some(t) = &self.trust {
+            status.trusted = t
+                .fingerprints()
+                .into_iter()
+                .map(|(site_id, ca_fingerprint)| pb::TrustedSite {
+                    site_id,
+                    ca_pem: String::new(),
+                    ca_fingerprint,
+                })
+                .collect();
+        }
+        Ok(Response::new(status))
     }
 
     async fn pause(
@@ -244,6 +258,28 @@ impl VraControl for ControlService {
         let r = req.into_inner();
         let site = parse_peer_site(&r.peer_site_id).map_err(status)?;
         self.vra.set_bandwidth_limit(&site, r.bytes_per_sec).await;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
+    async fn set_trust(
+        &self,
+        req: Request<pb::SetTrustRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let Some(trust) = &self.trust else {
+            return Err(Status::failed_precondition(
+                "this VRA runs --insecure: it checks no certificates",
+            ));
+        };
+        let sites = req
+            .into_inner()
+            .sites
+            .into_iter()
+            .map(|s| crate::trust::TrustedSite {
+                site_id: s.site_id,
+                ca_pem: s.ca_pem,
+            })
+            .collect();
+        trust.set(sites).map_err(status)?;
         Ok(Response::new(pb::VraEmpty {}))
     }
 

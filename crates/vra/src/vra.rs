@@ -1117,6 +1117,8 @@ impl Vra {
             buffer_used_bytes: used,
             vpgs: out,
             exports: self.inner.exports.names(),
+            // The service adds what the VRA trusts (it holds the TLS side).
+            trusted: Vec::new(),
         }
     }
 

@@ -1,5 +1,5 @@
-//! `ManagerInternal` (leader forwarding inside a site, on the internal listener) and
-//! `SitePeer` (between paired sites, on the API listener). Who may call them is checked
+//! `ManagerInternal` (leader forwarding inside a site) and `SitePeer` (between paired
+//! sites), both on the internal listener. Who may call them is checked
 //! before they run (`crate::access`, the listeners' TLS); here a peer's request is also
 //! held to the site its certificate names.
 
@@ -125,7 +125,7 @@ impl SitePeer for PeerApi {
         Ok(Response::new(v1::PeerSite {
             id: id.id.to_string(),
             name: id.name,
-            endpoints: self.0.node().api_endpoints(),
+            endpoints: self.0.node().peer_endpoints(),
             paired_at_ms: 0,
             bandwidth_limit_bytes_per_sec: 0,
             ca_pem: String::new(),

@@ -37,6 +37,8 @@ pub struct VraObservation {
     pub limits: HashMap<String, u64>,
     /// The NBD exports it serves (none when it could not be read).
     pub exports: HashSet<String>,
+    /// The paired sites whose CAs it trusts: site id to CA fingerprint.
+    pub trusted: HashMap<String, String>,
 }
 
 /// What one status read of a VRA yields.
@@ -45,6 +47,7 @@ pub struct VraPoll {
     pub vpgs: HashMap<VpgId, VraVpgReport>,
     pub limits: HashMap<String, u64>,
     pub exports: HashSet<String>,
+    pub trusted: HashMap<String, String>,
 }
 
 /// The last report of one peer site.
@@ -162,9 +165,9 @@ impl Live {
     }
 
     pub fn record_vra(&self, host: HostId, poll: Result<VraPoll, String>) {
-        let (vpgs, limits, exports) = match poll {
-            Ok(p) => (Ok(p.vpgs), p.limits, p.exports),
-            Err(e) => (Err(e), HashMap::new(), HashSet::new()),
+        let (vpgs, limits, exports, trusted) = match poll {
+            Ok(p) => (Ok(p.vpgs), p.limits, p.exports, p.trusted),
+            Err(e) => (Err(e), HashMap::new(), HashSet::new(), HashMap::new()),
         };
         let mut inner = self.lock();
         if let Ok(reports) = &vpgs {
@@ -181,6 +184,7 @@ impl Live {
                 vpgs,
                 limits,
                 exports,
+                trusted,
             },
         );
     }

@@ -72,6 +72,11 @@ async fn poll_vra(site: &SiteManager, addr: &str) -> Result<VraPoll, String> {
         vpgs,
         limits,
         exports: status.exports.into_iter().collect(),
+        trusted: status
+            .trusted
+            .into_iter()
+            .map(|t| (t.site_id, t.ca_fingerprint))
+            .collect(),
     })
 }
 

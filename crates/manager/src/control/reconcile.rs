@@ -156,6 +156,7 @@ pub async fn reconcile_once(site: &SiteManager) {
     }
     for host in state.hosts.values() {
         apply_limits(site, &state, host).await;
+        apply_trust(site, &state, host).await;
         let Some(held) = reported(site, &host.id) else {
             continue;
         };
@@ -249,6 +250,44 @@ async fn apply_limits(site: &SiteManager, state: &SiteState, host: &Host) {
                 tracing::warn!(host = %host.id, peer = %peer.id, %error, "bandwidth limit not applied")
             }
         }
+    }
+}
+
+/// Gives the VRA of `host` the CAs of exactly the sites this site is paired with, when it
+/// trusts another set: their VRAs stream to it and take its streams.
+async fn apply_trust(site: &SiteManager, state: &SiteState, host: &Host) {
+    if site.site_tls().is_none() {
+        return;
+    }
+    let Some(seen) = site.control().live.vra(&host.id).filter(|o| o.vpgs.is_ok()) else {
+        return;
+    };
+    let mut want = std::collections::HashMap::new();
+    let mut sites = Vec::new();
+    for peer in state.peers.values().filter(|p| !p.ca_pem.is_empty()) {
+        let Ok(fp) = tandem_tls::config::check_ca_pem(&peer.ca_pem) else {
+            continue;
+        };
+        want.insert(peer.id.to_string(), fp.clone());
+        sites.push(v1::TrustedSite {
+            site_id: peer.id.to_string(),
+            ca_pem: peer.ca_pem.clone(),
+            ca_fingerprint: fp,
+        });
+    }
+    if seen.trusted == want {
+        return;
+    }
+    let req = v1::SetTrustRequest { sites };
+    match call_vra(site, &host.vra_address, |mut c| async move {
+        c.set_trust(vra_request(req)).await
+    })
+    .await
+    {
+        Ok(()) => {
+            tracing::info!(host = %host.id, sites = ?want.keys().collect::<Vec<_>>(), "paired sites' CAs given to the VRA")
+        }
+        Err(error) => tracing::warn!(host = %host.id, %error, "paired sites' CAs not given"),
     }
 }
 
