@@ -466,6 +466,10 @@ async fn manager_steps(
             .create_pairing_token(v1::CreatePairingTokenRequest { ttl_secs: 600 })
             .await?
             .into_inner();
+        let pinned = token.ca_fingerprint.clone();
+        if pinned.is_empty() {
+            bail!("site-b's pairing token pins no CA (is it running --insecure?)");
+        }
         let peer = SiteServiceClient::new(a.clone())
             .pair_site(v1::PairSiteRequest {
                 peer_endpoints: lab.peer_endpoints(0, 1),
@@ -481,6 +485,12 @@ async fn manager_steps(
         if b_peers.peers.len() != 1 {
             bail!("site-b records {} peers, expected 1", b_peers.peers.len());
         }
+        // Each site holds the other's CA: site-a the one the token pinned.
+        if tandem_tls::config::check_ca_pem(&peer.ca_pem)? != pinned {
+            bail!("site-a recorded a CA other than the one site-b's token pinned");
+        }
+        tandem_tls::config::check_ca_pem(&b_peers.peers[0].ca_pem)
+            .context("site-b holds no usable CA of site-a")?;
         let name = lab.link_name(0, 1);
         let s = lab.links.get(&name).await?.state().await?;
         if s.a_to_b.connections_total == 0 || s.a_to_b.bytes == 0 || s.b_to_a.bytes == 0 {
@@ -492,8 +502,13 @@ async fn manager_steps(
             );
         }
         Ok(format!(
-            "paired with {} ({}), both sites record it; over {name}: {} B a->b, {} B b->a",
-            peer.name, peer.id, s.a_to_b.bytes, s.b_to_a.bytes
+            "paired with {} ({}), its CA pinned (sha256 {}...) and the CAs exchanged, both \
+             sites record it; over {name}: {} B a->b, {} B b->a",
+            peer.name,
+            peer.id,
+            pinned.get(..16).unwrap_or(&pinned),
+            s.a_to_b.bytes,
+            s.b_to_a.bytes
         ))
     }
     .await;

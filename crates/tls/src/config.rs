@@ -44,9 +44,9 @@ pub struct TlsConfig {
     server: Arc<ServerConfig>,
     server_optional: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
-    /// The CA certificates of each trusted site (this one's and its paired sites'): a
-    /// certificate naming a site is believed only if that site's CA issued it.
-    anchors: Arc<HashMap<String, Vec<CertificateDer<'static>>>>,
+    /// The CAs of each trusted site (this one's and its paired sites'), as trust anchors:
+    /// a certificate naming a site is believed only if that site's CA issued it.
+    anchors: Arc<HashMap<String, Vec<rustls::pki_types::TrustAnchor<'static>>>>,
     /// The directory it was loaded from (where renewed certificates appear).
     source: Option<PkiDir>,
 }
@@ -207,6 +207,15 @@ impl TlsConfig {
         }
         anchors.insert(identity.site.clone(), certs(&own_ca_pem, "ca.crt")?);
         let roots = roots_of(anchors.values().flatten())?;
+        let mut trust_anchors = HashMap::with_capacity(anchors.len());
+        for (site, cas) in &anchors {
+            let parsed = cas
+                .iter()
+                .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TlsError::Invalid(format!("a CA of site {site}: {e:?}")))?;
+            trust_anchors.insert(site.clone(), parsed);
+        }
         let verifier = |optional: bool| {
             let b = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 roots.clone(),
@@ -240,7 +249,7 @@ impl TlsConfig {
             key,
             own_ca_pem,
             from_files,
-            anchors: Arc::new(anchors),
+            anchors: Arc::new(trust_anchors),
             source: None,
         })
     }
@@ -294,20 +303,15 @@ impl TlsConfig {
     /// Checks that the site a verified certificate names is the site whose CA issued it
     /// (the handshake accepted any trusted CA; a paired site's CA must not speak for us).
     fn check_issuer(&self, peer: &PeerIdentity, leaf: &CertificateDer<'_>) -> Result<(), TlsError> {
-        let cas = self
+        let anchors = self
             .anchors
             .get(&peer.site)
             .ok_or_else(|| TlsError::Invalid(format!("{peer}: its site is not trusted here")))?;
-        let anchors = cas
-            .iter()
-            .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::Invalid(format!("a trusted CA: {e:?}")))?;
         webpki::EndEntityCert::try_from(leaf)
             .and_then(|cert| {
                 cert.verify_for_usage(
                     webpki::ALL_VERIFICATION_ALGS,
-                    &anchors,
+                    anchors,
                     &[],
                     rustls::pki_types::UnixTime::now(),
                     webpki::KeyUsage::client_auth(),
