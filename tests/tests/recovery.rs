@@ -1417,14 +1417,17 @@ async fn renewed_certificates_are_taken_up_under_the_workload_and_no_write_is_lo
     // Protection went on through it: writes are acknowledged, the VPG meets its SLA.
     let acked = workload.acked();
     workload.wait_acked(acked + 100).await?;
-    wait_vpg_cli(
-        &apis_a,
-        "vpg-rot",
-        Duration::from_secs(30),
-        &mut seen,
-        meeting_sla,
-    )
-    .await?;
+    // Both sites see it so: each has reached the other again since the reset.
+    for apis in [&apis_a, &apis_b] {
+        wait_vpg_cli(
+            apis,
+            "vpg-rot",
+            Duration::from_secs(30),
+            &mut seen,
+            meeting_sla,
+        )
+        .await?;
+    }
     assert!(
         !lab.sites.iter_mut().flatten().any(|m| m.died()),
         "a manager died"

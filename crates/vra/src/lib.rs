@@ -171,6 +171,9 @@ pub async fn run(
         tonic::transport::Server::builder()
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20))
+            // Streams arrive in large DATA frames: with HTTP/2's 16 KiB default, each frame
+            // over TLS became a full record and a 9-byte one (its header did not fit).
+            .max_frame_size(Some(1 << 20))
             .layer(tandem_proto::peer_access::PeerCheckLayer::new(
                 access::policy(own_site),
             ))
