@@ -1,6 +1,6 @@
 //! The one seam for outbound connections (to peer sites and to sibling managers), and the
 //! one for inbound listeners, so TLS and link emulation can be inserted in one place; and
-//! whom the operator port trusts (the paired sites' CAs).
+//! whom the internal port trusts (the paired sites' CAs).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -181,15 +181,15 @@ impl Connector {
     }
 }
 
-/// Keeps the node's TLS current until `shutdown`: `member` (Raft, forwarding, VRAs) takes
-/// up a renewed certificate from the PKI directory, and `api` (the operator port, where
-/// paired sites call) is `member` trusting also the CAs of exactly the sites this site is
+/// Keeps the node's TLS current until `shutdown`: `member` (the operator port, Raft and
+/// forwarding, VRAs) takes up a renewed certificate from the PKI directory, and
+/// `with_peers` (the internal port, where paired sites call) is `member` trusting also the CAs of exactly the sites this site is
 /// paired with, as its replicated state names them: pairing admits a site's managers as
 /// peers, unpairing withdraws them.
 pub async fn keep_tls(
     node: Arc<crate::node::ManagerNode>,
     member: tandem_tls::LiveTls,
-    api: tandem_tls::LiveTls,
+    with_peers: tandem_tls::LiveTls,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut watch = tandem_tls::reload::CertWatch::new(&member.current());
@@ -208,20 +208,29 @@ pub async fn keep_tls(
                 tracing::error!(error = %e, "the changed certificate files were not loaded")
             }
         }
-        let mut peers: Vec<(String, String)> = node.read_local(|s| {
-            s.peers
-                .values()
-                .filter(|p| !p.ca_pem.is_empty())
-                .map(|p| (p.id.to_string(), p.ca_pem.clone()))
-                .collect()
+        // This wakes on every applied entry: compare in place, copy only on a change.
+        let changed: Option<Vec<(String, String)>> = node.read_local(|s| {
+            let current = s.peers.values().filter(|p| !p.ca_pem.is_empty());
+            let unchanged = trusted.as_ref().is_some_and(|t| {
+                t.len() == current.clone().count()
+                    && current
+                        .clone()
+                        .zip(t)
+                        .all(|(p, (id, pem))| p.id.as_str() == id && p.ca_pem == *pem)
+            });
+            (!unchanged).then(|| {
+                current
+                    .map(|p| (p.id.to_string(), p.ca_pem.clone()))
+                    .collect()
+            })
         });
-        peers.sort();
-        if renewed || trusted.as_ref() != Some(&peers) {
+        if renewed || changed.is_some() {
+            let peers = changed.unwrap_or_else(|| trusted.clone().unwrap_or_default());
             match member.current().with_peer_sites(&peers) {
                 Ok(config) => {
-                    api.replace(config);
+                    with_peers.replace(config);
                     let sites: Vec<&str> = peers.iter().map(|(s, _)| s.as_str()).collect();
-                    tracing::info!(?sites, "the operator port trusts these paired sites' CAs");
+                    tracing::info!(?sites, "the internal port trusts these paired sites' CAs");
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "a paired site's CA is unusable; trust unchanged")
