@@ -1375,7 +1375,7 @@ async fn renewed_certificates_are_taken_up_under_the_workload_and_no_write_is_lo
     let mut renewed = Vec::new();
     for site in 0..2 {
         let site_id = lab.site_id(site).context("site id")?.to_string();
-        let harness = lab.harness(site)?.client();
+        let harness = lab.harness(site).await?.client();
         let m = &lab.sites[site][0];
         let data = m.dir.join("data");
         lab.provision(site, &PeerIdentity::manager(&site_id, m.id)?, &data)?;

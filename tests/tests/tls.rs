@@ -562,3 +562,140 @@ async fn pairing_is_refused_when_the_ca_fingerprint_does_not_match() -> Result<(
     lab.down().await;
     Ok(())
 }
+
+/// A join token lets in the one node it names, once, and only from the site whose CA it
+/// pins: a wrong pin fails at the handshake, another node, a proof made with another key
+/// and a second use are refused; the certificate holds the node's own key and names it;
+/// only an admin creates join tokens; the join is recorded and the CA key shows nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
+    use tandem_core::enroll::JoinCode;
+    use tandem_proto::client::{ApiConnector, Credentials};
+    use tandem_proto::enroll::{JoinError, join};
+    use tandem_proto::v1::enrollment_client::EnrollmentClient;
+    use tandem_proto::v1::monitoring_service_client::MonitoringServiceClient;
+    use tandem_proto::v1::token_service_client::TokenServiceClient;
+    use tandem_tls::PeerRole;
+    use tandem_tls::pki::NodeKey;
+
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(dir.path(), 1, 1).await?;
+    let api = lab.endpoints(0);
+    let site_id = lab.site_id(0).context("site id")?.to_string();
+    let pki = |n: &str| PkiDir::new(dir.path().join(n).join("pki"));
+
+    // The CLI creates it and prints it once.
+    let out = tandem_lab::lab::cli()
+        .args([
+            "-e", &api[0], "token", "join", "--host", "h9", "--ttl", "10m",
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    let code = JoinCode::parse("token", &token)?;
+
+    // Pinned to another CA: the handshake fails before the token is sent.
+    let wrong_pin = format!("{}{}", &token[..token.len() - 64], "0".repeat(64));
+    let err = join(&api, &wrong_pin, &pki("wrong-pin"), PeerRole::Vra, "h9")
+        .await
+        .expect_err("a wrong pin must fail");
+    assert!(matches!(err, JoinError::Unreachable { .. }), "{err}");
+    // Another node than the token names: refused, and the token stays unused.
+    let err = join(&api, &token, &pki("h8"), PeerRole::Vra, "h8")
+        .await
+        .expect_err("another node must be refused");
+    assert!(err.to_string().contains("PermissionDenied"), "{err}");
+    assert!(!pki("h8").node_cert().exists());
+    // A proof made with another key than the one the certificate would be for.
+    let pinned = ApiConnector::new(
+        Credentials::none().with_tls(tandem_tls::config::pinned_client(code.ca_fingerprint())?),
+    )
+    .connect(&api)
+    .await?;
+    let (asked, signer) = (NodeKey::generate()?, NodeKey::generate()?);
+    let request = |public_key: Vec<u8>, proof: Vec<u8>| v1::JoinRequest {
+        token: token.clone(),
+        public_key,
+        proof,
+        role: v1::JoinRole::Vra as i32,
+        id: "h9".into(),
+    };
+    let refused = EnrollmentClient::new(pinned.clone())
+        .join(request(
+            asked.public_key().to_vec(),
+            signer.prove(code.id().as_str())?,
+        ))
+        .await
+        .expect_err("a proof by another key must be refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let refused = EnrollmentClient::new(pinned.clone())
+        .join(request(vec![4; 10], vec![1; 500]))
+        .await
+        .expect_err("garbage must be refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    // The node it names joins.
+    let me = join(&api, &token, &pki("h9"), PeerRole::Vra, "h9").await?;
+    assert_eq!(me, PeerIdentity::vra(&site_id, "h9")?);
+    let tls = TlsConfig::load(&pki("h9"))?;
+    assert_eq!(tls.identity(), &me);
+    assert!(!pki("h9").ca_key().exists(), "the CA key left the managers");
+    // Once.
+    let err = join(&api, &token, &pki("again"), PeerRole::Vra, "h9")
+        .await
+        .expect_err("a used token must be refused");
+    assert!(err.to_string().contains("PermissionDenied"), "{err}");
+
+    // Only an admin creates join tokens.
+    let viewer = TokenServiceClient::new(channel(&api[0]).await?)
+        .create_token(v1::CreateTokenRequest {
+            name: "watcher".into(),
+            role: v1::TokenRole::Viewer as i32,
+            ttl_secs: 0,
+        })
+        .await?
+        .into_inner()
+        .token;
+    let as_viewer = ApiConnector::new(
+        Credentials::token(&viewer)?.with_ca_file(&lab.dir.join(tandem_lab::lab::CA_FILE))?,
+    )
+    .connect(&api)
+    .await?;
+    let refused = TokenServiceClient::new(as_viewer)
+        .create_join_token(v1::CreateJoinTokenRequest {
+            role: v1::JoinRole::Manager as i32,
+            node_id: 7,
+            host_id: String::new(),
+            ttl_secs: 0,
+        })
+        .await
+        .expect_err("a viewer must not create join tokens");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+
+    // Recorded, and no private key anywhere in the log.
+    let events = MonitoringServiceClient::new(channel(&api[0]).await?)
+        .list_events(v1::ListEventsQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    let joined: Vec<_> = events.iter().filter(|e| e.code == "EV0071").collect();
+    assert!(
+        joined.iter().any(|e| e.description.contains(&me.uri())),
+        "{joined:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| !e.description.contains("PRIVATE KEY") && !e.description.contains(&token)),
+        "a secret in the event log"
+    );
+    lab.down().await;
+    Ok(())
+}

@@ -125,6 +125,18 @@ enum TokenCmd {
     Revoke {
         id: String,
     },
+    /// Creates a one-time join token for a new manager node (--node-id) or the VRA of a
+    /// host (--host) and prints it: the node obtains its certificate with it
+    /// (TANDEM_JOIN_TOKEN or --join-token, and --join with these managers' addresses).
+    Join {
+        #[arg(long, conflicts_with = "host", required_unless_present = "host")]
+        node_id: Option<u64>,
+        #[arg(long)]
+        host: Option<String>,
+        /// Lifetime: seconds, or 90m, 12h (default 1h, at most 24h).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -589,6 +601,33 @@ async fn token(ch: Channel, fmt: Format, c: TokenCmd) -> Result<()> {
                 let mut json = token_json(&info);
                 json["token"] = created.token.into();
                 print(fmt, &json, &[], vec![]);
+            }
+        }
+        TokenCmd::Join { node_id, host, ttl } => {
+            let (role, node_id, host_id) = match (node_id, host) {
+                (Some(id), _) => (v1::JoinRole::Manager, id, String::new()),
+                (None, Some(h)) => (v1::JoinRole::Vra, 0, h),
+                (None, None) => bail!("--node-id or --host"),
+            };
+            let ttl_secs = ttl.as_deref().map(duration_secs).transpose()?.unwrap_or(0);
+            let created = cl
+                .create_join_token(v1::CreateJoinTokenRequest {
+                    role: role as i32,
+                    node_id,
+                    host_id,
+                    ttl_secs,
+                })
+                .await?
+                .into_inner();
+            if fmt == Format::Table {
+                println!("{}", created.token);
+                eprintln!(
+                    "join token {} for {} created; it is shown only now and lets one node \
+                     join, once",
+                    created.id, created.identity
+                );
+            } else {
+                print(fmt, &serde_json::to_value(&created)?, &[], vec![]);
             }
         }
         TokenCmd::List => {

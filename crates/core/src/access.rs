@@ -63,13 +63,13 @@ pub const KEEP_ENDED_TOKENS_MS: u64 = 30 * 24 * 3600 * 1000;
 /// The longest lifetime a token can be given (one year).
 pub const MAX_TOKEN_TTL_MS: u64 = 366 * 24 * 3600 * 1000;
 
-fn is_lower_hex(s: &str, len: usize) -> bool {
+pub(crate) fn is_lower_hex(s: &str, len: usize) -> bool {
     s.len() == len
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -52,10 +52,12 @@ pub enum EventCode {
     /// An operator's call that changes the site (the audit trail): the description names
     /// the caller's token, the call and its outcome.
     OperatorCall,
+    /// A manager or a VRA exchanged a join token for its certificate.
+    NodeEnrolled,
 }
 
 impl EventCode {
-    pub const ALL: [EventCode; 24] = [
+    pub const ALL: [EventCode; 25] = [
         Self::VpgCreated,
         Self::VpgEdited,
         Self::VpgDeleteStarted,
@@ -80,6 +82,7 @@ impl EventCode {
         Self::RecoveryRolledBack,
         Self::ReverseProtection,
         Self::OperatorCall,
+        Self::NodeEnrolled,
     ];
 
     pub fn code(self) -> &'static str {
@@ -108,6 +111,7 @@ impl EventCode {
             Self::RecoveryRolledBack => "EV0064",
             Self::ReverseProtection => "EV0065",
             Self::OperatorCall => "EV0070",
+            Self::NodeEnrolled => "EV0071",
         }
     }
 

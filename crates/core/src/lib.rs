@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod alerts;
+pub mod enroll;
 pub mod error;
 pub mod events;
 pub mod ids;

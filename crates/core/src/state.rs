@@ -52,6 +52,12 @@ pub struct SiteState {
     /// Operator API tokens (hashes only).
     #[serde(default)]
     pub tokens: crate::access::TokenTable,
+    /// The site's CA, with its key: whichever manager leads issues certificates.
+    #[serde(default)]
+    pub ca: Option<crate::enroll::SiteCaRecord>,
+    /// Unused join tokens (hashes only).
+    #[serde(default)]
+    pub join_tokens: crate::enroll::JoinTokens,
 }
 
 /// An update of a VPG's definition that is under way.
@@ -152,6 +158,21 @@ pub enum Command {
     /// proposing it again changes nothing).
     BootstrapAdminToken {
         token: crate::access::ApiToken,
+        now_ms: u64,
+    },
+    /// Keeps the site's CA (once; the same CA again is harmless, another one is refused).
+    InstallCa {
+        ca: crate::enroll::SiteCaRecord,
+    },
+    CreateJoinToken {
+        token: crate::enroll::JoinToken,
+        now_ms: u64,
+    },
+    /// Uses a join token for the certificate of `identity`, and records that it did.
+    ConsumeJoinToken {
+        id: crate::access::TokenId,
+        secret_hash: String,
+        identity: String,
         now_ms: u64,
     },
     CreateToken {
@@ -774,6 +795,38 @@ impl SiteState {
             }
             Command::BootstrapAdminToken { token, now_ms } => {
                 self.tokens.bootstrap(token, now_ms)?;
+                Ok(Applied::Done)
+            }
+            Command::InstallCa { ca } => {
+                ca.validate()?;
+                match &self.ca {
+                    Some(have) if have.fingerprint != ca.fingerprint => {
+                        Err(DomainError::precondition(format!(
+                            "this site already has CA {}, not {}",
+                            have.fingerprint, ca.fingerprint
+                        )))
+                    }
+                    Some(_) => Ok(Applied::Done),
+                    None => {
+                        self.ca = Some(ca);
+                        Ok(Applied::Done)
+                    }
+                }
+            }
+            Command::CreateJoinToken { token, now_ms } => {
+                self.join_tokens.create(token, now_ms)?;
+                Ok(Applied::Done)
+            }
+            Command::ConsumeJoinToken {
+                id,
+                secret_hash,
+                identity,
+                now_ms,
+            } => {
+                let event = self
+                    .join_tokens
+                    .consume(&id, &secret_hash, &identity, now_ms)?;
+                self.events.push(event);
                 Ok(Applied::Done)
             }
             Command::CreateToken { token, now_ms } => {

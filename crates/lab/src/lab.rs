@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tandem_proto::v1;
 use tandem_proto::v1::cluster_service_client::ClusterServiceClient;
 use tandem_proto::v1::host_service_client::HostServiceClient;
+use tandem_proto::v1::token_service_client::TokenServiceClient;
 use tokio::process::{Child, Command};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
@@ -261,6 +262,12 @@ impl VraProcess {
 
     /// [`VraProcess::start`] with extra `tandem-vra` flags (e.g. `--ram-mb 32`).
     pub async fn start_with(&mut self, extra_args: &[String]) -> Result<()> {
+        self.start_joining(extra_args, "").await
+    }
+
+    /// [`VraProcess::start_with`], the first time: with a join token (none if empty), in
+    /// its environment where `ps` does not show it.
+    pub async fn start_joining(&mut self, extra_args: &[String], join_token: &str) -> Result<()> {
         let (control, nbd) = if self.control.is_empty() {
             ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string())
         } else {
@@ -272,6 +279,9 @@ impl VraProcess {
             .arg(self.dir.join("data"))
             .args(["--control-listen", &control, "--nbd-listen", &nbd])
             .args(extra_args);
+        if !join_token.is_empty() {
+            cmd.env("TANDEM_VRA_JOIN_TOKEN", join_token);
+        }
         let what = format!("vra of {}", self.host);
         let (child, addrs) = spawn_listening(&what, cmd, &self.dir, "vra.log").await?;
         self.child = Some(child);
@@ -415,6 +425,15 @@ pub fn cli() -> std::process::Command {
     cmd
 }
 
+/// Whom a join token is for.
+#[derive(Debug, Clone)]
+pub enum JoinAs {
+    /// A manager node, by id.
+    Manager(u64),
+    /// The VRA of a host.
+    Vra(String),
+}
+
 /// The running lab.
 #[derive(Debug)]
 pub struct Lab {
@@ -429,8 +448,9 @@ pub struct Lab {
     pub link_control: String,
     /// (from site, to site, upstream) -> proxy address.
     proxies: BTreeMap<(usize, usize, String), String>,
-    /// Each site's CA: the lab is its sites' PKI administrator, and issues every node's
-    /// certificate before the node first starts.
+    /// Each site's CA, as its first manager created it (its key is in that manager's PKI
+    /// directory): for certificates the lab issues by hand, as an administrator could.
+    /// Nodes get theirs from the managers, with join tokens.
     site_cas: Vec<SiteCa>,
     /// The protected VMs the lab created itself, listed in `lab.json`.
     pub vms: Vec<VmEntry>,
@@ -486,25 +506,42 @@ impl Lab {
             _stop_on_drop: cancel.clone().drop_guard(),
             cancel,
         };
+        // Each site's first manager bootstraps it alone and creates its CA; the others
+        // join with join tokens, as an operator would add them.
         for name in &site_names {
-            let site_id = format!("{name}-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
-            let ca = SiteCa::generate(&site_id)?;
-            ca.save(&PkiDir::new(dir.join(name).join("ca")))?;
-            lab.site_cas.push(ca);
+            let mut first = ManagerProcess {
+                id: 1,
+                site: name.clone(),
+                api: String::new(),
+                raft: String::new(),
+                dir: dir.join(name).join("manager-1"),
+                child: None,
+                env: Vec::new(),
+                admin_token_file: Some(token_file.clone()),
+            };
+            first.start("single").await?;
+            let pki = PkiDir::new(first.dir.join("data").join("pki"));
+            let site_id = TlsConfig::load(&pki)
+                .with_context(|| format!("{name}'s first manager's certificate"))?
+                .identity()
+                .site
+                .clone();
+            lab.site_cas.push(SiteCa::load(&pki, &site_id)?);
+            lab.sites.push(vec![first]);
         }
         let bundle: String = lab.site_cas.iter().map(|c| c.cert_pem()).collect();
         tandem_tls::pki::write_file(&dir.join(CA_FILE), &bundle, 0o644)?;
         use_lab_credentials(&token_file, Some(&dir.join(CA_FILE)))?;
         for (i, name) in site_names.iter().enumerate() {
-            let site_id = lab.site_cas[i].site().to_string();
-            let mut procs = Vec::new();
-            for id in 1..=managers as u64 {
-                let mgr_dir = dir.join(name).join(format!("manager-{id}"));
-                lab.provision(
-                    lab.sites.len(),
-                    &PeerIdentity::manager(&site_id, id)?,
-                    &mgr_dir.join("data"),
-                )?;
+            let first_api = lab.sites[i][0].api.clone();
+            wait_leader(&first_api, 1, Duration::from_secs(20)).await?;
+            for id in 2..=managers as u64 {
+                let token = lab
+                    .join_token(i, JoinAs::Manager(id))
+                    .await
+                    .with_context(|| {
+                        format!("a join token for manager {id} of {}", site_names[i])
+                    })?;
                 let mut p = ManagerProcess {
                     id,
                     site: name.clone(),
@@ -512,19 +549,17 @@ impl Lab {
                     raft: String::new(),
                     dir: dir.join(name).join(format!("manager-{id}")),
                     child: None,
-                    env: Vec::new(),
+                    env: vec![
+                        ("TANDEM_JOIN_TOKEN".into(), token),
+                        ("TANDEM_JOIN".into(), first_api.clone()),
+                    ],
                     admin_token_file: Some(token_file.clone()),
                 };
-                p.start(if id == 1 { "single" } else { "join" }).await?;
-                procs.push(p);
-            }
-            lab.sites.push(procs);
-        }
-        for site in &lab.sites {
-            wait_leader(&site[0].api, 1, Duration::from_secs(20)).await?;
-            let mut client = cluster_client(&site[0].api).await?;
-            for p in &site[1..] {
-                client
+                p.start("join").await?;
+                // Used up: a restart finds its certificate.
+                p.env.clear();
+                cluster_client(&first_api)
+                    .await?
                     .add_node(v1::AddNodeRequest {
                         id: p.id,
                         api_addr: p.api.clone(),
@@ -533,8 +568,9 @@ impl Lab {
                     })
                     .await
                     .with_context(|| format!("adding manager {} of {}", p.id, p.site))?;
+                lab.sites[i].push(p);
             }
-            wait_leader(&site[0].api, site.len(), Duration::from_secs(30)).await?;
+            wait_leader(&first_api, managers, Duration::from_secs(30)).await?;
         }
         // A link per site pair, with a proxy for each manager a peer site may dial (its
         // internal listener, which serves paired sites).
@@ -550,21 +586,67 @@ impl Lab {
     }
 
     /// Issues `who` (of site `site`) its certificate, with the site's CA beside it, in the
-    /// PKI directory of the node whose data directory is `data_dir`.
+    /// PKI directory of the node whose data directory is `data_dir`: by hand, with the CA
+    /// key the site's first manager keeps, as an administrator holding it could.
     pub fn provision(&self, site: usize, who: &PeerIdentity, data_dir: &Path) -> Result<()> {
         let ca = self.site_cas.get(site).context("no such site")?;
         ca.provision(&PkiDir::new(data_dir.join("pki")), who)?;
         Ok(())
     }
 
+    /// A one-time join token of site `site` for `who` (retried while the site's first
+    /// manager has not yet put its CA in the replicated state).
+    pub async fn join_token(&self, site: usize, who: JoinAs) -> Result<String> {
+        let (role, node_id, host_id) = match who {
+            JoinAs::Manager(id) => (v1::JoinRole::Manager, id, String::new()),
+            JoinAs::Vra(host) => (v1::JoinRole::Vra, 0, host),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let channel = tandem_proto::client::ApiConnector::default()
+                .with_timeouts(Duration::from_secs(2), Duration::from_secs(10))
+                .connect(&self.endpoints(site))
+                .await?;
+            let asked = TokenServiceClient::new(channel)
+                .create_join_token(v1::CreateJoinTokenRequest {
+                    role: role as i32,
+                    node_id,
+                    host_id: host_id.clone(),
+                    ttl_secs: 600,
+                })
+                .await;
+            match asked {
+                Ok(r) => return Ok(r.into_inner().token),
+                Err(s)
+                    if Instant::now() < deadline
+                        && matches!(
+                            s.code(),
+                            tonic::Code::FailedPrecondition | tonic::Code::Unavailable
+                        ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(s) => bail!("{}: {}", s.code(), s.message()),
+            }
+        }
+    }
+
     /// The certificate the lab's harness presents to site `site`'s nodes: a manager of that
-    /// site no member is (id 0), issued once.
-    pub fn harness(&self, site: usize) -> Result<TlsConfig> {
+    /// site no member is (id 0), obtained once with a join token.
+    pub async fn harness(&self, site: usize) -> Result<TlsConfig> {
         let data = self.dir.join("harness").join(&self.site_names[site]);
         let pki = PkiDir::new(data.join("pki"));
         if !pki.is_provisioned() {
-            let site_id = self.site_id(site).context("no such site")?.to_string();
-            self.provision(site, &PeerIdentity::manager(&site_id, 0)?, &data)?;
+            let token = self.join_token(site, JoinAs::Manager(0)).await?;
+            tandem_proto::enroll::join_unless_provisioned(
+                &self.endpoints(site),
+                &token,
+                &pki,
+                tandem_tls::PeerRole::Manager,
+                "0",
+            )
+            .await
+            .context("enrolling the lab's harness")?;
         }
         Ok(TlsConfig::load(&pki)?)
     }
@@ -732,19 +814,20 @@ impl Lab {
             for h in 1..=hosts {
                 let host = format!("{name}-host-{h}");
                 let dir = self.dir.join(name).join(format!("vra-{h}"));
-                let site_id = self.site_id(i).context("site id")?.to_string();
-                // Its site's CA issues its certificate; the paired sites' CAs come from its
-                // managers once the sites pair.
-                self.provision(i, &PeerIdentity::vra(&site_id, &host)?, &dir.join("data"))?;
+                // It joins with a join token: its site's managers issue its certificate;
+                // the paired sites' CAs come from them once the sites pair.
+                let token = self.join_token(i, JoinAs::Vra(host.clone())).await?;
                 let mut vra = VraProcess {
                     host: host.clone(),
                     control: String::new(),
                     nbd: String::new(),
                     dir,
                     child: None,
-                    harness: Some(self.harness(i)?),
+                    harness: Some(self.harness(i).await?),
                 };
-                vra.start_with(extra_args).await?;
+                let mut args = extra_args.to_vec();
+                args.extend(["--join".to_string(), endpoints.join(",")]);
+                vra.start_joining(&args, &token).await?;
                 // Every other site reaches this VRA (replication streams) across its link;
                 // the host record names the proxy of the first peer (two-site labs: the peer).
                 let mut peer_vra_address = String::new();

@@ -47,7 +47,8 @@ pub fn needs(path: &str) -> Needs {
     };
     let service = service.strip_prefix("tandem.v1.").unwrap_or(service);
     match (service, method) {
-        ("grpc.health.v1.Health", _) => Needs::Nothing,
+        // A join token in the request speaks for the new node (it has no credentials yet).
+        ("grpc.health.v1.Health", _) | ("Enrollment", "Join") => Needs::Nothing,
         ("Raft" | "ManagerInternal", _) => Needs::Member,
         ("SitePeer", "AcceptPairing") => Needs::Pairing,
         ("SitePeer", _) => Needs::Peer,
@@ -536,6 +537,14 @@ mod tests {
         assert_eq!(t("/grpc.health.v1.Health/Check"), Needs::Nothing);
         assert_eq!(t("/tandem.v1.SitePeer/PutVpg"), Needs::Peer);
         assert_eq!(t("/tandem.v1.SitePeer/AcceptPairing"), Needs::Pairing);
+        // The join token in the body speaks for a node that has no credentials yet; any
+        // other Enrollment method would need an admin.
+        assert_eq!(t("/tandem.v1.Enrollment/Join"), Needs::Nothing);
+        assert_eq!(t("/tandem.v1.Enrollment/Renew"), Needs::Token(Role::Admin));
+        assert_eq!(
+            t("/tandem.v1.TokenService/CreateJoinToken"),
+            Needs::Token(Role::Admin)
+        );
         assert_eq!(t("/tandem.v1.Raft/AppendEntries"), Needs::Member);
         assert_eq!(t("/tandem.v1.ManagerInternal/Propose"), Needs::Member);
         assert_eq!(

@@ -75,6 +75,13 @@ pub struct Config {
     /// only, and logged loudly.
     #[serde(default)]
     pub insecure: bool,
+    /// A join token (`tandem node join-token`): on first start, a node without a
+    /// certificate obtains one with it from the managers at `join`.
+    #[serde(default)]
+    pub join_token: Option<tandem_core::enroll::Secret>,
+    /// Operator (API) addresses of the site's managers, for `join_token`.
+    #[serde(default)]
+    pub join: Vec<String>,
 }
 
 fn default_api() -> String {
@@ -140,6 +147,12 @@ impl Config {
         if let Some(v) = get("TANDEM_PKI_DIR") {
             self.pki_dir = Some(v.into());
         }
+        if let Some(v) = get("TANDEM_JOIN_TOKEN").filter(|v| !v.trim().is_empty()) {
+            self.join_token = Some(tandem_core::enroll::Secret::new(v));
+        }
+        if let Some(v) = get("TANDEM_JOIN") {
+            self.join = v.split(',').map(|a| a.trim().to_string()).collect();
+        }
         if let Some(v) = get("TANDEM_INSECURE") {
             self.insecure = matches!(v.as_str(), "1" | "true" | "yes");
         }
@@ -178,6 +191,9 @@ impl Config {
             if !self.members.iter().any(|m| m.id == self.node_id) {
                 bail!("node_id {} is not among [[members]]", self.node_id);
             }
+        }
+        if self.join_token.is_some() && self.join.is_empty() {
+            bail!("join_token needs the managers to join through (join, --join)");
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!("log_format must be text or json");

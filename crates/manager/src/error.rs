@@ -18,6 +18,10 @@ pub enum ApiError {
     /// The leader answered a forwarded request with this status.
     #[error("{0}")]
     Forwarded(String, tonic::Code),
+    /// What the caller presented does not let it do this (a join token that does not
+    /// match, a proof that does not verify).
+    #[error("{0}")]
+    Denied(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -56,6 +60,7 @@ impl From<ApiError> for Status {
             ApiError::Unavailable(m) => Status::unavailable(m),
             ApiError::Peer(m, code) => Status::new(code, format!("peer site: {m}")),
             ApiError::Forwarded(m, code) => Status::new(code, m),
+            ApiError::Denied(m) => Status::permission_denied(m),
             ApiError::Internal(m) => Status::internal(m),
         }
     }

@@ -5,6 +5,7 @@ pub mod access;
 pub mod api;
 pub mod config;
 pub mod control;
+pub mod enroll;
 pub mod error;
 pub mod failpoint;
 pub mod net;
@@ -42,8 +43,14 @@ pub async fn run(
         .unwrap_or(raft_listener.local_addr()?.to_string());
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    // The replicated state holds the site CA's key: the data directory is the owner's only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {}", config.data_dir.display()))?;
+    }
     // Renewed certificates in the PKI directory are taken up while serving (net::keep_tls).
-    let tls = member_tls(&config)?.map(tandem_tls::LiveTls::new);
+    let tls = member_tls(&config).await?.map(tandem_tls::LiveTls::new);
 
     let mut store_config = StoreConfig::new(
         config.node_id,
@@ -176,13 +183,15 @@ pub async fn run(
         let site_name = config.site_name.clone();
         let admin = access::bootstrap_token(&config.admin_token_path())?;
         let naming = shutdown.clone();
+        let pki = tandem_tls::pki::PkiDir::new(config.pki_path());
         tasks.spawn(async move {
             // Names the site and installs its first admin token once a leader exists;
             // retries while the cluster forms.
             loop {
                 let named = async {
                     site.ensure_identity(&site_name, site_id.as_deref()).await?;
-                    site.ensure_admin_token(&admin).await
+                    site.ensure_admin_token(&admin).await?;
+                    site.ensure_ca(&pki).await
                 };
                 match named.await {
                     Ok(()) => break,
@@ -205,9 +214,10 @@ pub async fn run(
 }
 
 /// This node's certificate for its site's members. A node that bootstraps a site alone
-/// creates the site's CA (and the site's id with it) on first start; any other node must
-/// have been given its certificate. `--insecure`: none, and a loud warning.
-fn member_tls(config: &Config) -> Result<Option<tandem_tls::TlsConfig>> {
+/// creates the site's CA (and the site's id with it) on first start; a node given a join
+/// token obtains its certificate from the site's managers; any other node must have been
+/// given its certificate. `--insecure`: none, and a loud warning.
+async fn member_tls(config: &Config) -> Result<Option<tandem_tls::TlsConfig>> {
     use tandem_tls::pki::{PkiDir, SiteCa};
     if config.insecure {
         tracing::warn!(
@@ -219,11 +229,23 @@ fn member_tls(config: &Config) -> Result<Option<tandem_tls::TlsConfig>> {
         return Ok(None);
     }
     let pki = PkiDir::new(config.pki_path());
+    if let Some(token) = &config.join_token {
+        tandem_proto::enroll::join_unless_provisioned(
+            &config.join,
+            token.expose(),
+            &pki,
+            tandem_tls::PeerRole::Manager,
+            &config.node_id.to_string(),
+        )
+        .await
+        .context("joining the site")?;
+    }
     if !pki.is_provisioned() {
         if config.bootstrap != Bootstrap::Single {
             anyhow::bail!(
-                "no certificate in {}: give this node one issued by its site's CA \
-                 (ca.crt, node.crt, node.key), or run with --insecure",
+                "no certificate in {}: give this node a join token (--join-token, from \
+                 `tandem node join-token`) and --join, or one issued by its site's CA \
+                 (ca.crt, node.crt, node.key); or run with --insecure",
                 pki.dir.display()
             );
         }

@@ -58,6 +58,13 @@ struct Args {
     /// Plaintext, unauthenticated traffic between the site's members (experiments only).
     #[arg(long)]
     insecure: bool,
+    /// On first start, obtain this node's certificate with a join token (`tandem node
+    /// join-token`); prefer TANDEM_JOIN_TOKEN, which `ps` does not show.
+    #[arg(long)]
+    join_token: Option<String>,
+    /// Operator addresses of the site's managers to join through, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    join: Vec<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -146,6 +153,12 @@ fn config(a: Args) -> Result<Config> {
     }
     if a.insecure {
         c.insecure = true;
+    }
+    if let Some(v) = a.join_token {
+        c.join_token = Some(tandem_core::enroll::Secret::new(v));
+    }
+    if !a.join.is_empty() {
+        c.join = a.join;
     }
     c.check()?;
     Ok(c)

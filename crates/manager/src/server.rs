@@ -10,7 +10,8 @@ use anyhow::Result;
 use tandem_proto::MAX_MESSAGE_BYTES;
 use tandem_proto::v1::{
     cluster_service_server::ClusterServiceServer, datastore_service_server::DatastoreServiceServer,
-    host_service_server::HostServiceServer, manager_internal_server::ManagerInternalServer,
+    enrollment_server::EnrollmentServer, host_service_server::HostServiceServer,
+    manager_internal_server::ManagerInternalServer,
     monitoring_service_server::MonitoringServiceServer,
     recovery_service_server::RecoveryServiceServer,
     resource_pool_service_server::ResourcePoolServiceServer, site_peer_server::SitePeerServer,
@@ -25,6 +26,7 @@ use tonic::transport::Server;
 
 use crate::api::{
     cluster::ClusterApi,
+    enroll::EnrollmentApi,
     internal::{InternalApi, PeerApi},
     inventory::InventoryApi,
     monitoring::MonitoringApi,
@@ -125,6 +127,7 @@ pub async fn serve_api(
         <TaskServiceServer<TaskApi> as NamedService>::NAME,
         <RecoveryServiceServer<RecoveryApi> as NamedService>::NAME,
         <TokenServiceServer<TokenApi> as NamedService>::NAME,
+        <EnrollmentServer<EnrollmentApi> as NamedService>::NAME,
         tandem_proto::discovery::HEALTH,
     ])?;
     let inventory = InventoryApi(site.clone());
@@ -152,7 +155,8 @@ pub async fn serve_api(
         ))
         .add_service(limited!(TaskServiceServer, TaskApi(site.clone())))
         .add_service(limited!(RecoveryServiceServer, RecoveryApi(site.clone())))
-        .add_service(limited!(TokenServiceServer, TokenApi(site)))
+        .add_service(limited!(TokenServiceServer, TokenApi(site.clone())))
+        .add_service(limited!(EnrollmentServer, EnrollmentApi(site)))
         .serve_with_incoming_shutdown(
             tandem_proto::transport::incoming_with(listener, security),
             shutdown.cancelled_owned(),

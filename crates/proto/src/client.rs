@@ -103,6 +103,13 @@ impl Credentials {
         Ok(self)
     }
 
+    /// These credentials, over TLS with `tls` (e.g. pinned to one CA, for a first
+    /// contact).
+    pub fn with_tls(mut self, tls: Arc<tandem_tls::ClientConfig>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// A token read from a file (as the site writes its first admin token).
     pub fn token_file(path: &Path) -> Result<Self, ConnectError> {
         // Bounded: a token file holds one short line.

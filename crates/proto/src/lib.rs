@@ -4,6 +4,7 @@
 pub mod client;
 pub mod convert;
 pub mod discovery;
+pub mod enroll;
 pub mod peer_access;
 pub mod status;
 pub mod transport;

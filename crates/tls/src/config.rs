@@ -527,6 +527,9 @@ mod tests {
         assert_eq!(again, id);
         let m3 = TlsConfig::load(&PkiDir::new(tmp.path().join("manager-3"))).unwrap();
         assert_eq!(m3.identity(), &PeerIdentity::manager("site-x1", 3).unwrap());
+        // Only the bootstrapping member holds the CA's key (to import it).
+        assert!(PkiDir::new(tmp.path().join("manager-1")).ca_key().is_file());
+        assert!(!PkiDir::new(tmp.path().join("manager-2")).ca_key().is_file());
     }
 
     #[test]

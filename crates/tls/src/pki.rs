@@ -141,7 +141,8 @@ fn at(t: SystemTime) -> Result<time::OffsetDateTime, TlsError> {
 }
 
 /// Creates a site's CA in `out/ca` (once: a second run reuses it) and a certificate for
-/// each of `members` in `out/manager-<id>`, where that node's `--pki-dir` points. Answers
+/// each of `members` in `out/manager-<id>`, where that node's `--pki-dir` points; the
+/// lowest member also gets the CA's key, which it keeps in the site's state. Answers
 /// the site's id (`new_site_id` names a new site). For deployments that start several
 /// managers at once (docker-compose), before any of them runs.
 pub fn init_site(
@@ -164,6 +165,14 @@ pub fn init_site(
         let node = PkiDir::new(out.join(format!("manager-{id}")));
         if !node.is_provisioned() {
             ca.provision(&node, &PeerIdentity::manager(ca.site(), id)?)?;
+        }
+    }
+    // The member that bootstraps the cluster (the lowest id) imports the CA's key into
+    // the site's replicated state, so that the managers issue certificates (join tokens).
+    if let Some(first) = members.iter().min() {
+        let node = PkiDir::new(out.join(format!("manager-{first}")));
+        if !node.ca_key().is_file() {
+            write_file(&node.ca_key(), &ca.key.serialize_pem(), 0o600)?;
         }
     }
     Ok(ca.site().to_string())
@@ -244,6 +253,21 @@ impl SiteCa {
         write_file(&dir.ca_cert(), &self.cert_pem, 0o644)
     }
 
+    /// The CA from its certificate and key (as the site's replicated state keeps them).
+    pub fn from_pem(site: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        crate::config::check_ca_pem(cert_pem)?;
+        Ok(Self {
+            site: site.to_string(),
+            cert_pem: cert_pem.to_string(),
+            key: KeyPair::from_pem(key_pem)?,
+        })
+    }
+
+    /// The CA's key, as PEM: only for the site's replicated state.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
     pub fn site(&self) -> &str {
         &self.site
     }
@@ -265,13 +289,47 @@ impl SiteCa {
         ttl: Duration,
         ips: &[std::net::IpAddr],
     ) -> Result<Issued, TlsError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = self
+            .leaf_params(who, ttl, ips)?
+            .signed_by(&key, &self.issuer())?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A certificate for `who`, valid for `ttl`, for the key a joining node holds (its
+    /// public point, 65 bytes): the key never leaves that node.
+    pub fn issue_to(
+        &self,
+        who: &PeerIdentity,
+        ttl: Duration,
+        public_key: &[u8],
+    ) -> Result<String, TlsError> {
+        let key = RequestedKey::new(public_key)?;
+        Ok(self
+            .leaf_params(who, ttl, &[])?
+            .signed_by(&key, &self.issuer())?
+            .pem())
+    }
+
+    fn issuer(&self) -> Issuer<'_, &KeyPair> {
+        Issuer::new(ca_params(&self.site), &self.key)
+    }
+
+    fn leaf_params(
+        &self,
+        who: &PeerIdentity,
+        ttl: Duration,
+        ips: &[std::net::IpAddr],
+    ) -> Result<CertificateParams, TlsError> {
         if who.site != self.site {
             return Err(TlsError::Invalid(format!(
                 "the CA of site {} cannot issue for {who}",
                 self.site
             )));
         }
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut p = CertificateParams::default();
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name.push(DnType::CommonName, who.uri());
@@ -299,16 +357,130 @@ impl SiteCa {
         let now = SystemTime::now();
         p.not_before = at(now - BACKDATE)?;
         p.not_after = at(now + ttl)?;
-        let issuer = Issuer::new(ca_params(&self.site), &self.key);
-        let cert = p.signed_by(&key, &issuer)?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(p)
     }
 
     /// Gives `who` its certificate in `dir`, with this CA's certificate beside it.
     pub fn provision(&self, dir: &PkiDir, who: &PeerIdentity) -> Result<(), TlsError> {
         dir.install(&self.cert_pem, &self.issue(who, NODE_TTL)?)
+    }
+}
+
+/// What a joining node signs with its new key: binds the key to the join token it is
+/// presented with.
+fn join_proof_message(token_id: &str, public_key: &[u8]) -> Vec<u8> {
+    let mut m = b"tandem-join-v1\0".to_vec();
+    m.extend_from_slice(token_id.as_bytes());
+    m.push(0);
+    m.extend_from_slice(public_key);
+    m
+}
+
+/// A node's new key, made where it will be used: only its public half travels.
+pub struct NodeKey(KeyPair);
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeKey(<private key>)")
+    }
+}
+
+impl NodeKey {
+    pub fn generate() -> Result<Self, TlsError> {
+        Ok(Self(KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?))
+    }
+
+    /// The public point (65 bytes, uncompressed P-256).
+    pub fn public_key(&self) -> &[u8] {
+        self.0.public_key_raw()
+    }
+
+    /// Proof that this node holds the key it asks a certificate for, under `token_id`.
+    pub fn prove(&self, token_id: &str) -> Result<Vec<u8>, TlsError> {
+        use rcgen::SigningKey;
+        Ok(self
+            .0
+            .sign(&join_proof_message(token_id, self.public_key()))?)
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.0.serialize_pem()
+    }
+}
+
+/// Checks that whoever asks a certificate for `public_key` under `token_id` holds its
+/// private half.
+pub fn verify_join_proof(public_key: &[u8], token_id: &str, proof: &[u8]) -> Result<(), TlsError> {
+    RequestedKey::new(public_key)?;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public_key)
+        .verify(&join_proof_message(token_id, public_key), proof)
+        .map_err(|_| TlsError::Invalid("the proof of key possession does not verify".into()))
+}
+
+/// A public key a node asked a certificate for: an uncompressed P-256 point.
+struct RequestedKey<'a>(&'a [u8]);
+
+impl<'a> RequestedKey<'a> {
+    fn new(point: &'a [u8]) -> Result<Self, TlsError> {
+        if point.len() != 65 || point[0] != 4 {
+            return Err(TlsError::Invalid(
+                "a public key is an uncompressed P-256 point (65 bytes)".into(),
+            ));
+        }
+        Ok(Self(point))
+    }
+}
+
+impl rcgen::PublicKeyData for RequestedKey<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_is_issued_to_a_key_that_stays_with_its_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = SiteCa::generate("site-a1").unwrap();
+        let again = SiteCa::from_pem("site-a1", ca.cert_pem(), &ca.key_pem()).unwrap();
+        let key = NodeKey::generate().unwrap();
+        let proof = key.prove("0123456789ab").unwrap();
+        verify_join_proof(key.public_key(), "0123456789ab", &proof).unwrap();
+        // The proof is bound to the token and to the key.
+        assert!(verify_join_proof(key.public_key(), "0123456789ac", &proof).is_err());
+        let other = NodeKey::generate().unwrap();
+        assert!(verify_join_proof(other.public_key(), "0123456789ab", &proof).is_err());
+        assert!(verify_join_proof(&[4; 64], "0123456789ab", &proof).is_err());
+
+        let who = PeerIdentity::vra("site-a1", "h1").unwrap();
+        let cert_pem = again.issue_to(&who, NODE_TTL, key.public_key()).unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.install(
+            ca.cert_pem(),
+            &Issued {
+                cert_pem,
+                key_pem: key.key_pem(),
+            },
+        )
+        .unwrap();
+        let tls = crate::TlsConfig::load(&pki).unwrap();
+        assert_eq!(tls.identity(), &who);
+        assert!(
+            again
+                .issue_to(
+                    &PeerIdentity::vra("site-b2", "h1").unwrap(),
+                    NODE_TTL,
+                    key.public_key()
+                )
+                .is_err()
+        );
+        assert!(!format!("{key:?}").contains("PRIVATE"));
     }
 }

@@ -29,6 +29,11 @@ pub struct Config {
     pub pki_dir: Option<PathBuf>,
     /// Plaintext, unauthenticated gRPC (control and replication): experiments only.
     pub insecure: bool,
+    /// A join token (`tandem host join-token`): on first start, a VRA without a
+    /// certificate obtains one with it from the managers at `join`.
+    pub join_token: Option<tandem_core::enroll::Secret>,
+    /// Operator (API) addresses of the site's managers, for `join_token`.
+    pub join: Vec<String>,
 }
 
 impl Default for Config {
@@ -43,6 +48,8 @@ impl Default for Config {
             log_format: "text".into(),
             pki_dir: None,
             insecure: false,
+            join_token: None,
+            join: Vec::new(),
         }
     }
 }
@@ -81,6 +88,12 @@ impl Config {
         if let Some(v) = env("TANDEM_VRA_PKI_DIR") {
             self.pki_dir = Some(v.into());
         }
+        if let Some(v) = env("TANDEM_VRA_JOIN_TOKEN").filter(|v| !v.trim().is_empty()) {
+            self.join_token = Some(tandem_core::enroll::Secret::new(v));
+        }
+        if let Some(v) = env("TANDEM_VRA_JOIN") {
+            self.join = v.split(',').map(|a| a.trim().to_string()).collect();
+        }
         if let Some(v) = env("TANDEM_VRA_INSECURE") {
             self.insecure = matches!(v.as_str(), "1" | "true" | "yes");
         }
@@ -94,8 +107,9 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("pki"))
     }
 
-    /// This VRA's certificate: required unless `insecure` (then a loud warning).
-    pub fn tls(&self) -> Result<Option<tandem_tls::TlsConfig>> {
+    /// This VRA's certificate: required unless `insecure` (then a loud warning). On first
+    /// start with a join token, obtained from the site's managers.
+    pub async fn tls(&self) -> Result<Option<tandem_tls::TlsConfig>> {
         if self.insecure {
             tracing::warn!(
                 "INSECURE: --insecure is set: this VRA's control and replication are \
@@ -105,10 +119,22 @@ impl Config {
             return Ok(None);
         }
         let dir = tandem_tls::pki::PkiDir::new(self.pki_path());
+        if let Some(token) = &self.join_token {
+            tandem_proto::enroll::join_unless_provisioned(
+                &self.join,
+                token.expose(),
+                &dir,
+                tandem_tls::PeerRole::Vra,
+                &self.host_id,
+            )
+            .await
+            .context("joining the site")?;
+        }
         let tls = tandem_tls::TlsConfig::load(&dir).with_context(|| {
             format!(
                 "no usable certificate in {} (ca.crt, node.crt, node.key issued by the \
-                 site's CA); or run with --insecure",
+                 site's CA): give this VRA a join token (--join-token, from `tandem host \
+                 join-token`) and --join; or run with --insecure",
                 dir.dir.display()
             )
         })?;
@@ -126,6 +152,9 @@ impl Config {
     /// Checks the values.
     pub fn check(&self) -> Result<()> {
         tandem_core::ids::HostId::parse("host_id", &self.host_id)?;
+        if self.join_token.is_some() && self.join.is_empty() {
+            bail!("join_token needs the managers to join through (join, --join)");
+        }
         if self.ram_mb == 0 {
             bail!("ram_mb must be at least 1");
         }

@@ -48,6 +48,13 @@ struct Args {
     /// Plaintext, unauthenticated control and replication (experiments only).
     #[arg(long)]
     insecure: bool,
+    /// On first start, obtain this VRA's certificate with a join token (`tandem host
+    /// join-token`); prefer TANDEM_VRA_JOIN_TOKEN, which `ps` does not show.
+    #[arg(long)]
+    join_token: Option<String>,
+    /// Operator addresses of the site's managers to join through, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    join: Vec<String>,
 }
 
 fn config(a: Args) -> Result<Config> {
@@ -82,6 +89,12 @@ fn config(a: Args) -> Result<Config> {
     }
     if a.insecure {
         c.insecure = true;
+    }
+    if let Some(v) = a.join_token {
+        c.join_token = Some(tandem_core::enroll::Secret::new(v));
+    }
+    if !a.join.is_empty() {
+        c.join = a.join;
     }
     c.check()?;
     Ok(c)
@@ -126,7 +139,7 @@ async fn main() -> Result<()> {
             data_dir: c.data_dir.clone(),
             buffer_bytes: c.ram_mb << 20,
             addr_file: c.addr_file.clone(),
-            tls: c.tls()?,
+            tls: c.tls().await?,
         },
         control,
         nbd,

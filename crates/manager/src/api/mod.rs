@@ -1,6 +1,7 @@
 //! Thin tonic services: decode and check the request, call the site manager, map the error.
 
 pub mod cluster;
+pub mod enroll;
 pub mod internal;
 pub mod inventory;
 pub mod monitoring;

@@ -1,7 +1,10 @@
-//! The token service: operator API tokens, created (shown once), listed and revoked.
+//! The token service: operator API tokens, created (shown once), listed and revoked; and
+//! join tokens, with which new nodes obtain their certificates.
 
 use tandem_core::access::{ApiToken, MAX_TOKEN_TTL_MS, Role, TokenId};
+use tandem_core::enroll::{Joiner, MAX_JOIN_TTL_MS};
 use tandem_core::error::Violations;
+use tandem_core::ids::HostId;
 use tandem_core::ids::check_name;
 use tandem_proto::v1::{self, token_service_server::TokenService};
 use tonic::{Request, Response, Status};
@@ -85,6 +88,40 @@ impl TokenService for TokenApi {
             .map(|t| to_proto(t, now))
             .collect();
         Ok(Response::new(v1::TokenList { tokens }))
+    }
+
+    async fn create_join_token(
+        &self,
+        r: Request<v1::CreateJoinTokenRequest>,
+    ) -> Result<Response<v1::CreatedJoinToken>, Status> {
+        let caller = caller(&r)?.clone();
+        let r = r.into_inner();
+        let joiner = match v1::JoinRole::try_from(r.role) {
+            Ok(v1::JoinRole::Manager) if r.host_id.is_empty() => {
+                Joiner::Manager { node_id: r.node_id }
+            }
+            Ok(v1::JoinRole::Vra) if r.node_id == 0 => Joiner::Vra {
+                host: HostId::parse("host_id", &r.host_id).map_err(bad)?,
+            },
+            _ => {
+                return Err(Status::invalid_argument(
+                    "role: MANAGER with a node_id, or VRA with a host_id (and no node_id)",
+                ));
+            }
+        };
+        if r.ttl_secs > MAX_JOIN_TTL_MS / 1000 {
+            return Err(Status::invalid_argument(
+                "ttl_secs: at most 24 hours (0: one hour)",
+            ));
+        }
+        let ttl_ms = (r.ttl_secs > 0).then(|| r.ttl_secs * 1000);
+        let created = self.0.create_join_token(&caller, joiner, ttl_ms).await?;
+        Ok(Response::new(v1::CreatedJoinToken {
+            token: created.code.reveal(),
+            id: created.token.id.to_string(),
+            identity: created.identity.uri(),
+            expires_ms: created.token.expires_at_ms,
+        }))
     }
 
     async fn revoke_token(

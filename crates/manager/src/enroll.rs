@@ -1,0 +1,181 @@
+//! Certificates issued by the site's managers: the site CA kept in the replicated state
+//! (imported once by the node that created it), join tokens, and the exchange of a join
+//! token for a new node's certificate.
+
+use tandem_core::DomainError;
+use tandem_core::access::Caller;
+use tandem_core::enroll::{
+    DEFAULT_JOIN_TTL_MS, JoinCode, JoinToken, Joiner, MAX_JOIN_TTL_MS, Secret, SiteCaRecord,
+};
+use tandem_core::state::Command;
+use tandem_tls::PeerIdentity;
+use tandem_tls::pki::{NODE_TTL, PkiDir, SiteCa};
+
+use crate::error::{ApiError, ApiResult};
+use crate::site::{SiteManager, now_ms};
+
+/// A join token as created: the code to hand over once, and what the site keeps.
+#[derive(Debug)]
+pub struct CreatedJoin {
+    pub code: JoinCode,
+    pub token: JoinToken,
+    /// The identity the certificate will name.
+    pub identity: PeerIdentity,
+}
+
+/// A new node's certificate, issued for its join token.
+#[derive(Debug)]
+pub struct Enrolled {
+    pub cert_pem: String,
+    pub ca_pem: String,
+    pub identity: PeerIdentity,
+}
+
+fn identity_of(site: &str, joiner: &Joiner) -> ApiResult<PeerIdentity> {
+    match joiner {
+        Joiner::Manager { node_id } => PeerIdentity::manager(site, *node_id),
+        Joiner::Vra { host } => PeerIdentity::vra(site, host.as_str()),
+    }
+    .map_err(|e| ApiError::Domain(DomainError::invalid("identity", e.to_string())))
+}
+
+impl SiteManager {
+    /// Keeps the CA whose key is in `pki` in the replicated state, unless the state has
+    /// one: the node that created the site's CA does this once the cluster has a leader.
+    pub async fn ensure_ca(&self, pki: &PkiDir) -> ApiResult<()> {
+        if !pki.ca_key().is_file() || self.node().read(|s| s.ca.is_some()).await? {
+            return Ok(());
+        }
+        let site = self
+            .tls_site_id()
+            .ok_or_else(|| ApiError::internal("no certificate, so no site CA"))?;
+        let ca = SiteCa::load(pki, site).map_err(ApiError::internal)?;
+        let fingerprint =
+            tandem_tls::config::check_ca_pem(ca.cert_pem()).map_err(ApiError::internal)?;
+        self.node()
+            .propose(Command::InstallCa {
+                ca: SiteCaRecord {
+                    cert_pem: ca.cert_pem().to_string(),
+                    key_pem: Secret::new(ca.key_pem()),
+                    fingerprint: fingerprint.clone(),
+                },
+            })
+            .await?;
+        tracing::info!(ca = %fingerprint, "the site's CA is in the replicated state: any leader issues certificates");
+        Ok(())
+    }
+
+    /// The CA as the state keeps it, and the site it belongs to.
+    async fn site_ca(&self) -> ApiResult<(SiteCaRecord, String)> {
+        let (ca, site) = self
+            .node()
+            .read(|s| (s.ca.clone(), s.site_id().map(|i| i.to_string())))
+            .await?;
+        match (ca, site) {
+            (Some(ca), Some(site)) => Ok((ca, site)),
+            _ => Err(ApiError::Domain(DomainError::precondition(
+                "this site's managers do not hold its CA (the site runs --insecure, or its \
+                 first manager was given certificates without the CA key): they cannot \
+                 issue certificates",
+            ))),
+        }
+    }
+
+    /// Creates a one-time join token for `joiner`, valid for `ttl_ms` (None: an hour).
+    pub async fn create_join_token(
+        &self,
+        caller: &Caller,
+        joiner: Joiner,
+        ttl_ms: Option<u64>,
+    ) -> ApiResult<CreatedJoin> {
+        let (ca, site) = self.site_ca().await?;
+        let identity = identity_of(&site, &joiner)?;
+        let code = JoinCode::from_random(rand::random(), rand::random(), &ca.fingerprint)?;
+        let now = now_ms();
+        let ttl = ttl_ms.unwrap_or(DEFAULT_JOIN_TTL_MS).min(MAX_JOIN_TTL_MS);
+        let token = JoinToken {
+            id: code.id().clone(),
+            joiner,
+            secret_hash: code.secret_hash(),
+            created_at_ms: now,
+            expires_at_ms: now + ttl,
+            created_by: format!("{} (token {})", caller.name, caller.token),
+        };
+        self.node()
+            .propose(Command::CreateJoinToken {
+                token: token.clone(),
+                now_ms: now,
+            })
+            .await?;
+        Ok(CreatedJoin {
+            code,
+            token,
+            identity,
+        })
+    }
+
+    /// Exchanges a join token for the certificate of the node it names (which must be the
+    /// node `claimed` to be), for the key `public_key` whose holder signed `proof`. The token is used up before the
+    /// certificate is answered, so one token yields one certificate.
+    pub async fn join(
+        &self,
+        code: JoinCode,
+        claimed: &Joiner,
+        public_key: &[u8],
+        proof: &[u8],
+    ) -> ApiResult<Enrolled> {
+        tandem_tls::pki::verify_join_proof(public_key, code.id().as_str(), proof)
+            .map_err(|e| ApiError::Denied(e.to_string()))?;
+        let (ca, site) = self.site_ca().await?;
+        if code.ca_fingerprint() != ca.fingerprint {
+            return Err(ApiError::Denied(format!(
+                "join token {} pins CA {}, and this site's is {}",
+                code.id(),
+                code.ca_fingerprint(),
+                ca.fingerprint
+            )));
+        }
+        let (id, secret_hash) = (code.id().clone(), code.secret_hash());
+        let joiner = self
+            .node()
+            .read(move |s| {
+                s.join_tokens
+                    .check(&id, &secret_hash, now_ms())
+                    .map(|t| t.joiner.clone())
+            })
+            .await?
+            .map_err(|e| ApiError::Denied(e.to_string()))?;
+        if joiner != *claimed {
+            return Err(ApiError::Denied(format!(
+                "join token {} is for {joiner}, not {claimed}; it stays unused",
+                code.id()
+            )));
+        }
+        let identity = identity_of(&site, &joiner)?;
+        let issuer = SiteCa::from_pem(&site, &ca.cert_pem, ca.key_pem.expose())
+            .map_err(ApiError::internal)?;
+        let cert_pem = issuer
+            .issue_to(&identity, NODE_TTL, public_key)
+            .map_err(|e| ApiError::Domain(DomainError::invalid("public_key", e.to_string())))?;
+        // Used up in the same command that records it; a second join with the same token
+        // (even a concurrent one) finds it gone.
+        self.node()
+            .propose(Command::ConsumeJoinToken {
+                id: code.id().clone(),
+                secret_hash: code.secret_hash(),
+                identity: identity.uri(),
+                now_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| match e {
+                ApiError::Domain(d) => ApiError::Denied(d.to_string()),
+                other => other,
+            })?;
+        tracing::info!(%identity, token = %code.id(), "issued a certificate for a join token");
+        Ok(Enrolled {
+            cert_pem,
+            ca_pem: ca.cert_pem,
+            identity,
+        })
+    }
+}
