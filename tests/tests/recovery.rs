@@ -383,7 +383,16 @@ async fn recovery_lab(
     dir: &std::path::Path,
     vpg: &str,
 ) -> Result<(Lab, Vec<String>, Vec<String>, Seen)> {
-    let mut lab = Lab::up(dir, 2, 3).await?;
+    recovery_lab_with(dir, vpg, &[]).await
+}
+
+/// [`recovery_lab`] with `manager_env` in every manager's environment.
+async fn recovery_lab_with(
+    dir: &std::path::Path,
+    vpg: &str,
+    manager_env: &[(&str, &str)],
+) -> Result<(Lab, Vec<String>, Vec<String>, Seen)> {
+    let mut lab = Lab::up_with(dir, 2, 3, manager_env).await?;
     lab.start_vras(2).await?;
     protect::protect(&lab, &recovery_options(vpg)).await?;
     let (apis_a, apis_b) = (lab.endpoints(0), lab.endpoints(1));
@@ -1358,56 +1367,73 @@ async fn a_failover_that_shuts_the_protected_vms_down_loses_nothing() -> Result<
     Ok(())
 }
 
-/// Certificates renewed under the workload, a manager's and a VRA's at each site: every
-/// node takes up its new certificate while it serves (no restart, open connections go on),
-/// the connections between the sites come back with them after a reset, protection stays
+/// Certificates renewed by the managers under the workload: with a 60 s lifetime, every
+/// manager renews its own and the leaders their VRAs' (each VRA makes its key) when a
+/// third is left, and every node takes up its new certificate while it serves (no
+/// restart, open connections go on); the first certificates expire, the connections
+/// between the sites come back on the renewed ones after a reset, protection stays
 /// Meeting SLA, and a move afterwards (which drains every write across) loses no
 /// acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewed_certificates_are_taken_up_under_the_workload_and_no_write_is_lost() -> Result<()> {
+    use tandem_tls::TlsConfig;
     use tandem_tls::pki::PkiDir;
-    use tandem_tls::{PeerIdentity, TlsConfig};
     let dir = tempfile::tempdir()?;
-    let (mut lab, apis_a, apis_b, mut seen) = recovery_lab(dir.path(), "vpg-rot").await?;
+    let (mut lab, apis_a, apis_b, mut seen) =
+        recovery_lab_with(dir.path(), "vpg-rot", &[("TANDEM_CERT_TTL_SECS", "60")]).await?;
     let workload = recovery_workload(&lab).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let mut renewed = Vec::new();
+    // Every node, with the certificate it holds now.
+    let mut nodes = Vec::new();
     for site in 0..2 {
-        let site_id = lab.site_id(site).context("site id")?.to_string();
-        let harness = lab.harness(site).await?.client();
-        let m = &lab.sites[site][0];
-        let data = m.dir.join("data");
-        lab.provision(site, &PeerIdentity::manager(&site_id, m.id)?, &data)?;
-        renewed.push((
-            format!("manager {} of {site_id}", m.id),
-            m.api.clone(),
-            data,
-        ));
-        let v = &lab.vras[site][0];
-        let data = v.dir.join("data");
-        lab.provision(site, &PeerIdentity::vra(&site_id, &v.host)?, &data)?;
-        renewed.push((format!("VRA {}", v.host), v.control.clone(), data));
-        for (who, addr, data) in &renewed[renewed.len() - 2..] {
-            let new = TlsConfig::load(&PkiDir::new(data.join("pki")))?
-                .chain_leaf()
-                .to_vec();
-            let start = Instant::now();
-            loop {
-                let served = tandem_tls::dial::served_certificate(addr, harness.clone())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{who}: {e}"))?;
-                if served == new {
-                    break;
-                }
-                if start.elapsed() > Duration::from_secs(20) {
-                    bail!("{who} still serves its old certificate");
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            eprintln!("{who} serves its renewed certificate");
+        for m in &lab.sites[site] {
+            nodes.push((
+                site,
+                format!("manager {} of {}", m.id, m.site),
+                m.api.clone(),
+                m.dir.join("data"),
+            ));
+        }
+        for v in &lab.vras[site] {
+            nodes.push((
+                site,
+                format!("VRA {}", v.host),
+                v.control.clone(),
+                v.dir.join("data"),
+            ));
         }
     }
+    let mut before = Vec::new();
+    for (_, _, _, data) in &nodes {
+        before.push(
+            TlsConfig::load(&PkiDir::new(data.join("pki")))?
+                .chain_leaf()
+                .to_vec(),
+        );
+    }
+    // Within one lifetime each serves another, the one its managers renewed.
+    let start = Instant::now();
+    for ((site, who, addr, _), old) in nodes.iter().zip(&before) {
+        let harness = lab.harness(*site)?.client();
+        loop {
+            let served = tandem_tls::dial::served_certificate(addr, harness.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("{who}: {e}"))?;
+            if served != *old {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(75) {
+                bail!(
+                    "{who} still serves the certificate it had {:?} ago",
+                    start.elapsed()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        eprintln!("{who} serves a renewed certificate ({:?})", start.elapsed());
+    }
+    // Past the first certificates' end: whatever connects now does so on renewed ones.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     // Every connection between the sites is reset: the VRAs' streams and the managers'
     // calls come back on new handshakes, with the renewed certificates on both ends.
     let link = lab.links.get(&lab.link_name(0, 1)).await?;

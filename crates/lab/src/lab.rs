@@ -465,6 +465,21 @@ impl Lab {
     /// Starts `sites` sites of `managers` managers each and waits until every cluster has a
     /// leader and all its voters.
     pub async fn up(dir: &Path, sites: usize, managers: usize) -> Result<Self> {
+        Self::up_with(dir, sites, managers, &[]).await
+    }
+
+    /// [`Lab::up`], with `manager_env` in every manager's environment (e.g.
+    /// `TANDEM_CERT_TTL_SECS`), across restarts too.
+    pub async fn up_with(
+        dir: &Path,
+        sites: usize,
+        managers: usize,
+        manager_env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let manager_env: Vec<(String, String)> = manager_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         if sites == 0 || managers == 0 || managers > 7 || sites > 8 {
             bail!("--sites must be 1..8 and --managers 1..7");
         }
@@ -516,7 +531,7 @@ impl Lab {
                 raft: String::new(),
                 dir: dir.join(name).join("manager-1"),
                 child: None,
-                env: Vec::new(),
+                env: manager_env.clone(),
                 admin_token_file: Some(token_file.clone()),
             };
             first.start("single").await?;
@@ -549,15 +564,19 @@ impl Lab {
                     raft: String::new(),
                     dir: dir.join(name).join(format!("manager-{id}")),
                     child: None,
-                    env: vec![
-                        ("TANDEM_JOIN_TOKEN".into(), token),
-                        ("TANDEM_JOIN".into(), first_api.clone()),
-                    ],
+                    env: manager_env
+                        .iter()
+                        .cloned()
+                        .chain([
+                            ("TANDEM_JOIN_TOKEN".into(), token),
+                            ("TANDEM_JOIN".into(), first_api.clone()),
+                        ])
+                        .collect(),
                     admin_token_file: Some(token_file.clone()),
                 };
                 p.start("join").await?;
                 // Used up: a restart finds its certificate.
-                p.env.clear();
+                p.env.retain(|(k, _)| !k.starts_with("TANDEM_JOIN"));
                 cluster_client(&first_api)
                     .await?
                     .add_node(v1::AddNodeRequest {
@@ -632,21 +651,15 @@ impl Lab {
     }
 
     /// The certificate the lab's harness presents to site `site`'s nodes: a manager of that
-    /// site no member is (id 0), obtained once with a join token.
-    pub async fn harness(&self, site: usize) -> Result<TlsConfig> {
+    /// site no member is (id 0), issued once by hand with the CA key, valid for a year
+    /// whatever lifetime the managers give nodes' certificates (the harness is the lab's
+    /// tool, not a node the managers renew).
+    pub fn harness(&self, site: usize) -> Result<TlsConfig> {
         let data = self.dir.join("harness").join(&self.site_names[site]);
         let pki = PkiDir::new(data.join("pki"));
         if !pki.is_provisioned() {
-            let token = self.join_token(site, JoinAs::Manager(0)).await?;
-            tandem_proto::enroll::join_unless_provisioned(
-                &self.endpoints(site),
-                &token,
-                &pki,
-                tandem_tls::PeerRole::Manager,
-                "0",
-            )
-            .await
-            .context("enrolling the lab's harness")?;
+            let site_id = self.site_id(site).context("no such site")?.to_string();
+            self.provision(site, &PeerIdentity::manager(&site_id, 0)?, &data)?;
         }
         Ok(TlsConfig::load(&pki)?)
     }
@@ -823,7 +836,7 @@ impl Lab {
                     nbd: String::new(),
                     dir,
                     child: None,
-                    harness: Some(self.harness(i).await?),
+                    harness: Some(self.harness(i)?),
                 };
                 let mut args = extra_args.to_vec();
                 args.extend(["--join".to_string(), endpoints.join(",")]);

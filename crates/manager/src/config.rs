@@ -6,6 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+/// The shortest certificate lifetime (renewal runs at a third of it left).
+pub const MIN_CERT_TTL_SECS: u64 = 30;
+/// The longest: five years (the site's CA lives ten).
+pub const MAX_CERT_TTL_SECS: u64 = 5 * 366 * 24 * 3600;
+
 /// One initial member of the site's manager cluster.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +87,10 @@ pub struct Config {
     /// Operator (API) addresses of the site's managers, for `join_token`.
     #[serde(default)]
     pub join: Vec<String>,
+    /// How long the certificates this node issues are valid (its own, joining nodes',
+    /// renewed ones); each is renewed when a third of this is left.
+    #[serde(default = "default_cert_ttl")]
+    pub cert_ttl_secs: u64,
 }
 
 fn default_api() -> String {
@@ -98,6 +107,9 @@ fn default_election_min() -> u64 {
 }
 fn default_election_max() -> u64 {
     800
+}
+fn default_cert_ttl() -> u64 {
+    tandem_tls::pki::NODE_TTL.as_secs()
 }
 fn default_log_format() -> String {
     "text".into()
@@ -153,6 +165,9 @@ impl Config {
         if let Some(v) = get("TANDEM_JOIN") {
             self.join = v.split(',').map(|a| a.trim().to_string()).collect();
         }
+        if let Some(v) = get("TANDEM_CERT_TTL_SECS") {
+            self.cert_ttl_secs = v.parse().context("TANDEM_CERT_TTL_SECS")?;
+        }
         if let Some(v) = get("TANDEM_INSECURE") {
             self.insecure = matches!(v.as_str(), "1" | "true" | "yes");
         }
@@ -191,6 +206,11 @@ impl Config {
             if !self.members.iter().any(|m| m.id == self.node_id) {
                 bail!("node_id {} is not among [[members]]", self.node_id);
             }
+        }
+        if !(MIN_CERT_TTL_SECS..=MAX_CERT_TTL_SECS).contains(&self.cert_ttl_secs) {
+            bail!(
+                "cert_ttl_secs must be {MIN_CERT_TTL_SECS}..={MAX_CERT_TTL_SECS} (30 s to 5 years)"
+            );
         }
         if self.join_token.is_some() && self.join.is_empty() {
             bail!("join_token needs the managers to join through (join, --join)");

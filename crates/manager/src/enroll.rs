@@ -1,6 +1,9 @@
 //! Certificates issued by the site's managers: the site CA kept in the replicated state
-//! (imported once by the node that created it), join tokens, and the exchange of a join
-//! token for a new node's certificate.
+//! (imported once by the node that created it), join tokens, the exchange of a join
+//! token for a new node's certificate, and renewal (each manager its own; the leader its
+//! VRAs') when a third of a certificate's life is left.
+
+use std::time::{Duration, SystemTime};
 
 use tandem_core::DomainError;
 use tandem_core::access::Caller;
@@ -9,7 +12,7 @@ use tandem_core::enroll::{
 };
 use tandem_core::state::Command;
 use tandem_tls::PeerIdentity;
-use tandem_tls::pki::{NODE_TTL, PkiDir, SiteCa};
+use tandem_tls::pki::{PkiDir, SiteCa};
 
 use crate::error::{ApiError, ApiResult};
 use crate::site::{SiteManager, now_ms};
@@ -155,7 +158,7 @@ impl SiteManager {
         let issuer = SiteCa::from_pem(&site, &ca.cert_pem, ca.key_pem.expose())
             .map_err(ApiError::internal)?;
         let cert_pem = issuer
-            .issue_to(&identity, NODE_TTL, public_key)
+            .issue_to(&identity, self.cert_ttl(), public_key)
             .map_err(|e| ApiError::Domain(DomainError::invalid("public_key", e.to_string())))?;
         // Used up in the same command that records it; a second join with the same token
         // (even a concurrent one) finds it gone.
@@ -177,5 +180,110 @@ impl SiteManager {
             ca_pem: ca.cert_pem,
             identity,
         })
+    }
+}
+
+/// Whether a certificate valid until `until` (None: not valid now) is due for renewal:
+/// when less than a third of `ttl` is left.
+pub fn renewal_due(until: Option<SystemTime>, ttl: Duration) -> bool {
+    until.is_none_or(|u| u.duration_since(SystemTime::now()).unwrap_or_default() < ttl / 3)
+}
+
+impl SiteManager {
+    /// The CA from this node's copy of the state (None: the managers hold no CA).
+    fn local_ca(&self) -> Option<SiteCa> {
+        let (ca, site) = self
+            .node()
+            .read_local(|s| (s.ca.clone(), s.site_id().map(|i| i.to_string())));
+        let (ca, site) = (ca?, site?);
+        SiteCa::from_pem(&site, &ca.cert_pem, ca.key_pem.expose())
+            .inspect_err(|e| tracing::warn!(error = %e, "the site's CA in the state is unusable"))
+            .ok()
+    }
+
+    /// Renews this manager's own certificate when it is due, from the CA in the state:
+    /// a new key and certificate in `pki`, where the certificate watch takes them up
+    /// (sooner than the next look, a tenth of the lifetime).
+    /// Answers whether it renewed.
+    pub fn renew_own(&self, live: &tandem_tls::LiveTls, pki: &PkiDir) -> ApiResult<bool> {
+        let current = live.current();
+        if !renewal_due(current.valid_until(), self.cert_ttl()) {
+            return Ok(false);
+        }
+        let Some(ca) = self.local_ca() else {
+            return Ok(false);
+        };
+        let issued = ca
+            .issue(current.identity(), self.cert_ttl())
+            .map_err(ApiError::internal)?;
+        pki.install(ca.cert_pem(), &issued)
+            .map_err(ApiError::internal)?;
+        // `net::keep_tls` loads it (within two looks, a few seconds at most) into the
+        // operator and the internal port alike.
+        tracing::info!(identity = %current.identity(), "renewed this manager's certificate");
+        Ok(true)
+    }
+
+    /// Renews the certificate of the VRA at `addr` (of host `host`): it makes a key, this
+    /// node signs it with the site's CA, the VRA checks and installs the certificate.
+    pub async fn renew_vra(&self, host: &tandem_core::ids::HostId, addr: &str) -> ApiResult<()> {
+        let ca = self.local_ca().ok_or_else(|| {
+            ApiError::Domain(DomainError::precondition(
+                "the managers hold no CA: they cannot renew certificates",
+            ))
+        })?;
+        let identity = identity_of(ca.site(), &Joiner::Vra { host: host.clone() })?;
+        let mut vra = self.control().vra(addr)?;
+        let key = vra
+            .new_certificate_key(tandem_proto::v1::NewCertificateKeyRequest {})
+            .await
+            .map_err(ApiError::from_peer)?
+            .into_inner();
+        let cert_pem = ca
+            .issue_to(&identity, self.cert_ttl(), &key.public_key)
+            .map_err(|e| ApiError::Domain(DomainError::invalid("public_key", e.to_string())))?;
+        vra.install_certificate(tandem_proto::v1::InstallCertificateRequest {
+            cert_pem,
+            ca_pem: ca.cert_pem().to_string(),
+        })
+        .await
+        .map_err(ApiError::from_peer)?;
+        tracing::info!(%identity, "renewed a VRA's certificate");
+        Ok(())
+    }
+}
+
+/// Keeps this manager's certificate renewed until `shutdown`: looks at a tenth of the
+/// lifetime (between 1 s and an hour) and renews when a third is left.
+pub async fn keep_renewed(
+    site: SiteManager,
+    live: tandem_tls::LiveTls,
+    pki: PkiDir,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let every = (site.cert_ttl() / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    loop {
+        if let Err(e) = site.renew_own(&live, &pki) {
+            tracing::warn!(error = %e, "could not renew this manager's certificate");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_when_a_third_of_the_lifetime_is_left() {
+        let ttl = Duration::from_secs(90);
+        let now = SystemTime::now();
+        assert!(!renewal_due(Some(now + Duration::from_secs(60)), ttl));
+        assert!(renewal_due(Some(now + Duration::from_secs(29)), ttl));
+        assert!(renewal_due(Some(now - Duration::from_secs(1)), ttl));
+        assert!(renewal_due(None, ttl));
     }
 }

@@ -84,7 +84,8 @@ pub async fn run(
         connector.clone(),
         raft_addr.clone(),
     ));
-    let site = SiteManager::new(node.clone(), connector);
+    let site = SiteManager::new(node.clone(), connector)
+        .with_cert_ttl(std::time::Duration::from_secs(config.cert_ttl_secs));
     let site_id = tls.as_ref().map(|t| t.current().identity().site.clone());
     // The operator port presents the node's certificate; the internal one also trusts the
     // paired sites' CAs (their managers call it), and which identity may call what is
@@ -96,6 +97,12 @@ pub async fn run(
                 node.clone(),
                 member.clone(),
                 with_peers.clone(),
+                shutdown.clone(),
+            ));
+            tasks.spawn(enroll::keep_renewed(
+                site.clone(),
+                member.clone(),
+                tandem_tls::pki::PkiDir::new(config.pki_path()),
                 shutdown.clone(),
             ));
             (
@@ -252,9 +259,10 @@ async fn member_tls(config: &Config) -> Result<Option<tandem_tls::TlsConfig>> {
         let site_id = site::mint("site");
         let ca = SiteCa::generate(&site_id)?;
         ca.save(&pki)?;
-        ca.provision(
-            &pki,
-            &tandem_tls::PeerIdentity::manager(&site_id, config.node_id)?,
+        let me = tandem_tls::PeerIdentity::manager(&site_id, config.node_id)?;
+        pki.install(
+            ca.cert_pem(),
+            &ca.issue(&me, std::time::Duration::from_secs(config.cert_ttl_secs))?,
         )?;
         tracing::info!(site = %site_id, dir = %pki.dir.display(), "created the site's CA and this node's certificate");
     }

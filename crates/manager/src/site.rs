@@ -58,6 +58,8 @@ pub struct SiteManager {
     node: Arc<ManagerNode>,
     connector: Connector,
     control: Control,
+    /// How long the certificates this node issues are valid.
+    cert_ttl: std::time::Duration,
 }
 
 impl std::fmt::Debug for SiteManager {
@@ -106,7 +108,19 @@ impl SiteManager {
             node,
             connector,
             control,
+            cert_ttl: tandem_tls::pki::NODE_TTL,
         }
+    }
+
+    /// Issues certificates valid for `ttl` (renewed when a third of it is left).
+    pub fn with_cert_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.cert_ttl = ttl;
+        self
+    }
+
+    /// How long the certificates this node issues are valid.
+    pub fn cert_ttl(&self) -> std::time::Duration {
+        self.cert_ttl
     }
 
     /// This node's certificate (None: `--insecure`).

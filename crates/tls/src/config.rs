@@ -49,6 +49,8 @@ pub struct TlsConfig {
     anchors: Arc<HashMap<String, Vec<rustls::pki_types::TrustAnchor<'static>>>>,
     /// The directory it was loaded from (where renewed certificates appear).
     source: Option<PkiDir>,
+    /// [`TlsConfig::valid_until`], once computed.
+    valid_until: Arc<std::sync::OnceLock<Option<std::time::SystemTime>>>,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -251,6 +253,7 @@ impl TlsConfig {
             from_files,
             anchors: Arc::new(trust_anchors),
             source: None,
+            valid_until: Arc::default(),
         })
     }
 
@@ -323,6 +326,46 @@ impl TlsConfig {
             .map_err(|e| {
                 TlsError::Invalid(format!("{peer} was not issued by its site's CA: {e:?}"))
             })
+    }
+
+    /// Until when this node's certificate is valid (to the second): the end of its own
+    /// validity or of its CA's, whichever comes first. None: it is not valid now.
+    pub fn valid_until(&self) -> Option<std::time::SystemTime> {
+        *self.valid_until.get_or_init(|| self.compute_valid_until())
+    }
+
+    fn compute_valid_until(&self) -> Option<std::time::SystemTime> {
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+        let anchors = self.anchors.get(&self.identity.site)?;
+        let leaf = webpki::EndEntityCert::try_from(&self.chain[0]).ok()?;
+        // webpki does not show a certificate's validity; it checks it at a given time, so
+        // the end is found by bisection (about 30 checks, once per certificate loaded).
+        let valid_at = |secs: u64| {
+            leaf.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                anchors,
+                &[],
+                rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(secs)),
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
+            )
+            .is_ok()
+        };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+        if !valid_at(now) {
+            return None;
+        }
+        let (mut good, mut bad) = (now, now + crate::pki::CA_TTL.as_secs() + 86_400);
+        while bad - good > 1 {
+            let mid = good + (bad - good) / 2;
+            if valid_at(mid) {
+                good = mid;
+            } else {
+                bad = mid;
+            }
+        }
+        Some(UNIX_EPOCH + Duration::from_secs(good))
     }
 
     /// Who this node is.
@@ -530,6 +573,26 @@ mod tests {
         // Only the bootstrapping member holds the CA's key (to import it).
         assert!(PkiDir::new(tmp.path().join("manager-1")).ca_key().is_file());
         assert!(!PkiDir::new(tmp.path().join("manager-2")).ca_key().is_file());
+    }
+
+    #[test]
+    fn a_certificate_is_valid_until_its_end_or_its_cas() {
+        use std::time::{Duration, SystemTime};
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = SiteCa::generate("site-a1").unwrap();
+        let pki = PkiDir::new(tmp.path());
+        let me = PeerIdentity::vra("site-a1", "h1").unwrap();
+        pki.install(
+            ca.cert_pem(),
+            &ca.issue(&me, Duration::from_secs(3600)).unwrap(),
+        )
+        .unwrap();
+        let until = TlsConfig::load(&pki).unwrap().valid_until().unwrap();
+        let left = until.duration_since(SystemTime::now()).unwrap();
+        assert!(
+            left > Duration::from_secs(3590) && left <= Duration::from_secs(3600),
+            "{left:?}"
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ mod ranges;
 pub mod rates;
 pub mod recovered;
 pub mod recovery;
+pub mod renewal;
 pub mod sender;
 pub mod service;
 pub mod state;
@@ -127,9 +128,15 @@ pub async fn run(
     let nbd_task = tasks.spawn(async move { nbd_server.serve(nbd, nbd_shutdown).await });
 
     let sessions = TaskTracker::new();
-    let control_svc =
-        VraControlServer::new(service::ControlService::new(vra.clone(), trust.clone()))
-            .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES);
+    let control_svc = VraControlServer::new(service::ControlService::new(
+        vra.clone(),
+        trust.clone(),
+        live_tls
+            .clone()
+            .zip(trust.clone())
+            .map(|(live, trust)| renewal::Renewal::new(live, trust)),
+    ))
+    .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES);
     let repl_svc = ReplicationServer::new(service::ReplicationService::new(
         vra.clone(),
         sessions.clone(),

@@ -40,12 +40,28 @@ pub struct ControlService {
     vra: Vra,
     /// The paired sites' CAs (None: `--insecure`).
     trust: Option<crate::trust::PeerTrust>,
+    /// Renewal of its certificate (None: `--insecure`).
+    renewal: Option<crate::renewal::Renewal>,
 }
 
 impl ControlService {
     /// A service over `vra`.
-    pub fn new(vra: Vra, trust: Option<crate::trust::PeerTrust>) -> Self {
-        Self { vra, trust }
+    pub fn new(
+        vra: Vra,
+        trust: Option<crate::trust::PeerTrust>,
+        renewal: Option<crate::renewal::Renewal>,
+    ) -> Self {
+        Self {
+            vra,
+            trust,
+            renewal,
+        }
+    }
+
+    fn renewal(&self) -> Result<&crate::renewal::Renewal, Status> {
+        self.renewal.as_ref().ok_or_else(|| {
+            Status::failed_precondition("this VRA runs --insecure: it has no certificate")
+        })
     }
 }
 
@@ -215,7 +231,29 @@ impl VraControl for ControlService {
                 })
                 .collect();
         }
+        if let Some(r) = &self.renewal {
+            status.cert_valid_until_ms = r.valid_until_ms();
+        }
         Ok(Response::new(status))
+    }
+
+    async fn new_certificate_key(
+        &self,
+        _req: Request<pb::NewCertificateKeyRequest>,
+    ) -> Result<Response<pb::NewCertificateKeyResponse>, Status> {
+        let public_key = self.renewal()?.new_key().map_err(status)?;
+        Ok(Response::new(pb::NewCertificateKeyResponse { public_key }))
+    }
+
+    async fn install_certificate(
+        &self,
+        req: Request<pb::InstallCertificateRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let r = req.into_inner();
+        self.renewal()?
+            .install(&r.cert_pem, &r.ca_pem)
+            .map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
     }
 
     async fn pause(

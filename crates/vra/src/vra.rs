@@ -1117,8 +1117,10 @@ impl Vra {
             buffer_used_bytes: used,
             vpgs: out,
             exports: self.inner.exports.names(),
-            // The service adds what the VRA trusts (it holds the TLS side).
+            // The service adds what the VRA trusts and its certificate's validity (it
+            // holds the TLS side).
             trusted: Vec::new(),
+            cert_valid_until_ms: 0,
         }
     }
 

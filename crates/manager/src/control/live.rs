@@ -39,6 +39,8 @@ pub struct VraObservation {
     pub exports: HashSet<String>,
     /// The paired sites whose CAs it trusts: site id to CA fingerprint.
     pub trusted: HashMap<String, String>,
+    /// Until when its certificate is valid (ms since the epoch; 0: unknown).
+    pub cert_valid_until_ms: u64,
 }
 
 /// What one status read of a VRA yields.
@@ -48,6 +50,7 @@ pub struct VraPoll {
     pub limits: HashMap<String, u64>,
     pub exports: HashSet<String>,
     pub trusted: HashMap<String, String>,
+    pub cert_valid_until_ms: u64,
 }
 
 /// The last report of one peer site.
@@ -165,9 +168,15 @@ impl Live {
     }
 
     pub fn record_vra(&self, host: HostId, poll: Result<VraPoll, String>) {
-        let (vpgs, limits, exports, trusted) = match poll {
-            Ok(p) => (Ok(p.vpgs), p.limits, p.exports, p.trusted),
-            Err(e) => (Err(e), HashMap::new(), HashSet::new(), HashMap::new()),
+        let (vpgs, limits, exports, trusted, cert_valid_until_ms) = match poll {
+            Ok(p) => (
+                Ok(p.vpgs),
+                p.limits,
+                p.exports,
+                p.trusted,
+                p.cert_valid_until_ms,
+            ),
+            Err(e) => (Err(e), HashMap::new(), HashSet::new(), HashMap::new(), 0),
         };
         let mut inner = self.lock();
         if let Ok(reports) = &vpgs {
@@ -185,6 +194,7 @@ impl Live {
                 limits,
                 exports,
                 trusted,
+                cert_valid_until_ms,
             },
         );
     }

@@ -24,12 +24,13 @@ pub mod recovery;
 pub mod sync_pause;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tandem_core::DomainError;
 use tandem_core::alerts::AlertKind;
-use tandem_core::ids::{SiteId, VmId, VpgId};
+use tandem_core::ids::{HostId, SiteId, VmId, VpgId};
 use tandem_core::observe::{LiveStatus, PeerReport};
 use tandem_core::state::SiteState;
 use tandem_proto::v1;
@@ -101,6 +102,9 @@ pub struct Control {
     pub live: Live,
     connector: Connector,
     barriers: checkpoints::Barriers,
+    /// When this node last renewed each VRA's certificate: a status read before then
+    /// still shows the old one.
+    renewed: Arc<Mutex<HashMap<HostId, Instant>>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -115,7 +119,19 @@ impl Control {
             live: Live::default(),
             connector,
             barriers: checkpoints::Barriers::default(),
+            renewed: Arc::default(),
         }
+    }
+
+    /// Notes a renewal of `host`'s VRA certificate now; answers false when one was made
+    /// after `seen` (the status read at `seen` does not show it yet: not again).
+    pub fn start_renewal(&self, host: &HostId, seen: Instant) -> bool {
+        let mut renewed = self.renewed.lock().unwrap_or_else(|e| e.into_inner());
+        if renewed.get(host).is_some_and(|at| *at >= seen) {
+            return false;
+        }
+        renewed.insert(host.clone(), Instant::now());
+        true
     }
 
     /// The control client of the VRA at `addr`.

@@ -77,6 +77,7 @@ async fn poll_vra(site: &SiteManager, addr: &str) -> Result<VraPoll, String> {
             .into_iter()
             .map(|t| (t.site_id, t.ca_fingerprint))
             .collect(),
+        cert_valid_until_ms: status.cert_valid_until_ms,
     })
 }
 

@@ -157,6 +157,7 @@ pub async fn reconcile_once(site: &SiteManager) {
     for host in state.hosts.values() {
         apply_limits(site, &state, host).await;
         apply_trust(site, &state, host).await;
+        apply_renewal(site, host).await;
         let Some(held) = reported(site, &host.id) else {
             continue;
         };
@@ -288,6 +289,31 @@ async fn apply_trust(site: &SiteManager, state: &SiteState, host: &Host) {
             tracing::info!(host = %host.id, sites = ?want.keys().collect::<Vec<_>>(), "paired sites' CAs given to the VRA")
         }
         Err(error) => tracing::warn!(host = %host.id, %error, "paired sites' CAs not given"),
+    }
+}
+
+/// Renews the certificate of the VRA of `host` when a third of its life is left, as its
+/// last status says (the VRA makes the key; this node signs it).
+async fn apply_renewal(site: &SiteManager, host: &Host) {
+    if site.site_tls().is_none() {
+        return;
+    }
+    let Some(seen) = site
+        .control()
+        .live
+        .vra(&host.id)
+        .filter(|o| o.vpgs.is_ok() && o.cert_valid_until_ms > 0)
+    else {
+        return;
+    };
+    let until = std::time::UNIX_EPOCH + std::time::Duration::from_millis(seen.cert_valid_until_ms);
+    if !crate::enroll::renewal_due(Some(until), site.cert_ttl())
+        || !site.control().start_renewal(&host.id, seen.at)
+    {
+        return;
+    }
+    if let Err(error) = site.renew_vra(&host.id, &host.vra_address).await {
+        tracing::warn!(host = %host.id, %error, "could not renew the VRA's certificate");
     }
 }
 
