@@ -650,6 +650,47 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
         .expect_err("a used token must be refused");
     assert!(err.to_string().contains("PermissionDenied"), "{err}");
 
+    // Listed while unused, withdrawn on request: it then lets no one in.
+    let out = tandem_lab::lab::cli()
+        .args(["-e", &api[0], "token", "join", "--node-id", "7"])
+        .output()?;
+    assert!(out.status.success());
+    let spare = String::from_utf8(out.stdout)?.trim().to_string();
+    let spare_id = JoinCode::parse("token", &spare)?.id().to_string();
+    let listed = |out: std::process::Output| -> Result<Vec<String>> {
+        let tokens: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+        Ok(tokens
+            .iter()
+            .map(|t| t["id"].as_str().unwrap_or_default().to_string())
+            .collect())
+    };
+    let ids = listed(
+        tandem_lab::lab::cli()
+            .args(["-e", &api[0], "-o", "json", "token", "join-list"])
+            .output()?,
+    )?;
+    assert_eq!(ids, vec![spare_id.clone()], "the used token is not listed");
+    let out = tandem_lab::lab::cli()
+        .args(["-e", &api[0], "token", "join-revoke", &spare_id])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = join(&api, &spare, &pki("m7"), PeerRole::Manager, "7")
+        .await
+        .expect_err("a revoked token must be refused");
+    assert!(err.to_string().contains("PermissionDenied"), "{err}");
+    assert!(
+        listed(
+            tandem_lab::lab::cli()
+                .args(["-e", &api[0], "-o", "json", "token", "join-list"])
+                .output()?,
+        )?
+        .is_empty()
+    );
+
     // Only an admin creates join tokens.
     let viewer = TokenServiceClient::new(channel(&api[0]).await?)
         .create_token(v1::CreateTokenRequest {

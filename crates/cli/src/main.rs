@@ -137,6 +137,12 @@ enum TokenCmd {
         #[arg(long)]
         ttl: Option<String>,
     },
+    /// The join tokens not used yet and not expired.
+    JoinList,
+    /// Withdraws an unused join token.
+    JoinRevoke {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -570,6 +576,18 @@ const TOKEN_HEADER: [&str; 7] = [
     "CREATED BY",
 ];
 
+const JOIN_TOKEN_HEADER: [&str; 5] = ["ID", "IDENTITY", "CREATED", "EXPIRES", "CREATED BY"];
+
+fn join_token_row(t: &v1::JoinTokenInfo) -> Vec<String> {
+    vec![
+        t.id.clone(),
+        t.identity.clone(),
+        t.created_ms.to_string(),
+        t.expires_ms.to_string(),
+        t.created_by.clone(),
+    ]
+}
+
 async fn token(ch: Channel, fmt: Format, c: TokenCmd) -> Result<()> {
     let mut cl = TokenServiceClient::new(ch);
     match c {
@@ -643,6 +661,26 @@ async fn token(ch: Channel, fmt: Format, c: TokenCmd) -> Result<()> {
                 &TOKEN_HEADER,
                 tokens.iter().map(token_row).collect(),
             );
+        }
+        TokenCmd::JoinList => {
+            let tokens = cl
+                .list_join_tokens(v1::ListJoinTokensRequest {})
+                .await?
+                .into_inner()
+                .tokens;
+            print(
+                fmt,
+                &tokens,
+                &JOIN_TOKEN_HEADER,
+                tokens.iter().map(join_token_row).collect(),
+            );
+        }
+        TokenCmd::JoinRevoke { id } => {
+            let t = cl
+                .revoke_join_token(v1::RevokeTokenRequest { id })
+                .await?
+                .into_inner();
+            print(fmt, &t, &JOIN_TOKEN_HEADER, vec![join_token_row(&t)]);
         }
         TokenCmd::Revoke { id } => {
             let t = cl

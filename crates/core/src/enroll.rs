@@ -255,6 +255,21 @@ impl JoinTokens {
         })
     }
 
+    /// The tokens still usable at `now_ms`.
+    pub fn live(&self, now_ms: u64) -> impl Iterator<Item = &JoinToken> {
+        self.tokens
+            .values()
+            .filter(move |t| t.expires_at_ms > now_ms)
+    }
+
+    /// Withdraws an unused token; answers it.
+    pub fn revoke(&mut self, id: &TokenId) -> Result<JoinToken, DomainError> {
+        self.tokens.remove(id).ok_or_else(|| DomainError::NotFound {
+            kind: "join token".into(),
+            id: id.to_string(),
+        })
+    }
+
     pub fn list(&self) -> impl Iterator<Item = &JoinToken> {
         self.tokens.values()
     }
@@ -401,6 +416,21 @@ mod tests {
             .unwrap();
         assert!(matches!(
             tokens.consume(late.id(), &late.secret_hash(), "x", 6_000),
+            Err(JoinRejected::Unknown(_))
+        ));
+        // Revoked: gone, and no second time.
+        let revoked = code(3);
+        tokens
+            .create(
+                token(&revoked, Joiner::Manager { node_id: 5 }, 7_000, 5_000),
+                7_000,
+            )
+            .unwrap();
+        assert_eq!(tokens.live(7_001).count(), 1);
+        tokens.revoke(revoked.id()).unwrap();
+        assert!(tokens.revoke(revoked.id()).is_err());
+        assert!(matches!(
+            tokens.consume(revoked.id(), &revoked.secret_hash(), "x", 7_002),
             Err(JoinRejected::Unknown(_))
         ));
     }

@@ -168,6 +168,9 @@ pub enum Command {
         token: crate::enroll::JoinToken,
         now_ms: u64,
     },
+    RevokeJoinToken {
+        id: crate::access::TokenId,
+    },
     /// Uses a join token for the certificate of `identity`, and records that it did.
     ConsumeJoinToken {
         id: crate::access::TokenId,
@@ -815,6 +818,10 @@ impl SiteState {
             }
             Command::CreateJoinToken { token, now_ms } => {
                 self.join_tokens.create(token, now_ms)?;
+                Ok(Applied::Done)
+            }
+            Command::RevokeJoinToken { id } => {
+                self.join_tokens.revoke(&id)?;
                 Ok(Applied::Done)
             }
             Command::ConsumeJoinToken {

@@ -6,7 +6,7 @@
 use std::time::{Duration, SystemTime};
 
 use tandem_core::DomainError;
-use tandem_core::access::Caller;
+use tandem_core::access::{Caller, TokenId};
 use tandem_core::enroll::{
     DEFAULT_JOIN_TTL_MS, JoinCode, JoinToken, Joiner, MAX_JOIN_TTL_MS, Secret, SiteCaRecord,
 };
@@ -117,6 +117,36 @@ impl SiteManager {
         })
     }
 
+    /// The unused join tokens, each with the identity it would be exchanged for.
+    pub async fn list_join_tokens(&self) -> ApiResult<Vec<(JoinToken, String)>> {
+        let now = now_ms();
+        self.node()
+            .read(move |s| {
+                let site = s.site_id().map(|i| i.to_string()).unwrap_or_default();
+                s.join_tokens
+                    .live(now)
+                    .map(|t| {
+                        let identity = identity_of(&site, &t.joiner)
+                            .map(|i| i.uri())
+                            .unwrap_or_else(|_| t.joiner.to_string());
+                        (t.clone(), identity)
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    /// Withdraws an unused join token; answers it as it was.
+    pub async fn revoke_join_token(&self, id: TokenId) -> ApiResult<(JoinToken, String)> {
+        let listed = self.list_join_tokens().await?;
+        let found = listed
+            .into_iter()
+            .find(|(t, _)| t.id == id)
+            .ok_or_else(|| DomainError::not_found("join token", &id))?;
+        self.node().propose(Command::RevokeJoinToken { id }).await?;
+        Ok(found)
+    }
+
     /// Exchanges a join token for the certificate of the node it names (which must be the
     /// node `claimed` to be), for the key `public_key` whose holder signed `proof`. The token is used up before the
     /// certificate is answered, so one token yields one certificate.
@@ -211,6 +241,11 @@ impl SiteManager {
             return Ok(false);
         }
         let Some(ca) = self.local_ca() else {
+            tracing::warn!(
+                valid_until = ?current.valid_until(),
+                "this manager's certificate is due for renewal, and the managers hold no CA \
+                 to issue one: give it a new certificate before it expires"
+            );
             return Ok(false);
         };
         let issued = ca

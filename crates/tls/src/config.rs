@@ -390,10 +390,14 @@ impl TlsConfig {
             ClientAuth::Required => self.server.clone(),
             ClientAuth::Optional => self.server_optional.clone(),
         };
-        let stream = tokio_rustls::TlsAcceptor::from(config)
+        let mut stream = tokio_rustls::TlsAcceptor::from(config)
             .accept(tcp)
             .await
             .map_err(|e| TlsError::Invalid(format!("handshake: {e}")))?;
+        stream
+            .get_mut()
+            .1
+            .set_buffer_limit(Some(crate::SEND_BUFFER));
         let peer = {
             let (_, conn) = stream.get_ref();
             match conn.peer_certificates().and_then(|c| c.first()) {

@@ -112,7 +112,7 @@ impl tower::Service<http::Uri> for TlsDial {
                 sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(every))?;
             }
             let name = ServerName::try_from(SERVER_NAME)?;
-            let tls = tokio_rustls::TlsConnector::from(config)
+            let mut tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
                 .map_err(|e| -> BoxError {
@@ -123,6 +123,7 @@ impl tower::Service<http::Uri> for TlsDial {
                         Box::new(e)
                     }
                 })?;
+            tls.get_mut().1.set_buffer_limit(Some(crate::SEND_BUFFER));
             Ok(TokioIo::new(tls))
         })
     }

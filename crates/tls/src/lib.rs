@@ -36,5 +36,16 @@ pub enum TlsError {
 /// The crypto provider of every config: ring, chosen explicitly so nothing depends on a
 /// process-wide default.
 pub(crate) fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first (ring lists AES-256 first): TLS 1.3's mandatory suite, 128-bit
+    // security, and 10 AES rounds instead of 14 on every byte a replication stream
+    // carries. Both ends are ours, so this is what they agree on.
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    std::sync::Arc::new(provider)
 }
+
+/// How much encrypted data a connection may hold before it is written out: rustls's 64 KiB
+/// default made a replication stream's sender write to its socket every 4 records.
+pub const SEND_BUFFER: usize = 1 << 20;

@@ -2,7 +2,7 @@
 //! join tokens, with which new nodes obtain their certificates.
 
 use tandem_core::access::{ApiToken, MAX_TOKEN_TTL_MS, Role, TokenId};
-use tandem_core::enroll::{Joiner, MAX_JOIN_TTL_MS};
+use tandem_core::enroll::{JoinToken, Joiner, MAX_JOIN_TTL_MS};
 use tandem_core::error::Violations;
 use tandem_core::ids::HostId;
 use tandem_core::ids::check_name;
@@ -45,6 +45,16 @@ fn to_proto(t: ApiToken, now: u64) -> v1::ApiToken {
         revoked_ms: t.revoked_at_ms.unwrap_or(0),
         created_by: t.created_by,
         state: state.to_string(),
+    }
+}
+
+fn join_to_proto((t, identity): (JoinToken, String)) -> v1::JoinTokenInfo {
+    v1::JoinTokenInfo {
+        id: t.id.to_string(),
+        identity,
+        created_ms: t.created_at_ms,
+        expires_ms: t.expires_at_ms,
+        created_by: t.created_by,
     }
 }
 
@@ -122,6 +132,30 @@ impl TokenService for TokenApi {
             identity: created.identity.uri(),
             expires_ms: created.token.expires_at_ms,
         }))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        _r: Request<v1::ListJoinTokensRequest>,
+    ) -> Result<Response<v1::JoinTokenList>, Status> {
+        let tokens = self
+            .0
+            .list_join_tokens()
+            .await?
+            .into_iter()
+            .map(join_to_proto)
+            .collect();
+        Ok(Response::new(v1::JoinTokenList { tokens }))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        r: Request<v1::RevokeTokenRequest>,
+    ) -> Result<Response<v1::JoinTokenInfo>, Status> {
+        let id = TokenId::parse("id", &r.into_inner().id).map_err(bad)?;
+        Ok(Response::new(join_to_proto(
+            self.0.revoke_join_token(id).await?,
+        )))
     }
 
     async fn revoke_token(
