@@ -15,7 +15,9 @@ fn the_demo_passes_every_step() {
         .expect("running tandem-lab demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && stdout.contains("all steps passed"),
+        out.status.success()
+            && stdout.contains("all steps passed")
+            && stdout.contains("joined with a one-time join token"),
         "tandem-lab demo failed ({}):\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
