@@ -644,6 +644,21 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
     let tls = TlsConfig::load(&pki("h9"))?;
     assert_eq!(tls.identity(), &me);
     assert!(!pki("h9").ca_key().exists(), "the CA key left the managers");
+    // A node that holds a usable certificate keeps it (its join token stays unused); one
+    // whose certificate cannot be used joins again with a new token.
+    let again = tandem_lab::lab::cli()
+        .args(["-e", &api[0], "token", "join", "--host", "h9"])
+        .output()?;
+    let again = String::from_utf8(again.stdout)?.trim().to_string();
+    tandem_proto::enroll::join_unless_provisioned(&api, &again, &pki("h9"), PeerRole::Vra, "h9")
+        .await?;
+    assert_eq!(TlsConfig::load(&pki("h9"))?.chain_leaf(), tls.chain_leaf());
+    std::fs::write(pki("h9").node_cert(), "not a certificate")?;
+    tandem_proto::enroll::join_unless_provisioned(&api, &again, &pki("h9"), PeerRole::Vra, "h9")
+        .await?;
+    let rejoined = TlsConfig::load(&pki("h9"))?;
+    assert_eq!(rejoined.identity(), &me);
+    assert_ne!(rejoined.chain_leaf(), tls.chain_leaf());
     // Once.
     let err = join(&api, &token, &pki("again"), PeerRole::Vra, "h9")
         .await

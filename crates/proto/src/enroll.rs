@@ -28,8 +28,10 @@ pub enum JoinError {
     Tls(#[from] tandem_tls::TlsError),
 }
 
-/// [`join`] on a node's first start: nothing once `pki` holds a certificate (a join token
-/// is used once; restarts find the certificate it got).
+/// [`join`] unless `pki` already holds a usable certificate of this node (a join token is
+/// used once; restarts find the certificate it got). A certificate that expired (the node
+/// was away longer than its managers could renew it) or cannot be loaded is replaced, so
+/// a new join token brings such a node back.
 pub async fn join_unless_provisioned(
     endpoints: &[String],
     token: &str,
@@ -38,7 +40,21 @@ pub async fn join_unless_provisioned(
     id: &str,
 ) -> Result<(), JoinError> {
     if pki.is_provisioned() {
-        return Ok(());
+        match tandem_tls::TlsConfig::load(pki) {
+            Ok(tls)
+                if tls.valid_until().is_some()
+                    && tls.identity().role == role
+                    && tls.identity().id == id =>
+            {
+                return Ok(());
+            }
+            Ok(tls) => {
+                tracing::warn!(identity = %tls.identity(), "this node's certificate is expired or not its own: joining again with the join token")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "this node's certificate cannot be used: joining again with the join token")
+            }
+        }
     }
     let me = join(endpoints, token, pki, role, id).await?;
     tracing::info!(identity = %me, dir = %pki.dir.display(), "joined the site: its managers issued this node's certificate");
