@@ -489,6 +489,55 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
         .peers;
     assert_eq!(peers.len(), 1, "{peers:?}");
     assert_eq!(peers[0].id, site_b);
+    // The audit trail names who made each call that would change a site: the refused
+    // unpair at site a by site b's manager, the pairing accepted at site b.
+    let audited = |site: usize| {
+        let api = lab.sites[site][0].api.clone();
+        async move {
+            let events = tandem_proto::v1::monitoring_service_client::MonitoringServiceClient::new(
+                channel(&api).await?,
+            )
+            .list_events(v1::ListEventsQuery {
+                code: "EV0070".into(),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .events;
+            Ok::<_, anyhow::Error>(
+                events
+                    .into_iter()
+                    .map(|e| e.description)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    let manager_b = PeerIdentity::manager(&site_b, 7)?.uri();
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen = audited(0).await?;
+        if seen.iter().any(|d| {
+            d.contains("SitePeer.Unpair")
+                && d.contains(&manager_b)
+                && d.contains("failed: PermissionDenied")
+        }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen.iter()
+            .any(|d| d.contains("SitePeer.Unpair") && d.contains(&manager_b)),
+        "{seen:?}"
+    );
+    assert!(
+        audited(1)
+            .await?
+            .iter()
+            .any(|d| d.contains("SitePeer.AcceptPairing") && d.contains("pairing token: ok")),
+        "site b recorded no accepted pairing"
+    );
     lab.down().await;
     Ok(())
 }
@@ -732,15 +781,34 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
         .expect_err("a viewer must not create join tokens");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
 
-    // Recorded, and no private key anywhere in the log.
-    let events = MonitoringServiceClient::new(channel(&api[0]).await?)
-        .list_events(v1::ListEventsQuery {
-            limit: 1000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .events;
+    // Recorded, and no private key anywhere in the log. Every join, refused ones too, is
+    // in the audit trail (written in batches: it may lag a little).
+    let audited = |events: &[v1::Event]| {
+        let joins: Vec<&v1::Event> = events
+            .iter()
+            .filter(|e| e.code == "EV0070" && e.description.contains("Enrollment.Join"))
+            .collect();
+        joins
+            .iter()
+            .any(|e| e.description.contains("failed: PermissionDenied"))
+            && joins.iter().any(|e| e.description.ends_with(": ok"))
+    };
+    let mut events = Vec::new();
+    for _ in 0..50 {
+        events = MonitoringServiceClient::new(channel(&api[0]).await?)
+            .list_events(v1::ListEventsQuery {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .events;
+        if audited(&events) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(audited(&events), "{events:?}");
     let joined: Vec<_> = events.iter().filter(|e| e.code == "EV0071").collect();
     assert!(
         joined.iter().any(|e| e.description.contains(&me.uri())),

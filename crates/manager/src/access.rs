@@ -236,8 +236,20 @@ where
                 ))
                 .into_http());
             }
+            let changes = changes_state(&path);
             let needed = match needs {
-                Needs::Nothing | Needs::Pairing => return inner.call(req).await,
+                Needs::Nothing | Needs::Pairing => {
+                    let response = inner.call(req).await?;
+                    if changes {
+                        let who = if needs == Needs::Pairing {
+                            "a caller presenting a pairing token"
+                        } else {
+                            "a new node presenting a join token"
+                        };
+                        audit(&trail, who, &call_name(&path), &outcome(&response)).await;
+                    }
+                    return Ok(response);
+                }
                 Needs::Member => {
                     return match check_member(&site, &req) {
                         Ok(()) => inner.call(req).await,
@@ -248,18 +260,26 @@ where
                     };
                 }
                 Needs::Peer => {
-                    return match peer_site(&site, &req) {
+                    let who = presented(&req).map_or_else(
+                        || "an unauthenticated peer (--insecure)".to_string(),
+                        |w| w.to_string(),
+                    );
+                    let response = match peer_site(&site, &req) {
                         Ok(from) => {
                             if let Some(from) = from {
                                 req.extensions_mut().insert(PeerCaller(from));
                             }
-                            inner.call(req).await
+                            inner.call(req).await?
                         }
                         Err(status) => {
                             tracing::warn!(call = %path, reason = status.message(), "peer call refused");
-                            Ok(status.into_http())
+                            status.into_http()
                         }
                     };
+                    if changes {
+                        audit(&trail, &who, &call_name(&path), &outcome(&response)).await;
+                    }
+                    return Ok(response);
                 }
                 Needs::Token(role) => role,
             };
@@ -278,14 +298,20 @@ where
                 );
                 tracing::warn!(call = %call, caller = %caller, "call refused: permission denied");
                 if needed > Role::Viewer {
-                    audit(&trail, &caller, &call, "refused: permission denied").await;
+                    audit(
+                        &trail,
+                        &caller.to_string(),
+                        &call,
+                        "refused: permission denied",
+                    )
+                    .await;
                 }
                 return Ok(Status::permission_denied(msg).into_http());
             }
             req.extensions_mut().insert(caller.clone());
             let response = inner.call(req).await?;
             if needed > Role::Viewer && !path.rsplit('/').next().is_some_and(is_read) {
-                audit(&trail, &caller, &call, &outcome(&response)).await;
+                audit(&trail, &caller.to_string(), &call, &outcome(&response)).await;
             }
             Ok(response)
         })
@@ -399,8 +425,25 @@ fn outcome(response: &Response<Body>) -> String {
     }
 }
 
+/// Calls from other sites and from nodes without credentials yet that change this site's
+/// state: the audit trail records them as it does operators' (who: the certificate, or
+/// the one-time token the call presented).
+fn changes_state(path: &str) -> bool {
+    let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
+        return false;
+    };
+    let service = service.strip_prefix("tandem.v1.").unwrap_or(service);
+    matches!(
+        (service, method),
+        (
+            "SitePeer",
+            "AcceptPairing" | "PutVpg" | "DeleteVpg" | "Unpair" | "PrepareMove" | "FinishMove"
+        ) | ("Enrollment", "Join")
+    )
+}
+
 /// Queues one call for the event log (waits while the queue is full).
-async fn audit(trail: &AuditTrail, caller: &Caller, call: &str, outcome: &str) {
+async fn audit(trail: &AuditTrail, caller: &str, call: &str, outcome: &str) {
     let event = NewEvent {
         at_ms: now_ms(),
         code: EventCode::OperatorCall,
@@ -528,6 +571,29 @@ mod tests {
         ] {
             assert_eq!(Listener::Operator.serves(needs), operator, "{needs:?}");
             assert_eq!(Listener::Internal.serves(needs), internal, "{needs:?}");
+        }
+    }
+
+    #[test]
+    fn calls_from_other_sites_and_new_nodes_that_change_the_state_are_audited() {
+        for path in [
+            "/tandem.v1.SitePeer/PutVpg",
+            "/tandem.v1.SitePeer/DeleteVpg",
+            "/tandem.v1.SitePeer/Unpair",
+            "/tandem.v1.SitePeer/AcceptPairing",
+            "/tandem.v1.Enrollment/Join",
+        ] {
+            assert!(changes_state(path), "{path}");
+        }
+        for path in [
+            "/tandem.v1.SitePeer/Report",
+            "/tandem.v1.SitePeer/GetIdentity",
+            "/tandem.v1.SitePeer/ListCheckpoints",
+            "/grpc.health.v1.Health/Check",
+            "/tandem.v1.Raft/AppendEntries",
+            "nonsense",
+        ] {
+            assert!(!changes_state(path), "{path}");
         }
     }
 
