@@ -147,6 +147,18 @@ pub fn pinned_client(ca_fingerprint: &str) -> Result<Arc<ClientConfig>, TlsError
 impl TlsConfig {
     /// Loads the node's certificate, key and site CA from `dir`.
     pub fn load(dir: &PkiDir) -> Result<Self, TlsError> {
+        match Self::load_files(dir) {
+            // A renewal cut short by a crash between replacing the key and the certificate:
+            // finish it, then load what it installed.
+            Err(e) if dir.finish_interrupted_install().unwrap_or(false) => {
+                tracing::warn!(dir = %dir.dir.display(), error = %e, "finished a certificate install a crash interrupted");
+                Self::load_files(dir)
+            }
+            loaded => loaded,
+        }
+    }
+
+    fn load_files(dir: &PkiDir) -> Result<Self, TlsError> {
         let own_ca_pem = read_small(&dir.ca_cert())?;
         let ca = certs(&own_ca_pem, "ca.crt")?;
         let mut chain = certs(&read_small(&dir.node_cert())?, "node.crt")?;

@@ -70,12 +70,51 @@ impl PkiDir {
         self.ca_cert().is_file() && self.node_cert().is_file() && self.node_key().is_file()
     }
 
-    /// Writes a node's certificate, key and its site's CA certificate.
+    /// Writes a node's certificate, key and its site's CA certificate. The key and its
+    /// certificate are replaced as a pair: both are written aside first, then renamed into
+    /// place, the key first; a crash between the two renames is completed by
+    /// [`PkiDir::finish_interrupted_install`] (renewal must never leave a node with a key
+    /// and a certificate that do not match).
     pub fn install(&self, ca_cert_pem: &str, issued: &Issued) -> Result<(), TlsError> {
         write_file(&self.ca_cert(), ca_cert_pem, 0o644)?;
-        write_file(&self.node_key(), &issued.key_pem, 0o600)?;
-        write_file(&self.node_cert(), &issued.cert_pem, 0o644)
+        let (key_next, cert_next) = (aside(&self.node_key()), aside(&self.node_cert()));
+        write_file(&key_next, &issued.key_pem, 0o600)?;
+        write_file(&cert_next, &issued.cert_pem, 0o644)?;
+        std::fs::rename(&key_next, self.node_key()).map_err(io(&key_next))?;
+        match std::fs::rename(&cert_next, self.node_cert()) {
+            Ok(()) => {}
+            // A loader met the pair half renamed and finished it.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && read_small(&self.node_cert())? == issued.cert_pem => {}
+            Err(e) => return Err(io(&cert_next)(e)),
+        }
+        sync_dir(&self.dir)
     }
+
+    /// Completes an [`PkiDir::install`] that a crash interrupted between its two renames
+    /// (the new key in place, its certificate still aside). Answers whether there was one.
+    pub fn finish_interrupted_install(&self) -> Result<bool, TlsError> {
+        let cert_next = aside(&self.node_cert());
+        if !cert_next.is_file() || aside(&self.node_key()).is_file() {
+            return Ok(false);
+        }
+        std::fs::rename(&cert_next, self.node_cert()).map_err(io(&cert_next))?;
+        sync_dir(&self.dir)?;
+        Ok(true)
+    }
+}
+
+/// Where [`PkiDir::install`] writes `path`'s next content before renaming it into place.
+fn aside(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.next", path.display()))
+}
+
+/// Makes the renames in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), TlsError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
@@ -482,5 +521,33 @@ mod tests {
                 .is_err()
         );
         assert!(!format!("{key:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn a_renewal_cut_between_its_key_and_its_certificate_is_finished_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = SiteCa::generate("site-a1").unwrap();
+        let me = PeerIdentity::manager("site-a1", 2).unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.install(ca.cert_pem(), &ca.issue(&me, NODE_TTL).unwrap())
+            .unwrap();
+        let old = crate::TlsConfig::load(&pki).unwrap();
+        // The crash: the new key renamed into place, its certificate still aside.
+        let renewed = ca.issue(&me, NODE_TTL).unwrap();
+        write_file(&pki.node_key(), &renewed.key_pem, 0o600).unwrap();
+        write_file(&aside(&pki.node_cert()), &renewed.cert_pem, 0o644).unwrap();
+        let loaded = crate::TlsConfig::load(&pki).unwrap();
+        assert_ne!(loaded.chain_leaf(), old.chain_leaf());
+        assert!(!aside(&pki.node_cert()).exists());
+        // Cut before either rename: the old pair stays in use, the next install proceeds.
+        write_file(&aside(&pki.node_key()), &renewed.key_pem, 0o600).unwrap();
+        assert!(!pki.finish_interrupted_install().unwrap());
+        assert_eq!(
+            crate::TlsConfig::load(&pki).unwrap().chain_leaf(),
+            loaded.chain_leaf()
+        );
+        pki.install(ca.cert_pem(), &ca.issue(&me, NODE_TTL).unwrap())
+            .unwrap();
+        assert!(crate::TlsConfig::load(&pki).is_ok());
     }
 }
