@@ -12,6 +12,21 @@ use tandem_core::pairing::PeerSite;
 
 use crate::error::{ApiError, ApiResult};
 
+/// What the channel cache's keys for paired sites start with.
+const PEER_KEY: &str = "peer ";
+
+/// What names a paired site's channels in the cache: a hash of its CA certificate.
+fn peer_key(ca_pem: &str) -> String {
+    tandem_tls::config::fingerprint(ca_pem.as_bytes())
+}
+
+/// Whether a cached channel is to a node of this site or to a site in `paired`.
+fn still_paired(key: &str, paired: &std::collections::HashSet<String>) -> bool {
+    key.strip_prefix(PEER_KEY)
+        .and_then(|rest| rest.split_once(' '))
+        .is_none_or(|(site, _)| paired.contains(site))
+}
+
 /// Opens gRPC channels to other nodes, and keeps one per address: a channel multiplexes
 /// any number of calls over one HTTP/2 connection and reconnects by itself.
 #[derive(Debug, Clone)]
@@ -85,13 +100,19 @@ impl Connector {
                 ),
             )));
         }
-        let key = format!(
-            "peer {} {addr}",
-            tandem_tls::config::fingerprint(peer.ca_pem.as_bytes())
-        );
+        let key = format!("{PEER_KEY}{} {addr}", peer_key(&peer.ca_pem));
         let (tls, pem) = (tls.clone(), peer.ca_pem.clone());
         let dial = tandem_tls::dial::TlsDial::from_fn(move || tls.current().peer_client(&pem));
         self.tls_channel(key, addr, dial)
+    }
+
+    /// Drops the cached channels to sites no longer paired (`paired`: the fingerprints of
+    /// the paired sites' CAs), so their connections close once no call uses them.
+    pub fn forget_unpaired(&self, paired: &std::collections::HashSet<String>) {
+        self.channels
+            .lock()
+            .expect("channel cache poisoned")
+            .retain(|key, _| still_paired(key, paired));
     }
 
     /// The cached TLS channel under `key`, or a new one (connecting on first use).
@@ -224,6 +245,10 @@ pub async fn keep_tls(
                     .collect()
             })
         });
+        if let Some(peers) = &changed {
+            node.connector()
+                .forget_unpaired(&peers.iter().map(|(_, pem)| peer_key(pem)).collect());
+        }
         if renewed || changed.is_some() {
             let peers = changed.unwrap_or_else(|| trusted.clone().unwrap_or_default());
             match member.current().with_peer_sites(&peers) {
@@ -249,4 +274,21 @@ pub async fn keep_tls(
 /// Binds a listener: the one place inbound sockets are made (TLS will wrap it here).
 pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_channels_to_unpaired_sites_are_forgotten() {
+        let paired = std::collections::HashSet::from([peer_key("ca of b")]);
+        let to_b = format!("{PEER_KEY}{} 10.0.0.2:7500", peer_key("ca of b"));
+        let to_c = format!("{PEER_KEY}{} 10.0.0.3:7500", peer_key("ca of c"));
+        assert!(still_paired(&to_b, &paired));
+        assert!(!still_paired(&to_c, &paired));
+        // Channels within the site stay.
+        assert!(still_paired("tls 127.0.0.1:7500", &paired));
+        assert!(still_paired("127.0.0.1:7400", &paired));
+    }
 }

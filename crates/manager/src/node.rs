@@ -59,6 +59,11 @@ impl ManagerNode {
         &self.store
     }
 
+    /// The seam every outbound connection of this node goes through.
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
     /// Internal addresses of every member, this node's first: where paired sites call
     /// (the internal listener serves the site's members and its paired sites, never
     /// operators).
