@@ -80,7 +80,7 @@ pub struct Config {
     /// only, and logged loudly.
     #[serde(default)]
     pub insecure: bool,
-    /// A join token (`tandem node join-token`): on first start, a node without a
+    /// A join token (`tandem token join --node-id N`): on first start, a node without a
     /// certificate obtains one with it from the managers at `join`.
     #[serde(default)]
     pub join_token: Option<tandem_core::enroll::Secret>,

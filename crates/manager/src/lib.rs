@@ -251,7 +251,7 @@ async fn member_tls(config: &Config) -> Result<Option<tandem_tls::TlsConfig>> {
         if config.bootstrap != Bootstrap::Single {
             anyhow::bail!(
                 "no certificate in {}: give this node a join token (--join-token, from \
-                 `tandem node join-token`) and --join, or one issued by its site's CA \
+                 `tandem token join --node-id N`) and --join, or one issued by its site's CA \
                  (ca.crt, node.crt, node.key); or run with --insecure",
                 pki.dir.display()
             );

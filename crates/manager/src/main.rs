@@ -58,8 +58,8 @@ struct Args {
     /// Plaintext, unauthenticated traffic between the site's members (experiments only).
     #[arg(long)]
     insecure: bool,
-    /// On first start, obtain this node's certificate with a join token (`tandem node
-    /// join-token`); prefer TANDEM_JOIN_TOKEN, which `ps` does not show.
+    /// On first start, obtain this node's certificate with a join token (`tandem token
+    /// join --node-id N`); prefer TANDEM_JOIN_TOKEN, which `ps` does not show.
     #[arg(long)]
     join_token: Option<String>,
     /// Operator addresses of the site's managers to join through, comma separated.

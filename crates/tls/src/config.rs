@@ -69,6 +69,26 @@ fn certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError
     Ok(certs)
 }
 
+/// Whether `leaf` chains to one of `anchors` (directly: sites issue from their CA) and is
+/// valid for `usage` at `at`.
+pub(crate) fn issued_by(
+    leaf: &webpki::EndEntityCert<'_>,
+    anchors: &[rustls::pki_types::TrustAnchor<'_>],
+    at: rustls::pki_types::UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<(), webpki::Error> {
+    leaf.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        anchors,
+        &[],
+        at,
+        usage,
+        None,
+        None,
+    )
+    .map(|_| ())
+}
+
 /// The longest CA certificate text a peer may hand over (a P-256 CA is under 1 KiB).
 pub const MAX_CA_PEM: usize = 16 * 1024;
 
@@ -324,16 +344,12 @@ impl TlsConfig {
             .ok_or_else(|| TlsError::Invalid(format!("{peer}: its site is not trusted here")))?;
         webpki::EndEntityCert::try_from(leaf)
             .and_then(|cert| {
-                cert.verify_for_usage(
-                    webpki::ALL_VERIFICATION_ALGS,
+                issued_by(
+                    &cert,
                     anchors,
-                    &[],
                     rustls::pki_types::UnixTime::now(),
                     webpki::KeyUsage::client_auth(),
-                    None,
-                    None,
                 )
-                .map(|_| ())
             })
             .map_err(|e| {
                 TlsError::Invalid(format!("{peer} was not issued by its site's CA: {e:?}"))
@@ -353,14 +369,11 @@ impl TlsConfig {
         // webpki does not show a certificate's validity; it checks it at a given time, so
         // the end is found by bisection (about 30 checks, once per certificate loaded).
         let valid_at = |secs: u64| {
-            leaf.verify_for_usage(
-                webpki::ALL_VERIFICATION_ALGS,
+            issued_by(
+                &leaf,
                 anchors,
-                &[],
                 rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(secs)),
                 webpki::KeyUsage::server_auth(),
-                None,
-                None,
             )
             .is_ok()
         };

@@ -58,16 +58,7 @@ impl ServerCertVerifier for PinnedCa {
             .map_err(|e| refuse(format!("the pinned CA: {e:?}")))?;
         webpki::EndEntityCert::try_from(end_entity)
             .and_then(|cert| {
-                cert.verify_for_usage(
-                    webpki::ALL_VERIFICATION_ALGS,
-                    &[anchor],
-                    &[],
-                    now,
-                    webpki::KeyUsage::server_auth(),
-                    None,
-                    None,
-                )
-                .map(|_| ())
+                crate::config::issued_by(&cert, &[anchor], now, webpki::KeyUsage::server_auth())
             })
             .map_err(|e| refuse(format!("the server's certificate is not its CA's: {e:?}")))?;
         let who = PeerIdentity::from_cert(end_entity).map_err(|e| refuse(e.to_string()))?;

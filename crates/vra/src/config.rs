@@ -29,7 +29,7 @@ pub struct Config {
     pub pki_dir: Option<PathBuf>,
     /// Plaintext, unauthenticated gRPC (control and replication): experiments only.
     pub insecure: bool,
-    /// A join token (`tandem host join-token`): on first start, a VRA without a
+    /// A join token (`tandem token join --host H`): on first start, a VRA without a
     /// certificate obtains one with it from the managers at `join`.
     pub join_token: Option<tandem_core::enroll::Secret>,
     /// Operator (API) addresses of the site's managers, for `join_token`.
@@ -133,8 +133,8 @@ impl Config {
         let tls = tandem_tls::TlsConfig::load(&dir).with_context(|| {
             format!(
                 "no usable certificate in {} (ca.crt, node.crt, node.key issued by the \
-                 site's CA): give this VRA a join token (--join-token, from `tandem host \
-                 join-token`) and --join; or run with --insecure",
+                 site's CA): give this VRA a join token (--join-token, from `tandem token \
+                 join --host H`) and --join; or run with --insecure",
                 dir.dir.display()
             )
         })?;

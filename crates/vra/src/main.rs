@@ -48,8 +48,8 @@ struct Args {
     /// Plaintext, unauthenticated control and replication (experiments only).
     #[arg(long)]
     insecure: bool,
-    /// On first start, obtain this VRA's certificate with a join token (`tandem host
-    /// join-token`); prefer TANDEM_VRA_JOIN_TOKEN, which `ps` does not show.
+    /// On first start, obtain this VRA's certificate with a join token (`tandem token
+    /// join --host H`); prefer TANDEM_VRA_JOIN_TOKEN, which `ps` does not show.
     #[arg(long)]
     join_token: Option<String>,
     /// Operator addresses of the site's managers to join through, comma separated.
