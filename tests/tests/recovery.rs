@@ -1367,15 +1367,56 @@ async fn a_failover_that_shuts_the_protected_vms_down_loses_nothing() -> Result<
     Ok(())
 }
 
-/// Certificates renewed by the managers under the workload: with a 60 s lifetime, every
-/// manager renews its own and the leaders their VRAs' (each VRA makes its key) when a
-/// third is left, and every node takes up its new certificate while it serves (no
-/// restart, open connections go on); the first certificates expire, the connections
-/// between the sites come back on the renewed ones after a reset, protection stays
-/// Meeting SLA, and a move afterwards (which drains every write across) loses no
-/// acknowledged write.
+/// The TLS handshakes the lab's managers and VRAs refused so far, as their logs say.
+fn handshakes_refused(lab: &Lab) -> usize {
+    let logs = lab
+        .sites
+        .iter()
+        .flatten()
+        .map(|m| m.dir.join("manager.log"))
+        .chain(lab.vras.iter().flatten().map(|v| v.dir.join("vra.log")));
+    logs.map(|path| {
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .matches("TLS handshake failed")
+            .count()
+    })
+    .sum()
+}
+
+/// Resets every connection between the two sites: the VRAs' streams and the managers'
+/// calls come back on new handshakes. Protection goes on through it: writes are
+/// acknowledged, and both sites see the VPG meet its SLA again.
+async fn reset_link_and_meet_sla(
+    lab: &Lab,
+    workload: &Workload,
+    apis: [&Vec<String>; 2],
+    seen: &mut Seen,
+) -> Result<()> {
+    let link = lab.links.get(&lab.link_name(0, 1)).await?;
+    link.cut(tandem_lab::link::CutMode::Drop).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    link.heal().await?;
+    let acked = workload.acked();
+    workload.wait_acked(acked + 100).await?;
+    for apis in apis {
+        wait_vpg_cli(apis, "vpg-rot", Duration::from_secs(30), seen, meeting_sla).await?;
+    }
+    Ok(())
+}
+
+/// Certificates renewed by the managers under the workload, then the site's CA rotated:
+/// with a 60 s lifetime, every manager renews its own and the leaders their VRAs' (each
+/// VRA makes its key) when a third is left, and every node takes up its new certificate
+/// while it serves (no restart, open connections go on); the first certificates expire,
+/// the connections between the sites come back on the renewed ones after a reset. Then
+/// site A's CA is rotated: every node and site B trust the new CA, it issues, every
+/// certificate is renewed, the old CA is retired, and the connections come back on the
+/// new CA's certificates after another reset. Protection stays Meeting SLA, and a move
+/// afterwards (which drains every write across) loses no acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renewed_certificates_are_taken_up_under_the_workload_and_no_write_is_lost() -> Result<()> {
+async fn renewed_certificates_and_a_rotated_ca_are_taken_up_under_the_workload_and_no_write_is_lost()
+-> Result<()> {
     use tandem_tls::TlsConfig;
     use tandem_tls::pki::PkiDir;
     let dir = tempfile::tempdir()?;
@@ -1434,26 +1475,94 @@ async fn renewed_certificates_are_taken_up_under_the_workload_and_no_write_is_lo
     }
     // Past the first certificates' end: whatever connects now does so on renewed ones.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    // Every connection between the sites is reset: the VRAs' streams and the managers'
-    // calls come back on new handshakes, with the renewed certificates on both ends.
-    let link = lab.links.get(&lab.link_name(0, 1)).await?;
-    link.cut(tandem_lab::link::CutMode::Drop).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    link.heal().await?;
-    // Protection went on through it: writes are acknowledged, the VPG meets its SLA.
-    let acked = workload.acked();
-    workload.wait_acked(acked + 100).await?;
-    // Both sites see it so: each has reached the other again since the reset.
-    for apis in [&apis_a, &apis_b] {
-        wait_vpg_cli(
-            apis,
-            "vpg-rot",
-            Duration::from_secs(30),
-            &mut seen,
-            meeting_sla,
-        )
-        .await?;
+    reset_link_and_meet_sla(&lab, &workload, [&apis_a, &apis_b], &mut seen).await?;
+
+    // Site A's CA is rotated under the workload: the new CA is trusted everywhere (site
+    // A's managers and VRAs, site B's managers and VRAs) before it issues; then every
+    // certificate is renewed, and the old CA is retired everywhere.
+    let refused_before = handshakes_refused(&lab);
+    let before: v1::Site = tandem_json(&apis_a, &["site", "get"]).await?;
+    let old_ca = before.issuing_ca_fingerprint.clone();
+    let rotating: v1::Site = tandem_json(&apis_a, &["site", "rotate-ca"]).await?;
+    // The operator's clients need the new CA before it issues.
+    lab.trust_operator_cas(&rotating.ca_bundle_pem)?;
+    let new_ca = rotating
+        .ca_fingerprints
+        .iter()
+        .find(|f| **f != old_ca)
+        .cloned()
+        .context("the rotation names no new CA")?;
+    assert_eq!(rotating.ca_fingerprints.len(), 2, "{rotating:?}");
+    let start = Instant::now();
+    let mut phase = rotating.ca_rotation.clone();
+    eprintln!("CA rotation of site A: {phase}");
+    let done = loop {
+        let s: v1::Site = tandem_json(&apis_a, &["site", "get"]).await?;
+        if s.ca_rotation != phase {
+            phase = s.ca_rotation.clone();
+            eprintln!("CA rotation of site A: {phase:?} ({:?})", start.elapsed());
+        }
+        if phase.is_empty() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "the CA rotation of site A is still {phase:?} after {:?}",
+                start.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(done.issuing_ca_fingerprint, new_ca);
+    assert_eq!(done.ca_fingerprints, vec![new_ca.clone()]);
+    assert_eq!(done.node_certificates.len(), 3, "{done:?}");
+    assert!(
+        done.node_certificates
+            .iter()
+            .all(|c| c.issuer_fingerprint == new_ca),
+        "{done:?}"
+    );
+    // Every node of site A holds a certificate of the new CA and trusts it alone; site B
+    // trusts it alone for site A.
+    let start = Instant::now();
+    loop {
+        let mut stale = Vec::new();
+        for (site, who, _, data) in &nodes {
+            let tls = TlsConfig::load(&PkiDir::new(data.join("pki")))?;
+            if *site == 0
+                && (tls.ca_fingerprint().ok().as_ref() != Some(&new_ca)
+                    || tls.own_ca_fingerprints() != vec![new_ca.clone()])
+            {
+                stale.push(who.clone());
+            }
+        }
+        let peers: v1::ListPeersResponse = tandem_json(&apis_b, &["pair", "list"]).await?;
+        if tandem_tls::config::check_ca_bundle(&peers.peers[0].ca_pem)? != vec![new_ca.clone()] {
+            stale.push("site B's record of site A".into());
+        }
+        if stale.is_empty() {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("still on the old CA of site A: {}", stale.join(", "));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    for code in ["EV0072", "EV0073", "EV0074"] {
+        let events: v1::EventList =
+            tandem_json(&apis_a, &["event", "list", "--code", code]).await?;
+        assert_eq!(events.events.len(), 1, "site A's {code} events: {events:?}");
+    }
+    eprintln!("site A's CA rotated from {old_ca} to {new_ca}");
+    // No node refused a handshake through it: each trusted a CA before it met a
+    // certificate of it, and until the last certificate of a CA was gone.
+    assert_eq!(
+        handshakes_refused(&lab),
+        refused_before,
+        "handshakes failed during the rotation"
+    );
+    // Everything reconnects on certificates of the new CA alone.
+    reset_link_and_meet_sla(&lab, &workload, [&apis_a, &apis_b], &mut seen).await?;
     assert!(
         !lab.sites.iter_mut().flatten().any(|m| m.died()),
         "a manager died"

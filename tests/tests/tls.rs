@@ -482,6 +482,45 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
         .await
         .expect_err("an unpair for another site was taken");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // Site b may say which CAs its nodes' certificates come from (it rotates its CA), but
+    // only keeping one site a trusts for it now: not a CA of its choosing alone, not
+    // garbage, not without a certificate, not from a VRA.
+    let stranger = tandem_tls::pki::SiteCa::generate(&site_b)?;
+    let update = |ch: Channel, ca_pem: String| async move {
+        SitePeerClient::new(ch)
+            .update_trust(v1::PeerUpdateTrustRequest { ca_pem })
+            .await
+    };
+    for (ch, pem, code) in [
+        (
+            b.clone(),
+            stranger.cert_pem().to_string(),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            b.clone(),
+            "not a certificate".into(),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            b.clone(),
+            stranger.cert_pem().repeat(5),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            dial(&internal)?,
+            stranger.cert_pem().into(),
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            as_holder("b-vra")?,
+            stranger.cert_pem().into(),
+            tonic::Code::PermissionDenied,
+        ),
+    ] {
+        let err = update(ch, pem).await.expect_err("a CA update was taken");
+        assert_eq!(err.code(), code, "{err}");
+    }
     let peers = SiteServiceClient::new(channel(&lab.sites[0][0].api).await?)
         .list_peers(v1::ListPeersRequest {})
         .await?
@@ -489,6 +528,22 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
         .peers;
     assert_eq!(peers.len(), 1, "{peers:?}");
     assert_eq!(peers[0].id, site_b);
+    let b_ca = std::fs::read_to_string(
+        PkiDir::new(lab.sites[1][0].dir.join("data").join("pki")).ca_cert(),
+    )?;
+    assert_eq!(
+        peers[0].ca_pem, b_ca,
+        "site a's record of site b's CA changed"
+    );
+    // Its CA and another: taken (a rotation's first step), and the record shows both.
+    let both = format!("{b_ca}{}", stranger.cert_pem());
+    update(b.clone(), both.clone()).await?;
+    let peers = SiteServiceClient::new(channel(&lab.sites[0][0].api).await?)
+        .list_peers(v1::ListPeersRequest {})
+        .await?
+        .into_inner()
+        .peers;
+    assert_eq!(peers[0].ca_pem, both);
     // The audit trail names who made each call that would change a site: the refused
     // unpair at site a by site b's manager, the pairing accepted at site b.
     let audited = |site: usize| {

@@ -200,13 +200,18 @@ enum AlertCmd {
 
 #[derive(Subcommand, Debug)]
 enum SiteCmd {
-    /// Shows the site's id, name and peers.
+    /// Shows the site's id, name, peers and CAs (and a CA rotation under way).
     Get,
     /// Issues a one-time pairing token for another site to present.
     Token {
         #[arg(long, default_value_t = 3600)]
         ttl_secs: u64,
     },
+    /// Rotates the site's CA: every node and paired site trusts a new CA first, then it
+    /// issues and every certificate is renewed, then the old CA is retired. `tandem site
+    /// get` shows where it stands. Operators' clients need the new CA in their CA file
+    /// (TANDEM_CA_FILE) before the old one is retired.
+    RotateCa,
 }
 
 #[derive(Subcommand, Debug)]
@@ -853,17 +858,49 @@ fn peers_table(fmt: Format, value: &impl serde::Serialize, peers: &[v1::PeerSite
     );
 }
 
+fn site_table(fmt: Format, s: &v1::Site) {
+    let short = |fp: &str| fp.get(..16).unwrap_or(fp).to_string();
+    let rows = vec![vec![
+        s.id.clone(),
+        s.name.clone(),
+        s.peers.len().to_string(),
+        short(&s.issuing_ca_fingerprint),
+        s.ca_fingerprints
+            .iter()
+            .map(|f| short(f))
+            .collect::<Vec<_>>()
+            .join(","),
+        if s.ca_rotation.is_empty() {
+            "-".into()
+        } else {
+            s.ca_rotation.clone()
+        },
+    ]];
+    print(
+        fmt,
+        s,
+        &[
+            "ID",
+            "NAME",
+            "PEERS",
+            "ISSUING_CA",
+            "TRUSTED_CAS",
+            "CA_ROTATION",
+        ],
+        rows,
+    );
+}
+
 async fn site(ch: Channel, fmt: Format, c: SiteCmd) -> Result<()> {
     let mut cl = SiteServiceClient::new(ch);
     match c {
         SiteCmd::Get => {
             let s = cl.get_site(v1::GetSiteRequest {}).await?.into_inner();
-            let rows = vec![vec![
-                s.id.clone(),
-                s.name.clone(),
-                s.peers.len().to_string(),
-            ]];
-            print(fmt, &s, &["ID", "NAME", "PEERS"], rows);
+            site_table(fmt, &s);
+        }
+        SiteCmd::RotateCa => {
+            let s = cl.rotate_ca(v1::RotateCaRequest {}).await?.into_inner();
+            site_table(fmt, &s);
         }
         SiteCmd::Token { ttl_secs } => {
             let t = cl

@@ -16,6 +16,9 @@ use crate::ids::HostId;
 pub const JOIN_PREFIX: &str = "tdmj1";
 /// Characters of the CA fingerprint a join token pins (SHA-256, hex).
 pub const CA_FINGERPRINT_LEN: usize = 64;
+/// The most CAs a site trusts at once (its CA and the one it rotates to or from, with room
+/// to spare).
+pub const MAX_SITE_CAS: usize = 4;
 /// How long a join token lives unless its creator says otherwise.
 pub const DEFAULT_JOIN_TTL_MS: u64 = 3600 * 1000;
 /// The longest a join token may live: it is a bearer credential for a certificate.

@@ -54,10 +54,16 @@ pub enum EventCode {
     OperatorCall,
     /// A manager or a VRA exchanged a join token for its certificate.
     NodeEnrolled,
+    /// A rotation of the site's CA started: the new CA is trusted everywhere first.
+    CaRotationStarted,
+    /// The new CA issues; certificates of the old one are renewed.
+    CaIssuing,
+    /// The old CA is retired from every trust store.
+    CaRetired,
 }
 
 impl EventCode {
-    pub const ALL: [EventCode; 25] = [
+    pub const ALL: [EventCode; 28] = [
         Self::VpgCreated,
         Self::VpgEdited,
         Self::VpgDeleteStarted,
@@ -83,6 +89,9 @@ impl EventCode {
         Self::ReverseProtection,
         Self::OperatorCall,
         Self::NodeEnrolled,
+        Self::CaRotationStarted,
+        Self::CaIssuing,
+        Self::CaRetired,
     ];
 
     pub fn code(self) -> &'static str {
@@ -112,6 +121,9 @@ impl EventCode {
             Self::ReverseProtection => "EV0065",
             Self::OperatorCall => "EV0070",
             Self::NodeEnrolled => "EV0071",
+            Self::CaRotationStarted => "EV0072",
+            Self::CaIssuing => "EV0073",
+            Self::CaRetired => "EV0074",
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod alerts;
+pub mod ca_rotation;
 pub mod enroll;
 pub mod error;
 pub mod events;

@@ -180,6 +180,13 @@ pub struct PeerVpgReport {
 pub struct PeerReport {
     pub site: Option<SiteId>,
     pub vpgs: Vec<PeerVpgReport>,
+    /// The CAs (fingerprints, sorted, joined by commas) this site trusts for the site it
+    /// reports to (None: none, it was paired without TLS).
+    #[serde(default)]
+    pub your_cas: Option<String>,
+    /// Whether every VRA of this site trusts exactly those.
+    #[serde(default)]
+    pub your_cas_applied: bool,
 }
 
 /// The figures an operator sees for a VPG, beside its status.

@@ -58,6 +58,12 @@ pub struct SiteState {
     /// Unused join tokens (hashes only).
     #[serde(default)]
     pub join_tokens: crate::enroll::JoinTokens,
+    /// A rotation of the site's CA under way.
+    #[serde(default)]
+    pub ca_rotation: Option<crate::ca_rotation::CaRotation>,
+    /// What each manager (by node id) last reported of its own certificate.
+    #[serde(default)]
+    pub node_certs: BTreeMap<u64, crate::ca_rotation::NodeCert>,
 }
 
 /// An update of a VPG's definition that is under way.
@@ -167,6 +173,33 @@ pub enum Command {
     CreateJoinToken {
         token: crate::enroll::JoinToken,
         now_ms: u64,
+    },
+    /// Starts rotating the site's CA to `next` (trusted everywhere before it issues).
+    StartCaRotation {
+        next: crate::enroll::SiteCaRecord,
+        started_by: String,
+        now_ms: u64,
+    },
+    /// The CA the site rotates to issues from now on.
+    IssueFromNextCa {
+        fingerprint: String,
+        now_ms: u64,
+    },
+    /// The CA the site rotated from leaves every trust store.
+    RetireOldCa {
+        fingerprint: String,
+        now_ms: u64,
+    },
+    /// What manager `node` reports of its own certificate.
+    RecordNodeCert {
+        node: u64,
+        cert: crate::ca_rotation::NodeCert,
+    },
+    /// The CAs a paired site's nodes present certificates of (it rotated its CA); the
+    /// caller checked that they continue the ones trusted now.
+    SetPeerCa {
+        id: SiteId,
+        ca_pem: String,
     },
     RevokeJoinToken {
         id: crate::access::TokenId,
@@ -299,6 +332,26 @@ pub enum Applied {
 pub type CommandOutcome = Result<Applied, DomainError>;
 
 impl SiteState {
+    /// The site's CAs, their rotation and the managers' certificates, to change together.
+    fn site_cas(&mut self) -> crate::ca_rotation::SiteCas<'_> {
+        crate::ca_rotation::SiteCas {
+            ca: &mut self.ca,
+            rotation: &mut self.ca_rotation,
+            node_certs: &mut self.node_certs,
+        }
+    }
+
+    /// The site's CA certificates every node trusts now, the issuing one first (None: the
+    /// managers hold no CA).
+    pub fn ca_bundle(&self) -> Option<String> {
+        crate::ca_rotation::bundle(self.ca.as_ref(), self.ca_rotation.as_ref())
+    }
+
+    /// The fingerprints of [`SiteState::ca_bundle`], sorted.
+    pub fn ca_fingerprints(&self) -> Vec<String> {
+        crate::ca_rotation::bundle_fingerprints(self.ca.as_ref(), self.ca_rotation.as_ref())
+    }
+
     /// This site's id, once bootstrapped.
     pub fn site_id(&self) -> Option<&SiteId> {
         self.identity.as_ref().map(|i| &i.id)
@@ -815,6 +868,53 @@ impl SiteState {
                         Ok(Applied::Done)
                     }
                 }
+            }
+            Command::StartCaRotation {
+                next,
+                started_by,
+                now_ms,
+            } => {
+                let event = self.site_cas().start(next, started_by, now_ms)?;
+                self.events.push(event);
+                Ok(Applied::Done)
+            }
+            Command::IssueFromNextCa {
+                fingerprint,
+                now_ms,
+            } => {
+                let event = self.site_cas().issue_from_next(&fingerprint, now_ms)?;
+                self.events.push(event);
+                Ok(Applied::Done)
+            }
+            Command::RetireOldCa {
+                fingerprint,
+                now_ms,
+            } => {
+                let event = self.site_cas().retire_old(&fingerprint, now_ms)?;
+                self.events.push(event);
+                Ok(Applied::Done)
+            }
+            Command::RecordNodeCert { node, cert } => {
+                self.site_cas().record(node, cert)?;
+                Ok(Applied::Done)
+            }
+            Command::SetPeerCa { id, ca_pem } => {
+                let peer = self
+                    .peers
+                    .get(&id)
+                    .ok_or_else(|| DomainError::not_found(SiteId::KIND, &id))?;
+                if peer.ca_pem.is_empty() {
+                    return Err(DomainError::precondition(format!(
+                        "site {id} was paired without TLS: it has no CA to replace"
+                    )));
+                }
+                let updated = crate::pairing::PeerSite {
+                    ca_pem,
+                    ..peer.clone()
+                };
+                updated.validate()?;
+                self.peers.insert(id, updated);
+                Ok(Applied::Done)
             }
             Command::CreateJoinToken { token, now_ms } => {
                 self.join_tokens.create(token, now_ms)?;

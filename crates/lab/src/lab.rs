@@ -676,6 +676,17 @@ impl Lab {
         vra.control_channel().await
     }
 
+    /// Adds `pem` (a site's CAs, as `tandem site get` shows them while its CA is rotated)
+    /// to what the lab's operator clients trust: the lab's CA file, for the CLI and this
+    /// process.
+    pub fn trust_operator_cas(&self, pem: &str) -> Result<()> {
+        let path = self.dir.join(CA_FILE);
+        let mut bundle = std::fs::read_to_string(&path)?;
+        bundle.push_str(pem);
+        tandem_tls::pki::write_file(&path, &bundle, 0o644)?;
+        use_lab_credentials(&self.dir.join(TOKEN_FILE), Some(&path))
+    }
+
     /// The id of site `site`, as its certificates name it.
     pub fn site_id(&self, site: usize) -> Option<&str> {
         self.site_cas.get(site).map(|c| c.site())

@@ -437,7 +437,13 @@ fn changes_state(path: &str) -> bool {
         (service, method),
         (
             "SitePeer",
-            "AcceptPairing" | "PutVpg" | "DeleteVpg" | "Unpair" | "PrepareMove" | "FinishMove"
+            "AcceptPairing"
+                | "PutVpg"
+                | "DeleteVpg"
+                | "Unpair"
+                | "PrepareMove"
+                | "FinishMove"
+                | "UpdateTrust"
         ) | ("Enrollment", "Join")
     )
 }
@@ -581,6 +587,7 @@ mod tests {
             "/tandem.v1.SitePeer/DeleteVpg",
             "/tandem.v1.SitePeer/Unpair",
             "/tandem.v1.SitePeer/AcceptPairing",
+            "/tandem.v1.SitePeer/UpdateTrust",
             "/tandem.v1.Enrollment/Join",
         ] {
             assert!(changes_state(path), "{path}");

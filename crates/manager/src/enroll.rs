@@ -34,6 +34,15 @@ pub struct Enrolled {
     pub identity: PeerIdentity,
 }
 
+/// A CA as the replicated state keeps it, key included.
+pub(crate) fn ca_record(ca: &SiteCa) -> ApiResult<SiteCaRecord> {
+    Ok(SiteCaRecord {
+        cert_pem: ca.cert_pem().to_string(),
+        key_pem: Secret::new(ca.key_pem()),
+        fingerprint: tandem_tls::config::check_ca_pem(ca.cert_pem()).map_err(ApiError::internal)?,
+    })
+}
+
 fn identity_of(site: &str, joiner: &Joiner) -> ApiResult<PeerIdentity> {
     match joiner {
         Joiner::Manager { node_id } => PeerIdentity::manager(site, *node_id),
@@ -52,30 +61,28 @@ impl SiteManager {
         let site = self
             .tls_site_id()
             .ok_or_else(|| ApiError::internal("no certificate, so no site CA"))?;
-        let ca = SiteCa::load(pki, site).map_err(ApiError::internal)?;
-        let fingerprint =
-            tandem_tls::config::check_ca_pem(ca.cert_pem()).map_err(ApiError::internal)?;
-        self.node()
-            .propose(Command::InstallCa {
-                ca: SiteCaRecord {
-                    cert_pem: ca.cert_pem().to_string(),
-                    key_pem: Secret::new(ca.key_pem()),
-                    fingerprint: fingerprint.clone(),
-                },
-            })
-            .await?;
+        let ca = ca_record(&SiteCa::load(pki, site).map_err(ApiError::internal)?)?;
+        let fingerprint = ca.fingerprint.clone();
+        self.node().propose(Command::InstallCa { ca }).await?;
         tracing::info!(ca = %fingerprint, "the site's CA is in the replicated state: any leader issues certificates");
         Ok(())
     }
 
-    /// The CA as the state keeps it, and the site it belongs to.
-    async fn site_ca(&self) -> ApiResult<(SiteCaRecord, String)> {
-        let (ca, site) = self
+    /// The issuing CA as the state keeps it, the site it belongs to, and every CA the
+    /// site's nodes trust (PEM).
+    async fn site_ca(&self) -> ApiResult<(SiteCaRecord, String, String)> {
+        let (ca, site, bundle) = self
             .node()
-            .read(|s| (s.ca.clone(), s.site_id().map(|i| i.to_string())))
+            .read(|s| {
+                (
+                    s.ca.clone(),
+                    s.site_id().map(|i| i.to_string()),
+                    s.ca_bundle(),
+                )
+            })
             .await?;
-        match (ca, site) {
-            (Some(ca), Some(site)) => Ok((ca, site)),
+        match (ca, site, bundle) {
+            (Some(ca), Some(site), Some(bundle)) => Ok((ca, site, bundle)),
             _ => Err(ApiError::Domain(DomainError::precondition(
                 "this site's managers do not hold its CA (the site runs --insecure, or its \
                  first manager was given certificates without the CA key): they cannot \
@@ -91,7 +98,7 @@ impl SiteManager {
         joiner: Joiner,
         ttl_ms: Option<u64>,
     ) -> ApiResult<CreatedJoin> {
-        let (ca, site) = self.site_ca().await?;
+        let (ca, site, _) = self.site_ca().await?;
         let identity = identity_of(&site, &joiner)?;
         let code = JoinCode::from_random(rand::random(), rand::random(), &ca.fingerprint)?;
         let now = now_ms();
@@ -159,7 +166,7 @@ impl SiteManager {
     ) -> ApiResult<Enrolled> {
         tandem_tls::pki::verify_join_proof(public_key, code.id().as_str(), proof)
             .map_err(|e| ApiError::Denied(e.to_string()))?;
-        let (ca, site) = self.site_ca().await?;
+        let (ca, site, bundle) = self.site_ca().await?;
         if code.ca_fingerprint() != ca.fingerprint {
             return Err(ApiError::Denied(format!(
                 "join token {} pins CA {}, and this site's is {}",
@@ -207,7 +214,7 @@ impl SiteManager {
         tracing::info!(%identity, token = %code.id(), "issued a certificate for a join token");
         Ok(Enrolled {
             cert_pem,
-            ca_pem: ca.cert_pem,
+            ca_pem: bundle,
             identity,
         })
     }
@@ -220,27 +227,42 @@ pub fn renewal_due(until: Option<SystemTime>, ttl: Duration) -> bool {
 }
 
 impl SiteManager {
-    /// The CA from this node's copy of the state (None: the managers hold no CA).
-    fn local_ca(&self) -> Option<SiteCa> {
-        let (ca, site) = self
-            .node()
-            .read_local(|s| (s.ca.clone(), s.site_id().map(|i| i.to_string())));
-        let (ca, site) = (ca?, site?);
+    /// The issuing CA from this node's copy of the state, with every CA the site's nodes
+    /// trust (PEM) (None: the managers hold no CA).
+    fn local_ca(&self) -> Option<(SiteCa, String)> {
+        let (ca, site, bundle) = self.node().read_local(|s| {
+            (
+                s.ca.clone(),
+                s.site_id().map(|i| i.to_string()),
+                s.ca_bundle(),
+            )
+        });
+        let (ca, site, bundle) = (ca?, site?, bundle?);
         SiteCa::from_pem(&site, &ca.cert_pem, ca.key_pem.expose())
             .inspect_err(|e| tracing::warn!(error = %e, "the site's CA in the state is unusable"))
             .ok()
+            .map(|ca| (ca, bundle))
+    }
+
+    /// Whether this node's certificate `current` is due for renewal: a third of its life
+    /// left, or another CA than the site's issuing one issued it (a CA rotation).
+    fn own_renewal_due(&self, current: &tandem_tls::TlsConfig) -> bool {
+        let issuing = self
+            .node()
+            .read_local(|s| s.ca.as_ref().map(|c| c.fingerprint.clone()));
+        renewal_due(current.valid_until(), self.cert_ttl())
+            || issuing.is_some_and(|fp| current.ca_fingerprint().ok() != Some(fp))
     }
 
     /// Renews this manager's own certificate when it is due, from the CA in the state:
-    /// a new key and certificate in `pki`, where the certificate watch takes them up
-    /// (sooner than the next look, a tenth of the lifetime).
+    /// a new key and certificate in `pki`, where the certificate watch takes them up.
     /// Answers whether it renewed.
     pub fn renew_own(&self, live: &tandem_tls::LiveTls, pki: &PkiDir) -> ApiResult<bool> {
         let current = live.current();
-        if !renewal_due(current.valid_until(), self.cert_ttl()) {
+        if !self.own_renewal_due(&current) {
             return Ok(false);
         }
-        let Some(ca) = self.local_ca() else {
+        let Some((ca, bundle)) = self.local_ca() else {
             tracing::warn!(
                 valid_until = ?current.valid_until(),
                 "this manager's certificate is due for renewal, and the managers hold no CA \
@@ -251,8 +273,7 @@ impl SiteManager {
         let issued = ca
             .issue(current.identity(), self.cert_ttl())
             .map_err(ApiError::internal)?;
-        pki.install(ca.cert_pem(), &issued)
-            .map_err(ApiError::internal)?;
+        pki.install(&bundle, &issued).map_err(ApiError::internal)?;
         // `net::keep_tls` loads it (within two looks, a few seconds at most) into the
         // operator and the internal port alike.
         tracing::info!(identity = %current.identity(), "renewed this manager's certificate");
@@ -262,7 +283,7 @@ impl SiteManager {
     /// Renews the certificate of the VRA at `addr` (of host `host`): it makes a key, this
     /// node signs it with the site's CA, the VRA checks and installs the certificate.
     pub async fn renew_vra(&self, host: &tandem_core::ids::HostId, addr: &str) -> ApiResult<()> {
-        let ca = self.local_ca().ok_or_else(|| {
+        let (ca, bundle) = self.local_ca().ok_or_else(|| {
             ApiError::Domain(DomainError::precondition(
                 "the managers hold no CA: they cannot renew certificates",
             ))
@@ -279,7 +300,7 @@ impl SiteManager {
             .map_err(|e| ApiError::Domain(DomainError::invalid("public_key", e.to_string())))?;
         vra.install_certificate(tandem_proto::v1::InstallCertificateRequest {
             cert_pem,
-            ca_pem: ca.cert_pem().to_string(),
+            ca_pem: bundle,
         })
         .await
         .map_err(ApiError::from_peer)?;
@@ -288,18 +309,33 @@ impl SiteManager {
     }
 }
 
-/// Keeps this manager's certificate renewed until `shutdown`: looks at a tenth of the
-/// lifetime (between 1 s and an hour) and renews when a third is left.
+/// Keeps this manager's certificate renewed until `shutdown`, and reported in the state:
+/// looks every few seconds (a cheap check) and renews when a third of the lifetime is
+/// left or the site's CA changed.
 pub async fn keep_renewed(
     site: SiteManager,
     live: tandem_tls::LiveTls,
     pki: PkiDir,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let every = (site.cert_ttl() / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    let every = (site.cert_ttl() / 10).clamp(Duration::from_secs(1), Duration::from_secs(2));
+    // The certificate a renewal replaced, until the watch loads the new one (a few
+    // seconds): renewing it again meanwhile would only make another.
+    let mut replaced: Option<(Vec<u8>, std::time::Instant)> = None;
     loop {
-        if let Err(e) = site.renew_own(&live, &pki) {
-            tracing::warn!(error = %e, "could not renew this manager's certificate");
+        let leaf = live.current().chain_leaf().to_vec();
+        let loading = replaced
+            .as_ref()
+            .is_some_and(|(old, at)| *old == leaf && at.elapsed() < Duration::from_secs(30));
+        if !loading {
+            match site.renew_own(&live, &pki) {
+                Ok(true) => replaced = Some((leaf, std::time::Instant::now())),
+                Ok(false) => replaced = None,
+                Err(e) => tracing::warn!(error = %e, "could not renew this manager's certificate"),
+            }
+        }
+        if let Err(e) = site.record_own_cert(&live.current()).await {
+            tracing::debug!(error = %e, "could not report this manager's certificate");
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -335,12 +335,15 @@ impl SiteManager {
             )
         })?;
         if let Some(fp) = &pinned {
-            let theirs = tandem_tls::config::check_ca_pem(&peer.ca_pem).map_err(|e| {
+            let theirs = tandem_tls::config::check_ca_bundle(&peer.ca_pem).map_err(|e| {
                 ApiError::Peer(format!("the peer's CA: {e}"), tonic::Code::PermissionDenied)
             })?;
-            if theirs != *fp {
+            if !theirs.contains(fp) {
                 return Err(ApiError::Peer(
-                    format!("the peer answered with CA {theirs}, not the pinned {fp}"),
+                    format!(
+                        "the peer answered with CAs {}, not the pinned {fp}",
+                        theirs.join(", ")
+                    ),
                     tonic::Code::PermissionDenied,
                 ));
             }
@@ -356,7 +359,7 @@ impl SiteManager {
     /// The peer side of pairing: checks and consumes the token, records the requester.
     pub async fn accept_pairing(&self, token: String, requester: PeerSite) -> ApiResult<PeerSite> {
         if self.connector.site_tls().is_some() {
-            tandem_tls::config::check_ca_pem(&requester.ca_pem).map_err(|e| {
+            tandem_tls::config::check_ca_bundle(&requester.ca_pem).map_err(|e| {
                 ApiError::Domain(DomainError::invalid(
                     "requester.ca_pem",
                     format!("{e} (this site runs TLS and pins its peers' CAs)"),

@@ -103,11 +103,13 @@ pub async fn join(
              for this node"
         )));
     }
-    let ca = tandem_tls::config::check_ca_pem(&enrolled.ca_pem)
+    // The site's CAs: the one the token pins, and during a rotation the other.
+    let cas = tandem_tls::config::check_ca_bundle(&enrolled.ca_pem)
         .map_err(|e| JoinError::BadAnswer(e.to_string()))?;
-    if ca != code.ca_fingerprint() {
+    if !cas.iter().any(|ca| ca == code.ca_fingerprint()) {
         return Err(JoinError::BadAnswer(format!(
-            "its CA is {ca}, not the {} the token pins",
+            "its CAs are {}, without the {} the token pins",
+            cas.join(", "),
             code.ca_fingerprint()
         )));
     }

@@ -37,8 +37,11 @@ pub struct TlsConfig {
     /// This node's certificate, then its site's CA (so a client can pin the CA).
     chain: Arc<Vec<CertificateDer<'static>>>,
     key: Arc<PrivateKeyDer<'static>>,
-    /// The site's CA certificates, as read from `ca.crt`.
+    /// The site's CA certificates, as read from `ca.crt` (two while its CA is rotated).
     own_ca_pem: Arc<str>,
+    /// The fingerprint of the CA among them that issued this node's certificate (None: none
+    /// of them did, or the certificate is not valid now).
+    issuer: Option<Arc<str>>,
     /// The sites trusted through files (`trust/<site>.crt`), besides this one.
     from_files: Arc<HashMap<String, Vec<CertificateDer<'static>>>>,
     server: Arc<ServerConfig>,
@@ -102,23 +105,63 @@ pub fn fingerprint(der: &[u8]) -> String {
         .collect()
 }
 
-/// Checks that `pem` holds one CA certificate usable as a trust anchor (bounded, as
-/// received from a peer); answers its fingerprint.
+/// The most CA certificates a site's bundle holds: its CA, and the one it rotates to or
+/// from (room to spare for a rotation begun before the last ended).
+pub const MAX_BUNDLE: usize = 4;
+
+/// Checks that `pem` holds one CA certificate usable as a trust anchor (bounded); answers
+/// its fingerprint.
 pub fn check_ca_pem(pem: &str) -> Result<String, TlsError> {
+    match check_ca_bundle(pem)?.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Err(TlsError::Invalid(
+            "exactly one CA certificate is expected".into(),
+        )),
+    }
+}
+
+/// Checks that `pem` holds a site's CA bundle, 1 to [`MAX_BUNDLE`] CA certificates usable
+/// as trust anchors (bounded, as received from a peer or a manager); answers their
+/// fingerprints in the bundle's order.
+pub fn check_ca_bundle(pem: &str) -> Result<Vec<String>, TlsError> {
     if pem.len() > MAX_CA_PEM {
         return Err(TlsError::Invalid(format!(
-            "a CA certificate is at most {MAX_CA_PEM} bytes of PEM"
+            "a CA bundle is at most {MAX_CA_PEM} bytes of PEM"
         )));
     }
     let certs = certs(pem, "CA certificate")?;
-    let [ca] = certs.as_slice() else {
-        return Err(TlsError::Invalid(
-            "exactly one CA certificate is expected".into(),
-        ));
-    };
-    webpki::anchor_from_trusted_cert(ca)
-        .map_err(|e| TlsError::Invalid(format!("CA certificate: {e:?}")))?;
-    Ok(fingerprint(ca))
+    if certs.len() > MAX_BUNDLE {
+        return Err(TlsError::Invalid(format!(
+            "a CA bundle holds at most {MAX_BUNDLE} certificates"
+        )));
+    }
+    certs
+        .iter()
+        .map(|ca| {
+            webpki::anchor_from_trusted_cert(ca)
+                .map_err(|e| TlsError::Invalid(format!("CA certificate: {e:?}")))?;
+            Ok(fingerprint(ca))
+        })
+        .collect()
+}
+
+/// One text for a set of CA fingerprints, whatever their order (what statuses compare).
+pub fn bundle_key(fingerprints: &[String]) -> String {
+    let mut sorted = fingerprints.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    sorted.join(",")
+}
+
+/// Which of `cas` issued `leaf` (as valid now).
+fn issuer_among(leaf: &CertificateDer<'_>, cas: &[CertificateDer<'static>]) -> Option<usize> {
+    let leaf = webpki::EndEntityCert::try_from(leaf).ok()?;
+    let now = rustls::pki_types::UnixTime::now();
+    cas.iter().position(|ca| {
+        webpki::anchor_from_trusted_cert(ca).is_ok_and(|anchor| {
+            issued_by(&leaf, &[anchor], now, webpki::KeyUsage::client_auth()).is_ok()
+        })
+    })
 }
 
 fn roots_of<'a>(
@@ -182,8 +225,13 @@ impl TlsConfig {
         let own_ca_pem = read_small(&dir.ca_cert())?;
         let ca = certs(&own_ca_pem, "ca.crt")?;
         let mut chain = certs(&read_small(&dir.node_cert())?, "node.crt")?;
+        let issuer = issuer_among(&chain[0], &ca);
         if chain.len() == 1 {
-            chain.extend(ca.iter().cloned());
+            // The issuer alone: a pinning client looks for it in the chain.
+            match issuer {
+                Some(i) => chain.push(ca[i].clone()),
+                None => chain.extend(ca.iter().cloned()),
+            }
         }
         let key = PrivateKeyDer::from_pem_slice(read_key(&dir.node_key())?.as_bytes())
             .map_err(|e| TlsError::Invalid(format!("node.key: {e:?}")))?;
@@ -214,6 +262,7 @@ impl TlsConfig {
             &[],
         )?;
         loaded.source = Some(dir.clone());
+        loaded.issuer = issuer.map(|i| fingerprint(&ca[i]).into());
         Ok(loaded)
     }
 
@@ -285,6 +334,7 @@ impl TlsConfig {
             from_files,
             anchors: Arc::new(trust_anchors),
             source: None,
+            issuer: None,
             valid_until: Arc::default(),
         })
     }
@@ -297,7 +347,7 @@ impl TlsConfig {
             if *site == self.identity.site {
                 continue;
             }
-            check_ca_pem(pem).map_err(|e| TlsError::Invalid(format!("site {site}: {e}")))?;
+            check_ca_bundle(pem).map_err(|e| TlsError::Invalid(format!("site {site}: {e}")))?;
             parsed.push((site.clone(), certs(pem, site)?));
         }
         let mut built = Self::build(
@@ -309,13 +359,14 @@ impl TlsConfig {
             &parsed,
         )?;
         built.source = self.source.clone();
+        built.issuer = self.issuer.clone();
         Ok(built)
     }
 
-    /// A client for one paired site's managers: it trusts only that site's CA
+    /// A client for one paired site's managers: it trusts only that site's CAs
     /// (`peer_ca_pem`) and presents this node's certificate.
     pub fn peer_client(&self, peer_ca_pem: &str) -> Result<Arc<ClientConfig>, TlsError> {
-        check_ca_pem(peer_ca_pem)?;
+        check_ca_bundle(peer_ca_pem)?;
         let roots = roots_of(&certs(peer_ca_pem, "peer CA")?)?;
         Ok(h2(client_builder()?
             .with_root_certificates(roots)
@@ -325,14 +376,28 @@ impl TlsConfig {
             )?))
     }
 
-    /// The site's CA certificate as PEM (what pairing hands to a peer).
+    /// The site's CA certificates as PEM (what pairing hands to a peer): one, or two while
+    /// the site's CA is rotated.
     pub fn ca_pem(&self) -> &str {
         &self.own_ca_pem
     }
 
-    /// The fingerprint of the site's CA (what its pairing tokens pin).
+    /// The fingerprint of the CA that issued this node's certificate (what its pairing
+    /// tokens pin, and a pinning client finds in its chain).
     pub fn ca_fingerprint(&self) -> Result<String, TlsError> {
-        check_ca_pem(&self.own_ca_pem)
+        self.issuer.as_deref().map(str::to_string).ok_or_else(|| {
+            TlsError::Invalid(format!(
+                "{}: no CA in ca.crt issued this node's certificate, or it is not valid now",
+                self.identity
+            ))
+        })
+    }
+
+    /// The fingerprints of the site's CAs this node trusts (its `ca.crt`).
+    pub fn own_ca_fingerprints(&self) -> Vec<String> {
+        certs(&self.own_ca_pem, "ca.crt")
+            .map(|c| c.iter().map(|c| fingerprint(c)).collect())
+            .unwrap_or_default()
     }
 
     /// Checks that the site a verified certificate names is the site whose CA issued it
@@ -588,6 +653,52 @@ mod tests {
         // Another site's certificate is not ours, either way round.
         assert!(handshake(&m1, &stranger).await.is_err());
         assert!(handshake(&stranger, &m1).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn during_a_ca_rotation_nodes_of_either_ca_handshake_once_both_are_trusted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (old, new) = (
+            SiteCa::generate("site-a1").unwrap(),
+            SiteCa::generate("site-a1").unwrap(),
+        );
+        let both = format!("{}{}", old.cert_pem(), new.cert_pem());
+        let node_of = |ca: &SiteCa, name: &str, id: u64, cas: &str| {
+            let pki = PkiDir::new(tmp.path().join(name));
+            let who = PeerIdentity::manager("site-a1", id).unwrap();
+            pki.install(cas, &ca.issue(&who, NODE_TTL).unwrap())
+                .unwrap();
+            TlsConfig::load(&pki).unwrap()
+        };
+        let on_old = node_of(&old, "m1", 1, &both);
+        let on_new = node_of(&new, "m2", 2, &both);
+        let old_only = node_of(&old, "m3", 3, old.cert_pem());
+        let fp = |ca: &SiteCa| check_ca_pem(ca.cert_pem()).unwrap();
+        assert_eq!(on_old.ca_fingerprint().unwrap(), fp(&old));
+        assert_eq!(on_new.ca_fingerprint().unwrap(), fp(&new));
+        let mut trusted = on_new.own_ca_fingerprints();
+        trusted.sort();
+        assert_eq!(bundle_key(&trusted), bundle_key(&[fp(&new), fp(&old)]));
+        // The chain a node presents holds its issuer only (a pinning client finds it).
+        assert_eq!(on_new.chain.len(), 2);
+        assert_eq!(fingerprint(&on_new.chain[1]), fp(&new));
+        handshake(&on_old, &on_new).await.unwrap();
+        handshake(&on_new, &on_old).await.unwrap();
+        handshake(&on_old, &old_only).await.unwrap();
+        // A node that does not trust the new CA yet refuses its certificates, as a server
+        // and as a client: why the new CA is trusted everywhere before it issues.
+        assert!(handshake(&old_only, &on_new).await.is_err());
+        assert!(handshake(&on_new, &old_only).await.is_err());
+        assert!(check_ca_bundle(&both.repeat(3)).is_err(), "at most four");
+        assert!(check_ca_pem(&both).is_err());
+        // Moving to the new CA alone: a node whose certificate the old one issued keeps
+        // no issuer among its CAs.
+        PkiDir::new(tmp.path().join("m1"))
+            .replace_ca(new.cert_pem())
+            .unwrap();
+        let stranded = TlsConfig::load(&PkiDir::new(tmp.path().join("m1"))).unwrap();
+        assert!(stranded.ca_fingerprint().is_err());
+        assert!(stranded.valid_until().is_none());
     }
 
     #[test]

@@ -75,6 +75,14 @@ impl PkiDir {
     /// place, the key first; a crash between the two renames is completed by
     /// [`PkiDir::finish_interrupted_install`] (renewal must never leave a node with a key
     /// and a certificate that do not match).
+    /// Replaces the site's CAs this node trusts (`ca.crt`) with `bundle_pem`, atomically
+    /// (a CA rotation adds the new CA, then retires the old).
+    pub fn replace_ca(&self, bundle_pem: &str) -> Result<(), TlsError> {
+        crate::config::check_ca_bundle(bundle_pem)?;
+        write_file(&self.ca_cert(), bundle_pem, 0o644)?;
+        sync_dir(&self.dir)
+    }
+
     pub fn install(&self, ca_cert_pem: &str, issued: &Issued) -> Result<(), TlsError> {
         write_file(&self.ca_cert(), ca_cert_pem, 0o644)?;
         let (key_next, cert_next) = (aside(&self.node_key()), aside(&self.node_cert()));

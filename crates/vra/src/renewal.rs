@@ -56,18 +56,21 @@ impl Renewal {
         Ok(public)
     }
 
-    /// Checks the certificate issued for the pending key (this VRA's identity, its site's
-    /// CA, that key), keeps it in the PKI directory and presents it from now on.
+    /// Checks the certificate issued for the pending key (this VRA's identity, issued by
+    /// one of its site's CAs `ca_pem`, which hold one it trusts now, that key), keeps it
+    /// in the PKI directory and presents it from now on.
     pub fn install(&self, cert_pem: &str, ca_pem: &str) -> VraResult<()> {
         let current = self.live.current();
         if cert_pem.len() > MAX_CERT_PEM {
             return Err(invalid("cert_pem", format!("at most {MAX_CERT_PEM} bytes")).into());
         }
-        let ca = tandem_tls::config::check_ca_pem(ca_pem).map_err(|e| invalid("ca_pem", e))?;
-        let own = current.ca_fingerprint().map_err(|e| invalid("ca_pem", e))?;
-        if ca != own {
+        let cas = tandem_tls::config::check_ca_bundle(ca_pem).map_err(|e| invalid("ca_pem", e))?;
+        let trusted = current.own_ca_fingerprints();
+        if !cas.iter().any(|fp| trusted.contains(fp)) {
             return Err(DomainError::precondition(format!(
-                "the certificate's CA {ca} is not this VRA's site CA {own}"
+                "none of the CAs {} is one this VRA trusts for its site ({})",
+                cas.join(", "),
+                trusted.join(", ")
             ))
             .into());
         }
@@ -91,6 +94,11 @@ impl Renewal {
             .and_then(|()| TlsConfig::load(&staging));
         let _ = std::fs::remove_dir_all(&staging.dir);
         let staged = staged.map_err(|e| invalid("cert_pem", e))?;
+        if staged.ca_fingerprint().is_err() {
+            return Err(
+                invalid("cert_pem", "was not issued by any of the CAs given with it").into(),
+            );
+        }
         if staged.identity() != current.identity() {
             return Err(invalid(
                 "cert_pem",

@@ -234,6 +234,9 @@ impl VraControl for ControlService {
         if let Some(r) = &self.renewal {
             status.cert_valid_until_ms = r.valid_until_ms();
         }
+        if let Some(t) = &self.trust {
+            status.cert_issuer_fingerprint = t.issuer();
+        }
         Ok(Response::new(status))
     }
 
@@ -308,8 +311,8 @@ impl VraControl for ControlService {
                 "this VRA runs --insecure: it checks no certificates",
             ));
         };
+        let req = req.into_inner();
         let sites = req
-            .into_inner()
             .sites
             .into_iter()
             .map(|s| crate::trust::TrustedSite {
@@ -317,7 +320,7 @@ impl VraControl for ControlService {
                 ca_pem: s.ca_pem,
             })
             .collect();
-        trust.set(sites).map_err(status)?;
+        trust.set(sites, &req.own_ca_pem).map_err(status)?;
         Ok(Response::new(pb::VraEmpty {}))
     }
 

@@ -1,6 +1,8 @@
-//! Which paired sites' VRAs this VRA believes: the CA certificates its managers give it
-//! (`SetTrust`, the sites its site is paired with), kept in the data directory across
-//! restarts and added to what its PKI directory holds; a site unpaired is dropped.
+//! Which sites' VRAs this VRA believes: the CA certificates its managers give it
+//! (`SetTrust`): the sites its site is paired with, kept in the data directory across
+//! restarts and added to what its PKI directory holds (a site unpaired is dropped), and
+//! its own site's, kept as the PKI directory's `ca.crt` (two while the site rotates its
+//! CA).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -72,10 +74,12 @@ impl PeerTrust {
         Ok(())
     }
 
-    /// Checks `sites` (the whole set, as the managers give it), keeps it on disk, then
-    /// trusts exactly those sites from the next handshake on.
-    pub fn set(&self, sites: Vec<TrustedSite>) -> VraResult<()> {
-        let own = self.live.current().identity().site.clone();
+    /// Checks `sites` (the whole set, as the managers give it) and `own_ca_pem` (the own
+    /// site's CAs; empty: unchanged), keeps them on disk, then trusts exactly those from
+    /// the next handshake on.
+    pub fn set(&self, sites: Vec<TrustedSite>, own_ca_pem: &str) -> VraResult<()> {
+        let current = self.live.current();
+        let own = current.identity().site.clone();
         let mut v = Violations::new();
         v.check(
             sites.len() <= MAX_TRUSTED_SITES,
@@ -92,11 +96,38 @@ impl PeerTrust {
                 format!("sites[{i}].site_id"),
                 "is this VRA's own site",
             );
-            if let Err(e) = tandem_tls::config::check_ca_pem(&s.ca_pem) {
+            if let Err(e) = tandem_tls::config::check_ca_bundle(&s.ca_pem) {
                 v.add(format!("sites[{i}].ca_pem"), e.to_string());
             }
         }
+        if !own_ca_pem.is_empty() {
+            // It must keep the CA of the certificate in use: else this VRA's own site
+            // would refuse it (a certificate of a new CA comes with InstallCertificate).
+            match (
+                tandem_tls::config::check_ca_bundle(own_ca_pem),
+                current.ca_fingerprint(),
+            ) {
+                (Err(e), _) => v.add("own_ca_pem", e.to_string()),
+                (Ok(fps), Ok(issuer)) if !fps.contains(&issuer) => v.add(
+                    "own_ca_pem",
+                    format!("does not hold CA {issuer}, which issued this VRA's certificate"),
+                ),
+                _ => {}
+            }
+        }
         v.into_result()?;
+        if !own_ca_pem.is_empty() && own_ca_pem != current.ca_pem() {
+            let dir = current.source().cloned().ok_or_else(|| {
+                tandem_core::DomainError::precondition("this VRA's certificate has no directory")
+            })?;
+            dir.replace_ca(own_ca_pem)
+                .and_then(|()| tandem_tls::TlsConfig::load(&dir))
+                .map(|c| self.live.replace(c))
+                .map_err(|e| {
+                    VraError::io("writing", &dir.ca_cert())(std::io::Error::other(e.to_string()))
+                })?;
+            tracing::info!("this VRA trusts its site's CAs as its managers name them");
+        }
         let json = serde_json::to_vec(&sites).expect("trusted sites serialize");
         let tmp = self.file.with_extension("tmp");
         std::fs::write(&tmp, json)
@@ -111,14 +142,72 @@ impl PeerTrust {
         })
     }
 
-    /// The trusted sites with their CAs' fingerprints (for the status).
+    /// The trusted sites with their CAs' fingerprints, sorted and joined by commas (for
+    /// the status); the own site's too.
     pub fn fingerprints(&self) -> Vec<(String, String)> {
+        use tandem_tls::config::{bundle_key, check_ca_bundle};
+        let current = self.live.current();
+        let own = (
+            current.identity().site.clone(),
+            bundle_key(&current.own_ca_fingerprints()),
+        );
         self.sites()
             .iter()
             .map(|s| {
-                let fp = tandem_tls::config::check_ca_pem(&s.ca_pem).unwrap_or_default();
-                (s.site_id.clone(), fp)
+                let fps = check_ca_bundle(&s.ca_pem).unwrap_or_default();
+                (s.site_id.clone(), bundle_key(&fps))
             })
+            .chain(std::iter::once(own))
             .collect()
+    }
+
+    /// The fingerprint of the CA that issued the certificate in use (empty: none this
+    /// VRA trusts, or it is not valid now).
+    pub fn issuer(&self) -> String {
+        self.live.current().ca_fingerprint().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_tls::PeerIdentity;
+    use tandem_tls::config::{bundle_key, check_ca_pem};
+    use tandem_tls::pki::{NODE_TTL, PkiDir, SiteCa};
+
+    #[test]
+    fn the_own_sites_cas_are_taken_only_with_the_ca_of_the_certificate_in_use() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (old, new) = (
+            SiteCa::generate("site-a1").unwrap(),
+            SiteCa::generate("site-a1").unwrap(),
+        );
+        let pki = PkiDir::new(tmp.path().join("pki"));
+        let me = PeerIdentity::vra("site-a1", "h1").unwrap();
+        pki.install(old.cert_pem(), &old.issue(&me, NODE_TTL).unwrap())
+            .unwrap();
+        let live = LiveTls::new(TlsConfig::load(&pki).unwrap());
+        let trust = PeerTrust::load(live.clone(), tmp.path().join("trust.json")).unwrap();
+        let fp = |ca: &SiteCa| check_ca_pem(ca.cert_pem()).unwrap();
+        let own = |t: &PeerTrust| {
+            t.fingerprints()
+                .into_iter()
+                .find(|(s, _)| s == "site-a1")
+                .unwrap()
+                .1
+        };
+        assert_eq!(own(&trust), fp(&old));
+        // Without the CA that issued its certificate: refused, nothing changes.
+        assert!(trust.set(Vec::new(), new.cert_pem()).is_err());
+        assert!(trust.set(Vec::new(), "not a certificate").is_err());
+        assert_eq!(own(&trust), fp(&old));
+        let both = format!("{}{}", old.cert_pem(), new.cert_pem());
+        trust.set(Vec::new(), &both).unwrap();
+        assert_eq!(own(&trust), bundle_key(&[fp(&old), fp(&new)]));
+        assert_eq!(std::fs::read_to_string(pki.ca_cert()).unwrap(), both);
+        assert_eq!(trust.issuer(), fp(&old));
+        // Empty: unchanged.
+        trust.set(Vec::new(), "").unwrap();
+        assert_eq!(own(&trust), bundle_key(&[fp(&old), fp(&new)]));
     }
 }

@@ -1121,6 +1121,7 @@ impl Vra {
             // holds the TLS side).
             trusted: Vec::new(),
             cert_valid_until_ms: 0,
+            cert_issuer_fingerprint: String::new(),
         }
     }
 

@@ -221,6 +221,22 @@ impl SitePeer for PeerApi {
         Ok(Response::new(self.0.prepare_move(vpg, op, r.drain).await?))
     }
 
+    async fn update_trust(
+        &self,
+        r: Request<v1::PeerUpdateTrustRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        // Only a certificate says which site calls: without TLS there is no CA to change.
+        let Some(PeerCaller(from)) = r.extensions().get::<PeerCaller>().cloned() else {
+            return Err(Status::failed_precondition(
+                "UpdateTrust needs mutual TLS: the calling site is known by its certificate",
+            ));
+        };
+        self.0
+            .update_peer_trust(from, r.into_inner().ca_pem)
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
     async fn finish_move(
         &self,
         r: Request<v1::PeerFinishMoveRequest>,

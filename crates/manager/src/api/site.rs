@@ -11,15 +11,51 @@ use crate::site::SiteManager;
 #[derive(Debug, Clone)]
 pub struct SiteApi(pub SiteManager);
 
-#[tonic::async_trait]
-impl SiteService for SiteApi {
-    async fn get_site(&self, _: Request<v1::GetSiteRequest>) -> Result<Response<v1::Site>, Status> {
+impl SiteApi {
+    async fn site_reply(&self) -> Result<v1::Site, Status> {
         let (id, peers) = self.0.site().await?;
-        Ok(Response::new(v1::Site {
+        let cas = self.0.ca_status().await?;
+        Ok(v1::Site {
             id: id.id.to_string(),
             name: id.name,
             peers: peers.iter().map(peer_to_proto).collect(),
-        }))
+            issuing_ca_fingerprint: cas.issuing,
+            ca_fingerprints: cas.trusted,
+            ca_rotation: cas.rotation,
+            ca_bundle_pem: if cas.bundle_pem.is_empty() {
+                self.0
+                    .site_tls()
+                    .map(|t| t.ca_pem().to_string())
+                    .unwrap_or_default()
+            } else {
+                cas.bundle_pem
+            },
+            node_certificates: cas
+                .node_certs
+                .into_iter()
+                .map(|(node_id, c)| v1::NodeCertificate {
+                    node_id,
+                    issuer_fingerprint: c.issuer,
+                    valid_until_ms: c.valid_until_ms,
+                })
+                .collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl SiteService for SiteApi {
+    async fn get_site(&self, _: Request<v1::GetSiteRequest>) -> Result<Response<v1::Site>, Status> {
+        Ok(Response::new(self.site_reply().await?))
+    }
+
+    async fn rotate_ca(
+        &self,
+        r: Request<v1::RotateCaRequest>,
+    ) -> Result<Response<v1::Site>, Status> {
+        let caller = crate::access::caller(&r)?.clone();
+        self.0.start_ca_rotation(&caller).await?;
+        Ok(Response::new(self.site_reply().await?))
     }
 
     async fn create_pairing_token(

@@ -37,10 +37,13 @@ pub struct VraObservation {
     pub limits: HashMap<String, u64>,
     /// The NBD exports it serves (none when it could not be read).
     pub exports: HashSet<String>,
-    /// The paired sites whose CAs it trusts: site id to CA fingerprint.
+    /// The sites whose CAs it trusts (its own too): site id to the CAs' fingerprints,
+    /// sorted and joined by commas.
     pub trusted: HashMap<String, String>,
     /// Until when its certificate is valid (ms since the epoch; 0: unknown).
     pub cert_valid_until_ms: u64,
+    /// The fingerprint of the CA that issued its certificate (empty: unknown).
+    pub cert_issuer: String,
 }
 
 /// What one status read of a VRA yields.
@@ -51,6 +54,7 @@ pub struct VraPoll {
     pub exports: HashSet<String>,
     pub trusted: HashMap<String, String>,
     pub cert_valid_until_ms: u64,
+    pub cert_issuer: String,
 }
 
 /// The last report of one peer site.
@@ -168,15 +172,9 @@ impl Live {
     }
 
     pub fn record_vra(&self, host: HostId, poll: Result<VraPoll, String>) {
-        let (vpgs, limits, exports, trusted, cert_valid_until_ms) = match poll {
-            Ok(p) => (
-                Ok(p.vpgs),
-                p.limits,
-                p.exports,
-                p.trusted,
-                p.cert_valid_until_ms,
-            ),
-            Err(e) => (Err(e), HashMap::new(), HashSet::new(), HashMap::new(), 0),
+        let (vpgs, p) = match poll {
+            Ok(mut p) => (Ok(std::mem::take(&mut p.vpgs)), p),
+            Err(e) => (Err(e), VraPoll::default()),
         };
         let mut inner = self.lock();
         if let Ok(reports) = &vpgs {
@@ -191,10 +189,11 @@ impl Live {
             VraObservation {
                 at: Instant::now(),
                 vpgs,
-                limits,
-                exports,
-                trusted,
-                cert_valid_until_ms,
+                limits: p.limits,
+                exports: p.exports,
+                trusted: p.trusted,
+                cert_valid_until_ms: p.cert_valid_until_ms,
+                cert_issuer: p.cert_issuer,
             },
         );
     }
@@ -304,6 +303,24 @@ impl Live {
         if let Some(view) = self.lock().checkpoints.get_mut(vpg) {
             view.acked(host, acked_seq);
         }
+    }
+
+    /// Whether paired site `site` reported trusting exactly the CAs `key` names for this
+    /// site, in its state and on every VRA.
+    pub fn peer_trusts(&self, site: &SiteId, key: &str) -> bool {
+        let inner = self.lock();
+        inner.peers.get(site).is_some_and(|p| {
+            p.reachable() && p.report.your_cas.as_deref() == Some(key) && p.report.your_cas_applied
+        })
+    }
+
+    /// Whether paired site `site` reported trusting other CAs for this site than `key`
+    /// names (it has to be given them).
+    pub fn peer_holds_other(&self, site: &SiteId, key: &str) -> bool {
+        let inner = self.lock();
+        inner.peers.get(site).is_some_and(|p| {
+            p.reachable() && p.report.your_cas.as_deref().is_some_and(|k| k != key)
+        })
     }
 
     /// The last report of a peer, if it is recent enough to count as reachable.
@@ -528,9 +545,23 @@ impl Live {
                 manager_paused: protects && vpg.paused_by_manager(),
             });
         }
+        let your_cas = s
+            .peers
+            .get(peer)
+            .filter(|p| !p.ca_pem.is_empty())
+            .and_then(|p| tandem_tls::config::check_ca_bundle(&p.ca_pem).ok())
+            .map(|fps| tandem_tls::config::bundle_key(&fps));
+        let your_cas_applied = your_cas.as_ref().is_some_and(|key| {
+            s.hosts.values().all(|h| {
+                self.vra(&h.id)
+                    .is_some_and(|o| o.vpgs.is_ok() && o.trusted.get(peer.as_str()) == Some(key))
+            })
+        });
         PeerReport {
             site: s.site_id().cloned(),
             vpgs,
+            your_cas,
+            your_cas_applied,
         }
     }
 }

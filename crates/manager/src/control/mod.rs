@@ -105,6 +105,8 @@ pub struct Control {
     /// When this node last renewed each VRA's certificate: a status read before then
     /// still shows the old one.
     renewed: Arc<Mutex<HashMap<HostId, Instant>>>,
+    /// What a CA rotation last waited for (logged when it changes).
+    rotation_waits_for: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -120,7 +122,21 @@ impl Control {
             connector,
             barriers: checkpoints::Barriers::default(),
             renewed: Arc::default(),
+            rotation_waits_for: Arc::default(),
         }
+    }
+
+    /// Notes what a CA rotation waits for (None: nothing); answers whether that changed.
+    pub fn rotation_waits_for(&self, what: Option<&str>) -> bool {
+        let mut last = self
+            .rotation_waits_for
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.as_deref() == what {
+            return false;
+        }
+        *last = what.map(str::to_string);
+        true
     }
 
     /// Notes a renewal of `host`'s VRA certificate now; answers false when one was made

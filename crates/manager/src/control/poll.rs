@@ -78,6 +78,7 @@ async fn poll_vra(site: &SiteManager, addr: &str) -> Result<VraPoll, String> {
             .map(|t| (t.site_id, t.ca_fingerprint))
             .collect(),
         cert_valid_until_ms: status.cert_valid_until_ms,
+        cert_issuer: status.cert_issuer_fingerprint,
     })
 }
 

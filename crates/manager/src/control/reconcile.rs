@@ -154,10 +154,11 @@ pub async fn reconcile_once(site: &SiteManager) {
             }
         }
     }
+    site.advance_ca_rotation(&state).await;
     for host in state.hosts.values() {
         apply_limits(site, &state, host).await;
         apply_trust(site, &state, host).await;
-        apply_renewal(site, host).await;
+        apply_renewal(site, &state, host).await;
         let Some(held) = reported(site, &host.id) else {
             continue;
         };
@@ -254,9 +255,11 @@ async fn apply_limits(site: &SiteManager, state: &SiteState, host: &Host) {
     }
 }
 
-/// Gives the VRA of `host` the CAs of exactly the sites this site is paired with, when it
-/// trusts another set: their VRAs stream to it and take its streams.
+/// Gives the VRA of `host` the CAs of exactly the sites this site is paired with, and its
+/// own site's (two during a rotation), when it trusts others: their VRAs stream to it and
+/// take its streams.
 async fn apply_trust(site: &SiteManager, state: &SiteState, host: &Host) {
+    use tandem_tls::config::{bundle_key, check_ca_bundle};
     if site.site_tls().is_none() {
         return;
     }
@@ -266,20 +269,35 @@ async fn apply_trust(site: &SiteManager, state: &SiteState, host: &Host) {
     let mut want = std::collections::HashMap::new();
     let mut sites = Vec::new();
     for peer in state.peers.values().filter(|p| !p.ca_pem.is_empty()) {
-        let Ok(fp) = tandem_tls::config::check_ca_pem(&peer.ca_pem) else {
+        let Ok(fps) = check_ca_bundle(&peer.ca_pem) else {
             continue;
         };
-        want.insert(peer.id.to_string(), fp.clone());
+        let key = bundle_key(&fps);
+        want.insert(peer.id.to_string(), key.clone());
         sites.push(v1::TrustedSite {
             site_id: peer.id.to_string(),
             ca_pem: peer.ca_pem.clone(),
-            ca_fingerprint: fp,
+            ca_fingerprint: key,
         });
     }
+    let own = state.site_id().map(|i| i.to_string()).unwrap_or_default();
+    let own_ca_pem = match state.ca_bundle() {
+        Some(bundle) => {
+            want.insert(own, bundle_key(&state.ca_fingerprints()));
+            bundle
+        }
+        // The managers hold no CA: the VRA keeps the one it has.
+        None => {
+            if let Some(theirs) = seen.trusted.get(&own) {
+                want.insert(own, theirs.clone());
+            }
+            String::new()
+        }
+    };
     if seen.trusted == want {
         return;
     }
-    let req = v1::SetTrustRequest { sites };
+    let req = v1::SetTrustRequest { sites, own_ca_pem };
     match call_vra(site, &host.vra_address, |mut c| async move {
         c.set_trust(vra_request(req)).await
     })
@@ -292,9 +310,10 @@ async fn apply_trust(site: &SiteManager, state: &SiteState, host: &Host) {
     }
 }
 
-/// Renews the certificate of the VRA of `host` when a third of its life is left, as its
-/// last status says (the VRA makes the key; this node signs it).
-async fn apply_renewal(site: &SiteManager, host: &Host) {
+/// Renews the certificate of the VRA of `host` when a third of its life is left, or
+/// another CA than the site's issuing one issued it, as its last status says (the VRA
+/// makes the key; this node signs it).
+async fn apply_renewal(site: &SiteManager, state: &SiteState, host: &Host) {
     if site.site_tls().is_none() {
         return;
     }
@@ -307,7 +326,11 @@ async fn apply_renewal(site: &SiteManager, host: &Host) {
         return;
     };
     let until = std::time::UNIX_EPOCH + std::time::Duration::from_millis(seen.cert_valid_until_ms);
-    if !crate::enroll::renewal_due(Some(until), site.cert_ttl())
+    let old_issuer = state
+        .ca
+        .as_ref()
+        .is_some_and(|ca| !seen.cert_issuer.is_empty() && seen.cert_issuer != ca.fingerprint);
+    if !(old_issuer || crate::enroll::renewal_due(Some(until), site.cert_ttl()))
         || !site.control().start_renewal(&host.id, seen.at)
     {
         return;
