@@ -1410,7 +1410,8 @@ async fn reset_link_and_meet_sla(
 /// VRA makes its key) when a third is left, and every node takes up its new certificate
 /// while it serves (no restart, open connections go on); the first certificates expire,
 /// the connections between the sites come back on the renewed ones after a reset. Then
-/// site A's CA is rotated: every node and site B trust the new CA, it issues, every
+/// site A's CA is rotated, its leader killed with -9 as it starts and restarted: every
+/// node and site B trust the new CA, it issues, every
 /// certificate is renewed, the old CA is retired, and the connections come back on the
 /// new CA's certificates after another reset. Protection stays Meeting SLA, and a move
 /// afterwards (which drains every write across) loses no acknowledged write.
@@ -1493,6 +1494,21 @@ async fn renewed_certificates_and_a_rotated_ca_are_taken_up_under_the_workload_a
         .cloned()
         .context("the rotation names no new CA")?;
     assert_eq!(rotating.ca_fingerprints.len(), 2, "{rotating:?}");
+    // kill -9 of site A's leader as the rotation starts: it goes on from the replicated
+    // state under the next leader, and waits for the killed member until it is back.
+    let leader = wait_leader(&apis_a[0], 3, Duration::from_secs(10))
+        .await?
+        .leader_id;
+    let killed = lab.sites[0]
+        .iter()
+        .position(|m| m.id == leader)
+        .context("site A's leader is not in the lab")?;
+    lab.sites[0][killed].kill9().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab.sites[0][killed].start("join").await?;
+    eprintln!(
+        "killed site A's leader (manager {leader}) as the rotation started, and restarted it"
+    );
     let start = Instant::now();
     let mut phase = rotating.ca_rotation.clone();
     eprintln!("CA rotation of site A: {phase}");
