@@ -1511,12 +1511,17 @@ async fn renewed_certificates_and_a_rotated_ca_are_taken_up_under_the_workload_a
     );
     let start = Instant::now();
     let mut phase = rotating.ca_rotation.clone();
+    let mut waits = String::new();
     eprintln!("CA rotation of site A: {phase}");
     let done = loop {
         let s: v1::Site = tandem_json(&apis_a, &["site", "get"]).await?;
-        if s.ca_rotation != phase {
+        if s.ca_rotation != phase || s.ca_rotation_waits_for != waits {
             phase = s.ca_rotation.clone();
-            eprintln!("CA rotation of site A: {phase:?} ({:?})", start.elapsed());
+            waits = s.ca_rotation_waits_for.clone();
+            eprintln!(
+                "CA rotation of site A: {phase:?}, waits for {waits:?} ({:?})",
+                start.elapsed()
+            );
         }
         if phase.is_empty() {
             break s;

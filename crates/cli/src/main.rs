@@ -870,10 +870,10 @@ fn site_table(fmt: Format, s: &v1::Site) {
             .map(|f| short(f))
             .collect::<Vec<_>>()
             .join(","),
-        if s.ca_rotation.is_empty() {
-            "-".into()
-        } else {
-            s.ca_rotation.clone()
+        match (s.ca_rotation.as_str(), s.ca_rotation_waits_for.as_str()) {
+            ("", _) => "-".into(),
+            (phase, "") => phase.to_string(),
+            (phase, what) => format!("{phase} (waits for {what})"),
         },
     ]];
     print(

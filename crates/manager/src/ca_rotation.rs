@@ -25,6 +25,8 @@ pub struct CaStatus {
     pub issuing: String,
     pub trusted: Vec<String>,
     pub rotation: String,
+    /// What the rotation waits for (empty: nothing known).
+    pub waits_for: String,
     pub node_certs: Vec<(u64, NodeCert)>,
 }
 
@@ -43,6 +45,7 @@ impl CaStatus {
                 .as_ref()
                 .map(|r| r.phase().to_string())
                 .unwrap_or_default(),
+            waits_for: String::new(),
             node_certs: s
                 .node_certs
                 .iter()
@@ -139,9 +142,18 @@ impl SiteManager {
         Ok(fingerprint)
     }
 
-    /// The CA status of the site.
+    /// The CA status of the site, with what a rotation under way waits for (as the
+    /// leader last saw it).
     pub async fn ca_status(&self) -> ApiResult<CaStatus> {
-        self.node().read(CaStatus::of).await
+        let mut status = self.node().read(CaStatus::of).await?;
+        if !status.rotation.is_empty()
+            && let Ok(crate::control::LeaderResponse::CaRotationWait(Some(what))) = self
+                .leader_call(crate::control::LeaderRequest::CaRotationWait)
+                .await
+        {
+            status.waits_for = what;
+        }
+        Ok(status)
     }
 
     /// A paired site `from` rotated its CA: its nodes present certificates of the CAs in

@@ -22,6 +22,7 @@ impl SiteApi {
             issuing_ca_fingerprint: cas.issuing,
             ca_fingerprints: cas.trusted,
             ca_rotation: cas.rotation,
+            ca_rotation_waits_for: cas.waits_for,
             ca_bundle_pem: if cas.bundle_pem.is_empty() {
                 self.0
                     .site_tls()

@@ -74,6 +74,8 @@ pub enum LeaderRequest {
     ForceSync { vpgs: Vec<VpgId> },
     /// The active alerts (of one VPG, or all).
     Alerts { vpg: Option<VpgId> },
+    /// What a rotation of the site's CA waits for.
+    CaRotationWait,
 }
 
 /// The leader's answer.
@@ -84,6 +86,8 @@ pub enum LeaderResponse {
     Checkpoints(Vec<checkpoints::Taken>),
     Done,
     Alerts(Vec<ActiveAlert>),
+    /// What the rotation waits for (None: nothing, or none under way).
+    CaRotationWait(Option<String>),
 }
 
 /// One raised alert of one VPG.
@@ -313,6 +317,13 @@ pub async fn answer(site: &SiteManager, req: LeaderRequest) -> ApiResult<LeaderR
             }
             Ok(LeaderResponse::Checkpoints(taken))
         }
+        LeaderRequest::CaRotationWait => Ok(LeaderResponse::CaRotationWait(
+            control
+                .rotation_waits_for
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )),
         LeaderRequest::Alerts { vpg } => {
             let now = crate::site::now_ms();
             let alerts = site.node().read_local(|s| {
