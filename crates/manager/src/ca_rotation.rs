@@ -55,7 +55,8 @@ impl CaStatus {
     }
 }
 
-/// What keeps a rotation from its next step, for the log (None: nothing).
+/// What keeps a rotation from its next step, for the log and the site's status (None:
+/// nothing; it moves on).
 fn waiting_for(
     site: &SiteManager,
     state: &SiteState,
@@ -63,7 +64,12 @@ fn waiting_for(
     members: &[u64],
 ) -> Option<String> {
     let key = bundle_key(&state.ca_fingerprints());
-    let issuing = state.ca.as_ref()?.fingerprint.clone();
+    let (Some(issuing), Some(own)) = (
+        state.ca.as_ref().map(|c| c.fingerprint.clone()),
+        state.site_id().map(|i| i.to_string()),
+    ) else {
+        return Some("the site's identity and CA in the state".into());
+    };
     let live = &site.control().live;
     match rotation {
         CaRotation::Trusting { .. } => {
@@ -76,7 +82,6 @@ fn waiting_for(
                     return Some(format!("manager {id} to trust both CAs"));
                 }
             }
-            let own = state.site_id()?.to_string();
             for host in state.hosts.values() {
                 let trusts = live
                     .vra(&host.id)
