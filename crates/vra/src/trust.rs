@@ -48,7 +48,7 @@ impl PeerTrust {
             file,
             sites: Arc::new(Mutex::new(Vec::new())),
         };
-        trust.apply(sites)?;
+        trust.apply(sites, trust.live.current())?;
         Ok(trust)
     }
 
@@ -66,10 +66,12 @@ impl PeerTrust {
         config.with_peer_sites(&pairs)
     }
 
-    fn apply(&self, mut sites: Vec<TrustedSite>) -> Result<(), TlsError> {
+    /// Trusts `sites` besides what `base` (this VRA's own configuration) trusts, from the
+    /// next handshake on (one replacement: no handshake meets half of it).
+    fn apply(&self, mut sites: Vec<TrustedSite>, base: TlsConfig) -> Result<(), TlsError> {
         sites.sort();
         *self.sites() = sites;
-        let config = self.adjust(self.live.current())?;
+        let config = self.adjust(base)?;
         self.live.replace(config);
         Ok(())
     }
@@ -116,25 +118,28 @@ impl PeerTrust {
             }
         }
         v.into_result()?;
-        if !own_ca_pem.is_empty() && own_ca_pem != current.ca_pem() {
+        let base = if !own_ca_pem.is_empty() && own_ca_pem != current.ca_pem() {
             let dir = current.source().cloned().ok_or_else(|| {
                 tandem_core::DomainError::precondition("this VRA's certificate has no directory")
             })?;
-            dir.replace_ca(own_ca_pem)
+            let reloaded = dir
+                .replace_ca(own_ca_pem)
                 .and_then(|()| tandem_tls::TlsConfig::load(&dir))
-                .map(|c| self.live.replace(c))
                 .map_err(|e| {
                     VraError::io("writing", &dir.ca_cert())(std::io::Error::other(e.to_string()))
                 })?;
             tracing::info!("this VRA trusts its site's CAs as its managers name them");
-        }
+            reloaded
+        } else {
+            current
+        };
         let json = serde_json::to_vec(&sites).expect("trusted sites serialize");
         let tmp = self.file.with_extension("tmp");
         std::fs::write(&tmp, json)
             .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
             .and_then(|()| std::fs::rename(&tmp, &self.file))
             .map_err(VraError::io("writing", &self.file))?;
-        self.apply(sites).map_err(|e| {
+        self.apply(sites, base).map_err(|e| {
             VraError::io("applying", &self.file)(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 e.to_string(),
