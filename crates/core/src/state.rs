@@ -64,6 +64,10 @@ pub struct SiteState {
     /// What each manager (by node id) last reported of its own certificate.
     #[serde(default)]
     pub node_certs: BTreeMap<u64, crate::ca_rotation::NodeCert>,
+    /// The status each VPG was last recorded in by the leader's monitor: a new leader
+    /// takes up from there, so a change is neither lost nor told twice across leaders.
+    #[serde(default)]
+    pub recorded_status: BTreeMap<VpgId, crate::status::VpgState>,
 }
 
 /// An update of a VPG's definition that is under way.
@@ -218,6 +222,13 @@ pub enum Command {
     RevokeToken {
         id: crate::access::TokenId,
         now_ms: u64,
+    },
+    /// The status the leader's monitor sees a VPG in: a change from the recorded one
+    /// (with its event, EV0030), or the first it records (no event).
+    RecordStatus {
+        vpg: VpgId,
+        state: crate::status::VpgState,
+        event: Option<crate::events::NewEvent>,
     },
     /// Appends to the event log.
     RecordEvent {
@@ -584,6 +595,7 @@ impl SiteState {
                 self.vpgs.remove(&id);
                 self.updating.remove(&id);
                 self.test_results.remove(&id);
+                self.recorded_status.remove(&id);
                 Ok(Applied::Done)
             }
             Command::BeginRecovery { op } => {
@@ -942,6 +954,16 @@ impl SiteState {
             }
             Command::RevokeToken { id, now_ms } => {
                 self.tokens.revoke(&id, now_ms)?;
+                Ok(Applied::Done)
+            }
+            Command::RecordStatus { vpg, state, event } => {
+                // A VPG deleted since the monitor looked has no status to keep.
+                if self.vpgs.contains_key(&vpg) {
+                    self.recorded_status.insert(vpg, state);
+                    if let Some(event) = event {
+                        self.events.push(event);
+                    }
+                }
                 Ok(Applied::Done)
             }
             Command::RecordEvent { event } => {
@@ -1613,6 +1635,53 @@ mod tests {
             s.vpgs.insert(vpg.id.clone(), vpg);
         }
         s
+    }
+
+    #[test]
+    fn a_recorded_status_survives_until_its_vpg_is_deleted_and_only_changes_are_events() {
+        use crate::status::{AlertColor, VpgState, VpgStatus, VpgSubstatus};
+        let mut s = state();
+        let id = VpgId::minted("mine".into());
+        let state_of = |status, substatus| VpgState {
+            status,
+            substatus,
+            alert: AlertColor::Green,
+        };
+        let events = s.events.len();
+        s.apply(Command::RecordStatus {
+            vpg: id.clone(),
+            state: state_of(VpgStatus::MeetingSla, VpgSubstatus::None),
+            event: None,
+        })
+        .unwrap();
+        assert_eq!(s.events.len(), events, "a first status is no event");
+        let change = crate::events::NewEvent {
+            at_ms: 1,
+            code: crate::events::EventCode::StatusChanged,
+            vpg: Some(id.clone()),
+            description: "VPG \"mine\": Meeting SLA -> Not Meeting SLA".into(),
+        };
+        let down = state_of(VpgStatus::NotMeetingSla, VpgSubstatus::RecoveryIsPossible);
+        s.apply(Command::RecordStatus {
+            vpg: id.clone(),
+            state: down,
+            event: Some(change.clone()),
+        })
+        .unwrap();
+        assert_eq!(s.events.len(), events + 1);
+        assert_eq!(s.recorded_status[&id], down);
+        // A VPG unknown (deleted since the monitor looked) keeps nothing.
+        let gone = VpgId::minted("gone".into());
+        s.apply(Command::RecordStatus {
+            vpg: gone.clone(),
+            state: down,
+            event: Some(change),
+        })
+        .unwrap();
+        assert!(!s.recorded_status.contains_key(&gone));
+        assert_eq!(s.events.len(), events + 1);
+        s.apply(Command::DeleteVpg { id: id.clone() }).unwrap();
+        assert!(s.recorded_status.is_empty());
     }
 
     fn pause(s: &mut SiteState, id: &str, paused: bool) -> CommandOutcome {

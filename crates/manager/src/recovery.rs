@@ -304,15 +304,20 @@ impl SiteManager {
     /// Commits or rolls back the failover or move of a VPG (before commit only; the first
     /// word stands). Answers the operation as it is now.
     pub async fn recovery_input(&self, id: VpgId, intent: RecoveryIntent) -> ApiResult<RecoveryOp> {
-        self.node()
-            .propose(Command::RecoveryInput {
+        let (index, _) = self
+            .node()
+            .propose_indexed(Command::RecoveryInput {
                 vpg: id.clone(),
                 intent,
             })
             .await?;
-        self.recoveries(vec![id.clone()])
+        // Read back here, at the index the input was applied at: the leader may be gone
+        // already (the operation it drives on may kill it, as chaos tests do), and the
+        // answer must not depend on reaching it again.
+        let vpg = id.clone();
+        self.node()
+            .read_after(index, move |s| s.recoveries.get(&vpg).cloned())
             .await?
-            .pop()
             .ok_or_else(|| DomainError::not_found("recovery operation", &id).into())
     }
 

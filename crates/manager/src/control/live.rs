@@ -15,7 +15,6 @@ use tandem_core::observe::{
 };
 use tandem_core::protection;
 use tandem_core::state::SiteState;
-use tandem_core::status::VpgState;
 use tandem_core::vpg::Vpg;
 
 /// A peer whose last report is older than this counts as unreachable.
@@ -128,8 +127,6 @@ struct Inner {
     checkpoints: HashMap<VpgId, CoordinatorView>,
     /// The last assignment a VRA refused, per host and VPG (cleared when one succeeds).
     assign_errors: HashMap<(HostId, VpgId), PlanError>,
-    /// The status each VPG showed at the monitor's last look.
-    shown: HashMap<VpgId, VpgState>,
     /// When each active alert was first seen raised.
     alerts_since: HashMap<(VpgId, AlertKind), u64>,
     /// A VPG whose two sites' generations differ: (here, there) and since when.
@@ -198,35 +195,20 @@ impl Live {
         );
     }
 
-    /// Notes the statuses the monitor computed: answers the VPGs whose status changed since
-    /// its last look (a VPG seen for the first time is not a change), and keeps when each
-    /// alert was raised.
-    pub fn note_statuses(
-        &self,
-        statuses: &[(VpgId, String, LiveStatus)],
-        now_ms: u64,
-    ) -> Vec<(VpgId, String, VpgState, VpgState)> {
+    /// Notes the statuses the monitor computed: keeps when each alert was raised (the
+    /// status changes themselves are recorded in the replicated state).
+    pub fn note_statuses(&self, statuses: &[(VpgId, String, LiveStatus)], now_ms: u64) {
         let mut inner = self.lock();
-        let mut changes = Vec::new();
         let mut raised = HashSet::new();
-        for (vpg, name, st) in statuses {
-            if let Some(before) = inner.shown.insert(vpg.clone(), st.state)
-                && (before.status, before.substatus) != (st.state.status, st.state.substatus)
-            {
-                changes.push((vpg.clone(), name.clone(), before, st.state));
-            }
+        for (vpg, _, st) in statuses {
             for kind in alerts::alerts(&st.observation) {
                 raised.insert((vpg.clone(), kind));
             }
         }
-        inner
-            .shown
-            .retain(|g, _| statuses.iter().any(|(id, _, _)| id == g));
         inner.alerts_since.retain(|k, _| raised.contains(k));
         for k in raised {
             inner.alerts_since.entry(k).or_insert(now_ms);
         }
-        changes
     }
 
     /// When the alert was first seen raised (now, if the monitor has not seen it yet).

@@ -1,10 +1,11 @@
-//! On the leader: turns each VPG's status transitions into events (EV0030), keeps when
-//! each alert was raised, and follows the running tasks to their end, all from the one
-//! status snapshot.
+//! On the leader: turns each VPG's status transitions into events (EV0030), against the
+//! status recorded last in the replicated state (so a leader change loses or repeats
+//! none), keeps when each alert was raised, and follows the running tasks to their end,
+//! all from the one status snapshot.
 
 use std::time::{Duration, Instant};
 
-use tandem_core::events::EventCode;
+use tandem_core::events::{EventCode, NewEvent};
 use tandem_core::ids::VpgId;
 use tandem_core::observe::LiveStatus;
 use tandem_core::recovery::{RecoveryStep, TestStep};
@@ -44,22 +45,43 @@ async fn step(site: &SiteManager, started: Instant) {
             .collect();
         (protected, statuses)
     });
-    let changes = live.note_statuses(&statuses, now);
+    live.note_statuses(&statuses, now);
     if started.elapsed() < BASELINE {
         return;
     }
     follow_tasks(site, &statuses, now).await;
     super::sync_pause::step(site, &protected, &statuses, now).await;
-    for (vpg, name, from, to) in changes {
-        site.record_event(
-            EventCode::StatusChanged,
-            Some(&vpg),
-            format!(
-                "VPG {name:?}: {} / {} -> {} / {} ({})",
-                from.status, from.substatus, to.status, to.substatus, to.alert
-            ),
-        )
-        .await;
+    record_statuses(site, &statuses, now).await;
+}
+
+/// Records each VPG's status where it differs from the one recorded last (by this leader
+/// or one before it): EV0030 for a change, nothing for a VPG's first. Changes during a
+/// leader's baseline are told once it ends, as one change from the recorded status.
+async fn record_statuses(site: &SiteManager, statuses: &[(VpgId, String, LiveStatus)], now: u64) {
+    let recorded = site.node().read_local(|s| s.recorded_status.clone());
+    for (vpg, name, st) in statuses {
+        let to = st.state;
+        let event = match recorded.get(vpg) {
+            Some(from) if (from.status, from.substatus) == (to.status, to.substatus) => continue,
+            Some(from) => Some(NewEvent {
+                at_ms: now,
+                code: EventCode::StatusChanged,
+                vpg: Some(vpg.clone()),
+                description: format!(
+                    "VPG {name:?}: {} / {} -> {} / {} ({})",
+                    from.status, from.substatus, to.status, to.substatus, to.alert
+                ),
+            }),
+            None => None,
+        };
+        let cmd = Command::RecordStatus {
+            vpg: vpg.clone(),
+            state: to,
+            event,
+        };
+        if let Err(e) = site.node().propose(cmd).await {
+            tracing::warn!(vpg = %vpg, error = %e, "status change not recorded");
+        }
     }
 }
 
