@@ -878,3 +878,98 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
     lab.down().await;
     Ok(())
 }
+
+/// A node restarted after its site rotated its CA comes back on the certificate the
+/// rotation renewed: the join token it was started with pins the old CA and is spent, so
+/// joining again fails, and the node keeps what it has rather than failing to start. A
+/// node that missed the rotation comes back with a new join token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_after_a_ca_rotation_keeps_its_renewed_certificate() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(&dir.path().join("lab"), 1, 3).await?;
+    let api = lab.sites[0][0].api.clone();
+    let before = SiteServiceClient::new(channel(&api).await?)
+        .get_site(v1::GetSiteRequest {})
+        .await?
+        .into_inner();
+    let rotating = SiteServiceClient::new(channel(&api).await?)
+        .rotate_ca(v1::RotateCaRequest {})
+        .await?
+        .into_inner();
+    lab.trust_operator_cas(&rotating.ca_bundle_pem)?;
+    let new_ca = rotating
+        .ca_fingerprints
+        .iter()
+        .find(|f| **f != before.issuing_ca_fingerprint)
+        .cloned()
+        .context("no new CA")?;
+    let mut waited = 0;
+    loop {
+        let s = SiteServiceClient::new(channel(&api).await?)
+            .get_site(v1::GetSiteRequest {})
+            .await?
+            .into_inner();
+        if s.ca_rotation.is_empty() {
+            assert_eq!(s.issuing_ca_fingerprint, new_ca);
+            break;
+        }
+        waited += 1;
+        if waited > 300 {
+            bail!(
+                "the rotation is still {:?}, waiting for {:?}",
+                s.ca_rotation,
+                s.ca_rotation_waits_for
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m2 = &mut lab.sites[0][1];
+    let pki = PkiDir::new(m2.dir.join("data").join("pki"));
+    // The rotation renewed its certificate (the watch loads it within a few seconds).
+    for _ in 0..100 {
+        if TlsConfig::load(&pki)?.ca_fingerprint()? == new_ca {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    m2.stop(Duration::from_secs(5)).await?;
+    // As an operator's unit file would: the join token it was first started with (a token
+    // pinning the old CA; its secret does not matter, the pin fails first).
+    let spent = format!(
+        "tdmj1.{}.{}.{}",
+        "ab".repeat(6),
+        "cd".repeat(32),
+        before.issuing_ca_fingerprint
+    );
+    m2.env.push(("TANDEM_JOIN_TOKEN".into(), spent));
+    m2.env.push(("TANDEM_JOIN".into(), api.clone()));
+    m2.start("join").await?;
+    tandem_lab::lab::wait_leader(&m2.api, 3, Duration::from_secs(20)).await?;
+    assert_eq!(TlsConfig::load(&pki)?.ca_fingerprint()?, new_ca);
+    let log = std::fs::read_to_string(m2.dir.join("manager.log"))?;
+    assert!(
+        log.contains("keeping the certificate this node has"),
+        "manager 2 did not try its spent token and keep its certificate"
+    );
+
+    // A node that missed the rotation (here: given a certificate of the retired CA, and
+    // only that CA to trust) comes back with a new join token, which pins the new CA.
+    lab.sites[0][1].stop(Duration::from_secs(5)).await?;
+    let site_id = lab.site_id(0).context("site")?.to_string();
+    let data = lab.sites[0][1].dir.join("data");
+    lab.provision(0, &PeerIdentity::manager(&site_id, 2)?, &data)?;
+    assert_ne!(TlsConfig::load(&pki)?.ca_fingerprint()?, new_ca);
+    let token = lab
+        .join_token(0, tandem_lab::lab::JoinAs::Manager(2))
+        .await?;
+    let m2 = &mut lab.sites[0][1];
+    m2.env.retain(|(k, _)| k != "TANDEM_JOIN_TOKEN");
+    m2.env.push(("TANDEM_JOIN_TOKEN".into(), token));
+    m2.start("join").await?;
+    tandem_lab::lab::wait_leader(&m2.api, 3, Duration::from_secs(20)).await?;
+    let rejoined = TlsConfig::load(&pki)?;
+    assert_eq!(rejoined.ca_fingerprint()?, new_ca);
+    assert_eq!(rejoined.own_ca_fingerprints(), vec![new_ca.clone()]);
+    lab.down().await;
+    Ok(())
+}

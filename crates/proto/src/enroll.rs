@@ -31,7 +31,9 @@ pub enum JoinError {
 /// [`join`] unless `pki` already holds a usable certificate of this node (a join token is
 /// used once; restarts find the certificate it got). A certificate that expired (the node
 /// was away longer than its managers could renew it) or cannot be loaded is replaced, so
-/// a new join token brings such a node back.
+/// a new join token brings such a node back. So is one from before a rotation of the
+/// site's CA (the token pins a CA this node does not trust): if that join fails (an old
+/// token, used already), the node keeps the certificate it has.
 pub async fn join_unless_provisioned(
     endpoints: &[String],
     token: &str,
@@ -39,6 +41,7 @@ pub async fn join_unless_provisioned(
     role: PeerRole,
     id: &str,
 ) -> Result<(), JoinError> {
+    let mut fallback = false;
     if pki.is_provisioned() {
         match tandem_tls::TlsConfig::load(pki) {
             Ok(tls)
@@ -46,7 +49,16 @@ pub async fn join_unless_provisioned(
                     && tls.identity().role == role
                     && tls.identity().id == id =>
             {
-                return Ok(());
+                let pinned = JoinCode::parse("join token", token)
+                    .map(|c| c.ca_fingerprint().to_string())
+                    .ok();
+                match pinned {
+                    Some(ca) if !tls.own_ca_fingerprints().contains(&ca) => {
+                        tracing::warn!(%ca, "the join token pins a CA this node does not trust (the site rotated its CA while it was away): joining again");
+                        fallback = true;
+                    }
+                    _ => return Ok(()),
+                }
             }
             Ok(tls) => {
                 tracing::warn!(identity = %tls.identity(), "this node's certificate is expired or not its own: joining again with the join token")
@@ -56,9 +68,17 @@ pub async fn join_unless_provisioned(
             }
         }
     }
-    let me = join(endpoints, token, pki, role, id).await?;
-    tracing::info!(identity = %me, dir = %pki.dir.display(), "joined the site: its managers issued this node's certificate");
-    Ok(())
+    match join(endpoints, token, pki, role, id).await {
+        Ok(me) => {
+            tracing::info!(identity = %me, dir = %pki.dir.display(), "joined the site: its managers issued this node's certificate");
+            Ok(())
+        }
+        Err(e) if fallback => {
+            tracing::warn!(error = %e, "could not join again: keeping the certificate this node has");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Joins with `token` through the managers at `endpoints` (their operator ports), as the

@@ -29,6 +29,9 @@ pub async fn run(site: SiteManager, cancel: CancellationToken) {
         // Acts only on what the poller has seen (a fresh leader waits for its first round).
         if site.control().live.observed_any() {
             reconcile_once(&site).await;
+        } else if let Ok(state) = site.node().read(|s| s.clone()).await {
+            // A site without VRAs still rotates its CA (a VRA not seen yet holds it).
+            site.advance_ca_rotation(&state).await;
         }
     })
     .await;
