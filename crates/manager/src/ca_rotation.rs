@@ -236,7 +236,9 @@ impl SiteManager {
         };
         let key = bundle_key(&state.ca_fingerprints());
         for peer in state.peers.values().filter(|p| !p.ca_pem.is_empty()) {
-            if self.control().live.peer_holds_other(&peer.id, &key) {
+            if self.control().live.peer_holds_other(&peer.id, &key)
+                && self.control().start_giving_trust(&peer.id, &key)
+            {
                 self.give_peer_trust(peer, &bundle).await;
             }
         }

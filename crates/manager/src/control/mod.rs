@@ -56,6 +56,9 @@ pub const CHANGE_DEBOUNCE: Duration = Duration::from_millis(50);
 /// The longest a VRA control call may take before the VRA counts as unreachable.
 pub const VRA_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long before a paired site is given this site's CAs again.
+pub const TRUST_RETRY: Duration = Duration::from_secs(10);
+
 /// A request that only the leader can answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LeaderRequest {
@@ -111,6 +114,8 @@ pub struct Control {
     renewed: Arc<Mutex<HashMap<HostId, Instant>>>,
     /// What a CA rotation last waited for (logged when it changes).
     rotation_waits_for: Arc<Mutex<Option<String>>>,
+    /// When each paired site was last given this site's CAs, and which.
+    trust_given: Arc<Mutex<HashMap<SiteId, (String, Instant)>>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -127,7 +132,23 @@ impl Control {
             barriers: checkpoints::Barriers::default(),
             renewed: Arc::default(),
             rotation_waits_for: Arc::default(),
+            trust_given: Arc::default(),
         }
+    }
+
+    /// Notes that paired site `peer` is to be given the CAs `key` names now; answers false
+    /// when it was given them less than [`TRUST_RETRY`] ago (its report may not show them
+    /// yet, or it refused: asking every pass would only repeat the answer).
+    pub fn start_giving_trust(&self, peer: &SiteId, key: &str) -> bool {
+        let mut given = self.trust_given.lock().unwrap_or_else(|e| e.into_inner());
+        if given
+            .get(peer)
+            .is_some_and(|(k, at)| k == key && at.elapsed() < TRUST_RETRY)
+        {
+            return false;
+        }
+        given.insert(peer.clone(), (key.to_string(), Instant::now()));
+        true
     }
 
     /// Notes what a CA rotation waits for (None: nothing); answers whether that changed.
@@ -480,4 +501,26 @@ pub async fn recovery_checkpoints(
         });
     }
     Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paired_site_is_given_the_same_cas_once_per_retry_period_and_new_ones_at_once() {
+        let control = Control::new(Connector::default());
+        let (b, c) = (
+            SiteId::minted("site-b".into()),
+            SiteId::minted("site-c".into()),
+        );
+        assert!(control.start_giving_trust(&b, "old,new"));
+        assert!(
+            !control.start_giving_trust(&b, "old,new"),
+            "asked again at once"
+        );
+        assert!(control.start_giving_trust(&c, "old,new"), "another site");
+        assert!(control.start_giving_trust(&b, "new"), "other CAs");
+        assert!(!control.start_giving_trust(&b, "new"));
+    }
 }
