@@ -202,7 +202,7 @@ impl SiteManager {
             })
             .await??;
         let own = own.ok_or_else(|| DomainError::precondition("site is not initialized"))?;
-        if shutdown != Shutdown::No && self.control().live.peer_vpg(&peer, &id).is_none() {
+        if shutdown != Shutdown::No && !self.peer_reachable(&peer, &id).await? {
             return Err(DomainError::precondition(format!(
                 "the protected site {peer} cannot be reached to shut its VMs down: fail over \
                  without shutting them down"
@@ -355,7 +355,7 @@ impl SiteManager {
             })
             .await??;
         let own = own.ok_or_else(|| DomainError::precondition("site is not initialized"))?;
-        if self.control().live.peer_vpg(&peer, &id).is_none() {
+        if !self.peer_reachable(&peer, &id).await? {
             return Err(DomainError::precondition(format!(
                 "the protected site {peer} cannot be reached: a move needs both sites \
                  (fail over instead)"
@@ -570,6 +570,25 @@ impl SiteManager {
 
     /// Recovery is not possible while a sync other than a bitmap sync runs (the seed: the
     /// replica is not consistent during an initial, delta or volume sync).
+    /// Whether paired site `peer` answers about VPG `vpg`, as the leader sees it (only the
+    /// leader polls the paired sites: a follower taking the call asks it).
+    async fn peer_reachable(
+        &self,
+        peer: &tandem_core::ids::SiteId,
+        vpg: &VpgId,
+    ) -> ApiResult<bool> {
+        let req = control::LeaderRequest::PeerReachable {
+            site: peer.clone(),
+            vpg: vpg.clone(),
+        };
+        match self.leader_call(req).await? {
+            control::LeaderResponse::Reachable(r) => Ok(r),
+            other => Err(crate::error::ApiError::internal(format!(
+                "unexpected leader answer {other:?}"
+            ))),
+        }
+    }
+
     async fn check_recoverable(&self, id: &VpgId) -> ApiResult<()> {
         let view = self.vpg(id.clone()).await?;
         let sync = view.live.as_ref().and_then(|l| l.observation.sync);

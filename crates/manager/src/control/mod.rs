@@ -79,6 +79,8 @@ pub enum LeaderRequest {
     Alerts { vpg: Option<VpgId> },
     /// What a rotation of the site's CA waits for.
     CaRotationWait,
+    /// Whether paired site `site` answers about VPG `vpg` (recent enough to count).
+    PeerReachable { site: SiteId, vpg: VpgId },
 }
 
 /// The leader's answer.
@@ -91,6 +93,7 @@ pub enum LeaderResponse {
     Alerts(Vec<ActiveAlert>),
     /// What the rotation waits for (None: nothing, or none under way).
     CaRotationWait(Option<String>),
+    Reachable(bool),
 }
 
 /// One raised alert of one VPG.
@@ -338,6 +341,9 @@ pub async fn answer(site: &SiteManager, req: LeaderRequest) -> ApiResult<LeaderR
             }
             Ok(LeaderResponse::Checkpoints(taken))
         }
+        LeaderRequest::PeerReachable { site: peer, vpg } => Ok(LeaderResponse::Reachable(
+            control.live.peer_vpg(&peer, &vpg).is_some(),
+        )),
         LeaderRequest::CaRotationWait => Ok(LeaderResponse::CaRotationWait(
             control
                 .rotation_waits_for
