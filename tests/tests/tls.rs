@@ -925,9 +925,11 @@ async fn a_node_restarted_after_a_ca_rotation_keeps_its_renewed_certificate() ->
     }
     let m2 = &mut lab.sites[0][1];
     let pki = PkiDir::new(m2.dir.join("data").join("pki"));
-    // The rotation renewed its certificate (the watch loads it within a few seconds).
+    // The rotation renewed its certificate and dropped the old CA from its `ca.crt` (each
+    // within a few seconds).
     for _ in 0..100 {
-        if TlsConfig::load(&pki)?.ca_fingerprint()? == new_ca {
+        let tls = TlsConfig::load(&pki)?;
+        if tls.ca_fingerprint()? == new_ca && tls.own_ca_fingerprints() == vec![new_ca.clone()] {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

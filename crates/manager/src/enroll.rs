@@ -309,9 +309,10 @@ impl SiteManager {
     }
 }
 
-/// Keeps this manager's certificate renewed until `shutdown`, and reported in the state:
-/// looks every few seconds (a cheap check) and renews when a third of the lifetime is
-/// left or the site's CA changed.
+/// Keeps this manager's certificate renewed until `shutdown`, its `ca.crt` as the state
+/// names the site's CAs, and its certificate reported in the state: looks every few
+/// seconds (a cheap check) and renews when a third of the lifetime is left or the site's
+/// CA changed.
 pub async fn keep_renewed(
     site: SiteManager,
     live: tandem_tls::LiveTls,
@@ -322,7 +323,15 @@ pub async fn keep_renewed(
     // The certificate a renewal replaced, until the watch loads the new one (a few
     // seconds): renewing it again meanwhile would only make another.
     let mut replaced: Option<(Vec<u8>, std::time::Instant)> = None;
+    let mut own_cas = live.current().ca_pem().to_string();
     loop {
+        // The site's own CAs as the state names them (a rotation adds one, then retires
+        // one): written to `ca.crt`, where `net::keep_tls` loads them.
+        crate::ca_rotation::keep_own_bundle(
+            site.node().read_local(|s| s.ca_bundle()),
+            &live.current(),
+            &mut own_cas,
+        );
         let leaf = live.current().chain_leaf().to_vec();
         let loading = replaced
             .as_ref()

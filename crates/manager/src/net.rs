@@ -216,15 +216,7 @@ pub async fn keep_tls(
     let mut watch = tandem_tls::reload::CertWatch::new(&member.current());
     let mut changes = node.store().watch_metrics();
     let mut trusted: Option<Vec<(String, String)>> = None;
-    let mut own_cas = member.current().ca_pem().to_string();
     loop {
-        // The site's own CAs as the state names them (a rotation adds one, then retires
-        // one): written to `ca.crt`, where the watch below loads them.
-        crate::ca_rotation::keep_own_bundle(
-            node.read_local(|s| s.ca_bundle()),
-            &member.current(),
-            &mut own_cas,
-        );
         let mut renewed = false;
         match watch.as_mut().and_then(|w| w.check()) {
             None => {}
