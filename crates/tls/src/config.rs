@@ -14,12 +14,8 @@ use crate::identity::PeerIdentity;
 use crate::pki::{PkiDir, read_key, read_small};
 use crate::{TlsError, provider};
 
-/// How much a server reads from its socket at once. rustls asks for about 4 KiB per read,
-/// which for a stream of replicated writes meant a syscall per 4 KiB received.
-const READ_AHEAD: usize = 32 * 1024;
-
 /// A server's side of a TLS connection.
-pub type ServerStream = tokio_rustls::server::TlsStream<tokio::io::BufReader<TcpStream>>;
+pub type ServerStream = crate::record::TlsStream;
 
 /// Whether a server demands a client certificate: the internal and VRA ports do; the
 /// operator port takes operators (tokens, no certificate) and paired sites' managers
@@ -182,6 +178,8 @@ fn client_builder() -> Result<rustls::ConfigBuilder<ClientConfig, rustls::WantsV
 
 fn h2(mut client: ClientConfig) -> Arc<ClientConfig> {
     client.alpn_protocols = vec![b"h2".to_vec()];
+    // The records after the handshake are ours (`record`), with rustls's keys.
+    client.enable_secret_extraction = true;
     Arc::new(client)
 }
 
@@ -318,6 +316,10 @@ impl TlsConfig {
                 .with_client_cert_verifier(verifier(optional)?)
                 .with_single_cert((*chain).clone(), key.clone_key())?;
             server.alpn_protocols = vec![b"h2".to_vec()];
+            // The records after the handshake are ours (`record`), with rustls's keys.
+            server.enable_secret_extraction = true;
+            // Nothing resumes a session: tickets would only be work on both sides.
+            server.send_tls13_tickets = 0;
             Ok(Arc::new(server))
         };
         let client = h2(client_builder()?
@@ -467,6 +469,14 @@ impl TlsConfig {
         self.client.clone()
     }
 
+    /// The rustls server configuration for clients of `auth`.
+    pub(crate) fn server_config(&self, auth: ClientAuth) -> Arc<ServerConfig> {
+        match auth {
+            ClientAuth::Required => self.server.clone(),
+            ClientAuth::Optional => self.server_optional.clone(),
+        }
+    }
+
     /// Runs the server side of a handshake; answers the stream and who the client is (its
     /// certificate verified against its site's CA), or None where a certificate is
     /// optional and none was sent.
@@ -475,22 +485,11 @@ impl TlsConfig {
         tcp: TcpStream,
         auth: ClientAuth,
     ) -> Result<(ServerStream, Option<PeerIdentity>), TlsError> {
-        let tcp = tokio::io::BufReader::with_capacity(READ_AHEAD, tcp);
-        let config = match auth {
-            ClientAuth::Required => self.server.clone(),
-            ClientAuth::Optional => self.server_optional.clone(),
-        };
-        let mut stream = tokio_rustls::TlsAcceptor::from(config)
-            .accept(tcp)
+        let stream = crate::record::accept(self.server_config(auth), tcp)
             .await
             .map_err(|e| TlsError::Invalid(format!("handshake: {e}")))?;
-        stream
-            .get_mut()
-            .1
-            .set_buffer_limit(Some(crate::SEND_BUFFER));
         let peer = {
-            let (_, conn) = stream.get_ref();
-            match conn.peer_certificates().and_then(|c| c.first()) {
+            match stream.peer_certificates().first() {
                 Some(leaf) => {
                     let peer = PeerIdentity::from_cert(leaf)?;
                     self.check_issuer(&peer, leaf)?;

@@ -2,7 +2,8 @@
 //! ([`identity`]), the site CA that issues them and the files they live in ([`pki`]), the
 //! rustls configurations built from those files ([`config`]), the check of a site first
 //! met by its CA's fingerprint ([`pin`]), renewed certificates loaded while serving
-//! ([`reload`]), and the dialer clients use ([`dial`]). The acceptor side is
+//! ([`reload`]), the dialer clients use ([`dial`]), and the TLS 1.3 record layer every
+//! connection runs after its rustls handshake ([`record`]). The acceptor side is
 //! `tandem_proto::transport`, the one acceptor.
 
 pub mod config;
@@ -10,6 +11,7 @@ pub mod dial;
 pub mod identity;
 pub mod pin;
 pub mod pki;
+pub mod record;
 pub mod reload;
 
 pub use config::{ClientAuth, LiveTls, TlsConfig};
@@ -46,6 +48,6 @@ pub(crate) fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     std::sync::Arc::new(provider)
 }
 
-/// How much encrypted data a connection may hold before it is written out: rustls's 64 KiB
-/// default made a replication stream's sender write to its socket every 4 records.
+/// How much sealed data a connection may hold before it is written out (a replication
+/// stream's sender then writes up to 64 records per syscall).
 pub const SEND_BUFFER: usize = 1 << 20;
