@@ -285,7 +285,7 @@ pub async fn run(args: Args) -> Result<()> {
                 Which::Managed => bench_checkpoint_managed(&s, &mut rows).await,
                 Which::Rto => bench_rto(&s, &mut rows).await,
                 Which::Move => bench_move(&s, &mut rows).await,
-                Which::Tls => bench_tls(&s, &mut rows).await,
+                Which::Tls => bench_tls(&s, &mut rows, round).await,
             };
             if let Err(e) = r {
                 println!("{which:?} benchmark failed: {e:#}");
@@ -1675,16 +1675,31 @@ async fn bench_initial_sync(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
 /// The same VRA pair plaintext and with mutual TLS, one after the other in one run: the
 /// 4 KiB randwrite QD32 of the write path and the initial sync of `sync_bytes` of random
 /// data (floor: TLS at least 0.9x of plaintext on both).
-async fn bench_tls(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
-    println!("\n== TLS cost on the data path: one VRA pair plaintext, then with mutual TLS");
+async fn bench_tls(s: &Settings, rows: &mut Vec<Row>, round: usize) -> Result<()> {
+    // Each round after the first swaps which mode runs first, so that neither always
+    // meets what the other left behind (its files being freed, the page cache).
+    let order = if round.is_multiple_of(2) {
+        [1, 0]
+    } else {
+        [0, 1]
+    };
+    println!(
+        "\n== TLS cost on the data path: one VRA pair {}",
+        if order[0] == 0 {
+            "plaintext, then with mutual TLS"
+        } else {
+            "with mutual TLS, then plaintext"
+        }
+    );
     let root = fresh_dir(&s.dir.join("tls"))?;
     let ca = tandem_tls::pki::SiteCa::generate("site-bench")?;
     let modes: [(&str, Option<&tandem_tls::pki::SiteCa>); 2] =
         [("plaintext", None), ("mutual TLS", Some(&ca))];
 
-    let mut write = Vec::new();
-    for (name, tls) in modes {
-        let dir = root.join(format!("write-{}", write.len()));
+    let mut write = [(0.0, String::new()), (0.0, String::new())];
+    for m in order {
+        let (name, tls) = modes[m];
+        let dir = root.join(format!("write-{m}"));
         let vm = Placement::new(&dir, "vm-1", s.volume_bytes);
         zero_file(&vm.image, s.volume_bytes)?;
         let b = Vra::start_with(s, &dir, "host-b", tls).await?;
@@ -1711,7 +1726,7 @@ async fn bench_tls(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
             r.line(),
             if caught_up { "" } else { " (NOT caught up)" }
         );
-        write.push((r.iops, machine));
+        write[m] = (r.iops, machine);
         a.stop().await;
         b.stop().await;
         s.clean(&dir);
@@ -1730,10 +1745,14 @@ async fn bench_tls(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
         machine: format!("{} / {}", write[0].1, write[1].1),
     });
 
+    // The sync writes the recovery journal to disk at close to the disk's speed, which
+    // swings by up to half between runs here: each mode syncs twice (A B B A) and the
+    // faster run of each is compared.
     let size = s.sync_bytes;
-    let mut sync = Vec::new();
-    for (name, tls) in modes {
-        let dir = root.join(format!("sync-{}", sync.len()));
+    let mut sync: [Vec<(Duration, f64, String)>; 2] = [Vec::new(), Vec::new()];
+    for m in [order[0], order[1], order[1], order[0]] {
+        let (name, tls) = modes[m];
+        let dir = root.join(format!("sync-{m}-{}", sync[m].len()));
         let vm = Placement::new(&dir, "vm-1", size);
         random_file(&vm.image, size, 7)?;
         let b = Vra::start_with(s, &dir, "host-b", tls).await?;
@@ -1752,31 +1771,51 @@ async fn bench_tls(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
             size / MIB,
             took.as_secs_f64()
         );
-        sync.push((took, mbs, machine));
+        sync[m].push((took, mbs, machine));
         a.stop().await;
         b.stop().await;
         s.clean(&dir);
     }
-    let ratio = sync[0].0.as_secs_f64() / sync[1].0.as_secs_f64();
-    println!("ratio TLS initial sync: {ratio:.2}x plaintext's speed");
+    let best = |runs: &[(Duration, f64, String)]| {
+        runs.iter()
+            .min_by_key(|r| r.0)
+            .cloned()
+            .unwrap_or((Duration::MAX, 0.0, String::new()))
+    };
+    let secs = |runs: &[(Duration, f64, String)]| {
+        runs.iter()
+            .map(|r| format!("{:.2}", r.0.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
+    let (plain, tls) = (best(&sync[0]), best(&sync[1]));
+    let ratio = plain.0.as_secs_f64() / tls.0.as_secs_f64();
+    println!(
+        "ratio TLS initial sync: {ratio:.2}x plaintext's speed (the faster of two runs each: \
+         plaintext {} s, TLS {} s)",
+        secs(&sync[0]),
+        secs(&sync[1])
+    );
     rows.push(Row {
         bench: format!("TLS: initial sync {} MiB", size / MIB),
         tandem: format!(
-            "{:.2} s, {:.0} MB/s with mutual TLS",
-            sync[1].0.as_secs_f64(),
-            sync[1].1
+            "{:.2} s, {:.0} MB/s with mutual TLS (runs {} s)",
+            tls.0.as_secs_f64(),
+            tls.1,
+            secs(&sync[1])
         ),
         yardstick: format!(
-            "{:.2} s, {:.0} MB/s plaintext",
-            sync[0].0.as_secs_f64(),
-            sync[0].1
+            "{:.2} s, {:.0} MB/s plaintext (runs {} s)",
+            plain.0.as_secs_f64(),
+            plain.1,
+            secs(&sync[0])
         ),
         ratio: format!("{ratio:.2}x"),
         figure: ratio,
         unit: "x plaintext",
         floor: ">= 0.9x".into(),
         met: ratio >= 0.9,
-        machine: format!("{} / {}", sync[0].2, sync[1].2),
+        machine: format!("{} / {}", plain.2, tls.2),
     });
     s.clean(&root);
     Ok(())

@@ -35,8 +35,11 @@ const HEADER: usize = 5;
 const TAG: usize = 16;
 /// Largest record body a peer may send (RFC 8446 5.2: plaintext + 256).
 const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
-/// Read buffer: room for several full records per read from the socket.
-const READ_BUFFER: usize = 4 * (HEADER + MAX_CIPHERTEXT);
+/// Read buffer of a new connection: room for two full records.
+const READ_BUFFER_MIN: usize = 2 * (HEADER + MAX_CIPHERTEXT);
+/// A connection whose reads fill its buffer grows it up to 16 records (a replication
+/// stream's receiver then makes a syscall per 256 KiB or so); a quiet one stays small.
+const READ_BUFFER_MAX: usize = 16 * (HEADER + MAX_CIPHERTEXT);
 /// Largest handshake flight accepted (certificate chains of a few certificates).
 const MAX_HANDSHAKE_BUFFER: usize = 256 << 10;
 
@@ -379,7 +382,7 @@ impl TlsStream {
         .saturating_sub(1 << 16)
         .max(1);
         let mut rbuf =
-            vec![0u8; READ_BUFFER.max(leftover.received.len() + leftover.plaintext.len())]
+            vec![0u8; READ_BUFFER_MIN.max(leftover.received.len() + leftover.plaintext.len())]
                 .into_boxed_slice();
         // Application data rustls opened during the handshake is read first.
         let p = leftover.plaintext.len();
@@ -629,9 +632,15 @@ impl AsyncRead for TlsStream {
                 this.rend -= this.rstart;
                 this.rstart = 0;
             }
+            let room = this.rbuf.len() - this.rend;
             let mut read = ReadBuf::new(&mut this.rbuf[this.rend..]);
             ready!(Pin::new(&mut this.io).poll_read(cx, &mut read))?;
             let n = read.filled().len();
+            if n == room && this.rbuf.len() < READ_BUFFER_MAX {
+                let mut grown = vec![0u8; (this.rbuf.len() * 2).min(READ_BUFFER_MAX)];
+                grown[..this.rend + n].copy_from_slice(&this.rbuf[..this.rend + n]);
+                this.rbuf = grown.into_boxed_slice();
+            }
             if n == 0 {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
