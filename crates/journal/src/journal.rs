@@ -535,7 +535,18 @@ impl Journal {
         let s = shared.clone();
         let committer = std::thread::Builder::new()
             .name("journal-commit".into())
-            .spawn(move || committer_loop(&s))
+            .spawn(move || {
+                // The committer keeps the disk busy and needs the CPU only briefly between
+                // writes: under contention (a VRA decrypting and decoding a stream on a
+                // shared host) it should not queue behind that work while the disk idles.
+                // Raising a thread's priority takes CAP_SYS_NICE; without it, nothing changes.
+                if let Err(e) =
+                    rustix::process::setpriority_process(Some(rustix::thread::gettid()), -5)
+                {
+                    tracing::debug!(error = %e, "journal committer keeps the default priority");
+                }
+                committer_loop(&s)
+            })
             .map_err(|e| JournalError::io("spawn committer", &dir, e))?;
         journal.threads.push(committer);
         let s = shared.clone();
