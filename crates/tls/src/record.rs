@@ -331,6 +331,20 @@ async fn send_alert<C: Handshaking>(io: &mut TcpStream, conn: &mut C, incoming: 
     }
 }
 
+/// How many records one set of sending keys seals: well inside the suite's
+/// confidentiality limit (2^24.5 records for AES-GCM), as rustls keeps it.
+fn tx_limit(keys: &Keys) -> io::Result<u64> {
+    match keys.suite() {
+        SupportedCipherSuite::Tls13(s) => Ok(s
+            .common
+            .confidentiality_limit
+            .saturating_sub(1 << 16)
+            .max(1)),
+        #[allow(unreachable_patterns)]
+        _ => Err(invalid("tls: only TLS 1.3 runs here")),
+    }
+}
+
 /// The client side: handshake with `config` over `io`, then records of our own.
 pub async fn connect(
     config: std::sync::Arc<rustls::ClientConfig>,
@@ -373,14 +387,7 @@ impl TlsStream {
     ) -> io::Result<Self> {
         let tx = Direction::new(secrets.tx.0, secrets.tx.1)?;
         let rx = Direction::new(secrets.rx.0, secrets.rx.1)?;
-        // Well inside the suite's limit (2^24.5 records for AES-GCM), as rustls does.
-        let tx_limit = match keys.suite() {
-            SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
-            #[allow(unreachable_patterns)]
-            _ => return Err(invalid("tls: only TLS 1.3 runs here")),
-        }
-        .saturating_sub(1 << 16)
-        .max(1);
+        let tx_limit = tx_limit(&keys)?;
         let mut rbuf =
             vec![0u8; READ_BUFFER_MIN.max(leftover.received.len() + leftover.plaintext.len())]
                 .into_boxed_slice();
@@ -427,7 +434,7 @@ impl TlsStream {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         debug_assert!(len <= MAX_FRAGMENT);
         if self.tx.seq >= self.tx_limit {
-            self.update_tx_keys(false)?;
+            self.update_tx_keys()?;
         }
         let body = len + 1 + TAG;
         let start = self.wbuf.len();
@@ -458,22 +465,16 @@ impl TlsStream {
         Ok(())
     }
 
-    /// Tells the peer, under the current keys, that the next records use new ones (and
-    /// whether it should update its own), then switches.
-    fn update_tx_keys(&mut self, request_peer: bool) -> io::Result<()> {
-        let message = [HANDSHAKE_KEY_UPDATE, 0, 0, 1, u8::from(request_peer)];
+    /// Tells the peer, under the current keys, that the next records use new ones (not
+    /// asking it to update its own), then switches.
+    fn update_tx_keys(&mut self) -> io::Result<()> {
+        const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0];
         // Sealed under the old keys: `seal` must not come back here.
         self.tx_limit = u64::MAX;
-        self.seal(CONTENT_HANDSHAKE, &[&message])?;
+        self.seal(CONTENT_HANDSHAKE, &[&KEY_UPDATE_NOT_REQUESTED])?;
         let (seq, secrets) = self.keys.update_tx().map_err(invalid)?;
         self.tx = Direction::new(seq, secrets)?;
-        self.tx_limit = match self.keys.suite() {
-            SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
-            #[allow(unreachable_patterns)]
-            _ => u64::MAX,
-        }
-        .saturating_sub(1 << 16)
-        .max(1);
+        self.tx_limit = tx_limit(&self.keys)?;
         Ok(())
     }
 
@@ -574,7 +575,7 @@ impl TlsStream {
                     let (seq, secrets) = self.keys.update_rx().map_err(invalid)?;
                     self.rx = Direction::new(seq, secrets)?;
                     if requested && !self.write_closed {
-                        self.update_tx_keys(false)?;
+                        self.update_tx_keys()?;
                     }
                 }
                 HANDSHAKE_NEW_SESSION_TICKET => match &mut self.keys {
