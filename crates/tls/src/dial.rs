@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::record::TlsStream;
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::pki::SERVER_NAME;
+use crate::record::TlsStream;
 
 /// Where a dial takes its client configuration from, at each connection (so a renewed
 /// certificate is presented from the next connection on).

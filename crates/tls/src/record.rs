@@ -419,10 +419,6 @@ impl TlsStream {
         &self.peer_certificates
     }
 
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.io
-    }
-
     #[cfg(test)]
     fn set_tx_limit(&mut self, records: u64) {
         self.tx_limit = records;
