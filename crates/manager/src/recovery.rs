@@ -568,8 +568,6 @@ impl SiteManager {
         Ok(())
     }
 
-    /// Recovery is not possible while a sync other than a bitmap sync runs (the seed: the
-    /// replica is not consistent during an initial, delta or volume sync).
     /// Whether paired site `peer` answers about VPG `vpg`, as the leader sees it (only the
     /// leader polls the paired sites: a follower taking the call asks it).
     async fn peer_reachable(
@@ -589,6 +587,8 @@ impl SiteManager {
         }
     }
 
+    /// Recovery is not possible while a sync other than a bitmap sync runs (the seed: the
+    /// replica is not consistent during an initial, delta or volume sync).
     async fn check_recoverable(&self, id: &VpgId) -> ApiResult<()> {
         let view = self.vpg(id.clone()).await?;
         let sync = view.live.as_ref().and_then(|l| l.observation.sync);

@@ -488,17 +488,15 @@ impl TlsConfig {
         let stream = crate::record::accept(self.server_config(auth), tcp)
             .await
             .map_err(|e| TlsError::Invalid(format!("handshake: {e}")))?;
-        let peer = {
-            match stream.peer_certificates().first() {
-                Some(leaf) => {
-                    let peer = PeerIdentity::from_cert(leaf)?;
-                    self.check_issuer(&peer, leaf)?;
-                    Some(peer)
-                }
-                None if auth == ClientAuth::Optional => None,
-                None => {
-                    return Err(TlsError::Invalid("the client sent no certificate".into()));
-                }
+        let peer = match stream.peer_certificates().first() {
+            Some(leaf) => {
+                let peer = PeerIdentity::from_cert(leaf)?;
+                self.check_issuer(&peer, leaf)?;
+                Some(peer)
+            }
+            None if auth == ClientAuth::Optional => None,
+            None => {
+                return Err(TlsError::Invalid("the client sent no certificate".into()));
             }
         };
         Ok((stream, peer))

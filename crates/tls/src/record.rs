@@ -424,17 +424,35 @@ impl TlsStream {
         self.tx_limit = records;
     }
 
-    /// Seals `parts` (concatenated, at most [`MAX_FRAGMENT`] bytes) as one record of
-    /// content type `content` at the end of the write buffer.
-    fn seal(&mut self, content: u8, parts: &[&[u8]]) -> io::Result<()> {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        debug_assert!(len <= MAX_FRAGMENT);
+    /// Seals `data` (at most [`MAX_FRAGMENT`] bytes) as one record of content type
+    /// `content` at the end of the write buffer.
+    fn seal(&mut self, content: u8, data: &[u8]) -> io::Result<()> {
+        let start = self.begin_record(data.len())?;
+        self.wbuf.extend_from_slice(data);
+        self.finish_record(start, content)
+    }
+
+    /// Starts a record at the end of the write buffer (its plaintext is appended to the
+    /// buffer next, at most [`MAX_FRAGMENT`] bytes, `expect` of them known now); answers
+    /// where it starts. Updates the sending keys first when they are due.
+    fn begin_record(&mut self, expect: usize) -> io::Result<usize> {
         if self.tx.seq >= self.tx_limit {
             self.update_tx_keys()?;
         }
-        let body = len + 1 + TAG;
         let start = self.wbuf.len();
-        self.wbuf.reserve(HEADER + body);
+        self.wbuf.reserve(HEADER + expect + 1 + TAG);
+        // The header, its length filled in by `finish_record`.
+        self.wbuf
+            .extend_from_slice(&[CONTENT_APPLICATION_DATA, 3, 3, 0, 0]);
+        Ok(start)
+    }
+
+    /// Seals the record begun at `start` (its plaintext is the rest of the write buffer)
+    /// as content type `content`.
+    fn finish_record(&mut self, start: usize, content: u8) -> io::Result<()> {
+        let len = self.wbuf.len() - start - HEADER;
+        debug_assert!(len <= MAX_FRAGMENT);
+        let body = len + 1 + TAG;
         let header = [
             CONTENT_APPLICATION_DATA,
             3,
@@ -442,10 +460,7 @@ impl TlsStream {
             (body >> 8) as u8,
             body as u8,
         ];
-        self.wbuf.extend_from_slice(&header);
-        for p in parts {
-            self.wbuf.extend_from_slice(p);
-        }
+        self.wbuf[start..start + HEADER].copy_from_slice(&header);
         self.wbuf.push(content);
         let nonce = self.tx.next_nonce()?;
         let tag = self
@@ -467,7 +482,7 @@ impl TlsStream {
         const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0];
         // Sealed under the old keys: `seal` must not come back here.
         self.tx_limit = u64::MAX;
-        self.seal(CONTENT_HANDSHAKE, &[&KEY_UPDATE_NOT_REQUESTED])?;
+        self.seal(CONTENT_HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED)?;
         let (seq, secrets) = self.keys.update_tx().map_err(invalid)?;
         self.tx = Direction::new(seq, secrets)?;
         self.tx_limit = tx_limit(&self.keys)?;
@@ -678,26 +693,34 @@ impl AsyncWrite for TlsStream {
             ready!(this.poll_write_out(cx))?;
         }
         let room = crate::SEND_BUFFER - (this.wbuf.len() - this.wstart);
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
         let mut taken = 0;
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(4);
-        let mut in_record = 0;
+        // The record being filled: where it starts, and how much plaintext it holds.
+        let mut open: Option<(usize, usize)> = None;
         for buf in bufs {
             let mut rest: &[u8] = buf;
             while !rest.is_empty() && taken < room {
-                let n = rest.len().min(MAX_FRAGMENT - in_record).min(room - taken);
-                parts.push(&rest[..n]);
+                let (start, held) = match open {
+                    Some(r) => r,
+                    None => {
+                        let expect = (total - taken).min(room - taken).min(MAX_FRAGMENT);
+                        (this.begin_record(expect)?, 0)
+                    }
+                };
+                let n = rest.len().min(MAX_FRAGMENT - held).min(room - taken);
+                this.wbuf.extend_from_slice(&rest[..n]);
                 rest = &rest[n..];
-                in_record += n;
                 taken += n;
-                if in_record == MAX_FRAGMENT {
-                    this.seal(CONTENT_APPLICATION_DATA, &parts)?;
-                    parts.clear();
-                    in_record = 0;
+                if held + n == MAX_FRAGMENT {
+                    this.finish_record(start, CONTENT_APPLICATION_DATA)?;
+                    open = None;
+                } else {
+                    open = Some((start, held + n));
                 }
             }
         }
-        if in_record > 0 {
-            this.seal(CONTENT_APPLICATION_DATA, &parts)?;
+        if let Some((start, _)) = open {
+            this.finish_record(start, CONTENT_APPLICATION_DATA)?;
         }
         // Out now as far as the socket takes it; the rest on the next write or flush.
         if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
@@ -718,7 +741,7 @@ impl AsyncWrite for TlsStream {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.write_closed {
             self.write_closed = true;
-            self.seal(CONTENT_ALERT, &[&[1, ALERT_CLOSE_NOTIFY]])?;
+            self.seal(CONTENT_ALERT, &[1, ALERT_CLOSE_NOTIFY])?;
         }
         ready!(self.poll_write_out(cx))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
@@ -926,7 +949,7 @@ mod tests {
             let at = c.wbuf.len();
             assert_eq!(at, 0, "written out");
             // Seal one more and garble it before it leaves.
-            c.seal(CONTENT_APPLICATION_DATA, &[b"second"]).unwrap();
+            c.seal(CONTENT_APPLICATION_DATA, b"second").unwrap();
             match garble {
                 0 => *c.wbuf.last_mut().unwrap() ^= 1,
                 1 => {
