@@ -14,6 +14,7 @@ use std::{
     io::{self, IoSlice},
     os::unix::fs::{FileExt, OpenOptionsExt},
     path::Path,
+    sync::mpsc,
 };
 
 use crate::{format::Frame, types::SegmentId};
@@ -40,8 +41,8 @@ pub(crate) struct Appender {
     buffered_only: bool,
     /// The segment being appended to with direct IO.
     direct: Option<DirectSegment>,
-    /// Staging memory; the aligned window of it is used.
-    staging: Vec<u8>,
+    /// Staging buffers kept between batches (two while batches need more than one).
+    spare: Vec<Stage>,
 }
 
 #[derive(Debug)]
@@ -67,7 +68,7 @@ impl Appender {
     ) -> io::Result<()> {
         let bytes: usize = frames.clone().map(Frame::len).sum();
         if !self.buffered_only && bytes >= DIRECT_FROM {
-            match self.append_direct(segment, path, file, base, frames.clone()) {
+            match self.append_direct(segment, path, file, base, bytes, frames.clone()) {
                 Ok(()) => return Ok(()),
                 // The filesystem or device refuses direct IO (or this alignment): the
                 // batch is written again, buffered, and so is every later one.
@@ -75,7 +76,7 @@ impl Appender {
                     tracing::info!(error = %e, path = %path.display(), "direct IO refused; journal appends are buffered");
                     self.buffered_only = true;
                     self.direct = None;
-                    self.staging = Vec::new();
+                    self.spare = Vec::new();
                 }
                 Err(e) => {
                     if let Some(d) = &mut self.direct {
@@ -98,6 +99,7 @@ impl Appender {
         path: &Path,
         file: &File,
         base: u64,
+        bytes: usize,
         frames: impl Iterator<Item = &'a Frame>,
     ) -> io::Result<()> {
         let d = match &mut self.direct {
@@ -112,46 +114,184 @@ impl Appender {
                 end: None,
             }),
         };
-        if self.staging.is_empty() {
-            self.staging = vec![0; STAGING + BLOCK];
-        }
         let start = align_down(base);
         if d.end != Some(base) {
             d.tail = vec![0; (base - start) as usize];
             file.read_exact_at(&mut d.tail, start)?;
         }
         d.end = None;
-        let skip = self.staging.as_ptr().align_offset(BLOCK);
-        let stage = &mut self.staging[skip..skip + STAGING];
-        let mut at = start;
-        let mut filled = d.tail.len();
-        stage[..filled].copy_from_slice(&d.tail);
-        for frame in frames {
-            for mut part in [&frame.head[..], &frame.data[..]] {
-                while !part.is_empty() {
-                    if filled == STAGING {
-                        d.file.write_all_at(stage, at)?;
-                        at += STAGING as u64;
-                        filled = 0;
-                    }
-                    let n = part.len().min(STAGING - filled);
-                    stage[filled..filled + n].copy_from_slice(&part[..n]);
-                    filled += n;
-                    part = &part[n..];
-                }
-            }
-        }
-        let whole = filled / BLOCK * BLOCK;
-        if whole > 0 {
-            d.file.write_all_at(&stage[..whole], at)?;
-        }
-        if filled > whole {
-            file.write_all_at(&stage[whole..filled], at + whole as u64)?;
+        let mut spare = std::mem::take(&mut self.spare);
+        let first = spare.pop().unwrap_or_else(Stage::new);
+        let direct = &d.file;
+        let head = &d.tail[..];
+        let staged = if head.len() + bytes <= STAGING {
+            // One direct write: nothing to overlap it with.
+            let staged = stage_frames(first, head, start, frames, |mut full, at| {
+                direct.write_all_at(full.window(), at)?;
+                Ok(full)
+            })?;
+            direct.write_all_at(staged.whole(), staged.at)?;
+            staged
+        } else {
+            std::thread::scope(|scope| {
+                write_pipelined(scope, direct, first, &mut spare, head, start, frames)
+            })?
+        };
+        let rest = staged.rest();
+        if !rest.is_empty() {
+            file.write_all_at(rest, staged.at + staged.whole().len() as u64)?;
         }
         d.tail.clear();
-        d.tail.extend_from_slice(&stage[whole..filled]);
-        d.end = Some(at + filled as u64);
+        d.tail.extend_from_slice(rest);
+        d.end = Some(staged.at + staged.filled as u64);
+        spare.push(staged.stage);
+        spare.truncate(2);
+        self.spare = spare;
         Ok(())
+    }
+}
+
+/// Copies `head` (the bytes before `start + head.len()` in its block) and then `frames`
+/// into staging buffers from `first` on, handing each full one to `flush` with the offset
+/// it belongs at; `flush` returns the buffer to fill next. Returns the last buffer, partly
+/// filled: its whole blocks and the rest are the caller's to write.
+fn stage_frames<'a>(
+    first: Stage,
+    head: &[u8],
+    start: u64,
+    frames: impl Iterator<Item = &'a Frame>,
+    mut flush: impl FnMut(Stage, u64) -> io::Result<Stage>,
+) -> io::Result<Staged> {
+    let mut staged = Staged {
+        stage: first,
+        at: start,
+        filled: head.len(),
+    };
+    staged.stage.window()[..head.len()].copy_from_slice(head);
+    for frame in frames {
+        for mut part in [&frame.head[..], &frame.data[..]] {
+            while !part.is_empty() {
+                if staged.filled == STAGING {
+                    let at = staged.at;
+                    staged.stage = flush(std::mem::replace(&mut staged.stage, Stage::empty()), at)?;
+                    staged.at += STAGING as u64;
+                    staged.filled = 0;
+                }
+                let n = part.len().min(STAGING - staged.filled);
+                staged.stage.window()[staged.filled..staged.filled + n].copy_from_slice(&part[..n]);
+                staged.filled += n;
+                part = &part[n..];
+            }
+        }
+    }
+    Ok(staged)
+}
+
+/// Stages and writes a batch larger than one staging buffer, copying into one buffer while
+/// a writer thread writes the other: the disk is not left idle while the committer copies
+/// (nor while it waits for a core to copy on). The writer inherits the committer's priority.
+fn write_pipelined<'scope, 'a>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    direct: &'scope File,
+    first: Stage,
+    spare: &mut Vec<Stage>,
+    head: &[u8],
+    start: u64,
+    frames: impl Iterator<Item = &'a Frame>,
+) -> io::Result<Staged> {
+    let (full_tx, full_rx) = mpsc::sync_channel::<(Stage, u64)>(1);
+    let (done_tx, done_rx) = mpsc::channel::<(Stage, io::Result<()>)>();
+    std::thread::Builder::new()
+        .name("journal-write".into())
+        .spawn_scoped(scope, move || {
+            for (mut stage, at) in full_rx {
+                let written = direct.write_all_at(stage.window(), at);
+                let failed = written.is_err();
+                // After a failure nothing more is written: the batch fails as a whole.
+                if done_tx.send((stage, written)).is_err() || failed {
+                    break;
+                }
+            }
+        })?;
+    let mut in_flight = 0usize;
+    let settle = |spare: &mut Vec<Stage>| -> io::Result<()> {
+        let (stage, written) = done_rx
+            .recv()
+            .map_err(|_| io::Error::other("journal writer stopped"))?;
+        spare.push(stage);
+        written
+    };
+    let staged = stage_frames(first, head, start, frames, |full, at| {
+        if full_tx.send((full, at)).is_err() {
+            // The writer stopped after a failed write: its error is among those waiting.
+            for _ in 0..in_flight {
+                settle(spare)?;
+            }
+            return Err(io::Error::other("journal writer stopped"));
+        }
+        in_flight += 1;
+        if spare.is_empty() {
+            settle(spare)?;
+            in_flight -= 1;
+        }
+        Ok(spare.pop().unwrap_or_else(Stage::new))
+    })?;
+    drop(full_tx);
+    // The last whole blocks go out from here, alongside the writer's last write.
+    let last = direct.write_all_at(staged.whole(), staged.at);
+    for _ in 0..in_flight {
+        settle(spare)?;
+    }
+    last.map(|()| staged)
+}
+
+/// A staging buffer: `STAGING` bytes whose start is aligned for direct IO.
+#[derive(Debug)]
+struct Stage {
+    buf: Vec<u8>,
+    skip: usize,
+}
+
+impl Stage {
+    fn new() -> Stage {
+        let buf = vec![0; STAGING + BLOCK];
+        // Moving the Vec does not move its memory, so the alignment holds.
+        let skip = buf.as_ptr().align_offset(BLOCK);
+        Stage { buf, skip }
+    }
+
+    /// A placeholder that is never written through.
+    fn empty() -> Stage {
+        Stage {
+            buf: Vec::new(),
+            skip: 0,
+        }
+    }
+
+    fn window(&mut self) -> &mut [u8] {
+        &mut self.buf[self.skip..self.skip + STAGING]
+    }
+}
+
+/// The last staging buffer of a batch: `filled` bytes that belong at `at`.
+#[derive(Debug)]
+struct Staged {
+    stage: Stage,
+    at: u64,
+    filled: usize,
+}
+
+impl Staged {
+    /// Its whole blocks (written with direct IO).
+    fn whole(&self) -> &[u8] {
+        let whole = self.filled / BLOCK * BLOCK;
+        &self.stage.buf[self.stage.skip..self.stage.skip + whole]
+    }
+
+    /// The partial block after them (written buffered, and kept as the next batch's head).
+    fn rest(&self) -> &[u8] {
+        let whole = self.filled / BLOCK * BLOCK;
+        &self.stage.buf[self.stage.skip + whole..self.stage.skip + self.filled]
     }
 }
 
@@ -197,20 +337,25 @@ mod tests {
         }
     }
 
+    /// A fresh file at `path` holding a 64-byte header of 9s.
+    fn segment_with_header(path: &Path) -> File {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .expect("create");
+        file.write_all_at(&[9u8; 64], 0).expect("header");
+        file
+    }
+
     /// Batches of every shape (inside a block, across blocks, beyond the staging buffer,
     /// after a forgotten tail) leave exactly the bytes a plain append would.
     #[test]
     fn appends_equal_a_plain_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("seg");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("create");
-        file.write_all_at(&[9u8; 64], 0).expect("header");
+        let file = segment_with_header(&path);
         let mut expect = vec![9u8; 64];
         let mut appender = Appender::default();
         let shapes: &[&[(usize, usize)]] = &[
@@ -221,6 +366,8 @@ mod tests {
             &[(56, 1)],
             &[(56, DIRECT_FROM + 8192 - 57)],
             &[(56, 2 * STAGING), (56, 5000)],
+            &[(56, 3 * STAGING), (56, STAGING + 1), (56, 3 * BLOCK)],
+            &[(56, 2 * STAGING - 56 - 56 - 40)],
         ];
         for (i, batch) in shapes.iter().enumerate() {
             if i == 5 {
@@ -243,5 +390,58 @@ mod tests {
             assert_eq!(got.len(), expect.len(), "batch {i}: file length");
             assert!(got == expect, "batch {i}: contents differ");
         }
+    }
+
+    /// A batch larger than the staging buffers that meets a full disk fails with the
+    /// disk's own error (the committer retries ENOSPC), whichever thread's write met it,
+    /// and the same batch written again once there is room leaves the right bytes.
+    #[test]
+    fn a_full_disk_fails_a_pipelined_batch_with_its_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mount = dir.path().join("fs");
+        std::fs::create_dir(&mount).expect("mount point");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+            .arg(&mount)
+            .status()
+            .expect("run mount");
+        assert!(mounted.success(), "mounting a tmpfs needs root");
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(self.0)
+                    .status();
+            }
+        }
+        let _unmount = Unmount(&mount);
+
+        let ballast = mount.join("ballast");
+        std::fs::write(&ballast, vec![1u8; 12 << 20]).expect("ballast");
+        let path = mount.join("seg");
+        let file = segment_with_header(&path);
+        let frames = vec![frame(56, 4 * STAGING, 3), frame(40, 100, 5)];
+        let mut appender = Appender::default();
+        let err = appender
+            .append(SegmentId(1), &path, &file, 64, frames.iter())
+            .expect_err("the disk is full");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(rustix::io::Errno::NOSPC.raw_os_error()),
+            "{err}"
+        );
+
+        std::fs::remove_file(&ballast).expect("free space");
+        appender
+            .append(SegmentId(1), &path, &file, 64, frames.iter())
+            .expect("append once there is room");
+        let mut expect = vec![9u8; 64];
+        for f in &frames {
+            expect.extend_from_slice(&f.to_vec());
+        }
+        let got = std::fs::read(&path).expect("read");
+        assert_eq!(got.len(), expect.len(), "file length");
+        assert!(got == expect, "contents differ");
     }
 }
