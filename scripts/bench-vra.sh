@@ -26,8 +26,9 @@
 #     bytes vs rsync --inplace --no-whole-file of the same files.
 #  7. (ONLY=tls) the cost of mutual TLS: the same VRA pair plaintext and with TLS (a CA
 #     made for the run; the first mode alternates between rounds), 4 KiB randwrite QD32
-#     over WRITE_SECS and the initial sync of SYNC_MIB, twice per mode (A B B A, the
-#     faster of each compared) (floor: TLS at least 0.9x of plaintext on both).
+#     over WRITE_SECS twice per mode (A B B A) and the initial sync of SYNC_MIB three
+#     times per mode (A B B A A B), the better run of each mode compared (floor: TLS at
+#     least 0.9x of plaintext on both).
 # It reports and does not assert: it exits 0 when a floor is missed. Before each measured
 # run it waits for a quiet machine (no rustc running, CPUs MIN_IDLE % idle; at most
 # QUIET_WAIT_SECS, then it measures anyway and marks the result NOT quiet).

@@ -42,6 +42,8 @@ const READ_BUFFER_MIN: usize = 2 * (HEADER + MAX_CIPHERTEXT);
 const READ_BUFFER_MAX: usize = 16 * (HEADER + MAX_CIPHERTEXT);
 /// Largest handshake flight accepted (certificate chains of a few certificates).
 const MAX_HANDSHAKE_BUFFER: usize = 256 << 10;
+/// A read with room for this much plaintext opens records in the reader's buffer.
+const DIRECT_READ_MIN: usize = 4 * MAX_FRAGMENT;
 
 const CONTENT_ALERT: u8 = 21;
 const CONTENT_HANDSHAKE: u8 = 22;
@@ -377,6 +379,45 @@ async fn establish<C: Handshaking>(mut io: TcpStream, mut conn: C) -> io::Result
     TlsStream::new(io, keys, secrets, peer, leftover)
 }
 
+/// The record starting at `bytes[0]`: its header and its whole length (header
+/// included), once its header is there; the record may not all be there yet.
+fn parse_header(bytes: &[u8]) -> io::Result<Option<([u8; HEADER], usize)>> {
+    let Some(h) = bytes.get(..HEADER) else {
+        return Ok(None);
+    };
+    let header = [h[0], h[1], h[2], h[3], h[4]];
+    if header[0] != CONTENT_APPLICATION_DATA || header[1] != 3 {
+        return Err(invalid(format!(
+            "tls: unexpected record type {} after the handshake",
+            header[0]
+        )));
+    }
+    let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    if !(TAG + 1..=MAX_CIPHERTEXT).contains(&len) {
+        return Err(invalid(format!("tls: record of {len} bytes")));
+    }
+    Ok(Some((header, HEADER + len)))
+}
+
+/// Opens the record body at `in_out[src..]` (after its header) into the start of
+/// `in_out`; answers its content type and its payload's length.
+fn open_at(
+    rx: &mut Direction,
+    header: [u8; HEADER],
+    in_out: &mut [u8],
+    src: usize,
+) -> io::Result<(u8, usize)> {
+    let nonce = rx.next_nonce()?;
+    let opened = rx
+        .key
+        .open_within(nonce, aead::Aad::from(header), in_out, src..)
+        .map_err(|_| invalid("tls: a record failed to decrypt"))?;
+    let Some(last) = opened.iter().rposition(|&b| b != 0) else {
+        return Err(invalid("tls: a record without a content type"));
+    };
+    Ok((opened[last], last))
+}
+
 impl TlsStream {
     fn new(
         io: TcpStream,
@@ -490,6 +531,17 @@ impl TlsStream {
     }
 
     /// Writes sealed records out until the buffer is empty or the socket would block.
+    /// Sends the key update a received record asked for, without waiting for it to be
+    /// written.
+    fn answer_key_update(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.wstart < self.wbuf.len()
+            && let Poll::Ready(Err(e)) = self.poll_write_out(cx)
+        {
+            return Err(e);
+        }
+        Ok(())
+    }
+
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.wstart < self.wbuf.len() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wstart..]))?;
@@ -506,38 +558,21 @@ impl TlsStream {
     /// Opens the complete record at the front of the read buffer, if there is one.
     /// Answers whether one was taken.
     fn open_record(&mut self) -> io::Result<bool> {
-        let avail = self.rend - self.rstart;
-        if avail < HEADER {
+        let Some((header, len)) = parse_header(&self.rbuf[self.rstart..self.rend])? else {
             return Ok(false);
-        }
-        let h = &self.rbuf[self.rstart..self.rstart + HEADER];
-        let header = [h[0], h[1], h[2], h[3], h[4]];
-        if header[0] != CONTENT_APPLICATION_DATA || header[1] != 3 {
-            return Err(invalid(format!(
-                "tls: unexpected record type {} after the handshake",
-                header[0]
-            )));
-        }
-        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-        if !(TAG + 1..=MAX_CIPHERTEXT).contains(&len) {
-            return Err(invalid(format!("tls: record of {len} bytes")));
-        }
-        if avail < HEADER + len {
-            return Ok(false);
-        }
-        let body = self.rstart + HEADER..self.rstart + HEADER + len;
-        self.rstart = body.end;
-        let nonce = self.rx.next_nonce()?;
-        let opened = self
-            .rx
-            .key
-            .open_in_place(nonce, aead::Aad::from(header), &mut self.rbuf[body.clone()])
-            .map_err(|_| invalid("tls: a record failed to decrypt"))?;
-        let Some(last) = opened.iter().rposition(|&b| b != 0) else {
-            return Err(invalid("tls: a record without a content type"));
         };
-        let content = opened[last];
-        let payload = body.start..body.start + last;
+        if self.rend - self.rstart < len {
+            return Ok(false);
+        }
+        let body = self.rstart + HEADER..self.rstart + len;
+        self.rstart = body.end;
+        let (content, n) = open_at(&mut self.rx, header, &mut self.rbuf[body.clone()], 0)?;
+        self.take_content(content, body.start..body.start + n)
+            .map(|()| true)
+    }
+
+    /// Takes an opened record's payload, `rbuf[payload]`, of type `content`.
+    fn take_content(&mut self, content: u8, payload: std::ops::Range<usize>) -> io::Result<()> {
         match content {
             CONTENT_APPLICATION_DATA => self.plain = payload,
             CONTENT_ALERT => match self.rbuf[payload] {
@@ -553,7 +588,77 @@ impl TlsStream {
             CONTENT_HANDSHAKE => self.post_handshake(payload)?,
             other => return Err(invalid(format!("tls: unexpected content type {other}"))),
         }
-        Ok(true)
+        Ok(())
+    }
+
+    /// Reads from the socket straight into the caller's buffer and opens the records in
+    /// place there, so that the plaintext is not copied again out of this stream's buffer
+    /// (a tenth of a receiving VRA's CPU in a sync). Taken when nothing is waiting to be
+    /// read here and the caller has room for several records. Answers how many bytes of
+    /// plaintext it gave the caller: none when only part of a record came, or a record
+    /// other than application data (handled here, as `open_record` does).
+    #[allow(unsafe_code)]
+    fn poll_read_direct(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<usize>> {
+        // Nothing is copied until the socket has something to give.
+        ready!(self.io.poll_read_ready(cx))?;
+        let kept = self.rend - self.rstart;
+        // At most what this stream's buffer could hold, for what is left after a key
+        // update or a ticket.
+        let mut region = buf.take(READ_BUFFER_MAX);
+        region.put_slice(&self.rbuf[self.rstart..self.rend]);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut region))?;
+        let bytes = region.filled_mut();
+        if bytes.len() == kept {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "tls: the peer closed the connection without close_notify",
+            )));
+        }
+        // Every received byte is in `bytes` now; what is not opened goes back below.
+        self.rstart = 0;
+        self.rend = 0;
+        let (mut src, mut dst) = (0, 0);
+        let mut control = None;
+        while let Some((header, len)) = parse_header(&bytes[src..])? {
+            if bytes.len() - src < len {
+                break;
+            }
+            // The plaintext lands right after the plaintext before it: ring opens the
+            // record into `bytes[dst..]` from `bytes[src + HEADER..]`.
+            let (content, n) = open_at(
+                &mut self.rx,
+                header,
+                &mut bytes[dst..src + len],
+                src + HEADER - dst,
+            )?;
+            src += len;
+            if content == CONTENT_APPLICATION_DATA {
+                dst += n;
+            } else {
+                self.rbuf[..n].copy_from_slice(&bytes[dst..dst + n]);
+                control = Some((content, n));
+                break;
+            }
+        }
+        let filled = bytes.len();
+        if let Some((content, n)) = control {
+            self.take_content(content, 0..n)?;
+        }
+        let rest = &region.filled()[src..];
+        if rest.len() > self.rbuf.len() {
+            self.rbuf = vec![0u8; READ_BUFFER_MAX].into_boxed_slice();
+        }
+        self.rbuf[..rest.len()].copy_from_slice(rest);
+        self.rend = rest.len();
+        // SAFETY: `region` is the start of `buf`'s unfilled part, and its first `filled`
+        // bytes were initialized through it (the kept bytes and the socket read).
+        unsafe { buf.assume_init(filled) };
+        buf.advance(dst);
+        Poll::Ready(Ok(dst))
     }
 
     /// Handshake messages after the handshake: key updates and session tickets.
@@ -630,11 +735,15 @@ impl AsyncRead for TlsStream {
             let opened = this.open_record();
             this.read_failed = opened.is_err();
             if opened? {
-                if this.wstart < this.wbuf.len() {
-                    // A key update the peer asked for: on its way without waiting.
-                    if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
-                        return Poll::Ready(Err(e));
-                    }
+                this.answer_key_update(cx)?;
+                continue;
+            }
+            if buf.remaining() >= DIRECT_READ_MIN {
+                let direct = ready!(this.poll_read_direct(cx, buf));
+                this.read_failed = direct.is_err();
+                this.answer_key_update(cx)?;
+                if direct? > 0 {
+                    return Poll::Ready(Ok(()));
                 }
                 continue;
             }
@@ -829,6 +938,13 @@ mod tests {
         let mut got = vec![0u8; up.len()];
         s.read_exact(&mut got).await.unwrap();
         assert!(got == up, "the server read what the client wrote");
+        // Only the last records of the read, with less room left than DIRECT_READ_MIN, go
+        // through this stream's buffer.
+        assert!(
+            s.rbuf.len() <= READ_BUFFER_MAX / 4,
+            "large reads open the records in the reader's buffer, not this stream's ({} bytes)",
+            s.rbuf.len()
+        );
         s.write_all(&down).await.unwrap();
         s.shutdown().await.unwrap();
         let back = writer.await.unwrap();
@@ -934,10 +1050,23 @@ mod tests {
     async fn a_tampered_or_oversized_record_is_an_error() {
         let tmp = tempfile::tempdir().unwrap();
         let (client, server) = pair(tmp.path());
-        for (what, garble) in [
-            ("a flipped bit", 0usize),
-            ("a record longer than TLS allows", 1),
-            ("a record of another type", 2),
+        // Read into a small buffer (records opened in the stream's own buffer) and into a
+        // large one (opened in the reader's).
+        for (what, garble, read_len) in [
+            ("a flipped bit", 0usize, 16usize),
+            ("a record longer than TLS allows", 1, 16),
+            ("a record of another type", 2, 16),
+            ("a flipped bit, read into a large buffer", 0, 256 << 10),
+            (
+                "a record longer than TLS allows, read into a large buffer",
+                1,
+                256 << 10,
+            ),
+            (
+                "a record of another type, read into a large buffer",
+                2,
+                256 << 10,
+            ),
         ] {
             let (c, s) = tcp_pair().await;
             let (c, s) = tokio::join!(
@@ -948,6 +1077,9 @@ mod tests {
             c.write_all(b"a record to garble").await.unwrap();
             let at = c.wbuf.len();
             assert_eq!(at, 0, "written out");
+            let mut first = [0u8; 18];
+            s.read_exact(&mut first).await.unwrap();
+            assert_eq!(&first, b"a record to garble");
             // Seal one more and garble it before it leaves.
             c.seal(CONTENT_APPLICATION_DATA, b"second").unwrap();
             match garble {
@@ -959,12 +1091,10 @@ mod tests {
                 _ => c.wbuf[0] = CONTENT_HANDSHAKE,
             }
             c.flush().await.unwrap();
-            let mut first = [0u8; 18];
-            s.read_exact(&mut first).await.unwrap();
-            assert_eq!(&first, b"a record to garble");
-            let e = s.read(&mut [0u8; 16]).await.expect_err(what);
+            let mut into = vec![0u8; read_len];
+            let e = s.read(&mut into).await.expect_err(what);
             assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}: {e}");
-            let again = s.read(&mut [0u8; 16]).await.expect_err(what);
+            let again = s.read(&mut into).await.expect_err(what);
             assert_eq!(
                 again.kind(),
                 io::ErrorKind::InvalidData,
