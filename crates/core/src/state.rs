@@ -143,12 +143,19 @@ pub enum Command {
         /// (both sites then agree on it).
         #[serde(default)]
         generation_floor: Option<u64>,
+        /// Recorded with the definition, in the same commit (what an operator's create or
+        /// edit reports).
+        #[serde(default)]
+        event: Option<crate::events::NewEvent>,
     },
     /// Marks a VPG's definition as being updated; refused while another update runs.
+    /// With `task`, starts it in the same commit and answers its id.
     BeginVpgUpdate {
         id: VpgId,
         reason: String,
         now_ms: u64,
+        #[serde(default)]
+        task: Option<crate::tasks::NewTask>,
     },
     /// Ends an update that did not put a new definition (a put ends it by itself).
     EndVpgUpdate {
@@ -573,8 +580,20 @@ impl SiteState {
                 vpg,
                 expected_generation,
                 generation_floor,
-            } => self.put_vpg(vpg, expected_generation, generation_floor),
-            Command::BeginVpgUpdate { id, reason, now_ms } => {
+                event,
+            } => {
+                let applied = self.put_vpg(vpg, expected_generation, generation_floor)?;
+                if let Some(event) = event {
+                    self.events.push(event);
+                }
+                Ok(applied)
+            }
+            Command::BeginVpgUpdate {
+                id,
+                reason,
+                now_ms,
+                task,
+            } => {
                 exists(&self.vpgs, &id, VpgId::KIND)?;
                 self.check_not_updating(&id)?;
                 self.updating.insert(
@@ -584,7 +603,7 @@ impl SiteState {
                         since_ms: now_ms,
                     },
                 );
-                Ok(Applied::Done)
+                Ok(task.map_or(Applied::Done, |t| Applied::Task(self.tasks.start(t))))
             }
             Command::EndVpgUpdate { id } => {
                 self.updating.remove(&id);
@@ -1732,6 +1751,7 @@ mod tests {
             id: VpgId::minted(id.into()),
             reason: "an edit is being stored on both sites".into(),
             now_ms: 7,
+            task: None,
         })
     }
 
@@ -1770,9 +1790,8 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_put_ends_the_update_and_a_floor_raises_the_generation() {
-        let mut s = state();
+    /// Pairs the test state with a site "b" (the recovery site of its VPGs).
+    fn pair_with_b(s: &mut SiteState) {
         let b = SiteId::minted("b".into());
         s.peers.insert(
             b.clone(),
@@ -1785,6 +1804,12 @@ mod tests {
                 ca_pem: String::new(),
             },
         );
+    }
+
+    #[test]
+    fn a_put_ends_the_update_and_a_floor_raises_the_generation() {
+        let mut s = state();
+        pair_with_b(&mut s);
         let id = VpgId::minted("mine".into());
         begin_update(&mut s, "mine").unwrap();
         let vpg = s.vpgs[&id].clone();
@@ -1793,6 +1818,7 @@ mod tests {
                 vpg: vpg.clone(),
                 expected_generation: Some(expected),
                 generation_floor: floor,
+                event: None,
             })
         };
         assert_eq!(put(&mut s, 4, Some(9)), Ok(Applied::Generation(9)));
@@ -1806,6 +1832,67 @@ mod tests {
             put(&mut s, 9, None),
             Err(DomainError::Conflict { .. })
         ));
+    }
+
+    /// An edit's task starts with its update, in one commit, and only if the update
+    /// does; its event is stored with the definition, and only if the put succeeds.
+    #[test]
+    fn an_edit_starts_its_task_with_the_update_and_stores_its_event_with_the_put() {
+        let mut s = state();
+        pair_with_b(&mut s);
+        let id = VpgId::minted("mine".into());
+        let begin = |s: &mut SiteState| {
+            s.apply(Command::BeginVpgUpdate {
+                id: id.clone(),
+                reason: "an edit".into(),
+                now_ms: 7,
+                task: Some(crate::tasks::NewTask {
+                    kind: crate::tasks::TaskKind::EditVpg,
+                    vpg: Some(id.clone()),
+                    started_ms: 7,
+                    generation: Some(5),
+                    message: "storing".into(),
+                }),
+            })
+        };
+        let tasks = s.tasks.all().count();
+        let Ok(Applied::Task(task)) = begin(&mut s) else {
+            panic!("the update answers its task");
+        };
+        assert_eq!(s.tasks.get(task).map(|t| t.generation), Some(Some(5)));
+        assert!(begin(&mut s).is_err(), "a second update is refused");
+        assert_eq!(s.tasks.all().count(), tasks + 1, "and starts no task");
+
+        let event = |text: &str| crate::events::NewEvent {
+            at_ms: 8,
+            code: crate::events::EventCode::VpgEdited,
+            vpg: Some(id.clone()),
+            description: text.into(),
+        };
+        let vpg = s.vpgs[&id].clone();
+        let events = s.events.len();
+        let put = |s: &mut SiteState, expected, text: &str| {
+            s.apply(Command::PutVpg {
+                vpg: vpg.clone(),
+                expected_generation: Some(expected),
+                generation_floor: None,
+                event: Some(event(text)),
+            })
+        };
+        assert!(
+            put(&mut s, 3, "stale").is_err(),
+            "a stale generation is refused"
+        );
+        assert_eq!(s.events.len(), events, "and records no event");
+        put(&mut s, 4, "edited").unwrap();
+        assert_eq!(s.events.len(), events + 1);
+        assert!(
+            s.events
+                .iter()
+                .next_back()
+                .is_some_and(|e| e.description == "edited"),
+            "the put recorded its event"
+        );
     }
 
     /// Starts the site's first task, of `kind` for VPG `id`.
@@ -2053,6 +2140,7 @@ mod tests {
                 vpg: vpg.clone(),
                 expected_generation: Some(4),
                 generation_floor: Some(11),
+                event: None,
             })
         };
         // A definition that turns it around without being newer than b's is refused.
@@ -2081,6 +2169,7 @@ mod tests {
                 vpg: back,
                 expected_generation: Some(11),
                 generation_floor: None,
+                event: None,
             })
             .is_err()
         );
@@ -2123,6 +2212,7 @@ mod tests {
                 vpg,
                 expected_generation: Some(generation),
                 generation_floor: None,
+                event: None,
             }),
             "editing it is not possible",
         );
@@ -2299,6 +2389,7 @@ mod tests {
                 vpg,
                 expected_generation: Some(4),
                 generation_floor: None,
+                event: None,
             }),
             "stop it before editing",
         );

@@ -35,6 +35,32 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A task about to start now.
+fn new_task(
+    kind: TaskKind,
+    vpg: Option<&VpgId>,
+    generation: Option<u64>,
+    message: String,
+) -> NewTask {
+    NewTask {
+        kind,
+        vpg: vpg.cloned(),
+        started_ms: now_ms(),
+        generation,
+        message,
+    }
+}
+
+/// An event of a VPG, happening now.
+fn new_event(code: EventCode, vpg: &VpgId, description: String) -> NewEvent {
+    NewEvent {
+        at_ms: now_ms(),
+        code,
+        vpg: Some(vpg.clone()),
+        description,
+    }
+}
+
 /// A fresh id with a readable prefix.
 pub fn mint(prefix: &str) -> String {
     format!(
@@ -735,10 +761,11 @@ impl SiteManager {
                 "storing the definition on both sites".into(),
             )
             .await;
-        let index = self.store_on_both(vpg, None, None, &peer).await;
-        let index = self.fail_task_on_error(task, index).await?;
-        self.record_event(EventCode::VpgCreated, Some(&id), what)
+        let event = new_event(EventCode::VpgCreated, &id, what);
+        let index = self
+            .store_on_both(vpg, None, None, &peer, Some(event))
             .await;
+        let index = self.fail_task_on_error(task, index).await?;
         self.vpg_after(index, id).await
     }
 
@@ -815,8 +842,17 @@ impl SiteManager {
                 ),
             ),
         };
-        // Until both sites hold the new definition, nothing else may change the VPG.
-        self.node
+        // Until both sites hold the new definition, nothing else may change the VPG. The
+        // edit's task starts in the same commit, and its event is stored with the
+        // definition: an edit waits for two commits here, not four.
+        let task = new_task(
+            TaskKind::EditVpg,
+            Some(&id),
+            Some(generation + 1),
+            "storing the definition on both sites".into(),
+        );
+        let task = match self
+            .node
             .propose(Command::BeginVpgUpdate {
                 id: id.clone(),
                 reason: format!(
@@ -824,24 +860,23 @@ impl SiteManager {
                     generation + 1
                 ),
                 now_ms: now_ms(),
+                task: Some(task),
             })
-            .await?;
-        let task = self
-            .start_task(
-                TaskKind::EditVpg,
-                Some(&id),
-                Some(generation + 1),
-                "storing the definition on both sites".into(),
-            )
+            .await?
+        {
+            Applied::Task(task) => Some(task),
+            _ => None,
+        };
+        let event = new_event(code, &id, what);
+        let index = self
+            .store_on_both(vpg, Some(generation), None, &peer, Some(event))
             .await;
-        let index = self.store_on_both(vpg, Some(generation), None, &peer).await;
         if index.is_err() {
             // The peer may hold the edit all the same (its answer was lost): the protected
             // site's controller reconciles the two copies.
             self.end_update(&id).await;
         }
         let index = self.fail_task_on_error(task, index).await?;
-        self.record_event(code, Some(&id), what).await;
         self.vpg_after(index, id).await
     }
 
@@ -871,6 +906,7 @@ impl SiteManager {
         expected: Option<u64>,
         floor: Option<GenerationFloor>,
         peer: &PeerSite,
+        event: Option<NewEvent>,
     ) -> ApiResult<u64> {
         let json = serde_json::to_vec(&vpg).map_err(ApiError::internal)?;
         let peer_expected = floor.map_or(expected, |f| Some(f.peer_expected));
@@ -894,6 +930,7 @@ impl SiteManager {
                 vpg,
                 expected_generation: expected,
                 generation_floor,
+                event,
             })
             .await;
         match committed {
@@ -947,6 +984,7 @@ impl SiteManager {
                     peer.name
                 ),
                 now_ms: now_ms(),
+                task: None,
             })
             .await?;
         let floor = GenerationFloor {
@@ -954,7 +992,7 @@ impl SiteManager {
             generation,
         };
         let r = self
-            .store_on_both(vpg, Some(own_generation), Some(floor), &peer)
+            .store_on_both(vpg, Some(own_generation), Some(floor), &peer, None)
             .await;
         if r.is_err() {
             self.end_update(id).await;
@@ -1009,6 +1047,7 @@ impl SiteManager {
                 vpg,
                 expected_generation: expected,
                 generation_floor,
+                event: None,
             })
             .await?;
         for (vm, paths) in removed {
@@ -1228,13 +1267,7 @@ impl SiteManager {
         generation: Option<u64>,
         message: String,
     ) -> Option<u64> {
-        let task = NewTask {
-            kind,
-            vpg: vpg.cloned(),
-            started_ms: now_ms(),
-            generation,
-            message,
-        };
+        let task = new_task(kind, vpg, generation, message);
         match self.node.propose(Command::StartTask { task }).await {
             Ok(Applied::Task(id)) => Some(id),
             Ok(_) => None,
