@@ -406,6 +406,11 @@ impl Live {
         self.lock().vras.get(host).cloned()
     }
 
+    /// The VRA of `host` did not answer its last poll (one never polled yet did not fail).
+    pub fn vra_unreachable(&self, host: &HostId) -> bool {
+        self.lock().vras.get(host).is_some_and(|o| o.vpgs.is_err())
+    }
+
     /// The one status snapshot of `vpg` as this site sees it.
     pub fn status(&self, s: &SiteState, vpg: &Vpg, now_ms: u64) -> LiveStatus {
         let (protects, hosts) = own_hosts(s, vpg);

@@ -219,6 +219,10 @@ async fn apply_protected(site: &SiteManager, state: &SiteState, vpg: &Vpg, plan:
     let Some(host) = state.hosts.get(&plan.host) else {
         return;
     };
+    if live.vra_unreachable(&plan.host) {
+        // As for a recovery VRA: assigned once the poller reaches it again.
+        return;
+    }
     let req = vra_convert::assign_protected(plan, target, false);
     let r = call_vra(site, &host.vra_address, |mut c| async move {
         c.assign_protected(vra_request(req)).await
@@ -393,6 +397,11 @@ async fn apply_recovery(site: &SiteManager, state: &SiteState, plan: &RecoveryPl
     let Some(host) = state.hosts.get(&plan.host) else {
         return;
     };
+    if site.control().live.vra_unreachable(&plan.host) {
+        // Shown as unreachable already; assigned once the poller reaches it again. Calling
+        // it on every pass (passes follow each commit) only floods the log and the CPU.
+        return;
+    }
     let req = vra_convert::assign_recovery(plan);
     // A VRA that does not find the recovery datastore on its host answers NOT_FOUND.
     let r = call_vra_status(site, &host.vra_address, |mut c| async move {
