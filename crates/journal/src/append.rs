@@ -284,14 +284,16 @@ struct Staged {
 impl Staged {
     /// Its whole blocks (written with direct IO).
     fn whole(&self) -> &[u8] {
-        let whole = self.filled / BLOCK * BLOCK;
-        &self.stage.buf[self.stage.skip..self.stage.skip + whole]
+        &self.filled_bytes()[..self.filled / BLOCK * BLOCK]
     }
 
     /// The partial block after them (written buffered, and kept as the next batch's head).
     fn rest(&self) -> &[u8] {
-        let whole = self.filled / BLOCK * BLOCK;
-        &self.stage.buf[self.stage.skip + whole..self.stage.skip + self.filled]
+        &self.filled_bytes()[self.filled / BLOCK * BLOCK..]
+    }
+
+    fn filled_bytes(&self) -> &[u8] {
+        &self.stage.buf[self.stage.skip..self.stage.skip + self.filled]
     }
 }
 

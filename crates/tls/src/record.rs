@@ -530,7 +530,6 @@ impl TlsStream {
         Ok(())
     }
 
-    /// Writes sealed records out until the buffer is empty or the socket would block.
     /// Sends the key update a received record asked for, without waiting for it to be
     /// written.
     fn answer_key_update(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
@@ -542,6 +541,7 @@ impl TlsStream {
         Ok(())
     }
 
+    /// Writes sealed records out until the buffer is empty or the socket would block.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.wstart < self.wbuf.len() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wstart..]))?;
@@ -740,7 +740,10 @@ impl AsyncRead for TlsStream {
             }
             if buf.remaining() >= DIRECT_READ_MIN {
                 let direct = ready!(this.poll_read_direct(cx, buf));
-                this.read_failed = direct.is_err();
+                // A refused record (not a socket error or an early close) fails every
+                // later read, as in `open_record`.
+                this.read_failed =
+                    matches!(&direct, Err(e) if e.kind() == io::ErrorKind::InvalidData);
                 this.answer_key_update(cx)?;
                 if direct? > 0 {
                     return Poll::Ready(Ok(()));
