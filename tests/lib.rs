@@ -1,5 +1,7 @@
 //! Shared harness of the end-to-end tests: channels to a lab's managers and small helpers.
 
+pub mod ops;
+
 use anyhow::{Result, bail};
 use tandem_proto::client::ApiChannel as Channel;
 

@@ -1395,6 +1395,28 @@ fn vpg_detail(fmt: Format, g: &v1::Vpg) {
             st.sync_percent
         );
     }
+    if !g.owner_site_id.is_empty() {
+        println!("VMs run at site {}", g.owner_site_id);
+    }
+    if let Some(d) = &g.stood_down {
+        println!("stood down here: {}", d.what);
+        if !d.counted {
+            println!("divergence: being counted");
+        }
+        for v in &d.divergence {
+            println!(
+                "divergent: host {} VM {} volume {}: {}",
+                v.host_id,
+                v.vm_id,
+                v.volume_id,
+                if v.known {
+                    bytes(v.bytes)
+                } else {
+                    "unknown".to_string()
+                }
+            );
+        }
+    }
     for p in &st.problems {
         println!("problem: {p}");
     }

@@ -60,10 +60,18 @@ pub enum EventCode {
     CaIssuing,
     /// The old CA is retired from every trust store.
     CaRetired,
+    /// This site stood a VPG down: another site recovered it (or deleted it after running
+    /// its VMs); its VRAs take no writes to the VPG's volumes and stop replicating.
+    StoodDown,
+    /// What a stood-down VPG's VMs wrote here that the other site does not hold, per
+    /// volume (kept on this site's disks until the operator chooses).
+    Divergence,
+    /// The peer rolled back the recovery this site stood down for: protection resumes.
+    StoodUp,
 }
 
 impl EventCode {
-    pub const ALL: [EventCode; 28] = [
+    pub const ALL: [EventCode; 31] = [
         Self::VpgCreated,
         Self::VpgEdited,
         Self::VpgDeleteStarted,
@@ -92,6 +100,9 @@ impl EventCode {
         Self::CaRotationStarted,
         Self::CaIssuing,
         Self::CaRetired,
+        Self::StoodDown,
+        Self::Divergence,
+        Self::StoodUp,
     ];
 
     pub fn code(self) -> &'static str {
@@ -124,6 +135,9 @@ impl EventCode {
             Self::CaRotationStarted => "EV0072",
             Self::CaIssuing => "EV0073",
             Self::CaRetired => "EV0074",
+            Self::StoodDown => "EV0066",
+            Self::Divergence => "EV0067",
+            Self::StoodUp => "EV0068",
         }
     }
 

@@ -7,6 +7,7 @@ pub mod ca_rotation;
 pub mod enroll;
 pub mod error;
 pub mod events;
+pub mod fence;
 pub mod ids;
 pub mod inventory;
 pub mod observe;

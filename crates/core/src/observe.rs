@@ -36,6 +36,8 @@ pub struct SyncProgress {
 pub enum Role {
     Protected,
     Recovery,
+    /// Protected until its site stood the VPG down: no exports, no stream.
+    StoodDown,
 }
 
 /// What one VRA reports about one VPG.
@@ -73,6 +75,14 @@ pub struct VraVpgReport {
     /// Recovery: the size of each VM's journal.
     #[serde(default)]
     pub vm_journal_bytes: Vec<(VmId, u64)>,
+    /// Stood down: what each volume holds that was never acknowledged by the recovery
+    /// VRA (VM, volume id, bytes).
+    #[serde(default)]
+    pub divergent: Vec<(VmId, u32, u64)>,
+    /// Stood down: whether `divergent` is exact (false after a restart without a clean
+    /// stop: only hashes could tell).
+    #[serde(default)]
+    pub divergence_known: bool,
 }
 
 /// The rates a protected VRA measures for one VM (per second).
@@ -173,6 +183,10 @@ pub struct PeerVpgReport {
     /// Protected site only: its site manager (not the operator) paused protection.
     #[serde(default)]
     pub manager_paused: bool,
+    /// The reporting site's failover or move of the VPG: running, or how its last one
+    /// ended.
+    #[serde(default)]
+    pub recovery: Option<crate::fence::RecoveryClaim>,
 }
 
 /// A site's report to a peer: the VPGs they share, as the reporting site sees them.
@@ -187,6 +201,9 @@ pub struct PeerReport {
     /// Whether every VRA of this site trusts exactly those.
     #[serde(default)]
     pub your_cas_applied: bool,
+    /// VPGs shared with the site reported to that the reporting site deleted.
+    #[serde(default)]
+    pub deleted: Vec<crate::fence::Tombstone>,
 }
 
 /// The figures an operator sees for a VPG, beside its status.
@@ -253,6 +270,8 @@ pub struct LiveInputs<'a> {
     pub coordinated_checkpoint: Option<(u64, u64)>,
     /// This (recovery) site has not tested the VPG's failover within its reminder interval.
     pub test_overdue: bool,
+    /// This (protected) site stood the VPG down: another site runs its VMs.
+    pub stood_down: Option<&'a crate::fence::StandDown>,
 }
 
 /// The strongest of two syncs, for a VPG whose VRAs run different ones.
@@ -382,6 +401,38 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
         }
     }
 
+    // Stood down: another site runs the VMs; that, not protection, is what this site shows.
+    let stood_down = i.stood_down.filter(|_| i.protects);
+    let mut operation = i.vpg.operation;
+    if let Some(d) = stood_down {
+        faults.clear();
+        problems.clear();
+        problems.push(format!("stood down: {}", d.describe()));
+        match d.claim() {
+            Some(c) if !c.committed() => operation = operation.or(d.peer_operation()),
+            Some(c) if c.reverse => {
+                faults.push(Fault::NeedsConfiguration);
+                problems.push(format!(
+                    "site {} protects the VMs back to this site: this site takes the new \
+                     direction once it has counted what its VMs wrote",
+                    d.by
+                ));
+            }
+            Some(_) => {
+                faults.push(Fault::NeedsConfiguration);
+                problems.push("reverse protection is not specified".into());
+            }
+            None => {
+                faults.push(Fault::NeedsConfiguration);
+                problems.push(format!("site {} holds the VPG no more", d.by));
+            }
+        }
+        problems.push(format!(
+            "written here after the recovery's checkpoint (kept on this site's disks): {}",
+            d.describe_divergence()
+        ));
+    }
+
     let sync = reports(protected)
         .filter_map(|(_, r)| {
             r.sync.clone().or_else(|| {
@@ -442,7 +493,10 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
         (Some(a), Some(b)) => Some(if a.1 >= b.1 { a } else { b }),
         (a, b) => a.or(b),
     };
-    let actual_rpo_secs = last_checkpoint.map(|(_, ms)| i.now_ms.saturating_sub(ms) / 1000);
+    // A stood-down VPG is not protected from this site: no RPO to show.
+    let actual_rpo_secs = last_checkpoint
+        .map(|(_, ms)| i.now_ms.saturating_sub(ms) / 1000)
+        .filter(|_| stood_down.is_none());
     let history_met = !reports(recovery).any(|(_, r)| r.history_short);
     let oldest = reports(recovery)
         .filter_map(|(_, r)| r.oldest_checkpoint_ms)
@@ -450,7 +504,7 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
 
     let observation = VpgObservation {
         vm_count: i.vpg.vms.len(),
-        operation: i.vpg.operation,
+        operation,
         sync: sync.as_ref().map(|s| s.kind),
         forced: sync
             .as_ref()
@@ -470,7 +524,8 @@ pub fn evaluate(i: &LiveInputs<'_>) -> LiveStatus {
         test_overdue: i.test_overdue,
     };
     let state = observation.evaluate();
-    let level = !protected.is_empty()
+    let level = stood_down.is_none()
+        && !protected.is_empty()
         && protected.iter().all(|h| {
             matches!(&h.seen, VraSeen::Reported(r)
                 if r.generation == i.vpg.generation
@@ -666,6 +721,8 @@ mod tests {
                 wan_bytes_per_sec: 1 << 19,
             }],
             vm_journal_bytes: vec![],
+            divergent: vec![],
+            divergence_known: false,
         }
     }
 
@@ -700,6 +757,7 @@ mod tests {
             targets: vec![],
             plan_error: None,
             manager_paused: false,
+            recovery: None,
         }
     }
 
@@ -715,6 +773,7 @@ mod tests {
             plan_error: None,
             coordinated_checkpoint: None,
             test_overdue: false,
+            stood_down: None,
         })
     }
 
@@ -909,6 +968,7 @@ mod tests {
                 plan_error: None,
                 coordinated_checkpoint: None,
                 test_overdue: false,
+                stood_down: None,
             }
         });
         assert_eq!(
@@ -962,6 +1022,7 @@ mod tests {
             plan_error: missing.plan_error.as_ref(),
             coordinated_checkpoint: None,
             test_overdue: false,
+            stood_down: None,
         });
         assert_eq!(s.state.substatus, VpgSubstatus::RecoveryStorageProfileError);
         let host_gone = PlanError::of_plan(&crate::DomainError::not_found("host", "h9"));
@@ -1062,6 +1123,87 @@ mod tests {
         assert_eq!(
             s.figures.sync.unwrap().trigger,
             Some(SyncTrigger::RecoveryVraCommunicationProblem)
+        );
+    }
+
+    #[test]
+    fn a_stood_down_vpg_shows_the_peers_operation_then_needs_configuration_never_green() {
+        use crate::fence::{ClaimPhase, RecoveryClaim, StandDown, StandDownCause};
+        use crate::recovery::{RecoveryKind, RecoveryPoint};
+        let g = vpg(None);
+        let claim = |phase, reverse| RecoveryClaim {
+            op: crate::ids::RecoveryOpId::minted("op".into()),
+            kind: RecoveryKind::Failover,
+            point: RecoveryPoint {
+                checkpoint_id: 7,
+                timestamp_ms: NOW - 5000,
+                name: String::new(),
+            },
+            from_generation: 2,
+            phase,
+            reverse,
+            source_shut_down: false,
+        };
+        let stood = |c| StandDown {
+            by: SiteId::minted("b".into()),
+            cause: StandDownCause::Recovered(c),
+            since_ms: NOW,
+            divergence: None,
+        };
+        // Everything else looks healthy: replicating, a recent checkpoint.
+        let own = [seen("p1", protected())];
+        let p = peer(vec![seen("r1", recovery(NOW - 1000))]);
+        let shown_with = |d: &StandDown| {
+            evaluate(&LiveInputs {
+                vpg: &g,
+                protects: true,
+                now_ms: NOW,
+                own: &own,
+                peer: Some(&p),
+                plan_error: None,
+                coordinated_checkpoint: None,
+                test_overdue: false,
+                stood_down: Some(d),
+            })
+        };
+        let before = stood(claim(
+            ClaimPhase::Running {
+                operation: Operation::FailoverBeforeCommit,
+            },
+            false,
+        ));
+        let s = shown_with(&before);
+        assert_eq!(
+            shown(&s),
+            (
+                VpgStatus::FailingOver,
+                VpgSubstatus::FailingOverBeforeCommit,
+                AlertColor::Orange
+            )
+        );
+        assert!(!s.level && s.figures.actual_rpo_secs.is_none());
+        let committed = stood(claim(ClaimPhase::Committed { generation: 3 }, false));
+        let s = shown_with(&committed);
+        assert_eq!(
+            shown(&s),
+            (
+                VpgStatus::NotMeetingSla,
+                VpgSubstatus::NeedsConfiguration,
+                AlertColor::Red
+            )
+        );
+        assert!(
+            s.figures
+                .problems
+                .iter()
+                .any(|p| p == "reverse protection is not specified"),
+            "{:?}",
+            s.figures.problems
+        );
+        let reversed = stood(claim(ClaimPhase::Committed { generation: 3 }, true));
+        assert_eq!(
+            shown_with(&reversed).state.substatus,
+            VpgSubstatus::NeedsConfiguration
         );
     }
 }

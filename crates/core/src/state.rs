@@ -68,6 +68,17 @@ pub struct SiteState {
     /// takes up from there, so a change is neither lost nor told twice across leaders.
     #[serde(default)]
     pub recorded_status: BTreeMap<VpgId, crate::status::VpgState>,
+    /// VPGs this site protects that another site recovered (or deleted after running
+    /// their VMs): this site stands them down.
+    #[serde(default)]
+    pub stood_down: BTreeMap<VpgId, crate::fence::StandDown>,
+    /// How the last failover or move this site ran of each VPG ended (its peer reads it).
+    #[serde(default)]
+    pub recovery_outcomes: BTreeMap<VpgId, crate::fence::RecoveryClaim>,
+    /// VPGs this site deleted, so that a peer returning with an older copy learns it
+    /// (bounded by [`crate::fence::MAX_TOMBSTONES`]).
+    #[serde(default)]
+    pub tombstones: BTreeMap<VpgId, crate::fence::Tombstone>,
 }
 
 /// An update of a VPG's definition that is under way.
@@ -163,13 +174,40 @@ pub enum Command {
     },
     DeleteVpg {
         id: VpgId,
+        /// When (for its tombstone).
+        #[serde(default)]
+        now_ms: u64,
+    },
+    /// This (protected) site stands VPG `vpg` down: another site runs its VMs (or deleted
+    /// it after running them). Refused where this site does not protect it; the same cause
+    /// again changes nothing, a newer one replaces it (keeping what was counted).
+    StandDown {
+        vpg: VpgId,
+        stand_down: crate::fence::StandDown,
+    },
+    /// Every VRA of a stood-down VPG stopped: what its VMs wrote that the other site does
+    /// not hold, per volume (recorded once, with event EV0067).
+    RecordDivergence {
+        vpg: VpgId,
+        divergence: Vec<crate::fence::VolumeDivergence>,
+        now_ms: u64,
+    },
+    /// The peer rolled back the recovery `op` this site stood down for: protection
+    /// resumes (a final stand-down is never lifted).
+    StandUp {
+        vpg: VpgId,
+        op: crate::ids::RecoveryOpId,
+        now_ms: u64,
     },
     /// Sets or clears the operation a VPG is in, if the VPG is still at `generation` (a
-    /// controller's view may be stale: an edit in between wins).
+    /// controller's view may be stale: an edit in between wins), with the event that tells
+    /// it, in the same commit.
     SetVpgOperation {
         id: VpgId,
         generation: u64,
         operation: Option<crate::status::Operation>,
+        #[serde(default)]
+        event: Option<crate::events::NewEvent>,
     },
     /// Installs the site's first admin token, once in its life (a restarted bootstrap node
     /// proposing it again changes nothing).
@@ -595,7 +633,7 @@ impl SiteState {
                 task,
             } => {
                 exists(&self.vpgs, &id, VpgId::KIND)?;
-                self.check_not_updating(&id)?;
+                self.check_operable(&id)?;
                 self.updating.insert(
                     id,
                     DefinitionUpdate {
@@ -609,9 +647,25 @@ impl SiteState {
                 self.updating.remove(&id);
                 Ok(Applied::Done)
             }
-            Command::DeleteVpg { id } => {
+            Command::DeleteVpg { id, now_ms } => {
                 exists(&self.vpgs, &id, VpgId::KIND)?;
+                if let (Some(vpg), Some(own)) = (self.vpgs.get(&id), self.site_id()) {
+                    let mut t = crate::fence::Tombstone::of(vpg, own, now_ms);
+                    t.owned_by_deleter &= !self.stood_down.contains_key(&id);
+                    self.tombstones.insert(id.clone(), t);
+                    if self.tombstones.len() > crate::fence::MAX_TOMBSTONES
+                        && let Some(oldest) = self
+                            .tombstones
+                            .values()
+                            .min_by_key(|t| t.deleted_ms)
+                            .map(|t| t.vpg.clone())
+                    {
+                        self.tombstones.remove(&oldest);
+                    }
+                }
                 self.vpgs.remove(&id);
+                self.stood_down.remove(&id);
+                self.recovery_outcomes.remove(&id);
                 self.updating.remove(&id);
                 self.test_results.remove(&id);
                 self.recorded_status.remove(&id);
@@ -769,7 +823,58 @@ impl SiteState {
                     vpg: Some(id.clone()),
                     description,
                 });
+                self.recovery_outcomes.insert(
+                    id.clone(),
+                    crate::fence::RecoveryClaim::ended(&op, committed),
+                );
                 self.recoveries.remove(&id);
+                Ok(Applied::Done)
+            }
+            Command::StandDown { vpg, stand_down } => self.stand_down(vpg, stand_down),
+            Command::RecordDivergence {
+                vpg,
+                divergence,
+                now_ms,
+            } => {
+                let Some(d) = self
+                    .stood_down
+                    .get_mut(&vpg)
+                    .filter(|d| d.divergence.is_none())
+                else {
+                    return Ok(Applied::Done);
+                };
+                d.divergence = Some(divergence);
+                let description = format!(
+                    "VPG {vpg}: written here and not held by site {} (kept on this site's \
+                     disks until the operator chooses): {}",
+                    d.by,
+                    d.describe_divergence()
+                );
+                self.events.push(crate::events::NewEvent {
+                    at_ms: now_ms,
+                    code: crate::events::EventCode::Divergence,
+                    vpg: Some(vpg),
+                    description,
+                });
+                Ok(Applied::Done)
+            }
+            Command::StandUp { vpg, op, now_ms } => {
+                let lifted = self
+                    .stood_down
+                    .get(&vpg)
+                    .is_some_and(|d| !d.final_() && d.claim().is_some_and(|c| c.op == op));
+                if lifted {
+                    self.stood_down.remove(&vpg);
+                    self.events.push(crate::events::NewEvent {
+                        at_ms: now_ms,
+                        code: crate::events::EventCode::StoodUp,
+                        vpg: Some(vpg.clone()),
+                        description: format!(
+                            "VPG {vpg}: the peer rolled back recovery {op}: this site protects \
+                             the VMs again"
+                        ),
+                    });
+                }
                 Ok(Applied::Done)
             }
             Command::StartFailoverTest { test } => {
@@ -864,6 +969,7 @@ impl SiteState {
                 id,
                 generation,
                 operation,
+                event,
             } => {
                 let vpg = self
                     .vpgs
@@ -878,6 +984,9 @@ impl SiteState {
                     });
                 }
                 vpg.operation = operation;
+                if let Some(event) = event {
+                    self.events.push(event);
+                }
                 Ok(Applied::Done)
             }
             Command::BootstrapAdminToken { token, now_ms } => {
@@ -1085,7 +1194,7 @@ impl SiteState {
                 "VPG {id} is in operation {op:?}: it cannot be paused or resumed now"
             )));
         }
-        self.check_not_updating(id)
+        self.check_operable(id)
     }
 
     /// Whether a failover test of VPG `id` may start here: this site recovers it, no test
@@ -1114,7 +1223,7 @@ impl SiteState {
         if vpg.vms.is_empty() {
             return Err(DomainError::precondition(format!("VPG {id} has no VMs")));
         }
-        self.check_not_updating(id)
+        self.check_operable(id)
     }
 
     /// Whether a failover of VPG `id` may start here: this site recovers it, it has VMs,
@@ -1139,7 +1248,49 @@ impl SiteState {
         if vpg.vms.is_empty() {
             return Err(DomainError::precondition(format!("VPG {id} has no VMs")));
         }
-        self.check_not_updating(id)
+        self.check_operable(id)
+    }
+
+    fn stand_down(&mut self, id: VpgId, mut d: crate::fence::StandDown) -> CommandOutcome {
+        let vpg = self
+            .vpgs
+            .get(&id)
+            .ok_or_else(|| DomainError::not_found(VpgId::KIND, &id))?;
+        if Some(&vpg.protected_site) != self.site_id() {
+            return Err(DomainError::precondition(format!(
+                "VPG {id} is not protected by this site: nothing to stand down"
+            )));
+        }
+        let first = match self.stood_down.get(&id) {
+            Some(current) if current.cause == d.cause => return Ok(Applied::Done),
+            Some(current) => {
+                // The VRAs stood down already: what they counted stands.
+                d.divergence = current.divergence.clone();
+                d.since_ms = current.since_ms;
+                false
+            }
+            None => true,
+        };
+        let description = format!(
+            "VPG {:?} {} here: {}; this site's VRAs take no more writes to its volumes \
+             and stop replicating",
+            vpg.name,
+            if first {
+                "stood down"
+            } else {
+                "stays stood down"
+            },
+            d.describe()
+        );
+        self.events.push(crate::events::NewEvent {
+            at_ms: d.since_ms,
+            code: crate::events::EventCode::StoodDown,
+            vpg: Some(id.clone()),
+            description,
+        });
+        self.updating.remove(&id);
+        self.stood_down.insert(id, d);
+        Ok(Applied::Done)
     }
 
     /// A VPG that is being (or was) recovered keeps its definition: its VMs run on what
@@ -1222,12 +1373,18 @@ impl SiteState {
     }
 
     /// FAILED_PRECONDITION, with the reason, while the definition of VPG `id` is being
-    /// updated.
-    pub fn check_not_updating(&self, id: &VpgId) -> Result<(), DomainError> {
-        match self.updating.get(id) {
-            Some(u) => Err(being_updated(id, u)),
-            None => Ok(()),
+    /// updated, or while this site stands the VPG down (another site runs its VMs).
+    pub fn check_operable(&self, id: &VpgId) -> Result<(), DomainError> {
+        if let Some(u) = self.updating.get(id) {
+            return Err(being_updated(id, u));
         }
+        if let Some(d) = self.stood_down.get(id) {
+            return Err(DomainError::precondition(format!(
+                "VPG {id} stood down at this site: {}; its VMs run there",
+                d.describe()
+            )));
+        }
+        Ok(())
     }
 
     /// The VPG that protects `vm`, if any.
@@ -1303,6 +1460,7 @@ impl SiteState {
             for vm in vpg.vms.iter().map(|m| &m.placement.vm_id) {
                 self.vms.remove(vm);
             }
+            self.stood_down.remove(&vpg.id);
             self.events.push(crate::events::NewEvent {
                 at_ms: vpg.updated_at_ms,
                 code: crate::events::EventCode::ReverseProtection,
@@ -1355,6 +1513,22 @@ impl SiteState {
                 if self.recoveries.contains_key(&vpg.id) {
                     return Err(DomainError::precondition(format!(
                         "VPG {} is being recovered here: it cannot be turned around",
+                        vpg.id
+                    )));
+                }
+                // A site whose VMs ran until now first stands down and counts what they
+                // wrote that the other site lacks (the delta sync then overwrites it).
+                let counted = self
+                    .stood_down
+                    .get(&vpg.id)
+                    .is_some_and(|d| d.divergence.is_some());
+                if current.protected_site == own
+                    && current.operation != Some(Operation::Recovered)
+                    && !counted
+                {
+                    return Err(DomainError::precondition(format!(
+                        "VPG {} is still standing down here (its VRAs are counting what its \
+                         VMs wrote): retry",
                         vpg.id
                     )));
                 }
@@ -1699,7 +1873,11 @@ mod tests {
         .unwrap();
         assert!(!s.recorded_status.contains_key(&gone));
         assert_eq!(s.events.len(), events + 1);
-        s.apply(Command::DeleteVpg { id: id.clone() }).unwrap();
+        s.apply(Command::DeleteVpg {
+            id: id.clone(),
+            now_ms: 0,
+        })
+        .unwrap();
         assert!(s.recorded_status.is_empty());
     }
 
@@ -1776,12 +1954,9 @@ mod tests {
             keep_recovery_disks: false,
             now_ms: 8,
         }));
-        assert!(s.check_not_updating(&id).is_err());
+        assert!(s.check_operable(&id).is_err());
         // Another VPG is not affected.
-        assert!(
-            s.check_not_updating(&VpgId::minted("theirs".into()))
-                .is_ok()
-        );
+        assert!(s.check_operable(&VpgId::minted("theirs".into())).is_ok());
         s.apply(Command::EndVpgUpdate { id: id.clone() }).unwrap();
         pause(&mut s, "mine", true).unwrap();
         assert!(matches!(
@@ -1822,10 +1997,7 @@ mod tests {
             })
         };
         assert_eq!(put(&mut s, 4, Some(9)), Ok(Applied::Generation(9)));
-        assert!(
-            s.check_not_updating(&id).is_ok(),
-            "the put ended the update"
-        );
+        assert!(s.check_operable(&id).is_ok(), "the put ended the update");
         // A floor below the next generation changes nothing.
         assert_eq!(put(&mut s, 9, Some(3)), Ok(Applied::Generation(10)));
         assert!(matches!(
@@ -2148,9 +2320,57 @@ mod tests {
         stale.reversed_at = 4;
         assert!(put(&mut b, &stale).is_err());
         assert!(b.vms.contains_key(&vm));
+        // Not before b stood down and counted what its VMs wrote there.
+        let refused = put(&mut b, &turned);
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("standing down")),
+            "{refused:?}"
+        );
+        let mut op = test_op(id.as_str(), "r", 4);
+        op.new_generation = Some(10);
+        op.reverse = true;
+        let stand_down = crate::fence::StandDown {
+            by: SiteId::minted("a".into()),
+            cause: crate::fence::StandDownCause::Recovered(crate::fence::RecoveryClaim::ended(
+                &op, true,
+            )),
+            since_ms: 3000,
+            divergence: None,
+        };
+        b.apply(Command::StandDown {
+            vpg: id.clone(),
+            stand_down,
+        })
+        .unwrap();
+        assert!(
+            b.check_operable(&id).is_err(),
+            "no operations while stood down"
+        );
+        assert!(put(&mut b, &turned).is_err(), "still counting");
+        let divergence = vec![crate::fence::VolumeDivergence {
+            host: hb.clone(),
+            vm: vm.clone(),
+            volume_id: 0,
+            bytes: 1 << 20,
+            known: true,
+        }];
+        b.apply(Command::RecordDivergence {
+            vpg: id.clone(),
+            divergence,
+            now_ms: 3100,
+        })
+        .unwrap();
+        let told = &b.events.iter().last().unwrap().description;
+        assert!(told.contains("1048576 bytes"), "{told}");
         // The turn is taken: b is the recovery site, its VM is gone from its inventory
         // (its disk is the recovery disk, within the datastore's room).
         assert_eq!(put(&mut b, &turned), Ok(Applied::Generation(11)));
+        assert!(
+            b.stood_down.is_empty(),
+            "the new direction ends the stand-down"
+        );
         assert_eq!(b.vpgs[&id].recovery_site.as_str(), "b");
         assert!(!b.vms.contains_key(&vm));
         assert!(

@@ -19,6 +19,7 @@ use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::{Code, Status};
 
+use crate::audit_digest::{AuditRecord, Digest};
 use crate::error::{ApiError, ApiResult};
 use crate::site::{SiteManager, now_ms};
 
@@ -126,10 +127,11 @@ const AUDIT_BATCH: usize = 512;
 
 /// Records operator calls in the event log: a bounded queue, written by one task in
 /// batches (one Raft proposal per batch, not one per call). When the queue is full,
-/// callers wait: a call is never answered with its record dropped.
+/// callers wait: a call is never answered with its record dropped. The same refusal
+/// repeated within a minute is counted and told once ([`crate::audit_digest`]).
 #[derive(Clone)]
 pub struct AuditTrail {
-    tx: tokio::sync::mpsc::Sender<NewEvent>,
+    tx: tokio::sync::mpsc::Sender<AuditRecord>,
 }
 
 impl AuditTrail {
@@ -142,15 +144,35 @@ impl AuditTrail {
         let (tx, mut rx) = tokio::sync::mpsc::channel(AUDIT_QUEUE);
         let writer = async move {
             let mut batch = Vec::with_capacity(AUDIT_BATCH);
+            let mut digest = Digest::default();
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let n = tokio::select! {
-                    n = rx.recv_many(&mut batch, AUDIT_BATCH) => n,
-                    () = shutdown.cancelled() => rx.recv_many(&mut batch, AUDIT_BATCH).await,
+                    n = rx.recv_many(&mut batch, AUDIT_BATCH) => {
+                        if n == 0 {
+                            return;
+                        }
+                        n
+                    }
+                    _ = tick.tick() => 0,
+                    () = shutdown.cancelled() => {
+                        let n = rx.recv_many(&mut batch, AUDIT_BATCH).await;
+                        if n == 0 {
+                            return;
+                        }
+                        n
+                    }
                 };
-                if n == 0 {
-                    return;
+                let now = std::time::Instant::now();
+                let mut events: Vec<NewEvent> = batch
+                    .drain(..n)
+                    .filter_map(|r| digest.admit(r, now))
+                    .collect();
+                events.extend(digest.due(now));
+                if events.is_empty() {
+                    continue;
                 }
-                let events = std::mem::take(&mut batch);
                 let mut backoff = std::time::Duration::from_millis(50);
                 loop {
                     let cmd = Command::RecordEvents {
@@ -448,15 +470,18 @@ fn changes_state(path: &str) -> bool {
     )
 }
 
-/// Queues one call for the event log (waits while the queue is full).
+/// Queues one call for the event log (waits while the queue is full); a refusal is
+/// folded with the same caller's same refusals of the minute.
 async fn audit(trail: &AuditTrail, caller: &str, call: &str, outcome: &str) {
+    let description = format!("{call} by {caller}: {outcome}");
     let event = NewEvent {
         at_ms: now_ms(),
         code: EventCode::OperatorCall,
         vpg: None,
-        description: format!("{call} by {caller}: {outcome}"),
+        description: description.clone(),
     };
-    if trail.tx.send(event).await.is_err() {
+    let refusal = (outcome != "ok").then_some(description);
+    if trail.tx.send(AuditRecord { event, refusal }).await.is_err() {
         tracing::warn!(call, caller = %caller, outcome, "the audit trail has stopped: call not recorded");
     }
 }

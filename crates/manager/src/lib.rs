@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod api;
+pub mod audit_digest;
 pub mod ca_rotation;
 pub mod config;
 pub mod control;

@@ -443,7 +443,7 @@ impl SiteManager {
     ) -> ApiResult<v1::PeerMoveResponse> {
         let check = id.clone();
         self.node()
-            .read(move |s| s.check_not_updating(&check))
+            .read(move |s| s.check_operable(&check))
             .await??;
         let vras = self.protected_vras(&id).await?;
         self.set_vm_power(&vras, &id, false).await?;
@@ -531,14 +531,17 @@ impl SiteManager {
                             id: id.clone(),
                             generation,
                             operation: Some(tandem_core::status::Operation::Recovered),
+                            event: Some(tandem_core::events::NewEvent {
+                                at_ms: crate::site::now_ms(),
+                                code: EventCode::RecoveryCommitted,
+                                vpg: Some(id.clone()),
+                                description: format!(
+                                    "move {op} committed at the peer site: the protected VMs \
+                                     are removed here"
+                                ),
+                            }),
                         })
                         .await?;
-                    self.record_event(
-                        EventCode::RecoveryCommitted,
-                        Some(&id),
-                        format!("move {op} committed at the peer site: the protected VMs are removed here"),
-                    )
-                    .await;
                 }
             }
             return Ok(());

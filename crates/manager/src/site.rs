@@ -114,6 +114,10 @@ pub struct VpgView {
     pub live: Option<LiveStatus>,
     /// A failover test of it runs at this site.
     pub testing: bool,
+    /// The site whose VMs of the VPG run, as this site knows it.
+    pub owner: SiteId,
+    /// This site stood the VPG down (another site runs its VMs).
+    pub stood_down: Option<tandem_core::fence::StandDown>,
 }
 
 impl VpgView {
@@ -724,7 +728,7 @@ impl SiteManager {
         if &current.protected_site != own {
             return Err(DomainError::precondition("a VPG is edited at its protected site").into());
         }
-        s.check_not_updating(id)?;
+        s.check_operable(id)?;
         if current.generation != generation {
             return Err(DomainError::Conflict {
                 kind: "vpg".into(),
@@ -1084,12 +1088,21 @@ impl SiteManager {
             .node
             .read({
                 let id = id.clone();
-                move |s| s.vpgs.get(&id).map(|g| g.protected_site.clone())
+                move |s| {
+                    s.vpgs
+                        .get(&id)
+                        .map(|g| (g.protected_site.clone(), g.operation))
+                }
             })
             .await?;
         match owner {
             None => Ok(()),
-            Some(site) if site == from => self
+            Some((_, Some(Operation::Recovered))) => Err(DomainError::precondition(
+                "this site recovered the VPG and runs its VMs: delete it here, not from the \
+                 old protected site",
+            )
+            .into()),
+            Some((site, _)) if site == from => self
                 .node
                 .propose(Command::BeginVpgDelete {
                     id,
@@ -1115,12 +1128,19 @@ impl SiteManager {
         keep_recovery_disks: bool,
         force: bool,
     ) -> ApiResult<()> {
-        let (vpg, peer, own) = self
+        let (vpg, peer, own, away) = self
             .node
             .read({
                 let id = id.clone();
                 move |s| {
                     let g = s.vpgs.get(&id).cloned();
+                    // Its VMs run at the peer (stood down, or moved away): this site only
+                    // lets go of its copy, the peer's stays.
+                    let away = s.stood_down.contains_key(&id)
+                        || g.as_ref().is_some_and(|g| {
+                            g.operation == Some(Operation::Recovered)
+                                && Some(&g.protected_site) == s.site_id()
+                        });
                     let peer = g.as_ref().and_then(|g| {
                         let other = if Some(&g.protected_site) == s.site_id() {
                             &g.recovery_site
@@ -1129,7 +1149,7 @@ impl SiteManager {
                         };
                         s.peers.get(other).cloned()
                     });
-                    (g, peer, s.site_id().cloned())
+                    (g, peer, s.site_id().cloned(), away)
                 }
             })
             .await?;
@@ -1153,7 +1173,10 @@ impl SiteManager {
             ))
             .into());
         }
-        if protected_here && let Some(peer) = &peer {
+        if protected_here
+            && !away
+            && let Some(peer) = &peer
+        {
             let own = own.map(|s| s.to_string()).unwrap_or_default();
             let r = self
                 .peer_delete_vpg(peer, &id, own, keep_recovery_disks)
@@ -1169,7 +1192,10 @@ impl SiteManager {
         if force {
             let r = self
                 .node
-                .propose(Command::DeleteVpg { id: id.clone() })
+                .propose(Command::DeleteVpg {
+                    id: id.clone(),
+                    now_ms: now_ms(),
+                })
                 .await;
             self.instant_task(TaskKind::DeleteVpg, Some(&id), &r).await;
             r?;
@@ -1368,14 +1394,33 @@ impl SiteManager {
             .get(peer_id)
             .map(|p| p.name.clone())
             .unwrap_or_default();
+        let stood_down = s.stood_down.get(&g.id).cloned();
+        let owner = if let Some(d) = &stood_down {
+            d.by.clone()
+        } else if s.recoveries.contains_key(&g.id)
+            || (g.operation == Some(Operation::Recovered) && g.recovery_site == own)
+        {
+            own.clone()
+        } else if g.operation == Some(Operation::Recovered) {
+            g.recovery_site.clone()
+        } else {
+            g.protected_site.clone()
+        };
         // Until VRAs report in, what is known is the definition alone.
         let obs = VpgObservation {
             vm_count: g.vms.len(),
-            operation: g.operation,
+            operation: g
+                .operation
+                .or_else(|| stood_down.as_ref().and_then(|d| d.peer_operation())),
             sync: None,
             forced: false,
             pause: None,
-            faults: vec![],
+            faults: match &stood_down {
+                Some(d) if d.peer_operation().is_none() => {
+                    vec![tandem_core::status::Fault::NeedsConfiguration]
+                }
+                _ => vec![],
+            },
             backup_running: false,
             actual_rpo_secs: None,
             target_rpo_secs: g.settings.target_rpo_secs,
@@ -1391,6 +1436,8 @@ impl SiteManager {
             state: obs.evaluate(),
             live: None,
             testing: s.tests.contains_key(&g.id),
+            owner,
+            stood_down,
         }
     }
 

@@ -388,5 +388,30 @@ pub fn vpg_to_proto(g: &Vpg, own_site: &SiteId, peer_name: &str, status: v1::Vpg
             "incoming".into()
         },
         peer_site_name: peer_name.to_string(),
+        owner_site_id: String::new(),
+        stood_down: None,
+    }
+}
+
+/// The wire form of a stand-down.
+pub fn stand_down_to_proto(d: &tandem_core::fence::StandDown) -> v1::VpgStandDown {
+    v1::VpgStandDown {
+        by_site_id: d.by.to_string(),
+        what: d.describe(),
+        r#final: d.final_(),
+        since_ms: d.since_ms,
+        counted: d.divergence.is_some(),
+        divergence: d
+            .divergence
+            .iter()
+            .flatten()
+            .map(|v| v1::VpgDivergence {
+                host_id: v.host.to_string(),
+                vm_id: v.vm.to_string(),
+                volume_id: v.volume_id,
+                bytes: v.bytes,
+                known: v.known,
+            })
+            .collect(),
     }
 }

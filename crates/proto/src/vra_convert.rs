@@ -121,6 +121,8 @@ pub fn vpg_report(s: &v1::VpgReplicationStatus) -> VraVpgReport {
     let role = if s.role == v1::VraRole::Recovery as i32 || s.role == v1::VraRole::Recovered as i32
     {
         Role::Recovery
+    } else if s.role == v1::VraRole::StoodDown as i32 {
+        Role::StoodDown
     } else {
         Role::Protected
     };
@@ -176,6 +178,12 @@ pub fn vpg_report(s: &v1::VpgReplicationStatus) -> VraVpgReport {
             .iter()
             .filter_map(|j| Some((VmId::parse("vm_id", &j.vm_id).ok()?, j.size_bytes)))
             .collect(),
+        divergent: s
+            .divergent
+            .iter()
+            .filter_map(|d| Some((VmId::parse("vm_id", &d.vm_id).ok()?, d.volume_id, d.bytes)))
+            .collect(),
+        divergence_known: s.divergence_known,
     }
 }
 

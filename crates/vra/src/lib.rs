@@ -13,6 +13,8 @@
 //! - [`recovery`]: the recovery role (journals, receiver actor, acknowledgements,
 //!   point-in-time images).
 //! - [`hashes`]: block hashes and request checks of delta sync, shared by both roles.
+//! - [`stood_down`]: a protected VPG its managers stood down (another site runs its VMs):
+//!   no exports, no stream, the regions never acknowledged kept and counted.
 //! - [`rates`]: per-second rates from cumulative counters, for status.
 //! - [`vra`]: the registry of VPGs and the domain operations; [`service`]: thin tonic
 //!   services over it; [`state`]: what survives a restart; [`connector`]: the outgoing
@@ -39,6 +41,7 @@ pub mod renewal;
 pub mod sender;
 pub mod service;
 pub mod state;
+pub mod stood_down;
 pub mod sync;
 pub mod trust;
 pub mod vra;

@@ -369,6 +369,31 @@ impl VraControl for ControlService {
         Ok(Response::new(pb::VraEmpty {}))
     }
 
+    async fn stand_down(
+        &self,
+        req: Request<pb::StandDownRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let r = req.into_inner();
+        let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
+        if r.reason.len() > MAX_REASON_LEN {
+            return Err(Status::invalid_argument(format!(
+                "reason: must be at most {MAX_REASON_LEN} bytes"
+            )));
+        }
+        let reason = r.reason;
+        self.vra.stand_down(&vpg, reason).await.map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
+    async fn stand_up(
+        &self,
+        req: Request<pb::StandUpRequest>,
+    ) -> Result<Response<pb::VraEmpty>, Status> {
+        let vpg = parse_vpg(&req.into_inner().vpg_id).map_err(status)?;
+        self.vra.stand_up(&vpg).await.map_err(status)?;
+        Ok(Response::new(pb::VraEmpty {}))
+    }
+
     async fn rollback_recovery(
         &self,
         req: Request<pb::RollbackRecoveryRequest>,
@@ -417,6 +442,9 @@ fn check_sender(
     }
     Ok(())
 }
+
+/// The longest reason a stand-down may give (it is logged and reported).
+const MAX_REASON_LEN: usize = 1024;
 
 fn parse_op_id(s: &str) -> crate::error::VraResult<tandem_core::ids::RecoveryOpId> {
     Ok(tandem_core::ids::RecoveryOpId::parse("op_id", s)?)

@@ -25,6 +25,9 @@ pub struct Assignments {
     /// Protected VPGs whose VMs are powered off (their volumes not served).
     #[serde(default)]
     pub powered_off: Vec<tandem_core::ids::VpgId>,
+    /// Protected VPGs stood down by their managers (another site runs their VMs).
+    #[serde(default)]
+    pub stood_down: Vec<crate::stood_down::StoodDownRecord>,
 }
 
 /// Where the assignments live in a data directory.
@@ -94,6 +97,7 @@ mod tests {
             }],
             recovery: vec![],
             powered_off: vec![],
+            stood_down: vec![],
         };
         save(dir.path(), &a).expect("save");
         assert_eq!(load(dir.path()).expect("load"), a);

@@ -31,6 +31,7 @@ use crate::{
     recovered::{self, RecoveredPhase, RecoveredRecord, RecoveredVpg},
     recovery::{RecoveryVpg, StorageFault, VpgCheckpoint},
     state::{self, Assignments},
+    stood_down::StoodDownVpg,
 };
 use tandem_core::ids::RecoveryOpId;
 
@@ -51,6 +52,8 @@ enum Role {
     Recovery(Arc<RecoveryVpg>),
     /// Failed over or moved here (its replication stream is refused).
     Recovered(Arc<RecoveredVpg>),
+    /// Protected until its managers stood it down (another site runs its VMs).
+    StoodDown(Arc<StoodDownVpg>),
 }
 
 impl Role {
@@ -59,6 +62,7 @@ impl Role {
             Role::Protected(_) => "protected",
             Role::Recovery(_) => "recovery",
             Role::Recovered(_) => "recovered",
+            Role::StoodDown(_) => "stood down",
         }
     }
 }
@@ -161,6 +165,15 @@ impl Vra {
                 warn!(vpg = %vpg, error = %e, "restoring recovery assignment failed");
             }
         }
+        for record in saved.stood_down {
+            let sd = StoodDownVpg::restore(&self.inner.settings.data_dir, record);
+            info!(vpg = %sd.id(), "stood down (restored)");
+            self.inner
+                .vpgs
+                .lock()
+                .await
+                .insert(sd.id().clone(), Role::StoodDown(Arc::new(sd)));
+        }
         for a in saved.protected {
             let vpg = a.vpg.clone();
             let path = ProtectedVpg::map_path(&self.inner.settings.data_dir, &vpg);
@@ -182,6 +195,7 @@ impl Vra {
                 Role::Recovery(r) => a.recovery.push(r.assignment().clone()),
                 // Kept in its own record (`recovered.json`).
                 Role::Recovered(_) => {}
+                Role::StoodDown(d) => a.stood_down.push(d.record().clone()),
             }
         }
         // All of them, also of protected VPGs not restored yet (a persist during restore):
@@ -209,8 +223,25 @@ impl Vra {
         self.start_protected(a, StartKind::New).await
     }
 
-    async fn start_protected(&self, a: ProtectedAssignment, mut start: StartKind) -> VraResult<()> {
+    async fn start_protected(&self, a: ProtectedAssignment, start: StartKind) -> VraResult<()> {
         let mut vpgs = self.inner.vpgs.lock().await;
+        self.start_protected_locked(&mut vpgs, a, start).await
+    }
+
+    async fn start_protected_locked(
+        &self,
+        vpgs: &mut BTreeMap<VpgId, Role>,
+        a: ProtectedAssignment,
+        mut start: StartKind,
+    ) -> VraResult<()> {
+        if let Some(Role::StoodDown(d)) = vpgs.get(&a.vpg) {
+            return Err(DomainError::precondition(format!(
+                "vpg {} stood down here ({}): its managers lift that first",
+                a.vpg,
+                d.record().reason
+            ))
+            .into());
+        }
         if let Some(Role::Recovered(r)) = vpgs.get(&a.vpg) {
             // Reverse protection: the VMs recovered here are protected from their volumes
             // where they are.
@@ -269,8 +300,66 @@ impl Vra {
             added.push(name.clone());
         }
         vpgs.insert(a.vpg.clone(), Role::Protected(Arc::new(p)));
-        self.persist(&vpgs).await?;
+        self.persist(vpgs).await?;
         info!(vpg = %a.vpg, generation = a.generation.0, "assigned protected role");
+        Ok(())
+    }
+
+    /// Stands a protected VPG down (another site runs its VMs): its exports close once
+    /// the requests in flight are answered, its stream and syncs stop, and every region
+    /// its recovery VRA never acknowledged is kept (persisted) and counted. Idempotent.
+    pub async fn stand_down(&self, vpg: &VpgId, reason: String) -> VraResult<()> {
+        let mut vpgs = self.inner.vpgs.lock().await;
+        if let Some(Role::StoodDown(_)) = vpgs.get(vpg) {
+            return Ok(());
+        }
+        let p = protected_in(&vpgs, vpg)?;
+        self.remove_protected_exports(&p);
+        let carry = p.stop(false).await;
+        let dir = self.inner.settings.data_dir.clone();
+        let assignment = p.assignment().clone();
+        let reason_log = reason.clone();
+        let d = tokio::task::spawn_blocking(move || {
+            StoodDownVpg::from_carry(&dir, assignment, reason, carry)
+        })
+        .await
+        .map_err(|_| VraError::ShuttingDown)??;
+        let divergent: u64 = d.divergent().iter().map(|v| v.bytes).sum();
+        let known = d.record().known;
+        vpgs.insert(vpg.clone(), Role::StoodDown(Arc::new(d)));
+        self.persist(&vpgs).await?;
+        warn!(vpg = %vpg, reason = %reason_log, divergent_bytes = divergent, known,
+            "stood down: no more writes to its volumes, no replication");
+        Ok(())
+    }
+
+    /// The other site rolled its recovery back: a stood-down VPG takes its protected role
+    /// up again, syncing what it kept (bitmap sync; a delta sync when that is not known).
+    pub async fn stand_up(&self, vpg: &VpgId) -> VraResult<()> {
+        let mut vpgs = self.inner.vpgs.lock().await;
+        let d = match vpgs.get(vpg) {
+            Some(Role::StoodDown(d)) => d.clone(),
+            Some(Role::Protected(_)) => return Ok(()),
+            Some(other) => {
+                return Err(VraError::WrongRole {
+                    vpg: vpg.clone(),
+                    role: other.name(),
+                });
+            }
+            None => return Err(VraError::VpgNotFound(vpg.clone())),
+        };
+        vpgs.remove(vpg);
+        let start = StartKind::Replaced(d.carry());
+        if let Err(e) = self
+            .start_protected_locked(&mut vpgs, d.record().assignment.clone(), start)
+            .await
+        {
+            // Still stood down: nothing was lost.
+            vpgs.insert(vpg.clone(), Role::StoodDown(d));
+            return Err(e);
+        }
+        d.remove_files(&self.inner.settings.data_dir)?;
+        info!(vpg = %vpg, "stood up: protection resumes");
         Ok(())
     }
 
@@ -330,16 +419,7 @@ impl Vra {
     /// flight are answered; replication goes on) or on again. Persisted.
     pub async fn set_vm_power(&self, vpg: &VpgId, on: bool) -> VraResult<()> {
         let vpgs = self.inner.vpgs.lock().await;
-        let p = match vpgs.get(vpg) {
-            Some(Role::Protected(p)) => p.clone(),
-            Some(other) => {
-                return Err(VraError::WrongRole {
-                    vpg: vpg.clone(),
-                    role: other.name(),
-                });
-            }
-            None => return Err(VraError::VpgNotFound(vpg.clone())),
-        };
+        let p = protected_in(&vpgs, vpg)?;
         if on {
             for (name, vol) in p.volumes() {
                 let device: Arc<dyn BlockDevice> = vol.clone();
@@ -417,6 +497,18 @@ impl Vra {
             self.powered_off().remove(&a.vpg);
             vpgs.remove(&a.vpg);
             info!(vpg = %a.vpg, generation = a.generation.0, "protected role replaced by the recovery role");
+        }
+        if let Some(Role::StoodDown(d)) = vpgs.get(&a.vpg)
+            && d.record().assignment.generation < a.generation
+            && missing.is_none()
+        {
+            // Stood down, then turned around: what it kept here is overwritten by the
+            // delta sync of the new direction.
+            let d = d.clone();
+            d.remove_files(&self.inner.settings.data_dir)?;
+            self.powered_off().remove(&a.vpg);
+            vpgs.remove(&a.vpg);
+            info!(vpg = %a.vpg, generation = a.generation.0, "stood-down role replaced by the recovery role");
         }
         if let Some(role) = vpgs.get(&a.vpg) {
             let Role::Recovery(r) = role else {
@@ -509,6 +601,10 @@ impl Vra {
                 self.remove_recovered_exports(r);
                 r.stop().await;
             }
+            Role::StoodDown(d) => {
+                d.remove_files(&self.inner.settings.data_dir)?;
+                self.powered_off().remove(vpg);
+            }
         }
         self.persist(&vpgs).await?;
         if remove_recovery_data && let Role::Recovery(r) = &role {
@@ -537,13 +633,7 @@ impl Vra {
     }
 
     async fn protected(&self, vpg: &VpgId) -> VraResult<Arc<ProtectedVpg>> {
-        match self.role(vpg).await? {
-            Role::Protected(p) => Ok(p),
-            other => Err(VraError::WrongRole {
-                vpg: vpg.clone(),
-                role: other.name(),
-            }),
-        }
+        protected_in(&*self.inner.vpgs.lock().await, vpg)
     }
 
     /// The recovery role of a VPG (not found, or the wrong role, as an error).
@@ -700,10 +790,10 @@ impl Vra {
                 ))
                 .into());
             }
-            Role::Protected(_) => {
+            other @ (Role::Protected(_) | Role::StoodDown(_)) => {
                 return Err(VraError::WrongRole {
                     vpg: vpg.clone(),
-                    role: "protected",
+                    role: other.name(),
                 });
             }
             Role::Recovery(r) => r,
@@ -1013,6 +1103,7 @@ impl Vra {
                         ..Default::default()
                     });
                 }
+                Role::StoodDown(d) => out.push(d.status(self.powered_off().contains(d.id()))),
                 Role::Recovered(r) => {
                     let record = r.record();
                     out.push(pb::VpgReplicationStatus {
@@ -1220,8 +1311,22 @@ impl Vra {
                 Role::Protected(p) => drop(p.stop(true).await),
                 Role::Recovery(r) => r.stop().await,
                 Role::Recovered(r) => r.stop().await,
+                // Its map is on disk already.
+                Role::StoodDown(_) => {}
             }
         }
+    }
+}
+
+/// The protected role of `vpg` in `vpgs` (not found, or the wrong role, as an error).
+fn protected_in(vpgs: &BTreeMap<VpgId, Role>, vpg: &VpgId) -> VraResult<Arc<ProtectedVpg>> {
+    match vpgs.get(vpg) {
+        Some(Role::Protected(p)) => Ok(p.clone()),
+        Some(other) => Err(VraError::WrongRole {
+            vpg: vpg.clone(),
+            role: other.name(),
+        }),
+        None => Err(VraError::VpgNotFound(vpg.clone())),
     }
 }
 

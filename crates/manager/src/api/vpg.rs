@@ -62,7 +62,10 @@ pub(crate) fn status_to_proto(v: &VpgView) -> v1::VpgStatus {
 }
 
 fn to_proto(v: &VpgView) -> v1::Vpg {
-    cv::vpg_to_proto(&v.vpg, &v.own_site, &v.peer_name, status_to_proto(v))
+    let mut g = cv::vpg_to_proto(&v.vpg, &v.own_site, &v.peer_name, status_to_proto(v));
+    g.owner_site_id = v.owner.to_string();
+    g.stood_down = v.stood_down.as_ref().map(cv::stand_down_to_proto);
+    g
 }
 
 /// Checks a checkpoint listing query on receipt.

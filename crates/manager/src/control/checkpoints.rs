@@ -186,9 +186,16 @@ pub async fn take(
                 ))
                 .into());
             }
+            if let Some(d) = s.stood_down.get(vpg) {
+                return Err(DomainError::precondition(format!(
+                    "VPG {vpg} stood down here: {}; no checkpoints",
+                    d.describe()
+                ))
+                .into());
+            }
             if kind != Kind::Automatic {
                 // An operator's checkpoint is an operation; the automatic ones go on.
-                s.check_not_updating(vpg)?;
+                s.check_operable(vpg)?;
             }
             if let Some(vm) = vm
                 && !g.vm_ids().any(|v| v == vm)

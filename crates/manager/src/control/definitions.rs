@@ -4,7 +4,8 @@
 //! edits: both copies are brought back to this site's definition, at a generation above
 //! either. An update marker left by a node that died mid-edit is ended here too. A
 //! protected VM whose volumes change in the inventory (added, grown, removed) takes its
-//! VPG along: a new generation whose mirror has the inventory's volumes.
+//! VPG along: a new generation whose mirror has the inventory's volumes. A peer that
+//! refuses a push is asked again with a backoff (2 s doubling to 60 s).
 
 use std::time::Duration;
 
@@ -39,15 +40,19 @@ pub async fn reconcile(site: &SiteManager, state: &SiteState, vpg: &Vpg, now_ms:
     if mismatch.is_none() && update.is_none() {
         follow_inventory(site, state, vpg).await;
     }
-    if mismatch.is_some_and(|age| age >= SETTLE) {
-        match site.reconcile_definition(&vpg.id, peer.generation).await {
+    // A peer that refused is asked again after a wait that doubles with each refusal:
+    // asking on every pass (passes follow each commit) floods it and its audit trail.
+    if mismatch.is_some_and(|age| age >= SETTLE) && live.push_due(&vpg.id) {
+        let r = site.reconcile_definition(&vpg.id, peer.generation).await;
+        live.record_push(&vpg.id, r.is_ok());
+        match r {
             Ok(g) => tracing::info!(
                 vpg = %vpg.id, generation = g, was_here = vpg.generation, was_there = peer.generation,
                 "definition reconciled with the recovery site"
             ),
             Err(e) => tracing::warn!(
                 vpg = %vpg.id, here = vpg.generation, there = peer.generation, error = %e,
-                "definition not reconciled yet"
+                "definition not reconciled yet; asking again later"
             ),
         }
     }

@@ -135,11 +135,19 @@ struct Inner {
     follow_failed: HashMap<VpgId, (Instant, String)>,
     /// VPGs whose running sync the site manager paused once already.
     sync_paused: HashSet<VpgId>,
+    /// A VPG whose definition the peer refused: when to push it again, and the wait after
+    /// that (doubling, up to [`PUSH_RETRY_MAX`]).
+    push_refused: HashMap<VpgId, (Instant, Duration)>,
 }
 
 /// How long after a failed attempt the definitions controller tries again to bring a VPG
 /// up to date with its inventory (each attempt is an edit on both sites, with a task).
 pub const FOLLOW_RETRY: Duration = Duration::from_secs(10);
+
+/// The first wait before a definition the peer refused is pushed again.
+pub const PUSH_RETRY_MIN: Duration = Duration::from_secs(2);
+/// The longest wait between two pushes of a definition the peer keeps refusing.
+pub const PUSH_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Shared by the controllers and the API of one node; filled only while it leads.
 #[derive(Debug, Clone, Default)]
@@ -315,6 +323,13 @@ impl Live {
         Some(p.report.vpgs.iter().find(|g| &g.vpg == vpg).cloned())
     }
 
+    /// The last report of a peer, if it is recent enough to count as reachable.
+    pub fn peer_report(&self, site: &SiteId) -> Option<PeerReport> {
+        let inner = self.lock();
+        let p = inner.peers.get(site)?;
+        p.reachable().then(|| p.report.clone())
+    }
+
     /// How long VPG `vpg` has shown these generations (here, at the peer) without a
     /// change; `None` when they agree (which forgets the mismatch).
     pub fn generation_mismatch(&self, vpg: &VpgId, here: u64, there: u64) -> Option<Duration> {
@@ -332,6 +347,31 @@ impl Live {
             *entry = ((here, there), now);
         }
         Some(now - entry.1)
+    }
+
+    /// Whether the definition of `vpg` may be pushed to the peer now: not while the wait
+    /// after its last refusal runs.
+    pub fn push_due(&self, vpg: &VpgId) -> bool {
+        self.lock()
+            .push_refused
+            .get(vpg)
+            .is_none_or(|(next, _)| Instant::now() >= *next)
+    }
+
+    /// The outcome of a push: a refusal doubles the wait before the next one.
+    pub fn record_push(&self, vpg: &VpgId, ok: bool) {
+        let mut inner = self.lock();
+        if ok {
+            inner.push_refused.remove(vpg);
+            return;
+        }
+        let wait = inner
+            .push_refused
+            .get(vpg)
+            .map_or(PUSH_RETRY_MIN, |(_, w)| (*w * 2).min(PUSH_RETRY_MAX));
+        inner
+            .push_refused
+            .insert(vpg.clone(), (Instant::now() + wait, wait));
     }
 
     /// Whether a VPG may try to follow its inventory now: it has not failed to lately.
@@ -458,6 +498,7 @@ impl Live {
                         "the peer site holds no copy of the VPG",
                     )),
                     manager_paused: false,
+                    recovery: None,
                 };
                 Some(&missing)
             }
@@ -479,6 +520,7 @@ impl Live {
             peer,
             plan_error: plan_error.as_ref(),
             coordinated_checkpoint: coordinated,
+            stood_down: s.stood_down.get(&vpg.id),
             test_overdue: !protects
                 && tandem_core::recovery::test_overdue(
                     vpg.settings.test_reminder_months,
@@ -530,8 +572,24 @@ impl Live {
                 targets,
                 plan_error,
                 manager_paused: protects && vpg.paused_by_manager(),
+                recovery: s
+                    .recoveries
+                    .get(&vpg.id)
+                    .map(tandem_core::fence::RecoveryClaim::of_op)
+                    .unwrap_or_else(|| s.recovery_outcomes.get(&vpg.id).cloned()),
             });
         }
+        let deleted = s
+            .tombstones
+            .values()
+            .filter(|t| {
+                s.site_id().is_some_and(|own| {
+                    (&t.protected_site == own && &t.recovery_site == peer)
+                        || (&t.protected_site == peer && &t.recovery_site == own)
+                })
+            })
+            .cloned()
+            .collect();
         let your_cas = s
             .peers
             .get(peer)
@@ -549,6 +607,7 @@ impl Live {
             vpgs,
             your_cas,
             your_cas_applied,
+            deleted,
         }
     }
 }

@@ -6,6 +6,8 @@
 //! - [`poll`]: reads every VRA of this site and every peer site's report into [`Live`];
 //! - [`reconcile`]: assigns this site's VRAs from the plans of `tandem_core::protection`;
 //! - [`checkpoints`]: the checkpoint coordinator of the VPGs this site protects;
+//! - [`fence`]: stands down a VPG this site protects once another site runs its VMs
+//!   (recovered or deleted there), and follows where the other site's state leads;
 //! - [`definitions`]: keeps both sites' copies of each definition in line, and each VPG
 //!   in line with its VMs' inventory;
 //! - [`sync_pause`]: the replication pause time of a sync that would empty a journal;
@@ -16,6 +18,7 @@
 
 pub mod checkpoints;
 pub mod definitions;
+pub mod fence;
 pub mod live;
 pub mod monitor;
 pub mod poll;
@@ -422,7 +425,7 @@ fn force_sync_targets(s: &SiteState, id: &VpgId) -> ApiResult<(VpgId, Vec<String
             DomainError::precondition(format!("VPG {id} is paused: resume it first")).into(),
         );
     }
-    s.check_not_updating(id)?;
+    s.check_operable(id)?;
     if let Some(op) = g.operation {
         return Err(DomainError::precondition(format!(
             "VPG {id} is in operation {op:?}: a force sync must wait for it"

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use tandem_core::events::EventCode;
 use tandem_core::ids::{HostId, VpgId};
 use tandem_core::inventory::Host;
-use tandem_core::observe::{PlanError, PlanErrorKind, VraVpgReport};
+use tandem_core::observe::{PlanError, PlanErrorKind, Role, VraVpgReport};
 use tandem_core::protection::{self, ProtectedPlan, RecoveryPlan};
 use tandem_core::state::{Command, SiteState};
 use tandem_core::status::Operation;
@@ -118,6 +118,11 @@ pub async fn reconcile_once(site: &SiteManager) {
             }
             continue;
         }
+        if vpg.protected_site == own && super::fence::reconcile(site, &state, vpg, now).await {
+            // Another site runs its VMs: its VRAs here are the stand-down's.
+            unplanned.insert(vpg.id.clone());
+            continue;
+        }
         let planned = if vpg.protected_site == own {
             super::definitions::reconcile(site, &state, vpg, now).await;
             let plans = protection::protected_plans(vpg, &state);
@@ -150,6 +155,7 @@ pub async fn reconcile_once(site: &SiteManager) {
                 id: vpg.id.clone(),
                 generation: vpg.generation,
                 operation: None,
+                event: None,
             };
             match site.node().propose(cmd).await {
                 Ok(_) => tracing::info!(vpg = %vpg.id, "vpg created: initial sync done"),
@@ -193,6 +199,21 @@ pub async fn reconcile_once(site: &SiteManager) {
 
 async fn apply_protected(site: &SiteManager, state: &SiteState, vpg: &Vpg, plan: &ProtectedPlan) {
     let held = reported(site, &plan.host).and_then(|mut m| m.remove(&vpg.id));
+    if held.as_ref().is_some_and(|r| r.role == Role::StoodDown)
+        && let Some(host) = state.hosts.get(&plan.host)
+    {
+        // The peer rolled back the recovery it stood down for: protection resumes.
+        let req = v1::StandUpRequest {
+            vpg_id: vpg.id.to_string(),
+        };
+        let r = call_vra(site, &host.vra_address, |mut c| async move {
+            c.stand_up(vra_request(req)).await
+        })
+        .await
+        .map_err(PlanError::not_protected);
+        log_assign(site, r, &vpg.id, &plan.host, plan.generation, "stood up");
+        return;
+    }
     if let Some(r) = held.filter(|r| r.generation == plan.generation) {
         // Held as planned (also after a VRA restart restored it): no refusal stands.
         site.control()
@@ -471,18 +492,19 @@ async fn advance_delete(site: &SiteManager, state: &SiteState, vpg: &Vpg, now: u
             id: vpg.id.clone(),
             generation: vpg.generation,
             operation: Some(Operation::DeleteFailed),
-        };
-        if site.node().propose(cmd).await.is_ok() {
-            site.record_event(
-                EventCode::VpgDeleteFailed,
-                Some(&vpg.id),
-                format!(
+            event: Some(tandem_core::events::NewEvent {
+                at_ms: now,
+                code: EventCode::VpgDeleteFailed,
+                vpg: Some(vpg.id.clone()),
+                description: format!(
                     "VPG {:?} waiting to be removed: the VRAs of hosts {} did not confirm; retry the delete or force it",
                     vpg.name,
                     waiting.join(", ")
                 ),
-            )
-            .await;
+            }),
+        };
+        if let Err(e) = site.node().propose(cmd).await {
+            tracing::warn!(vpg = %vpg.id, error = %e, "delete failure not recorded");
         }
     }
 }
@@ -507,7 +529,10 @@ async fn finish_delete(site: &SiteManager, state: &SiteState, vpg: &Vpg, protect
     };
     if let Err(e) = site
         .node()
-        .propose(Command::DeleteVpg { id: vpg.id.clone() })
+        .propose(Command::DeleteVpg {
+            id: vpg.id.clone(),
+            now_ms: now_ms(),
+        })
         .await
     {
         tracing::warn!(vpg = %vpg.id, error = %e, "delete: definition not removed");

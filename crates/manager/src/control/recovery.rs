@@ -103,6 +103,13 @@ async fn drive(site: &SiteManager, state: &SiteState, op: &RecoveryOp) {
         RecoveryStep::PreparingSource => prepare_source(site, state, op).await,
         RecoveryStep::HandingOver => match finish_move(site, state, op, true).await {
             Ok(()) => end(site, op).await,
+            Err(e) if !protected_site_reachable(site, state, op) => {
+                // Committed here whatever it says: the protected site reads the outcome
+                // from this site's report when it returns, and stands down then.
+                tracing::warn!(vpg = %op.vpg, error = %e,
+                    "the protected site cannot be told: it stands down when it returns");
+                end(site, op).await;
+            }
             Err(e) => {
                 let error = Some(format!("removing the protected VMs: {e}"));
                 advance(site, op, op.step, None, error, None).await;
@@ -342,12 +349,7 @@ async fn roll_back(
     if op.touches_source()
         && let Err(e) = finish_move(site, state, op, false).await
     {
-        let reachable = state
-            .vpgs
-            .get(&op.vpg)
-            .and_then(|v| site.control().live.peer_vpg(&v.protected_site, &v.id))
-            .is_some();
-        if reachable {
+        if protected_site_reachable(site, state, op) {
             let error = Some(format!("powering the protected VMs on again: {e}"));
             return advance(site, op, RecoveryStep::RollingBack, None, error, None).await;
         }
@@ -356,6 +358,15 @@ async fn roll_back(
             "rolled back without the protected site: its VMs stay powered off there");
     }
     end(site, op).await;
+}
+
+/// Whether the protected site of the operation's VPG answers this site's poller.
+fn protected_site_reachable(site: &SiteManager, state: &SiteState, op: &RecoveryOp) -> bool {
+    state
+        .vpgs
+        .get(&op.vpg)
+        .and_then(|v| site.control().live.peer_vpg(&v.protected_site, &v.id))
+        .is_some()
 }
 
 /// Ends a promoted (committed) or rolled-back operation.
