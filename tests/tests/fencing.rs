@@ -438,3 +438,58 @@ async fn a_site_that_missed_a_delete_after_a_failover_removes_its_copy_and_keeps
     lab.down().await;
     Ok(())
 }
+
+/// The other way round: the protected site deletes the VPG (forced: the recovery site
+/// cannot be reached); the recovery site, back, deletes its copy too and keeps the
+/// recovery disks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_site_that_missed_a_delete_removes_its_copy_and_keeps_the_recovery_disks()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (lab, apis_a, apis_b, _) = recovery_lab(dir.path(), "vpg-rd").await?;
+    let link = lab.links.get(&lab.link_name(0, 1)).await?;
+    link.cut(CutMode::Drop).await?;
+    tandem(&apis_a, &["vpg", "delete", "vpg-rd", "--force"]).await?;
+    link.heal().await?;
+    let start = Instant::now();
+    loop {
+        let gone = tandem(&apis_b, &["vpg", "get", "vpg-rd"]).await.is_err();
+        if gone && vra_vpg_status(&lab, 1, "vpg-rd").await?.is_empty() {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "site b still holds vpg-rd: {:?}",
+                vpg(&apis_b, "vpg-rd").await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let kept = events_after(&apis_b, 0, "EV0040").await?;
+    assert!(
+        kept.iter().any(|e| e.description.contains(".replica")),
+        "{kept:?}"
+    );
+    let replicas = site_files(&dir.path().join(&lab.site_names[1]), ".replica")?;
+    assert_eq!(replicas, 4, "the recovery disks stay");
+    let mut lab = lab;
+    lab.down().await;
+    Ok(())
+}
+
+/// How many files under `root` end in `suffix`.
+fn site_files(root: &std::path::Path, suffix: &str) -> Result<usize> {
+    let mut n = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.to_string_lossy().ends_with(suffix) {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}

@@ -306,6 +306,18 @@ pub fn verdict(vpg: &Vpg, current: Option<&StandDown>, peer: PeerSays<'_>) -> Ve
     }
 }
 
+/// Whether this site, which recovers `vpg`, lets its copy go because the protected site
+/// (whose VMs run) deleted the VPG meanwhile: only a delete by the site that ran the VMs,
+/// of a generation not older than this copy, while nothing runs here.
+pub fn follows_delete(vpg: &Vpg, recovering_here: bool, tombstone: Option<&Tombstone>) -> bool {
+    tombstone.is_some_and(|t| {
+        t.owned_by_deleter
+            && t.generation >= vpg.generation
+            && t.protected_site == vpg.protected_site
+    }) && !recovering_here
+        && vpg.operation.is_none_or(|op| op == Operation::Creating)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,5 +512,30 @@ mod tests {
             ),
             Verdict::Keep
         );
+    }
+
+    #[test]
+    fn a_recovery_site_follows_only_the_protected_sites_own_delete_of_its_copy() {
+        let mut g = vpg(3);
+        // This copy is site b's, the recovery site; site a deleted it while b was away.
+        let t = Tombstone {
+            vpg: g.id.clone(),
+            name: g.name.clone(),
+            protected_site: SiteId::minted("a".into()),
+            recovery_site: SiteId::minted("b".into()),
+            generation: 3,
+            deleted_ms: 9,
+            owned_by_deleter: true,
+        };
+        assert!(follows_delete(&g, false, Some(&t)));
+        assert!(!follows_delete(&g, true, Some(&t)), "a recovery runs here");
+        assert!(!follows_delete(&g, false, None));
+        let older = Tombstone {
+            generation: 2,
+            ..t.clone()
+        };
+        assert!(!follows_delete(&g, false, Some(&older)));
+        g.operation = Some(Operation::Recovered);
+        assert!(!follows_delete(&g, false, Some(&t)), "its VMs run here");
     }
 }

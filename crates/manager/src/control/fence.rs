@@ -7,7 +7,9 @@
 //! that the VPG goes where the other site's state says: taken up again when the peer
 //! rolled back (EV0068), turned around by the peer's push (reverse protection), Recovered
 //! when the operation had shut the VMs down here, removed when the peer deleted it, or
-//! left stood down (Needs Configuration) until the operator chooses.
+//! left stood down (Needs Configuration) until the operator chooses. A site that recovers
+//! a VPG its protected site deleted while it was away deletes its copy too, keeping the
+//! recovery disks ([`follow_delete`]).
 
 use std::time::Duration;
 
@@ -80,6 +82,48 @@ pub async fn reconcile(site: &SiteManager, state: &SiteState, vpg: &Vpg, now: u6
     };
     apply(site, state, vpg, d, now).await;
     true
+}
+
+/// One look at `vpg`, which this site recovers: when the protected site deleted it
+/// meanwhile (this site was cut off), this site deletes its copy too, keeping the
+/// recovery disks (nothing is removed on inference). Answers whether it started that.
+pub async fn follow_delete(site: &SiteManager, state: &SiteState, vpg: &Vpg, now: u64) -> bool {
+    let Some(report) = site.control().live.peer_report(&vpg.protected_site) else {
+        return false;
+    };
+    if report.vpgs.iter().any(|g| g.vpg == vpg.id) {
+        return false;
+    }
+    let tombstone = report.deleted.iter().find(|t| t.vpg == vpg.id);
+    let recovering = state.recoveries.contains_key(&vpg.id) || state.tests.contains_key(&vpg.id);
+    if !tandem_core::fence::follows_delete(vpg, recovering, tombstone) {
+        return false;
+    }
+    tracing::warn!(vpg = %vpg.id, "the protected site deleted the VPG while this site was away: deleting this copy, keeping the recovery disks");
+    let cmd = Command::BeginVpgDelete {
+        id: vpg.id.clone(),
+        keep_recovery_disks: true,
+        now_ms: now,
+    };
+    match site.node().propose(cmd).await {
+        Ok(_) => {
+            site.record_event(
+                EventCode::VpgDeleteStarted,
+                Some(&vpg.id),
+                format!(
+                    "VPG {:?} was deleted at its protected site {} while this site was away: \
+                     deleting this copy, keeping its recovery disks",
+                    vpg.name, vpg.protected_site
+                ),
+            )
+            .await;
+            true
+        }
+        Err(e) => {
+            tracing::warn!(vpg = %vpg.id, error = %e, "could not follow the peer's delete");
+            false
+        }
+    }
 }
 
 /// What the peer's last report says of `vpg`.

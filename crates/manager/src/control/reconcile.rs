@@ -131,6 +131,10 @@ pub async fn reconcile_once(site: &SiteManager) {
             }
             plans.map(|p| p.into_iter().map(|p| p.host).collect::<Vec<_>>())
         } else {
+            if super::fence::follow_delete(site, &state, vpg, now).await {
+                unplanned.insert(vpg.id.clone());
+                continue;
+            }
             let plans = protection::recovery_plans(vpg, &state);
             for plan in plans.iter().flatten() {
                 apply_recovery(site, &state, plan).await;
