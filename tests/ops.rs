@@ -303,41 +303,49 @@ pub async fn revive(lab: &mut Lab, site: usize) -> Result<usize> {
     Ok(n)
 }
 
-/// Whether any file under `root` holds `run` bytes of `byte` in a row (on 4 KiB
-/// boundaries: how a test VM's write would land in a journal or a replica).
+/// Whether any file under `root` (or `root` itself, a file) holds `run` bytes of `byte`
+/// in a row (on 4 KiB boundaries: how a test VM's write would land in a journal or a
+/// replica).
 pub fn holds_run(
     root: &std::path::Path,
     byte: u8,
     run: usize,
 ) -> Result<Option<std::path::PathBuf>> {
-    use std::io::Read;
-    let want = vec![byte; 4096];
+    if root.is_file() {
+        return Ok(file_holds_run(root, byte, run)?.then(|| root.to_path_buf()));
+    }
     let mut dirs = vec![root.to_path_buf()];
     while let Some(d) = dirs.pop() {
         for e in std::fs::read_dir(&d)? {
             let path = e?.path();
             if path.is_dir() {
                 dirs.push(path);
-                continue;
-            }
-            let mut f = std::fs::File::open(&path)?;
-            let mut buf = vec![0u8; 4096];
-            let mut streak = 0;
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                if n == 4096 && buf == want {
-                    streak += 4096;
-                    if streak >= run {
-                        return Ok(Some(path));
-                    }
-                } else {
-                    streak = 0;
-                }
+            } else if file_holds_run(&path, byte, run)? {
+                return Ok(Some(path));
             }
         }
     }
     Ok(None)
+}
+
+fn file_holds_run(path: &std::path::Path, byte: u8, run: usize) -> Result<bool> {
+    use std::io::Read;
+    let want = vec![byte; 4096];
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 4096];
+    let mut streak = 0;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        if n == 4096 && buf == want {
+            streak += 4096;
+            if streak >= run {
+                return Ok(true);
+            }
+        } else {
+            streak = 0;
+        }
+    }
 }

@@ -186,9 +186,40 @@ async fn a_site_returning_after_a_committed_failover_stands_down_and_reports_wha
     eprintln!("site b audited {} calls since the heal", audited.len());
     assert!(audited.len() <= 3, "{audited:#?}");
     assert!(qemu_io(&old_vm_volume(&lab), "read 0 4k").is_err());
+
+    // The operator chooses reverse protection after all: site a's disks become the
+    // recovery disks and the delta sync overwrites what diverged there (it lands in site
+    // a's journal first: the disk takes it once promoted).
+    let image = vm0_disk_at_a(&lab)?;
+    assert!(holds_run(&image, 0x5a, MIB as usize)?.is_some());
+    tandem(&apis_b, &["failover", "protect-back", "vpg-sd"]).await?;
+    wait_vpg_cli(&apis_b, "vpg-sd", Duration::from_secs(90), &mut seen, |g| {
+        meeting_sla(g) && g.direction == "outgoing"
+    })
+    .await?;
+    let at_a = vpg(&apis_a, "vpg-sd").await?;
+    assert_eq!(at_a.direction, "incoming", "{at_a:?}");
+    assert!(at_a.stood_down.is_none(), "{at_a:?}");
+    let syncs = last_syncs(&lab, 1, "vpg-sd").await?;
+    let sent: u64 = syncs.iter().map(|s| s.1).sum();
+    eprintln!("protected back: {syncs:?}, {sent} bytes sent for 64 MiB");
+    assert!(
+        (MIB..=8 * MIB).contains(&sent),
+        "the delta sync sent {sent} bytes for the 1 MiB that diverged"
+    );
     let mut lab = lab;
     lab.down().await;
     Ok(())
+}
+
+/// The disk of VM 0's first volume at site a.
+fn vm0_disk_at_a(lab: &Lab) -> Result<std::path::PathBuf> {
+    lab.dir
+        .join(&lab.site_names[0])
+        .read_dir()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("vm-0").join("c0u0.img")))
+        .find(|p| p.exists())
+        .context("vm-0's disk at site a is gone")
 }
 
 /// The same with the failover still before commit at the heal: site a stands down within
@@ -421,13 +452,7 @@ async fn a_site_that_missed_a_delete_after_a_failover_removes_its_copy_and_keeps
         "{told:?}"
     );
     // The old VM's disk is still there, with what it wrote.
-    let image = dir
-        .path()
-        .join(&lab.site_names[0])
-        .read_dir()?
-        .filter_map(|e| e.ok().map(|e| e.path().join("vm-0").join("c0u0.img")))
-        .find(|p| p.exists())
-        .context("vm-0's disk at site a is gone")?;
+    let image = vm0_disk_at_a(&lab)?;
     let bytes = std::fs::read(&image)?;
     assert!(
         bytes[4 << 20..(4 << 20) + (256 << 10)]

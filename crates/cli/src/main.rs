@@ -1355,7 +1355,7 @@ fn vpg_head(view: VpgView) -> &'static [&'static str] {
 }
 
 /// One VPG in detail: the list row, then its figures and what is wrong.
-fn vpg_detail(fmt: Format, g: &v1::Vpg) {
+pub(crate) fn vpg_detail(fmt: Format, g: &v1::Vpg) {
     print(
         fmt,
         g,

@@ -104,6 +104,16 @@ pub enum FailoverCmd {
     },
     /// The failovers running at this site and their volumes (with nbd:// URIs).
     List { vpgs: Vec<String> },
+    /// Protects a VPG recovered here without reverse protection back towards its old
+    /// protected site: that site's original disks take a delta sync, which overwrites what
+    /// its VMs wrote there after the recovery (`tandem vpg get` there lists it first).
+    ProtectBack {
+        vpg: String,
+        /// A resource pool of the old protected site for the VMs (default: the VPG's
+        /// reverse_pool_id).
+        #[arg(long)]
+        reverse_pool: Option<String>,
+    },
 }
 
 /// The commit policy a command line names.
@@ -326,6 +336,16 @@ pub async fn failover(ch: Channel, fmt: Format, kind: Kind, c: FailoverCmd) -> R
                 .await?
                 .into_inner();
             show(r.operations);
+        }
+        FailoverCmd::ProtectBack { vpg, reverse_pool } => {
+            let g = cl
+                .protect_back(v1::ProtectBackRequest {
+                    vpg_id: vpg,
+                    reverse_pool_id: reverse_pool.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            crate::vpg_detail(fmt, &g);
         }
     }
     Ok(())

@@ -192,6 +192,14 @@ pub enum Command {
         divergence: Vec<crate::fence::VolumeDivergence>,
         now_ms: u64,
     },
+    /// Protects the VMs of a VPG recovered here without reverse protection back towards
+    /// its old protected site, over that site's original disks (a delta sync there), with
+    /// the old site's resource pool `pool` when given (else the one the VPG names).
+    ProtectBack {
+        vpg: VpgId,
+        pool: Option<crate::ids::PoolId>,
+        now_ms: u64,
+    },
     /// The peer rolled back the recovery `op` this site stood down for: protection
     /// resumes (a final stand-down is never lifted).
     StandUp {
@@ -831,6 +839,50 @@ impl SiteState {
                 Ok(Applied::Done)
             }
             Command::StandDown { vpg, stand_down } => self.stand_down(vpg, stand_down),
+            Command::ProtectBack { vpg, pool, now_ms } => {
+                let g = self
+                    .vpgs
+                    .get(&vpg)
+                    .ok_or_else(|| DomainError::not_found(VpgId::KIND, &vpg))?;
+                if Some(&g.recovery_site) != self.site_id()
+                    || g.operation != Some(Operation::Recovered)
+                    || self.recoveries.contains_key(&vpg)
+                {
+                    return Err(DomainError::precondition(format!(
+                        "VPG {vpg} is not recovered here: only a VPG this site recovered \
+                         (committed without reverse protection) is protected back"
+                    )));
+                }
+                let before = g.clone();
+                // A pool of the old protected site's inventory (not this site's).
+                if let Some(pool) = pool
+                    && let Some(g) = self.vpgs.get_mut(&vpg)
+                {
+                    g.settings.reverse.pool = Some(pool);
+                }
+                match self.reverse_protection(&vpg, now_ms) {
+                    Ok(generation) => {
+                        self.events.push(crate::events::NewEvent {
+                            at_ms: now_ms,
+                            code: crate::events::EventCode::ReverseProtection,
+                            vpg: Some(vpg.clone()),
+                            description: format!(
+                                "VPG {vpg} protected back to site {} (generation {generation}): \
+                                 its original disks there take a delta sync, which overwrites \
+                                 what its VMs there wrote after the recovery",
+                                before.protected_site
+                            ),
+                        });
+                        Ok(Applied::Generation(generation))
+                    }
+                    Err(e) => {
+                        self.vpgs.insert(vpg.clone(), before);
+                        Err(DomainError::precondition(format!(
+                            "VPG {vpg} cannot be protected back: {e}"
+                        )))
+                    }
+                }
+            }
             Command::RecordDivergence {
                 vpg,
                 divergence,

@@ -321,6 +321,23 @@ impl SiteManager {
             .ok_or_else(|| DomainError::not_found("recovery operation", &id).into())
     }
 
+    /// Protects a VPG recovered here without reverse protection back towards its old
+    /// protected site (`ProtectBack`); answers the turned VPG.
+    pub async fn protect_back(
+        &self,
+        id: VpgId,
+        pool: Option<tandem_core::ids::PoolId>,
+    ) -> ApiResult<crate::site::VpgView> {
+        self.node()
+            .propose(Command::ProtectBack {
+                vpg: id.clone(),
+                pool,
+                now_ms: crate::site::now_ms(),
+            })
+            .await?;
+        self.vpg(id).await
+    }
+
     /// The failovers and moves running at this site (of these VPGs; all when empty).
     pub async fn recoveries(&self, vpgs: Vec<VpgId>) -> ApiResult<Vec<RecoveryOp>> {
         self.node()

@@ -257,6 +257,24 @@ impl RecoveryService for RecoveryApi {
         Ok(Response::new(op_to_proto(op)))
     }
 
+    async fn protect_back(
+        &self,
+        r: Request<v1::ProtectBackRequest>,
+    ) -> Result<Response<v1::Vpg>, Status> {
+        let r = r.into_inner();
+        let vpg = one_vpg(&r.vpg_id)?;
+        let pool = if r.reverse_pool_id.is_empty() {
+            None
+        } else {
+            Some(
+                tandem_core::ids::PoolId::parse("reverse_pool_id", &r.reverse_pool_id)
+                    .map_err(bad)?,
+            )
+        };
+        let view = self.0.protect_back(vpg, pool).await?;
+        Ok(Response::new(super::vpg::view_to_proto(&view)))
+    }
+
     async fn list_recoveries(
         &self,
         r: Request<v1::ListRecoveriesRequest>,

@@ -61,7 +61,8 @@ pub(crate) fn status_to_proto(v: &VpgView) -> v1::VpgStatus {
     status
 }
 
-fn to_proto(v: &VpgView) -> v1::Vpg {
+/// The wire form of a VPG as this site sees it.
+pub(crate) fn view_to_proto(v: &VpgView) -> v1::Vpg {
     let mut g = cv::vpg_to_proto(&v.vpg, &v.own_site, &v.peer_name, status_to_proto(v));
     g.owner_site_id = v.owner.to_string();
     g.stood_down = v.stood_down.as_ref().map(cv::stand_down_to_proto);
@@ -151,13 +152,13 @@ impl VpgService for VpgApi {
         &self,
         _: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListVpgsResponse>, Status> {
-        let vpgs = self.0.vpgs().await?.iter().map(to_proto).collect();
+        let vpgs = self.0.vpgs().await?.iter().map(view_to_proto).collect();
         Ok(Response::new(v1::ListVpgsResponse { vpgs }))
     }
 
     async fn get_vpg(&self, r: Request<v1::GetRequest>) -> Result<Response<v1::Vpg>, Status> {
         let id = VpgId::parse("id", &r.into_inner().id).map_err(bad)?;
-        Ok(Response::new(to_proto(&self.0.vpg(id).await?)))
+        Ok(Response::new(view_to_proto(&self.0.vpg(id).await?)))
     }
 
     async fn create_vpg(
@@ -171,7 +172,9 @@ impl VpgService for VpgApi {
             Some(VpgId::parse("id", &r.id).map_err(bad)?)
         };
         let spec = cv::vpg_spec_from_proto(r.spec).map_err(bad)?;
-        Ok(Response::new(to_proto(&self.0.create_vpg(id, spec).await?)))
+        Ok(Response::new(view_to_proto(
+            &self.0.create_vpg(id, spec).await?,
+        )))
     }
 
     async fn update_vpg(
@@ -181,7 +184,7 @@ impl VpgService for VpgApi {
         let r = r.into_inner();
         let id = VpgId::parse("id", &r.id).map_err(bad)?;
         let spec = cv::vpg_spec_from_proto(r.spec).map_err(bad)?;
-        Ok(Response::new(to_proto(
+        Ok(Response::new(view_to_proto(
             &self
                 .0
                 .update_vpg(id, r.generation, spec, r.keep_removed_recovery_disks)
