@@ -121,6 +121,12 @@ pub struct Tombstone {
 }
 
 impl Tombstone {
+    /// Whether it is of `vpg` as this site holds it, not of an older VPG of the same id
+    /// (`vpg` was made after the delete: re-created).
+    pub fn outlived(&self, vpg: &Vpg) -> bool {
+        self.deleted_ms > vpg.created_at_ms
+    }
+
     /// The tombstone of `vpg` deleted at `site` at `now_ms`.
     pub fn of(vpg: &Vpg, site: &SiteId, now_ms: u64) -> Self {
         Self {
@@ -298,7 +304,7 @@ pub fn verdict(vpg: &Vpg, current: Option<&StandDown>, peer: PeerSays<'_>) -> Ve
             _ => lift(),
         },
         PeerSays::Gone { tombstone: Some(t) }
-            if t.owned_by_deleter && t.generation >= vpg.generation =>
+            if t.owned_by_deleter && t.generation >= vpg.generation && t.outlived(vpg) =>
         {
             stand_down(StandDownCause::Deleted(t.clone()))
         }
@@ -314,6 +320,7 @@ pub fn follows_delete(vpg: &Vpg, recovering_here: bool, tombstone: Option<&Tombs
         t.owned_by_deleter
             && t.generation >= vpg.generation
             && t.protected_site == vpg.protected_site
+            && t.outlived(vpg)
     }) && !recovering_here
         && vpg.operation.is_none_or(|op| op == Operation::Creating)
 }
@@ -501,6 +508,15 @@ mod tests {
             verdict(&g, None, PeerSays::Gone { tombstone: None }),
             Verdict::Keep
         );
+        let again = Vpg {
+            created_at_ms: 10,
+            ..g.clone()
+        };
+        assert_eq!(
+            verdict(&again, None, PeerSays::Gone { tombstone: Some(&t) }),
+            Verdict::Keep,
+            "a VPG of the same id made after the delete"
+        );
         let older = Tombstone { generation: 2, ..t };
         assert_eq!(
             verdict(
@@ -535,6 +551,12 @@ mod tests {
             ..t.clone()
         };
         assert!(!follows_delete(&g, false, Some(&older)));
+        let mut again = g.clone();
+        again.created_at_ms = 10;
+        assert!(
+            !follows_delete(&again, false, Some(&t)),
+            "a VPG of the same id made after the delete"
+        );
         g.operation = Some(Operation::Recovered);
         assert!(!follows_delete(&g, false, Some(&t)), "its VMs run here");
     }

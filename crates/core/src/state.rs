@@ -1530,6 +1530,8 @@ impl SiteState {
         }
         let generation = vpg.generation;
         self.updating.remove(&vpg.id);
+        // A live VPG has no tombstone (one of the same id made again).
+        self.tombstones.remove(&vpg.id);
         self.vpgs.insert(vpg.id.clone(), vpg);
         Ok(Applied::Generation(generation))
     }
