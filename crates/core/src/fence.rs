@@ -513,7 +513,13 @@ mod tests {
             ..g.clone()
         };
         assert_eq!(
-            verdict(&again, None, PeerSays::Gone { tombstone: Some(&t) }),
+            verdict(
+                &again,
+                None,
+                PeerSays::Gone {
+                    tombstone: Some(&t)
+                }
+            ),
             Verdict::Keep,
             "a VPG of the same id made after the delete"
         );
