@@ -12,9 +12,9 @@ use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use crate::pki::SERVER_NAME;
-use crate::record::TlsStream;
 
 /// Where a dial takes its client configuration from, at each connection (so a renewed
 /// certificate is presented from the next connection on).
@@ -86,7 +86,7 @@ impl HandshakeRefused {
 }
 
 impl tower::Service<http::Uri> for TlsDial {
-    type Response = TokioIo<TlsStream>;
+    type Response = TokioIo<TlsStream<TcpStream>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -112,7 +112,8 @@ impl tower::Service<http::Uri> for TlsDial {
                 sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(every))?;
             }
             let name = ServerName::try_from(SERVER_NAME)?;
-            let tls = crate::record::connect(config, name, tcp)
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
                 .await
                 .map_err(|e| -> BoxError {
                     // rustls reports a refused certificate (either side's) as bad data.
@@ -122,6 +123,7 @@ impl tower::Service<http::Uri> for TlsDial {
                         Box::new(e)
                     }
                 })?;
+            tls.get_mut().1.set_buffer_limit(Some(crate::SEND_BUFFER));
             Ok(TokioIo::new(tls))
         })
     }
@@ -134,10 +136,13 @@ pub async fn served_certificate(
     config: Arc<ClientConfig>,
 ) -> Result<Vec<u8>, BoxError> {
     let tcp = TcpStream::connect(addr).await?;
-    let tls = crate::record::connect(config, ServerName::try_from(SERVER_NAME)?, tcp).await?;
-    let leaf = tls
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from(SERVER_NAME)?, tcp)
+        .await?;
+    let (_, conn) = tls.get_ref();
+    let leaf = conn
         .peer_certificates()
-        .first()
+        .and_then(|c| c.first())
         .ok_or("the server presented no certificate")?;
     Ok(leaf.to_vec())
 }

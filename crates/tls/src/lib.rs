@@ -2,16 +2,15 @@
 //! ([`identity`]), the site CA that issues them and the files they live in ([`pki`]), the
 //! rustls configurations built from those files ([`config`]), the check of a site first
 //! met by its CA's fingerprint ([`pin`]), renewed certificates loaded while serving
-//! ([`reload`]), the dialer clients use ([`dial`]), and the TLS 1.3 record layer every
-//! connection runs after its rustls handshake ([`record`]). The acceptor side is
-//! `tandem_proto::transport`, the one acceptor.
+//! ([`reload`]), and the dialer clients use ([`dial`]). Every byte of TLS is stock rustls
+//! (through tokio-rustls): nothing here seals, opens or frames a record. The acceptor side
+//! is `tandem_proto::transport`, the one acceptor.
 
 pub mod config;
 pub mod dial;
 pub mod identity;
 pub mod pin;
 pub mod pki;
-pub mod record;
 pub mod reload;
 
 pub use config::{ClientAuth, LiveTls, TlsConfig};
@@ -48,6 +47,6 @@ pub(crate) fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     std::sync::Arc::new(provider)
 }
 
-/// How much sealed data a connection may hold before it is written out (a replication
-/// stream's sender then writes up to 64 records per syscall).
+/// How much encrypted data rustls may hold before it is written out: its 64 KiB default
+/// made a replication stream's sender write to its socket every 4 records.
 pub const SEND_BUFFER: usize = 1 << 20;
