@@ -434,3 +434,129 @@ async fn operator_calls_need_a_live_token_of_a_high_enough_role_and_are_audited(
     lab.down().await;
     Ok(())
 }
+
+/// 10 000 wrong join tokens from one address within a minute: RESOURCE_EXHAUSTED (with
+/// when to retry) once the source's attempts are spent; the Raft log grows by a few
+/// entries (refusals are audited in aggregate, per source, and a wrong token costs a read,
+/// not a proposal); operators' calls go on (their latency printed before and during).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessed_join_tokens_are_rate_limited_per_source_and_cost_the_log_a_few_entries()
+-> Result<()> {
+    use tandem_proto::v1::cluster_service_client::ClusterServiceClient;
+    use tandem_proto::v1::enrollment_client::EnrollmentClient;
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(&dir.path().join("lab"), 1, 1).await?;
+    let api = lab.sites[0][0].api.clone();
+    let bootstrap = std::fs::read_to_string(lab.dir.join(TOKEN_FILE))?;
+    let admin = as_token(&api, Some(&bootstrap)).await?;
+    let anonymous = as_token(&api, None).await?;
+    let log_index = || {
+        let admin = admin.clone();
+        async move {
+            anyhow::Ok(
+                ClusterServiceClient::new(admin)
+                    .get_cluster_status(v1::GetClusterStatusRequest {})
+                    .await?
+                    .into_inner()
+                    .last_log_index,
+            )
+        }
+    };
+    // An operator's call, timed.
+    let operator_call = || {
+        let admin = admin.clone();
+        async move {
+            let start = std::time::Instant::now();
+            HostServiceClient::new(admin)
+                .list_hosts(v1::ListRequest {})
+                .await?;
+            anyhow::Ok(start.elapsed())
+        }
+    };
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let mut quiet = Vec::new();
+    for _ in 0..20 {
+        quiet.push(operator_call().await?);
+    }
+    let before = log_index().await?;
+
+    let flood = async {
+        use futures::StreamExt;
+        let codes: Vec<Code> = futures::stream::iter(0..10_000u32)
+            .map(|i| {
+                let mut c = EnrollmentClient::new(anonymous.clone());
+                async move {
+                    code(
+                        c.join(v1::JoinRequest {
+                            token: format!("tdmj1.{i:08x}.{}.{}", "ab".repeat(16), "cd".repeat(32)),
+                            public_key: vec![4; 65],
+                            proof: vec![0; 64],
+                            role: v1::JoinRole::Vra as i32,
+                            id: "h1".into(),
+                        })
+                        .await,
+                    )
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        codes
+    };
+    let during = async {
+        let mut d = Vec::new();
+        for _ in 0..20 {
+            d.push(operator_call().await?);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::Ok(d)
+    };
+    let started = std::time::Instant::now();
+    let (codes, during) = tokio::join!(flood, during);
+    let took = started.elapsed();
+    let during = during?;
+    let exhausted = codes
+        .iter()
+        .filter(|c| **c == Code::ResourceExhausted)
+        .count();
+    let grew = log_index().await? - before;
+    eprintln!(
+        "10000 wrong join tokens in {took:?}: {exhausted} RESOURCE_EXHAUSTED, the rest {:?}; \
+         Raft log +{grew} entries; operator call p50 {:?} quiet, {:?} during",
+        codes
+            .iter()
+            .filter(|c| **c != Code::ResourceExhausted)
+            .fold(
+                std::collections::BTreeMap::<String, usize>::new(),
+                |mut m, c| {
+                    *m.entry(format!("{c:?}")).or_default() += 1;
+                    m
+                }
+            ),
+        median(quiet),
+        median(during.clone()),
+    );
+    assert!(took < Duration::from_secs(60), "the flood took {took:?}");
+    assert!(exhausted >= 10_000 - 200, "{exhausted} of 10000 limited");
+    assert!(grew <= 6, "the Raft log grew by {grew} entries");
+    // The refusals are in the event log once per kind and source, not once per call.
+    let events = MonitoringServiceClient::new(admin.clone())
+        .list_events(v1::ListEventsQuery {
+            code: "EV0070".into(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    let joins = events
+        .iter()
+        .filter(|e| e.description.contains("Enrollment.Join"))
+        .count();
+    assert!((1..=4).contains(&joins), "{events:#?}");
+    lab.down().await;
+    Ok(())
+}

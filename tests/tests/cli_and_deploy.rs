@@ -52,6 +52,22 @@ async fn cli_creates_from_spec_files_prints_json_and_fails_in_one_line() -> Resu
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v["capacity_bytes"], 2u64 << 40);
 
+    // A reader that closes the pipe at once (`tandem event list | head -0`): the CLI ends
+    // quietly with status 0.
+    let mut child = tandem_lab::lab::cli()
+        .args(["-e", &api, "event", "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    drop(child.stdout.take());
+    let out = child.wait_with_output()?;
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Errors: one line, non-zero exit.
     let out = tandem(&api, &["vm", "get", "nope"]);
     assert!(!out.status.success());

@@ -590,7 +590,9 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
         audited(1)
             .await?
             .iter()
-            .any(|d| d.contains("SitePeer.AcceptPairing") && d.contains("pairing token: ok")),
+            .any(|d| d.contains("SitePeer.AcceptPairing")
+                && d.contains("pairing token (from ")
+                && d.ends_with(": ok")),
         "site b recorded no accepted pairing"
     );
     lab.down().await;

@@ -439,6 +439,7 @@ enum ClusterCmd {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = match Cli::from_arg_matches(&with_spec_help(Cli::command()).get_matches()) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -450,6 +451,25 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tandem ... | head`: a reader that closes the pipe early is not an error. Rust ignores
+/// SIGPIPE, so a print to a closed stdout panics; that panic ends the CLI quietly with
+/// status 0 instead of a backtrace (any other panic is reported as before).
+fn quiet_on_closed_stdout() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        report(info);
+    }));
 }
 
 /// `tandem <kind> create --help` (and `edit`) shows the spec file's fields: the example

@@ -9,12 +9,113 @@ use crate::ids::{SiteId, check_address, check_name};
 /// How long a pairing token stays valid by default.
 pub const PAIRING_TOKEN_TTL_MS: u64 = 60 * 60 * 1000;
 
-/// A one-time secret that lets one other site pair with this one.
+/// A one-time secret that lets one other site pair with this one, as the site keeps it:
+/// the blake3 hash of the secret, never the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredPairingToken")]
 pub struct PairingToken {
-    pub token: String,
+    /// blake3 of the secret, hex.
+    pub token_hash: String,
     pub issued_at_ms: u64,
     pub expires_at_ms: u64,
+}
+
+/// A token as a snapshot or log entry holds it: those written before hashes were kept
+/// hold the secret, which is hashed as it is read (and never written again).
+#[derive(Deserialize)]
+struct StoredPairingToken {
+    #[serde(default)]
+    token_hash: String,
+    #[serde(default)]
+    token: LegacySecret,
+    issued_at_ms: u64,
+    expires_at_ms: u64,
+}
+
+impl From<StoredPairingToken> for PairingToken {
+    fn from(t: StoredPairingToken) -> Self {
+        Self {
+            token_hash: if t.token_hash.is_empty() {
+                t.token.hash()
+            } else {
+                t.token_hash
+            },
+            issued_at_ms: t.issued_at_ms,
+            expires_at_ms: t.expires_at_ms,
+        }
+    }
+}
+
+impl PairingToken {
+    /// A token for `secret`, valid from `now_ms` for `ttl_ms`.
+    pub fn new(secret: &PairingSecret, now_ms: u64, ttl_ms: u64) -> Self {
+        Self {
+            token_hash: secret.hash(),
+            issued_at_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(ttl_ms),
+        }
+    }
+
+    /// Whether `presented_hash` (blake3 hex of a presented secret) is this token's, in
+    /// constant time (blake3's `Hash` compares so).
+    pub fn matches(&self, presented_hash: &str) -> bool {
+        match (
+            blake3::Hash::from_hex(&self.token_hash),
+            blake3::Hash::from_hex(presented_hash),
+        ) {
+            (Ok(stored), Ok(presented)) => stored == presented,
+            _ => false,
+        }
+    }
+}
+
+/// A secret from a record written before hashes were kept: read only to be hashed; no
+/// Debug text.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct LegacySecret(String);
+
+impl LegacySecret {
+    /// blake3 of it, hex (of the empty string when there is none).
+    pub fn hash(&self) -> String {
+        blake3::hash(self.0.as_bytes()).to_hex().to_string()
+    }
+}
+
+impl std::fmt::Debug for LegacySecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "none"
+        } else {
+            "<secret>"
+        })
+    }
+}
+
+/// The secret of a pairing token, as issued or presented: shown to the operator once,
+/// hashed before it goes anywhere else (no Debug or Display: it never reaches a log).
+pub struct PairingSecret(String);
+
+impl PairingSecret {
+    /// A secret of 32 random bytes (the caller draws them: this crate does no IO), in hex.
+    pub fn from_random(bytes: [u8; 32]) -> Self {
+        Self(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// A presented secret (checked for length by the caller).
+    pub fn presented(secret: String) -> Self {
+        Self(secret)
+    }
+
+    /// blake3 of the secret, hex: what the state and the Raft log hold.
+    pub fn hash(&self) -> String {
+        blake3::hash(self.0.as_bytes()).to_hex().to_string()
+    }
+
+    /// The secret itself, to hand to the operator once.
+    pub fn reveal(&self) -> &str {
+        &self.0
+    }
 }
 
 /// What an operator carries from one site to the other: the token and, when the issuing

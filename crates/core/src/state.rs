@@ -99,9 +99,14 @@ pub enum Command {
         token: PairingToken,
         now_ms: u64,
     },
-    /// A peer presented `token`: consume it and record the peer.
+    /// A peer presented a pairing token whose hash is `token_hash`: consume it and record
+    /// the peer.
     AcceptPairing {
-        token: String,
+        #[serde(default)]
+        token_hash: String,
+        /// Entries written before hashes were proposed carry the secret: hashed on apply.
+        #[serde(default, rename = "token", skip_serializing)]
+        legacy_token: crate::pairing::LegacySecret,
         peer: PeerSite,
         now_ms: u64,
     },
@@ -443,12 +448,22 @@ impl SiteState {
                 Ok(Applied::Done)
             }
             Command::AcceptPairing {
-                token,
+                token_hash,
+                legacy_token,
                 peer,
                 now_ms,
             } => {
                 self.pairing_tokens.retain(|t| t.expires_at_ms > now_ms);
-                let Some(pos) = self.pairing_tokens.iter().position(|t| t.token == token) else {
+                let presented = if token_hash.is_empty() {
+                    legacy_token.hash()
+                } else {
+                    token_hash
+                };
+                let Some(pos) = self
+                    .pairing_tokens
+                    .iter()
+                    .position(|t| t.matches(&presented))
+                else {
                     return Err(DomainError::precondition(
                         "pairing token is unknown, used or expired",
                     ));
@@ -2033,6 +2048,56 @@ mod tests {
                 ca_pem: String::new(),
             },
         );
+    }
+
+    #[test]
+    fn pairing_tokens_are_kept_and_proposed_as_hashes_and_old_log_entries_still_apply() {
+        use crate::pairing::{PairingSecret, PairingToken};
+        let peer = |id: &str| PeerSite {
+            id: SiteId::minted(id.into()),
+            name: id.into(),
+            endpoints: vec!["127.0.0.1:1".into()],
+            paired_at_ms: 0,
+            bandwidth_limit_bytes_per_sec: 0,
+            ca_pem: String::new(),
+        };
+        let mut s = state();
+        let secret = PairingSecret::from_random([7; 32]);
+        let issue = Command::IssuePairingToken {
+            token: PairingToken::new(&secret, 0, 1000),
+            now_ms: 0,
+        };
+        // What the log and the state hold never contains the secret.
+        let logged = serde_json::to_string(&issue).unwrap();
+        assert!(!logged.contains(secret.reveal()), "{logged}");
+        s.apply(issue).unwrap();
+        assert!(!serde_json::to_string(&s).unwrap().contains(secret.reveal()));
+        let accept = |hash: String, p: &str| Command::AcceptPairing {
+            token_hash: hash,
+            legacy_token: Default::default(),
+            peer: peer(p),
+            now_ms: 10,
+        };
+        let wrong = PairingSecret::presented("0".repeat(64));
+        assert!(s.apply(accept(wrong.hash(), "c")).is_err());
+        s.apply(accept(secret.hash(), "c")).unwrap();
+        assert!(
+            s.apply(accept(secret.hash(), "d")).is_err(),
+            "a token is used once"
+        );
+        // Entries written before hashes were kept carry the secret: replayed, they apply
+        // as they did.
+        let mut old = state();
+        let old_issue = r#"{"IssuePairingToken":{"token":{"token":"s3cret","issued_at_ms":0,"expires_at_ms":1000},"now_ms":0}}"#;
+        old.apply(serde_json::from_str(old_issue).unwrap()).unwrap();
+        let old_accept = format!(
+            r#"{{"AcceptPairing":{{"token":"s3cret","peer":{},"now_ms":10}}}}"#,
+            serde_json::to_string(&peer("e")).unwrap()
+        );
+        old.apply(serde_json::from_str(&old_accept).unwrap())
+            .unwrap();
+        assert!(old.peers.contains_key(&SiteId::minted("e".into())));
+        assert!(!serde_json::to_string(&old).unwrap().contains("s3cret"));
     }
 
     #[test]

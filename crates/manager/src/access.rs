@@ -21,6 +21,7 @@ use tonic::{Code, Status};
 
 use crate::audit_digest::{AuditRecord, Digest};
 use crate::error::{ApiError, ApiResult};
+use crate::rate_limit::SourceLimits;
 use crate::site::{SiteManager, now_ms};
 
 /// What a call needs.
@@ -108,6 +109,7 @@ pub struct AccessLayer {
     site: SiteManager,
     audit: AuditTrail,
     listener: Listener,
+    limits: SourceLimits,
 }
 
 impl AccessLayer {
@@ -116,6 +118,7 @@ impl AccessLayer {
             site,
             audit,
             listener,
+            limits: SourceLimits::default(),
         }
     }
 }
@@ -206,6 +209,7 @@ impl<S> tower::Layer<S> for AccessLayer {
             site: self.site.clone(),
             audit: self.audit.clone(),
             listener: self.listener,
+            limits: self.limits.clone(),
         }
     }
 }
@@ -217,6 +221,7 @@ pub struct Access<S> {
     site: SiteManager,
     audit: AuditTrail,
     listener: Listener,
+    limits: SourceLimits,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -244,6 +249,7 @@ where
         let site = self.site.clone();
         let trail = self.audit.clone();
         let listener = self.listener;
+        let limits = self.limits.clone();
         Box::pin(async move {
             let path = req.uri().path().to_string();
             let needs = needs(&path);
@@ -259,17 +265,31 @@ where
                 .into_http());
             }
             let changes = changes_state(&path);
+            let source = source_of(&req);
             let needed = match needs {
                 Needs::Nothing | Needs::Pairing => {
-                    let response = inner.call(req).await?;
-                    if changes {
-                        let who = if needs == Needs::Pairing {
+                    if !changes {
+                        return inner.call(req).await;
+                    }
+                    let who = format!(
+                        "{} (from {})",
+                        if needs == Needs::Pairing {
                             "a caller presenting a pairing token"
                         } else {
                             "a new node presenting a join token"
-                        };
-                        audit(&trail, who, &call_name(&path), &outcome(&response)).await;
+                        },
+                        source.map_or_else(|| "an unknown address".into(), |ip| ip.to_string())
+                    );
+                    // A call no credential guards: a few attempts per source, then
+                    // RESOURCE_EXHAUSTED (refusals audited in aggregate, per source).
+                    if let Some(ip) = source
+                        && let Err(wait) = limits.take(ip, std::time::Instant::now())
+                    {
+                        audit(&trail, &who, &call_name(&path), "refused: rate limited").await;
+                        return Ok(rate_limited(ip, wait).into_http());
                     }
+                    let response = inner.call(req).await?;
+                    audit(&trail, &who, &call_name(&path), &outcome(&response)).await;
                     return Ok(response);
                 }
                 Needs::Member => {
@@ -308,6 +328,14 @@ where
             let caller = match authenticate(&site, &req) {
                 Ok(c) => c,
                 Err(rejected) => {
+                    // A source that keeps presenting bad tokens is told to slow down (a
+                    // good token always passes: an operator behind the same address is
+                    // not locked out).
+                    if let Some(ip) = source
+                        && let Err(wait) = limits.take(ip, std::time::Instant::now())
+                    {
+                        return Ok(rate_limited(ip, wait).into_http());
+                    }
                     tracing::warn!(call = %path, reason = %rejected, "call refused: unauthenticated");
                     return Ok(Status::unauthenticated(rejected.to_string()).into_http());
                 }
@@ -338,6 +366,27 @@ where
             Ok(response)
         })
     }
+}
+
+/// The address a call came from, if known.
+fn source_of(req: &Request<Body>) -> Option<std::net::IpAddr> {
+    req.extensions()
+        .get::<tandem_proto::transport::PeerInfo>()
+        .and_then(|i| i.remote)
+        .map(|a| a.ip())
+}
+
+/// RESOURCE_EXHAUSTED for a source out of attempts, with when to retry (also as
+/// `retry-after-ms` metadata).
+fn rate_limited(ip: std::net::IpAddr, wait: std::time::Duration) -> Status {
+    let mut status = Status::resource_exhausted(format!(
+        "too many attempts from {ip}: retry in {} s",
+        wait.as_secs().max(1)
+    ));
+    if let Ok(v) = wait.as_millis().to_string().parse() {
+        status.metadata_mut().insert("retry-after-ms", v);
+    }
+    status
 }
 
 /// The certificate a client presented on this connection, if any.

@@ -12,6 +12,7 @@ pub mod error;
 pub mod failpoint;
 pub mod net;
 pub mod node;
+pub mod rate_limit;
 pub mod recovery;
 pub mod server;
 pub mod site;

@@ -10,7 +10,7 @@ use tandem_core::error::Violations;
 use tandem_core::events::{EventCode, NewEvent};
 use tandem_core::ids::{SiteId, VpgId};
 use tandem_core::inventory::{Datastore, Host, ResourcePool, Vm};
-use tandem_core::pairing::{PAIRING_TOKEN_TTL_MS, PairingToken, PeerSite};
+use tandem_core::pairing::{PAIRING_TOKEN_TTL_MS, PairingSecret, PairingToken, PeerSite};
 use tandem_core::state::Applied;
 use tandem_core::state::{Command, SiteIdentity, SiteState};
 use tandem_core::status::{Operation, VpgObservation, VpgState};
@@ -260,7 +260,7 @@ impl SiteManager {
     pub async fn create_pairing_token(
         &self,
         ttl_secs: u64,
-    ) -> ApiResult<(PairingToken, SiteIdentity)> {
+    ) -> ApiResult<(PairingSecret, PairingToken, SiteIdentity)> {
         let identity = self.identity().await?;
         let ttl_ms = if ttl_secs == 0 {
             PAIRING_TOKEN_TTL_MS
@@ -268,22 +268,16 @@ impl SiteManager {
             ttl_secs.min(7 * 24 * 3600) * 1000
         };
         let now = now_ms();
-        let token = PairingToken {
-            token: format!(
-                "{}{}",
-                uuid::Uuid::new_v4().simple(),
-                uuid::Uuid::new_v4().simple()
-            ),
-            issued_at_ms: now,
-            expires_at_ms: now + ttl_ms,
-        };
+        // The state and the Raft log keep its hash; the secret is shown once.
+        let secret = PairingSecret::from_random(rand::random());
+        let token = PairingToken::new(&secret, now, ttl_ms);
         self.node
             .propose(Command::IssuePairingToken {
                 token: token.clone(),
                 now_ms: now,
             })
             .await?;
-        Ok((token, identity))
+        Ok((secret, token, identity))
     }
 
     /// Pairs with the site at `endpoints` (recorded as its endpoints) and tells it to reach
@@ -387,7 +381,11 @@ impl SiteManager {
     }
 
     /// The peer side of pairing: checks and consumes the token, records the requester.
-    pub async fn accept_pairing(&self, token: String, requester: PeerSite) -> ApiResult<PeerSite> {
+    pub async fn accept_pairing(
+        &self,
+        token: PairingSecret,
+        requester: PeerSite,
+    ) -> ApiResult<PeerSite> {
         if self.connector.site_tls().is_some() {
             tandem_tls::config::check_ca_bundle(&requester.ca_pem).map_err(|e| {
                 ApiError::Domain(DomainError::invalid(
@@ -396,12 +394,33 @@ impl SiteManager {
                 ))
             })?;
         }
+        // A token that is not live here is refused without a proposal (a guessing caller
+        // costs reads, not Raft entries).
+        let hash = token.hash();
+        let live = self
+            .node
+            .read({
+                let hash = hash.clone();
+                move |s| {
+                    let now = now_ms();
+                    s.pairing_tokens
+                        .iter()
+                        .any(|t| t.expires_at_ms > now && t.matches(&hash))
+                }
+            })
+            .await?;
+        if !live {
+            return Err(
+                DomainError::precondition("pairing token is unknown, used or expired").into(),
+            );
+        }
         let me = self.self_as_peer().await?;
         let mut peer = requester;
         peer.paired_at_ms = now_ms();
         self.node
             .propose(Command::AcceptPairing {
-                token,
+                token_hash: hash,
+                legacy_token: Default::default(),
                 peer,
                 now_ms: now_ms(),
             })

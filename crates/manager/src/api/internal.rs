@@ -116,7 +116,8 @@ impl SitePeer for PeerApi {
         if r.token.is_empty() || r.token.len() > 256 {
             return Err(Status::invalid_argument("token: must be 1..256 characters"));
         }
-        let me = self.0.accept_pairing(r.token, requester).await?;
+        let token = tandem_core::pairing::PairingSecret::presented(r.token);
+        let me = self.0.accept_pairing(token, requester).await?;
         Ok(Response::new(peer_to_proto(&me)))
     }
 

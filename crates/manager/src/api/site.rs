@@ -63,10 +63,10 @@ impl SiteService for SiteApi {
         &self,
         r: Request<v1::CreatePairingTokenRequest>,
     ) -> Result<Response<v1::PairingToken>, Status> {
-        let (t, site) = self.0.create_pairing_token(r.into_inner().ttl_secs).await?;
+        let (secret, t, site) = self.0.create_pairing_token(r.into_inner().ttl_secs).await?;
         let fingerprint = self.0.ca_fingerprint()?;
         Ok(Response::new(v1::PairingToken {
-            token: tandem_core::pairing::pairing_code(&t.token, fingerprint.as_deref()),
+            token: tandem_core::pairing::pairing_code(secret.reveal(), fingerprint.as_deref()),
             expires_at_ms: t.expires_at_ms,
             site_id: site.id.to_string(),
             site_name: site.name,
