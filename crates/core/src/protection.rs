@@ -52,6 +52,17 @@ pub struct VmPlan {
     pub datastore_path: String,
 }
 
+/// "vm: path" of every volume of `vms`, for messages that name disks.
+pub fn disk_labels<'a>(vms: impl IntoIterator<Item = &'a VmPlan>) -> Vec<String> {
+    vms.into_iter()
+        .flat_map(|vm| {
+            vm.volumes
+                .iter()
+                .map(move |v| format!("{}: {}", vm.vm, v.path))
+        })
+        .collect()
+}
+
 /// The protected role of one host for one VPG.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProtectedPlan {

@@ -302,16 +302,8 @@ async fn forget(site: &SiteManager, state: &SiteState, vpg: &Vpg, d: &StandDown,
     if holding > 0 {
         return;
     }
-    let disks: Vec<String> = protection::protected_plans(vpg, state)
-        .unwrap_or_default()
-        .iter()
-        .flat_map(|p| &p.vms)
-        .flat_map(|vm| {
-            vm.volumes
-                .iter()
-                .map(move |v| format!("{}: {}", vm.vm, v.path))
-        })
-        .collect();
+    let plans = protection::protected_plans(vpg, state).unwrap_or_default();
+    let disks = protection::disk_labels(plans.iter().flat_map(|p| &p.vms));
     let cmd = Command::DeleteVpg {
         id: vpg.id.clone(),
         now_ms: now_ms(),

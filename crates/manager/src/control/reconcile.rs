@@ -516,17 +516,7 @@ async fn advance_delete(site: &SiteManager, state: &SiteState, vpg: &Vpg, now: u
 async fn finish_delete(site: &SiteManager, state: &SiteState, vpg: &Vpg, protects: bool) {
     let kept: Vec<String> = if !protects && vpg.keep_recovery_disks {
         protection::recovery_plans(vpg, state)
-            .map(|plans| {
-                plans
-                    .iter()
-                    .flat_map(|p| &p.vms)
-                    .flat_map(|vm| {
-                        vm.volumes
-                            .iter()
-                            .map(move |v| format!("{}: {}", vm.vm, v.path))
-                    })
-                    .collect()
-            })
+            .map(|plans| protection::disk_labels(plans.iter().flat_map(|p| &p.vms)))
             .unwrap_or_default()
     } else {
         Vec::new()
