@@ -200,13 +200,6 @@ impl StandDown {
         }
     }
 
-    /// Bytes written here that the other site does not hold, over every volume (None until
-    /// counted), and whether every VRA could tell.
-    pub fn divergent_bytes(&self) -> Option<(u64, bool)> {
-        let d = self.divergence.as_ref()?;
-        Some((d.iter().map(|v| v.bytes).sum(), d.iter().all(|v| v.known)))
-    }
-
     /// What happened, for an operator: "site B failed the VPG over to checkpoint 12,
     /// committed (generation 5)".
     pub fn describe(&self) -> String {

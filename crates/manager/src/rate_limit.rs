@@ -37,16 +37,6 @@ pub struct SourceLimits {
 }
 
 impl SourceLimits {
-    /// Whether `source` may make an attempt now (nothing is spent); else how long until
-    /// it may.
-    pub fn check(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
-        let buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        match buckets.get(&source) {
-            Some(b) if b.refilled(now) < 1.0 => Err(wait_for_one(b.refilled(now))),
-            _ => Ok(()),
-        }
-    }
-
     /// Spends one attempt of `source`; when it has none, how long until it has.
     pub fn take(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
@@ -104,11 +94,9 @@ mod tests {
             wait > Duration::from_millis(900) && wait <= Duration::from_secs(1),
             "{wait:?}"
         );
-        assert!(limits.check(ip(1), t0).is_err());
         assert!(limits.take(ip(2), t0).is_ok(), "another source");
         let later = t0 + Duration::from_secs(1);
-        assert!(limits.check(ip(1), later).is_ok());
-        assert!(limits.take(ip(1), later).is_ok());
+        assert!(limits.take(ip(1), later).is_ok(), "one earned back");
         assert!(limits.take(ip(1), later).is_err());
         // 10 000 attempts in a minute get through at most the burst and a minute's refill.
         let limits = SourceLimits::default();

@@ -548,15 +548,14 @@ impl SiteManager {
                             id: id.clone(),
                             generation,
                             operation: Some(tandem_core::status::Operation::Recovered),
-                            event: Some(tandem_core::events::NewEvent {
-                                at_ms: crate::site::now_ms(),
-                                code: EventCode::RecoveryCommitted,
-                                vpg: Some(id.clone()),
-                                description: format!(
+                            event: Some(crate::site::new_event(
+                                EventCode::RecoveryCommitted,
+                                &id,
+                                format!(
                                     "move {op} committed at the peer site: the protected VMs \
                                      are removed here"
                                 ),
-                            }),
+                            )),
                         })
                         .await?;
                 }

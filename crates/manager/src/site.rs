@@ -52,7 +52,8 @@ fn new_task(
 }
 
 /// An event of a VPG, happening now.
-fn new_event(code: EventCode, vpg: &VpgId, description: String) -> NewEvent {
+/// An event of VPG `vpg` now.
+pub(crate) fn new_event(code: EventCode, vpg: &VpgId, description: String) -> NewEvent {
     NewEvent {
         at_ms: now_ms(),
         code,

@@ -14,9 +14,11 @@
 use std::time::Duration;
 
 use tandem_core::events::EventCode;
-use tandem_core::fence::{PeerSays, StandDown, StandDownCause, Verdict, VolumeDivergence, verdict};
-use tandem_core::ids::{HostId, VmId};
-use tandem_core::observe::{PeerReport, Role, VraSeen};
+use tandem_core::fence::{
+    PeerSays, StandDown, StandDownCause, Tombstone, Verdict, VolumeDivergence, verdict,
+};
+use tandem_core::ids::{HostId, SiteId, VmId};
+use tandem_core::observe::{PeerVpgReport, Role, VraSeen};
 use tandem_core::protection::{self, ProtectedPlan};
 use tandem_core::state::{Command, SiteState};
 use tandem_core::status::Operation;
@@ -25,7 +27,7 @@ use tandem_proto::v1;
 
 use super::{call_vra, vra_request};
 use crate::failpoint;
-use crate::site::{SiteManager, now_ms};
+use crate::site::{SiteManager, new_event, now_ms};
 
 /// How long a stand-down waits for VRAs that cannot be reached before it records their
 /// volumes' divergence as unknown (they take no writes while unreachable, and stand
@@ -36,8 +38,17 @@ pub const COUNT_PATIENCE: Duration = Duration::from_secs(15);
 /// being) stood down, in which case the caller leaves its protected role alone.
 pub async fn reconcile(site: &SiteManager, state: &SiteState, vpg: &Vpg, now: u64) -> bool {
     let current = state.stood_down.get(&vpg.id);
-    let report = site.control().live.peer_report(&vpg.recovery_site);
-    let says = peer_says(report.as_ref(), vpg);
+    let (held, tombstone) = peer_view(site, &vpg.recovery_site, vpg);
+    let says = match (&held, &tombstone) {
+        (None, _) => PeerSays::Unreachable,
+        (Some(Some(g)), _) => PeerSays::Holds {
+            generation: g.generation,
+            claim: g.recovery.as_ref(),
+        },
+        (Some(None), t) => PeerSays::Gone {
+            tombstone: t.as_ref(),
+        },
+    };
     match verdict(vpg, current, says) {
         Verdict::Keep => {}
         Verdict::StandDown(cause) => {
@@ -60,18 +71,16 @@ pub async fn reconcile(site: &SiteManager, state: &SiteState, vpg: &Vpg, now: u6
             return true;
         }
         Verdict::StandUp => {
-            let Some(op) = current.and_then(StandDown::claim).map(|c| c.op.clone()) else {
-                return true;
-            };
-            tracing::info!(vpg = %vpg.id, %op, "the peer rolled its recovery back: standing up");
-            let cmd = Command::StandUp {
-                vpg: vpg.id.clone(),
-                op,
-                now_ms: now,
-            };
-            if let Err(e) = site.node().propose(cmd).await {
-                tracing::warn!(vpg = %vpg.id, error = %e, "stand-up not recorded");
-                return true;
+            if let Some(op) = current.and_then(StandDown::claim).map(|c| c.op.clone()) {
+                tracing::info!(vpg = %vpg.id, %op, "the peer rolled its recovery back: standing up");
+                let cmd = Command::StandUp {
+                    vpg: vpg.id.clone(),
+                    op,
+                    now_ms: now,
+                };
+                if let Err(e) = site.node().propose(cmd).await {
+                    tracing::warn!(vpg = %vpg.id, error = %e, "stand-up not recorded");
+                }
             }
             // The reconciler takes the protected role up again on the next pass.
             return true;
@@ -88,15 +97,12 @@ pub async fn reconcile(site: &SiteManager, state: &SiteState, vpg: &Vpg, now: u6
 /// meanwhile (this site was cut off), this site deletes its copy too, keeping the
 /// recovery disks (nothing is removed on inference). Answers whether it started that.
 pub async fn follow_delete(site: &SiteManager, state: &SiteState, vpg: &Vpg, now: u64) -> bool {
-    let Some(report) = site.control().live.peer_report(&vpg.protected_site) else {
+    // Only when the peer answers and holds no copy.
+    let (Some(None), tombstone) = peer_view(site, &vpg.protected_site, vpg) else {
         return false;
     };
-    if report.vpgs.iter().any(|g| g.vpg == vpg.id) {
-        return false;
-    }
-    let tombstone = report.deleted.iter().find(|t| t.vpg == vpg.id);
     let recovering = state.recoveries.contains_key(&vpg.id) || state.tests.contains_key(&vpg.id);
-    if !tandem_core::fence::follows_delete(vpg, recovering, tombstone) {
+    if !tandem_core::fence::follows_delete(vpg, recovering, tombstone.as_ref()) {
         return false;
     }
     tracing::warn!(vpg = %vpg.id, "the protected site deleted the VPG while this site was away: deleting this copy, keeping the recovery disks");
@@ -126,20 +132,20 @@ pub async fn follow_delete(site: &SiteManager, state: &SiteState, vpg: &Vpg, now
     }
 }
 
-/// What the peer's last report says of `vpg`.
-fn peer_says<'a>(report: Option<&'a PeerReport>, vpg: &Vpg) -> PeerSays<'a> {
-    let Some(report) = report else {
-        return PeerSays::Unreachable;
+/// What peer `site`'s last report says of `vpg`: None when it cannot be reached, else
+/// its copy (None: it holds none) and, without a copy, its tombstone of it.
+fn peer_view(
+    site: &SiteManager,
+    peer: &SiteId,
+    vpg: &Vpg,
+) -> (Option<Option<PeerVpgReport>>, Option<Tombstone>) {
+    let live = &site.control().live;
+    let held = live.peer_vpg(peer, &vpg.id);
+    let tombstone = match held {
+        Some(None) => live.peer_tombstone(peer, &vpg.id),
+        _ => None,
     };
-    match report.vpgs.iter().find(|g| g.vpg == vpg.id) {
-        Some(g) => PeerSays::Holds {
-            generation: g.generation,
-            claim: g.recovery.as_ref(),
-        },
-        None => PeerSays::Gone {
-            tombstone: report.deleted.iter().find(|t| t.vpg == vpg.id),
-        },
-    }
+    (held, tombstone)
 }
 
 /// The protected VRAs of a stood-down VPG: stood down, counted, then where the cause
@@ -227,7 +233,7 @@ async fn apply(site: &SiteManager, state: &SiteState, vpg: &Vpg, d: &StandDown, 
                 operation: Some(Operation::Recovered),
                 event: Some(new_event(
                     EventCode::RecoveryCommitted,
-                    vpg,
+                    &vpg.id,
                     format!(
                         "{}: the protected VMs are removed here (their disks stay)",
                         d.describe()
@@ -244,15 +250,6 @@ async fn apply(site: &SiteManager, state: &SiteState, vpg: &Vpg, d: &StandDown, 
         // Reverse protection arrives as the peer's turned definition; otherwise the
         // operator chooses (Needs Configuration).
         StandDownCause::Recovered(_) => {}
-    }
-}
-
-fn new_event(code: EventCode, vpg: &Vpg, description: String) -> tandem_core::events::NewEvent {
-    tandem_core::events::NewEvent {
-        at_ms: now_ms(),
-        code,
-        vpg: Some(vpg.id.clone()),
-        description,
     }
 }
 

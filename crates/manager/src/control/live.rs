@@ -323,11 +323,15 @@ impl Live {
         Some(p.report.vpgs.iter().find(|g| &g.vpg == vpg).cloned())
     }
 
-    /// The last report of a peer, if it is recent enough to count as reachable.
-    pub fn peer_report(&self, site: &SiteId) -> Option<PeerReport> {
+    /// The tombstone a reachable peer reported of `vpg` (it deleted it), if any.
+    pub fn peer_tombstone(
+        &self,
+        site: &SiteId,
+        vpg: &VpgId,
+    ) -> Option<tandem_core::fence::Tombstone> {
         let inner = self.lock();
-        let p = inner.peers.get(site)?;
-        p.reachable().then(|| p.report.clone())
+        let p = inner.peers.get(site).filter(|p| p.reachable())?;
+        p.report.deleted.iter().find(|t| &t.vpg == vpg).cloned()
     }
 
     /// How long VPG `vpg` has shown these generations (here, at the peer) without a

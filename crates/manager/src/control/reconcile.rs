@@ -496,16 +496,15 @@ async fn advance_delete(site: &SiteManager, state: &SiteState, vpg: &Vpg, now: u
             id: vpg.id.clone(),
             generation: vpg.generation,
             operation: Some(Operation::DeleteFailed),
-            event: Some(tandem_core::events::NewEvent {
-                at_ms: now,
-                code: EventCode::VpgDeleteFailed,
-                vpg: Some(vpg.id.clone()),
-                description: format!(
+            event: Some(crate::site::new_event(
+                EventCode::VpgDeleteFailed,
+                &vpg.id,
+                format!(
                     "VPG {:?} waiting to be removed: the VRAs of hosts {} did not confirm; retry the delete or force it",
                     vpg.name,
                     waiting.join(", ")
                 ),
-            }),
+            )),
         };
         if let Err(e) = site.node().propose(cmd).await {
             tracing::warn!(vpg = %vpg.id, error = %e, "delete failure not recorded");
