@@ -16,6 +16,13 @@ use crate::net::Connector;
 /// more from a node that stopped leading meanwhile.
 const MAX_FORWARD_HOPS: u32 = 2;
 
+/// How long a linearizable read waits for a leader that stopped answering to be replaced:
+/// a few election timeouts (at most 1 s each).
+const LEADER_CHANGE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// Between a read's attempts to reach the leader while it waits for the next one.
+const LEADER_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A node of the cluster as shown by `ClusterService`.
 #[derive(Debug, Clone)]
 pub struct NodeView {
@@ -193,19 +200,36 @@ impl ManagerNode {
         &self,
         f: impl FnOnce(&SiteState) -> T + Send + 'static,
     ) -> ApiResult<T> {
-        let index = match self.store.read_index().await {
-            Ok(index) => index.unwrap_or(0),
-            Err(ReadError::ForwardToLeader { leader, .. }) => {
-                self.leader_api(&leader)?
-                    .read_index(v1::ReadIndexRequest {})
-                    .await
-                    .map_err(|s| {
-                        ApiError::unavailable(format!("read index from leader: {}", s.message()))
-                    })?
-                    .into_inner()
-                    .index
+        // A leader that just died refuses the forwarded call until the survivors elect
+        // the next one (an election timeout or two): the reader waits for it rather than
+        // failing an operator's `vpg get` issued in that second.
+        let patience = tokio::time::Instant::now() + LEADER_CHANGE_PATIENCE;
+        let index = loop {
+            match self.store.read_index().await {
+                Ok(index) => break index.unwrap_or(0),
+                Err(ReadError::ForwardToLeader { leader, .. }) => {
+                    match self
+                        .leader_api(&leader)?
+                        .read_index(v1::ReadIndexRequest {})
+                        .await
+                    {
+                        Ok(reply) => break reply.into_inner().index,
+                        Err(s)
+                            if s.code() == tonic::Code::Unavailable
+                                && tokio::time::Instant::now() < patience =>
+                        {
+                            tokio::time::sleep(LEADER_RETRY_PAUSE).await;
+                        }
+                        Err(s) => {
+                            return Err(ApiError::unavailable(format!(
+                                "read index from leader: {}",
+                                s.message()
+                            )));
+                        }
+                    }
+                }
+                Err(e) => return Err(ApiError::unavailable(e)),
             }
-            Err(e) => return Err(ApiError::unavailable(e)),
         };
         self.store
             .read_at(Some(index), f)
