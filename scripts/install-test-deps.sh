@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite and benchmarks use: the real NBD clients and
-# yardsticks (qemu-utils, nbdkit, libnbd-bin, fio), etcd, rsync, and docker-compose for
-# validating the compose file. Idempotent: does nothing when everything is present.
+# yardsticks (qemu-utils, nbdkit, libnbd-bin, fio), etcd, rsync, docker-compose for
+# validating the compose file, and the stock TLS and gRPC clients the interoperability
+# tests drive (openssl, Debian's python3 with grpcio). Idempotent: does nothing when everything is present.
 set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -14,6 +15,8 @@ have etcdctl || need+=(etcd-client)
 have rsync || need+=(rsync)
 have docker-compose || need+=(docker-compose)
 have ip || need+=(iproute2)
+have openssl || need+=(openssl)
+/usr/bin/python3 -c 'import grpc' >/dev/null 2>&1 || need+=(python3-grpcio)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""

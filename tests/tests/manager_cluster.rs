@@ -100,6 +100,7 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
     let peer = SiteServiceClient::new(a.clone())
         .pair_site(v1::PairSiteRequest {
             peer_endpoints: lab.internal_endpoints(1),
+            peer_api_endpoints: lab.endpoints(1),
             token: token.token.clone(),
             ..Default::default()
         })
@@ -109,6 +110,7 @@ async fn two_sites_validate_every_rule_and_keep_serving() -> Result<()> {
     let again = SiteServiceClient::new(a.clone())
         .pair_site(v1::PairSiteRequest {
             peer_endpoints: lab.internal_endpoints(1),
+            peer_api_endpoints: lab.endpoints(1),
             token: token.token,
             ..Default::default()
         })
@@ -395,6 +397,7 @@ async fn leader_kill_under_16_writers_loses_no_acknowledged_write_and_restart_ke
     let site_b = SiteServiceClient::new(ch.clone())
         .pair_site(v1::PairSiteRequest {
             peer_endpoints: lab.internal_endpoints(1),
+            peer_api_endpoints: lab.endpoints(1),
             token,
             ..Default::default()
         })

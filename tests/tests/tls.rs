@@ -152,6 +152,127 @@ async fn only_the_sites_own_managers_reach_its_internal_port() -> Result<()> {
     Ok(())
 }
 
+/// `openssl s_client` against a port; answers whether the handshake held (the server
+/// took the client: a refusal of a TLS 1.3 client certificate comes as an alert after the
+/// client's Finished, so the client stays a moment to read it) and what it printed.
+fn s_client(addr: &str, ca: &Path, cert: Option<(&Path, &Path)>) -> Result<(bool, String)> {
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", addr, "-brief", "-verify_return_error"])
+        .args(["-alpn", "h2", "-servername", tandem_tls::pki::SERVER_NAME])
+        .arg("-CAfile")
+        .arg(ca);
+    if let Some((c, k)) = cert {
+        cmd.arg("-cert").arg(c).arg("-key").arg(k);
+    }
+    // stdin held open 1 s, then closed: s_client reads what the server says meanwhile.
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("openssl s_client (install openssl)")?;
+    let stdin = child.stdin.take();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let held = text.contains("CONNECTION ESTABLISHED") && !text.contains("alert");
+    Ok((held, text))
+}
+
+/// Stock TLS clients interoperate with a manager's ports: `openssl s_client` completes a
+/// handshake with the operator port without a certificate, and with the internal port
+/// only with a certificate of the site's CA (none, or one of a CA the site does not
+/// trust: the server ends the handshake with an alert); Python's grpcio calls the
+/// operator port with the site's CA and a token, and is refused without the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_and_grpcio_interoperate_and_the_internal_port_wants_a_certificate() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::up(&dir.path().join("lab"), 1, 1).await?;
+    let (api, internal) = (lab.sites[0][0].api.clone(), lab.sites[0][0].raft.clone());
+    let ca = PkiDir::new(lab.sites[0][0].dir.join("data").join("pki")).ca_cert();
+    let site = lab.site_id(0).context("site")?.to_string();
+    let member = dir.path().join("member");
+    lab.provision(0, &PeerIdentity::manager(&site, 5)?, &member)?;
+    let member = PkiDir::new(member.join("pki"));
+    let stranger = dir.path().join("stranger");
+    tandem_tls::pki::SiteCa::generate(&site)?.provision(
+        &PkiDir::new(stranger.join("pki")),
+        &PeerIdentity::manager(&site, 6)?,
+    )?;
+    let stranger = PkiDir::new(stranger.join("pki"));
+
+    let (held, text) = s_client(&api, &ca, None)?;
+    assert!(held, "operator port, no certificate: {text}");
+    assert!(text.contains("Verification: OK"), "{text}");
+    let (held, text) = s_client(&internal, &ca, None)?;
+    assert!(!held, "internal port took a client without a certificate: {text}");
+    println!("internal port, no certificate: {}", text.trim());
+    let (held, text) = s_client(
+        &internal,
+        &ca,
+        Some((&stranger.node_cert(), &stranger.node_key())),
+    )?;
+    assert!(!held, "internal port took a stranger's certificate: {text}");
+    let (held, text) = s_client(
+        &internal,
+        &ca,
+        Some((&member.node_cert(), &member.node_key())),
+    )?;
+    assert!(held, "internal port, a member's certificate: {text}");
+
+    let token = std::fs::read_to_string(lab.dir.join(tandem_lab::lab::TOKEN_FILE))?;
+    let script = dir.path().join("grpcio_call.py");
+    std::fs::write(&script, GRPCIO_CALL)?;
+    let out = tokio::process::Command::new("/usr/bin/python3")
+        .arg(&script)
+        .arg(&api)
+        .arg(&ca)
+        .arg(token.trim())
+        .arg(tandem_tls::pki::SERVER_NAME)
+        .arg(&site)
+        .output()
+        .await
+        .context("/usr/bin/python3 (Debian's, with python3-grpcio)")?;
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "grpcio: {printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("grpcio: {}", printed.trim());
+    assert!(printed.contains("names the site"), "{printed}");
+    assert!(printed.contains("UNAUTHENTICATED"), "{printed}");
+    lab.down().await;
+    Ok(())
+}
+
+/// Python's grpcio, with no generated code: `SiteService/GetSite` as raw bytes (an empty
+/// request; the reply must name the site), with and without the bearer token.
+const GRPCIO_CALL: &str = r#"
+import sys
+import grpc
+addr, ca, token, name, site = sys.argv[1:6]
+creds = grpc.ssl_channel_credentials(root_certificates=open(ca, "rb").read())
+channel = grpc.secure_channel(addr, creds, options=[("grpc.ssl_target_name_override", name)])
+get_site = channel.unary_unary("/tandem.v1.SiteService/GetSite")
+reply = get_site(b"", metadata=[("authorization", "Bearer " + token)], timeout=20)
+if site.encode() not in reply:
+    sys.exit("the reply does not name site " + site)
+print("site reply:", len(reply), "bytes, names the site")
+try:
+    get_site(b"", timeout=20)
+    sys.exit("served without a token")
+except grpc.RpcError as e:
+    print("without a token:", e.code().name)
+"#;
+
 /// A node that bootstraps a site alone, with no certificate given, creates the site's CA
 /// and its own certificate, keys owner-only, and names the site after the CA.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,7 +524,8 @@ async fn only_the_protecting_sites_vras_stream_into_a_vpgs_journals() -> Result<
 }
 
 /// Calls between sites (`SitePeer`, on the internal listener; the operator port does not
-/// serve them) are taken only from a manager of a paired site, by its certificate: not without one, not from a VRA, not from this
+/// serve them) are taken only from a manager of a paired site, by its certificate: not
+/// without one (no handshake completes), not from a VRA, not from this
 /// site's own managers, not from a site that is not paired; and a request speaks only for
 /// the site its certificate names. Nothing a refused caller sent changes the state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,15 +573,15 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
             .connect_with_connector_lazy(tandem_tls::dial::TlsDial::new(operator_tls.clone())))
     };
     // The operator port does not serve calls between sites at all.
-    let err = SitePeerClient::new(dial(&lab.sites[0][0].api)?)
-        .accept_pairing(v1::AcceptPairingRequest::default())
+    let err = report(dial(&lab.sites[0][0].api)?, &site_b)
         .await
         .expect_err("the operator port served SitePeer");
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
+    // The internal port completes no handshake without a client certificate.
     let err = report(dial(&internal)?, &site_b)
         .await
         .expect_err("served without a certificate");
-    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    assert!(format!("{err:?}").contains("CertificateRequired"), "{err:?}");
     for (who, code) in [
         ("b-vra", tonic::Code::PermissionDenied),
         ("a-manager", tonic::Code::PermissionDenied),
@@ -508,11 +630,6 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
             tonic::Code::InvalidArgument,
         ),
         (
-            dial(&internal)?,
-            stranger.cert_pem().into(),
-            tonic::Code::Unauthenticated,
-        ),
-        (
             as_holder("b-vra")?,
             stranger.cert_pem().into(),
             tonic::Code::PermissionDenied,
@@ -521,6 +638,10 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
         let err = update(ch, pem).await.expect_err("a CA update was taken");
         assert_eq!(err.code(), code, "{err}");
     }
+    let err = update(dial(&internal)?, stranger.cert_pem().into())
+        .await
+        .expect_err("a CA update was taken without a certificate");
+    assert!(format!("{err:?}").contains("CertificateRequired"), "{err:?}");
     let peers = SiteServiceClient::new(channel(&lab.sites[0][0].api).await?)
         .list_peers(v1::ListPeersRequest {})
         .await?
@@ -590,7 +711,7 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
         audited(1)
             .await?
             .iter()
-            .any(|d| d.contains("SitePeer.AcceptPairing")
+            .any(|d| d.contains("Pairing.AcceptPairing")
                 && d.contains("pairing token (from ")
                 && d.ends_with(": ok")),
         "site b recorded no accepted pairing"
@@ -620,14 +741,16 @@ async fn pairing_is_refused_when_the_ca_fingerprint_does_not_match() -> Result<(
     let stranger = tandem_tls::pki::SiteCa::generate("site-z-1")?;
     let wrong = tandem_tls::config::check_ca_pem(stranger.cert_pem())?;
     let pair = |code: String| {
-        let (ca, endpoints, advertise) = (
+        let (ca, api, endpoints, advertise) = (
             ca.clone(),
+            lab.peer_api_endpoints(0, 1),
             lab.peer_endpoints(0, 1),
             lab.peer_endpoints(1, 0),
         );
         async move {
             SiteServiceClient::new(ca)
                 .pair_site(v1::PairSiteRequest {
+                    peer_api_endpoints: api,
                     peer_endpoints: endpoints,
                     token: code,
                     advertise_endpoints: advertise,

@@ -218,10 +218,15 @@ enum SiteCmd {
 enum PairCmd {
     /// Pairs with the site whose managers listen at --peer, using its token.
     Create {
-        /// The peer's managers' internal addresses (their --raft-listen port, which
-        /// serves paired sites; not the operator port).
+        /// The peer's managers' operator addresses (where `tandem -e` reaches them): the
+        /// pairing token is presented there.
         #[arg(long = "peer", required = true, value_delimiter = ',')]
         peers: Vec<String>,
+        /// The peer's managers' internal addresses (their --raft-listen port, which
+        /// serves paired sites with mutual TLS) as this site reaches them (default: the
+        /// addresses the peer answers; name them when a link or NAT is in between).
+        #[arg(long = "peer-internal", value_delimiter = ',')]
+        peer_internal: Vec<String>,
         /// The peer's pairing token, ending in its CA's fingerprint.
         #[arg(long)]
         token: String,
@@ -943,12 +948,14 @@ async fn pair(ch: Channel, fmt: Format, c: PairCmd) -> Result<()> {
     match c {
         PairCmd::Create {
             peers,
+            peer_internal,
             token,
             advertise,
         } => {
             let p = cl
                 .pair_site(v1::PairSiteRequest {
-                    peer_endpoints: peers,
+                    peer_api_endpoints: peers,
+                    peer_endpoints: peer_internal,
                     token,
                     advertise_endpoints: advertise,
                 })

@@ -436,6 +436,7 @@ async fn tandem_workloads(
     let peer = SiteServiceClient::new(a.clone())
         .pair_site(v1::PairSiteRequest {
             peer_endpoints: lab.internal_endpoints(1),
+            peer_api_endpoints: lab.endpoints(1),
             token,
             ..Default::default()
         })

@@ -504,6 +504,7 @@ async fn manager_steps(
         let peer = SiteServiceClient::new(a.clone())
             .pair_site(v1::PairSiteRequest {
                 peer_endpoints: lab.peer_endpoints(0, 1),
+                peer_api_endpoints: lab.peer_api_endpoints(0, 1),
                 token: token.token,
                 advertise_endpoints: lab.peer_endpoints(1, 0),
             })

@@ -591,11 +591,12 @@ impl Lab {
             }
             wait_leader(&first_api, managers, Duration::from_secs(30)).await?;
         }
-        // A link per site pair, with a proxy for each manager a peer site may dial (its
-        // internal listener, which serves paired sites).
+        // A link per site pair, with a proxy for each manager a peer site may dial: its
+        // internal listener, which serves paired sites, and its operator port, where a
+        // pairing token is presented.
         for to in 0..sites {
             for from in (0..sites).filter(|&f| f != to) {
-                for addr in lab.internal_endpoints(to) {
+                for addr in lab.internal_endpoints(to).into_iter().chain(lab.endpoints(to)) {
                     lab.add_proxy(from, to, &addr).await?;
                 }
             }
@@ -738,7 +739,19 @@ impl Lab {
     /// The internal addresses of site `to`'s managers as site `from` must dial them:
     /// through the link (these are what a pairing request from `from` should carry).
     pub fn peer_endpoints(&self, from: usize, to: usize) -> Vec<String> {
-        self.internal_endpoints(to)
+        self.through_link(from, to, self.internal_endpoints(to))
+    }
+
+    /// The operator addresses of site `to`'s managers as site `from` must dial them:
+    /// through the link (where a pairing request from `from` presents the token).
+    pub fn peer_api_endpoints(&self, from: usize, to: usize) -> Vec<String> {
+        self.through_link(from, to, self.endpoints(to))
+    }
+
+    /// `addrs` of site `to` as site `from` dials them: their link's proxies where the lab
+    /// made them.
+    fn through_link(&self, from: usize, to: usize, addrs: Vec<String>) -> Vec<String> {
+        addrs
             .into_iter()
             .map(|addr| {
                 self.proxies

@@ -58,6 +58,7 @@ pub async fn pair(lab: &Lab, a: usize, b: usize) -> Result<String> {
     Ok(SiteServiceClient::new(ca)
         .pair_site(v1::PairSiteRequest {
             peer_endpoints: lab.peer_endpoints(a, b),
+            peer_api_endpoints: lab.peer_api_endpoints(a, b),
             token,
             advertise_endpoints: lab.peer_endpoints(b, a),
         })

@@ -34,8 +34,8 @@ pub enum Needs {
     /// A paired site's call (`SitePeer`), not an operator's: authenticated by the calling
     /// manager's certificate, of the CA pinned when the two sites paired.
     Peer,
-    /// The first call of a pairing: the pairing token in the request speaks for the
-    /// caller, whose site is not trusted yet.
+    /// The first call of a pairing (on the operator port): the pairing token in the
+    /// request speaks for the caller, whose site is not trusted yet.
     Pairing,
     /// A token of at least this role.
     Token(Role),
@@ -52,7 +52,7 @@ pub fn needs(path: &str) -> Needs {
         // A join token in the request speaks for the new node (it has no credentials yet).
         ("grpc.health.v1.Health", _) | ("Enrollment", "Join") => Needs::Nothing,
         ("Raft" | "ManagerInternal", _) => Needs::Member,
-        ("SitePeer", "AcceptPairing") => Needs::Pairing,
+        ("Pairing", "AcceptPairing") => Needs::Pairing,
         ("SitePeer", _) => Needs::Peer,
         ("grpc.reflection.v1.ServerReflection", _)
         | ("grpc.reflection.v1alpha.ServerReflection", _) => Needs::Token(Role::Viewer),
@@ -87,9 +87,11 @@ fn is_read(method: &str) -> bool {
 /// Which of a manager's listeners a layer guards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {
-    /// The operator port: operators' calls (tokens) and health only.
+    /// The operator port: operators' calls (tokens), health, and the calls a one-time
+    /// token speaks for (a node's join, a site's pairing).
     Operator,
-    /// The internal port: the site's members and its paired sites (certificates) only.
+    /// The internal port: the site's members and its paired sites only, each with a
+    /// certificate its handshake proved.
     Internal,
 }
 
@@ -97,8 +99,8 @@ impl Listener {
     /// Whether this listener serves calls that need `needs` at all.
     fn serves(self, needs: Needs) -> bool {
         match needs {
-            Needs::Nothing | Needs::Token(_) => self == Listener::Operator,
-            Needs::Member | Needs::Peer | Needs::Pairing => self == Listener::Internal,
+            Needs::Nothing | Needs::Token(_) | Needs::Pairing => self == Listener::Operator,
+            Needs::Member | Needs::Peer => self == Listener::Internal,
         }
     }
 }
@@ -508,14 +510,9 @@ fn changes_state(path: &str) -> bool {
         (service, method),
         (
             "SitePeer",
-            "AcceptPairing"
-                | "PutVpg"
-                | "DeleteVpg"
-                | "Unpair"
-                | "PrepareMove"
-                | "FinishMove"
-                | "UpdateTrust"
+            "PutVpg" | "DeleteVpg" | "Unpair" | "PrepareMove" | "FinishMove" | "UpdateTrust"
         ) | ("Enrollment", "Join")
+            | ("Pairing", "AcceptPairing")
     )
 }
 
@@ -647,7 +644,7 @@ mod tests {
             (Needs::Token(Role::Admin), true, false),
             (Needs::Member, false, true),
             (Needs::Peer, false, true),
-            (Needs::Pairing, false, true),
+            (Needs::Pairing, true, false),
         ] {
             assert_eq!(Listener::Operator.serves(needs), operator, "{needs:?}");
             assert_eq!(Listener::Internal.serves(needs), internal, "{needs:?}");
@@ -660,7 +657,7 @@ mod tests {
             "/tandem.v1.SitePeer/PutVpg",
             "/tandem.v1.SitePeer/DeleteVpg",
             "/tandem.v1.SitePeer/Unpair",
-            "/tandem.v1.SitePeer/AcceptPairing",
+            "/tandem.v1.Pairing/AcceptPairing",
             "/tandem.v1.SitePeer/UpdateTrust",
             "/tandem.v1.Enrollment/Join",
         ] {
@@ -683,7 +680,10 @@ mod tests {
         let t = |p: &str| needs(p);
         assert_eq!(t("/grpc.health.v1.Health/Check"), Needs::Nothing);
         assert_eq!(t("/tandem.v1.SitePeer/PutVpg"), Needs::Peer);
-        assert_eq!(t("/tandem.v1.SitePeer/AcceptPairing"), Needs::Pairing);
+        assert_eq!(t("/tandem.v1.Pairing/AcceptPairing"), Needs::Pairing);
+        // Pairing acceptance moved to the operator port: the internal one needs a
+        // certificate in the handshake.
+        assert_eq!(t("/tandem.v1.SitePeer/AcceptPairing"), Needs::Peer);
         // The join token in the body speaks for a node that has no credentials yet; any
         // other Enrollment method would need an admin.
         assert_eq!(t("/tandem.v1.Enrollment/Join"), Needs::Nothing);

@@ -90,9 +90,10 @@ pub async fn run(
     let site = SiteManager::new(node.clone(), connector)
         .with_cert_ttl(std::time::Duration::from_secs(config.cert_ttl_secs));
     let site_id = tls.as_ref().map(|t| t.current().identity().site.clone());
-    // The operator port presents the node's certificate; the internal one also trusts the
-    // paired sites' CAs (their managers call it), and which identity may call what is
-    // the access layer's, per call.
+    // The operator port presents the node's certificate; the internal one requires a
+    // client certificate of this site's CA or a paired site's (their managers call it),
+    // so nothing past the handshake is reachable without one; which identity may call
+    // what is the access layer's, per call.
     let (api_security, internal_security) = match &tls {
         Some(member) => {
             let with_peers = tandem_tls::LiveTls::new(member.current());
@@ -112,7 +113,10 @@ pub async fn run(
                 tandem_proto::transport::Security::ServerTls {
                     tls: member.clone(),
                 },
-                tandem_proto::transport::Security::ServerTls { tls: with_peers },
+                tandem_proto::transport::Security::MutualTls {
+                    tls: with_peers,
+                    admit: std::sync::Arc::new(|_| true),
+                },
             )
         }
         None => (

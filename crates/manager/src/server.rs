@@ -11,6 +11,7 @@ use tandem_proto::MAX_MESSAGE_BYTES;
 use tandem_proto::v1::{
     cluster_service_server::ClusterServiceServer, datastore_service_server::DatastoreServiceServer,
     enrollment_server::EnrollmentServer, host_service_server::HostServiceServer,
+    pairing_server::PairingServer,
     manager_internal_server::ManagerInternalServer,
     monitoring_service_server::MonitoringServiceServer,
     recovery_service_server::RecoveryServiceServer,
@@ -31,7 +32,7 @@ use crate::api::{
     inventory::InventoryApi,
     monitoring::MonitoringApi,
     recovery::RecoveryApi,
-    site::SiteApi,
+    site::{PairingApi, SiteApi},
     tasks::TaskApi,
     tokens::TokenApi,
     vpg::VpgApi,
@@ -105,7 +106,8 @@ async fn report_health(
 }
 
 /// Serves the API on `listener` until `shutdown` fires: over TLS with the node's
-/// certificate (operators bring tokens), or plaintext under `--insecure`.
+/// certificate (operators bring tokens; a joining node or pairing site its one-time
+/// token), or plaintext under `--insecure`.
 pub async fn serve_api(
     listener: TcpListener,
     security: tandem_proto::transport::Security,
@@ -128,6 +130,7 @@ pub async fn serve_api(
         <RecoveryServiceServer<RecoveryApi> as NamedService>::NAME,
         <TokenServiceServer<TokenApi> as NamedService>::NAME,
         <EnrollmentServer<EnrollmentApi> as NamedService>::NAME,
+        <PairingServer<PairingApi> as NamedService>::NAME,
         tandem_proto::discovery::HEALTH,
     ])?;
     let inventory = InventoryApi(site.clone());
@@ -156,6 +159,7 @@ pub async fn serve_api(
         .add_service(limited!(TaskServiceServer, TaskApi(site.clone())))
         .add_service(limited!(RecoveryServiceServer, RecoveryApi(site.clone())))
         .add_service(limited!(TokenServiceServer, TokenApi(site.clone())))
+        .add_service(limited!(PairingServer, PairingApi(site.clone())))
         .add_service(limited!(EnrollmentServer, EnrollmentApi(site)))
         .serve_with_incoming_shutdown(
             tandem_proto::transport::incoming_with(listener, security),

@@ -18,6 +18,7 @@ use tandem_core::tasks::{NewTask, Task, TaskKind, TaskState};
 use tandem_core::vpg::{VmFootprint, VmPlacement, Vpg, VpgSpec, VpgVm};
 use tandem_proto::v1;
 use tandem_proto::v1::site_peer_client::SitePeerClient;
+use tandem_proto::v1::pairing_client::PairingClient;
 
 use tandem_core::observe::LiveStatus;
 use tandem_proto::v1::manager_internal_client::ManagerInternalClient;
@@ -281,12 +282,15 @@ impl SiteManager {
         Ok((secret, token, identity))
     }
 
-    /// Pairs with the site at `endpoints` (recorded as its endpoints) and tells it to reach
-    /// this site at `advertise` (empty: this site's manager API addresses). `code` is the
-    /// other site's pairing token with its CA's fingerprint: the site reached must present
-    /// that CA before the token is sent, and the two sites exchange their CAs.
+    /// Pairs with the site whose operator port is at `api` (its `Pairing` service takes
+    /// the token there), records `endpoints` as its internal addresses (empty: those it
+    /// answers), and tells it to reach this site at `advertise` (empty: this site's
+    /// managers' internal addresses). `code` is the other site's pairing token with its
+    /// CA's fingerprint: the site reached must present that CA before the token is sent,
+    /// and the two sites exchange their CAs.
     pub async fn pair(
         &self,
+        api: Vec<String>,
         endpoints: Vec<String>,
         advertise: Vec<String>,
         code: String,
@@ -295,11 +299,13 @@ impl SiteManager {
         let token = token.to_string();
         let mut v = Violations::new();
         v.check(
-            !endpoints.is_empty(),
-            "peer_endpoints",
-            "at least one address is needed",
+            !api.is_empty(),
+            "peer_api_endpoints",
+            "at least one address is needed (the peer's operator port, which takes the \
+             pairing token)",
         );
         for (field, list) in [
+            ("peer_api_endpoints", &api),
             ("peer_endpoints", &endpoints),
             ("advertise_endpoints", &advertise),
         ] {
@@ -344,8 +350,8 @@ impl SiteManager {
             ),
             None => None,
         };
-        let ch = self.connector.first_reachable(&endpoints, dial).await?;
-        let reply = SitePeerClient::new(ch)
+        let ch = self.connector.first_reachable(&api, dial).await?;
+        let reply = PairingClient::new(ch)
             .accept_pairing(v1::AcceptPairingRequest {
                 token,
                 requester: Some(tandem_proto::convert::peer_to_proto(&me)),
@@ -374,7 +380,15 @@ impl SiteManager {
             }
         }
         peer.paired_at_ms = now_ms();
-        peer.endpoints = endpoints;
+        if !endpoints.is_empty() {
+            peer.endpoints = endpoints;
+        }
+        if peer.endpoints.is_empty() {
+            return Err(ApiError::Peer(
+                "the peer answered no internal address; name them (peer_endpoints)".into(),
+                tonic::Code::FailedPrecondition,
+            ));
+        }
         self.node
             .propose(Command::AddPeer { peer: peer.clone() })
             .await?;

@@ -6,7 +6,6 @@
 use tandem_core::ids::VpgId;
 use tandem_core::state::Command;
 use tandem_core::vpg::Vpg;
-use tandem_proto::convert::{peer_from_proto, peer_to_proto};
 use tandem_proto::v1::{
     self, manager_internal_server::ManagerInternal, site_peer_server::SitePeer,
 };
@@ -104,23 +103,6 @@ impl PeerApi {
 
 #[tonic::async_trait]
 impl SitePeer for PeerApi {
-    async fn accept_pairing(
-        &self,
-        r: Request<v1::AcceptPairingRequest>,
-    ) -> Result<Response<v1::PeerSite>, Status> {
-        let r = r.into_inner();
-        let requester = r
-            .requester
-            .ok_or_else(|| Status::invalid_argument("requester: is required"))?;
-        let requester = peer_from_proto(requester).map_err(bad)?;
-        if r.token.is_empty() || r.token.len() > 256 {
-            return Err(Status::invalid_argument("token: must be 1..256 characters"));
-        }
-        let token = tandem_core::pairing::PairingSecret::presented(r.token);
-        let me = self.0.accept_pairing(token, requester).await?;
-        Ok(Response::new(peer_to_proto(&me)))
-    }
-
     async fn get_identity(&self, _: Request<v1::Empty>) -> Result<Response<v1::PeerSite>, Status> {
         let (id, _) = self.0.site().await?;
         Ok(Response::new(v1::PeerSite {

@@ -1,8 +1,9 @@
-//! `SiteService`: the site's identity, pairing tokens and pairs.
+//! `SiteService`: the site's identity, pairing tokens and pairs; `Pairing`: where a site
+//! not paired yet presents a token issued here.
 
 use tandem_core::ids::SiteId;
-use tandem_proto::convert::peer_to_proto;
-use tandem_proto::v1::{self, site_service_server::SiteService};
+use tandem_proto::convert::{peer_from_proto, peer_to_proto};
+use tandem_proto::v1::{self, pairing_server::Pairing, site_service_server::SiteService};
 use tonic::{Request, Response, Status};
 
 use super::bad;
@@ -81,7 +82,12 @@ impl SiteService for SiteApi {
         let r = r.into_inner();
         let peer = self
             .0
-            .pair(r.peer_endpoints, r.advertise_endpoints, r.token)
+            .pair(
+                r.peer_api_endpoints,
+                r.peer_endpoints,
+                r.advertise_endpoints,
+                r.token,
+            )
             .await?;
         Ok(Response::new(peer_to_proto(&peer)))
     }
@@ -115,5 +121,30 @@ impl SiteService for SiteApi {
         tandem_core::pairing::check_bandwidth_limit(r.bytes_per_sec).map_err(bad)?;
         let peer = self.0.set_peer_bandwidth_limit(id, r.bytes_per_sec).await?;
         Ok(Response::new(peer_to_proto(&peer)))
+    }
+}
+
+/// The operator port's pairing acceptance: no API token, the pairing token in the body
+/// speaks for the caller (rate-limited per source by `crate::access`).
+#[derive(Debug, Clone)]
+pub struct PairingApi(pub SiteManager);
+
+#[tonic::async_trait]
+impl Pairing for PairingApi {
+    async fn accept_pairing(
+        &self,
+        r: Request<v1::AcceptPairingRequest>,
+    ) -> Result<Response<v1::PeerSite>, Status> {
+        let r = r.into_inner();
+        let requester = r
+            .requester
+            .ok_or_else(|| Status::invalid_argument("requester: is required"))?;
+        let requester = peer_from_proto(requester).map_err(bad)?;
+        if r.token.is_empty() || r.token.len() > 256 {
+            return Err(Status::invalid_argument("token: must be 1..256 characters"));
+        }
+        let token = tandem_core::pairing::PairingSecret::presented(r.token);
+        let me = self.0.accept_pairing(token, requester).await?;
+        Ok(Response::new(peer_to_proto(&me)))
     }
 }
