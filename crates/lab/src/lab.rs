@@ -596,7 +596,11 @@ impl Lab {
         // pairing token is presented.
         for to in 0..sites {
             for from in (0..sites).filter(|&f| f != to) {
-                for addr in lab.internal_endpoints(to).into_iter().chain(lab.endpoints(to)) {
+                for addr in lab
+                    .internal_endpoints(to)
+                    .into_iter()
+                    .chain(lab.endpoints(to))
+                {
                     lab.add_proxy(from, to, &addr).await?;
                 }
             }
