@@ -140,7 +140,7 @@ pub fn recovery_options(vpg: &str) -> ProtectOptions {
 /// Starts the verifying workload on volume 0 of each VM of the recovery tests' VPG.
 pub async fn recovery_workload(lab: &Lab) -> Result<Workload> {
     let targets = (0..4)
-        .map(|i| VolumeTarget::new(&lab.vras[0][i % 2].nbd, format!("vm-{i}/0")))
+        .map(|i| VolumeTarget::new(&lab.vras[0][i % 2].nbd_socket, format!("vm-{i}/0")))
         .collect();
     let mut config = WorkloadConfig::new(targets);
     config.region_blocks = Some(1024);
@@ -191,7 +191,7 @@ pub async fn check_uris(
 /// in VM order.
 pub fn site_uris(lab: &Lab, site: usize) -> Vec<String> {
     (0..4)
-        .map(|i| format!("nbd://{}/vm-{i}/0", lab.vras[site][i % 2].nbd))
+        .map(|i| tandem_nbd::endpoint_uri(&lab.vras[site][i % 2].nbd_socket, &format!("vm-{i}/0")))
         .collect()
 }
 
@@ -320,7 +320,8 @@ pub fn holds_run(
             let path = e?.path();
             if path.is_dir() {
                 dirs.push(path);
-            } else if file_holds_run(&path, byte, run)? {
+            // (Sockets, such as a VRA's NBD socket, are not data.)
+            } else if path.is_file() && file_holds_run(&path, byte, run)? {
                 return Ok(Some(path));
             }
         }

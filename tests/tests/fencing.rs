@@ -21,7 +21,7 @@ const STAND_DOWN_WITHIN: Duration = Duration::from_secs(5);
 
 /// The NBD URI of VM 0's first volume as the protected site's VRA serves it.
 fn old_vm_volume(lab: &Lab) -> String {
-    format!("nbd://{}/vm-0/0", lab.vras[0][0].nbd)
+    tandem_nbd::endpoint_uri(&lab.vras[0][0].nbd_socket, "vm-0/0")
 }
 
 /// Fails `vpg` over at the site of `apis_b` (reverse protection `reverse`: yes or no)

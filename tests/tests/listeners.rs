@@ -88,14 +88,17 @@ async fn thousands_of_idle_connections_are_shed_while_real_clients_are_served() 
     let mut lab = Lab::up(dir.path(), 1, 1).await?;
     lab.start_vras(1).await?;
     let api = lab.sites[0][0].api.clone();
+    // Idle connections fill the TCP port; real clients come over the local socket (the
+    // TCP port wants TLS), through the same admission.
     let nbd = lab.vras[0][0].nbd.clone();
+    let nbd_socket = lab.vras[0][0].nbd_socket.clone();
     let manager_pid = lab.sites[0][0].pid().context("manager pid")?;
     let vra_pid = lab.vras[0][0].pid().context("vra pid")?;
 
     let nbd_client = || {
-        let nbd = nbd.clone();
+        let nbd = nbd_socket.clone();
         async move {
-            NbdClient::list_exports(nbd.as_str()).await?;
+            NbdClient::list_exports_at(&nbd).await?;
             Ok(())
         }
     };

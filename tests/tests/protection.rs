@@ -360,7 +360,7 @@ async fn tasks(ch: &Channel) -> Result<Vec<v1::Task>> {
 /// The verifying workload on the 4 protected VMs' volumes, over NBD.
 async fn workload(lab: &Lab) -> Result<Workload> {
     let targets = (0..4)
-        .map(|i| VolumeTarget::new(&lab.vras[0][i % 2].nbd, format!("vm-{i}/0")))
+        .map(|i| VolumeTarget::new(&lab.vras[0][i % 2].nbd_socket, format!("vm-{i}/0")))
         .collect();
     let mut config = WorkloadConfig::new(targets);
     // 4 MiB per volume: the dirty set a pause or a slow link leaves stays small.
@@ -1852,7 +1852,7 @@ async fn checkpoint_matches_source(
             .await?
             .into_inner()
             .export_name;
-        let uri = format!("nbd://{}/{export}", recovery.nbd);
+        let uri = tandem_nbd::endpoint_uri(&recovery.nbd_socket, &export);
         let source_arg = source.display().to_string();
         let (code, out) = run_tool(
             "qemu-img",
@@ -1935,12 +1935,12 @@ async fn volumes_added_grown_and_removed_in_the_inventory_reach_the_mirror() -> 
 
     // Data written to the new volume and to the grown tail is in a checkpoint's image at
     // the recovery site, byte for byte (qemu-io writes, qemu-img compares).
-    let nbd = lab.vras[0][0].nbd.clone();
+    let nbd = lab.vras[0][0].nbd_socket.clone();
     for (export, write) in [
         ("vm-0/1", "write -P 0x5a 1M 2M"),
         ("vm-0/0", "write -P 0xa5 36M 1M"),
     ] {
-        let uri = format!("nbd://{nbd}/{export}");
+        let uri = tandem_nbd::endpoint_uri(&nbd, export);
         let (code, out) = run_tool("qemu-io", &["-f", "raw", "-c", write, &uri])?;
         assert!(code == 0 && !out.contains("error"), "qemu-io {uri}: {out}");
     }

@@ -778,7 +778,7 @@ async fn a_returning_protected_site_is_fenced_takes_the_new_direction_and_delta_
     for v in &mut lab.vras[0] {
         v.start().await?;
     }
-    let stale = format!("nbd://{}/vm-0/0", lab.vras[0][0].nbd);
+    let stale = tandem_nbd::endpoint_uri(&lab.vras[0][0].nbd_socket, "vm-0/0");
     qemu_io(&stale, "write -P 0x77 8M 1M")?;
     for m in &mut lab.sites[0] {
         m.start("join").await?;

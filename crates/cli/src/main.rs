@@ -2,7 +2,8 @@
 
 mod output;
 mod recovery;
-mod spec;
+
+use tandem_cli::spec;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

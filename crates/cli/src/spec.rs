@@ -1,6 +1,6 @@
 //! Spec files (YAML or TOML) that describe objects to create or edit, and human sizes.
 
-use std::path::Path;
+use std::{io::Read, path::Path};
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
@@ -18,28 +18,37 @@ pub const EXAMPLES: [(&str, &str); 5] = [
     ("vpg", include_str!("../../../deploy/examples/vpg.yaml")),
 ];
 
-/// Parses "10GiB", "512MiB", "1.5TB", "4096" (bytes) into bytes.
+/// Parses "10GiB", "512MiB", "1.5TB", "4096" (bytes) into bytes. Whole numbers are exact
+/// up to `u64::MAX`; a number with a fraction must come to a whole number of bytes.
 pub fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let num: f64 = num.parse().with_context(|| format!("bad size {s:?}"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "kb" => 1e3,
-        "m" | "mib" => 1024.0 * 1024.0,
-        "mb" => 1e6,
-        "g" | "gib" => 1024f64.powi(3),
-        "gb" => 1e9,
-        "t" | "tib" => 1024f64.powi(4),
-        "tb" => 1e12,
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1_000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "tb" => 1_000_000_000_000,
         other => bail!("unknown size unit {other:?} in {s:?}"),
     };
-    let bytes = num * mult;
-    if !(0.0..=(u64::MAX as f64)).contains(&bytes) || bytes.fract() != 0.0 {
+    if !num.contains('.') {
+        return num
+            .parse::<u64>()
+            .with_context(|| format!("bad size {s:?}"))?
+            .checked_mul(mult)
+            .with_context(|| format!("size {s:?} is more than {} bytes", u64::MAX));
+    }
+    let num: f64 = num.parse().with_context(|| format!("bad size {s:?}"))?;
+    let bytes = num * mult as f64;
+    // `u64::MAX as f64` is 2^64, the first value that does not fit.
+    if !(0.0..(u64::MAX as f64)).contains(&bytes) || bytes.fract() != 0.0 {
         bail!("size {s:?} is not a whole number of bytes");
     }
     Ok(bytes as u64)
@@ -62,18 +71,42 @@ impl Size {
     }
 }
 
+/// Longest spec file taken.
+pub const MAX_SPEC_BYTES: usize = 1 << 20;
+
+/// How a spec file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecFormat {
+    Yaml,
+    Toml,
+}
+
 /// Reads a spec file, choosing the format by extension (`.toml`, else YAML).
 pub fn read<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    if text.len() > 1 << 20 {
-        bail!("{} is larger than 1 MiB", path.display());
-    }
-    if path.extension().is_some_and(|e| e == "toml") {
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| {
+            file.take(MAX_SPEC_BYTES as u64 + 1)
+                .read_to_string(&mut text)
+        })
+        .with_context(|| format!("reading {}", path.display()))?;
+    let format = if path.extension().is_some_and(|e| e == "toml") {
+        SpecFormat::Toml
     } else {
-        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        SpecFormat::Yaml
+    };
+    parse(&text, format).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Parses the text of a spec file.
+pub fn parse<T: for<'de> Deserialize<'de>>(text: &str, format: SpecFormat) -> Result<T> {
+    if text.len() > MAX_SPEC_BYTES {
+        bail!("a spec file is at most 1 MiB");
     }
+    Ok(match format {
+        SpecFormat::Toml => toml::from_str(text)?,
+        SpecFormat::Yaml => serde_yaml::from_str(text)?,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -348,6 +381,21 @@ mod tests {
         assert!(parse_size("1.1B").is_err());
         assert!(parse_size("ten").is_err());
         assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn whole_sizes_are_exact_and_too_large_ones_refused() {
+        // Sizes went through f64, so one past u64::MAX was taken as u64::MAX and whole
+        // numbers above 2^53 were rounded (the spec_file fuzz target now checks this).
+        assert_eq!(
+            parse_size("9007199254740993").unwrap(),
+            9_007_199_254_740_993
+        );
+        assert_eq!(parse_size("18446744073709551615").unwrap(), u64::MAX);
+        assert!(parse_size("18446744073709551616").is_err());
+        assert!(parse_size("16777216TiB").is_err());
+        assert!(parse_size("18446744073709551616.0").is_err());
+        assert_eq!(parse_size("0.5KiB").unwrap(), 512);
     }
 
     #[test]

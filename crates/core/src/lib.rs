@@ -1,5 +1,6 @@
 //! Tandem's domain: ids, inventory, VPG definitions, validation, the seed's statuses and the
-//! replicated site state machine. Pure logic, no IO.
+//! replicated site state machine. Pure logic, no IO. `fuzz` (feature `fuzzing`) holds the
+//! entry point of a fuzz target in `fuzz/`.
 
 pub mod access;
 pub mod alerts;
@@ -8,6 +9,8 @@ pub mod enroll;
 pub mod error;
 pub mod events;
 pub mod fence;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod ids;
 pub mod inventory;
 pub mod observe;

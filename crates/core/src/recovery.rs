@@ -118,8 +118,11 @@ pub struct TestVolume {
     pub volume_id: u32,
     pub host: HostId,
     pub export_name: String,
-    /// The VRA's NBD listener (host:port).
+    /// The VRA's NBD listener (host:port; TLS required unless the VRA runs insecure).
     pub nbd_address: String,
+    /// The VRA's NBD Unix socket on its host (empty in state written before it existed).
+    #[serde(default)]
+    pub nbd_socket: String,
     pub size_bytes: u64,
 }
 

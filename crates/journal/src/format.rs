@@ -136,7 +136,10 @@ impl RecordHeader {
         if b[9] != 0 || b[10] != 0 || b[11] != 0 {
             return Err(HeaderFault::Invalid);
         }
-        if !(KIND_WRITE..=KIND_CHECKPOINT).contains(&h.kind) || h.payload_len > max_payload {
+        if !(KIND_WRITE..=KIND_CHECKPOINT).contains(&h.kind)
+            || h.payload_len > max_payload
+            || h.seq > Seq::MAX
+        {
             return Err(HeaderFault::Invalid);
         }
         Ok(h)
@@ -324,6 +327,9 @@ pub fn decode_payload(kind: u8, payload: &[u8]) -> Result<RecordBody, String> {
             if payload.len() != 24 + name_len + vm_len {
                 return Err("checkpoint payload has the wrong length".into());
             }
+            if (flags & 1 == 0 && name_len != 0) || (flags & 2 == 0 && vm_len != 0) {
+                return Err("checkpoint text present but flagged absent".into());
+            }
             let name_bytes = &payload[24..24 + name_len];
             let vm_bytes = &payload[24 + name_len..];
             let text = |b: &[u8]| {
@@ -447,6 +453,52 @@ mod tests {
             assert_eq!(&decode_payload(h.kind, payload).expect("payload"), body);
             // a different salt does not validate
             assert!(RecordHeader::decode(&f, crc_seed(100), u32::MAX).is_err());
+        }
+    }
+
+    #[test]
+    fn checkpoint_text_flagged_absent_is_refused() {
+        // Found by the journal_segment fuzz target: the bytes of a name or VM flagged
+        // absent were skipped silently, so the record decoded to a checkpoint that
+        // encodes to another length.
+        let body = RecordBody::Checkpoint(Checkpoint {
+            id: CheckpointId(2),
+            timestamp: UnixMillis(2000),
+            kind: CheckpointKind::Manual,
+            name: Some("name".into()),
+            vm: Some("vm-1".into()),
+        });
+        let frame = encode_frame(&body, Seq(1), Generation(1), crc_seed(1));
+        let payload = frame.head[RECORD_HEADER_LEN..].to_vec();
+        assert_eq!(decode_payload(KIND_CHECKPOINT, &payload), Ok(body));
+        for flags in [0, 1, 2] {
+            let mut p = payload.clone();
+            p[17] = flags;
+            assert!(
+                decode_payload(KIND_CHECKPOINT, &p).is_err(),
+                "flags {flags}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_record_at_the_last_sequence_number_is_invalid() {
+        // Found by the journal_open fuzz target: recovery computed the sequence after
+        // u64::MAX.
+        let seed = crc_seed(1);
+        let body = RecordBody::Zero {
+            volume: VolumeId(0),
+            offset: 0,
+            len: 512,
+        };
+        for (seq, valid) in [(Seq::MAX, true), (Seq(u64::MAX), false)] {
+            let mut frame = encode_frame(&body, seq, Generation(1), seed);
+            seal_frame(&mut frame.head, seed, 64);
+            let decoded = RecordHeader::decode(&frame.to_vec(), seed, u32::MAX);
+            assert_eq!(decoded.is_ok(), valid, "{seq}");
+            if !valid {
+                assert_eq!(decoded, Err(HeaderFault::Invalid));
+            }
         }
     }
 }

@@ -1033,9 +1033,9 @@ impl Journal {
             (None, Some(n)) => n,
             (None, None) => Seq(1),
         };
-        if seq == Seq(0) {
+        if seq == Seq(0) || seq > Seq::MAX {
             return Err(JournalError::SequenceGap {
-                expected: Seq(1),
+                expected: st.next_seq.unwrap_or(Seq(1)),
                 got: seq,
             });
         }

@@ -11,11 +11,15 @@
 //! and exports [`Journal::open_image`] results (they implement
 //! [`tandem_nbd::BlockDevice`]); [`Journal::open_latest_image`] opens the newest durable
 //! image of a volume (checkpoint or not) for delta sync.
+//!
+//! `fuzz` (feature `fuzzing`) holds the entry points of the fuzz targets in `fuzz/`.
 
 mod append;
 pub mod error;
 pub mod extents;
 pub mod format;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod journal;
 pub mod overlay;
 pub mod pit;

@@ -19,7 +19,8 @@ use crate::{
 pub const MARKER_FILE: &str = "replica.marker";
 const MARKER_TMP: &str = "replica.marker.tmp";
 const MARKER_MAGIC: &[u8; 8] = b"TNDMRPL1";
-const MARKER_LEN: usize = 56;
+/// Bytes of the marker file.
+pub(crate) const MARKER_LEN: usize = 56;
 
 /// A volume of the protected VM and where its replica disk lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,13 +91,17 @@ impl ReplicaMarker {
         if u32_at(b, 8) != 1 {
             return Err(bad("unsupported version"));
         }
-        Ok(ReplicaMarker {
+        let marker = ReplicaMarker {
             seq: Seq(u64_at(b, 16)),
             generation: Generation(u64_at(b, 24)),
             written: UnixMillis(u64_at(b, 32)),
             promoting_to: Seq(u64_at(b, 40)),
             history_short: u32_at(b, 12) & FLAG_HISTORY_SHORT != 0,
-        })
+        };
+        if marker.seq > Seq::MAX || marker.promoting_to > Seq::MAX {
+            return Err(bad("sequence beyond the last one a record may carry"));
+        }
+        Ok(marker)
     }
 }
 
@@ -208,5 +213,24 @@ mod tests {
         b[17] ^= 4;
         std::fs::write(&path, &b).expect("write bytes");
         assert!(read_marker(dir.path()).is_err());
+    }
+
+    #[test]
+    fn a_marker_at_the_last_sequence_number_is_corrupt() {
+        // Found by the journal_open fuzz target: recovery computed the sequence after a
+        // replica point of u64::MAX.
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (seq, promoting_to) in [(Seq(u64::MAX), Seq(0)), (Seq(1), Seq(u64::MAX))] {
+            let m = ReplicaMarker {
+                seq,
+                promoting_to,
+                generation: Generation(1),
+                written: UnixMillis(0),
+                history_short: false,
+            };
+            std::fs::write(dir.path().join(MARKER_FILE), m.encode()).expect("write");
+            let err = read_marker(dir.path()).expect_err("out of range");
+            assert!(matches!(err, JournalError::CorruptMarker { .. }), "{err}");
+        }
     }
 }

@@ -38,6 +38,14 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(SegmentId, PathBuf)>> {
             continue;
         }
         if let Ok(id) = u64::from_str_radix(stem, 16) {
+            // The journal numbers the next segment after the last one.
+            if id == u64::MAX {
+                return Err(JournalError::Corrupt {
+                    segment: SegmentId(id),
+                    offset: 0,
+                    reason: "segment id is the last one there is".into(),
+                });
+            }
             out.push((SegmentId(id), entry.path()));
         }
     }
@@ -135,6 +143,13 @@ pub fn parse_records(
     mut visit: impl FnMut(&RecordHeader, u64, &[u8]) -> Result<()>,
 ) -> Result<ParseEnd> {
     let len = bytes.len() as u64;
+    if len < SEGMENT_HEADER_LEN {
+        return Err(JournalError::Corrupt {
+            segment: id,
+            offset: 0,
+            reason: format!("segment of {len} bytes is shorter than its header"),
+        });
+    }
     let mut pos = SEGMENT_HEADER_LEN;
     loop {
         if pos == len {
@@ -312,6 +327,27 @@ mod tests {
         assert_eq!(n, 3);
         assert!(matches!(end, ParseEnd::Torn { at, .. } if at == (64 + 3 * frame) as u64));
         assert!(count(&bad, ParseMode::Strict).is_err());
+    }
+
+    #[test]
+    fn a_segment_file_with_the_last_id_is_corrupt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(segment_path(dir.path(), SegmentId(u64::MAX)), []).expect("write");
+        let err = list_segments(dir.path()).expect_err("last id");
+        assert!(matches!(err, JournalError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_segment_shorter_than_its_header_is_corrupt() {
+        // Found by the journal_segment fuzz target: the parser subtracted past zero.
+        let seg = build(&[1]);
+        for mode in [ParseMode::Strict, ParseMode::Recover] {
+            let err = count(&seg[..40], mode).expect_err("short segment");
+            assert!(
+                matches!(err, JournalError::Corrupt { offset: 0, .. }),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 pub struct Seq(pub u64);
 
 impl Seq {
+    /// The highest sequence number a record may carry (the one after it must exist).
+    pub const MAX: Seq = Seq(u64::MAX - 1);
+
     /// The sequence number after this one.
     #[must_use]
     pub fn next(self) -> Seq {

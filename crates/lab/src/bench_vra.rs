@@ -626,7 +626,9 @@ impl Vra {
         };
         Ok(Self {
             control: field("control")?,
-            nbd: field("nbd")?,
+            // The benchmark's clients are on this host: the Unix socket (the TCP port
+            // requires TLS where the VRA has a certificate).
+            nbd: field("nbd_socket")?,
             child,
             host: host.to_string(),
             log,
@@ -641,7 +643,7 @@ impl Vra {
     }
 
     fn uri(&self, export: &str) -> String {
-        format!("nbd://{}/{export}", self.nbd)
+        tandem_nbd::endpoint_uri(&self.nbd, export)
     }
 
     fn cpu(&self) -> f64 {
@@ -1465,7 +1467,9 @@ async fn bench_checkpoint_managed(s: &Settings, rows: &mut Vec<Row>) -> Result<(
         let uris: Vec<String> = p
             .vms
             .iter()
-            .map(|(vm, h)| format!("nbd://{}/{vm}/0", lab.vras[0][*h].nbd))
+            .map(|(vm, h)| {
+                tandem_nbd::endpoint_uri(&lab.vras[0][*h].nbd_socket, &format!("{vm}/0"))
+            })
             .collect();
 
         let machine = quiet(s).await;
@@ -2089,7 +2093,7 @@ async fn bench_rto(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
     for (i, (vm, n)) in vols.iter().enumerate() {
         let (addr, export) = (a.nbd.clone(), format!("{vm}/{n}"));
         writers.spawn(async move {
-            let c = tandem_nbd::NbdClient::connect(addr.as_str(), &export).await?;
+            let c = tandem_nbd::NbdClient::connect_to(&addr, &export).await?;
             let mut rng = SplitMix64(0x5eed + i as u64);
             let mut buf = vec![0u8; MIB as usize];
             for off in (0..per_volume).step_by(MIB as usize) {
@@ -2154,9 +2158,9 @@ async fn bench_rto(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
         .into_inner();
     let mut readers = tokio::task::JoinSet::new();
     for v in &rec.volumes {
-        let (addr, export) = (rec.nbd_address.clone(), v.export_name.clone());
+        let (addr, export) = (rec.nbd_socket.clone(), v.export_name.clone());
         readers.spawn(async move {
-            let c = tandem_nbd::NbdClient::connect(addr.as_str(), &export).await?;
+            let c = tandem_nbd::NbdClient::connect_to(&addr, &export).await?;
             c.read(0, 4096).await?;
             c.disconnect().await?;
             anyhow::Ok(())
@@ -2180,7 +2184,7 @@ async fn bench_rto(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
         let dst = root.join(format!("copy-{}.raw", v.export_name.replace('/', "-")));
         std::fs::File::create(&dst)?.set_len(v.size_bytes)?;
         let out = Command::new("nbdcopy")
-            .arg(format!("nbd://{}/{}", rec.nbd_address, v.export_name))
+            .arg(tandem_nbd::endpoint_uri(&rec.nbd_socket, &v.export_name))
             .arg(&dst)
             .output()
             .await
@@ -2258,7 +2262,7 @@ const MOVE_VOLUME_BYTES: u64 = 64 * MIB;
 
 /// Fills every byte of NBD export `export` at `addr` with pseudo-random data (1 MiB writes).
 async fn fill_nbd(addr: &str, export: &str, size: u64, seed: u64) -> Result<()> {
-    let c = tandem_nbd::NbdClient::connect(addr, export).await?;
+    let c = tandem_nbd::NbdClient::connect_to(addr, export).await?;
     let mut noise = SplitMix64(seed);
     let mut buf = vec![0u8; MIB as usize];
     let mut at = 0;
@@ -2366,7 +2370,7 @@ async fn bench_move(s: &Settings, rows: &mut Vec<Row>) -> Result<()> {
         let mut fills = tokio::task::JoinSet::new();
         for (i, (vm, h)) in p.vms.iter().enumerate() {
             for u in 0..RTO_VOLUMES {
-                let (addr, export) = (lab.vras[0][*h].nbd.clone(), format!("{vm}/{u}"));
+                let (addr, export) = (lab.vras[0][*h].nbd_socket.clone(), format!("{vm}/{u}"));
                 let seed = 31 + i as u64 * 7 + u64::from(u);
                 fills.spawn(async move { fill_nbd(&addr, &export, MOVE_VOLUME_BYTES, seed).await });
             }

@@ -1058,7 +1058,7 @@ impl Run {
                     })?
                     .into_inner();
                 exports.push((c, e.export_name.clone()));
-                let client = NbdClient::connect(v.rec_nbd.as_str(), &e.export_name)
+                let client = NbdClient::connect_to(&v.rec_nbd, &e.export_name)
                     .await
                     .with_context(|| format!("nbd {} {}", v.rec_nbd, e.export_name))?;
                 clients.push(client);
@@ -1164,11 +1164,11 @@ fn new_run(lab: &Lab, opts: &DemoOptions, protection: &Protection) -> Result<Run
         .enumerate()
         .map(|(i, vm)| VmAt {
             vm: vm.clone(),
-            prot_nbd: lab.vras[0][i % HOSTS].nbd.clone(),
+            prot_nbd: lab.vras[0][i % HOSTS].nbd_socket.clone(),
             rec_host: lab.vras[1][i % HOSTS].host.clone(),
             rec_control: lab.vras[1][i % HOSTS].control.clone(),
             rec_harness: lab.vras[1][i % HOSTS].harness.clone(),
-            rec_nbd: lab.vras[1][i % HOSTS].nbd.clone(),
+            rec_nbd: lab.vras[1][i % HOSTS].nbd_socket.clone(),
         })
         .collect();
     let ctx = Arc::new(Ctx {

@@ -131,7 +131,10 @@ pub async fn create_in(lab: &mut Lab) -> Result<Example> {
         }
         create(&apis[0], &specs, "vm", &id, &vm).await?;
         // The volumes as the site manager holds them (sizes parsed by the CLI).
-        let nbd = lab.vras[0][h].nbd.clone();
+        let (nbd, nbd_tls) = (
+            lab.vras[0][h].nbd_socket.clone(),
+            lab.vras[0][h].nbd.clone(),
+        );
         let entries = VmServiceClient::new(protect::channel(&apis[0][0]).await?)
             .get_vm(v1::GetRequest { id: id.clone() })
             .await?
@@ -144,7 +147,8 @@ pub async fn create_in(lab: &mut Lab) -> Result<Example> {
                     controller: v.controller,
                     unit: v.unit,
                     size_bytes: v.size_bytes,
-                    uri: format!("nbd://{nbd}/{export}"),
+                    uri: tandem_nbd::endpoint_uri(&nbd, &export),
+                    nbds_uri: format!("nbds://{nbd_tls}/{export}"),
                     nbd: nbd.clone(),
                     export,
                 }

@@ -68,11 +68,16 @@ pub struct VolumeEntry {
     pub controller: u32,
     pub unit: u32,
     pub size_bytes: u64,
-    /// The protected VRA's NBD listener and the export name there.
+    /// The protected VRA's NBD Unix socket (this host's clients) and the export there.
     pub nbd: String,
     pub export: String,
-    /// The same as a URI (`nbd://host:port/export`), for qemu-img, nbdinfo, nbdcopy.
+    /// The same as a URI (`nbd+unix:///export?socket=PATH`), for qemu-img, nbdinfo,
+    /// nbdcopy on this host.
     pub uri: String,
+    /// The export over TCP with TLS (`nbds://host:port/export`): with the site's NBD client
+    /// certificate ([`SiteEntry::nbd_client_certs`]).
+    #[serde(default)]
+    pub nbds_uri: String,
 }
 
 /// One link of `lab.json`: the proxies between sites `a` and `b`.
@@ -90,13 +95,22 @@ pub struct SiteEntry {
     pub managers: Vec<ManagerEntry>,
     #[serde(default)]
     pub vras: Vec<VraEntry>,
+    /// A client certificate of the site's CA for its VRAs' NBD ports, in the layout qemu's
+    /// `tls-creds-x509` and libnbd's `tls-certificates` read (`ca-cert.pem`,
+    /// `client-cert.pem`, `client-key.pem`).
+    #[serde(default)]
+    pub nbd_client_certs: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VraEntry {
     pub host: String,
     pub control: String,
+    /// NBD over TCP, TLS required (`nbds://`).
     pub nbd: String,
+    /// NBD on a Unix socket, for this host (`nbd+unix://`).
+    #[serde(default)]
+    pub nbd_socket: String,
     pub pid: u32,
 }
 
@@ -236,7 +250,12 @@ pub fn vra_control(addr: &str, harness: Option<&TlsConfig>) -> Result<tonic::tra
 pub struct VraProcess {
     pub host: String,
     pub control: String,
+    /// The NBD TCP listener (TLS required: NBD's STARTTLS with a client certificate of
+    /// the site's CA, see [`Lab::nbd_client_certs`]).
     pub nbd: String,
+    /// The NBD Unix socket: where this host's clients (the lab's workload, qemu-io)
+    /// reach the exports.
+    pub nbd_socket: String,
     pub dir: PathBuf,
     pub child: Option<Child>,
     /// The certificate (of its site's CA, naming a manager no member uses) the lab's
@@ -287,6 +306,7 @@ impl VraProcess {
         self.child = Some(child);
         self.control = addrs["control"].as_str().unwrap_or_default().to_string();
         self.nbd = addrs["nbd"].as_str().unwrap_or_default().to_string();
+        self.nbd_socket = addrs["nbd_socket"].as_str().unwrap_or_default().to_string();
         Ok(())
     }
 
@@ -544,6 +564,9 @@ impl Lab {
             lab.site_cas.push(SiteCa::load(&pki, &site_id)?);
             lab.sites.push(vec![first]);
         }
+        for i in 0..site_names.len() {
+            lab.site_cas[i].provision_nbd_client(&lab.nbd_client_certs(i), "lab-operator")?;
+        }
         let bundle: String = lab.site_cas.iter().map(|c| c.cert_pem()).collect();
         tandem_tls::pki::write_file(&dir.join(CA_FILE), &bundle, 0o644)?;
         use_lab_credentials(&token_file, Some(&dir.join(CA_FILE)))?;
@@ -692,6 +715,12 @@ impl Lab {
         use_lab_credentials(&self.dir.join(TOKEN_FILE), Some(&path))
     }
 
+    /// Where the NBD client certificate of site `site` is (see
+    /// [`SiteEntry::nbd_client_certs`]).
+    pub fn nbd_client_certs(&self, site: usize) -> PathBuf {
+        self.dir.join(&self.site_names[site]).join("nbd-client")
+    }
+
     /// The id of site `site`, as its certificates name it.
     pub fn site_id(&self, site: usize) -> Option<&str> {
         self.site_cas.get(site).map(|c| c.site())
@@ -784,6 +813,7 @@ impl Lab {
                         })
                         .collect(),
                     vras: Vec::new(),
+                    nbd_client_certs: None,
                 })
                 .collect(),
             link_control: Some(self.link_control.clone()),
@@ -799,6 +829,9 @@ impl Lab {
             )),
         };
         let mut file = file;
+        for (i, entry) in file.sites.iter_mut().enumerate() {
+            entry.nbd_client_certs = Some(self.nbd_client_certs(i));
+        }
         for (entry, vras) in file.sites.iter_mut().zip(&self.vras) {
             entry.vras = vras
                 .iter()
@@ -806,6 +839,7 @@ impl Lab {
                     host: v.host.clone(),
                     control: v.control.clone(),
                     nbd: v.nbd.clone(),
+                    nbd_socket: v.nbd_socket.clone(),
                     pid: v.pid().unwrap_or(0),
                 })
                 .collect();
@@ -862,6 +896,7 @@ impl Lab {
                     host: host.clone(),
                     control: String::new(),
                     nbd: String::new(),
+                    nbd_socket: String::new(),
                     dir,
                     child: None,
                     harness: Some(self.harness(i)?),

@@ -724,7 +724,7 @@ async fn disconnect(client: NbdClient) {
 }
 
 async fn connect(volume: u32, target: &VolumeTarget) -> Result<NbdClient, WorkloadError> {
-    let client = NbdClient::connect(target.addr.as_str(), &target.export)
+    let client = NbdClient::connect_to(&target.addr, &target.export)
         .await
         .map_err(|source| WorkloadError::Connect {
             volume,

@@ -347,7 +347,7 @@ async fn workload_checkpoints_are_closed_under_happened_before() {
     let mut clients = Vec::new();
     for target in &site.targets {
         clients.push(
-            NbdClient::connect(target.addr.as_str(), &target.export)
+            NbdClient::connect_to(&target.addr, &target.export)
                 .await
                 .unwrap(),
         );

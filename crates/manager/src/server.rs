@@ -11,9 +11,8 @@ use tandem_proto::MAX_MESSAGE_BYTES;
 use tandem_proto::v1::{
     cluster_service_server::ClusterServiceServer, datastore_service_server::DatastoreServiceServer,
     enrollment_server::EnrollmentServer, host_service_server::HostServiceServer,
-    pairing_server::PairingServer,
     manager_internal_server::ManagerInternalServer,
-    monitoring_service_server::MonitoringServiceServer,
+    monitoring_service_server::MonitoringServiceServer, pairing_server::PairingServer,
     recovery_service_server::RecoveryServiceServer,
     resource_pool_service_server::ResourcePoolServiceServer, site_peer_server::SitePeerServer,
     site_service_server::SiteServiceServer, task_service_server::TaskServiceServer,

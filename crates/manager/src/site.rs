@@ -17,8 +17,8 @@ use tandem_core::status::{Operation, VpgObservation, VpgState};
 use tandem_core::tasks::{NewTask, Task, TaskKind, TaskState};
 use tandem_core::vpg::{VmFootprint, VmPlacement, Vpg, VpgSpec, VpgVm};
 use tandem_proto::v1;
-use tandem_proto::v1::site_peer_client::SitePeerClient;
 use tandem_proto::v1::pairing_client::PairingClient;
+use tandem_proto::v1::site_peer_client::SitePeerClient;
 
 use tandem_core::observe::LiveStatus;
 use tandem_proto::v1::manager_internal_client::ManagerInternalClient;

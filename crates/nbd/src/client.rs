@@ -18,10 +18,7 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
-    net::{
-        TcpStream, ToSocketAddrs,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    net::{TcpStream, ToSocketAddrs, UnixStream},
     sync::oneshot,
 };
 use tokio_util::task::AbortOnDropHandle;
@@ -96,7 +93,7 @@ impl Shared {
 /// A connection to one export of an NBD server.
 pub struct NbdClient {
     info: ExportInfo,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<WriteHalf>,
     shared: Arc<Shared>,
     broken: AtomicBool,
     next_cookie: AtomicU64,
@@ -118,23 +115,46 @@ impl NbdClient {
         Self::connect_stream(stream, export).await
     }
 
-    /// Connects to the export an `nbd://host:port/export` URI names (the form the managers
-    /// list recovered and test volumes in).
+    /// Connects to `endpoint`: a Unix socket path (absolute) or a plain TCP `host:port`.
+    pub async fn connect_to(endpoint: &str, export: &str) -> Result<Self, NbdError> {
+        if endpoint.starts_with('/') {
+            let stream = UnixStream::connect(endpoint).await?;
+            let (rd, wr) = stream.into_split();
+            Self::negotiate(Box::new(rd), Box::new(wr), export).await
+        } else {
+            Self::connect(endpoint, export).await
+        }
+    }
+
+    /// Connects to the export an `nbd://host:port/export` or
+    /// `nbd+unix:///export?socket=PATH` URI names (the forms the managers list volumes in).
     pub async fn connect_uri(uri: &str) -> Result<Self, NbdError> {
+        let bad = || NbdError::InvalidExportName {
+            name: uri.to_string(),
+            reason: "not an nbd://host:port/export or nbd+unix:///export?socket=PATH uri",
+        };
+        if let Some(rest) = uri.strip_prefix("nbd+unix:///") {
+            let (export, socket) = rest.split_once("?socket=").ok_or_else(bad)?;
+            if !socket.starts_with('/') {
+                return Err(bad());
+            }
+            return Self::connect_to(socket, export).await;
+        }
         let (addr, export) = uri
             .strip_prefix("nbd://")
             .and_then(|rest| rest.split_once('/'))
-            .ok_or_else(|| NbdError::InvalidExportName {
-                name: uri.to_string(),
-                reason: "not an nbd://host:port/export uri",
-            })?;
+            .ok_or_else(bad)?;
         Self::connect(addr, export).await
     }
 
     /// Negotiates over an already connected stream.
     pub async fn connect_stream(stream: TcpStream, export: &str) -> Result<Self, NbdError> {
         stream.set_nodelay(true)?;
-        let (rd, mut wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
+        Self::negotiate(Box::new(rd), Box::new(wr), export).await
+    }
+
+    async fn negotiate(rd: ReadHalf, mut wr: WriteHalf, export: &str) -> Result<Self, NbdError> {
         let mut rd = BufReader::with_capacity(256 * 1024, rd);
         greet(&mut rd, &mut wr).await?;
         let mut data = BytesMut::new();
@@ -198,8 +218,22 @@ impl NbdClient {
 
     /// Lists the exports of the server at `addr` (`NBD_OPT_LIST`, then `NBD_OPT_ABORT`).
     pub async fn list_exports(addr: impl ToSocketAddrs) -> Result<Vec<String>, NbdError> {
-        let stream = TcpStream::connect(addr).await?;
-        let (rd, mut wr) = stream.into_split();
+        let (rd, wr) = TcpStream::connect(addr).await?.into_split();
+        Self::list(Box::new(rd), Box::new(wr)).await
+    }
+
+    /// [`NbdClient::list_exports`] of the server at `endpoint` (a Unix socket path or a
+    /// plain TCP `host:port`).
+    pub async fn list_exports_at(endpoint: &str) -> Result<Vec<String>, NbdError> {
+        if endpoint.starts_with('/') {
+            let (rd, wr) = UnixStream::connect(endpoint).await?.into_split();
+            Self::list(Box::new(rd), Box::new(wr)).await
+        } else {
+            Self::list_exports(endpoint).await
+        }
+    }
+
+    async fn list(rd: ReadHalf, mut wr: WriteHalf) -> Result<Vec<String>, NbdError> {
         let mut rd = BufReader::new(rd);
         greet(&mut rd, &mut wr).await?;
         send_option(&mut wr, opt::LIST, &[]).await?;
@@ -474,7 +508,21 @@ fn eof_is_disconnect(err: std::io::Error) -> NbdError {
     }
 }
 
-async fn read_replies(mut rd: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
+/// The URI of `export` at `endpoint` (a Unix socket path or a plain TCP `host:port`), as
+/// [`NbdClient::connect_uri`], qemu and libnbd take it.
+pub fn endpoint_uri(endpoint: &str, export: &str) -> String {
+    if endpoint.starts_with('/') {
+        format!("nbd+unix:///{export}?socket={endpoint}")
+    } else {
+        format!("nbd://{endpoint}/{export}")
+    }
+}
+
+/// The client's halves of its connection (TCP or a Unix socket).
+type ReadHalf = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+type WriteHalf = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
+async fn read_replies(mut rd: BufReader<ReadHalf>, shared: Arc<Shared>) {
     let result = read_replies_inner(&mut rd, &shared).await;
     if let Err(err) = result {
         tracing::debug!(error = %err, "nbd client reply stream ended");
@@ -482,10 +530,7 @@ async fn read_replies(mut rd: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
     shared.close();
 }
 
-async fn read_replies_inner(
-    rd: &mut BufReader<OwnedReadHalf>,
-    shared: &Shared,
-) -> Result<(), NbdError> {
+async fn read_replies_inner(rd: &mut BufReader<ReadHalf>, shared: &Shared) -> Result<(), NbdError> {
     let mut raw = [0u8; SIMPLE_REPLY_LEN];
     loop {
         rd.read_exact(&mut raw).await.map_err(eof_is_disconnect)?;
@@ -528,7 +573,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_uri_that_is_not_nbd_is_refused_before_any_connection() {
-        for uri in ["http://127.0.0.1:1/x", "nbd://127.0.0.1:1", "vm-0/0"] {
+        for uri in [
+            "http://127.0.0.1:1/x",
+            "nbd://127.0.0.1:1",
+            "vm-0/0",
+            "nbd+unix:///vm-0/0",
+            "nbd+unix:///vm-0/0?socket=relative.sock",
+        ] {
             let e = NbdClient::connect_uri(uri).await.expect_err(uri);
             assert!(
                 matches!(e, NbdError::InvalidExportName { .. }),

@@ -7,18 +7,21 @@
 //! - [`exports`] holds [`Exports`], the run-time registry of named exports, with counters.
 //! - [`server`] holds [`NbdServer`] and [`serve_files`].
 //! - [`client`] holds [`NbdClient`].
+//! - `fuzz` (feature `fuzzing`) holds the entry points of the fuzz targets in `fuzz/`.
 
 pub mod client;
 pub mod device;
 pub mod error;
 pub mod exports;
 pub mod file;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod mem;
 mod pool;
 pub mod proto;
 pub mod server;
 
-pub use client::{ExportInfo, NbdClient};
+pub use client::{ExportInfo, NbdClient, endpoint_uri};
 pub use device::{BlockDevice, IoFuture};
 pub use error::NbdError;
 pub use exports::{ExportStats, Exports};

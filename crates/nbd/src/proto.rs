@@ -94,7 +94,7 @@ pub mod opt {
     pub const ABORT: u32 = 2;
     /// List exports.
     pub const LIST: u32 = 3;
-    /// Upgrade to TLS (not supported).
+    /// Upgrade to TLS (served where the server requires TLS, see [`super::TlsPolicy`]).
     pub const STARTTLS: u32 = 5;
     /// Describe an export.
     pub const INFO: u32 = 6;
@@ -120,6 +120,8 @@ pub mod rep {
     pub const ERR_POLICY: u32 = ERR_BIT | 2;
     /// The option's data is malformed.
     pub const ERR_INVALID: u32 = ERR_BIT | 3;
+    /// The server requires TLS before this option.
+    pub const ERR_TLS_REQD: u32 = ERR_BIT | 5;
     /// The export does not exist.
     pub const ERR_UNKNOWN: u32 = ERR_BIT | 6;
     /// The server is shutting down.
@@ -292,6 +294,28 @@ pub enum ProtocolError {
     /// The decoder was used after it reported the end of the conversation.
     #[error("decoder used after the conversation ended")]
     Finished,
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a server that requires it (it cannot be
+    /// refused with a reply, so the connection is closed).
+    #[error("export_name before TLS on a server that requires TLS")]
+    TlsRequired,
+    /// The client sent bytes after `NBD_OPT_STARTTLS` before the TLS handshake: they
+    /// would pass as if they had come over TLS.
+    #[error("{0} plaintext bytes after starttls")]
+    PlaintextAfterStartTls(usize),
+}
+
+/// Whether the negotiation takes clients over plain transport or only after TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// No TLS here (`NBD_OPT_STARTTLS` is refused as unsupported): a Unix socket, or a
+    /// server run without certificates.
+    Off,
+    /// Every option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` is refused with
+    /// `NBD_REP_ERR_TLS_REQD` until the connection upgraded: no export list, no export
+    /// size, no transmission in plaintext.
+    Required,
+    /// The connection upgraded; a second `NBD_OPT_STARTTLS` is invalid.
+    Established,
 }
 
 /// What the server knows about an export when a client selects it.
@@ -345,6 +369,10 @@ pub enum NegotiationEvent<H> {
     },
     /// The client sent `NBD_OPT_ABORT`; close after writing the output.
     Aborted,
+    /// The client sent `NBD_OPT_STARTTLS` and the output holds its acknowledgement: write
+    /// it, check that the input is empty, run the server side of a TLS handshake on the
+    /// connection, then go on calling [`Negotiation::advance`] with what comes over TLS.
+    StartTls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,16 +394,29 @@ pub struct Negotiation {
     state: NegState,
     no_zeroes: bool,
     max_payload: u32,
+    tls: TlsPolicy,
 }
 
 impl Negotiation {
-    /// A negotiation that will advertise `max_payload` as the maximum block size.
+    /// A negotiation without TLS that will advertise `max_payload` as the maximum block
+    /// size.
     pub fn new(max_payload: u32) -> Self {
+        Self::with_tls(max_payload, TlsPolicy::Off)
+    }
+
+    /// A negotiation under `tls` (see [`TlsPolicy`]).
+    pub fn with_tls(max_payload: u32, tls: TlsPolicy) -> Self {
         Self {
             state: NegState::ClientFlags,
             no_zeroes: false,
             max_payload: max_payload.max(PREFERRED_BLOCK_SIZE),
+            tls,
         }
+    }
+
+    /// Where the negotiation stands with TLS.
+    pub fn tls(&self) -> TlsPolicy {
+        self.tls
     }
 
     /// Writes the server greeting (magic, `IHAVEOPT`, handshake flags).
@@ -464,6 +505,10 @@ impl Negotiation {
                     self.state = NegState::OptionHeader;
                     match self.handle_option(option, &data, catalog, out) {
                         Ok(None) => {}
+                        // Options go on over TLS.
+                        Ok(Some(NegotiationEvent::StartTls)) => {
+                            return Ok(NegotiationEvent::StartTls);
+                        }
                         Ok(Some(event)) => {
                             self.state = NegState::Finished;
                             return Ok(event);
@@ -486,6 +531,28 @@ impl Negotiation {
         catalog: &C,
         out: &mut BytesMut,
     ) -> Result<Option<NegotiationEvent<C::Handle>>, ProtocolError> {
+        match (self.tls, option) {
+            (_, opt::ABORT) => {}
+            (TlsPolicy::Required, opt::STARTTLS) => {
+                if !data.is_empty() {
+                    put_option_reply(out, option, rep::ERR_INVALID, b"starttls takes no data");
+                    return Ok(None);
+                }
+                put_option_reply(out, option, rep::ACK, &[]);
+                self.tls = TlsPolicy::Established;
+                return Ok(Some(NegotiationEvent::StartTls));
+            }
+            (TlsPolicy::Required, opt::EXPORT_NAME) => return Err(ProtocolError::TlsRequired),
+            (TlsPolicy::Required, _) => {
+                put_option_reply(out, option, rep::ERR_TLS_REQD, b"TLS is required");
+                return Ok(None);
+            }
+            (TlsPolicy::Established, opt::STARTTLS) => {
+                put_option_reply(out, option, rep::ERR_INVALID, b"TLS is already on");
+                return Ok(None);
+            }
+            _ => {}
+        }
         match option {
             opt::EXPORT_NAME => {
                 if data.len() > MAX_NAME_LEN {
@@ -1126,6 +1193,73 @@ mod tests {
             NegotiationEvent::NeedMore(OPTION_HEADER_LEN)
         ));
         assert_eq!(replies(&out)[0].1, rep::ERR_UNKNOWN);
+    }
+
+    #[test]
+    fn a_server_requiring_tls_refuses_every_option_but_starttls_until_it_upgraded() {
+        let mut neg = Negotiation::with_tls(DEFAULT_MAX_PAYLOAD, TlsPolicy::Required);
+        let mut input = BytesMut::new();
+        input.put_u32(client_flags::FIXED_NEWSTYLE);
+        put_option(&mut input, opt::LIST, &[]);
+        input.extend_from_slice(&go("disk"));
+        put_option(&mut input, opt::INFO, &go("disk")[OPTION_HEADER_LEN..]);
+        put_option(&mut input, opt::STARTTLS, b"x");
+        put_option(&mut input, opt::STARTTLS, &[]);
+        let mut out = BytesMut::new();
+        let event = neg.advance(&mut input, &OneExport, &mut out).unwrap();
+        assert!(matches!(event, NegotiationEvent::StartTls), "{event:?}");
+        let got: Vec<(u32, u32)> = replies(&out).iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(
+            got,
+            [
+                (opt::LIST, rep::ERR_TLS_REQD),
+                (opt::GO, rep::ERR_TLS_REQD),
+                (opt::INFO, rep::ERR_TLS_REQD),
+                (opt::STARTTLS, rep::ERR_INVALID),
+                (opt::STARTTLS, rep::ACK),
+            ]
+        );
+        // Nothing about the export went out before TLS.
+        assert!(!out.windows(4).any(|w| w == b"disk"));
+        assert_eq!(neg.tls(), TlsPolicy::Established);
+        // Over TLS the options are served, and a second STARTTLS is invalid.
+        let mut input = BytesMut::new();
+        put_option(&mut input, opt::STARTTLS, &[]);
+        input.extend_from_slice(&go("disk"));
+        let mut out = BytesMut::new();
+        let event = neg.advance(&mut input, &OneExport, &mut out).unwrap();
+        assert!(matches!(event, NegotiationEvent::Transmission { .. }));
+        assert_eq!(replies(&out)[0].1, rep::ERR_INVALID);
+    }
+
+    #[test]
+    fn export_name_before_tls_closes_and_abort_is_still_taken() {
+        let mut neg = Negotiation::with_tls(DEFAULT_MAX_PAYLOAD, TlsPolicy::Required);
+        let mut input = BytesMut::new();
+        input.put_u32(client_flags::FIXED_NEWSTYLE);
+        put_option(&mut input, opt::EXPORT_NAME, b"disk");
+        let mut out = BytesMut::new();
+        let err = neg.advance(&mut input, &OneExport, &mut out).unwrap_err();
+        assert_eq!(err, ProtocolError::TlsRequired);
+        assert!(out.is_empty());
+        let mut neg = Negotiation::with_tls(DEFAULT_MAX_PAYLOAD, TlsPolicy::Required);
+        let mut input = BytesMut::new();
+        input.put_u32(client_flags::FIXED_NEWSTYLE);
+        put_option(&mut input, opt::ABORT, &[]);
+        let event = neg.advance(&mut input, &OneExport, &mut out).unwrap();
+        assert!(matches!(event, NegotiationEvent::Aborted));
+    }
+
+    #[test]
+    fn starttls_is_unsupported_where_tls_is_off() {
+        let mut neg = Negotiation::new(DEFAULT_MAX_PAYLOAD);
+        let mut input = BytesMut::new();
+        input.put_u32(client_flags::FIXED_NEWSTYLE);
+        put_option(&mut input, opt::STARTTLS, &[]);
+        let mut out = BytesMut::new();
+        let event = neg.advance(&mut input, &OneExport, &mut out).unwrap();
+        assert!(matches!(event, NegotiationEvent::NeedMore(_)));
+        assert_eq!(replies(&out)[0].1, rep::ERR_UNSUP);
     }
 
     #[test]

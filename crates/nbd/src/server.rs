@@ -28,11 +28,8 @@ use futures::{
     stream::{FuturesUnordered, StreamExt},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpListener, TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     task::JoinSet,
 };
@@ -44,7 +41,7 @@ use crate::{
     exports::{ExportEntry, Exports, OpKind},
     proto::{
         Command, Cookie, DEFAULT_MAX_PAYLOAD, Decoded, ErrorCode, ExportDescription, Negotiation,
-        NegotiationEvent, PREFERRED_BLOCK_SIZE, ProtocolError, RequestDecoder, cmd,
+        NegotiationEvent, PREFERRED_BLOCK_SIZE, ProtocolError, RequestDecoder, TlsPolicy, cmd,
         put_simple_reply,
     },
 };
@@ -100,12 +97,52 @@ impl ServerConfig {
     }
 }
 
+/// A connection's byte stream once negotiated: TCP, a Unix socket, or TLS over TCP.
+pub trait NbdIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> NbdIo for T {}
+
+/// The server side of a TLS handshake on a TCP connection whose client sent
+/// `NBD_OPT_STARTTLS` (the caller's TLS stack and policy: whom it admits is its own).
+pub trait StartTls: Send + Sync + 'static {
+    /// Runs the handshake; answers the encrypted stream, or an error when the client is
+    /// not admitted.
+    fn accept(
+        &self,
+        tcp: TcpStream,
+    ) -> futures::future::BoxFuture<'static, std::io::Result<Box<dyn NbdIo>>>;
+}
+
+/// The TLS a server requires of its TCP clients.
+#[derive(Clone)]
+struct TlsRequired(Arc<dyn StartTls>);
+
+impl std::fmt::Debug for TlsRequired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsRequired")
+    }
+}
+
 /// An NBD server over a registry of exports.
 #[derive(Debug, Clone)]
 pub struct NbdServer {
     exports: Exports,
     config: Arc<ServerConfig>,
     admission: tandem_net::Admission,
+    tls: Option<TlsRequired>,
+}
+
+/// An accepted connection before its handshake.
+enum Accepted {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// A connection's stream after its handshake.
+enum Negotiated {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    Tls(Box<dyn NbdIo>),
 }
 
 impl NbdServer {
@@ -121,7 +158,16 @@ impl NbdServer {
             exports,
             admission: tandem_net::Admission::new(config.admission),
             config: Arc::new(config),
+            tls: None,
         }
+    }
+
+    /// Requires TLS of every TCP client: `NBD_OPT_STARTTLS` before any other option (no
+    /// export list, no export, no size in plaintext), then `tls`'s handshake. Unix socket
+    /// clients (the local host) are not asked for it.
+    pub fn requiring_tls(mut self, tls: Arc<dyn StartTls>) -> Self {
+        self.tls = Some(TlsRequired(tls));
+        self
     }
 
     /// The registry this server serves (add and remove exports through it at any time).
@@ -136,8 +182,44 @@ impl NbdServer {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), NbdError> {
-        let local = listener.local_addr()?;
-        info!(%local, "nbd server listening");
+        let local = listener.local_addr()?.to_string();
+        let accept = || async {
+            let (stream, peer) = listener.accept().await?;
+            Ok((Accepted::Tcp(stream), peer.to_string()))
+        };
+        self.serve_with(&local, accept, shutdown).await
+    }
+
+    /// Serves connections from a Unix socket `listener` (the local host's clients; never
+    /// TLS) until `shutdown` is cancelled, as [`NbdServer::serve`] does.
+    pub async fn serve_unix(
+        self,
+        listener: UnixListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), NbdError> {
+        let local = listener
+            .local_addr()?
+            .as_pathname()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "unnamed unix socket".into());
+        let accept = || async {
+            let (stream, _) = listener.accept().await?;
+            Ok((Accepted::Unix(stream), "local".to_string()))
+        };
+        self.serve_with(&local, accept, shutdown).await
+    }
+
+    async fn serve_with<F, Fut>(
+        self,
+        local: &str,
+        accept: F,
+        shutdown: CancellationToken,
+    ) -> Result<(), NbdError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<(Accepted, String)>>,
+    {
+        info!(%local, tls = self.tls.is_some(), "nbd server listening");
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
@@ -146,7 +228,7 @@ impl NbdServer {
                 Some(joined) = connections.join_next(), if !connections.is_empty() => {
                     log_join(joined);
                 }
-                accepted = listener.accept() => match accepted {
+                accepted = accept() => match accepted {
                     Ok((stream, peer)) => {
                         let span = tracing::info_span!("nbd_conn", %peer);
                         connections.spawn(
@@ -155,6 +237,7 @@ impl NbdServer {
                                 self.admission.arrive(),
                                 self.exports.clone(),
                                 Arc::clone(&self.config),
+                                self.tls.clone(),
                                 shutdown.clone(),
                             )
                             .instrument(span),
@@ -171,7 +254,7 @@ impl NbdServer {
                 },
             }
         }
-        drop(listener);
+        drop(accept);
         info!(%local, connections = connections.len(), "nbd server stopping");
         while let Some(joined) = connections.join_next().await {
             log_join(joined);
@@ -222,13 +305,14 @@ pub async fn serve_files(
 }
 
 async fn run_connection(
-    stream: TcpStream,
+    stream: Accepted,
     pending: tandem_net::Pending,
     exports: Exports,
     config: Arc<ServerConfig>,
+    tls: Option<TlsRequired>,
     shutdown: CancellationToken,
 ) {
-    match serve_connection(stream, pending, exports, config, shutdown).await {
+    match serve_connection(stream, pending, exports, config, tls, shutdown).await {
         Ok(()) => debug!("connection closed"),
         Err(NbdError::Protocol(err)) => {
             warn!(error = %err, "protocol violation; connection closed");
@@ -241,27 +325,34 @@ async fn run_connection(
 }
 
 async fn serve_connection(
-    stream: TcpStream,
+    stream: Accepted,
     pending: tandem_net::Pending,
     exports: Exports,
     config: Arc<ServerConfig>,
+    tls: Option<TlsRequired>,
     shutdown: CancellationToken,
 ) -> Result<(), NbdError> {
-    stream.set_nodelay(true)?;
-    let (mut rd, mut wr) = stream.into_split();
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let handshake = tokio::time::timeout(
         pending.handshake_timeout(),
-        negotiate(&mut rd, &mut wr, &mut input, &exports, &config),
+        handshake(stream, &mut input, &exports, &config, tls),
     );
-    // A connection that does not finish its handshake in time, or is shed for a newer
-    // one meanwhile, is closed: idle connections cannot keep clients out.
+    // A connection that does not finish its handshake (TLS included) in time, or is shed
+    // for a newer one meanwhile, is closed: idle connections cannot keep clients out.
     let selected = tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
         () = pending.shed().cancelled() => return Err(NbdError::HandshakeTimeout),
         result = handshake => result.map_err(|_| NbdError::HandshakeTimeout)??,
     };
-    let Some((name, export, entry)) = selected else {
+    let Some((
+        stream,
+        Selected {
+            name,
+            export,
+            entry,
+        },
+    )) = selected
+    else {
         debug!("client aborted the handshake");
         return Ok(());
     };
@@ -269,33 +360,112 @@ async fn serve_connection(
         return Err(NbdError::TooManyConnections);
     };
     let span = tracing::info_span!("export", export = %name);
-    transmission(rd, wr, input, export, entry, config, shutdown)
-        .instrument(span)
-        .await
+    async move {
+        match stream {
+            Negotiated::Tcp(s) => {
+                let (rd, wr) = s.into_split();
+                transmission(rd, wr, input, export, entry, config, shutdown).await
+            }
+            Negotiated::Unix(s) => {
+                let (rd, wr) = s.into_split();
+                transmission(rd, wr, input, export, entry, config, shutdown).await
+            }
+            Negotiated::Tls(s) => {
+                let (rd, wr) = tokio::io::split(s);
+                transmission(rd, wr, input, export, entry, config, shutdown).await
+            }
+        }
+    }
+    .instrument(span)
+    .await
 }
 
-async fn negotiate(
-    rd: &mut OwnedReadHalf,
-    wr: &mut OwnedWriteHalf,
+/// The export a client chose.
+struct Selected {
+    name: String,
+    export: ExportDescription,
+    entry: Arc<ExportEntry>,
+}
+
+/// What one run of [`negotiate`] ended with.
+enum Step {
+    Selected(Selected),
+    Aborted,
+    StartTls,
+}
+
+/// The whole handshake of a connection: the greeting, the options and, where the server
+/// requires TLS, the upgrade; answers the stream the transmission goes on, or None when
+/// the client aborted.
+async fn handshake(
+    stream: Accepted,
     input: &mut BytesMut,
     exports: &Exports,
     config: &ServerConfig,
-) -> Result<Option<(String, ExportDescription, Arc<ExportEntry>)>, NbdError> {
-    let mut negotiation = Negotiation::new(config.max_payload);
+    tls: Option<TlsRequired>,
+) -> Result<Option<(Negotiated, Selected)>, NbdError> {
+    let policy = match (&stream, &tls) {
+        (Accepted::Tcp(_), Some(_)) => TlsPolicy::Required,
+        _ => TlsPolicy::Off,
+    };
+    let mut negotiation = Negotiation::with_tls(config.max_payload, policy);
+    let mut greeting = BytesMut::with_capacity(32);
+    Negotiation::greeting(&mut greeting);
+    let mut tcp = match stream {
+        Accepted::Unix(mut s) => {
+            s.write_all(&greeting).await?;
+            return Ok(
+                match negotiate(&mut s, input, &mut negotiation, exports).await? {
+                    Step::Selected(chosen) => Some((Negotiated::Unix(s), chosen)),
+                    Step::Aborted => None,
+                    Step::StartTls => return Err(ProtocolError::Finished.into()),
+                },
+            );
+        }
+        Accepted::Tcp(s) => s,
+    };
+    tcp.set_nodelay(true)?;
+    tcp.write_all(&greeting).await?;
+    let step = negotiate(&mut tcp, input, &mut negotiation, exports).await?;
+    let (step, stream) = match (step, tls) {
+        (Step::StartTls, Some(TlsRequired(acceptor))) => {
+            if !input.is_empty() {
+                return Err(ProtocolError::PlaintextAfterStartTls(input.len()).into());
+            }
+            let mut tls = acceptor.accept(tcp).await?;
+            let step = negotiate(&mut tls, input, &mut negotiation, exports).await?;
+            (step, Negotiated::Tls(tls))
+        }
+        (step, _) => (step, Negotiated::Tcp(tcp)),
+    };
+    match step {
+        Step::Selected(chosen) => Ok(Some((stream, chosen))),
+        Step::Aborted => Ok(None),
+        // A second STARTTLS is refused by the negotiation; one without TLS configured too.
+        Step::StartTls => Err(ProtocolError::Finished.into()),
+    }
+}
+
+/// Runs the option haggling on `io` until the client chose an export, aborted, or asked
+/// for TLS.
+async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    input: &mut BytesMut,
+    negotiation: &mut Negotiation,
+    exports: &Exports,
+) -> Result<Step, NbdError> {
     let mut out = BytesMut::with_capacity(256);
-    Negotiation::greeting(&mut out);
-    wr.write_all(&out).await?;
-    out.clear();
     loop {
         let event = negotiation.advance(input, exports, &mut out);
         if !out.is_empty() {
-            wr.write_all(&out).await?;
+            io.write_all(&out).await?;
+            io.flush().await?;
             out.clear();
         }
         match event? {
             NegotiationEvent::NeedMore(more) => {
                 input.reserve(more);
-                if rd.read_buf(input).await? == 0 {
+                if io.read_buf(input).await? == 0 {
                     return Err(NbdError::Disconnected);
                 }
             }
@@ -303,8 +473,15 @@ async fn negotiate(
                 name,
                 export,
                 handle,
-            } => return Ok(Some((name, export, handle))),
-            NegotiationEvent::Aborted => return Ok(None),
+            } => {
+                return Ok(Step::Selected(Selected {
+                    name,
+                    export,
+                    entry: handle,
+                }));
+            }
+            NegotiationEvent::Aborted => return Ok(Step::Aborted),
+            NegotiationEvent::StartTls => return Ok(Step::StartTls),
         }
     }
 }
@@ -318,15 +495,19 @@ struct Reply {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
-async fn transmission(
-    mut rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+async fn transmission<R, W>(
+    mut rd: R,
+    wr: W,
     input: BytesMut,
     export: ExportDescription,
     entry: Arc<ExportEntry>,
     config: Arc<ServerConfig>,
     shutdown: CancellationToken,
-) -> Result<(), NbdError> {
+) -> Result<(), NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let _connection = entry.counters.connection_opened();
     info!(
         size = export.size,
@@ -407,7 +588,7 @@ impl StopSignals {
 /// been sent; closing now, with the client's payload unread, would make the kernel reset
 /// the connection, which can destroy the reply before the client reads it. So read and
 /// discard for a little while (or up to `limit` bytes, or until the client closes) first.
-async fn linger(rd: &mut OwnedReadHalf, limit: u32) {
+async fn linger<R: AsyncRead + Unpin>(rd: &mut R, limit: u32) {
     let mut sink = vec![0u8; 64 * 1024];
     let mut left = u64::from(limit) + 64 * 1024;
     let drain = async {
@@ -421,8 +602,8 @@ async fn linger(rd: &mut OwnedReadHalf, limit: u32) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
-async fn read_requests(
-    rd: &mut OwnedReadHalf,
+async fn read_requests<R: AsyncRead + Unpin>(
+    rd: &mut R,
     mut input: BytesMut,
     export: ExportDescription,
     entry: Arc<ExportEntry>,
@@ -545,8 +726,8 @@ async fn read_requests(
 }
 
 /// Reads from the socket into the direct payload if one is being read, else into `input`.
-async fn read_some(
-    rd: &mut OwnedReadHalf,
+async fn read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
     input: &mut BytesMut,
     direct: Option<&mut DirectPayload>,
 ) -> std::io::Result<usize> {
@@ -790,8 +971,8 @@ async fn execute_inner(entry: Arc<ExportEntry>, command: Command, pending: Pendi
     }
 }
 
-async fn write_replies(
-    wr: OwnedWriteHalf,
+async fn write_replies<W: AsyncWrite + Unpin>(
+    wr: W,
     rx: mpsc::UnboundedReceiver<Reply>,
     failed: CancellationToken,
 ) -> Result<(), NbdError> {
@@ -802,8 +983,8 @@ async fn write_replies(
     result.map_err(NbdError::from)
 }
 
-async fn write_replies_inner(
-    mut wr: OwnedWriteHalf,
+async fn write_replies_inner<W: AsyncWrite + Unpin>(
+    mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
 ) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(WRITE_BATCH);
@@ -830,6 +1011,9 @@ async fn write_replies_inner(
             wr.write_all(&out).await?;
             out.clear();
         }
+        // Nothing more is ready: what a TLS stream still holds goes out now (a no-op on
+        // a socket).
+        wr.flush().await?;
     }
     wr.shutdown().await
 }

@@ -89,6 +89,7 @@ fn feed_negotiation(
                 return (out, Ok(true));
             }
             Ok(NegotiationEvent::Aborted) => return (out, Ok(false)),
+            Ok(NegotiationEvent::StartTls) => panic!("STARTTLS taken without TLS"),
             Err(err) => return (out, Err(err)),
         }
     }

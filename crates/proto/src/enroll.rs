@@ -100,16 +100,23 @@ pub async fn join(
             endpoints: endpoints.to_vec(),
             reason: e.to_string(),
         })?;
+    let join_role = match role {
+        PeerRole::Manager => v1::JoinRole::Manager,
+        PeerRole::Vra => v1::JoinRole::Vra,
+        // Clients' certificates are issued by the site's CA holder, not by joining.
+        PeerRole::Client => {
+            return Err(JoinError::Token(
+                "a client certificate is not obtained by joining".into(),
+            ));
+        }
+    };
     let key = NodeKey::generate()?;
     let enrolled = EnrollmentClient::new(channel)
         .join(v1::JoinRequest {
             token: code.reveal(),
             public_key: key.public_key().to_vec(),
             proof: key.prove(code.id().as_str())?,
-            role: match role {
-                PeerRole::Manager => v1::JoinRole::Manager,
-                PeerRole::Vra => v1::JoinRole::Vra,
-            } as i32,
+            role: join_role as i32,
             id: id.to_string(),
         })
         .await

@@ -1,5 +1,5 @@
-//! Who a certificate names: one URI SAN, `tandem://<site>/manager/<node-id>` or
-//! `tandem://<site>/vra/<host-id>`. A certificate is believed only after its chain was
+//! Who a certificate names: one URI SAN, `tandem://<site>/manager/<node-id>`,
+//! `tandem://<site>/vra/<host-id>` or `tandem://<site>/client/<name>`. A certificate is believed only after its chain was
 //! verified against the CA of the site it names (see [`crate::config`]).
 
 use std::fmt;
@@ -13,6 +13,9 @@ pub enum PeerRole {
     Manager,
     /// A host's VRA.
     Vra,
+    /// A tool of the site's operators or hypervisors that reads and writes volumes over
+    /// NBD (qemu, nbdcopy): admitted by a VRA's NBD port, by nothing else.
+    Client,
 }
 
 impl PeerRole {
@@ -20,6 +23,7 @@ impl PeerRole {
         match self {
             PeerRole::Manager => "manager",
             PeerRole::Vra => "vra",
+            PeerRole::Client => "client",
         }
     }
 }
@@ -67,6 +71,10 @@ impl PeerIdentity {
         Self::new(site, PeerRole::Vra, host)
     }
 
+    pub fn client(site: &str, name: &str) -> Result<Self, TlsError> {
+        Self::new(site, PeerRole::Client, name)
+    }
+
     /// The URI SAN that names it.
     pub fn uri(&self) -> String {
         format!("{SCHEME}{}/{}/{}", self.site, self.role.name(), self.id)
@@ -84,6 +92,7 @@ impl PeerIdentity {
         let role = match role {
             "manager" => PeerRole::Manager,
             "vra" => PeerRole::Vra,
+            "client" => PeerRole::Client,
             _ => return Err(bad()),
         };
         Self::new(site, role, id).map_err(|_| bad())

@@ -13,7 +13,7 @@ use rcgen::{
 };
 
 use crate::TlsError;
-use crate::identity::PeerIdentity;
+use crate::identity::{PeerIdentity, PeerRole};
 
 /// The DNS name every certificate also carries and every client asks for: peers are
 /// told apart by their `tandem://` identity, not by host names (addresses change, and
@@ -396,6 +396,11 @@ impl SiteCa {
             .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        if who.role == PeerRole::Client {
+            // qemu refuses a client certificate whose (critical) key usage lacks key
+            // encipherment, whatever its key type.
+            p.key_usages.push(KeyUsagePurpose::KeyEncipherment);
+        }
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -410,6 +415,20 @@ impl SiteCa {
     /// Gives `who` its certificate in `dir`, with this CA's certificate beside it.
     pub fn provision(&self, dir: &PkiDir, who: &PeerIdentity) -> Result<(), TlsError> {
         dir.install(&self.cert_pem, &self.issue(who, NODE_TTL)?)
+    }
+
+    /// Writes a client certificate for NBD (`tandem://SITE/client/NAME`) into `dir`, in
+    /// the layout qemu's `tls-creds-x509` (endpoint=client) and libnbd's
+    /// `tls-certificates` read: `ca-cert.pem`, `client-cert.pem`, `client-key.pem`.
+    pub fn provision_nbd_client(&self, dir: &Path, name: &str) -> Result<(), TlsError> {
+        let issued = self.issue(&PeerIdentity::client(&self.site, name)?, NODE_TTL)?;
+        std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        write_file(&dir.join("ca-cert.pem"), &self.cert_pem, 0o644)?;
+        write_file(&dir.join("client-cert.pem"), &issued.cert_pem, 0o644)?;
+        write_file(&dir.join("client-key.pem"), &issued.key_pem, 0o600)
     }
 }
 

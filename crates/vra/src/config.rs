@@ -16,8 +16,12 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// gRPC listener (`VraControl` and `Replication`).
     pub control_listen: String,
-    /// NBD listener (protected volumes and point-in-time images).
+    /// NBD listener (protected volumes and point-in-time images): TLS required (NBD's
+    /// STARTTLS with a certificate of the site's CA) unless `insecure`.
     pub nbd_listen: String,
+    /// NBD on a Unix socket, for the local host's hypervisor (no TLS; the socket is
+    /// owner- and group-only). Default: `nbd.sock` in the data directory.
+    pub nbd_socket: Option<PathBuf>,
     /// Replication buffer budget over all protected VPGs, in MiB.
     pub ram_mb: u64,
     /// Where to write the bound addresses as JSON once listening.
@@ -43,6 +47,7 @@ impl Default for Config {
             data_dir: PathBuf::from("tandem-vra-data"),
             control_listen: "127.0.0.1:7410".into(),
             nbd_listen: "127.0.0.1:10809".into(),
+            nbd_socket: None,
             ram_mb: 256,
             addr_file: None,
             log_format: "text".into(),
@@ -75,6 +80,9 @@ impl Config {
         }
         if let Some(v) = env("TANDEM_VRA_NBD_LISTEN") {
             self.nbd_listen = v;
+        }
+        if let Some(v) = env("TANDEM_VRA_NBD_SOCKET") {
+            self.nbd_socket = Some(v.into());
         }
         if let Some(v) = env("TANDEM_VRA_RAM_MB") {
             self.ram_mb = v.parse().context("TANDEM_VRA_RAM_MB")?;

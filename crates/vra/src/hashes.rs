@@ -186,6 +186,35 @@ pub fn check_compare(
     Ok(blocks.unwrap_or(0))
 }
 
+/// Length of block `k` of `block` bytes in a range of `len` bytes (the last may be short;
+/// a block past the end is empty).
+#[must_use]
+pub fn block_len(len: u64, block: u64, k: u32) -> u64 {
+    block.min(len.saturating_sub(u64::from(k).saturating_mul(block)))
+}
+
+/// Whether a compare answer fits the range it answers, `len` bytes in `coarse` blocks:
+/// its differing blocks are ascending positions within the range, and its `fine_hashes`
+/// bytes hold one hash for each `fine` block of each of them (a short block hashed as it
+/// is). The protected VRA checks an answer with it before using it.
+#[must_use]
+pub fn compare_answer_fits(
+    len: u64,
+    coarse: u64,
+    fine: u64,
+    differing: &[u32],
+    fine_hashes: usize,
+) -> bool {
+    let blocks = len.div_ceil(coarse.max(1));
+    let ascending = differing.windows(2).all(|w| w[0] < w[1]);
+    let in_range = differing.last().is_none_or(|&b| u64::from(b) < blocks);
+    let fine_blocks = differing
+        .iter()
+        .map(|&b| block_len(len, coarse, b).div_ceil(fine.max(1)))
+        .fold(0u64, u64::saturating_add);
+    ascending && in_range && fine_blocks.checked_mul(HASH_LEN as u64) == Some(fine_hashes as u64)
+}
+
 /// What a compare found in one stretch of coarse blocks.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Differences {

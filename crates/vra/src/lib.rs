@@ -19,6 +19,7 @@
 //! - [`vra`]: the registry of VPGs and the domain operations; [`service`]: thin tonic
 //!   services over it; [`state`]: what survives a restart; [`connector`]: the outgoing
 //!   connection seam; [`config`]: process configuration.
+//! - `fuzz` (feature `fuzzing`): entry points of the replication fuzz targets in `fuzz/`.
 //!
 //! [`run`] serves a VRA on two bound listeners until its shutdown token is cancelled.
 
@@ -29,8 +30,11 @@ pub mod connector;
 pub mod dirty;
 pub mod error;
 pub mod fence;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod hashes;
 pub mod model;
+pub mod nbd_access;
 pub mod pool;
 pub mod protected;
 mod ranges;
@@ -82,12 +86,14 @@ pub struct RunConfig {
 /// How often failed journals are checked for a resolved cause.
 const JOURNAL_HEAL_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Serves a VRA: `VraControl` and `Replication` on `control`, NBD on `nbd`, until
+/// Serves a VRA: `VraControl` and `Replication` on `control`, NBD on `nbd` (TLS required
+/// unless the VRA runs without certificates) and on `nbd_local` (the local host), until
 /// `shutdown` is cancelled; then stops every VPG and returns.
 pub async fn run(
     config: RunConfig,
     control: TcpListener,
     nbd: TcpListener,
+    nbd_local: tokio::net::UnixListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
@@ -104,6 +110,11 @@ pub async fn run(
     };
     let control_addr = control.local_addr()?.to_string();
     let nbd_addr = nbd.local_addr()?.to_string();
+    let nbd_socket = nbd_local
+        .local_addr()?
+        .as_pathname()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     let exports = Exports::new();
     let vra_cancel = shutdown.child_token();
     let vra = Vra::new(
@@ -116,7 +127,7 @@ pub async fn run(
         connector::Connector::default().with_tls(live_tls.clone()),
         vra_cancel,
     );
-    vra.set_addresses(control_addr.clone(), nbd_addr.clone());
+    vra.set_addresses(control_addr.clone(), nbd_addr.clone(), nbd_socket.clone());
     vra.restore().await.context("restoring assignments")?;
 
     let tasks = TaskTracker::new();
@@ -127,8 +138,21 @@ pub async fn run(
             ..ServerConfig::default()
         },
     );
-    let nbd_shutdown = shutdown.clone();
+    let nbd_server = match &live_tls {
+        Some(live) => nbd_server.requiring_tls(nbd_access::NbdTls::new(live.clone())),
+        None => {
+            tracing::warn!(
+                "INSECURE: the NBD port serves every export in plaintext to anyone who \
+                 reaches it"
+            );
+            nbd_server
+        }
+    };
+    let (nbd_shutdown, local_shutdown) = (shutdown.clone(), shutdown.clone());
+    let local_server = nbd_server.clone();
     let nbd_task = tasks.spawn(async move { nbd_server.serve(nbd, nbd_shutdown).await });
+    let nbd_local_task =
+        tasks.spawn(async move { local_server.serve_unix(nbd_local, local_shutdown).await });
 
     let sessions = TaskTracker::new();
     let control_svc = VraControlServer::new(service::ControlService::new(
@@ -208,6 +232,7 @@ pub async fn run(
         let json = serde_json::json!({
             "control": control_addr,
             "nbd": nbd_addr,
+            "nbd_socket": nbd_socket,
             "host_id": config.host_id,
             "pid": std::process::id(),
         });
@@ -222,9 +247,11 @@ pub async fn run(
     sessions.wait().await;
     let grpc = grpc_task.await.context("grpc server task")?;
     let nbd = nbd_task.await.context("nbd server task")?;
+    let nbd_local = nbd_local_task.await.context("nbd socket server task")?;
     tasks.wait().await;
     grpc.context("grpc server")?;
     nbd.context("nbd server")?;
+    nbd_local.context("nbd socket server")?;
     tracing::info!("vra stopped");
     Ok(())
 }

@@ -30,13 +30,16 @@ struct Args {
     /// gRPC listener (VraControl, Replication), host:port (port 0: any).
     #[arg(long)]
     control_listen: Option<String>,
-    /// NBD listener, host:port (port 0: any).
+    /// NBD listener, host:port (port 0: any); TLS required unless --insecure.
     #[arg(long)]
     nbd_listen: Option<String>,
+    /// NBD Unix socket for the local host (default: DATA_DIR/nbd.sock).
+    #[arg(long)]
+    nbd_socket: Option<PathBuf>,
     /// Replication buffer budget in MiB.
     #[arg(long)]
     ram_mb: Option<u64>,
-    /// Writes {"control","nbd","host_id","pid"} here as JSON once listening.
+    /// Writes {"control","nbd","nbd_socket","host_id","pid"} here as JSON once listening.
     #[arg(long)]
     addr_file: Option<PathBuf>,
     /// Log format: text or json.
@@ -74,6 +77,9 @@ fn config(a: Args) -> Result<Config> {
     }
     if let Some(v) = a.nbd_listen {
         c.nbd_listen = v;
+    }
+    if let Some(v) = a.nbd_socket {
+        c.nbd_socket = Some(v);
     }
     if let Some(v) = a.ram_mb {
         c.ram_mb = v;
@@ -133,6 +139,11 @@ async fn main() -> Result<()> {
     let nbd = tokio::net::TcpListener::bind(&c.nbd_listen)
         .await
         .with_context(|| format!("binding nbd {}", c.nbd_listen))?;
+    let nbd_socket = c
+        .nbd_socket
+        .clone()
+        .unwrap_or_else(|| c.data_dir.join("nbd.sock"));
+    let nbd_local = tandem_vra::nbd_access::bind_socket(&nbd_socket)?;
     let run = tandem_vra::run(
         RunConfig {
             host_id: c.host_id.clone(),
@@ -143,6 +154,7 @@ async fn main() -> Result<()> {
         },
         control,
         nbd,
+        nbd_local,
         shutdown,
     );
     tokio::pin!(run);

@@ -525,6 +525,36 @@ pub fn entry_to_pb(e: &Entry, compress: bool) -> (pb::ReplicateEntry, u64, u64) 
     )
 }
 
+/// Most write data one batch received on the stream may carry, counted before anything is
+/// decompressed: twice what a sender puts in one (a batch holds at most 1 MiB of entries,
+/// or one larger entry), so that a peer cannot make the receiver inflate a small message
+/// into gigabytes.
+pub const MAX_BATCH_DATA: u64 = 2 * MAX_ENTRY_DATA as u64;
+
+/// Decodes and validates a batch received on the stream: each entry as [`entry_from_pb`]
+/// does, and at most [`MAX_BATCH_DATA`] bytes of write data in all.
+pub fn batch_from_pb(entries: Vec<pb::ReplicateEntry>) -> VraResult<Vec<Entry>> {
+    let mut data = 0u64;
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        if let Some(pb::replicate_entry::Body::Write(w)) = &e.body {
+            let len = if w.raw_len == 0 {
+                w.data.len() as u64
+            } else {
+                u64::from(w.raw_len)
+            };
+            data = data.saturating_add(len);
+            if data > MAX_BATCH_DATA {
+                return Err(VraError::Stream(format!(
+                    "batch carries more than {MAX_BATCH_DATA} bytes of write data"
+                )));
+            }
+        }
+        out.push(entry_from_pb(e)?);
+    }
+    Ok(out)
+}
+
 /// Decodes and validates an entry received on the stream (decompressing write data).
 pub fn entry_from_pb(e: pb::ReplicateEntry) -> VraResult<Entry> {
     use pb::replicate_entry::Body;

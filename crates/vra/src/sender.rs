@@ -143,7 +143,9 @@ async fn session(
     };
     let (resume, acked) = {
         let mut w = shared.window.lock().unwrap_or_else(PoisonError::into_inner);
-        let resume = w.on_connected(Seq(first.durable_seq), Seq(first.held_seq));
+        let resume = w
+            .on_connected(Seq(first.durable_seq), Seq(first.held_seq))
+            .map_err(|e| SessionError::Protocol(e.to_string()))?;
         (resume, w.acked_seq().0)
     };
     shared.release(resume.freed);

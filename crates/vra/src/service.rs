@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::{
     fence::SessionId,
     model::{
-        self, ProtectedAssignment, RecoveryAssignment, checkpoint_from_thaw, entry_from_pb,
+        self, ProtectedAssignment, RecoveryAssignment, batch_from_pb, checkpoint_from_thaw,
         parse_checkpoint_id, parse_peer_site, parse_vm, parse_vpg,
     },
     recovery::{ImageRange, RecoveryVpg},
@@ -197,11 +197,13 @@ impl VraControl for ControlService {
             .open_export(&vpg, &vm, VolumeId(r.volume_id), cp, r.writable)
             .await
             .map_err(status)?;
+        let (nbd_address, nbd_socket) = self.vra.nbd_addresses();
         Ok(Response::new(pb::OpenExportResponse {
             export_name: e.name,
             size_bytes: e.size,
             writable: e.writable,
-            nbd_address: self.vra.nbd_address(),
+            nbd_address,
+            nbd_socket,
         }))
     }
 
@@ -338,9 +340,11 @@ impl VraControl for ControlService {
             .start_recovery(&vpg, generation, cp, op)
             .await
             .map_err(status)?;
+        let (nbd_address, nbd_socket) = self.vra.nbd_addresses();
         Ok(Response::new(pb::RecoveryVolumes {
             volumes: recovered.volume_status(),
-            nbd_address: self.vra.nbd_address(),
+            nbd_address,
+            nbd_socket,
         }))
     }
 
@@ -636,7 +640,7 @@ async fn run_session(
             _ = retry.tick(), if pending => {}
             msg = inbound.message() => match msg {
                 Ok(Some(pb::ReplicateRequest { msg: Some(Msg::Batch(b)) })) => {
-                    let entries = match b.entries.into_iter().map(entry_from_pb).collect::<Result<Vec<_>, _>>() {
+                    let entries = match batch_from_pb(b.entries) {
                         Ok(e) => e,
                         Err(e) => {
                             let _ = tx.send(Err(status(e))).await;

@@ -34,7 +34,9 @@ use tracing::{info, warn};
 use crate::{
     connector::Connector,
     dirty::{DirtyMap, REGION, Run},
-    hashes::{HASH_LEN, HASHING, SCAN_CHUNK, fine_differs, hash_blocks},
+    hashes::{
+        HASH_LEN, HASHING, SCAN_CHUNK, block_len, compare_answer_fits, fine_differs, hash_blocks,
+    },
     model::EntryBody,
     protected::{ProtectedShared, ProtectedVolume},
 };
@@ -808,15 +810,7 @@ async fn compare_piece(
         .map_err(|s| PassError::Hashes(s.message().to_string()))?
         .into_inner();
     // The answer must name blocks of this piece, in order, with all their fine hashes.
-    let blocks = len.div_ceil(COARSE);
-    let ascending = r.differing.windows(2).all(|w| w[0] < w[1]);
-    let in_range = r.differing.last().is_none_or(|&b| u64::from(b) < blocks);
-    let fine_blocks: u64 = r
-        .differing
-        .iter()
-        .map(|&b| block_len(len, b).div_ceil(FINE))
-        .sum();
-    if !ascending || !in_range || r.fine_hashes.len() as u64 != fine_blocks * HASH_LEN as u64 {
+    if !compare_answer_fits(len, COARSE, FINE, &r.differing, r.fine_hashes.len()) {
         return Err(PassError::Hashes(format!(
             "malformed compare answer for {}+{len}: {} differing blocks, {} fine hash bytes",
             offset,
@@ -849,11 +843,6 @@ fn hash_file(path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Length of coarse block `k` of a piece of `len` bytes (the last may be short).
-fn block_len(len: u64, k: u32) -> u64 {
-    COARSE.min(len.saturating_sub(u64::from(k) * COARSE))
-}
-
 /// Sends the fine blocks of the differing coarse blocks of one piece whose hashes differ
 /// from the recovery VRA's, compared on the data read under the range lock.
 async fn send_differences(
@@ -865,7 +854,7 @@ async fn send_differences(
     let mut sent = 0;
     for &k in &compared.differing {
         let block = compared.offset + u64::from(k) * COARSE;
-        let blen = block_len(compared.len, k);
+        let blen = block_len(compared.len, COARSE, k);
         let (fine, rest) = theirs.split_at((blen.div_ceil(FINE) as usize) * HASH_LEN);
         theirs = rest;
         sent += send_parts(shared, volume, block, blen, FINE, |f, bytes| {

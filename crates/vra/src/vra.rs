@@ -78,6 +78,16 @@ pub struct OpenedExport {
     pub writable: bool,
 }
 
+/// Where this VRA listens, as it reports it.
+#[derive(Debug, Clone, Default)]
+struct Addresses {
+    control: String,
+    /// NBD over TCP (TLS required when the VRA has certificates).
+    nbd: String,
+    /// NBD on a Unix socket, for the local host.
+    nbd_socket: String,
+}
+
 #[derive(Debug)]
 struct Inner {
     settings: VraSettings,
@@ -91,7 +101,7 @@ struct Inner {
     /// Protected VPGs whose VMs are powered off: their volumes are not exported.
     powered_off: Mutex<std::collections::BTreeSet<VpgId>>,
     cancel: CancellationToken,
-    addrs: Mutex<(String, String)>,
+    addrs: Mutex<Addresses>,
 }
 
 /// A cheaply cloneable handle to the VRA.
@@ -119,28 +129,33 @@ impl Vra {
                 pits: Mutex::new(BTreeMap::new()),
                 powered_off: Mutex::new(std::collections::BTreeSet::new()),
                 cancel,
-                addrs: Mutex::new((String::new(), String::new())),
+                addrs: Mutex::new(Addresses::default()),
             }),
         }
     }
 
     /// Records the bound addresses (reported in status).
-    pub fn set_addresses(&self, control: String, nbd: String) {
+    pub fn set_addresses(&self, control: String, nbd: String, nbd_socket: String) {
         *self
             .inner
             .addrs
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = (control, nbd);
+            .unwrap_or_else(PoisonError::into_inner) = Addresses {
+            control,
+            nbd,
+            nbd_socket,
+        };
     }
 
-    /// The NBD listener's address (host:port).
-    pub fn nbd_address(&self) -> String {
-        self.inner
+    /// The NBD listener's address (host:port) and Unix socket.
+    pub fn nbd_addresses(&self) -> (String, String) {
+        let a = self
+            .inner
             .addrs
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .1
-            .clone()
+            .clone();
+        (a.nbd, a.nbd_socket)
     }
 
     /// Re-applies the assignments persisted in the data directory.
@@ -1175,7 +1190,11 @@ impl Vra {
                 }
             }
         }
-        let (control, nbd) = self
+        let Addresses {
+            control,
+            nbd,
+            nbd_socket,
+        } = self
             .inner
             .addrs
             .lock()
@@ -1204,6 +1223,7 @@ impl Vra {
             host_id: self.inner.settings.host_id.clone(),
             control_address: control,
             nbd_address: nbd,
+            nbd_socket,
             buffer_budget_bytes: self.inner.settings.buffer_bytes,
             buffer_used_bytes: used,
             vpgs: out,

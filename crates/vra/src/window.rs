@@ -37,7 +37,20 @@ pub enum WindowError {
         /// The earlier acknowledgement.
         acked: Seq,
     },
+    /// The receiver reported a position no stream reaches (the window could not number
+    /// its entries after it).
+    #[error("receiver position durable {durable}, held {held} is beyond {MAX_RECEIVER_POSITION}")]
+    PositionOutOfRange {
+        /// The durable position reported.
+        durable: Seq,
+        /// The held position reported.
+        held: Seq,
+    },
 }
+
+/// The highest position a receiver may report: far beyond any stream (a sequence a
+/// nanosecond for centuries), and far enough below `u64::MAX` to number entries after it.
+pub const MAX_RECEIVER_POSITION: Seq = Seq(1 << 62);
 
 /// How a connection resumes the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,19 +124,23 @@ impl<T: Clone> SendWindow<T> {
     /// durably, and entries up to `held` in some journal. Frees what it already has and
     /// moves the cursor right after it; when it cannot continue from there (see the module
     /// docs) it renumbers the window to start after `held`, so that no entry collides with
-    /// one an earlier incarnation of this sender left at the receiver.
-    pub fn on_connected(&mut self, durable: Seq, held: Seq) -> Resume {
+    /// one an earlier incarnation of this sender left at the receiver. Positions beyond
+    /// [`MAX_RECEIVER_POSITION`] are refused, and the window is left as it was.
+    pub fn on_connected(&mut self, durable: Seq, held: Seq) -> Result<Resume, WindowError> {
+        if durable.max(held) > MAX_RECEIVER_POSITION {
+            return Err(WindowError::PositionOutOfRange { durable, held });
+        }
         let continues = self.anchored && durable >= self.acked && durable < self.next_seq;
         if continues {
             let freed = self.free_through(durable);
             self.acked = durable;
             self.cursor = durable.next();
-            return Resume {
+            return Ok(Resume {
                 from: self.cursor,
                 freed,
                 rebased: false,
                 lost: false,
-            };
+            });
         }
         // Fresh on both sides is the only rebase that loses nothing, unless what was dropped
         // is tracked for a sync and the receiver kept everything it acknowledged.
@@ -141,12 +158,12 @@ impl<T: Clone> SendWindow<T> {
         self.acked = durable;
         self.cursor = base.next();
         self.anchored = true;
-        Resume {
+        Ok(Resume {
             from: self.cursor,
             freed: 0,
             rebased: true,
             lost,
-        }
+        })
     }
 
     /// The connection is gone: everything not acknowledged will be resent.
@@ -320,7 +337,7 @@ mod tests {
             !w.has_unsent(),
             "nothing is sent before the first connection"
         );
-        let r = w.on_connected(Seq(0), Seq(0));
+        let r = w.on_connected(Seq(0), Seq(0)).expect("resume");
         assert_eq!(
             r,
             Resume {
@@ -348,7 +365,7 @@ mod tests {
             !w.unsent_at_least(1, 1),
             "nothing is unsent before a connection"
         );
-        w.on_connected(Seq(0), Seq(0));
+        w.on_connected(Seq(0), Seq(0)).expect("resume");
         assert!(w.unsent_at_least(400, 10));
         assert!(!w.unsent_at_least(401, 10));
         assert!(w.unsent_at_least(10_000, 4));
@@ -362,7 +379,7 @@ mod tests {
     #[test]
     fn abandoned_entries_are_returned_and_the_next_connection_rebases_without_loss() {
         let mut w = SendWindow::new();
-        w.on_connected(Seq(0), Seq(0));
+        w.on_connected(Seq(0), Seq(0)).expect("resume");
         for i in 0..4u32 {
             w.push(i, 10);
         }
@@ -373,12 +390,12 @@ mod tests {
         assert!(!w.has_unsent());
         w.push(9, 10);
         // The receiver got one more than was acknowledged: nothing is lost.
-        let r = w.on_connected(Seq(3), Seq(3));
+        let r = w.on_connected(Seq(3), Seq(3)).expect("resume");
         assert!(r.rebased && !r.lost, "{r:?}");
         assert_eq!(seqs(&w.next_batch(1000, 10)), vec![4]);
         // A receiver behind what it acknowledged lost data.
         let (_, _) = w.abandon();
-        assert!(w.on_connected(Seq(1), Seq(1)).lost);
+        assert!(w.on_connected(Seq(1), Seq(1)).expect("resume").lost);
     }
 
     #[test]
@@ -387,7 +404,7 @@ mod tests {
         w.push(1u32, 10);
         w.push(2, 10);
         w.trust_resync();
-        let r = w.on_connected(Seq(5), Seq(9));
+        let r = w.on_connected(Seq(5), Seq(9)).expect("resume");
         assert!(r.rebased && !r.lost, "{r:?}");
         assert_eq!(r.from, Seq(10));
         assert_eq!(seqs(&w.next_batch(1000, 10)), vec![10, 11]);
@@ -400,15 +417,15 @@ mod tests {
     fn a_trusted_resync_rebases_a_restarted_sender_without_loss() {
         let mut w = SendWindow::<u32>::new();
         w.trust_resync();
-        assert!(!w.on_connected(Seq(77), Seq(77)).lost);
+        assert!(!w.on_connected(Seq(77), Seq(77)).expect("resume").lost);
         let mut plain = SendWindow::<u32>::new();
-        assert!(plain.on_connected(Seq(77), Seq(77)).lost);
+        assert!(plain.on_connected(Seq(77), Seq(77)).expect("resume").lost);
     }
 
     #[test]
     fn reconnect_resends_after_the_receivers_durable_position() {
         let mut w = SendWindow::new();
-        w.on_connected(Seq(0), Seq(0));
+        w.on_connected(Seq(0), Seq(0)).expect("resume");
         for i in 0..5 {
             w.push(i, 10);
         }
@@ -416,7 +433,7 @@ mod tests {
         w.on_ack(Seq(2)).expect("ack");
         w.on_disconnected();
         // The receiver made 3 durable before the link dropped.
-        let r = w.on_connected(Seq(3), Seq(3));
+        let r = w.on_connected(Seq(3), Seq(3)).expect("resume");
         assert_eq!(
             r,
             Resume {
@@ -433,7 +450,7 @@ mod tests {
     #[test]
     fn batches_respect_cost_and_count_but_take_at_least_one() {
         let mut w = SendWindow::new();
-        w.on_connected(Seq(0), Seq(0));
+        w.on_connected(Seq(0), Seq(0)).expect("resume");
         w.push(1, 500);
         w.push(2, 500);
         w.push(3, 500);
@@ -448,7 +465,7 @@ mod tests {
     #[test]
     fn bad_acks_are_refused() {
         let mut w = SendWindow::new();
-        w.on_connected(Seq(0), Seq(0));
+        w.on_connected(Seq(0), Seq(0)).expect("resume");
         w.push(1u32, 1);
         w.push(2, 1);
         w.next_batch(1, 1);
@@ -474,7 +491,7 @@ mod tests {
         let mut w = SendWindow::new();
         w.push(1u32, 1);
         w.push(2, 1);
-        let r = w.on_connected(Seq(41), Seq(41));
+        let r = w.on_connected(Seq(41), Seq(41)).expect("resume");
         assert_eq!(
             r,
             Resume {
@@ -491,16 +508,35 @@ mod tests {
     #[test]
     fn receiver_that_lost_acknowledged_entries_forces_a_rebase() {
         let mut w = SendWindow::new();
-        w.on_connected(Seq(0), Seq(0));
+        w.on_connected(Seq(0), Seq(0)).expect("resume");
         for i in 0..4 {
             w.push(i, 1);
         }
         w.next_batch(100, 10);
         w.on_ack(Seq(3)).expect("ack");
         w.on_disconnected();
-        let r = w.on_connected(Seq(1), Seq(1));
+        let r = w.on_connected(Seq(1), Seq(1)).expect("resume");
         assert!(r.rebased && r.lost);
         assert_eq!(seqs(&w.next_batch(100, 10)), vec![2]);
+    }
+
+    #[test]
+    fn a_receiver_position_no_stream_reaches_is_refused() {
+        // Found by the replication_sender fuzz target: an ack at u64::MAX overflowed the
+        // renumbering.
+        let mut w = SendWindow::new();
+        w.push(1u32, 10);
+        for (durable, held) in [(Seq(u64::MAX), Seq(0)), (Seq(0), Seq(u64::MAX))] {
+            assert_eq!(
+                w.on_connected(durable, held),
+                Err(WindowError::PositionOutOfRange { durable, held })
+            );
+        }
+        assert!(!w.anchored());
+        let r = w
+            .on_connected(MAX_RECEIVER_POSITION, MAX_RECEIVER_POSITION)
+            .expect("resume");
+        assert_eq!(r.from, MAX_RECEIVER_POSITION.next());
     }
 
     proptest! {
@@ -511,7 +547,7 @@ mod tests {
         #[test]
         fn window_invariants(ops in proptest::collection::vec((0u8..4, 0u64..8), 1..200)) {
             let mut w = SendWindow::new();
-            w.on_connected(Seq(0), Seq(0));
+            w.on_connected(Seq(0), Seq(0)).expect("resume");
             let mut durable_at_receiver = Seq(0);
             let mut pushed = 0u64;
             for (op, arg) in ops {
@@ -533,7 +569,7 @@ mod tests {
                         let sent = w.sent_seq();
                         w.on_disconnected();
                         let d = Seq(durable_at_receiver.0 + arg.min(sent.0.saturating_sub(durable_at_receiver.0)));
-                        let r = w.on_connected(d, d);
+                        let r = w.on_connected(d, d).expect("resume");
                         prop_assert!(!r.rebased && !r.lost);
                         prop_assert_eq!(r.from, d.next());
                         durable_at_receiver = d;

@@ -49,7 +49,12 @@ fn volumes_to_proto(volumes: Vec<TestVolume>) -> Vec<v1::RecoveredVolume> {
     volumes
         .into_iter()
         .map(|v| v1::RecoveredVolume {
-            nbd_uri: format!("nbd://{}/{}", v.nbd_address, v.export_name),
+            nbd_uri: if v.nbd_socket.is_empty() {
+                format!("nbd://{}/{}", v.nbd_address, v.export_name)
+            } else {
+                format!("nbd+unix:///{}?socket={}", v.export_name, v.nbd_socket)
+            },
+            nbds_uri: format!("nbds://{}/{}", v.nbd_address, v.export_name),
             vm_id: v.vm.to_string(),
             volume_id: v.volume_id,
             host_id: v.host.to_string(),

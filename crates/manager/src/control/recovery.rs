@@ -243,7 +243,7 @@ async fn open_recovered(site: &SiteManager, op: &RecoveryOp, vras: &[(HostId, St
     let mut volumes: Vec<TestVolume> = opened
         .into_iter()
         .flat_map(|(host, r)| {
-            let addr = r.nbd_address;
+            let (addr, socket) = (r.nbd_address, r.nbd_socket);
             r.volumes.into_iter().filter_map(move |v| {
                 Some(TestVolume {
                     vm: VmId::parse("vm_id", &v.vm_id).ok()?,
@@ -251,6 +251,7 @@ async fn open_recovered(site: &SiteManager, op: &RecoveryOp, vras: &[(HostId, St
                     host: host.clone(),
                     export_name: v.export_name,
                     nbd_address: addr.clone(),
+                    nbd_socket: socket.clone(),
                     size_bytes: v.size_bytes,
                 })
             })
@@ -563,6 +564,7 @@ async fn serve(site: &SiteManager, state: &SiteState, test: &FailoverTest) {
                 host: w.host,
                 export_name: e.export_name,
                 nbd_address: e.nbd_address,
+                nbd_socket: e.nbd_socket,
                 size_bytes: e.size_bytes,
             }),
             Err(e) => errors.push(format!(
