@@ -177,7 +177,19 @@ pub async fn check_uris(
 ) -> Result<u64> {
     let mut clients = Vec::new();
     for uri in uris {
-        clients.push(NbdClient::connect_uri(uri).await?);
+        // A VPG can show Meeting SLA a moment before its VRAs serve every volume again
+        // (after a rollback, a stand-up): the check waits for the volume, briefly.
+        let start = Instant::now();
+        let client = loop {
+            match NbdClient::connect_uri(uri).await {
+                Ok(c) => break c,
+                Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                    return Err(anyhow::anyhow!("{uri}: {e}"));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
+        clients.push(client);
     }
     let images: Vec<&dyn ImageReader> = clients.iter().map(|c| c as &dyn ImageReader).collect();
     let report = check_image(workload_history, window, &images).await?;

@@ -496,6 +496,7 @@ async fn guessed_join_tokens_are_rate_limited_per_source_and_cost_the_log_a_few_
                             proof: vec![0; 64],
                             role: v1::JoinRole::Vra as i32,
                             id: "h1".into(),
+                            ip_addresses: Vec::new(),
                         })
                         .await,
                     )

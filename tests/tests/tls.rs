@@ -845,12 +845,19 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
 
     // Pinned to another CA: the handshake fails before the token is sent.
     let wrong_pin = format!("{}{}", &token[..token.len() - 64], "0".repeat(64));
-    let err = join(&api, &wrong_pin, &pki("wrong-pin"), PeerRole::Vra, "h9")
-        .await
-        .expect_err("a wrong pin must fail");
+    let err = join(
+        &api,
+        &wrong_pin,
+        &pki("wrong-pin"),
+        PeerRole::Vra,
+        "h9",
+        &[],
+    )
+    .await
+    .expect_err("a wrong pin must fail");
     assert!(matches!(err, JoinError::Unreachable { .. }), "{err}");
     // Another node than the token names: refused, and the token stays unused.
-    let err = join(&api, &token, &pki("h8"), PeerRole::Vra, "h8")
+    let err = join(&api, &token, &pki("h8"), PeerRole::Vra, "h8", &[])
         .await
         .expect_err("another node must be refused");
     assert!(err.to_string().contains("PermissionDenied"), "{err}");
@@ -868,6 +875,7 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
         proof,
         role: v1::JoinRole::Vra as i32,
         id: "h9".into(),
+        ip_addresses: Vec::new(),
     };
     let refused = EnrollmentClient::new(pinned.clone())
         .join(request(
@@ -884,7 +892,7 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
 
     // The node it names joins.
-    let me = join(&api, &token, &pki("h9"), PeerRole::Vra, "h9").await?;
+    let me = join(&api, &token, &pki("h9"), PeerRole::Vra, "h9", &[]).await?;
     assert_eq!(me, PeerIdentity::vra(&site_id, "h9")?);
     let tls = TlsConfig::load(&pki("h9"))?;
     assert_eq!(tls.identity(), &me);
@@ -895,17 +903,19 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
         .args(["-e", &api[0], "token", "join", "--host", "h9"])
         .output()?;
     let again = String::from_utf8(again.stdout)?.trim().to_string();
-    tandem_proto::enroll::join_unless_provisioned(&api, &again, &pki("h9"), PeerRole::Vra, "h9")
-        .await?;
+    let h9 = pki("h9");
+    let rejoin = || {
+        tandem_proto::enroll::join_unless_provisioned(&api, &again, &h9, PeerRole::Vra, "h9", &[])
+    };
+    rejoin().await?;
     assert_eq!(TlsConfig::load(&pki("h9"))?.chain_leaf(), tls.chain_leaf());
     std::fs::write(pki("h9").node_cert(), "not a certificate")?;
-    tandem_proto::enroll::join_unless_provisioned(&api, &again, &pki("h9"), PeerRole::Vra, "h9")
-        .await?;
+    rejoin().await?;
     let rejoined = TlsConfig::load(&pki("h9"))?;
     assert_eq!(rejoined.identity(), &me);
     assert_ne!(rejoined.chain_leaf(), tls.chain_leaf());
     // Once.
-    let err = join(&api, &token, &pki("again"), PeerRole::Vra, "h9")
+    let err = join(&api, &token, &pki("again"), PeerRole::Vra, "h9", &[])
         .await
         .expect_err("a used token must be refused");
     assert!(err.to_string().contains("PermissionDenied"), "{err}");
@@ -938,7 +948,7 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let err = join(&api, &spare, &pki("m7"), PeerRole::Manager, "7")
+    let err = join(&api, &spare, &pki("m7"), PeerRole::Manager, "7", &[])
         .await
         .expect_err("a revoked token must be refused");
     assert!(err.to_string().contains("PermissionDenied"), "{err}");
@@ -1132,8 +1142,9 @@ fn run(tool: &str, args: &[&str]) -> Result<(bool, String)> {
 /// A VRA's NBD exports are reached over TCP only after NBD's STARTTLS with a certificate
 /// of the site's CA: plaintext clients (nbdinfo, qemu-io, our own) can neither list nor
 /// open an export and learn nothing of them, nor can a client with another site's
-/// certificate; qemu-io and qemu-img with the site's client certificate can, and the
-/// Unix socket serves this host's clients (nbdinfo, nbdcopy, qemu-io) without TLS.
+/// certificate; qemu-io, qemu-img, nbdinfo and nbdcopy with the site's client certificate
+/// can (the VRA's certificate names its NBD address, which libnbd checks), and the Unix
+/// socket serves this host's clients (nbdinfo, nbdcopy, qemu-io) without TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbd_over_tcp_takes_only_tls_clients_of_the_site_and_the_socket_serves_the_host()
 -> Result<()> {
@@ -1232,24 +1243,41 @@ async fn nbd_over_tcp_takes_only_tls_clients_of_the_site_and_the_socket_serves_t
         ok && !text.contains("failed"),
         "qemu-io on the socket: {text}"
     );
-    let (ok, text) = run(
-        "nbdinfo",
-        &["--list", &format!("nbd+unix://?socket={socket}")],
-    )?;
-    assert!(
-        ok && text.contains(export),
-        "nbdinfo --list on the socket: {text}"
-    );
-    let copy = dir.path().join("copy.raw");
-    let (ok, text) = run("nbdcopy", &[&local, &copy.display().to_string()])?;
-    assert!(ok, "nbdcopy from the socket: {text}");
-    let copied = std::fs::read(&copy)?;
-    assert_eq!(copied.len() as u64, 16 << 20);
-    assert!(
-        copied[1 << 20..(1 << 20) + (64 << 10)]
-            .iter()
-            .all(|b| *b == 0x3c)
-    );
+
+    // libnbd over TLS (nbds:// checks the address it dials: the VRA's certificate names
+    // it) and on the socket.
+    let nbds = format!("nbds://{tcp}/{export}?tls-certificates={certs}");
+    let (ok, text) = run("nbdinfo", &[&nbds])?;
+    assert!(ok && text.contains("16777216"), "nbdinfo over TLS: {text}");
+    let mut copies = Vec::new();
+    for (how, list, uri) in [
+        (
+            "over TLS",
+            format!("nbds://{tcp}?tls-certificates={certs}"),
+            nbds,
+        ),
+        (
+            "on the socket",
+            format!("nbd+unix://?socket={socket}"),
+            local,
+        ),
+    ] {
+        let (ok, text) = run("nbdinfo", &["--list", &list])?;
+        assert!(ok && text.contains(export), "nbdinfo --list {how}: {text}");
+        let copy = dir.path().join(format!("copy-{}.raw", copies.len()));
+        let (ok, text) = run("nbdcopy", &[&uri, &copy.display().to_string()])?;
+        assert!(ok, "nbdcopy {how}: {text}");
+        copies.push(copy);
+    }
+    for copy in &copies {
+        let copied = std::fs::read(copy)?;
+        assert_eq!(copied.len() as u64, 16 << 20);
+        assert!(
+            copied[1 << 20..(1 << 20) + (64 << 10)]
+                .iter()
+                .all(|b| *b == 0x3c)
+        );
+    }
     lab.down().await;
     Ok(())
 }

@@ -43,6 +43,30 @@ pub(crate) fn ca_record(ca: &SiteCa) -> ApiResult<SiteCaRecord> {
     })
 }
 
+/// The IP addresses a node asks its certificate to name (`field` of its request): at most
+/// 4, each a specific unicast address (not unspecified, not multicast).
+pub fn certificate_ips(field: &str, asked: &[String]) -> ApiResult<Vec<std::net::IpAddr>> {
+    let invalid = |why: String| ApiError::Domain(DomainError::invalid(field, why));
+    if asked.len() > MAX_CERTIFICATE_IPS {
+        return Err(invalid(format!("at most {MAX_CERTIFICATE_IPS} addresses")));
+    }
+    asked
+        .iter()
+        .map(|a| {
+            let ip: std::net::IpAddr = a
+                .parse()
+                .map_err(|_| invalid(format!("{a:?} is not an IP address")))?;
+            if ip.is_unspecified() || ip.is_multicast() {
+                return Err(invalid(format!("{ip} does not name one host")));
+            }
+            Ok(ip)
+        })
+        .collect()
+}
+
+/// Most IP addresses a node's certificate names.
+const MAX_CERTIFICATE_IPS: usize = 4;
+
 fn identity_of(site: &str, joiner: &Joiner) -> ApiResult<PeerIdentity> {
     match joiner {
         Joiner::Manager { node_id } => PeerIdentity::manager(site, *node_id),
@@ -163,6 +187,7 @@ impl SiteManager {
         claimed: &Joiner,
         public_key: &[u8],
         proof: &[u8],
+        ips: &[std::net::IpAddr],
     ) -> ApiResult<Enrolled> {
         tandem_tls::pki::verify_join_proof(public_key, code.id().as_str(), proof)
             .map_err(|e| ApiError::Denied(e.to_string()))?;
@@ -195,7 +220,7 @@ impl SiteManager {
         let issuer = SiteCa::from_pem(&site, &ca.cert_pem, ca.key_pem.expose())
             .map_err(ApiError::internal)?;
         let cert_pem = issuer
-            .issue_to(&identity, self.cert_ttl(), public_key)
+            .issue_to_naming(&identity, self.cert_ttl(), public_key, ips)
             .map_err(|e| ApiError::Domain(DomainError::invalid("public_key", e.to_string())))?;
         // Used up in the same command that records it; a second join with the same token
         // (even a concurrent one) finds it gone.
@@ -295,8 +320,9 @@ impl SiteManager {
             .await
             .map_err(ApiError::from_peer)?
             .into_inner();
+        let ips = certificate_ips("ip_addresses", &key.ip_addresses)?;
         let cert_pem = ca
-            .issue_to(&identity, self.cert_ttl(), &key.public_key)
+            .issue_to_naming(&identity, self.cert_ttl(), &key.public_key, &ips)
             .map_err(|e| ApiError::Domain(DomainError::invalid("public_key", e.to_string())))?;
         vra.install_certificate(tandem_proto::v1::InstallCertificateRequest {
             cert_pem,

@@ -250,6 +250,7 @@ async fn member_tls(config: &Config) -> Result<Option<tandem_tls::TlsConfig>> {
             &pki,
             tandem_tls::PeerRole::Manager,
             &config.node_id.to_string(),
+            &[],
         )
         .await
         .context("joining the site")?;

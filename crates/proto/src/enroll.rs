@@ -40,6 +40,7 @@ pub async fn join_unless_provisioned(
     pki: &PkiDir,
     role: PeerRole,
     id: &str,
+    ips: &[String],
 ) -> Result<(), JoinError> {
     let mut fallback = false;
     if pki.is_provisioned() {
@@ -68,7 +69,7 @@ pub async fn join_unless_provisioned(
             }
         }
     }
-    match join(endpoints, token, pki, role, id).await {
+    match join(endpoints, token, pki, role, id, ips).await {
         Ok(me) => {
             tracing::info!(identity = %me, dir = %pki.dir.display(), "joined the site: its managers issued this node's certificate");
             Ok(())
@@ -83,13 +84,15 @@ pub async fn join_unless_provisioned(
 
 /// Joins with `token` through the managers at `endpoints` (their operator ports), as the
 /// node `role` `id` of its site, and installs the certificate in `pki`. Answers the
-/// identity it names.
+/// identity it names. The certificate also names `ips` (for clients that check the address
+/// they dial).
 pub async fn join(
     endpoints: &[String],
     token: &str,
     pki: &PkiDir,
     role: PeerRole,
     id: &str,
+    ips: &[String],
 ) -> Result<PeerIdentity, JoinError> {
     let code = JoinCode::parse("join token", token).map_err(|e| JoinError::Token(e.to_string()))?;
     let pinned = tandem_tls::config::pinned_client(code.ca_fingerprint())?;
@@ -118,6 +121,7 @@ pub async fn join(
             proof: key.prove(code.id().as_str())?,
             role: join_role as i32,
             id: id.to_string(),
+            ip_addresses: ips.to_vec(),
         })
         .await
         .map_err(|s| JoinError::Refused(format!("{:?}: {}", s.code(), s.message())))?

@@ -354,9 +354,21 @@ impl SiteCa {
         ttl: Duration,
         public_key: &[u8],
     ) -> Result<String, TlsError> {
+        self.issue_to_naming(who, ttl, public_key, &[])
+    }
+
+    /// [`Self::issue_to`], also naming `ips` (a VRA's NBD listener, for clients that
+    /// check the address they dial).
+    pub fn issue_to_naming(
+        &self,
+        who: &PeerIdentity,
+        ttl: Duration,
+        public_key: &[u8],
+        ips: &[std::net::IpAddr],
+    ) -> Result<String, TlsError> {
         let key = RequestedKey::new(public_key)?;
         Ok(self
-            .leaf_params(who, ttl, &[])?
+            .leaf_params(who, ttl, ips)?
             .signed_by(&key, &self.issuer())?
             .pem())
     }

@@ -134,6 +134,7 @@ impl Config {
                 &dir,
                 tandem_tls::PeerRole::Vra,
                 &self.host_id,
+                &crate::nbd_access::certificate_ips(&self.nbd_listen),
             )
             .await
             .context("joining the site")?;

@@ -12,6 +12,15 @@ use tandem_nbd::server::{NbdIo, StartTls};
 use tandem_tls::{ClientAuth, LiveTls};
 use tokio::net::{TcpStream, UnixListener};
 
+/// The IP addresses this VRA's certificate names, for NBD clients that check the address
+/// they dial (libnbd's `nbds://`): its NBD listener's, unless it listens on every address.
+pub fn certificate_ips(nbd_listen: &str) -> Vec<String> {
+    match nbd_listen.parse::<std::net::SocketAddr>() {
+        Ok(a) if !a.ip().is_unspecified() => vec![a.ip().to_string()],
+        _ => Vec::new(),
+    }
+}
+
 /// Binds the NBD Unix socket at `path` (its directory made if missing; a socket left by a
 /// previous run replaced), readable and writable by its owner and group only.
 pub fn bind_socket(path: &Path) -> Result<UnixListener> {

@@ -247,7 +247,11 @@ impl VraControl for ControlService {
         _req: Request<pb::NewCertificateKeyRequest>,
     ) -> Result<Response<pb::NewCertificateKeyResponse>, Status> {
         let public_key = self.renewal()?.new_key().map_err(status)?;
-        Ok(Response::new(pb::NewCertificateKeyResponse { public_key }))
+        let (nbd, _) = self.vra.nbd_addresses();
+        Ok(Response::new(pb::NewCertificateKeyResponse {
+            public_key,
+            ip_addresses: crate::nbd_access::certificate_ips(&nbd),
+        }))
     }
 
     async fn install_certificate(

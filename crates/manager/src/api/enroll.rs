@@ -41,7 +41,11 @@ impl Enrollment for EnrollmentApi {
             },
             _ => return Err(Status::invalid_argument("role: MANAGER or VRA")),
         };
-        let enrolled = self.0.join(code, &joiner, &r.public_key, &r.proof).await?;
+        let ips = crate::enroll::certificate_ips("ip_addresses", &r.ip_addresses)?;
+        let enrolled = self
+            .0
+            .join(code, &joiner, &r.public_key, &r.proof, &ips)
+            .await?;
         Ok(Response::new(v1::Enrolled {
             cert_pem: enrolled.cert_pem,
             ca_pem: enrolled.ca_pem,
