@@ -132,6 +132,28 @@ pub struct NbdServer {
     tls: Option<TlsRequired>,
 }
 
+/// A bound listener of either kind.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// The next connection, and who it is from (for the logs).
+    async fn accept(&self) -> std::io::Result<(Accepted, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                Ok((Accepted::Tcp(stream), peer.to_string()))
+            }
+            Listener::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                Ok((Accepted::Unix(stream), "local".to_string()))
+            }
+        }
+    }
+}
+
 /// An accepted connection before its handshake.
 enum Accepted {
     Tcp(TcpStream),
@@ -183,11 +205,8 @@ impl NbdServer {
         shutdown: CancellationToken,
     ) -> Result<(), NbdError> {
         let local = listener.local_addr()?.to_string();
-        let accept = || async {
-            let (stream, peer) = listener.accept().await?;
-            Ok((Accepted::Tcp(stream), peer.to_string()))
-        };
-        self.serve_with(&local, accept, shutdown).await
+        self.serve_on(Listener::Tcp(listener), &local, shutdown)
+            .await
     }
 
     /// Serves connections from a Unix socket `listener` (the local host's clients; never
@@ -202,23 +221,16 @@ impl NbdServer {
             .as_pathname()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "unnamed unix socket".into());
-        let accept = || async {
-            let (stream, _) = listener.accept().await?;
-            Ok((Accepted::Unix(stream), "local".to_string()))
-        };
-        self.serve_with(&local, accept, shutdown).await
+        self.serve_on(Listener::Unix(listener), &local, shutdown)
+            .await
     }
 
-    async fn serve_with<F, Fut>(
+    async fn serve_on(
         self,
+        listener: Listener,
         local: &str,
-        accept: F,
         shutdown: CancellationToken,
-    ) -> Result<(), NbdError>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = std::io::Result<(Accepted, String)>>,
-    {
+    ) -> Result<(), NbdError> {
         info!(%local, tls = self.tls.is_some(), "nbd server listening");
         let mut connections = JoinSet::new();
         loop {
@@ -228,7 +240,7 @@ impl NbdServer {
                 Some(joined) = connections.join_next(), if !connections.is_empty() => {
                     log_join(joined);
                 }
-                accepted = accept() => match accepted {
+                accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let span = tracing::info_span!("nbd_conn", %peer);
                         connections.spawn(
@@ -254,7 +266,8 @@ impl NbdServer {
                 },
             }
         }
-        drop(accept);
+        // Refuse new clients while the open connections drain.
+        drop(listener);
         info!(%local, connections = connections.len(), "nbd server stopping");
         while let Some(joined) = connections.join_next().await {
             log_join(joined);
