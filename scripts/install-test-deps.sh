@@ -2,7 +2,8 @@
 # Installs the system packages the test suite and benchmarks use: the real NBD clients and
 # yardsticks (qemu-utils, nbdkit, libnbd-bin, fio), etcd, rsync, docker-compose for
 # validating the compose file, and the stock TLS and gRPC clients the interoperability
-# tests drive (openssl, Debian's python3 with grpcio). Idempotent: does nothing when everything is present.
+# tests drive (openssl, Debian's python3 with grpcio), and cargo-fuzz for the fuzz targets.
+# Idempotent: does nothing when everything is present.
 set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -23,4 +24,9 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# The fuzz targets' runner (scripts/fuzz.sh), built from crates.io like the workspace.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked --quiet
 fi

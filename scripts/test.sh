@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test: installs the system tools the tests use (idempotent), builds the
-# binaries the end-to-end tests start, then runs the whole suite with nextest.
+# binaries the end-to-end tests start, runs the whole suite with nextest, then every fuzz
+# target for a few seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-test-deps.sh
 cargo build --workspace --bins
 cargo nextest run --workspace --no-fail-fast "$@"
+# A short run of every fuzz target (their seed corpora are also replayed above, by
+# tests/tests/fuzz_corpus.rs); FUZZ_SECS=600 scripts/fuzz.sh is the long run.
+FUZZ_SECS=${FUZZ_SECS:-10} ./scripts/fuzz.sh

@@ -1,6 +1,6 @@
 //! Entry point of the `spec_file` fuzz target in `fuzz/` (built with the `fuzzing`
-//! feature), also replayed over the checked-in corpus by this module's tests: the text of
-//! a spec file parsed into each kind of spec and converted into its request, as
+//! feature), also replayed over the checked-in corpus by `tests/tests/fuzz_corpus.rs`: the
+//! text of a spec file parsed into each kind of spec and converted into its request, as
 //! `tandem create` and `tandem edit` do. Any panic is a bug.
 
 use crate::spec::{
@@ -55,27 +55,6 @@ pub fn spec(data: &[u8]) {
             if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
                 assert_eq!(size.ok(), digits.parse::<u64>().ok(), "size {digits:?}");
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::PathBuf;
-
-    #[test]
-    fn spec_file_corpus_replays() {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/spec_file");
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|entry| entry.expect("corpus entry").path())
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "no corpus in {}", dir.display());
-        for path in files {
-            let bytes = std::fs::read(&path).expect("corpus file");
-            let replayed = std::panic::catch_unwind(|| super::spec(&bytes));
-            assert!(replayed.is_ok(), "{} fails", path.display());
         }
     }
 }

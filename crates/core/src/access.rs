@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
 
 use crate::error::{DomainError, Violations};
 use crate::ids::check_name;
@@ -96,11 +97,18 @@ impl fmt::Display for TokenId {
     }
 }
 
-/// A whole token as the operator holds it: `tdm1.<id>.<secret>`. Its Debug hides the secret.
+/// A whole token as the operator holds it: `tdm1.<id>.<secret>`. Its Debug hides the secret;
+/// the secret is zeroed when the token is dropped.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BearerToken {
     id: TokenId,
     secret: String,
+}
+
+impl Drop for BearerToken {
+    fn drop(&mut self) {
+        self.secret.zeroize();
+    }
 }
 
 impl fmt::Debug for BearerToken {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
 
 use crate::access::{TOKEN_ID_LEN, TOKEN_SECRET_LEN, TokenId, hex, is_lower_hex};
 use crate::error::DomainError;
@@ -53,6 +54,12 @@ pub struct JoinCode {
     id: TokenId,
     secret: String,
     ca_fingerprint: String,
+}
+
+impl Drop for JoinCode {
+    fn drop(&mut self) {
+        self.secret.zeroize();
+    }
 }
 
 impl fmt::Debug for JoinCode {
@@ -279,7 +286,7 @@ impl JoinTokens {
 }
 
 /// A secret kept as text (a private key in PEM, a join token in a node's configuration).
-/// Its Debug never shows it.
+/// Its Debug never shows it; its bytes are zeroed when it is dropped.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -291,6 +298,12 @@ impl Secret {
 
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.0.zeroize();
     }
 }
 

@@ -1,7 +1,7 @@
 //! Entry point of the `tokens` fuzz target in `fuzz/` (built with the `fuzzing` feature),
-//! also replayed over the checked-in corpus by this module's tests: one presented string
-//! through every parser of API, join and pairing tokens. Any panic, and any token taken
-//! that does not print back as it was presented, is a bug.
+//! also replayed over the checked-in corpus by `tests/tests/fuzz_corpus.rs`: one presented
+//! string through every parser of API, join and pairing tokens. Any panic, and any token
+//! taken that does not print back as it was presented, is a bug.
 
 use crate::{
     access::{BearerToken, Role, TokenId},
@@ -60,25 +60,4 @@ pub fn tokens(data: &[u8]) {
         blake3::Hash::from_hex(text).is_ok(),
         "hash {text:?} against itself"
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::PathBuf;
-
-    #[test]
-    fn tokens_corpus_replays() {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/tokens");
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|entry| entry.expect("corpus entry").path())
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "no corpus in {}", dir.display());
-        for path in files {
-            let bytes = std::fs::read(&path).expect("corpus file");
-            let replayed = std::panic::catch_unwind(|| super::tokens(&bytes));
-            assert!(replayed.is_ok(), "{} fails", path.display());
-        }
-    }
 }

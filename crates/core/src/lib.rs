@@ -9,7 +9,7 @@ pub mod enroll;
 pub mod error;
 pub mod events;
 pub mod fence;
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod ids;
 pub mod inventory;

@@ -2,6 +2,7 @@
 //! record each site keeps of its peers.
 
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
 
 use crate::error::{DomainError, Violations};
 use crate::ids::{SiteId, check_address, check_name};
@@ -82,6 +83,12 @@ impl LegacySecret {
     }
 }
 
+impl Drop for LegacySecret {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
 impl std::fmt::Debug for LegacySecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_empty() {
@@ -93,8 +100,15 @@ impl std::fmt::Debug for LegacySecret {
 }
 
 /// The secret of a pairing token, as issued or presented: shown to the operator once,
-/// hashed before it goes anywhere else (no Debug or Display: it never reaches a log).
+/// hashed before it goes anywhere else (no Debug or Display: it never reaches a log), zeroed
+/// when dropped.
 pub struct PairingSecret(String);
+
+impl Drop for PairingSecret {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
 
 impl PairingSecret {
     /// A secret of 32 random bytes (the caller draws them: this crate does no IO), in hex.

@@ -1,12 +1,12 @@
 //! Entry points of the fuzz targets in `fuzz/` (built with the `fuzzing` feature), also
-//! replayed over the checked-in corpus by this module's tests: segment images and replica
-//! markers as found on disk, read by the same code recovery and promotion use. Any panic,
-//! a parse that skips or repeats bytes, and a journal that opens once but not twice are
-//! bugs.
+//! replayed over the checked-in corpus by `tests/tests/fuzz_corpus.rs`: segment images and
+//! replica markers as found on disk, read by the same code recovery and promotion use. Any
+//! panic, a parse that skips or repeats bytes, and a journal that opens once but not twice
+//! are bugs.
 //!
-//! Random bytes rarely carry valid CRC32C checksums, so a flag in the first input byte
-//! has the harness seal every checksum before parsing, which lets the fuzzer reach the
-//! record decoders and the index.
+//! Random bytes rarely carry valid CRC32C checksums, so a flag in the first input byte has
+//! the harness seal every checksum before parsing, which lets the fuzzer reach the record
+//! decoders and the index.
 
 use std::path::Path;
 
@@ -190,37 +190,5 @@ fn seal_segment(image: &mut [u8], id: Option<SegmentId>) {
         let header_crc = crc32c::crc32c_append(seed, &image[pos + 4..payload]);
         image[pos..pos + 4].copy_from_slice(&header_crc.to_le_bytes());
         pos = end;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::PathBuf;
-
-    fn replay(target: &str, entry: fn(&[u8])) {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fuzz/corpus")
-            .join(target);
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|entry| entry.expect("corpus entry").path())
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "no corpus in {}", dir.display());
-        for path in files {
-            let bytes = std::fs::read(&path).expect("corpus file");
-            let replayed = std::panic::catch_unwind(|| entry(&bytes));
-            assert!(replayed.is_ok(), "{} fails", path.display());
-        }
-    }
-
-    #[test]
-    fn segment_corpus_replays() {
-        replay("journal_segment", super::segment);
-    }
-
-    #[test]
-    fn open_corpus_replays() {
-        replay("journal_open", super::open);
     }
 }

@@ -18,7 +18,7 @@ mod append;
 pub mod error;
 pub mod extents;
 pub mod format;
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod journal;
 pub mod overlay;

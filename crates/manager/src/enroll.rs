@@ -38,7 +38,7 @@ pub struct Enrolled {
 pub(crate) fn ca_record(ca: &SiteCa) -> ApiResult<SiteCaRecord> {
     Ok(SiteCaRecord {
         cert_pem: ca.cert_pem().to_string(),
-        key_pem: Secret::new(ca.key_pem()),
+        key_pem: Secret::new(ca.key_pem().to_string()),
         fingerprint: tandem_tls::config::check_ca_pem(ca.cert_pem()).map_err(ApiError::internal)?,
     })
 }

@@ -1,9 +1,9 @@
 //! Entry points of the fuzz targets in `fuzz/` (built with the `fuzzing` feature), also
-//! replayed over the checked-in corpus by this module's tests: bytes a client sends, fed
-//! to the server's pure decoders ([`Negotiation`], [`RequestDecoder`]) in chunks. Any
-//! panic, any request let through out of its export's range, any buffer request above
-//! the protocol's bounds, and anything about an export before TLS where it is required
-//! is a bug.
+//! replayed over the checked-in corpus by `tests/tests/fuzz_corpus.rs`: bytes a client
+//! sends, fed to the server's pure decoders ([`Negotiation`], [`RequestDecoder`]) in
+//! chunks. Any panic, any request let through out of its export's range, any buffer request
+//! above the protocol's bounds, and anything about an export before TLS where it is
+//! required is a bug.
 
 use bytes::{Bytes, BytesMut};
 
@@ -215,37 +215,5 @@ fn check_option_replies(mut out: &[u8], tls: TlsPolicy) {
         let total = OPTION_REPLY_HEADER_LEN + header.len as usize;
         assert!(out.len() >= total, "truncated option reply");
         out = &out[total..];
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::PathBuf;
-
-    fn replay(target: &str, entry: fn(&[u8])) {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fuzz/corpus")
-            .join(target);
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|entry| entry.expect("corpus entry").path())
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "no corpus in {}", dir.display());
-        for path in files {
-            let bytes = std::fs::read(&path).expect("corpus file");
-            let replayed = std::panic::catch_unwind(|| entry(&bytes));
-            assert!(replayed.is_ok(), "{} fails", path.display());
-        }
-    }
-
-    #[test]
-    fn handshake_corpus_replays() {
-        replay("nbd_handshake", super::handshake);
-    }
-
-    #[test]
-    fn transmission_corpus_replays() {
-        replay("nbd_transmission", super::transmission);
     }
 }

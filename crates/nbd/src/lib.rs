@@ -14,7 +14,7 @@ pub mod device;
 pub mod error;
 pub mod exports;
 pub mod file;
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod mem;
 mod pool;

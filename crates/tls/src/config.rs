@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::net::TcpStream;
+use zeroize::Zeroizing;
 
 use crate::identity::PeerIdentity;
 use crate::pki::{PkiDir, read_key, read_small};
@@ -36,7 +38,9 @@ pub struct TlsConfig {
     identity: PeerIdentity,
     /// This node's certificate, then its site's CA (so a client can pin the CA).
     chain: Arc<Vec<CertificateDer<'static>>>,
-    key: Arc<PrivateKeyDer<'static>>,
+    /// The chain with this node's signing key, loaded once: the key's DER is zeroed as soon
+    /// as the provider has parsed it, and every configuration shares this one.
+    certified: Arc<CertifiedKey>,
     /// The site's CA certificates, as read from `ca.crt` (two while its CA is rotated).
     own_ca_pem: Arc<str>,
     /// The fingerprint of the CA among them that issued this node's certificate (None: none
@@ -233,8 +237,17 @@ impl TlsConfig {
                 None => chain.extend(ca.iter().cloned()),
             }
         }
-        let key = PrivateKeyDer::from_pem_slice(read_key(&dir.node_key())?.as_bytes())
-            .map_err(|e| TlsError::Invalid(format!("node.key: {e:?}")))?;
+        let key = Zeroizing::new(
+            PrivateKeyDer::from_pem_slice(read_key(&dir.node_key())?.as_bytes())
+                .map_err(|e| TlsError::Invalid(format!("node.key: {e:?}")))?,
+        );
+        // Parsed from a borrow: a key handed to the provider by value is dropped unzeroed.
+        let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| TlsError::Invalid(format!("node.key: {e}")))?;
+        let certified = CertifiedKey::new(chain.clone(), signing_key);
+        certified
+            .keys_match()
+            .map_err(|e| TlsError::Invalid(format!("node.key does not match node.crt: {e}")))?;
         let identity = PeerIdentity::from_cert(&chain[0])?;
         let mut from_files = HashMap::new();
         if let Ok(entries) = std::fs::read_dir(dir.trust_dir()) {
@@ -256,7 +269,7 @@ impl TlsConfig {
         let mut loaded = Self::build(
             identity,
             Arc::new(chain),
-            Arc::new(key),
+            Arc::new(certified),
             own_ca_pem.into(),
             Arc::new(from_files),
             &[],
@@ -279,7 +292,7 @@ impl TlsConfig {
     fn build(
         identity: PeerIdentity,
         chain: Arc<Vec<CertificateDer<'static>>>,
-        key: Arc<PrivateKeyDer<'static>>,
+        certified: Arc<CertifiedKey>,
         own_ca_pem: Arc<str>,
         from_files: Arc<HashMap<String, Vec<CertificateDer<'static>>>>,
         peers: &[(String, Vec<CertificateDer<'static>>)],
@@ -316,7 +329,7 @@ impl TlsConfig {
             let mut server = ServerConfig::builder_with_provider(provider())
                 .with_protocol_versions(&[&rustls::version::TLS13])?
                 .with_client_cert_verifier(verifier(optional)?)
-                .with_single_cert((*chain).clone(), key.clone_key())?;
+                .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified.clone())));
             server.alpn_protocols = vec![b"h2".to_vec()];
             // Nothing resumes a session: tickets would only be work on both sides.
             server.send_tls13_tickets = 0;
@@ -324,14 +337,14 @@ impl TlsConfig {
         };
         let client = h2(client_builder()?
             .with_root_certificates(roots.clone())
-            .with_client_auth_cert((*chain).clone(), key.clone_key())?);
+            .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified.clone()))));
         Ok(Self {
             server: server(false)?,
             server_optional: server(true)?,
             client,
             identity,
             chain,
-            key,
+            certified,
             own_ca_pem,
             from_files,
             anchors: Arc::new(trust_anchors),
@@ -355,7 +368,7 @@ impl TlsConfig {
         let mut built = Self::build(
             self.identity.clone(),
             self.chain.clone(),
-            self.key.clone(),
+            self.certified.clone(),
             self.own_ca_pem.clone(),
             self.from_files.clone(),
             &parsed,
@@ -372,10 +385,9 @@ impl TlsConfig {
         let roots = roots_of(&certs(peer_ca_pem, "peer CA")?)?;
         Ok(h2(client_builder()?
             .with_root_certificates(roots)
-            .with_client_auth_cert(
-                (*self.chain).clone(),
-                self.key.clone_key(),
-            )?))
+            .with_client_cert_resolver(Arc::new(
+                SingleCertAndKey::from(self.certified.clone()),
+            ))))
     }
 
     /// The site's CA certificates as PEM (what pairing hands to a peer): one, or two while

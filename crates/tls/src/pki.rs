@@ -12,6 +12,8 @@ use rcgen::{
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 
+use zeroize::Zeroizing;
+
 use crate::TlsError;
 use crate::identity::{PeerIdentity, PeerRole};
 
@@ -163,7 +165,7 @@ pub fn read_small(path: &Path) -> Result<String, TlsError> {
 }
 
 /// Reads a private key, refusing one that others may read (as ssh does).
-pub fn read_key(path: &Path) -> Result<String, TlsError> {
+pub fn read_key(path: &Path) -> Result<Zeroizing<String>, TlsError> {
     let mode = std::fs::metadata(path)
         .map_err(io(path))?
         .permissions()
@@ -175,7 +177,7 @@ pub fn read_key(path: &Path) -> Result<String, TlsError> {
             mode & 0o777
         )));
     }
-    read_small(path)
+    read_small(path).map(Zeroizing::new)
 }
 
 fn at(t: SystemTime) -> Result<time::OffsetDateTime, TlsError> {
@@ -254,10 +256,10 @@ fn ca_params(site: &str) -> CertificateParams {
     p
 }
 
-/// A node's certificate and key, as PEM.
+/// A node's certificate and key, as PEM (the key zeroed when dropped).
 pub struct Issued {
     pub cert_pem: String,
-    pub key_pem: String,
+    pub key_pem: Zeroizing<String>,
 }
 
 impl std::fmt::Debug for Issued {
@@ -296,7 +298,7 @@ impl SiteCa {
 
     /// Keeps the CA's certificate and key in `dir`.
     pub fn save(&self, dir: &PkiDir) -> Result<(), TlsError> {
-        write_file(&dir.ca_key(), &self.key.serialize_pem(), 0o600)?;
+        write_file(&dir.ca_key(), &self.key_pem(), 0o600)?;
         write_file(&dir.ca_cert(), &self.cert_pem, 0o644)
     }
 
@@ -311,8 +313,8 @@ impl SiteCa {
     }
 
     /// The CA's key, as PEM: only for the site's replicated state.
-    pub fn key_pem(&self) -> String {
-        self.key.serialize_pem()
+    pub fn key_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.key.serialize_pem())
     }
 
     pub fn site(&self) -> &str {
@@ -342,7 +344,7 @@ impl SiteCa {
             .signed_by(&key, &self.issuer())?;
         Ok(Issued {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            key_pem: Zeroizing::new(key.serialize_pem()),
         })
     }
 
@@ -481,8 +483,8 @@ impl NodeKey {
             .sign(&join_proof_message(token_id, self.public_key()))?)
     }
 
-    pub fn key_pem(&self) -> String {
-        self.0.serialize_pem()
+    pub fn key_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.0.serialize_pem())
     }
 }
 

@@ -1,8 +1,8 @@
 //! Entry points of the replication fuzz targets in `fuzz/` (built with the `fuzzing`
-//! feature), also replayed over the checked-in corpus by this module's tests: the
+//! feature), also replayed over the checked-in corpus by `tests/tests/fuzz_corpus.rs`: the
 //! protobuf messages one VRA sends another, decoded with prost as tonic does and then
-//! validated and applied by the same pure code the services use. Any panic, and any
-//! entry or answer let through that the code after the checks could not use, is a bug.
+//! validated and applied by the same pure code the services use. Any panic, and any entry
+//! or answer let through that the code after the checks could not use, is a bug.
 //!
 //! Each input is a selector byte, then the message's bytes; a stream is a sequence of
 //! length-delimited messages.
@@ -187,37 +187,5 @@ fn receive_acks(mut stream: &[u8]) {
         assert!(window.sent_seq() <= window.written_seq());
         window.push(5, 100);
         window.next_batch(250, 4);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::PathBuf;
-
-    fn replay(target: &str, entry: fn(&[u8])) {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fuzz/corpus")
-            .join(target);
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|entry| entry.expect("corpus entry").path())
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "no corpus in {}", dir.display());
-        for path in files {
-            let bytes = std::fs::read(&path).expect("corpus file");
-            let replayed = std::panic::catch_unwind(|| entry(&bytes));
-            assert!(replayed.is_ok(), "{} fails", path.display());
-        }
-    }
-
-    #[test]
-    fn receiver_corpus_replays() {
-        replay("replication_receiver", super::replication_receiver);
-    }
-
-    #[test]
-    fn sender_corpus_replays() {
-        replay("replication_sender", super::replication_sender);
     }
 }

@@ -30,7 +30,7 @@ pub mod connector;
 pub mod dirty;
 pub mod error;
 pub mod fence;
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod hashes;
 pub mod model;
