@@ -28,7 +28,13 @@
 #     made for the run; the first mode alternates between rounds), 4 KiB randwrite QD32
 #     over WRITE_SECS twice per mode (A B B A) and the initial sync of SYNC_MIB three
 #     times per mode (A B B A A B), the better run of each mode compared (floor: TLS at
-#     least 0.9x of plaintext on both).
+#     least 0.9x of plaintext on the write path, 0.85x on the sync), with each side's CPU
+#     seconds per GiB beside AES-128-GCM's own cost (ring, sealing and opening 16 KiB
+#     records in this process, measured in the same run);
+#  8. (ONLY=nbd-tls) NBD over TLS vs plain TCP NBD: fio's nbd engine, 4 KiB randwrite QD32
+#     over WRITE_SECS, on nbds:// with the site's client certificate (a VRA pair with
+#     mutual TLS) vs nbd:// (an --insecure pair), and the TLS pair through its Unix socket;
+#     each mode twice a round, mirrored (floor: 0.85x plain TCP NBD).
 # It reports and does not assert: it exits 0 when a floor is missed. Before each measured
 # run it waits for a quiet machine (no rustc running, CPUs MIN_IDLE % idle; at most
 # QUIET_WAIT_SECS, then it measures anyway and marks the result NOT quiet).
@@ -36,7 +42,7 @@
 # Usage: scripts/bench-vra.sh                 (the durations, ~10 minutes)
 #        QUICK=1 scripts/bench-vra.sh         (smoke run: 5 s fio runs, small syncs)
 #        ONLY=write,checkpoint WRITE_SECS=20 scripts/bench-vra.sh
-# Env: QUICK, ONLY (write,checkpoint,managed,initial,delta,rto,move,tls), RTO_JOURNAL_MIB (1024), WRITE_SECS (60), CP_SECS (60),
+# Env: QUICK, ONLY (write,checkpoint,managed,initial,delta,rto,move,tls,nbd-tls), RTO_JOURNAL_MIB (1024), WRITE_SECS (60), CP_SECS (60),
 #      CP_INTERVAL_MS (1000), MANAGED_IOPS (2500), SYNC_MIB (4096), DELTA_MIB (1024), DELTA_PERCENT (1),
 #      VOLUME_MIB (1024), RAM_MB (256), JOURNAL_LIMIT_MIB (4096), QUIET_WAIT_SECS (900),
 #      MIN_IDLE (85), ROUNDS (1: with more, medians over the rounds are printed at the end),

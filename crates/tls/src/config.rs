@@ -245,9 +245,15 @@ impl TlsConfig {
         let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
             .map_err(|e| TlsError::Invalid(format!("node.key: {e}")))?;
         let certified = CertifiedKey::new(chain.clone(), signing_key);
-        certified
-            .keys_match()
-            .map_err(|e| TlsError::Invalid(format!("node.key does not match node.crt: {e}")))?;
+        match certified.keys_match() {
+            // As rustls's own loading does: a key that cannot tell its public half is taken.
+            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(e) => {
+                return Err(TlsError::Invalid(format!(
+                    "node.key does not match node.crt: {e}"
+                )));
+            }
+        }
         let identity = PeerIdentity::from_cert(&chain[0])?;
         let mut from_files = HashMap::new();
         if let Ok(entries) = std::fs::read_dir(dir.trust_dir()) {
