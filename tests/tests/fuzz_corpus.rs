@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 /// Feeds every file of `fuzz/corpus/<target>` to `entry`, naming the first that panics.
-fn replay(target: &str, entry: fn(&[u8])) {
+fn replay(target: &str, entry: Entry) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../fuzz/corpus")
         .join(target);
@@ -23,8 +23,11 @@ fn replay(target: &str, entry: fn(&[u8])) {
     }
 }
 
+/// A fuzz target's entry point: the bytes of one input.
+type Entry = fn(&[u8]);
+
 /// Every target of `fuzz/fuzz_targets/`, with the entry point it calls.
-const TARGETS: [(&str, fn(&[u8])); 8] = [
+const TARGETS: [(&str, Entry); 8] = [
     ("nbd_handshake", tandem_nbd::fuzz::handshake),
     ("nbd_transmission", tandem_nbd::fuzz::transmission),
     ("journal_segment", tandem_journal::fuzz::segment),

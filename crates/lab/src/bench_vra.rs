@@ -640,7 +640,10 @@ impl Vra {
             control: field("control")?,
             // The benchmark's clients are on this host: the Unix socket (the TCP port
             // requires TLS where the VRA has a certificate).
-            nbd: field("nbd_socket")?,
+            // Absolute: a relative path would read as a host name in an NBD URI.
+            nbd: std::path::absolute(field("nbd_socket")?)?
+                .display()
+                .to_string(),
             nbd_tcp: field("nbd")?,
             child,
             host: host.to_string(),
@@ -659,16 +662,13 @@ impl Vra {
         tandem_nbd::endpoint_uri(&self.nbd, export)
     }
 
-    /// The export over TCP: `nbds://` with the client certificates in `certs` (a VRA with
-    /// TLS), or plain `nbd://` (an `--insecure` VRA).
-    fn tcp_uri(&self, export: &str, certs: Option<&Path>) -> String {
-        match certs {
-            Some(dir) => format!(
-                "nbds://{}/{export}?tls-certificates={}",
-                self.nbd_tcp,
-                dir.display()
-            ),
-            None => tandem_nbd::endpoint_uri(&self.nbd_tcp, export),
+    /// The export over TCP: `nbds://` (a VRA with TLS) or plain `nbd://` (an `--insecure`
+    /// VRA).
+    fn tcp_uri(&self, export: &str, tls: bool) -> String {
+        if tls {
+            format!("nbds://{}/{export}", self.nbd_tcp)
+        } else {
+            tandem_nbd::endpoint_uri(&self.nbd_tcp, export)
         }
     }
 
@@ -888,16 +888,45 @@ async fn fio(uris: &[String], rw: &str, bs: &str, qd: u32, size: u64, secs: u64)
     fio_rated(uris, rw, bs, qd, size, secs, 0).await
 }
 
-/// [`fio`] with every job capped at `rate_iops` (0: no cap).
-async fn fio_rated(
-    uris: &[String],
-    rw: &str,
-    bs: &str,
-    qd: u32,
-    size: u64,
-    secs: u64,
-    rate_iops: u64,
-) -> Result<Fio> {
+/// [`fio`] over `nbds://` with the NBD client certificates in `certs`. fio's engine does
+/// not let libnbd read a `tls-certificates` directory named in the URI, so libnbd takes
+/// its default one: `$HOME/.pki/libnbd`, which it reads only when not root (as root it
+/// reads `/etc/pki/libnbd`, the machine's). So fio runs with a home of its own holding
+/// the certificates there, as `nobody` when the benchmark runs as root.
+async fn fio_tls(uri: &str, certs: &Path, secs: u64, size: u64) -> Result<Fio> {
+    const NOBODY: u32 = 65534;
+    let home = certs.join("home");
+    let pki = home.join(".pki/libnbd");
+    std::fs::create_dir_all(&pki)?;
+    // /proc/self belongs to the effective user.
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0;
+    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        std::fs::copy(certs.join(f), pki.join(f))?;
+    }
+    let fio_args = fio_command("randwrite", "4k", 32, size, secs, 0);
+    let mut cmd = if root {
+        for p in [&home, &home.join(".pki"), &pki] {
+            std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY))?;
+        }
+        for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+            std::os::unix::fs::chown(pki.join(f), Some(NOBODY), Some(NOBODY))?;
+        }
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(fio_args.as_std().get_program())
+            .args(fio_args.as_std().get_args());
+        c
+    } else {
+        fio_args
+    };
+    cmd.env("HOME", &home)
+        .arg("--name=j0")
+        .arg(format!("--uri={uri}"));
+    run_fio(cmd).await
+}
+
+/// fio's command line for the nbd engine, without jobs.
+fn fio_command(rw: &str, bs: &str, qd: u32, size: u64, secs: u64, rate_iops: u64) -> Command {
     let mut cmd = Command::new("fio");
     if rate_iops > 0 {
         cmd.arg(format!("--rate_iops={rate_iops}"));
@@ -913,6 +942,20 @@ async fn fio_rated(
         "--group_reporting",
         "--output-format=json",
     ]);
+    cmd
+}
+
+/// [`fio`] with every job capped at `rate_iops` (0: no cap).
+async fn fio_rated(
+    uris: &[String],
+    rw: &str,
+    bs: &str,
+    qd: u32,
+    size: u64,
+    secs: u64,
+    rate_iops: u64,
+) -> Result<Fio> {
+    let mut cmd = fio_command(rw, bs, qd, size, secs, rate_iops);
     for (i, uri) in uris.iter().enumerate() {
         cmd.arg(format!("--name=j{i}")).arg(format!("--uri={uri}"));
     }
@@ -957,7 +1000,7 @@ async fn run_fio(mut cmd: Command) -> Result<Fio> {
     })?;
     let v: serde_json::Value = serde_json::from_str(json).context("parsing fio's json")?;
     let job = &v["jobs"][0];
-    if job["error"].as_i64().unwrap_or(0) != 0 {
+    if !out.status.success() || job.is_null() || job["error"].as_i64().unwrap_or(0) != 0 {
         bail!(
             "fio job failed ({}): {}",
             job["error"],
@@ -1760,26 +1803,29 @@ fn aead_secs_per_gib() -> Result<(f64, f64)> {
     let per_gib = |t: Duration| t.as_secs_f64() * (1024.0 * MIB as f64) / (256.0 * MIB as f64);
     let mut record = vec![0x5au8; RECORD];
     let t = Instant::now();
-    let mut tag = None;
     for i in 0..RECORDS {
-        record.truncate(RECORD);
-        tag = Some(
-            key.seal_in_place_separate_tag(nonce(i), Aad::empty(), &mut record)
-                .map_err(|_| anyhow!("seal"))?,
-        );
+        let tag = key
+            .seal_in_place_separate_tag(nonce(i), Aad::empty(), &mut record)
+            .map_err(|_| anyhow!("seal"))?;
+        let _ = std::hint::black_box(tag);
     }
     let seal = per_gib(t.elapsed());
-    // Open the last record sealed, again and again (a failed check costs the same).
-    let tag = tag.context("no record sealed")?;
-    let mut sealed = record.clone();
-    sealed.extend_from_slice(tag.as_ref());
+    // Open costs what sealing and opening together cost, less sealing: each record is
+    // sealed in place and opened back in place (no copy between them).
+    record.fill(0x5a);
     let t = Instant::now();
-    for _ in 0..RECORDS {
-        let mut r = sealed.clone();
-        key.open_in_place(nonce(RECORDS - 1), Aad::empty(), &mut r)
-            .map_err(|_| anyhow!("open"))?;
+    for i in 0..RECORDS {
+        let tag = key
+            .seal_in_place_separate_tag(nonce(i), Aad::empty(), &mut record)
+            .map_err(|_| anyhow!("seal"))?;
+        record.extend_from_slice(tag.as_ref());
+        let len = key
+            .open_in_place(nonce(i), Aad::empty(), &mut record)
+            .map_err(|_| anyhow!("open"))?
+            .len();
+        record.truncate(len);
     }
-    let open = per_gib(t.elapsed());
+    let open = (per_gib(t.elapsed()) - seal).max(0.0);
     Ok((seal, open))
 }
 
@@ -1973,11 +2019,14 @@ async fn bench_nbd_tls(s: &Settings, rows: &mut Vec<Row>, round: usize) -> Resul
         let uri = if socket {
             a.uri("vm-1/0")
         } else {
-            a.tcp_uri("vm-1/0", client_certs)
+            a.tcp_uri("vm-1/0", client_certs.is_some())
         };
         let machine = quiet(s).await;
         let a_cpu = a.cpu();
-        let r = fio(&[uri], "randwrite", "4k", 32, s.volume_bytes, s.write_secs).await?;
+        let r = match client_certs {
+            Some(certs) => fio_tls(&uri, certs, s.write_secs, s.volume_bytes).await?,
+            None => fio(&[uri], "randwrite", "4k", 32, s.volume_bytes, s.write_secs).await?,
+        };
         let a_cpu = a.cpu() - a_cpu;
         println!("{name}: {} (protected VRA cpu {a_cpu:.1} s)", r.line());
         runs[m].push(TlsRun {
