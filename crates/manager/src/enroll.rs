@@ -392,4 +392,28 @@ mod tests {
         assert!(renewal_due(Some(now - Duration::from_secs(1)), ttl));
         assert!(renewal_due(None, ttl));
     }
+
+    #[test]
+    fn a_certificate_names_at_most_four_addresses_of_one_host_each() {
+        let ips = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let taken = certificate_ips("ip_addresses", &ips(&["127.0.0.1", "::1", "10.0.0.7"]))
+            .expect("three host addresses");
+        assert_eq!(taken.len(), 3);
+        assert_eq!(certificate_ips("ip_addresses", &[]).expect("none").len(), 0);
+        for refused in [
+            ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]),
+            ips(&["0.0.0.0"]),
+            ips(&["::"]),
+            ips(&["224.0.0.1"]),
+            ips(&["ff02::1"]),
+            ips(&["vra-1.example"]),
+            ips(&["10.0.0.1:10809"]),
+        ] {
+            let err = certificate_ips("ip_addresses", &refused).expect_err("refused");
+            assert!(
+                matches!(err, ApiError::Domain(_)),
+                "{refused:?} gave {err:?}"
+            );
+        }
+    }
 }
