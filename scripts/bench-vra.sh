@@ -29,8 +29,8 @@
 #     over WRITE_SECS twice per mode (A B B A) and the initial sync of SYNC_MIB three
 #     times per mode (A B B A A B), the better run of each mode compared (floor: TLS at
 #     least 0.9x of plaintext on the write path, 0.85x on the sync), with each side's CPU
-#     seconds per GiB beside AES-128-GCM's own cost (ring, sealing and opening 16 KiB
-#     records in this process, measured in the same run);
+#     seconds per GiB beside AES-128-GCM's own cost (`openssl speed`, 16 KiB records,
+#     one core, measured in the same run);
 #  8. (ONLY=nbd-tls) NBD over TLS vs plain TCP NBD: fio's nbd engine, 4 KiB randwrite QD32
 #     over WRITE_SECS, on nbds:// with the site's client certificate (a VRA pair with
 #     mutual TLS) vs nbd:// (an --insecure pair), and the TLS pair through its Unix socket;
