@@ -10,6 +10,7 @@ is reported but does not fail. Exit status 1 when any other circle exists.
 
     scripts/import-cycles.py           # every crate
     scripts/import-cycles.py -v        # also each circle's evidence (file:line of each edge)
+    scripts/import-cycles.py --self-test   # the finder on small crates with known answers
 """
 
 import os
@@ -248,7 +249,46 @@ def allowed():
     return out
 
 
+def circles_of(root_file):
+    """The circles of the crate rooted at `root_file`, as sets of file names."""
+    crate = Crate("t", [root_file])
+    adj = {}
+    for a, b, _ in crate.edges():
+        adj.setdefault(a, set()).add(b)
+    return [frozenset(os.path.basename(f) for f in c) for c in sccs(list(crate.mod_of), adj)]
+
+
+def self_test():
+    import tempfile
+
+    cases = [
+        # a and b name each other: one circle.
+        ({"lib.rs": "mod a;\nmod b;\n", "a.rs": "use crate::b::B;\npub struct A;\n",
+          "b.rs": "pub struct B;\nfn f() { let _ = super::a::A; }\n"}, [{"a.rs", "b.rs"}]),
+        # Around a loop of three, through a `use` group and a child module named in code.
+        ({"lib.rs": "mod a;\nmod b;\nmod c;\n", "a.rs": "use crate::{b::B, c};\npub struct A;\n",
+          "b.rs": "pub struct B;\nfn f() { crate::c::g(); }\n", "c.rs": "pub fn g() { let _ = crate::a::A; }\n"},
+         [{"a.rs", "b.rs", "c.rs"}]),
+        # A parent's re-export, a comment, a string and a test module are not dependencies.
+        ({"lib.rs": "mod a;\nmod b;\npub use a::A;\n", "a.rs": "// crate::b::B\npub struct A;\nconst S: &str = \"crate::b\";\n#[cfg(test)]\nmod tests {\n    use crate::b::B;\n}\n",
+          "b.rs": "use crate::A;\npub struct B;\n"}, []),
+    ]
+    for files, want in cases:
+        with tempfile.TemporaryDirectory() as d:
+            for name, text in files.items():
+                with open(os.path.join(d, name), "w") as f:
+                    f.write(text)
+            got = circles_of(os.path.join(d, "lib.rs"))
+            if sorted(map(sorted, got)) != sorted(map(sorted, want)):
+                print(f"self-test failed: {sorted(files)}: want {want}, got {got}")
+                return 1
+    print(f"self-test: {len(cases)} cases pass")
+    return 0
+
+
 def main():
+    if "--self-test" in sys.argv:
+        return self_test()
     verbose = "-v" in sys.argv
     ok_list = allowed()
     failed = 0

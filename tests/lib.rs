@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use tandem_proto::client::ApiChannel as Channel;
 
 /// A channel to one manager's API (the lab's, so tests and lab dial the same way).
-pub use tandem_lab::protect::channel;
+pub use tandem_testkit::operator::channel;
 
 /// A channel to the first reachable of `apis`.
 pub async fn any_channel(apis: &[String]) -> Result<Channel> {

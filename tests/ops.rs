@@ -5,12 +5,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tandem_lab::lab::{Lab, wait_leader};
-use tandem_lab::protect::{self, ProtectOptions, wait_vpg_cli};
-use tandem_lab::workload::{ImageReader, VolumeTarget, Workload, WorkloadConfig, check_image};
 use tandem_nbd::NbdClient;
 use tandem_proto::v1;
 use tandem_proto::v1::vra_control_client::VraControlClient;
+use tandem_testkit::lab::{Lab, wait_leader};
+use tandem_testkit::protect::{self, ProtectOptions, wait_vpg_cli};
+use tandem_testkit::workload::{ImageReader, VolumeTarget, Workload, WorkloadConfig, check_image};
 
 /// One mebibyte.
 pub const MIB: u64 = 1 << 20;
@@ -20,7 +20,7 @@ pub type Seen = Vec<(String, String)>;
 
 /// Runs `tandem -e APIS ARGS`; answers what it printed, or fails with its stderr.
 pub async fn tandem(apis: &[String], args: &[&str]) -> Result<Vec<u8>> {
-    let out = tokio::process::Command::from(tandem_lab::lab::cli())
+    let out = tokio::process::Command::from(tandem_testkit::operator::cli())
         .args(["-e", &apis.join(",")])
         .args(args)
         .output()
@@ -159,8 +159,8 @@ pub async fn recoveries(apis: &[String]) -> Result<Vec<v1::RecoveryOperation>> {
 /// Checks the recovered volume 0 of every VM against what the workload acknowledged by
 /// the checkpoint (and issued after it): every acknowledged write is there, none later.
 pub async fn check_recovered(
-    workload_history: &tandem_lab::workload::History,
-    window: &tandem_lab::workload::CutWindow,
+    workload_history: &tandem_testkit::workload::History,
+    window: &tandem_testkit::workload::CutWindow,
     op: &v1::RecoveryOperation,
 ) -> Result<u64> {
     check_uris(workload_history, window, &op_uris(op))
@@ -171,8 +171,8 @@ pub async fn check_recovered(
 /// Checks volume 0 of every VM, as `uris` serve them in VM order, against what the
 /// workload acknowledged by `window`; answers how many writes they hold.
 pub async fn check_uris(
-    workload_history: &tandem_lab::workload::History,
-    window: &tandem_lab::workload::CutWindow,
+    workload_history: &tandem_testkit::workload::History,
+    window: &tandem_testkit::workload::CutWindow,
     uris: &[String],
 ) -> Result<u64> {
     let mut clients = Vec::new();

@@ -7,13 +7,14 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tandem_lab::lab::{Lab, TOKEN_FILE, cli_env};
 use tandem_proto::client::{ApiChannel, ApiConnector, Credentials};
 use tandem_proto::v1;
 use tandem_proto::v1::{
     host_service_client::HostServiceClient, monitoring_service_client::MonitoringServiceClient,
     token_service_client::TokenServiceClient, vpg_service_client::VpgServiceClient,
 };
+use tandem_testkit::lab::Lab;
+use tandem_testkit::operator::{TOKEN_FILE, cli_env};
 use tonic::Code;
 
 async fn as_token(api: &str, token: Option<&str>) -> Result<ApiChannel> {
@@ -358,7 +359,7 @@ async fn operator_calls_need_a_live_token_of_a_high_enough_role_and_are_audited(
 
     // The CLI takes its token from the environment; the operator's refusal is one line.
     let cli = |envs: Vec<(&'static str, std::ffi::OsString)>, args: &[&str]| {
-        tandem_lab::lab::cli()
+        tandem_testkit::operator::cli()
             .env_remove("TANDEM_TOKEN")
             .env_remove("TANDEM_TOKEN_FILE")
             .envs(envs)

@@ -3,10 +3,11 @@
 use std::process::Command;
 
 use anyhow::Result;
-use tandem_lab::lab::{Lab, binary};
+use tandem_testkit::lab::Lab;
+use tandem_testkit::process::binary;
 
 fn tandem(endpoint: &str, args: &[&str]) -> std::process::Output {
-    tandem_lab::lab::cli()
+    tandem_testkit::operator::cli()
         .args(["-e", endpoint])
         .args(args)
         .output()
@@ -54,7 +55,7 @@ async fn cli_creates_from_spec_files_prints_json_and_fails_in_one_line() -> Resu
 
     // A reader that closes the pipe at once (`tandem event list | head -0`): the CLI ends
     // quietly with status 0.
-    let mut child = tandem_lab::lab::cli()
+    let mut child = tandem_testkit::operator::cli()
         .args(["-e", &api, "event", "list"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -162,7 +163,7 @@ async fn lab_with_hosts_starts_vras_lists_them_and_registers_them_as_hosts() -> 
     let dir = tempfile::tempdir()?;
     let mut lab = Lab::up(&dir.path().join("lab"), 2, 1).await?;
     lab.start_vras(2).await?;
-    let file = tandem_lab::lab::LabFile::read(&lab.dir)?;
+    let file = tandem_testkit::lab::LabFile::read(&lab.dir)?;
     for (i, site) in file.sites.iter().enumerate() {
         assert_eq!(site.vras.len(), 2, "{site:?}");
         let out = tandem(&lab.sites[i][0].api, &["host", "list", "-o", "json"]);
@@ -200,7 +201,7 @@ fn lab_up_example_leaves_a_vpg_protecting_with_its_volumes_in_lab_json() {
         .expect("start tandem-lab up --example");
     let start = std::time::Instant::now();
     let file = loop {
-        if let Ok(f) = tandem_lab::lab::LabFile::read(&lab_dir)
+        if let Ok(f) = tandem_testkit::lab::LabFile::read(&lab_dir)
             && !f.vms.is_empty()
         {
             break f;

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use tandem_lab::lab::binary;
+use tandem_testkit::process::binary;
 
 #[test]
 fn the_demo_passes_every_step() {

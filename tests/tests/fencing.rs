@@ -8,11 +8,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tandem_lab::lab::Lab;
-use tandem_lab::link::CutMode;
-use tandem_lab::protect::wait_vpg_cli;
 use tandem_proto::v1;
 use tandem_proto::v1::monitoring_service_client::MonitoringServiceClient;
+use tandem_testkit::lab::Lab;
+use tandem_testkit::link::CutMode;
+use tandem_testkit::protect::wait_vpg_cli;
 use tandem_tests::any_channel;
 use tandem_tests::ops::*;
 

@@ -6,10 +6,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tandem_lab::lab::Lab;
 use tandem_nbd::NbdClient;
 use tandem_proto::v1;
 use tandem_proto::v1::cluster_service_client::ClusterServiceClient;
+use tandem_testkit::lab::Lab;
 use tandem_tests::channel;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use nix::sys::signal::Signal;
-use tandem_lab::lab::{Lab, ManagerProcess, cluster_client, wait_leader};
 use tandem_proto::v1;
 use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient, host_service_client::HostServiceClient,
@@ -15,6 +14,9 @@ use tandem_proto::v1::{
     site_service_client::SiteServiceClient, vm_service_client::VmServiceClient,
     vpg_service_client::VpgServiceClient,
 };
+use tandem_testkit::lab::{Lab, wait_leader};
+use tandem_testkit::operator::cluster_client;
+use tandem_testkit::process::ManagerProcess;
 use tandem_tests::{any_channel, channel};
 use tandem_tls::PeerIdentity;
 use tonic::Code;

@@ -9,11 +9,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tandem_lab::fault::{Tmpfs, fill_leaving};
-use tandem_lab::lab::{Lab, wait_leader};
-use tandem_lab::link::{CutMode, Direction};
-use tandem_lab::protect::{self, ProtectOptions, wait_vpg_cli};
-use tandem_lab::workload::{VolumeTarget, Workload, WorkloadConfig};
 use tandem_proto::client::ApiChannel as Channel;
 use tandem_proto::v1;
 use tandem_proto::v1::{
@@ -22,6 +17,11 @@ use tandem_proto::v1::{
     task_service_client::TaskServiceClient, vm_service_client::VmServiceClient,
     vpg_service_client::VpgServiceClient, vra_control_client::VraControlClient,
 };
+use tandem_testkit::fault::{Tmpfs, fill_leaving};
+use tandem_testkit::lab::{Lab, wait_leader};
+use tandem_testkit::link::{CutMode, Direction};
+use tandem_testkit::protect::{self, ProtectOptions, wait_vpg_cli};
+use tandem_testkit::workload::{VolumeTarget, Workload, WorkloadConfig};
 use tandem_tests::channel;
 
 const MIB: u64 = 1 << 20;
@@ -305,7 +305,7 @@ async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Resul
     eprintln!("checkpoints resumed {resumed:?} after the leader kill (election included)");
     let g = meeting_sla(&survivors, Duration::from_secs(20), &mut seen).await?;
     assert_eq!(g.generation, created.generation);
-    let survivor = protect::channel(&survivors[0]).await?;
+    let survivor = tandem_testkit::operator::channel(&survivors[0]).await?;
     let events_after = events(&survivor, "").await?;
     for e in &events_before {
         assert!(
@@ -326,7 +326,7 @@ async fn create_alone_protects_checkpoints_and_survives_a_leader_kill() -> Resul
 
 /// `tandem vm list --view VIEW -o json`: the VMs view's rows.
 async fn vm_list(apis: &[String], view: &str) -> Result<Vec<serde_json::Value>> {
-    let out = tokio::process::Command::from(tandem_lab::lab::cli())
+    let out = tokio::process::Command::from(tandem_testkit::operator::cli())
         .args([
             "-e",
             &apis.join(","),
@@ -1768,22 +1768,6 @@ async fn the_seeds_live_statuses_are_each_driven_and_shown_by_the_cli() -> Resul
     Ok(())
 }
 
-/// Runs `tool` (qemu-io, qemu-img) and answers its exit code and output.
-fn run_tool(tool: &str, args: &[&str]) -> Result<(i32, String)> {
-    let out = std::process::Command::new(tool)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {tool}"))?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    ))
-}
-
 /// Waits until an event of `code` whose description contains every one of `words` is
 /// listed at `ch`.
 async fn event_saying(ch: &Channel, code: &str, words: &[&str]) -> Result<v1::Event> {
@@ -1854,7 +1838,7 @@ async fn checkpoint_matches_source(
             .export_name;
         let uri = tandem_nbd::endpoint_uri(&recovery.nbd_socket, &export);
         let source_arg = source.display().to_string();
-        let (code, out) = run_tool(
+        let (code, out) = tandem_testkit::yardstick::run(
             "qemu-img",
             &["compare", "-f", "raw", "-F", "raw", &source_arg, &uri],
         )?;
@@ -1941,7 +1925,8 @@ async fn volumes_added_grown_and_removed_in_the_inventory_reach_the_mirror() -> 
         ("vm-0/0", "write -P 0xa5 36M 1M"),
     ] {
         let uri = tandem_nbd::endpoint_uri(&nbd, export);
-        let (code, out) = run_tool("qemu-io", &["-f", "raw", "-c", write, &uri])?;
+        let (code, out) =
+            tandem_testkit::yardstick::run("qemu-io", &["-f", "raw", "-c", write, &uri])?;
         assert!(code == 0 && !out.contains("error"), "qemu-io {uri}: {out}");
     }
     checkpoint_matches_source(&lab, &a, &b, "vm-0", &[(0, 0), (0, 1)]).await?;

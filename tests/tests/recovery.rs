@@ -5,15 +5,15 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tandem_lab::lab::{Lab, wait_leader};
-use tandem_lab::protect::wait_vpg_cli;
-use tandem_lab::workload::{ImageReader, Workload, check_image};
 use tandem_nbd::NbdClient;
 use tandem_proto::v1;
 use tandem_proto::v1::{
     monitoring_service_client::MonitoringServiceClient, task_service_client::TaskServiceClient,
     vpg_service_client::VpgServiceClient, vra_control_client::VraControlClient,
 };
+use tandem_testkit::lab::{Lab, wait_leader};
+use tandem_testkit::protect::wait_vpg_cli;
+use tandem_testkit::workload::{ImageReader, Workload, check_image};
 use tandem_tests::channel;
 use tandem_tests::ops::*;
 
@@ -577,7 +577,7 @@ async fn a_move_loses_no_acknowledged_write_and_removes_the_protected_vms() -> R
         history.acked_writes(),
         history.failures().len()
     );
-    let exact = tandem_lab::workload::CutWindow::exact(history.end());
+    let exact = tandem_testkit::workload::CutWindow::exact(history.end());
     let included = check_recovered(&history, &exact, &op).await?;
     eprintln!("moved volumes hold {included} writes: every acknowledged one");
     let s = status_of(&apis_b, "vpg-mv").await?;
@@ -631,7 +631,7 @@ async fn a_move_protects_back_with_a_delta_sync_and_a_move_back_brings_every_byt
     tandem(&apis_b, &["move", "start", "vpg-rv", "--watch"]).await?;
     let op = before_commit(&apis_b).await?;
     let history = workload.stop().await;
-    let exact = tandem_lab::workload::CutWindow::exact(history.end());
+    let exact = tandem_testkit::workload::CutWindow::exact(history.end());
     let included = check_recovered(&history, &exact, &op).await?;
     eprintln!("moved volumes hold {included} writes: every acknowledged one");
     // What the VMs write at site b before commit: only this differs from site a's disks.
@@ -825,6 +825,28 @@ async fn a_returning_protected_site_is_fenced_takes_the_new_direction_and_delta_
     Ok(())
 }
 
+/// The failpoints the managers of a lab hit, from their logs (for failure messages).
+fn failpoints_hit(dir: &std::path::Path) -> Vec<String> {
+    let mut hit = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.file_name().is_some_and(|n| n == "manager.log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                hit.extend(
+                    text.lines()
+                        .filter(|l| l.contains("failpoint hit"))
+                        .map(|l| format!("{}: {}", p.display(), l.trim())),
+                );
+            }
+        }
+    }
+    hit
+}
+
 /// Waits (restarting the managers of `site` that die meanwhile) until `done` holds for the
 /// operations listed at `site`; answers them and how many managers died.
 async fn revive_until(
@@ -879,20 +901,22 @@ async fn a_leader_killed_at_every_step_boundary_of_a_move_ends_it_committed() ->
     .await?;
     let op = ops.into_iter().next().context("no move")?;
     let history = workload.stop().await;
-    let exact = tandem_lab::workload::CutWindow::exact(history.end());
+    let exact = tandem_testkit::workload::CutWindow::exact(history.end());
     let included = check_recovered(&history, &exact, &op).await?;
     // The commit may meet a leader that is just dying: the word is given again until one
     // takes it (the first word stands).
+    // A death restarted here counts too (it was a boundary's).
     let start = Instant::now();
+    let mut died_at_commit = 0;
     while let Err(e) = tandem(&lab.endpoints(1), &["move", "commit", "vpg-fp"]).await {
-        revive(&mut lab, 1).await?;
+        died_at_commit += revive(&mut lab, 1).await?;
         if start.elapsed() > Duration::from_secs(60) {
             bail!("the commit was not taken: {e}");
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let (_, died_after) = revive_until(&mut lab, 1, "the move's end", |ops| ops.is_empty()).await?;
-    let died = died_before + died_after;
+    let died = died_before + died_at_commit + died_after;
     eprintln!(
         "move ended with {died} leaders killed at its step boundaries; {included} writes moved"
     );
@@ -900,7 +924,8 @@ async fn a_leader_killed_at_every_step_boundary_of_a_move_ends_it_committed() ->
     // boundary.
     assert!(
         died >= steps.len(),
-        "{died} deaths: a failpoint did not fire"
+        "{died} deaths: a failpoint did not fire; fired: {:?}",
+        failpoints_hit(&lab.dir)
     );
     let mut seen = Vec::new();
     wait_vpg_cli(
@@ -978,7 +1003,7 @@ async fn a_rolled_back_move_powers_the_protected_vms_on_again() -> Result<()> {
     // The protected VMs are on again, with every acknowledged write, and protected.
     let protected = vra_vpg_status(&lab, 0, "vpg-mb").await?;
     assert!(protected.iter().all(|g| !g.powered_off), "{protected:?}");
-    let exact = tandem_lab::workload::CutWindow::exact(history.end());
+    let exact = tandem_testkit::workload::CutWindow::exact(history.end());
     check_uris(&history, &exact, &site_uris(&lab, 0))
         .await
         .context("the protected volumes after the rollback")?;
@@ -1029,7 +1054,7 @@ async fn a_failover_that_shuts_the_protected_vms_down_loses_nothing() -> Result<
         "the last checkpoint: {op:?}"
     );
     let history = workload.stop().await;
-    let exact = tandem_lab::workload::CutWindow::exact(history.end());
+    let exact = tandem_testkit::workload::CutWindow::exact(history.end());
     check_recovered(&history, &exact, &op).await?;
     let protected = vra_vpg_status(&lab, 0, "vpg-sd").await?;
     assert!(protected.iter().all(|g| g.powered_off), "{protected:?}");
@@ -1079,7 +1104,7 @@ async fn reset_link_and_meet_sla(
     seen: &mut Seen,
 ) -> Result<()> {
     let link = lab.links.get(&lab.link_name(0, 1)).await?;
-    link.cut(tandem_lab::link::CutMode::Drop).await?;
+    link.cut(tandem_testkit::link::CutMode::Drop).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     link.heal().await?;
     let acked = workload.acked();
@@ -1243,7 +1268,7 @@ async fn renewed_certificates_and_a_rotated_ca_are_taken_up_under_the_workload_a
             }
         }
         let peers: v1::ListPeersResponse = tandem_json(&apis_b, &["pair", "list"]).await?;
-        if tandem_tls::config::check_ca_bundle(&peers.peers[0].ca_pem)? != vec![new_ca.clone()] {
+        if tandem_tls::cert::check_ca_bundle(&peers.peers[0].ca_pem)? != vec![new_ca.clone()] {
             stale.push("site B's record of site A".into());
         }
         if stale.is_empty() {
@@ -1277,7 +1302,7 @@ async fn renewed_certificates_and_a_rotated_ca_are_taken_up_under_the_workload_a
     tandem(&apis_b, &["move", "start", "vpg-rot", "--reverse", "no"]).await?;
     let op = before_commit(&apis_b).await?;
     let history = workload.stop().await;
-    let exact = tandem_lab::workload::CutWindow::exact(history.end());
+    let exact = tandem_testkit::workload::CutWindow::exact(history.end());
     let included = check_recovered(&history, &exact, &op).await?;
     eprintln!(
         "{} writes acknowledged; the moved volumes hold {included}, every acknowledged one",

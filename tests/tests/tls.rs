@@ -8,11 +8,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tandem_lab::lab::Lab;
 use tandem_proto::v1;
 use tandem_proto::v1::manager_internal_client::ManagerInternalClient;
 use tandem_proto::v1::raft_client::RaftClient;
 use tandem_proto::v1::site_service_client::SiteServiceClient;
+use tandem_testkit::lab::Lab;
 use tandem_tests::channel;
 use tandem_tls::pki::PkiDir;
 use tandem_tls::{PeerIdentity, TlsConfig};
@@ -48,7 +48,11 @@ fn trusting(holder: &Path, target: &Path, out: &Path) -> Result<std::path::PathB
 
 /// Waits until the VRA `vra` trusts (`want`) the CA of `site`, as its managers give it
 /// the paired sites' CAs.
-async fn wait_vra_trusts(vra: &tandem_lab::lab::VraProcess, site: &str, want: bool) -> Result<()> {
+async fn wait_vra_trusts(
+    vra: &tandem_testkit::process::VraProcess,
+    site: &str,
+    want: bool,
+) -> Result<()> {
     use tandem_proto::v1::vra_control_client::VraControlClient;
     for _ in 0..100 {
         let st = VraControlClient::new(vra.control_channel().await?)
@@ -235,7 +239,7 @@ async fn openssl_and_grpcio_interoperate_and_the_internal_port_wants_a_certifica
     )?;
     assert!(held, "internal port, a member's certificate: {text}");
 
-    let token = std::fs::read_to_string(lab.dir.join(tandem_lab::lab::TOKEN_FILE))?;
+    let token = std::fs::read_to_string(lab.dir.join(tandem_testkit::operator::TOKEN_FILE))?;
     let script = dir.path().join("grpcio_call.py");
     std::fs::write(&script, GRPCIO_CALL)?;
     let out = tokio::process::Command::new("/usr/bin/python3")
@@ -286,7 +290,7 @@ except grpc.RpcError as e:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_bootstrap_node_creates_its_sites_ca() -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    use tandem_lab::lab::ManagerProcess;
+    use tandem_testkit::process::ManagerProcess;
     let dir = tempfile::tempdir()?;
     let mut node = ManagerProcess {
         id: 1,
@@ -342,7 +346,7 @@ async fn a_vra_takes_control_from_its_managers_and_streams_from_vras_only() -> R
     let dir = tempfile::tempdir()?;
     let mut lab = Lab::up(&dir.path().join("lab"), 2, 1).await?;
     lab.start_vras(1).await?;
-    tandem_lab::protect::pair(&lab, 1, 0).await?;
+    tandem_testkit::protect::pair(&lab, 1, 0).await?;
     let vra = &lab.vras[0][0];
     let site_a = lab.site_id(0).context("site a")?.to_string();
     let site_b = lab.site_id(1).context("site b")?.to_string();
@@ -407,9 +411,9 @@ async fn a_vra_takes_control_from_its_managers_and_streams_from_vras_only() -> R
 /// stream, are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_protecting_sites_vras_stream_into_a_vpgs_journals() -> Result<()> {
-    use tandem_lab::protect::{ProtectOptions, protect};
     use tandem_proto::v1::replication_client::ReplicationClient;
     use tandem_proto::v1::vra_control_client::VraControlClient;
+    use tandem_testkit::protect::{ProtectOptions, protect};
     let dir = tempfile::tempdir()?;
     let mut lab = Lab::up(&dir.path().join("lab"), 3, 1).await?;
     lab.start_vras(1).await?;
@@ -485,7 +489,7 @@ async fn only_the_protecting_sites_vras_stream_into_a_vpgs_journals() -> Result<
     println!("site c's VRA before pairing: {err}");
     // Once c pairs with b, its VRAs are believed, but still cannot touch a VPG that c
     // does not protect.
-    tandem_lab::protect::pair(&lab, 2, 1).await?;
+    tandem_testkit::protect::pair(&lab, 2, 1).await?;
     wait_vra_trusts(recovery, &site_c, true).await?;
     let err = hashes(tls_channel(&recovery.control, &c_vra)?)
         .await
@@ -549,7 +553,7 @@ async fn peer_calls_take_only_a_paired_sites_managers() -> Result<()> {
     use tandem_proto::v1::site_peer_client::SitePeerClient;
     let dir = tempfile::tempdir()?;
     let mut lab = Lab::up(&dir.path().join("lab"), 2, 1).await?;
-    tandem_lab::protect::pair(&lab, 0, 1).await?;
+    tandem_testkit::protect::pair(&lab, 0, 1).await?;
     // Paired sites call a manager's internal listener.
     let internal = lab.sites[0][0].raft.clone();
     let (site_a, site_b) = (
@@ -755,7 +759,7 @@ async fn pairing_is_refused_when_the_ca_fingerprint_does_not_match() -> Result<(
     let (token, fp) = issued.token.split_once('.').context("the code pins a CA")?;
     assert_eq!(fp, issued.ca_fingerprint);
     let stranger = tandem_tls::pki::SiteCa::generate("site-z-1")?;
-    let wrong = tandem_tls::config::check_ca_pem(stranger.cert_pem())?;
+    let wrong = tandem_tls::cert::check_ca_pem(stranger.cert_pem())?;
     let pair = |code: String| {
         let (ca, api, endpoints, advertise) = (
             ca.clone(),
@@ -794,7 +798,7 @@ async fn pairing_is_refused_when_the_ca_fingerprint_does_not_match() -> Result<(
     }
     // The token was never sent, so it still pairs; each site then holds the other's CA.
     let paired = pair(issued.token.clone()).await?.into_inner();
-    assert_eq!(tandem_tls::config::check_ca_pem(&paired.ca_pem)?, fp);
+    assert_eq!(tandem_tls::cert::check_ca_pem(&paired.ca_pem)?, fp);
     let at_b = SiteServiceClient::new(cb)
         .list_peers(v1::ListPeersRequest {})
         .await?
@@ -830,7 +834,7 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
     let pki = |n: &str| PkiDir::new(dir.path().join(n).join("pki"));
 
     // The CLI creates it and prints it once.
-    let out = tandem_lab::lab::cli()
+    let out = tandem_testkit::operator::cli()
         .args([
             "-e", &api[0], "token", "join", "--host", "h9", "--ttl", "10m",
         ])
@@ -899,7 +903,7 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
     assert!(!pki("h9").ca_key().exists(), "the CA key left the managers");
     // A node that holds a usable certificate keeps it (its join token stays unused); one
     // whose certificate cannot be used joins again with a new token.
-    let again = tandem_lab::lab::cli()
+    let again = tandem_testkit::operator::cli()
         .args(["-e", &api[0], "token", "join", "--host", "h9"])
         .output()?;
     let again = String::from_utf8(again.stdout)?.trim().to_string();
@@ -921,7 +925,7 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
     assert!(err.to_string().contains("PermissionDenied"), "{err}");
 
     // Listed while unused, withdrawn on request: it then lets no one in.
-    let out = tandem_lab::lab::cli()
+    let out = tandem_testkit::operator::cli()
         .args(["-e", &api[0], "token", "join", "--node-id", "7"])
         .output()?;
     assert!(out.status.success());
@@ -935,12 +939,12 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
             .collect())
     };
     let ids = listed(
-        tandem_lab::lab::cli()
+        tandem_testkit::operator::cli()
             .args(["-e", &api[0], "-o", "json", "token", "join-list"])
             .output()?,
     )?;
     assert_eq!(ids, vec![spare_id.clone()], "the used token is not listed");
-    let out = tandem_lab::lab::cli()
+    let out = tandem_testkit::operator::cli()
         .args(["-e", &api[0], "token", "join-revoke", &spare_id])
         .output()?;
     assert!(
@@ -954,7 +958,7 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
     assert!(err.to_string().contains("PermissionDenied"), "{err}");
     assert!(
         listed(
-            tandem_lab::lab::cli()
+            tandem_testkit::operator::cli()
                 .args(["-e", &api[0], "-o", "json", "token", "join-list"])
                 .output()?,
         )?
@@ -972,7 +976,8 @@ async fn a_join_token_enrolls_the_node_it_names_once() -> Result<()> {
         .into_inner()
         .token;
     let as_viewer = ApiConnector::new(
-        Credentials::token(&viewer)?.with_ca_file(&lab.dir.join(tandem_lab::lab::CA_FILE))?,
+        Credentials::token(&viewer)?
+            .with_ca_file(&lab.dir.join(tandem_testkit::operator::CA_FILE))?,
     )
     .connect(&api)
     .await?;
@@ -1097,7 +1102,7 @@ async fn a_node_restarted_after_a_ca_rotation_keeps_its_renewed_certificate() ->
     m2.env.push(("TANDEM_JOIN_TOKEN".into(), spent));
     m2.env.push(("TANDEM_JOIN".into(), api.clone()));
     m2.start("join").await?;
-    tandem_lab::lab::wait_leader(&m2.api, 3, Duration::from_secs(20)).await?;
+    tandem_testkit::lab::wait_leader(&m2.api, 3, Duration::from_secs(20)).await?;
     assert_eq!(TlsConfig::load(&pki)?.ca_fingerprint()?, new_ca);
     let log = std::fs::read_to_string(m2.dir.join("manager.log"))?;
     assert!(
@@ -1113,13 +1118,13 @@ async fn a_node_restarted_after_a_ca_rotation_keeps_its_renewed_certificate() ->
     lab.provision(0, &PeerIdentity::manager(&site_id, 2)?, &data)?;
     assert_ne!(TlsConfig::load(&pki)?.ca_fingerprint()?, new_ca);
     let token = lab
-        .join_token(0, tandem_lab::lab::JoinAs::Manager(2))
+        .join_token(0, tandem_testkit::lab::JoinAs::Manager(2))
         .await?;
     let m2 = &mut lab.sites[0][1];
     m2.env.retain(|(k, _)| k != "TANDEM_JOIN_TOKEN");
     m2.env.push(("TANDEM_JOIN_TOKEN".into(), token));
     m2.start("join").await?;
-    tandem_lab::lab::wait_leader(&m2.api, 3, Duration::from_secs(20)).await?;
+    tandem_testkit::lab::wait_leader(&m2.api, 3, Duration::from_secs(20)).await?;
     let rejoined = TlsConfig::load(&pki)?;
     assert_eq!(rejoined.ca_fingerprint()?, new_ca);
     assert_eq!(rejoined.own_ca_fingerprints(), vec![new_ca.clone()]);
@@ -1153,7 +1158,7 @@ async fn nbd_over_tcp_takes_only_tls_clients_of_the_site_and_the_socket_serves_t
     lab.start_vras(1).await?;
     let mut options = tandem_tests::ops::recovery_options("vpg-nbd");
     options.vms = 1;
-    tandem_lab::protect::protect(&lab, &options).await?;
+    tandem_testkit::protect::protect(&lab, &options).await?;
     let vra = &lab.vras[0][0];
     let (tcp, socket, export) = (vra.nbd.clone(), vra.nbd_socket.clone(), "vm-0/0");
     let (host, port) = tcp.rsplit_once(':').context("host:port")?;

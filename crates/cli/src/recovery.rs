@@ -345,7 +345,7 @@ pub async fn failover(ch: Channel, fmt: Format, kind: Kind, c: FailoverCmd) -> R
                 })
                 .await?
                 .into_inner();
-            crate::vpg_detail(fmt, &g);
+            crate::vpg::vpg_detail(fmt, &g);
         }
     }
     Ok(())

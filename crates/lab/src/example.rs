@@ -13,8 +13,8 @@ use serde_yaml::{Mapping, Value};
 use tandem_proto::v1;
 use tandem_proto::v1::vm_service_client::VmServiceClient;
 
-use crate::lab::{Lab, VmEntry, VolumeEntry};
-use crate::protect;
+use tandem_testkit::lab::{Lab, VmEntry, VolumeEntry};
+use tandem_testkit::protect;
 
 /// The example spec files, as shipped (compiled in, so the lab needs no checkout).
 const DATASTORE: &str = include_str!("../../../deploy/examples/datastore.yaml");
@@ -53,7 +53,7 @@ async fn create(apis: &[String], dir: &Path, kind: &str, name: &str, spec: &Mapp
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, serde_yaml::to_string(spec)?)
         .with_context(|| format!("writing {}", path.display()))?;
-    let out = tokio::process::Command::from(crate::lab::cli())
+    let out = tokio::process::Command::from(tandem_testkit::operator::cli())
         .arg("-e")
         .arg(apis.join(","))
         .args([kind, "create", "-f"])
@@ -135,7 +135,7 @@ pub async fn create_in(lab: &mut Lab) -> Result<Example> {
             lab.vras[0][h].nbd_socket.clone(),
             lab.vras[0][h].nbd.clone(),
         );
-        let entries = VmServiceClient::new(protect::channel(&apis[0][0]).await?)
+        let entries = VmServiceClient::new(tandem_testkit::operator::channel(&apis[0][0]).await?)
             .get_vm(v1::GetRequest { id: id.clone() })
             .await?
             .into_inner()

@@ -1,15 +1,8 @@
-//! Labs of real Tandem processes on loopback, their link emulator, and the demo that drives
-//! one.
+//! The `tandem-lab` program's library: the demo that drives a two-site lab, the benchmarks,
+//! and the example deployment. Labs themselves, the link emulator and the workload are in
+//! `tandem-testkit`.
 
 pub mod bench;
-pub mod bench_scale;
-pub mod bench_vra;
 pub mod demo;
 pub mod example;
-pub mod fault;
-pub mod lab;
-pub mod link;
-pub mod link_control;
-pub mod protect;
 pub mod units;
-pub mod workload;

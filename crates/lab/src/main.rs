@@ -6,10 +6,11 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
-use tandem_lab::link::{CutMode, Direction, LinkState};
-use tandem_lab::link_control::{self, pb};
+use tandem_lab::demo;
 use tandem_lab::units::fmt_bytes;
-use tandem_lab::{demo, lab};
+use tandem_testkit::lab;
+use tandem_testkit::link::{CutMode, Direction, LinkState};
+use tandem_testkit::link_control::{self, pb};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -75,7 +76,7 @@ enum Cmd {
     },
     /// VRA benchmarks: write path vs nbdkit, checkpoint barrier, initial sync vs nbdcopy,
     /// delta sync vs rsync (scripts/bench-vra.sh).
-    BenchVra(tandem_lab::bench_vra::Args),
+    BenchVra(tandem_lab::bench::vra::Args),
     /// The managers at scale: 1 VPG, then many, of 4 VMs each on one site pair; managers'
     /// CPU and memory, `vpg list` latency, lag from a pause or a link cut to every VPG's
     /// status (floors: lag <= 2 s, list < 200 ms).
@@ -469,8 +470,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             for (i, name) in lab.site_names.iter().enumerate() {
                 println!(
                     "  {name}: TANDEM_TOKEN_FILE={} TANDEM_CA_FILE={} tandem -e {}",
-                    lab.dir.join(lab::TOKEN_FILE).display(),
-                    lab.dir.join(lab::CA_FILE).display(),
+                    lab.dir.join(tandem_testkit::operator::TOKEN_FILE).display(),
+                    lab.dir.join(tandem_testkit::operator::CA_FILE).display(),
                     lab.endpoints(i).join(",")
                 );
                 for v in &lab.vras[i] {
@@ -501,7 +502,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             for site in &file.sites {
                 println!("{}:", site.name);
                 for m in &site.managers {
-                    let state = match lab::cluster_client(&m.api).await {
+                    let state = match tandem_testkit::operator::cluster_client(&m.api).await {
                         Ok(mut c) => match c
                             .get_cluster_status(tandem_proto::v1::GetClusterStatusRequest {})
                             .await
@@ -558,11 +559,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             secs,
             rounds,
         } => {
-            tandem_lab::bench::run(dir, clients, secs, rounds).await?;
+            tandem_lab::bench::store::run(dir, clients, secs, rounds).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::BenchVra(args) => {
-            tandem_lab::bench_vra::run(args).await?;
+            tandem_lab::bench::vra::run(args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::BenchScale {
@@ -576,7 +577,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if vpgs < 2 || vms_per_vpg == 0 || volume_mib == 0 {
                 anyhow::bail!("--vpgs must be at least 2, --vms-per-vpg and --volume-mib positive");
             }
-            tandem_lab::bench_scale::run(tandem_lab::bench_scale::ScaleOptions {
+            tandem_lab::bench::scale::run(tandem_lab::bench::scale::ScaleOptions {
                 dir,
                 vpgs,
                 vms_per_vpg,

@@ -11,7 +11,7 @@ use tandem_core::ids::SiteId;
 use tandem_core::pairing::PeerSite;
 use tandem_core::state::{Command, SiteState};
 use tandem_proto::v1;
-use tandem_tls::config::{bundle_key, check_ca_bundle};
+use tandem_tls::cert::{bundle_key, check_ca_bundle};
 use tandem_tls::pki::SiteCa;
 
 use crate::error::{ApiError, ApiResult};

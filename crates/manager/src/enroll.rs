@@ -39,7 +39,7 @@ pub(crate) fn ca_record(ca: &SiteCa) -> ApiResult<SiteCaRecord> {
     Ok(SiteCaRecord {
         cert_pem: ca.cert_pem().to_string(),
         key_pem: Secret::new(ca.key_pem().to_string()),
-        fingerprint: tandem_tls::config::check_ca_pem(ca.cert_pem()).map_err(ApiError::internal)?,
+        fingerprint: tandem_tls::cert::check_ca_pem(ca.cert_pem()).map_err(ApiError::internal)?,
     })
 }
 
@@ -299,7 +299,7 @@ impl SiteManager {
             .issue(current.identity(), self.cert_ttl())
             .map_err(ApiError::internal)?;
         pki.install(&bundle, &issued).map_err(ApiError::internal)?;
-        // `net::keep_tls` loads it (within two looks, a few seconds at most) into the
+        // `tls_refresh::keep_tls` loads it (within two looks, a few seconds at most) into the
         // operator and the internal port alike.
         tracing::info!(identity = %current.identity(), "renewed this manager's certificate");
         Ok(true)
@@ -352,7 +352,7 @@ pub async fn keep_renewed(
     let mut own_cas = live.current().ca_pem().to_string();
     loop {
         // The site's own CAs as the state names them (a rotation adds one, then retires
-        // one): written to `ca.crt`, where `net::keep_tls` loads them.
+        // one): written to `ca.crt`, where `tls_refresh::keep_tls` loads them.
         crate::ca_rotation::keep_own_bundle(
             site.node().read_local(|s| s.ca_bundle()),
             &live.current(),

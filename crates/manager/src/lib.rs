@@ -16,6 +16,7 @@ pub mod rate_limit;
 pub mod recovery;
 pub mod server;
 pub mod site;
+pub mod tls_refresh;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -52,7 +53,7 @@ pub async fn run(
         std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restricting {}", config.data_dir.display()))?;
     }
-    // Renewed certificates in the PKI directory are taken up while serving (net::keep_tls).
+    // Renewed certificates in the PKI directory are taken up while serving (tls_refresh::keep_tls).
     let tls = member_tls(&config).await?.map(tandem_tls::LiveTls::new);
 
     let mut store_config = StoreConfig::new(
@@ -97,7 +98,7 @@ pub async fn run(
     let (api_security, internal_security) = match &tls {
         Some(member) => {
             let with_peers = tandem_tls::LiveTls::new(member.current());
-            tasks.spawn(net::keep_tls(
+            tasks.spawn(tls_refresh::keep_tls(
                 node.clone(),
                 member.clone(),
                 with_peers.clone(),

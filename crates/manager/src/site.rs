@@ -366,7 +366,7 @@ impl SiteManager {
             )
         })?;
         if let Some(fp) = &pinned {
-            let theirs = tandem_tls::config::check_ca_bundle(&peer.ca_pem).map_err(|e| {
+            let theirs = tandem_tls::cert::check_ca_bundle(&peer.ca_pem).map_err(|e| {
                 ApiError::Peer(format!("the peer's CA: {e}"), tonic::Code::PermissionDenied)
             })?;
             if !theirs.contains(fp) {
@@ -402,7 +402,7 @@ impl SiteManager {
         requester: PeerSite,
     ) -> ApiResult<PeerSite> {
         if self.connector.site_tls().is_some() {
-            tandem_tls::config::check_ca_bundle(&requester.ca_pem).map_err(|e| {
+            tandem_tls::cert::check_ca_bundle(&requester.ca_pem).map_err(|e| {
                 ApiError::Domain(DomainError::invalid(
                     "requester.ca_pem",
                     format!("{e} (this site runs TLS and pins its peers' CAs)"),

@@ -135,7 +135,7 @@ pub async fn join(
         )));
     }
     // The site's CAs: the one the token pins, and during a rotation the other.
-    let cas = tandem_tls::config::check_ca_bundle(&enrolled.ca_pem)
+    let cas = tandem_tls::cert::check_ca_bundle(&enrolled.ca_pem)
         .map_err(|e| JoinError::BadAnswer(e.to_string()))?;
     if !cas.iter().any(|ca| ca == code.ca_fingerprint()) {
         return Err(JoinError::BadAnswer(format!(

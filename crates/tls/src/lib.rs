@@ -1,11 +1,12 @@
 //! Mutual TLS for every connection between Tandem's nodes: who a certificate names
-//! ([`identity`]), the site CA that issues them and the files they live in ([`pki`]), the
+//! ([`identity`]), certificates as text and their fingerprints ([`cert`]), the site CA that issues them and the files they live in ([`pki`]), the
 //! rustls configurations built from those files ([`config`]), the check of a site first
 //! met by its CA's fingerprint ([`pin`]), renewed certificates loaded while serving
 //! ([`reload`]), and the dialer clients use ([`dial`]). Every byte of TLS is stock rustls
 //! (through tokio-rustls): nothing here seals, opens or frames a record. The acceptor side
 //! is `tandem_proto::transport`, the one acceptor.
 
+pub mod cert;
 pub mod config;
 pub mod dial;
 pub mod identity;

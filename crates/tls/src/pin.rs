@@ -6,7 +6,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use crate::config::fingerprint;
+use crate::cert::fingerprint;
 use crate::{PeerIdentity, PeerRole, TlsError, provider};
 
 /// Accepts a server whose chain holds the pinned CA and whose certificate that CA issued

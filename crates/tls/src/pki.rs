@@ -80,7 +80,7 @@ impl PkiDir {
     /// Replaces the site's CAs this node trusts (`ca.crt`) with `bundle_pem`, atomically
     /// (a CA rotation adds the new CA, then retires the old).
     pub fn replace_ca(&self, bundle_pem: &str) -> Result<(), TlsError> {
-        crate::config::check_ca_bundle(bundle_pem)?;
+        crate::cert::check_ca_bundle(bundle_pem)?;
         write_file(&self.ca_cert(), bundle_pem, 0o644)?;
         sync_dir(&self.dir)
     }
@@ -304,7 +304,7 @@ impl SiteCa {
 
     /// The CA from its certificate and key (as the site's replicated state keeps them).
     pub fn from_pem(site: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
-        crate::config::check_ca_pem(cert_pem)?;
+        crate::cert::check_ca_pem(cert_pem)?;
         Ok(Self {
             site: site.to_string(),
             cert_pem: cert_pem.to_string(),

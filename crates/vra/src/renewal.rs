@@ -64,7 +64,7 @@ impl Renewal {
         if cert_pem.len() > MAX_CERT_PEM {
             return Err(invalid("cert_pem", format!("at most {MAX_CERT_PEM} bytes")).into());
         }
-        let cas = tandem_tls::config::check_ca_bundle(ca_pem).map_err(|e| invalid("ca_pem", e))?;
+        let cas = tandem_tls::cert::check_ca_bundle(ca_pem).map_err(|e| invalid("ca_pem", e))?;
         let trusted = current.own_ca_fingerprints();
         if !cas.iter().any(|fp| trusted.contains(fp)) {
             return Err(DomainError::precondition(format!(

@@ -98,7 +98,7 @@ impl PeerTrust {
                 format!("sites[{i}].site_id"),
                 "is this VRA's own site",
             );
-            if let Err(e) = tandem_tls::config::check_ca_bundle(&s.ca_pem) {
+            if let Err(e) = tandem_tls::cert::check_ca_bundle(&s.ca_pem) {
                 v.add(format!("sites[{i}].ca_pem"), e.to_string());
             }
         }
@@ -106,7 +106,7 @@ impl PeerTrust {
             // It must keep the CA of the certificate in use: else this VRA's own site
             // would refuse it (a certificate of a new CA comes with InstallCertificate).
             match (
-                tandem_tls::config::check_ca_bundle(own_ca_pem),
+                tandem_tls::cert::check_ca_bundle(own_ca_pem),
                 current.ca_fingerprint(),
             ) {
                 (Err(e), _) => v.add("own_ca_pem", e.to_string()),
@@ -150,7 +150,7 @@ impl PeerTrust {
     /// The trusted sites with their CAs' fingerprints, sorted and joined by commas (for
     /// the status); the own site's too.
     pub fn fingerprints(&self) -> Vec<(String, String)> {
-        use tandem_tls::config::{bundle_key, check_ca_bundle};
+        use tandem_tls::cert::{bundle_key, check_ca_bundle};
         let current = self.live.current();
         let own = (
             current.identity().site.clone(),
@@ -177,7 +177,7 @@ impl PeerTrust {
 mod tests {
     use super::*;
     use tandem_tls::PeerIdentity;
-    use tandem_tls::config::{bundle_key, check_ca_pem};
+    use tandem_tls::cert::{bundle_key, check_ca_pem};
     use tandem_tls::pki::{NODE_TTL, PkiDir, SiteCa};
 
     #[test]

@@ -125,15 +125,15 @@ fn assert_refused<T: std::fmt::Debug>(
 async fn hashes_of_the_newest_durable_image_equal_the_source() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
+    let a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
     let vms = vec![
         TestVm {
-            id: "vm-1",
+            id: "vm-1".into(),
             sizes: vec![ODD, 2 * MIB],
         },
         TestVm {
-            id: "vm-2",
+            id: "vm-2".into(),
             sizes: vec![4 * MIB],
         },
     ];
@@ -382,9 +382,10 @@ fn write_entry(seq: u64, offset: u64, byte: u8, len: usize) -> pb::ReplicateRequ
 async fn hashing_a_gib_does_not_hold_up_the_stream() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let b = VraProcess::start(root, "host-b");
+    let b = start(root, "host-b").await;
     b.client()
         .await
+        .expect("control client")
         .assign_recovery(pb::AssignRecoveryRequest {
             vpg_id: "vpg-g".into(),
             generation: 1,

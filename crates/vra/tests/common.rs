@@ -1,152 +1,39 @@
-//! Harness of the VRA's process tests: starts `tandem-vra` binaries on loopback port 0,
-//! drives them through `VraControl`, and runs real NBD clients against them.
-#![allow(dead_code)]
+//! Harness of the VRA's process tests: standalone `tandem-vra` binaries on loopback port 0
+//! (`tandem_testkit::process`), driven through `VraControl` as a site's managers would
+//! (`tandem_testkit::vra`), with real NBD clients against them. The helpers here panic:
+//! a failure is the test's.
+// Each test binary uses a part of the harness.
+#![allow(dead_code, unused_imports)]
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tandem_proto::v1::{self as pb, vra_control_client::VraControlClient};
-use tonic::transport::Channel;
+use tandem_proto::v1 as pb;
+use tandem_testkit::process::VraOptions;
+pub use tandem_testkit::process::VraProcess;
+pub use tandem_testkit::vra::{Assignment, TestVm, image_path, is_level, replica_path};
 
 /// How long a test waits for a condition before failing.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// A running `tandem-vra` process; killed (SIGKILL) on drop.
-#[derive(Debug)]
-pub struct VraProcess {
-    pub child: Option<Child>,
-    pub data_dir: PathBuf,
-    pub host: String,
-    pub control: String,
-    pub nbd: String,
-    log: PathBuf,
+/// Starts a plaintext (`--insecure`) VRA of `host` in `root/host`: the replication protocol
+/// alone, without a site CA (TLS between VRAs is tested over labs, tests/tests/tls.rs).
+pub async fn start(root: &Path, host: &str) -> VraProcess {
+    let opts = VraOptions {
+        bin: Some(env!("CARGO_BIN_EXE_tandem-vra").into()),
+        ..VraOptions::default()
+    };
+    VraProcess::standalone(root, host, opts)
+        .await
+        .unwrap_or_else(|e| panic!("starting vra {host}: {e:#}"))
 }
 
-impl VraProcess {
-    /// Starts a VRA with its data dir under `root/host` and waits for its address file.
-    pub fn start(root: &Path, host: &str) -> Self {
-        Self::start_on(root, host, "127.0.0.1:0")
-    }
-
-    /// Starts a VRA whose control listener binds `control` (to restart on the same port).
-    pub fn start_on(root: &Path, host: &str, control: &str) -> Self {
-        let data_dir = root.join(host);
-        std::fs::create_dir_all(&data_dir).expect("data dir");
-        let addr_file = data_dir.join("addr.json");
-        let _ = std::fs::remove_file(&addr_file);
-        let log = root.join(format!("{host}.log"));
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
-        // The replication protocol alone, without a site CA: TLS between VRAs is tested
-        // end to end over labs (tests/tests/tls.rs).
-        let child = Command::new(env!("CARGO_BIN_EXE_tandem-vra"))
-            .arg("--insecure")
-            .arg("--host-id")
-            .arg(host)
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--control-listen")
-            .arg(control)
-            .arg("--nbd-listen")
-            .arg("127.0.0.1:0")
-            .arg("--ram-mb")
-            .arg("64")
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .env("RUST_LOG", "info,tandem_vra=debug,h2=warn,tower=warn")
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn tandem-vra");
-        let deadline = Instant::now() + PATIENCE;
-        let addrs: serde_json::Value = loop {
-            if let Ok(bytes) = std::fs::read(&addr_file)
-                && let Ok(v) = serde_json::from_slice(&bytes)
-            {
-                break v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "vra {host} did not start; see {}",
-                log.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Self {
-            child: Some(child),
-            data_dir,
-            host: host.to_string(),
-            control: addrs["control"].as_str().expect("control").to_string(),
-            nbd: addrs["nbd"].as_str().expect("nbd").to_string(),
-            log,
-        }
-    }
-
-    /// A control client.
-    pub async fn client(&self) -> VraControlClient<Channel> {
-        VraControlClient::connect(format!("http://{}", self.control))
-            .await
-            .expect("connect control")
-    }
-
-    /// `nbd://` URI of an export.
-    pub fn uri(&self, export: &str) -> String {
-        format!("nbd://{}/{export}", self.nbd)
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, then wait for a clean exit.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid")),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("sigterm");
-        c.wait().expect("wait")
-    }
-
-    /// The process log (for failure messages).
-    pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for VraProcess {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// One VM of a test VPG: id and volume sizes.
-pub struct TestVm {
-    pub id: &'static str,
-    pub sizes: Vec<u64>,
-}
-
-/// Replica path of a volume on the recovery VRA.
-pub fn replica_path(root: &Path, vm: &str, vol: u32) -> PathBuf {
-    root.join("ds-b").join(format!("{vm}-{vol}.replica"))
-}
-
-/// Source image path of a volume on the protected VRA.
-pub fn image_path(root: &Path, vm: &str, vol: u32) -> PathBuf {
-    root.join("ds-a").join(format!("{vm}-{vol}.img"))
+/// kill -9, then the same VRA again from its data directory, on the same addresses.
+pub async fn restart_after_kill9(v: &mut VraProcess) {
+    v.kill9().await.expect("kill -9");
+    v.start().await.expect("restart");
 }
 
 /// Assigns a VPG: recovery on `b`, protected on `a`.
@@ -159,125 +46,24 @@ pub async fn assign(
     vms: &[TestVm],
     compression: bool,
 ) {
-    let extra = AssignExtra {
-        recovery_address: &b.control,
-        preseeded: false,
-        priority: pb::VraPriority::Medium,
-    };
-    assign_with(root, a, b, vpg, generation, vms, compression, extra).await;
+    let mut x = Assignment::new(root, vpg, vms);
+    x.generation = generation;
+    x.compression = compression;
+    assign_with(a, b, &x).await;
 }
 
-/// How [`assign_with`] differs from [`assign`].
-pub struct AssignExtra<'a> {
-    /// The address the protected VRA reaches `b` at (a link proxy).
-    pub recovery_address: &'a str,
-    /// The replicas are preseeded (delta sync instead of initial sync).
-    pub preseeded: bool,
-    pub priority: pb::VraPriority,
-}
-
-/// [`assign`], with a proxied recovery address, preseeding and priority.
-#[allow(clippy::too_many_arguments)]
-pub async fn assign_with(
-    root: &Path,
-    a: &VraProcess,
-    b: &VraProcess,
-    vpg: &str,
-    generation: u64,
-    vms: &[TestVm],
-    compression: bool,
-    extra: AssignExtra<'_>,
-) {
-    let rec = pb::AssignRecoveryRequest {
-        vpg_id: vpg.into(),
-        generation,
-        vms: vms
-            .iter()
-            .map(|vm| pb::RecoveryVm {
-                vm_id: vm.id.into(),
-                volumes: vm
-                    .sizes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &size)| pb::VraVolume {
-                        volume_id: i as u32,
-                        size_bytes: size,
-                        path: root
-                            .join("ds-b")
-                            .join(format!("{vm}-{i}.replica", vm = vm.id))
-                            .display()
-                            .to_string(),
-                        preseeded: false,
-                    })
-                    .collect(),
-                journal_dir: root
-                    .join("ds-b")
-                    .join("journals")
-                    .join(vm.id)
-                    .display()
-                    .to_string(),
-                datastore_path: String::new(),
-            })
-            .collect(),
-        journal_history_secs: 3600,
-        journal_warning_bytes: 0,
-        journal_hard_limit_bytes: 0,
-        remove_dropped_vm_data: false,
-        keep_vm_ids: Vec::new(),
-        protected_site_id: String::new(),
-    };
-    b.client()
+/// Assigns `x`: recovery on `b`, protected on `a`.
+pub async fn assign_with(a: &VraProcess, b: &VraProcess, x: &Assignment<'_>) {
+    tandem_testkit::vra::assign(a, b, x)
         .await
-        .assign_recovery(rec)
-        .await
-        .expect("assign recovery");
-    let prot = pb::AssignProtectedRequest {
-        vpg_id: vpg.into(),
-        generation,
-        vms: vms
-            .iter()
-            .map(|vm| pb::ProtectedVm {
-                vm_id: vm.id.into(),
-                volumes: vm
-                    .sizes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &size)| pb::VraVolume {
-                        volume_id: i as u32,
-                        size_bytes: size,
-                        path: image_path(root, vm.id, i as u32).display().to_string(),
-                        preseeded: false,
-                    })
-                    .collect(),
-            })
-            .collect(),
-        recovery_vra_address: extra.recovery_address.to_string(),
-        wan_compression: compression,
-        priority: extra.priority as i32,
-        freeze_timeout_ms: 10_000,
-        preseeded: extra.preseeded,
-        recovery_site_id: String::new(),
-    };
-    a.client()
-        .await
-        .assign_protected(prot)
-        .await
-        .expect("assign protected");
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// Status of one VPG on a VRA.
 pub async fn vpg_status(v: &VraProcess, vpg: &str) -> pb::VpgReplicationStatus {
-    let s = v
-        .client()
+    tandem_testkit::vra::vpg_status(v, vpg)
         .await
-        .get_status(pb::GetVraStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
-    s.vpgs
-        .into_iter()
-        .find(|p| p.vpg_id == vpg)
-        .expect("vpg in status")
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Polls `f` until it returns `Some`, failing after [`PATIENCE`].
@@ -286,32 +72,19 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tandem_testkit::eventually::eventually_some(what, PATIENCE, || {
+        let next = f();
+        async move { Ok(next.await) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Waits until the protected side is connected and level: no sync running or owed.
 pub async fn wait_connected(a: &VraProcess, vpg: &str) {
-    wait_for("the stream to connect and the syncs to finish", || async {
-        let s = vpg_status(a, vpg).await;
-        is_level(&s).then_some(())
-    })
-    .await;
-}
-
-/// Connected, nothing tracked or dirty, no sync running or owed.
-pub fn is_level(s: &pb::VpgReplicationStatus) -> bool {
-    s.connected
-        && s.sync.is_none()
-        && s.dirty_bytes == 0
-        && !s.tracking
-        && s.state != pb::VpgStreamState::NeedsSync as i32
+    tandem_testkit::vra::wait_status(a, vpg, "level", PATIENCE, is_level)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// Freezes, copies the source images (the state at the checkpoint), thaws.
@@ -321,7 +94,7 @@ pub async fn checkpoint_with_copies(
     id: u64,
     copies: &[(PathBuf, PathBuf)],
 ) {
-    let mut c = a.client().await;
+    let mut c = a.client().await.expect("control client");
     // A VPG that is syncing refuses checkpoints until it is level again.
     wait_for("a freeze to be accepted", || {
         let mut c = c.clone();
@@ -360,6 +133,7 @@ pub async fn wait_durable_checkpoint(b: &VraProcess, vpg: &str, id: u64) {
         let cps = b
             .client()
             .await
+            .ok()?
             .list_checkpoints(pb::ListCheckpointsRequest { vpg_id: vpg.into() })
             .await
             .ok()?
@@ -376,6 +150,7 @@ pub async fn wait_durable_checkpoint(b: &VraProcess, vpg: &str, id: u64) {
 pub async fn open_pit(b: &VraProcess, vpg: &str, vm: &str, vol: u32, id: u64) -> String {
     b.client()
         .await
+        .expect("control client")
         .open_export(pb::OpenExportRequest {
             vpg_id: vpg.into(),
             vm_id: vm.into(),
@@ -389,52 +164,20 @@ pub async fn open_pit(b: &VraProcess, vpg: &str, vm: &str, vol: u32, id: u64) ->
         .export_name
 }
 
-/// Runs a program, returning its exit code; panics if it cannot start.
+/// Runs a program, returning its exit code and output; panics if it cannot start.
 pub fn run(program: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    tandem_testkit::yardstick::run(program, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `qemu-io` commands against an NBD URI; panics on failure.
 pub fn qemu_io(uri: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", "raw"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    let (code, out) = run("qemu-io", &args);
-    assert_eq!(code, 0, "qemu-io failed: {out}");
-    assert!(
-        !out.contains("error") && !out.contains("failed"),
-        "qemu-io reported: {out}"
-    );
+    tandem_testkit::yardstick::qemu_io(uri, cmds).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// `qemu-img compare` of a raw file and a raw NBD export: 0 identical, 1 different.
 pub fn qemu_img_compare(file: &Path, uri: &str) -> (i32, String) {
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &file.display().to_string(),
-            uri,
-        ],
-    )
+    tandem_testkit::yardstick::qemu_img_compare(&file.display().to_string(), uri)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Random writes of 4 KiB to 64 KiB over NBD to volume 0 of each VM, until `stop`;

@@ -22,11 +22,11 @@ const VPG: &str = "vpg-r";
 fn vms() -> Vec<TestVm> {
     vec![
         TestVm {
-            id: "vm-1",
+            id: "vm-1".into(),
             sizes: vec![8 * MIB, 2 * MIB],
         },
         TestVm {
-            id: "vm-2",
+            id: "vm-2".into(),
             sizes: vec![4 * MIB],
         },
     ]
@@ -88,6 +88,7 @@ async fn protect_with_history(root: &Path, a: &VraProcess, b: &VraProcess) -> Ve
 async fn start_recovery(b: &VraProcess, op: &str, checkpoint: u64) -> pb::RecoveryVolumes {
     b.client()
         .await
+        .expect("control client")
         .start_recovery(pb::StartRecoveryRequest {
             vpg_id: VPG.into(),
             generation: 1,
@@ -102,6 +103,7 @@ async fn start_recovery(b: &VraProcess, op: &str, checkpoint: u64) -> pb::Recove
 async fn rollback(b: &VraProcess, op: &str) -> Result<(), tonic::Status> {
     b.client()
         .await
+        .expect("control client")
         .rollback_recovery(pb::RollbackRecoveryRequest {
             vpg_id: VPG.into(),
             op_id: op.into(),
@@ -131,8 +133,8 @@ fn pattern_into(path: &Path, offset: u64, len: u64, byte: u8) {
 async fn a_rolled_back_recovery_leaves_journals_and_replicas_as_they_were() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
+    let a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
     let copies = protect_with_history(root, &a, &b).await;
     let before = hash_tree(&root.join("ds-b"));
     assert!(before.len() > 3, "journals and replicas: {before:?}");
@@ -149,6 +151,7 @@ async fn a_rolled_back_recovery_leaves_journals_and_replicas_as_they_were() {
     let other = b
         .client()
         .await
+        .expect("control client")
         .start_recovery(pb::StartRecoveryRequest {
             vpg_id: VPG.into(),
             generation: 1,
@@ -178,8 +181,7 @@ async fn a_rolled_back_recovery_leaves_journals_and_replicas_as_they_were() {
 
     // kill -9 of the recovery VRA: the recovery comes back with the flushed write.
     let mut b = b;
-    b.kill9();
-    let b = VraProcess::start_on(root, "host-b", &b.control.clone());
+    restart_after_kill9(&mut b).await;
     let s = vpg_status(&b, VPG).await;
     assert_eq!(
         s.recovered_phase,
@@ -199,6 +201,7 @@ async fn a_rolled_back_recovery_leaves_journals_and_replicas_as_they_were() {
     let status = b
         .client()
         .await
+        .expect("control client")
         .get_status(pb::GetVraStatusRequest {})
         .await
         .expect("status")
@@ -208,7 +211,11 @@ async fn a_rolled_back_recovery_leaves_journals_and_replicas_as_they_were() {
     // replica file is as it was.
     assert_eq!(hash_tree(&root.join("ds-b")), before, "after the rollback");
     assert!(
-        !b.data_dir.join("vpgs").join(VPG).join("recovery").exists(),
+        !b.data_dir()
+            .join("vpgs")
+            .join(VPG)
+            .join("recovery")
+            .exists(),
         "the overlays are gone"
     );
     // A repeated rollback is fine.
@@ -250,8 +257,8 @@ async fn wait_phase(b: &VraProcess, phase: pb::RecoveredPhase) -> pb::VpgReplica
 async fn a_committed_recovery_merges_the_vms_writes_into_the_replicas() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a = VraProcess::start(root, "host-a");
-    let mut b = VraProcess::start(root, "host-b");
+    let a = start(root, "host-a").await;
+    let mut b = start(root, "host-b").await;
     let copies = protect_with_history(root, &a, &b).await;
     start_recovery(&b, "op-1", 1).await;
     // Written before commit, some of it partial blocks and at the end of a volume.
@@ -264,7 +271,7 @@ async fn a_committed_recovery_merges_the_vms_writes_into_the_replicas() {
     pattern_into(&copies[0], 100, 1000, 0x5b);
     pattern_into(&copies[1], 2044 * 1024, 4096, 0x5c);
 
-    let mut c = b.client().await;
+    let mut c = b.client().await.expect("control client");
     let stale = c
         .commit_recovery(pb::CommitRecoveryRequest {
             vpg_id: VPG.into(),
@@ -302,13 +309,18 @@ async fn a_committed_recovery_merges_the_vms_writes_into_the_replicas() {
         );
     }
     assert!(!root.join("ds-b").join("journals").join("vm-1").exists());
-    assert!(!b.data_dir.join("vpgs").join(VPG).join("recovery").exists());
+    assert!(
+        !b.data_dir()
+            .join("vpgs")
+            .join(VPG)
+            .join("recovery")
+            .exists()
+    );
 
     // The old protected side is refused, and a restart keeps the recovered VPG live.
     let sa = vpg_status(&a, VPG).await;
     assert!(!sa.connected, "{sa:?}");
-    b.kill9();
-    let b = VraProcess::start_on(root, "host-b", &b.control.clone());
+    restart_after_kill9(&mut b).await;
     let s = vpg_status(&b, VPG).await;
     assert_eq!(s.recovered_phase, pb::RecoveredPhase::Live as i32, "{s:?}");
     qemu_io(&b.uri("vm-1/0"), &["write -P 0x5e 0 4k", "flush"]);
@@ -320,14 +332,15 @@ async fn a_committed_recovery_merges_the_vms_writes_into_the_replicas() {
 async fn a_recovery_vra_killed_while_committing_finishes_the_commit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a = VraProcess::start(root, "host-a");
-    let mut b = VraProcess::start(root, "host-b");
+    let a = start(root, "host-a").await;
+    let mut b = start(root, "host-b").await;
     let copies = protect_with_history(root, &a, &b).await;
     start_recovery(&b, "op-9", 1).await;
     qemu_io(&b.uri("vm-1/0"), &["write -P 0x61 1M 6M", "flush"]);
     pattern_into(&copies[0], MIB, 6 * MIB, 0x61);
     b.client()
         .await
+        .expect("control client")
         .commit_recovery(pb::CommitRecoveryRequest {
             vpg_id: VPG.into(),
             op_id: "op-9".into(),
@@ -336,8 +349,7 @@ async fn a_recovery_vra_killed_while_committing_finishes_the_commit() {
         .await
         .expect("commit");
     // Wherever the commit is (promoting, merging or done), a kill -9 resumes it.
-    b.kill9();
-    let b = VraProcess::start_on(root, "host-b", &b.control.clone());
+    restart_after_kill9(&mut b).await;
     let s = wait_phase(&b, pb::RecoveredPhase::Live).await;
     assert_eq!(s.recovered_generation, 5, "{s:?}");
     assert_volumes_equal(&b, &copies, "live after a kill while committing");
@@ -347,6 +359,7 @@ async fn a_recovery_vra_killed_while_committing_finishes_the_commit() {
 async fn exports(v: &VraProcess) -> Vec<String> {
     v.client()
         .await
+        .expect("control client")
         .get_status(pb::GetVraStatusRequest {})
         .await
         .expect("status")
@@ -360,8 +373,8 @@ async fn exports(v: &VraProcess) -> Vec<String> {
 async fn powered_off_vms_stay_off_across_a_restart_until_powered_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let mut a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
+    let mut a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
     assign(root, &a, &b, VPG, 1, &vms(), true).await;
     wait_connected(&a, VPG).await;
     qemu_io(&a.uri("vm-1/0"), &["write -P 0x42 0 64k"]);
@@ -371,6 +384,7 @@ async fn powered_off_vms_stay_off_across_a_restart_until_powered_on() {
     };
     a.client()
         .await
+        .expect("control client")
         .set_vm_power(power(false))
         .await
         .expect("power off");
@@ -383,12 +397,12 @@ async fn powered_off_vms_stay_off_across_a_restart_until_powered_on() {
         (s.acked_seq == s.written_seq && is_level(&s)).then_some(())
     })
     .await;
-    a.kill9();
-    let a = VraProcess::start_on(root, "host-a", &a.control.clone());
+    restart_after_kill9(&mut a).await;
     assert!(exports(&a).await.is_empty(), "still off after a restart");
     assert!(vpg_status(&a, VPG).await.powered_off);
     a.client()
         .await
+        .expect("control client")
         .set_vm_power(power(true))
         .await
         .expect("power on");
@@ -398,6 +412,7 @@ async fn powered_off_vms_stay_off_across_a_restart_until_powered_on() {
     let refused = b
         .client()
         .await
+        .expect("control client")
         .set_vm_power(power(false))
         .await
         .expect_err("not the protected role");

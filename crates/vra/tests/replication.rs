@@ -19,11 +19,11 @@ const MIB: u64 = 1 << 20;
 fn vms() -> Vec<TestVm> {
     vec![
         TestVm {
-            id: "vm-1",
+            id: "vm-1".into(),
             sizes: vec![8 * MIB, 2 * MIB],
         },
         TestVm {
-            id: "vm-2",
+            id: "vm-2".into(),
             sizes: vec![4 * MIB],
         },
     ]
@@ -33,8 +33,8 @@ fn vms() -> Vec<TestVm> {
 async fn checkpoint_image_equals_the_source_at_the_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
+    let a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
     assign(root, &a, &b, "vpg-1", 1, &vms(), true).await;
     wait_connected(&a, "vpg-1").await;
 
@@ -123,7 +123,7 @@ async fn checkpoint_image_equals_the_source_at_the_checkpoint() {
     }
 
     // Closing an export removes it.
-    let mut cb = b.client().await;
+    let mut cb = b.client().await.expect("control client");
     cb.close_export(pb::CloseExportRequest {
         export_name: name.clone(),
     })
@@ -142,10 +142,10 @@ async fn checkpoint_image_equals_the_source_at_the_checkpoint() {
 async fn fio_verify_passes_on_a_replicating_volume() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
+    let a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
     let vms = vec![TestVm {
-        id: "vm-1",
+        id: "vm-1".into(),
         sizes: vec![16 * MIB],
     }];
     assign(root, &a, &b, "vpg-f", 1, &vms, false).await;
@@ -188,7 +188,7 @@ async fn fio_verify_passes_on_a_replicating_volume() {
 async fn a_missing_datastore_is_refused_and_a_stale_sender_writes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let b = VraProcess::start(root, "host-b");
+    let b = start(root, "host-b").await;
     let journal_dir = root.join("ds-b").join("journals").join("vm-1");
     let assignment = |datastore: &std::path::Path| pb::AssignRecoveryRequest {
         vpg_id: "vpg-s".into(),
@@ -214,6 +214,7 @@ async fn a_missing_datastore_is_refused_and_a_stale_sender_writes_nothing() {
     let refused = b
         .client()
         .await
+        .expect("control client")
         .assign_recovery(assignment(&root.join("ds-b")))
         .await
         .expect_err("a missing datastore is refused");
@@ -223,6 +224,7 @@ async fn a_missing_datastore_is_refused_and_a_stale_sender_writes_nothing() {
     std::fs::create_dir_all(root.join("ds-b")).expect("mount ds-b");
     b.client()
         .await
+        .expect("control client")
         .assign_recovery(assignment(&root.join("ds-b")))
         .await
         .expect("assign");
@@ -304,15 +306,15 @@ async fn a_missing_datastore_is_refused_and_a_stale_sender_writes_nothing() {
 async fn recovery_vra_killed_mid_stream_resumes_without_loss() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a = VraProcess::start(root, "host-a");
-    let mut b = VraProcess::start(root, "host-b");
+    let a = start(root, "host-a").await;
+    let mut b = start(root, "host-b").await;
     let vms = vec![
         TestVm {
-            id: "vm-1",
+            id: "vm-1".into(),
             sizes: vec![16 * MIB],
         },
         TestVm {
-            id: "vm-2",
+            id: "vm-2".into(),
             sizes: vec![16 * MIB],
         },
     ];
@@ -353,9 +355,9 @@ async fn recovery_vra_killed_mid_stream_resumes_without_loss() {
         (s.acked_seq > 200).then_some(s.acked_seq)
     })
     .await;
-    b.kill9();
+    b.kill9().await.expect("kill -9");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut b = VraProcess::start_on(root, "host-b", &b.control.clone());
+    b.start().await.expect("restart");
     // The restarted receiver reports every acknowledged sequence as durable.
     let after = vpg_status(&b, "vpg-k").await;
     assert!(
@@ -397,5 +399,9 @@ async fn recovery_vra_killed_mid_stream_resumes_without_loss() {
         assert_eq!(code, 0, "{vm}: {out}\n{}", b.log_tail());
     }
     // A clean shutdown on SIGTERM.
-    assert!(b.terminate().success(), "{}", b.log_tail());
+    assert!(
+        b.terminate().await.expect("terminate").success(),
+        "{}",
+        b.log_tail()
+    );
 }

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use tandem_lab::fault::Tmpfs;
-use tandem_lab::link::{CutMode, LinkEmulator};
 use tandem_proto::v1 as pb;
+use tandem_testkit::fault::Tmpfs;
+use tandem_testkit::link::{CutMode, LinkEmulator};
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
@@ -21,11 +21,11 @@ const MIB: u64 = 1 << 20;
 fn two_vms(size: u64) -> Vec<TestVm> {
     vec![
         TestVm {
-            id: "vm-1",
+            id: "vm-1".into(),
             sizes: vec![size],
         },
         TestVm {
-            id: "vm-2",
+            id: "vm-2".into(),
             sizes: vec![size],
         },
     ]
@@ -39,29 +39,20 @@ async fn last_sync_kind(a: &VraProcess, vpg: &str) -> Option<i32> {
 async fn link_cut_tracks_writes_then_bitmap_sync_converges() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
+    let a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
     let cancel = CancellationToken::new();
     let links = LinkEmulator::start(cancel.clone());
     let link = links.link("site-a", "site-b").await.expect("link");
     let proxy = link.add_proxy("site-a", &b.control).await.expect("proxy");
     let size = 32 * MIB;
     let vms = ["vm-1", "vm-2"];
-    assign_with(
-        root,
-        &a,
-        &b,
-        "vpg-c",
-        1,
-        &two_vms(size),
-        true,
-        AssignExtra {
-            recovery_address: &proxy.to_string(),
-            preseeded: false,
-            priority: pb::VraPriority::Medium,
-        },
-    )
-    .await;
+    let vpg_vms = two_vms(size);
+    let proxy = proxy.to_string();
+    let mut x = Assignment::new(root, "vpg-c", &vpg_vms);
+    x.compression = true;
+    x.recovery_address = Some(&proxy);
+    assign_with(&a, &b, &x).await;
     wait_connected(&a, "vpg-c").await;
 
     // Checkpoint 1 with quiet writers: the last checkpoint before the cut.
@@ -92,6 +83,7 @@ async fn link_cut_tracks_writes_then_bitmap_sync_converges() {
     let refused = a
         .client()
         .await
+        .expect("control client")
         .freeze(pb::FreezeRequest {
             vpg_id: "vpg-c".into(),
             checkpoint_id: 2,
@@ -133,8 +125,8 @@ async fn link_cut_tracks_writes_then_bitmap_sync_converges() {
 async fn protected_vra_killed_resyncs_with_a_delta_sync_and_converges() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let mut a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
+    let mut a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
     let size = 16 * MIB;
     let vms = ["vm-1", "vm-2"];
     assign(root, &a, &b, "vpg-p", 1, &two_vms(size), false).await;
@@ -145,12 +137,11 @@ async fn protected_vra_killed_resyncs_with_a_delta_sync_and_converges() {
     let stop = CancellationToken::new();
     let writers = spawn_writers(&a.nbd, &[("vm-1", size), ("vm-2", size)], 21, stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let b_pid =
-        nix::unistd::Pid::from_raw(i32::try_from(b.child.as_ref().expect("b").id()).expect("pid"));
+    let b_pid = nix::unistd::Pid::from_raw(i32::try_from(b.pid().expect("b")).expect("pid"));
     nix::sys::signal::kill(b_pid, nix::sys::signal::Signal::SIGSTOP).expect("sigstop");
     tokio::time::sleep(Duration::from_millis(700)).await;
     let before = vpg_status(&a, "vpg-p").await;
-    a.kill9();
+    a.kill9().await.expect("kill -9");
     let _ = stop_writers(&stop, writers).await;
     nix::sys::signal::kill(b_pid, nix::sys::signal::Signal::SIGCONT).expect("sigcont");
     // Unreplicated writes were in the buffer, or (once it filled) in the dirty map.
@@ -159,7 +150,7 @@ async fn protected_vra_killed_resyncs_with_a_delta_sync_and_converges() {
         "nothing was waiting at the kill: {before:?}"
     );
 
-    let a = VraProcess::start(root, "host-a");
+    let a = start(root, "host-a").await;
     wait_connected(&a, "vpg-p").await;
     assert_eq!(
         last_sync_kind(&a, "vpg-p").await,
@@ -176,8 +167,8 @@ async fn protected_vra_killed_resyncs_with_a_delta_sync_and_converges() {
 async fn pause_tracks_writes_resume_bitmap_syncs_and_a_clean_restart_keeps_the_map() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let mut a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
+    let mut a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
     let size = 8 * MIB;
     let vms = ["vm-1", "vm-2"];
     assign(root, &a, &b, "vpg-z", 1, &two_vms(size), true).await;
@@ -185,6 +176,7 @@ async fn pause_tracks_writes_resume_bitmap_syncs_and_a_clean_restart_keeps_the_m
 
     a.client()
         .await
+        .expect("control client")
         .pause(pb::PauseRequest {
             vpg_id: "vpg-z".into(),
         })
@@ -197,8 +189,12 @@ async fn pause_tracks_writes_resume_bitmap_syncs_and_a_clean_restart_keeps_the_m
 
     // A clean restart while paused keeps the map: the restart does a bitmap sync, not a
     // delta sync.
-    assert!(a.terminate().success(), "{}", a.log_tail());
-    let a = VraProcess::start(root, "host-a");
+    assert!(
+        a.terminate().await.expect("terminate").success(),
+        "{}",
+        a.log_tail()
+    );
+    let a = start(root, "host-a").await;
     qemu_io(&a.uri("vm-2/0"), &["write -P 0x6b 2M 64k"]);
     wait_connected(&a, "vpg-z").await;
     assert_eq!(
@@ -212,7 +208,7 @@ async fn pause_tracks_writes_resume_bitmap_syncs_and_a_clean_restart_keeps_the_m
     assert_checkpoint_equals(&b, "vpg-z", 1, &cp, &vms).await;
 
     // Pause and resume on a running VRA.
-    let mut c = a.client().await;
+    let mut c = a.client().await.expect("control client");
     c.pause(pb::PauseRequest {
         vpg_id: "vpg-z".into(),
     })
@@ -281,23 +277,12 @@ async fn delta_sync_of_preseeded_replicas_sends_only_what_differs() {
         std::fs::copy(image_path(root, vm, 0), replica_path(root, vm, 0)).expect("preseed");
         scribble(&image_path(root, vm, 0), 0.01, 50 + i as u64);
     }
-    let a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
-    assign_with(
-        root,
-        &a,
-        &b,
-        "vpg-d",
-        1,
-        &two_vms(size),
-        false,
-        AssignExtra {
-            recovery_address: &b.control,
-            preseeded: true,
-            priority: pb::VraPriority::Medium,
-        },
-    )
-    .await;
+    let a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
+    let vpg_vms = two_vms(size);
+    let mut x = Assignment::new(root, "vpg-d", &vpg_vms);
+    x.preseeded = true;
+    assign_with(&a, &b, &x).await;
     wait_connected(&a, "vpg-d").await;
     let s = vpg_status(&a, "vpg-d").await;
     let sync = s.last_sync.expect("a sync ran");
@@ -323,6 +308,7 @@ async fn delta_sync_of_preseeded_replicas_sends_only_what_differs() {
     // Force sync of one volume finds nothing left to send.
     a.client()
         .await
+        .expect("control client")
         .force_sync(pb::ForceSyncRequest {
             vpg_id: "vpg-d".into(),
             vm_id: "vm-2".into(),
@@ -365,8 +351,8 @@ async fn initial_sync_sends_existing_data_and_skips_zero_regions() {
             f.write_all_at(&data, k * 8 * MIB).expect("write");
         }
     }
-    let a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
+    let a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
     assign(root, &a, &b, "vpg-i", 1, &two_vms(size), true).await;
     wait_connected(&a, "vpg-i").await;
     let sync = vpg_status(&a, "vpg-i").await.last_sync.expect("sync");
@@ -385,8 +371,8 @@ async fn a_full_recovery_datastore_reports_a_storage_error_and_recovers_once_spa
     // The recovery datastore (replicas and journals) is a tmpfs larger than what can be in
     // flight (the 64 MiB buffer), so that freeing the filler makes room for all of it.
     let _fs = Tmpfs::mount(&root.join("ds-b"), 256).expect("tmpfs");
-    let mut a = VraProcess::start(root, "host-a");
-    let mut b = VraProcess::start(root, "host-b");
+    let mut a = start(root, "host-a").await;
+    let mut b = start(root, "host-b").await;
     let size = 8 * MIB;
     let vms = ["vm-1", "vm-2"];
     assign(root, &a, &b, "vpg-f", 1, &two_vms(size), false).await;
@@ -439,8 +425,8 @@ async fn a_full_recovery_datastore_reports_a_storage_error_and_recovers_once_spa
 async fn a_full_buffer_stops_the_lowest_priority_vpg_first() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
+    let a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
     let cancel = CancellationToken::new();
     let links = LinkEmulator::start(cancel.clone());
     // The low-priority VPG's path stalls; the high-priority one's is slow.
@@ -452,23 +438,22 @@ async fn a_full_buffer_stops_the_lowest_priority_vpg_first() {
         .expect("proxy");
     let to_high = slow.add_proxy("site-a", &b.control).await.expect("proxy");
     let vm = |id: &'static str| TestVm {
-        id,
+        id: id.into(),
         sizes: vec![48 * MIB],
     };
     for (vpg, vms, addr, priority) in [
         ("vpg-low", vec![vm("vm-l")], to_low, pb::VraPriority::Low),
         ("vpg-high", vec![vm("vm-h")], to_high, pb::VraPriority::High),
     ] {
-        let extra = AssignExtra {
-            recovery_address: &addr.to_string(),
-            preseeded: false,
-            priority,
-        };
-        assign_with(root, &a, &b, vpg, 1, &vms, false, extra).await;
+        let addr = addr.to_string();
+        let mut x = Assignment::new(root, vpg, &vms);
+        x.recovery_address = Some(&addr);
+        x.priority = priority;
+        assign_with(&a, &b, &x).await;
         wait_connected(&a, vpg).await;
     }
     stalled
-        .cut(tandem_lab::link::CutMode::Blackhole)
+        .cut(tandem_testkit::link::CutMode::Blackhole)
         .await
         .expect("cut");
     // 40 of the 64 MiB of buffer go to the low-priority VPG and stay there.
@@ -504,8 +489,8 @@ async fn a_full_buffer_stops_the_lowest_priority_vpg_first() {
 async fn a_bandwidth_limit_throttles_the_stream_to_its_site() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
+    let a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
     let vms = ["vm-1"];
     assign(
         root,
@@ -514,14 +499,14 @@ async fn a_bandwidth_limit_throttles_the_stream_to_its_site() {
         "vpg-bw",
         1,
         &[TestVm {
-            id: "vm-1",
+            id: "vm-1".into(),
             sizes: vec![32 * MIB],
         }],
         false,
     )
     .await;
     wait_connected(&a, "vpg-bw").await;
-    let mut c = a.client().await;
+    let mut c = a.client().await.expect("control client");
     let err = c
         .set_bandwidth_limit(pb::SetBandwidthLimitRequest {
             peer_site_id: "no spaces allowed".into(),
@@ -588,9 +573,14 @@ async fn a_bandwidth_limit_throttles_the_stream_to_its_site() {
 async fn volumes_added_grown_and_removed_by_reassignment_sync_and_converge() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
-    let one = |sizes: Vec<u64>| vec![TestVm { id: "vm-1", sizes }];
+    let a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
+    let one = |sizes: Vec<u64>| {
+        vec![TestVm {
+            id: "vm-1".into(),
+            sizes,
+        }]
+    };
     assign(root, &a, &b, "vpg-v", 1, &one(vec![8 * MIB]), true).await;
     wait_connected(&a, "vpg-v").await;
     qemu_io(&a.uri("vm-1/0"), &["write -P 0x31 0 1M"]);
@@ -647,23 +637,22 @@ async fn volumes_added_grown_and_removed_by_reassignment_sync_and_converge() {
 async fn a_link_down_for_long_tracks_writes_even_with_room_in_the_buffer() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a = VraProcess::start(root, "host-a");
-    let b = VraProcess::start(root, "host-b");
+    let a = start(root, "host-a").await;
+    let b = start(root, "host-b").await;
     let cancel = CancellationToken::new();
     let links = LinkEmulator::start(cancel.clone());
     let link = links.link("site-a", "site-b").await.expect("link");
     let proxy = link.add_proxy("site-a", &b.control).await.expect("proxy");
     let vms = ["vm-1"];
-    let extra = AssignExtra {
-        recovery_address: &proxy.to_string(),
-        preseeded: false,
-        priority: pb::VraPriority::Medium,
-    };
     let one = [TestVm {
-        id: "vm-1",
+        id: "vm-1".into(),
         sizes: vec![8 * MIB],
     }];
-    assign_with(root, &a, &b, "vpg-l", 1, &one, true, extra).await;
+    let proxy = proxy.to_string();
+    let mut x = Assignment::new(root, "vpg-l", &one);
+    x.compression = true;
+    x.recovery_address = Some(&proxy);
+    assign_with(&a, &b, &x).await;
     wait_connected(&a, "vpg-l").await;
     link.cut(CutMode::Drop).await.expect("cut");
     qemu_io(&a.uri("vm-1/0"), &["write -P 0x41 0 1M"]);

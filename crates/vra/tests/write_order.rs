@@ -13,16 +13,16 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tandem_lab::workload::{CutWindow, ImageReader, VolumeTarget, Workload, WorkloadConfig};
 use tandem_nbd::NbdClient;
 use tandem_proto::v1 as pb;
+use tandem_testkit::workload::{CutWindow, ImageReader, VolumeTarget, Workload, WorkloadConfig};
 
 const MIB: u64 = 1 << 20;
 const CHECKPOINTS: u64 = 6;
 
 async fn freeze_both(protected: &[&VraProcess], vpg: &str, id: u64) {
     for a in protected {
-        let c = a.client().await;
+        let c = a.client().await.expect("control client");
         wait_for("a freeze to be accepted", || {
             let mut c = c.clone();
             async move {
@@ -42,6 +42,7 @@ async fn thaw_both(protected: &[&VraProcess], vpg: &str, id: u64) {
     for a in protected {
         a.client()
             .await
+            .expect("control client")
             .thaw(pb::ThawRequest {
                 vpg_id: vpg.into(),
                 checkpoint_id: id,
@@ -58,13 +59,13 @@ async fn thaw_both(protected: &[&VraProcess], vpg: &str, id: u64) {
 async fn every_checkpoint_across_two_protected_vras_is_closed_under_happened_before() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let a1 = VraProcess::start(root, "host-a1");
-    let a2 = VraProcess::start(root, "host-a2");
-    let b1 = VraProcess::start(root, "host-b1");
-    let b2 = VraProcess::start(root, "host-b2");
+    let a1 = start(root, "host-a1").await;
+    let a2 = start(root, "host-a2").await;
+    let b1 = start(root, "host-b1").await;
+    let b2 = start(root, "host-b2").await;
     let size = 16 * MIB;
     let vm = |id: &'static str| TestVm {
-        id,
+        id: id.into(),
         sizes: vec![size],
     };
     assign(root, &a1, &b1, "vpg-w", 1, &[vm("vm-1"), vm("vm-2")], true).await;
@@ -117,7 +118,7 @@ async fn every_checkpoint_across_two_protected_vras_is_closed_under_happened_bef
             );
         }
         let images: Vec<&dyn ImageReader> = clients.iter().map(|c| c as &dyn ImageReader).collect();
-        let report = tandem_lab::workload::check_image(&history, window, &images)
+        let report = tandem_testkit::workload::check_image(&history, window, &images)
             .await
             .unwrap_or_else(|e| panic!("checkpoint {id} (seed {seed}): {e}"));
         println!("checkpoint {id}: {report}");

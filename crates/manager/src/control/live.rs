@@ -598,8 +598,8 @@ impl Live {
             .peers
             .get(peer)
             .filter(|p| !p.ca_pem.is_empty())
-            .and_then(|p| tandem_tls::config::check_ca_bundle(&p.ca_pem).ok())
-            .map(|fps| tandem_tls::config::bundle_key(&fps));
+            .and_then(|p| tandem_tls::cert::check_ca_bundle(&p.ca_pem).ok())
+            .map(|fps| tandem_tls::cert::bundle_key(&fps));
         let your_cas_applied = your_cas.as_ref().is_some_and(|key| {
             s.hosts.values().all(|h| {
                 self.vra(&h.id)

@@ -291,7 +291,7 @@ async fn apply_limits(site: &SiteManager, state: &SiteState, host: &Host) {
 /// own site's (two during a rotation), when it trusts others: their VRAs stream to it and
 /// take its streams.
 async fn apply_trust(site: &SiteManager, state: &SiteState, host: &Host) {
-    use tandem_tls::config::{bundle_key, check_ca_bundle};
+    use tandem_tls::cert::{bundle_key, check_ca_bundle};
     if site.site_tls().is_none() {
         return;
     }

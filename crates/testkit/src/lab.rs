@@ -6,26 +6,22 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tandem_core::access::BearerToken;
-use tandem_proto::client::{ApiChannel, Credentials};
 use tandem_tls::pki::{PkiDir, SiteCa};
 use tandem_tls::{PeerIdentity, TlsConfig};
 
 use anyhow::{Context, Result, bail};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tandem_proto::v1;
-use tandem_proto::v1::cluster_service_client::ClusterServiceClient;
 use tandem_proto::v1::host_service_client::HostServiceClient;
 use tandem_proto::v1::token_service_client::TokenServiceClient;
-use tokio::process::{Child, Command};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::link::{LinkEmulator, ProxyInfo, link_name};
+use crate::operator::{CA_FILE, TOKEN_FILE, cluster_client, use_lab_credentials};
+use crate::process::{ManagerProcess, VraProcess};
 
 /// `lab.json`: what runs where.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,305 +140,6 @@ impl LabFile {
         std::fs::rename(&tmp, dir.join("lab.json"))?;
         Ok(())
     }
-}
-
-/// Finds a sibling binary of this executable (cargo puts them side by side), else PATH.
-pub fn binary(name: &str) -> PathBuf {
-    if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1).take(3) {
-            let p = dir.join(name);
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    PathBuf::from(name)
-}
-
-/// One manager process of the lab.
-#[derive(Debug)]
-pub struct ManagerProcess {
-    pub id: u64,
-    pub site: String,
-    pub api: String,
-    pub raft: String,
-    pub dir: PathBuf,
-    pub child: Option<Child>,
-    /// Environment the process starts with besides the lab's (e.g. failpoints).
-    pub env: Vec<(String, String)>,
-    /// The site's first admin token, for the node that bootstraps the site.
-    pub admin_token_file: Option<PathBuf>,
-}
-
-impl ManagerProcess {
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(|c| c.id())
-    }
-
-    /// Starts (or restarts) the node's process from its data directory.
-    pub async fn start(&mut self, bootstrap: &str) -> Result<()> {
-        let (api, raft) = if self.api.is_empty() {
-            ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string())
-        } else {
-            (self.api.clone(), self.raft.clone())
-        };
-        let mut cmd = Command::new(binary("tandem-manager"));
-        cmd.args(["--node-id", &self.id.to_string()])
-            .args(["--site-name", &self.site])
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .args(["--api-listen", &api, "--raft-listen", &raft])
-            .args(["--bootstrap", bootstrap])
-            .envs(self.env.iter().map(|(k, v)| (k, v)));
-        if let Some(f) = &self.admin_token_file {
-            cmd.arg("--admin-token-file").arg(f);
-        }
-        let what = format!("manager {} of {}", self.id, self.site);
-        let (child, addrs) = spawn_listening(&what, cmd, &self.dir, "manager.log").await?;
-        self.child = Some(child);
-        self.api = addrs["api"].as_str().unwrap_or_default().to_string();
-        self.raft = addrs["raft"].as_str().unwrap_or_default().to_string();
-        Ok(())
-    }
-
-    /// Sends a signal to the process.
-    pub fn signal(&self, sig: Signal) -> Result<()> {
-        signal_child(self.child.as_ref(), sig)
-    }
-
-    /// SIGTERM, then SIGKILL after `grace`.
-    pub async fn stop(&mut self, grace: Duration) -> Result<()> {
-        stop_child(self.child.take(), grace).await
-    }
-
-    /// kill -9.
-    pub async fn kill9(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await?;
-        }
-        Ok(())
-    }
-
-    /// Whether the process was started and has died since (a failpoint, a crash).
-    pub fn died(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
-    }
-}
-
-/// A channel (connected on first use) to the VRA control service at `addr`, presenting
-/// `harness` (mutual TLS) or nothing (a VRA run `--insecure`).
-pub fn vra_control(addr: &str, harness: Option<&TlsConfig>) -> Result<tonic::transport::Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(30));
-    Ok(match harness {
-        Some(tls) => {
-            endpoint.connect_with_connector_lazy(tandem_tls::dial::TlsDial::new(tls.client()))
-        }
-        None => endpoint.connect_lazy(),
-    })
-}
-
-/// One VRA process of the lab, serving one host.
-#[derive(Debug)]
-pub struct VraProcess {
-    pub host: String,
-    pub control: String,
-    /// The NBD TCP listener (TLS required: NBD's STARTTLS with a client certificate of
-    /// the site's CA, see [`Lab::nbd_client_certs`]).
-    pub nbd: String,
-    /// The NBD Unix socket: where this host's clients (the lab's workload, qemu-io)
-    /// reach the exports.
-    pub nbd_socket: String,
-    pub dir: PathBuf,
-    pub child: Option<Child>,
-    /// The certificate (of its site's CA, naming a manager no member uses) the lab's
-    /// harness presents to call this VRA's control service directly.
-    pub harness: Option<TlsConfig>,
-}
-
-impl VraProcess {
-    /// A channel to this VRA's control service, as its site's managers dial it (mutual TLS
-    /// with the lab's harness certificate).
-    pub async fn control_channel(&self) -> Result<tonic::transport::Channel> {
-        vra_control(&self.control, self.harness.as_ref())
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(|c| c.id())
-    }
-
-    /// Starts (or restarts, on the same addresses) the VRA from its data directory.
-    pub async fn start(&mut self) -> Result<()> {
-        self.start_with(&[]).await
-    }
-
-    /// [`VraProcess::start`] with extra `tandem-vra` flags (e.g. `--ram-mb 32`).
-    pub async fn start_with(&mut self, extra_args: &[String]) -> Result<()> {
-        self.start_joining(extra_args, "").await
-    }
-
-    /// [`VraProcess::start_with`], the first time: with a join token (none if empty), in
-    /// its environment where `ps` does not show it.
-    pub async fn start_joining(&mut self, extra_args: &[String], join_token: &str) -> Result<()> {
-        let (control, nbd) = if self.control.is_empty() {
-            ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string())
-        } else {
-            (self.control.clone(), self.nbd.clone())
-        };
-        let mut cmd = Command::new(binary("tandem-vra"));
-        cmd.args(["--host-id", &self.host])
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .args(["--control-listen", &control, "--nbd-listen", &nbd])
-            .args(extra_args);
-        if !join_token.is_empty() {
-            cmd.env("TANDEM_VRA_JOIN_TOKEN", join_token);
-        }
-        let what = format!("vra of {}", self.host);
-        let (child, addrs) = spawn_listening(&what, cmd, &self.dir, "vra.log").await?;
-        self.child = Some(child);
-        self.control = addrs["control"].as_str().unwrap_or_default().to_string();
-        self.nbd = addrs["nbd"].as_str().unwrap_or_default().to_string();
-        self.nbd_socket = addrs["nbd_socket"].as_str().unwrap_or_default().to_string();
-        Ok(())
-    }
-
-    /// SIGTERM, then SIGKILL after `grace`.
-    pub async fn stop(&mut self, grace: Duration) -> Result<()> {
-        stop_child(self.child.take(), grace).await
-    }
-
-    /// kill -9.
-    pub async fn kill9(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await?;
-        }
-        Ok(())
-    }
-}
-
-/// Spawns `cmd` with `--addr-file` in `dir`, its output appended to `dir/log_name`, and
-/// waits until it has written the addresses it listens on.
-async fn spawn_listening(
-    what: &str,
-    mut cmd: Command,
-    dir: &Path,
-    log_name: &str,
-) -> Result<(Child, serde_json::Value)> {
-    std::fs::create_dir_all(dir)?;
-    let addr_file = dir.join("addr.json");
-    let _ = std::fs::remove_file(&addr_file);
-    let log_path = dir.join(log_name);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)?;
-    let mut child = cmd
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| {
-            format!("starting {what} (build the binaries with `cargo build --bins`)")
-        })?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&addr_file)
-            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-        {
-            return Ok((child, v));
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "{what} exited at start ({status}); see {}",
-                log_path.display()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!("{what} did not start listening; see {}", log_path.display());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn signal_child(child: Option<&Child>, sig: Signal) -> Result<()> {
-    if let Some(pid) = child.and_then(|c| c.id()) {
-        kill(Pid::from_raw(pid as i32), sig)?;
-    }
-    Ok(())
-}
-
-async fn stop_child(child: Option<Child>, grace: Duration) -> Result<()> {
-    let Some(mut child) = child else {
-        return Ok(());
-    };
-    if let Some(pid) = child.id() {
-        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-    }
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        child.kill().await?;
-    }
-    Ok(())
-}
-
-/// A connection to one manager's cluster service.
-pub async fn cluster_client(api: &str) -> Result<ClusterServiceClient<ApiChannel>> {
-    Ok(ClusterServiceClient::new(
-        crate::protect::channel(api).await?,
-    ))
-}
-
-/// The lab's admin token, in the lab directory: every site's first admin token.
-pub const TOKEN_FILE: &str = "admin.token";
-
-/// The lab's CA bundle, in the lab directory: every site's CA certificate.
-pub const CA_FILE: &str = "ca.crt";
-
-/// The credential files of the lab this process started last (for the CLI it runs).
-static CURRENT_CLI_ENV: std::sync::RwLock<Vec<(&'static str, PathBuf)>> =
-    std::sync::RwLock::new(Vec::new());
-
-/// Makes the lab's admin token (and its CAs, when its sites run TLS) what this process's
-/// API clients present, and what a CLI it starts is given.
-fn use_lab_credentials(token_file: &Path, ca_file: Option<&Path>) -> Result<()> {
-    let mut credentials = Credentials::token_file(token_file)?;
-    let mut env = vec![(
-        tandem_proto::client::TOKEN_FILE_ENV,
-        token_file.to_path_buf(),
-    )];
-    if let Some(ca) = ca_file {
-        credentials = credentials.with_ca_file(ca)?;
-        env.push((tandem_proto::client::CA_FILE_ENV, ca.to_path_buf()));
-    }
-    tandem_proto::client::set_default_credentials(credentials);
-    *CURRENT_CLI_ENV.write().unwrap_or_else(|e| e.into_inner()) = env;
-    Ok(())
-}
-
-/// The environment a `tandem` CLI started by this process needs to act on its lab as
-/// admin: `TANDEM_TOKEN_FILE` and `TANDEM_CA_FILE`.
-pub fn cli_env() -> Vec<(&'static str, PathBuf)> {
-    CURRENT_CLI_ENV
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-}
-
-/// The `tandem` CLI, ready to act on this process's lab as admin ([`cli_env`]).
-pub fn cli() -> std::process::Command {
-    let mut cmd = std::process::Command::new(binary("tandem"));
-    cmd.envs(cli_env());
-    cmd
 }
 
 /// Whom a join token is for.
@@ -892,15 +589,8 @@ impl Lab {
                 // It joins with a join token: its site's managers issue its certificate;
                 // the paired sites' CAs come from them once the sites pair.
                 let token = self.join_token(i, JoinAs::Vra(host.clone())).await?;
-                let mut vra = VraProcess {
-                    host: host.clone(),
-                    control: String::new(),
-                    nbd: String::new(),
-                    nbd_socket: String::new(),
-                    dir,
-                    child: None,
-                    harness: Some(self.harness(i)?),
-                };
+                let mut vra = VraProcess::new(&host, dir);
+                vra.harness = Some(self.harness(i)?);
                 let mut args = extra_args.to_vec();
                 args.extend(["--join".to_string(), endpoints.join(",")]);
                 vra.start_joining(&args, &token).await?;
@@ -913,7 +603,7 @@ impl Lab {
                         peer_vra_address = proxy;
                     }
                 }
-                HostServiceClient::new(crate::protect::channel(&endpoints[0]).await?)
+                HostServiceClient::new(crate::operator::channel(&endpoints[0]).await?)
                     .create_host(v1::Host {
                         id: host.clone(),
                         name: host.clone(),

@@ -12,10 +12,10 @@ use tandem_proto::client::ApiChannel as Channel;
 use tandem_proto::v1;
 use tandem_proto::v1::vpg_service_client::VpgServiceClient;
 
-use crate::lab::Lab;
-use crate::link::CutMode;
-use crate::protect::{self, ProtectOptions, Sites};
 use crate::units::{fmt_bytes, percentile};
+use tandem_testkit::lab::Lab;
+use tandem_testkit::link::CutMode;
+use tandem_testkit::protect::{self, ProtectOptions, Sites};
 
 /// What `bench-scale` runs.
 #[derive(Debug, Clone)]
@@ -133,7 +133,7 @@ async fn measure(
     count: usize,
     all: &mut Vec<String>,
 ) -> Result<Figures> {
-    let a = protect::channel(&lab.sites[0][0].api).await?;
+    let a = tandem_testkit::operator::channel(&lab.sites[0][0].api).await?;
     let settings = v1::VpgSettings {
         checkpoint_interval_secs: 5,
         target_rpo_secs: 60,
@@ -184,7 +184,7 @@ async fn measure(
     let mut cli_ms = Vec::new();
     for _ in 0..10 {
         let t = Instant::now();
-        let out = tokio::process::Command::from(crate::lab::cli())
+        let out = tokio::process::Command::from(tandem_testkit::operator::cli())
             .args(["-e", &apis, "vpg", "list", "-o", "json"])
             .output()
             .await?;

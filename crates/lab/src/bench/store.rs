@@ -20,7 +20,7 @@ use tandem_proto::v1::{
 };
 use tokio::process::{Child, Command};
 
-use crate::lab::Lab;
+use tandem_testkit::lab::Lab;
 
 /// Generated client of etcd's KV service (the subset in `proto/etcd_kv.proto`).
 #[allow(clippy::all, missing_docs)]

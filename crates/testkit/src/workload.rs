@@ -503,14 +503,14 @@ fn decode_block(
 /// SplitMix64: a small, seedable, stable generator (the block choices of a seed must not
 /// change with a dependency's version).
 #[derive(Debug, Clone)]
-pub(crate) struct SplitMix64(pub(crate) u64);
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
     fn for_writer(seed: u64, writer: WriterId) -> Self {
         Self(seed ^ (u64::from(writer.0) + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
     }
 
-    pub(crate) fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -519,9 +519,9 @@ impl SplitMix64 {
     }
 
     /// Fills `buf` with the next bytes of the sequence.
-    pub(crate) fn fill(&mut self, buf: &mut [u8]) {
+    pub fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
+            let v = self.next_u64().to_le_bytes();
             chunk.copy_from_slice(&v[..chunk.len()]);
         }
     }
@@ -680,7 +680,7 @@ async fn run_writer(shared: Arc<Shared>, writer: Writer, cancel: CancellationTok
     let mut seq = 0;
     while !cancel.is_cancelled() && total > 0 {
         seq += 1;
-        let mut pick = rng.next() % total;
+        let mut pick = rng.next_u64() % total;
         let Some(share) = volumes.iter().find(|share| {
             let here = pick < share.owned;
             if !here {
@@ -1871,8 +1871,9 @@ mod tests {
         let mut a = SplitMix64::for_writer(5, WriterId(1));
         let mut b = SplitMix64::for_writer(5, WriterId(1));
         let mut c = SplitMix64::for_writer(5, WriterId(2));
-        let (xs, ys, zs): (Vec<u64>, Vec<u64>, Vec<u64>) =
-            (0..8).map(|_| (a.next(), b.next(), c.next())).fold(
+        let (xs, ys, zs): (Vec<u64>, Vec<u64>, Vec<u64>) = (0..8)
+            .map(|_| (a.next_u64(), b.next_u64(), c.next_u64()))
+            .fold(
                 (vec![], vec![], vec![]),
                 |(mut x, mut y, mut z), (p, q, r)| {
                     x.push(p);

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tandem_proto::client::{ApiChannel as Channel, ApiConnector};
+use tandem_proto::client::ApiChannel as Channel;
 use tandem_proto::v1;
 use tandem_proto::v1::{
     datastore_service_client::DatastoreServiceClient,
@@ -16,6 +16,7 @@ use tandem_proto::v1::{
 };
 
 use crate::lab::Lab;
+use crate::operator::channel;
 
 /// What to protect.
 #[derive(Debug, Clone)]
@@ -36,14 +37,6 @@ pub struct Protection {
     pub created: v1::Vpg,
     /// Per VM: its id and the host index it runs on (at site a) and recovers to (at b).
     pub vms: Vec<(String, usize)>,
-}
-
-/// A channel to one manager API.
-pub async fn channel(api: &str) -> Result<Channel> {
-    Ok(ApiConnector::default()
-        .with_timeouts(Duration::from_secs(2), Duration::from_secs(10))
-        .connect(&[api.to_string()])
-        .await?)
 }
 
 /// Pairs site `a` with site `b` across their link; answers b's site id.
@@ -219,7 +212,7 @@ pub async fn wait_vpg_cli(
 ) -> Result<v1::Vpg> {
     let endpoints = apis.join(",");
     poll_vpg(id, within, seen, done, || async {
-        let out = tokio::process::Command::from(crate::lab::cli())
+        let out = tokio::process::Command::from(crate::operator::cli())
             .args(["-e", &endpoints, "vpg", "get", id, "-o", "json"])
             .output()
             .await

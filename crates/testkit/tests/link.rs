@@ -1,12 +1,12 @@
 //! The link emulator over real sockets: an echo server behind a proxy, counted, cut (drop
-//! and blackhole), delayed and throttled; and `tandem-lab link` against a control server.
+//! and blackhole), delayed and throttled; and `tandem-lab link` (built by `cargo build --bins`) against a control server.
 //! Timing is only ever bounded from below: speed is not asserted.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tandem_lab::lab::LabFile;
-use tandem_lab::link::{CutMode, Direction, Link, LinkEmulator, LinkState};
+use tandem_testkit::lab::LabFile;
+use tandem_testkit::link::{CutMode, Direction, Link, LinkEmulator, LinkState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -337,7 +337,7 @@ async fn throttle_makes_a_transfer_last_at_least_its_size_over_the_rate() {
 }
 
 async fn tandem_lab(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
+    let out = tokio::process::Command::new(tandem_testkit::process::binary("tandem-lab"))
         .arg("link")
         .arg("--dir")
         .arg(dir)
@@ -362,7 +362,7 @@ async fn tandem_lab_link_drives_a_running_control_server() {
     let cancel = CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let control = listener.local_addr().unwrap().to_string();
-    let server = tokio::spawn(tandem_lab::link_control::serve(
+    let server = tokio::spawn(tandem_testkit::link_control::serve(
         listener,
         f.links.clone(),
         cancel.clone(),

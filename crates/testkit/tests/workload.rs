@@ -11,12 +11,12 @@ use std::{
 };
 
 use bytes::Bytes;
-use tandem_lab::workload::{
+use tandem_nbd::{BlockDevice, Exports, IoFuture, MemDevice, NbdClient, NbdServer};
+use tandem_testkit::workload::{
     BLOCK_SIZE, CheckError, CutWindow, DeviceImage, FileImage, History, ImageReader, Mark, Spread,
     VolumeTarget, Workload, WorkloadConfig, WriteId, WriterId, check_final, check_image,
     encode_block,
 };
-use tandem_nbd::{BlockDevice, Exports, IoFuture, MemDevice, NbdClient, NbdServer};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
