@@ -339,7 +339,7 @@ where
                         return Ok(rate_limited(ip, wait).into_http());
                     }
                     tracing::warn!(call = %path, reason = %rejected, "call refused: unauthenticated");
-                    return Ok(Status::unauthenticated(rejected.to_string()).into_http());
+                    return Ok(Status::from(ApiError::unauthenticated(rejected)).into_http());
                 }
             };
             let call = call_name(&path);
@@ -358,7 +358,7 @@ where
                     )
                     .await;
                 }
-                return Ok(Status::permission_denied(msg).into_http());
+                return Ok(Status::from(ApiError::denied(msg)).into_http());
             }
             req.extensions_mut().insert(caller.clone());
             let response = inner.call(req).await?;
@@ -405,12 +405,10 @@ fn check_member(site: &SiteManager, req: &Request<Body>) -> Result<(), Status> {
         return Ok(());
     };
     let who = presented(req).ok_or_else(|| {
-        Status::unauthenticated("members' calls need the certificate of a manager of this site")
+        ApiError::unauthenticated("members' calls need the certificate of a manager of this site")
     })?;
     if who.role != tandem_tls::PeerRole::Manager || who.site != own {
-        return Err(Status::permission_denied(format!(
-            "{who} is not a manager of this site"
-        )));
+        return Err(ApiError::denied(format!("{who} is not a manager of this site")).into());
     }
     Ok(())
 }
@@ -422,27 +420,26 @@ fn peer_site(site: &SiteManager, req: &Request<Body>) -> Result<Option<SiteId>, 
         return Ok(None);
     };
     let who = presented(req).ok_or_else(|| {
-        Status::unauthenticated("peer calls need the certificate of a paired site's manager")
+        ApiError::unauthenticated("peer calls need the certificate of a paired site's manager")
     })?;
     if who.role != tandem_tls::PeerRole::Manager {
-        return Err(Status::permission_denied(format!(
+        return Err(ApiError::denied(format!(
             "{who} is not a manager: only a paired site's managers call this service"
-        )));
+        ))
+        .into());
     }
     if who.site == own {
-        return Err(Status::permission_denied(format!(
-            "{who} is a member of this site, not a paired site"
-        )));
+        return Err(
+            ApiError::denied(format!("{who} is a member of this site, not a paired site")).into(),
+        );
     }
     let from = SiteId::parse("certificate site", &who.site)
-        .map_err(|e| Status::permission_denied(e.to_string()))?;
+        .map_err(|e| ApiError::denied(e.to_string()))?;
     let paired = site
         .node()
         .read_local(|s| s.peers.get(&from).is_some_and(|p| !p.ca_pem.is_empty()));
     if !paired {
-        return Err(Status::permission_denied(format!(
-            "site {from} is not paired with this site"
-        )));
+        return Err(ApiError::denied(format!("site {from} is not paired with this site")).into());
     }
     Ok(Some(from))
 }
@@ -455,12 +452,13 @@ pub struct PeerCaller(pub SiteId);
 /// The site a peer call speaks for: `claimed` (a request field), which must be the site
 /// of the caller's certificate when there is one.
 pub fn calling_site<T>(r: &tonic::Request<T>, claimed: &str) -> Result<SiteId, Status> {
-    let claimed = SiteId::parse("from_site_id", claimed)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let claimed =
+        SiteId::parse("from_site_id", claimed).map_err(|e| ApiError::invalid(e.to_string()))?;
     match r.extensions().get::<PeerCaller>() {
-        Some(PeerCaller(site)) if *site != claimed => Err(Status::permission_denied(format!(
+        Some(PeerCaller(site)) if *site != claimed => Err(ApiError::denied(format!(
             "from_site_id {claimed} is not the calling site {site}"
-        ))),
+        ))
+        .into()),
         _ => Ok(claimed),
     }
 }
@@ -536,7 +534,7 @@ async fn audit(trail: &AuditTrail, caller: &str, call: &str, outcome: &str) {
 pub fn caller<T>(r: &tonic::Request<T>) -> Result<&Caller, Status> {
     r.extensions()
         .get::<Caller>()
-        .ok_or_else(|| Status::unauthenticated("no caller on this request"))
+        .ok_or_else(|| ApiError::unauthenticated("no caller on this request").into())
 }
 
 /// Reads the first admin token from `path`, or writes a new one there (mode 0600) when

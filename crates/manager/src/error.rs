@@ -24,6 +24,16 @@ pub enum ApiError {
     Denied(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A request's shape is wrong (checked on receipt, before any domain rule).
+    #[error("{0}")]
+    Invalid(String),
+    /// The caller presented no credential this port accepts.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// This node cannot take the request as it is (e.g. a member's call to a node without
+    /// TLS).
+    #[error("{0}")]
+    Precondition(String),
 }
 
 impl ApiError {
@@ -33,6 +43,22 @@ impl ApiError {
 
     pub fn internal(msg: impl std::fmt::Display) -> Self {
         Self::Internal(msg.to_string())
+    }
+
+    pub fn invalid(msg: impl std::fmt::Display) -> Self {
+        Self::Invalid(msg.to_string())
+    }
+
+    pub fn denied(msg: impl std::fmt::Display) -> Self {
+        Self::Denied(msg.to_string())
+    }
+
+    pub fn unauthenticated(msg: impl std::fmt::Display) -> Self {
+        Self::Unauthenticated(msg.to_string())
+    }
+
+    pub fn precondition(msg: impl std::fmt::Display) -> Self {
+        Self::Precondition(msg.to_string())
     }
 
     /// Wraps a status returned by a peer site.
@@ -62,6 +88,9 @@ impl From<ApiError> for Status {
             ApiError::Forwarded(m, code) => Status::new(code, m),
             ApiError::Denied(m) => Status::permission_denied(m),
             ApiError::Internal(m) => Status::internal(m),
+            ApiError::Invalid(m) => Status::invalid_argument(m),
+            ApiError::Unauthenticated(m) => Status::unauthenticated(m),
+            ApiError::Precondition(m) => Status::failed_precondition(m),
         }
     }
 }

@@ -87,6 +87,18 @@ pub enum VraError {
     /// The VRA (or the VPG's actor) is shutting down.
     #[error("vra is shutting down")]
     ShuttingDown,
+    /// A request's shape is wrong (checked on receipt).
+    #[error("{0}")]
+    Invalid(String),
+    /// The caller's certificate does not entitle it to this call.
+    #[error("{0}")]
+    Denied(String),
+    /// This VRA cannot do that as it runs (e.g. `--insecure`: no certificates).
+    #[error("{0}")]
+    Precondition(String),
+    /// Something of the VRA's own failed (a channel of a session that ended).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl VraError {
@@ -125,8 +137,18 @@ impl VraError {
             Self::Nbd(tandem_nbd::NbdError::InvalidExportName { .. }) => Code::InvalidArgument,
             Self::Nbd(_) | Self::Io { .. } => Code::Internal,
             Self::ShuttingDown => Code::Unavailable,
+            Self::Invalid(_) => Code::InvalidArgument,
+            Self::Denied(_) => Code::PermissionDenied,
+            Self::Precondition(_) => Code::FailedPrecondition,
+            Self::Internal(_) => Code::Internal,
         };
         Status::new(code, self.to_string())
+    }
+}
+
+impl From<VraError> for Status {
+    fn from(e: VraError) -> Self {
+        e.to_status()
     }
 }
 

@@ -17,6 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::error::VraError;
 use crate::{
     fence::SessionId,
     model::{
@@ -30,7 +31,7 @@ use crate::{
 /// The longest a `WaitDurable` call may wait.
 const MAX_WAIT_DURABLE_MS: u32 = 10_000;
 
-fn status(e: crate::error::VraError) -> Status {
+fn status(e: VraError) -> Status {
     e.to_status()
 }
 
@@ -60,7 +61,7 @@ impl ControlService {
 
     fn renewal(&self) -> Result<&crate::renewal::Renewal, Status> {
         self.renewal.as_ref().ok_or_else(|| {
-            Status::failed_precondition("this VRA runs --insecure: it has no certificate")
+            VraError::Precondition("this VRA runs --insecure: it has no certificate".into()).into()
         })
     }
 }
@@ -313,9 +314,10 @@ impl VraControl for ControlService {
         req: Request<pb::SetTrustRequest>,
     ) -> Result<Response<pb::VraEmpty>, Status> {
         let Some(trust) = &self.trust else {
-            return Err(Status::failed_precondition(
-                "this VRA runs --insecure: it checks no certificates",
-            ));
+            return Err(VraError::Precondition(
+                "this VRA runs --insecure: it checks no certificates".into(),
+            )
+            .into());
         };
         let req = req.into_inner();
         let sites = req
@@ -384,9 +386,10 @@ impl VraControl for ControlService {
         let r = req.into_inner();
         let vpg = parse_vpg(&r.vpg_id).map_err(status)?;
         if r.reason.len() > MAX_REASON_LEN {
-            return Err(Status::invalid_argument(format!(
+            return Err(VraError::Invalid(format!(
                 "reason: must be at most {MAX_REASON_LEN} bytes"
-            )));
+            ))
+            .into());
         }
         let reason = r.reason;
         self.vra.stand_down(&vpg, reason).await.map_err(status)?;
@@ -436,17 +439,19 @@ fn check_sender(
     if let Some(site) = &a.protected_site
         && peer.site != site.as_str()
     {
-        return Err(Status::permission_denied(format!(
+        return Err(VraError::Denied(format!(
             "{peer} is not a VRA of site {site}, which protects VPG {}",
             a.vpg
-        )));
+        ))
+        .into());
     }
     if let Some(host) = claimed_host
         && host != peer.id
     {
-        return Err(Status::permission_denied(format!(
+        return Err(VraError::Denied(format!(
             "the stream claims host {host:?} but its certificate names {peer}"
-        )));
+        ))
+        .into());
     }
     Ok(())
 }
@@ -487,11 +492,9 @@ impl Replication for ReplicationService {
         let first = inbound
             .message()
             .await?
-            .ok_or_else(|| Status::invalid_argument("empty replication stream"))?;
+            .ok_or_else(|| VraError::Invalid("empty replication stream".into()))?;
         let Some(Msg::Hello(hello)) = first.msg else {
-            return Err(Status::invalid_argument(
-                "the first message must be a hello",
-            ));
+            return Err(VraError::Invalid("the first message must be a hello".into()).into());
         };
         let vpg = parse_vpg(&hello.vpg_id).map_err(status)?;
         check_sender(
@@ -514,7 +517,7 @@ impl Replication for ReplicationService {
             held_seq: held.0,
             storage_error: String::new(),
         }))
-        .map_err(|_| Status::internal("ack channel"))?;
+        .map_err(|_| VraError::Internal("ack channel".into()))?;
         let cancel = rvpg.cancel_token();
         self.sessions.spawn(run_session(
             rvpg, session, resume, inbound, acked, tx, cancel,
@@ -663,7 +666,7 @@ async fn run_session(
                     pending = true;
                 }
                 Ok(Some(_)) => {
-                    let _ = tx.send(Err(Status::invalid_argument("expected a batch"))).await;
+                    let _ = tx.send(Err(VraError::Invalid("expected a batch".into()).into())).await;
                     break;
                 }
                 Ok(None) => break,

@@ -7,6 +7,7 @@ use tandem_proto::v1::{self, enrollment_server::Enrollment};
 use tonic::{Request, Response, Status};
 
 use super::bad;
+use crate::error::ApiError;
 use crate::site::SiteManager;
 
 pub struct EnrollmentApi(pub SiteManager);
@@ -20,26 +21,24 @@ impl Enrollment for EnrollmentApi {
         let r = r.into_inner();
         let code = JoinCode::parse("token", &r.token).map_err(bad)?;
         if r.public_key.len() != 65 {
-            return Err(Status::invalid_argument(
-                "public_key: an uncompressed P-256 point (65 bytes)",
-            ));
+            return Err(
+                ApiError::invalid("public_key: an uncompressed P-256 point (65 bytes)").into(),
+            );
         }
         if r.proof.is_empty() || r.proof.len() > MAX_PROOF_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "proof: 1..{MAX_PROOF_BYTES} bytes"
-            )));
+            return Err(ApiError::invalid(format!("proof: 1..{MAX_PROOF_BYTES} bytes")).into());
         }
         let joiner = match v1::JoinRole::try_from(r.role) {
             Ok(v1::JoinRole::Manager) => Joiner::Manager {
                 node_id: r
                     .id
                     .parse()
-                    .map_err(|_| Status::invalid_argument("id: a manager's node id (decimal)"))?,
+                    .map_err(|_| ApiError::invalid("id: a manager's node id (decimal)"))?,
             },
             Ok(v1::JoinRole::Vra) => Joiner::Vra {
                 host: HostId::parse("id", &r.id).map_err(bad)?,
             },
-            _ => return Err(Status::invalid_argument("role: MANAGER or VRA")),
+            _ => return Err(ApiError::invalid("role: MANAGER or VRA").into()),
         };
         let ips = crate::enroll::certificate_ips("ip_addresses", &r.ip_addresses)?;
         let enrolled = self

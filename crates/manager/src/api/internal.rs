@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use super::{MAX_JSON_BYTES, bad};
 use crate::access::{PeerCaller, calling_site};
 use crate::control::{self, LeaderRequest, LeaderResponse};
+use crate::error::ApiError;
 use crate::site::SiteManager;
 
 /// The furthest a reconciliation may move a peer's copy of a definition ahead at once.
@@ -31,13 +32,13 @@ impl ManagerInternal for InternalApi {
         let r = r.into_inner();
         let (json, hops) = (r.command_json, r.hops);
         if json.len() > MAX_JSON_BYTES {
-            return Err(Status::invalid_argument("forwarded command too large"));
+            return Err(ApiError::invalid("forwarded command too large").into());
         }
         let cmd: Command = serde_json::from_slice(&json)
-            .map_err(|e| Status::invalid_argument(format!("forwarded command: {e}")))?;
+            .map_err(|e| ApiError::invalid(format!("forwarded command: {e}")))?;
         let (applied_index, outcome) = self.0.node().propose_forwarded(cmd, json, hops).await?;
         let outcome_json =
-            serde_json::to_vec(&outcome).map_err(|e| Status::internal(e.to_string()))?;
+            serde_json::to_vec(&outcome).map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(Response::new(v1::ProposeResponse {
             outcome_json,
             applied_index,
@@ -58,17 +59,17 @@ impl ManagerInternal for InternalApi {
     ) -> Result<Response<v1::LeaderCallResponse>, Status> {
         let json = r.into_inner().request_json;
         if json.len() > MAX_JSON_BYTES {
-            return Err(Status::invalid_argument("leader request too large"));
+            return Err(ApiError::invalid("leader request too large").into());
         }
         let req: LeaderRequest = serde_json::from_slice(&json)
-            .map_err(|e| Status::invalid_argument(format!("leader request: {e}")))?;
+            .map_err(|e| ApiError::invalid(format!("leader request: {e}")))?;
         // Answered here or not at all: a forwarded request is never forwarded again.
         if self.0.node().store().metrics().role != tandem_store::Role::Leader {
-            return Err(Status::unavailable("this node is not the leader"));
+            return Err(ApiError::unavailable("this node is not the leader").into());
         }
         let answer: LeaderResponse = control::answer(&self.0, req).await?;
         let response_json =
-            serde_json::to_vec(&answer).map_err(|e| Status::internal(e.to_string()))?;
+            serde_json::to_vec(&answer).map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(Response::new(v1::LeaderCallResponse { response_json }))
     }
 }
@@ -93,9 +94,10 @@ impl PeerApi {
             })
             .await?;
         match shared {
-            Some(false) => Err(Status::permission_denied(
+            Some(false) => Err(ApiError::denied(
                 "the calling site neither protects nor recovers this VPG",
-            )),
+            )
+            .into()),
             _ => Ok(()),
         }
     }
@@ -119,29 +121,31 @@ impl SitePeer for PeerApi {
         let caller = r.extensions().get::<PeerCaller>().cloned();
         let r = r.into_inner();
         if r.vpg_json.len() > MAX_JSON_BYTES {
-            return Err(Status::invalid_argument("vpg definition too large"));
+            return Err(ApiError::invalid("vpg definition too large").into());
         }
         let vpg: Vpg = serde_json::from_slice(&r.vpg_json)
-            .map_err(|e| Status::invalid_argument(format!("vpg definition: {e}")))?;
+            .map_err(|e| ApiError::invalid(format!("vpg definition: {e}")))?;
         vpg.validate_received().map_err(bad)?;
         if let Some(PeerCaller(site)) = caller
             && vpg.protected_site != site
             && vpg.recovery_site != site
         {
-            return Err(Status::permission_denied(format!(
+            return Err(ApiError::denied(format!(
                 "site {site} neither protects nor recovers VPG {}",
                 vpg.id
-            )));
+            ))
+            .into());
         }
         if let Some(floor) = r.generation_floor {
             let ok = r
                 .expected_generation
                 .is_some_and(|e| floor > e && floor - e <= MAX_GENERATION_JUMP);
             if !ok {
-                return Err(Status::invalid_argument(format!(
+                return Err(ApiError::invalid(format!(
                     "generation_floor: must come with expected_generation and be above it by at \
                      most {MAX_GENERATION_JUMP}"
-                )));
+                ))
+                .into());
             }
         }
         self.0
@@ -179,7 +183,7 @@ impl SitePeer for PeerApi {
         let from = calling_site(&r, &r.get_ref().from_site_id)?;
         let report = self.0.peer_report(from).await?;
         let report_json =
-            serde_json::to_vec(&report).map_err(|e| Status::internal(e.to_string()))?;
+            serde_json::to_vec(&report).map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(Response::new(v1::PeerReportResponse { report_json }))
     }
 
@@ -210,9 +214,10 @@ impl SitePeer for PeerApi {
     ) -> Result<Response<v1::Empty>, Status> {
         // Only a certificate says which site calls: without TLS there is no CA to change.
         let Some(PeerCaller(from)) = r.extensions().get::<PeerCaller>().cloned() else {
-            return Err(Status::failed_precondition(
+            return Err(ApiError::precondition(
                 "UpdateTrust needs mutual TLS: the calling site is known by its certificate",
-            ));
+            )
+            .into());
         };
         self.0
             .update_peer_trust(from, r.into_inner().ca_pem)

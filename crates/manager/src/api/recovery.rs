@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::bad;
 use super::vpg::vpg_ids;
+use crate::error::ApiError;
 use crate::site::SiteManager;
 
 #[derive(Debug, Clone)]
@@ -221,7 +222,7 @@ impl RecoveryService for RecoveryApi {
         };
         let reverse = reverse_choice(&mut v, r.reverse);
         v.into_result().map_err(bad)?;
-        let vpg = vpg.ok_or_else(|| Status::invalid_argument("vpg_id"))?;
+        let vpg = vpg.ok_or_else(|| ApiError::invalid("vpg_id"))?;
         let op = self
             .0
             .start_failover(vpg, choice, policy, shutdown, reverse)
@@ -239,7 +240,7 @@ impl RecoveryService for RecoveryApi {
         let policy = commit_policy(&mut v, r.commit_policy, r.commit_after_secs);
         let reverse = reverse_choice(&mut v, r.reverse);
         v.into_result().map_err(bad)?;
-        let vpg = vpg.ok_or_else(|| Status::invalid_argument("vpg_id"))?;
+        let vpg = vpg.ok_or_else(|| ApiError::invalid("vpg_id"))?;
         let op = self.0.start_move(vpg, policy, reverse).await?;
         Ok(Response::new(op_to_proto(op)))
     }

@@ -7,6 +7,7 @@ use tandem_proto::v1::{self, pairing_server::Pairing, site_service_server::SiteS
 use tonic::{Request, Response, Status};
 
 use super::bad;
+use crate::error::ApiError;
 use crate::site::SiteManager;
 
 #[derive(Debug, Clone)]
@@ -138,10 +139,10 @@ impl Pairing for PairingApi {
         let r = r.into_inner();
         let requester = r
             .requester
-            .ok_or_else(|| Status::invalid_argument("requester: is required"))?;
+            .ok_or_else(|| ApiError::invalid("requester: is required"))?;
         let requester = peer_from_proto(requester).map_err(bad)?;
         if r.token.is_empty() || r.token.len() > 256 {
-            return Err(Status::invalid_argument("token: must be 1..256 characters"));
+            return Err(ApiError::invalid("token: must be 1..256 characters").into());
         }
         let token = tandem_core::pairing::PairingSecret::presented(r.token);
         let me = self.0.accept_pairing(token, requester).await?;

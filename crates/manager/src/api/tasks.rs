@@ -8,6 +8,7 @@ use tandem_proto::v1::{self, task_service_server::TaskService};
 use tonic::{Request, Response, Status};
 
 use super::bad;
+use crate::error::ApiError;
 use crate::recovery::TaskInput;
 use crate::site::SiteManager;
 
@@ -90,7 +91,7 @@ impl TaskService for TaskApi {
             v.absorb(verdict.validate());
         }
         v.into_result().map_err(bad)?;
-        let input = input.ok_or_else(|| Status::invalid_argument("input"))?;
+        let input = input.ok_or_else(|| ApiError::invalid("input"))?;
         Ok(Response::new(to_proto(
             self.0.task_input(r.task_id, input).await?,
         )))
@@ -99,7 +100,7 @@ impl TaskService for TaskApi {
     async fn get_task(&self, r: Request<v1::GetTaskRequest>) -> Result<Response<v1::Task>, Status> {
         let id = r.into_inner().id;
         if id == 0 {
-            return Err(Status::invalid_argument("id: must be set"));
+            return Err(ApiError::invalid("id: must be set").into());
         }
         Ok(Response::new(to_proto(self.0.task(id).await?)))
     }

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::bad;
 use crate::access::caller;
+use crate::error::ApiError;
 use crate::site::{SiteManager, now_ms};
 
 pub struct TokenApi(pub SiteManager);
@@ -76,7 +77,7 @@ impl TokenService for TokenApi {
             "at most 366 days (0: never expires)",
         );
         v.into_result().map_err(bad)?;
-        let role = role.ok_or_else(|| Status::invalid_argument("role"))?;
+        let role = role.ok_or_else(|| ApiError::invalid("role"))?;
         let ttl_ms = (r.ttl_secs > 0).then(|| r.ttl_secs * 1000);
         let (bearer, entry) = self.0.create_token(&caller, r.name, role, ttl_ms).await?;
         Ok(Response::new(v1::CreatedToken {
@@ -114,15 +115,14 @@ impl TokenService for TokenApi {
                 host: HostId::parse("host_id", &r.host_id).map_err(bad)?,
             },
             _ => {
-                return Err(Status::invalid_argument(
+                return Err(ApiError::invalid(
                     "role: MANAGER with a node_id, or VRA with a host_id (and no node_id)",
-                ));
+                )
+                .into());
             }
         };
         if r.ttl_secs > MAX_JOIN_TTL_MS / 1000 {
-            return Err(Status::invalid_argument(
-                "ttl_secs: at most 24 hours (0: one hour)",
-            ));
+            return Err(ApiError::invalid("ttl_secs: at most 24 hours (0: one hour)").into());
         }
         let ttl_ms = (r.ttl_secs > 0).then(|| r.ttl_secs * 1000);
         let created = self.0.create_join_token(&caller, joiner, ttl_ms).await?;
