@@ -394,28 +394,12 @@ async fn run_link(dir: Option<PathBuf>, output: Output, cmd: LinkCmd) -> Result<
 }
 
 fn shutdown_token() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        t.cancel();
-    });
-    token
+    tandem_runtime::shutdown_on_signals().expect("installing the signal handlers")
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tandem_runtime::init_logging("warn", false);
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => code,

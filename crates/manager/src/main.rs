@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use tandem_manager::config::{Bootstrap, Config, Member};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -164,19 +163,6 @@ fn config(a: Args) -> Result<Config> {
     Ok(c)
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,openraft=warn,sled=warn,h2=warn,tower=warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -186,24 +172,18 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     let config = config(args)?;
-    init_logging(&config.log_format);
+    tandem_runtime::init_logging(
+        "info,openraft=warn,sled=warn,h2=warn,tower=warn",
+        config.log_format == "json",
+    );
     // As databases commonly advise: with transparent huge pages on "always", fresh 2 MiB
     // pages were zeroed on first touch over and over (sled's buffers, the allocator's
     // arenas), ~8% of a busy manager's CPU. A process-wide flag, kept across exec.
     if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
         tracing::warn!(error = %e, "could not turn transparent huge pages off");
     }
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        signal.cancel();
-    });
+    let shutdown =
+        tandem_runtime::shutdown_on_signals().context("installing the signal handlers")?;
     let api = tandem_manager::net::bind(&config.api_listen)
         .await
         .with_context(|| format!("binding api {}", config.api_listen))?;

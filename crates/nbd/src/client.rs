@@ -205,7 +205,7 @@ impl NbdClient {
             }
         }
         let shared = Arc::new(Shared::default());
-        let reader = AbortOnDropHandle::new(tokio::spawn(read_replies(rd, Arc::clone(&shared))));
+        let reader = tandem_runtime::scoped(read_replies(rd, Arc::clone(&shared)));
         Ok(Self {
             info,
             writer: tokio::sync::Mutex::new(wr),

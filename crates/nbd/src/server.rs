@@ -33,7 +33,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     task::JoinSet,
 };
-use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::{
@@ -536,9 +536,7 @@ where
     };
     // The writer runs as its own task so that, under load, replies go out on another
     // core while this one reads and dispatches; it is aborted if this future is dropped.
-    let writer = AbortOnDropHandle::new(tokio::spawn(
-        write_replies(wr, rx, writer_failed).in_current_span(),
-    ));
+    let writer = tandem_runtime::scoped(write_replies(wr, rx, writer_failed).in_current_span());
     let both = async {
         let reader = read_requests(
             &mut rd,

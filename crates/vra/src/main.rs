@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use tandem_vra::{RunConfig, config::Config};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -106,33 +105,18 @@ fn config(a: Args) -> Result<Config> {
     Ok(c)
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,h2=warn,tower=warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let c = config(Args::parse())?;
-    init_logging(&c.log_format);
+    tandem_runtime::init_logging("info,h2=warn,tower=warn", c.log_format == "json");
     // As in the manager: with transparent huge pages on "always", the allocator's fresh
     // arenas were faulted in and zeroed 2 MiB at a time (replication buffers, read
     // buffers). A process-wide flag, kept across exec.
     if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
         tracing::warn!(error = %e, "could not turn transparent huge pages off");
     }
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    let shutdown =
+        tandem_runtime::shutdown_on_signals().context("installing the signal handlers")?;
     let control = tokio::net::TcpListener::bind(&c.control_listen)
         .await
         .with_context(|| format!("binding control {}", c.control_listen))?;
@@ -157,12 +141,5 @@ async fn main() -> Result<()> {
         nbd_local,
         shutdown,
     );
-    tokio::pin!(run);
-    tokio::select! {
-        r = &mut run => return r,
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    signal.cancel();
     run.await
 }

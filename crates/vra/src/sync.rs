@@ -742,13 +742,13 @@ async fn delta_sync(
             while in_flight.len() < COMPARES_IN_FLIGHT && offset < size {
                 check_going(shared, cancel)?;
                 let len = PIECE.min(size - offset);
-                in_flight.push_back(AbortOnDropHandle::new(tokio::spawn(compare_piece(
+                in_flight.push_back(tandem_runtime::scoped(compare_piece(
                     shared.clone(),
                     client.clone(),
                     volume.clone(),
                     offset,
                     len,
-                ))));
+                )));
                 offset += len;
             }
             let Some(next) = in_flight.pop_front() else {
