@@ -62,6 +62,19 @@ where
     .await
 }
 
+/// [`eventually`] for a probe that cannot fail: `Some` when the condition holds.
+pub async fn until_some<T, F, Fut>(what: &str, patience: Duration, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_some(what, patience, || {
+        let next = probe();
+        async move { Ok(next.await) }
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

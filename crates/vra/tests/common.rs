@@ -72,12 +72,9 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    tandem_testkit::eventually::eventually_some(what, PATIENCE, || {
-        let next = f();
-        async move { Ok(next.await) }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}"))
+    tandem_testkit::eventually::until_some(what, PATIENCE, &mut f)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Waits until the protected side is connected and level: no sync running or owed.

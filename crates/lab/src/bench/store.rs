@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tandem_testkit::yardstick::free_port;
 
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
@@ -130,12 +131,6 @@ async fn connect_as(connector: ApiConnector, addr: &str) -> Result<Channel> {
         .with_timeouts(Duration::from_secs(2), Duration::from_secs(10))
         .connect(&[addr.to_string()])
         .await?)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// A 3-member etcd cluster on loopback, with TLS as Tandem's managers have it: clients

@@ -42,7 +42,7 @@ pub(crate) async fn failover_test(report: &mut Report, run: &Run) {
             })
             .await?;
         let task = started.tests.first().context("no test started")?.task_id;
-        let test = wait_until("the test images", PATIENCE, || async {
+        let test = until_some("the test images", PATIENCE, || async {
             let tests = ctx.b.failover_tests(&ctx.vpg).await.ok()?;
             tests.into_iter().find(|t| t.step == "running")
         })
@@ -92,7 +92,7 @@ pub(crate) async fn failover_test(report: &mut Report, run: &Run) {
                 }
             })
             .await?;
-        wait_until("the test to stop", PATIENCE, || async {
+        until_some("the test to stop", PATIENCE, || async {
             ctx.b
                 .failover_tests(&ctx.vpg)
                 .await
@@ -160,7 +160,7 @@ pub(crate) async fn leader_kill(lab: &mut Lab, report: &mut Report, run: &Run) -
             .context("no survivor")?
             .api
             .clone();
-        let new_leader = wait_until("a new leader", Duration::from_secs(10), || async {
+        let new_leader = until_some("a new leader", Duration::from_secs(10), || async {
             wait_leader(&survivor, 3, Duration::from_millis(300))
                 .await
                 .ok()

@@ -1,10 +1,10 @@
 //! What the demo is asked (its options), its constants, and its report: a line per step with PASS or FAIL and its figures.
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+pub(crate) use tandem_testkit::eventually::until_some;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 pub(crate) const MIB: u64 = 1 << 20;
 /// Protected VMs of the demo's VPG: VM `i` runs on protected host `i % 2`.
@@ -112,22 +112,4 @@ pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Polls `f` every 50 ms until it returns `Some`, failing after `within`.
-pub(crate) async fn wait_until<T, F, Fut>(what: &str, within: Duration, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {} waiting for {what}", secs(within));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

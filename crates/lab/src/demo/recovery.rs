@@ -231,7 +231,7 @@ pub(crate) async fn before_commit(
     vpg: &str,
     op_id: &str,
 ) -> Result<(v1::RecoveryOperation, Vec<NbdClient>)> {
-    let op = wait_until("the recovered volumes", PATIENCE, || async {
+    let op = until_some("the recovered volumes", PATIENCE, || async {
         site.recoveries(vpg)
             .await
             .ok()?
@@ -300,7 +300,7 @@ pub(crate) async fn finish(report: &mut Report, run: &mut Run) -> Result<String>
         .into_iter()
         .next()
         .context("no checkpoint taken")?;
-    let cp = wait_until("the named checkpoint to be usable", PATIENCE, || async {
+    let cp = until_some("the named checkpoint to be usable", PATIENCE, || async {
         ctx.b
             .checkpoints(&ctx.vpg, taken.timestamp_ms)
             .await

@@ -92,7 +92,7 @@ impl Managers {
 
     /// Waits until no failover or move of `vpg` runs here.
     pub(crate) async fn wait_no_recovery(&self, vpg: &str, what: &str) -> Result<()> {
-        wait_until(what, PATIENCE, || async {
+        until_some(what, PATIENCE, || async {
             self.recoveries(vpg).await.ok().filter(|o| o.is_empty())
         })
         .await
@@ -254,7 +254,7 @@ impl Ctx {
         after_ms: u64,
         within: Duration,
     ) -> Result<v1::Checkpoint> {
-        wait_until("a usable checkpoint", within, || async {
+        until_some("a usable checkpoint", within, || async {
             let cps = self.b.checkpoints(&self.vpg, after_ms + 1).await.ok()?;
             cps.into_iter()
                 .filter(|c| c.usable && c.timestamp_ms > after_ms)
@@ -505,7 +505,7 @@ impl Run {
         images: &[&dyn ImageReader],
     ) -> Result<(tandem_testkit::workload::CheckReport, String)> {
         let workload = self.workload()?;
-        let window = wait_until("the checkpoint's window", PATIENCE, || async {
+        let window = until_some("the checkpoint's window", PATIENCE, || async {
             workload.window_at(cp.timestamp_ms)
         })
         .await?;

@@ -38,6 +38,8 @@ pub(super) async fn start_vra(
 /// One protected volume (volume 0 of `vm`) and where it is recovered.
 pub(super) struct Placement {
     pub(super) vm: TestVm,
+    /// The benchmark's directory the images and replicas are under.
+    pub(super) root: PathBuf,
     pub(super) image: PathBuf,
     pub(super) replica: PathBuf,
 }
@@ -46,23 +48,11 @@ impl Placement {
     pub(super) fn new(root: &Path, vm: &str, size: u64) -> Self {
         Self {
             vm: TestVm::new(vm, vec![size]),
+            root: root.to_path_buf(),
             image: image_path(root, vm, 0),
             replica: replica_path(root, vm, 0),
         }
     }
-}
-
-/// The benchmark's VPG over `vms`, rooted where the placements are.
-pub(super) fn assignment<'a>(root: &'a Path, vms: &'a [TestVm]) -> Assignment<'a> {
-    Assignment::new(root, VPG, vms)
-}
-
-pub(super) fn root_of(p: &Placement) -> &Path {
-    // image = ROOT/ds-a/VM-0.img
-    p.image
-        .parent()
-        .and_then(Path::parent)
-        .unwrap_or(Path::new("."))
 }
 
 pub(super) async fn assign_recovery(
@@ -71,7 +61,7 @@ pub(super) async fn assign_recovery(
     hard_limit: u64,
 ) -> Result<()> {
     let list: Vec<TestVm> = vms.iter().map(|p| p.vm.clone()).collect();
-    let mut x = assignment(root_of(vms[0]), &list);
+    let mut x = Assignment::new(&vms[0].root, VPG, &list);
     x.journal_hard_limit = hard_limit;
     tandem_testkit::vra::assign_recovery(b, &x).await
 }
@@ -83,7 +73,7 @@ pub(super) async fn assign_protected(
     preseeded: bool,
 ) -> Result<()> {
     let list: Vec<TestVm> = vms.iter().map(|p| p.vm.clone()).collect();
-    let mut x = assignment(root_of(vms[0]), &list);
+    let mut x = Assignment::new(&vms[0].root, VPG, &list);
     x.preseeded = preseeded;
     tandem_testkit::vra::assign_protected(a, recovery_address, &x).await
 }
